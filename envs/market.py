@@ -1,0 +1,150 @@
+"""The engine both Gymnasium envs are views of: world + state + market on one device, autoreset.
+
+``BatchedMarket`` owns the tensors and calls the pure core (``gpr_sim.world``). The single env is a
+``BatchedMarket`` with one row and numpy at the boundary; the vector env is the same class at full
+width with torch tensors at the boundary. There is no second implementation to drift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpr_sim.world import (
+    CandidateScores,
+    Outcome,
+    World,
+    WorldConfig,
+    eligible_ads,
+    generate_world,
+    initial,
+    observe,
+    open_market,
+    preset,
+    score,
+    transition,
+)
+
+INFO_KEYS_PER_SLOT = (
+    "ad_id", "advertiser_id", "impression", "click", "conversion", "gmv", "revenue", "p_click",
+    "p_conversion", "ecpm", "ecpm_true", "match", "is_new_ad",
+)
+INFO_KEYS_PER_REQUEST = ("invalid", "budget_capped", "delayed_conversion", "delayed_gmv")
+
+
+def resolve_config(preset_name: str = "small", config: WorldConfig | dict | None = None, **overrides) -> WorldConfig:
+    """Config from a preset name, an explicit config (or its dict) and field overrides, validated."""
+    if config is None:
+        cfg = preset(preset_name)
+    elif isinstance(config, dict):
+        cfg = WorldConfig.from_dict(config)
+    elif isinstance(config, WorldConfig):
+        cfg = config
+    else:
+        raise ValueError(f"config must be a WorldConfig, a dict or None, got {type(config).__name__}")
+    if overrides:
+        unknown = sorted(set(overrides) - set(cfg.to_dict()))
+        if unknown:
+            raise ValueError(f"unknown WorldConfig field(s): {unknown}")
+        cfg = cfg.replace(**overrides)
+    return cfg
+
+
+class BatchedMarket:
+    """N concurrent user sessions in one advertiser market, with same-step autoreset.
+
+    Args:
+        config: the world configuration.
+        num_envs: N, concurrent sessions (they share advertiser budgets).
+        world_seed: seed of the static world (catalog, users); sessions are seeded by ``reset``.
+        device: torch device for all tensors.
+        world: an already generated world to reuse (its config wins over ``config``).
+    """
+
+    def __init__(
+        self,
+        config: WorldConfig,
+        num_envs: int,
+        world_seed: int = 0,
+        device: str | torch.device = "cpu",
+        world: World | None = None,
+    ) -> None:
+        if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+            raise ValueError(f"num_envs={num_envs!r} is out of range: expected an integer >= 1")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
+        self.world = world.to(self.device) if world is not None else generate_world(config, world_seed, self.device)
+        self.config = self.world.config
+        self.num_envs = num_envs
+        self.state = None
+        self.market = None
+        self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
+        self.episode_length = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+
+    def _require_reset(self) -> None:
+        if self.state is None:
+            raise RuntimeError("call reset() before step() or score()")
+
+    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Start new sessions in every row; ``seed`` keys all random draws and reopens the market."""
+        n, dev = self.num_envs, self.device
+        if self.state is None or seed is not None:
+            base = 0 if seed is None else int(seed)
+            seeds = torch.full((n,), base, dtype=torch.int64, device=dev)
+            counter = torch.zeros(n, dtype=torch.int64, device=dev)
+            episode = torch.zeros(n, dtype=torch.int64, device=dev)
+        else:
+            seeds, counter, episode = self.state.seed, self.state.counter, self.state.episode + 1
+        slots = torch.arange(n, dtype=torch.int64, device=dev)
+        if self.market is None or seed is not None:  # a new seed reopens the market; else budgets carry on
+            self.market = open_market(self.world, n)
+        self.state = initial(self.world, seeds, slots, counter, episode)
+        self.episode_return.zero_()
+        self.episode_length.zero_()
+        return observe(self.world, self.state)
+
+    def step(self, candidates: torch.Tensor, autoreset: bool = True):
+        """Advance every row by one request.
+
+        Returns (obs, outcome, final_obs, episode_return, episode_length): when ``autoreset`` is on,
+        rows whose session ended are restarted at once and ``obs`` is their new first observation;
+        ``final_obs`` is the observation that ended the session (equal to ``obs`` for other rows).
+        """
+        self._require_reset()
+        state, self.market, out = transition(self.world, self.state, self.market, candidates)
+        self.episode_return += out.reward.double()
+        self.episode_length += 1
+        final_obs = observe(self.world, state)
+        ep_ret, ep_len = self.episode_return.clone(), self.episode_length.clone()
+        done = out.terminated | out.truncated
+        if autoreset:
+            rows = torch.nonzero(done).squeeze(1)  # one host sync per step; rows restart in place
+            if rows.numel() > 0:
+                fresh = initial(
+                    self.world, state.seed[rows], state.slot[rows], state.counter[rows], state.episode[rows] + 1
+                )
+                state = state.put(rows, fresh)
+                self.episode_return[rows] = 0.0
+                self.episode_length[rows] = 0
+            obs = observe(self.world, state)
+        else:
+            obs = final_obs
+        self.state = state
+        return obs, out, final_obs, ep_ret, ep_len
+
+    def score(self, candidates: torch.Tensor, truth: bool = False) -> CandidateScores:
+        """Expected value of candidate ads (N, K) for the current requests, without moving the world."""
+        self._require_reset()
+        return score(self.world, self.state, candidates, truth=truth)
+
+    def eligible_ads(self) -> torch.Tensor:
+        """(num_ads,) bool: ads whose advertiser can bid in the next auction."""
+        self._require_reset()
+        return eligible_ads(self.world, self.market)
+
+
+def outcome_info(out: Outcome) -> dict[str, torch.Tensor]:
+    """The per-step info dict: every raw signal of the request, batch first."""
+    info = {k: getattr(out, k) for k in INFO_KEYS_PER_SLOT + INFO_KEYS_PER_REQUEST}
+    info["reward"] = out.reward
+    return info

@@ -1,0 +1,341 @@
+"""The functional core of the simulator: pure functions over batched tensors on any device.
+
+    open_market(world, num_envs)                      -> MarketState
+    initial(world, seed, slot, counter, episode)      -> SessionState      (a new session per row)
+    transition(world, state, market, candidates)      -> SessionState, MarketState, Outcome
+    observe(world, state)                             -> dict of tensors   (U/O/E/I observation)
+    score(world, state, candidates, truth=False)      -> CandidateScores   (no state change)
+
+One request per step: the policy proposes candidates, the auction fills the slots, the funnel draws
+clicks/conversions/GMV, budgets are charged, the user consumes organic content, fatigue and interests
+move, and the user may leave. Randomness comes only from ``rng`` keyed by each row's (seed, slot,
+counter), so a row's trajectory does not depend on the batch it sits in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from gpr_sim.world import rng
+from gpr_sim.world.auction import advertiser_active, cap_to_budget, first_occurrence, gsp_auction
+from gpr_sim.world.catalog import NUM_DEVICES, World
+from gpr_sim.world.funnel import ecpm, platform_probabilities, true_probabilities
+from gpr_sim.world.state import (
+    EVENT_CLICK,
+    EVENT_CONVERSION,
+    EVENT_IMPRESSION,
+    EVENT_PAD,
+    PENDING_CONVERSIONS,
+    MarketState,
+    Outcome,
+    SessionState,
+)
+
+CONTEXT_DIM = 5 + NUM_DEVICES  # feed position, hour sin/cos, ad load, session progress, device one-hot
+
+
+def open_market(world: World, num_envs: int) -> MarketState:
+    """Budgets scaled to the traffic of ``num_envs`` concurrent sessions (one request each per step)."""
+    requests_per_day = num_envs * world.config.steps_per_day
+    budget = world.advertiser_budget_share.double() * (requests_per_day / 1000.0)
+    zeros = torch.zeros_like(budget)
+    return MarketState(torch.zeros((), dtype=torch.int64, device=world.device), budget, zeros, zeros.clone())
+
+
+def effective_reserve(cfg, u: torch.Tensor) -> torch.Tensor:
+    """(N,) per-request reserve eCPM: the platform reserve or the best external competing bid."""
+    if cfg.competitor_ecpm_mean <= 0:
+        return torch.full_like(u, cfg.reserve_ecpm)
+    sig = cfg.competitor_ecpm_sigma
+    competitor = cfg.competitor_ecpm_mean * torch.exp(sig * rng.normals(u) - 0.5 * sig**2)
+    return competitor.clamp(min=cfg.reserve_ecpm)
+
+
+def _choose_by_interest(
+    bits: torch.Tensor, u: torch.Tensor, interest: torch.Tensor, item_emb: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Each of the (N, M) choices picks one of R random items by Gumbel-max on match / temperature.
+
+    bits: (N, M, R) random integers (candidate ids), u: (N, M, R) uniforms. Returns (N, M) item ids.
+    Sampling R candidates keeps the cost O(N M R D) however large the catalog.
+    """
+    cand = bits % item_emb.shape[0]  # (N, M, R)
+    logits = torch.einsum("nd,nmrd->nmr", interest, item_emb[cand]) / temperature + rng.gumbels(u)
+    return cand.gather(2, logits.argmax(2, keepdim=True)).squeeze(2)
+
+
+def initial(
+    world: World, seed: torch.Tensor, slot: torch.Tensor, counter: torch.Tensor, episode: torch.Tensor
+) -> SessionState:
+    """Start a new session in every row: sample a user and their pre-session history."""
+    cfg = world.config
+    n, dev = seed.shape[0], world.device
+    keys = rng.stream_keys(seed, slot, counter)
+    Ho, Hi, H0, R = cfg.organic_history, cfg.ad_history, cfg.initial_ad_history, cfg.organic_candidates
+    u = rng.uniforms(keys, 2 + 2 * H0)
+    user = torch.searchsorted(world.user_session_cdf, u[:, 0].double()).clamp_(max=cfg.num_users - 1)
+    interest = world.user_interest[user]
+    hour = u[:, 1] * 24.0
+
+    # Pre-session organic history: Ho interest-driven choices.
+    off = 2 + 2 * H0
+    bits = rng.hash_bits(keys, Ho * R, offset=1000).view(n, Ho, R)
+    gum = rng.uniforms(keys, Ho * R, offset=1000 + Ho * R).view(n, Ho, R)
+    organic_hist = _choose_by_interest(bits, gum, interest, world.organic_emb, cfg.organic_temperature)
+
+    # Pre-session ad exposure: H0 ads the user was shown before, with their funnel outcome.
+    ad_hist = torch.full((n, Hi), -1, dtype=torch.int64, device=dev)
+    ad_event = torch.full((n, Hi), EVENT_PAD, dtype=torch.int64, device=dev)
+    if H0 > 0:
+        bits = rng.hash_bits(keys, H0 * R, offset=off * 1000).view(n, H0, R)
+        gum = rng.uniforms(keys, H0 * R, offset=off * 1000 + H0 * R).view(n, H0, R)
+        past = _choose_by_interest(bits, gum, interest, world.ad_emb, cfg.organic_temperature)
+        zeros = torch.zeros(n, device=dev)
+        pr = true_probabilities(world, past, interest, user, zeros, hour)
+        clicked = u[:, 2 : 2 + H0] < pr.p_click
+        converted = clicked & (u[:, 2 + H0 : 2 + 2 * H0] < pr.p_conversion)
+        ev = EVENT_IMPRESSION + clicked.long() + converted.long()
+        ad_hist[:, Hi - H0 :] = past
+        ad_event[:, Hi - H0 :] = ev
+
+    zi = torch.zeros(n, dtype=torch.int64, device=dev)
+    P = PENDING_CONVERSIONS
+    return SessionState(
+        seed=seed, slot=slot, counter=counter + 1, episode=episode, user_id=user, interest=interest,
+        fatigue=torch.zeros(n, device=dev), step=zi, feed_pos=zi.clone(), ad_load=zi.clone(), hour=hour,
+        organic_hist=organic_hist, ad_hist=ad_hist, ad_event=ad_event,
+        pend_ad=torch.full((n, P), -1, dtype=torch.int64, device=dev),
+        pend_gmv=torch.zeros(n, P, device=dev), pend_due=torch.full((n, P), -1, dtype=torch.int64, device=dev),
+    )
+
+
+def _push(hist: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Append the ``keep``-ed entries of ``new`` (N, S) to ``hist`` (N, H), most recent last."""
+    n, h = hist.shape
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept entries first, in order
+    compact = new.gather(1, order)
+    count = keep.sum(1, keepdim=True)  # (N, 1)
+    seq = torch.cat([hist, compact], dim=1)  # (N, H + S)
+    idx = count + torch.arange(h, device=hist.device)[None, :]
+    return seq.gather(1, idx)
+
+
+class CandidateScores(NamedTuple):
+    """Expected value of candidate ads for the current requests, (N, K) each."""
+
+    p_click: torch.Tensor
+    p_conversion: torch.Tensor
+    ecpm: torch.Tensor  # 1000 x bid x pCTR x pCVR
+    expected_revenue: torch.Tensor  # ecpm / 1000: the most the platform could charge per impression
+    expected_gmv: torch.Tensor  # pCTR x pCVR x mean order value
+    value: torch.Tensor  # expected reward under the world's reward weights
+
+
+def score(
+    world: World, state: SessionState, candidates: torch.Tensor, truth: bool = False, slot: int = 0
+) -> CandidateScores:
+    """Expected value of arbitrary candidate ads (N, K) for the current requests; moves nothing.
+
+    By default answers with the platform's estimates (as a production simulator would); ``truth``
+    uses the hidden true probabilities (oracle studies). Invalid ids score -inf value.
+    """
+    cfg = world.config
+    valid = (candidates >= 0) & (candidates < cfg.num_ads)
+    ads = torch.where(valid, candidates, torch.zeros_like(candidates))
+    if truth:
+        pr = true_probabilities(world, ads, state.interest, state.user_id, state.fatigue, state.hour, slot)
+    else:
+        pr = platform_probabilities(world, ads, state.user_id, slot)
+    e = ecpm(world, ads, pr)
+    p_conv = pr.p_click * pr.p_conversion
+    gmv = p_conv * world.ad_value_mean[ads]
+    w = cfg.reward
+    value = w.revenue * e / 1000.0 + w.gmv * gmv + w.click * pr.p_click + w.conversion * p_conv
+    value = value.masked_fill(~valid, float("-inf"))
+    return CandidateScores(pr.p_click, pr.p_conversion, e, e / 1000.0, gmv, value)
+
+
+def transition(
+    world: World, state: SessionState, market: MarketState, candidates: torch.Tensor
+) -> tuple[SessionState, MarketState, Outcome]:
+    """Serve one ad request per row. ``candidates`` (N, K) int64 ad ids; invalid ids are not shown."""
+    cfg = world.config
+    n, k = candidates.shape
+    S, dev = cfg.num_slots, world.device
+    keys = rng.stream_keys(state.seed, state.slot, state.counter)
+    u = rng.uniforms(keys, 4 * S + 2)  # per slot: click, conversion, gmv, delay; then exit, competitor
+
+    # --- eligibility and auction -------------------------------------------------------------
+    valid = (candidates >= 0) & (candidates < cfg.num_ads)
+    ads = torch.where(valid, candidates, torch.zeros_like(candidates))
+    adv = world.ad_advertiser[ads]
+    spent_today, active = _day_status(world, market)
+    eligible = valid & active[adv] & first_occurrence(ads)
+    est = platform_probabilities(world, ads, state.user_id)
+    bid_ecpm = ecpm(world, ads, est)
+    winner, won, price = gsp_auction(bid_ecpm, eligible, S, effective_reserve(cfg, u[:, 4 * S + 1]))
+    shown = ads.gather(1, winner)  # (N, S)
+    shown_adv = world.ad_advertiser[shown]
+
+    # --- budgets: charge per impression, never beyond what is left ---------------------------
+    remaining = market.budget - spent_today
+    charge_adv = torch.where(won, shown_adv, torch.full_like(shown_adv, -1)).reshape(-1)
+    granted = cap_to_budget(charge_adv, price.double().reshape(-1), remaining).view(n, S)
+    impression = won & granted
+    revenue = torch.where(impression, price, torch.zeros_like(price))
+    spend = torch.zeros_like(spent_today).index_add_(0, shown_adv.reshape(-1), revenue.double().reshape(-1))
+    market = MarketState(market.tick + 1, market.budget, spent_today + spend, market.spent_total + spend)
+
+    # --- funnel ------------------------------------------------------------------------------
+    slot_pos = torch.arange(S, device=dev)[None, :]
+    truth = true_probabilities(world, shown, state.interest, state.user_id, state.fatigue, state.hour, slot_pos)
+    us = u[:, : 4 * S].view(n, 4, S)
+    click = impression & (us[:, 0] < truth.p_click)
+    converted = click & (us[:, 1] < truth.p_conversion)
+    sigma = cfg.order_value_sigma
+    order_value = world.ad_value_mean[shown] * torch.exp(sigma * rng.normals(us[:, 2]) - 0.5 * sigma**2)
+
+    # --- delayed conversions -----------------------------------------------------------------
+    new_step = state.step + 1
+    pend_ad, pend_gmv, pend_due = state.pend_ad, state.pend_gmv, state.pend_due
+    report_now = converted
+    if cfg.conversion_delay_mean > 0:
+        q = 1.0 / (1.0 + cfg.conversion_delay_mean)  # geometric on {0, 1, ...} with that mean
+        delay = torch.floor(torch.log(us[:, 3]) / math.log(1.0 - q)).long()
+        pend_ad, pend_gmv, pend_due = pend_ad.clone(), pend_gmv.clone(), pend_due.clone()
+        report_now = converted.clone()
+        for s in range(S):  # slots, not users: S is small
+            free = pend_ad < 0
+            has_free = free.any(1)
+            first_free = free.to(torch.int8).argmax(1)
+            defer = converted[:, s] & (delay[:, s] > 0) & has_free
+            col = F.one_hot(first_free, PENDING_CONVERSIONS).bool() & defer[:, None]
+            pend_ad = torch.where(col, shown[:, s : s + 1], pend_ad)
+            pend_gmv = torch.where(col, order_value[:, s : s + 1], pend_gmv)
+            pend_due = torch.where(col, (new_step + delay[:, s])[:, None], pend_due)
+            report_now[:, s] = converted[:, s] & ~defer
+    conversion = report_now
+    gmv = torch.where(conversion, order_value, torch.zeros_like(order_value))
+
+    # --- user dynamics -----------------------------------------------------------------------
+    impressions = impression.sum(1)
+    irrelevance = (1.0 - truth.match).clamp(min=0.0)
+    fatigue = state.fatigue * cfg.fatigue_decay + (
+        impression * (cfg.fatigue_per_ad + cfg.fatigue_irrelevance * irrelevance)
+    ).sum(1)
+    M, R = cfg.organic_per_request, cfg.organic_candidates
+    interest = state.interest
+    base = world.user_interest[state.user_id]
+    pull = cfg.interest_anchor * base + cfg.click_drift * (click[..., None] * world.ad_emb[shown]).sum(1)
+    organic_hist = state.organic_hist
+    if M > 0:
+        bits = rng.hash_bits(keys, M * R, offset=2000).view(n, M, R)
+        gum = rng.uniforms(keys, M * R, offset=2000 + M * R).view(n, M, R)
+        consumed = _choose_by_interest(bits, gum, interest, world.organic_emb, cfg.organic_temperature)
+        pull = pull + cfg.interest_drift * (world.organic_emb[consumed] - interest[:, None]).sum(1)
+        organic_hist = _push(organic_hist, consumed, torch.ones_like(consumed, dtype=torch.bool))
+    interest = F.normalize(interest + pull, dim=-1)
+    event = EVENT_IMPRESSION + click.long() + converted.long()
+    ad_hist = _push(state.ad_hist, shown, impression)
+    ad_event = _push(state.ad_event, event, impression)
+
+    # --- session end ---------------------------------------------------------------------------
+    tier = world.user_activity[state.user_id].float()
+    exit_logit = (
+        cfg.exit_bias
+        + cfg.exit_fatigue_weight * fatigue
+        - cfg.exit_activity_weight * (tier - 3.0)
+        - cfg.exit_tolerance_weight * world.user_tolerance[state.user_id]
+    )
+    terminated = u[:, 4 * S] < torch.sigmoid(exit_logit)
+    truncated = (new_step >= cfg.max_steps) & ~terminated
+    done = terminated | truncated
+    due = (pend_ad >= 0) & ((pend_due <= new_step[:, None]) | done[:, None])
+    delayed_conversion = due.sum(1)
+    delayed_gmv = torch.where(due, pend_gmv, torch.zeros_like(pend_gmv)).sum(1)
+    pend_ad = torch.where(due, torch.full_like(pend_ad, -1), pend_ad)
+    pend_gmv = torch.where(due, torch.zeros_like(pend_gmv), pend_gmv)
+    pend_due = torch.where(due, torch.full_like(pend_due, -1), pend_due)
+
+    w = cfg.reward
+    reward = (
+        w.revenue * revenue.sum(1)
+        + w.gmv * (gmv.sum(1) + delayed_gmv)
+        + w.click * click.sum(1)
+        + w.conversion * (conversion.sum(1) + delayed_conversion)
+        + w.stay * (~terminated)
+    )
+    new_state = SessionState(
+        seed=state.seed, slot=state.slot, counter=state.counter + 1, episode=state.episode,
+        user_id=state.user_id, interest=interest, fatigue=fatigue, step=new_step,
+        feed_pos=state.feed_pos + M + impressions, ad_load=state.ad_load + impressions,
+        hour=torch.remainder(state.hour + cfg.minutes_per_request / 60.0, 24.0),
+        organic_hist=organic_hist, ad_hist=ad_hist, ad_event=ad_event,
+        pend_ad=pend_ad, pend_gmv=pend_gmv, pend_due=pend_due,
+    )
+    empty = torch.full_like(shown, -1)
+    outcome = Outcome(
+        ad_id=torch.where(impression, shown, empty), advertiser_id=torch.where(impression, shown_adv, empty),
+        impression=impression, click=click, conversion=conversion, gmv=gmv, revenue=revenue,
+        p_click=truth.p_click * impression, p_conversion=truth.p_conversion * impression,
+        ecpm=torch.where(impression, bid_ecpm.gather(1, winner), torch.zeros_like(price)),
+        ecpm_true=ecpm(world, shown, truth) * impression, match=truth.match * impression,
+        is_new_ad=world.ad_is_new[shown] & impression, invalid=(~valid).sum(1),
+        budget_capped=(won & ~granted).sum(1), delayed_conversion=delayed_conversion, delayed_gmv=delayed_gmv,
+        reward=reward, terminated=terminated, truncated=truncated,
+    )
+    return new_state, market, outcome
+
+
+def observe(world: World, state: SessionState) -> dict[str, torch.Tensor]:
+    """The U/O/E/I observation of the current request of every row.
+
+    Keys: ``user_id`` (N,), ``user`` (N, 7) profile features, ``organic`` (N, Ho) organic ids,
+    ``context`` (N, 8) request context, ``ad_history`` (N, Hi) ad ids, ``ad_events`` (N, Hi) levels.
+    """
+    cfg = world.config
+    angle = state.hour * (2.0 * math.pi / 24.0)
+    context = torch.cat(
+        [
+            (state.feed_pos.float() / 100.0)[:, None],
+            torch.sin(angle)[:, None],
+            torch.cos(angle)[:, None],
+            (state.ad_load.float() / 10.0)[:, None],
+            (state.step.float() / cfg.max_steps)[:, None],
+            F.one_hot(world.user_device[state.user_id], NUM_DEVICES).float(),
+        ],
+        dim=1,
+    )
+    return {
+        "user_id": state.user_id,
+        "user": world.user_features[state.user_id],
+        "organic": state.organic_hist,
+        "context": context,
+        "ad_history": state.ad_hist,
+        "ad_events": state.ad_event,
+    }
+
+
+def _day_status(world: World, market: MarketState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spend so far in the current budget day (reset at day boundaries) and who may bid now, (A,) each."""
+    cfg = world.config
+    day_step = market.tick % cfg.steps_per_day
+    spent_today = torch.where(day_step == 0, torch.zeros_like(market.spent_today), market.spent_today)
+    day_fraction = (day_step + 1).double() / cfg.steps_per_day
+    active = advertiser_active(market.budget, spent_today, world.advertiser_paced, day_fraction, cfg.pacing_slack)
+    return spent_today, active
+
+
+def eligible_ads(world: World, market: MarketState) -> torch.Tensor:
+    """(num_ads,) bool: ads whose advertiser can take part in the next auction (budget and pacing)."""
+    return _day_status(world, market)[1][world.ad_advertiser]
+
+
+__all__ = [
+    "CONTEXT_DIM", "CandidateScores", "open_market", "initial", "transition", "observe", "score",
+    "eligible_ads", "EVENT_CLICK", "EVENT_CONVERSION",
+]
