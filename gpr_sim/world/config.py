@@ -156,11 +156,11 @@ class WorldConfig:
     """fatigue is multiplied by this every request"""
     fatigue_per_ad: float = 0.1
     """fatigue added by any ad impression"""
-    fatigue_irrelevance: float = 1.0
+    fatigue_irrelevance: float = 2.0
     """extra fatigue per impression times (1 - match): irrelevant ads tire more"""
     exit_bias: float = -3.4
     """base logit of leaving the session after a request"""
-    exit_fatigue_weight: float = 0.6
+    exit_fatigue_weight: float = 0.8
     """exit logit per unit of fatigue"""
     exit_activity_weight: float = 0.25
     """exit logit lost per activity tier above 3 (active users stay longer)"""

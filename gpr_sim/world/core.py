@@ -125,14 +125,48 @@ def _push(hist: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Te
 
 
 class CandidateScores(NamedTuple):
-    """Expected value of candidate ads for the current requests, (N, K) each."""
+    """Expected value of candidate ads for the current requests, (N, K) each.
 
-    p_click: torch.Tensor
-    p_conversion: torch.Tensor
-    ecpm: torch.Tensor  # 1000 x bid x pCTR x pCVR
-    expected_revenue: torch.Tensor  # ecpm / 1000: the most the platform could charge per impression
-    expected_gmv: torch.Tensor  # pCTR x pCVR x mean order value
-    value: torch.Tensor  # expected reward under the world's reward weights
+    Each candidate is valued as if it were the request's only candidate in the top slot: it wins
+    when its platform eCPM beats the reserve and the external competitor, and then pays the larger
+    of the two (second price). Funnel probabilities are the platform's estimates, or the truth.
+    """
+
+    p_click: torch.Tensor  # given an impression
+    p_conversion: torch.Tensor  # given a click
+    ecpm: torch.Tensor  # platform eCPM = 1000 x bid x pCTR_hat x pCVR_hat (what the auction ranks)
+    p_win: torch.Tensor  # probability of winning the auction
+    expected_revenue: torch.Tensor  # E[price charged]
+    expected_gmv: torch.Tensor  # p_win x pCTR x pCVR x mean order value
+    value: torch.Tensor  # expected immediate reward under the world's reward weights
+
+
+def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return torch.special.ndtr(x)
+
+
+def auction_expectations(cfg, bid_ecpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(win) and E[price] of a lone candidate with platform eCPM ``bid_ecpm``.
+
+    The competitor B is log-normal (mean m, sigma s; mu = ln m - s^2/2); the candidate wins when
+    e >= max(r, B) and pays max(r, B)/1000. With E[B 1{B<=x}] = m Phi((ln x - mu - s^2)/s):
+    E[price] = (r P(B<=r) + m [Phi(a_e) - Phi(a_r)]) / 1000 for e >= r, and 0 below the reserve.
+    """
+    r = cfg.reserve_ecpm
+    e = bid_ecpm.double()
+    above = e >= r
+    if cfg.competitor_ecpm_mean <= 0:
+        return above.to(bid_ecpm.dtype), (above * (r / 1000.0)).to(bid_ecpm.dtype)
+    m, sg = cfg.competitor_ecpm_mean, cfg.competitor_ecpm_sigma
+    mu = math.log(m) - 0.5 * sg**2
+    log_e = torch.log(e.clamp(min=r))
+    p_below_r = _std_normal_cdf(torch.tensor((math.log(r) - mu) / sg, dtype=torch.float64))
+    p_win = _std_normal_cdf((log_e - mu) / sg)
+    partial = m * (_std_normal_cdf((log_e - mu - sg**2) / sg) - _std_normal_cdf(
+        torch.tensor((math.log(r) - mu - sg**2) / sg, dtype=torch.float64)))
+    price = (r * p_below_r + partial) / 1000.0
+    zero = torch.zeros_like(e)
+    return torch.where(above, p_win, zero).to(bid_ecpm.dtype), torch.where(above, price, zero).to(bid_ecpm.dtype)
 
 
 def score(
@@ -140,23 +174,27 @@ def score(
 ) -> CandidateScores:
     """Expected value of arbitrary candidate ads (N, K) for the current requests; moves nothing.
 
-    By default answers with the platform's estimates (as a production simulator would); ``truth``
-    uses the hidden true probabilities (oracle studies). Invalid ids score -inf value.
+    The auction always runs on the platform's estimates (as in the real system); ``truth`` only
+    swaps the funnel probabilities for the hidden true ones (oracle studies). Budgets and pacing
+    are not considered here (see ``eligible_ads``). Invalid ids score -inf value.
     """
     cfg = world.config
     valid = (candidates >= 0) & (candidates < cfg.num_ads)
     ads = torch.where(valid, candidates, torch.zeros_like(candidates))
+    est = platform_probabilities(world, ads, state.user_id, slot)
+    bid_ecpm = ecpm(world, ads, est)
+    p_win, revenue = auction_expectations(cfg, bid_ecpm)
     if truth:
         pr = true_probabilities(world, ads, state.interest, state.user_id, state.fatigue, state.hour, slot)
     else:
-        pr = platform_probabilities(world, ads, state.user_id, slot)
-    e = ecpm(world, ads, pr)
-    p_conv = pr.p_click * pr.p_conversion
+        pr = est
+    p_click = p_win * pr.p_click
+    p_conv = p_click * pr.p_conversion
     gmv = p_conv * world.ad_value_mean[ads]
     w = cfg.reward
-    value = w.revenue * e / 1000.0 + w.gmv * gmv + w.click * pr.p_click + w.conversion * p_conv
+    value = w.revenue * revenue + w.gmv * gmv + w.click * p_click + w.conversion * p_conv
     value = value.masked_fill(~valid, float("-inf"))
-    return CandidateScores(pr.p_click, pr.p_conversion, e, e / 1000.0, gmv, value)
+    return CandidateScores(pr.p_click, pr.p_conversion, bid_ecpm, p_win, revenue, gmv, value)
 
 
 def transition(
