@@ -55,14 +55,21 @@ def gsp_auction(
 
 
 def advertiser_active(
-    budget: torch.Tensor, spent_today: torch.Tensor, paced: torch.Tensor, day_fraction: torch.Tensor, slack: float
+    budget: torch.Tensor,
+    spent_today: torch.Tensor,
+    paced: torch.Tensor,
+    day_fraction: torch.Tensor,
+    slack: float,
+    min_charge: float = 0.0,
 ) -> torch.Tensor:
-    """(A,) bool: the advertiser has budget left and, if paced, is not ahead of schedule.
+    """(A,) bool: the advertiser can still pay ``min_charge`` and, if paced, is not ahead of schedule.
 
     Pacing is spend-ratio throttling: a paced advertiser sits out while the share of its daily budget
-    already spent exceeds the share of the day elapsed plus ``slack``.
+    already spent exceeds the share of the day elapsed plus ``slack``. An advertiser whose remaining
+    budget cannot cover the lowest possible price (the reserve) has run dry and drops out.
     """
-    has_budget = spent_today < budget
+    has_budget = (budget - spent_today) >= min_charge
+    has_budget &= spent_today < budget
     on_schedule = spent_today <= (day_fraction + slack) * budget
     return has_budget & (~paced | on_schedule)
 

@@ -364,7 +364,9 @@ def _day_status(world: World, market: MarketState) -> tuple[torch.Tensor, torch.
     day_step = market.tick % cfg.steps_per_day
     spent_today = torch.where(day_step == 0, torch.zeros_like(market.spent_today), market.spent_today)
     day_fraction = (day_step + 1).double() / cfg.steps_per_day
-    active = advertiser_active(market.budget, spent_today, world.advertiser_paced, day_fraction, cfg.pacing_slack)
+    active = advertiser_active(
+        market.budget, spent_today, world.advertiser_paced, day_fraction, cfg.pacing_slack, cfg.reserve_ecpm / 1000.0
+    )
     return spent_today, active
 
 

@@ -1,0 +1,31 @@
+"""Small shared helpers for the tests: run a policy in a BatchedMarket and collect outcomes."""
+
+from __future__ import annotations
+
+import torch
+
+from envs.market import BatchedMarket
+from gpr_sim.world import WorldConfig
+
+
+def random_candidates(market: BatchedMarket, gen: torch.Generator) -> torch.Tensor:
+    cfg = market.config
+    return torch.randint(0, cfg.num_ads, (market.num_envs, cfg.num_candidates), generator=gen)
+
+
+def rollout(cfg: WorldConfig, num_envs: int, steps: int, seed: int = 0, policy=None, world_seed: int = 0):
+    """Run ``steps`` batched steps; returns (market, list of Outcome, list of obs)."""
+    market = BatchedMarket(cfg, num_envs, world_seed=world_seed)
+    obs = market.reset(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    outcomes, observations = [], [obs]
+    for _ in range(steps):
+        action = policy(market, obs) if policy is not None else random_candidates(market, gen)
+        obs, out, _, _, _ = market.step(action)
+        outcomes.append(out)
+        observations.append(obs)
+    return market, outcomes, observations
+
+
+def stack(outcomes, field: str) -> torch.Tensor:
+    return torch.stack([getattr(o, field) for o in outcomes])
