@@ -207,5 +207,5 @@ def make_policy(name: str, env, seed: int = 0):
     raise ValueError(f"unknown policy {name!r}: expected one of random, cascade, oracle, oracle-fatigue")
 
 
-FATIGUE_AWARE_PENALTY = 0.03
+FATIGUE_AWARE_PENALTY = 0.1
 """Default fatigue charge of the ``oracle-fatigue`` variant (currency per unit of fatigue)."""
