@@ -36,6 +36,7 @@ class World:
     ad_value_mean: torch.Tensor  # (num_ads,) mean GMV per conversion
     ad_age_days: torch.Tensor  # (num_ads,) days since creation at simulation start
     ad_is_new: torch.Tensor  # (num_ads,) bool, age < new_ad_days
+    ad_bid: torch.Tensor  # (num_ads,) oCPM bid: the advertiser's target CPA (denormalised for speed)
     ad_ctr_bias: torch.Tensor  # (num_ads,) platform estimator's logit bias on pCTR
     ad_cvr_bias: torch.Tensor  # (num_ads,) platform estimator's logit bias on pCVR
     advertiser_industry: torch.Tensor  # (A,) int64 category
@@ -53,11 +54,6 @@ class World:
     @property
     def device(self) -> torch.device:
         return self.ad_emb.device
-
-    @property
-    def ad_bid(self) -> torch.Tensor:
-        """(num_ads,) the oCPM bid of each ad: its advertiser's target CPA."""
-        return self.advertiser_cpa[self.ad_advertiser]
 
     def to(self, device: str | torch.device) -> World:
         moved = {
@@ -147,7 +143,7 @@ def generate_world(config: WorldConfig, seed: int = 0, device: str | torch.devic
         config=cfg, category_emb=category, subcategory_emb=subcategory, organic_emb=organic,
         organic_subcategory=organic_sub, ad_emb=ad_emb, ad_subcategory=ad_sub, ad_advertiser=ad_adv,
         ad_quality=quality, ad_value_mean=value_mean, ad_age_days=age, ad_is_new=is_new,
-        ad_ctr_bias=ctr_bias, ad_cvr_bias=cvr_bias, advertiser_industry=industry,
+        ad_bid=cpa[ad_adv], ad_ctr_bias=ctr_bias, ad_cvr_bias=cvr_bias, advertiser_industry=industry,
         advertiser_cpa=cpa, advertiser_budget_share=budget, advertiser_paced=paced,
         user_interest=interest, user_features=features, user_device=dev, user_activity=activity,
         user_conv_logit=conv_logit, user_tolerance=tolerance, user_session_cdf=session_cdf,

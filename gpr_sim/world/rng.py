@@ -48,7 +48,7 @@ def stream_keys(seed: torch.Tensor, slot: torch.Tensor, counter: torch.Tensor) -
 def hash_bits(keys: torch.Tensor, num_streams: int, offset: int = 0) -> torch.Tensor:
     """(N,) keys -> (N, num_streams) independent 32-bit integers (int64 in [0, 2**32))."""
     streams = torch.arange(offset, offset + num_streams, device=keys.device, dtype=torch.int64)
-    return mix32(mix32(keys[:, None] ^ (streams * _GOLDEN & _M32)[None, :]))
+    return mix32(mix32(keys[:, None] ^ _mul32(streams, _GOLDEN)[None, :]))
 
 
 def uniforms(keys: torch.Tensor, num_streams: int, offset: int = 0) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""Stable-Baselines3 PPO on the single ``ads-v0`` env (flat ad-index action): proof the env is learnable.
+
+    python -m agents.sb3_ppo --env ads-v0 --seeds 0,1,2 --total-timesteps 30000
+
+For each seed it trains PPO (MLP on ``FlatFeatures``) and, every ``--eval-every`` steps, evaluates it
+and a uniform-random policy on the same held-out users (same reset seeds, so the comparison is
+paired). Each seed writes ``{out}/{env}__sb3_ppo__{seed}/`` with ``config.json``, ``metrics.jsonl``,
+``checkpoint.zip``; a rerun resumes from the checkpoint. The parent folder gets ``summary.json`` and
+``learning_curves.png`` (PPO vs random, per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agents.runs import append_metrics, atomic_write_bytes, read_json, read_metrics, write_json
+
+
+@dataclass(frozen=True)
+class Args:
+    env: str = "ads-v0"
+    """registered env id"""
+    preset: str = "small"
+    """world preset"""
+    seeds: str = "0,1,2"
+    """comma-separated training seeds"""
+    total_timesteps: int = 30_000
+    """environment steps per seed"""
+    num_envs: int = 8
+    """single envs in SB3's DummyVecEnv"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    n_steps: int = 128
+    """rollout length per env between updates"""
+    batch_size: int = 256
+    """minibatch size"""
+    n_epochs: int = 4
+    """epochs per update"""
+    gamma: float = 0.99
+    """discount"""
+    ent_coef: float = 0.01
+    """entropy bonus"""
+    eval_every: int = 10_000
+    """steps between evaluations (and checkpoints)"""
+    eval_episodes: int = 200
+    """held-out sessions per evaluation"""
+    out: str = "runs/sb3_ppo"
+    """parent folder of the per-seed run folders"""
+
+    def __post_init__(self) -> None:
+        for name in ("total_timesteps", "num_envs", "n_steps", "batch_size", "n_epochs", "eval_every", "eval_episodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma={self.gamma} is out of range: expected (0, 1]")
+        self.seed_list()
+
+    def seed_list(self) -> list[int]:
+        try:
+            return [int(s) for s in self.seeds.split(",") if s.strip()]
+        except ValueError as e:
+            raise ValueError(f"seeds={self.seeds!r}: expected comma-separated integers") from e
+
+
+def make_env(args: Args):
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+    from envs.wrappers import FlatFeatures
+
+    return FlatFeatures(gym.make(args.env, preset=args.preset).unwrapped)
+
+
+def evaluate(env, act, episodes: int, seed_base: int = 100_000) -> np.ndarray:
+    """Total reward of ``episodes`` sessions; episode i starts from reset(seed=seed_base + i)."""
+    returns = np.zeros(episodes)
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed_base + i)
+        done = False
+        while not done:
+            obs, r, term, trunc, _ = env.step(act(obs))
+            returns[i] += r
+            done = term or trunc
+    return returns
+
+
+def mean_ci(x: np.ndarray) -> tuple[float, float, float]:
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def train_seed(args: Args, seed: int) -> dict:
+    """Train (or resume) one seed; returns its final paired evaluation against random."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+    from tqdm.auto import tqdm
+
+    run_dir = Path(args.out) / f"{args.env}__sb3_ppo__{seed}"
+    ckpt = run_dir / "checkpoint.zip"
+    config = {**dataclasses.asdict(args), "seed": seed}
+    if (run_dir / "config.json").exists():
+        saved = read_json(run_dir / "config.json")
+        if {k: v for k, v in saved.items() if k != "total_timesteps"} != {
+            k: v for k, v in config.items() if k != "total_timesteps"
+        }:
+            raise ValueError(f"{run_dir} holds a run with a different config; choose another --out")
+    write_json(run_dir / "config.json", config)
+
+    vec = DummyVecEnv([lambda: make_env(args) for _ in range(args.num_envs)])
+    vec.seed(seed)
+    if ckpt.exists():
+        model = PPO.load(ckpt, env=vec, device="cpu")
+        print(f"[seed {seed}] resuming from {ckpt} at {model.num_timesteps} steps")
+    else:
+        model = PPO(
+            "MlpPolicy", vec, learning_rate=args.learning_rate, n_steps=args.n_steps, batch_size=args.batch_size,
+            n_epochs=args.n_epochs, gamma=args.gamma, ent_coef=args.ent_coef, seed=seed, device="cpu", verbose=0,
+        )
+    eval_env = make_env(args)
+    rng = np.random.default_rng(seed)
+    n_ads = eval_env.action_space.n
+    random_returns = evaluate(eval_env, lambda obs: int(rng.integers(n_ads)), args.eval_episodes)
+    bar = tqdm(total=args.total_timesteps, initial=min(model.num_timesteps, args.total_timesteps), desc=f"ppo seed {seed}")
+    while model.num_timesteps < args.total_timesteps:
+        before = model.num_timesteps
+        chunk = min(args.eval_every, args.total_timesteps - before)
+        model.learn(total_timesteps=chunk, reset_num_timesteps=False)
+        bar.update(model.num_timesteps - before)
+        ppo_returns = evaluate(eval_env, lambda obs: int(model.predict(obs, deterministic=True)[0]), args.eval_episodes)
+        diff = ppo_returns - random_returns
+        row = {"global_step": model.num_timesteps, "eval/return": mean_ci(ppo_returns)[0],
+               "eval/random_return": mean_ci(random_returns)[0], "eval/diff_vs_random": mean_ci(diff)[0],
+               "eval/diff_ci_low": mean_ci(diff)[1], "eval/diff_ci_high": mean_ci(diff)[2]}
+        append_metrics(run_dir / "metrics.jsonl", row)
+        tmp = run_dir / ".checkpoint.tmp.zip"
+        model.save(tmp)
+        atomic_write_bytes(ckpt, tmp.read_bytes())
+        tmp.unlink()
+        bar.set_postfix(ret=f"{row['eval/return']:.3f}", rnd=f"{row['eval/random_return']:.3f}")
+    bar.close()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        raise RuntimeError(f"{run_dir} has no evaluations: total_timesteps={args.total_timesteps}")
+    return {"seed": seed, **rows[-1]}
+
+
+def plot_curves(out: Path, seeds: list[int], env_id: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for seed in seeds:
+        rows = read_metrics(out / f"{env_id}__sb3_ppo__{seed}" / "metrics.jsonl")
+        steps = [r["global_step"] for r in rows]
+        ax.plot(steps, [r["eval/return"] for r in rows], marker="o", label=f"PPO seed {seed}")
+        ax.plot(steps, [r["eval/random_return"] for r in rows], ls="--", color="grey")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("evaluation reward per session")
+    ax.set_title(f"SB3 PPO on {env_id} (dashed: random, same users)")
+    ax.legend()
+    fig.tight_layout()
+    from io import BytesIO
+
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(out / "learning_curves.png", buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default)
+    args = Args(**vars(parser.parse_args(argv)))
+    out = Path(args.out)
+    results = [train_seed(args, s) for s in args.seed_list()]
+    diffs = np.array([r["eval/diff_vs_random"] for r in results])
+    summary = {"per_seed": results, "mean_diff_vs_random": float(diffs.mean()),
+               "seeds_beating_random_ci": int(sum(r["eval/diff_ci_low"] > 0 for r in results))}
+    write_json(out / "summary.json", summary)
+    plot_curves(out, args.seed_list(), args.env)
+    print(f"{'seed':>4} {'ppo':>8} {'random':>8} {'diff':>8} {'95% CI of diff':>20}")
+    for r in results:
+        print(f"{r['seed']:>4} {r['eval/return']:8.4f} {r['eval/random_return']:8.4f} {r['eval/diff_vs_random']:8.4f}"
+              f"   [{r['eval/diff_ci_low']:.4f}, {r['eval/diff_ci_high']:.4f}]")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
