@@ -1,0 +1,401 @@
+"""Business metrics of the simulated marketplace, with confidence intervals over sessions.
+
+A session (one episode: one user's visit) is the independent unit. Requests inside a session share the
+user, their fatigue and their drifting interests, so impressions are *not* independent draws; treating
+them as such gives intervals that are too narrow. Everything here therefore works on one row per session:
+
+| column | meaning |
+|---|---|
+| `length` | requests served in the session |
+| `impressions`, `clicks` | ads shown and clicked |
+| `conversions`, `gmv` | conversions and their order value, delayed ones included (`delayed_*` say how many) |
+| `revenue` | price charged to advertisers (= advertiser costs = platform revenue) |
+| `reward` | the env's reward summed over the session |
+| `terminated` | the user left (else the session was truncated at its step limit) |
+| `new_*`, `old_*` | impressions, clicks, conversions, gmv and revenue of new / old ads (cold start) |
+| `activity_tier` | the user's activity tier, 1..5 |
+
+Ratio metrics (CTR, CVR, CTCVR, eCPM, ROI) are ratios of session sums, sum(num) / sum(den), with a
+delta-method interval: linearising R = mean(num) / mean(den) gives the per-session influence terms
+(num_i - R den_i) / mean(den), whose sample variance / n is Var(R). Per-session means (GMV, revenue,
+reward, length) get the CLT interval. ``ci="bootstrap"`` instead resamples sessions (one set of
+resamples shared by every metric) with an explicit ``np.random.Generator``.
+
+``SessionAccumulator`` builds the session rows from a batched env's per-step outcomes, on the env's
+device, with no host sync until ``records()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gpr_sim.data.ope import CIConfig, Estimate
+from gpr_sim.world.config import check_range
+
+_BOOTSTRAP_CHUNK_ELEMS = 1 << 22  # resampling weights held at once (B_chunk x n), ~32 MB
+
+
+# ----------------------------------------------------------------------------- metric definitions
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric over sessions: ``scale x sum(numerator) / sum(denominator)``, or a per-session mean."""
+
+    name: str
+    """key in the summary dict (without the prefix)"""
+    numerator: str
+    """session column summed in the numerator"""
+    denominator: str | None = None
+    """session column summed in the denominator; None = number of sessions (a per-session mean)"""
+    scale: float = 1.0
+    """constant factor (1000 for eCPM)"""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.numerator or self.denominator == "":
+            raise ValueError(f"Metric name, numerator and denominator must be non-empty, got {self!r}")
+        check_range("scale", self.scale, 0.0, 1e12, lo_open=True)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("ctr", "clicks", "impressions"),
+    Metric("cvr", "conversions", "clicks"),
+    Metric("ctcvr", "conversions", "impressions"),
+    Metric("ecpm", "revenue", "impressions", 1000.0),  # realised: 1000 x price per impression
+    Metric("roi", "gmv", "revenue"),  # advertiser ROI = GMV / costs
+    Metric("gmv_per_session", "gmv"),
+    Metric("revenue_per_session", "revenue"),
+    Metric("reward_per_session", "reward"),
+    Metric("session_length", "length"),
+    Metric("impressions_per_session", "impressions"),
+    Metric("clicks_per_session", "clicks"),
+    Metric("conversions_per_session", "conversions"),
+    Metric("fill_rate", "impressions", "length"),  # impressions per request
+    Metric("exit_rate", "terminated"),  # share of sessions the user left (the rest hit max_steps)
+)
+"""Everything ``summarize`` reports by default."""
+
+AD_COLUMNS = ("impressions", "clicks", "conversions", "gmv", "revenue")
+"""Session columns that ``SessionAccumulator`` also splits by ad age (``new_*`` / ``old_*``)."""
+
+AD_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if {m.numerator, m.denominator} <= {*AD_COLUMNS, None})
+"""The metrics defined for one group of ads within sessions (new or old ads): no length, reward, fill rate."""
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def _z(level: float) -> float:
+    return NormalDist().inv_cdf(0.5 + level / 2.0)
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, level: float = 0.95) -> Estimate:
+    """sum(num) / sum(den) over sessions with a delta-method (ratio-of-means) normal interval.
+
+    Args:
+        num: (n,) per-session numerator sums (e.g. clicks).
+        den: (n,) per-session denominator sums (e.g. impressions).
+        level: two-sided coverage in (0, 1).
+
+    Returns:
+        Estimate named "ratio"; NaN value when sum(den) == 0, NaN interval when n < 2.
+    """
+    CIConfig("normal", level)
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1:
+        raise ValueError(f"num and den must be 1-d of one length, got shapes {num.shape} and {den.shape}")
+    n = len(num)
+    if n == 0 or den.sum() == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), n, "ratio")
+    ratio = float(num.sum() / den.sum())
+    if n < 2:
+        return Estimate(ratio, float("nan"), float("nan"), float("nan"), n, "ratio")
+    influence = (num - ratio * den) / den.mean()  # linearised R around the means
+    std_err = float(np.sqrt(influence.var(ddof=1) / n))
+    half = _z(level) * std_err
+    return Estimate(ratio, ratio - half, ratio + half, std_err, n, "ratio")
+
+
+def mean_ci(x: np.ndarray, level: float = 0.95) -> Estimate:
+    """Mean over sessions with the CLT interval mean +- z s / sqrt(n) (NaN interval when n < 2)."""
+    x = np.asarray(x, dtype=np.float64)
+    est = ratio_ci(x, np.ones_like(x), level)  # with den == 1 the influence terms are x_i - mean
+    return est._replace(name="mean")
+
+
+def bootstrap_ci(
+    columns: Mapping[str, np.ndarray],
+    metrics: Sequence[Metric],
+    rng: np.random.Generator,
+    level: float = 0.95,
+    n_bootstrap: int = 1000,
+) -> dict[str, Estimate]:
+    """Percentile bootstrap over sessions; every metric is evaluated on the same resamples.
+
+    Args:
+        columns: session column name -> (n,) values.
+        metrics: what to estimate.
+        rng: the only source of randomness.
+        level: two-sided coverage in (0, 1).
+        n_bootstrap: number of resamples.
+
+    Returns:
+        metric name -> Estimate (value = the plug-in estimate, std_err = std of the replicates).
+    """
+    CIConfig("bootstrap", level, n_bootstrap)
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError("rng must be a np.random.Generator (no global RNG is used)")
+    names = sorted({m.numerator for m in metrics} | {m.denominator for m in metrics if m.denominator})
+    data = np.stack([np.asarray(columns[c], dtype=np.float64) for c in names], axis=1)  # (n, C)
+    n = data.shape[0]
+    col = {c: i for i, c in enumerate(names)}
+    reps = {m.name: np.empty(n_bootstrap) for m in metrics}
+    if n > 0:
+        chunk = max(1, _BOOTSTRAP_CHUNK_ELEMS // n)
+        for start in range(0, n_bootstrap, chunk):
+            b = min(chunk, n_bootstrap - start)
+            weights = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)  # (b, n) counts
+            sums = weights @ data  # (b, C): resampled session sums of every column
+            with np.errstate(invalid="ignore", divide="ignore"):
+                for m in metrics:
+                    den = sums[:, col[m.denominator]] if m.denominator else float(n)
+                    reps[m.name][start : start + b] = m.scale * sums[:, col[m.numerator]] / den
+    alpha = 1.0 - level
+    out = {}
+    for m in metrics:
+        value = _point(columns, m)
+        r = reps[m.name][np.isfinite(reps[m.name])] if n > 0 else np.empty(0)
+        if len(r) < 2 or n < 2:
+            out[m.name] = Estimate(value, float("nan"), float("nan"), float("nan"), n, m.name)
+            continue
+        low, high = np.quantile(r, [alpha / 2.0, 1.0 - alpha / 2.0])
+        out[m.name] = Estimate(value, float(low), float(high), float(r.std(ddof=1)), n, m.name)
+    return out
+
+
+def _point(columns: Mapping[str, np.ndarray], m: Metric) -> float:
+    num = np.asarray(columns[m.numerator], dtype=np.float64)
+    den = np.asarray(columns[m.denominator], dtype=np.float64) if m.denominator else np.ones_like(num)
+    if len(num) == 0 or den.sum() == 0:
+        return float("nan")
+    return float(m.scale * num.sum() / den.sum())
+
+
+def estimate(
+    columns: Mapping[str, np.ndarray],
+    metrics: Sequence[Metric] = METRICS,
+    *,
+    ci: str = "normal",
+    level: float = 0.95,
+    n_bootstrap: int = 1000,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Estimate]:
+    """Every metric of ``metrics`` with its interval: metric name -> Estimate.
+
+    ``ci="normal"``: delta method for ratios, CLT for means. ``ci="bootstrap"`` needs ``rng``.
+    """
+    CIConfig(ci, level, n_bootstrap)
+    if ci == "bootstrap":
+        if rng is None:
+            raise ValueError("ci='bootstrap' needs rng=np.random.Generator (no global RNG is used)")
+        return bootstrap_ci(columns, metrics, rng, level, n_bootstrap)
+    out = {}
+    for m in metrics:
+        num = np.asarray(columns[m.numerator], dtype=np.float64)
+        den = np.asarray(columns[m.denominator], dtype=np.float64) if m.denominator else np.ones_like(num)
+        e = ratio_ci(num, den, level)
+        out[m.name] = Estimate(*(m.scale * v for v in e[:4]), e.n, m.name)
+    return out
+
+
+def summarize(
+    sessions: pd.DataFrame,
+    metrics: Sequence[Metric] = METRICS,
+    *,
+    prefix: str = "sim/",
+    ci: str = "normal",
+    level: float = 0.95,
+    n_bootstrap: int = 1000,
+    rng: np.random.Generator | None = None,
+) -> dict[str, float]:
+    """One flat dict: ``{prefix}{metric}``, ``..._ci_low``, ``..._ci_high`` for every metric, and ``{prefix}sessions``."""
+    ests = estimate(sessions, metrics, ci=ci, level=level, n_bootstrap=n_bootstrap, rng=rng)
+    flat: dict[str, float] = {f"{prefix}sessions": int(len(sessions))}
+    for name, e in ests.items():
+        flat[f"{prefix}{name}"] = e.value
+        flat[f"{prefix}{name}_ci_low"] = e.ci_low
+        flat[f"{prefix}{name}_ci_high"] = e.ci_high
+    return flat
+
+
+def ad_view(sessions: pd.DataFrame, group: str) -> pd.DataFrame:
+    """Sessions with ``{group}_impressions`` etc. renamed to ``impressions`` etc. (group: "new" or "old")."""
+    if group not in ("new", "old"):
+        raise ValueError(f"group={group!r} is invalid: expected 'new' or 'old'")
+    return pd.DataFrame({c: sessions[f"{group}_{c}"].to_numpy() for c in AD_COLUMNS})
+
+
+def summarize_strata(
+    sessions: pd.DataFrame,
+    *,
+    prefix: str = "sim/",
+    ci: str = "normal",
+    level: float = 0.95,
+    n_bootstrap: int = 1000,
+    rng: np.random.Generator | None = None,
+) -> pd.DataFrame:
+    """Metrics per user activity tier (1..5, all metrics) and per ad age group (new / old, ``AD_METRICS``).
+
+    Tiers split sessions; the ad groups split each session's counts, so every session contributes to
+    both groups (a session without new-ad impressions adds 0 to both sums of a new-ad ratio). Returns one
+    row per stratum: ``stratum`` ("activity_tier" or "ad_age"), ``group`` ("1".."5" or "new"/"old") and
+    the flat metric columns of ``summarize``.
+    """
+    kw = dict(prefix=prefix, ci=ci, level=level, n_bootstrap=n_bootstrap, rng=rng)
+    rows = []
+    for tier in range(1, 6):
+        part = sessions[sessions["activity_tier"] == tier]
+        rows.append({"stratum": "activity_tier", "group": str(tier), **summarize(part, **kw)})
+    for group in ("new", "old"):
+        rows.append({"stratum": "ad_age", "group": group, **summarize(ad_view(sessions, group), AD_METRICS, **kw)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- streaming accumulation
+
+SUM_COLUMNS = (
+    "length", "impressions", "clicks", "conversions", "delayed_conversions", "gmv", "delayed_gmv", "revenue",
+    "reward", "invalid", "budget_capped", "new_impressions", "new_clicks", "new_conversions", "new_gmv",
+    "new_revenue",
+)
+"""Per-session sums, in the column order of ``SessionAccumulator.running``."""
+_LAST = ("user_id", "activity_tier", "terminated")  # taken from the session's last step
+_FIELDS = SUM_COLUMNS + _LAST
+SESSION_COLUMNS = (
+    ("slot", "session", "user_id", "activity_tier", "terminated")
+    + SUM_COLUMNS
+    + tuple(f"old_{c}" for c in AD_COLUMNS)
+)
+"""Columns of ``SessionAccumulator.records()``, in order."""
+
+
+class SessionAccumulator:
+    """Per-session sums of a batched env's step outcomes, kept on the env's device.
+
+    Each env slot records its first ``sessions_per_slot`` completed sessions (later ones are ignored),
+    so the sample does not favour short sessions the way "stop after n sessions" would. With
+    ``fresh=False`` (created mid-run), each slot's first completed session started before the
+    accumulator existed and is skipped.
+
+    Conversions and GMV include delayed ones, in the step they are reported; the ``new_*`` / ``old_*``
+    split counts only conversions reported at once (a delayed conversion's ad is not in the outcome),
+    so with ``conversion_delay_mean > 0`` the ad-age groups undercount conversions and GMV.
+
+    Args:
+        num_envs: N, env slots.
+        user_activity: (num_users,) activity tier of every user (``world.user_activity``).
+        sessions_per_slot: sessions recorded per slot (the buffer is (N, sessions_per_slot)).
+        fresh: True when every slot's current session starts now (created right after ``reset``).
+    """
+
+    def __init__(self, num_envs: int, user_activity: torch.Tensor, sessions_per_slot: int, fresh: bool = True):
+        for name, v in (("num_envs", num_envs), ("sessions_per_slot", sessions_per_slot)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
+        self.user_activity = user_activity
+        dev = user_activity.device
+        self.num_envs, self.sessions_per_slot = num_envs, sessions_per_slot
+        self.running = torch.zeros(num_envs, len(SUM_COLUMNS), dtype=torch.float64, device=dev)  # (N, F_sum)
+        self.buffer = torch.zeros(num_envs, sessions_per_slot, len(_FIELDS), dtype=torch.float64, device=dev)
+        self.count = torch.zeros(num_envs, dtype=torch.int64, device=dev)  # sessions recorded per slot
+        self.valid = torch.full((num_envs,), bool(fresh), dtype=torch.bool, device=dev)  # session began here
+        self._k = torch.arange(sessions_per_slot, device=dev)
+
+    def update(
+        self,
+        outcome: Mapping[str, torch.Tensor] | tuple,
+        terminated: torch.Tensor,
+        truncated: torch.Tensor,
+        user_id: torch.Tensor | None = None,
+    ) -> None:
+        """Add one step of every slot; close the sessions that ended.
+
+        Args:
+            outcome: the step's ``Outcome`` or an info dict with its keys ((N, S) per slot, (N,) per request).
+            terminated: (N,) bool, the user left.
+            truncated: (N,) bool, the session hit its step limit.
+            user_id: (N,) user of the request; defaults to ``outcome["user_id"]`` (the vector env's info).
+        """
+        out = outcome._asdict() if hasattr(outcome, "_asdict") else outcome
+        if user_id is None:
+            user_id = out["user_id"]
+        imp = out["impression"].bool()
+        new = out["is_new_ad"].bool() & imp
+        click, conv = out["click"].bool(), out["conversion"].bool()
+        gmv, rev = out["gmv"].double(), out["revenue"].double()
+        step = torch.stack(
+            [
+                torch.ones_like(gmv[:, 0]),
+                imp.sum(1).double(),
+                click.sum(1).double(),
+                conv.sum(1).double() + out["delayed_conversion"].double(),
+                out["delayed_conversion"].double(),
+                gmv.sum(1) + out["delayed_gmv"].double(),
+                out["delayed_gmv"].double(),
+                rev.sum(1),
+                out["reward"].double(),
+                out["invalid"].double(),
+                out["budget_capped"].double(),
+                new.sum(1).double(),
+                (click & new).sum(1).double(),
+                (conv & new).sum(1).double(),
+                (gmv * new).sum(1),
+                (rev * new).sum(1),
+            ],
+            dim=1,
+        )  # (N, F_sum)
+        self.running += step
+        done = terminated.bool() | truncated.bool()
+        last = torch.stack(
+            [user_id.double(), self.user_activity[user_id].double(), terminated.double()], dim=1
+        )  # (N, 3)
+        row = torch.cat([self.running, last], dim=1)  # (N, F)
+        put = (done & self.valid)[:, None] & (self._k[None, :] == self.count[:, None])  # (N, k)
+        self.buffer = torch.where(put[..., None], row[:, None, :], self.buffer)
+        self.count += (done & self.valid).long()
+        self.valid |= done
+        self.running *= (~done)[:, None]
+
+    def complete(self) -> torch.Tensor:
+        """() bool on the device: every slot has recorded ``sessions_per_slot`` sessions."""
+        return (self.count >= self.sessions_per_slot).all()
+
+    def num_sessions(self) -> torch.Tensor:
+        """() int64 on the device: sessions recorded so far."""
+        return self.count.clamp(max=self.sessions_per_slot).sum()
+
+    def records(self) -> pd.DataFrame:
+        """One row per recorded session (columns ``SESSION_COLUMNS``), ordered by (slot, session). Syncs once."""
+        k = self.sessions_per_slot
+        filled = self._k[None, :] < self.count.clamp(max=k)[:, None]  # (N, k)
+        rows = self.buffer[filled].cpu().numpy()  # (n, F), row-major: slot, then session
+        idx = torch.nonzero(filled).cpu().numpy()
+        df = pd.DataFrame(rows, columns=list(_FIELDS))
+        df.insert(0, "slot", idx[:, 0])
+        df.insert(1, "session", idx[:, 1])
+        ints = ["user_id", "activity_tier", "length", "impressions", "clicks", "conversions", "delayed_conversions",
+                "invalid", "budget_capped", "new_impressions", "new_clicks", "new_conversions"]
+        df[ints] = df[ints].astype(np.int64)
+        df["terminated"] = df["terminated"].astype(bool)
+        df["old_impressions"] = df["impressions"] - df["new_impressions"]
+        df["old_clicks"] = df["clicks"] - df["new_clicks"]
+        df["old_conversions"] = df["conversions"] - df["delayed_conversions"] - df["new_conversions"]
+        df["old_gmv"] = df["gmv"] - df["delayed_gmv"] - df["new_gmv"]
+        df["old_revenue"] = df["revenue"] - df["new_revenue"]
+        return df[list(SESSION_COLUMNS)]

@@ -1,0 +1,267 @@
+"""Business metrics over sessions: hand-worked intervals, delta-method coverage, the streaming accumulator."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gpr_sim.metrics import (
+    AD_METRICS,
+    METRICS,
+    SESSION_COLUMNS,
+    SUM_COLUMNS,
+    Metric,
+    SessionAccumulator,
+    bootstrap_ci,
+    estimate,
+    mean_ci,
+    ratio_ci,
+    summarize,
+    summarize_strata,
+)
+
+torch.set_num_threads(1)
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+# ----------------------------------------------------------------------------- intervals by hand
+
+
+def test_ratio_ci_by_hand():
+    # sessions (clicks, impressions) = (1, 10), (3, 10), (2, 20): R = 6 / 40 = 0.15, mean(den) = 40/3
+    # influence (num - R den) / mean(den): (-0.5, 1.5, -1.0) * 3/40; var(ddof=1) of (-0.5, 1.5, -1) = 3.5 / 2 = 1.75
+    # Var(R) = 1.75 / (3 * (40/3)^2) = 0.00328125, se = 0.0572822; CI = 0.15 -+ 1.96 * 0.0572822
+    est = ratio_ci(np.array([1.0, 3.0, 2.0]), np.array([10.0, 10.0, 20.0]))
+    assert est.value == pytest.approx(0.15)
+    assert est.std_err == pytest.approx(math.sqrt(0.00328125))
+    assert est.ci_low == pytest.approx(0.0377290, abs=1e-6)
+    assert est.ci_high == pytest.approx(0.2622710, abs=1e-6)
+    assert est.n == 3
+
+
+def test_mean_ci_by_hand():
+    # x = (2, 4, 6, 8): mean 5, s^2 = (9 + 1 + 1 + 9) / 3 = 20/3, se = sqrt(20/3 / 4) = 1.2909944
+    est = mean_ci(np.array([2.0, 4.0, 6.0, 8.0]))
+    assert est.value == 5.0
+    assert est.std_err == pytest.approx(1.2909944)
+    assert (est.ci_low, est.ci_high) == pytest.approx((5 - Z95 * 1.2909944, 5 + Z95 * 1.2909944), abs=1e-5)
+    # a 90% interval uses z = 1.644854
+    assert mean_ci(np.array([2.0, 4.0, 6.0, 8.0]), level=0.9).ci_high == pytest.approx(5 + 1.644854 * 1.2909944)
+
+
+def test_degenerate_inputs_give_nan_not_errors():
+    one = ratio_ci(np.array([1.0]), np.array([4.0]))
+    assert one.value == 0.25 and math.isnan(one.ci_low) and math.isnan(one.ci_high)
+    assert math.isnan(ratio_ci(np.array([0.0, 0.0]), np.array([0.0, 0.0])).value)  # no impressions: no CTR
+    assert math.isnan(mean_ci(np.array([])).value)
+    with pytest.raises(ValueError, match="level"):
+        ratio_ci(np.array([1.0, 2.0]), np.array([1.0, 2.0]), level=1.5)
+    with pytest.raises(ValueError, match="shapes"):
+        ratio_ci(np.array([1.0, 2.0]), np.array([1.0]))
+    with pytest.raises(ValueError, match="scale"):
+        Metric("ctr", "clicks", "impressions", scale=0.0)
+
+
+def _three_sessions() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "length": [2, 3, 1], "impressions": [4, 6, 0], "clicks": [1, 3, 0], "conversions": [1, 0, 0],
+            "gmv": [100.0, 0.0, 0.0], "revenue": [0.2, 0.3, 0.0], "reward": [3.0, 0.5, 0.0],
+            "terminated": [True, False, True],
+        }
+    )  # fmt: skip
+
+
+def test_summarize_by_hand():
+    # totals: length 6, impressions 10, clicks 4, conversions 1, gmv 100, revenue 0.5, reward 3.5
+    s = summarize(_three_sessions(), prefix="sim/")
+    assert s["sim/sessions"] == 3
+    assert s["sim/ctr"] == pytest.approx(4 / 10)
+    assert s["sim/cvr"] == pytest.approx(1 / 4)
+    assert s["sim/ctcvr"] == pytest.approx(1 / 10)
+    assert s["sim/ecpm"] == pytest.approx(1000 * 0.5 / 10)  # 50 currency per 1000 impressions
+    assert s["sim/roi"] == pytest.approx(100 / 0.5)  # 200
+    assert s["sim/gmv_per_session"] == pytest.approx(100 / 3)
+    assert s["sim/revenue_per_session"] == pytest.approx(0.5 / 3)
+    assert s["sim/reward_per_session"] == pytest.approx(3.5 / 3)
+    assert s["sim/session_length"] == pytest.approx(2.0)
+    assert s["sim/fill_rate"] == pytest.approx(10 / 6)
+    assert s["sim/exit_rate"] == pytest.approx(2 / 3)
+    # CTR interval: influence numerators clicks - 0.4 impressions = (-0.6, 0.6, 0); var(ddof=1) = 0.72 / 2 = 0.36
+    # Var = 0.36 / (3 * (10/3)^2) = 0.0108, se = 0.1039230; CI = 0.4 -+ 1.96 * 0.1039230 = [0.196314, 0.603686]
+    assert (s["sim/ctr_ci_low"], s["sim/ctr_ci_high"]) == pytest.approx((0.196314, 0.603686), abs=1e-5)
+    # scaled metrics scale their interval: eCPM = 1000 x the revenue / impressions ratio
+    rev = ratio_ci(np.array([0.2, 0.3, 0.0]), np.array([4.0, 6.0, 0.0]))
+    assert s["sim/ecpm_ci_high"] == pytest.approx(1000 * rev.ci_high)
+    assert set(s) == {"sim/sessions"} | {f"sim/{m.name}{x}" for m in METRICS for x in ("", "_ci_low", "_ci_high")}
+
+
+def test_summarize_strata_splits_tiers_and_ad_ages():
+    df = _three_sessions().assign(
+        activity_tier=[1, 1, 5],
+        new_impressions=[1, 0, 0], new_clicks=[1, 0, 0], new_conversions=[1, 0, 0], new_gmv=[100.0, 0, 0],
+        new_revenue=[0.05, 0.0, 0.0], old_impressions=[3, 6, 0], old_clicks=[0, 3, 0], old_conversions=[0, 0, 0],
+        old_gmv=[0.0, 0, 0], old_revenue=[0.15, 0.3, 0.0],
+    )  # fmt: skip
+    st = summarize_strata(df, prefix="").set_index(["stratum", "group"])
+    assert st.loc[("activity_tier", "1"), "sessions"] == 2
+    assert st.loc[("activity_tier", "1"), "ctr"] == pytest.approx(4 / 10)
+    assert st.loc[("activity_tier", "5"), "session_length"] == 1.0
+    assert st.loc[("activity_tier", "3"), "sessions"] == 0 and math.isnan(st.loc[("activity_tier", "3"), "ctr"])
+    # new ads: 1 impression, 1 click, 1 conversion over all 3 sessions; old ads: 9 impressions, 3 clicks
+    assert st.loc[("ad_age", "new"), "sessions"] == 3
+    assert st.loc[("ad_age", "new"), "ctr"] == 1.0
+    assert st.loc[("ad_age", "old"), "ctr"] == pytest.approx(3 / 9)
+    assert st.loc[("ad_age", "old"), "ecpm"] == pytest.approx(1000 * 0.45 / 9)
+    assert math.isnan(st.loc[("ad_age", "new"), "session_length"])  # not an ad-group metric
+    assert {m.name for m in AD_METRICS} == {"ctr", "cvr", "ctcvr", "ecpm", "roi", "gmv_per_session",
+                                            "revenue_per_session", "impressions_per_session",
+                                            "clicks_per_session", "conversions_per_session"}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- statistical checks
+
+
+def _synthetic_sessions(rng: np.random.Generator, reps: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reps, n) clicks and impressions: impressions 1 + Poisson(4); CTR 10% in long sessions, 3% in short."""
+    imp = 1 + rng.poisson(4.0, size=(reps, n))
+    clicks = rng.binomial(imp, np.where(imp >= 5, 0.10, 0.03))
+    return clicks.astype(float), imp.astype(float)
+
+
+def _true_ctr() -> float:
+    # E[clicks] / E[impressions] with impressions = 1 + k, k ~ Poisson(4): E[impressions] = 5
+    pmf = [math.exp(-4.0) * 4.0**k / math.factorial(k) for k in range(80)]
+    return sum(p * (1 + k) * (0.10 if 1 + k >= 5 else 0.03) for k, p in enumerate(pmf)) / 5.0
+
+
+def test_delta_method_interval_covers_the_true_ratio():
+    # 1000 replicates of 200 sessions; a 95% interval should cover the true CTR in ~950 of them.
+    # Binomial sd of the coverage is sqrt(.95 * .05 / 1000) = 0.0069, so [0.93, 0.97] is about +-3 sd.
+    rng = np.random.default_rng(7)
+    clicks, imp = _synthetic_sessions(rng, 1000, 200)
+    truth = _true_ctr()  # 0.0782...
+    covered = [(e := ratio_ci(c, i)).ci_low <= truth <= e.ci_high for c, i in zip(clicks, imp)]
+    assert 0.93 <= np.mean(covered) <= 0.97
+
+
+def test_bootstrap_agrees_with_delta_method_and_is_seeded():
+    clicks, imp = _synthetic_sessions(np.random.default_rng(3), 1, 2000)
+    cols = {"clicks": clicks[0], "impressions": imp[0]}
+    ctr = [Metric("ctr", "clicks", "impressions")]
+    boot = bootstrap_ci(cols, ctr, np.random.default_rng(0), n_bootstrap=2000)["ctr"]
+    delta = ratio_ci(cols["clicks"], cols["impressions"])
+    assert boot.value == delta.value  # the point estimate is the plug-in ratio either way
+    # with 2000 sessions the percentile interval is close to the normal one (tolerance: 10% of its width)
+    width = delta.ci_high - delta.ci_low
+    assert abs(boot.ci_low - delta.ci_low) < 0.1 * width and abs(boot.ci_high - delta.ci_high) < 0.1 * width
+    again = bootstrap_ci(cols, ctr, np.random.default_rng(0), n_bootstrap=2000)["ctr"]
+    assert again == boot
+    with pytest.raises(ValueError, match="rng"):
+        estimate(cols, ctr, ci="bootstrap")
+    with pytest.raises(ValueError, match="rng"):
+        bootstrap_ci(cols, ctr, rng=np.random.RandomState(0))
+
+
+# ----------------------------------------------------------------------------- the accumulator by hand
+
+
+def _step(imp, click, conv, gmv, rev, new, reward, user, delayed_conv=(0, 0), delayed_gmv=(0.0, 0.0)):
+    """One step of N = 2 env slots with S = 2 ad slots, as the vector env's info dict."""
+    b = lambda x: torch.tensor(x, dtype=torch.bool)  # noqa: E731
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    return {
+        "impression": b(imp), "click": b(click), "conversion": b(conv), "gmv": f(gmv), "revenue": f(rev),
+        "is_new_ad": b(new), "reward": f(reward), "delayed_conversion": torch.tensor(delayed_conv),
+        "delayed_gmv": f(delayed_gmv), "invalid": torch.zeros(2, dtype=torch.int64),
+        "budget_capped": torch.zeros(2, dtype=torch.int64), "user_id": torch.tensor(user),
+    }  # fmt: skip
+
+
+F, T = False, True
+ACTIVITY = torch.tensor([1, 1, 1, 2, 3, 1, 1, 5, 1, 1])  # users 3 -> tier 2, 4 -> 3, 7 -> 5, 9 -> 1
+SCRIPT = [  # (info, terminated, truncated)
+    # slot 0 (user 3): two impressions, the new ad is clicked and converts (GMV 50); slot 1 (user 7) leaves
+    (_step([[T, T], [T, F]], [[T, F], [F, F]], [[T, F], [F, F]], [[50, 0], [0, 0]], [[.04, .03], [.02, 0]],
+           [[T, F], [F, F]], [1.0, 0.5], [3, 7]), [F, T], [F, F]),
+    # slot 0: an old ad clicked, an earlier conversion reported late (GMV 20), truncated; slot 1 (user 9) leaves
+    (_step([[T, F], [F, F]], [[T, F], [F, F]], [[F, F], [F, F]], [[0, 0], [0, 0]], [[.05, 0], [0, 0]],
+           [[F, F], [F, F]], [2.0, 0.0], [3, 9], delayed_conv=(1, 0), delayed_gmv=(20.0, 0.0)), [F, T], [T, F]),
+    # slot 0 (user 4): two new ads, one click, leaves; slot 1's third session is beyond capacity (k = 2)
+    (_step([[T, T], [T, F]], [[F, T], [T, F]], [[F, F], [F, F]], [[0, 0], [0, 0]], [[.01, .01], [.02, 0]],
+           [[T, T], [F, F]], [0.2, 0.1], [4, 2]), [T, T], [F, F]),
+]  # fmt: skip
+
+
+def test_accumulator_by_hand():
+    acc = SessionAccumulator(2, ACTIVITY, sessions_per_slot=2)
+    for i, (info, term, trunc) in enumerate(SCRIPT):
+        assert not bool(acc.complete())
+        acc.update(info, torch.tensor(term), torch.tensor(trunc))
+        assert int(acc.num_sessions()) == [1, 3, 4][i]
+    assert bool(acc.complete())
+    df = acc.records()
+    assert list(df.columns) == list(SESSION_COLUMNS)
+    assert list(zip(df.slot, df.session)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    first = df.iloc[0]  # slot 0, steps 1-2, user 3
+    assert (first.user_id, first.activity_tier, first.length, first.terminated) == (3, 2, 2, False)
+    # impressions 2 + 1 = 3; clicks 1 + 1 = 2; conversions 1 at once + 1 delayed = 2; GMV 50 + 20 = 70
+    assert (first.impressions, first.clicks, first.conversions, first.delayed_conversions) == (3, 2, 2, 1)
+    assert first.gmv == pytest.approx(70.0) and first.delayed_gmv == pytest.approx(20.0)
+    assert first.revenue == pytest.approx(0.04 + 0.03 + 0.05) and first.reward == pytest.approx(3.0)
+    # new ad: 1 impression, its click and conversion (GMV 50, price 0.04); the delayed one is in no group
+    assert (first.new_impressions, first.new_clicks, first.new_conversions) == (1, 1, 1)
+    assert (first.old_impressions, first.old_clicks, first.old_conversions) == (2, 1, 0)
+    assert (first.new_gmv, first.old_gmv) == pytest.approx((50.0, 0.0))
+    assert (first.new_revenue, first.old_revenue) == pytest.approx((0.04, 0.08))
+    second = df.iloc[1]  # slot 0, step 3, user 4
+    assert (second.user_id, second.activity_tier, second.length, second.terminated) == (4, 3, 1, True)
+    assert (second.impressions, second.clicks, second.new_impressions, second.new_clicks) == (2, 1, 2, 1)
+    other = df.iloc[2:]  # slot 1: user 7 (1 impression, price 0.02) then user 9 (nothing shown)
+    assert list(other.user_id) == [7, 9] and list(other.activity_tier) == [5, 1]
+    assert list(other.impressions) == [1, 0] and list(other.length) == [1, 1]
+    assert other.revenue.to_numpy() == pytest.approx([0.02, 0.0])
+    assert other.terminated.all()
+
+
+def test_accumulator_created_mid_run_skips_sessions_already_under_way():
+    acc = SessionAccumulator(2, ACTIVITY, sessions_per_slot=2, fresh=False)
+    for info, term, trunc in SCRIPT:
+        acc.update(info, torch.tensor(term), torch.tensor(trunc))
+    df = acc.records()
+    # slot 0's session of steps 1-2 and slot 1's session of step 1 began before; the rest are recorded
+    assert list(zip(df.slot, df.session, df.user_id)) == [(0, 0, 4), (1, 0, 9), (1, 1, 2)]
+    assert not bool(acc.complete())
+    with pytest.raises(ValueError, match="sessions_per_slot"):
+        SessionAccumulator(2, ACTIVITY, sessions_per_slot=0)
+
+
+def test_accumulator_matches_the_env_on_a_real_run():
+    """Session lengths and returns equal the env's own episode statistics; nothing is lost or counted twice."""
+    from agents.policies import make_policy
+    from envs import AdsVectorEnv
+
+    env = AdsVectorEnv(num_envs=16, preset="small", validate_actions=False)
+    policy = make_policy("random", env, seed=1)
+    obs, _ = env.reset(seed=5)
+    acc = SessionAccumulator(16, env.engine.world.user_activity, sessions_per_slot=1000)
+    finished, impressions, conversions = [], 0.0, 0.0
+    for _ in range(40):
+        obs, _, term, trunc, info = env.step(policy.act(obs).action)
+        acc.update(info, term, trunc)
+        impressions += float(info["impression"].sum())
+        conversions += float(info["conversion"].sum() + info["delayed_conversion"].sum())
+        done = torch.nonzero(term | trunc).squeeze(1)
+        finished += [(int(s), int(info["episode_length"][s]), float(info["episode_return"][s])) for s in done]
+    df = acc.records()
+    finished.sort(key=lambda r: r[0])  # stable: per slot in time order, like the records
+    assert list(df.slot) == [r[0] for r in finished]
+    assert list(df.length) == [r[1] for r in finished]
+    assert df.reward.to_numpy() == pytest.approx([r[2] for r in finished], rel=1e-6)
+    # every impression is in a finished session or in a session still running
+    running = dict(zip(SUM_COLUMNS, acc.running.sum(0).tolist()))
+    assert df.impressions.sum() + running["impressions"] == impressions
+    assert df.conversions.sum() + running["conversions"] == conversions
+    assert (df.new_impressions + df.old_impressions == df.impressions).all()
