@@ -1,0 +1,326 @@
+"""Collect logged data: run a behaviour policy in the batched market and write one Parquet row per request.
+
+    python -m agents.collect --env ads-v0 --policy cascade --num-envs 256 --steps 200 --seed 0 \
+        --out runs/logs/cascade.parquet [--preset small] [--temperature 0.3] [--world.num-ads 1000]
+
+Every request is recorded from the observation *before* the step (the U/O/E/I tokens the policy saw),
+the policy's ordered candidates and their propensity, and the step's outcome. The columns are
+`gpr_sim.data.logs.SCHEMA`; the file's metadata holds the world config, seeds, policy and sizes, which
+is everything `agents.ope` needs to re-simulate the same requests.
+
+Tensors stay on the env's device during the loop; they are stacked and copied to the host once at
+the end, and the Parquet list columns are built from those flat arrays (no loop over requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import envs  # noqa: F401  (registers ads-v0)
+from agents.policies import CascadeConfig, CascadePolicy, PolicyOutput, make_policy
+from gpr_sim.data.logs import write_logs
+from gpr_sim.world import WorldConfig, preset
+from gpr_sim.world.config import check_range
+
+POLICY_NAMES = ("random", "cascade", "oracle", "oracle-fatigue")
+FINAL_COLUMNS = ("final_organic_ids", "final_context", "final_ad_ids", "final_ad_events")
+
+
+# ----------------------------------------------------------------------------- dataclass <-> flags
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source (the CLI help text)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp: object) -> object:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", overrides_only: bool = False) -> None:
+    """Add one ``--{prefix}{field-name}`` flag per field of dataclass ``cls`` (nested dataclasses recurse).
+
+    With ``overrides_only`` every default is None, so the parsed namespace holds only what was given.
+    """
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            add_flags(parser, tp, f"{prefix}{f.name}.", overrides_only)
+            continue
+        if overrides_only:
+            default = None
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict = {"dest": f"{prefix}{f.name}", "default": default, "help": docs.get(f.name, "").replace("%", "%%")}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (tuple, list):
+            kw.update(nargs="+", type=typing.get_args(tp)[0])
+        else:
+            kw["type"] = tp
+        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", **kw)
+
+
+def read_flags(ns: argparse.Namespace, cls: type, prefix: str = "", skip_none: bool = False) -> dict:
+    """Field values of ``cls`` from a namespace filled by `add_flags` (nested dataclasses as dicts)."""
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            sub = read_flags(ns, tp, f"{prefix}{f.name}.", skip_none)
+            if sub or not skip_none:
+                out[f.name] = sub
+            continue
+        value = getattr(ns, f"{prefix}{f.name}")
+        if value is None and skip_none:
+            continue
+        out[f.name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def world_config(preset_name: str, overrides: dict) -> WorldConfig:
+    """A preset with ``--world.*`` overrides applied (nested ``reward`` overrides merge into the preset's)."""
+    cfg = preset(preset_name)
+    overrides = dict(overrides)
+    if "reward" in overrides:
+        overrides["reward"] = dataclasses.replace(cfg.reward, **overrides["reward"])
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# ----------------------------------------------------------------------------- env, policy, loop
+
+
+def make_env(env_id: str, config: WorldConfig, num_envs: int, world_seed: int, device: str):
+    """The batched env: ``gymnasium.make_vec(env_id, vectorization_mode="vector_entry_point")``."""
+    return gymnasium.make_vec(
+        env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
+        config=config, world_seed=world_seed, device=device,
+    )  # fmt: skip
+
+
+def build_policy(name: str, env, seed: int, temperature: float | None = None):
+    """A behaviour policy by name; ``temperature`` sets the cascade's exploration (None = its default)."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"policy={name!r} is unknown: expected one of {list(POLICY_NAMES)}")
+    if name == "cascade":
+        cfg = CascadeConfig() if temperature is None else CascadeConfig(temperature=temperature)
+        return CascadePolicy(env, cfg, seed=seed)
+    return make_policy(name, env, seed=seed)
+
+
+StepHook = Callable[[object, dict, PolicyOutput], dict]
+"""``hook(env, obs, policy_output) -> {name: (N, ...) tensor}``, called after ``act`` and before ``step``."""
+
+
+def collect(
+    env, policy, seed: int, steps: int, hook: StepHook | None = None, progress: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run ``policy`` for ``steps`` batched steps from ``env.reset(seed=seed)`` and record every request.
+
+    Args:
+        env: An ads-v0 vector env (`make_env`).
+        policy: Anything with ``act(obs) -> PolicyOutput``.
+        seed: Session seed (``env.reset``).
+        steps: Batched steps T; the log has T x num_envs rows, step-major (row = t * N + slot).
+        hook: Optional per-step extra recording (see `StepHook`), e.g. off-policy statistics that need
+            the live state; its tensors are stacked like the log columns.
+        progress: Show a tqdm bar.
+
+    Returns:
+        (columns, extra): the `gpr_sim.data.logs.SCHEMA` columns as numpy arrays ((T N,) scalars,
+        (T N, d) lists), the optional ``final_*`` columns as masked (T N, d) arrays (rows where the
+        session ended or the collection stopped are unmasked), and the hook's stacked outputs.
+    """
+    engine = env.unwrapped.engine
+    n = env.num_envs
+    slot = torch.arange(n, device=engine.device)
+    obs, _ = env.reset(seed=seed)
+    rec: dict[str, list[torch.Tensor]] = {}
+    extra: dict[str, list[torch.Tensor]] = {}
+
+    def put(store: dict, row: dict) -> None:
+        for k, v in row.items():
+            store.setdefault(k, []).append(v)
+
+    for t in tqdm(range(steps), desc="collect", disable=not progress, leave=False):
+        out = policy.act(obs)
+        if hook is not None:
+            put(extra, hook(env, obs, out))
+        state = engine.state  # before the step: the request the policy just answered
+        before = {
+            "request_id": t * n + slot, "episode_id": state.episode * n + slot, "step": state.step,
+            "user_id": obs["user_id"], "user_features": obs["user"], "organic_ids": obs["organic"],
+            "context": obs["context"], "ad_ids": obs["ad_history"], "ad_events": obs["ad_events"],
+            "candidates": out.action, "action": out.action[:, 0], "propensity": out.propensity,
+        }  # fmt: skip
+        obs, reward, terminated, truncated, info = env.step(out.action)
+        imp = info["impression"]
+        first = torch.where(imp.any(1), imp.to(torch.int8).argmax(1), torch.full_like(slot, -1))
+        after = {
+            "shown_ad": info["ad_id"], "position": first, "impression": imp.sum(1),
+            "click": info["click"].sum(1), "conversion": info["conversion"].sum(1),
+            "gmv": info["gmv"].double().sum(1), "delayed_conversion": info["delayed_conversion"],
+            "delayed_gmv": info["delayed_gmv"].double(), "revenue": info["revenue"].double().sum(1),
+            "reward": reward.double(), "p_click": info["p_click"][:, 0].double(),
+            "p_conversion": info["p_conversion"][:, 0].double(), "is_new_ad": info["is_new_ad"][:, 0],
+            "activity_tier": info["activity_tier"], "terminated": terminated, "truncated": truncated,
+        }  # fmt: skip
+        fin = info["final_obs"]  # the observation after this request (before any autoreset)
+        final = {
+            "final_organic_ids": fin["organic"], "final_context": fin["context"],
+            "final_ad_ids": fin["ad_history"], "final_ad_events": fin["ad_events"],
+            "final_kept": terminated | truncated | (t == steps - 1),
+        }  # fmt: skip
+        put(rec, before | after | final)
+
+    def stack(store: dict) -> dict[str, np.ndarray]:
+        # (T, N, ...) -> (T N, ...); one device -> host copy per column
+        return {k: torch.stack(v).flatten(0, 1).cpu().numpy() for k, v in store.items()}
+
+    columns = stack(rec)
+    null = ~columns.pop("final_kept")[:, None]  # final observations only where an episode ends in the log
+    for k in FINAL_COLUMNS:
+        columns[k] = np.ma.MaskedArray(columns[k], mask=np.broadcast_to(null, columns[k].shape))
+    for k in ("step", "impression", "click", "conversion", "delayed_conversion", "activity_tier", "position"):
+        columns[k] = columns[k].astype(np.int64, copy=False)
+    return columns, stack(extra)
+
+
+def summarize(columns: dict[str, np.ndarray]) -> dict[str, float]:
+    """Headline numbers of a log: per-request means and funnel rates."""
+    n = len(columns["reward"])
+    imp, clk, conv = (float(columns[k].sum()) for k in ("impression", "click", "conversion"))
+    reward = columns["reward"]
+    return {
+        "requests": n,
+        "sessions_ended": int((columns["terminated"] | columns["truncated"]).sum()),
+        "reward_per_request": float(reward.mean()),
+        "reward_se": float(reward.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "revenue_per_request": float(columns["revenue"].mean()),
+        "gmv_per_request": float(columns["gmv"].mean()),
+        "fill_rate": imp / n,
+        "ctr": clk / imp if imp else float("nan"),
+        "cvr": conv / clk if clk else float("nan"),
+        "propensity_min": float(columns["propensity"].min()),
+        "propensity_median": float(np.median(columns["propensity"])),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@dataclass(frozen=True)
+class Args:
+    """CLI of `python -m agents.collect` (world fields are `--world.<field>` flags over the preset)."""
+
+    env: str = "ads-v0"
+    """Gymnasium id of the environment (registered by `import envs`)"""
+    policy: str = "cascade"
+    """behaviour policy: random | cascade | oracle | oracle-fatigue"""
+    num_envs: int = 256
+    """concurrent sessions in the market (one request each per step)"""
+    steps: int = 200
+    """batched steps; the log has num_envs x steps rows"""
+    seed: int = 0
+    """seed of the sessions (env.reset) and of the policy's exploration"""
+    world_seed: int = 0
+    """seed of the static world (catalog, advertisers, users)"""
+    preset: str = "small"
+    """world preset: small | large"""
+    temperature: float | None = None
+    """cascade exploration temperature (softmax over log platform value); default: CascadeConfig's"""
+    device: str = "cpu"
+    """torch device of the simulation"""
+    threads: int = 1
+    """torch CPU threads (per-step tensors are small, so more threads mostly add contention); 0 = torch's default"""
+    out: str = ""
+    """output Parquet file; default runs/logs/{env}__{policy}__{seed}.parquet"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"policy={self.policy!r} is unknown: expected one of {list(POLICY_NAMES)}")
+        check_range("num_envs", self.num_envs, 1, 1 << 24)
+        check_range("steps", self.steps, 1, 1 << 24)
+        check_range("threads", self.threads, 0, 1024)
+        if self.temperature is not None:
+            if self.policy != "cascade":
+                raise ValueError(f"temperature is only used by the cascade policy, not policy={self.policy!r}")
+            check_range("temperature", self.temperature, 0.0, 100.0)
+
+
+def parse(argv: list[str] | None = None) -> tuple[Args, WorldConfig]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, Args)
+    add_flags(parser, WorldConfig, prefix="world.", overrides_only=True)
+    ns = parser.parse_args(argv)
+    args = Args(**read_flags(ns, Args))
+    return args, world_config(args.preset, read_flags(ns, WorldConfig, "world.", skip_none=True))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Collect a log and write it; prints a summary and returns the Parquet path."""
+    args, cfg = parse(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    policy_tag = args.policy + (f"-t{args.temperature:g}" if args.temperature is not None else "")
+    out = Path(args.out or f"runs/logs/{args.env}__{policy_tag}__{args.seed}.parquet")
+    env = make_env(args.env, cfg, args.num_envs, args.world_seed, args.device)
+    policy = build_policy(args.policy, env, args.seed, args.temperature)
+    temperature = policy.config.temperature if isinstance(policy, CascadePolicy) else None
+
+    start = time.perf_counter()
+    columns, _ = collect(env, policy, args.seed, args.steps, progress=args.progress)
+    elapsed = time.perf_counter() - start
+    meta = {
+        "env": args.env, "world_seed": args.world_seed, "num_envs": args.num_envs, "steps": args.steps,
+        "temperature": temperature, "device": args.device, "torch": torch.__version__,
+    }  # fmt: skip
+    write_logs(columns, out, world_config=cfg, seed=args.seed, policy=args.policy, extra=meta)
+
+    s = summarize(columns)
+    print(
+        f"{out}: {s['requests']} requests ({args.num_envs} envs x {args.steps} steps) in {elapsed:.1f}s "
+        f"({s['requests'] / elapsed:,.0f} req/s), {s['sessions_ended']} sessions ended\n"
+        f"reward/request {s['reward_per_request']:.4f} +- {1.96 * s['reward_se']:.4f}  "
+        f"revenue/request {s['revenue_per_request']:.4f}  gmv/request {s['gmv_per_request']:.3f}\n"
+        f"fill {s['fill_rate']:.3f}  ctr {s['ctr']:.4f}  cvr {s['cvr']:.4f}  "
+        f"propensity min {s['propensity_min']:.3g} median {s['propensity_median']:.3g}"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""Off-policy evaluation: the value (mean reward per request) of a target policy, from a collected log.
+
+    python -m agents.ope --logs runs/logs/ads-v0__cascade__0.parquet --policy oracle [--env ads-v0]
+
+Target policies: `random`, `cascade` (at `--target-temperature`, different from the logging one) and
+`oracle`. The estimators are `gpr_sim.data.ope`'s (IPS, SNIPS, DM, DR, plus the mean logged reward):
+
+- pi_e(a | x): the target's action distribution on each logged request: uniform for random, a one-hot
+  on the pick of a deterministic policy (oracle, or cascade at temperature 0), and for the cascade the
+  exact softmax over its ranked pool.
+- q_hat(x, a): the env's scoring API, ``score(candidates).value`` (the platform's own, imperfect
+  pCTR/pCVR model: fatigue and drifted interests are invisible to it), times the eligibility mask of
+  the ad's advertiser (budget / pacing).
+
+Both need the hidden state of each logged request (interests, fatigue, budgets), which a log does not
+hold. So the log is **re-simulated**: its metadata (world config, seeds, sizes, behaviour policy) drives
+the same behaviour policy through the same market, and at every step, before the step, the target's
+distribution and q_hat are computed on the live state. The re-simulation must reproduce the log
+exactly (candidates, rewards and propensities are checked) or the run stops. The log itself still
+provides the actions, rewards and propensities the estimators read.
+
+Only single-candidate logs (``num_candidates == 1``) are supported: with K > 1 the reward depends on the
+whole ordered list, which is not the one-action bandit these estimators assume.
+
+Per row the estimators only need pi_e and q_hat at the logged ad and the pi_e-weighted mean of q_hat,
+so those are what is kept (memory O(rows), not O(rows x ads)). They are handed to the estimators as an
+exactly equivalent two-action problem: action 0 is the logged ad, action 1 all other ads pooled, with
+q_hat(pooled) = sum_{a != a_i} pi_e(a) q_hat(a) / (1 - pi_e(a_i)).
+
+With ``--env ads-v0`` the target also runs online on the same users and seed, and two ground truths are
+reported beside every estimate:
+
+- `truth_online`: the target's mean reward per request when it actually runs (what a launch would
+  see), averaged in its denoised form (`denoised_reward`: realised price + expected funnel value of
+  the shown ad), which is unbiased for it with a fraction of the variance;
+- `truth_bandit`: the target's expected reward on the *logged* requests (scoring API with the true
+  probabilities, same states), which is what a one-step estimator targets. The gap between the two
+  is the long-term effect (fatigue, session length, budgets) that no bandit estimator can see.
+  Approximate: the scoring API ignores budget refusals within a step (many requests charging one
+  advertiser at once), so in a crowded market it runs high by about the refused share, which is
+  reported as `budget_refused` (1 - logged fill / the logged ads' P(win)).
+
+It also sweeps the log size (prefixes of the log) and the logging temperature (fresh in-memory cascade
+logs at each temperature) and writes `estimates.csv/json`, `sweep.csv`, `ope.png` and `config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agents.collect import add_flags, build_policy, collect, make_env, read_flags
+from agents.policies import CascadePolicy, OraclePolicy, RandomPolicy
+from gpr_sim.data.bandit import LoggedBandit
+from gpr_sim.data.logs import read_logs, stack_list_column, write_atomic
+from gpr_sim.data.ope import estimate_all, weight_stats
+from gpr_sim.world import WorldConfig
+from gpr_sim.world.config import check_range
+
+TARGETS = ("random", "cascade", "oracle")
+ESTIMATORS = ("logged", "ips", "snips", "dm", "dr")
+REQUIRED_META = ("env", "world_config", "world_seed", "seed", "policy", "num_envs", "steps")
+
+
+# ----------------------------------------------------------------------------- action distributions
+
+
+class Dist(NamedTuple):
+    """A policy's action distribution per request, on its support."""
+
+    ads: torch.Tensor  # (N, P) int64 ads with possibly non-zero probability
+    prob: torch.Tensor  # (N, P) float64, rows sum to 1
+
+
+def cascade_pool(policy: CascadePolicy, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cascade's ranked pool (N, P) and its ranking logits (N, P), exactly as ``CascadePolicy.act``.
+
+    Retrieval (top embedding matches among eligible ads) -> pre-ranking (log bid + match) -> log of the
+    platform's expected value. `act` samples from softmax(logits / temperature) over this pool;
+    `tests/test_agents_ope.py` checks that the two agree on every logged propensity.
+    """
+    cfg, market = policy.config, policy.market
+    world = market.world
+    eligible = market.eligible_ads()
+    q = policy.query(obs)
+    n = q.shape[0]
+    r = min(cfg.retrieval_size, world.config.num_ads)
+    p = max(min(cfg.preranking_size, r), world.config.num_candidates)
+    retrieved = torch.empty(n, r, dtype=torch.int64, device=q.device)
+    for start in range(0, n, cfg.chunk_size):  # same chunks as act, so the same numerics
+        sl = slice(start, min(n, start + cfg.chunk_size))
+        sim = (q[sl] @ world.ad_emb.T).masked_fill(~eligible[None], float("-inf"))
+        retrieved[sl] = sim.topk(r, dim=1).indices
+    sim = torch.einsum("nd,nrd->nr", q, world.ad_emb[retrieved])
+    light = torch.log(world.ad_bid)[retrieved] + world.config.ctr_match_weight * sim
+    light = light.masked_fill(~eligible[retrieved], float("-inf"))
+    pool = retrieved.gather(1, light.topk(p, dim=1).indices)
+    value = market.score(pool).value.masked_fill(~eligible[pool], 0.0)
+    return pool, torch.log(value.clamp(min=1e-12))
+
+
+def action_distribution(policy, obs: dict[str, torch.Tensor]) -> Dist:
+    """pi(. | x) of a single-candidate policy on the current requests (N of them)."""
+    n = obs["user_id"].shape[0]
+    if isinstance(policy, RandomPolicy):
+        num_ads = policy.market.config.num_ads
+        ads = torch.arange(num_ads, device=policy.market.device).expand(n, num_ads)
+        return Dist(ads, torch.full((n, num_ads), 1.0 / num_ads, dtype=torch.float64, device=ads.device))
+    if isinstance(policy, CascadePolicy):
+        pool, logits = cascade_pool(policy, obs)
+        t = policy.config.temperature
+        if t == 0:  # greedy: the top of the ranking, as act picks it
+            top = logits.topk(1, dim=1).indices
+            return Dist(pool.gather(1, top), torch.ones(n, 1, dtype=torch.float64, device=pool.device))
+        return Dist(pool, torch.softmax((logits / t).double(), dim=1))  # act's float64 softmax of logits/t
+    if isinstance(policy, OraclePolicy):
+        pick = policy.act(obs).action[:, :1]
+        return Dist(pick, torch.ones(n, 1, dtype=torch.float64, device=pick.device))
+    raise ValueError(f"no action distribution for {type(policy).__name__}")
+
+
+def prob_of(dist: Dist, ads: torch.Tensor) -> torch.Tensor:
+    """(N,) probability of ``ads`` (N,) under ``dist``."""
+    return (dist.prob * (dist.ads == ads[:, None])).sum(1)
+
+
+def expected_reward(env, ads: torch.Tensor, eligible: torch.Tensor, truth: bool) -> torch.Tensor:
+    """(N, P) expected immediate reward of each ad from the scoring API; ineligible ads are not shown."""
+    return env.unwrapped.score(ads, truth=truth).value.double() * eligible[ads]
+
+
+def ope_hook(behaviour, target):
+    """A `collect` hook recording, per request, what the estimators and the ground truth need."""
+
+    def hook(env, obs, out) -> dict[str, torch.Tensor]:
+        engine = env.unwrapped.engine
+        logged = out.action[:, 0]
+        eligible = engine.eligible_ads()
+        d_e, d_b = action_distribution(target, obs), action_distribution(behaviour, obs)
+        b_support = torch.zeros(obs["user_id"].shape[0], engine.config.num_ads, dtype=torch.bool, device=logged.device)
+        b_support.scatter_(1, d_b.ads, d_b.prob > 0)
+        return {
+            "pi_e": prob_of(d_e, logged),  # pi_e(a_i | x_i)
+            "pi_b": prob_of(d_b, logged),  # recomputed behaviour propensity (checked against the log)
+            "q_logged": expected_reward(env, logged[:, None], eligible, truth=False)[:, 0],
+            "dm": (d_e.prob * expected_reward(env, d_e.ads, eligible, truth=False)).sum(1),
+            "v_true": (d_e.prob * expected_reward(env, d_e.ads, eligible, truth=True)).sum(1),
+            "support": (d_e.prob * b_support.gather(1, d_e.ads)).sum(1),  # pi_e mass that pi_b can log
+            "p_win": env.unwrapped.score(logged[:, None]).p_win[:, 0].double() * eligible[logged],
+        }
+
+    return hook
+
+
+# ----------------------------------------------------------------------------- re-simulation
+
+
+@dataclass(frozen=True)
+class Target:
+    """The policy being evaluated."""
+
+    name: str
+    """random | cascade | oracle"""
+    temperature: float | None = None
+    """cascade exploration temperature (0 = greedy); ignored by the others"""
+
+    def __post_init__(self) -> None:
+        if self.name not in TARGETS:
+            raise ValueError(f"policy={self.name!r} is unknown: expected one of {list(TARGETS)}")
+
+
+def check_meta(meta: dict, path: str) -> WorldConfig:
+    """The log's world config, after checking it has the provenance re-simulation needs."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(
+            f"{path} lacks metadata {missing}: off-policy evaluation re-simulates the log, so it needs a log "
+            f"written by `python -m agents.collect`"
+        )
+    cfg = WorldConfig.from_dict(meta["world_config"])
+    if cfg.num_candidates != 1:
+        raise ValueError(
+            f"num_candidates={cfg.num_candidates} in {path}: off-policy evaluation here needs single-candidate "
+            f"logs (num_candidates=1); with K > 1 the reward depends on the whole ordered list"
+        )
+    return cfg
+
+
+def resimulate(meta: dict, target: Target, behaviour_temperature: float | None, device: str, progress: bool):
+    """Run the log's behaviour policy again (at ``behaviour_temperature``) with the OPE hook.
+
+    Returns:
+        (columns, stats, world): the log columns and the per-row statistics of `ope_hook` as numpy
+        arrays, and the static world they were simulated in.
+    """
+    cfg = WorldConfig.from_dict(meta["world_config"])
+    env = make_env(meta["env"], cfg, meta["num_envs"], meta["world_seed"], device)
+    behaviour = build_policy(meta["policy"], env, meta["seed"], behaviour_temperature)
+    target_policy = build_policy(target.name, env, meta["seed"], target.temperature)
+    columns, stats = collect(env, behaviour, meta["seed"], meta["steps"], ope_hook(behaviour, target_policy), progress)
+    return columns, stats, env.unwrapped.engine.world
+
+
+def check_reproduced(df: pd.DataFrame, columns: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> None:
+    """Stop unless the re-simulation matches the log (same candidates, rewards and propensities)."""
+    checks = {
+        "candidates": (stack_list_column(df, "candidates") == columns["candidates"]).all(1),
+        "reward": df["reward"].to_numpy() == columns["reward"],
+        "propensity": np.isclose(df["propensity"].to_numpy(), stats["pi_b"], rtol=1e-9, atol=0.0),
+    }
+    for name, ok in checks.items():
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise RuntimeError(
+                f"re-simulation diverged from the log in column {name!r} at request_id "
+                f"{df['request_id'].to_numpy()[bad[:5]].tolist()} ({len(bad)} rows): was it written by another "
+                f"code version or device? ({'recomputed propensities' if name == 'propensity' else 'replayed steps'})"
+            )
+
+
+def denoised_reward(columns: dict[str, np.ndarray], world) -> np.ndarray:
+    """(n,) E[reward | state, ad, auction and budget outcome] of single-slot requests.
+
+    The realised price plus the expected funnel value of the shown ad under the true probabilities
+    (``p_click``, ``p_conversion``, mean order value). Conditioning on the realised auction and budget
+    outcome keeps it unbiased for the realised reward (budget refusals included, which the scoring API
+    does not model) while dropping the click / conversion / order-value noise. With delayed
+    conversions it credits the expected order value to the request that earned it.
+    """
+    w = world.config.reward
+    shown = columns["shown_ad"][:, 0]
+    order_value = world.ad_value_mean.cpu().numpy().astype(np.float64)[np.maximum(shown, 0)] * (shown >= 0)
+    p_click, p_conv = columns["p_click"], columns["p_click"] * columns["p_conversion"]
+    return (
+        columns["revenue"] + w.gmv * p_conv * order_value + w.click * p_click + w.conversion * p_conv
+        + w.stay * ~columns["terminated"]
+    )  # fmt: skip
+
+
+def online_run(meta: dict, target: Target, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The target run online on the log's users, seed and sizes.
+
+    Returns:
+        (realized, denoised), each (T, N): the rewards drawn and `denoised_reward`. Both estimate the
+        same value; the denoised one has a fraction of the variance, so it is the ground truth used.
+    """
+    cfg = WorldConfig.from_dict(meta["world_config"])
+    env = make_env(meta["env"], cfg, meta["num_envs"], meta["world_seed"], device)
+    policy = build_policy(target.name, env, meta["seed"], target.temperature)
+    columns, _ = collect(env, policy, meta["seed"], meta["steps"], progress=progress)
+    shape = (meta["steps"], meta["num_envs"])
+    return columns["reward"].reshape(shape), denoised_reward(columns, env.unwrapped.engine.world).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- estimation
+
+
+def bandit_view(reward: np.ndarray, propensity: np.ndarray, stats: dict[str, np.ndarray]):
+    """The exactly equivalent two-action problem (logged ad | all others) for `gpr_sim.data.ope`.
+
+    Returns:
+        (data, pi_e, q_hat) with pi_e, q_hat of shape (n, 2).
+    """
+    pe = np.clip(stats["pi_e"], 0.0, 1.0)
+    rest = 1.0 - pe
+    q_rest = np.divide(stats["dm"] - pe * stats["q_logged"], rest, out=np.zeros_like(rest), where=rest > 0)
+    data = LoggedBandit(action=np.zeros(len(reward), dtype=np.int64), reward=reward, propensity=propensity, n_actions=2)
+    return data, np.stack([pe, rest], 1), np.stack([stats["q_logged"], q_rest], 1)
+
+
+def estimate(
+    reward: np.ndarray, propensity: np.ndarray, stats: dict[str, np.ndarray], level: float
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Every estimator on one log, plus diagnostics (mean weight, ESS, support, bandit truth)."""
+    data, pi_e, q_hat = bandit_view(reward, propensity, stats)
+    table = estimate_all(data, pi_e, q_hat, level=level)
+    ws = weight_stats(data, pi_e)
+    diag = {
+        "rows": len(reward), "mean_weight": ws.mean_weight, "max_weight": ws.max_weight, "ess": ws.ess,
+        "support": float(stats["support"].mean()), "truth_bandit": float(stats["v_true"].mean()),
+    }  # fmt: skip
+    return table, diag
+
+
+def add_truths(table: pd.DataFrame, truth_online: float | None, truth_bandit: float) -> pd.DataFrame:
+    """Error and interval coverage of every estimate against each ground truth."""
+    table = table.copy()
+    for name, truth in (("online", truth_online), ("bandit", truth_bandit)):
+        if truth is None:
+            continue
+        table[f"truth_{name}"] = truth
+        table[f"error_{name}"] = table["value"] - truth
+        table[f"covered_{name}"] = (table["ci_low"] <= truth) & (truth <= table["ci_high"])
+    return table
+
+
+def size_sweep(
+    reward: np.ndarray, propensity: np.ndarray, stats: dict[str, np.ndarray], online: np.ndarray,
+    points: int, level: float,
+) -> pd.DataFrame:  # fmt: skip
+    """Estimates on the first T / 2^i collection steps of the log (i < points), against the same prefix truths."""
+    steps, n = online.shape
+    sizes = sorted({max(1, steps >> i) for i in range(points)})
+    rows = []
+    for m in sizes:
+        k = m * n  # rows are step-major
+        sub = {key: v[:k] for key, v in stats.items()}
+        table, diag = estimate(reward[:k], propensity[:k], sub, level)
+        table = add_truths(table, float(online[:m].mean()), diag["truth_bandit"])
+        rows.append(table.assign(sweep="size", rows=k, steps=m))
+    return pd.concat(rows, ignore_index=True)
+
+
+def plot(sweep: pd.DataFrame, path: Path, title: str) -> None:
+    """Estimate - online truth (with the estimate's interval) against log size and logging temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    panels = [("size", "rows", "log size (requests)"), ("temperature", "temperature", "logging temperature")]
+    panels = [p for p in panels if (sweep["sweep"] == p[0]).any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (kind, x, label) in zip(axes[0], panels):
+        part = sweep[sweep["sweep"] == kind]
+        for i, name in enumerate(ESTIMATORS):
+            est = part[part["name"] == name].sort_values(x)
+            shift = 1.0 + 0.03 * (i - len(ESTIMATORS) // 2)  # side by side on the log axis
+            err = est["error_online"]
+            yerr = np.stack([est["value"] - est["ci_low"], est["ci_high"] - est["value"]])
+            ax.errorbar(est[x] * shift, err, yerr=yerr, marker="o", ms=4, capsize=2, label=name)
+        floor = part.drop_duplicates(x).sort_values(x)
+        ax.plot(floor[x], floor["truth_bandit"] - floor["truth_online"], "k--", lw=1, label="bandit - online truth")
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel("estimate - online truth (reward / request)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@dataclass(frozen=True)
+class Args:
+    """CLI of `python -m agents.ope`."""
+
+    logs: str = ""
+    """Parquet log written by `python -m agents.collect` (single-candidate)"""
+    policy: str = "cascade"
+    """target policy: random | cascade | oracle"""
+    target_temperature: float = 0.1
+    """exploration temperature of a cascade target (0 = greedy)"""
+    env: str = ""
+    """the log's env id (ads-v0) to also run the target online: ground truths, sweeps, plot"""
+    sweep_temperatures: tuple[float, ...] = (0.1, 0.3, 1.0)
+    """logging temperatures of the error-vs-exploration sweep (cascade logs only; needs --env)"""
+    size_points: int = 5
+    """log sizes of the error-vs-size sweep: the first steps / 2^i steps of the log, i < size_points"""
+    level: float = 0.95
+    """coverage of the confidence intervals"""
+    device: str = ""
+    """torch device of the re-simulation; default: the log's"""
+    threads: int = 1
+    """torch CPU threads; 0 = torch's default"""
+    out: str = ""
+    """output folder; default runs/ope/{log name}__{policy}"""
+    progress: bool = True
+    """show progress bars"""
+
+    def __post_init__(self) -> None:
+        if not self.logs:
+            raise ValueError("logs is required: --logs PATH to a Parquet log from agents.collect")
+        Target(self.policy, self.target_temperature)
+        check_range("target_temperature", self.target_temperature, 0.0, 100.0)
+        for t in self.sweep_temperatures:
+            check_range("sweep_temperatures", t, 0.0, 100.0, lo_open=True)
+        check_range("size_points", self.size_points, 1, 30)
+        check_range("level", self.level, 0.0, 1.0, lo_open=True)
+        check_range("threads", self.threads, 0, 1024)
+
+
+def run(args: Args) -> dict[str, pd.DataFrame]:
+    """Estimate (and with ``args.env`` check against ground truth); writes the run folder."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    df, meta = read_logs(args.logs)
+    check_meta(meta, args.logs)
+    df = df.sort_values("request_id", ignore_index=True)
+    if args.env and args.env != meta["env"]:
+        raise ValueError(f"env={args.env!r} but {args.logs} was collected in {meta['env']!r}")
+    device = args.device or meta.get("device", "cpu")
+    target = Target(args.policy, args.target_temperature if args.policy == "cascade" else None)
+    t_log = meta.get("temperature")
+
+    columns, stats, world = resimulate(meta, target, t_log, device, args.progress)
+    check_reproduced(df, columns, stats)
+    reward, propensity = df["reward"].to_numpy(), df["propensity"].to_numpy()
+    table, diag = estimate(reward, propensity, stats, args.level)
+    diag["logged_denoised"] = float(denoised_reward(columns, world).mean())
+    # auctions the logged ads should win (scoring API) but that budgets refused within the step
+    diag["budget_refused"] = float(1.0 - columns["impression"].mean() / stats["p_win"].mean())
+    results = {"estimates": table}
+
+    out = Path(args.out or f"runs/ope/{Path(args.logs).stem}__{args.policy}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.env:
+        realized, online = online_run(meta, target, device, args.progress)
+        slot_means = online.mean(0)  # sessions in different slots are independent apart from budgets
+        diag["truth_online"] = float(online.mean())
+        diag["truth_online_se"] = float(slot_means.std(ddof=1) / np.sqrt(len(slot_means)))
+        diag["online_realized"] = float(realized.mean())
+        results["estimates"] = table = add_truths(table, diag["truth_online"], diag["truth_bandit"])
+        parts = [size_sweep(reward, propensity, stats, online, args.size_points, args.level)]
+        if meta["policy"] == "cascade":
+            for temp in sorted(set(args.sweep_temperatures)):
+                if t_log is not None and np.isclose(temp, t_log):
+                    r_t, p_t, s_t = reward, propensity, stats  # the log itself
+                else:
+                    cols_t, s_t, _ = resimulate(meta, target, temp, device, args.progress)
+                    r_t, p_t = cols_t["reward"], cols_t["propensity"]
+                t_table, t_diag = estimate(r_t, p_t, s_t, args.level)
+                t_table = add_truths(t_table, diag["truth_online"], t_diag["truth_bandit"])
+                parts.append(t_table.assign(sweep="temperature", temperature=temp, rows=len(r_t), ess=t_diag["ess"]))
+        results["sweep"] = sweep = pd.concat(parts, ignore_index=True)
+        write_atomic(out / "sweep.csv", lambda tmp: sweep.to_csv(tmp, index=False))
+        title = (f"{args.policy}{'' if target.temperature is None else f' (t={target.temperature:g})'} from "
+                 f"{meta['policy']} (t={t_log}) logs, {meta['num_envs']} envs x {meta['steps']} steps")  # fmt: skip
+        plot(sweep, out / "ope.png", title)
+
+    write_atomic(out / "estimates.csv", lambda tmp: table.to_csv(tmp, index=False))
+    write_atomic(out / "estimates.json", lambda tmp: table.to_json(tmp, orient="records", indent=2))
+    config = {"args": dataclasses.asdict(args), "log_meta": {k: v for k, v in meta.items() if k != "world_config"},
+              "diagnostics": diag}  # fmt: skip
+    write_atomic(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    results["diagnostics"] = diag
+
+    cols = ["name", "value", "ci_low", "ci_high"] + [c for c in ("error_online", "error_bandit") if c in table]
+    with pd.option_context("display.float_format", "{:.5f}".format, "display.width", 160):
+        print(f"target {args.policy} from {meta['policy']} logs ({args.logs}): {len(df)} requests, "
+              f"mean reward {reward.mean():.5f} (denoised {diag['logged_denoised']:.5f}), mean weight "
+              f"{diag['mean_weight']:.3f}, ESS {diag['ess']:.0f}, pi_e support under pi_b {diag['support']:.3f}")
+        if args.env:
+            print(f"truth: online {diag['truth_online']:.5f} +- {1.96 * diag['truth_online_se']:.5f} (realized "
+                  f"{diag['online_realized']:.5f}), bandit (logged requests) {diag['truth_bandit']:.5f} (ignores "
+                  f"budget refusals: {diag['budget_refused']:.0%} of the logged ads' wins were refused)")  # fmt: skip
+        print(table[cols].to_string(index=False))
+    print(f"wrote {out}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, Args)
+    return run(Args(**read_flags(parser.parse_args(argv), Args)))
+
+
+if __name__ == "__main__":
+    main()
