@@ -25,9 +25,21 @@ tensors on the device in and out). Both are views of one batched core (`gpr_sim.
 | `ad_events` | (ad_history,) | int64 | I | deepest event: 0 pad, 1 impression, 2 click, 3 conversion |
 
 ## Action space
-`num_candidates` ad indices: `Discrete(num_ads)` when `num_candidates == 1`, else
-`MultiDiscrete([num_ads] * num_candidates)`. Repeated ids compete once. An action of the wrong
+`action_mode="ad"` (default): `num_candidates` ad indices: `Discrete(num_ads)` when `num_candidates == 1`,
+else `MultiDiscrete([num_ads] * num_candidates)`. Repeated ids compete once. An action of the wrong
 shape, dtype or range raises `ValueError` before anything moves.
+
+`action_mode="semantic"` (needs `tokenizer=`): each candidate is a semantic-ID path, one digit per level
+(`gpr_sim.tokenizer.world.WorldTokenizer`, L' = L quantiser levels + 1 disambiguation digit):
+
+| num_candidates | single env | vector env |
+|---|---|---|
+| 1 | `MultiDiscrete(level_sizes)`, shape (L',) | (N, L') or (N, 1, L') |
+| K > 1 | `MultiDiscrete`, shape (K, L') | (N, K, L') |
+
+A path maps to its ad through the tokenizer's `SemanticIdTable`. A path that names no item, or names an
+organic item, is invalid: it shows nothing, does not crash, and is counted in `info["invalid"]`. A digit
+outside its level's range `[0, level_sizes[l])` raises `ValueError`, like a bad ad index.
 
 ## Reward
 `reward.revenue x price + reward.gmv x GMV + reward.click x clicks + reward.conversion x conversions
@@ -39,24 +51,29 @@ The vector env autoresets in the same step (`AutoresetMode.SAME_STEP`): the retu
 of a finished row is its new session's first; `info["final_obs"]` holds the last one.
 
 ## Info (per step; vector env: leading dim N; per-slot keys have a trailing slot dim S)
-per slot: `ad_id`, `advertiser_id` (-1 = empty slot), `impression`, `click`, `conversion`, `gmv`,
-`revenue` (price charged), `p_click`, `p_conversion` (true probabilities of the shown ad), `ecpm`
-(auction eCPM, platform estimate), `ecpm_true`, `match`, `is_new_ad`; per request: `invalid`,
-`budget_capped`, `delayed_conversion`, `delayed_gmv`, `reward`, `activity_tier`, `user_id`,
+per slot: `ad_id` (an ad index, in either action mode), `advertiser_id` (-1 = empty slot),
+`impression`, `click`, `conversion`, `gmv`, `revenue` (price charged), `p_click`, `p_conversion` (true
+probabilities of the shown ad), `ecpm` (auction eCPM, platform estimate), `ecpm_true`, `match`,
+`is_new_ad`; per request: `invalid` (candidates that name no ad: unknown or organic semantic IDs), `budget_capped`, `delayed_conversion`, `delayed_gmv`, `reward`, `activity_tier`, `user_id`,
 `episode_return` and `episode_length` (the finished session's totals where it ended).
 
 ## Arguments
 `preset` ("small" | "large"), `config` (a `WorldConfig` or dict), any `WorldConfig` field as a
-keyword (e.g. `num_ads=1000`), `world_seed`, and for the vector env `num_envs`, `device`,
+keyword (e.g. `num_ads=1000`), `world_seed`, `action_mode` ("ad" | "semantic"), `tokenizer` (a
+`WorldTokenizer`, a `SemanticIdTable`, or the folder `python -m agents.tokenize` wrote; it must have
+been fitted on this world, checked by fingerprint), and for the vector env `num_envs`, `device`,
 `validate_actions` (range check; costs one host sync per step on a GPU).
 
 ## Scoring API
 `env.unwrapped.score(candidates, truth=False)`: expected value of arbitrary candidate ads for the
 current requests without moving the world (platform estimates by default; `truth=True` for oracle
 studies). `env.unwrapped.eligible_ads()`: the mask of ads whose advertiser can bid now.
+With a tokenizer: `env.unwrapped.prefix_mask(prefixes)` gives, for prefixes (..., l), the (..., K_l)
+mask of next digits that lead to an eligible ad (the trie over ads, restricted by `eligible_ads()`;
+for constrained decoding), and `env.unwrapped.semantic_ids(ads)` the (..., L') paths of ad indices.
 
 ## Version history
-- v0: first release.
+- v0: first release; semantic-ID action mode (`action_mode="semantic"`), default unchanged.
 """
 
 from __future__ import annotations
@@ -71,6 +88,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from envs.market import BatchedMarket, outcome_info, resolve_config
+from gpr_sim.tokenizer.world import WorldTokenizer, as_world_tokenizer
 from gpr_sim.world import CONTEXT_DIM, WorldConfig
 from gpr_sim.world.catalog import USER_FEATURE_DIM
 
@@ -90,11 +108,18 @@ def observation_space(cfg: WorldConfig) -> spaces.Dict:
     )
 
 
-def action_space(cfg: WorldConfig) -> spaces.Space:
-    """The single-session action space: candidate ad indices."""
-    if cfg.num_candidates == 1:
+ACTION_MODES = ("ad", "semantic")
+
+
+def action_space(cfg: WorldConfig, level_sizes: tuple[int, ...] | None = None) -> spaces.Space:
+    """The single-session action space: candidate ad indices, or semantic-ID paths given ``level_sizes``."""
+    k = cfg.num_candidates
+    if level_sizes is not None:  # one digit per level, per candidate
+        nvec = np.asarray(level_sizes, dtype=np.int64)
+        return spaces.MultiDiscrete(nvec if k == 1 else np.tile(nvec, (k, 1)))
+    if k == 1:
         return spaces.Discrete(cfg.num_ads)
-    return spaces.MultiDiscrete(np.full(cfg.num_candidates, cfg.num_ads, dtype=np.int64))
+    return spaces.MultiDiscrete(np.full(k, cfg.num_ads, dtype=np.int64))
 
 
 def check_candidates(action: torch.Tensor, num_envs: int, cfg: WorldConfig, check_range: bool) -> torch.Tensor:
@@ -115,6 +140,65 @@ def check_candidates(action: torch.Tensor, num_envs: int, cfg: WorldConfig, chec
     return action
 
 
+def check_semantic_ids(
+    action: torch.Tensor, num_envs: int, num_candidates: int, level_sizes: tuple[int, ...], check_range: bool
+) -> torch.Tensor:
+    """Validate batched semantic-ID actions and return them as (N, K, L') int64.
+
+    Unknown paths pass (they become invalid candidates); digits outside a level's range raise
+    ``ValueError`` when ``check_range`` (one host sync).
+    """
+    k, depth = num_candidates, len(level_sizes)
+    if action.dtype.is_floating_point or action.dtype == torch.bool or action.is_complex():
+        raise ValueError(f"action dtype {action.dtype} is invalid: expected integer semantic-ID digits")
+    if k == 1 and action.shape == (num_envs, depth):
+        action = action[:, None]
+    if action.shape != (num_envs, k, depth):
+        want = f"({num_envs}, {depth}) or ({num_envs}, 1, {depth})" if k == 1 else f"({num_envs}, {k}, {depth})"
+        raise ValueError(f"action shape {tuple(action.shape)} is invalid: expected {want} semantic-ID digits")
+    action = action.long()
+    if check_range:
+        sizes = torch.tensor(level_sizes, device=action.device)
+        bad = (action < 0) | (action >= sizes)  # (N, K, L')
+        if bool(bad.any()):
+            level = int(torch.nonzero(bad)[0, 2])
+            digit = int(action[bad][0])
+            raise ValueError(
+                f"action digit {digit} at level {level} is out of range: expected codes in "
+                f"[0, {level_sizes[level] - 1}] (level_sizes {tuple(level_sizes)})"
+            )
+    return action
+
+
+def resolve_tokenizer(action_mode: str, tokenizer, engine: BatchedMarket) -> WorldTokenizer | None:
+    """The env's tokenizer on its device, checked against its world; None in ad mode without one."""
+    if action_mode not in ACTION_MODES:
+        raise ValueError(f"action_mode={action_mode!r} is not allowed: expected one of {ACTION_MODES}")
+    if tokenizer is None:
+        if action_mode == "semantic":
+            raise ValueError("action_mode='semantic' needs tokenizer= (a WorldTokenizer or a saved folder)")
+        return None
+    tok = as_world_tokenizer(tokenizer)
+    tok.check_world(engine.world)
+    return tok.to(engine.device)
+
+
+def _require_tokenizer(tokenizer: WorldTokenizer | None) -> WorldTokenizer:
+    if tokenizer is None:
+        raise ValueError("this env has no tokenizer: pass tokenizer= (and action_mode='semantic' for ID actions)")
+    return tokenizer
+
+
+def to_candidates(
+    action: torch.Tensor, num_envs: int, cfg: WorldConfig, tokenizer: WorldTokenizer | None, check_range: bool
+) -> torch.Tensor:
+    """A batched action in either mode -> (N, K) int64 ad ids (-1 = a semantic ID that names no ad)."""
+    if tokenizer is None:
+        return check_candidates(action, num_envs, cfg, check_range)
+    paths = check_semantic_ids(action, num_envs, cfg.num_candidates, tokenizer.level_sizes, check_range)
+    return tokenizer.ads_of(paths)  # (N, K)
+
+
 def _extra_info(engine: BatchedMarket, user_id: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"user_id": user_id, "activity_tier": engine.world.user_activity[user_id]}
 
@@ -124,12 +208,23 @@ class AdsEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, preset: str = "small", config: WorldConfig | dict | None = None, world_seed: int = 0, **overrides):
+    def __init__(
+        self,
+        preset: str = "small",
+        config: WorldConfig | dict | None = None,
+        world_seed: int = 0,
+        action_mode: str = "ad",
+        tokenizer=None,
+        **overrides,
+    ):
         cfg = resolve_config(preset, config, **overrides)
         self.engine = BatchedMarket(cfg, num_envs=1, world_seed=world_seed, device="cpu")
         self.config = cfg
+        self.action_mode = action_mode
+        self.tokenizer = resolve_tokenizer(action_mode, tokenizer, self.engine)
+        self._decoder = self.tokenizer if action_mode == "semantic" else None  # turns actions into ads
         self.observation_space = observation_space(cfg)
-        self.action_space = action_space(cfg)
+        self.action_space = action_space(cfg, None if self._decoder is None else self._decoder.level_sizes)
 
     def _obs(self, obs: dict[str, torch.Tensor]) -> dict[str, Any]:
         out = {k: v[0].numpy().copy() for k, v in obs.items()}
@@ -144,9 +239,14 @@ class AdsEnv(gym.Env):
     def step(self, action):
         arr = np.asarray(action)
         if arr.dtype.kind not in "iu":
-            raise ValueError(f"action dtype {arr.dtype} is invalid: expected integer ad indices")
-        cand = check_candidates(torch.as_tensor(arr).reshape(1, -1) if arr.ndim <= 1 else torch.as_tensor(arr),
-                                1, self.config, check_range=True)
+            what = "ad indices" if self._decoder is None else "semantic-ID digits"
+            raise ValueError(f"action dtype {arr.dtype} is invalid: expected integer {what}")
+        t = torch.as_tensor(arr)
+        if self._decoder is None:
+            t = t.reshape(1, -1) if arr.ndim <= 1 else t
+        else:
+            t = t[None]  # (L',) or (K, L') -> a batch of one
+        cand = to_candidates(t, 1, self.config, self._decoder, check_range=True)
         user_id = self.engine.state.user_id
         _, out, final_obs, ep_ret, ep_len = self.engine.step(cand, autoreset=False)
         info = {k: v[0].numpy().copy() for k, v in outcome_info(out).items()}
@@ -162,6 +262,17 @@ class AdsEnv(gym.Env):
     def eligible_ads(self) -> np.ndarray:
         return self.engine.eligible_ads().numpy()
 
+    def prefix_mask(self, prefixes, eligible_only: bool = True) -> np.ndarray:
+        """(..., l) semantic-ID prefixes -> (..., K_l) bool: digits that lead to an (eligible) ad."""
+        tok = _require_tokenizer(self.tokenizer)
+        elig = self.engine.eligible_ads() if eligible_only else None
+        return tok.prefix_mask(torch.as_tensor(np.asarray(prefixes, dtype=np.int64)), elig).numpy()
+
+    def semantic_ids(self, ads) -> np.ndarray:
+        """(...) ad indices -> (..., L') semantic-ID paths (a valid semantic action for those ads)."""
+        tok = _require_tokenizer(self.tokenizer)
+        return tok.paths_of_ads(torch.as_tensor(np.asarray(ads, dtype=np.int64))).numpy()
+
 
 class AdsVectorEnv(gym.vector.VectorEnv):
     """N sessions in one market, batched on a torch device (tensors in, tensors out)."""
@@ -176,6 +287,8 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         world_seed: int = 0,
         device: str | torch.device = "cpu",
         validate_actions: bool = True,
+        action_mode: str = "ad",
+        tokenizer=None,
         **overrides,
     ):
         cfg = resolve_config(preset, config, **overrides)
@@ -184,8 +297,11 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         self.num_envs = num_envs
         self.device = self.engine.device
         self.validate_actions = validate_actions
+        self.action_mode = action_mode
+        self.tokenizer = resolve_tokenizer(action_mode, tokenizer, self.engine)
+        self._decoder = self.tokenizer if action_mode == "semantic" else None
         self.single_observation_space = observation_space(cfg)
-        self.single_action_space = action_space(cfg)
+        self.single_action_space = action_space(cfg, None if self._decoder is None else self._decoder.level_sizes)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
 
@@ -196,7 +312,7 @@ class AdsVectorEnv(gym.vector.VectorEnv):
 
     def step(self, actions):
         actions = torch.as_tensor(actions, device=self.device)
-        cand = check_candidates(actions, self.num_envs, self.config, self.validate_actions)
+        cand = to_candidates(actions, self.num_envs, self.config, self._decoder, self.validate_actions)
         user_id = self.engine.state.user_id
         obs, out, final_obs, ep_ret, ep_len = self.engine.step(cand, autoreset=True)
         done = out.terminated | out.truncated
@@ -211,3 +327,14 @@ class AdsVectorEnv(gym.vector.VectorEnv):
 
     def eligible_ads(self) -> torch.Tensor:
         return self.engine.eligible_ads()
+
+    def prefix_mask(self, prefixes, eligible_only: bool = True) -> torch.Tensor:
+        """(..., l) semantic-ID prefixes (e.g. (N, l) or (N, beams, l)) -> (..., K_l) bool legal next digits."""
+        tok = _require_tokenizer(self.tokenizer)
+        elig = self.engine.eligible_ads() if eligible_only else None
+        return tok.prefix_mask(torch.as_tensor(prefixes, device=self.device), elig)
+
+    def semantic_ids(self, ads) -> torch.Tensor:
+        """(...) ad indices -> (..., L') semantic-ID paths."""
+        tok = _require_tokenizer(self.tokenizer)
+        return tok.paths_of_ads(torch.as_tensor(ads, device=self.device).long())

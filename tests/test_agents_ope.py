@@ -28,11 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_ENVS, STEPS = 32, 50
 
 
+# The OPE checks below were worked out on a market with weak external competition (mean competing
+# eCPM 40), where the cascade fills most requests and 1,600 logged rows carry enough signal; the world
+# config travels with the log, so the re-simulation and online truth use the same market.
+LOW_COMPETITION = ["--world.competitor-ecpm-mean", "40"]
+
+
 @pytest.fixture(scope="module")
 def log_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("collect") / "cascade.parquet"
     cmd = [sys.executable, "-m", "agents.collect", "--env", "ads-v0", "--policy", "cascade", "--temperature", "0.3",
-           "--num-envs", str(NUM_ENVS), "--steps", str(STEPS), "--seed", "0", "--out", str(out), "--no-progress"]  # fmt: skip
+           "--num-envs", str(NUM_ENVS), "--steps", str(STEPS), "--seed", "0", "--out", str(out), "--no-progress",
+           *LOW_COMPETITION]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{NUM_ENVS * STEPS} requests ({NUM_ENVS} envs x {STEPS} steps)" in proc.stdout

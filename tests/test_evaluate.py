@@ -79,20 +79,20 @@ def test_same_seed_same_summary_and_resume(tiny_run, tmp_path, capsys):
     assert other.loc[0, "eval/ctr"] != first["random"]["eval/ctr"]
 
 
-def _ranked(summary: pd.DataFrame, key: str) -> bool:
-    """oracle > cascade > random on ``key`` with non-overlapping intervals."""
+def _beats_random(summary: pd.DataFrame, key: str) -> bool:
+    """oracle and cascade each above random on ``key`` with non-overlapping intervals."""
     r = summary.set_index("agent")
     lo, hi = r[f"eval/{key}_ci_low"], r[f"eval/{key}_ci_high"]
-    return bool(lo["oracle"] > hi["cascade"] and lo["cascade"] > hi["random"])
+    return bool(lo["oracle"] > hi["random"] and lo["cascade"] > hi["random"])
 
 
-def test_oracle_beats_cascade_beats_random(tmp_path):
-    # 1024 sessions: revenue/session about 0.08 [0.073, 0.081] < 0.22 [0.206, 0.227] < 0.26 [0.242, 0.270]
-    # (seed 0; the same order held with disjoint intervals for seeds 0-3 at this size)
+def test_oracle_and_cascade_beat_random(tmp_path):
+    # 1024 sessions, seed 0: revenue/session random 0.233 [0.217, 0.248], cascade 0.943 [0.887, 0.999],
+    # oracle 0.953 [0.883, 1.024]. Against the default external competition (mean eCPM 300) the cascade
+    # is about as good as the myopic oracle on revenue; only the gap to random is asserted.
     summary = main(Args(agents="random,cascade,oracle", out=str(tmp_path), num_envs=256, sessions=1024, plots=False))
-    assert _ranked(summary, "revenue_per_session")
-    assert _ranked(summary, "ctr")
-    assert _ranked(summary, "gmv_per_session")
+    for key in ("revenue_per_session", "reward_per_session", "ctr", "gmv_per_session"):
+        assert _beats_random(summary, key), key
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_demo_size_ranks_the_agents(tmp_path):
     """The README's main job at its default size (512 envs, 2048 sessions): the same ranking."""
     summary = main(Args(out=str(tmp_path), plots=False))
     assert (summary["eval/sessions"] == 2048).all()
-    assert _ranked(summary, "revenue_per_session") and _ranked(summary, "ctr")
+    assert _beats_random(summary, "revenue_per_session") and _beats_random(summary, "ctr")
 
 
 def test_unknown_agent_and_bad_args_raise():

@@ -9,7 +9,10 @@ from gpr_sim.world import WorldConfig, generate_world
 from gpr_sim.world.funnel import true_probabilities
 from tests.helpers import rollout, stack
 
-MULTI = WorldConfig.small(num_candidates=4, num_slots=2)
+# Funnel statistics need many impressions from random candidates, which rarely beat the default
+# external demand (mean competing eCPM 300); these tests lower it to study the funnel, not the auction.
+LOW_COMPETITION = dict(competitor_ecpm_mean=40.0)
+MULTI = WorldConfig.small(num_candidates=4, num_slots=2, **LOW_COMPETITION)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_fatigue_shortens_sessions():
     # Exits driven by fatigue: with exit_fatigue_weight 0 sessions under random ads last longer.
     lengths = []
     for w in (0.0, 0.8):
-        _, outs, _ = rollout(WorldConfig.small(exit_fatigue_weight=w), num_envs=512, steps=40, seed=2)
+        _, outs, _ = rollout(WorldConfig.small(exit_fatigue_weight=w, **LOW_COMPETITION), num_envs=512, steps=40, seed=2)
         ends = (stack(outs, "terminated") | stack(outs, "truncated")).sum().item()
         lengths.append(512 * 40 / max(ends, 1))
     assert lengths[0] > 1.5 * lengths[1], lengths
@@ -121,7 +124,7 @@ def test_a_row_does_not_depend_on_the_batch_it_sits_in():
 
 
 def test_delayed_conversions_are_all_reported_by_session_end():
-    cfg = WorldConfig.small(conversion_delay_mean=3.0)
+    cfg = WorldConfig.small(conversion_delay_mean=3.0, **LOW_COMPETITION)
     market, outs, _ = rollout(cfg, num_envs=512, steps=60, seed=4)
     conv_now = stack(outs, "conversion").sum().item()
     delayed = stack(outs, "delayed_conversion").sum().item()

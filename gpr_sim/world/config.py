@@ -115,7 +115,7 @@ class WorldConfig:
     """ad slots filled per request by the auction (top eCPM candidates)"""
     reserve_ecpm: float = 5.0
     """reserve price as eCPM (currency per 1000 impressions); candidates below it are not shown"""
-    competitor_ecpm_mean: float = 40.0
+    competitor_ecpm_mean: float = 300.0
     """mean eCPM of the best external competing demand per request (log-normal; 0 = none). It acts as a
     per-request reserve: it sets the price when it is the runner-up and takes the slot when it wins"""
     competitor_ecpm_sigma: float = 0.8

@@ -1,0 +1,133 @@
+"""Fit the semantic-ID tokenizer of an ads-v0 world, with the Table-1 analogue beside it.
+
+    python -m agents.tokenize --env ads-v0 --preset small --method rq-kmeans-plus --out runs/tokenizer
+    python -m agents.tokenize --preset small --world.num-ads 2000 --vae-steps 500 --no-compare
+
+Builds the world the env would build (same preset, overrides and ``--world-seed``), fits RQ-VAE,
+RQ-Kmeans and RQ-Kmeans+ on its [organic; ads] embeddings with one seed (``--no-compare``: only
+``--method``) and writes into ``--out``:
+
+| file | content |
+|---|---|
+| ``table.csv``, ``table.json``, ``code_usage.png`` | the Table-1 analogue (``gpr_sim.tokenizer.compare.write_table``) |
+| ``code_usage_levels.png`` | items per code at every level, per method (dead codes show as zeros) |
+| ``semantic_ids.pt``, ``quantizer.pt`` | the ``--method`` tokenizer: ``WorldTokenizer.load(out)`` or ``gymnasium.make("ads-v0", action_mode="semantic", tokenizer=out)`` |
+| ``config.json`` | arguments, world config, tokenizer summary |
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from envs import ENV_ID
+from envs.market import resolve_config
+from gpr_sim.tokenizer.compare import CompareConfig, write_table
+from gpr_sim.tokenizer.world import (
+    METHODS,
+    fit_world_tokenizers,
+    plot_code_usage,
+    tokenizer_summary,
+    tokenizer_table,
+    write_json,
+)
+from gpr_sim.world import WorldConfig, generate_world
+
+
+@dataclass(frozen=True)
+class Args:
+    """Command line of ``python -m agents.tokenize`` (quantiser settings: ``CompareConfig``)."""
+
+    env: str = ENV_ID
+    """env id whose world gets semantic IDs (only ads-v0 exists)"""
+    preset: str = "small"
+    """world preset: small | large"""
+    world_seed: int = 0
+    """seed of the static world (must match the env's ``world_seed`` to use the tokenizer there)"""
+    method: str = "rq-kmeans-plus"
+    """tokenizer to save: rq-vae | rq-kmeans | rq-kmeans-plus"""
+    compare: bool = True
+    """fit all three methods for the Table-1 analogue (False: only ``method``)"""
+    out: str = "runs/tokenizer"
+    """output folder (the tokenizer is saved here too)"""
+    seed: int = 0
+    """seed of every fit's torch.Generator"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """where to fit"""
+
+    def __post_init__(self) -> None:
+        if self.env != ENV_ID:
+            raise ValueError(f"env={self.env!r} is unknown: expected {ENV_ID!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not allowed: expected one of {tuple(METHODS)}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    for f in dataclasses.fields(CompareConfig):
+        default = getattr(CompareConfig(), f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default)
+    world_defaults = WorldConfig()
+    for f in dataclasses.fields(WorldConfig):  # scalar world fields as --world.NAME overrides
+        default = getattr(world_defaults, f.name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            p.add_argument(
+                f"--world.{f.name.replace('_', '-')}", dest=f"world__{f.name}", type=type(default), metavar=f.name.upper()
+            )
+    return p
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """CLI entry point; returns the Table-1 DataFrame."""
+    ns = vars(_parser().parse_args(argv))
+    args = Args(**{f.name: ns[f.name] for f in dataclasses.fields(Args)})
+    cfg = CompareConfig(**{f.name: ns[f.name] for f in dataclasses.fields(CompareConfig)})
+    overrides = {k.removeprefix("world__"): v for k, v in ns.items() if k.startswith("world__") and v is not None}
+    world_cfg = resolve_config(args.preset, None, **overrides)
+
+    world = generate_world(world_cfg, args.world_seed, args.device)
+    methods = tuple(METHODS) if args.compare else (args.method,)
+    tokenizers = fit_world_tokenizers(world, cfg, args.seed, methods)
+    df = tokenizer_table(tokenizers, world)
+
+    out = Path(args.out)
+    paths = write_table(df, out)
+    fig = plot_code_usage(tokenizers)
+    tmp = out / "code_usage_levels.png.tmp"
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, out / "code_usage_levels.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    tok = tokenizers[args.method]
+    tok.save(out)
+    write_json(
+        out / "config.json",
+        {
+            "args": dataclasses.asdict(args),
+            "compare": dataclasses.asdict(cfg),
+            "world": world_cfg.to_dict(),
+            "tokenizer": tokenizer_summary(tok),
+        },
+    )
+    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
+        print(df)
+    print(f"saved {args.method} tokenizer (level sizes {tok.level_sizes}) to {out}")
+    print("wrote", ", ".join(str(v) for v in paths.values()))
+    return df
+
+
+if __name__ == "__main__":
+    main()

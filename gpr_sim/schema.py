@@ -1,0 +1,300 @@
+"""U/O/E/I token tensors for the model, built the same way from live observations and from logs.
+
+GPR §1: the model reads one typed token per position. Every request becomes the same fixed layout of
+``T = 1 + Ho + Hi + 1`` slots (Ho organic, Hi ad history slots), identical for every row:
+
+| slots | type_ids | token_ids | semantic_codes (L') | event_ids | dense_features (F = F_u + F_e) |
+|---|---|---|---|---|---|
+| 0 | U = 0 | user id | -1 | 0 | ``[user features (F_u), 0 ...]`` |
+| 1 .. Ho | O = 1 | global item id = organic index | the item's path | 0 | 0 |
+| Ho+1 .. Ho+Hi | I = 3 | global item id = num_organic + ad index | the ad's path | 1 imp, 2 click, 3 conv | 0 |
+| T-1 | E = 2 | -1 (no id) | -1 | 0 | ``[0 ..., context (F_e)]`` |
+
+In ads-v0, F_u = 7 (``user``) and F_e = 8 (``context``), so F = 15; the U and E features get
+disjoint columns so one linear layer embeds both without a per-type projection.
+
+- **Histories** are right-aligned, most recent last: a longer history keeps its last Ho (Hi) entries,
+  a shorter one is left-padded. A slot holding -1 in the source (the env pads with -1) is padding too.
+- **Padding** slots keep their block's type; they have ``padding_mask`` True (True = ignore, as
+  ``key_padding_mask`` in PyTorch), token id -1, codes -1, event 0, zero features. U and E are never
+  padding, so every query has a key to attend to.
+- **positions** count real tokens only (pads get 0), so the distance between two real tokens does
+  not depend on how much padding lies between them.
+- **Why E last** (GPR lists the types U, O, E, I; the order is ours): E describes the request being
+  answered, so the next ad is predicted from the last slot, which is slot T-1 in every row (batched
+  decoding appends there with no gather), and the most recent history sits next to it.
+
+Organic items and ads share one id space through the ``SemanticIdTable`` (global id < num_organic is
+organic), so an O and an I token embed through the same semantic codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from gpr_sim.tokenizer.ids import SemanticIdTable
+from gpr_sim.tokenizer.rq_kmeans import check_int
+
+TYPE_U, TYPE_O, TYPE_E, TYPE_I = 0, 1, 2, 3
+TOKEN_TYPES = ("U", "O", "E", "I")
+"""type id -> name"""
+NO_ID = -1
+"""token id / code of tokens without an item (E, padding)"""
+
+OBS_KEYS = ("user_id", "user", "organic", "context", "ad_history", "ad_events")
+"""observation keys of ads-v0 (``gpr_sim.world.core.observe``)"""
+LOG_COLUMNS = ("user_features", "organic_ids", "context", "ad_ids", "ad_events")
+"""required columns of logged rows (``gpr_sim.data.logs``); ``user_id`` is used when present"""
+
+
+@dataclass(frozen=True)
+class SchemaConfig:
+    """Block sizes of the token layout (the model's sequence length is ``seq_len``)."""
+
+    organic_len: int = 16
+    """Ho: O-token slots (most recent organic items)"""
+    ad_len: int = 16
+    """Hi: I-token slots (most recent ad impressions)"""
+
+    def __post_init__(self) -> None:
+        check_int("organic_len", self.organic_len, 0, 1 << 16)
+        check_int("ad_len", self.ad_len, 0, 1 << 16)
+
+    @property
+    def seq_len(self) -> int:
+        """T = 1 (U) + Ho + Hi + 1 (E)."""
+        return 2 + self.organic_len + self.ad_len
+
+    @classmethod
+    def from_world(cls, world_config) -> SchemaConfig:
+        """Blocks as long as the env's histories (``WorldConfig.organic_history``, ``ad_history``)."""
+        return cls(organic_len=world_config.organic_history, ad_len=world_config.ad_history)
+
+    def type_ids(self, device: str | torch.device = "cpu") -> Tensor:
+        """(T,) int64 token type of every slot: the layout of the module docstring."""
+        blocks = ((TYPE_U, 1), (TYPE_O, self.organic_len), (TYPE_I, self.ad_len), (TYPE_E, 1))
+        # filled on the device: no host-to-device copy (and no sync) per batch
+        return torch.cat([torch.full((n,), t, dtype=torch.int64, device=device) for t, n in blocks])
+
+
+class TokenBatch(NamedTuple):
+    """Typed token sequences of B requests (layout in the module docstring)."""
+
+    token_ids: Tensor  # (B, T) int64 user id (U), global item id (O/I), -1 (E, padding)
+    type_ids: Tensor  # (B, T) int64 in {U=0, O=1, E=2, I=3}
+    positions: Tensor  # (B, T) int64 index among the row's real tokens, 0 at padding
+    padding_mask: Tensor  # (B, T) bool, True = padding (ignore)
+    semantic_codes: Tensor  # (B, T, L') int64 item paths of O/I tokens, -1 for U/E/padding
+    event_ids: Tensor  # (B, T) int64 funnel event of I tokens (1 imp, 2 click, 3 conv), 0 elsewhere
+    dense_features: Tensor  # (B, T, F) float32 user features (U), context (E), zeros elsewhere
+
+    def to(self, device: str | torch.device) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in self))
+
+
+def _fit_history(hist: Tensor, width: int) -> Tensor:
+    """(B, H) -> (B, width): keep the last ``width`` entries, or left-pad with -1."""
+    b, h = hist.shape
+    if h >= width:
+        return hist[:, h - width :]
+    pad = torch.full((b, width - h), NO_ID, dtype=hist.dtype, device=hist.device)
+    return torch.cat([pad, hist], 1)
+
+
+def build_tokens(
+    user_id: Tensor,
+    user: Tensor,
+    organic: Tensor,
+    context: Tensor,
+    ad_history: Tensor,
+    ad_events: Tensor,
+    table: SemanticIdTable,
+    cfg: SchemaConfig,
+    check: bool = True,
+) -> TokenBatch:
+    """The one builder both adapters call.
+
+    Args:
+        user_id: (B,) int64 user ids.
+        user: (B, F_u) user profile features.
+        organic: (B, Ho') organic indices, most recent last, -1 = padding.
+        context: (B, F_e) request context.
+        ad_history: (B, Hi') ad indices, most recent last, -1 = padding.
+        ad_events: (B, Hi') int64 deepest funnel event of each history ad.
+        table: semantic IDs over [organic; ads], on the inputs' device.
+        cfg: block sizes Ho, Hi (histories are cut or padded to them).
+        check: raise ``ValueError`` on ids outside the table (one host sync; off in hot loops).
+
+    Returns:
+        ``TokenBatch`` with T = cfg.seq_len.
+    """
+    dev = user_id.device
+    if table.item_to_path.device != dev:
+        raise ValueError(f"table is on {table.item_to_path.device}, inputs on {dev}: call table.to(device) once")
+    b = user_id.shape[0]
+    for name, t in (("user", user), ("organic", organic), ("context", context),
+                    ("ad_history", ad_history), ("ad_events", ad_events)):  # fmt: skip
+        if t.dim() != 2 or t.shape[0] != b:
+            raise ValueError(f"{name} must be (B, *) with B={b}, got {tuple(t.shape)}")
+    if ad_events.shape != ad_history.shape:
+        raise ValueError(f"ad_events {tuple(ad_events.shape)} must match ad_history {tuple(ad_history.shape)}")
+    organic = _fit_history(organic.long(), cfg.organic_len)  # (B, Ho)
+    ads = _fit_history(ad_history.long(), cfg.ad_len)  # (B, Hi)
+    events = _fit_history(ad_events.long(), cfg.ad_len).clamp_min(0)  # (B, Hi), padding event 0
+    if check:
+        for name, ids, n in (("organic", organic, table.num_organic), ("ad_history", ads, table.num_ads)):
+            if ids.numel() and int(ids.max()) >= n:
+                raise ValueError(f"{name} holds id {int(ids.max())}: the table has {n} (expected ids < {n} or -1)")
+
+    o_valid, i_valid = organic >= 0, ads >= 0
+    o_items = torch.where(o_valid, organic, NO_ID)  # global id = organic index
+    i_items = torch.where(i_valid, table.ad_ids(ads), NO_ID)  # global id = num_organic + ad index
+    ones = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    valid = torch.cat([ones, o_valid, i_valid, ones], 1)  # (B, T)
+    no_id = torch.full((b, 1), NO_ID, dtype=torch.int64, device=dev)
+    token_ids = torch.cat([user_id.long()[:, None], o_items, i_items, no_id], 1)  # (B, T)
+
+    items = torch.cat([o_items, i_items], 1)  # (B, Ho + Hi)
+    paths = table.item_to_path[items.clamp_min(0)]  # (B, Ho + Hi, L')
+    paths = paths.masked_fill((items < 0)[..., None], NO_ID)
+    no_path = torch.full((b, 1, table.path_len), NO_ID, dtype=torch.int64, device=dev)
+    semantic_codes = torch.cat([no_path, paths, no_path], 1)  # (B, T, L')
+
+    zero = torch.zeros(b, 1, dtype=torch.int64, device=dev)
+    event_ids = torch.cat([zero, torch.zeros_like(organic), events * i_valid, zero], 1)  # (B, T)
+
+    fu, fe = user.shape[1], context.shape[1]
+    dense = torch.zeros(b, cfg.seq_len, fu + fe, dtype=torch.float32, device=dev)  # (B, T, F)
+    dense[:, 0, :fu] = user.float()
+    dense[:, -1, fu:] = context.float()
+
+    positions = (torch.cumsum(valid.long(), 1) - 1) * valid  # (B, T)
+    type_ids = cfg.type_ids(dev).expand(b, -1)
+    return TokenBatch(token_ids, type_ids, positions, ~valid, semantic_codes, event_ids, dense)
+
+
+def _as_tensor(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def tokens_from_obs(
+    obs: Mapping[str, Any], table: SemanticIdTable, cfg: SchemaConfig | None = None, check: bool = True
+) -> TokenBatch:
+    """Tokens of env observations.
+
+    Args:
+        obs: ads-v0 observation: batched tensors (``AdsVectorEnv``, ``BatchedMarket``) or one numpy
+            observation of ``AdsEnv`` (a batch of one).
+        table: semantic IDs over [organic; ads], on the observation's device.
+        cfg: block sizes; None = the observation's own history lengths.
+        check: validate ids against the table (one host sync).
+    """
+    missing = [k for k in OBS_KEYS if k not in obs]
+    if missing:
+        raise ValueError(f"observation lacks key(s) {missing}: expected {list(OBS_KEYS)}")
+    t = {k: _as_tensor(obs[k]) for k in OBS_KEYS}
+    if t["user_id"].dim() == 0:  # a single-env observation: make it a batch of one
+        t = {k: v[None] for k, v in t.items()}
+    if cfg is None:
+        cfg = SchemaConfig(organic_len=t["organic"].shape[1], ad_len=t["ad_history"].shape[1])
+    return build_tokens(
+        t["user_id"], t["user"], t["organic"], t["context"], t["ad_history"], t["ad_events"], table, cfg, check
+    )
+
+
+def _right_aligned(cells: Sequence, width: int | None) -> np.ndarray:
+    """Ragged int lists -> (B, width) int64, most recent (last) entries kept, -1 on the left.
+
+    ``width`` None = the longest list. No Python loop over entries: one concatenate and one scatter.
+    """
+    arrays = [np.asarray(c, dtype=np.int64).reshape(-1) for c in cells]
+    lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    width = int(lens.max(initial=0)) if width is None else width
+    out = np.full((len(arrays), width), NO_ID, dtype=np.int64)
+    if lens.sum() == 0 or width == 0:
+        return out
+    flat = np.concatenate(arrays)
+    row = np.repeat(np.arange(len(arrays)), lens)
+    start = np.repeat(np.cumsum(lens) - lens, lens)
+    col = width - np.repeat(lens, lens) + (np.arange(flat.size) - start)  # right-aligned column
+    keep = col >= 0  # entries older than the last ``width`` fall off the left
+    out[row[keep], col[keep]] = flat[keep]
+    return out
+
+
+def _dense(cells: Sequence, name: str) -> np.ndarray:
+    """Equal-length float lists -> (B, F) float32."""
+    arrays = [np.asarray(c, dtype=np.float32).reshape(-1) for c in cells]
+    if len({a.size for a in arrays}) > 1:
+        raise ValueError(f"column {name!r} must hold equal-length float lists, got lengths {sorted({a.size for a in arrays})}")
+    return np.stack(arrays)
+
+
+def tokens_from_logs(
+    rows: pd.DataFrame, table: SemanticIdTable, cfg: SchemaConfig | None = None, check: bool = True
+) -> TokenBatch:
+    """Tokens of logged requests, one per row (the same tensors ``tokens_from_obs`` gives for the obs
+    the row was logged from).
+
+    Args:
+        rows: DataFrame with list columns ``user_features``, ``organic_ids``, ``context``, ``ad_ids``,
+            ``ad_events`` (histories most recent last; -1 entries or shorter lists are padding) and
+            optionally an int ``user_id`` column (without it U tokens get id -1).
+        table: semantic IDs over [organic; ads] (CPU, where the rows are).
+        cfg: block sizes; None = the longest history in ``rows``.
+        check: validate ids against the table.
+    """
+    missing = [c for c in LOG_COLUMNS if c not in rows.columns]
+    if missing:
+        raise ValueError(f"logged rows lack column(s) {missing}: expected {list(LOG_COLUMNS)}")
+    b = len(rows)
+    if b == 0:
+        raise ValueError("no logged rows to tokenize")
+    if cfg is None:
+        longest = lambda col: max((len(c) for c in rows[col]), default=0)  # noqa: E731
+        cfg = SchemaConfig(organic_len=longest("organic_ids"), ad_len=longest("ad_ids"))
+    ad_lens = [len(a) for a in rows["ad_ids"]]
+    if ad_lens != [len(e) for e in rows["ad_events"]]:
+        raise ValueError("ad_ids and ad_events must have the same length in every row")
+    if "user_id" in rows.columns:
+        user_id = torch.as_tensor(np.array(rows["user_id"], dtype=np.int64))
+    else:
+        user_id = torch.full((b,), NO_ID, dtype=torch.int64)
+    tensors = dict(
+        user=torch.as_tensor(_dense(rows["user_features"], "user_features")),
+        organic=torch.as_tensor(_right_aligned(rows["organic_ids"], cfg.organic_len)),
+        context=torch.as_tensor(_dense(rows["context"], "context")),
+        ad_history=torch.as_tensor(_right_aligned(rows["ad_ids"], cfg.ad_len)),
+        ad_events=torch.as_tensor(_right_aligned(rows["ad_events"], cfg.ad_len)),
+    )
+    dev = table.item_to_path.device
+    return build_tokens(user_id.to(dev), **{k: v.to(dev) for k, v in tensors.items()}, table=table, cfg=cfg,
+                        check=check)
+
+
+def describe(batch: TokenBatch, row: int = 0) -> pd.DataFrame:
+    """One row of a batch as a table (slot, type, id, position, pad, event, codes): for reading layouts."""
+    codes = batch.semantic_codes[row].cpu().tolist()
+    return pd.DataFrame(
+        {
+            "type": [TOKEN_TYPES[t] for t in batch.type_ids[row].tolist()],
+            "token_id": batch.token_ids[row].tolist(),
+            "position": batch.positions[row].tolist(),
+            "pad": batch.padding_mask[row].tolist(),
+            "event": batch.event_ids[row].tolist(),
+            "codes": [tuple(c) for c in codes],
+        }
+    ).rename_axis("slot")
+
+
+__all__ = [
+    "TYPE_U", "TYPE_O", "TYPE_E", "TYPE_I", "TOKEN_TYPES", "NO_ID", "SchemaConfig", "TokenBatch",
+    "build_tokens", "tokens_from_obs", "tokens_from_logs", "describe",
+]
