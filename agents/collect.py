@@ -14,14 +14,7 @@ the end, and the Parquet list columns are built from those flat arrays (no loop 
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import inspect
-import textwrap
 import time
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,90 +25,14 @@ import torch
 from tqdm import tqdm
 
 import envs  # noqa: F401  (registers ads-v0)
+from agents.cli import parse_args_with_world, world_config
 from agents.policies import CascadeConfig, CascadePolicy, PolicyOutput, make_policy
 from gpr_sim.data.logs import write_logs
-from gpr_sim.world import WorldConfig, preset
+from gpr_sim.world import WorldConfig
 from gpr_sim.world.config import check_range
 
 POLICY_NAMES = ("random", "cascade", "oracle", "oracle-fatigue")
 FINAL_COLUMNS = ("final_organic_ids", "final_context", "final_ad_ids", "final_ad_events")
-
-
-# ----------------------------------------------------------------------------- dataclass <-> flags
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source (the CLI help text)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _unwrap_optional(tp: object) -> object:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", overrides_only: bool = False) -> None:
-    """Add one ``--{prefix}{field-name}`` flag per field of dataclass ``cls`` (nested dataclasses recurse).
-
-    With ``overrides_only`` every default is None, so the parsed namespace holds only what was given.
-    """
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
-    for f in dataclasses.fields(cls):
-        tp = _unwrap_optional(hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            add_flags(parser, tp, f"{prefix}{f.name}.", overrides_only)
-            continue
-        if overrides_only:
-            default = None
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict = {"dest": f"{prefix}{f.name}", "default": default, "help": docs.get(f.name, "").replace("%", "%%")}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) in (tuple, list):
-            kw.update(nargs="+", type=typing.get_args(tp)[0])
-        else:
-            kw["type"] = tp
-        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", **kw)
-
-
-def read_flags(ns: argparse.Namespace, cls: type, prefix: str = "", skip_none: bool = False) -> dict:
-    """Field values of ``cls`` from a namespace filled by `add_flags` (nested dataclasses as dicts)."""
-    hints, out = typing.get_type_hints(cls), {}
-    for f in dataclasses.fields(cls):
-        tp = _unwrap_optional(hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            sub = read_flags(ns, tp, f"{prefix}{f.name}.", skip_none)
-            if sub or not skip_none:
-                out[f.name] = sub
-            continue
-        value = getattr(ns, f"{prefix}{f.name}")
-        if value is None and skip_none:
-            continue
-        out[f.name] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def world_config(preset_name: str, overrides: dict) -> WorldConfig:
-    """A preset with ``--world.*`` overrides applied (nested ``reward`` overrides merge into the preset's)."""
-    cfg = preset(preset_name)
-    overrides = dict(overrides)
-    if "reward" in overrides:
-        overrides["reward"] = dataclasses.replace(cfg.reward, **overrides["reward"])
-    return cfg.replace(**overrides) if overrides else cfg
 
 
 # ----------------------------------------------------------------------------- env, policy, loop
@@ -282,12 +199,9 @@ class Args:
 
 
 def parse(argv: list[str] | None = None) -> tuple[Args, WorldConfig]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, Args)
-    add_flags(parser, WorldConfig, prefix="world.", overrides_only=True)
-    ns = parser.parse_args(argv)
-    args = Args(**read_flags(ns, Args))
-    return args, world_config(args.preset, read_flags(ns, WorldConfig, "world.", skip_none=True))
+    """``Args`` and the world config (the preset with the ``--world.*`` overrides) from the command line."""
+    args, overrides = parse_args_with_world(Args, argv, __doc__)
+    return args, world_config(args.preset, overrides)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -23,15 +23,11 @@ Output folder (`--out`, default `runs/eval/{env}__{preset}__seed{seed}`):
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
 import io
 import json
 import math
 import re
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import envs  # noqa: F401  (registers ads-v0)
+from agents import cli
 from agents.policies import make_policy
 from agents.runs import atomic_write_bytes, read_json, write_json
 from envs import resolve_config
@@ -317,28 +314,9 @@ def plot_strata(strata: pd.DataFrame, path: Path, level: float) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (the flag's help)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        a.target.id: " ".join(b.value.value.split())
-        for a, b in zip(body, body[1:])
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> Args:
-    """``Args`` from the command line: one ``--flag-name`` per field."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    docs = _field_docs(Args)
-    for f in dataclasses.fields(Args):
-        kw: dict = {"dest": f.name, "default": f.default, "help": docs[f.name].replace("%", "%%")}
-        if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = type(f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    return Args(**vars(parser.parse_args(argv)))
+    """``Args`` from the command line: one ``--flag-name`` per field (`agents.cli`)."""
+    return cli.parse_args(Args, argv, __doc__.strip().splitlines()[0])
 
 
 def main(argv: list[str] | Args | None = None) -> pd.DataFrame:

@@ -46,7 +46,6 @@ logs at each temperature) and writes `estimates.csv/json`, `sweep.csv`, `ope.png
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -57,7 +56,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agents.collect import add_flags, build_policy, collect, make_env, read_flags
+from agents.cli import parse_args
+from agents.collect import build_policy, collect, make_env
 from agents.policies import CascadePolicy, OraclePolicy, RandomPolicy
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.logs import read_logs, stack_list_column, write_atomic
@@ -80,33 +80,6 @@ class Dist(NamedTuple):
     prob: torch.Tensor  # (N, P) float64, rows sum to 1
 
 
-def cascade_pool(policy: CascadePolicy, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cascade's ranked pool (N, P) and its ranking logits (N, P), exactly as ``CascadePolicy.act``.
-
-    Retrieval (top embedding matches among eligible ads) -> pre-ranking (log bid + match) -> log of the
-    platform's expected value. `act` samples from softmax(logits / temperature) over this pool;
-    `tests/test_agents_ope.py` checks that the two agree on every logged propensity.
-    """
-    cfg, market = policy.config, policy.market
-    world = market.world
-    eligible = market.eligible_ads()
-    q = policy.query(obs)
-    n = q.shape[0]
-    r = min(cfg.retrieval_size, world.config.num_ads)
-    p = max(min(cfg.preranking_size, r), world.config.num_candidates)
-    retrieved = torch.empty(n, r, dtype=torch.int64, device=q.device)
-    for start in range(0, n, cfg.chunk_size):  # same chunks as act, so the same numerics
-        sl = slice(start, min(n, start + cfg.chunk_size))
-        sim = (q[sl] @ world.ad_emb.T).masked_fill(~eligible[None], float("-inf"))
-        retrieved[sl] = sim.topk(r, dim=1).indices
-    sim = torch.einsum("nd,nrd->nr", q, world.ad_emb[retrieved])
-    light = torch.log(world.ad_bid)[retrieved] + world.config.ctr_match_weight * sim
-    light = light.masked_fill(~eligible[retrieved], float("-inf"))
-    pool = retrieved.gather(1, light.topk(p, dim=1).indices)
-    value = market.score(pool).value.masked_fill(~eligible[pool], 0.0)
-    return pool, torch.log(value.clamp(min=1e-12))
-
-
 def action_distribution(policy, obs: dict[str, torch.Tensor]) -> Dist:
     """pi(. | x) of a single-candidate policy on the current requests (N of them)."""
     n = obs["user_id"].shape[0]
@@ -115,7 +88,7 @@ def action_distribution(policy, obs: dict[str, torch.Tensor]) -> Dist:
         ads = torch.arange(num_ads, device=policy.market.device).expand(n, num_ads)
         return Dist(ads, torch.full((n, num_ads), 1.0 / num_ads, dtype=torch.float64, device=ads.device))
     if isinstance(policy, CascadePolicy):
-        pool, logits = cascade_pool(policy, obs)
+        pool, logits = policy.pool(obs)  # the pool and logits act samples from (one ranking, not a copy)
         t = policy.config.temperature
         if t == 0:  # greedy: the top of the ranking, as act picks it
             top = logits.topk(1, dim=1).indices
@@ -465,9 +438,7 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, Args)
-    return run(Args(**read_flags(parser.parse_args(argv), Args)))
+    return run(parse_args(Args, argv, __doc__))
 
 
 if __name__ == "__main__":

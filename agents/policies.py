@@ -100,14 +100,25 @@ class CascadePolicy:
         hist = (world.organic_emb[organic.clamp(min=0)] * valid).sum(1) / valid.sum(1).clamp(min=1)
         return F.normalize(world.user_interest[obs["user_id"]] + self.config.history_weight * hist, dim=-1)
 
-    def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
+    def pool(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranked pool of each request and its ranking logits, both (N, P).
+
+        Retrieval (top embedding matches among eligible ads) -> pre-ranking (log bid + match) -> log of
+        the platform's expected value (auction-aware; ineligible ads get log(1e-12)). ``act`` samples
+        from softmax(logits / temperature) over this pool; off-policy evaluation (`agents.ope`) reads
+        the same pool and logits for the exact action distribution.
+
+        Returns:
+            (pool, logits): (N, P) int64 ad ids, P = max(min(preranking_size, R), num_candidates) with
+            R = min(retrieval_size, num_ads), and (N, P) float log platform value (not yet divided by
+            the temperature).
+        """
         cfg, world = self.config, self.market.world
-        k = world.config.num_candidates
         eligible = self.market.eligible_ads()
         q = self.query(obs)
         n = q.shape[0]
         r = min(cfg.retrieval_size, world.config.num_ads)
-        p = max(min(cfg.preranking_size, r), k)
+        p = max(min(cfg.preranking_size, r), world.config.num_candidates)
         log_bid = torch.log(world.ad_bid)
         retrieved = torch.empty(n, r, dtype=torch.int64, device=q.device)
         for sl in _chunks(n, cfg.chunk_size):  # chunks of requests, not single users
@@ -121,13 +132,17 @@ class CascadePolicy:
         # Ranking: the platform's expected value of each ad (auction-aware).
         value = self.market.score(pre).value
         value = value.masked_fill(~eligible[pre], 0.0)
-        logits = torch.log(value.clamp(min=1e-12))
-        if cfg.temperature == 0:
+        return pre, torch.log(value.clamp(min=1e-12))
+
+    def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
+        k = self.market.world.config.num_candidates
+        pool, logits = self.pool(obs)
+        if self.config.temperature == 0:
             order = logits.topk(k, dim=1).indices
-            prop = torch.ones(n, dtype=torch.float64, device=q.device)
+            prop = torch.ones(pool.shape[0], dtype=torch.float64, device=pool.device)
         else:
-            order, prop = plackett_luce_sample(logits / cfg.temperature, k, self.generator)
-        return PolicyOutput(pre.gather(1, order), prop)
+            order, prop = plackett_luce_sample(logits / self.config.temperature, k, self.generator)
+        return PolicyOutput(pool.gather(1, order), prop)
 
 
 def plackett_luce_sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

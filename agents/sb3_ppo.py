@@ -11,7 +11,6 @@ paired). Each seed writes ``{out}/{env}__sb3_ppo__{seed}/`` with ``config.json``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.cli import parse_args
 from agents.runs import append_metrics, atomic_write_bytes, read_json, read_metrics, write_json
 
 
@@ -177,11 +177,7 @@ def plot_curves(out: Path, seeds: list[int], env_id: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default)
-    args = Args(**vars(parser.parse_args(argv)))
+    args = parse_args(Args, argv, __doc__)
     out = Path(args.out)
     results = [train_seed(args, s) for s in args.seed_list()]
     diffs = np.array([r["eval/diff_vs_random"] for r in results])

@@ -17,7 +17,6 @@ RQ-Kmeans and RQ-Kmeans+ on its [organic; ads] embeddings with one seed (``--no-
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from agents.cli import make_parser, read_flags, world_config, world_overrides
 from envs import ENV_ID
-from envs.market import resolve_config
 from gpr_sim.tokenizer.compare import CompareConfig, write_table
 from gpr_sim.tokenizer.world import (
     METHODS,
@@ -37,7 +36,7 @@ from gpr_sim.tokenizer.world import (
     tokenizer_table,
     write_json,
 )
-from gpr_sim.world import WorldConfig, generate_world
+from gpr_sim.world import generate_world
 
 
 @dataclass(frozen=True)
@@ -68,34 +67,11 @@ class Args:
             raise ValueError(f"method={self.method!r} is not allowed: expected one of {tuple(METHODS)}")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    for f in dataclasses.fields(CompareConfig):
-        default = getattr(CompareConfig(), f.name)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default)
-    world_defaults = WorldConfig()
-    for f in dataclasses.fields(WorldConfig):  # scalar world fields as --world.NAME overrides
-        default = getattr(world_defaults, f.name)
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            p.add_argument(
-                f"--world.{f.name.replace('_', '-')}", dest=f"world__{f.name}", type=type(default), metavar=f.name.upper()
-            )
-    return p
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """CLI entry point; returns the Table-1 DataFrame."""
-    ns = vars(_parser().parse_args(argv))
-    args = Args(**{f.name: ns[f.name] for f in dataclasses.fields(Args)})
-    cfg = CompareConfig(**{f.name: ns[f.name] for f in dataclasses.fields(CompareConfig)})
-    overrides = {k.removeprefix("world__"): v for k, v in ns.items() if k.startswith("world__") and v is not None}
-    world_cfg = resolve_config(args.preset, None, **overrides)
+    ns = make_parser(Args, CompareConfig, description=__doc__, world=True).parse_args(argv)
+    args, cfg = Args(**read_flags(ns, Args)), CompareConfig(**read_flags(ns, CompareConfig))
+    world_cfg = world_config(args.preset, world_overrides(ns))
 
     world = generate_world(world_cfg, args.world_seed, args.device)
     methods = tuple(METHODS) if args.compare else (args.method,)
