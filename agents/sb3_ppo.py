@@ -1,6 +1,6 @@
 """Stable-Baselines3 PPO on the single ``ads-v0`` env (flat ad-index action): proof the env is learnable.
 
-    python -m agents.sb3_ppo --env ads-v0 --seeds 0,1,2 --total-timesteps 30000
+    python -m agents.sb3_ppo --env ads-v0 --seeds 0,1,2 --total-timesteps 48000
 
 For each seed it trains PPO (MLP on ``FlatFeatures``) and, every ``--eval-every`` steps, evaluates it
 and a uniform-random policy on the same held-out users (same reset seeds, so the comparison is
@@ -30,22 +30,24 @@ class Args:
     """world preset"""
     seeds: str = "0,1,2"
     """comma-separated training seeds"""
-    total_timesteps: int = 30_000
+    total_timesteps: int = 48_000
     """environment steps per seed"""
     num_envs: int = 8
     """single envs in SB3's DummyVecEnv"""
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     """Adam learning rate"""
     n_steps: int = 128
     """rollout length per env between updates"""
     batch_size: int = 256
     """minibatch size"""
-    n_epochs: int = 4
+    n_epochs: int = 10
     """epochs per update"""
     gamma: float = 0.99
     """discount"""
-    ent_coef: float = 0.01
+    ent_coef: float = 0.0
     """entropy bonus"""
+    normalize_reward: bool = True
+    """scale training rewards by a running std of discounted returns (SB3 VecNormalize; GMV makes rewards spiky)"""
     eval_every: int = 10_000
     """steps between evaluations (and checkpoints)"""
     eval_episodes: int = 200
@@ -115,6 +117,14 @@ def train_seed(args: Args, seed: int) -> dict:
 
     vec = DummyVecEnv([lambda: make_env(args) for _ in range(args.num_envs)])
     vec.seed(seed)
+    stats = run_dir / "vecnormalize.pkl"
+    if args.normalize_reward:
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        if ckpt.exists() and stats.exists():
+            vec = VecNormalize.load(str(stats), vec)
+        else:
+            vec = VecNormalize(vec, norm_obs=False, norm_reward=True, gamma=args.gamma)
     if ckpt.exists():
         model = PPO.load(ckpt, env=vec, device="cpu")
         print(f"[seed {seed}] resuming from {ckpt} at {model.num_timesteps} steps")
@@ -141,6 +151,10 @@ def train_seed(args: Args, seed: int) -> dict:
         append_metrics(run_dir / "metrics.jsonl", row)
         tmp = run_dir / ".checkpoint.tmp.zip"
         model.save(tmp)
+        if args.normalize_reward:  # the reward statistics are part of the training state
+            vec.save(str(run_dir / ".vecnormalize.tmp.pkl"))
+            atomic_write_bytes(stats, (run_dir / ".vecnormalize.tmp.pkl").read_bytes())
+            (run_dir / ".vecnormalize.tmp.pkl").unlink()
         atomic_write_bytes(ckpt, tmp.read_bytes())
         tmp.unlink()
         bar.set_postfix(ret=f"{row['eval/return']:.3f}", rnd=f"{row['eval/random_return']:.3f}")

@@ -31,12 +31,11 @@ def test_bad_args_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_improves_on_random_on_the_small_preset(tmp_path):
-    # Measured 2026-11-23 (48k steps, 300 held-out sessions, paired with random on the same users):
-    # diff +0.016 [-0.019, 0.051], +0.065 [0.029, 0.101], +0.047 [-0.025, 0.119] for seeds 0, 1, 2.
-    # Asserted: PPO ahead of random on every seed, and significantly so on at least one.
-    summary = sb3_ppo.main(["--seeds", "0,1,2", "--total-timesteps", "48000", "--eval-every", "48000",
-                            "--eval-episodes", "300", "--learning-rate", "0.001", "--n-epochs", "10",
-                            "--ent-coef", "0.0", "--out", str(tmp_path)])
+def test_ppo_beats_random_on_the_small_preset(tmp_path):
+    # Measured 2026-11-23 with the defaults (48k steps, reward normalisation, 300 held-out sessions
+    # paired with random on the same users): diff +0.071 [0.017, 0.125], +0.137 [0.053, 0.221],
+    # +0.062 [-0.006, 0.131] for seeds 0, 1, 2. Asserted: ahead on every seed, significantly on two.
+    summary = sb3_ppo.main(["--seeds", "0,1,2", "--eval-every", "48000", "--eval-episodes", "300",
+                            "--out", str(tmp_path)])
     assert all(r["eval/diff_vs_random"] > 0 for r in summary["per_seed"]), summary
-    assert summary["seeds_beating_random_ci"] >= 1, summary
+    assert summary["seeds_beating_random_ci"] >= 2, summary

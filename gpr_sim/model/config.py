@@ -1,0 +1,97 @@
+"""GPRConfig: one frozen, validated dataclass for the whole HHD generator (HSD + PTD + HTE, GPR §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpr_sim.tokenizer.rq_kmeans import check_int
+
+NUM_TYPES = 4
+"""U, O, E, I (``gpr_sim.schema``)"""
+NUM_EVENTS = 4
+"""event ids: 0 none, 1 impression, 2 click, 3 conversion"""
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: expected a bool")
+
+
+@dataclass(frozen=True)
+class GPRConfig:
+    """Sizes and component switches of the GPR generator. Every switch maps to one row of GPR Table 2."""
+
+    level_sizes: tuple[int, ...] = (64, 64, 64)
+    """K_l: codes per semantic-ID level (``SemanticIdTable.level_sizes``); L' = len(level_sizes)"""
+    num_items: int = 0
+    """global item ids (organic + ads) for an extra id embedding of O/I tokens; 0 = codes only"""
+    d_model: int = 256
+    """width of every token embedding"""
+    n_layers: int = 4
+    """HSTU blocks in the HSD"""
+    n_heads: int = 4
+    """attention heads (d_model must divide evenly)"""
+    ffn_mult: int = 4
+    """FFN hidden width = ffn_mult * d_model"""
+    dense_dim: int = 15
+    """F: dense feature columns of U/E tokens (ads-v0: 7 user + 8 context)"""
+    max_len: int = 512
+    """largest position id + 1 (GPR DEFAULT: sequences <= 512)"""
+    hybrid_attention: bool = True
+    """GPR hybrid mask (prompt bidirectional, I causal); False = plain causal over slots"""
+    token_aware_ln: bool = True
+    """one LayerNorm per token type (U/O/E/I); False = one shared LayerNorm"""
+    token_aware_ffn: bool = True
+    """one FFN per token type; False = one shared FFN"""
+    mixture_of_recursions: bool = False
+    """the last HSD block is shared and applied up to ``max_recursions`` times per token (router)"""
+    max_recursions: int = 2
+    """most applications of the shared MoR block (used only with mixture_of_recursions)"""
+    thinking: bool = True
+    """K learnable query tokens distil the HSD outputs; False = the E token's output is the context"""
+    num_thinking: int = 4
+    """K thinking tokens"""
+    refining: bool = True
+    """diffusion-style denoiser adds a refine token conditioned on the pooled thinking tokens"""
+    refine_steps: int = 4
+    """denoising steps of the fixed noise schedule"""
+    decoder_layers: int = 1
+    """transformer blocks of the PTD level decoder"""
+    hte: bool = True
+    """value heads for every prefix (critic, beam pruning)"""
+    mtp_heads: int = 4
+    """N parallel MTP heads (GPR §4)"""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.level_sizes, tuple) or len(self.level_sizes) == 0:
+            raise ValueError(
+                f"level_sizes={self.level_sizes!r} is invalid: expected a non-empty tuple of ints"
+            )
+        for i, k in enumerate(self.level_sizes):
+            check_int(f"level_sizes[{i}]", k, 1, 1 << 24)
+        check_int("num_items", self.num_items, 0, 1 << 31)
+        check_int("d_model", self.d_model, 1, 1 << 16)
+        check_int("n_layers", self.n_layers, 1, 1024)
+        check_int("n_heads", self.n_heads, 1, self.d_model)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} is invalid: it must divide d_model={self.d_model}")
+        check_int("ffn_mult", self.ffn_mult, 1, 64)
+        check_int("dense_dim", self.dense_dim, 1, 1 << 16)
+        check_int("max_len", self.max_len, 1, 1 << 20)
+        for name in ("hybrid_attention", "token_aware_ln", "token_aware_ffn", "mixture_of_recursions",
+                     "thinking", "refining", "hte"):  # fmt: skip
+            _check_bool(name, getattr(self, name))
+        check_int("max_recursions", self.max_recursions, 1, 64)
+        check_int("num_thinking", self.num_thinking, 1, 1024)
+        check_int("refine_steps", self.refine_steps, 1, 1000)
+        check_int("decoder_layers", self.decoder_layers, 1, 64)
+        check_int("mtp_heads", self.mtp_heads, 1, 64)
+
+    @property
+    def path_len(self) -> int:
+        """L': semantic-ID levels."""
+        return len(self.level_sizes)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads

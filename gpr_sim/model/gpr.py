@@ -1,0 +1,150 @@
+"""GPRModel: HSD + PTD + HTE (GPR §3) with the MTP pre-training loss (GPR §4).
+
+Usage (shapes on the right)::
+
+    model = GPRModel(GPRConfig(level_sizes=table.level_sizes))
+    ctx = model.context(tokens)                                  # (B, Cc, C)
+    logits = model.level_logits(ctx, prefix, trie.prefix_mask(prefix))   # (B, K_{l+1}), illegal = -inf
+    v = model.values(ctx, path)                                  # (B, L' + 1)
+    out = model.mtp_loss(tokens, targets, legal_masks=masks)     # out.loss.backward()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gpr_sim.model.config import GPRConfig
+from gpr_sim.model.hsd import HSD, HSDOutput, KVCache
+from gpr_sim.model.hte import HTE
+from gpr_sim.model.ptd import PTD
+from gpr_sim.schema import TokenBatch
+
+
+class MTPLoss(NamedTuple):
+    """Named loss terms; ``loss`` is what to backpropagate."""
+
+    loss: Tensor  # () loss_mtp + loss_refine
+    loss_mtp: Tensor  # () -sum_j w_j sum_l log P_j(z_l | ...), mean over requests
+    loss_refine: Tensor  # () denoising MSE of the refiner (0 when refining is off)
+    head_nll: Tensor  # (N,) mean over requests of -sum_l log P_j, per head (unweighted)
+
+
+class GPRModel(nn.Module):
+    def __init__(self, cfg: GPRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.hsd = HSD(cfg)
+        self.ptd = PTD(cfg)
+        self.hte = HTE(cfg) if cfg.hte else None
+        # MTP: head j reads the shared context through its own small residual adapter (zero-init, so
+        # every head starts as the single-head model)
+        self.mtp_adapters = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model) for _ in range(cfg.mtp_heads))
+        for a in self.mtp_adapters:
+            nn.init.zeros_(a.weight)
+            nn.init.zeros_(a.bias)
+
+    def encode(self, tokens: TokenBatch, cache: KVCache | None = None) -> HSDOutput:
+        """HSD intent embeddings (B, T, C) and KV cache (see ``gpr_sim.model.hsd``)."""
+        return self.hsd(tokens, cache)
+
+    def context(self, tokens: TokenBatch, generator: torch.Generator | None = None) -> Tensor:
+        """TokenBatch -> PTD context (B, Cc, C): thinking tokens (+ the refine token)."""
+        hidden = self.hsd(tokens).hidden  # (B, T, C)
+        return self.ptd.context(hidden, tokens.padding_mask, generator)
+
+    def head_context(self, context: Tensor, head: int) -> Tensor:
+        """Context as seen by MTP head ``head`` (head 0 is the one used for generation)."""
+        return context + self.mtp_adapters[head](context)
+
+    def level_logits(self, context: Tensor, prefix_codes: Tensor, legal_mask: Tensor | None = None) -> Tensor:
+        """(B, Cc, C), (B, l) -> (B, K_{l+1}) logits of the next level; ``legal_mask`` sets illegal to -inf."""
+        return self.ptd.level_logits(self.head_context(context, 0), prefix_codes, legal_mask)
+
+    def log_prob(
+        self, context: Tensor, codes: Tensor, legal_masks: Sequence[Tensor | None] | None = None
+    ) -> Tensor:
+        """(B, Cc, C), (B, L') -> (B, L') teacher-forced per-level log-probs (head 0)."""
+        return self.ptd.log_prob(self.head_context(context, 0), codes, legal_masks)
+
+    def values(self, context: Tensor, prefix_codes: Tensor) -> Tensor:
+        """(B, Cc, C), (B, l) -> (B, l + 1) HTE predictions of final_value for every prefix."""
+        if self.hte is None:
+            raise ValueError("values() needs the HTE: GPRConfig.hte is False")
+        return self.hte(context, prefix_codes)
+
+    def beam_fns(
+        self, context: Tensor
+    ) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
+        """Callables for ``gpr_sim.decoding.beam_search`` over an encoded batch ``context`` (B, Cc, C).
+
+        Returns:
+            ``step_fn(row (M,), prefix (M, l)) -> (M, K_{l+1})`` logits (the search applies the trie mask)
+            and ``value_fn(row (M,), prefix (M, l)) -> (M,)`` HTE value of each prefix.
+        """
+
+        def step_fn(row: Tensor, prefix: Tensor) -> Tensor:
+            return self.level_logits(context[row], prefix)
+
+        def value_fn(row: Tensor, prefix: Tensor) -> Tensor:
+            return self.values(context[row], prefix)[:, -1]
+
+        return step_fn, value_fn
+
+    def mtp_loss(
+        self,
+        tokens: TokenBatch,
+        target_codes: Tensor,
+        weights: Tensor | None = None,
+        legal_masks: Sequence[Tensor | None] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MTPLoss:
+        """Multi-token prediction loss (GPR §4): N heads, each predicting a full L'-level path.
+
+        Predicts from the request (one prediction per request, at the E token's context), not from
+        every position t of the sequence.
+
+        Args:
+            tokens: TokenBatch of B requests.
+            target_codes: (B, N, L') int64, head j's target path; a row of -1 = no target (ignored).
+            weights: (N,) or (B, N) w_j (GPR: sum_j w_j = 1; VAFT passes value weights); None = 1/N.
+            legal_masks: None, or L' masks (B, N, K_l) bool: softmax over legal codes only.
+            generator: randomness of the refiner (sampling and denoising loss).
+
+        Returns:
+            ``MTPLoss`` named terms.
+        """
+        b, n, lp = target_codes.shape
+        if n != self.cfg.mtp_heads or lp != self.cfg.path_len:
+            raise ValueError(
+                f"target_codes must be (B, {self.cfg.mtp_heads}, {self.cfg.path_len}), got {tuple(target_codes.shape)}"
+            )
+        if weights is None:
+            weights = target_codes.new_full((n,), 1.0 / n, dtype=torch.float32)
+        weights = weights.expand(b, n)  # (B, N)
+        hidden = self.hsd(tokens).hidden  # (B, T, C)
+        ctx = self.ptd.context(hidden, tokens.padding_mask, generator)  # (B, Cc, C)
+        valid = (target_codes >= 0).all(-1)  # (B, N)
+        codes = target_codes.clamp_min(0).reshape(b * n, lp)
+        ctx_heads = torch.stack([self.head_context(ctx, j) for j in range(n)], 1)  # (B, N, Cc, C)
+        masks = None
+        if legal_masks is not None:
+            # rows without a target get an all-legal mask, so their (ignored) log-prob stays finite
+            masks = [None if m is None else (m | ~valid[..., None]).reshape(b * n, -1) for m in legal_masks]
+        logp = self.ptd.log_prob(ctx_heads.flatten(0, 1), codes, masks).view(b, n, lp)  # (B, N, L')
+        nll = torch.where(valid, -logp.sum(-1), 0.0)  # (B, N)
+        loss_mtp = (weights * nll).sum(1).mean()
+        loss_refine = hidden.new_zeros(())
+        if self.ptd.refiner is not None:
+            # target of the denoiser: the first head's item as the HSD embeds it (detached: the refiner
+            # learns to reach the item embedding, it does not move it)
+            target = self.hsd.code_embedding(target_codes[:, 0]).detach()  # (B, C)
+            cond = self.ptd.thinking_tokens(ctx).mean(1)  # (B, C)
+            per_row = self.ptd.refiner.loss(cond, target, generator)  # (B,)
+            has = valid[:, 0].float()
+            loss_refine = (per_row * has).sum() / has.sum().clamp_min(1)
+        head_nll = nll.sum(0) / valid.sum(0).clamp_min(1)
+        return MTPLoss(loss_mtp + loss_refine, loss_mtp, loss_refine, head_nll)

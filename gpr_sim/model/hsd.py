@@ -1,0 +1,239 @@
+"""HSD: the sequence-wise decoder of GPR §3 (HSTU-style blocks over typed U/O/I/E tokens).
+
+Hybrid mask (``hybrid_mask``; True = the query may attend to the key). The schema layout is
+``[U | O x Ho | I x Hi | E]`` with E last, so "prompt bidirectional, I causal" needs a choice for E:
+
+| query \\ key | U, O | I or E at slot <= query | I or E at slot > query |
+|---|---|---|---|
+| U, O | yes | no | no |
+| I | yes | I: yes, E: no | no |
+| E | yes | yes | no |
+
+- U/O see each other both ways (the static part of the prompt).
+- E is the current request: it sees every slot up to itself, i.e. the whole sequence in the schema
+  layout (E last), and its output is the request representation. Tokens appended after E (ads being
+  decoded) do not change E.
+- I tokens are causal over slots and see U/O but **not E**: E describes the request being answered,
+  which comes after every history ad. Likewise U/O do not see E: if they did, information from E (which
+  sees every I) would flow back into earlier I tokens through U/O in the next layer.
+  So no I token depends on a later I token or on E: teacher-forced targets at I positions do not
+  leak, and no token ever depends on a later slot except U/O on U/O.
+- Padding keys are masked out. U is never padding and every query sees U, so no row is empty.
+
+With ``hybrid_attention=False`` the mask is plain causal over slots (plus key padding).
+
+KV cache: ``HSD.forward(tokens, cache)`` treats ``tokens`` as slots appended after the cached ones
+and returns hidden states of the new slots only. Since no cached token attends to a later I or E
+slot, appending I and E tokens gives exactly the full forward (tested). Appending U/O tokens is
+not supported: earlier U/O would have to see them (the cached rows would be stale).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpr_sim.model.config import NUM_EVENTS, NUM_TYPES, GPRConfig
+from gpr_sim.schema import TYPE_E, TYPE_I, TokenBatch
+
+
+def hybrid_mask(type_ids: Tensor, padding_mask: Tensor, *, hybrid: bool = True) -> Tensor:
+    """(B, T) type ids and padding -> (B, T, T) bool, True = query (dim 1) may attend to key (dim 2)."""
+    return hybrid_mask_rows(type_ids, padding_mask, 0, hybrid=hybrid)
+
+
+def hybrid_mask_rows(type_ids: Tensor, padding_mask: Tensor, start: int, *, hybrid: bool = True) -> Tensor:
+    """Rows ``start..T-1`` of ``hybrid_mask``: (B, T) -> (B, T - start, T) (used by the KV-cache path)."""
+    t = type_ids.shape[1]
+    slot = torch.arange(t, device=type_ids.device)
+    q_slot, k_slot = slot[start:, None], slot[None, :]  # (Tq, 1), (1, T)
+    causal = (k_slot <= q_slot)[None]  # (1, Tq, T)
+    if hybrid:
+        q_type, k_type = type_ids[:, start:, None], type_ids[:, None, :]  # (B, Tq, 1), (B, 1, T)
+        k_static = (k_type != TYPE_I) & (k_type != TYPE_E)  # U/O keys: seen by every query
+        q_i = q_type == TYPE_I  # (B, Tq, 1)
+        allowed = k_static | (q_i & (k_type == TYPE_I) & causal) | ((q_type == TYPE_E) & causal)  # (B, Tq, T)
+    else:
+        allowed = causal.expand(type_ids.shape[0], -1, -1)
+    return allowed & ~padding_mask[:, None, :]
+
+
+class TypedLayerNorm(nn.Module):
+    """LayerNorm with one (gain, bias) per token type, gathered by type id (no loop over tokens)."""
+
+    def __init__(self, d: int, n_types: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_types, d))
+        self.bias = nn.Parameter(torch.zeros(n_types, d))
+
+    def forward(self, x: Tensor, type_ids: Tensor) -> Tensor:
+        idx = type_ids if self.weight.shape[0] > 1 else torch.zeros_like(type_ids)  # shared when 1 type
+        x = F.layer_norm(x, x.shape[-1:])  # (B, T, C)
+        return x * self.weight[idx] + self.bias[idx]
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, hidden)
+        self.proj = nn.Linear(hidden, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class TypedFFN(nn.Module):
+    """One MLP per token type; a loop over the (<= 4) types, each applied to its own tokens only."""
+
+    def __init__(self, d: int, hidden: int, n_types: int) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleList(MLP(d, hidden) for _ in range(n_types))
+
+    def forward(self, x: Tensor, type_ids: Tensor) -> Tensor:
+        if len(self.mlps) == 1:
+            return self.mlps[0](x)
+        out = torch.zeros_like(x)  # (B, T, C)
+        for t, mlp in enumerate(self.mlps):
+            sel = type_ids == t  # (B, T)
+            # (n_t, C): only this type's tokens pay for this type's FFN (boolean indexing costs one host
+            # sync per type on GPU; a grouped GEMM would avoid it)
+            out[sel] = mlp(x[sel])
+        return out
+
+
+class LayerCache(NamedTuple):
+    k: Tensor  # (B, H, T, hd)
+    v: Tensor  # (B, H, T, hd)
+
+
+class HSTUBlock(nn.Module):
+    """Pre-norm block: softmax attention gated element-wise by silu(U) (HSTU), then a typed FFN."""
+
+    def __init__(self, cfg: GPRConfig) -> None:
+        super().__init__()
+        n_ln = NUM_TYPES if cfg.token_aware_ln else 1
+        n_ffn = NUM_TYPES if cfg.token_aware_ffn else 1
+        self.n_heads = cfg.n_heads
+        self.ln1 = TypedLayerNorm(cfg.d_model, n_ln)
+        self.qkvu = nn.Linear(cfg.d_model, 4 * cfg.d_model)  # Q, K, V and the gate U in one matmul
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = TypedLayerNorm(cfg.d_model, n_ln)
+        self.ffn = TypedFFN(cfg.d_model, cfg.ffn_mult * cfg.d_model, n_ffn)
+
+    def forward(
+        self, x: Tensor, type_ids: Tensor, mask: Tensor, past: LayerCache | None = None
+    ) -> tuple[Tensor, LayerCache]:
+        """x (B, Tq, C), type_ids (B, Tq), mask (B, Tq, Tpast + Tq) bool -> (B, Tq, C), this layer's K/V."""
+        b, tq, c = x.shape
+        h = self.n_heads
+        q, k, v, u = self.qkvu(self.ln1(x, type_ids)).split(c, dim=2)  # 4 x (B, Tq, C)
+        q, k, v = (z.view(b, tq, h, c // h).transpose(1, 2) for z in (q, k, v))  # (B, H, Tq, hd)
+        if past is not None:
+            k = torch.cat([past.k, k], 2)  # (B, H, T, hd)
+            v = torch.cat([past.v, v], 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, Tq, hd)
+        a = a.transpose(1, 2).reshape(b, tq, c)  # (B, Tq, C)
+        x = x + self.out(a * F.silu(u))  # HSTU: the fourth projection gates the attention output
+        x = x + self.ffn(self.ln2(x, type_ids), type_ids)
+        return x, LayerCache(k, v)
+
+
+class KVCache(NamedTuple):
+    """Everything the incremental path needs about the slots already processed."""
+
+    layers: list[LayerCache]  # one per block application (MoR applications count separately)
+    type_ids: Tensor  # (B, T) int64
+    padding_mask: Tensor  # (B, T) bool
+
+    @property
+    def length(self) -> int:
+        return self.type_ids.shape[1]
+
+
+class HSDOutput(NamedTuple):
+    hidden: Tensor  # (B, Tq, C) intent embeddings of the (new) slots
+    cache: KVCache  # cache covering every slot seen so far
+
+
+class HSD(nn.Module):
+    """Token embedding + HSTU blocks (+ optional Mixture-of-Recursions) -> intent embeddings."""
+
+    def __init__(self, cfg: GPRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.code_emb = nn.ModuleList(nn.Embedding(k, d) for k in cfg.level_sizes)  # one table per level
+        self.item_emb = nn.Embedding(cfg.num_items, d) if cfg.num_items else None
+        self.event_emb = nn.Embedding(NUM_EVENTS, d)
+        self.dense = nn.Linear(cfg.dense_dim, d, bias=False)  # no bias: zero rows (O/I/pad) embed to 0
+        self.type_emb = nn.Embedding(NUM_TYPES, d)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        n_plain = cfg.n_layers - 1 if cfg.mixture_of_recursions else cfg.n_layers
+        self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(n_plain))
+        if cfg.mixture_of_recursions:
+            self.shared = HSTUBlock(cfg)
+            self.router = nn.Linear(d, cfg.max_recursions)  # logits over depth 1..R
+        self.ln_f = nn.LayerNorm(d)
+
+    def code_embedding(self, codes: Tensor) -> Tensor:
+        """(..., L') codes, -1 = none -> (..., C) sum of per-level code embeddings (0 where no code)."""
+        out = 0
+        for lvl, emb in enumerate(self.code_emb):
+            c = codes[..., lvl]
+            out = out + emb(c.clamp_min(0)) * (c >= 0)[..., None]
+        return out
+
+    def embed(self, tokens: TokenBatch) -> Tensor:
+        """TokenBatch -> (B, T, C) input embeddings."""
+        x = self.code_embedding(tokens.semantic_codes)  # O/I: item path (B, T, C)
+        if self.item_emb is not None:
+            ids = tokens.token_ids
+            has_item = (ids >= 0) & (tokens.semantic_codes[..., 0] >= 0)  # O/I only, not the U's user id
+            x = x + self.item_emb(ids.clamp_min(0)) * has_item[..., None]
+        x = x + self.event_emb(tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]  # I: funnel event
+        x = x + self.dense(tokens.dense_features)  # U/E: features (zeros elsewhere)
+        return x + self.type_emb(tokens.type_ids) + self.pos_emb(tokens.positions)
+
+    def router_gates(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, R) gates in {0, 1} forward, soft backward (straight-through).
+
+        Gate r is 1 where the token's routed depth (argmax of the router) is >= r + 1; its soft twin is
+        the router probability of a depth >= r + 1, which carries the gradient to the router.
+        """
+        p = self.router(x).softmax(-1)  # (B, T, R) probability of depth 1..R
+        soft = p.flip(-1).cumsum(-1).flip(-1)  # (B, T, R) P(depth >= r + 1)
+        r = torch.arange(p.shape[-1], device=x.device)
+        hard = (r <= p.argmax(-1, keepdim=True)).to(x.dtype)  # (B, T, R)
+        return hard + soft - soft.detach()
+
+    def forward(self, tokens: TokenBatch, cache: KVCache | None = None) -> HSDOutput:
+        """Encode ``tokens`` (the full sequence, or slots appended after ``cache``).
+
+        Returns:
+            ``HSDOutput(hidden (B, Tq, C), cache)``; the request representation is ``hidden[:, -1]``
+            when the last slot is E (the schema layout).
+        """
+        if cache is None:
+            type_ids, pad, start, past = tokens.type_ids, tokens.padding_mask, 0, None
+        else:
+            type_ids = torch.cat([cache.type_ids, tokens.type_ids], 1)  # (B, T)
+            pad = torch.cat([cache.padding_mask, tokens.padding_mask], 1)
+            start, past = cache.length, cache.layers
+        mask = hybrid_mask_rows(type_ids, pad, start, hybrid=self.cfg.hybrid_attention)  # (B, Tq, T)
+        x = self.embed(tokens)  # (B, Tq, C)
+        tq_types = tokens.type_ids
+        layers: list[LayerCache] = []
+        for block in self.blocks:
+            x, kv = block(x, tq_types, mask, None if past is None else past[len(layers)])
+            layers.append(kv)
+        if self.cfg.mixture_of_recursions:
+            gates = self.router_gates(x)  # routed once, on the input to the shared block
+            for r in range(self.cfg.max_recursions):
+                y, kv = self.shared(x, tq_types, mask, None if past is None else past[len(layers)])
+                layers.append(kv)
+                g = gates[..., r : r + 1]  # (B, Tq, 1): tokens routed shallower keep x unchanged
+                x = x + g * (y - x)
+        return HSDOutput(self.ln_f(x), KVCache(layers, type_ids, pad))

@@ -1,0 +1,216 @@
+"""PTD: the token-wise decoder of GPR §3, thinking -> refining -> generation over semantic-ID levels.
+
+- **Thinking**: K learnable queries cross-attend to the HSD outputs -> (B, K, C).
+- **Refining**: a tiny MLP denoiser, conditioned on the pooled thinking tokens, runs ``refine_steps``
+  deterministic (DDIM-style) steps from Gaussian noise and emits one refine token (B, 1, C). It is
+  trained to predict the clean target embedding (the target item's code embedding) from a noised one.
+- **Generation**: a small causal decoder over ``[context tokens, BOS, emb(z_1), ..., emb(z_l)]``
+  gives logits for level l+1. Legal-code masks come from the caller (``PrefixTrie.legal_mask``) and are
+  applied with ``masked_fill(~legal, -inf)``: the model never builds them.
+
+The "context" passed around is a (B, C, d) tensor: the thinking tokens (or the E token's output when
+thinking is off), plus the refine token when refining is on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpr_sim.model.config import GPRConfig
+from gpr_sim.model.hsd import MLP
+
+
+class Thinking(nn.Module):
+    """K learnable queries cross-attend (SDPA) to the intent embeddings: (B, T, C) -> (B, K, C)."""
+
+    def __init__(self, cfg: GPRConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.queries = nn.Parameter(torch.randn(cfg.num_thinking, d) * 0.02)
+        self.ln_kv = nn.LayerNorm(d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.ln_mlp = nn.LayerNorm(d)
+        self.mlp = MLP(d, cfg.ffn_mult * d)
+
+    def forward(self, hidden: Tensor, padding_mask: Tensor) -> Tensor:
+        b, t, c = hidden.shape
+        h, kq = self.n_heads, self.queries.shape[0]
+        q = self.q(self.queries).view(1, kq, h, c // h).transpose(1, 2).expand(b, -1, -1, -1)  # (B, H, K, hd)
+        k, v = self.kv(self.ln_kv(hidden)).split(c, dim=2)  # (B, T, C) each
+        k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (k, v))  # (B, H, T, hd)
+        mask = ~padding_mask[:, None, None, :]  # (B, 1, 1, T): queries read real tokens only
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, hd)
+        x = self.queries + self.out(a.transpose(1, 2).reshape(b, kq, c))  # (B, K, C)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class Refiner(nn.Module):
+    """Tiny diffusion-style denoiser: x0-prediction MLP with a fixed cosine noise schedule."""
+
+    def __init__(self, cfg: GPRConfig) -> None:
+        super().__init__()
+        d, s = cfg.d_model, cfg.refine_steps
+        # alpha_bar[t] falls from ~1 (t=0, almost clean) to ~0 (t=S-1, almost pure noise)
+        t = torch.arange(1, s + 1, dtype=torch.float32) / (s + 1)
+        self.register_buffer("alpha_bar", torch.cos(t * math.pi / 2) ** 2, persistent=False)
+        self.step_emb = nn.Embedding(s, d)
+        self.net = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def denoise(self, x_t: Tensor, step: Tensor, cond: Tensor) -> Tensor:
+        """(B, C) noised embedding, (B,) step, (B, C) condition -> (B, C) predicted clean embedding."""
+        return self.net(torch.cat([x_t, cond, self.step_emb(step)], -1))
+
+    def loss(self, cond: Tensor, target: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Denoising loss: noise ``target`` (B, C) at a random step, predict it back -> (B,) per-row MSE."""
+        b = target.shape[0]
+        step = torch.randint(0, self.alpha_bar.numel(), (b,), device=target.device, generator=generator)
+        noise = torch.randn(target.shape, device=target.device, generator=generator)
+        ab = self.alpha_bar[step][:, None]  # (B, 1)
+        x_t = ab.sqrt() * target + (1 - ab).sqrt() * noise
+        return (self.denoise(x_t, step, cond) - target).pow(2).mean(-1)
+
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C) condition -> (B, C) refine embedding, iterating from noise (deterministic DDIM steps).
+
+        ``generator`` None uses a fresh generator seeded 0, so inference is reproducible by default.
+        """
+        if generator is None:
+            generator = torch.Generator(device=cond.device).manual_seed(0)
+        x = torch.randn(cond.shape, device=cond.device, generator=generator, dtype=cond.dtype)  # (B, C)
+        x0 = x
+        for s in reversed(range(self.alpha_bar.numel())):
+            step = torch.full((cond.shape[0],), s, dtype=torch.int64, device=cond.device)
+            x0 = self.denoise(x, step, cond)
+            if s == 0:
+                break
+            ab, ab_prev = self.alpha_bar[s], self.alpha_bar[s - 1]
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise implied by the x0 prediction
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+        return x0
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm self-attention block with an explicit boolean mask (True = may attend)."""
+
+    def __init__(self, cfg: GPRConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = MLP(d, cfg.ffn_mult * d)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, t, c = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))
+
+
+def apply_legal_mask(logits: Tensor, legal_mask: Tensor | None) -> Tensor:
+    """(B, K) logits -> same with illegal codes at -inf (probability exactly 0 after softmax)."""
+    return logits if legal_mask is None else logits.masked_fill(~legal_mask, float("-inf"))
+
+
+class PTD(nn.Module):
+    """Thinking + refining + level-by-level generation of the next ad's semantic ID."""
+
+    def __init__(self, cfg: GPRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.thinking = Thinking(cfg) if cfg.thinking else None
+        self.refiner = Refiner(cfg) if cfg.refining else None
+        self.code_emb = nn.ModuleList(nn.Embedding(k, d) for k in cfg.level_sizes)
+        self.bos = nn.Parameter(torch.randn(d) * 0.02)
+        self.level_pos = nn.Embedding(cfg.path_len, d)  # BOS = level 0, z_l at l (l < L')
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.heads = nn.ModuleList(nn.Linear(d, k) for k in cfg.level_sizes)
+
+    # -- thinking and refining --------------------------------------------------------------------
+    def think(self, hidden: Tensor, padding_mask: Tensor) -> Tensor:
+        """HSD outputs (B, T, C) -> thinking tokens (B, K, C), or the E (last) token (B, 1, C) if off."""
+        if self.thinking is None:
+            return hidden[:, -1:]
+        return self.thinking(hidden, padding_mask)
+
+    def context(
+        self, hidden: Tensor, padding_mask: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """HSD outputs -> context (B, C_ctx, C): thinking tokens, then the refine token when on."""
+        ctx = self.think(hidden, padding_mask)  # (B, K, C)
+        if self.refiner is None:
+            return ctx
+        refine = self.refiner.sample(ctx.mean(1), generator)  # (B, C) conditioned on pooled thinking
+        return torch.cat([ctx, refine[:, None]], 1)  # (B, K + 1, C)
+
+    def thinking_tokens(self, context: Tensor) -> Tensor:
+        """Context -> the thinking part (drops the refine token)."""
+        return context[:, :-1] if self.refiner is not None else context
+
+    # -- generation --------------------------------------------------------------------------------
+    def _decode(self, context: Tensor, prefix: Tensor) -> Tensor:
+        """Context (B, Cc, C), prefix codes (B, l) -> (B, l + 1, C) hidden states at BOS, z_1 .. z_l."""
+        b, cc, d = context.shape
+        depth = prefix.shape[1]
+        if depth >= self.cfg.path_len:
+            raise ValueError(f"prefix has {depth} levels: expected fewer than L'={self.cfg.path_len}")
+        gen = [self.bos.expand(b, 1, d)] + [self.code_emb[i](prefix[:, i : i + 1]) for i in range(depth)]
+        gen = torch.cat(gen, 1) + self.level_pos.weight[: depth + 1]  # (B, l + 1, C)
+        x = torch.cat([context, gen], 1)  # (B, Cc + l + 1, C)
+        t = x.shape[1]
+        slot = torch.arange(t, device=x.device)
+        # context tokens see each other; generated tokens see the context and earlier-or-equal codes
+        mask = (slot[None, :] < cc) | (slot[None, :] <= slot[:, None])  # (T, T)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x[:, cc:])  # (B, l + 1, C)
+
+    def level_logits(self, context: Tensor, prefix_codes: Tensor, legal_mask: Tensor | None = None) -> Tensor:
+        """Logits of the next level.
+
+        Args:
+            context: (B, Cc, C) from ``context``.
+            prefix_codes: (B, l) int64 codes z_1..z_l already chosen, 0 <= l < L'.
+            legal_mask: optional (B, K_{l+1}) bool from the trie; illegal codes get -inf.
+
+        Returns:
+            (B, K_{l+1}) logits.
+        """
+        h = self._decode(context, prefix_codes)[:, -1]  # (B, C)
+        return apply_legal_mask(self.heads[prefix_codes.shape[1]](h), legal_mask)
+
+    def log_prob(
+        self, context: Tensor, codes: Tensor, legal_masks: Sequence[Tensor | None] | None = None
+    ) -> Tensor:
+        """Teacher-forced per-level log-probabilities of full paths, in one decoder pass.
+
+        Args:
+            context: (B, Cc, C).
+            codes: (B, L') int64 target paths (in range).
+            legal_masks: None, or L' masks (B, K_l) bool (entries may be None).
+
+        Returns:
+            (B, L') log P(z_l | context, z_<l).
+        """
+        h = self._decode(context, codes[:, :-1])  # (B, L', C): position l predicts level l+1
+        out = []
+        for lvl, head in enumerate(self.heads):
+            mask = None if legal_masks is None else legal_masks[lvl]
+            logp = apply_legal_mask(head(h[:, lvl]), mask).log_softmax(-1)  # (B, K_l)
+            out.append(logp.gather(1, codes[:, lvl : lvl + 1]))
+        return torch.cat(out, 1)

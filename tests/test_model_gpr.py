@@ -1,0 +1,226 @@
+"""GPRModel: trie-masked level logits, teacher forcing == step-by-step, HTE, switches, MTP overfit."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from gpr_sim.model import GPRModel
+from gpr_sim.schema import SchemaConfig, build_tokens
+from gpr_sim.tokenizer.ids import SemanticIdTable
+from gpr_sim.tokenizer.trie import PrefixTrie
+from tests.test_model_hsd import TINY, layout, make_tokens
+
+B = 4
+
+
+def setup(cfg=TINY, seed=0):
+    torch.manual_seed(seed)
+    model = GPRModel(cfg).eval()
+    tokens = make_tokens(layout(3, 3), B, torch.Generator().manual_seed(seed), cfg)
+    return model, tokens
+
+
+def random_trie(cfg=TINY, n=12, seed=0) -> PrefixTrie:
+    gen = torch.Generator().manual_seed(seed)
+    paths = torch.stack([torch.randint(0, k, (n,), generator=gen) for k in cfg.level_sizes], 1)
+    return PrefixTrie(paths, cfg.level_sizes)
+
+
+def test_shapes():
+    model, tokens = setup()
+    t = tokens.type_ids.shape[1]
+    out = model.encode(tokens)
+    assert out.hidden.shape == (B, t, TINY.d_model)  # (B, T, C) intent embeddings
+    ctx = model.context(tokens)
+    assert ctx.shape == (B, TINY.num_thinking + 1, TINY.d_model)  # K thinking + 1 refine token
+    prefix = torch.zeros(B, 1, dtype=torch.int64)
+    assert model.level_logits(ctx, prefix).shape == (B, TINY.level_sizes[1])
+    path = torch.zeros(B, TINY.path_len, dtype=torch.int64)
+    assert model.values(ctx, path).shape == (B, TINY.path_len + 1)
+    with pytest.raises(ValueError, match="prefix"):
+        model.level_logits(ctx, path)  # no level after the last
+
+
+def test_illegal_codes_get_probability_exactly_zero():
+    model, tokens = setup()
+    trie = random_trie()
+    ctx = model.context(tokens)
+    prefix = torch.empty(B, 0, dtype=torch.int64)
+    with torch.no_grad():
+        for _ in range(TINY.path_len):
+            legal = trie.prefix_mask(prefix)  # (B, K_depth), built by the caller
+            p = model.level_logits(ctx, prefix, legal).softmax(-1)
+            assert torch.equal(p[~legal], torch.zeros_like(p[~legal]))
+            assert_close(p.sum(-1), torch.ones(B))
+            nxt = p.argmax(-1, keepdim=True)  # greedy step stays on the trie
+            assert legal.gather(1, nxt).all()
+            prefix = torch.cat([prefix, nxt], 1)
+    assert (trie.node_of_prefix(prefix) >= 0).all()  # a real item
+
+
+def test_teacher_forced_log_prob_equals_step_by_step():
+    model, tokens = setup()
+    trie = random_trie()
+    gen = torch.Generator().manual_seed(5)
+    paths = torch.stack([torch.randint(0, k, (B,), generator=gen) for k in TINY.level_sizes], 1)
+    masks = [
+        trie.prefix_mask(paths[:, :d]) | (torch.arange(k) == paths[:, d : d + 1])
+        for d, k in enumerate(TINY.level_sizes)
+    ]  # targets always legal
+    with torch.no_grad():
+        ctx = model.context(tokens)
+        lp = model.log_prob(ctx, paths, masks)  # (B, L')
+        for d in range(TINY.path_len):
+            step = model.level_logits(ctx, paths[:, :d], masks[d]).log_softmax(-1)
+            assert_close(lp[:, d], step.gather(1, paths[:, d : d + 1])[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_values_depend_on_the_prefix_only():
+    model, tokens = setup()
+    ctx = model.context(tokens)
+    path = torch.tensor([[1, 2, 0]]).expand(B, -1)
+    v = model.values(ctx, path)  # (B, L' + 1)
+    for d in range(TINY.path_len):
+        assert_close(model.values(ctx, path[:, :d]), v[:, : d + 1])
+    other = path.clone()
+    other[:, 2] = 1  # changing the last code moves only the full-item value
+    w = model.values(ctx, other)
+    assert_close(w[:, :3], v[:, :3])
+    assert not torch.allclose(w[:, 3], v[:, 3])
+
+
+def test_refine_token_is_seeded():
+    model, tokens = setup()
+    a = model.context(tokens, torch.Generator().manual_seed(1))
+    b = model.context(tokens, torch.Generator().manual_seed(1))
+    c = model.context(tokens, torch.Generator().manual_seed(2))
+    assert_close(a, b)
+    assert_close(a[:, :-1], c[:, :-1])  # thinking tokens do not depend on the noise
+    assert not torch.allclose(a[:, -1], c[:, -1])  # the refine token does
+    assert_close(model.context(tokens), model.context(tokens))  # default generator: seed 0
+
+
+def _count(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_component_switches():
+    full = GPRModel(TINY)
+    # thinking off: the E token's output is the context (+ refine token)
+    m, tokens = setup(dataclasses.replace(TINY, thinking=False))
+    ctx = m.context(tokens)
+    assert ctx.shape == (B, 2, TINY.d_model)
+    assert_close(ctx[:, 0], m.encode(tokens).hidden[:, -1])
+    assert _count(full) - _count(m) == _count(full.ptd.thinking)
+    # refining off: no refine token, no refiner parameters, no refine loss
+    m, tokens = setup(dataclasses.replace(TINY, refining=False))
+    assert m.context(tokens).shape == (B, TINY.num_thinking, TINY.d_model)
+    assert _count(full) - _count(m) == _count(full.ptd.refiner)
+    targets = torch.zeros(B, TINY.mtp_heads, TINY.path_len, dtype=torch.int64)
+    assert m.mtp_loss(tokens, targets).loss_refine.item() == 0.0
+    # hte off: no value heads
+    m, tokens = setup(dataclasses.replace(TINY, hte=False))
+    assert _count(full) - _count(m) == _count(full.hte)
+    with pytest.raises(ValueError, match="hte"):
+        m.values(m.context(tokens), targets[:, 0])
+
+
+def test_mtp_loss_ignores_missing_targets_and_respects_weights():
+    model, tokens = setup()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    targets = torch.stack([torch.randint(0, k, (B, TINY.mtp_heads)) for k in TINY.level_sizes], -1)
+    base = model.mtp_loss(tokens, targets, generator=gen())
+    # head weights (1, 0): the loss is head 0's mean NLL
+    only0 = model.mtp_loss(tokens, targets, torch.tensor([1.0, 0.0]), generator=gen())
+    assert_close(only0.loss_mtp, base.head_nll[0])
+    assert_close(base.loss_mtp, base.head_nll.mean())  # uniform 1/N
+    # a row of -1 targets contributes nothing, whatever its legal mask says
+    missing = targets.clone()
+    missing[0, 1] = -1
+    masks = [torch.zeros(B, TINY.mtp_heads, k, dtype=torch.bool) for k in TINY.level_sizes]
+    for d, m in enumerate(masks):
+        m.scatter_(2, targets[..., d : d + 1], True)  # only the target legal: log-prob 0 per level
+    out = model.mtp_loss(tokens, missing, legal_masks=masks, generator=gen())
+    assert torch.isfinite(out.loss)
+    assert_close(out.loss_mtp, torch.tensor(0.0))
+
+
+def test_mtp_loss_decreases_when_overfitting_a_tiny_batch():
+    model, tokens = setup()
+    model.train()
+    trie = random_trie(n=12)
+    gen = torch.Generator().manual_seed(3)
+    # targets: real items of the trie, head j = a different item
+    first_sorted = trie.node_start[trie.depth][:-1]  # sorted position of each leaf's first item
+    leaves = torch.randint(0, first_sorted.numel(), (B, TINY.mtp_heads), generator=gen)
+    leaf_paths = torch.stack(
+        [torch.tensor(_leaf_path(trie, int(i))) for i in range(first_sorted.numel())]
+    )  # (M, L')
+    targets = leaf_paths[leaves]  # (B, N, L')
+    masks = [trie.prefix_mask(targets.flatten(0, 1)[:, :d]).view(B, TINY.mtp_heads, -1)
+             for d in range(TINY.path_len)]  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        out = model.mtp_loss(tokens, targets, legal_masks=masks, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss_mtp.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def _leaf_path(trie: PrefixTrie, leaf: int) -> list[int]:
+    """Path of leaf node ``leaf`` (depth L'), read back by walking child keys upward."""
+    path = []
+    node = leaf
+    for d in reversed(range(trie.depth)):
+        key = int(trie.child_keys[d][node])
+        k = trie.level_sizes[d]
+        path.append(key % k)
+        node = key // k
+    return path[::-1]
+
+
+def test_end_to_end_with_schema_table_and_trie():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 4, (30, 2), generator=gen)  # 20 organic + 10 ads, K = 4, L = 2
+    table = SemanticIdTable(codes, 4, num_organic=20)
+    cfg = dataclasses.replace(TINY, level_sizes=tuple(int(k) for k in table.level_sizes))
+    model = GPRModel(cfg).eval()
+    tokens = build_tokens(
+        user_id=torch.arange(B),
+        user=torch.randn(B, 7, generator=gen),
+        organic=torch.randint(-1, 20, (B, 3), generator=gen),
+        context=torch.randn(B, 8, generator=gen),
+        ad_history=torch.randint(-1, 10, (B, 2), generator=gen),
+        ad_events=torch.randint(1, 4, (B, 2), generator=gen),
+        table=table,
+        cfg=SchemaConfig(organic_len=3, ad_len=2),
+    )
+    trie = PrefixTrie(table.ad_paths, table.level_sizes)
+    eligible = torch.arange(10) % 2 == 0  # e.g. only even ads have budget left
+    with torch.no_grad():
+        ctx = model.context(tokens)
+        node, path = trie.root(B), torch.empty(B, 0, dtype=torch.int64)
+        for d in range(cfg.path_len):
+            legal = trie.legal_mask(node, d, eligible)
+            nxt = model.level_logits(ctx, path, legal).argmax(-1)
+            node, path = trie.next_node(node, nxt, d), torch.cat([path, nxt[:, None]], 1)
+        values = model.values(ctx, path)
+    ads = trie.leaf_item(node)
+    assert (ads >= 0).all() and eligible[ads].all()  # greedy decoding lands on an eligible ad
+    assert values.shape == (B, cfg.path_len + 1) and torch.isfinite(values).all()
+
+
+def test_beam_fns_match_the_model():
+    model, tokens = setup()
+    ctx = model.context(tokens)
+    step_fn, value_fn = model.beam_fns(ctx)
+    rows = torch.tensor([2, 2, 0])  # beams index their request row
+    prefix = torch.tensor([[1], [3], [0]])
+    with torch.no_grad():
+        assert_close(step_fn(rows, prefix), model.level_logits(ctx[rows], prefix))
+        assert_close(value_fn(rows, prefix), model.values(ctx[rows], prefix)[:, -1])

@@ -1,0 +1,193 @@
+"""HSD: hybrid mask vs a brute-force double loop, KV-cached incremental == full forward, switches."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from gpr_sim.model import GPRConfig, GPRModel, hybrid_mask
+from gpr_sim.model.hsd import HSD
+from gpr_sim.schema import TYPE_E, TYPE_I, TYPE_O, TYPE_U, TokenBatch
+
+TINY = GPRConfig(
+    level_sizes=(5, 4, 3), d_model=32, n_layers=2, n_heads=2, ffn_mult=2, max_len=64, num_thinking=2,
+    refine_steps=3, mtp_heads=2,
+)  # fmt: skip
+
+
+def make_tokens(types: list[int], b: int, gen: torch.Generator, cfg: GPRConfig = TINY) -> TokenBatch:
+    """Random TokenBatch with the given slot types; O/I slots are padding with probability 1/3."""
+    t = len(types)
+    type_ids = torch.tensor(types).expand(b, t)
+    item = (type_ids == TYPE_O) | (type_ids == TYPE_I)  # (B, T)
+    pad = item & (torch.rand(b, t, generator=gen) < 1 / 3)
+    real_item = item & ~pad
+    codes = torch.stack([torch.randint(0, k, (b, t), generator=gen) for k in cfg.level_sizes], -1)
+    codes = codes.masked_fill(~real_item[..., None], -1)  # (B, T, L')
+    token_ids = torch.where(real_item, torch.randint(0, 100, (b, t), generator=gen), -1)
+    token_ids = torch.where(type_ids == TYPE_U, 7, token_ids)
+    events = torch.where(real_item & (type_ids == TYPE_I), torch.randint(1, 4, (b, t), generator=gen), 0)
+    dense = torch.randn(b, t, cfg.dense_dim, generator=gen)
+    dense = dense * ((type_ids == TYPE_U) | (type_ids == TYPE_E))[..., None]
+    valid = ~pad
+    positions = (torch.cumsum(valid.long(), 1) - 1) * valid
+    return TokenBatch(token_ids, type_ids.clone(), positions, pad, codes, events, dense)
+
+
+def layout(ho: int, hi: int) -> list[int]:
+    return [TYPE_U] + [TYPE_O] * ho + [TYPE_I] * hi + [TYPE_E]
+
+
+def slots(tokens: TokenBatch, a: int, b: int | None = None) -> TokenBatch:
+    return TokenBatch(*(x[:, a:b] for x in tokens))
+
+
+def brute_mask(types: list[int], pad: list[bool], hybrid: bool) -> torch.Tensor:
+    t = len(types)
+    m = torch.zeros(t, t, dtype=torch.bool)
+    for q in range(t):
+        for k in range(t):
+            if pad[k]:
+                continue
+            if not hybrid:
+                m[q, k] = k <= q
+            elif types[q] == TYPE_E:  # the request sees every slot up to itself
+                m[q, k] = k <= q
+            elif types[k] in (TYPE_U, TYPE_O):  # static prompt: seen by every query
+                m[q, k] = True
+            elif types[q] == TYPE_I and types[k] == TYPE_I:  # ad history: causal
+                m[q, k] = k <= q
+    return m
+
+
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_hybrid_mask_matches_brute_force(hybrid):
+    gen = torch.Generator().manual_seed(0)
+    types = layout(3, 4) + [TYPE_I, TYPE_I, TYPE_E]  # also tokens appended after E (decoding)
+    tokens = make_tokens(types, 6, gen)
+    got = hybrid_mask(tokens.type_ids, tokens.padding_mask, hybrid=hybrid)
+    assert got.shape == (6, len(types), len(types))
+    for row in range(6):
+        want = brute_mask(types, tokens.padding_mask[row].tolist(), hybrid)
+        assert torch.equal(got[row], want), row
+
+
+def test_hybrid_mask_hand_worked():
+    # [U, O, I, I, E], the first I padded: U/O see U/O; I@3 sees U, O, itself; E sees all real slots
+    types = torch.tensor([[TYPE_U, TYPE_O, TYPE_I, TYPE_I, TYPE_E]])
+    pad = torch.tensor([[False, False, True, False, False]])
+    want = torch.tensor([
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],  # a padded query still reads U/O, so its softmax row is never empty
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 1, 1],
+    ], dtype=torch.bool)  # fmt: skip
+    assert torch.equal(hybrid_mask(types, pad)[0], want)
+
+
+@pytest.mark.parametrize("mor", [False, True])
+def test_kv_cache_incremental_equals_full(mor):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, mixture_of_recursions=mor)
+    hsd = HSD(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    types = layout(3, 4) + [TYPE_I, TYPE_I]  # two ads appended after the request
+    tokens = make_tokens(types, 3, gen, cfg)
+    with torch.no_grad():
+        full = hsd(tokens).hidden  # (B, T, C)
+        # prefix [U O I] once, then append [I E], then append the two new I tokens one at a time
+        out = hsd(slots(tokens, 0, 6))
+        assert_close(out.hidden, full[:, :6])
+        cut = len(layout(3, 4))
+        out2 = hsd(slots(tokens, 6, cut), cache=out.cache)
+        assert_close(out2.hidden, full[:, 6:cut], atol=1e-5, rtol=1e-5)
+        cache = out2.cache
+        for s in range(cut, len(types)):
+            step = hsd(slots(tokens, s, s + 1), cache=cache)
+            assert_close(step.hidden, full[:, s : s + 1], atol=1e-5, rtol=1e-5)
+            cache = step.cache
+    assert cache.length == len(types)
+    assert len(cache.layers) == (cfg.n_layers - 1 + cfg.max_recursions if mor else cfg.n_layers)
+
+
+def _changed_slots(cfg: GPRConfig, slot: int) -> torch.Tensor:
+    """Slots whose output moves when the input embedding of ``slot`` is perturbed (no padding)."""
+    torch.manual_seed(0)
+    hsd = HSD(cfg).eval()
+    gen = torch.Generator().manual_seed(2)
+    tokens = make_tokens(layout(2, 3), 1, gen, cfg)
+    tokens = tokens._replace(padding_mask=torch.zeros_like(tokens.padding_mask))
+    other = tokens.dense_features.clone()
+    other[:, slot] += 1.0  # the dense projection reads every slot, so this moves slot's embedding
+    with torch.no_grad():
+        a = hsd(tokens).hidden
+        b = hsd(tokens._replace(dense_features=other)).hidden
+    return ((a - b).abs().amax(-1) > 1e-6)[0]
+
+
+def test_information_flow_hybrid_vs_causal():
+    # layout [U, O, O, I, I, I, E] (no padding)
+    hybrid = TINY
+    causal = dataclasses.replace(TINY, hybrid_attention=False)
+    # hybrid: an O token reaches everyone; the middle I reaches itself, later I and E; E only itself
+    assert _changed_slots(hybrid, 1).tolist() == [True] * 7
+    assert _changed_slots(hybrid, 4).tolist() == [False] * 4 + [True] * 3
+    assert _changed_slots(hybrid, 6).tolist() == [False] * 6 + [True]
+    # causal: a slot reaches itself and every later slot only
+    assert _changed_slots(causal, 1).tolist() == [False] + [True] * 6
+    assert _changed_slots(causal, 4).tolist() == [False] * 4 + [True] * 3
+
+
+def test_padding_content_is_ignored():
+    torch.manual_seed(0)
+    hsd = HSD(TINY).eval()
+    tokens = make_tokens(layout(4, 4), 4, torch.Generator().manual_seed(3))
+    pad = tokens.padding_mask
+    assert pad.any()
+    noisy = tokens._replace(dense_features=tokens.dense_features + pad[..., None] * 5.0)
+    with torch.no_grad():
+        a, b = hsd(tokens).hidden, hsd(noisy).hidden
+    assert_close(a[~pad], b[~pad])
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_token_aware_switches_change_parameter_count_exactly():
+    d, hidden, n = TINY.d_model, TINY.ffn_mult * TINY.d_model, TINY.n_layers
+    ffn = d * hidden + hidden + hidden * d + d  # one MLP
+    full = _count(GPRModel(TINY))
+    no_ffn = _count(GPRModel(dataclasses.replace(TINY, token_aware_ffn=False)))
+    no_ln = _count(GPRModel(dataclasses.replace(TINY, token_aware_ln=False)))
+    assert full - no_ffn == n * 3 * ffn  # 4 FFNs -> 1 in every block
+    assert full - no_ln == n * 2 * 3 * 2 * d  # 2 LNs per block, 4 -> 1 (gain + bias) each
+    # with both off every type shares one FFN: outputs do not depend on which FFN index a type has
+    shared = GPRModel(dataclasses.replace(TINY, token_aware_ffn=False))
+    assert all(len(b.ffn.mlps) == 1 for b in shared.hsd.blocks)
+
+
+def test_mor_gates_straight_through():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, mixture_of_recursions=True, max_recursions=3)
+    hsd = HSD(cfg)
+    x = torch.randn(2, 5, cfg.d_model)
+    g = hsd.router_gates(x)  # (B, T, R)
+    hard = g.detach().round()
+    assert_close(g.detach(), hard, atol=1e-6, rtol=0)  # 0/1 forward (up to the soft - soft rounding)
+    assert torch.equal(hard[..., 0], torch.ones(2, 5))  # every token gets at least one pass
+    assert (hard[..., 1:] <= hard[..., :-1]).all()  # depth r+1 only after depth r
+    assert hard[..., 1:].sum() > 0 and (1 - hard).sum() > 0  # the router does route
+    g.sum().backward()
+    assert hsd.router.weight.grad is not None and hsd.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("d_model", 0), ("n_heads", 3), ("level_sizes", ()), ("hybrid_attention", 1), ("max_recursions", 0)],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(TINY, **{field: value})
