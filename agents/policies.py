@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.market import BatchedMarket
+from gpr_sim.world import score
 from gpr_sim.world.config import check_range
 
 
@@ -189,7 +190,7 @@ class OraclePolicy:
             rows = torch.arange(n, device=self.market.device)[sl]
             sub = state.select(rows)
             cand = all_ads[None].expand(rows.numel(), -1)
-            sc = score_rows(self.market, sub, cand, truth=True)
+            sc = score(world, sub, cand, truth=True)  # the scoring API on this chunk of rows
             v = sc.value
             if self.fatigue_penalty > 0:
                 match = sub.interest @ world.ad_emb.T
@@ -197,13 +198,6 @@ class OraclePolicy:
                 v = v - self.fatigue_penalty * sc.p_win * added
             action[sl] = v.masked_fill(~eligible[None], float("-inf")).topk(k, dim=1).indices
         return PolicyOutput(action, torch.ones(n, dtype=torch.float64, device=self.market.device))
-
-
-def score_rows(market: BatchedMarket, state, candidates: torch.Tensor, truth: bool):
-    """The scoring API on a subset of rows (a sliced SessionState)."""
-    from gpr_sim.world import score
-
-    return score(market.world, state, candidates, truth=truth)
 
 
 POLICIES = {"random": RandomPolicy, "cascade": CascadePolicy, "oracle": OraclePolicy}

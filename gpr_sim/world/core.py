@@ -141,10 +141,6 @@ class CandidateScores(NamedTuple):
     value: torch.Tensor  # expected immediate reward under the world's reward weights
 
 
-def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return torch.special.ndtr(x)
-
-
 def auction_expectations(cfg, bid_ecpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """P(win) and E[price] of a lone candidate with platform eCPM ``bid_ecpm``.
 
@@ -160,9 +156,9 @@ def auction_expectations(cfg, bid_ecpm: torch.Tensor) -> tuple[torch.Tensor, tor
     m, sg = cfg.competitor_ecpm_mean, cfg.competitor_ecpm_sigma
     mu = math.log(m) - 0.5 * sg**2
     log_e = torch.log(e.clamp(min=r))
-    p_below_r = _std_normal_cdf(torch.tensor((math.log(r) - mu) / sg, dtype=torch.float64))
-    p_win = _std_normal_cdf((log_e - mu) / sg)
-    partial = m * (_std_normal_cdf((log_e - mu - sg**2) / sg) - _std_normal_cdf(
+    p_below_r = torch.special.ndtr(torch.tensor((math.log(r) - mu) / sg, dtype=torch.float64))
+    p_win = torch.special.ndtr((log_e - mu) / sg)
+    partial = m * (torch.special.ndtr((log_e - mu - sg**2) / sg) - torch.special.ndtr(
         torch.tensor((math.log(r) - mu - sg**2) / sg, dtype=torch.float64)))
     price = (r * p_below_r + partial) / 1000.0
     zero = torch.zeros_like(e)
