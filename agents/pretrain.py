@@ -1,0 +1,366 @@
+"""Pre-train the GPR generator on logs: MTP (GPR §4.1), then value-aware fine-tuning (VAFT, §4.2).
+
+    python -m agents.pretrain --env ads-v0 --stage mtp --out runs/pretrain/mtp [--logs L.parquet] \
+        [--tokenizer DIR] [--steps 200 --batch-size 128 --lr 1e-3 --seed 0 --device cpu]
+    python -m agents.pretrain --stage vaft --init runs/pretrain/mtp/checkpoint.pt --logs ... \
+        --tokenizer runs/pretrain/mtp/tokenizer --out runs/pretrain/vaft
+
+Without ``--logs`` a small cascade log is collected into ``OUT/logs.parquet`` (``agents.collect``);
+without ``--tokenizer`` an RQ-Kmeans+ tokenizer (small, fast settings) is fitted on the log's world into
+``OUT/tokenizer``. Requests are split into train / held-out by session (``episode_id``) with a fixed
+split seed, so every stage and seed sees the same held-out sessions.
+
+Loop: seed -> data (tokens, MTP targets, per-level legal masks from the trie, VAFT weights) -> model /
+AdamW -> {sample a batch, ``mtp_loss``, step, log, evaluate, checkpoint}. The run folder holds
+``config.json``, ``metrics.jsonl`` (``train/loss``, ``eval/loss``, ``eval/hitrate@K``, ``eval/ndcg@K``,
+``eval/pop_hitrate@K``, ``eval/pop_ndcg@K``), ``checkpoint.pt`` (model, optimiser, sampler RNG, step,
+model config; written atomically) and ``summary.json``. Running again into the same folder resumes
+from ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from agents.cli import parse_args
+from agents.runs import append_metrics, atomic_write_bytes, read_metrics, write_json
+from gpr_sim.data.logs import read_logs
+from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.model.offline_eval import model_rankings, popularity_rankings, ranking_metrics
+from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights
+from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_logs
+from gpr_sim.tokenizer.compare import CompareConfig
+from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
+from gpr_sim.world import WorldConfig
+from gpr_sim.world.catalog import generate_world
+
+CKPT_FORMAT = "gpr_sim.pretrain"
+CKPT_VERSION = 1
+STAGES = ("mtp", "vaft")
+FAST_TOKENIZER = CompareConfig(codebook_size=16, kmeans_iters=5, vae_steps=30, batch_size=128, hidden_dim=32)
+"""RQ-Kmeans+ settings of the tokenizer fitted when none is given (seconds on a CPU)"""
+
+
+@dataclass(frozen=True)
+class Args:
+    """CLI of ``python -m agents.pretrain``."""
+
+    env: str = "ads-v0"
+    """Gymnasium id of the environment the logs come from"""
+    stage: str = "mtp"
+    """mtp (uniform head weights) | vaft (value weights, starts from --init)"""
+    logs: str = ""
+    """logged requests (Parquet); empty = collect a small cascade log into OUT/logs.parquet"""
+    tokenizer: str = ""
+    """saved WorldTokenizer folder; empty = fit RQ-Kmeans+ (fast settings) into OUT/tokenizer"""
+    init: str = ""
+    """checkpoint to start from (VAFT: the MTP checkpoint); ignored when OUT holds a checkpoint to resume"""
+    out: str = ""
+    """run folder; default runs/pretrain/{env}__{stage}__{seed}"""
+    steps: int = 200
+    """optimiser steps"""
+    batch_size: int = 128
+    """requests per step"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    seed: int = 0
+    """seed of the model init, the batch sampler and the refiner noise"""
+    device: str = "cpu"
+    """torch device"""
+    d_model: int = 64
+    """model width"""
+    n_layers: int = 2
+    """HSD blocks"""
+    mtp_heads: int = 4
+    """N MTP heads"""
+    eval_fraction: float = 0.2
+    """share of sessions held out"""
+    split_seed: int = 0
+    """seed of the train / held-out session split (kept apart from --seed on purpose)"""
+    eval_every: int = 100
+    """steps between evaluations (and at step 0 and the last step)"""
+    checkpoint_every: int = 100
+    """steps between checkpoints (and at the last step)"""
+    eval_requests: int = 512
+    """held-out requests ranked by beam search (the first ones; eval/loss uses all)"""
+    top_k: int = 10
+    """K of HitRate@K and nDCG@K"""
+    beam_width: int = 20
+    """beams per level in the offline eval (>= top_k)"""
+    collect_envs: int = 64
+    """sessions of the collected log (when --logs is empty)"""
+    collect_steps: int = 100
+    """steps of the collected log (when --logs is empty)"""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is unknown: expected one of {list(STAGES)}")
+        for name, lo in (("steps", 1), ("batch_size", 1), ("mtp_heads", 1), ("top_k", 1), ("eval_every", 1),
+                         ("checkpoint_every", 1), ("eval_requests", 1), ("collect_envs", 1),
+                         ("collect_steps", 1), ("threads", 0)):  # fmt: skip
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: expected >= {lo}")
+        if self.beam_width < self.top_k:
+            raise ValueError(f"beam_width={self.beam_width} is invalid: expected >= top_k={self.top_k}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction} is invalid: expected in (0, 1)")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} is invalid: expected > 0")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    """Everything one side of the split needs, as row-aligned tensors on the device."""
+
+    tokens: TokenBatch  # B requests
+    codes: torch.Tensor  # (B, N, L') target paths, -1 rows = none
+    masks: list[torch.Tensor]  # L' of (B, N, K_l) legal codes after each target's prefix
+    weights: torch.Tensor  # (B, N) per-target weights: 1/N (MTP) or VAFT weight / N
+    ads: torch.Tensor  # (B, N) target ads, -1 = none
+
+    def rows(self, idx: torch.Tensor) -> tuple[TokenBatch, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        return (TokenBatch(*(t[idx] for t in self.tokens)), self.codes[idx], [m[idx] for m in self.masks],
+                self.weights[idx])  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+
+def split_sessions(episode_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(B,) bool held-out mask: a seeded random ``fraction`` of the sessions (at least one) is held out."""
+    sessions = np.unique(episode_id)
+    rng = np.random.default_rng(seed)
+    n_eval = max(1, int(round(fraction * sessions.size)))
+    held = rng.permutation(sessions)[:n_eval]
+    return np.isin(episode_id, held)
+
+
+def legal_masks(codes: torch.Tensor, tok: WorldTokenizer) -> list[torch.Tensor]:
+    """L' masks (B, N, K_l): legal next codes after each target's prefix z_<l (from the ad trie)."""
+    safe = codes.clamp_min(0).to(tok.device)  # rows without a target get some mask; mtp_loss ignores them
+    return [tok.prefix_mask(safe[..., :level]).cpu() for level in range(codes.shape[-1])]
+
+
+def build_split(df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, args: Args) -> Split:
+    targets = mtp_targets(df, args.mtp_heads)
+    codes = target_paths(targets.ads, tok)
+    n = args.mtp_heads
+    if args.stage == "vaft":
+        weights = vaft_weights(df, targets) / n  # GPR §4.2; / N keeps the scale of the uniform MTP weights
+    else:
+        weights = torch.full((len(df), n), 1.0 / n)  # GPR §4.1 DEFAULT: uniform w_j, sum_j w_j = 1
+    tokens = tokens_from_logs(df.reset_index(drop=True), tok.table.to("cpu"), schema)
+    dev = torch.device(args.device)
+    return Split(tokens.to(dev), codes.to(dev), [m.to(dev) for m in legal_masks(codes, tok)],
+                 weights.to(dev), targets.ads.to(dev))  # fmt: skip
+
+
+def ensure_inputs(args: Args, out: Path) -> tuple[Path, Path]:
+    """The log and tokenizer paths, collecting / fitting them into ``out`` when not given."""
+    logs = Path(args.logs) if args.logs else out / "logs.parquet"
+    if not args.logs and not logs.is_file():
+        from agents.collect import main as collect_main
+
+        collect_main(["--env", args.env, "--policy", "cascade", "--num-envs", str(args.collect_envs),
+                      "--steps", str(args.collect_steps), "--seed", str(args.seed), "--out", str(logs),
+                      "--no-progress"])  # fmt: skip
+    tok_dir = Path(args.tokenizer) if args.tokenizer else out / "tokenizer"
+    if not args.tokenizer and not (tok_dir / "semantic_ids.pt").is_file():
+        _, meta = read_logs(logs)
+        world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))
+        fit_world_tokenizer(world, "rq-kmeans-plus", FAST_TOKENIZER, seed=args.seed).save(tok_dir)
+    return logs, tok_dir
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def model_config(tok: WorldTokenizer, schema: SchemaConfig, dense_dim: int, args: Args) -> GPRConfig:
+    return GPRConfig(level_sizes=tuple(tok.level_sizes), d_model=args.d_model, n_layers=args.n_layers,
+                     n_heads=2, dense_dim=dense_dim, max_len=schema.seq_len, mtp_heads=args.mtp_heads)  # fmt: skip
+
+
+def save_checkpoint(path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    step: int, stage: str) -> None:  # fmt: skip
+    """Model, optimiser, sampler RNG, step and model config in one file, written atomically."""
+    cfg = dataclasses.asdict(model.cfg)
+    cfg["level_sizes"] = list(cfg["level_sizes"])
+    payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "stage": stage, "step": step, "config": cfg,
+               "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state()}  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
+    """Read a checkpoint (``weights_only``) and check it was written for a model of config ``cfg``.
+
+    Raises:
+        ValueError: naming the file, if it is unreadable, not a pre-training checkpoint, or of another config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a gpr_sim pre-training checkpoint (missing format header)")
+    if payload.get("version") != CKPT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint version {payload.get('version')}, this code reads {CKPT_VERSION}"
+        )
+    want = dataclasses.asdict(cfg)
+    want["level_sizes"] = list(want["level_sizes"])
+    if payload.get("config") != want:
+        diff = sorted(k for k in want if payload.get("config", {}).get(k) != want[k])
+        raise ValueError(f"{path}: checkpoint model config differs from this run's in {diff}")
+    return payload
+
+
+def load_model_state(path: Path, model: GPRModel, state: dict) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: model weights do not fit this model ({e})") from e
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(model: GPRModel, data: Split, trie, args: Args, pop: dict[str, float]) -> dict[str, float]:
+    """eval/loss (weighted MTP NLL over all held-out requests) and ranking metrics of head 0 (module doc)."""
+    model.eval()
+    gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)  # same refiner noise every eval
+    total, n = 0.0, len(data)
+    for lo in range(0, n, 512):
+        idx = torch.arange(lo, min(lo + 512, n), device=args.device)
+        tokens, codes, masks, weights = data.rows(idx)
+        out = model.mtp_loss(tokens, codes, weights, masks, gen)
+        total += float(out.loss_mtp) * idx.numel()
+    has = torch.nonzero(data.ads[:, 0] >= 0).squeeze(1)[: args.eval_requests]
+    tokens = TokenBatch(*(t[has] for t in data.tokens))
+    ranked = model_rankings(model, tokens, trie, args.top_k, args.beam_width, generator=gen)
+    ranks = ranking_metrics(ranked, data.ads[has, 0].cpu())
+    model.train()
+    return {"eval/loss": total / n, **{f"eval/{k}": v for k, v in ranks.items()}, **pop}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train one stage; returns the summary (also written to ``OUT/summary.json``)."""
+    args = parse_args(Args, argv, __doc__)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/pretrain/{args.env}__{args.stage}__{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    logs, tok_dir = ensure_inputs(args, out)
+    write_json(
+        out / "config.json",
+        {**dataclasses.asdict(args), "logs_path": str(logs), "tokenizer_path": str(tok_dir)},
+    )
+
+    # data: one tokenisation of every request, then row-aligned tensors per side of the split
+    df, meta = read_logs(logs)
+    tok = WorldTokenizer.load(tok_dir)
+    schema = SchemaConfig.from_world(WorldConfig.from_dict(meta["world_config"]))
+    held = split_sessions(df["episode_id"].to_numpy(), args.eval_fraction, args.split_seed)
+    train_df, eval_df = df[~held].reset_index(drop=True), df[held].reset_index(drop=True)
+    train, held_out = build_split(train_df, tok, schema, args), build_split(eval_df, tok, schema, args)
+    trie = tok.to(args.device).trie
+    shown = torch.as_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_df["shown_ad"]]))
+    has = held_out.ads[:, 0] >= 0
+    n_rank = min(int(has.sum()), args.eval_requests)
+    pop_ranked = popularity_rankings(shown, tok.num_ads, args.top_k, n_rank)
+    pop_target = held_out.ads[has, 0][:n_rank].cpu()
+    pop = {f"eval/pop_{k}": v for k, v in ranking_metrics(pop_ranked, pop_target).items()}
+
+    # model, optimiser, sampler RNG; resume > init > fresh
+    torch.manual_seed(args.seed)
+    dense_dim = train.tokens.dense_features.shape[-1]
+    model = GPRModel(model_config(tok, schema, dense_dim, args)).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    ckpt, start = out / "checkpoint.pt", 0
+    if ckpt.is_file():
+        state = load_checkpoint(ckpt, model.cfg)
+        if state["stage"] != args.stage:
+            raise ValueError(
+                f"{ckpt}: a {state['stage']} checkpoint, this run is stage {args.stage}: use another --out"
+            )
+        load_model_state(ckpt, model, state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        start = int(state["step"])
+        # metrics logged after the checkpoint belong to the lost tail of the run: drop them
+        rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= start]
+        atomic_write_bytes(out / "metrics.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    elif args.init:
+        load_model_state(Path(args.init), model, load_checkpoint(args.init, model.cfg)["model"])
+    elif args.stage == "vaft":
+        raise ValueError("stage vaft starts from the MTP checkpoint: pass --init PATH")
+
+    metrics_path = out / "metrics.jsonl"
+    if start == 0:
+        metrics_path.unlink(missing_ok=True)
+        first = evaluate(model, held_out, trie, args, pop)
+        append_metrics(metrics_path, {"step": 0, **first})
+    bar = tqdm(range(start, args.steps), desc=f"pretrain {args.stage}", disable=not args.progress)
+    t0, loss = time.perf_counter(), torch.zeros(())
+    for step in bar:
+        idx = torch.randint(0, len(train), (args.batch_size,), generator=gen, device=args.device)
+        tokens, codes, masks, weights = train.rows(idx)
+        out_loss = model.mtp_loss(tokens, codes, weights, masks, gen)
+        opt.zero_grad(set_to_none=True)
+        out_loss.loss.backward()
+        opt.step()
+        loss = out_loss.loss.detach()
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.steps:
+            row = {"step": done, "train/loss": float(loss), "train/loss_mtp": float(out_loss.loss_mtp.detach()),
+                   "train/loss_refine": float(out_loss.loss_refine.detach()),
+                   "perf/steps_per_s": (done - start) / (time.perf_counter() - t0),
+                   **evaluate(model, held_out, trie, args, pop)}  # fmt: skip
+            append_metrics(metrics_path, row)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}", eval=f"{row['eval/loss']:.3f}")
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            save_checkpoint(ckpt, model, opt, gen, done, args.stage)
+
+    rows = read_metrics(metrics_path)
+    summary = {"stage": args.stage, "steps": args.steps, "train_requests": len(train),
+               "eval_requests": len(held_out), "initial": rows[0], "final": rows[-1]}  # fmt: skip
+    write_json(out / "summary.json", summary)
+    k = args.top_k
+    fin = rows[-1]
+    print(f"{out}: eval/loss {rows[0]['eval/loss']:.3f} -> {fin['eval/loss']:.3f}  "
+          f"hitrate@{k} {fin[f'eval/hitrate@{k}']:.3f} (popularity {fin[f'eval/pop_hitrate@{k}']:.3f})  "
+          f"ndcg@{k} {fin[f'eval/ndcg@{k}']:.3f} (popularity {fin[f'eval/pop_ndcg@{k}']:.3f})")  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""MTP targets and VAFT weights from logged requests (GPR §4, stages 1 and 2).
+
+    tgt = mtp_targets(df, num_heads=4)                  # ads (B, N), source rows (B, N), events (B, N)
+    codes = target_paths(tgt.ads, tok)                  # (B, N, L') semantic-ID paths, -1 rows = none
+    w = vaft_weights(df, tgt)                           # (B, N) value weights, mean 1 over real targets
+
+**Targets.** Head j of request r predicts the j-th ad impression of r's session counted from r onward
+(r's own shown ads first, in slot order, then the next requests' by ``step``): head 0 is the ad this
+request showed, or the next one the session showed when r's slots stayed empty. A target past the
+session's last impression is -1 (no target; the loss skips it).
+
+**VAFT weights.** Each target is weighted by the value of the action it records (GPR §4.2):
+
+| deepest event of the target | raw weight |
+|---|---|
+| impression | eCPM |
+| click | eCPM / pCTR |
+| conversion | eCPM / (pCTR * pCVR) |
+
+- eCPM = 1000 x revenue / impressions of the target's request (the GSP price charged per impression);
+  pCTR, pCVR = the logged true ``p_click`` and ``p_conversion`` of that request (clamped to >= 1e-3 so a
+  rare event cannot take the whole batch).
+- The deepest event is the request's (``conversion > 0``, else ``click > 0``, else impression). The log
+  sums clicks over slots, so with several slots every ad of a request gets the request's event and
+  probabilities (exact in the ``small`` preset, which has one slot).
+- Raw weights are divided by their mean over real targets (mean 1), then clipped to [0.1, 10]; after
+  clipping the mean is close to, not exactly, 1. Missing targets get weight 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from gpr_sim.tokenizer.world import WorldTokenizer
+
+EVENT_IMPRESSION, EVENT_CLICK, EVENT_CONVERSION = 1, 2, 3
+MIN_PROB = 1e-3
+"""floor of pCTR and pCVR in the VAFT divisors"""
+CLIP = (0.1, 10.0)
+"""VAFT weights are clipped to this range after normalising to mean 1"""
+
+
+class MTPTargets(NamedTuple):
+    """Per request (in the DataFrame's row order) the next N ad impressions of its session."""
+
+    ads: Tensor  # (B, N) int64 ad index, -1 = no target
+    source_row: Tensor  # (B, N) int64 positional row of the request that showed it, -1 = no target
+
+
+def mtp_targets(df: pd.DataFrame, num_heads: int = 4) -> MTPTargets:
+    """Head j of each request = the j-th ad impression of its session from that request onward.
+
+    Args:
+        df: logged requests with ``episode_id``, ``step`` and the list column ``shown_ad`` (-1 = empty slot).
+        num_heads: N heads.
+
+    Returns:
+        ``MTPTargets`` of (B, N) tensors, rows in ``df`` order.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads={num_heads} is invalid: expected >= 1")
+    b = len(df)
+    episode = df["episode_id"].to_numpy(np.int64)
+    order = np.lexsort((df["step"].to_numpy(np.int64), episode))  # rows sorted by (episode, step)
+    shown = [np.asarray(df["shown_ad"].iloc[i], dtype=np.int64).reshape(-1) for i in order]
+    lens = np.fromiter((s.size for s in shown), dtype=np.int64, count=b)
+    flat = np.concatenate(shown) if b else np.zeros(0, np.int64)  # every slot, session-major, slot order
+    flat_pos = np.repeat(np.arange(b), lens)  # sorted position of the request each slot belongs to
+    real = flat >= 0
+    imp_ad, imp_pos = flat[real], flat_pos[real]  # impressions only, still in session order
+    imp_episode = episode[order][imp_pos]
+    # the first impression at or after each request, then the next N - 1 of the list
+    start = np.searchsorted(imp_pos, np.arange(b), side="left")  # (B,) in sorted order
+    idx = start[:, None] + np.arange(num_heads)[None]  # (B, N)
+    inside = idx < imp_ad.size
+    idx_c = np.minimum(idx, max(imp_ad.size - 1, 0))
+    ok = inside & (imp_episode[idx_c] == episode[order][:, None]) if imp_ad.size else np.zeros_like(inside)
+    ads_sorted = np.where(ok, imp_ad[idx_c] if imp_ad.size else -1, -1)
+    src_sorted = np.where(ok, order[imp_pos[idx_c]] if imp_ad.size else -1, -1)
+    ads = np.empty_like(ads_sorted)
+    src = np.empty_like(src_sorted)
+    ads[order], src[order] = ads_sorted, src_sorted  # back to df row order
+    return MTPTargets(torch.as_tensor(ads), torch.as_tensor(src))
+
+
+def target_paths(ads: Tensor, tok: WorldTokenizer) -> Tensor:
+    """(B, N) ad indices (-1 = none) -> (B, N, L') int64 semantic-ID paths, all -1 where there is none."""
+    paths = tok.paths_of_ads(ads.clamp_min(0).to(tok.device)).cpu()  # (B, N, L')
+    return paths.masked_fill((ads < 0)[..., None], -1)
+
+
+def vaft_raw_weight(ecpm: Tensor, p_click: Tensor, p_conversion: Tensor, event: Tensor) -> Tensor:
+    """Value of one logged action (GPR §4.2), before normalising; all inputs broadcast together.
+
+    impression: eCPM; click: eCPM / pCTR; conversion: eCPM / (pCTR * pCVR) (probabilities floored at
+    ``MIN_PROB``).
+    """
+    ctr = p_click.clamp_min(MIN_PROB)
+    cvr = p_conversion.clamp_min(MIN_PROB)
+    w = torch.where(event >= EVENT_CLICK, ecpm / ctr, ecpm)
+    return torch.where(event >= EVENT_CONVERSION, w / cvr, w)
+
+
+def normalise_weights(raw: Tensor, valid: Tensor) -> Tensor:
+    """Divide by the mean over ``valid`` entries, clip to ``CLIP``; 0 where not valid."""
+    n = valid.sum().clamp_min(1)
+    mean = torch.where(valid, raw, 0.0).sum() / n
+    w = (raw / mean.clamp_min(1e-12)).clamp(*CLIP)
+    return torch.where(valid, w, 0.0)
+
+
+def request_values(df: pd.DataFrame) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per request (B,): eCPM proxy, pCTR, pCVR (float64) and deepest event (int64), see module docstring."""
+    imp = df["impression"].to_numpy(np.float64)
+    ecpm = 1000.0 * df["revenue"].to_numpy(np.float64) / np.maximum(imp, 1.0)
+    event = np.where(df["conversion"].to_numpy() > 0, EVENT_CONVERSION,
+                     np.where(df["click"].to_numpy() > 0, EVENT_CLICK, EVENT_IMPRESSION))  # fmt: skip
+    return (
+        torch.as_tensor(ecpm),
+        torch.as_tensor(df["p_click"].to_numpy(np.float64, copy=True)),
+        torch.as_tensor(df["p_conversion"].to_numpy(np.float64, copy=True)),
+        torch.as_tensor(event.astype(np.int64)),
+    )
+
+
+def vaft_weights(df: pd.DataFrame, targets: MTPTargets) -> Tensor:
+    """(B, N) float32 VAFT weight of every target (module docstring); 0 where there is no target."""
+    ecpm, ctr, cvr, event = request_values(df)
+    src = targets.source_row.clamp_min(0)
+    raw = vaft_raw_weight(ecpm[src], ctr[src], cvr[src], event[src])  # (B, N)
+    return normalise_weights(raw, targets.source_row >= 0).float()
+
+
+__all__ = [
+    "MTPTargets",
+    "mtp_targets",
+    "target_paths",
+    "vaft_raw_weight",
+    "normalise_weights",
+    "request_values",
+    "vaft_weights",
+    "EVENT_IMPRESSION",
+    "EVENT_CLICK",
+    "EVENT_CONVERSION",
+    "MIN_PROB",
+    "CLIP",
+]

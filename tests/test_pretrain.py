@@ -1,0 +1,209 @@
+"""MTP targets, VAFT weights, offline ranking metrics and the pre-training CLI (resume, bad checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agents import pretrain
+from agents.runs import read_metrics
+from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
+from gpr_sim.model.targets import (
+    MTPTargets,
+    mtp_targets,
+    normalise_weights,
+    vaft_raw_weight,
+    vaft_weights,
+)
+
+
+def _frame() -> pd.DataFrame:
+    """Two sessions, rows deliberately out of order; two slots per request (-1 = empty slot).
+
+    session 7: step 0 shows [5, -1], step 1 shows [-1, -1], step 2 shows [8, 9]
+    session 3: step 0 shows [2, 4], step 1 shows [-1, 6]
+    """
+    return pd.DataFrame(
+        {
+            "episode_id": [7, 3, 7, 3, 7],
+            "step": [2, 1, 0, 0, 1],
+            "shown_ad": [[8, 9], [-1, 6], [5, -1], [2, 4], [-1, -1]],
+            "impression": [2, 1, 1, 2, 0],
+            "revenue": [0.4, 0.3, 0.1, 0.2, 0.0],
+            "click": [1, 0, 0, 1, 0],
+            "conversion": [1, 0, 0, 0, 0],
+            "p_click": [0.1, 0.2, 0.05, 0.5, 0.0],
+            "p_conversion": [0.2, 0.1, 0.1, 0.4, 0.0],
+        }
+    )
+
+
+def test_mtp_targets_by_hand():
+    t = mtp_targets(_frame(), num_heads=3)
+    # session 7 impressions in order: 5 (row 2), 8, 9 (row 0); session 3: 2, 4 (row 3), 6 (row 1)
+    expected_ads = [
+        [8, 9, -1],  # row 0: session 7 step 2 -> its own two ads, then the session ends
+        [6, -1, -1],  # row 1: session 3 step 1 -> 6
+        [5, 8, 9],  # row 2: session 7 step 0 -> 5, then step 2's 8, 9 (step 1 showed nothing)
+        [2, 4, 6],  # row 3: session 3 step 0
+        [8, 9, -1],  # row 4: session 7 step 1 showed nothing -> the next impressions 8, 9
+    ]
+    expected_src = [[0, 0, -1], [1, -1, -1], [2, 0, 0], [3, 3, 1], [0, 0, -1]]
+    assert t.ads.tolist() == expected_ads
+    assert t.source_row.tolist() == expected_src
+
+
+def test_vaft_raw_weight_arithmetic():
+    ecpm = torch.tensor([200.0, 200.0, 200.0, 200.0])
+    ctr = torch.tensor([0.1, 0.1, 0.1, 0.0])
+    cvr = torch.tensor([0.2, 0.2, 0.2, 0.2])
+    event = torch.tensor([1, 2, 3, 3])
+    w = vaft_raw_weight(ecpm, ctr, cvr, event)
+    # impression 200; click 200 / 0.1 = 2000; conversion 200 / (0.1 * 0.2) = 10000;
+    # pCTR 0 is floored at 1e-3: 200 / (1e-3 * 0.2) = 1e6
+    torch.testing.assert_close(w, torch.tensor([200.0, 2000.0, 10000.0, 1e6]))
+
+
+def test_normalise_weights_mean_one_then_clip():
+    raw = torch.tensor([1.0, 2.0, 3.0, 100.0, 0.001])
+    valid = torch.tensor([True, True, True, False, True])
+    w = normalise_weights(raw, valid)
+    # mean over valid = (1 + 2 + 3 + 0.001) / 4 = 1.50025; 0.001 / 1.50025 = 6.7e-4 -> clipped to 0.1
+    mean = 6.001 / 4
+    torch.testing.assert_close(w, torch.tensor([1 / mean, 2 / mean, 3 / mean, 0.0, 0.1]))
+
+
+def test_vaft_weights_on_frame():
+    df = _frame()
+    t = mtp_targets(df, num_heads=2)
+    w = vaft_weights(df, t)
+    # per source row: eCPM = 1000 revenue / impressions, then the event's divisor
+    #   row 0: 1000*0.4/2 = 200, conversion -> 200 / (0.1 * 0.2) = 10000
+    #   row 1: 300, impression -> 300;  row 2: 100 -> 100;  row 3: 100, click -> 100 / 0.5 = 200
+    raw = {0: 10000.0, 1: 300.0, 2: 100.0, 3: 200.0}
+    src = t.source_row
+    vals = [raw[int(s)] for s in src[src >= 0]]
+    mean = sum(vals) / len(vals)
+    expected = torch.zeros(5, 2)
+    expected[src >= 0] = torch.tensor([min(max(v / mean, 0.1), 10.0) for v in vals])
+    torch.testing.assert_close(w, expected)
+    assert isinstance(t, MTPTargets)
+
+
+def test_ranking_metrics_by_hand():
+    ranked = torch.tensor([[3, 1, 2], [5, 6, 7], [9, 8, 0]])
+    target = torch.tensor([1, 4, 9])
+    m = ranking_metrics(ranked, target)
+    # hits: row 0 at rank 1, row 2 at rank 0 -> 2/3; nDCG = (1/log2(3) + 1/log2(2)) / 3
+    assert m["hitrate@3"] == pytest.approx(2 / 3)
+    assert m["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1.0) / 3)
+
+
+def test_popularity_rankings_ties_lower_index_first():
+    shown = torch.tensor([4, 4, 2, 2, 7, -1, 1])
+    top = popularity_rankings(shown, num_ads=8, top_k=3, batch_size=2)
+    assert top.tolist() == [[2, 4, 1], [2, 4, 1]]
+
+
+# ----------------------------------------------------------------------------- the CLI end to end
+
+FAST = ["--collect-envs", "32", "--collect-steps", "40", "--d-model", "32", "--n-layers", "1", "--batch-size", "64",
+        "--lr", "3e-3", "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mtp_run(tmp_path_factory):
+    """One short MTP run that collects its own log and fits its own tokenizer."""
+    out = tmp_path_factory.mktemp("mtp")
+    summary = pretrain.main(["--out", str(out), "--steps", "60", "--eval-every", "30", "--checkpoint-every", "30",
+                             *FAST])  # fmt: skip
+    return out, summary
+
+
+def test_pretrain_lowers_heldout_loss_and_ranks(mtp_run):
+    out, summary = mtp_run
+    assert (out / "logs.parquet").is_file() and (out / "tokenizer" / "semantic_ids.pt").is_file()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 30, 60]
+    first, last = rows[0], rows[-1]
+    assert last["eval/loss"] < first["eval/loss"]
+    # an untrained head ranks almost nothing; after 60 steps it finds the next ad for a share of requests
+    assert last["eval/hitrate@10"] > first["eval/hitrate@10"]
+    # measured (see report): at this size the model is about level with the popularity baseline, not
+    # reliably above it, so only "the model learned a ranking comparable to popularity" is asserted
+    assert last["eval/hitrate@10"] > 0.5 * last["eval/pop_hitrate@10"]
+    assert summary["final"]["step"] == 60
+
+
+def test_resume_continues_and_matches_straight_run(mtp_run, tmp_path):
+    src, _ = mtp_run
+    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--eval-every", "10",
+              "--checkpoint-every", "10", "--eval-requests", "50", *FAST[4:]]  # fmt: skip
+    straight = tmp_path / "straight"
+    pretrain.main(["--out", str(straight), "--steps", "20", *common])
+    resumed = tmp_path / "resumed"
+    pretrain.main(["--out", str(resumed), "--steps", "10", *common])
+    state = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 10
+    pretrain.main(["--out", str(resumed), "--steps", "20", *common])
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [0, 10, 20]
+    # the sampler RNG, optimiser state and weights are restored: the same losses, step for step
+    np.testing.assert_allclose([r["train/loss"] for r in b[1:]], [r["train/loss"] for r in a[1:]], rtol=1e-5)
+    np.testing.assert_allclose(b[-1]["eval/loss"], a[-1]["eval/loss"], rtol=1e-5)
+
+
+def test_vaft_starts_from_mtp_checkpoint(mtp_run, tmp_path):
+    src, _ = mtp_run
+    out = tmp_path / "vaft"
+    args = ["--stage", "vaft", "--init", str(src / "checkpoint.pt"), "--logs", str(src / "logs.parquet"),
+            "--tokenizer", str(src / "tokenizer"), "--out", str(out), "--steps", "5", "--eval-every", "5",
+            *FAST[4:]]  # fmt: skip
+    pretrain.main(args)
+    rows = read_metrics(out / "metrics.jsonl")
+    mtp_rows = read_metrics(src / "metrics.jsonl")
+    # step 0 of VAFT is the trained MTP model: same weights, same held-out rows and eval noise, so the
+    # same rankings as the end of the MTP run (the loss differs: VAFT weighs the targets)
+    assert rows[0]["eval/hitrate@10"] == mtp_rows[-1]["eval/hitrate@10"]
+    assert rows[0]["eval/ndcg@10"] == mtp_rows[-1]["eval/ndcg@10"]
+    assert rows[-1]["step"] == 5
+    no_init = [a for a in args if a not in ("--init", str(src / "checkpoint.pt"))]
+    no_init[no_init.index(str(out))] = str(tmp_path / "no_init")
+    with pytest.raises(ValueError, match="--init"):
+        pretrain.main(no_init)
+
+
+def test_corrupted_or_mismatched_checkpoint_raises(mtp_run, tmp_path):
+    src, _ = mtp_run
+    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--steps", "2",
+              "--eval-requests", "20", *FAST[4:]]  # fmt: skip
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        pretrain.main(["--out", str(bad), *common])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((src / "checkpoint.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"checkpoint\.pt.*d_model"):
+        pretrain.main(["--out", str(other), *common, "--d-model", "16"])
+
+
+def test_config_json_written(mtp_run):
+    out, _ = mtp_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["stage"] == "mtp" and cfg["d_model"] == 32
+
+
+def test_split_is_by_session_and_deterministic():
+    episode = np.repeat(np.arange(50), 3)  # 50 sessions of 3 requests
+    held = pretrain.split_sessions(episode, 0.2, seed=0)
+    assert held.sum() == 10 * 3  # round(0.2 * 50) = 10 sessions held out, whole
+    for e in range(50):
+        assert len(set(held[episode == e])) == 1  # a session is never split
+    np.testing.assert_array_equal(held, pretrain.split_sessions(episode, 0.2, seed=0))
