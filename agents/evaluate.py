@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import envs  # noqa: F401  (registers ads-v0)
 from agents import cli
+from agents.gpr_policy import gpr_factory
 from agents.policies import make_policy
 from agents.runs import atomic_write_bytes, read_json, write_json
 from envs import resolve_config
@@ -59,6 +60,7 @@ AGENTS: dict[str, AgentFactory] = {
 
 AGENT_FAMILIES: dict[str, Callable[[str], AgentFactory]] = {}
 """Parametrised agents named ``FAMILY:ARG``: ``AGENT_FAMILIES[FAMILY](ARG)`` is the factory (e.g. ``gpr:PATH``)."""
+AGENT_FAMILIES["gpr"] = gpr_factory
 
 PREFIX = "eval/"
 CHECK_EVERY = 8  # steps between host syncs that update the progress bar and test for completion

@@ -212,15 +212,16 @@ def save_checkpoint(path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
-    """Read a checkpoint (``weights_only``) and check it was written for a model of config ``cfg``.
+def read_checkpoint(path: str | Path) -> dict:
+    """Read a pre-training checkpoint safely (``weights_only``) and check its header.
 
     Raises:
-        ValueError: naming the file, if it is unreadable, not a pre-training checkpoint, or of another config.
+        ValueError: naming the file, if it is missing, unreadable, not a pre-training checkpoint, of
+            another format version, or lacks the model config or weights.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here")
+        raise ValueError(f"{path}: no checkpoint here (expected an agents.pretrain run folder)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
@@ -231,10 +232,18 @@ def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
         raise ValueError(
             f"{path}: checkpoint version {payload.get('version')}, this code reads {CKPT_VERSION}"
         )
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("model"), dict):
+        raise ValueError(f"{path}: checkpoint lacks the model config or weights")
+    return payload
+
+
+def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
+    """``read_checkpoint`` plus a check that it was written for a model of config ``cfg``."""
+    payload = read_checkpoint(path)
     want = dataclasses.asdict(cfg)
     want["level_sizes"] = list(want["level_sizes"])
-    if payload.get("config") != want:
-        diff = sorted(k for k in want if payload.get("config", {}).get(k) != want[k])
+    if payload["config"] != want:
+        diff = sorted(k for k in want if payload["config"].get(k) != want[k])
         raise ValueError(f"{path}: checkpoint model config differs from this run's in {diff}")
     return payload
 
