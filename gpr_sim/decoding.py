@@ -106,6 +106,21 @@ def _has_eligible(trie: PrefixTrie, counts: Tensor, nodes: Tensor, depth: int) -
     return counts.gather(1, hi) > counts.gather(1, lo)
 
 
+def _children(trie: PrefixTrie, node: Tensor, depth: int) -> Tensor:
+    """(B, w) node ids at ``depth`` (-1 = padding beam) -> (B*w, K_depth) int64 child ids, -1 = none.
+
+    Same as ``trie.next_node`` on every (beam, code) pair, but a dense level is one row gather of its
+    child table instead of (B*w*K)-long repeated node and code vectors.
+    """
+    flat = node.flatten()
+    table = trie.children[depth]
+    if table is None:  # binary-search level
+        k = trie.level_sizes[depth]
+        codes = torch.arange(k, device=flat.device).repeat(flat.shape[0])
+        return trie.next_node(flat.repeat_interleave(k), codes, depth).view(-1, k)
+    return table[flat.clamp_min(0)].long().masked_fill((flat < 0)[:, None], -1)
+
+
 def _leaf_items(trie: PrefixTrie, counts: Tensor | None, leaves: Tensor) -> Tensor:
     """(B, K) leaf node ids (-1 = none) -> (B, K) item: the first *eligible* item under each leaf.
 
@@ -183,9 +198,7 @@ def beam_search(
         if logits.shape != (b * w, k):
             raise ValueError(f"step_fn returned {tuple(logits.shape)} at level {d}, expected {(b * w, k)}")
         # children of every (beam, code): -1 where the trie has none or the beam is padding
-        child = trie.next_node(
-            node.repeat_interleave(k, 1).flatten(), torch.arange(k, device=dev).repeat(b * w), d
-        ).view(b, w * k)
+        child = _children(trie, node, d).view(b, w * k)
         legal = child >= 0
         if counts is not None:
             legal &= _has_eligible(trie, counts, child.clamp_min(0), d + 1)

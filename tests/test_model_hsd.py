@@ -191,3 +191,93 @@ def test_mor_gates_straight_through():
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(TINY, **{field: value})
+
+
+# -- token-aware FFN without data-dependent shapes (grouped / chunked vs the boolean-indexing loop) ----------
+from gpr_sim.model.hsd import TypedFFN  # noqa: E402
+
+
+def _ffn_inputs(b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, TINY.d_model, generator=gen)
+    types = torch.randint(0, 4, (b, t), generator=gen)
+    return x, types
+
+
+@pytest.mark.parametrize("impl", ["chunked", "grouped"])
+@pytest.mark.parametrize(("b", "t"), [(1, 1), (3, 7), (5, 40), (2, 300)])
+def test_typed_ffn_impls_match_the_loop(impl, b, t):
+    torch.manual_seed(0)
+    ffn = TypedFFN(TINY.d_model, 2 * TINY.d_model, 4)
+    x, types = _ffn_inputs(b, t)
+    types[0, 0] = 2  # a type may also be missing entirely (t=1)
+    with torch.no_grad():
+        ffn.impl = "loop"
+        want = ffn(x, types)
+        ffn.impl = impl
+        got = ffn(x, types)
+    assert got.shape == want.shape
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_typed_ffn_chunked_gradients_match_the_loop():
+    torch.manual_seed(0)
+    ffn = TypedFFN(TINY.d_model, 2 * TINY.d_model, 4)
+    x, types = _ffn_inputs(4, 9, seed=1)
+    grads = {}
+    for impl in ("loop", "chunked"):
+        ffn.impl = impl
+        ffn.zero_grad()
+        xi = x.clone().requires_grad_()
+        (ffn(xi, types) ** 2).sum().backward()
+        grads[impl] = [xi.grad] + [p.grad.clone() for p in ffn.parameters()]
+    for a, b in zip(grads["loop"], grads["chunked"], strict=True):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_typed_ffn_keeps_checkpoint_keys():
+    keys = set(TypedFFN(8, 16, 4).state_dict())
+    want = {f"mlps.{t}.{layer}.{p}" for t in range(4) for layer in ("fc", "proj") for p in ("weight", "bias")}
+    assert keys == want
+
+
+@pytest.mark.parametrize("impl", ["chunked", "grouped"])
+def test_hsd_forward_same_for_every_ffn_impl(impl, monkeypatch):
+    torch.manual_seed(0)
+    hsd = HSD(TINY).eval()
+    tokens = make_tokens(layout(4, 5), 3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        monkeypatch.setattr(TypedFFN, "impl", "loop")
+        want = hsd(tokens).hidden
+        monkeypatch.setattr(TypedFFN, "impl", impl)
+        got = hsd(tokens).hidden
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_typed_ffn_rejects_unknown_impl():
+    ffn = TypedFFN(8, 16, 4)
+    ffn.impl = "nope"
+    with pytest.raises(ValueError, match="impl"):
+        ffn(torch.randn(1, 3, 8), torch.zeros(1, 3, dtype=torch.int64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_typed_ffn_auto_has_no_host_sync_on_gpu(dtype):
+    torch.manual_seed(0)
+    ffn = TypedFFN(64, 128, 4).cuda()
+    x = torch.randn(8, 40, 64, device="cuda")
+    types = torch.randint(0, 4, (8, 40), device="cuda")
+    with torch.no_grad():
+        ffn.impl = "loop"
+        want = ffn(x, types)
+        ffn.impl = "auto"
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                got = ffn(x, types)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert_close(got.float(), want, atol=tol, rtol=tol)

@@ -86,22 +86,127 @@ class MLP(nn.Module):
 
 
 class TypedFFN(nn.Module):
-    """One MLP per token type; a loop over the (<= 4) types, each applied to its own tokens only."""
+    """One MLP per token type, each applied to its own tokens only, with no data-dependent shapes.
+
+    Parameters are ``mlps[t].fc`` / ``mlps[t].proj`` (one ``MLP`` per type, as before: checkpoints load
+    unchanged). Tokens are sorted by type once (static N), then both matmuls run per type group:
+
+    | ``impl`` | how | used by ``"auto"`` |
+    |---|---|---|
+    | ``"grouped"`` | ``F.grouped_mm`` over the sorted tokens, group ends on device | CUDA, bf16, SM >= 9.0 |
+    | ``"chunked"`` | sorted tokens in a padded (G, c, C) buffer, each chunk one type; ``bmm`` with the chunk's type weights | other CUDA |
+    | ``"loop"`` | boolean indexing per type (one host sync per type on GPU; the reference) | CPU |
+
+    ``"chunked"``: every type's segment starts at a chunk boundary, so G = (N + n_types (c - 1)) // c chunks
+    always suffice (a shape known from N alone); c ~ N / ``target_chunks`` keeps the padding below
+    n_types / target_chunks of the FLOPs and the gathered weights at G small (G, C, H) copies.
+    No host sync in ``"grouped"`` (fast path) or ``"chunked"``: both are ``torch.compile``-friendly.
+    """
+
+    impl: str = "auto"
+    """class default; set ``TypedFFN.impl`` (or an instance's) to force ``grouped``/``chunked``/``loop``"""
+    target_chunks: int = 128
 
     def __init__(self, d: int, hidden: int, n_types: int) -> None:
         super().__init__()
         self.mlps = nn.ModuleList(MLP(d, hidden) for _ in range(n_types))
 
+    def resolve_impl(self, x: Tensor) -> str:
+        """The implementation ``forward`` uses for ``x`` (``impl``, with ``"auto"`` decided by device/dtype)."""
+        if self.impl != "auto":
+            return self.impl
+        if x.device.type != "cuda":
+            return "loop"  # no sync cost on CPU and the fewest FLOPs
+        if _compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
+            return "grouped"  # CUTLASS grouped GEMM; other dtypes/GPUs fall back to a host loop in aten
+        return "chunked"
+
     def forward(self, x: Tensor, type_ids: Tensor) -> Tensor:
         if len(self.mlps) == 1:
             return self.mlps[0](x)
+        impl = self.resolve_impl(x)
+        if impl == "loop":
+            return self._forward_loop(x, type_ids)
+        shape = x.shape
+        xf, tf = x.reshape(-1, shape[-1]), type_ids.reshape(-1)  # (N, C), (N,)
+        if impl == "grouped":
+            out = self._forward_grouped(xf, tf)
+        elif impl == "chunked":
+            out = self._forward_chunked(xf, tf)
+        else:
+            raise ValueError(f"TypedFFN.impl={impl!r} is invalid: expected auto, grouped, chunked or loop")
+        return out.view(shape)
+
+    def _forward_loop(self, x: Tensor, type_ids: Tensor) -> Tensor:
         out = torch.zeros_like(x)  # (B, T, C)
         for t, mlp in enumerate(self.mlps):
-            sel = type_ids == t  # (B, T)
-            # (n_t, C): only this type's tokens pay for this type's FFN (boolean indexing costs one host
-            # sync per type on GPU; a grouped GEMM would avoid it)
-            out[sel] = mlp(x[sel])
+            sel = type_ids == t  # (B, T); (n_t, C) below: one host sync per type on GPU
+            out[sel] = mlp(x[sel]).to(out.dtype)
         return out
+
+    def _stacked(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(n, H, C), (n, H), (n, C, H), (n, C) per-type fc/proj weights and biases."""
+        fc_w = torch.stack([m.fc.weight for m in self.mlps])
+        fc_b = torch.stack([m.fc.bias for m in self.mlps])
+        pr_w = torch.stack([m.proj.weight for m in self.mlps])
+        pr_b = torch.stack([m.proj.bias for m in self.mlps])
+        return fc_w, fc_b, pr_w, pr_b
+
+    def _sort(self, tf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N,) types -> sorted types, permutation (sorted -> original), (n_types,) counts; all on device."""
+        n_types = len(self.mlps)
+        st, perm = torch.sort(tf, stable=True)
+        counts = (tf[:, None] == torch.arange(n_types, device=tf.device)).sum(0)  # no bincount: it syncs
+        return st, perm, counts
+
+    def _forward_grouped(self, xf: Tensor, tf: Tensor) -> Tensor:
+        dt = _compute_dtype(xf)
+        st, perm, counts = self._sort(tf)
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (n_types,) group ends
+        fc_w, fc_b, pr_w, pr_b = (p.to(dt) for p in self._stacked())
+        xs = xf.index_select(0, perm).to(dt)  # (N, C) grouped by type
+        h = F.grouped_mm(xs, fc_w.transpose(1, 2), offs=offs) + fc_b.index_select(0, st)  # (N, H)
+        y = F.grouped_mm(F.gelu(h), pr_w.transpose(1, 2), offs=offs) + pr_b.index_select(0, st)  # (N, C)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y.index_select(0, inv)  # in the compute dtype, as an autocast Linear would return
+
+    def _forward_chunked(self, xf: Tensor, tf: Tensor) -> Tensor:
+        n, c_dim = xf.shape
+        n_types = len(self.mlps)
+        dev = xf.device
+        c = max(16, -(-n // self.target_chunks))
+        c = -(-c // 16) * 16  # chunk length, a multiple of 16
+        g = (n + n_types * (c - 1)) // c  # chunks that always suffice
+        st, perm, counts = self._sort(tf)
+        start = torch.cumsum(counts, 0) - counts  # (n_types,) first sorted position of each type
+        padded = (counts + c - 1) // c * c
+        pend = torch.cumsum(padded, 0)
+        pstart = pend - padded  # (n_types,) first buffer slot of each type
+        slot = torch.arange(g * c, device=dev)
+        chunk_type = torch.searchsorted(pend, torch.arange(g, device=dev) * c, right=True)  # (G,)
+        chunk_type = chunk_type.clamp_max(n_types - 1)  # chunks past the last type: padding
+        slot_type = chunk_type.repeat_interleave(c)  # (G*c,)
+        rel = slot - pstart[slot_type]
+        valid = (rel >= 0) & (rel < counts[slot_type])
+        src = perm[(start[slot_type] + rel).clamp(0, n - 1)]  # (G*c,) original token of each slot
+        xb = xf.index_select(0, src) * valid[:, None].to(xf.dtype)  # (G*c, C), padding rows 0
+        # buffer slot of every original token: sorted position i -> pstart[type] + (i - start[type])
+        dest_sorted = pstart[st] + torch.arange(n, device=dev) - start[st]
+        dest = torch.empty_like(dest_sorted)
+        dest[perm] = dest_sorted
+        fc_w, fc_b, pr_w, pr_b = self._stacked()
+        ct = chunk_type
+        h = torch.baddbmm(fc_b[ct][:, None], xb.view(g, c, c_dim), fc_w[ct].transpose(1, 2))  # (G, c, H)
+        y = torch.baddbmm(pr_b[ct][:, None], F.gelu(h), pr_w[ct].transpose(1, 2))  # (G, c, C)
+        return y.reshape(g * c, c_dim).index_select(0, dest)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype when autocast is on for its device."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class LayerCache(NamedTuple):
