@@ -151,7 +151,9 @@ def make_env(args: Args):
     )  # fmt: skip
 
 
-def collect_sessions(env, policy, sessions_per_slot: int, seed: int, desc: str = "") -> tuple[pd.DataFrame, int]:
+def collect_sessions(
+    env, policy, sessions_per_slot: int, seed: int, desc: str = "", progress: bool = True
+) -> tuple[pd.DataFrame, int]:
     """Run ``policy`` from ``env.reset(seed)`` until every slot has ``sessions_per_slot`` sessions.
 
     Returns the session records and the number of env steps taken.
@@ -160,7 +162,7 @@ def collect_sessions(env, policy, sessions_per_slot: int, seed: int, desc: str =
     obs, _ = env.reset(seed=seed)
     acc = SessionAccumulator(env.num_envs, engine.world.user_activity, sessions_per_slot)
     limit = sessions_per_slot * engine.config.max_steps  # a session is truncated at max_steps at the latest
-    bar = tqdm(total=env.num_envs * sessions_per_slot, desc=desc, unit="session", leave=False)
+    bar = tqdm(total=env.num_envs * sessions_per_slot, desc=desc, unit="session", leave=False, disable=not progress)
     steps = 0
     with torch.no_grad():
         while steps < limit:

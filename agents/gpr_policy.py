@@ -1,6 +1,9 @@
-"""The pre-trained GPR generator (``agents.pretrain`` run folder) as a policy: ``act(obs) -> PolicyOutput``.
+"""The GPR generator of a run folder as a policy: ``act(obs) -> PolicyOutput``.
 
-    python -m agents.evaluate --env ads-v0 --agents cascade,gpr:runs/pretrain/mtp
+    python -m agents.evaluate --env ads-v0 --agents cascade,gpr:runs/pretrain/mtp,gpr:runs/hepo/RUN
+
+A run folder is an ``agents.pretrain`` one (``checkpoint.pt``) or an RL one from ``agents.hepo``
+(``policy.pt``, the model alone); either names its tokenizer in ``config.json``.
 
 Per request batch: tokens from the observation (``tokens_from_obs``) -> the model's context (eval mode,
 no grad) -> trie-constrained beam search over the ad trie with head 0, restricted to the ads the market
@@ -16,13 +19,16 @@ in the empty slots; a row with no eligible item at all (every budget spent) gets
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import pickle
 from pathlib import Path
 
 import torch
 
 from agents.policies import PolicyOutput, _market
 from agents.pretrain import read_checkpoint
+from agents.runs import atomic_write_bytes
 from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
@@ -44,12 +50,88 @@ def _tokenizer_dir(run_dir: Path) -> Path:
     return run_dir / "tokenizer"
 
 
+POLICY_FORMAT = "gpr_sim.policy"
+POLICY_VERSION = 1
+"""``policy.pt``: model config + weights only, written by the RL learners (``agents.hepo``)"""
+
+
+def model_from_payload(path: Path, payload: dict) -> GPRModel:
+    """A CPU ``GPRModel`` from a checkpoint payload's ``config`` and ``model`` entries, with errors naming ``path``."""
+    raw = dict(payload["config"])
+    try:
+        raw["level_sizes"] = tuple(raw["level_sizes"])
+        names = {f.name for f in dataclasses.fields(GPRConfig)}
+        cfg = GPRConfig(**{k: v for k, v in raw.items() if k in names})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad model config in checkpoint ({e})") from e
+    model = GPRModel(cfg)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: model weights do not fit the model config ({e})") from e
+    return model
+
+
+def save_policy(path: Path, model: GPRModel) -> None:
+    """Write ``policy.pt`` (format header, model config, weights) atomically."""
+    cfg = dataclasses.asdict(model.cfg)
+    cfg["level_sizes"] = list(cfg["level_sizes"])
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": POLICY_FORMAT, "version": POLICY_VERSION, "config": cfg, "model": state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_policy(path: Path) -> dict:
+    """Read ``policy.pt`` safely (``weights_only``) and check its header; errors name the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable policy file ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
+        raise ValueError(f"{path}: not a gpr_sim policy file (missing format header)")
+    if payload.get("version") != POLICY_VERSION:
+        raise ValueError(f"{path}: policy file version {payload.get('version')}, this code reads {POLICY_VERSION}")
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("model"), dict):
+        raise ValueError(f"{path}: policy file lacks the model config or weights")
+    return payload
+
+
+def load_run_model(run_dir: str | Path) -> tuple[GPRModel, WorldTokenizer]:
+    """The generator and tokenizer of a run folder: ``policy.pt`` (RL runs) or ``checkpoint.pt`` (pre-training).
+
+    Raises:
+        ValueError: naming the path, if the folder, model file or tokenizer is missing or unreadable, or
+            the model does not fit the tokenizer.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run}: not a run folder (expected agents.pretrain or agents.hepo output)")
+    if (run / "policy.pt").is_file():
+        path, payload = run / "policy.pt", read_policy(run / "policy.pt")
+    else:
+        path = run / "checkpoint.pt"
+        payload = read_checkpoint(path)
+    tok_dir = _tokenizer_dir(run)
+    try:
+        tok = WorldTokenizer.load(tok_dir)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    model = model_from_payload(path, payload)
+    if tuple(model.cfg.level_sizes) != tuple(tok.level_sizes):
+        raise ValueError(
+            f"{path}: model level sizes {list(model.cfg.level_sizes)} differ from the tokenizer's "
+            f"{list(tok.level_sizes)} in {tok_dir}"
+        )
+    return model, tok
+
+
 class GPRPolicy:
-    """Top-K eligible ads by beam search with a pre-trained ``GPRModel`` (module doc).
+    """Top-K eligible ads by beam search with a ``GPRModel`` (module doc).
 
     Args:
         env: an ads-v0 env (vector or single) or its ``BatchedMarket``; the model runs on its device.
-        run_dir: an ``agents.pretrain`` run folder (``checkpoint.pt``, ``config.json``, its tokenizer).
+        run_dir: an ``agents.pretrain`` or ``agents.hepo`` run folder (``load_run_model``).
         beam_width: beams per level; raised to ``num_candidates`` when smaller.
         seed: seed of the refiner noise generator.
 
@@ -59,56 +141,43 @@ class GPRPolicy:
     """
 
     def __init__(self, env, run_dir: str | Path, beam_width: int = 8, seed: int = 0):
+        model, tok = load_run_model(run_dir)
+        self._setup(env, model, tok, beam_width, seed, where=Path(run_dir))
+
+    @classmethod
+    def from_model(cls, env, model: GPRModel, tokenizer: WorldTokenizer, beam_width: int = 8, seed: int = 0):
+        """A policy over an in-memory model (e.g. during training); the model is used as is, not copied."""
+        policy = cls.__new__(cls)
+        policy._setup(env, model, tokenizer, beam_width, seed, where="model")
+        return policy
+
+    def _setup(self, env, model: GPRModel, tok: WorldTokenizer, beam_width: int, seed: int, where) -> None:
         self.market = _market(env)
         self.device = torch.device(self.market.device)
         world = self.market.world
         self.k = int(world.config.num_candidates)
         self.beam_width = max(int(beam_width), self.k)
-        run = Path(run_dir)
-        if not run.is_dir():
-            raise ValueError(f"{run}: not a run folder (expected agents.pretrain output with checkpoint.pt)")
-        ckpt = run / "checkpoint.pt"
-        payload = read_checkpoint(ckpt)
-        tok_dir = _tokenizer_dir(run)
-        try:
-            tok = WorldTokenizer.load(tok_dir)
-        except FileNotFoundError as e:
-            raise ValueError(str(e)) from e
         try:
             tok.check_world(world)
         except ValueError as e:
-            raise ValueError(f"{tok_dir}: {e}") from e
+            raise ValueError(f"{where}: tokenizer: {e}") from e
         self.tokenizer = tok.to(self.device)
         self.schema = SchemaConfig.from_world(world.config)
-        raw = dict(payload["config"])
-        try:
-            raw["level_sizes"] = tuple(raw["level_sizes"])
-            names = {f.name for f in dataclasses.fields(GPRConfig)}
-            cfg = GPRConfig(**{k: v for k, v in raw.items() if k in names})
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{ckpt}: bad model config in checkpoint ({e})") from e
-        if tuple(cfg.level_sizes) != tuple(self.tokenizer.level_sizes):
+        if model.cfg.max_len != self.schema.seq_len:
             raise ValueError(
-                f"{ckpt}: model level sizes {list(cfg.level_sizes)} differ from the tokenizer's "
-                f"{list(self.tokenizer.level_sizes)} in {tok_dir}"
+                f"{where}: model max_len={model.cfg.max_len}, this world's token layout has {self.schema.seq_len}"
             )
-        if cfg.max_len != self.schema.seq_len:
-            raise ValueError(
-                f"{ckpt}: model max_len={cfg.max_len}, this world's token layout has {self.schema.seq_len}"
-            )
-        model = GPRModel(cfg)
-        try:
-            model.load_state_dict(payload["model"])
-        except RuntimeError as e:
-            raise ValueError(f"{ckpt}: model weights do not fit the model config ({e})") from e
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.no_grad()
     def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
         tokens = tokens_from_obs(obs, self.tokenizer.table, self.schema, check=False).to(self.device)
         n = tokens.token_ids.shape[0]
+        was_training = self.model.training
+        self.model.eval()
         ctx = self.model.context(tokens, self.generator)
+        self.model.train(was_training)
         step_fn, _ = self.model.beam_fns(ctx)
         eligible = self.market.eligible_ads().to(self.device)
         res = beam_search(step_fn, self.tokenizer.trie, batch_size=n, beam_width=self.beam_width, top_k=self.k,
@@ -125,10 +194,11 @@ def gpr_factory(run_dir: str):
     A folder without ``checkpoint.pt`` is rejected here, so ``agents.evaluate`` fails on its arguments
     before any agent runs; the checkpoint and tokenizer themselves are read (and checked) by the factory.
     """
-    if not (Path(run_dir) / "checkpoint.pt").is_file():
+    run = Path(run_dir)
+    if not ((run / "checkpoint.pt").is_file() or (run / "policy.pt").is_file()):
         raise ValueError(
-            f"unknown agent 'gpr:{run_dir}': {Path(run_dir) / 'checkpoint.pt'} does not exist "
-            "(expected an agents.pretrain run folder)"
+            f"unknown agent 'gpr:{run_dir}': neither {run / 'policy.pt'} nor {run / 'checkpoint.pt'} exists "
+            "(expected an agents.hepo or agents.pretrain run folder)"
         )
 
     def factory(env, seed: int) -> GPRPolicy:

@@ -51,10 +51,15 @@ class GPRModel(nn.Module):
         """HSD intent embeddings (B, T, C) and KV cache (see ``gpr_sim.model.hsd``)."""
         return self.hsd(tokens, cache)
 
-    def context(self, tokens: TokenBatch, generator: torch.Generator | None = None) -> Tensor:
-        """TokenBatch -> PTD context (B, Cc, C): thinking tokens (+ the refine token)."""
+    def context(
+        self, tokens: TokenBatch, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """TokenBatch -> PTD context (B, Cc, C): thinking tokens (+ the refine token).
+
+        ``noise`` (B, C) fixes the refiner's starting noise (else drawn from ``generator``).
+        """
         hidden = self.hsd(tokens).hidden  # (B, T, C)
-        return self.ptd.context(hidden, tokens.padding_mask, generator)
+        return self.ptd.context(hidden, tokens.padding_mask, generator, noise)
 
     def head_context(self, context: Tensor, head: int) -> Tensor:
         """Context as seen by MTP head ``head`` (head 0 is the one used for generation)."""

@@ -1,4 +1,4 @@
-"""Offline ranking metrics of a generator on held-out logged requests: HitRate@K and nDCG@K.
+"""Offline ranking metrics of a generator: HitRate@K and nDCG@K on held-out logs, candidate quality.
 
     ranked = model_rankings(model, tokens, tok.trie, top_k=10, beam_width=20)   # (B, K) ad indices
     ranking_metrics(ranked, target)          # {"hitrate@10": ..., "ndcg@10": ...}
@@ -7,6 +7,9 @@
 The target of a request is its head-0 MTP target (``gpr_sim.model.targets``): the next ad its session
 showed. With one relevant item, nDCG@K = 1 / log2(rank + 2) at its 0-based rank (0 if not in the top K),
 so the ideal DCG is 1.
+
+``candidate_metrics`` scores K generated candidates against the simulator's true values instead (GPR
+Table 3: nDCG, OPR, mean and max normalised final_value).
 """
 
 from __future__ import annotations
@@ -84,4 +87,46 @@ def model_rankings(
     return torch.cat(out)
 
 
-__all__ = ["ranking_metrics", "popularity_rankings", "model_rankings"]
+def candidate_metrics(values: Tensor, present: Tensor, best: Tensor) -> dict[str, float]:
+    """GPR Table 3 quality of K generated candidates per request, in the model's order (best first).
+
+    Args:
+        values: (B, K) true final_value of each candidate (any finite value where absent).
+        present: (B, K) bool, False past the candidates a row actually has.
+        best: (B,) the best final_value any eligible ad reaches for the request (the normaliser).
+
+    Returns:
+        ``ndcg``: DCG of the model's order over the ideal order of the same candidates, with the
+        normalised value as gain; ``opr``: share of candidate pairs (with different values) that the model
+        orders as their true values; ``mean_value`` / ``max_value``: mean and max over candidates of
+        value / best (1 = the best ad of the whole eligible catalogue); ``top1_value``: value / best of the
+        first candidate (the one a single-slot request serves). Averages over rows with a candidate and a
+        positive ``best``.
+    """
+    rows = present.any(1) & (best > 0)
+    gain = torch.where(present, (values / best.clamp_min(1e-12)[:, None]).clamp_min(0.0), 0.0)[rows].double()
+    keep = present[rows]
+    k = gain.shape[1]
+    discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
+    dcg = (gain * discount).sum(1)
+    idcg = (gain.sort(1, descending=True).values * discount).sum(1)
+    ndcg = torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), 1.0)
+    earlier = torch.triu(torch.ones(k, k, dtype=torch.bool), 1)  # pair (i, j) with i ranked above j
+    both = keep[:, :, None] & keep[:, None, :] & earlier
+    diff = gain[:, :, None] - gain[:, None, :]
+    pairs = both & (diff != 0)
+    right = (pairs & (diff > 0)).sum((1, 2)).double()
+    n_pairs = pairs.sum((1, 2)).double()
+    has_pairs = n_pairs > 0
+    count = keep.sum(1).clamp_min(1).double()
+    nan = float("nan")
+    return {
+        "ndcg": float(ndcg.mean()) if rows.any() else nan,
+        "opr": float((right[has_pairs] / n_pairs[has_pairs]).mean()) if has_pairs.any() else nan,
+        "mean_value": float((gain.sum(1) / count).mean()) if rows.any() else nan,
+        "max_value": float(gain.max(1).values.mean()) if rows.any() else nan,
+        "top1_value": float(gain[:, 0].mean()) if rows.any() else nan,
+    }
+
+
+__all__ = ["ranking_metrics", "popularity_rankings", "model_rankings", "candidate_metrics"]

@@ -77,14 +77,23 @@ class Refiner(nn.Module):
         x_t = ab.sqrt() * target + (1 - ab).sqrt() * noise
         return (self.denoise(x_t, step, cond) - target).pow(2).mean(-1)
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
         """(B, C) condition -> (B, C) refine embedding, iterating from noise (deterministic DDIM steps).
 
-        ``generator`` None uses a fresh generator seeded 0, so inference is reproducible by default.
+        ``noise`` (B, C) is the starting point; without it one is drawn from ``generator`` (None: a fresh
+        generator seeded 0, so inference is reproducible by default). RL passes the rollout's noise back
+        at update time, so the context, and with it the policy's log-probabilities, are a function of
+        the parameters only.
         """
-        if generator is None:
-            generator = torch.Generator(device=cond.device).manual_seed(0)
-        x = torch.randn(cond.shape, device=cond.device, generator=generator, dtype=cond.dtype)  # (B, C)
+        if noise is None:
+            if generator is None:
+                generator = torch.Generator(device=cond.device).manual_seed(0)
+            noise = torch.randn(cond.shape, device=cond.device, generator=generator, dtype=cond.dtype)
+        elif noise.shape != cond.shape:
+            raise ValueError(f"noise must be {tuple(cond.shape)}, got {tuple(noise.shape)}")
+        x = noise.to(cond.dtype)  # (B, C)
         x0 = x
         for s in reversed(range(self.alpha_bar.numel())):
             step = torch.full((cond.shape[0],), s, dtype=torch.int64, device=cond.device)
@@ -149,13 +158,20 @@ class PTD(nn.Module):
         return self.thinking(hidden, padding_mask)
 
     def context(
-        self, hidden: Tensor, padding_mask: Tensor, generator: torch.Generator | None = None
+        self,
+        hidden: Tensor,
+        padding_mask: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """HSD outputs -> context (B, C_ctx, C): thinking tokens, then the refine token when on."""
+        """HSD outputs -> context (B, C_ctx, C): thinking tokens, then the refine token when on.
+
+        ``noise`` (B, C): the refiner's starting noise (``Refiner.sample``); ignored without a refiner.
+        """
         ctx = self.think(hidden, padding_mask)  # (B, K, C)
         if self.refiner is None:
             return ctx
-        refine = self.refiner.sample(ctx.mean(1), generator)  # (B, C) conditioned on pooled thinking
+        refine = self.refiner.sample(ctx.mean(1), generator, noise)  # (B, C) conditioned on pooled thinking
         return torch.cat([ctx, refine[:, None]], 1)  # (B, K + 1, C)
 
     def thinking_tokens(self, context: Tensor) -> Tensor:

@@ -1,0 +1,478 @@
+"""Align the pre-trained GPR generator to business value in the simulator: HEPO (GPR §4.3) and baselines.
+
+    python -m agents.hepo --env ads-v0                       # the whole pipeline, small CPU config
+    python -m agents.hepo --env ads-v0 --algo ppo --seed 1   # PPO / GRPO / DPO on the same generator
+    python -m agents.hepo --env ads-v0 --device cuda --num-envs 4096 --iterations 200
+
+Pipeline (each stage reused when already present): collect cascade logs -> fit the RQ-Kmeans+ tokenizer
+-> MTP -> VAFT (``agents.pretrain``, into ``--pretrain-dir``, shared by every algorithm of a seed so they
+start from the same generator) -> RL. The RL loop per iteration:
+
+    rollout (``agents.rollout.Roller``: N sessions x T steps, K sampled paths per request, simulator
+    scores, process rewards, ARR requests) -> targets (``compute_targets``) -> E epochs of minibatch
+    updates with the algorithm's loss (``agents.losses``) -> metrics -> evaluation -> checkpoint
+
+HEPO, PPO, GRPO and DPO share the rollout buffer and this loop and differ only in the loss. Evaluation
+runs the generator (beam search, top-1 served) on held-out sessions of a separate market with a fixed
+seed: reward, revenue, GMV, CTR, CVR, CTCVR per session with 95% CIs, plus the Table 3 candidate quality
+(nDCG, OPR, mean / max normalised final_value of the top-K beam) on the first requests of those sessions.
+
+The run folder (``runs/hepo/{env}__{algo}__{seed}__{time}``, or ``--out``) holds ``config.json``,
+``metrics.jsonl``, ``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
+(the model alone, for ``agents.evaluate --agents gpr:RUN``), ``summary.json`` and ``curves.png``. Without
+``--out`` the newest unfinished run of the same env/algo/seed is resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import math
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium
+import torch
+from tqdm import tqdm
+
+import envs  # noqa: F401  (registers ads-v0)
+from agents.cli import parse_args
+from agents.evaluate import collect_sessions
+from agents.gpr_policy import GPRPolicy, load_run_model, save_policy
+from agents.losses import (
+    ALGOS,
+    LossConfig,
+    dpo_loss,
+    grpo_loss,
+    hepo_loss,
+    item_value_loss,
+    kl_to_reference,
+    level_weights,
+    ppo_loss,
+)
+from agents.plots import plot_curves
+from agents.rollout import Buffer, Roller, compute_targets
+from agents.runs import append_metrics, atomic_write_bytes, read_json, read_metrics, write_json
+from gpr_sim.decoding import beam_search
+from gpr_sim.metrics import summarize
+from gpr_sim.model import GPRModel
+from gpr_sim.model.offline_eval import candidate_metrics
+from gpr_sim.schema import SchemaConfig, tokens_from_obs
+
+CKPT_FORMAT = "gpr_sim.hepo"
+CKPT_VERSION = 1
+RESUME_IGNORES = ("iterations", "progress", "threads", "out", "device")
+"""flags that may change between an interrupted run and its resumption"""
+
+
+@dataclass(frozen=True)
+class Args:
+    """CLI of ``python -m agents.hepo`` (``--loss.*`` flags set the loss constants)."""
+
+    env: str = "ads-v0"
+    """Gymnasium id of the environment"""
+    algo: str = "hepo"
+    """hepo | ppo (terminal reward, joint ratio) | grpo (group z-score, no critic) | dpo (best vs worst of a group)"""
+    seed: int = 0
+    """seed of pre-training, rollouts and updates"""
+    device: str = "cpu"
+    """torch device of the env and the model"""
+    out: str = ""
+    """run folder; empty = resume the newest unfinished runs/hepo/{env}__{algo}__{seed}__* or start one"""
+    pretrain_dir: str = ""
+    """folder of the shared MTP and VAFT stages; empty = runs/hepo/pretrain/{env}__{seed}"""
+    preset: str = "small"
+    """world preset (the one the pre-training logs were collected in)"""
+    mtp_steps: int = 200
+    """MTP pre-training steps"""
+    vaft_steps: int = 100
+    """VAFT steps"""
+    iterations: int = 20
+    """RL iterations (rollout + update)"""
+    num_envs: int = 64
+    """concurrent training sessions"""
+    rollout_steps: int = 4
+    """env steps per iteration"""
+    group_size: int = 40
+    """K candidates sampled and scored per request (GPR: 40)"""
+    epochs: int = 2
+    """passes over each rollout"""
+    minibatch: int = 64
+    """requests per minibatch (x group_size paths)"""
+    lr: float = 1e-4
+    """AdamW learning rate (constant, so a resumed run matches an uninterrupted one)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    critic_warmup: int = 2
+    """first iterations that train only the HTE (critic and item value): pre-training leaves it untrained"""
+    truth: bool = True
+    """score candidates with the simulator's true funnel (GPR.md DEFAULT); off = the platform's estimates"""
+    arr: bool = True
+    """anticipatory request rehearsal"""
+    arr_rate: float = 0.5
+    """ARR probability for the most active tier (tier t: arr_rate * t / 5)"""
+    eval_every: int = 5
+    """iterations between evaluations (and at the start and the end)"""
+    eval_sessions: int = 256
+    """held-out sessions per evaluation"""
+    eval_envs: int = 128
+    """concurrent evaluation sessions"""
+    eval_seed: int = 12345
+    """seed of the evaluation market (the same users for every algorithm and iteration)"""
+    eval_beam: int = 8
+    """beam width of the served policy"""
+    eval_candidates: int = 40
+    """K of the candidate-quality metrics (beam width = K)"""
+    checkpoint_every: int = 5
+    """iterations between checkpoints (and at the end)"""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default"""
+    progress: bool = True
+    """progress bars"""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """loss constants"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig(**self.loss))
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo={self.algo!r} is unknown: expected one of {list(ALGOS)}")
+        for name, lo in (("mtp_steps", 1), ("vaft_steps", 1), ("iterations", 1), ("num_envs", 1),
+                         ("rollout_steps", 1), ("group_size", 2), ("epochs", 1), ("minibatch", 1),
+                         ("eval_every", 1), ("eval_sessions", 1), ("eval_envs", 1), ("eval_beam", 1),
+                         ("eval_candidates", 2), ("checkpoint_every", 1), ("threads", 0), ("critic_warmup", 0)):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} is invalid: expected > 0")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected > 0")
+        if not 0.0 <= self.arr_rate <= 1.0:
+            raise ValueError(f"arr_rate={self.arr_rate} is invalid: expected in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- stages and folders
+
+
+def pretrain_dir(args: Args) -> Path:
+    return Path(args.pretrain_dir or f"runs/hepo/pretrain/{args.env}__{args.seed}")
+
+
+def _stage_done(folder: Path, steps: int) -> bool:
+    summary = folder / "summary.json"
+    return summary.is_file() and read_json(summary).get("steps") == steps
+
+
+def ensure_pretrained(args: Args) -> Path:
+    """Run (or reuse) MTP then VAFT; returns the VAFT run folder (``agents.pretrain``)."""
+    from agents.pretrain import main as pretrain
+
+    pre = pretrain_dir(args)
+    mtp, vaft = pre / "mtp", pre / "vaft"
+    common = ["--env", args.env, "--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads),
+              "--progress" if args.progress else "--no-progress"]  # fmt: skip
+    if not _stage_done(mtp, args.mtp_steps):
+        pretrain(common + ["--stage", "mtp", "--out", str(mtp), "--steps", str(args.mtp_steps)])
+    if not _stage_done(vaft, args.vaft_steps):
+        pretrain(common + ["--stage", "vaft", "--init", str(mtp / "checkpoint.pt"), "--logs",
+                           str(mtp / "logs.parquet"), "--tokenizer", str(mtp / "tokenizer"), "--out", str(vaft),
+                           "--steps", str(args.vaft_steps)])  # fmt: skip
+    return vaft
+
+
+def _comparable(args: Args) -> dict:
+    d = json.loads(json.dumps(dataclasses.asdict(args)))
+    return {k: v for k, v in d.items() if k not in RESUME_IGNORES}
+
+
+def run_dir(args: Args) -> Path:
+    """``--out``, else the newest unfinished run of this env/algo/seed, else a new timestamped folder."""
+    if args.out:
+        return Path(args.out)
+    root = Path("runs/hepo")
+    prefix = f"{args.env}__{args.algo}__{args.seed}__"
+    unfinished = sorted(
+        (p for p in root.glob(prefix + "*") if (p / "checkpoint.pt").is_file() and not (p / "summary.json").is_file()),
+        key=lambda p: p.name,
+    )
+    if unfinished:
+        return unfinished[-1]
+    return root / f"{prefix}{int(time.time())}"
+
+
+def check_resumable(out: Path, args: Args) -> None:
+    """A run folder may only be resumed with the same settings (bar ``RESUME_IGNORES``)."""
+    cfg = out / "config.json"
+    if not cfg.is_file():
+        return
+    old = read_json(cfg).get("args", {})
+    new = _comparable(args)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_IGNORES and old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}): pass another --out")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, gen: torch.Generator, it: int, env_steps: int):
+    cfg = dataclasses.asdict(model.cfg)
+    cfg["level_sizes"] = list(cfg["level_sizes"])
+    payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "iteration": it, "env_steps": env_steps,
+               "config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),
+               "roller": roller.state_dict(), "rng": gen.get_state()}  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Read an RL checkpoint safely (``weights_only``); errors name the file and what is wrong."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not an agents.hepo checkpoint (missing format header)")
+    if payload.get("version") != CKPT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {payload.get('version')}, this code reads {CKPT_VERSION}")
+    missing = [k for k in ("model", "optimizer", "roller", "rng", "iteration") if k not in payload]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing}")
+    return payload
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def path_terms(model: GPRModel, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths."""
+    m, k, length = buf.codes.shape
+    ctx = model.context(buf.tokens, noise=buf.noise).repeat_interleave(k, 0)  # (M*K, Cc, C)
+    codes = buf.codes.flatten(0, 1)
+    masks = [mask.flatten(0, 1) for mask in buf.legal]
+    log_prob = model.log_prob(ctx, codes, masks).view(m, k, length)
+    # the critic reads the policy's features but does not move them: value regression on a cold HTE
+    # would otherwise rewrite the shared HSD/PTD trunk (and with it the policy) before the policy learns
+    values = model.values(ctx.detach(), codes).view(m, k, length + 1)
+    return log_prob, values
+
+
+def loss_terms(algo: str, cfg: LossConfig, model: GPRModel, ref: GPRModel | None, buf: Buffer) -> dict:
+    """The algorithm's loss on a minibatch; returns named scalar tensors (``loss`` to backpropagate)."""
+    m, k, length = buf.codes.shape
+    log_prob, values = path_terms(model, buf)
+    old = buf.old_log_prob
+    item = item_value_loss(values[..., -1], buf.reward)
+    out = {"item_value": item}
+    ref_lp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_lp, _ = path_terms(ref, buf)
+    if algo == "hepo":
+        w = level_weights(length, cfg.level_weights).to(log_prob.device)
+        policy, critic = hepo_loss(log_prob.flatten(0, 1), old.flatten(0, 1), buf.adv.flatten(0, 1),
+                                   values[..., :length].flatten(0, 1), buf.returns.flatten(0, 1), w, cfg)  # fmt: skip
+    elif algo == "ppo":
+        policy, critic = ppo_loss(log_prob.flatten(0, 1), old.flatten(0, 1), buf.adv.flatten(),
+                                  values[..., 0].flatten(), buf.reward.flatten(), cfg)  # fmt: skip
+    elif algo == "grpo":
+        policy, critic = grpo_loss(log_prob.flatten(0, 1), old.flatten(0, 1), buf.adv.flatten(), cfg), item * 0
+    else:  # dpo: best vs worst path of each group that has a difference
+        best, worst = buf.reward.argmax(1), buf.reward.argmin(1)
+        rows = torch.arange(m, device=log_prob.device)
+        has = buf.reward[rows, best] > buf.reward[rows, worst]
+        lp, rl = log_prob.sum(-1), ref_lp.sum(-1)  # (M, K)
+        policy = dpo_loss(lp[rows, best][has], lp[rows, worst][has], rl[rows, best][has], rl[rows, worst][has],
+                          cfg.dpo_beta) if bool(has.any()) else log_prob.sum() * 0  # fmt: skip
+        critic = item * 0
+    loss = policy + cfg.value_coef * (critic + item)
+    if cfg.kl_coef > 0:
+        out["kl_ref"] = kl_to_reference(log_prob.flatten(0, 1), ref_lp.flatten(0, 1))
+        loss = loss + cfg.kl_coef * out["kl_ref"]
+    out.update(policy=policy, critic=critic, loss=loss)
+    with torch.no_grad():
+        log_ratio = (log_prob - old).sum(-1)
+        out["approx_kl"] = ((log_ratio.exp() - 1) - log_ratio).mean()
+        out["clip_frac"] = ((log_prob - old).exp().sub(1).abs() > cfg.clip).float().mean()
+    return out
+
+
+def update(
+    model: GPRModel, opt, ref: GPRModel | None, buf: Buffer, args: Args, gen: torch.Generator, policy: bool = True
+) -> dict:
+    """``epochs`` passes of minibatch updates over the valid requests; mean of each loss term.
+
+    ``policy`` False trains the value terms only (critic warm-up).
+    """
+    rows = torch.nonzero(buf.valid).squeeze(1)
+    sums: dict[str, float] = {}
+    n = 0
+    for _ in range(args.epochs):
+        perm = rows[torch.randperm(rows.numel(), generator=gen, device=gen.device).to(rows.device)]
+        for lo in range(0, perm.numel(), args.minibatch):
+            terms = loss_terms(args.algo, args.loss, model, ref, buf.rows(perm[lo : lo + args.minibatch]))
+            loss = terms["loss"] if policy else args.loss.value_coef * (terms["critic"] + terms["item_value"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            opt.step()
+            for key, v in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(v.detach())
+            n += 1
+    return {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Held-out sessions of a separate market with a fixed seed: online metrics and candidate quality."""
+
+    def __init__(self, args: Args, tokenizer):
+        self.args = args
+        self.env = gymnasium.make_vec(args.env, num_envs=args.eval_envs, vectorization_mode="vector_entry_point",
+                                      preset=args.preset, device=args.device, validate_actions=False)  # fmt: skip
+        self.tok = tokenizer.to(args.device)
+        self.engine = self.env.unwrapped.engine
+
+    @torch.no_grad()
+    def candidates(self, model: GPRModel) -> dict[str, float]:
+        """Table 3 metrics of the top-K beam on the first request of every evaluation session."""
+        a, e = self.args, self.engine
+        obs, _ = self.env.reset(seed=a.eval_seed)
+        tokens = tokens_from_obs(obs, self.tok.table, SchemaConfig.from_world(e.config), check=False)
+        gen = torch.Generator(device=a.device).manual_seed(a.eval_seed)
+        ctx = model.context(tokens, gen)
+        step_fn, _ = model.beam_fns(ctx)
+        eligible = e.eligible_ads()
+        k = a.eval_candidates
+        res = beam_search(step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible)
+        present = res.items >= 0
+        values = e.score(res.items.clamp_min(0), truth=True).value
+        every = torch.arange(e.config.num_ads, device=e.device).expand(ctx.shape[0], -1)
+        all_values = e.score(every, truth=True).value.masked_fill(~eligible, float("-inf"))
+        metrics = candidate_metrics(values, present, all_values.max(1).values)
+        return {f"eval/cand_{k}": v for k, v in metrics.items()}
+
+    def __call__(self, model: GPRModel) -> dict[str, float]:
+        a = self.args
+        was_training = model.training
+        model.eval()
+        policy = GPRPolicy.from_model(self.env, model, self.tok, beam_width=a.eval_beam, seed=a.eval_seed)
+        sessions, _ = collect_sessions(self.env, policy, math.ceil(a.eval_sessions / a.eval_envs), a.eval_seed,
+                                       progress=a.progress)  # fmt: skip
+        out = {k: v for k, v in summarize(sessions, prefix="eval/").items() if isinstance(v, (int, float))}
+        out.update(self.candidates(model))
+        model.train(was_training)
+        return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def make_train_env(args: Args):
+    return gymnasium.make_vec(args.env, num_envs=args.num_envs, vectorization_mode="vector_entry_point",
+                              preset=args.preset, device=args.device, validate_actions=False)  # fmt: skip
+
+
+def _log_line(row: dict) -> str:
+    parts = [f"it {row['iteration']}"]
+    if "eval/reward_per_session" in row:
+        parts.append(f"eval reward/session {row['eval/reward_per_session']:.3f}")
+        parts.append(f"gmv/session {row['eval/gmv_per_session']:.3f}")
+        parts.append(f"cand value {row['eval/cand_mean_value']:.3f}")
+    if "rollout/group_value_mean" in row:
+        parts.append(f"group value {row['rollout/group_value_mean']:.4f}")
+    return "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run (or resume) one RL run; returns the summary (also ``OUT/summary.json``)."""
+    args = parse_args(Args, argv, __doc__)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    vaft = ensure_pretrained(args)
+    out = run_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out, args)
+    model, tok = load_run_model(vaft)
+    tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
+    write_json(out / "config.json", {"args": _comparable(args), "algo": args.algo, "seed": args.seed,
+                                     "env": args.env, "init": str(vaft), "tokenizer_path": tok_path})  # fmt: skip
+    model = model.to(args.device).train()
+    needs_ref = args.algo == "dpo" or args.loss.kl_coef > 0
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    env = make_train_env(args)
+    roller = Roller(env, tok, args.group_size, args.truth, args.arr_rate if args.arr else 0.0, args.seed)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    evaluate = Evaluator(args, tok)
+    metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
+    start, env_steps = 0, 0
+    if ckpt.is_file():
+        state = read_checkpoint(ckpt)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{ckpt}: does not fit this run's model ({e})") from e
+        roller.load_state_dict(state["roller"])
+        gen.set_state(state["rng"])
+        start, env_steps = int(state["iteration"]), int(state["env_steps"])
+        rows = [r for r in read_metrics(metrics_path) if r["iteration"] <= start]
+        atomic_write_bytes(metrics_path, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+        print(f"{out}: resuming at iteration {start}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+        row = {"iteration": 0, "env_steps": 0, **evaluate(model)}
+        append_metrics(metrics_path, row)
+        print(_log_line(row))
+
+    bar = tqdm(range(start, args.iterations), desc=f"{args.algo}", disable=not args.progress, unit="it")
+    for it in bar:
+        t0 = time.perf_counter()
+        model.eval()
+        buf, stats = roller.collect(model, args.rollout_steps)
+        model.train()
+        compute_targets(buf, args.algo, args.loss)
+        t1 = time.perf_counter()
+        terms = update(model, opt, ref, buf, args, gen, policy=it >= args.critic_warmup)
+        t2 = time.perf_counter()
+        env_steps += stats["rollout/requests"]
+        returns, lengths = roller.pop_episodes()
+        done = it + 1
+        row = {"iteration": done, "env_steps": env_steps, **stats, **terms,
+               "train/episodes": int(returns.numel()),
+               "train/episode_return": float(returns.mean()) if returns.numel() else float("nan"),
+               "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
+               "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9)}  # fmt: skip
+        if done % args.eval_every == 0 or done == args.iterations:
+            row.update(evaluate(model))
+            tqdm.write(_log_line(row))
+        append_metrics(metrics_path, row)
+        bar.set_postfix(value=f"{stats['rollout/group_value_mean']:.4f}", req_s=f"{row['perf/requests_per_s']:.0f}")
+        if done % args.checkpoint_every == 0 or done == args.iterations:
+            save_checkpoint(ckpt, model, opt, roller, gen, done, env_steps)
+            save_policy(out / "policy.pt", model)
+    bar.close()
+
+    rows = read_metrics(metrics_path)
+    evals = [r for r in rows if "eval/reward_per_session" in r]
+    plot_curves([out], out / "curves.png")
+    summary = {"algo": args.algo, "seed": args.seed, "iterations": args.iterations, "env_steps": env_steps,
+               "initial": evals[0], "final": evals[-1]}  # fmt: skip
+    write_json(out / "summary.json", summary)
+    print(f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
+          f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
+          f"{evals[-1]['eval/gmv_per_session']:.3f}")  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Rollouts of the GPR generator in ads-v0 for the RL learners: groups, scores, rehearsal, buffer.
+
+One env step for N sessions (all tensors, no loop over users):
+
+    obs -> tokens -> context (refiner noise kept) -> K sampled paths per request (trie + budget masks)
+        -> HTE values of every prefix -> simulator scores of the K ads (``final_value``) -> process rewards
+        -> the first sampled ad is served: env.step
+
+**Rewards.** R = the scoring API's expected value of the ad for this request (revenue, GMV, clicks and
+conversions under the world's reward weights, GPR's final_value), by default under the simulator's true
+funnel probabilities (GPR.md: "targets from the simulator's truth model"). It is divided by a fixed
+``reward_scale`` (the std of R in the first rollout, kept in the checkpoint) so the critic sees unit-scale
+targets whatever the world's currency.
+
+**ARR** (anticipatory request rehearsal, GPR §4.4): for a random subset of sessions, more often for
+active users (probability ``arr_rate x tier / 5``), the world's pure transition is run one step ahead
+with no ad shown, on its own random stream: U is kept, O holds the organic items the user consumes next,
+E (position, time, ad load) is refreshed. That rehearsed request is scored and trained on beside the real
+one; the real market and sessions do not move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from agents.losses import LossConfig, gae, group_zscore, process_rewards
+from envs.market import BatchedMarket
+from gpr_sim.model import GPRModel
+from gpr_sim.sampling import sample_paths
+from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
+from gpr_sim.tokenizer.world import WorldTokenizer
+from gpr_sim.world import observe, score, transition
+from gpr_sim.world.state import EVENT_CLICK
+
+TYPE_O, TYPE_I = 1, 3
+"""token types of ``gpr_sim.schema`` (U=0, O=1, E=2, I=3)"""
+REHEARSAL_SEED_OFFSET = 0x5EED_A44
+"""added to a session's seed for its rehearsed step, so rehearsal never peeks at the real next draw"""
+
+
+def positive_paths(tokens: TokenBatch) -> Tensor:
+    """(B, T, L') paths of the user's positive items (consumed organic, clicked/converted ads), else -1."""
+    positive = (tokens.type_ids == TYPE_O) | ((tokens.type_ids == TYPE_I) & (tokens.event_ids >= EVENT_CLICK))
+    positive &= ~tokens.padding_mask
+    return tokens.semantic_codes.masked_fill(~positive[..., None], -1)
+
+
+def cat_tokens(parts: list[TokenBatch]) -> TokenBatch:
+    return TokenBatch(*(torch.cat(fields) for fields in zip(*parts)))
+
+
+@dataclass
+class Buffer:
+    """One iteration's requests, flat over (steps x sessions, then rehearsed); K paths each.
+
+    The ``old_*`` fields are from the rollout policy; ``adv``/``returns`` are filled by ``compute_targets``.
+    """
+
+    tokens: TokenBatch  # M requests
+    noise: Tensor | None  # (M, C) refiner start noise
+    codes: Tensor  # (M, K, L)
+    old_log_prob: Tensor  # (M, K, L)
+    legal: list[Tensor]  # L of (M, K, K_l)
+    old_values: Tensor  # (M, K, L + 1): V(s, z_<l) for l = 0..L-1, then the full item
+    reward: Tensor  # (M, K) scaled R
+    process: Tensor  # (M, K, L) process rewards (0 at level L)
+    valid: Tensor  # (M,) bool: the request had an eligible ad
+    rehearsed: Tensor  # (M,) bool: an ARR request
+    adv: Tensor | None = None  # (M, K, L) or (M, K)
+    returns: Tensor | None = None  # (M, K, L) critic targets
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def rows(self, idx: Tensor) -> Buffer:
+        def take(t):
+            return None if t is None else t[idx]
+
+        return Buffer(
+            TokenBatch(*(t[idx] for t in self.tokens)), take(self.noise), self.codes[idx], self.old_log_prob[idx],
+            [m[idx] for m in self.legal], self.old_values[idx], self.reward[idx], self.process[idx],
+            self.valid[idx], self.rehearsed[idx], take(self.adv), take(self.returns),
+        )  # fmt: skip
+
+    @staticmethod
+    def concat(parts: list[Buffer]) -> Buffer:
+        def cat(ts):
+            return None if ts[0] is None else torch.cat(ts)
+
+        fields = list(zip(*[(p.tokens, p.noise, p.codes, p.old_log_prob, p.legal, p.old_values, p.reward,
+                             p.process, p.valid, p.rehearsed) for p in parts]))  # fmt: skip
+        legal = [torch.cat(level) for level in zip(*fields[4])]
+        return Buffer(cat_tokens(list(fields[0])), cat(fields[1]), cat(fields[2]), cat(fields[3]), legal,
+                      *(cat(f) for f in fields[5:]))  # fmt: skip
+
+
+def compute_targets(buf: Buffer, algo: str, cfg: LossConfig) -> None:
+    """Fill ``buf.adv`` and ``buf.returns`` for ``algo`` (``agents.losses`` table)."""
+    m, k, length = buf.codes.shape
+    values = buf.old_values[..., :length]  # (M, K, L) V(s, z_<l)
+    if algo == "hepo":
+        rewards = buf.process * (cfg.process_scale if cfg.process_rewards else 0.0)  # a_l * max(0, D_l)
+        rewards[..., -1] = buf.reward
+        adv, ret = gae(rewards.flatten(0, 1), values.flatten(0, 1), cfg.gamma, cfg.lam)
+        adv, ret = adv.view(m, k, length), ret.view(m, k, length)
+        if cfg.group_norm:
+            adv[..., -1] = group_zscore(buf.reward, cfg.adv_eps)
+        buf.adv, buf.returns = adv, ret
+    elif algo == "ppo":
+        buf.adv = buf.reward - values[..., 0]
+        buf.returns = buf.reward[..., None].expand(m, k, length).clone()
+    elif algo == "grpo":
+        buf.adv = group_zscore(buf.reward, cfg.adv_eps)
+        buf.returns = buf.reward[..., None].expand(m, k, length).clone()
+    elif algo == "dpo":
+        buf.adv, buf.returns = None, buf.reward[..., None].expand(m, k, length).clone()
+    else:
+        raise ValueError(f"algo={algo!r} is unknown")
+
+
+class Roller:
+    """Steps N sessions with the current generator and fills a ``Buffer`` (module doc).
+
+    Args:
+        env: an ads-v0 vector env (``AdsVectorEnv``); its engine gives scores, budgets and the state.
+        tokenizer: the world's tokenizer, on the env's device.
+        group_size: K paths per request.
+        truth: score with the true funnel probabilities (default) or the platform's estimates.
+        arr_rate: ARR probability at the top activity tier (0 = no rehearsal).
+        seed: seeds the env and the sampling generator.
+    """
+
+    def __init__(self, env, tokenizer: WorldTokenizer, group_size: int, truth: bool, arr_rate: float, seed: int):
+        self.env = env
+        self.engine: BatchedMarket = env.unwrapped.engine
+        self.device = self.engine.device
+        self.tok = tokenizer.to(self.device)
+        self.schema = SchemaConfig.from_world(self.engine.config)
+        self.group_size, self.truth, self.arr_rate = group_size, truth, arr_rate
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.obs, _ = env.reset(seed=seed)
+        self.reward_scale: float | None = None
+        # finished sessions since the last ``pop_episodes``: returns and lengths
+        self._returns: list[Tensor] = []
+        self._lengths: list[Tensor] = []
+
+    # -- state that must survive a checkpoint ------------------------------------------------------
+    def state_dict(self) -> dict:
+        e = self.engine
+        return {"obs": self.obs, "session": tuple(e.state), "market": tuple(e.market),
+                "episode_return": e.episode_return, "episode_length": e.episode_length,
+                "rng": self.generator.get_state(), "reward_scale": self.reward_scale}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        e = self.engine
+        e.state = type(e.state)(*(t.to(self.device) for t in state["session"]))
+        e.market = type(e.market)(*(t.to(self.device) for t in state["market"]))
+        e.episode_return = state["episode_return"].to(self.device)
+        e.episode_length = state["episode_length"].to(self.device)
+        self.obs = {k: v.to(self.device) for k, v in state["obs"].items()}
+        self.generator.set_state(state["rng"].cpu())
+        self.reward_scale = state["reward_scale"]
+
+    def pop_episodes(self) -> tuple[Tensor, Tensor]:
+        """Returns and lengths of the sessions that ended since the last call (CPU float64 / int64)."""
+        ret = torch.cat(self._returns).cpu() if self._returns else torch.zeros(0, dtype=torch.float64)
+        length = torch.cat(self._lengths).cpu() if self._lengths else torch.zeros(0, dtype=torch.int64)
+        self._returns, self._lengths = [], []
+        return ret, length
+
+    # -- one request batch -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor):
+        """Context, K sampled paths and HTE values for a token batch."""
+        n, k = tokens.token_ids.shape[0], self.group_size
+        noise = None
+        if model.ptd.refiner is not None:
+            noise = torch.randn(n, model.cfg.d_model, device=self.device, generator=self.generator)
+        ctx = model.context(tokens, noise=noise)
+        step_fn, _ = model.beam_fns(ctx)
+        sample = sample_paths(step_fn, self.tok.trie, n, k, eligible, self.generator)
+        values = model.values(ctx.repeat_interleave(k, 0), sample.codes.flatten(0, 1)).view(n, k, -1)
+        return noise, sample, values
+
+    def _rehearse(self, rows: Tensor):
+        """The rehearsed next request of sessions ``rows``: (state, obs); moves nothing (module doc)."""
+        e = self.engine
+        state = e.state.select(rows)
+        state = state._replace(seed=state.seed + REHEARSAL_SEED_OFFSET)
+        none = torch.full((rows.numel(), 1), -1, dtype=torch.int64, device=self.device)
+        ahead, _, _ = transition(e.world, state, e.market, none)
+        return ahead, observe(e.world, ahead)
+
+    def _buffer(self, model, obs, scorer, eligible, rehearsed: bool) -> tuple[Buffer, Tensor]:
+        """Groups for one request batch -> (its buffer part, the sampled ads (n, K))."""
+        tokens = tokens_from_obs(obs, self.tok.table, self.schema, check=False)
+        noise, s, values = self._groups(model, tokens, eligible)
+        raw = scorer(s.items).to(torch.float32)  # (n, K)
+        raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
+        if self.reward_scale is None:  # first rollout: fix the scale once (module doc)
+            self.reward_scale = max(float(raw.std()), 1e-6)
+        proc = process_rewards(s.codes, s.legal, positive_paths(tokens), 1.0)  # scaled by a_l in the learner
+        flag = torch.full((s.codes.shape[0],), rehearsed, dtype=torch.bool, device=self.device)
+        return Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, raw / self.reward_scale, proc,
+                      s.valid, flag), s.items  # fmt: skip
+
+    def collect(self, model: GPRModel, steps: int) -> tuple[Buffer, dict[str, float]]:
+        """``steps`` env steps of all sessions (+ rehearsed requests) -> (buffer, rollout statistics)."""
+        e = self.engine
+        parts: list[Buffer] = []
+        raw_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _ in range(steps):
+            eligible = e.eligible_ads()
+            state = e.state
+            real, items = self._buffer(
+                model, self.obs, lambda ads: e.score(ads, truth=self.truth).value, eligible, False
+            )
+            parts.append(real)
+            raw_sum += (real.reward.double() * self.reward_scale).mean(1).sum()
+            if self.arr_rate > 0:
+                tier = e.world.user_activity[state.user_id].float()
+                draw = torch.rand(tier.shape, device=self.device, generator=self.generator)
+                rows = torch.nonzero(draw < self.arr_rate * tier / 5.0).squeeze(1)
+                if rows.numel() > 0:
+                    ahead, obs_ahead = self._rehearse(rows)
+                    rehearsed, _ = self._buffer(
+                        model, obs_ahead, lambda ads, st=ahead: score(e.world, st, ads, truth=self.truth).value,
+                        eligible, True,
+                    )  # fmt: skip
+                    parts.append(rehearsed)
+            self.obs, _, terminated, truncated, info = self.env.step(items[:, :1])
+            done = terminated | truncated
+            if bool(done.any()):
+                self._returns.append(info["episode_return"][done])
+                self._lengths.append(info["episode_length"][done])
+        buf = Buffer.concat(parts)
+        real = ~buf.rehearsed
+        stats = {
+            "rollout/requests": int(real.sum()),
+            "rollout/rehearsed": int(buf.rehearsed.sum()),
+            "rollout/group_value_mean": float(raw_sum) / max(int(real.sum()), 1),
+            "rollout/invalid_rows": int((~buf.valid).sum()),
+        }
+        return buf, stats
+
+
+__all__ = ["Buffer", "Roller", "compute_targets", "positive_paths", "REHEARSAL_SEED_OFFSET"]

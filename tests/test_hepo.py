@@ -1,0 +1,184 @@
+"""agents.hepo end to end on a tiny config: resume, every algorithm, policy export, errors; sampling and ARR."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gymnasium
+import pytest
+import torch
+
+import agents.hepo as hepo
+import envs  # noqa: F401  (registers ads-v0)
+from agents import pretrain
+from agents.evaluate import Args as EvalArgs
+from agents.evaluate import main as evaluate
+from agents.gpr_policy import load_run_model
+from agents.rollout import Roller
+from agents.runs import read_metrics
+from gpr_sim.sampling import sample_paths
+from gpr_sim.schema import SchemaConfig, tokens_from_obs
+
+TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
+                 "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
+                 "--eval-requests", "16", "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pre(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("hepo_pre")
+    mtp = root / "mtp"
+    pretrain.main(["--out", str(mtp), *TINY_PRETRAIN])
+    pretrain.main(["--out", str(root / "vaft"), "--stage", "vaft", "--init", str(mtp / "checkpoint.pt"),
+                   "--logs", str(mtp / "logs.parquet"), "--tokenizer", str(mtp / "tokenizer"), *TINY_PRETRAIN])  # fmt: skip
+    return root
+
+
+def tiny(pre, out, *extra) -> list[str]:
+    return ["--pretrain-dir", str(pre), "--mtp-steps", "3", "--vaft-steps", "3", "--num-envs", "8",
+            "--rollout-steps", "2", "--group-size", "4", "--minibatch", "8", "--eval-every", "1",
+            "--eval-sessions", "8", "--eval-envs", "8", "--eval-candidates", "4", "--eval-beam", "2",
+            "--checkpoint-every", "1", "--critic-warmup", "1", "--threads", "1", "--no-progress",
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def _comparable_rows(out):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    hepo.main(tiny(pre, straight, "--iterations", "3"))
+
+    broken = tmp_path / "broken"
+    real_update, calls = hepo.update, []
+
+    def crash_on_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during the third update, after checkpoint 2
+        return real_update(*a, **kw)
+
+    monkeypatch.setattr(hepo, "update", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        hepo.main(tiny(pre, broken, "--iterations", "3"))
+    monkeypatch.setattr(hepo, "update", real_update)
+    assert not (broken / "summary.json").exists()
+    hepo.main(tiny(pre, broken, "--iterations", "3"))
+    a, b = _comparable_rows(straight), _comparable_rows(broken)
+    assert [r["iteration"] for r in a] == [0, 1, 2, 3]
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert (straight / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "dpo"])
+def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
+    out = tmp_path / algo
+    summary = hepo.main(tiny(pre, out, "--algo", algo, "--iterations", "2"))
+    assert summary["algo"] == algo
+    rows = read_metrics(out / "metrics.jsonl")
+    last = rows[-1]
+    for key in ("train/policy", "train/item_value", "train/approx_kl", "eval/reward_per_session",
+                "eval/cand_ndcg", "eval/cand_opr", "eval/cand_mean_value", "eval/cand_max_value"):  # fmt: skip
+        assert math.isfinite(last[key]), key
+    assert json.loads((out / "config.json").read_text())["algo"] == algo
+
+
+def test_policy_file_plugs_into_evaluate(pre, tmp_path):
+    out = tmp_path / "run"
+    hepo.main(tiny(pre, out, "--iterations", "1", "--loss.kl-coef", "0.1"))
+    assert "train/kl_ref" in read_metrics(out / "metrics.jsonl")[-1]
+    table = evaluate(EvalArgs(agents=f"cascade,gpr:{out}", num_envs=8, sessions=8, plots=False, threads=1,
+                              out=str(tmp_path / "eval")))  # fmt: skip
+    assert set(table["agent"]) == {"cascade", f"gpr:{out}"}
+
+
+def test_bad_inputs_fail_clearly(pre, tmp_path):
+    with pytest.raises(ValueError, match="algo"):
+        hepo.Args(algo="a2c")
+    with pytest.raises(ValueError, match="group_size"):
+        hepo.Args(group_size=1)
+    out = tmp_path / "run"
+    hepo.main(tiny(pre, out, "--iterations", "1"))
+    with pytest.raises(ValueError, match="other settings.*group_size"):
+        hepo.main(tiny(pre, out, "--iterations", "2", "--group-size", "6"))
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        hepo.main(tiny(pre, out, "--iterations", "2"))
+
+
+# ----------------------------------------------------------------------------- sampling and rehearsal
+
+
+def _env(n=16):
+    return gymnasium.make_vec("ads-v0", num_envs=n, vectorization_mode="vector_entry_point", preset="small",
+                              device="cpu", validate_actions=False)  # fmt: skip
+
+
+def test_sampled_paths_are_legal_eligible_and_their_log_probs_match_the_model(pre):
+    model, tok = load_run_model(pre / "vaft")
+    model.eval()
+    env = _env()
+    obs, _ = env.reset(seed=0)
+    engine = env.unwrapped.engine
+    eligible = torch.zeros(tok.num_ads, dtype=torch.bool)
+    eligible[::3] = True  # a third of the ads have budget
+    tokens = tokens_from_obs(obs, tok.table, SchemaConfig.from_world(engine.config))
+    with torch.no_grad():
+        ctx = model.context(tokens)
+        step_fn, _ = model.beam_fns(ctx)
+        s = sample_paths(step_fn, tok.trie, 16, 8, eligible, torch.Generator().manual_seed(0))
+        assert bool(s.valid.all())
+        assert bool((s.items >= 0).all()) and bool(eligible[s.items].all())
+        torch.testing.assert_close(tok.paths_of_ads(s.items), s.codes)  # the item is the path's leaf
+        k = s.codes.shape[1]
+        again = model.log_prob(ctx.repeat_interleave(k, 0), s.codes.flatten(0, 1), [m.flatten(0, 1) for m in s.legal])
+    # the update recomputes exactly the rollout's log-probs (PPO ratio 1 before any step)
+    torch.testing.assert_close(again.view_as(s.log_prob), s.log_prob, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_follows_the_policy_distribution():
+    """A fixed two-level policy: empirical path frequencies match its legal-renormalised probabilities."""
+    from gpr_sim.tokenizer.trie import PrefixTrie
+
+    paths = torch.tensor([[0, 0], [0, 1], [1, 0], [2, 1]])  # 4 items, 3 x 2 codes
+    trie = PrefixTrie(paths, (3, 2))
+    logits = {0: torch.tensor([0.0, 1.0, -1.0]), 1: torch.tensor([0.5, -0.5])}
+
+    def step_fn(row, prefix):
+        return logits[prefix.shape[1]].expand(row.shape[0], -1)
+
+    n = 20000
+    s = sample_paths(step_fn, trie, 1, n, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(s.items[0], minlength=4).double() / n
+    p0 = torch.softmax(logits[0].double(), 0)
+    p1 = torch.softmax(logits[1].double(), 0)
+    expected = torch.stack([p0[0] * p1[0], p0[0] * p1[1], p0[1], p0[2]])  # codes 1 and 2 have one child
+    assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / n))
+
+
+def test_rehearsal_moves_nothing_and_favours_active_users(pre):
+    _, tok = load_run_model(pre / "vaft")
+    env = _env(256)
+    roller = Roller(env, tok, group_size=2, truth=True, arr_rate=1.0, seed=0)
+    engine = roller.engine
+    before = [t.clone() for t in engine.state] + [t.clone() for t in engine.market]
+    rows = torch.arange(256)
+    ahead, obs = roller._rehearse(rows)
+    for t, u in zip(before, list(engine.state) + list(engine.market)):
+        assert torch.equal(t, u)  # the real sessions and budgets did not move
+    assert torch.equal(obs["user_id"], engine.state.user_id)  # U kept
+    assert bool((ahead.step == engine.state.step + 1).all())  # E refreshed one request ahead
+    assert not torch.equal(obs["organic"], roller.obs["organic"])  # O rebuilt from new consumption
+    # rehearsal probability is arr_rate * tier / 5: count over several collections
+    model, _ = load_run_model(pre / "vaft")
+    buf, stats = roller.collect(model.eval(), 3)
+    assert stats["rollout/rehearsed"] > 0
+    tier = engine.world.user_activity
+    user = buf.tokens.token_ids[:, 0]
+    share = buf.rehearsed.float()
+    lo = share[tier[user] <= 2].mean() if bool((tier[user] <= 2).any()) else torch.tensor(0.0)
+    hi = share[tier[user] >= 4].mean()
+    assert float(hi) > float(lo)
