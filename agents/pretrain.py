@@ -14,8 +14,19 @@ Loop: seed -> data (tokens, MTP targets, per-level legal masks from the trie, VA
 AdamW -> {sample a batch, ``mtp_loss``, step, log, evaluate, checkpoint}. The run folder holds
 ``config.json``, ``metrics.jsonl`` (``train/loss``, ``eval/loss``, ``eval/hitrate@K``, ``eval/ndcg@K``,
 ``eval/pop_hitrate@K``, ``eval/pop_ndcg@K``), ``checkpoint.pt`` (model, optimiser, sampler RNG, step,
-model config; written atomically) and ``summary.json``. Running again into the same folder resumes
-from ``checkpoint.pt``.
+model config; written atomically), ``best.pt`` and ``summary.json``. Running again into the same folder
+resumes from ``checkpoint.pt``.
+
+Components: ``--[no-]hybrid-attention``, ``--[no-]token-aware-ln``, ``--[no-]token-aware-ffn``,
+``--[no-]mixture-of-recursions``, ``--[no-]thinking``, ``--[no-]refining``, ``--[no-]hte`` and
+``--mtp-heads`` switch the GPR parts of Table 2 (``GPRConfig``; defaults as there, MoR off).
+
+Best checkpoint: ``best.pt`` (same format as ``checkpoint.pt``) holds the model of the evaluation with
+the highest ``eval/hitrate@K`` so far (ties keep the earlier one); ``summary.json["best"]`` records its
+step and metrics. An improvement also writes ``checkpoint.pt``, so ``best.pt`` is never ahead of the
+resumable state and a resumed run re-derives the best from the kept ``metrics.jsonl`` rows. The best is
+selected on the held-out requests themselves, so its metrics are optimistic. ``--select best|last``
+names the file downstream users should load: ``summary.json["selected_checkpoint"]``.
 """
 
 from __future__ import annotations
@@ -48,6 +59,12 @@ from gpr_sim.world.catalog import generate_world
 CKPT_FORMAT = "gpr_sim.pretrain"
 CKPT_VERSION = 1
 STAGES = ("mtp", "vaft")
+SELECT = ("best", "last")
+COMPONENTS = ("hybrid_attention", "token_aware_ln", "token_aware_ffn", "mixture_of_recursions", "thinking",
+              "refining", "hte")  # fmt: skip
+"""``GPRConfig`` component switches that are flags here (with ``mtp_heads``: the rows of GPR Table 2)"""
+BEST_METRIC = "eval/hitrate@{k}"
+"""metric that ``best.pt`` maximises"""
 FAST_TOKENIZER = CompareConfig(codebook_size=16, kmeans_iters=5, vae_steps=30, batch_size=128, hidden_dim=32)
 """RQ-Kmeans+ settings of the tokenizer fitted when none is given (seconds on a CPU)"""
 
@@ -84,8 +101,26 @@ class Args:
     """model width"""
     n_layers: int = 2
     """HSD blocks"""
+    n_heads: int = 2
+    """attention heads (must divide d_model)"""
     mtp_heads: int = 4
     """N MTP heads"""
+    hybrid_attention: bool = True
+    """GPR hybrid attention mask (prompt bidirectional, items causal); off = plain causal"""
+    token_aware_ln: bool = True
+    """one LayerNorm per token type; off = one shared LayerNorm"""
+    token_aware_ffn: bool = True
+    """one FFN per token type; off = one shared FFN"""
+    mixture_of_recursions: bool = False
+    """share the last HSD block and apply it recursively (router)"""
+    thinking: bool = True
+    """learnable thinking tokens distil the HSD outputs; off = the E token's output is the context"""
+    refining: bool = True
+    """diffusion-style refiner adds a refine token"""
+    hte: bool = True
+    """HTE value heads (critic; not trained by MTP/VAFT)"""
+    select: str = "last"
+    """best | last: the checkpoint downstream users should load (summary.json selected_checkpoint)"""
     eval_fraction: float = 0.2
     """share of sessions held out"""
     split_seed: int = 0
@@ -112,8 +147,10 @@ class Args:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r} is unknown: expected one of {list(STAGES)}")
-        for name, lo in (("steps", 1), ("batch_size", 1), ("mtp_heads", 1), ("top_k", 1), ("eval_every", 1),
-                         ("checkpoint_every", 1), ("eval_requests", 1), ("collect_envs", 1),
+        if self.select not in SELECT:
+            raise ValueError(f"select={self.select!r} is unknown: expected one of {list(SELECT)}")
+        for name, lo in (("steps", 1), ("batch_size", 1), ("mtp_heads", 1), ("n_heads", 1), ("top_k", 1),
+                         ("eval_every", 1), ("checkpoint_every", 1), ("eval_requests", 1), ("collect_envs", 1),
                          ("collect_steps", 1), ("threads", 0)):  # fmt: skip
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected >= {lo}")
@@ -197,19 +234,26 @@ def ensure_inputs(args: Args, out: Path) -> tuple[Path, Path]:
 
 def model_config(tok: WorldTokenizer, schema: SchemaConfig, dense_dim: int, args: Args) -> GPRConfig:
     return GPRConfig(level_sizes=tuple(tok.level_sizes), d_model=args.d_model, n_layers=args.n_layers,
-                     n_heads=2, dense_dim=dense_dim, max_len=schema.seq_len, mtp_heads=args.mtp_heads)  # fmt: skip
+                     n_heads=args.n_heads, dense_dim=dense_dim, max_len=schema.seq_len, mtp_heads=args.mtp_heads,
+                     **{name: getattr(args, name) for name in COMPONENTS})  # fmt: skip
 
 
-def save_checkpoint(path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    step: int, stage: str) -> None:  # fmt: skip
-    """Model, optimiser, sampler RNG, step and model config in one file, written atomically."""
+def checkpoint_bytes(model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int,
+                     stage: str) -> bytes:  # fmt: skip
+    """The serialised checkpoint payload (what `save_checkpoint` writes)."""
     cfg = dataclasses.asdict(model.cfg)
     cfg["level_sizes"] = list(cfg["level_sizes"])
     payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "stage": stage, "step": step, "config": cfg,
                "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state()}  # fmt: skip
     buf = io.BytesIO()
     torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_checkpoint(path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    step: int, stage: str) -> None:  # fmt: skip
+    """Model, optimiser, sampler RNG, step and model config in one file, written atomically."""
+    atomic_write_bytes(path, checkpoint_bytes(model, opt, gen, step, stage))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -277,6 +321,50 @@ def evaluate(model: GPRModel, data: Split, trie, args: Args, pop: dict[str, floa
     return {"eval/loss": total / n, **{f"eval/{k}": v for k, v in ranks.items()}, **pop}
 
 
+# ----------------------------------------------------------------------------- best checkpoint
+
+
+def best_row(rows: list[dict], key: str) -> dict | None:
+    """The metrics row with the highest ``key`` (the earliest on ties); None when no row has it."""
+    best = None
+    for row in rows:
+        value = row.get(key)
+        if value is not None and np.isfinite(value) and (best is None or value > best[key]):
+            best = row
+    return best
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step recorded in a checkpoint file; None when it is missing or unreadable."""
+    try:
+        return int(read_checkpoint(path)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_best(
+    rows: list[dict], key: str, start: int, ckpt: Path, best_path: Path
+) -> tuple[dict | None, bool]:
+    """Best row among the kept metrics rows (all <= the resumed step) and whether ``best_path`` holds it.
+
+    An improvement writes ``checkpoint.pt`` before ``best.pt``, so the only gap is a crash between the two
+    writes; then the best is the resumed step itself and ``best.pt`` is restored from ``checkpoint.pt``.
+    """
+    best = best_row(rows, key)
+    if best is None:
+        best_path.unlink(missing_ok=True)
+        return None, False
+    if best_path.is_file() and checkpoint_step(best_path) == best["step"]:
+        return best, True
+    if best["step"] == start:
+        atomic_write_bytes(best_path, ckpt.read_bytes())
+        return best, True
+    print(f"{best_path}: does not hold the best step {best['step']} of {key} (a run from before best.pt?); "
+          "it is written again at the next improvement")  # fmt: skip
+    best_path.unlink(missing_ok=True)
+    return best, False
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -333,11 +421,16 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.stage == "vaft":
         raise ValueError("stage vaft starts from the MTP checkpoint: pass --init PATH")
 
-    metrics_path = out / "metrics.jsonl"
+    metrics_path, best_path = out / "metrics.jsonl", out / "best.pt"
+    key = BEST_METRIC.format(k=args.top_k)
     if start == 0:
         metrics_path.unlink(missing_ok=True)
-        first = evaluate(model, held_out, trie, args, pop)
-        append_metrics(metrics_path, {"step": 0, **first})
+        first = {"step": 0, **evaluate(model, held_out, trie, args, pop)}
+        append_metrics(metrics_path, first)
+        atomic_write_bytes(best_path, checkpoint_bytes(model, opt, gen, 0, args.stage))
+        best, best_saved = first, True
+    else:
+        best, best_saved = resume_best(read_metrics(metrics_path), key, start, ckpt, best_path)
     bar = tqdm(range(start, args.steps), desc=f"pretrain {args.stage}", disable=not args.progress)
     t0, loss = time.perf_counter(), torch.zeros(())
     for step in bar:
@@ -348,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         out_loss.loss.backward()
         opt.step()
         loss = out_loss.loss.detach()
-        done = step + 1
+        done, improved = step + 1, False
         if done % args.eval_every == 0 or done == args.steps:
             row = {"step": done, "train/loss": float(loss), "train/loss_mtp": float(out_loss.loss_mtp.detach()),
                    "train/loss_refine": float(out_loss.loss_refine.detach()),
@@ -356,12 +449,29 @@ def main(argv: list[str] | None = None) -> dict:
                    **evaluate(model, held_out, trie, args, pop)}  # fmt: skip
             append_metrics(metrics_path, row)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}", eval=f"{row['eval/loss']:.3f}")
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            save_checkpoint(ckpt, model, opt, gen, done, args.stage)
+            improved = best is None or row[key] > best[key]  # ties keep the earlier evaluation
+            best = row if improved else best
+        if done % args.checkpoint_every == 0 or done == args.steps or improved:
+            data = checkpoint_bytes(model, opt, gen, done, args.stage)
+            atomic_write_bytes(ckpt, data)  # first: best.pt is never ahead of the resumable state
+            if improved:
+                atomic_write_bytes(best_path, data)
+                best_saved = True
 
     rows = read_metrics(metrics_path)
+    selected = ckpt
+    if args.select == "best":
+        if best_saved:
+            selected = best_path
+        else:
+            print(f"{out}: --select best but no best.pt holds the best step: selecting {ckpt}")
+    best_info = None if best is None else {
+        "step": best["step"], "metric": key, "value": best[key],
+        "checkpoint": str(best_path) if best_saved else None, "metrics": best,
+    }  # fmt: skip
     summary = {"stage": args.stage, "steps": args.steps, "train_requests": len(train),
-               "eval_requests": len(held_out), "initial": rows[0], "final": rows[-1]}  # fmt: skip
+               "eval_requests": len(held_out), "initial": rows[0], "final": rows[-1], "best": best_info,
+               "select": args.select, "selected_checkpoint": str(selected)}  # fmt: skip
     write_json(out / "summary.json", summary)
     k = args.top_k
     fin = rows[-1]

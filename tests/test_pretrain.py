@@ -207,3 +207,90 @@ def test_split_is_by_session_and_deterministic():
     for e in range(50):
         assert len(set(held[episode == e])) == 1  # a session is never split
     np.testing.assert_array_equal(held, pretrain.split_sessions(episode, 0.2, seed=0))
+
+
+# ----------------------------------------------------------------------------- component flags, best checkpoint
+
+
+def test_component_flags_reach_the_model_config(mtp_run, tmp_path):
+    src, _ = mtp_run
+    out = tmp_path / "plain"
+    pretrain.main(["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--out", str(out),
+                   "--steps", "2", "--eval-requests", "20", "--no-thinking", "--no-refining", "--no-hte",
+                   "--no-hybrid-attention", "--no-token-aware-ln", "--no-token-aware-ffn", "--mixture-of-recursions",
+                   "--n-heads", "4", "--mtp-heads", "1", *FAST[4:]])  # fmt: skip
+    cfg = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert cfg["thinking"] is False and cfg["refining"] is False and cfg["hte"] is False
+    assert (
+        cfg["hybrid_attention"] is False
+        and cfg["token_aware_ln"] is False
+        and cfg["token_aware_ffn"] is False
+    )
+    assert cfg["mixture_of_recursions"] is True and cfg["n_heads"] == 4 and cfg["mtp_heads"] == 1
+    plain = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    full = torch.load(src / "checkpoint.pt", weights_only=True)["model"]
+    assert not any("thinking" in k or "refiner" in k or k.startswith("hte.") for k in plain)
+    assert any("thinking" in k for k in full) and any("refiner" in k for k in full)
+    # the default flags keep the model config of runs from before the flags existed
+    default = torch.load(src / "checkpoint.pt", weights_only=True)["config"]
+    assert (
+        default["n_heads"] == 2 and default["mixture_of_recursions"] is False and default["thinking"] is True
+    )
+
+
+def test_best_checkpoint_and_selection(mtp_run):
+    out, summary = mtp_run
+    rows = read_metrics(out / "metrics.jsonl")
+    values = [r["eval/hitrate@10"] for r in rows]
+    best_step = rows[values.index(max(values))]["step"]  # index() = the earliest of ties
+    assert summary["best"]["step"] == best_step and summary["best"]["value"] == max(values)
+    assert summary["best"]["metric"] == "eval/hitrate@10"
+    assert summary["best"]["checkpoint"] == str(out / "best.pt")
+    assert summary["select"] == "last" and summary["selected_checkpoint"] == str(out / "checkpoint.pt")
+    best = pretrain.read_checkpoint(out / "best.pt")  # same format as checkpoint.pt
+    assert best["step"] == best_step and best["stage"] == "mtp"
+    assert best["config"] == pretrain.read_checkpoint(out / "checkpoint.pt")["config"]
+
+
+def test_best_row_keeps_earliest_tie():
+    rows = [{"step": 0, "m": 0.1}, {"step": 10, "m": 0.3}, {"step": 20, "m": 0.3}, {"step": 30, "m": 0.2}]
+    assert pretrain.best_row(rows, "m")["step"] == 10
+    assert pretrain.best_row([{"step": 0}], "m") is None
+
+
+def test_resume_keeps_best_and_select_best(mtp_run, tmp_path):
+    src, _ = mtp_run
+    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--eval-every", "5",
+              "--checkpoint-every", "10", "--eval-requests", "50", "--select", "best", *FAST[4:]]  # fmt: skip
+    straight = tmp_path / "straight"
+    want = pretrain.main(["--out", str(straight), "--steps", "20", *common])
+    resumed = tmp_path / "resumed"
+    pretrain.main(["--out", str(resumed), "--steps", "10", *common])
+    # resumed from step 10: the best is re-derived from the kept rows and tracked on as in one run
+    got = pretrain.main(["--out", str(resumed), "--steps", "20", *common])
+    assert got["best"]["step"] == want["best"]["step"]
+    assert got["best"]["value"] == pytest.approx(want["best"]["value"])
+    assert got["selected_checkpoint"] == str(resumed / "best.pt")
+    assert pretrain.read_checkpoint(resumed / "best.pt")["step"] == got["best"]["step"]
+    torch.testing.assert_close(pretrain.read_checkpoint(resumed / "best.pt")["model"],
+                               pretrain.read_checkpoint(straight / "best.pt")["model"], rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_resume_restores_best_lost_between_writes(mtp_run, tmp_path):
+    """A crash between the checkpoint.pt and best.pt writes of an improvement: best.pt comes back."""
+    src, _ = mtp_run
+    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--eval-every", "5",
+              "--eval-requests", "50", *FAST[4:]]  # fmt: skip
+    out = tmp_path / "run"
+    first = pretrain.main(["--out", str(out), "--steps", "10", *common])
+    rows = read_metrics(out / "metrics.jsonl")
+    # fake the crash: the last row is the best, best.pt still holds an older step
+    rows[-1]["eval/hitrate@10"] = 2.0
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "best.pt").unlink()
+    again = pretrain.main(["--out", str(out), "--steps", "10", *common])
+    assert again["best"]["step"] == 10 and again["best"]["checkpoint"] == str(out / "best.pt")
+    assert pretrain.read_checkpoint(out / "best.pt")["step"] == 10
+    assert first["final"]["step"] == 10
+    with pytest.raises(ValueError, match="select"):
+        pretrain.main(["--out", str(out), "--select", "worst", *common])
