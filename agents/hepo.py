@@ -65,7 +65,7 @@ from gpr_sim.schema import SchemaConfig, tokens_from_obs
 
 CKPT_FORMAT = "gpr_sim.hepo"
 CKPT_VERSION = 1
-RESUME_IGNORES = ("iterations", "progress", "threads", "out", "device")
+RESUME_IGNORES = ("iterations", "progress", "threads", "out", "device", "label")
 """flags that may change between an interrupted run and its resumption"""
 
 
@@ -79,6 +79,8 @@ class Args:
     """hepo | ppo (terminal reward, joint ratio) | grpo (group z-score, no critic) | dpo (best vs worst of a group)"""
     seed: int = 0
     """seed of pre-training, rollouts and updates"""
+    label: str = ""
+    """name of the run in plots and tables (e.g. hepo_no_arr); empty = the algorithm"""
     device: str = "cpu"
     """torch device of the env and the model"""
     out: str = ""
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_resumable(out, args)
     model, tok = load_run_model(vaft)
     tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
-    write_json(out / "config.json", {"args": _comparable(args), "algo": args.algo, "seed": args.seed,
+    write_json(out / "config.json", {"args": _comparable(args), "algo": args.algo, "label": args.label or args.algo, "seed": args.seed,
                                      "env": args.env, "init": str(vaft), "tokenizer_path": tok_path})  # fmt: skip
     model = model.to(args.device).train()
     needs_ref = args.algo == "dpo" or args.loss.kl_coef > 0
