@@ -1,15 +1,32 @@
-"""Plots from run folders: reward curves with seed bands.
+"""Plots and tables from run folders: reward curves with seed bands, the Table 3 analogue, final metrics.
 
     python -m agents.plots runs/hepo/RUN_A runs/hepo/RUN_B ... --out runs/plots
 
-Runs are grouped by their ``config.json`` algorithm; each group's curve is the mean over its runs (seeds)
-of a ``metrics.jsonl`` column against env steps, with a band of +-1.96 standard errors over seeds (a
-single run shows its own 95% CI columns when it has them).
+Given ``agents.hepo`` run folders (several algorithms and seeds), writes into ``--out``:
+
+| file | what |
+|---|---|
+| ``curves.png`` | one panel per metric, one line per algorithm (mean over seeds) against env steps, seed band |
+| ``table3.csv`` / ``.md`` | GPR Table 3 analogue: candidate quality (nDCG, OPR, mean / max / top-1 normalised value of the top-K beam) at the last evaluation, per algorithm, and the VAFT generator they all start from (their iteration-0 evaluation), with the paper's numbers alongside |
+| ``final_table.csv`` / ``.md`` | per algorithm: final eval reward, GMV, CTCVR and revenue per session |
+| ``final.png`` | the final table as bars with error bars |
+
+Runs are grouped by their ``config.json`` algorithm. Every table value is the mean over the group's runs
+(seeds) with a two-sided Student t interval over seeds (``t_interval``; NaN with a single seed): the
+per-run 95% CIs that ``metrics.jsonl`` holds measure evaluation noise of one trained policy, the seed
+interval measures how much training itself varies. The VAFT row's units are the distinct starting
+generators (``config.json`` ``init``), not the runs: every algorithm of a seed starts from the same one.
+
+``plot_pretrain`` / ``pretrain_table`` do the same for ``agents.pretrain`` folders (MTP, VAFT): held-out
+loss, HitRate@K and nDCG@K against steps beside the popularity baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,16 +35,186 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from agents.runs import read_json, read_metrics  # noqa: E402
+from agents.ablation import t_interval  # noqa: E402  (mean, low, high) over seeds
+from agents.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
 
 CURVES = ("eval/reward_per_session", "eval/gmv_per_session", "eval/ctcvr", "eval/cand_mean_value")
 """the metrics drawn by default, one panel each"""
+TABLE3 = ("ndcg", "opr", "mean_value", "max_value", "top1_value")
+"""Table 3 columns: ``eval/cand_{name}`` of ``agents.hepo``"""
+FINAL = ("reward_per_session", "gmv_per_session", "ctcvr", "revenue_per_session")
+"""final-table columns: ``eval/{name}`` of ``agents.hepo``"""
+PAPER_TABLE3 = {
+    "MTP": {"ndcg": 0.3868, "opr": 0.5292, "mean_value": 0.2412, "max_value": 0.6201},
+    "VAFT": {"ndcg": 0.3925, "opr": 0.5348},
+    "+DPO": {"ndcg": 0.4383, "opr": 0.5463, "mean_value": 0.2442, "max_value": 0.6659},
+    "+HEPO": {"ndcg": 0.4413, "opr": 0.5509, "mean_value": 0.2630, "max_value": 0.7619},
+}
+"""GPR paper, Table 3 (simulator, K = 40, normalised final_value; missing = not reported)"""
+PAPER_METRICS = ("ndcg", "opr", "mean_value", "max_value")
+"""the Table 3 columns the paper reports (``top1_value`` is ours)"""
+START = "VAFT"
+"""stage name of the generator every algorithm starts from"""
+ORDER = ("ppo", "grpo", "dpo", "hepo")
+"""row order of the known algorithms (baselines first, as in GPR Table 3); others follow by name"""
+
+
+# ----------------------------------------------------------------------------- reading run folders
 
 
 def run_label(run: Path) -> str:
+    """The run's ``label`` (e.g. hepo_no_arr), else its algorithm, else the folder name."""
     cfg = run / "config.json"
-    return read_json(cfg).get("algo", run.name) if cfg.is_file() else run.name
+    if not cfg.is_file():
+        return run.name
+    meta = read_json(cfg)
+    return meta.get("label") or meta.get("algo", run.name)
+
+
+def check_runs(runs: list[str | Path]) -> list[Path]:
+    """The folders as paths; raises ``ValueError`` naming every folder without a ``metrics.jsonl``."""
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ValueError("no run folders given")
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        raise ValueError(f"not run folders (no metrics.jsonl): {', '.join(missing)}")
+    return runs
+
+
+def eval_rows(run: Path, key: str = "eval/reward_per_session") -> list[dict]:
+    """The run's ``metrics.jsonl`` rows that hold ``key`` (its evaluations), in order; raises if none."""
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if key in r]
+    if not rows:
+        raise ValueError(f"{run}/metrics.jsonl has no evaluation rows (no {key!r})")
+    return rows
+
+
+def group_runs(runs: list[str | Path]) -> dict[str, list[Path]]:
+    """algorithm -> its runs (seeds), in ``ORDER`` then by name."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for run in check_runs(runs):
+        groups[run_label(run)].append(run)
+    rank = {a: i for i, a in enumerate(ORDER)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+
+
+def _start_units(runs: list[Path]) -> list[list[dict]]:
+    """Iteration-0 evaluations grouped by starting generator (``init``; else the seed)."""
+    units: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        cfg = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+        first = eval_rows(run)[0]
+        if first.get("iteration", 0) != 0:
+            raise ValueError(f"{run}/metrics.jsonl: first evaluation at iteration {first['iteration']}, expected 0")
+        units[str(cfg.get("init", cfg.get("seed", run)))].append(first)
+    return list(units.values())
+
+
+def _final_rows(label: str, runs: list[Path]) -> list[dict]:
+    rows = [eval_rows(run)[-1] for run in runs]
+    its = sorted({r.get("iteration") for r in rows})
+    if len(its) > 1:
+        warnings.warn(f"{label}: runs end at different iterations {its}", stacklevel=3)
+    return rows
+
+
+def _stat_row(rows_per_unit: list[list[dict]], keys: dict[str, str], level: float) -> dict:
+    """name -> mean, name_ci_low, name_ci_high over units (each unit: the mean of its rows)."""
+    out: dict = {"n": len(rows_per_unit)}
+    for name, key in keys.items():
+        values = [np.mean([r.get(key, math.nan) for r in unit]) for unit in rows_per_unit]
+        out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = t_interval(values, level)
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def table3(runs: list[str | Path], level: float = 0.95) -> pd.DataFrame:
+    """GPR Table 3 analogue: one row for the VAFT start, one per algorithm at its last evaluation.
+
+    Args:
+        runs: ``agents.hepo`` run folders (any algorithms and seeds).
+        level: coverage of the t interval over seeds.
+
+    Returns:
+        Columns ``stage`` (``VAFT``, ``+HEPO``...), ``algo``, ``n`` (seeds; for VAFT: distinct starting
+        generators), ``iteration`` (of the evaluation), then per metric of ``TABLE3`` the mean,
+        ``_ci_low`` and ``_ci_high``; ``paper_{name}`` for ``PAPER_METRICS`` (GPR Table 3, NaN where the
+        paper has no such row or value).
+    """
+    groups = group_runs(runs)
+    keys = {name: f"eval/cand_{name}" for name in TABLE3}
+    every = [run for members in groups.values() for run in members]
+    rows = [{"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(_start_units(every), keys, level)}]
+    for algo, members in groups.items():
+        final = _final_rows(algo, members)
+        row = _stat_row([[r] for r in final], keys, level)
+        rows.append({"stage": f"+{algo.upper()}", "algo": algo, "iteration": min(r["iteration"] for r in final),
+                     **row})  # fmt: skip
+    for row in rows:
+        for name in PAPER_METRICS:
+            row[f"paper_{name}"] = PAPER_TABLE3.get(row["stage"], {}).get(name, math.nan)
+    return pd.DataFrame(rows)
+
+
+def final_table(runs: list[str | Path], level: float = 0.95, start: bool = True) -> pd.DataFrame:
+    """Final online metrics per algorithm: mean over seeds with a t interval over seeds.
+
+    Args:
+        runs: ``agents.hepo`` run folders.
+        level: coverage of the t interval over seeds.
+        start: add a first row for the VAFT generator (the iteration-0 evaluation), the common baseline.
+
+    Returns:
+        Columns ``stage``, ``algo``, ``n`` (seeds), ``iteration``, then per metric of ``FINAL`` the mean,
+        ``_ci_low`` and ``_ci_high``.
+    """
+    groups = group_runs(runs)
+    keys = {name: f"eval/{name}" for name in FINAL}
+    rows = []
+    if start:
+        every = [run for members in groups.values() for run in members]
+        rows.append({"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(_start_units(every), keys, level)})
+    for algo, members in groups.items():
+        final = _final_rows(algo, members)
+        rows.append({"stage": f"+{algo.upper()}", "algo": algo, "iteration": min(r["iteration"] for r in final),
+                     **_stat_row([[r] for r in final], keys, level)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _cell(v: float, lo: float, hi: float) -> str:
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else f"{v:.4f}"
+
+
+def to_markdown(table: pd.DataFrame, metrics: tuple[str, ...], level: float = 0.95) -> str:
+    """``mean [low, high]`` per metric (and the paper's value where the table has ``paper_`` columns)."""
+    head = ["stage", "n", *metrics]
+    paper = [m for m in metrics if f"paper_{m}" in table]
+    head += [f"paper {m}" for m in paper]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        cells = [str(r["stage"]), str(int(r["n"]))]
+        cells += [_cell(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for m in metrics]
+        cells += [f"{r[f'paper_{m}']:.4f}" if np.isfinite(r[f"paper_{m}"]) else "" for m in paper]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = f"\nmean over seeds [{level:.0%} Student t interval over seeds; none with one seed]\n"
+    return "\n".join(lines) + "\n" + note
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _series(run: Path, metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -40,7 +227,10 @@ def _series(run: Path, metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def plot_curves(runs: list[Path], path: Path, metrics: tuple[str, ...] = CURVES, x: str = "env_steps") -> Path:
-    """One panel per metric, one line per algorithm (mean over its runs), seed band; saved to ``path``."""
+    """One panel per metric, one line per algorithm (mean over its runs), seed band; saved to ``path``.
+
+    The band is +-1.96 standard errors over seeds; a single run shows its own 95% CI columns when it has them.
+    """
     groups: dict[str, list[Path]] = defaultdict(list)
     for run in runs:
         groups[run_label(Path(run))].append(Path(run))
@@ -66,26 +256,130 @@ def plot_curves(runs: list[Path], path: Path, metrics: tuple[str, ...] = CURVES,
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, Path(path))
 
 
-def main(argv: list[str] | None = None) -> Path:
+def plot_table(table: pd.DataFrame, path: Path, metrics: tuple[str, ...] = FINAL, level: float = 0.95) -> Path:
+    """Bars of a ``final_table`` / ``table3`` frame, one panel per metric, t-interval error bars."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
+    x = np.arange(len(table))
+    colors = ["tab:gray" if s == START else f"C{i}" for i, s in enumerate(table["stage"])]
+    for ax, name in zip(axes[0], metrics):
+        v = table[name].to_numpy(float)
+        err = np.stack([v - table[f"{name}_ci_low"].to_numpy(float), table[f"{name}_ci_high"].to_numpy(float) - v])
+        ax.bar(x, np.nan_to_num(v), yerr=np.nan_to_num(err), capsize=3, color=colors)
+        for i in np.flatnonzero(~np.isfinite(v)):
+            ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
+        if f"paper_{name}" in table:
+            ax.scatter(x, table[f"paper_{name}"], marker="*", s=60, color="black", zorder=3, label="paper")
+            ax.legend(fontsize=7)
+        ax.set_xticks(x, table["stage"], rotation=30, ha="right")
+        ax.set_title(name.replace("_", " "))
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"last evaluation: mean over seeds, {level:.0%} t interval over seeds", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- pre-training runs
+
+
+def _pretrain_k(run: Path) -> int:
+    return int(read_json(run / "config.json").get("top_k", 10))
+
+
+def _step_offsets(runs: list[Path]) -> dict[Path, int]:
+    """Steps to add to each run's x axis: a run started from another listed run's checkpoint continues it."""
+    by_dir = {r.resolve(): r for r in runs}
+    offsets: dict[Path, int] = {}
+
+    def offset(run: Path) -> int:
+        if run not in offsets:
+            offsets[run] = 0  # guards a cycle
+            init = read_json(run / "config.json").get("init") or ""
+            parent = by_dir.get(Path(init).resolve().parent) if init else None
+            if parent is not None and parent != run:
+                offsets[run] = offset(parent) + int(read_metrics(parent / "metrics.jsonl")[-1]["step"])
+        return offsets[run]
+
+    for run in runs:
+        offset(run)
+    return offsets
+
+
+def pretrain_table(runs: list[str | Path]) -> pd.DataFrame:
+    """One row per ``agents.pretrain`` run: stage, steps, first and last held-out metrics, popularity."""
+    rows = []
+    for run in check_runs(runs):
+        cfg, metrics = read_json(run / "config.json"), read_metrics(run / "metrics.jsonl")
+        k = _pretrain_k(run)
+        first, last = metrics[0], metrics[-1]
+        rows.append({"run": run.name, "stage": cfg.get("stage", run.name), "steps": last["step"],
+                     "eval_loss_start": first["eval/loss"], "eval_loss_end": last["eval/loss"],
+                     f"hitrate@{k}_start": first[f"eval/hitrate@{k}"], f"hitrate@{k}_end": last[f"eval/hitrate@{k}"],
+                     f"pop_hitrate@{k}": last[f"eval/pop_hitrate@{k}"],
+                     f"ndcg@{k}_start": first[f"eval/ndcg@{k}"], f"ndcg@{k}_end": last[f"eval/ndcg@{k}"],
+                     f"pop_ndcg@{k}": last[f"eval/pop_ndcg@{k}"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def plot_pretrain(runs: list[str | Path], path: Path) -> Path:
+    """Held-out loss, HitRate@K and nDCG@K against steps, one line per run (a VAFT run continues the
+    MTP run it started from on the x axis), popularity baseline dashed; saved to ``path``."""
+    runs = check_runs(runs)
+    offsets = _step_offsets(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for run in runs:
+        k, rows = _pretrain_k(run), read_metrics(run / "metrics.jsonl")
+        label = read_json(run / "config.json").get("stage", run.name)
+        steps = np.array([r["step"] for r in rows], dtype=float) + offsets[run]
+        line = axes[0].plot(steps, [r["eval/loss"] for r in rows], marker="o", ms=3, label=f"{label} held-out")[0]
+        train = [(s, r["train/loss_mtp"]) for s, r in zip(steps, rows) if "train/loss_mtp" in r]
+        if train:
+            axes[0].plot(*zip(*train), ls=":", color=line.get_color(), label=f"{label} train (MTP term)")
+        for ax, name in zip(axes[1:], (f"hitrate@{k}", f"ndcg@{k}")):
+            ax.plot(steps, [r[f"eval/{name}"] for r in rows], marker="o", ms=3, color=line.get_color(), label=label)
+            ax.plot(steps, [r[f"eval/pop_{name}"] for r in rows], ls="--", color="gray",
+                    label="popularity" if run == runs[0] else None)  # fmt: skip
+            ax.set_title(f"held-out {name}")
+    axes[0].set_title("loss (each stage's own target weights)")
+    for ax in axes:
+        ax.set_xlabel("optimiser steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def write_report(runs: list[str | Path], out: str | Path, level: float = 0.95) -> dict[str, Path]:
+    """Every file of the module docstring into ``out``; returns name -> path."""
+    runs, out = check_runs(runs), Path(out)
+    t3, fin = table3(runs, level), final_table(runs, level)
+    files = {"curves": plot_curves(runs, out / "curves.png")}
+    for name, table, metrics in (("table3", t3, TABLE3), ("final_table", fin, FINAL)):
+        files[f"{name}.csv"] = atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
+        files[f"{name}.md"] = atomic_write_bytes(out / f"{name}.md", to_markdown(table, metrics, level).encode())
+    files["final"] = plot_table(fin, out / "final.png", FINAL, level)
+    return files
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (agents.hepo output)")
     parser.add_argument("--out", default="runs/plots", help="output folder")
+    parser.add_argument("--level", type=float, default=0.95, help="coverage of the t intervals over seeds")
     ns = parser.parse_args(argv)
-    missing = [r for r in ns.runs if not (Path(r) / "metrics.jsonl").is_file()]
-    if missing:
-        raise SystemExit(f"not run folders (no metrics.jsonl): {', '.join(missing)}")
-    path = plot_curves([Path(r) for r in ns.runs], Path(ns.out) / "curves.png")
-    print(path)
-    return path
+    try:
+        files = write_report(ns.runs, ns.out, ns.level)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    print(to_markdown(table3(ns.runs, ns.level), TABLE3, ns.level))
+    print(to_markdown(final_table(ns.runs, ns.level), FINAL, ns.level))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return files
 
 
 if __name__ == "__main__":
