@@ -27,6 +27,13 @@ step and metrics. An improvement also writes ``checkpoint.pt``, so ``best.pt`` i
 resumable state and a resumed run re-derives the best from the kept ``metrics.jsonl`` rows. The best is
 selected on the held-out requests themselves, so its metrics are optimistic. ``--select best|last``
 names the file downstream users should load: ``summary.json["selected_checkpoint"]``.
+
+Data parallel: ``torchrun --standalone --nproc-per-node W -m agents.pretrain ...`` (``agents.distributed``).
+Every rank loads the same data and draws the same global batch of ``--batch-size`` requests (the
+sampler RNG is identical on all ranks); rank r trains on its contiguous slice of ``batch_size / W``
+rows (``--batch-size`` must be a multiple of W) in ``DistributedDataParallel``, whose gradient average
+equals the global-batch gradient; the refiner's noise rows are those of one process. Only rank 0
+collects / fits the inputs, evaluates and writes the run folder; logged train losses are global.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from agents import distributed
 from agents.cli import parse_args
 from agents.runs import append_metrics, atomic_write_bytes, read_metrics, write_json
 from gpr_sim.data.logs import read_logs
@@ -368,18 +376,58 @@ def resume_best(
 # ----------------------------------------------------------------------------- main
 
 
+class _MTPStep(torch.nn.Module):
+    """``GPRModel.mtp_loss`` as a ``forward`` (what ``DistributedDataParallel`` wraps and hooks)."""
+
+    def __init__(self, model: GPRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, codes, weights, masks, gen):
+        out = self.model.mtp_loss(tokens, codes, weights, masks, gen)
+        return out.loss_mtp, out.loss_refine
+
+
+def _has_target(codes: torch.Tensor) -> torch.Tensor:
+    """Rows whose first head has a target: the rows ``mtp_loss``'s refiner loss averages over."""
+    return (codes[:, 0] >= 0).all(-1)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Train one stage; returns the summary (also written to ``OUT/summary.json``)."""
+    """Train one stage; returns the summary (also written to ``OUT/summary.json``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel (module doc); every rank returns
+    the summary rank 0 wrote.
+    """
     args = parse_args(Args, argv, __doc__)
+    dist = distributed.init_from_env(args.device)
+    if not dist.enabled:
+        return _main(args, dist)
+    try:
+        return _main(dataclasses.replace(args, device=dist.device), dist)
+    finally:
+        distributed.cleanup(dist)
+
+
+def _main(args: Args, dist: distributed.Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.batch_size % dist.world_size:
+        raise ValueError(f"batch_size={args.batch_size} is invalid with {dist.world_size} processes: "
+                         "--batch-size is the global batch and must be a multiple of the world size")  # fmt: skip
     out = Path(args.out or f"runs/pretrain/{args.env}__{args.stage}__{args.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    logs, tok_dir = ensure_inputs(args, out)
-    write_json(
-        out / "config.json",
-        {**dataclasses.asdict(args), "logs_path": str(logs), "tokenizer_path": str(tok_dir)},
-    )
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        logs, tok_dir = ensure_inputs(args, out)
+        extra = {"world_size": dist.world_size} if dist.enabled else {}
+        write_json(
+            out / "config.json",
+            {**dataclasses.asdict(args), "logs_path": str(logs), "tokenizer_path": str(tok_dir), **extra},
+        )
+    distributed.barrier(dist)
+    if not dist.is_main:
+        logs = Path(args.logs) if args.logs else out / "logs.parquet"
+        tok_dir = Path(args.tokenizer) if args.tokenizer else out / "tokenizer"
 
     # data: one tokenisation of every request, then row-aligned tensors per side of the split
     df, meta = read_logs(logs)
@@ -414,8 +462,9 @@ def main(argv: list[str] | None = None) -> dict:
         gen.set_state(state["rng"])
         start = int(state["step"])
         # metrics logged after the checkpoint belong to the lost tail of the run: drop them
-        rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= start]
-        atomic_write_bytes(out / "metrics.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+        if dist.is_main:
+            rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= start]
+            atomic_write_bytes(out / "metrics.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows))
     elif args.init:
         load_model_state(Path(args.init), model, load_checkpoint(args.init, model.cfg)["model"])
     elif args.stage == "vaft":
@@ -423,41 +472,76 @@ def main(argv: list[str] | None = None) -> dict:
 
     metrics_path, best_path = out / "metrics.jsonl", out / "best.pt"
     key = BEST_METRIC.format(k=args.top_k)
-    if start == 0:
-        metrics_path.unlink(missing_ok=True)
-        first = {"step": 0, **evaluate(model, held_out, trie, args, pop)}
-        append_metrics(metrics_path, first)
-        atomic_write_bytes(best_path, checkpoint_bytes(model, opt, gen, 0, args.stage))
-        best, best_saved = first, True
-    else:
-        best, best_saved = resume_best(read_metrics(metrics_path), key, start, ckpt, best_path)
-    bar = tqdm(range(start, args.steps), desc=f"pretrain {args.stage}", disable=not args.progress)
+    best, best_saved = None, False
+    if dist.is_main:
+        if start == 0:
+            metrics_path.unlink(missing_ok=True)
+            first = {"step": 0, **evaluate(model, held_out, trie, args, pop)}
+            append_metrics(metrics_path, first)
+            atomic_write_bytes(best_path, checkpoint_bytes(model, opt, gen, 0, args.stage))
+            best, best_saved = first, True
+        else:
+            best, best_saved = resume_best(read_metrics(metrics_path), key, start, ckpt, best_path)
+    if dist.enabled:
+        # the step's global batch: the same indices on every rank, this rank's contiguous slice
+        own = distributed.shard(args.batch_size, dist)
+        # find_unused_parameters: MTP leaves the HTE heads (and switched-off parts) without gradients
+        ddp = torch.nn.parallel.DistributedDataParallel(_MTPStep(model), find_unused_parameters=True)
+        distributed.barrier(dist)
+    show = args.progress and dist.is_main
+    bar = tqdm(range(start, args.steps), desc=f"pretrain {args.stage}", disable=not show)
     t0, loss = time.perf_counter(), torch.zeros(())
     for step in bar:
         idx = torch.randint(0, len(train), (args.batch_size,), generator=gen, device=args.device)
-        tokens, codes, masks, weights = train.rows(idx)
-        out_loss = model.mtp_loss(tokens, codes, weights, masks, gen)
-        opt.zero_grad(set_to_none=True)
-        out_loss.loss.backward()
-        opt.step()
-        loss = out_loss.loss.detach()
+        if not dist.enabled:
+            tokens, codes, masks, weights = train.rows(idx)
+            out_loss = model.mtp_loss(tokens, codes, weights, masks, gen)
+            opt.zero_grad(set_to_none=True)
+            out_loss.loss.backward()
+            opt.step()
+            loss = out_loss.loss.detach()
+            loss_mtp, loss_refine = out_loss.loss_mtp.detach(), out_loss.loss_refine.detach()
+        else:
+            tokens, codes, masks, weights = train.rows(idx[own])
+            with distributed.global_row_draws(gen, own.stop - own.start, dist):
+                loss_mtp, loss_refine = ddp(tokens, codes, weights, masks, gen)
+            # mtp_loss averages the refiner loss over its rows with a target; rescaled to this rank's
+            # share of the global count, DDP's average over ranks is the global-batch loss
+            n_has = _has_target(codes).sum().clamp_min(1)
+            n_all = _has_target(train.codes[idx]).sum().clamp_min(1)
+            loss_refine = loss_refine * (dist.world_size * n_has / n_all)
+            loss = loss_mtp + loss_refine
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_mtp, loss_refine, loss = loss_mtp.detach(), loss_refine.detach(), loss.detach()
         done, improved = step + 1, False
-        if done % args.eval_every == 0 or done == args.steps:
-            row = {"step": done, "train/loss": float(loss), "train/loss_mtp": float(out_loss.loss_mtp.detach()),
-                   "train/loss_refine": float(out_loss.loss_refine.detach()),
-                   "perf/steps_per_s": (done - start) / (time.perf_counter() - t0),
-                   **evaluate(model, held_out, trie, args, pop)}  # fmt: skip
-            append_metrics(metrics_path, row)
-            bar.set_postfix(loss=f"{row['train/loss']:.3f}", eval=f"{row['eval/loss']:.3f}")
-            improved = best is None or row[key] > best[key]  # ties keep the earlier evaluation
-            best = row if improved else best
-        if done % args.checkpoint_every == 0 or done == args.steps or improved:
+        is_eval = done % args.eval_every == 0 or done == args.steps
+        is_ckpt = done % args.checkpoint_every == 0 or done == args.steps
+        if is_eval:
+            train_terms = {"train/loss": float(loss), "train/loss_mtp": float(loss_mtp),
+                           "train/loss_refine": float(loss_refine)}  # fmt: skip
+            train_terms = distributed.all_reduce_mean(train_terms, dist)  # global; every rank takes part
+            if dist.is_main:
+                row = {"step": done, **train_terms,
+                       "perf/steps_per_s": (done - start) / (time.perf_counter() - t0),
+                       **evaluate(model, held_out, trie, args, pop)}  # fmt: skip
+                append_metrics(metrics_path, row)
+                bar.set_postfix(loss=f"{row['train/loss']:.3f}", eval=f"{row['eval/loss']:.3f}")
+                improved = best is None or row[key] > best[key]  # ties keep the earlier evaluation
+                best = row if improved else best
+        if dist.is_main and (is_ckpt or improved):
             data = checkpoint_bytes(model, opt, gen, done, args.stage)
             atomic_write_bytes(ckpt, data)  # first: best.pt is never ahead of the resumable state
             if improved:
                 atomic_write_bytes(best_path, data)
                 best_saved = True
+        if dist.enabled and (is_eval or is_ckpt):
+            distributed.barrier(dist)  # the other ranks wait for rank 0's evaluation and writes
 
+    if not dist.is_main:
+        distributed.barrier(dist)  # rank 0 writes summary.json
+        return json.loads((out / "summary.json").read_text())
     rows = read_metrics(metrics_path)
     selected = ckpt
     if args.select == "best":
@@ -473,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
                "eval_requests": len(held_out), "initial": rows[0], "final": rows[-1], "best": best_info,
                "select": args.select, "selected_checkpoint": str(selected)}  # fmt: skip
     write_json(out / "summary.json", summary)
+    distributed.barrier(dist)
     k = args.top_k
     fin = rows[-1]
     print(f"{out}: eval/loss {rows[0]['eval/loss']:.3f} -> {fin['eval/loss']:.3f}  "
