@@ -107,11 +107,11 @@ def candidate_metrics(values: Tensor, present: Tensor, best: Tensor) -> dict[str
     gain = torch.where(present, (values / best.clamp_min(1e-12)[:, None]).clamp_min(0.0), 0.0)[rows].double()
     keep = present[rows]
     k = gain.shape[1]
-    discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
+    discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=gain.device) + 2.0)
     dcg = (gain * discount).sum(1)
     idcg = (gain.sort(1, descending=True).values * discount).sum(1)
     ndcg = torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), 1.0)
-    earlier = torch.triu(torch.ones(k, k, dtype=torch.bool), 1)  # pair (i, j) with i ranked above j
+    earlier = torch.triu(torch.ones(k, k, dtype=torch.bool, device=gain.device), 1)  # pair (i, j) with i ranked above j
     both = keep[:, :, None] & keep[:, None, :] & earlier
     diff = gain[:, :, None] - gain[:, None, :]
     pairs = both & (diff != 0)
