@@ -19,16 +19,14 @@ in the empty slots; a row with no eligible item at all (every budget spent) gets
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import pickle
 from pathlib import Path
 
 import torch
 
 from agents.policies import PolicyOutput, _market
 from agents.pretrain import read_checkpoint
-from agents.runs import atomic_write_bytes
+from agents.runs import load_torch, save_torch
 from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
@@ -77,22 +75,13 @@ def save_policy(path: Path, model: GPRModel) -> None:
     cfg = dataclasses.asdict(model.cfg)
     cfg["level_sizes"] = list(cfg["level_sizes"])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"format": POLICY_FORMAT, "version": POLICY_VERSION, "config": cfg, "model": state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_torch(path, {"format": POLICY_FORMAT, "version": POLICY_VERSION, "config": cfg, "model": state})
 
 
 def read_policy(path: Path) -> dict:
     """Read ``policy.pt`` safely (``weights_only``) and check its header; errors name the file."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable policy file ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
-        raise ValueError(f"{path}: not a gpr_sim policy file (missing format header)")
-    if payload.get("version") != POLICY_VERSION:
-        raise ValueError(f"{path}: policy file version {payload.get('version')}, this code reads {POLICY_VERSION}")
-    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("model"), dict):
+    payload = load_torch(path, POLICY_FORMAT, POLICY_VERSION, "a gpr_sim policy file", ("config", "model"))
+    if not isinstance(payload["config"], dict) or not isinstance(payload["model"], dict):
         raise ValueError(f"{path}: policy file lacks the model config or weights")
     return payload
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import math
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +54,15 @@ from agents.losses import (
 )
 from agents.plots import plot_curves
 from agents.rollout import Buffer, Roller, compute_targets
-from agents.runs import append_metrics, atomic_write_bytes, read_json, read_metrics, write_json
+from agents.runs import (
+    append_metrics,
+    atomic_write_bytes,
+    load_torch,
+    read_json,
+    read_metrics,
+    save_torch,
+    write_json,
+)
 from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import summarize
 from gpr_sim.model import GPRModel
@@ -228,25 +234,13 @@ def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, gen: torch
     payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "iteration": it, "env_steps": env_steps,
                "config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),
                "roller": roller.state_dict(), "rng": gen.get_state()}  # fmt: skip
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_torch(path, payload)
 
 
 def read_checkpoint(path: Path) -> dict:
     """Read an RL checkpoint safely (``weights_only``); errors name the file and what is wrong."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not an agents.hepo checkpoint (missing format header)")
-    if payload.get("version") != CKPT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {payload.get('version')}, this code reads {CKPT_VERSION}")
-    missing = [k for k in ("model", "optimizer", "roller", "rng", "iteration") if k not in payload]
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {missing}")
-    return payload
+    return load_torch(path, CKPT_FORMAT, CKPT_VERSION, "an agents.hepo checkpoint",
+                      ("model", "optimizer", "roller", "rng", "iteration", "env_steps"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- update

@@ -8,8 +8,10 @@ interrupted run never leaves a half-written result behind.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -70,3 +72,35 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_torch(path: str | Path, payload: dict) -> Path:
+    """``torch.save`` a checkpoint dict atomically (a crash never leaves half a file)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_torch(path: str | Path, fmt: str, version: int, what: str, required: tuple[str, ...] = ()) -> dict:
+    """Load a checkpoint dict safely (``weights_only``) and check its ``format``/``version`` header.
+
+    Raises:
+        ValueError: naming the file and the problem: unreadable, not ``what`` (another format), another
+            version, or missing one of ``required`` keys.
+    """
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{path}: not {what} (missing format header)")
+    if payload.get("version") != version:
+        raise ValueError(f"{path}: checkpoint version {payload.get('version')}, this code reads {version}")
+    missing = [k for k in required if k not in payload]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing}")
+    return payload
