@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py --device cpu --sizes 8 --beams 4 --seq-len 16 --items 2000   # smoke
     python benchmarks/bench_decode.py --device cuda --dtype bfloat16 --sizes 1024,16384,131072 --beams 8,40 --compile
+    python benchmarks/bench_decode.py ... --mode full,incremental --new-tokens 2   # both decode paths
 
 One decision = one request decoded to its top-K items (``--top-k``, capped at the beam width) by
 ``beam_search`` over a ``PrefixTrie`` of ``--items`` random paths with ``--levels`` codes per level, with
@@ -10,16 +11,41 @@ the model's own ``beam_fns`` (the production path of ``agents.gpr_policy``). Req
 (Ho = Hi = (T - 2) / 2, ~10% of history slots padded), built before the clock starts. N requests run
 in micro-batches of ``--chunk`` (activation memory grows with the chunk, not with N).
 
+Decode paths (``--mode``, the row's ``decode`` key; ``mode`` stays eager/compiled):
+- ``full``: every decision re-encodes the whole T-token request (as ``agents.gpr_policy`` does).
+- ``incremental``: a rollout step on a per-user cache (``IncrementalDecoder``). The prefix (the schema
+  layout, T tokens) is encoded once per user ("prefill", timed apart, in ``prefill``); each step then
+  (1) builds the new tokens from the last decision (``--new-tokens`` - 1 I tokens: the ad shown, with a
+  funnel event; and a new E token: the next request's context), (2) appends them with
+  ``HSD.append``, reading the cached K/V without copying it (the old E slot is marked padding at
+  prefill, so the step is exactly the full forward of ``[U | O | I ... I_new | E_new]``; appending E
+  rather than re-computing the prefix is exact because no U/O/I token attends to E), (3) thinking from the
+  cached online-softmax state (``Thinking.forward_partial``: the queries are parameters, so the prefix
+  folds into O(K d) numbers per user) + the refiner, (4) beam search with the cached PTD
+  (``GPRModel.beam_fns(ctx, cached=True)``: context K/V once per request, only the beams' generated
+  tokens re-decoded), (5) HTE values of every prefix of the top-K paths; the new K/V are written to a
+  tail buffer and the shown ad feeds the next step. Every step appends to the same T-token prefix
+  (steady state at history T; a real rollout grows a buffer or rings it). Not exact-appendable: new O
+  (organic) or U tokens (U/O attend to each other both ways): those need a full re-encode (prefill).
+  Two chunk states of ``--inc-chunk`` users are cycled over N (as ``full`` cycles two token batches);
+  ``resident_state_gib`` = N x the state bytes per user is what holding all N users would take.
+  No env step: the env lives in ``agents``/``gpr_sim.world``.
+
 Rows:
 - ``eager`` / ``compiled``: the same decode; ``compiled`` runs the HSD forward and the per-level step
   function (context gather + ``level_logits``) through ``torch.compile``; thinking, the refiner and the
-  beam bookkeeping (topk, trie lookups) stay eager.
-- ``naive``: one request at a time through the same eager model and beam search, timed on
-  ``--naive-requests`` requests and extrapolated; ``x naive`` = batched / naive decisions per second.
+  beam bookkeeping (topk, trie lookups) stay eager. Incremental ``compiled`` compiles the HSD append +
+  thinking, the refiner + PTD context K/V, the cached level step and the HTE values.
+- ``naive``: one request at a time through the same eager model and beam search (incremental: the same
+  eager step on one user's state), timed on ``--naive-requests`` requests and extrapolated;
+  ``x naive`` = batched / naive decisions per second of the same decode path.
 - floor: FLOPs per decision (matmuls of the config, counted as the code runs them, ``decode_cost``)
   over a measured square-matmul rate in the same dtype, and bytes per decision (activations each
   matmul reads and writes, the attention mask, weights once per micro-batch) over a measured copy
   bandwidth; the floor time is the larger of the two. ``of floor`` = achieved / floor decisions per s.
+  Incremental (``incremental_cost``): the new tokens through the HSD against the cached K/V (read once:
+  ``kv_bytes_per_decision`` = 2 x blocks x T x d x dtype bytes + the thinking state), thinking, refiner,
+  cached PTD, HTE values; this mode is bound by the K/V bytes, not FLOPs.
 - ``train``: tokens per second of ``model.mtp_loss`` forward + backward on ``--train-batch`` requests.
 - ``ffn``: the token-aware FFN implementations (``TypedFFN.impl``) side by side on one micro-batch.
 
@@ -30,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -44,7 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from gpr_sim.decoding import beam_search  # noqa: E402
 from gpr_sim.model import GPRConfig, GPRModel  # noqa: E402
-from gpr_sim.model.hsd import TypedFFN  # noqa: E402
+from gpr_sim.model.hsd import KVCache, LayerCache, TypedFFN  # noqa: E402
+from gpr_sim.model.ptd import ThinkingPartial  # noqa: E402
 from gpr_sim.schema import TYPE_E, TYPE_I, TYPE_O, TYPE_U, SchemaConfig, TokenBatch  # noqa: E402
 from gpr_sim.tokenizer.trie import PrefixTrie  # noqa: E402
 
@@ -173,6 +201,100 @@ def decode_cost(cfg: GPRConfig, seq_len: int, beam: int, chunk: int, elt: int) -
     return {"flops": flops, "flops_min": hsd_ctx_flops + ptd_min, "bytes": bytes_}
 
 
+def state_bytes_per_user(cfg: GPRConfig, prefix_len: int, elt: int) -> int:
+    """Cached bytes per user of the incremental mode: HSD K/V of every block (``elt`` bytes each) + the
+    thinking attention's online-softmax state (float32, K (d + 2 H), independent of the prefix length)."""
+    n_blocks = cfg.n_layers + (cfg.max_recursions - 1 if cfg.mixture_of_recursions else 0)
+    think = 4 * cfg.num_thinking * (cfg.d_model + 2 * cfg.n_heads) if cfg.thinking else 0
+    return elt * 2 * n_blocks * prefix_len * cfg.d_model + think
+
+
+def incremental_cost(
+    cfg: GPRConfig, prefix_len: int, new_tokens: int, beam: int, top_k: int, chunk: int, elt: int
+) -> dict[str, float]:
+    """Matmul FLOPs and bytes of one rollout step of one user (``IncrementalDecoder``), as the code runs it.
+
+    HSD: ``new_tokens`` queries per block against ``prefix_len + new_tokens`` keys (the cached K/V read
+    once); thinking: K queries against the new slots, merged into the cached online-softmax state
+    (``Thinking.forward_partial``); refiner; PTD with the context
+    keys/values computed once per request and only the generated tokens of each beam re-decoded
+    (``beam_fns(cached=True)``); HTE values of the ``top_k`` returned paths. Bytes: activations read and
+    written by matmuls/attention (the cached K/V included), the (new x all) mask, weights once per chunk.
+    """
+    d, h = cfg.d_model, cfg.ffn_mult * cfg.d_model
+    tq, tk = new_tokens, prefix_len + new_tokens
+    flops = act = 0.0
+    weights = 0
+
+    def linear(m: float, i: int, o: int) -> None:
+        nonlocal flops, act, weights
+        flops += 2 * m * i * o
+        act += m * (i + o)
+        weights += i * o
+
+    def attention(q: float, k: float, n_seq: float) -> None:
+        nonlocal flops, act
+        flops += n_seq * 4 * q * k * d
+        act += n_seq * (2 * q + 2 * k) * d
+
+    n_blocks = cfg.n_layers + (cfg.max_recursions - 1 if cfg.mixture_of_recursions else 0)
+    for _ in range(n_blocks):
+        linear(tq, d, 4 * d)
+        attention(tq, tk, 1)
+        linear(tq, d, d)
+        linear(tq, d, h)
+        linear(tq, h, d)
+    cc = 0
+    if cfg.thinking:
+        k = cfg.num_thinking
+        linear(tq, d, 2 * d)
+        linear(k, d, d)
+        attention(k, tq, 1)
+        act += 2 * k * (d + 2 * cfg.n_heads) * 4 / elt  # the float32 partial state read and merged
+        linear(k, d, d)
+        linear(k, d, h)
+        linear(k, h, d)
+        cc += k
+    else:
+        cc += 1
+    if cfg.refining:
+        for _ in range(cfg.refine_steps):
+            linear(1, 3 * d, 2 * d)
+            linear(1, 2 * d, d)
+        cc += 1
+    linear(cc, d, d)  # MTP head-0 adapter, once per request
+    for _ in range(cfg.decoder_layers):  # context keys/values through the PTD decoder, once per request
+        linear(cc, d, 3 * d)
+        attention(cc, cc, 1)
+        linear(cc, d, d)
+        linear(cc, d, h)
+        linear(cc, h, d)
+    for lvl, (w, kl) in enumerate(zip(beam_widths(cfg.level_sizes, beam), cfg.level_sizes, strict=True)):
+        s = lvl + 1  # BOS + prefix tokens of each beam
+        for layer in range(cfg.decoder_layers):
+            act += 2 * cc * d  # the context K/V, read per request (``beams=``: no per-beam gather)
+            q = 1 if layer == cfg.decoder_layers - 1 else s  # the last block: the last token's output only
+            linear(w * s, d, 3 * d)
+            attention(q, cc + s, w)
+            linear(w * q, d, d)
+            linear(w * q, d, h)
+            linear(w * q, h, d)
+        linear(w, d, kl)
+    if cfg.hte:  # values of every prefix of the top-K paths
+        m = top_k * (cfg.path_len + 1)
+        linear(top_k, d, d)
+        linear(m, d, h)
+        linear(m, h, d)
+        linear(m, d, 1)
+    bytes_ = elt * act + tq * tk + elt * weights / max(chunk, 1)
+    return {
+        "flops": flops,
+        "flops_min": flops,
+        "bytes": bytes_,
+        "kv_bytes": state_bytes_per_user(cfg, prefix_len, elt),
+    }
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """Measured FLOP/s of a large square matmul in ``dtype``."""
     n = 8192 if device.type == "cuda" else 1024
@@ -225,6 +347,189 @@ class Decoder:
         res = beam_search(lambda row, prefix: self.step(ctx, row, prefix), self.trie,
                           batch_size=tokens.type_ids.shape[0], beam_width=beam, top_k=top_k)  # fmt: skip
         return res.items
+
+
+class IncrementalState:
+    """Per-user state of the incremental rollout for one chunk of B users (all on the device).
+
+    ``layers``: HSD K/V of the prefix per block, (B, H, T0, hd) contiguous; ``think``: the thinking
+    attention's online-softmax state over the prefix (``ThinkingPartial``, O(K d) per user); ``type_ids``/``padding_mask`` (B, T0) with the old E slot marked
+    padding; ``next_pos`` (B,) position of the first appended token (the old E's position); ``codes``
+    (B, L') and ``items`` (B,) the last decision's top item (the ad shown, appended as an I token);
+    ``tail``: buffers for the new slots' K/V (what a ring buffer would store, rewritten every step).
+    """
+
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+    def rows(self, sl: slice) -> IncrementalState:
+        """Users ``sl`` of the chunk (views: in-place updates reach this state)."""
+
+        def cut(x):
+            if isinstance(x, torch.Tensor):
+                return x[sl]
+            if isinstance(x, (LayerCache, ThinkingPartial)):
+                return type(x)(*map(cut, x))
+            if isinstance(x, list):
+                return [cut(y) for y in x]
+            return x
+
+        return IncrementalState(**{k: cut(v) for k, v in self.__dict__.items()})
+
+
+class IncrementalDecoder:
+    """One rollout step per user: token update -> HSD append on the KV cache -> thinking (cached K/V) +
+    refiner -> trie-constrained beam search with the cached PTD (``beam_fns(cached=True)``) -> HTE values.
+
+    The appended tokens are ``new_tokens - 1`` I tokens (the ad shown at the last decision, with a
+    random funnel event) and a new E token (fresh context features). The E token is appended, not
+    re-computed: the previous E slot is marked padding in the cache at prefill, so no later query reads
+    it and the step equals the full forward of ``[U | O | I ... I_new | E_new]`` (``HSD.append``).
+    In this steady-state benchmark every step appends to the same prefix (the tail buffers are rewritten);
+    a real rollout appends into a growing (or ring) buffer, and new O tokens need a full re-encode.
+    """
+
+    def __init__(self, model: GPRModel, trie: PrefixTrie, compiled: bool, new_tokens: int) -> None:
+        if new_tokens < 1:
+            raise ValueError(f"--new-tokens must be >= 1 (the E token), got {new_tokens}")
+        if not (model.cfg.thinking and model.cfg.refining):
+            raise ValueError(
+                "the incremental benchmark expects thinking and refining on (the default config)"
+            )
+        self.model, self.trie, self.new_tokens = model, trie, new_tokens
+        fns = {"hsd_think": self._hsd_think, "level": model.ptd.level_logits_cached, "post": self._post,
+               "values": model.values}  # fmt: skip
+        for name, fn in fns.items():
+            setattr(self, name, torch.compile(fn, dynamic=False) if compiled else fn)
+
+    def _post(self, th: torch.Tensor, noise: torch.Tensor):
+        """Thinking tokens -> context (refine token appended) and the PTD context K/V (cached beam_fns)."""
+        model = self.model
+        refine = model.ptd.refiner.sample(th.mean(1), noise=noise)
+        ctx = torch.cat([th, refine[:, None].to(th.dtype)], 1)  # (B, K + 1, C) == ptd.context(...)
+        return ctx, model.ptd.context_kv(model.head_context(ctx, 0))  # == beam_fns(ctx, cached=True)
+
+    def _hsd_think(self, layers, type_ids, pad, think: ThinkingPartial, tok: TokenBatch):
+        """HSD append + thinking (cached partial + new slots) -> thinking tokens (B, K, C), new K/V."""
+        out = self.model.hsd.append(tok, KVCache(layers, type_ids, pad))
+        th = self.model.ptd.thinking.forward_partial(think, out.hidden, tok.padding_mask)
+        return th, out.cache.layers
+
+    def prefill(self, tokens: TokenBatch, seed: int = 0, sub: int = 4096) -> IncrementalState:
+        """Encode the full prefix once per user (not part of the step): the state the steps start from.
+
+        Runs the HSD over ``sub`` users at a time (bounded activation memory) into preallocated state.
+        """
+        model, dev = self.model, tokens.type_ids.device
+        b, t = tokens.type_ids.shape
+        pad = tokens.padding_mask.clone()
+        pad[:, -1] = True  # the old E slot: seen by no later query
+        layers = think = None
+        for lo in range(0, b, sub):
+            sl = slice(lo, min(b, lo + sub))
+            out = model.hsd(TokenBatch(*(x[sl] for x in tokens)))
+            part = model.ptd.thinking.partial(out.hidden, pad[sl])
+            if layers is None:  # allocate once, from the first sub-batch's shapes and dtypes
+                layers = [LayerCache(*(torch.empty(b, *z.shape[1:], dtype=z.dtype, device=dev) for z in c))
+                          for c in out.cache.layers]  # fmt: skip
+                think = ThinkingPartial(
+                    *(torch.empty(b, *z.shape[1:], dtype=z.dtype, device=dev) for z in part)
+                )
+            for dst, src in zip(layers, out.cache.layers, strict=True):
+                dst.k[sl].copy_(src.k)
+                dst.v[sl].copy_(src.v)
+            for dst, src in zip(think, part, strict=True):
+                dst[sl].copy_(src)
+            del out, part
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        n_i = self.new_tokens - 1
+        kdt, (h, hd) = layers[0].k.dtype, layers[0].k.shape[1::2]
+        return IncrementalState(
+            layers=layers, think=think, type_ids=tokens.type_ids.contiguous(), padding_mask=pad,
+            next_pos=tokens.positions[:, -1].clone(),
+            codes=torch.stack([torch.randint(0, k, (b,), generator=gen, device=dev)
+                               for k in model.cfg.level_sizes], 1),
+            items=torch.randint(0, 1 << 20, (b,), generator=gen, device=dev),
+            events=torch.randint(1, 4, (b, max(n_i, 1)), generator=gen, device=dev)[:, :n_i],
+            context=torch.randn(b, model.cfg.dense_dim, generator=gen, device=dev),
+            tail=[LayerCache(torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt),
+                             torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt))
+                  for _ in layers],
+        )  # fmt: skip
+
+    def new_request_tokens(self, st: IncrementalState) -> TokenBatch:
+        """Token update: the last decision's top ad as I token(s) + a new E token, (B, new_tokens)."""
+        b, dev = st.codes.shape[0], st.codes.device
+        n_i, n = self.new_tokens - 1, self.new_tokens
+        is_i = torch.arange(n, device=dev) < n_i  # (n,)
+        type_ids = torch.where(is_i, TYPE_I, TYPE_E).expand(b, n)
+        codes = torch.where(is_i[None, :, None], st.codes[:, None, :], -1)  # (B, n, L')
+        token_ids = torch.where(is_i[None], st.items[:, None], -1)
+        positions = st.next_pos[:, None] + torch.arange(n, device=dev)
+        events = torch.nn.functional.pad(st.events, (0, 1))  # E: event 0
+        dense = torch.zeros(b, n, st.context.shape[1], device=dev)
+        dense[:, -1] = st.context
+        pad = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        return TokenBatch(token_ids, type_ids, positions, pad, codes, events, dense)
+
+    def __call__(self, st: IncrementalState, beam: int, top_k: int) -> torch.Tensor:
+        tok = self.new_request_tokens(st)
+        th, new_kv = self.hsd_think(st.layers, st.type_ids, st.padding_mask, st.think, tok)
+        for buf, kv in zip(st.tail, new_kv, strict=True):  # store the new slots (a ring buffer's write)
+            buf.k.copy_(kv.k)
+            buf.v.copy_(kv.v)
+        gen = torch.Generator(device=th.device).manual_seed(0)
+        noise = torch.randn(th.shape[0], th.shape[2], device=th.device, generator=gen)  # the refiner's start
+        ctx, kv = self.post(th, noise)
+        b = ctx.shape[0]
+        res = beam_search(lambda row, prefix: self.level(kv, row, prefix, beams=prefix.shape[0] // b), self.trie,
+                          batch_size=b, beam_width=beam, top_k=top_k)  # fmt: skip
+        vals = self.values(ctx.repeat_interleave(top_k, 0), res.codes.clamp_min(0).flatten(0, 1))
+        st.codes.copy_(res.codes[:, 0].clamp_min(0))  # the shown ad: next step's I token
+        st.items.copy_(res.items[:, 0].clamp_min(0))
+        return vals
+
+
+def time_incremental(
+    dec: IncrementalDecoder,
+    states: list[IncrementalState],
+    n: int,
+    beam: int,
+    top_k: int,
+    device,
+    dtype,
+    reps: int,
+) -> float:
+    """Seconds per rollout step of N users (the chunk states cycled over the N rows)."""
+    chunk = states[0].codes.shape[0]
+    sizes = [min(chunk, n - s) for s in range(0, n, chunk)]
+    with torch.no_grad(), autocast(device, dtype):
+        dec(states[0], beam, top_k)
+        if sizes[-1] != chunk:
+            dec(states[0].rows(slice(0, sizes[-1])), beam, top_k)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            for i, m in enumerate(sizes):
+                st = states[i % len(states)]
+                dec(st if m == chunk else st.rows(slice(0, m)), beam, top_k)
+        sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def naive_incremental_rate(
+    dec: IncrementalDecoder, state: IncrementalState, requests: int, beam: int, top_k: int, device, dtype
+) -> float:
+    """Decisions/s of the same (eager) incremental step, one user at a time."""
+    rows = [state.rows(slice(r, r + 1)) for r in range(requests)]
+    with torch.no_grad(), autocast(device, dtype):
+        dec(rows[0], beam, top_k)
+        sync(device)
+        t = time.perf_counter()
+        for r in rows:
+            dec(r, beam, top_k)
+        sync(device)
+    return requests / (time.perf_counter() - t)
 
 
 def time_decode(
@@ -336,6 +641,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top-k", type=int, default=8, help="items per decision (capped at the beam width)")
     p.add_argument("--chunk", type=int, default=4096, help="micro-batch of requests (0 = all N at once)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd HSD + step function")
+    p.add_argument(
+        "--mode",
+        default="full",
+        help="comma-separated: full (re-encode T tokens per decision) "
+        "and/or incremental (rollout step on a per-user KV cache)",
+    )
+    p.add_argument(
+        "--inc-chunk",
+        type=int,
+        default=0,
+        help="incremental: users per step batch (0 = --chunk); two chunk states are held on the device",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=2,
+        help="incremental: tokens appended per step (new_tokens - 1 I tokens + the E token)",
+    )
     p.add_argument("--reps", type=int, default=1, help="timed passes over N")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
@@ -358,13 +681,90 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--seq-len must be >= 2")
     ho = (args.seq_len - 2) // 2
     schema = SchemaConfig(organic_len=ho, ad_len=args.seq_len - 2 - ho)
+    decode_modes = [m for m in args.mode.split(",") if m]
+    if not decode_modes or set(decode_modes) - {"full", "incremental"}:
+        raise SystemExit(f"--mode must list full and/or incremental, got {args.mode!r}")
+    args.decode_modes = decode_modes
+    # incremental: the appended tokens' positions run up to T - 1 + new_tokens - 1
+    max_len = schema.seq_len + (args.new_tokens if "incremental" in decode_modes else 0)
     cfg = GPRConfig(level_sizes=levels, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                    max_len=schema.seq_len)  # fmt: skip
+                    max_len=max_len)  # fmt: skip
     previous_impl, TypedFFN.impl = TypedFFN.impl, args.ffn_impl
     try:
         return _run(args, cfg, schema, levels, device, dtype, argv)
     finally:
         TypedFFN.impl = previous_impl
+
+
+def _measure(row: dict, cost: dict, timed, n: int, naive: float | None, mm_rate, bw, device) -> dict:
+    """Fill one result row: cost, floor, timing (errors recorded, not raised), ratio to the naive loop."""
+    floor = 1.0 / max(cost["flops"] / mm_rate, cost["bytes"] / bw)
+    row.update(flops_per_decision=cost["flops"], flops_min_per_decision=cost["flops_min"],
+               bytes_per_decision=cost["bytes"], floor_decisions_per_s=floor)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        sec = timed()
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory (lower --chunk)"
+        torch.cuda.empty_cache()
+    except Exception as e:  # a compiler failure must not lose the other rows
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    else:
+        dps = n / sec
+        row.update(seconds=sec, decisions_per_s=dps, frac_of_floor=dps / floor,
+                   achieved_flops_per_s=dps * cost["flops"],
+                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)  # fmt: skip
+        if naive:
+            row.update(naive_decisions_per_s=naive, x_naive=dps / naive)
+    msg = row.get("error") or f"{row['decisions_per_s']:,.0f} decisions/s"
+    print(f"  {row['decode']} {row['mode']} N={row['n']} W={row['beam']}: {msg}", flush=True)
+    return row
+
+
+def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chunk, device, dtype, mm_rate, bw,
+                     elt, naive, prefill, checkpoint) -> None:  # fmt: skip
+    """Rows of the incremental mode: prefill the chunk states once (timed apart), then time steps."""
+    t0 = schema.seq_len
+    modes = [("eager", IncrementalDecoder(model, trie, False, args.new_tokens))]
+    if args.compile:
+        modes.append(("compiled", IncrementalDecoder(model, trie, True, args.new_tokens)))
+    ichunk = chunk if args.inc_chunk <= 0 else min(args.inc_chunk, max(sizes))
+    with torch.no_grad(), autocast(device, dtype):
+        modes[0][1].prefill(_head(batches[0], min(chunk, 8)))  # warm-up
+        sync(device)
+        sec, states = 0.0, []
+        for i in range(2):
+            tok = batches[i] if ichunk == chunk else make_tokens(ichunk, schema, cfg, device, seed=i)
+            sync(device)
+            t = time.perf_counter()
+            states.append(modes[0][1].prefill(tok, seed=i, sub=min(ichunk, 4096)))
+            sync(device)
+            sec += time.perf_counter() - t
+            del tok
+    users = 2 * ichunk
+    state_bytes = state_bytes_per_user(cfg, t0, states[0].layers[0].k.element_size())
+    prefill.update(users=users, seconds=sec, users_per_s=users / sec, state_bytes_per_user=state_bytes)
+    print(f"  prefill (eager HSD + thinking partial, T={t0}): {users / sec:,.0f} users/s, "
+          f"state {state_bytes / 2**20:.3f} MiB/user", flush=True)  # fmt: skip
+    if args.naive_requests > 0:
+        for w in beams:
+            naive[w] = naive_incremental_rate(modes[0][1], states[0], min(args.naive_requests, chunk), w,
+                                              min(args.top_k, w), device, dtype)  # fmt: skip
+            print(f"  naive incremental W={w}: {naive[w]:,.1f} decisions/s", flush=True)
+    for mode, dec in modes:
+        for n in sizes:
+            cs = [s if s.codes.shape[0] <= n else s.rows(slice(0, n)) for s in states]
+            c = cs[0].codes.shape[0]
+            for w in beams:
+                k = min(args.top_k, w)
+                cost = incremental_cost(cfg, t0, args.new_tokens, w, k, c, elt)
+                row = {"decode": "incremental", "mode": mode, "n": n, "beam": w, "top_k": k, "chunk": c,
+                       "new_tokens": args.new_tokens, "prefix_len": t0, "kv_bytes_per_decision": cost["kv_bytes"],
+                       "resident_state_gib": n * state_bytes / 2**30}  # fmt: skip
+                checkpoint(_measure(row, cost, functools.partial(time_incremental, dec, cs, n, w, k, device, dtype, args.reps),
+                                    n, naive.get(w), mm_rate, bw, device))  # fmt: skip
 
 
 def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], device, dtype, argv) -> dict:
@@ -386,44 +786,47 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
     elt = torch.finfo(dtype).bits // 8
     rows: list[dict] = []
     naive: dict[int, float] = {}
-    eager = Decoder(model, trie, compiled=False)
-    if args.naive_requests > 0:
-        for w in beams:
-            naive[w] = naive_rate(
-                eager, batches[0], min(args.naive_requests, chunk), w, min(args.top_k, w), device, dtype
-            )
-            print(f"  naive W={w}: {naive[w]:,.1f} decisions/s", flush=True)
-    modes = [("eager", eager)] + ([("compiled", Decoder(model, trie, compiled=True))] if args.compile else [])
-    for mode, dec in modes:
-        for n in sizes:
-            cb = [b if b.type_ids.shape[0] <= n else _head(b, n) for b in batches]
+    naive_inc: dict[int, float] = {}
+    prefill: dict = {}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(row: dict) -> dict:
+        """Keep the rows so far in ``--out`` (marked partial) so a killed run still leaves them."""
+        rows.append(row)
+        cmd = " ".join(
+            ["python", "benchmarks/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]
+        )
+        partial = {"partial": True, "command": cmd, "rows": rows, "prefill": prefill or None,
+                   "matmul_flops_per_s": mm_rate, "copy_bytes_per_s": bw}  # fmt: skip
+        out_path.write_text(json.dumps(partial, indent=2))
+        return row
+
+    for decode_mode in args.decode_modes:  # in the order given
+        if decode_mode == "incremental":
+            _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chunk, device, dtype,
+                             mm_rate, bw, elt, naive_inc, prefill, checkpoint)  # fmt: skip
+            continue
+        eager = Decoder(model, trie, compiled=False)
+        if args.naive_requests > 0:
             for w in beams:
-                k = min(args.top_k, w)
-                cost = decode_cost(cfg, schema.seq_len, w, cb[0].type_ids.shape[0], elt)
-                floor = 1.0 / max(cost["flops"] / mm_rate, cost["bytes"] / bw)
-                row = {"mode": mode, "n": n, "beam": w, "top_k": k, "chunk": cb[0].type_ids.shape[0],
-                       "flops_per_decision": cost["flops"], "flops_min_per_decision": cost["flops_min"],
-                       "bytes_per_decision": cost["bytes"], "floor_decisions_per_s": floor}  # fmt: skip
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                try:
-                    sec = time_decode(dec, cb, n, w, k, device, dtype, args.reps)
-                except torch.OutOfMemoryError:
-                    row["error"] = "out of memory (lower --chunk)"
-                    torch.cuda.empty_cache()
-                except Exception as e:  # a compiler failure must not lose the other rows
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                else:
-                    dps = n / sec
-                    row.update(seconds=sec, decisions_per_s=dps, frac_of_floor=dps / floor,
-                               achieved_flops_per_s=dps * cost["flops"],
-                               peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)  # fmt: skip
-                    if w in naive:
-                        row.update(naive_decisions_per_s=naive[w], x_naive=dps / naive[w])
-                rows.append(row)
-                msg = row.get("error") or f"{row['decisions_per_s']:,.0f} decisions/s"
-                print(f"  {mode} N={n} W={w}: {msg}", flush=True)
+                naive[w] = naive_rate(
+                    eager, batches[0], min(args.naive_requests, chunk), w, min(args.top_k, w), device, dtype
+                )
+                print(f"  naive full W={w}: {naive[w]:,.1f} decisions/s", flush=True)
+        modes = [("eager", eager)] + (
+            [("compiled", Decoder(model, trie, compiled=True))] if args.compile else []
+        )
+        for mode, dec in modes:
+            for n in sizes:
+                cb = [b if b.type_ids.shape[0] <= n else _head(b, n) for b in batches]
+                for w in beams:
+                    k = min(args.top_k, w)
+                    cost = decode_cost(cfg, schema.seq_len, w, cb[0].type_ids.shape[0], elt)
+                    checkpoint(_measure(
+                        {"decode": "full", "mode": mode, "n": n, "beam": w, "top_k": k, "chunk": cb[0].type_ids.shape[0]},
+                        cost, functools.partial(time_decode, dec, cb, n, w, k, device, dtype, args.reps), n, naive.get(w),
+                        mm_rate, bw, device))  # fmt: skip
 
     train = None
     if args.train_batch > 0:
@@ -450,16 +853,20 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
     print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; d={cfg.d_model} layers={cfg.n_layers} "
           f"T={schema.seq_len} levels={list(levels)} items={args.items} params={n_params / 1e6:.2f}M; "
           f"matmul {mm_rate / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s; FFN impl {args.ffn_impl}")  # fmt: skip
-    print(f"{'mode':<10}{'N':>8}{'W':>4}{'decisions/s':>14}{'x naive':>9}{'GFLOP/dec':>11}"
-          f"{'of floor':>10}{'GFLOP/s':>10}{'peak GiB':>10}")  # fmt: skip
+    print(f"{'decode':<13}{'mode':<10}{'N':>8}{'W':>4}{'decisions/s':>14}{'x naive':>9}{'GFLOP/dec':>11}"
+          f"{'MB/dec':>9}{'floor/s':>12}{'of floor':>10}{'GFLOP/s':>10}{'peak GiB':>10}")  # fmt: skip
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:<10}{r['n']:>8}{r['beam']:>4}  {r['error']}")
+            print(f"{r['decode']:<13}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}  {r['error']}")
             continue
         peak = float("nan") if r["peak_gib"] is None else r["peak_gib"]
-        print(f"{r['mode']:<10}{r['n']:>8}{r['beam']:>4}{r['decisions_per_s']:>14,.0f}{r.get('x_naive', math.nan):>9.1f}"
-              f"{r['flops_per_decision'] / 1e9:>11.3f}{r['frac_of_floor']:>10.3f}"
+        print(f"{r['decode']:<13}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}{r['decisions_per_s']:>14,.0f}"
+              f"{r.get('x_naive', math.nan):>9.1f}{r['flops_per_decision'] / 1e9:>11.3f}"
+              f"{r['bytes_per_decision'] / 1e6:>9.3f}{r['floor_decisions_per_s']:>12,.0f}{r['frac_of_floor']:>10.3f}"
               f"{r['achieved_flops_per_s'] / 1e9:>10,.1f}{peak:>10.2f}")  # fmt: skip
+    if prefill:
+        print(f"prefill: {prefill['users_per_s']:,.0f} users/s; state {prefill['state_bytes_per_user'] / 2**20:.3f} "
+              f"MiB/user (resident for N users: N x that)")  # fmt: skip
     if train:
         print("train (mtp_loss fwd+bwd): " + (train.get("error") or f"{train['tokens_per_s']:,.0f} tokens/s "
               f"({train['requests_per_s']:,.0f} requests/s) at batch {train['batch']}"))  # fmt: skip
@@ -477,11 +884,11 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
                                        "items": args.items, "params": n_params},
         "matmul_flops_per_s": mm_rate, "copy_bytes_per_s": bw,
         "naive_decisions_per_s": {str(w): v for w, v in naive.items()},
+        "naive_incremental_decisions_per_s": {str(w): v for w, v in naive_inc.items()},
+        "prefill": prefill or None,
         "rows": rows, "train": train, "ffn_impls": ffn,
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out_path.write_text(json.dumps(result, indent=2))
     return result
 
 

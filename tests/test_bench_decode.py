@@ -62,3 +62,76 @@ def test_cost_model_counts():
     d, t = 32, 16
     hsd = 2 * (t * (8 * d * d + 2 * d * d + 16 * d * d) + 4 * t * t * d)
     assert a["flops"] > hsd
+
+
+INC_ARGS = [
+    "--device", "cpu", "--sizes", "6", "--beams", "2,4", "--top-k", "3", "--seq-len", "12", "--items", "500",
+    "--levels", "6,5,4", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--chunk", "4",
+    "--naive-requests", "2", "--train-batch", "0", "--mode", "full,incremental", "--new-tokens", "3",
+]  # fmt: skip
+
+
+def test_incremental_mode_tiny_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    main([*INC_ARGS, "--out", str(out)])
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [(r["decode"], r["mode"], r["n"], r["beam"]) for r in rows] == [
+        (m, "eager", 6, w) for m in ("full", "incremental") for w in (2, 4)
+    ]
+    assert set(res["naive_incremental_decisions_per_s"]) == {"2", "4"}
+    assert "partial" not in res  # the per-row checkpoints are replaced by the final result
+    assert _positive(res["prefill"]["users_per_s"]) and _positive(res["prefill"]["state_bytes_per_user"])
+    for r in rows:
+        assert "error" not in r, r
+        for key in ("decisions_per_s", "flops_per_decision", "bytes_per_decision", "floor_decisions_per_s",
+                    "frac_of_floor", "x_naive"):  # fmt: skip
+            assert _positive(r[key]), (key, r)
+    inc = [r for r in rows if r["decode"] == "incremental"]
+    full = [r for r in rows if r["decode"] == "full"]
+    for a, b in zip(inc, full, strict=True):
+        assert a["flops_per_decision"] < b["flops_per_decision"]  # a few new tokens, not T
+        assert a["new_tokens"] == 3 and a["prefix_len"] == 12 and _positive(a["kv_bytes_per_decision"])
+
+
+def test_incremental_step_equals_full_forward_of_the_next_request():
+    """The step's HSD + thinking on the cache == the full model on [prefix without old E | new I.. | E]."""
+    import torch
+    from torch.testing import assert_close
+
+    from gpr_sim.schema import SchemaConfig, TokenBatch
+
+    torch.manual_seed(0)
+    cfg = GPRConfig(level_sizes=(6, 5, 4), d_model=32, n_layers=2, n_heads=2, max_len=20)
+    model = bench.GPRModel(cfg).eval()
+    trie = bench.make_trie(50, cfg.level_sizes, torch.device("cpu"))
+    schema = SchemaConfig(organic_len=5, ad_len=5)
+    tokens = bench.make_tokens(3, schema, cfg, torch.device("cpu"))
+    dec = bench.IncrementalDecoder(model, trie, compiled=False, new_tokens=3)
+    with torch.no_grad():
+        st = dec.prefill(tokens)
+        new = dec.new_request_tokens(st)
+        th, new_kv = dec._hsd_think(st.layers, st.type_ids, st.padding_mask, st.think, new)
+        full = TokenBatch(*(torch.cat([a[:, :-1], b], 1) for a, b in zip(tokens, new, strict=True)))
+        hidden = model.hsd(full).hidden
+        want = model.ptd.thinking(hidden, full.padding_mask)
+        assert_close(th, want, atol=1e-5, rtol=1e-5)
+        noise = torch.randn(3, cfg.d_model)
+        ctx, kv = dec._post(th, noise)
+        assert_close(ctx, model.ptd.context(hidden, full.padding_mask, noise=noise), atol=1e-5, rtol=1e-5)
+        assert_close(kv[0][0], model.ptd.context_kv(model.head_context(ctx, 0))[0][0])
+        st2 = dec.prefill(tokens, sub=2)  # sub-batched prefill: the same state
+        for a, b in zip(st.layers, st2.layers, strict=True):
+            assert_close(a.k, b.k, atol=1e-5, rtol=1e-5)
+        for a, b in zip(st.think, st2.think, strict=True):
+            assert_close(a, b, atol=1e-5, rtol=1e-5)
+        vals = dec(st, 4, 3)  # a whole step runs and feeds the shown ad back
+        # the same decision as the full path: model.beam_fns on the full re-encode, same refiner noise
+        noise = torch.randn(3, cfg.d_model, generator=torch.Generator().manual_seed(0))
+        ctx_full = model.ptd.context(hidden, full.padding_mask, noise=noise)
+        res = bench.beam_search(model.beam_fns(ctx_full)[0], trie, batch_size=3, beam_width=4, top_k=3)
+        assert torch.equal(st.codes, res.codes[:, 0].clamp_min(0))
+        want_vals = model.values(ctx_full.repeat_interleave(3, 0), res.codes.clamp_min(0).flatten(0, 1))
+        assert_close(vals, want_vals, atol=1e-5, rtol=1e-5)
+    assert vals.shape == (3 * 3, cfg.path_len + 1)
+    assert len(new_kv) == cfg.n_layers

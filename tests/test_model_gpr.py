@@ -224,3 +224,67 @@ def test_beam_fns_match_the_model():
     with torch.no_grad():
         assert_close(step_fn(rows, prefix), model.level_logits(ctx[rows], prefix))
         assert_close(value_fn(rows, prefix), model.values(ctx[rows], prefix)[:, -1])
+
+
+def test_cached_beam_fns_equal_uncached():
+    from gpr_sim.decoding import beam_search
+
+    cfg = dataclasses.replace(TINY, decoder_layers=2)
+    model, tokens = setup(cfg)
+    trie = random_trie(cfg, n=30)
+    with torch.no_grad():
+        ctx = model.context(tokens)
+        step, value = model.beam_fns(ctx)
+        step_c, value_c = model.beam_fns(ctx, cached=True)
+        gen = torch.Generator().manual_seed(5)
+        for depth in range(cfg.path_len):
+            row = torch.randint(0, B, (7,), generator=gen)
+            prefix = (
+                torch.stack([torch.randint(0, k, (7,), generator=gen) for k in cfg.level_sizes[:depth]], 1)
+                if depth
+                else torch.empty(7, 0, dtype=torch.int64)
+            )
+            assert_close(step_c(row, prefix), step(row, prefix), atol=1e-5, rtol=1e-5)
+            assert_close(value_c(row, prefix), value(row, prefix))
+        for w in (1, 3):  # the beam_search layout: no per-beam gather of the context K/V
+            kv = model.ptd.context_kv(model.head_context(ctx, 0))
+            rows = torch.arange(B).repeat_interleave(w)
+            prefix = torch.stack(
+                [torch.randint(0, k, (B * w,), generator=gen) for k in cfg.level_sizes[:2]], 1
+            )
+            got = model.ptd.level_logits_cached(kv, rows, prefix, beams=w)
+            assert_close(got, step(rows, prefix), atol=1e-5, rtol=1e-5)
+        a = beam_search(step, trie, batch_size=B, beam_width=4, top_k=3)
+        b = beam_search(step_c, trie, batch_size=B, beam_width=4, top_k=3)
+    assert torch.equal(a.items, b.items)
+    assert_close(a.log_prob, b.log_prob, atol=1e-5, rtol=1e-5)
+
+
+def test_thinking_cached_equals_forward():
+    model, tokens = setup()
+    with torch.no_grad():
+        hidden = model.encode(tokens).hidden
+        want = model.ptd.thinking(hidden, tokens.padding_mask)
+        k, v = model.ptd.thinking.keys_values(hidden)
+        cut = 5
+        got = model.ptd.thinking.forward_cached(
+            k[:, :, :cut], v[:, :, :cut], tokens.padding_mask[:, :cut],
+            k[:, :, cut:], v[:, :, cut:], tokens.padding_mask[:, cut:],
+        )  # fmt: skip
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_thinking_partial_equals_forward():
+    model, tokens = setup()
+    th = model.ptd.thinking
+    with torch.no_grad():
+        hidden = model.encode(tokens).hidden
+        want = th(hidden, tokens.padding_mask)
+        for cut in (1, 4, hidden.shape[1] - 1):
+            part = th.partial(hidden[:, :cut], tokens.padding_mask[:, :cut])
+            got = th.forward_partial(part, hidden[:, cut:], tokens.padding_mask[:, cut:])
+            assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # new slots that are all padding leave the partial's attention unchanged
+        pad = torch.ones_like(tokens.padding_mask[:, -2:])
+        got = th.forward_partial(th.partial(hidden[:, :-2], tokens.padding_mask[:, :-2]), hidden[:, -2:], pad)
+        assert_close(got, th(hidden[:, :-2], tokens.padding_mask[:, :-2]), atol=1e-5, rtol=1e-5)

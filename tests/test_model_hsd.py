@@ -281,3 +281,37 @@ def test_typed_ffn_auto_has_no_host_sync_on_gpu(dtype):
             torch.cuda.set_sync_debug_mode("default")
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mor", [False, True])
+def test_append_rollout_step_equals_full_forward_of_the_next_request(mor):
+    """Rollout step: old E masked in the cache, [I_new, E_new] appended == full forward of the new layout."""
+    from gpr_sim.model.hsd import KVCache
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, mixture_of_recursions=mor)
+    hsd = HSD(cfg).eval()
+    gen = torch.Generator().manual_seed(3)
+    ho, hi = 3, 4
+    nxt = make_tokens(layout(ho, hi + 2), 3, gen, cfg)  # the next request: two more ads in the history
+    prev_types = layout(ho, hi)
+    t0 = len(prev_types)
+    # the previous request: the same U/O/first-hi I slots, then its own E (other context features)
+    old_e = make_tokens([TYPE_E], 3, gen, cfg)
+    old_e = old_e._replace(positions=nxt.positions[:, t0 - 1 : t0])  # E follows the same real tokens
+    prev = TokenBatch(*(torch.cat([a[:, : t0 - 1], b], 1) for a, b in zip(nxt, old_e, strict=True)))
+    with torch.no_grad():
+        full = hsd(nxt).hidden  # (B, T0 + 2, C)
+        pre = hsd(prev)
+        pad = pre.cache.padding_mask.clone()
+        pad[:, t0 - 1] = True  # the old E: seen by no later query
+        cache = KVCache(pre.cache.layers, pre.cache.type_ids, pad)
+        new = slots(nxt, t0 - 1)  # [I, I, E_new]
+        app = hsd.append(new, cache)
+        assert_close(app.hidden, full[:, t0 - 1 :], atol=1e-5, rtol=1e-5)
+        ref = hsd(new, cache)  # the concatenating cache path agrees too
+        assert_close(app.hidden, ref.hidden, atol=1e-5, rtol=1e-5)
+        for a, r in zip(app.cache.layers, ref.cache.layers, strict=True):
+            assert_close(a.k, r.k[:, :, t0:], atol=1e-5, rtol=1e-5)
+            assert_close(a.v, r.v[:, :, t0:], atol=1e-5, rtol=1e-5)
+    assert app.cache.type_ids.shape == (3, 3)

@@ -82,14 +82,28 @@ class GPRModel(nn.Module):
         return self.hte(context, prefix_codes)
 
     def beam_fns(
-        self, context: Tensor
+        self, context: Tensor, cached: bool = False
     ) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
         """Callables for ``gpr_sim.decoding.beam_search`` over an encoded batch ``context`` (B, Cc, C).
+
+        ``cached=True``: the context tokens go through the PTD decoder once per request here
+        (``PTD.context_kv``) and each step decodes only the beams' generated tokens against those
+        keys/values (``PTD.level_logits_cached``): the same logits up to rounding, fewer FLOPs.
 
         Returns:
             ``step_fn(row (M,), prefix (M, l)) -> (M, K_{l+1})`` logits (the search applies the trie mask)
             and ``value_fn(row (M,), prefix (M, l)) -> (M,)`` HTE value of each prefix.
         """
+        if cached:
+            kv = self.ptd.context_kv(self.head_context(context, 0))
+
+            def step_cached(row: Tensor, prefix: Tensor) -> Tensor:
+                return self.ptd.level_logits_cached(kv, row, prefix)
+
+            def value_cached(row: Tensor, prefix: Tensor) -> Tensor:
+                return self.values(context[row], prefix)[:, -1]
+
+            return step_cached, value_cached
 
         def step_fn(row: Tensor, prefix: Tensor) -> Tensor:
             return self.level_logits(context[row], prefix)

@@ -26,6 +26,17 @@ KV cache: ``HSD.forward(tokens, cache)`` treats ``tokens`` as slots appended aft
 and returns hidden states of the new slots only. Since no cached token attends to a later I or E
 slot, appending I and E tokens gives exactly the full forward (tested). Appending U/O tokens is
 not supported: earlier U/O would have to see them (the cached rows would be stale).
+
+Rollout step (``HSD.append``): the next request of a user is its previous sequence plus the ad just
+shown (a new I token) and a new E token. Mark the old E slot as padding in the cache
+(``KVCache.padding_mask[:, e_slot] = True``): every later query then ignores it, and the old E's own
+row is never read again, so ``append([I_new, E_new], cache)`` equals the full forward of
+``[U | O | I ... I_new | E_new]`` (positions continue from the old E's position: ``positions`` count
+real tokens only). ``append`` does not concatenate the cache: it attends to the cached keys and the
+new keys separately and merges the two softmax parts (``split_attention``), so the cache is read once
+and never copied; it returns the new slots' K/V for the caller to store (e.g. in a preallocated buffer).
+New O or U tokens (a refreshed organic history) cannot be appended exactly (see above): they need a
+full re-encode.
 """
 
 from __future__ import annotations
@@ -209,6 +220,26 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def split_attention(
+    q: Tensor, k1: Tensor, v1: Tensor, mask1: Tensor, k2: Tensor, v2: Tensor, mask2: Tensor
+) -> Tensor:
+    """Softmax attention of ``q`` over the keys ``[k1; k2]`` without concatenating them.
+
+    q (B, H, Tq, hd), k1/v1 (B, H, T1, hd), k2/v2 (B, H, T2, hd); masks broadcastable to (B, H, Tq, T1)
+    and (B, H, Tq, T2), True = may attend. Equals ``scaled_dot_product_attention(q, cat(k), cat(v),
+    attn_mask=cat(mask))`` up to rounding; scores and softmax in float32. Every query must see a key.
+    """
+    scale = q.shape[-1] ** -0.5
+    s1 = torch.matmul(q, k1.transpose(-1, -2)).float() * scale  # (B, H, Tq, T1)
+    s2 = torch.matmul(q, k2.transpose(-1, -2)).float() * scale  # (B, H, Tq, T2)
+    s1 = s1.masked_fill(~mask1, float("-inf"))
+    s2 = s2.masked_fill(~mask2, float("-inf"))
+    p = torch.cat([s1, s2], -1).softmax(-1)  # (B, H, Tq, T1 + T2): small (Tq new queries)
+    t1 = s1.shape[-1]
+    dt = v1.dtype
+    return torch.matmul(p[..., :t1].to(dt), v1) + torch.matmul(p[..., t1:].to(dt), v2)
+
+
 class LayerCache(NamedTuple):
     k: Tensor  # (B, H, T, hd)
     v: Tensor  # (B, H, T, hd)
@@ -242,6 +273,25 @@ class HSTUBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, Tq, hd)
         a = a.transpose(1, 2).reshape(b, tq, c)  # (B, Tq, C)
         x = x + self.out(a * F.silu(u))  # HSTU: the fourth projection gates the attention output
+        x = x + self.ffn(self.ln2(x, type_ids), type_ids)
+        return x, LayerCache(k, v)
+
+    def forward_append(
+        self, x: Tensor, type_ids: Tensor, mask: Tensor, past: LayerCache
+    ) -> tuple[Tensor, LayerCache]:
+        """``forward`` with a cache, without concatenating it: returns the K/V of the new slots only.
+
+        x (B, Tq, C), mask (B, Tq, Tpast + Tq) -> (B, Tq, C), ``LayerCache`` of (B, H, Tq, hd).
+        """
+        b, tq, c = x.shape
+        h = self.n_heads
+        q, k, v, u = self.qkvu(self.ln1(x, type_ids)).split(c, dim=2)  # 4 x (B, Tq, C)
+        q, k, v = (z.view(b, tq, h, c // h).transpose(1, 2) for z in (q, k, v))  # (B, H, Tq, hd)
+        tp = past.k.shape[2]
+        m = mask[:, None]  # (B, 1, Tq, T)
+        a = split_attention(q, past.k, past.v, m[..., :tp], k, v, m[..., tp:])  # (B, H, Tq, hd)
+        a = a.transpose(1, 2).reshape(b, tq, c)
+        x = x + self.out(a * F.silu(u))
         x = x + self.ffn(self.ln2(x, type_ids), type_ids)
         return x, LayerCache(k, v)
 
@@ -342,3 +392,28 @@ class HSD(nn.Module):
                 g = gates[..., r : r + 1]  # (B, Tq, 1): tokens routed shallower keep x unchanged
                 x = x + g * (y - x)
         return HSDOutput(self.ln_f(x), KVCache(layers, type_ids, pad))
+
+    def append(self, tokens: TokenBatch, cache: KVCache) -> HSDOutput:
+        """Slots appended after ``cache`` (I/E tokens only), reading the cache without copying it.
+
+        Same hidden states as ``forward(tokens, cache)`` (up to rounding), but the returned cache holds
+        the new slots only: ``layers`` (B, H, Tq, hd) each, ``type_ids``/``padding_mask`` (B, Tq). The
+        caller stores them (the module docstring's rollout step). Mixture-of-Recursions is supported.
+        """
+        type_ids = torch.cat([cache.type_ids, tokens.type_ids], 1)  # (B, T)
+        pad = torch.cat([cache.padding_mask, tokens.padding_mask], 1)
+        mask = hybrid_mask_rows(type_ids, pad, cache.length, hybrid=self.cfg.hybrid_attention)  # (B, Tq, T)
+        x = self.embed(tokens)  # (B, Tq, C)
+        tq_types = tokens.type_ids
+        layers: list[LayerCache] = []
+        for block in self.blocks:
+            x, kv = block.forward_append(x, tq_types, mask, cache.layers[len(layers)])
+            layers.append(kv)
+        if self.cfg.mixture_of_recursions:
+            gates = self.router_gates(x)
+            for r in range(self.cfg.max_recursions):
+                y, kv = self.shared.forward_append(x, tq_types, mask, cache.layers[len(layers)])
+                layers.append(kv)
+                g = gates[..., r : r + 1]
+                x = x + g * (y - x)
+        return HSDOutput(self.ln_f(x), KVCache(layers, tokens.type_ids, tokens.padding_mask))

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpr_sim.model.config import GPRConfig
-from gpr_sim.model.hsd import MLP
+from gpr_sim.model.hsd import MLP, split_attention
 
 
 class Thinking(nn.Module):
@@ -50,6 +51,78 @@ class Thinking(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, hd)
         x = self.queries + self.out(a.transpose(1, 2).reshape(b, kq, c))  # (B, K, C)
         return x + self.mlp(self.ln_mlp(x))
+
+    # -- cached path (rollout steps): the keys/values of earlier slots are kept per user --------------
+    def keys_values(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """HSD outputs (B, T, C) -> keys and values (B, H, T, hd) each; per slot, so they can be cached."""
+        b, t, c = hidden.shape
+        h = self.n_heads
+        k, v = self.kv(self.ln_kv(hidden)).split(c, dim=2)
+        return tuple(z.view(b, t, h, c // h).transpose(1, 2) for z in (k, v))  # type: ignore[return-value]
+
+    def _queries(self, b: int) -> Tensor:
+        c, h, kq = self.queries.shape[1], self.n_heads, self.queries.shape[0]
+        return (
+            self.q(self.queries).view(1, kq, h, c // h).transpose(1, 2).expand(b, -1, -1, -1)
+        )  # (B, H, K, hd)
+
+    def _scores(self, hidden: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, C) -> float32 masked scores (B, H, K, T) and values (B, H, T, hd)."""
+        k, v = self.keys_values(hidden)
+        q = self._queries(hidden.shape[0])
+        s = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        return s.masked_fill(padding_mask[:, None, None, :], float("-inf")), v
+
+    def partial(self, hidden: Tensor, padding_mask: Tensor) -> ThinkingPartial:
+        """Online-softmax state over ``hidden`` (B, T, C) (at least one real slot per row)."""
+        s, v = self._scores(hidden, padding_mask)
+        m = s.amax(-1)  # (B, H, K)
+        p = torch.exp(s - m[..., None])
+        with torch.autocast(hidden.device.type, enabled=False):  # the running sums stay float32
+            acc = torch.matmul(p, v.float())
+        return ThinkingPartial(m, p.sum(-1), acc)
+
+    def forward_partial(self, part: ThinkingPartial, hidden: Tensor, padding_mask: Tensor) -> Tensor:
+        """``forward(cat(hidden_seen, hidden), cat(pad_seen, padding_mask))`` from ``partial(hidden_seen,
+        pad_seen)`` and the new slots ``hidden`` (B, Tn, C): (B, K, C), exact up to rounding."""
+        s, v = self._scores(hidden, padding_mask)  # (B, H, K, Tn)
+        m = torch.maximum(part.m, s.amax(-1))  # (B, H, K); finite: the partial has a real slot
+        old = torch.exp(part.m - m)
+        p = torch.exp(s - m[..., None])
+        with torch.autocast(hidden.device.type, enabled=False):
+            pv = torch.matmul(p, v.float())
+        a = (part.acc * old[..., None] + pv) / (part.denom * old + p.sum(-1))[..., None]
+        b, kq, c = a.shape[0], self.queries.shape[0], self.queries.shape[1]
+        x = self.queries + self.out(a.to(hidden.dtype).transpose(1, 2).reshape(b, kq, c))  # (B, K, C)
+        return x + self.mlp(self.ln_mlp(x))
+
+    def forward_cached(
+        self, k1: Tensor, v1: Tensor, pad1: Tensor, k2: Tensor, v2: Tensor, pad2: Tensor
+    ) -> Tensor:
+        """``forward`` over slots given as two parts of keys/values (``keys_values``): cached + new.
+
+        k1/v1 (B, H, T1, hd) with padding pad1 (B, T1), k2/v2 (B, H, T2, hd) with pad2 (B, T2) ->
+        (B, K, C); equals ``forward(cat(hidden), cat(pad))`` up to rounding, without concatenating.
+        """
+        b, c = k1.shape[0], self.queries.shape[1]
+        h, kq = self.n_heads, self.queries.shape[0]
+        q = self.q(self.queries).view(1, kq, h, c // h).transpose(1, 2).expand(b, -1, -1, -1)  # (B, H, K, hd)
+        a = split_attention(q, k1, v1, ~pad1[:, None, None, :], k2, v2, ~pad2[:, None, None, :])
+        x = self.queries + self.out(a.transpose(1, 2).reshape(b, kq, c))  # (B, K, C)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class ThinkingPartial(NamedTuple):
+    """Online-softmax state of the thinking attention over a set of slots (per request, head, query).
+
+    The thinking queries are parameters (the same for every request), so the attention over slots
+    already seen folds into a running (max, sum, weighted-value sum): O(K d) per request instead of
+    the O(T d) keys/values. ``Thinking.forward_partial`` adds new slots to it exactly (up to rounding).
+    """
+
+    m: Tensor  # (B, H, K) float32 max score
+    denom: Tensor  # (B, H, K) float32 sum of exp(score - m)
+    acc: Tensor  # (B, H, K, hd) float32 sum of exp(score - m) * value
 
 
 class Refiner(nn.Module):
@@ -128,6 +201,64 @@ class DecoderBlock(nn.Module):
         x = x + self.out(a.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))
 
+    def forward_kv(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``forward`` that also returns this block's keys and values (B, H, T, hd) (cacheable)."""
+        b, t, c = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x)), k, v
+
+    def forward_past(
+        self,
+        x: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        mask: Tensor,
+        beams: int | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Tokens ``x`` (M, T, C) after cached keys/values that every token sees.
+
+        ``past_k``/``past_v``: (M, H, Tp, hd), one per sequence; or, with ``beams``, (B, H, Tp, hd) shared
+        by ``beams`` consecutive sequences (M = B * beams; sequence i reads past row i // beams) without
+        gathering them per sequence. ``mask`` (T, T) is the tokens' own mask (True = may attend).
+        ``last_only``: only the last token's output is computed, (M, 1, C) (every token still gives
+        keys/values). Equals ``forward`` on the concatenated sequences for these rows (up to rounding).
+        """
+        m, t, c = x.shape
+        h = self.n_heads
+        hd = c // h
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(m, t, h, hd).transpose(1, 2) for z in (q, k, v))  # (M, H, T, hd)
+        if last_only:
+            x, q, mask = x[:, -1:], q[:, :, -1:], mask[-1:]
+        tq = q.shape[2]
+        if beams is None:
+            see_past = torch.ones(tq, past_k.shape[2], dtype=torch.bool, device=x.device)
+            a = split_attention(q, past_k, past_v, see_past, k, v, mask)  # (M, H, Tq, hd)
+        else:
+            b, tp = past_k.shape[0], past_k.shape[2]
+            scale = hd**-0.5
+
+            def rows_of(z: Tensor) -> Tensor:  # (M, H, Tq, e) -> (B, H, beams * Tq, e)
+                return z.reshape(b, beams, h, tq, -1).transpose(1, 2).reshape(b, h, beams * tq, -1)
+
+            def seqs_of(z: Tensor) -> Tensor:  # (B, H, beams * Tq, e) -> (M, H, Tq, e)
+                return z.view(b, h, beams, tq, -1).transpose(1, 2).reshape(m, h, tq, -1)
+
+            s1 = seqs_of(torch.matmul(rows_of(q), past_k.transpose(-1, -2))).float() * scale  # (M, H, Tq, Tp)
+            s2 = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (M, H, Tq, T)
+            s2 = s2.masked_fill(~mask, float("-inf"))
+            p = torch.cat([s1, s2], -1).softmax(-1)
+            dt = past_v.dtype
+            a_past = seqs_of(torch.matmul(rows_of(p[..., :tp].to(dt)), past_v))  # (M, H, Tq, hd)
+            a = a_past + torch.matmul(p[..., tp:].to(dt), v)
+        x = x + self.out(a.transpose(1, 2).reshape(m, tq, c))
+        return x + self.mlp(self.ln2(x))
+
 
 def apply_legal_mask(logits: Tensor, legal_mask: Tensor | None) -> Tensor:
     """(B, K) logits -> same with illegal codes at -inf (probability exactly 0 after softmax)."""
@@ -195,6 +326,64 @@ class PTD(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.ln_f(x[:, cc:])  # (B, l + 1, C)
+
+    # -- cached generation: the context tokens through the decoder once per request -------------------
+    def context_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Context (B, Cc, C) -> per decoder block, the context tokens' keys and values (B, H, Cc, hd).
+
+        Context tokens attend to each other only (``_decode``'s mask), so their keys/values do not depend
+        on the prefix: computed once per request, then ``level_logits_cached`` decodes only the
+        generated tokens of each beam.
+        """
+        x = context
+        cc = context.shape[1]
+        mask = torch.ones(cc, cc, dtype=torch.bool, device=context.device)
+        out = []
+        for block in self.blocks:
+            x, k, v = block.forward_kv(x, mask)
+            out.append((k, v))
+        return out
+
+    def level_logits_cached(
+        self,
+        context_kv: Sequence[tuple[Tensor, Tensor]],
+        row: Tensor,
+        prefix_codes: Tensor,
+        legal_mask: Tensor | None = None,
+        beams: int | None = None,
+    ) -> Tensor:
+        """``level_logits(context[row], prefix_codes, legal_mask)`` from ``context_kv(context)``.
+
+        Args:
+            context_kv: from ``context_kv`` over B requests.
+            row: (M,) int64 request of each prefix.
+            prefix_codes: (M, l) codes, 0 <= l < L'.
+            legal_mask: optional (M, K_{l+1}) bool.
+            beams: the caller promises ``row == arange(B).repeat_interleave(beams)`` (M = B * beams, the
+                layout of ``beam_search``): the context K/V are then read per request, not gathered per
+                beam (``row`` is not read; not checked).
+
+        Returns:
+            (M, K_{l+1}) logits (equal to the uncached path up to rounding).
+        """
+        m, depth = prefix_codes.shape
+        if depth >= self.cfg.path_len:
+            raise ValueError(f"prefix has {depth} levels: expected fewer than L'={self.cfg.path_len}")
+        d = self.bos.shape[0]
+        gen = [self.bos.expand(m, 1, d)] + [
+            self.code_emb[i](prefix_codes[:, i : i + 1]) for i in range(depth)
+        ]
+        x = torch.cat(gen, 1) + self.level_pos.weight[: depth + 1]  # (M, l + 1, C)
+        slot = torch.arange(depth + 1, device=x.device)
+        mask = slot[None, :] <= slot[:, None]  # (l + 1, l + 1) causal among generated tokens
+        n_blocks = len(self.blocks)
+        for i, (block, (k, v)) in enumerate(zip(self.blocks, context_kv, strict=True)):
+            last = i == n_blocks - 1  # the last block: only the last token's output is read
+            if beams is None:
+                k, v = k.index_select(0, row), v.index_select(0, row)
+            x = block.forward_past(x, k, v, mask, beams=beams, last_only=last)
+        h = self.ln_f(x[:, -1])  # (M, C)
+        return apply_legal_mask(self.heads[depth](h), legal_mask)
 
     def level_logits(self, context: Tensor, prefix_codes: Tensor, legal_mask: Tensor | None = None) -> Tensor:
         """Logits of the next level.
