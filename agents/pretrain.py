@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from tqdm import tqdm
 
 from agents import distributed
 from agents.cli import parse_args
-from agents.runs import append_metrics, atomic_write_bytes, read_metrics, write_json
+from agents.runs import append_metrics, atomic_write_bytes, load_torch, read_metrics, write_json
 from gpr_sim.data.logs import read_logs
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.offline_eval import model_rankings, popularity_rankings, ranking_metrics
@@ -274,16 +273,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no checkpoint here (expected an agents.pretrain run folder)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a gpr_sim pre-training checkpoint (missing format header)")
-    if payload.get("version") != CKPT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint version {payload.get('version')}, this code reads {CKPT_VERSION}"
-        )
+    payload = load_torch(path, CKPT_FORMAT, CKPT_VERSION, "a gpr_sim pre-training checkpoint")
     if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("model"), dict):
         raise ValueError(f"{path}: checkpoint lacks the model config or weights")
     return payload
