@@ -210,8 +210,6 @@ def reset_shard(market, seed: int | None, dist: Dist, num_envs: int | None = Non
     (``open_market`` scales budgets to its own row count) and its rows are the single-process rows
     of those slots. Returns the first observation. Single-process: exactly ``market.reset(seed)``.
     """
-    from gpr_sim.world import initial, observe, open_market
-
     if not dist.enabled:
         return market.reset(seed)
     total = market.num_envs * dist.world_size if num_envs is None else num_envs
@@ -219,18 +217,4 @@ def reset_shard(market, seed: int | None, dist: Dist, num_envs: int | None = Non
     if rows.stop - rows.start != market.num_envs:
         raise ValueError(f"the market has {market.num_envs} rows, rank {dist.rank}'s share of {total} slots "
                          f"is {rows.stop - rows.start}")  # fmt: skip
-    n, dev = market.num_envs, market.device
-    if market.state is None or seed is not None:
-        base = 0 if seed is None else int(seed)
-        seeds = torch.full((n,), base, dtype=torch.int64, device=dev)
-        counter = torch.zeros(n, dtype=torch.int64, device=dev)
-        episode = torch.zeros(n, dtype=torch.int64, device=dev)
-    else:
-        seeds, counter, episode = market.state.seed, market.state.counter, market.state.episode + 1
-    slots = torch.arange(rows.start, rows.stop, dtype=torch.int64, device=dev)
-    if market.market is None or seed is not None:
-        market.market = open_market(market.world, n)
-    market.state = initial(market.world, seeds, slots, counter, episode)
-    market.episode_return.zero_()
-    market.episode_length.zero_()
-    return observe(market.world, market.state)
+    return market.reset(seed, first_slot=rows.start)

@@ -78,6 +78,7 @@ class BatchedMarket:
         self.num_envs = num_envs
         self.state = None
         self.market = None
+        self.first_slot = 0  # global index of row 0 (data-parallel shards key their streams by global slot)
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
 
@@ -85,8 +86,14 @@ class BatchedMarket:
         if self.state is None:
             raise RuntimeError("call reset() before step() or score()")
 
-    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Start new sessions in every row; ``seed`` keys all random draws and reopens the market."""
+    def reset(self, seed: int | None = None, first_slot: int | None = None) -> dict[str, torch.Tensor]:
+        """Start new sessions in every row; ``seed`` keys all random draws and reopens the market.
+
+        ``first_slot``: global slot index of row 0 (kept for later resets); rows are slots
+        ``first_slot .. first_slot + N - 1``, so a shard of a larger market draws the same streams.
+        """
+        if first_slot is not None:
+            self.first_slot = int(first_slot)
         n, dev = self.num_envs, self.device
         if self.state is None or seed is not None:
             base = 0 if seed is None else int(seed)
@@ -95,7 +102,7 @@ class BatchedMarket:
             episode = torch.zeros(n, dtype=torch.int64, device=dev)
         else:
             seeds, counter, episode = self.state.seed, self.state.counter, self.state.episode + 1
-        slots = torch.arange(n, dtype=torch.int64, device=dev)
+        slots = torch.arange(self.first_slot, self.first_slot + n, dtype=torch.int64, device=dev)
         if self.market is None or seed is not None:  # a new seed reopens the market; else budgets carry on
             self.market = open_market(self.world, n)
         self.state = initial(self.world, seeds, slots, counter, episode)
