@@ -70,7 +70,7 @@ class Buffer:
     valid: Tensor  # (M,) bool: the request had an eligible ad
     rehearsed: Tensor  # (M,) bool: an ARR request
     adv: Tensor | None = None  # (M, K, L) or (M, K)
-    returns: Tensor | None = None  # (M, K, L) critic targets
+    returns: Tensor | None = None  # (M, K, L) HEPO critic targets (PPO regresses on ``reward``)
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -109,14 +109,12 @@ def compute_targets(buf: Buffer, algo: str, cfg: LossConfig) -> None:
         if cfg.group_norm:
             adv[..., -1] = group_zscore(buf.reward, cfg.adv_eps)
         buf.adv, buf.returns = adv, ret
-    elif algo == "ppo":
-        buf.adv = buf.reward - values[..., 0]
-        buf.returns = buf.reward[..., None].expand(m, k, length).clone()
+    elif algo == "ppo":  # critic target: R itself (``ppo_loss``)
+        buf.adv, buf.returns = buf.reward - values[..., 0], None
     elif algo == "grpo":
-        buf.adv = group_zscore(buf.reward, cfg.adv_eps)
-        buf.returns = buf.reward[..., None].expand(m, k, length).clone()
-    elif algo == "dpo":
-        buf.adv, buf.returns = None, buf.reward[..., None].expand(m, k, length).clone()
+        buf.adv, buf.returns = group_zscore(buf.reward, cfg.adv_eps), None
+    elif algo == "dpo":  # pairs are formed in the loss
+        buf.adv, buf.returns = None, None
     else:
         raise ValueError(f"algo={algo!r} is unknown")
 
@@ -143,9 +141,9 @@ class Roller:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.obs, _ = env.reset(seed=seed)
         self.reward_scale: float | None = None
-        # finished sessions since the last ``pop_episodes``: returns and lengths
-        self._returns: list[Tensor] = []
-        self._lengths: list[Tensor] = []
+        # per step since the last ``pop_episodes``: (episode return, length, done), filtered when popped
+        # so that stepping needs no host sync
+        self._episodes: list[tuple[Tensor, Tensor, Tensor]] = []
 
     # -- state that must survive a checkpoint ------------------------------------------------------
     def state_dict(self) -> dict:
@@ -166,10 +164,11 @@ class Roller:
 
     def pop_episodes(self) -> tuple[Tensor, Tensor]:
         """Returns and lengths of the sessions that ended since the last call (CPU float64 / int64)."""
-        ret = torch.cat(self._returns).cpu() if self._returns else torch.zeros(0, dtype=torch.float64)
-        length = torch.cat(self._lengths).cpu() if self._lengths else torch.zeros(0, dtype=torch.int64)
-        self._returns, self._lengths = [], []
-        return ret, length
+        if not self._episodes:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+        ret, length, done = (torch.cat(parts).cpu() for parts in zip(*self._episodes))
+        self._episodes = []
+        return ret[done], length[done]
 
     # -- one request batch -------------------------------------------------------------------------
     @torch.no_grad()
@@ -232,10 +231,7 @@ class Roller:
                     )  # fmt: skip
                     parts.append(rehearsed)
             self.obs, _, terminated, truncated, info = self.env.step(items[:, :1])
-            done = terminated | truncated
-            if bool(done.any()):
-                self._returns.append(info["episode_return"][done])
-                self._lengths.append(info["episode_length"][done])
+            self._episodes.append((info["episode_return"], info["episode_length"], terminated | truncated))
         buf = Buffer.concat(parts)
         real = ~buf.rehearsed
         stats = {
