@@ -12,26 +12,27 @@ equal slices; rank r owns ``shard(n, dist)`` = [r n / W, (r + 1) n / W). Equal s
 the per-rank means the global mean, so DDP's gradient average equals the single-process gradient.
 
 The advertiser market. ``BatchedMarket`` / ``open_market`` scale each advertiser's daily budget to the
-traffic of the market's own ``num_envs`` sessions (``budget_per_1k_requests`` x ``num_envs`` x
-``steps_per_day`` / 1000). Two ways to keep W per-rank markets consistent with one global market:
+traffic of ``market_envs`` sessions (``budget_per_1k_requests`` x ``market_envs`` x ``steps_per_day`` /
+1000; default: the market's own rows). Two ways to keep W per-rank markets consistent with one global
+market:
 
-* **per-rank budget shares** (what this module supports): rank r runs ``BatchedMarket(num_envs=N / W)``,
-  so by that scaling its market holds exactly 1/W of every advertiser's global budget, with no
-  communication. Spend never exceeds the global budget (each share is capped on its own), but an
-  advertiser can run dry on one rank while it still has budget on another, and pacing looks at each
-  share's own spend ratio: while no budget binds, results equal one process; once budgets bind they
-  are close but not identical.
-* **all-reduced spend** (exact, not implemented): every step, all-gather the (advertiser, charge) list
-  of every rank (equal sizes: N/W rows x S slots), run ``cap_to_budget`` on the concatenation in rank
-  order (= the single-process row order, given contiguous slots), keep the own slice of the grant, and
-  all-reduce the spend so every rank holds the one global ``MarketState``. That needs a hook in
-  ``gpr_sim.world.core.transition`` (a ``cap`` callable or a ``market_reduce`` argument): one
-  all-gather per env step.
+* **all-reduced spend** (exact, ``shard_market``): rank r runs ``N / W`` rows of a market whose budgets
+  are scaled to all N sessions, and ``transition`` settles charges through ``grant_across_ranks``:
+  every step, all-gather the (advertiser, charge) list of every rank (equal sizes: N/W rows x S
+  slots), run ``cap_to_budget`` on the concatenation in rank order (= the single-process row order,
+  given contiguous slots), keep the own slice of the grant, and sum the spend of all ranks, so every
+  rank holds the one global ``MarketState`` and its rows' single-process outcomes. Cost: one
+  all-gather per env step, and every rank must step together.
+* **per-rank budget shares** (no communication): rank r runs ``BatchedMarket(num_envs=N / W)``, so by
+  that scaling its market holds exactly 1/W of every advertiser's global budget. Spend never exceeds
+  the global budget (each share is capped on its own), but an advertiser can run dry on one rank while
+  it still has budget on another, and pacing looks at each share's own spend ratio: while no budget
+  binds, results equal one process; once budgets bind they are close but not identical.
 
 Sessions: a session's random stream is keyed by (seed, slot, counter); ``BatchedMarket.reset`` numbers
-the slots 0..N-1. ``reset_shard`` starts rank r's market on the global slots ``shard(N, dist)``
-instead, so its sessions are the single-process run's rows (autoreset keeps each row's slot).
-A ``slot_offset`` argument of ``BatchedMarket`` would make this helper unnecessary.
+the slots ``first_slot .. first_slot + rows - 1``. ``reset_shard`` (and ``shard_market``) start rank r's
+market on the global slots ``shard(N, dist)``, so its sessions are the single-process run's rows
+(autoreset keeps each row's slot).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+
+from envs.market import BatchedMarket
+from gpr_sim.world import World, WorldConfig
+from gpr_sim.world.core import Grant, grant_in_order
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 """what ``torchrun`` sets per process (plus ``MASTER_ADDR`` / ``MASTER_PORT``)"""
@@ -202,13 +207,61 @@ def global_row_draws(generator: torch.Generator, rows: int, dist: Dist) -> Itera
 # ----------------------------------------------------------------------------- batched market shards
 
 
+def grant_across_ranks(dist: Dist) -> Grant:
+    """A ``transition`` grant that settles the charges of every rank as one process settles all rows.
+
+    One all-gather collects each rank's (advertiser, charge) pairs (stacked in one float64 tensor: ids
+    are exact there) in rank order, ``grant_in_order`` settles the concatenation, and the rank keeps its
+    slice of the grant mask; the spend is the global one, summed in the single-process order, so every
+    rank's market moves bit for bit as the single-process market. Every rank must pass the same number
+    of charges in every step. Single-process: ``grant_in_order``.
+    """
+    if not dist.enabled:
+        return grant_in_order
+
+    def grant(advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor):
+        mine = torch.stack([advertiser.to(torch.float64), charge.to(torch.float64)])  # (2, M)
+        parts = [torch.empty_like(mine) for _ in range(dist.world_size)]
+        torch_dist.all_gather(parts, mine)
+        every = torch.cat(parts, dim=1)
+        granted, spend = grant_in_order(every[0].long(), every[1].to(charge.dtype), remaining)
+        m = advertiser.shape[0]
+        return granted[dist.rank * m : (dist.rank + 1) * m], spend
+
+    return grant
+
+
+def shard_market(
+    config: WorldConfig,
+    num_envs: int,
+    dist: Dist,
+    world_seed: int = 0,
+    device: str | torch.device | None = None,
+    world: World | None = None,
+) -> BatchedMarket:
+    """Rank r's rows of one global market of ``num_envs`` sessions, exact (all-reduced spend).
+
+    The market has the rows of the global slots ``shard(num_envs, dist)`` (``reset`` keys them so),
+    budgets scaled to all ``num_envs`` sessions, and settles charges with ``grant_across_ranks``: given
+    the same actions, every rank ends each step with the single-process ``MarketState`` and its rows'
+    single-process outcomes. Every rank must call ``step`` together (one all-gather each). ``device``
+    defaults to ``dist.device``. Single-process: ``BatchedMarket(config, num_envs, ...)``.
+    """
+    rows = shard(num_envs, dist)
+    market = BatchedMarket(config, rows.stop - rows.start, world_seed, device or dist.device, world,
+                           market_envs=num_envs, grant=grant_across_ranks(dist))  # fmt: skip
+    market.first_slot = rows.start
+    return market
+
+
 def reset_shard(market, seed: int | None, dist: Dist, num_envs: int | None = None) -> dict[str, torch.Tensor]:
     """``BatchedMarket.reset`` on rank r's global env slots ``shard(num_envs, dist)``.
 
     ``market`` is this rank's ``BatchedMarket`` with ``num_envs / W`` rows (``num_envs``: the global
-    count, default ``market.num_envs * W``); it then holds budget share 1/W of every advertiser
-    (``open_market`` scales budgets to its own row count) and its rows are the single-process rows
-    of those slots. Returns the first observation. Single-process: exactly ``market.reset(seed)``.
+    count, default ``market.num_envs * W``); its rows are the single-process rows of those slots. Built
+    with plain ``BatchedMarket(num_envs=N / W)`` it holds budget share 1/W of every advertiser
+    (``open_market`` scales budgets to its own row count); ``shard_market`` builds the exact alternative.
+    Returns the first observation. Single-process: exactly ``market.reset(seed)``.
     """
     if not dist.enabled:
         return market.reset(seed)

@@ -23,6 +23,7 @@ from gpr_sim.world import (
     score,
     transition,
 )
+from gpr_sim.world.core import Grant
 
 INFO_KEYS_PER_SLOT = (
     "ad_id", "advertiser_id", "impression", "click", "conversion", "gmv", "revenue", "p_click",
@@ -58,6 +59,9 @@ class BatchedMarket:
         world_seed: seed of the static world (catalog, users); sessions are seeded by ``reset``.
         device: torch device for all tensors.
         world: an already generated world to reuse (its config wins over ``config``).
+        market_envs: sessions the advertiser budgets are scaled to (default ``num_envs``). A
+            data-parallel shard of a global market passes the global N (``agents.distributed.shard_market``).
+        grant: how a step's charges are settled (``gpr_sim.world.core.Grant``; default: this batch alone).
     """
 
     def __init__(
@@ -67,15 +71,22 @@ class BatchedMarket:
         world_seed: int = 0,
         device: str | torch.device = "cpu",
         world: World | None = None,
+        market_envs: int | None = None,
+        grant: Grant | None = None,
     ) -> None:
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r} is out of range: expected an integer >= 1")
+        market_envs = num_envs if market_envs is None else market_envs
+        if not isinstance(market_envs, int) or isinstance(market_envs, bool) or market_envs < 1:
+            raise ValueError(f"market_envs={market_envs!r} is out of range: expected an integer >= 1")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
         self.world = world.to(self.device) if world is not None else generate_world(config, world_seed, self.device)
         self.config = self.world.config
         self.num_envs = num_envs
+        self.market_envs = market_envs
+        self.grant = grant
         self.state = None
         self.market = None
         self.first_slot = 0  # global index of row 0 (data-parallel shards key their streams by global slot)
@@ -104,7 +115,7 @@ class BatchedMarket:
             seeds, counter, episode = self.state.seed, self.state.counter, self.state.episode + 1
         slots = torch.arange(self.first_slot, self.first_slot + n, dtype=torch.int64, device=dev)
         if self.market is None or seed is not None:  # a new seed reopens the market; else budgets carry on
-            self.market = open_market(self.world, n)
+            self.market = open_market(self.world, self.market_envs)
         self.state = initial(self.world, seeds, slots, counter, episode)
         self.episode_return.zero_()
         self.episode_length.zero_()
@@ -118,7 +129,7 @@ class BatchedMarket:
         ``final_obs`` is the observation that ended the session (equal to ``obs`` for other rows).
         """
         self._require_reset()
-        state, self.market, out = transition(self.world, self.state, self.market, candidates)
+        state, self.market, out = transition(self.world, self.state, self.market, candidates, self.grant)
         self.episode_return += out.reward.double()
         self.episode_length += 1
         final_obs = observe(self.world, state)

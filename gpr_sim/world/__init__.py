@@ -9,6 +9,7 @@ from gpr_sim.world.core import (
     initial,
     observe,
     open_market,
+    remaining_budget,
     score,
     transition,
 )
@@ -16,6 +17,6 @@ from gpr_sim.world.state import MarketState, Outcome, SessionState
 
 __all__ = [
     "World", "generate_world", "WorldConfig", "RewardConfig", "preset", "CONTEXT_DIM", "CandidateScores",
-    "eligible_ads", "initial", "observe", "open_market", "score", "transition", "MarketState", "Outcome",
+    "eligible_ads", "initial", "observe", "open_market", "remaining_budget", "score", "transition", "MarketState", "Outcome",
     "SessionState",
 ]

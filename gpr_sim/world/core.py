@@ -2,7 +2,8 @@
 
     open_market(world, num_envs)                      -> MarketState
     initial(world, seed, slot, counter, episode)      -> SessionState      (a new session per row)
-    transition(world, state, market, candidates)      -> SessionState, MarketState, Outcome
+    transition(world, state, market, candidates, grant=None)
+                                                      -> SessionState, MarketState, Outcome
     observe(world, state)                             -> dict of tensors   (U/O/E/I observation)
     score(world, state, candidates, truth=False)      -> CandidateScores   (no state change)
 
@@ -15,6 +16,7 @@ counter), so a row's trajectory does not depend on the batch it sits in.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -44,6 +46,26 @@ def open_market(world: World, num_envs: int) -> MarketState:
     budget = world.advertiser_budget_share.double() * (requests_per_day / 1000.0)
     zeros = torch.zeros_like(budget)
     return MarketState(torch.zeros((), dtype=torch.int64, device=world.device), budget, zeros, zeros.clone())
+
+
+Grant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(advertiser (M,), charge (M,), remaining (A,)) -> (granted (M,) bool, spend (A,)): how a step's
+charges are settled against the budgets; ``transition`` takes one so that data-parallel shards of one
+market can settle their charges together (``agents.distributed.grant_across_ranks``)."""
+
+
+def grant_in_order(
+    advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default ``Grant``: ``cap_to_budget`` in request order, and the granted spend per advertiser.
+
+    ``advertiser`` -1 marks no charge. ``spend`` is summed in the order of the charges, so settling a
+    concatenation of shards in row order gives the single-process spend bit for bit.
+    """
+    granted = cap_to_budget(advertiser, charge, remaining)
+    paid = torch.where(granted & (advertiser >= 0), charge, torch.zeros_like(charge))
+    spend = torch.zeros_like(remaining).index_add_(0, advertiser.clamp(min=0), paid)
+    return granted, spend
 
 
 def effective_reserve(cfg, u: torch.Tensor) -> torch.Tensor:
@@ -194,9 +216,15 @@ def score(
 
 
 def transition(
-    world: World, state: SessionState, market: MarketState, candidates: torch.Tensor
+    world: World, state: SessionState, market: MarketState, candidates: torch.Tensor, grant: Grant | None = None
 ) -> tuple[SessionState, MarketState, Outcome]:
-    """Serve one ad request per row. ``candidates`` (N, K) int64 ad ids; invalid ids are not shown."""
+    """Serve one ad request per row. ``candidates`` (N, K) int64 ad ids; invalid ids are not shown.
+
+    ``grant`` settles the step's charges (N S of them, row-major) against the remaining budgets and
+    returns the grant mask and the spend that moves the market (default ``grant_in_order``: this batch
+    alone). A data-parallel shard passes one that settles every rank's charges, so each rank's market
+    moves by the global spend.
+    """
     cfg = world.config
     n, k = candidates.shape
     S, dev = cfg.num_slots, world.device
@@ -218,10 +246,10 @@ def transition(
     # --- budgets: charge per impression, never beyond what is left ---------------------------
     remaining = market.budget - spent_today
     charge_adv = torch.where(won, shown_adv, torch.full_like(shown_adv, -1)).reshape(-1)
-    granted = cap_to_budget(charge_adv, price.double().reshape(-1), remaining).view(n, S)
+    granted, spend = (grant or grant_in_order)(charge_adv, price.double().reshape(-1), remaining)
+    granted = granted.view(n, S)
     impression = won & granted
     revenue = torch.where(impression, price, torch.zeros_like(price))
-    spend = torch.zeros_like(spent_today).index_add_(0, shown_adv.reshape(-1), revenue.double().reshape(-1))
     market = MarketState(market.tick + 1, market.budget, spent_today + spend, market.spent_total + spend)
 
     # --- funnel ------------------------------------------------------------------------------
@@ -371,7 +399,12 @@ def eligible_ads(world: World, market: MarketState) -> torch.Tensor:
     return _day_status(world, market)[1][world.ad_advertiser]
 
 
+def remaining_budget(world: World, market: MarketState) -> torch.Tensor:
+    """(num_advertisers,) float64: what each advertiser can still spend in the current budget day."""
+    return market.budget - _day_status(world, market)[0]
+
+
 __all__ = [
-    "CONTEXT_DIM", "CandidateScores", "open_market", "initial", "transition", "observe", "score",
-    "eligible_ads", "EVENT_CLICK", "EVENT_CONVERSION",
+    "CONTEXT_DIM", "CandidateScores", "Grant", "grant_in_order", "open_market", "initial", "transition",
+    "observe", "score", "eligible_ads", "remaining_budget", "EVENT_CLICK", "EVENT_CONVERSION",
 ]
