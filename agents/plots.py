@@ -1,6 +1,6 @@
-"""Plots and tables from run folders: reward curves with seed bands, the Table 3 analogue, final metrics.
+"""Plots and tables from run folders: reward curves with seed bands, the Table 3 and 4 analogues, final metrics.
 
-    python -m agents.plots runs/hepo/RUN_A runs/hepo/RUN_B ... --out runs/plots
+    python -m agents.plots runs/hepo/RUN_A runs/hepo/RUN_B ... --out runs/plots [--baseline runs/eval/BASE]
 
 Given ``agents.hepo`` run folders (several algorithms and seeds), writes into ``--out``:
 
@@ -9,6 +9,7 @@ Given ``agents.hepo`` run folders (several algorithms and seeds), writes into ``
 | ``curves.png`` | one panel per metric, one line per algorithm (mean over seeds) against env steps, seed band |
 | ``table3.csv`` / ``.md`` | GPR Table 3 analogue: candidate quality (nDCG, OPR, mean / max / top-1 normalised value of the top-K beam) at the last evaluation, per algorithm, and the VAFT generator they all start from (their iteration-0 evaluation), with the paper's numbers alongside |
 | ``final_table.csv`` / ``.md`` | per algorithm: final eval reward, GMV, CTCVR and revenue per session |
+| ``table4.csv`` / ``.md`` | GPR Table 4 analogue: online CTR, CVR, CTCVR, GMV, costs (revenue) and reward per stage, the relative change of each stage vs the previous one (paired by seed) and, with ``--baseline`` (an ``agents.evaluate`` folder), vs the cascade |
 | ``final.png`` | the final table as bars with error bars |
 
 Runs are grouped by their ``config.json`` algorithm. Every table value is the mean over the group's runs
@@ -29,6 +30,7 @@ import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from statistics import NormalDist
 
 import matplotlib
 
@@ -37,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from agents.ablation import t_interval  # noqa: E402  (mean, low, high) over seeds
+from agents.ablation import t_interval, t_quantile  # noqa: E402  (mean, low, high) over seeds
 from agents.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
 
 CURVES = ("eval/reward_per_session", "eval/gmv_per_session", "eval/ctcvr", "eval/cand_mean_value")
@@ -55,6 +57,12 @@ PAPER_TABLE3 = {
 """GPR paper, Table 3 (simulator, K = 40, normalised final_value; missing = not reported)"""
 PAPER_METRICS = ("ndcg", "opr", "mean_value", "max_value")
 """the Table 3 columns the paper reports (``top1_value`` is ours)"""
+TABLE4 = ("ctr", "cvr", "ctcvr", "gmv_per_session", "revenue_per_session", "reward_per_session")
+"""Table 4 columns (GPR Table 4: CTR, CVR, CTCVR, GMV, costs): ``eval/{name}``; revenue = the advertisers' cost"""
+BASELINE = "cascade"
+"""the ``agents.evaluate`` agent that Table 4 compares every stage with (the production-style cascade)"""
+MAX_DF = 10_000
+"""degrees of freedom from which a t quantile is taken as the normal one (they differ by < 0.01%)"""
 START = "VAFT"
 """stage name of the generator every algorithm starts from"""
 ORDER = ("ppo", "grpo", "dpo", "hepo")
@@ -101,16 +109,21 @@ def group_runs(runs: list[str | Path]) -> dict[str, list[Path]]:
     return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
 
 
-def _start_units(runs: list[Path]) -> list[list[dict]]:
-    """Iteration-0 evaluations grouped by starting generator (``init``; else the seed)."""
+def _start_key(run: Path) -> str:
+    """The run's starting generator (``init``; else its seed): the unit that pairs a stage with VAFT."""
+    cfg = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+    return str(cfg.get("init", cfg.get("seed", run)))
+
+
+def _start_units(runs: list[Path]) -> dict[str, list[dict]]:
+    """Iteration-0 evaluations grouped by starting generator (``_start_key``)."""
     units: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        cfg = read_json(run / "config.json") if (run / "config.json").is_file() else {}
         first = eval_rows(run)[0]
         if first.get("iteration", 0) != 0:
             raise ValueError(f"{run}/metrics.jsonl: first evaluation at iteration {first['iteration']}, expected 0")
-        units[str(cfg.get("init", cfg.get("seed", run)))].append(first)
-    return list(units.values())
+        units[_start_key(run)].append(first)
+    return dict(units)
 
 
 def _final_rows(label: str, runs: list[Path]) -> list[dict]:
@@ -149,7 +162,8 @@ def table3(runs: list[str | Path], level: float = 0.95) -> pd.DataFrame:
     groups = group_runs(runs)
     keys = {name: f"eval/cand_{name}" for name in TABLE3}
     every = [run for members in groups.values() for run in members]
-    rows = [{"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(_start_units(every), keys, level)}]
+    start = _stat_row(list(_start_units(every).values()), keys, level)
+    rows = [{"stage": START, "algo": "vaft", "iteration": 0, **start}]
     for algo, members in groups.items():
         final = _final_rows(algo, members)
         row = _stat_row([[r] for r in final], keys, level)
@@ -178,12 +192,162 @@ def final_table(runs: list[str | Path], level: float = 0.95, start: bool = True)
     rows = []
     if start:
         every = [run for members in groups.values() for run in members]
-        rows.append({"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(_start_units(every), keys, level)})
+        start_row = _stat_row(list(_start_units(every).values()), keys, level)
+        rows.append({"stage": START, "algo": "vaft", "iteration": 0, **start_row})
     for algo, members in groups.items():
         final = _final_rows(algo, members)
         rows.append({"stage": f"+{algo.upper()}", "algo": algo, "iteration": min(r["iteration"] for r in final),
                      **_stat_row([[r] for r in final], keys, level)})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def read_baseline(folder: str | Path) -> tuple[dict, dict]:
+    """The ``BASELINE`` row (NaN for missing values) and the config of an ``agents.evaluate`` output folder."""
+    folder = Path(folder)
+    for name in ("summary.json", "config.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} is not an agents.evaluate output folder (no {name})")
+    rows = read_json(folder / "summary.json")
+    if BASELINE not in rows:
+        raise ValueError(f"{folder}/summary.json has no {BASELINE!r} row (agents: {', '.join(rows) or 'none'}): "
+                         f"run agents.evaluate with --agents ...,{BASELINE}")  # fmt: skip
+    row = {k: math.nan if v is None else v for k, v in rows[BASELINE].items()}
+    return row, read_json(folder / "config.json")
+
+
+def _check_protocol(runs: list[Path], cfg: dict, folder: Path) -> None:
+    """Warn where the baseline did not run on the held-out sessions of the runs' evaluations (``agents.hepo``
+    Evaluator: the env's default world, ``eval_envs`` slots, ``eval_sessions`` sessions, reset seed ``eval_seed``)."""
+    have = {k: cfg[k] for k in ("env", "preset", "world_seed", "num_envs", "seed")}
+    have["sessions_per_slot"] = math.ceil(cfg["sessions"] / cfg["num_envs"])
+    diff = set()
+    for run in runs:
+        a = read_json(run / "config.json").get("args") if (run / "config.json").is_file() else None
+        if a is None:
+            continue
+        want = {"env": a["env"], "preset": a["preset"], "world_seed": 0, "num_envs": a["eval_envs"],
+                "seed": a["eval_seed"], "sessions_per_slot": math.ceil(a["eval_sessions"] / a["eval_envs"])}
+        diff |= {f"{k} {have[k]} (runs: {v})" for k, v in want.items() if have[k] != v}
+    if diff:
+        warnings.warn(f"{folder} was not evaluated on the runs' held-out sessions: {', '.join(sorted(diff))}",
+                      stacklevel=3)  # fmt: skip
+
+
+def ratio_interval(x, ref: float, ref_low: float, ref_high: float, ref_level: float = 0.95, level: float = 0.95):
+    """(r, low, high) for r = mean(x) / ref - 1: seeds ``x`` against one reference estimate with its own CI.
+
+    Delta method on the ratio of two independent estimates: with n = len(x), s^2 the variance of x over
+    seeds (ddof 1), se_ref = (ref_high - ref_low) / (2 z_{(1 + ref_level) / 2}) and R = mean(x) / ref,
+
+        se^2 = a + b,   a = s^2 / (n ref^2)  (seeds),   b = (R se_ref / ref)^2  (the reference's sampling)
+
+    and the interval is r +- t_{(1 + level) / 2, df} se with Welch-Satterthwaite df = (n - 1) ((a + b) / a)^2
+    (floored; >= n - 1, so t_{n-1} when the reference is exact, normal when seeds agree). NaN interval with
+    fewer than two seeds: one seed says nothing about how much training varies.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0 or not np.isfinite(ref) or ref == 0:
+        return math.nan, math.nan, math.nan
+    ratio = float(x.mean()) / ref
+    if x.size < 2:
+        return ratio - 1, math.nan, math.nan
+    se_ref = (ref_high - ref_low) / (2 * NormalDist().inv_cdf(0.5 + ref_level / 2))
+    a = float(x.var(ddof=1)) / (x.size * ref**2)
+    b = (ratio * se_ref / ref) ** 2
+    df = (x.size - 1) * ((a + b) / a) ** 2 if a > 0 else math.inf
+    half = t_quantile(0.5 + level / 2, int(min(df, MAX_DF))) * math.sqrt(a + b)
+    return ratio - 1, ratio - 1 - half, ratio - 1 + half
+
+
+def table4(runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95) -> pd.DataFrame:
+    """GPR Table 4 analogue: online metrics per stage, each stage vs the previous one and vs the cascade.
+
+    Stages as in ``table3``: VAFT (the iteration-0 evaluations), then every label's last evaluation; an RL
+    stage's previous stage is VAFT (they all start from it). The change vs the previous stage is paired by
+    starting generator (one per seed: the same pre-training, and every run sees the same held-out
+    sessions): per run d = x_run / x_VAFT(run's generator) - 1, then mean and t interval over runs. The
+    change vs the cascade is ``ratio_interval`` of the stage's per-seed values against the cascade's
+    estimate and CI from ``baseline``: the seeds' spread plus the cascade's session-sampling error. The
+    stage's own session-sampling error is in neither (all seeds see the same sessions); as those are the
+    cascade's sessions too, it partly cancels the cascade's, which is why only the cascade's is counted.
+
+    Args:
+        runs: ``agents.hepo`` run folders (any algorithms and seeds).
+        baseline: an ``agents.evaluate`` output folder with a ``cascade`` row, on the runs' held-out
+            sessions (warns where its config says otherwise); None = no cascade columns.
+        level: coverage of every interval.
+
+    Returns:
+        Columns ``stage``, ``algo``, ``n`` (seeds; VAFT: starting generators), ``iteration``, ``prev``
+        (the previous stage, empty for VAFT), then per metric of ``TABLE4`` the mean with ``_ci_low`` /
+        ``_ci_high``, ``{name}_vs_prev`` (relative change; NaN for VAFT) with its interval and, with a
+        baseline, ``{name}_vs_cascade`` with its interval; a first ``cascade`` row holds the baseline's own
+        values and CI over sessions (``n`` and ``iteration`` empty).
+    """
+    groups = group_runs(runs)
+    every = [run for members in groups.values() for run in members]
+    start = {u: {m: float(np.mean([r.get(f"eval/{m}", math.nan) for r in rows])) for m in TABLE4}
+             for u, rows in _start_units(every).items()}  # fmt: skip
+    stages = [(START, "vaft", 0, "", list(start.values()), None)]
+    for algo, members in groups.items():
+        final = _final_rows(algo, members)
+        values = [{m: r.get(f"eval/{m}", math.nan) for m in TABLE4} for r in final]
+        stages.append((f"+{algo.upper()}", algo, min(r["iteration"] for r in final), START, values,
+                       [start[_start_key(run)] for run in members]))  # fmt: skip
+    ref = None
+    rows = []
+    if baseline is not None:
+        ref, cfg = read_baseline(baseline)
+        _check_protocol(every, cfg, Path(baseline))
+        own = {f"{m}{s}": ref[f"eval/{m}{s}"] for m in TABLE4 for s in ("", "_ci_low", "_ci_high")}
+        rows.append({"stage": BASELINE, "algo": BASELINE, "n": None, "iteration": None, "prev": "", **own})
+    for stage, algo, iteration, prev, values, prev_values in stages:
+        row = {"stage": stage, "algo": algo, "n": len(values), "iteration": iteration, "prev": prev}
+        for m in TABLE4:
+            x = np.array([v[m] for v in values], dtype=np.float64)
+            row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = t_interval(x, level)
+            d = (x / np.array([p[m] for p in prev_values]) - 1) if prev_values else None
+            vs = t_interval(d, level) if d is not None else (math.nan,) * 3
+            row[f"{m}_vs_prev"], row[f"{m}_vs_prev_ci_low"], row[f"{m}_vs_prev_ci_high"] = vs
+            if ref is not None:
+                k = f"eval/{m}"
+                vs = ratio_interval(x, ref[k], ref[f"{k}_ci_low"], ref[f"{k}_ci_high"], cfg["level"], level)
+                row[f"{m}_vs_{BASELINE}"], row[f"{m}_vs_{BASELINE}_ci_low"], row[f"{m}_vs_{BASELINE}_ci_high"] = vs
+        rows.append(row)
+    return pd.DataFrame(rows).astype({"n": "Int64", "iteration": "Int64"})
+
+
+def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
+    """Three tables: the metrics, the relative change vs the previous stage, and (with a baseline) vs the cascade."""
+    head = "| stage | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
+
+    def value(r, m):
+        v, lo, hi = r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]
+        return "n/a" if not np.isfinite(v) else f"{v:.4g} [{lo:.4g}, {hi:.4g}]" if np.isfinite(lo) else f"{v:.4g}"
+
+    def change(r, m, suffix):
+        v, lo, hi = r[f"{m}{suffix}"], r[f"{m}{suffix}_ci_low"], r[f"{m}{suffix}_ci_high"]
+        if not np.isfinite(v):
+            return ""
+        return f"{v:+.2%} [{lo:+.2%}, {hi:+.2%}]" if np.isfinite(lo) else f"{v:+.2%}"
+
+    def lines(part, cell):
+        return "".join(f"| {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | "
+                       + " | ".join(cell(r, m) for m in TABLE4) + " |\n" for _, r in part.iterrows())  # fmt: skip
+
+    stages = table[table["stage"] != BASELINE]
+    out = (f"online metrics (revenue_per_session = the advertisers' cost): mean over seeds [{level:.0%} t interval "
+           f"over seeds; none with one seed]" + (f"; {BASELINE}: agents.evaluate, CI over its sessions"
+                                                  if (table["stage"] == BASELINE).any() else "")
+           + "\n\n" + head + lines(table, value))  # fmt: skip
+    out += (f"\nrelative change vs the previous stage ({START} for every RL stage), paired by seed: mean of "
+            f"x / x_prev - 1 [{level:.0%} t interval over seeds]\n\n" + head
+            + lines(stages[stages["prev"] != ""], lambda r, m: change(r, m, "_vs_prev")))  # fmt: skip
+    if f"{TABLE4[0]}_vs_{BASELINE}" in table:
+        out += (f"\nrelative change vs {BASELINE}: mean(x) / {BASELINE} - 1 [{level:.0%} interval: seed spread "
+                f"and the {BASELINE}'s CI, delta method, Welch-Satterthwaite df]\n\n" + head
+                + lines(stages, lambda r, m: change(r, m, f"_vs_{BASELINE}")))  # fmt: skip
+    return out
 
 
 def _cell(v: float, lo: float, hi: float) -> str:
@@ -354,14 +518,18 @@ def plot_pretrain(runs: list[str | Path], path: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 
 
-def write_report(runs: list[str | Path], out: str | Path, level: float = 0.95) -> dict[str, Path]:
-    """Every file of the module docstring into ``out``; returns name -> path."""
+def write_report(
+    runs: list[str | Path], out: str | Path, level: float = 0.95, baseline: str | Path | None = None
+) -> dict[str, Path]:
+    """Every file of the module docstring into ``out`` (``baseline``: see ``table4``); returns name -> path."""
     runs, out = check_runs(runs), Path(out)
-    t3, fin = table3(runs, level), final_table(runs, level)
+    t3, fin, t4 = table3(runs, level), final_table(runs, level), table4(runs, baseline, level)
     files = {"curves": plot_curves(runs, out / "curves.png")}
-    for name, table, metrics in (("table3", t3, TABLE3), ("final_table", fin, FINAL)):
+    for name, table, markdown in (("table3", t3, to_markdown(t3, TABLE3, level)),
+                                  ("final_table", fin, to_markdown(fin, FINAL, level)),
+                                  ("table4", t4, table4_markdown(t4, level))):  # fmt: skip
         files[f"{name}.csv"] = atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
-        files[f"{name}.md"] = atomic_write_bytes(out / f"{name}.md", to_markdown(table, metrics, level).encode())
+        files[f"{name}.md"] = atomic_write_bytes(out / f"{name}.md", markdown.encode())
     files["final"] = plot_table(fin, out / "final.png", FINAL, level)
     return files
 
@@ -371,13 +539,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("runs", nargs="+", help="run folders (agents.hepo output)")
     parser.add_argument("--out", default="runs/plots", help="output folder")
     parser.add_argument("--level", type=float, default=0.95, help="coverage of the t intervals over seeds")
+    parser.add_argument("--baseline", default=None, help="agents.evaluate output folder with a cascade row (Table 4)")
     ns = parser.parse_args(argv)
     try:
-        files = write_report(ns.runs, ns.out, ns.level)
+        files = write_report(ns.runs, ns.out, ns.level, ns.baseline)
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    print(to_markdown(table3(ns.runs, ns.level), TABLE3, ns.level))
-    print(to_markdown(final_table(ns.runs, ns.level), FINAL, ns.level))
+    for name in ("table3.md", "final_table.md", "table4.md"):
+        print(files[name].read_text())
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return files
 

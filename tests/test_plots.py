@@ -1,9 +1,11 @@
-"""agents.plots: Table 3 analogue, final table and figures from hand-written run folders (2 algos x 2 seeds)."""
+"""agents.plots: Table 3 / 4 analogues, final table and figures from hand-written run folders (2 algos x 2 seeds)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 
 import pandas as pd
 import pytest
@@ -12,6 +14,10 @@ from agents import plots
 
 T975_DF1 = 12.706
 """two-sided 95% Student t quantile, 1 degree of freedom (two seeds)"""
+T975_DF2 = 4.303
+"""two-sided 95% Student t quantile, 2 degrees of freedom (three seeds)"""
+Z975 = 1.959964
+"""two-sided 95% normal quantile"""
 
 
 def eval_row(it: int, reward: float, cand: float) -> dict:
@@ -20,6 +26,7 @@ def eval_row(it: int, reward: float, cand: float) -> dict:
             "eval/reward_per_session": reward, "eval/reward_per_session_ci_low": reward - 1,
             "eval/reward_per_session_ci_high": reward + 1, "eval/gmv_per_session": 2 * reward,
             "eval/ctcvr": reward / 100, "eval/revenue_per_session": reward / 2,
+            "eval/ctr": 0.05 + reward / 100, "eval/cvr": cand / 10,
             "eval/cand_ndcg": cand, "eval/cand_opr": cand + 0.1, "eval/cand_mean_value": cand / 2,
             "eval/cand_max_value": 2 * cand, "eval/cand_top1_value": cand / 4}  # fmt: skip
 
@@ -112,7 +119,8 @@ def test_single_seed_has_no_interval(runs):
 def test_main_writes_every_file(runs, tmp_path):
     out = tmp_path / "report"
     files = plots.main([*map(str, runs), "--out", str(out)])
-    names = {"curves.png", "table3.csv", "table3.md", "final_table.csv", "final_table.md", "final.png"}
+    names = {"curves.png", "table3.csv", "table3.md", "final_table.csv", "final_table.md", "final.png",
+             "table4.csv", "table4.md"}
     assert {p.name for p in files.values()} == names
     assert {p.name for p in out.iterdir()} == names  # no temp files left behind
     assert all((out / n).stat().st_size > 0 for n in names)
@@ -121,6 +129,13 @@ def test_main_writes_every_file(runs, tmp_path):
     assert csv.loc[2, "reward_per_session"] == pytest.approx(2.0)
     md = (out / "table3.md").read_text()
     assert "| +HEPO | 2 | 0.4500 [" in md and "0.4413" in md
+    t4 = pd.read_csv(out / "table4.csv")
+    assert list(t4["stage"]) == ["VAFT", "+PPO", "+HEPO"] and "reward_per_session_vs_cascade" not in t4
+    # HEPO reward 1.0 / 0.5 - 1 = 1.0 and 3.0 / 0.7 - 1 = 3.2857 (seed by seed): mean 2.1429
+    assert t4.loc[2, "reward_per_session_vs_prev"] == pytest.approx((1.0 + 3.0 / 0.7 - 1) / 2)
+    # half = 12.706 * |1.0 - 3.2857| / 2 = 14.521: the reward cell ends the +HEPO line
+    assert re.search(r"\| \+HEPO \| 2 \|.* \| \+214\.29% \[-123[78]\.\d\d%, \+166[56]\.\d\d%\] \|\n",
+                     (out / "table4.md").read_text())  # fmt: skip
 
 
 def test_bad_folders_raise(runs, tmp_path):
@@ -156,3 +171,149 @@ def test_pretrain_table_and_plot_chain_vaft_after_mtp(tmp_path):
     assert table.loc[1, "pop_hitrate@10"] == 0.2
     path = plots.plot_pretrain([mtp, vaft], tmp_path / "p" / "pretrain.png")
     assert path.stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- Table 4
+
+START3 = {0: (0.5, 0.30), 1: (0.7, 0.40), 2: (1.0, 0.20)}
+HEPO3 = {0: (1.0, 0.40), 1: (0.7, 0.50), 2: (1.5, 0.30)}
+"""three seeds: HEPO reward vs VAFT of the same seed: 1.0 / 0.5 - 1 = 1.0, 0.7 / 0.7 - 1 = 0, 1.5 / 1.0 - 1 = 0.5"""
+CASCADE = {"reward_per_session": (0.8, 0.7, 0.9), "ctr": (0.06, 0.06, 0.06), "cvr": (0.05, 0.04, 0.06),
+           "ctcvr": (0.01, 0.009, 0.011), "gmv_per_session": (2.0, 1.5, 2.5), "revenue_per_session": (0.4, 0.3, 0.5)}
+"""the cascade's (value, ci_low, ci_high) per metric; CTR's CI has zero width"""
+
+
+@pytest.fixture
+def runs3(tmp_path):
+    return [make_run(tmp_path / "runs3", "hepo", s, START3[s], HEPO3[s]) for s in (0, 1, 2)]
+
+
+def make_baseline(folder, agents=("random", "cascade"), level=0.95, **config):
+    """An agents.evaluate output folder: summary.json with one row per agent (random: all 0) and config.json."""
+    folder.mkdir(parents=True)
+    rows = {}
+    for agent in agents:
+        row = {"agent": agent, "eval/sessions": 256, "eval/roi": None}
+        for m, (v, lo, hi) in CASCADE.items():
+            row.update({f"eval/{m}": v, f"eval/{m}_ci_low": lo, f"eval/{m}_ci_high": hi} if agent == "cascade"
+                       else {f"eval/{m}": 0.0, f"eval/{m}_ci_low": 0.0, f"eval/{m}_ci_high": 0.0})  # fmt: skip
+        rows[agent] = row
+    (folder / "summary.json").write_text(json.dumps(rows))
+    cfg = {"env": "ads-v0", "preset": "small", "world_seed": 0, "num_envs": 128, "sessions": 256, "seed": 12345,
+           "level": level, **config}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_table4_vs_previous_is_paired_by_seed(runs3):
+    t = by_stage(plots.table4(runs3))
+    assert list(t) == ["VAFT", "+HEPO"] and t["+HEPO"]["prev"] == "VAFT" and t["VAFT"]["prev"] == ""
+    h = t["+HEPO"]
+    # reward deltas 1.0, 0.0, 0.5: mean 0.5, s = 0.5, half = 4.303 * 0.5 / sqrt(3) = 1.2422
+    # (unpaired, mean over mean: 3.2 / 2.2 - 1 = 0.4545)
+    assert h["reward_per_session_vs_prev"] == pytest.approx(0.5)
+    assert h["reward_per_session_vs_prev_ci_high"] == pytest.approx(0.5 + 1.2422, abs=1e-3)
+    assert h["reward_per_session_vs_prev_ci_low"] == pytest.approx(0.5 - 1.2422, abs=1e-3)
+    # GMV = 2 reward and revenue = reward / 2: the same relative changes
+    assert h["gmv_per_session_vs_prev"] == pytest.approx(0.5) and h["revenue_per_session_vs_prev"] == pytest.approx(0.5)
+    # CTR = 0.05 + reward / 100: 0.060 / 0.055 - 1, 0.057 / 0.057 - 1, 0.065 / 0.060 - 1
+    # = 0.090909, 0, 0.083333: mean 0.058081, s = 0.050440, half = 4.303 * s / sqrt(3) = 0.125310
+    assert h["ctr_vs_prev"] == pytest.approx(0.058081, abs=1e-6)
+    assert h["ctr_vs_prev_ci_high"] - h["ctr_vs_prev"] == pytest.approx(0.125310, abs=1e-4)
+    # CVR = cand / 10: 0.04 / 0.03 - 1, 0.05 / 0.04 - 1, 0.03 / 0.02 - 1 = 1/3, 1/4, 1/2: mean 0.361111
+    assert h["cvr_vs_prev"] == pytest.approx(0.361111, abs=1e-6)
+    # absolute values as in final_table: reward 1.0, 0.7, 1.5 -> mean 1.066667
+    assert h["reward_per_session"] == pytest.approx(3.2 / 3) and h["n"] == 3 and h["iteration"] == 2
+    v = t["VAFT"]
+    assert math.isnan(v["reward_per_session_vs_prev"]) and v["reward_per_session"] == pytest.approx(2.2 / 3)
+
+
+def test_table4_vs_cascade_combines_seed_and_cascade_intervals(runs3, tmp_path):
+    t = by_stage(plots.table4(runs3, make_baseline(tmp_path / "base")))
+    assert list(t) == ["cascade", "VAFT", "+HEPO"]
+    c = t["cascade"]
+    assert c["reward_per_session"] == 0.8 and c["reward_per_session_ci_low"] == 0.7 and pd.isna(c["n"])
+    h = t["+HEPO"]
+    # reward x = 1.0, 0.7, 1.5 vs cascade 0.8 [0.7, 0.9]: R = 1.066667 / 0.8 = 1.333333, r = 0.333333
+    # se_ref = 0.2 / (2 * 1.959964) = 0.051021; a = s^2 / (n c^2) = 0.163333 / (3 * 0.64) = 0.085069
+    # b = (R se_ref / c)^2 = (1.333333 * 0.051021 / 0.8)^2 = 0.007231; se = sqrt(0.092300) = 0.303809
+    # df = 2 * (0.092300 / 0.085069)^2 = 2.354 -> 2: half = 4.3027 * 0.303810 = 1.307189
+    assert h["reward_per_session_vs_cascade"] == pytest.approx(1 / 3)
+    assert h["reward_per_session_vs_cascade_ci_high"] == pytest.approx(1 / 3 + 1.307189, abs=1e-3)
+    assert h["reward_per_session_vs_cascade_ci_low"] == pytest.approx(1 / 3 - 1.307189, abs=1e-3)
+    # an exact cascade (CTR: zero-width CI) leaves the t interval over seeds of x / c - 1
+    mean, lo, hi = plots.t_interval([(0.05 + r / 100) / 0.06 - 1 for r in (1.0, 0.7, 1.5)])
+    assert h["ctr_vs_cascade"] == pytest.approx(mean)
+    assert (h["ctr_vs_cascade_ci_low"], h["ctr_vs_cascade_ci_high"]) == pytest.approx((lo, hi))
+    # the cascade's CI level comes from its config.json
+    h90 = by_stage(plots.table4(runs3, make_baseline(tmp_path / "base90", level=0.9)))["+HEPO"]
+    want = plots.ratio_interval([1.0, 0.7, 1.5], 0.8, 0.7, 0.9, ref_level=0.9)[2]
+    assert h90["reward_per_session_vs_cascade_ci_high"] == pytest.approx(want)
+    assert want > h["reward_per_session_vs_cascade_ci_high"] + 1e-3
+    # without a baseline the cascade columns are absent; with one the paired columns do not change
+    assert "reward_per_session_vs_cascade" not in plots.table4(runs3)
+    assert h["reward_per_session_vs_prev"] == pytest.approx(0.5)
+
+
+def test_ratio_interval_with_agreeing_seeds_is_the_cascade_normal_interval():
+    # s = 0: se = R se_ref / c, normal quantile: x = 1.2 vs 0.8 [0.7, 0.9]: R = 1.5, se = 1.5 * 0.051021 / 0.8
+    r, lo, hi = plots.ratio_interval([1.2, 1.2, 1.2], 0.8, 0.7, 0.9)
+    assert r == pytest.approx(0.5)
+    assert hi - r == pytest.approx(Z975 * 1.5 * (0.1 / Z975) / 0.8, rel=1e-3) and r - lo == pytest.approx(hi - r)
+    # seeds agree closely, the cascade does not: Welch-Satterthwaite df, not n - 1. x = 1.0, 1.02, 0.98:
+    # a = 0.0004 / (3 * 0.64) = 0.000208, b = (1.25 * 0.051021 / 0.8)^2 = 0.006355, df = 2 (b / a + 1)^2 = 1985
+    # half = t_{0.975, 1985} sqrt(a + b) = 1.9612 * 0.081013 = 0.158887 (t_{0.975, 2} would give 0.3486)
+    r, lo, hi = plots.ratio_interval([1.0, 1.02, 0.98], 0.8, 0.7, 0.9)
+    assert r == pytest.approx(0.25) and hi - r == pytest.approx(0.158887, abs=1e-4)
+    # read as a 90% CI, the same endpoints are more standard errors: se_ref = 0.1 / 1.644854 = 0.060796,
+    # half = 1.959964 * 1.5 * 0.060796 / 0.8 = 0.223443
+    assert plots.ratio_interval([1.2, 1.2], 0.8, 0.7, 0.9, ref_level=0.9)[2] == pytest.approx(0.5 + 0.223443, abs=1e-4)
+    assert math.isnan(plots.ratio_interval([1.2, 1.3], 0.0, 0.0, 0.0)[0])
+
+
+def test_table4_single_seed_has_values_but_no_intervals(runs3, tmp_path):
+    t = by_stage(plots.table4(runs3[:1], make_baseline(tmp_path / "base")))
+    h = t["+HEPO"]
+    assert h["n"] == 1 and h["reward_per_session_vs_prev"] == pytest.approx(1.0)
+    assert math.isnan(h["reward_per_session_vs_prev_ci_low"]) and math.isnan(h["reward_per_session_vs_prev_ci_high"])
+    assert h["reward_per_session_vs_cascade"] == pytest.approx(1.0 / 0.8 - 1)
+    assert math.isnan(h["reward_per_session_vs_cascade_ci_low"])
+    md = plots.table4_markdown(plots.table4(runs3[:1], tmp_path / "base"))
+    # reward (last column): +100% vs VAFT, 1.0 / 0.8 - 1 = +25% vs cascade, each without an interval
+    assert re.search(r"\| \+HEPO \| 1 \| \+9\.09% \|.* \| \+100\.00% \|\n", md)
+    assert re.search(r"\| \+HEPO \| 1 \| \+0\.00% \|.* \| \+25\.00% \|\n", md) and "nan" not in md
+
+
+def test_table4_baseline_without_cascade_raises(runs3, tmp_path):
+    base = make_baseline(tmp_path / "base", agents=("random", "oracle"))
+    with pytest.raises(ValueError, match=r"summary.json has no 'cascade' row \(agents: random, oracle\)"):
+        plots.table4(runs3, base)
+    with pytest.raises(SystemExit, match="no 'cascade' row"):
+        plots.main([*map(str, runs3), "--out", str(tmp_path / "o"), "--baseline", str(base)])
+    with pytest.raises(ValueError, match="not an agents.evaluate output folder"):
+        plots.table4(runs3, tmp_path / "missing")
+
+
+def test_table4_warns_when_baseline_is_not_on_the_held_out_sessions(runs3, tmp_path):
+    for run in runs3:  # agents.hepo config.json: the Evaluator's protocol in args
+        cfg = json.loads((run / "config.json").read_text())
+        args = {"env": "ads-v0", "preset": "small", "eval_seed": 12345, "eval_envs": 128, "eval_sessions": 256}
+        (run / "config.json").write_text(json.dumps({**cfg, "args": args}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.table4(runs3, make_baseline(tmp_path / "same"))
+    with pytest.warns(UserWarning, match=r"seed 0 \(runs: 12345\).*sessions_per_slot 4 \(runs: 2\)"):
+        plots.table4(runs3, make_baseline(tmp_path / "other", seed=0, sessions=512))
+
+
+def test_main_with_baseline_writes_table4(runs3, tmp_path):
+    out = tmp_path / "report"
+    files = plots.main([*map(str, runs3), "--out", str(out), "--baseline", str(make_baseline(tmp_path / "base"))])
+    csv = pd.read_csv(files["table4.csv"])
+    assert list(csv["stage"]) == ["cascade", "VAFT", "+HEPO"]
+    assert csv.loc[2, "reward_per_session_vs_cascade"] == pytest.approx(1 / 3)
+    md = files["table4.md"].read_text()
+    # reward vs cascade: 1/3 +- 1.3072 (test above); CTR (first column) 0.060667 / 0.06 - 1 = +1.11%
+    assert re.search(r"vs cascade.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-97\.39%, \+164\.05%\] \|\n",
+                     md, re.S)  # fmt: skip
+    assert "| cascade |  | 0.06 [0.06, 0.06] |" in md
