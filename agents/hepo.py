@@ -119,6 +119,8 @@ class Args:
     """first iterations that train only the HTE (critic and item value): pre-training leaves it untrained"""
     truth: bool = True
     """score candidates with the simulator's true funnel (GPR.md DEFAULT); off = the platform's estimates"""
+    budget_aware: bool = True
+    """scale each candidate's value by its advertiser's budget share this step (agents.rollout doc)"""
     arr: bool = True
     """anticipatory request rehearsal"""
     arr_rate: float = 0.5
@@ -218,8 +220,8 @@ def check_resumable(out: Path, args: Args) -> None:
     cfg = out / "config.json"
     if not cfg.is_file():
         return
-    old = read_json(cfg).get("args", {})
     new = _comparable(args)
+    old = {**_comparable(Args()), **read_json(cfg).get("args", {})}  # flags added since then: their defaults
     diff = sorted(k for k in set(old) | set(new) if k not in RESUME_IGNORES and old.get(k) != new.get(k))
     if diff:
         raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}): pass another --out")
@@ -406,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     ref = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     env = make_train_env(args)
-    roller = Roller(env, tok, args.group_size, args.truth, args.arr_rate if args.arr else 0.0, args.seed)
+    roller = Roller(env, tok, args.group_size, args.truth, args.arr_rate if args.arr else 0.0, args.seed,
+                    budget_aware=args.budget_aware)  # fmt: skip
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     evaluate = Evaluator(args, tok)
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"

@@ -12,6 +12,14 @@ funnel probabilities (GPR.md: "targets from the simulator's truth model"). It is
 ``reward_scale`` (the std of R in the first rollout, kept in the checkpoint) so the critic sees unit-scale
 targets whatever the world's currency.
 
+**Budgets.** The scoring API values an ad as if its advertiser could pay for it, but the sessions of one
+step share the advertisers' budgets: when many of them are served the same advertiser, the auction
+refuses the charges beyond its remaining budget (no impression, no value). With ``budget_aware`` (default)
+each candidate's R is multiplied by its advertiser's budget share this step, remaining / expected demand
+(capped at 1), where demand is the expected charge of the ads the sessions are actually served; without
+it a learner is paid for concentrating on a few high-value ads whose budgets then refuse most slots.
+Rehearsed requests use the share of the real step they rehearse.
+
 **ARR** (anticipatory request rehearsal, GPR §4.4): for a random subset of sessions, more often for
 active users (probability ``arr_rate x tier / 5``), the world's pure transition is run one step ahead
 with no ad shown, on its own random stream: U is kept, O holds the organic items the user consumes next,
@@ -32,7 +40,7 @@ from gpr_sim.model import GPRModel
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
 from gpr_sim.tokenizer.world import WorldTokenizer
-from gpr_sim.world import observe, score, transition
+from gpr_sim.world import CandidateScores, observe, remaining_budget, score, transition
 from gpr_sim.world.state import EVENT_CLICK
 
 TYPE_O, TYPE_I = 1, 3
@@ -129,10 +137,15 @@ class Roller:
         truth: score with the true funnel probabilities (default) or the platform's estimates.
         arr_rate: ARR probability at the top activity tier (0 = no rehearsal).
         seed: seeds the env and the sampling generator.
+        budget_aware: scale each candidate's value by its advertiser's budget share this step (module doc).
     """
 
-    def __init__(self, env, tokenizer: WorldTokenizer, group_size: int, truth: bool, arr_rate: float, seed: int):
+    def __init__(
+        self, env, tokenizer: WorldTokenizer, group_size: int, truth: bool, arr_rate: float, seed: int,
+        budget_aware: bool = True,
+    ):
         self.env = env
+        self.budget_aware = budget_aware
         self.engine: BatchedMarket = env.unwrapped.engine
         self.device = self.engine.device
         self.tok = tokenizer.to(self.device)
@@ -193,18 +206,41 @@ class Roller:
         ahead, _, _ = transition(e.world, state, e.market, none)
         return ahead, observe(e.world, ahead)
 
-    def _buffer(self, model, obs, scorer, eligible, rehearsed: bool) -> tuple[Buffer, Tensor]:
-        """Groups for one request batch -> (its buffer part, the sampled ads (n, K))."""
+    def _budget_share(self, items: Tensor, scores: CandidateScores) -> Tensor:
+        """(A,) share of each advertiser's expected demand this step that its remaining budget covers.
+
+        Demand is the expected charge (``expected_revenue``) of the ads the sessions are served now (the
+        first path of each group); an advertiser asked for more than it has left grants the share
+        remaining / demand, in expectation, and refuses the rest (``cap_to_budget``).
+        """
+        e = self.engine
+        remaining = remaining_budget(e.world, e.market)
+        served = items[:, 0]
+        charge = scores.expected_revenue[:, 0].double().clamp_min(0.0)
+        demand = torch.zeros_like(remaining).index_add_(0, e.world.ad_advertiser[served], charge)
+        share = (remaining.clamp_min(0.0) / demand.clamp_min(1e-12)).clamp(max=1.0)
+        return torch.where(demand > 0, share, torch.ones_like(share)).to(torch.float32)
+
+    def _buffer(self, model, obs, scorer, eligible, rehearsed: bool, share: Tensor | None = None):
+        """Groups for one request batch -> (its buffer part, the sampled ads (n, K), their scores).
+
+        ``share``: per-advertiser budget share (``_budget_share``) that scales each candidate's value;
+        None computes it from this batch when ``budget_aware`` is on (the real requests).
+        """
         tokens = tokens_from_obs(obs, self.tok.table, self.schema, check=False)
         noise, s, values = self._groups(model, tokens, eligible)
-        raw = scorer(s.items).to(torch.float32)  # (n, K)
+        scores = scorer(s.items)
+        raw = scores.value.to(torch.float32)  # (n, K)
         raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
+        if self.budget_aware:
+            share = self._budget_share(s.items, scores) if share is None else share
+            raw = raw * share[self.engine.world.ad_advertiser[s.items]]
         if self.reward_scale is None:  # first rollout: fix the scale once (module doc)
             self.reward_scale = max(float(raw.std()), 1e-6)
         proc = process_rewards(s.codes, s.legal, positive_paths(tokens), 1.0)  # scaled by a_l in the learner
         flag = torch.full((s.codes.shape[0],), rehearsed, dtype=torch.bool, device=self.device)
-        return Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, raw / self.reward_scale, proc,
-                      s.valid, flag), s.items  # fmt: skip
+        part = Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, raw / self.reward_scale, proc, s.valid, flag)
+        return part, s.items, share
 
     def collect(self, model: GPRModel, steps: int) -> tuple[Buffer, dict[str, float]]:
         """``steps`` env steps of all sessions (+ rehearsed requests) -> (buffer, rollout statistics)."""
@@ -214,9 +250,7 @@ class Roller:
         for _ in range(steps):
             eligible = e.eligible_ads()
             state = e.state
-            real, items = self._buffer(
-                model, self.obs, lambda ads: e.score(ads, truth=self.truth).value, eligible, False
-            )
+            real, items, share = self._buffer(model, self.obs, lambda ads: e.score(ads, truth=self.truth), eligible, False)
             parts.append(real)
             raw_sum += (real.reward.double() * self.reward_scale).mean(1).sum()
             if self.arr_rate > 0:
@@ -225,9 +259,9 @@ class Roller:
                 rows = torch.nonzero(draw < self.arr_rate * tier / 5.0).squeeze(1)
                 if rows.numel() > 0:
                     ahead, obs_ahead = self._rehearse(rows)
-                    rehearsed, _ = self._buffer(
-                        model, obs_ahead, lambda ads, st=ahead: score(e.world, st, ads, truth=self.truth).value,
-                        eligible, True,
+                    rehearsed, _, _ = self._buffer(
+                        model, obs_ahead, lambda ads, st=ahead: score(e.world, st, ads, truth=self.truth),
+                        eligible, True, share,
                     )  # fmt: skip
                     parts.append(rehearsed)
             self.obs, _, terminated, truncated, info = self.env.step(items[:, :1])
