@@ -248,9 +248,18 @@ def shard_market(
     defaults to ``dist.device``. Single-process: ``BatchedMarket(config, num_envs, ...)``.
     """
     rows = shard(num_envs, dist)
-    market = BatchedMarket(config, rows.stop - rows.start, world_seed, device or dist.device, world,
-                           market_envs=num_envs, grant=grant_across_ranks(dist))  # fmt: skip
-    market.first_slot = rows.start
+    market = BatchedMarket(config, rows.stop - rows.start, world_seed, device or dist.device, world)
+    return shard_env(market, num_envs, dist)
+
+
+def shard_env(market: BatchedMarket, num_envs: int, dist: Dist) -> BatchedMarket:
+    """Make an already built ``BatchedMarket`` of N / W rows (e.g. a vector env's engine) rank r's exact
+    shard of one market of ``num_envs`` sessions, as ``shard_market`` builds it; call before ``reset``."""
+    rows = shard(num_envs, dist)
+    if rows.stop - rows.start != market.num_envs:
+        raise ValueError(f"the market has {market.num_envs} rows, rank {dist.rank}'s share of {num_envs} "
+                         f"sessions is {rows.stop - rows.start}")  # fmt: skip
+    market.market_envs, market.grant, market.first_slot = num_envs, grant_across_ranks(dist), rows.start
     return market
 
 

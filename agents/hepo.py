@@ -35,10 +35,13 @@ from pathlib import Path
 
 import gymnasium
 import torch
+import torch.distributed as torch_dist
 from tqdm import tqdm
 
 import envs  # noqa: F401  (registers ads-v0)
+from agents import distributed
 from agents.cli import parse_args
+from agents.distributed import SINGLE, Dist
 from agents.evaluate import collect_sessions
 from agents.gpr_policy import GPRPolicy, load_run_model, save_policy
 from agents.losses import (
@@ -68,9 +71,13 @@ from gpr_sim.metrics import summarize
 from gpr_sim.model import GPRModel
 from gpr_sim.model.offline_eval import candidate_metrics
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
+from gpr_sim.world import rng
 
 CKPT_FORMAT = "gpr_sim.hepo"
-CKPT_VERSION = 1
+CKPT_VERSION = 2
+"""2: keyed rollout draws and minibatch order (no generator states); the env state of every rank"""
+UPDATE_SALT = 0x0DD5
+"""added to the seed for the keys of the minibatch order"""
 RESUME_IGNORES = ("iterations", "progress", "threads", "out", "device", "label")
 """flags that may change between an interrupted run and its resumption"""
 
@@ -178,9 +185,14 @@ def _stage_done(folder: Path, steps: int) -> bool:
     return summary.is_file() and read_json(summary).get("steps") == steps
 
 
-def ensure_pretrained(args: Args) -> Path:
-    """Run (or reuse) MTP then VAFT; returns the VAFT run folder (``agents.pretrain``)."""
-    from agents.pretrain import main as pretrain
+def ensure_pretrained(args: Args, dist: Dist = SINGLE) -> Path:
+    """Run (or reuse) MTP then VAFT; returns the VAFT run folder (``agents.pretrain``, data-parallel when
+    ``dist`` is: every rank takes part)."""
+    from agents import pretrain as stage
+
+    def pretrain(argv: list[str]) -> dict:
+        a = parse_args(stage.Args, argv, stage.__doc__)
+        return stage._main(dataclasses.replace(a, device=dist.device) if dist.enabled else a, dist)
 
     pre = pretrain_dir(args)
     mtp, vaft = pre / "mtp", pre / "vaft"
@@ -230,19 +242,31 @@ def check_resumable(out: Path, args: Args) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, gen: torch.Generator, it: int, env_steps: int):
+def _cpu(state: dict) -> dict:
+    return {k: _cpu(v) if isinstance(v, dict) else tuple(t.cpu() for t in v) if isinstance(v, tuple)
+            else v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}  # fmt: skip
+
+
+def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, it: int, env_steps: int, dist: Dist = SINGLE):
+    """Rank 0 writes model, optimiser and every rank's env state (collective: every rank calls it)."""
+    rollers = [None] * dist.world_size
+    if dist.enabled:
+        torch_dist.all_gather_object(rollers, _cpu(roller.state_dict()))
+    else:
+        rollers = [roller.state_dict()]
+    if not dist.is_main:
+        return
     cfg = dataclasses.asdict(model.cfg)
     cfg["level_sizes"] = list(cfg["level_sizes"])
     payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "iteration": it, "env_steps": env_steps,
-               "config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),
-               "roller": roller.state_dict(), "rng": gen.get_state()}  # fmt: skip
+               "config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(), "rollers": rollers}  # fmt: skip
     save_torch(path, payload)
 
 
 def read_checkpoint(path: Path) -> dict:
     """Read an RL checkpoint safely (``weights_only``); errors name the file and what is wrong."""
     return load_torch(path, CKPT_FORMAT, CKPT_VERSION, "an agents.hepo checkpoint",
-                      ("model", "optimizer", "roller", "rng", "iteration", "env_steps"))  # fmt: skip
+                      ("model", "optimizer", "rollers", "iteration", "env_steps"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- update
@@ -261,10 +285,24 @@ def path_terms(model: GPRModel, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor
     return log_prob, values
 
 
-def loss_terms(algo: str, cfg: LossConfig, model: GPRModel, ref: GPRModel | None, buf: Buffer) -> dict:
-    """The algorithm's loss on a minibatch; returns named scalar tensors (``loss`` to backpropagate)."""
+class PathTerms(torch.nn.Module):
+    """``path_terms`` as a ``forward``: what ``DistributedDataParallel`` wraps (its hooks need a forward)."""
+
+    def __init__(self, model: GPRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
+        return path_terms(self.model, buf)
+
+
+def loss_terms(algo: str, cfg: LossConfig, terms: torch.nn.Module, ref: GPRModel | None, buf: Buffer) -> dict:
+    """The algorithm's loss on a minibatch; returns named scalar tensors (``loss`` to backpropagate).
+
+    ``terms``: the policy's ``PathTerms`` (or its ``DistributedDataParallel`` wrapper).
+    """
     m, k, length = buf.codes.shape
-    log_prob, values = path_terms(model, buf)
+    log_prob, values = terms(buf)
     old = buf.old_log_prob
     item = item_value_loss(values[..., -1], buf.reward)
     out = {"item_value": item}
@@ -301,29 +339,69 @@ def loss_terms(algo: str, cfg: LossConfig, model: GPRModel, ref: GPRModel | None
     return out
 
 
+def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGLE) -> tuple[list, list[int]]:
+    """One epoch's minibatches of the valid requests of every rank: (this rank's rows of each, global sizes).
+
+    The order is a shuffle keyed by the request ids (``Buffer.uid``) and ``draw``, sorted over the ids of
+    every rank (one all-gather), so W ranks cut the one-process global batch into the same minibatches;
+    each rank gets the rows of a minibatch that it holds (possibly none).
+    """
+    rows = torch.nonzero(buf.valid).squeeze(1)
+    uid = buf.uid[rows]
+    seeds = torch.full_like(uid, seed + UPDATE_SALT)
+    key = rng.stream_keys(seeds, uid & 0xFFFFFFFF, (uid >> 32) * 65_537 + draw)
+    mine = torch.stack([key, uid], 1).cpu()
+    parts = [mine]
+    if dist.enabled:
+        parts = [None] * dist.world_size
+        torch_dist.all_gather_object(parts, mine)
+    every = torch.cat(parts)
+    order = torch.argsort(every[:, 1], stable=True)  # ties of the shuffle key broken by the unique id
+    order = order[torch.argsort(every[order, 0], stable=True)]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())
+    start = sum(len(p) for p in parts[: dist.rank])
+    position = position[start : start + len(mine)]  # this rank's rows, in their global order
+    total = order.numel()
+    chunk = position // size
+    local = torch.argsort(position)
+    counts = torch.bincount(chunk, minlength=math.ceil(total / size)).tolist()
+    pieces = list(rows[local.to(rows.device)].split(counts))
+    sizes = [min(size, total - lo) for lo in range(0, total, size)]
+    return pieces, sizes
+
+
 def update(
-    model: GPRModel, opt, ref: GPRModel | None, buf: Buffer, args: Args, gen: torch.Generator, policy: bool = True
+    terms_fn, model: GPRModel, opt, ref: GPRModel | None, buf: Buffer, args: Args, draw: int,
+    dist: Dist = SINGLE, policy: bool = True,
 ) -> dict:
     """``epochs`` passes of minibatch updates over the valid requests; mean of each loss term.
 
-    ``policy`` False trains the value terms only (critic warm-up).
+    ``terms_fn``: ``PathTerms(model)`` or its DDP wrapper. Data-parallel, each rank's loss is the mean over
+    its rows of the global minibatch scaled by its share (x W, since DDP averages the gradients over ranks),
+    so the step equals the one-process step on the global minibatch; a rank holding none of its rows runs
+    one row with weight 0 (every rank must join the gradient all-reduce). ``policy`` False trains the
+    value terms only (critic warm-up). ``draw`` keys the minibatch order (``minibatches``).
     """
-    rows = torch.nonzero(buf.valid).squeeze(1)
     sums: dict[str, float] = {}
     n = 0
-    for _ in range(args.epochs):
-        perm = rows[torch.randperm(rows.numel(), generator=gen, device=gen.device).to(rows.device)]
-        for lo in range(0, perm.numel(), args.minibatch):
-            terms = loss_terms(args.algo, args.loss, model, ref, buf.rows(perm[lo : lo + args.minibatch]))
+    for epoch in range(args.epochs):
+        pieces, sizes = minibatches(buf, args.seed, draw * args.epochs + epoch, args.minibatch, dist)
+        for idx, size in zip(pieces, sizes):
+            share = idx.numel() / size
+            if idx.numel() == 0:
+                idx = torch.zeros(1, dtype=torch.int64, device=buf.codes.device)
+            terms = loss_terms(args.algo, args.loss, terms_fn, ref, buf.rows(idx))
             loss = terms["loss"] if policy else args.loss.value_coef * (terms["critic"] + terms["item_value"])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (share * dist.world_size)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
             for key, v in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach())
+                sums[key] = sums.get(key, 0.0) + share * float(v.detach())
             n += 1
-    return {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+    out = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+    return {k: v * dist.world_size for k, v in distributed.all_reduce_mean(out, dist).items()}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -374,9 +452,16 @@ class Evaluator:
 # ----------------------------------------------------------------------------- main
 
 
-def make_train_env(args: Args):
-    return gymnasium.make_vec(args.env, num_envs=args.num_envs, vectorization_mode="vector_entry_point",
-                              preset=args.preset, device=args.device, validate_actions=False)  # fmt: skip
+def make_train_env(args: Args, dist: Dist = SINGLE):
+    """The training sessions; data-parallel, this rank's exact shard of one market (``distributed.shard_env``)."""
+    if args.num_envs % dist.world_size:
+        raise ValueError(f"num_envs={args.num_envs} is invalid with {dist.world_size} processes: --num-envs is the "
+                         "global number of sessions and must be a multiple of the world size")  # fmt: skip
+    env = gymnasium.make_vec(args.env, num_envs=args.num_envs // dist.world_size, vectorization_mode="vector_entry_point",
+                             preset=args.preset, device=args.device, validate_actions=False)  # fmt: skip
+    if dist.enabled:
+        distributed.shard_env(env.unwrapped.engine, args.num_envs, dist)
+    return env
 
 
 def _log_line(row: dict) -> str:
@@ -391,49 +476,84 @@ def _log_line(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run (or resume) one RL run; returns the summary (also ``OUT/summary.json``)."""
+    """Run (or resume) one RL run; returns the summary (also ``OUT/summary.json``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel: rank r simulates its shard of the
+    ``--num-envs`` sessions in an exact shard of the one market, gradients are averaged by
+    ``DistributedDataParallel``, statistics are reduced over ranks, and rank 0 evaluates and writes the
+    run folder; every rank returns the summary.
+    """
     args = parse_args(Args, argv, __doc__)
+    dist = distributed.init_from_env(args.device)
+    try:
+        return _main(dataclasses.replace(args, device=dist.device) if dist.enabled else args, dist)
+    finally:
+        distributed.cleanup(dist)
+
+
+def _shared(value, dist: Dist):
+    """Rank 0's ``value`` on every rank (e.g. a run folder named after rank 0's clock)."""
+    if not dist.enabled:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _main(args: Args, dist: Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    vaft = ensure_pretrained(args)
-    out = run_dir(args)
-    out.mkdir(parents=True, exist_ok=True)
+    vaft = ensure_pretrained(args, dist)
+    out = Path(_shared(str(run_dir(args)), dist))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, args)
     model, tok = load_run_model(vaft)
     tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
-    write_json(out / "config.json", {"args": _comparable(args), "algo": args.algo, "label": args.label or args.algo, "seed": args.seed,
-                                     "env": args.env, "init": str(vaft), "tokenizer_path": tok_path})  # fmt: skip
     model = model.to(args.device).train()
     needs_ref = args.algo == "dpo" or args.loss.kl_coef > 0
     ref = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    env = make_train_env(args)
+    env = make_train_env(args, dist)
     roller = Roller(env, tok, args.group_size, args.truth, args.arr_rate if args.arr else 0.0, args.seed,
-                    budget_aware=args.budget_aware)  # fmt: skip
-    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-    evaluate = Evaluator(args, tok)
+                    budget_aware=args.budget_aware, dist=dist)  # fmt: skip
+    evaluate = Evaluator(args, tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
-    if ckpt.is_file():
+    resume = ckpt.is_file()
+    distributed.barrier(dist)  # every rank has looked for the checkpoint before rank 0 writes anything
+    if resume:
         state = read_checkpoint(ckpt)
+        rollers = state["rollers"]
+        if len(rollers) != dist.world_size:
+            raise ValueError(f"{ckpt}: written by {len(rollers)} process(es), resumed with {dist.world_size}: "
+                             "resume with the same number of processes")  # fmt: skip
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{ckpt}: does not fit this run's model ({e})") from e
-        roller.load_state_dict(state["roller"])
-        gen.set_state(state["rng"])
+        roller.load_state_dict(rollers[dist.rank])
         start, env_steps = int(state["iteration"]), int(state["env_steps"])
-        rows = [r for r in read_metrics(metrics_path) if r["iteration"] <= start]
-        atomic_write_bytes(metrics_path, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
-        print(f"{out}: resuming at iteration {start}")
-    else:
+        if dist.is_main:
+            rows = [r for r in read_metrics(metrics_path) if r["iteration"] <= start]
+            atomic_write_bytes(metrics_path, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+            print(f"{out}: resuming at iteration {start}")
+    elif dist.is_main:
+        write_json(out / "config.json", {"args": _comparable(args), "algo": args.algo, "label": args.label or args.algo,
+                                         "seed": args.seed, "env": args.env, "init": str(vaft),
+                                         "tokenizer_path": tok_path, "world_size": dist.world_size})  # fmt: skip
         metrics_path.unlink(missing_ok=True)
         row = {"iteration": 0, "env_steps": 0, **evaluate(model)}
         append_metrics(metrics_path, row)
         print(_log_line(row))
+    terms_fn = PathTerms(model)
+    if dist.enabled:
+        # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
+        terms_fn = torch.nn.parallel.DistributedDataParallel(terms_fn, find_unused_parameters=True)
 
-    bar = tqdm(range(start, args.iterations), desc=f"{args.algo}", disable=not args.progress, unit="it")
+    bar = tqdm(range(start, args.iterations), desc=f"{args.algo}", disable=not (args.progress and dist.is_main),
+               unit="it")  # fmt: skip
     for it in bar:
         t0 = time.perf_counter()
         model.eval()
@@ -441,36 +561,45 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         compute_targets(buf, args.algo, args.loss)
         t1 = time.perf_counter()
-        terms = update(model, opt, ref, buf, args, gen, policy=it >= args.critic_warmup)
+        terms = update(terms_fn, model, opt, ref, buf, args, it, dist, policy=it >= args.critic_warmup)
         t2 = time.perf_counter()
         env_steps += stats["rollout/requests"]
-        returns, lengths = roller.pop_episodes()
+        returns, _ = roller.pop_episodes()
+        episodes = torch.tensor([float(returns.numel()), float(returns.sum())], dtype=torch.float64)
+        if dist.enabled:
+            episodes = episodes.to(dist.device)
+            torch_dist.all_reduce(episodes)
+        count, total = episodes.tolist()
         done = it + 1
         row = {"iteration": done, "env_steps": env_steps, **stats, **terms,
-               "train/episodes": int(returns.numel()),
-               "train/episode_return": float(returns.mean()) if returns.numel() else float("nan"),
+               "train/episodes": int(count), "train/episode_return": total / count if count else float("nan"),
                "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
                "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9)}  # fmt: skip
-        if done % args.eval_every == 0 or done == args.iterations:
-            row.update(evaluate(model))
-            tqdm.write(_log_line(row))
-        append_metrics(metrics_path, row)
-        bar.set_postfix(value=f"{stats['rollout/group_value_mean']:.4f}", req_s=f"{row['perf/requests_per_s']:.0f}")
+        if dist.is_main:
+            if done % args.eval_every == 0 or done == args.iterations:
+                row.update(evaluate(model))
+                tqdm.write(_log_line(row))
+            append_metrics(metrics_path, row)
+            bar.set_postfix(value=f"{stats['rollout/group_value_mean']:.4f}", req_s=f"{row['perf/requests_per_s']:.0f}")
         if done % args.checkpoint_every == 0 or done == args.iterations:
-            save_checkpoint(ckpt, model, opt, roller, gen, done, env_steps)
-            save_policy(out / "policy.pt", model)
+            save_checkpoint(ckpt, model, opt, roller, done, env_steps, dist)
+            if dist.is_main:
+                save_policy(out / "policy.pt", model)
+        distributed.barrier(dist)  # rank 0's evaluation and files are done before the next rollout
     bar.close()
 
-    rows = read_metrics(metrics_path)
-    evals = [r for r in rows if "eval/reward_per_session" in r]
-    plot_curves([out], out / "curves.png")
-    summary = {"algo": args.algo, "seed": args.seed, "iterations": args.iterations, "env_steps": env_steps,
-               "initial": evals[0], "final": evals[-1]}  # fmt: skip
-    write_json(out / "summary.json", summary)
-    print(f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
-          f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
-          f"{evals[-1]['eval/gmv_per_session']:.3f}")  # fmt: skip
-    return summary
+    if dist.is_main:
+        rows = read_metrics(metrics_path)
+        evals = [r for r in rows if "eval/reward_per_session" in r]
+        plot_curves([out], out / "curves.png")
+        summary = {"algo": args.algo, "seed": args.seed, "iterations": args.iterations, "env_steps": env_steps,
+                   "world_size": dist.world_size, "initial": evals[0], "final": evals[-1]}  # fmt: skip
+        write_json(out / "summary.json", summary)
+        print(f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
+              f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
+              f"{evals[-1]['eval/gmv_per_session']:.3f}")  # fmt: skip
+    distributed.barrier(dist)
+    return _shared(read_json(out / "summary.json") if dist.is_main else None, dist)
 
 
 if __name__ == "__main__":

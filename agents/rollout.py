@@ -20,6 +20,11 @@ each candidate's R is multiplied by its advertiser's budget share this step, rem
 it a learner is paid for concentrating on a few high-value ads whose budgets then refuse most slots.
 Rehearsed requests use the share of the real step they rehearse.
 
+**Randomness.** Every draw of a request (refiner noise, the K paths level by level, whether it is
+rehearsed) comes from ``gpr_sim.world.rng`` keyed by (seed, the session's global env slot, step), like the
+world's own draws: a session's rollout does not depend on the batch it sits in, so W data-parallel ranks
+holding a shard of the sessions each draw exactly what one process draws for those rows.
+
 **ARR** (anticipatory request rehearsal, GPR §4.4): for a random subset of sessions, more often for
 active users (probability ``arr_rate x tier / 5``), the world's pure transition is run one step ahead
 with no ad shown, on its own random stream: U is kept, O holds the organic items the user consumes next,
@@ -29,24 +34,33 @@ one; the real market and sessions do not move.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as torch_dist
 from torch import Tensor
 
+from agents.distributed import SINGLE, Dist
 from agents.losses import LossConfig, gae, group_zscore, process_rewards
 from envs.market import BatchedMarket
 from gpr_sim.model import GPRModel
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
 from gpr_sim.tokenizer.world import WorldTokenizer
+from gpr_sim.world import rng
 from gpr_sim.world import CandidateScores, observe, remaining_budget, score, transition
 from gpr_sim.world.state import EVENT_CLICK
 
 TYPE_O, TYPE_I = 1, 3
 """token types of ``gpr_sim.schema`` (U=0, O=1, E=2, I=3)"""
 REHEARSAL_SEED_OFFSET = 0x5EED_A44
-"""added to a session's seed for its rehearsed step, so rehearsal never peeks at the real next draw"""
+"""added to a session's seed for its rehearsed step (world draws and sampling), so rehearsal never peeks at
+the real next draw"""
+ARR_DRAW_SALT = 0xA22
+SLOT_BITS = 24
+"""request ids (``Roller.request_ids``) hold the global env slot in their low bits"""
+"""added to the rollout seed for the draw that decides which sessions rehearse"""
 
 
 def positive_paths(tokens: TokenBatch) -> Tensor:
@@ -79,6 +93,7 @@ class Buffer:
     rehearsed: Tensor  # (M,) bool: an ARR request
     adv: Tensor | None = None  # (M, K, L) or (M, K)
     returns: Tensor | None = None  # (M, K, L) HEPO critic targets (PPO regresses on ``reward``)
+    uid: Tensor | None = None  # (M,) int64 request id unique over all ranks (``Roller.request_ids``)
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -90,7 +105,7 @@ class Buffer:
         return Buffer(
             TokenBatch(*(t[idx] for t in self.tokens)), take(self.noise), self.codes[idx], self.old_log_prob[idx],
             [m[idx] for m in self.legal], self.old_values[idx], self.reward[idx], self.process[idx],
-            self.valid[idx], self.rehearsed[idx], take(self.adv), take(self.returns),
+            self.valid[idx], self.rehearsed[idx], take(self.adv), take(self.returns), take(self.uid),
         )  # fmt: skip
 
     @staticmethod
@@ -99,7 +114,7 @@ class Buffer:
             return None if ts[0] is None else torch.cat(ts)
 
         fields = list(zip(*[(p.tokens, p.noise, p.codes, p.old_log_prob, p.legal, p.old_values, p.reward,
-                             p.process, p.valid, p.rehearsed) for p in parts]))  # fmt: skip
+                             p.process, p.valid, p.rehearsed, p.adv, p.returns, p.uid) for p in parts]))  # fmt: skip
         legal = [torch.cat(level) for level in zip(*fields[4])]
         return Buffer(cat_tokens(list(fields[0])), cat(fields[1]), cat(fields[2]), cat(fields[3]), legal,
                       *(cat(f) for f in fields[5:]))  # fmt: skip
@@ -136,22 +151,24 @@ class Roller:
         group_size: K paths per request.
         truth: score with the true funnel probabilities (default) or the platform's estimates.
         arr_rate: ARR probability at the top activity tier (0 = no rehearsal).
-        seed: seeds the env and the sampling generator.
+        seed: seeds the env and the keyed draws (module doc).
         budget_aware: scale each candidate's value by its advertiser's budget share this step (module doc).
+        dist: the data-parallel job: this env holds its rows (``agents.distributed.shard_env``); budget
+            demand, the reward scale and the statistics are reduced over every rank's rows.
     """
 
     def __init__(
         self, env, tokenizer: WorldTokenizer, group_size: int, truth: bool, arr_rate: float, seed: int,
-        budget_aware: bool = True,
+        budget_aware: bool = True, dist: Dist = SINGLE,
     ):
         self.env = env
-        self.budget_aware = budget_aware
+        self.budget_aware, self.dist, self.seed = budget_aware, dist, seed
         self.engine: BatchedMarket = env.unwrapped.engine
         self.device = self.engine.device
         self.tok = tokenizer.to(self.device)
         self.schema = SchemaConfig.from_world(self.engine.config)
         self.group_size, self.truth, self.arr_rate = group_size, truth, arr_rate
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.step_count = 0  # env steps so far: the counter of the keyed draws (module doc)
         self.obs, _ = env.reset(seed=seed)
         self.reward_scale: float | None = None
         # per step since the last ``pop_episodes``: (episode return, length, done), filtered when popped
@@ -163,7 +180,7 @@ class Roller:
         e = self.engine
         return {"obs": self.obs, "session": tuple(e.state), "market": tuple(e.market),
                 "episode_return": e.episode_return, "episode_length": e.episode_length,
-                "rng": self.generator.get_state(), "reward_scale": self.reward_scale}  # fmt: skip
+                "step_count": self.step_count, "reward_scale": self.reward_scale}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         e = self.engine
@@ -172,7 +189,7 @@ class Roller:
         e.episode_return = state["episode_return"].to(self.device)
         e.episode_length = state["episode_length"].to(self.device)
         self.obs = {k: v.to(self.device) for k, v in state["obs"].items()}
-        self.generator.set_state(state["rng"].cpu())
+        self.step_count = int(state["step_count"])
         self.reward_scale = state["reward_scale"]
 
     def pop_episodes(self) -> tuple[Tensor, Tensor]:
@@ -184,16 +201,25 @@ class Roller:
         return ret[done], length[done]
 
     # -- one request batch -------------------------------------------------------------------------
+    def _keys(self, salt: int, rows: Tensor) -> Tensor:
+        """Draw keys of sessions ``rows`` (local indices) at this step: (seed + salt, global slot, step)."""
+        seed = torch.full_like(rows, self.seed + salt)
+        return rng.stream_keys(seed, self.engine.first_slot + rows, torch.full_like(rows, self.step_count))
+
+    def request_ids(self, rows: Tensor, rehearsed: bool) -> Tensor:
+        """Ids of this step's (real or rehearsed) requests of sessions ``rows``, unique over ranks and steps:
+        ((step x 2 + rehearsed) << 24) + global slot (slots < 2^24)."""
+        return ((self.step_count * 2 + int(rehearsed)) << SLOT_BITS) + self.engine.first_slot + rows
+
     @torch.no_grad()
-    def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor):
-        """Context, K sampled paths and HTE values for a token batch."""
-        n, k = tokens.token_ids.shape[0], self.group_size
-        noise = None
-        if model.ptd.refiner is not None:
-            noise = torch.randn(n, model.cfg.d_model, device=self.device, generator=self.generator)
+    def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor, keys: Tensor):
+        """Context, K sampled paths and HTE values for a token batch; its random numbers come from ``keys``."""
+        n, k, d = tokens.token_ids.shape[0], self.group_size, model.cfg.d_model
+        u = rng.uniforms(keys, d + k * self.tok.trie.depth)  # refiner noise, then one number per path and level
+        noise = rng.normals(u[:, :d]) if model.ptd.refiner is not None else None
         ctx = model.context(tokens, noise=noise)
         step_fn, _ = model.beam_fns(ctx)
-        sample = sample_paths(step_fn, self.tok.trie, n, k, eligible, self.generator)
+        sample = sample_paths(step_fn, self.tok.trie, n, k, eligible, uniforms=u[:, d:].view(n, k, -1))
         values = model.values(ctx.repeat_interleave(k, 0), sample.codes.flatten(0, 1)).view(n, k, -1)
         return noise, sample, values
 
@@ -218,28 +244,37 @@ class Roller:
         served = items[:, 0]
         charge = scores.expected_revenue[:, 0].double().clamp_min(0.0)
         demand = torch.zeros_like(remaining).index_add_(0, e.world.ad_advertiser[served], charge)
+        if self.dist.enabled:  # every rank's sessions draw on the same budgets
+            torch_dist.all_reduce(demand)
         share = (remaining.clamp_min(0.0) / demand.clamp_min(1e-12)).clamp(max=1.0)
         return torch.where(demand > 0, share, torch.ones_like(share)).to(torch.float32)
 
-    def _buffer(self, model, obs, scorer, eligible, rehearsed: bool, share: Tensor | None = None):
+    def _buffer(self, model, obs, scorer, eligible, rows: Tensor, rehearsed: bool, share: Tensor | None = None):
         """Groups for one request batch -> (its buffer part, the sampled ads (n, K), their scores).
 
         ``share``: per-advertiser budget share (``_budget_share``) that scales each candidate's value;
         None computes it from this batch when ``budget_aware`` is on (the real requests).
         """
         tokens = tokens_from_obs(obs, self.tok.table, self.schema, check=False)
-        noise, s, values = self._groups(model, tokens, eligible)
+        keys = self._keys(REHEARSAL_SEED_OFFSET if rehearsed else 0, rows)
+        noise, s, values = self._groups(model, tokens, eligible, keys)
         scores = scorer(s.items)
         raw = scores.value.to(torch.float32)  # (n, K)
         raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
         if self.budget_aware:
             share = self._budget_share(s.items, scores) if share is None else share
             raw = raw * share[self.engine.world.ad_advertiser[s.items]]
-        if self.reward_scale is None:  # first rollout: fix the scale once (module doc)
-            self.reward_scale = max(float(raw.std()), 1e-6)
+        if self.reward_scale is None:  # first rollout: fix the scale once (module doc), over every rank's rows
+            moments = torch.stack([torch.tensor(float(raw.numel()), device=raw.device), raw.double().sum(),
+                                   raw.double().square().sum()]).double()  # fmt: skip
+            if self.dist.enabled:
+                torch_dist.all_reduce(moments)
+            count, total, squares = moments.tolist()
+            self.reward_scale = max(math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1, 1)), 1e-6)
         proc = process_rewards(s.codes, s.legal, positive_paths(tokens), 1.0)  # scaled by a_l in the learner
         flag = torch.full((s.codes.shape[0],), rehearsed, dtype=torch.bool, device=self.device)
-        part = Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, raw / self.reward_scale, proc, s.valid, flag)
+        part = Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, raw / self.reward_scale, proc, s.valid, flag,
+                      uid=self.request_ids(rows, rehearsed))  # fmt: skip
         return part, s.items, share
 
     def collect(self, model: GPRModel, steps: int) -> tuple[Buffer, dict[str, float]]:
@@ -250,29 +285,36 @@ class Roller:
         for _ in range(steps):
             eligible = e.eligible_ads()
             state = e.state
-            real, items, share = self._buffer(model, self.obs, lambda ads: e.score(ads, truth=self.truth), eligible, False)
+            local = torch.arange(e.num_envs, device=self.device)
+            real, items, share = self._buffer(model, self.obs, lambda ads: e.score(ads, truth=self.truth), eligible,
+                                              local, False)  # fmt: skip
             parts.append(real)
             raw_sum += (real.reward.double() * self.reward_scale).mean(1).sum()
             if self.arr_rate > 0:
                 tier = e.world.user_activity[state.user_id].float()
-                draw = torch.rand(tier.shape, device=self.device, generator=self.generator)
+                draw = rng.uniforms(self._keys(ARR_DRAW_SALT, local), 1)[:, 0]
                 rows = torch.nonzero(draw < self.arr_rate * tier / 5.0).squeeze(1)
                 if rows.numel() > 0:
                     ahead, obs_ahead = self._rehearse(rows)
                     rehearsed, _, _ = self._buffer(
                         model, obs_ahead, lambda ads, st=ahead: score(e.world, st, ads, truth=self.truth),
-                        eligible, True, share,
+                        eligible, rows, True, share,
                     )  # fmt: skip
                     parts.append(rehearsed)
             self.obs, _, terminated, truncated, info = self.env.step(items[:, :1])
             self._episodes.append((info["episode_return"], info["episode_length"], terminated | truncated))
+            self.step_count += 1
         buf = Buffer.concat(parts)
         real = ~buf.rehearsed
+        sums = torch.stack([real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()])
+        if self.dist.enabled:  # statistics of the global batch
+            torch_dist.all_reduce(sums)
+        requests, rehearsed, value, invalid = sums.tolist()
         stats = {
-            "rollout/requests": int(real.sum()),
-            "rollout/rehearsed": int(buf.rehearsed.sum()),
-            "rollout/group_value_mean": float(raw_sum) / max(int(real.sum()), 1),
-            "rollout/invalid_rows": int((~buf.valid).sum()),
+            "rollout/requests": int(requests),
+            "rollout/rehearsed": int(rehearsed),
+            "rollout/group_value_mean": value / max(requests, 1.0),
+            "rollout/invalid_rows": int(invalid),
         }
         return buf, stats
 

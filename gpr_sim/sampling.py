@@ -40,6 +40,17 @@ def _masks(trie: PrefixTrie, nodes: Tensor, depth: int, eligible: Tensor | None,
     return torch.where(valid[:, None], trie.legal_mask(nodes, depth, eligible), plain)
 
 
+def _draw(logp: Tensor, n: int, generator: torch.Generator | None, u: Tensor | None) -> Tensor:
+    """``n`` codes per row of ``logp`` (R, C) with replacement: multinomial, or inverse CDF of ``u`` (R, n)."""
+    p = logp.exp()
+    if u is None:
+        return torch.multinomial(p, n, replacement=True, generator=generator)
+    cdf = p.cumsum(-1)
+    code = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=p.shape[1] - 1)
+    # rounding can land on a zero-probability code at the very top of the CDF: take the likeliest then
+    return torch.where(p.gather(1, code) > 0, code, p.argmax(1, keepdim=True).expand_as(code))
+
+
 def sample_paths(
     step_fn: StepFn,
     trie: PrefixTrie,
@@ -47,6 +58,7 @@ def sample_paths(
     group_size: int,
     eligible: Tensor | None = None,
     generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> PathSample:
     """Draw ``group_size`` paths per row from the policy, restricted to legal (and eligible) codes.
 
@@ -56,7 +68,11 @@ def sample_paths(
         batch_size: B rows.
         group_size: K paths per row, drawn independently (with replacement).
         eligible: optional (num_items,) bool shared by all rows; only paths to eligible items are drawn.
-        generator: randomness of the draws.
+        generator: randomness of the draws (``torch.multinomial``).
+        uniforms: (B, K, L') numbers in (0, 1) instead of ``generator``: path k of row b takes at level l
+            the code where ``uniforms[b, k, l]`` falls in the cumulative distribution (inverse CDF). Keyed
+            per row (``gpr_sim.world.rng``), a row's draws then do not depend on the batch it is in
+            (data-parallel shards draw what one process draws).
 
     Returns:
         ``PathSample``.
@@ -73,7 +89,7 @@ def sample_paths(
     mask = _masks(trie, root, 0, eligible, valid)  # (B, K_0)
     logp = step_fn(rows, torch.zeros(b, 0, dtype=torch.int64, device=dev)).float()
     logp = logp.masked_fill(~mask, float("-inf")).log_softmax(-1)
-    code = torch.multinomial(logp.exp(), k, replacement=True, generator=generator)  # (B, K)
+    code = _draw(logp, k, generator, None if uniforms is None else uniforms[..., 0])  # (B, K)
     codes, log_probs, legal = [code], [logp.gather(1, code)], [mask[:, None].expand(b, k, -1)]
     # deeper levels: one score per sampled prefix
     rows_k = rows.repeat_interleave(k)  # (B*K,)
@@ -83,7 +99,8 @@ def sample_paths(
         prefix = torch.stack(codes, -1).reshape(b * k, depth)
         mask = _masks(trie, nodes, depth, eligible, valid_k)  # (B*K, K_l)
         logp = step_fn(rows_k, prefix).float().masked_fill(~mask, float("-inf")).log_softmax(-1)
-        code = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B*K,)
+        u = None if uniforms is None else uniforms[..., depth].reshape(b * k, 1)
+        code = _draw(logp, 1, generator, u).squeeze(1)  # (B*K,)
         codes.append(code.view(b, k))
         log_probs.append(logp.gather(1, code[:, None]).view(b, k))
         legal.append(mask.view(b, k, -1))

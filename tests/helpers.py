@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from envs.market import BatchedMarket
@@ -29,3 +34,18 @@ def rollout(cfg: WorldConfig, num_envs: int, steps: int, seed: int = 0, policy=N
 
 def stack(outcomes, field: str) -> torch.Tensor:
     return torch.stack([getattr(o, field) for o in outcomes])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(module: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m module -- args`` on CPU (gloo), one thread per process."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", module, "--", *args]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res

@@ -17,6 +17,7 @@ from agents.distributed import Dist
 from agents.runs import read_metrics
 from envs.market import BatchedMarket
 from gpr_sim.world import preset
+from tests.helpers import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "16", "--n-layers", "1", "--batch-size", "16", "--lr", "3e-3", "--threads", "1",
@@ -131,15 +132,8 @@ def inputs(tmp_path_factory):
     return ["--logs", str(out / "logs.parquet"), "--tokenizer", str(out / "tokenizer")]
 
 
-def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    drop = (*distributed.ENV_VARS, "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "agents.pretrain", "--", *args]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+def _torchrun(args: list[str], nproc: int = 2):
+    return torchrun("agents.pretrain", args, nproc)
 
 
 def test_two_gloo_processes_match_one_process(inputs, tmp_path):

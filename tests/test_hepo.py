@@ -17,8 +17,10 @@ from agents.evaluate import main as evaluate
 from agents.gpr_policy import load_run_model
 from agents.rollout import Roller
 from agents.runs import read_metrics
+from tests.helpers import torchrun
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
+from gpr_sim.world import rng
 
 TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
                  "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
@@ -151,12 +153,33 @@ def test_sampling_follows_the_policy_distribution():
         return logits[prefix.shape[1]].expand(row.shape[0], -1)
 
     n = 20000
-    s = sample_paths(step_fn, trie, 1, n, generator=torch.Generator().manual_seed(0))
-    freq = torch.bincount(s.items[0], minlength=4).double() / n
     p0 = torch.softmax(logits[0].double(), 0)
     p1 = torch.softmax(logits[1].double(), 0)
     expected = torch.stack([p0[0] * p1[0], p0[0] * p1[1], p0[1], p0[2]])  # codes 1 and 2 have one child
-    assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / n))
+    keyed = rng.uniforms(torch.tensor([7]), n * 2).view(1, n, 2)  # inverse-CDF draws from keyed numbers
+    for s in (sample_paths(step_fn, trie, 1, n, generator=torch.Generator().manual_seed(0)),
+              sample_paths(step_fn, trie, 1, n, uniforms=keyed)):  # fmt: skip
+        freq = torch.bincount(s.items[0], minlength=4).double() / n
+        assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / n))
+
+
+def test_keyed_sampling_does_not_depend_on_the_batch():
+    """With per-row numbers, rows sampled together or in two shards get the same paths (data parallel)."""
+    from gpr_sim.tokenizer.trie import PrefixTrie
+
+    paths = torch.tensor([[a, b] for a in range(4) for b in range(3)])
+    trie = PrefixTrie(paths, (4, 3))
+    table = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(0))  # per row and level
+
+    def step_fn(row, prefix):
+        return table[row, prefix.shape[1], : trie.level_sizes[prefix.shape[1]]]
+
+    keys = torch.arange(6) * 977
+    u = rng.uniforms(keys, 5 * 2).view(6, 5, 2)
+    whole = sample_paths(step_fn, trie, 6, 5, uniforms=u)
+    halves = [sample_paths(lambda r, p, o=o: step_fn(r + o, p), trie, 3, 5, uniforms=u[o : o + 3]) for o in (0, 3)]
+    assert torch.equal(whole.codes, torch.cat([h.codes for h in halves]))
+    torch.testing.assert_close(whole.log_prob, torch.cat([h.log_prob for h in halves]))
 
 
 def test_rehearsal_moves_nothing_and_favours_active_users(pre):
@@ -256,3 +279,41 @@ def test_hepo_default_model_improves_served_value(tmp_path, seed):
                "--pretrain-dir", str(tmp_path / "pre"), "--out", str(out)])  # fmt: skip
     start, end = _top1(out)
     assert end > start + 0.05
+
+
+# ----------------------------------------------------------------------------- data-parallel (torchrun, gloo)
+
+
+def _numeric(rows: list[dict]) -> list[dict]:
+    """What must match across process counts: every logged number except wall-clock timings."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and isinstance(v, (int, float))} for r in rows]
+
+
+def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path):
+    """2 ranks x 8 sessions (exact shards of one market) == 1 process x 16 sessions, same seed: rollouts,
+    rewards, losses, evaluations and weights; then both resume to iteration 3 alike."""
+    extra = ["--num-envs", "16", "--minibatch", "8", "--group-size", "4", "--eval-every", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    hepo.main(tiny(pre, one, "--iterations", "2", *extra))
+    torchrun("agents.hepo", tiny(pre, two, "--iterations", "2", *extra))
+    cfg = json.loads((two / "config.json").read_text())
+    assert cfg["world_size"] == 2
+
+    def check():
+        a, b = _numeric(read_metrics(one / "metrics.jsonl")), _numeric(read_metrics(two / "metrics.jsonl"))
+        assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys()
+            for key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5, nan_ok=True), (ra["iteration"], key)
+        wa = torch.load(one / "policy.pt", weights_only=True)["model"]
+        wb = torch.load(two / "policy.pt", weights_only=True)["model"]
+        for name in wa:
+            torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    check()
+    hepo.main(tiny(pre, one, "--iterations", "3", *extra))
+    torchrun("agents.hepo", tiny(pre, two, "--iterations", "3", *extra))
+    check()
+    with pytest.raises(ValueError, match="resume with the same number of processes"):
+        hepo.main(tiny(pre, two, "--iterations", "4", *extra))
