@@ -48,8 +48,7 @@ from gpr_sim.model import GPRModel
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
 from gpr_sim.tokenizer.world import WorldTokenizer
-from gpr_sim.world import rng
-from gpr_sim.world import CandidateScores, observe, remaining_budget, score, transition
+from gpr_sim.world import CandidateScores, observe, remaining_budget, rng, score, transition
 from gpr_sim.world.state import EVENT_CLICK
 
 TYPE_O, TYPE_I = 1, 3

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +15,6 @@ from envs.market import BatchedMarket
 from gpr_sim.world import preset
 from tests.helpers import torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "16", "--n-layers", "1", "--batch-size", "16", "--lr", "3e-3", "--threads", "1",
         "--eval-requests", "20", "--no-progress"]  # fmt: skip
 

@@ -17,10 +17,10 @@ from agents.evaluate import main as evaluate
 from agents.gpr_policy import load_run_model
 from agents.rollout import Roller
 from agents.runs import read_metrics
-from tests.helpers import torchrun
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.world import rng
+from tests.helpers import torchrun
 
 TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
                  "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
