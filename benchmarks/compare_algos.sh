@@ -18,8 +18,10 @@ done | xargs -P "$JOBS" -I{} bash -c "{} > /dev/null"
 # 2) SB3 PPO (first: one process runs its seeds in turn), the baselines, then the RL runs and HEPO ablations
 {
   # SB3 PPO on the flat single env (ad-index actions, not a generator): not in the generator tables; its
-  # own held-out evaluation vs random (ROOT/sb3_ppo/summary.json) is copied beside them in step 3
-  echo "OMP_NUM_THREADS=1 $PY -m agents.sb3_ppo --env ads-v0 --seeds ${SEEDS// /,} --out $ROOT/sb3_ppo"
+  # own held-out evaluation vs random (ROOT/sb3_ppo/seedS/summary.json) is copied beside them in step 3
+  for s in $SEEDS; do  # one job per seed: a seed takes ~4 min on one core, in turn they would gate step 3
+    echo "OMP_NUM_THREADS=1 $PY -m agents.sb3_ppo --env ads-v0 --seeds $s --out $ROOT/sb3_ppo/seed$s"
+  done
   # random / cascade / oracle on the agents.hepo Evaluator's held-out sessions (its defaults: the env's
   # default world, 128 slots x ceil(256 / 128) sessions, reset seed eval_seed 12345): Table 4's cascade
   echo "$PY -m agents.evaluate --env ads-v0 --preset small --agents random,cascade,oracle --num-envs 128 --sessions 256 --seed 12345 --threads 1 --out $ROOT/baselines"
@@ -33,7 +35,7 @@ done | xargs -P "$JOBS" -I{} bash -c "{} > /dev/null"
     echo "$PY -m agents.hepo $common --algo hepo --no-loss.process-rewards --label hepo_no_process --out $ROOT/hepo_no_process/seed$s"
     echo "$PY -m agents.hepo $common --algo hepo --no-budget-aware --label hepo_no_budget --out $ROOT/hepo_no_budget/seed$s"
   done
-} | xargs -P "$JOBS" -I{} bash -c "{} > /dev/null"
+} | xargs -P "$JOBS" -I{} bash -c "{} >> $ROOT/jobs.log 2>&1 || echo 'FAILED: {}' | tee -a $ROOT/jobs.log"
 echo "runs done: $(ls -d "$ROOT"/*/seed* | wc -l)"
 # 3) tables and figures of the RL runs (not the warm-up runs), Table 4 against the cascade; SB3 PPO beside them
 runs=()
@@ -41,6 +43,6 @@ for label in $LABELS; do
   for s in $SEEDS; do runs+=("$ROOT/$label/seed$s"); done
 done
 $PY -m agents.plots "${runs[@]}" --baseline "$ROOT/baselines" --out "$ROOT/plots"
-cp "$ROOT/sb3_ppo/summary.json" "$ROOT/plots/sb3_ppo_summary.json"
-echo "SB3 PPO on the flat env (reward per session vs random, its own held-out users): $ROOT/plots/sb3_ppo_summary.json"
-cat "$ROOT/plots/sb3_ppo_summary.json"
+for s in $SEEDS; do cp "$ROOT/sb3_ppo/seed$s/summary.json" "$ROOT/plots/sb3_ppo_summary_seed$s.json"; done
+echo "SB3 PPO on the flat env (reward per session vs random, its own held-out users): $ROOT/plots/sb3_ppo_summary_seed*.json"
+cat "$ROOT"/plots/sb3_ppo_summary_seed*.json
