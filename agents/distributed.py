@@ -38,6 +38,7 @@ market on the global slots ``shard(N, dist)``, so its sessions are the single-pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 from collections.abc import Iterator
@@ -113,6 +114,27 @@ def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> Dist:
         torch_dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                                       timeout=datetime.timedelta(seconds=timeout_s), **kw)  # fmt: skip
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def launch(main, args):
+    """``main(args, dist)`` in the ``torchrun`` process group of the environment (``init_from_env`` on
+    ``args.device``; the device becomes this rank's), leaving the group afterwards; plain call when single."""
+    dist = init_from_env(args.device)
+    if not dist.enabled:
+        return main(args, dist)
+    try:
+        return main(dataclasses.replace(args, device=dist.device), dist)
+    finally:
+        cleanup(dist)
+
+
+def broadcast_object(value, dist: Dist):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself when single-process."""
+    if not dist.enabled:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard(n: int, dist: Dist) -> slice:

@@ -56,7 +56,7 @@ from agents.losses import (
     ppo_loss,
 )
 from agents.plots import plot_curves
-from agents.rollout import Buffer, Roller, compute_targets
+from agents.rollout import SLOT_BITS, Buffer, Roller, compute_targets
 from agents.runs import (
     append_metrics,
     atomic_write_bytes,
@@ -165,6 +165,8 @@ class Args:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
+        if self.num_envs > 1 << SLOT_BITS:
+            raise ValueError(f"num_envs={self.num_envs} is invalid: at most {1 << SLOT_BITS} sessions (request ids)")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} is invalid: expected > 0")
         if not self.max_grad_norm > 0:
@@ -242,18 +244,21 @@ def check_resumable(out: Path, args: Args) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _cpu(state: dict) -> dict:
-    return {k: _cpu(v) if isinstance(v, dict) else tuple(t.cpu() for t in v) if isinstance(v, tuple)
-            else v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}  # fmt: skip
+def _cpu(x):
+    """``x`` (tensors in dicts and tuples) with every tensor on the CPU: what ranks exchange as objects."""
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_cpu(v) for v in x)
+    return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
 def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, it: int, env_steps: int, dist: Dist = SINGLE):
     """Rank 0 writes model, optimiser and every rank's env state (collective: every rank calls it)."""
-    rollers = [None] * dist.world_size
+    rollers = [_cpu(roller.state_dict())]
     if dist.enabled:
+        rollers = [None] * dist.world_size
         torch_dist.all_gather_object(rollers, _cpu(roller.state_dict()))
-    else:
-        rollers = [roller.state_dict()]
     if not dist.is_main:
         return
     cfg = dataclasses.asdict(model.cfg)
@@ -483,28 +488,14 @@ def main(argv: list[str] | None = None) -> dict:
     ``DistributedDataParallel``, statistics are reduced over ranks, and rank 0 evaluates and writes the
     run folder; every rank returns the summary.
     """
-    args = parse_args(Args, argv, __doc__)
-    dist = distributed.init_from_env(args.device)
-    try:
-        return _main(dataclasses.replace(args, device=dist.device) if dist.enabled else args, dist)
-    finally:
-        distributed.cleanup(dist)
-
-
-def _shared(value, dist: Dist):
-    """Rank 0's ``value`` on every rank (e.g. a run folder named after rank 0's clock)."""
-    if not dist.enabled:
-        return value
-    box = [value]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return distributed.launch(_main, parse_args(Args, argv, __doc__))
 
 
 def _main(args: Args, dist: Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     vaft = ensure_pretrained(args, dist)
-    out = Path(_shared(str(run_dir(args)), dist))
+    out = Path(distributed.broadcast_object(str(run_dir(args)), dist))  # a new folder is named by rank 0's clock
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, args)
@@ -598,8 +589,8 @@ def _main(args: Args, dist: Dist) -> dict:
         print(f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
               f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
               f"{evals[-1]['eval/gmv_per_session']:.3f}")  # fmt: skip
-    distributed.barrier(dist)
-    return _shared(read_json(out / "summary.json") if dist.is_main else None, dist)
+    distributed.barrier(dist)  # rank 0 wrote summary.json
+    return read_json(out / "summary.json")
 
 
 if __name__ == "__main__":

@@ -389,14 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel (module doc); every rank returns
     the summary rank 0 wrote.
     """
-    args = parse_args(Args, argv, __doc__)
-    dist = distributed.init_from_env(args.device)
-    if not dist.enabled:
-        return _main(args, dist)
-    try:
-        return _main(dataclasses.replace(args, device=dist.device), dist)
-    finally:
-        distributed.cleanup(dist)
+    return distributed.launch(_main, parse_args(Args, argv, __doc__))
 
 
 def _main(args: Args, dist: distributed.Dist) -> dict:

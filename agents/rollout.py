@@ -57,9 +57,9 @@ REHEARSAL_SEED_OFFSET = 0x5EED_A44
 """added to a session's seed for its rehearsed step (world draws and sampling), so rehearsal never peeks at
 the real next draw"""
 ARR_DRAW_SALT = 0xA22
+"""added to the rollout seed for the draw that decides which sessions rehearse"""
 SLOT_BITS = 24
 """request ids (``Roller.request_ids``) hold the global env slot in their low bits"""
-"""added to the rollout seed for the draw that decides which sessions rehearse"""
 
 
 def positive_paths(tokens: TokenBatch) -> Tensor:
@@ -207,7 +207,7 @@ class Roller:
 
     def request_ids(self, rows: Tensor, rehearsed: bool) -> Tensor:
         """Ids of this step's (real or rehearsed) requests of sessions ``rows``, unique over ranks and steps:
-        ((step x 2 + rehearsed) << 24) + global slot (slots < 2^24)."""
+        ((step x 2 + rehearsed) << SLOT_BITS) + global slot (so at most 2^SLOT_BITS sessions)."""
         return ((self.step_count * 2 + int(rehearsed)) << SLOT_BITS) + self.engine.first_slot + rows
 
     @torch.no_grad()
