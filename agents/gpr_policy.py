@@ -167,7 +167,7 @@ class GPRPolicy:
         self.model.eval()
         ctx = self.model.context(tokens, self.generator)
         self.model.train(was_training)
-        step_fn, _ = self.model.beam_fns(ctx)
+        step_fn, _ = self.model.beam_fns(ctx, cached=True)  # context K/V once per request, not per beam
         eligible = self.market.eligible_ads().to(self.device)
         res = beam_search(step_fn, self.tokenizer.trie, batch_size=n, beam_width=self.beam_width, top_k=self.k,
                           eligible=eligible)  # fmt: skip

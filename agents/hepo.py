@@ -14,8 +14,9 @@ start from the same generator) -> RL. The RL loop per iteration:
 
 HEPO, PPO, GRPO and DPO share the rollout buffer and this loop and differ only in the loss. Evaluation
 runs the generator (beam search, top-1 served) on held-out sessions of a separate market with a fixed
-seed: reward, revenue, GMV, CTR, CVR, CTCVR per session with 95% CIs, plus the Table 3 candidate quality
-(nDCG, OPR, mean / max normalised final_value of the top-K beam) on the first requests of those sessions.
+seed: reward, revenue, GMV, CTR, CVR, CTCVR per session with 95% CIs, the same per user-activity tier and
+for new / old ads (Table 5, values only: ``eval/strata/...``), plus the Table 3 candidate quality (nDCG,
+OPR, mean / max normalised final_value of the top-K beam) on the first requests of those sessions.
 
 The run folder (``runs/hepo/{env}__{algo}__{seed}__{time}``, or ``--out``) holds ``config.json``,
 ``metrics.jsonl``, ``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
@@ -55,7 +56,7 @@ from agents.losses import (
     level_weights,
     ppo_loss,
 )
-from agents.plots import plot_curves
+from agents.plots import STRATA_METRICS, plot_curves, strata_key
 from agents.rollout import SLOT_BITS, Buffer, Roller, compute_targets
 from agents.runs import (
     append_metrics,
@@ -67,7 +68,7 @@ from agents.runs import (
     write_json,
 )
 from gpr_sim.decoding import beam_search
-from gpr_sim.metrics import summarize
+from gpr_sim.metrics import summarize, summarize_strata
 from gpr_sim.model import GPRModel
 from gpr_sim.model.offline_eval import candidate_metrics
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
@@ -430,7 +431,7 @@ class Evaluator:
         tokens = tokens_from_obs(obs, self.tok.table, SchemaConfig.from_world(e.config), check=False)
         gen = torch.Generator(device=a.device).manual_seed(a.eval_seed)
         ctx = model.context(tokens, gen)
-        step_fn, _ = model.beam_fns(ctx)
+        step_fn, _ = model.beam_fns(ctx, cached=True)
         eligible = e.eligible_ads()
         k = a.eval_candidates
         res = beam_search(step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible)
@@ -441,6 +442,18 @@ class Evaluator:
         metrics = candidate_metrics(values, present, all_values.max(1).values)
         return {f"eval/cand_{k}": v for k, v in metrics.items()}
 
+    @staticmethod
+    def strata(sessions) -> dict[str, float]:
+        """Table 5 scalars: per user-activity tier and ad age group (``summarize_strata``, normal CIs: no
+        resampling), the held-out sessions in the group and the value of each of its ``STRATA_METRICS``
+        (no interval), keyed ``strata_key`` (``eval/strata/activity_tier/3/ctr``); NaN for an empty group."""
+        out: dict[str, float] = {}
+        for r in summarize_strata(sessions, prefix="eval/").to_dict("records"):
+            stratum, group = r["stratum"], r["group"]
+            out[strata_key(stratum, group, "sessions")] = int(r["eval/sessions"])
+            out.update({strata_key(stratum, group, m): float(r[f"eval/{m}"]) for m in STRATA_METRICS[stratum]})
+        return out
+
     def __call__(self, model: GPRModel) -> dict[str, float]:
         a = self.args
         was_training = model.training
@@ -449,6 +462,7 @@ class Evaluator:
         sessions, _ = collect_sessions(self.env, policy, math.ceil(a.eval_sessions / a.eval_envs), a.eval_seed,
                                        progress=a.progress)  # fmt: skip
         out = {k: v for k, v in summarize(sessions, prefix="eval/").items() if isinstance(v, (int, float))}
+        out.update(self.strata(sessions))
         out.update(self.candidates(model))
         model.train(was_training)
         return out

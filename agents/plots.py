@@ -10,6 +10,7 @@ Given ``agents.hepo`` run folders (several algorithms and seeds), writes into ``
 | ``table3.csv`` / ``.md`` | GPR Table 3 analogue: candidate quality (nDCG, OPR, mean / max / top-1 normalised value of the top-K beam) at the last evaluation, per algorithm, and the VAFT generator they all start from (their iteration-0 evaluation), with the paper's numbers alongside |
 | ``final_table.csv`` / ``.md`` | per algorithm: final eval reward, GMV, CTCVR and revenue per session |
 | ``table4.csv`` / ``.md`` | GPR Table 4 analogue: online CTR, CVR, CTCVR, GMV, costs (revenue) and reward per stage, the relative change of each stage vs the previous one (paired by seed) and, with ``--baseline`` (an ``agents.evaluate`` folder), vs the cascade |
+| ``table5.csv`` / ``.md`` | GPR Table 5 analogue: Table 4's metrics per stage within each user-activity tier (1..5) and for new / old ads, with the cascade's strata from ``--baseline``; only when the runs' evaluations log strata (``strata_key``) |
 | ``final.png`` | the final table as bars with error bars |
 
 Runs are grouped by their ``config.json`` algorithm. Every table value is the mean over the group's runs
@@ -59,6 +60,13 @@ PAPER_METRICS = ("ndcg", "opr", "mean_value", "max_value")
 """the Table 3 columns the paper reports (``top1_value`` is ours)"""
 TABLE4 = ("ctr", "cvr", "ctcvr", "gmv_per_session", "revenue_per_session", "reward_per_session")
 """Table 4 columns (GPR Table 4: CTR, CVR, CTCVR, GMV, costs): ``eval/{name}``; revenue = the advertisers' cost"""
+TABLE5 = TABLE4
+"""Table 5 columns (GPR Table 5: online metrics per user-activity tier and for new / old ads): Table 4's"""
+STRATA = {"activity_tier": ("1", "2", "3", "4", "5"), "ad_age": ("new", "old")}
+"""the strata of ``gpr_sim.metrics.summarize_strata`` and their groups, in table order"""
+STRATA_METRICS = {"activity_tier": TABLE5, "ad_age": tuple(m for m in TABLE5 if m != "reward_per_session")}
+"""the Table 5 metrics each stratum has: ad-age groups split the ads of a session, not the session, so
+they have ``AD_METRICS`` only (no reward); every group also logs ``sessions``"""
 BASELINE = "cascade"
 """the ``agents.evaluate`` agent that Table 4 compares every stage with (the production-style cascade)"""
 MAX_DF = 10_000
@@ -141,6 +149,26 @@ def _stat_row(rows_per_unit: list[list[dict]], keys: dict[str, str], level: floa
         values = [np.mean([r.get(key, math.nan) for r in unit]) for unit in rows_per_unit]
         out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = t_interval(values, level)
     return out
+
+
+def strata_key(stratum: str, group: str, metric: str, prefix: str = "eval/") -> str:
+    """The flat ``metrics.jsonl`` key of one stratum group's metric, e.g. ``eval/strata/activity_tier/3/ctr``
+    (``agents.hepo`` Evaluator: the value of ``summarize_strata``, no interval; NaN for an empty group)."""
+    return f"{prefix}strata/{stratum}/{group}/{metric}"
+
+
+STRATA_MARKER = strata_key("activity_tier", "1", "sessions")
+"""a key every evaluation with strata holds"""
+
+
+def runs_without_strata(runs: list[str | Path]) -> list[Path]:
+    """The runs whose first or last evaluation has no strata keys (folders written before they were logged)."""
+    missing = []
+    for run in check_runs(runs):
+        rows = eval_rows(run)
+        if STRATA_MARKER not in rows[0] or STRATA_MARKER not in rows[-1]:
+            missing.append(run)
+    return missing
 
 
 # ----------------------------------------------------------------------------- tables
@@ -317,13 +345,16 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     return pd.DataFrame(rows).astype({"n": "Int64", "iteration": "Int64"})
 
 
+def _estimate_cell(r, m: str) -> str:
+    """``mean [low, high]`` of metric ``m`` of row ``r`` (4 significant digits); the mean alone without an
+    interval; n/a without a value."""
+    v, lo, hi = r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]
+    return "n/a" if not np.isfinite(v) else f"{v:.4g} [{lo:.4g}, {hi:.4g}]" if np.isfinite(lo) else f"{v:.4g}"
+
+
 def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     """Three tables: the metrics, the relative change vs the previous stage, and (with a baseline) vs the cascade."""
     head = "| stage | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
-
-    def value(r, m):
-        v, lo, hi = r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]
-        return "n/a" if not np.isfinite(v) else f"{v:.4g} [{lo:.4g}, {hi:.4g}]" if np.isfinite(lo) else f"{v:.4g}"
 
     def change(r, m, suffix):
         v, lo, hi = r[f"{m}{suffix}"], r[f"{m}{suffix}_ci_low"], r[f"{m}{suffix}_ci_high"]
@@ -339,7 +370,7 @@ def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     out = (f"online metrics (revenue_per_session = the advertisers' cost): mean over seeds [{level:.0%} t interval "
            f"over seeds; none with one seed]" + (f"; {BASELINE}: agents.evaluate, CI over its sessions"
                                                   if (table["stage"] == BASELINE).any() else "")
-           + "\n\n" + head + lines(table, value))  # fmt: skip
+           + "\n\n" + head + lines(table, _estimate_cell))  # fmt: skip
     out += (f"\nrelative change vs the previous stage ({START} for every RL stage), paired by seed: mean of "
             f"x / x_prev - 1 [{level:.0%} t interval over seeds]\n\n" + head
             + lines(stages[stages["prev"] != ""], lambda r, m: change(r, m, "_vs_prev")))  # fmt: skip
@@ -347,6 +378,98 @@ def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
         out += (f"\nrelative change vs {BASELINE}: mean(x) / {BASELINE} - 1 [{level:.0%} interval: seed spread "
                 f"and the {BASELINE}'s CI, delta method, Welch-Satterthwaite df]\n\n" + head
                 + lines(stages, lambda r, m: change(r, m, f"_vs_{BASELINE}")))  # fmt: skip
+    return out
+
+
+def read_baseline_strata(folder: str | Path) -> dict[tuple[str, str], dict]:
+    """(stratum, group) -> the ``BASELINE`` agent's row of an ``agents.evaluate`` folder's ``strata.csv``."""
+    path = Path(folder) / "strata.csv"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no strata.csv: not an agents.evaluate output folder with strata")
+    table = pd.read_csv(path, dtype={"group": str})
+    part = table[table["agent"] == BASELINE]
+    if part.empty:
+        agents = ", ".join(dict.fromkeys(table["agent"])) or "none"
+        raise ValueError(f"{path} has no {BASELINE!r} rows (agents: {agents})")
+    return {(r["stratum"], r["group"]): r for r in part.to_dict("records")}
+
+
+def table5(runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95) -> pd.DataFrame:
+    """GPR Table 5 analogue: Table 4's online metrics per stage within each stratum group.
+
+    Stages as in ``table4`` (VAFT: the iteration-0 evaluations, one unit per starting generator; then every
+    label's last evaluation); strata as in ``gpr_sim.metrics.summarize_strata``: user activity tiers 1..5
+    (sessions split by their user's tier) and new / old ads (each session's ads split by age; no reward).
+    Each value is the mean over seeds of the runs' per-group evaluation values (``strata_key``) with a t
+    interval over seeds, as in ``final_table``; an empty group in one run (NaN) makes the stage's value NaN.
+
+    Args:
+        runs: ``agents.hepo`` run folders whose evaluations log strata (raises ``ValueError`` naming those
+            that do not: folders written before the Evaluator logged them).
+        baseline: an ``agents.evaluate`` output folder (``summary.json`` with a cascade row, ``strata.csv``);
+            None = no cascade rows.
+        level: coverage of the t interval over seeds.
+
+    Returns:
+        One row per (stratum, group, stage), in ``STRATA`` order then stage order: ``stratum``, ``group``,
+        ``stage``, ``algo``, ``n`` (seeds; VAFT: starting generators), ``iteration``, ``sessions`` (mean
+        held-out sessions in the group; an ad-age group counts every session), then per metric of
+        ``TABLE5`` the mean, ``_ci_low`` and ``_ci_high`` (NaN where the stratum has no such metric:
+        ``STRATA_METRICS``). With a baseline each group starts with a ``cascade`` row: its value and CI
+        over sessions (``n`` and ``iteration`` empty).
+    """
+    groups = group_runs(runs)
+    every = [run for members in groups.values() for run in members]
+    missing = runs_without_strata(every)
+    if missing:
+        raise ValueError(f"no per-stratum evaluations ({STRATA_MARKER!r} ...) in the metrics.jsonl of: "
+                         f"{', '.join(map(str, missing))}: run folders from before agents.hepo logged them")  # fmt: skip
+    stages = [(START, "vaft", 0, list(_start_units(every).values()))]
+    for algo, members in groups.items():
+        final = _final_rows(algo, members)
+        stages.append((f"+{algo.upper()}", algo, min(r["iteration"] for r in final), [[r] for r in final]))
+    ref = None
+    if baseline is not None:
+        _, cfg = read_baseline(baseline)
+        _check_protocol(every, cfg, Path(baseline))
+        ref = read_baseline_strata(baseline)
+    rows = []
+    for stratum, names in STRATA.items():
+        metrics = STRATA_METRICS[stratum]
+        for group in names:
+            where = {"stratum": stratum, "group": group}
+            if ref is not None:
+                r = ref.get((stratum, group), {})
+                own = {f"{m}{s}": r.get(f"eval/{m}{s}", math.nan) for m in metrics for s in ("", "_ci_low", "_ci_high")}
+                rows.append({**where, "stage": BASELINE, "algo": BASELINE, "n": None, "iteration": None,
+                             "sessions": r.get("eval/sessions", math.nan), **own})  # fmt: skip
+            keys = {m: strata_key(stratum, group, m) for m in metrics}
+            for stage, algo, iteration, units in stages:
+                stat = _stat_row(units, {"sessions": strata_key(stratum, group, "sessions"), **keys}, level)
+                rows.append({**where, "stage": stage, "algo": algo, "iteration": iteration,
+                             **{k: v for k, v in stat.items() if not k.startswith("sessions_")}})  # fmt: skip
+    columns = ["stratum", "group", "stage", "algo", "n", "iteration", "sessions"]
+    columns += [f"{m}{s}" for m in TABLE5 for s in ("", "_ci_low", "_ci_high")]
+    return pd.DataFrame(rows, columns=columns).astype({"n": "Int64", "iteration": "Int64"})
+
+
+def table5_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
+    """One table per stratum: a row per (group, stage), ``mean [low, high]`` per metric the stratum has."""
+    cascade = (table["stage"] == BASELINE).any()
+    out = (f"online metrics by stratum (revenue_per_session = the advertisers' cost): mean over seeds "
+           f"[{level:.0%} t interval over seeds; none with one seed]"
+           + (f"; {BASELINE}: agents.evaluate, CI over its sessions" if cascade else "")
+           + "; sessions: held-out sessions in the group (mean over seeds; an ad-age group counts every "
+           "session, its metrics count only the ads of that age)\n")  # fmt: skip
+    titles = {"activity_tier": "user activity tier (1 = least active)", "ad_age": "ad age (new / old ads)"}
+    for stratum in dict.fromkeys(table["stratum"]):
+        part, metrics = table[table["stratum"] == stratum], STRATA_METRICS.get(stratum, TABLE5)
+        out += (f"\n{titles.get(stratum, stratum)}\n\n| {stratum} | stage | n | sessions | " + " | ".join(metrics)
+                + " |\n|" + "---|" * (len(metrics) + 4) + "\n")  # fmt: skip
+        for _, r in part.iterrows():
+            sessions = f"{r['sessions']:.4g}" if np.isfinite(r["sessions"]) else "n/a"
+            out += (f"| {r['group']} | {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | {sessions} | "
+                    + " | ".join(_estimate_cell(r, m) for m in metrics) + " |\n")  # fmt: skip
     return out
 
 
@@ -521,7 +644,9 @@ def plot_pretrain(runs: list[str | Path], path: Path) -> Path:
 def write_report(
     runs: list[str | Path], out: str | Path, level: float = 0.95, baseline: str | Path | None = None
 ) -> dict[str, Path]:
-    """Every file of the module docstring into ``out`` (``baseline``: see ``table4``); returns name -> path."""
+    """Every file of the module docstring into ``out`` (``baseline``: see ``table4``); returns name -> path.
+
+    ``table5`` only when every run logs strata; when only some do, it is left out with a warning."""
     runs, out = check_runs(runs), Path(out)
     t3, fin, t4 = table3(runs, level), final_table(runs, level), table4(runs, baseline, level)
     files = {"curves": plot_curves(runs, out / "curves.png")}
@@ -530,6 +655,14 @@ def write_report(
                                   ("table4", t4, table4_markdown(t4, level))):  # fmt: skip
         files[f"{name}.csv"] = atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         files[f"{name}.md"] = atomic_write_bytes(out / f"{name}.md", markdown.encode())
+    missing = runs_without_strata(runs)
+    if not missing:
+        t5 = table5(runs, baseline, level)
+        files["table5.csv"] = atomic_write_bytes(out / "table5.csv", t5.to_csv(index=False).encode())
+        files["table5.md"] = atomic_write_bytes(out / "table5.md", table5_markdown(t5, level).encode())
+    elif len(missing) < len(runs):
+        warnings.warn(f"table5 not written: no per-stratum evaluations in {', '.join(map(str, missing))} "
+                      "(run folders from before agents.hepo logged them)", stacklevel=2)  # fmt: skip
     files["final"] = plot_table(fin, out / "final.png", FINAL, level)
     return files
 
@@ -539,14 +672,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("runs", nargs="+", help="run folders (agents.hepo output)")
     parser.add_argument("--out", default="runs/plots", help="output folder")
     parser.add_argument("--level", type=float, default=0.95, help="coverage of the t intervals over seeds")
-    parser.add_argument("--baseline", default=None, help="agents.evaluate output folder with a cascade row (Table 4)")
+    parser.add_argument("--baseline", default=None, help="agents.evaluate folder with a cascade row (Tables 4, 5)")
     ns = parser.parse_args(argv)
     try:
         files = write_report(ns.runs, ns.out, ns.level, ns.baseline)
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    for name in ("table3.md", "final_table.md", "table4.md"):
-        print(files[name].read_text())
+    for name in ("table3.md", "final_table.md", "table4.md", "table5.md"):
+        if name in files:
+            print(files[name].read_text())
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return files
 

@@ -387,20 +387,39 @@ class IncrementalDecoder:
     it and the step equals the full forward of ``[U | O | I ... I_new | E_new]`` (``HSD.append``).
     In this steady-state benchmark every step appends to the same prefix (the tail buffers are rewritten);
     a real rollout appends into a growing (or ring) buffer, and new O tokens need a full re-encode.
+
+    ``mode``: ``eager``; ``compiled`` (the model parts through ``torch.compile``, the beam bookkeeping
+    eager); ``fused`` (the whole step, beam search and state update included, one ``torch.compile``
+    graph); ``graphs`` (``fused``, captured once per chunk state into a CUDA graph and replayed: no
+    per-kernel launch cost; CUDA only). ``compile_mode``: ``torch.compile``'s mode for the fused graph
+    (e.g. ``max-autotune-no-cudagraphs``: Triton GEMM templates with fused epilogues).
     """
 
-    def __init__(self, model: GPRModel, trie: PrefixTrie, compiled: bool, new_tokens: int) -> None:
+    MODES = ("eager", "compiled", "fused", "graphs")
+
+    def __init__(
+        self, model: GPRModel, trie: PrefixTrie, mode: str | bool, new_tokens: int, compile_mode: str | None = None
+    ) -> None:
+        mode = {False: "eager", True: "compiled"}.get(mode, mode)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         if new_tokens < 1:
             raise ValueError(f"--new-tokens must be >= 1 (the E token), got {new_tokens}")
         if not (model.cfg.thinking and model.cfg.refining):
             raise ValueError(
                 "the incremental benchmark expects thinking and refining on (the default config)"
             )
-        self.model, self.trie, self.new_tokens = model, trie, new_tokens
+        self.model, self.trie, self.new_tokens, self.mode = model, trie, new_tokens, mode
         fns = {"hsd_think": self._hsd_think, "level": model.ptd.level_logits_cached, "post": self._post,
                "values": model.values}  # fmt: skip
         for name, fn in fns.items():
-            setattr(self, name, torch.compile(fn, dynamic=False) if compiled else fn)
+            setattr(self, name, torch.compile(fn, dynamic=False) if mode == "compiled" else fn)
+        fused = mode in ("fused", "graphs")
+        self.step = (
+            torch.compile(self._step, dynamic=False, fullgraph=True, mode=compile_mode) if fused else self._step
+        )
+        self._graphs: dict[tuple, tuple] = {}  # (state, rows, beam, top_k) -> (graph, values)
+        self._pool = None
 
     def _post(self, th: torch.Tensor, noise: torch.Tensor):
         """Thinking tokens -> context (refine token appended) and the PTD context K/V (cached beam_fns)."""
@@ -472,14 +491,13 @@ class IncrementalDecoder:
         pad = torch.zeros(b, n, dtype=torch.bool, device=dev)
         return TokenBatch(token_ids, type_ids, positions, pad, codes, events, dense)
 
-    def __call__(self, st: IncrementalState, beam: int, top_k: int) -> torch.Tensor:
+    def _step(self, st: IncrementalState, noise: torch.Tensor, beam: int, top_k: int) -> torch.Tensor:
+        """The step on ``st`` in place (tail K/V, shown ad); returns the HTE values (B * top_k, L' + 1)."""
         tok = self.new_request_tokens(st)
         th, new_kv = self.hsd_think(st.layers, st.type_ids, st.padding_mask, st.think, tok)
         for buf, kv in zip(st.tail, new_kv, strict=True):  # store the new slots (a ring buffer's write)
             buf.k.copy_(kv.k)
             buf.v.copy_(kv.v)
-        gen = torch.Generator(device=th.device).manual_seed(0)
-        noise = torch.randn(th.shape[0], th.shape[2], device=th.device, generator=gen)  # the refiner's start
         ctx, kv = self.post(th, noise)
         b = ctx.shape[0]
         res = beam_search(lambda row, prefix: self.level(kv, row, prefix, beams=prefix.shape[0] // b), self.trie,
@@ -488,6 +506,45 @@ class IncrementalDecoder:
         st.codes.copy_(res.codes[:, 0].clamp_min(0))  # the shown ad: next step's I token
         st.items.copy_(res.items[:, 0].clamp_min(0))
         return vals
+
+    def _noise(self, st: IncrementalState) -> torch.Tensor:
+        """The refiner's start, (B, C): the same draw every step (generator seeded 0)."""
+        b, dev = st.codes.shape[0], st.codes.device
+        gen = torch.Generator(device=dev).manual_seed(0)
+        return torch.randn(b, self.model.cfg.d_model, device=dev, generator=gen)
+
+    def __call__(self, st: IncrementalState, beam: int, top_k: int) -> torch.Tensor:
+        if self.mode != "graphs":
+            return self.step(st, self._noise(st), beam, top_k)
+        key = (st.codes.data_ptr(), st.codes.shape[0], beam, top_k)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(st, beam, top_k)
+        graph, vals = self._graphs[key]
+        graph.replay()
+        return vals
+
+    def _capture(self, st: IncrementalState, beam: int, top_k: int) -> tuple:
+        """Warm the fused step up on a side stream, then capture it on ``st``'s (static) tensors."""
+        if st.codes.device.type != "cuda":
+            raise ValueError("mode 'graphs' needs a CUDA device")
+        noise = self._noise(st)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(st, noise, beam, top_k)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:  # one pool for every graph: they replay one at a time, outputs read at once
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            vals = self.step(st, noise, beam, top_k)
+        return graph, vals
+
+    def release(self) -> None:
+        """Drop the captured graphs and their memory pool before other shapes are timed."""
+        self._graphs.clear()
+        self._pool = None  # a fresh pool: capturing into one whose graphs were freed trips the allocator
 
 
 def time_incremental(
@@ -504,9 +561,8 @@ def time_incremental(
     chunk = states[0].codes.shape[0]
     sizes = [min(chunk, n - s) for s in range(0, n, chunk)]
     with torch.no_grad(), autocast(device, dtype):
-        dec(states[0], beam, top_k)
-        if sizes[-1] != chunk:
-            dec(states[0].rows(slice(0, sizes[-1])), beam, top_k)
+        for j, m in dict.fromkeys((i % len(states), m) for i, m in enumerate(sizes)):  # each (state, rows) once:
+            dec(states[j] if m == chunk else states[j].rows(slice(0, m)), beam, top_k)  # compile / capture here
         sync(device)
         t = time.perf_counter()
         for _ in range(reps):
@@ -659,6 +715,28 @@ def main(argv: list[str] | None = None) -> dict:
         default=2,
         help="incremental: tokens appended per step (new_tokens - 1 I tokens + the E token)",
     )
+    p.add_argument(
+        "--fuse",
+        action="store_true",
+        help="incremental: also time the whole step as one compiled graph (fused) and, on CUDA, that graph "
+        "replayed as a CUDA graph (graphs)",
+    )
+    p.add_argument(
+        "--inc-modes",
+        default="",
+        help="incremental: comma-separated modes to time (eager, compiled, fused, graphs); "
+        "default: eager, + compiled with --compile, + fused and graphs with --fuse",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the fused step (e.g. max-autotune-no-cudagraphs); default: torch's default",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="incremental: per mode, device time by kernel of one step at the largest N and first beam",
+    )
     p.add_argument("--reps", type=int, default=1, help="timed passes over N")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
@@ -727,19 +805,24 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
                      elt, naive, prefill, checkpoint) -> None:  # fmt: skip
     """Rows of the incremental mode: prefill the chunk states once (timed apart), then time steps."""
     t0 = schema.seq_len
-    modes = [("eager", IncrementalDecoder(model, trie, False, args.new_tokens))]
-    if args.compile:
-        modes.append(("compiled", IncrementalDecoder(model, trie, True, args.new_tokens)))
+    names = ["eager"] + (["compiled"] if args.compile else []) + (["fused"] if args.fuse else [])
+    names += ["graphs"] if args.fuse and device.type == "cuda" else []
+    if args.inc_modes:  # an explicit list replaces the one --compile / --fuse give
+        names = [m for m in args.inc_modes.split(",") if m]
+        if not names or set(names) - set(IncrementalDecoder.MODES):
+            raise SystemExit(f"--inc-modes must list some of {', '.join(IncrementalDecoder.MODES)}, got {args.inc_modes!r}")
+    modes = [(name, IncrementalDecoder(model, trie, name, args.new_tokens, args.compile_mode)) for name in names]
+    eager = dict(modes).get("eager") or IncrementalDecoder(model, trie, "eager", args.new_tokens)  # prefill, naive
     ichunk = chunk if args.inc_chunk <= 0 else min(args.inc_chunk, max(sizes))
     with torch.no_grad(), autocast(device, dtype):
-        modes[0][1].prefill(_head(batches[0], min(chunk, 8)))  # warm-up
+        eager.prefill(_head(batches[0], min(chunk, 8)))  # warm-up
         sync(device)
         sec, states = 0.0, []
         for i in range(2):
             tok = batches[i] if ichunk == chunk else make_tokens(ichunk, schema, cfg, device, seed=i)
             sync(device)
             t = time.perf_counter()
-            states.append(modes[0][1].prefill(tok, seed=i, sub=min(ichunk, 4096)))
+            states.append(eager.prefill(tok, seed=i, sub=min(ichunk, 4096)))
             sync(device)
             sec += time.perf_counter() - t
             del tok
@@ -750,7 +833,7 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
           f"state {state_bytes / 2**20:.3f} MiB/user", flush=True)  # fmt: skip
     if args.naive_requests > 0:
         for w in beams:
-            naive[w] = naive_incremental_rate(modes[0][1], states[0], min(args.naive_requests, chunk), w,
+            naive[w] = naive_incremental_rate(eager, states[0], min(args.naive_requests, chunk), w,
                                               min(args.top_k, w), device, dtype)  # fmt: skip
             print(f"  naive incremental W={w}: {naive[w]:,.1f} decisions/s", flush=True)
     for mode, dec in modes:
@@ -765,6 +848,42 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
                        "resident_state_gib": n * state_bytes / 2**30}  # fmt: skip
                 checkpoint(_measure(row, cost, functools.partial(time_incremental, dec, cs, n, w, k, device, dtype, args.reps),
                                     n, naive.get(w), mm_rate, bw, device))  # fmt: skip
+                if args.profile and n == max(sizes) and w == beams[0]:
+                    row["profile"] = profile_step(dec, cs[0], w, k, device, dtype)
+                dec.release()
+
+
+def profile_step(dec: IncrementalDecoder, st: IncrementalState, beam: int, top_k: int, device, dtype,
+                 top: int = 12) -> dict:  # fmt: skip
+    """Device time of one (warm) step by kernel: where the step's time goes. Printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), autocast(device, dtype):
+        dec(st, beam, top_k)
+        sync(device)
+        t = time.perf_counter()
+        with profile(activities=acts) as prof:
+            dec(st, beam, top_k)
+            sync(device)
+        wall = time.perf_counter() - t
+    kernels = {}
+    for e in prof.events():
+        if device.type == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        name = e.name[:90]
+        hit = kernels.setdefault(name, [0.0, 0])
+        hit[0], hit[1] = hit[0] + us, hit[1] + 1
+    total = sum(v[0] for v in kernels.values())
+    rows = sorted(({"kernel": k, "us": v[0], "calls": v[1], "share": v[0] / max(total, 1e-9)}
+                   for k, v in kernels.items()), key=lambda r: -r["us"])  # fmt: skip
+    print(f"  profile {dec.mode} W={beam}: {len(rows)} kernels, {sum(v[1] for v in kernels.values())} launches, "
+          f"device {total / 1e3:.2f} ms of {wall * 1e3:.2f} ms wall (profiled)", flush=True)  # fmt: skip
+    for r in rows[:top]:
+        print(f"    {r['us'] / 1e3:8.3f} ms {r['share']:6.1%} x{r['calls']:<4} {r['kernel']}")
+    return {"device_ms": total / 1e3, "wall_ms": wall * 1e3, "launches": sum(v[1] for v in kernels.values()),
+            "kernels": rows[:40]}  # fmt: skip
 
 
 def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], device, dtype, argv) -> dict:

@@ -107,7 +107,7 @@ def test_incremental_step_equals_full_forward_of_the_next_request():
     trie = bench.make_trie(50, cfg.level_sizes, torch.device("cpu"))
     schema = SchemaConfig(organic_len=5, ad_len=5)
     tokens = bench.make_tokens(3, schema, cfg, torch.device("cpu"))
-    dec = bench.IncrementalDecoder(model, trie, compiled=False, new_tokens=3)
+    dec = bench.IncrementalDecoder(model, trie, "eager", new_tokens=3)
     with torch.no_grad():
         st = dec.prefill(tokens)
         new = dec.new_request_tokens(st)
@@ -135,3 +135,56 @@ def test_incremental_step_equals_full_forward_of_the_next_request():
         assert_close(vals, want_vals, atol=1e-5, rtol=1e-5)
     assert vals.shape == (3 * 3, cfg.path_len + 1)
     assert len(new_kv) == cfg.n_layers
+
+
+def test_fused_step_equals_the_eager_step():
+    """The whole step as one compiled graph (tiny matmuls as reductions inside it) == the eager step."""
+    import copy
+
+    import torch
+    from torch.testing import assert_close
+
+    from gpr_sim.schema import SchemaConfig
+
+    torch.manual_seed(0)
+    cfg = GPRConfig(level_sizes=(6, 5, 4), d_model=32, n_layers=2, n_heads=2, max_len=20)
+    model = bench.GPRModel(cfg).eval()
+    trie = bench.make_trie(50, cfg.level_sizes, torch.device("cpu"))
+    tokens = bench.make_tokens(5, SchemaConfig(organic_len=5, ad_len=5), cfg, torch.device("cpu"))
+    eager = bench.IncrementalDecoder(model, trie, "eager", new_tokens=3)
+    fused = bench.IncrementalDecoder(model, trie, "fused", new_tokens=3)
+    with torch.no_grad():
+        st = eager.prefill(tokens)
+        st2 = copy.deepcopy(st)
+        for _ in range(2):  # the second step reads the shown ad the first one wrote
+            want, got = eager(st, 4, 3), fused(st2, 4, 3)
+            assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(st.codes, st2.codes) and torch.equal(st.items, st2.items)
+            for a, b in zip(st.tail, st2.tail, strict=True):
+                assert_close(b.k, a.k, atol=1e-5, rtol=1e-5)
+    try:
+        bench.IncrementalDecoder(model, trie, "graphs", new_tokens=3)(st, 4, 3)
+    except ValueError as e:
+        assert "CUDA" in str(e)
+    else:
+        raise AssertionError("mode 'graphs' on CPU must fail with a clear error")
+
+
+def test_small_matmul_under_compile_equals_matmul():
+    import torch
+    from torch.testing import assert_close
+
+    from gpr_sim.model.hsd import small_matmul
+
+    g = torch.Generator().manual_seed(0)
+    cases = [((3, 2, 2, 16), (3, 2, 16, 2)), ((3, 2, 4, 2), (3, 2, 2, 16)), ((3, 2, 8, 16), (3, 2, 16, 5))]
+    fn = torch.compile(small_matmul, dynamic=False)
+    for sa, sb in cases:
+        a, b = torch.randn(*sa, generator=g), torch.randn(*sb, generator=g)
+        assert_close(fn(a, b), a @ b, atol=1e-5, rtol=1e-5)
+        assert_close(small_matmul(a, b), a @ b)  # eager: matmul itself
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = a @ b
+            got = fn(a, b)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -6,17 +6,19 @@ import json
 import math
 
 import gymnasium
+import pandas as pd
 import pytest
 import torch
 
 import agents.hepo as hepo
 import envs  # noqa: F401  (registers ads-v0)
-from agents import pretrain
+from agents import plots, pretrain
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
 from agents.gpr_policy import load_run_model
 from agents.rollout import Roller
 from agents.runs import read_metrics
+from gpr_sim.metrics import AD_METRICS, summarize
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.world import rng
@@ -75,6 +77,34 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     assert (straight / "curves.png").stat().st_size > 0
 
 
+def check_strata(row: dict, served: bool = False) -> None:
+    """An evaluation row's Table 5 keys (``plots.strata_key``) add up to its overall metrics: the activity
+    tiers split the sessions (session-weighted means of the per-session metrics = the overall ones), the
+    ad-age groups split each session's ads (new + old revenue per session = all of it). ``served``: the
+    sessions had revenue, so the sums are not 0 = 0 (the tiny generators of these tests serve no ads)."""
+    key, n = plots.strata_key, row["eval/sessions"]
+    want = {key(s, g, m) for s, groups in plots.STRATA.items() for g in groups
+            for m in ("sessions", *plots.STRATA_METRICS[s])}  # fmt: skip
+    assert {k for k in row if k.startswith("eval/strata/")} == want
+    tiers = plots.STRATA["activity_tier"]
+    sizes = [row[key("activity_tier", g, "sessions")] for g in tiers]
+    assert sum(sizes) == n and all(isinstance(k, int) for k in sizes)
+    for m in ("reward_per_session", "gmv_per_session", "revenue_per_session"):
+        values = [row[key("activity_tier", g, m)] for g in tiers]
+        assert all(math.isnan(v) for k, v in zip(sizes, values) if k == 0)  # an empty tier: NaN (JSON NaN)
+        combined = sum(k * v for k, v in zip(sizes, values) if k) / n
+        assert combined == pytest.approx(row[f"eval/{m}"], rel=1e-9, abs=1e-12), m
+    assert [row[key("ad_age", g, "sessions")] for g in ("new", "old")] == [n, n]
+    ad_revenue = row[key("ad_age", "new", "revenue_per_session")] + row[key("ad_age", "old", "revenue_per_session")]
+    assert ad_revenue == pytest.approx(row["eval/revenue_per_session"], rel=1e-9, abs=1e-12)
+    assert row["eval/revenue_per_session"] > 0 or not served
+
+
+def test_strata_metrics_are_the_ad_metrics_for_ad_age():
+    assert set(plots.STRATA_METRICS["ad_age"]) == set(plots.TABLE5) & {m.name for m in AD_METRICS}
+    assert plots.STRATA_METRICS["activity_tier"] == plots.TABLE5
+
+
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "dpo"])
 def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
     out = tmp_path / algo
@@ -86,6 +116,10 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
                 "eval/cand_ndcg", "eval/cand_opr", "eval/cand_mean_value", "eval/cand_max_value"):  # fmt: skip
         assert math.isfinite(last[key]), key
     assert json.loads((out / "config.json").read_text())["algo"] == algo
+    evals = [r for r in rows if "eval/reward_per_session" in r]
+    assert [r["iteration"] for r in evals] == [0, 1, 2]
+    for row in evals:  # the Table 5 scalars of every evaluation, read back from metrics.jsonl
+        check_strata(row)
 
 
 def test_policy_file_plugs_into_evaluate(pre, tmp_path):
@@ -95,6 +129,23 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     table = evaluate(EvalArgs(agents=f"cascade,gpr:{out}", num_envs=8, sessions=8, plots=False, threads=1,
                               out=str(tmp_path / "eval")))  # fmt: skip
     assert set(table["agent"]) == {"cascade", f"gpr:{out}"}
+    # the Evaluator's Table 5 scalars of sessions that serve ads (the cascade's, from that evaluation), as
+    # metrics.jsonl holds them: agents.evaluate's strata.csv values, adding up to the overall metrics
+    sessions = pd.read_parquet(tmp_path / "eval" / "agents" / "cascade" / "sessions.parquet")
+    row = json.loads(json.dumps({**summarize(sessions, prefix="eval/"), **hepo.Evaluator.strata(sessions)}))
+    check_strata(row, served=True)
+    strata = pd.read_csv(tmp_path / "eval" / "strata.csv", dtype={"group": str})
+    for r in strata[strata["agent"] == "cascade"].to_dict("records"):
+        for m in ("sessions", *plots.STRATA_METRICS[r["stratum"]]):
+            want = r[f"eval/{m}"]
+            assert row[plots.strata_key(r["stratum"], r["group"], m)] == pytest.approx(want, nan_ok=True), (r, m)
+    # CTR per tier and per ad age, weighted by the group's impressions, is the overall CTR
+    imp = sessions.groupby("activity_tier")["impressions"].sum()
+    tier_clicks = sum(row[plots.strata_key("activity_tier", str(t), "ctr")] * k for t, k in imp.items() if k)
+    age_clicks = sum(row[plots.strata_key("ad_age", g, "ctr")] * sessions[f"{g}_impressions"].sum()
+                     for g in ("new", "old") if sessions[f"{g}_impressions"].sum())  # fmt: skip
+    assert tier_clicks == pytest.approx(sessions["clicks"].sum()) and age_clicks == pytest.approx(tier_clicks)
+    assert row["eval/ctr"] == pytest.approx(tier_clicks / imp.sum()) and imp.sum() > 0
 
 
 def test_bad_inputs_fail_clearly(pre, tmp_path):

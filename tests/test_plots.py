@@ -1,4 +1,4 @@
-"""agents.plots: Table 3 / 4 analogues, final table and figures from hand-written run folders (2 algos x 2 seeds)."""
+"""agents.plots: Table 3 / 4 / 5 analogues, final table and figures from hand-written run folders."""
 
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ def eval_row(it: int, reward: float, cand: float) -> dict:
             "eval/cand_max_value": 2 * cand, "eval/cand_top1_value": cand / 4}  # fmt: skip
 
 
-def make_run(root, algo: str, seed: int, start: tuple[float, float], final: tuple[float, float]):
+def make_run(root, algo: str, seed: int, start: tuple[float, float], final: tuple[float, float], row=eval_row):
     run = root / f"ads-v0__{algo}__{seed}"
     run.mkdir(parents=True)
     cfg = {"algo": algo, "seed": seed, "env": "ads-v0", "init": f"pre/ads-v0__{seed}/vaft"}
     (run / "config.json").write_text(json.dumps(cfg))
-    rows = [eval_row(0, *start), {"iteration": 1, "env_steps": 16, "train/loss": 0.5}, eval_row(2, *final)]
+    rows = [row(0, *start), {"iteration": 1, "env_steps": 16, "train/loss": 0.5}, row(2, *final)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
@@ -317,3 +317,130 @@ def test_main_with_baseline_writes_table4(runs3, tmp_path):
     assert re.search(r"vs cascade.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-97\.39%, \+164\.05%\] \|\n",
                      md, re.S)  # fmt: skip
     assert "| cascade |  | 0.06 [0.06, 0.06] |" in md
+
+
+# ----------------------------------------------------------------------------- Table 5
+
+SCALE = {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "5": 5.0, "new": 0.25, "old": 0.75}
+"""a group's metric i of a run with reward x is SCALE[group] * x + 0.01 i (i: index in TABLE5); sessions: below"""
+SESSIONS = {"1": 1, "2": 2, "3": 3, "4": 4, "5": 5, "new": 15, "old": 15}
+EMPTY = (0.7, 0.50)
+"""the (reward, cand) of HEPO3's seed 1 final evaluation, whose tier 5 is empty: sessions 0, NaN metrics"""
+
+
+def strata_row(it: int, reward: float, cand: float) -> dict:
+    """``eval_row`` plus the per-stratum keys of the agents.hepo Evaluator (no reward for the ad-age groups)."""
+    row = eval_row(it, reward, cand)
+    for stratum, groups in plots.STRATA.items():
+        for group in groups:
+            empty = it > 0 and (reward, cand) == EMPTY and group == "5"
+            row[plots.strata_key(stratum, group, "sessions")] = 0 if empty else SESSIONS[group]
+            for i, m in enumerate(plots.TABLE5):
+                if m in plots.STRATA_METRICS[stratum]:
+                    row[plots.strata_key(stratum, group, m)] = math.nan if empty else SCALE[group] * reward + 0.01 * i
+    return row
+
+
+@pytest.fixture
+def runs5(tmp_path):
+    return [make_run(tmp_path / "runs5", "hepo", s, START3[s], HEPO3[s], strata_row) for s in (0, 1, 2)]
+
+
+def make_baseline_strata(folder, agents=("random", "cascade")):
+    """``make_baseline`` plus strata.csv: the cascade's group metric i is SCALE[group] + 0.01 i, CI +- 0.1."""
+    make_baseline(folder, agents)
+    rows = []
+    for agent in agents:
+        for stratum, groups in plots.STRATA.items():
+            for group in groups:
+                row = {"agent": agent, "stratum": stratum, "group": group, "eval/sessions": 10 * SESSIONS[group]}
+                for i, m in enumerate(plots.TABLE5):
+                    v = SCALE[group] + 0.01 * i if agent == "cascade" else 0.0
+                    if m not in plots.STRATA_METRICS[stratum]:
+                        v = math.nan  # agents.evaluate: the ad-age groups have no reward column values
+                    row.update({f"eval/{m}": v, f"eval/{m}_ci_low": v - 0.1, f"eval/{m}_ci_high": v + 0.1})
+                rows.append(row)
+    pd.DataFrame(rows).to_csv(folder / "strata.csv", index=False)
+    return folder
+
+
+def test_table5_means_and_seed_intervals_per_stratum_with_cascade_rows(runs5, tmp_path):
+    t = plots.table5(runs5, make_baseline_strata(tmp_path / "base"))
+    stages = ["cascade", "VAFT", "+HEPO"]
+    want = [(s, g, st) for s, gs in plots.STRATA.items() for g in gs for st in stages]
+    assert list(zip(t["stratum"], t["group"], t["stage"])) == want
+    row = {(r["stratum"], r["group"], r["stage"]): r for _, r in t.iterrows()}
+    # +HEPO: rewards 1.0, 0.7, 1.5: mean 1.066667, s = 0.404145, half = 4.303 * s / sqrt(3) = 1.003955;
+    # tier 3 CTR (i = 0) = 3 x: mean 3.2, half 3 * 1.003955 = 3.011865
+    h = row["activity_tier", "3", "+HEPO"]
+    assert h["n"] == 3 and h["iteration"] == 2 and h["sessions"] == 3
+    assert h["ctr"] == pytest.approx(3.2)
+    assert (h["ctr_ci_low"], h["ctr_ci_high"]) == pytest.approx((3.2 - 3.011865, 3.2 + 3.011865), abs=2e-3)
+    # tier 2 reward (i = 5): 2 x + 0.05: mean 2.183333, half 2.007910
+    h = row["activity_tier", "2", "+HEPO"]
+    assert h["reward_per_session"] == pytest.approx(2 * 3.2 / 3 + 0.05)
+    assert h["reward_per_session_ci_high"] - h["reward_per_session"] == pytest.approx(2.007910, abs=2e-3)
+    # old ads GMV (i = 3): 0.75 x + 0.03: mean 0.83, half 0.75 * 1.003955 = 0.752966; no reward for ad age
+    o = row["ad_age", "old", "+HEPO"]
+    assert o["gmv_per_session"] == pytest.approx(0.83) and o["sessions"] == 15
+    assert o["gmv_per_session_ci_low"] == pytest.approx(0.83 - 0.752966, abs=1e-3)
+    assert math.isnan(o["reward_per_session"]) and math.isnan(o["reward_per_session_ci_low"])
+    # VAFT: iteration-0 rewards 0.5, 0.7, 1.0 over the three generators: mean 0.733333, s = 0.251661,
+    # half = 4.303 * s / sqrt(3) = 0.625212; new ads CVR (i = 1) = 0.25 x + 0.01: mean 0.193333, half 0.156303
+    v = row["ad_age", "new", "VAFT"]
+    assert v["n"] == 3 and v["iteration"] == 0
+    assert v["cvr"] == pytest.approx(0.25 * 2.2 / 3 + 0.01)
+    assert v["cvr_ci_high"] - v["cvr"] == pytest.approx(0.156303, abs=1e-3)
+    # an empty group in one seed (tier 5 of seed 1's final evaluation): NaN, sessions averaged with its 0
+    e = row["activity_tier", "5", "+HEPO"]
+    assert math.isnan(e["ctr"]) and e["sessions"] == pytest.approx(10 / 3)
+    assert row["activity_tier", "5", "VAFT"]["ctr"] == pytest.approx(5 * 2.2 / 3)
+    # the cascade: strata.csv's cascade row (not random's), its CI over sessions; tier 4 CVR (i = 1) = 4.01
+    c = row["activity_tier", "4", "cascade"]
+    assert (c["cvr"], c["cvr_ci_low"], c["cvr_ci_high"]) == pytest.approx((4.01, 3.91, 4.11))
+    assert c["sessions"] == 40 and pd.isna(c["n"]) and pd.isna(c["iteration"])
+    assert math.isnan(row["ad_age", "new", "cascade"]["reward_per_session"])
+    # without a baseline: no cascade rows, the same stage values
+    t0 = plots.table5(runs5)
+    assert "cascade" not in set(t0["stage"]) and len(t0) == 14
+    assert t0["ctr"].equals(t[t["stage"] != "cascade"]["ctr"].reset_index(drop=True))
+
+
+def test_table5_single_seed_has_values_but_no_intervals(runs5):
+    t = plots.table5(runs5[:1])
+    h = t[(t["group"] == "1") & (t["stage"] == "+HEPO")].iloc[0]
+    assert h["n"] == 1 and h["ctr"] == pytest.approx(1.0) and math.isnan(h["ctr_ci_low"])
+    md = plots.table5_markdown(t)
+    assert "| 1 | +HEPO | 1 | 1 | 1 | 1.01 |" in md and "nan" not in md
+
+
+def test_table5_rejects_runs_without_strata(runs5, runs, tmp_path):
+    with pytest.raises(ValueError, match=r"no per-stratum evaluations .*ads-v0__ppo__0"):
+        plots.table5([*runs5, runs[2]])  # runs: folders written before the Evaluator logged strata
+    assert plots.runs_without_strata(runs5) == [] and plots.runs_without_strata(runs[:2]) == runs[:2]
+    with pytest.raises(ValueError, match="no strata.csv"):
+        plots.table5(runs5, make_baseline(tmp_path / "base"))
+    with pytest.raises(ValueError, match=r"strata.csv has no 'cascade' rows \(agents: random\)"):
+        plots.read_baseline_strata(make_baseline_strata(tmp_path / "random", agents=("random",)))
+    # the report leaves table5 out with a warning when only some runs have strata (none: silently, as before)
+    with pytest.warns(UserWarning, match="table5 not written.*ads-v0__ppo__0"):
+        files = plots.write_report([*runs5, runs[2]], tmp_path / "mixed")
+    assert "table5.csv" not in files and not (tmp_path / "mixed" / "table5.csv").exists()
+
+
+def test_main_writes_table5(runs5, tmp_path):
+    out = tmp_path / "report"
+    files = plots.main([*map(str, runs5), "--out", str(out), "--baseline", str(make_baseline_strata(tmp_path / "b"))])
+    assert files["table5.csv"] == out / "table5.csv" and files["table5.md"] == out / "table5.md"
+    csv = pd.read_csv(out / "table5.csv", dtype={"group": str})
+    assert len(csv) == 21 and csv.loc[csv["group"] == "3", "ctr"].tolist() == pytest.approx([3.0, 2.2, 3.2])
+    md = (out / "table5.md").read_text()
+    blocks = md.split("\n\n")
+    tiers = next(b for b in blocks if b.startswith("| activity_tier | stage | n | sessions | ctr |"))
+    ages = next(b for b in blocks if b.startswith("| ad_age | stage | n | sessions | ctr |"))
+    assert "reward_per_session" in tiers and "reward_per_session" not in ages
+    # tier 3 CTR: 3.2 +- 3.011865 (test above); cascade 3.00 [2.90, 3.10] over its 30 sessions
+    assert "| 3 | +HEPO | 3 | 3 | 3.2 [0.1881, 6.212] |" in tiers
+    assert "| 3 | cascade |  | 30 | 3 [2.9, 3.1] |" in tiers
+    assert "| 5 | +HEPO | 3 | 3.333 | n/a |" in tiers and "nan" not in md
+    assert len(ages.splitlines()) == 2 + 2 * 3  # header, rule, (cascade, VAFT, +HEPO) x (new, old)

@@ -220,6 +220,24 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def small_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.matmul(a, b)`` for (..., M, K) @ (..., K, N); under ``torch.compile``, a tiny one (K <= 8, or
+    N <= 8 with M N <= 64) is written as a broadcast product summed over K.
+
+    Why: batched GEMMs this small (the few new slots of a rollout step, the beams' own tokens) run as
+    cuBLAS gemv kernels far below bandwidth, one launch each; as a reduction, inductor fuses them with
+    the masking and softmax around them. Eager keeps ``matmul`` (no materialised broadcast). Sums in
+    float32; the result has the dtype ``matmul`` would give (the autocast dtype when autocast is on).
+    """
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if not torch.compiler.is_compiling() or (k > 8 and (n > 8 or m * n > 64)):
+        return torch.matmul(a, b)
+    dt = _compute_dtype(a) if torch.is_autocast_enabled(a.device.type) else torch.promote_types(a.dtype, b.dtype)
+    # matmul under autocast rounds its inputs to the autocast dtype first: the same rounding here
+    prod = a.to(dt).float()[..., :, :, None] * b.to(dt).float()[..., None, :, :]  # (..., M, K, N)
+    return prod.sum(-2).to(dt)
+
+
 def split_attention(
     q: Tensor, k1: Tensor, v1: Tensor, mask1: Tensor, k2: Tensor, v2: Tensor, mask2: Tensor
 ) -> Tensor:
@@ -231,13 +249,13 @@ def split_attention(
     """
     scale = q.shape[-1] ** -0.5
     s1 = torch.matmul(q, k1.transpose(-1, -2)).float() * scale  # (B, H, Tq, T1)
-    s2 = torch.matmul(q, k2.transpose(-1, -2)).float() * scale  # (B, H, Tq, T2)
+    s2 = small_matmul(q, k2.transpose(-1, -2)).float() * scale  # (B, H, Tq, T2)
     s1 = s1.masked_fill(~mask1, float("-inf"))
     s2 = s2.masked_fill(~mask2, float("-inf"))
     p = torch.cat([s1, s2], -1).softmax(-1)  # (B, H, Tq, T1 + T2): small (Tq new queries)
     t1 = s1.shape[-1]
     dt = v1.dtype
-    return torch.matmul(p[..., :t1].to(dt), v1) + torch.matmul(p[..., t1:].to(dt), v2)
+    return torch.matmul(p[..., :t1].to(dt), v1) + small_matmul(p[..., t1:].to(dt), v2)
 
 
 class LayerCache(NamedTuple):

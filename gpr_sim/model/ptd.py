@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpr_sim.model.config import GPRConfig
-from gpr_sim.model.hsd import MLP, split_attention
+from gpr_sim.model.hsd import MLP, small_matmul, split_attention
 
 
 class Thinking(nn.Module):
@@ -70,7 +70,7 @@ class Thinking(nn.Module):
         """(B, T, C) -> float32 masked scores (B, H, K, T) and values (B, H, T, hd)."""
         k, v = self.keys_values(hidden)
         q = self._queries(hidden.shape[0])
-        s = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        s = small_matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
         return s.masked_fill(padding_mask[:, None, None, :], float("-inf")), v
 
     def partial(self, hidden: Tensor, padding_mask: Tensor) -> ThinkingPartial:
@@ -90,7 +90,7 @@ class Thinking(nn.Module):
         old = torch.exp(part.m - m)
         p = torch.exp(s - m[..., None])
         with torch.autocast(hidden.device.type, enabled=False):
-            pv = torch.matmul(p, v.float())
+            pv = small_matmul(p, v.float())
         a = (part.acc * old[..., None] + pv) / (part.denom * old + p.sum(-1))[..., None]
         b, kq, c = a.shape[0], self.queries.shape[0], self.queries.shape[1]
         x = self.queries + self.out(a.to(hidden.dtype).transpose(1, 2).reshape(b, kq, c))  # (B, K, C)
@@ -249,13 +249,13 @@ class DecoderBlock(nn.Module):
             def seqs_of(z: Tensor) -> Tensor:  # (B, H, beams * Tq, e) -> (M, H, Tq, e)
                 return z.view(b, h, beams, tq, -1).transpose(1, 2).reshape(m, h, tq, -1)
 
-            s1 = seqs_of(torch.matmul(rows_of(q), past_k.transpose(-1, -2))).float() * scale  # (M, H, Tq, Tp)
-            s2 = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (M, H, Tq, T)
+            s1 = seqs_of(small_matmul(rows_of(q), past_k.transpose(-1, -2))).float() * scale  # (M, H, Tq, Tp)
+            s2 = small_matmul(q, k.transpose(-1, -2)).float() * scale  # (M, H, Tq, T)
             s2 = s2.masked_fill(~mask, float("-inf"))
             p = torch.cat([s1, s2], -1).softmax(-1)
             dt = past_v.dtype
-            a_past = seqs_of(torch.matmul(rows_of(p[..., :tp].to(dt)), past_v))  # (M, H, Tq, hd)
-            a = a_past + torch.matmul(p[..., tp:].to(dt), v)
+            a_past = seqs_of(small_matmul(rows_of(p[..., :tp].to(dt)), past_v))  # (M, H, Tq, hd)
+            a = a_past + small_matmul(p[..., tp:].to(dt), v)
         x = x + self.out(a.transpose(1, 2).reshape(m, tq, c))
         return x + self.mlp(self.ln2(x))
 
