@@ -468,6 +468,16 @@ class Evaluator:
         return out
 
 
+def mtp_candidates(evaluate: Evaluator, vaft: Path, device: str) -> dict[str, float]:
+    """Table 3 metrics of the MTP stage the VAFT generator started from (``eval/mtp/cand_*``), logged
+    beside the iteration-0 evaluation so the table reads MTP -> VAFT -> RL; {} without an MTP checkpoint."""
+    mtp = vaft.parent / "mtp"
+    if not (mtp / "checkpoint.pt").is_file():
+        return {}
+    model, _ = load_run_model(mtp)
+    return {k.replace("eval/", "eval/mtp/", 1): v for k, v in evaluate.candidates(model.to(device).eval()).items()}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -549,7 +559,7 @@ def _main(args: Args, dist: Dist) -> dict:
                                          "seed": args.seed, "env": args.env, "init": str(vaft),
                                          "tokenizer_path": tok_path, "world_size": dist.world_size})  # fmt: skip
         metrics_path.unlink(missing_ok=True)
-        row = {"iteration": 0, "env_steps": 0, **evaluate(model)}
+        row = {"iteration": 0, "env_steps": 0, **evaluate(model), **mtp_candidates(evaluate, vaft, args.device)}
         append_metrics(metrics_path, row)
         print(_log_line(row))
     terms_fn = PathTerms(model)

@@ -56,6 +56,8 @@ PAPER_TABLE3 = {
     "+HEPO": {"ndcg": 0.4413, "opr": 0.5509, "mean_value": 0.2630, "max_value": 0.7619},
 }
 """GPR paper, Table 3 (simulator, K = 40, normalised final_value; missing = not reported)"""
+MTP_MARKER = "eval/mtp/cand_ndcg"
+"""the iteration-0 key of the MTP stage's Table 3 metrics (``agents.hepo.mtp_candidates``)"""
 PAPER_METRICS = ("ndcg", "opr", "mean_value", "max_value")
 """the Table 3 columns the paper reports (``top1_value`` is ours)"""
 TABLE4 = ("ctr", "cvr", "ctcvr", "gmv_per_session", "revenue_per_session", "reward_per_session")
@@ -175,23 +177,28 @@ def runs_without_strata(runs: list[str | Path]) -> list[Path]:
 
 
 def table3(runs: list[str | Path], level: float = 0.95) -> pd.DataFrame:
-    """GPR Table 3 analogue: one row for the VAFT start, one per algorithm at its last evaluation.
+    """GPR Table 3 analogue: the MTP stage (where every run logged it), the VAFT start, then one row per
+    algorithm at its last evaluation.
 
     Args:
         runs: ``agents.hepo`` run folders (any algorithms and seeds).
         level: coverage of the t interval over seeds.
 
     Returns:
-        Columns ``stage`` (``VAFT``, ``+HEPO``...), ``algo``, ``n`` (seeds; for VAFT: distinct starting
-        generators), ``iteration`` (of the evaluation), then per metric of ``TABLE3`` the mean,
+        Columns ``stage`` (``MTP``, ``VAFT``, ``+HEPO``...), ``algo``, ``n`` (seeds; for MTP and VAFT:
+        distinct starting generators), ``iteration`` (of the evaluation), then per metric of ``TABLE3`` the mean,
         ``_ci_low`` and ``_ci_high``; ``paper_{name}`` for ``PAPER_METRICS`` (GPR Table 3, NaN where the
         paper has no such row or value).
     """
     groups = group_runs(runs)
     keys = {name: f"eval/cand_{name}" for name in TABLE3}
     every = [run for members in groups.values() for run in members]
-    start = _stat_row(list(_start_units(every).values()), keys, level)
-    rows = [{"stage": START, "algo": "vaft", "iteration": 0, **start}]
+    units = list(_start_units(every).values())
+    rows = []
+    if all(MTP_MARKER in r for unit in units for r in unit):  # runs that logged their MTP stage
+        mtp = _stat_row(units, {name: key.replace("eval/", "eval/mtp/", 1) for name, key in keys.items()}, level)
+        rows.append({"stage": "MTP", "algo": "mtp", "iteration": 0, **mtp})
+    rows.append({"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(units, keys, level)})
     for algo, members in groups.items():
         final = _final_rows(algo, members)
         row = _stat_row([[r] for r in final], keys, level)

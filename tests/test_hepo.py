@@ -120,6 +120,10 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
     assert [r["iteration"] for r in evals] == [0, 1, 2]
     for row in evals:  # the Table 5 scalars of every evaluation, read back from metrics.jsonl
         check_strata(row)
+    # Table 3's MTP stage: the candidates of the MTP generator VAFT started from, beside iteration 0 only
+    mtp = {k: v for k, v in evals[0].items() if k.startswith("eval/mtp/cand_")}
+    assert set(mtp) == {f"eval/mtp/cand_{m}" for m in plots.TABLE3} and all(math.isfinite(v) for v in mtp.values())
+    assert not any(k.startswith("eval/mtp/") for r in evals[1:] for k in r)
 
 
 def test_policy_file_plugs_into_evaluate(pre, tmp_path):

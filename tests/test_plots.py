@@ -109,6 +109,28 @@ def test_table3_values_and_paper_columns(runs):
     assert math.isnan(p["paper_ndcg"]) and "paper_top1_value" not in t["+HEPO"]
 
 
+def test_table3_mtp_row_from_the_iteration_0_evaluations(tmp_path):
+    """Runs that logged their MTP stage (eval/mtp/cand_*) get an MTP row before VAFT, one unit per generator."""
+
+    def with_mtp(it, reward, cand):
+        r = eval_row(it, reward, cand)
+        if it == 0:
+            r.update({f"eval/mtp/cand_{m}": r[f"eval/cand_{m}"] / 2 for m in plots.TABLE3})
+        return r
+
+    runs = [make_run(tmp_path / "r", algo, seed, START[seed], FINAL[algo, seed], row=with_mtp) for algo, seed in FINAL]
+    t = plots.table3(runs)
+    assert list(t["stage"]) == ["MTP", "VAFT", "+PPO", "+HEPO"]
+    m = by_stage(t)["MTP"]
+    # VAFT cand 0.30, 0.40 over the two generators -> MTP 0.15, 0.20: mean 0.175, half 12.706 * 0.025
+    assert m["n"] == 2 and m["ndcg"] == pytest.approx(0.175)
+    assert m["ndcg_ci_high"] - 0.175 == pytest.approx(T975_DF1 * 0.025, abs=1e-3)
+    assert m["paper_ndcg"] == 0.3868
+    # one run without the MTP keys (an older folder): no MTP row rather than a half-filled one
+    old = make_run(tmp_path / "old", "dpo", 0, START[0], FINAL["hepo", 0])
+    assert "MTP" not in set(plots.table3([*runs, old])["stage"])
+
+
 def test_single_seed_has_no_interval(runs):
     t = by_stage(plots.final_table(runs[:1]))
     assert t["+HEPO"]["n"] == 1 and t["+HEPO"]["reward_per_session"] == 1.0
