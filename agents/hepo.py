@@ -281,13 +281,13 @@ def read_checkpoint(path: Path) -> dict:
 def path_terms(model: GPRModel, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
     """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths."""
     m, k, length = buf.codes.shape
-    ctx = model.context(buf.tokens, noise=buf.noise).repeat_interleave(k, 0)  # (M*K, Cc, C)
+    ctx = model.context(buf.tokens, noise=buf.noise)  # (M, Cc, C)
     codes = buf.codes.flatten(0, 1)
     masks = [mask.flatten(0, 1) for mask in buf.legal]
-    log_prob = model.log_prob(ctx, codes, masks).view(m, k, length)
+    log_prob = model.log_prob(ctx.repeat_interleave(k, 0), codes, masks).view(m, k, length)
     # the critic reads the policy's features but does not move them: value regression on a cold HTE
     # would otherwise rewrite the shared HSD/PTD trunk (and with it the policy) before the policy learns
-    values = model.values(ctx.detach(), codes).view(m, k, length + 1)
+    values = model.path_values(ctx.detach(), buf.codes)  # (M, K, L + 1)
     return log_prob, values
 
 

@@ -219,7 +219,7 @@ class Roller:
         ctx = model.context(tokens, noise=noise)
         step_fn, _ = model.beam_fns(ctx)
         sample = sample_paths(step_fn, self.tok.trie, n, k, eligible, uniforms=u[:, d:].view(n, k, -1))
-        values = model.values(ctx.repeat_interleave(k, 0), sample.codes.flatten(0, 1)).view(n, k, -1)
+        values = model.path_values(ctx, sample.codes)  # (N, K, L' + 1)
         return noise, sample, values
 
     def _rehearse(self, rows: Tensor):

@@ -280,9 +280,9 @@ def incremental_cost(
             linear(w * q, d, h)
             linear(w * q, h, d)
         linear(w, d, kl)
-    if cfg.hte:  # values of every prefix of the top-K paths
-        m = top_k * (cfg.path_len + 1)
-        linear(top_k, d, d)
+    if cfg.hte:  # values of every prefix of the top-K paths (the empty prefix once per request)
+        m = 1 + top_k * cfg.path_len
+        linear(1, d, d)
         linear(m, d, h)
         linear(m, h, d)
         linear(m, d, 1)
@@ -411,7 +411,7 @@ class IncrementalDecoder:
             )
         self.model, self.trie, self.new_tokens, self.mode = model, trie, new_tokens, mode
         fns = {"hsd_think": self._hsd_think, "level": model.ptd.level_logits_cached, "post": self._post,
-               "values": model.values}  # fmt: skip
+               "values": model.path_values}  # fmt: skip
         for name, fn in fns.items():
             setattr(self, name, torch.compile(fn, dynamic=False) if mode == "compiled" else fn)
         fused = mode in ("fused", "graphs")
@@ -492,7 +492,7 @@ class IncrementalDecoder:
         return TokenBatch(token_ids, type_ids, positions, pad, codes, events, dense)
 
     def _step(self, st: IncrementalState, noise: torch.Tensor, beam: int, top_k: int) -> torch.Tensor:
-        """The step on ``st`` in place (tail K/V, shown ad); returns the HTE values (B * top_k, L' + 1)."""
+        """The step on ``st`` in place (tail K/V, shown ad); returns the HTE values (B, top_k, L' + 1)."""
         tok = self.new_request_tokens(st)
         th, new_kv = self.hsd_think(st.layers, st.type_ids, st.padding_mask, st.think, tok)
         for buf, kv in zip(st.tail, new_kv, strict=True):  # store the new slots (a ring buffer's write)
@@ -502,7 +502,7 @@ class IncrementalDecoder:
         b = ctx.shape[0]
         res = beam_search(lambda row, prefix: self.level(kv, row, prefix, beams=prefix.shape[0] // b), self.trie,
                           batch_size=b, beam_width=beam, top_k=top_k)  # fmt: skip
-        vals = self.values(ctx.repeat_interleave(top_k, 0), res.codes.clamp_min(0).flatten(0, 1))
+        vals = self.values(ctx, res.codes.clamp_min(0))  # (B, top_k, L' + 1)
         st.codes.copy_(res.codes[:, 0].clamp_min(0))  # the shown ad: next step's I token
         st.items.copy_(res.items[:, 0].clamp_min(0))
         return vals

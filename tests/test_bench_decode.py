@@ -132,8 +132,8 @@ def test_incremental_step_equals_full_forward_of_the_next_request():
         res = bench.beam_search(model.beam_fns(ctx_full)[0], trie, batch_size=3, beam_width=4, top_k=3)
         assert torch.equal(st.codes, res.codes[:, 0].clamp_min(0))
         want_vals = model.values(ctx_full.repeat_interleave(3, 0), res.codes.clamp_min(0).flatten(0, 1))
-        assert_close(vals, want_vals, atol=1e-5, rtol=1e-5)
-    assert vals.shape == (3 * 3, cfg.path_len + 1)
+        assert_close(vals.flatten(0, 1), want_vals, atol=1e-5, rtol=1e-5)  # per path, context repeated
+    assert vals.shape == (3, 3, cfg.path_len + 1)
     assert len(new_kv) == cfg.n_layers
 
 

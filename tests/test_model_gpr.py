@@ -91,6 +91,22 @@ def test_values_depend_on_the_prefix_only():
     assert not torch.allclose(w[:, 3], v[:, 3])
 
 
+def test_path_values_equal_values_per_path():
+    """K paths per request, the context once: the same values as ``values`` on the repeated context, with
+    the empty prefix's value shared by the K paths; gradients reach the same parameters."""
+    model, tokens = setup()
+    ctx = model.context(tokens)
+    g = torch.Generator().manual_seed(0)
+    paths = torch.stack([torch.randint(0, n, (B, 5), generator=g) for n in TINY.level_sizes], -1)  # (B, 5, L')
+    got = model.path_values(ctx, paths)
+    want = model.values(ctx.repeat_interleave(5, 0), paths.flatten(0, 1)).view(B, 5, -1)
+    assert got.shape == (B, 5, TINY.path_len + 1)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_close(model.path_values(ctx, paths[..., :0]), want[..., :1], atol=1e-5, rtol=1e-5)  # l = 0
+    got.sum().backward()
+    assert model.hte.pool.weight.grad is not None and model.hte.code_emb[2].weight.grad.abs().sum() > 0
+
+
 def test_refine_token_is_seeded():
     model, tokens = setup()
     a = model.context(tokens, torch.Generator().manual_seed(1))

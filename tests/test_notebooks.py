@@ -20,6 +20,7 @@ WRITES = {
     "04_hepo_vs_ppo.ipynb": ["runs/notebooks/04_hepo_vs_ppo/small/" + f for f in
                              ("curves.png", "final.png", "report/table3.csv", "report/table3.md",
                               "report/final_table.csv", "report/final_table.md", "report/final.png",
+                              "report/table4.md", "report/table5.md", "baselines/summary.json",
                               *(f"{a}__{s}/summary.json" for a in ("hepo", "ppo", "grpo") for s in (0, 1)))],
 }  # fmt: skip
 """files a notebook's small run must leave behind (relative to the repository root)"""

@@ -81,6 +81,13 @@ class GPRModel(nn.Module):
             raise ValueError("values() needs the HTE: GPRConfig.hte is False")
         return self.hte(context, prefix_codes)
 
+    def path_values(self, context: Tensor, paths: Tensor) -> Tensor:
+        """(B, Cc, C), (B, K, l) -> (B, K, l + 1) HTE values of every prefix of K paths per request
+        (``values`` per path without repeating the context; ``HTE.forward_paths``)."""
+        if self.hte is None:
+            raise ValueError("path_values() needs the HTE: GPRConfig.hte is False")
+        return self.hte.forward_paths(context, paths)
+
     def beam_fns(
         self, context: Tensor, cached: bool = False
     ) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:

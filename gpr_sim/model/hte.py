@@ -36,13 +36,31 @@ class HTE(nn.Module):
         Returns:
             (B, l + 1) predicted final_value of z_<=0 (the request alone), z_<=1, ..., z_<=l.
         """
-        b, depth = prefix_codes.shape
+        return self.forward_paths(context, prefix_codes[:, None])[:, 0]
+
+    def forward_paths(self, context: Tensor, paths: Tensor) -> Tensor:
+        """Values of every prefix of K paths per request: ``forward(context[b], paths[b, k])`` for all (b, k).
+
+        Args:
+            context: (B, Cc, C) PTD context, once per request.
+            paths: (B, K, l) int64 codes, 0 <= l <= L'.
+
+        Returns:
+            (B, K, l + 1). The pooled context and the request-only value (l = 0) are computed once per
+            request, not once per path: no (B K, Cc, C) copy of the context, 1 + K l MLP rows, not K (l + 1).
+        """
+        b, k, depth = paths.shape
         if depth > self.path_len:
             raise ValueError(f"prefix_codes has {depth} levels: expected at most L'={self.path_len}")
         base = self.pool(context.mean(1))  # (B, C)
-        steps = [torch.zeros_like(base)] + [self.code_emb[i](prefix_codes[:, i]) for i in range(depth)]
-        x = (
-            torch.stack(steps, 1).cumsum(1) + base[:, None] + self.level_emb.weight[: depth + 1]
-        )  # (B, l + 1, C)
-        x = x + self.mlp(self.ln(x))
-        return self.head(x).squeeze(-1)  # (B, l + 1)
+        root = (base + self.level_emb.weight[0])[:, None]  # (B, 1, C): the empty prefix, shared by the paths
+        if depth == 0:
+            return self._value(root).expand(b, k)[..., None]
+        steps = torch.stack([self.code_emb[i](paths[..., i]) for i in range(depth)], 2)  # (B, K, l, C)
+        x = steps.cumsum(2) + base[:, None, None] + self.level_emb.weight[1 : depth + 1]  # (B, K, l, C)
+        v = self._value(torch.cat([root, x.flatten(1, 2)], 1))  # (B, 1 + K l)
+        return torch.cat([v[:, :1, None].expand(b, k, 1), v[:, 1:].view(b, k, depth)], 2)  # (B, K, l + 1)
+
+    def _value(self, x: Tensor) -> Tensor:
+        """(..., C) prefix features -> (...) value."""
+        return self.head(x + self.mlp(self.ln(x))).squeeze(-1)
