@@ -95,7 +95,7 @@ def _cell(r: dict, key: str, pct: bool = False) -> str:
 def to_markdown(table: list[dict], ref: str, args) -> str:
     head = "| label | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
     lines = [f"{args.sessions} sessions per agent (reset seed {args.seed}, {args.num_envs} slots); mean over seeds "
-             f"[{args.level:.0%} t interval over seeds]; {BASELINE}: CI over its sessions\n", head]  # fmt: skip
+             f"[{args.level:.0%} t interval over seeds]; {BASELINE}: CI over its sessions\n\n", head]  # fmt: skip
     lines += [f"| {r['label']} | {r['n'] or ''} | " + " | ".join(_cell(r, m) for m in TABLE4) + " |\n" for r in table]
     lines += ["\nmean session-CI half-width of one run (the evaluation's own noise)\n\n", head]
     lines += [f"| {r['label']} | {r['n']} | " + " | ".join(f"{r[f'{m}_session_half']:.3g}" for m in TABLE4) + " |\n"
