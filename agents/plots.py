@@ -352,7 +352,7 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     return pd.DataFrame(rows).astype({"n": "Int64", "iteration": "Int64"})
 
 
-def _estimate_cell(r, m: str) -> str:
+def estimate_cell(r, m: str) -> str:
     """``mean [low, high]`` of metric ``m`` of row ``r`` (4 significant digits); the mean alone without an
     interval; n/a without a value."""
     v, lo, hi = r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]
@@ -377,7 +377,7 @@ def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     out = (f"online metrics (revenue_per_session = the advertisers' cost): mean over seeds [{level:.0%} t interval "
            f"over seeds; none with one seed]" + (f"; {BASELINE}: agents.evaluate, CI over its sessions"
                                                   if (table["stage"] == BASELINE).any() else "")
-           + "\n\n" + head + lines(table, _estimate_cell))  # fmt: skip
+           + "\n\n" + head + lines(table, estimate_cell))  # fmt: skip
     out += (f"\nrelative change vs the previous stage ({START} for every RL stage), paired by seed: mean of "
             f"x / x_prev - 1 [{level:.0%} t interval over seeds]\n\n" + head
             + lines(stages[stages["prev"] != ""], lambda r, m: change(r, m, "_vs_prev")))  # fmt: skip
@@ -476,7 +476,7 @@ def table5_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
         for _, r in part.iterrows():
             sessions = f"{r['sessions']:.4g}" if np.isfinite(r["sessions"]) else "n/a"
             out += (f"| {r['group']} | {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | {sessions} | "
-                    + " | ".join(_estimate_cell(r, m) for m in metrics) + " |\n")  # fmt: skip
+                    + " | ".join(estimate_cell(r, m) for m in metrics) + " |\n")  # fmt: skip
     return out
 
 

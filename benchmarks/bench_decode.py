@@ -133,6 +133,60 @@ def beam_widths(levels: tuple[int, ...], beam: int) -> list[int]:
     return out
 
 
+class _Tally:
+    """FLOPs, activation elements (read + written) and weight elements of the matmuls and attention a cost
+    function walks through, block by block as the code runs them."""
+
+    def __init__(self, cfg: GPRConfig) -> None:
+        self.d, self.h = cfg.d_model, cfg.ffn_mult * cfg.d_model
+        self.flops = self.act = 0.0
+        self.weights = 0
+
+    def linear(self, m: float, i: int, o: int) -> None:
+        self.flops += 2 * m * i * o
+        self.act += m * (i + o)
+        self.weights += i * o
+
+    def attention(self, tq: float, tk: float, n_seq: float) -> None:  # one sequence set, all heads
+        self.flops += n_seq * 4 * tq * tk * self.d  # QK^T and AV
+        self.act += n_seq * (2 * tq + 2 * tk) * self.d
+
+    def block(self, m_in: float, m_out: float, qkv: int, tq: float, tk: float, n_seq: float) -> None:
+        """A pre-norm block: ``qkv`` x d projections of ``m_in`` rows, attention, output projection and
+        FFN of the ``m_out`` rows whose outputs are used."""
+        d, h = self.d, self.h
+        self.linear(m_in, d, qkv * d)
+        self.attention(tq, tk, n_seq)
+        self.linear(m_out, d, d)
+        self.linear(m_out, d, h)
+        self.linear(m_out, h, d)
+
+    def context(self, cfg: GPRConfig, t: float, n_new: float, tk: float) -> int:
+        """HSD blocks (``n_new`` queries against ``tk`` keys), thinking over ``t`` slots and the refiner;
+        returns Cc, the context tokens (thinking tokens + the refine token)."""
+        d = self.d
+        for _ in range(cfg.n_layers + (cfg.max_recursions - 1 if cfg.mixture_of_recursions else 0)):
+            self.block(n_new, n_new, 4, n_new, tk, 1)
+        cc = 0
+        if cfg.thinking:
+            k = cfg.num_thinking
+            self.linear(t, d, 2 * d)
+            self.linear(k, d, d)
+            self.attention(k, t, 1)
+            self.linear(k, d, d)
+            self.linear(k, d, self.h)
+            self.linear(k, self.h, d)
+            cc += k
+        else:
+            cc += 1
+        if cfg.refining:
+            for _ in range(cfg.refine_steps):
+                self.linear(1, 3 * d, 2 * d)
+                self.linear(1, 2 * d, d)
+            cc += 1
+        return cc
+
+
 def decode_cost(cfg: GPRConfig, seq_len: int, beam: int, chunk: int, elt: int) -> dict[str, float]:
     """Matmul FLOPs and bytes of one decision, as the code runs it (no KV cache in the PTD).
 
@@ -140,65 +194,24 @@ def decode_cost(cfg: GPRConfig, seq_len: int, beam: int, chunk: int, elt: int) -
     token per beam and level (a KV-cached decoder): what a PTD cache would leave.
     """
     d, h, t = cfg.d_model, cfg.ffn_mult * cfg.d_model, seq_len
-    flops = 0.0
-    act = 0.0  # activation elements read + written by matmuls / attention
-    weights = 0  # parameter elements touched
-
-    def linear(m: float, i: int, o: int) -> None:
-        nonlocal flops, act, weights
-        flops += 2 * m * i * o
-        act += m * (i + o)
-        weights += i * o
-
-    def attention(tq: float, tk: float, n_seq: float) -> None:  # one sequence set, all heads
-        nonlocal flops, act
-        flops += n_seq * 4 * tq * tk * d  # QK^T and AV
-        act += n_seq * (2 * tq + 2 * tk) * d
-
-    n_blocks = cfg.n_layers + (cfg.max_recursions - 1 if cfg.mixture_of_recursions else 0)
-    for _ in range(n_blocks):  # HSD
-        linear(t, d, 4 * d)
-        attention(t, t, 1)
-        linear(t, d, d)
-        linear(t, d, h)
-        linear(t, h, d)
+    c = _Tally(cfg)
+    cc = c.context(cfg, t, t, t)  # the whole request re-encoded
     mask_bytes = t * t  # (T, T) bool hybrid mask per request
-    cc = 0
-    if cfg.thinking:
-        k = cfg.num_thinking
-        linear(t, d, 2 * d)
-        linear(k, d, d)
-        attention(k, t, 1)
-        linear(k, d, d)
-        linear(k, d, h)
-        linear(k, h, d)
-        cc += k
-    else:
-        cc += 1
-    if cfg.refining:
-        for _ in range(cfg.refine_steps):
-            linear(1, 3 * d, 2 * d)
-            linear(1, 2 * d, d)
-        cc += 1
-    hsd_ctx_flops = flops
+    hsd_ctx_flops = c.flops
     widths = beam_widths(cfg.level_sizes, beam)
     for lvl, (w, k) in enumerate(zip(widths, cfg.level_sizes, strict=True)):
         s = cc + lvl + 1  # context + BOS + prefix tokens, re-decoded for every beam
-        act += w * cc * d  # the context gathered per beam
-        linear(w * cc, d, d)  # MTP head-0 adapter on the gathered context
+        c.act += w * cc * d  # the context gathered per beam
+        c.linear(w * cc, d, d)  # MTP head-0 adapter on the gathered context
         for _ in range(cfg.decoder_layers):
-            linear(w * s, d, 3 * d)
-            attention(s, s, w)
-            linear(w * s, d, d)
-            linear(w * s, d, h)
-            linear(w * s, h, d)
-        linear(w, d, k)
+            c.block(w * s, w * s, 3, s, s, w)
+        c.linear(w, d, k)
     # KV-cached PTD: the context through the decoder once, then one token per beam and level
     ptd_min = 2 * cc * d * d + cfg.decoder_layers * cc * (2 * d * 4 * d + 4 * d * h) + 4 * cc * cc * d
     for lvl, (w, k) in enumerate(zip(widths, cfg.level_sizes, strict=True)):
         ptd_min += w * (cfg.decoder_layers * (2 * d * 4 * d + 4 * d * h + 4 * (cc + lvl + 1) * d) + 2 * d * k)
-    bytes_ = elt * act + mask_bytes + elt * weights / max(chunk, 1)
-    return {"flops": flops, "flops_min": hsd_ctx_flops + ptd_min, "bytes": bytes_}
+    bytes_ = elt * c.act + mask_bytes + elt * c.weights / max(chunk, 1)
+    return {"flops": c.flops, "flops_min": hsd_ctx_flops + ptd_min, "bytes": bytes_}
 
 
 def state_bytes_per_user(cfg: GPRConfig, prefix_len: int, elt: int) -> int:
@@ -223,73 +236,30 @@ def incremental_cost(
     """
     d, h = cfg.d_model, cfg.ffn_mult * cfg.d_model
     tq, tk = new_tokens, prefix_len + new_tokens
-    flops = act = 0.0
-    weights = 0
-
-    def linear(m: float, i: int, o: int) -> None:
-        nonlocal flops, act, weights
-        flops += 2 * m * i * o
-        act += m * (i + o)
-        weights += i * o
-
-    def attention(q: float, k: float, n_seq: float) -> None:
-        nonlocal flops, act
-        flops += n_seq * 4 * q * k * d
-        act += n_seq * (2 * q + 2 * k) * d
-
-    n_blocks = cfg.n_layers + (cfg.max_recursions - 1 if cfg.mixture_of_recursions else 0)
-    for _ in range(n_blocks):
-        linear(tq, d, 4 * d)
-        attention(tq, tk, 1)
-        linear(tq, d, d)
-        linear(tq, d, h)
-        linear(tq, h, d)
-    cc = 0
+    c = _Tally(cfg)
+    cc = c.context(cfg, tq, tq, tk)
     if cfg.thinking:
-        k = cfg.num_thinking
-        linear(tq, d, 2 * d)
-        linear(k, d, d)
-        attention(k, tq, 1)
-        act += 2 * k * (d + 2 * cfg.n_heads) * 4 / elt  # the float32 partial state read and merged
-        linear(k, d, d)
-        linear(k, d, h)
-        linear(k, h, d)
-        cc += k
-    else:
-        cc += 1
-    if cfg.refining:
-        for _ in range(cfg.refine_steps):
-            linear(1, 3 * d, 2 * d)
-            linear(1, 2 * d, d)
-        cc += 1
-    linear(cc, d, d)  # MTP head-0 adapter, once per request
+        c.act += 2 * cfg.num_thinking * (d + 2 * cfg.n_heads) * 4 / elt  # the float32 partial state read and merged
+    c.linear(cc, d, d)  # MTP head-0 adapter, once per request
     for _ in range(cfg.decoder_layers):  # context keys/values through the PTD decoder, once per request
-        linear(cc, d, 3 * d)
-        attention(cc, cc, 1)
-        linear(cc, d, d)
-        linear(cc, d, h)
-        linear(cc, h, d)
+        c.block(cc, cc, 3, cc, cc, 1)
     for lvl, (w, kl) in enumerate(zip(beam_widths(cfg.level_sizes, beam), cfg.level_sizes, strict=True)):
         s = lvl + 1  # BOS + prefix tokens of each beam
         for layer in range(cfg.decoder_layers):
-            act += 2 * cc * d  # the context K/V, read per request (``beams=``: no per-beam gather)
+            c.act += 2 * cc * d  # the context K/V, read per request (``beams=``: no per-beam gather)
             q = 1 if layer == cfg.decoder_layers - 1 else s  # the last block: the last token's output only
-            linear(w * s, d, 3 * d)
-            attention(q, cc + s, w)
-            linear(w * q, d, d)
-            linear(w * q, d, h)
-            linear(w * q, h, d)
-        linear(w, d, kl)
+            c.block(w * s, w * q, 3, q, cc + s, w)
+        c.linear(w, d, kl)
     if cfg.hte:  # values of every prefix of the top-K paths (the empty prefix once per request)
         m = 1 + top_k * cfg.path_len
-        linear(1, d, d)
-        linear(m, d, h)
-        linear(m, h, d)
-        linear(m, d, 1)
-    bytes_ = elt * act + tq * tk + elt * weights / max(chunk, 1)
+        c.linear(1, d, d)
+        c.linear(m, d, h)
+        c.linear(m, h, d)
+        c.linear(m, d, 1)
+    bytes_ = elt * c.act + tq * tk + elt * c.weights / max(chunk, 1)
     return {
-        "flops": flops,
-        "flops_min": flops,
+        "flops": c.flops,
+        "flops_min": c.flops,
         "bytes": bytes_,
         "kv_bytes": state_bytes_per_user(cfg, prefix_len, elt),
     }
@@ -398,9 +368,8 @@ class IncrementalDecoder:
     MODES = ("eager", "compiled", "fused", "graphs")
 
     def __init__(
-        self, model: GPRModel, trie: PrefixTrie, mode: str | bool, new_tokens: int, compile_mode: str | None = None
+        self, model: GPRModel, trie: PrefixTrie, mode: str, new_tokens: int, compile_mode: str | None = None
     ) -> None:
-        mode = {False: "eager", True: "compiled"}.get(mode, mode)
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         if new_tokens < 1:

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from agents.ablation import t_interval  # noqa: E402
-from agents.plots import BASELINE, TABLE4, check_runs, group_runs, ratio_interval  # noqa: E402
+from agents.plots import BASELINE, TABLE4, check_runs, estimate_cell, group_runs, ratio_interval  # noqa: E402
 from agents.runs import atomic_write_bytes, read_json  # noqa: E402
 
 
@@ -58,12 +58,17 @@ def run_evaluations(specs: list[str], args, out: Path) -> dict[str, dict]:
     return rows
 
 
+def _num(v) -> float:
+    """A summary value (None where ``agents.evaluate`` had none) as a float."""
+    return math.nan if v is None else float(v)
+
+
 def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, level: float) -> list[dict]:
     """One record per label: per metric the seed mean and interval, session half-width, vs ref, vs cascade."""
     cascade = rows[BASELINE]
     by_seed = {label: {read_json(run / "config.json")["seed"]: rows[f"gpr:{run}"] for run in runs}
                for label, runs in groups.items()}  # fmt: skip
-    out = [{"label": BASELINE, "n": None, **{f"{m}{s}": cascade.get(f"eval/{m}{s}") for m in TABLE4
+    out = [{"label": BASELINE, "n": None, **{f"{m}{s}": _num(cascade.get(f"eval/{m}{s}")) for m in TABLE4
                                              for s in ("", "_ci_low", "_ci_high")}}]  # fmt: skip
     for label, seeds in by_seed.items():
         rec: dict = {"label": label, "n": len(seeds), "seeds": sorted(seeds)}
@@ -77,34 +82,34 @@ def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, lev
             if label != ref and len(common) > 0:
                 d = [seeds[s][f"eval/{m}"] / by_seed[ref][s][f"eval/{m}"] - 1 for s in common]
                 rec[f"{m}_vs_ref"], rec[f"{m}_vs_ref_ci_low"], rec[f"{m}_vs_ref_ci_high"] = t_interval(d, level)
-            c = [cascade.get(f"eval/{m}{s}", math.nan) for s in ("", "_ci_low", "_ci_high")]
-            r = ratio_interval(x, *(math.nan if v is None else v for v in c), ref_level=level, level=level)
+            c = [_num(cascade.get(f"eval/{m}{s}")) for s in ("", "_ci_low", "_ci_high")]
+            r = ratio_interval(x, *c, ref_level=level, level=level)
             rec[f"{m}_vs_cascade"], rec[f"{m}_vs_cascade_ci_low"], rec[f"{m}_vs_cascade_ci_high"] = r
         out.append(rec)
     return out
 
 
-def _cell(r: dict, key: str, pct: bool = False) -> str:
-    v, lo, hi = (r.get(f"{key}{s}") for s in ("", "_ci_low", "_ci_high"))
-    if v is None or not math.isfinite(v):
+def _change(r: dict, key: str) -> str:
+    """``+x% [low, high]`` of a relative change (n/a without one)."""
+    v, lo, hi = (r.get(f"{key}{s}", math.nan) for s in ("", "_ci_low", "_ci_high"))
+    if not math.isfinite(v):
         return "n/a"
-    f = (lambda z: f"{100 * z:+.1f}%") if pct else (lambda z: f"{z:.4g}")
-    return f(v) + ("" if lo is None or not math.isfinite(lo) else f" [{f(lo)}, {f(hi)}]")
+    return f"{v:+.1%}" + (f" [{lo:+.1%}, {hi:+.1%}]" if math.isfinite(lo) else "")
 
 
 def to_markdown(table: list[dict], ref: str, args) -> str:
     head = "| label | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
     lines = [f"{args.sessions} sessions per agent (reset seed {args.seed}, {args.num_envs} slots); mean over seeds "
              f"[{args.level:.0%} t interval over seeds]; {BASELINE}: CI over its sessions\n\n", head]  # fmt: skip
-    lines += [f"| {r['label']} | {r['n'] or ''} | " + " | ".join(_cell(r, m) for m in TABLE4) + " |\n" for r in table]
+    lines += [f"| {r['label']} | {r['n'] or ''} | " + " | ".join(estimate_cell(r, m) for m in TABLE4) + " |\n" for r in table]
     lines += ["\nmean session-CI half-width of one run (the evaluation's own noise)\n\n", head]
     lines += [f"| {r['label']} | {r['n']} | " + " | ".join(f"{r[f'{m}_session_half']:.3g}" for m in TABLE4) + " |\n"
               for r in table[1:]]  # fmt: skip
     lines += [f"\nchange vs {ref}, paired by seed\n\n", head]
-    lines += [f"| {r['label']} | {r['n']} | " + " | ".join(_cell(r, f"{m}_vs_ref", True) for m in TABLE4) + " |\n"
+    lines += [f"| {r['label']} | {r['n']} | " + " | ".join(_change(r, f"{m}_vs_ref") for m in TABLE4) + " |\n"
               for r in table[1:] if r["label"] != ref]  # fmt: skip
     lines += [f"\nchange vs {BASELINE} (seed spread and the {BASELINE}'s session CI)\n\n", head]
-    lines += [f"| {r['label']} | {r['n']} | " + " | ".join(_cell(r, f"{m}_vs_cascade", True) for m in TABLE4) + " |\n"
+    lines += [f"| {r['label']} | {r['n']} | " + " | ".join(_change(r, f"{m}_vs_cascade") for m in TABLE4) + " |\n"
               for r in table[1:]]  # fmt: skip
     return "".join(lines)
 
