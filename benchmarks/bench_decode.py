@@ -851,8 +851,13 @@ def profile_step(dec: IncrementalDecoder, st: IncrementalState, beam: int, top_k
           f"device {total / 1e3:.2f} ms of {wall * 1e3:.2f} ms wall (profiled)", flush=True)  # fmt: skip
     for r in rows[:top]:
         print(f"    {r['us'] / 1e3:8.3f} ms {r['share']:6.1%} x{r['calls']:<4} {r['kernel']}")
+    # the operators that launched them (empty under a CUDA graph replay: no operator runs on the host)
+    ops = sorted(({"op": e.key, "us": e.self_device_time_total, "calls": e.count} for e in prof.key_averages()
+                  if e.self_device_time_total > 0 and e.key.startswith("aten::")), key=lambda r: -r["us"])  # fmt: skip
+    for r in ops[:top]:
+        print(f"    {r['us'] / 1e3:8.3f} ms x{r['calls']:<4} {r['op']}")
     return {"device_ms": total / 1e3, "wall_ms": wall * 1e3, "launches": sum(v[1] for v in kernels.values()),
-            "kernels": rows[:40]}  # fmt: skip
+            "kernels": rows[:40], "aten_ops": ops[:20]}  # fmt: skip
 
 
 def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], device, dtype, argv) -> dict:

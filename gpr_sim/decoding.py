@@ -252,15 +252,40 @@ def _select(score: Tensor, width: int, in_quota: Tensor | None) -> tuple[Tensor,
     only fill the slots left (a parent with fewer legal children than its quota must not narrow the row).
     """
     if in_quota is None:
-        return score.topk(width, dim=1)
-    s_in, i_in = score.masked_fill(~in_quota, -math.inf).topk(width, dim=1)
-    s_out, i_out = score.masked_fill(in_quota, -math.inf).topk(width, dim=1)
+        return _topk(score, width)
+    s_in, i_in = _topk(score.masked_fill(~in_quota, -math.inf), width)
+    s_out, i_out = _topk(score.masked_fill(in_quota, -math.inf), width)
     s_all, i_all = torch.cat([s_in, s_out], 1), torch.cat([i_in, i_out], 1)  # (B, 2*width)
     # finite in-quota first, then finite over-quota, then padding; stable keeps each group's order
     first = (s_all == -math.inf).int().sort(dim=1, stable=True).indices[:, :width]
     s_pick, i_pick = s_all.gather(1, first), i_all.gather(1, first)
     s_sorted, order = s_pick.sort(dim=1, descending=True, stable=True)  # best first again
     return s_sorted, i_pick.gather(1, order)
+
+
+FUSED_TOPK_MAX = 16
+"""under ``torch.compile``, widths up to this are taken by repeated max passes (see ``_topk``)"""
+
+
+def _topk(score: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``score.topk(width, dim=1)``: (B, width) values, best first, and their column indices.
+
+    Eager calls ``topk``. Under ``torch.compile`` aten's topk stays an opaque radix select of a dozen
+    kernels (5% of a fused rollout step on an H100), so a small width is taken as ``width`` max passes,
+    each masking the column just taken: one fused reduction over rows short enough to stay in registers.
+    Ties go to the lowest column there (eager ``topk`` leaves their order unspecified); rows with fewer
+    than ``width`` finite scores repeat a -inf column, which callers treat as padding either way.
+    """
+    if not torch.compiler.is_compiling() or width > FUSED_TOPK_MAX:
+        return score.topk(width, dim=1)
+    cols = torch.arange(score.shape[1], device=score.device)
+    values, indices = [], []
+    for _ in range(width):
+        v, i = score.max(dim=1)
+        values.append(v)
+        indices.append(i)
+        score = score.masked_fill(cols == i[:, None], -math.inf)
+    return torch.stack(values, 1), torch.stack(indices, 1)
 
 
 def _width_quota(

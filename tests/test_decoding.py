@@ -378,3 +378,30 @@ def test_property_wide_beam_equals_exhaustive(sizes, frac, p, value_weight, seed
     assert torch.equal(emitted, expected > -math.inf)
     rows = torch.arange(2)[:, None].expand(-1, k)
     torch.testing.assert_close(ref_lp[rows[emitted], result.items[emitted]], result.log_prob[emitted])
+
+
+def test_compiled_topk_equals_topk():
+    """Under torch.compile a small width is taken by max passes: same values, same columns (no ties)."""
+    from gpr_sim import decoding
+
+    gen = torch.Generator().manual_seed(3)
+    score = torch.randn(64, 40, generator=gen)
+    score[:5, 3:] = -math.inf  # rows with fewer finite scores than the width: padding columns
+    fused = torch.compile(decoding._topk, dynamic=False, fullgraph=True)
+    for width in (1, 8, decoding.FUSED_TOPK_MAX, decoding.FUSED_TOPK_MAX + 4):
+        want_v, want_i = score.topk(width, dim=1)
+        got_v, got_i = fused(score, width)
+        assert torch.equal(got_v, want_v)
+        finite = want_v > -math.inf
+        assert torch.equal(got_i[finite], want_i[finite])
+    # a compiled beam search returns what the eager one does, dead beams included
+    trie = PrefixTrie(unique_paths((6, 5, 4), 50, seed=1), (6, 5, 4))
+    step = make_step_fn(7, (6, 5, 4))
+
+    def search(width: int):
+        return beam_search(step, trie, batch_size=9, beam_width=width, top_k=min(width, 5))
+
+    for width in (5, 30):
+        want, got = search(width), torch.compile(search, dynamic=False)(width)
+        assert torch.equal(got.items, want.items) and torch.equal(got.codes, want.codes)
+        torch.testing.assert_close(got.log_prob, want.log_prob)  # inductor's log_softmax rounds differently

@@ -220,6 +220,18 @@ def test_typed_ffn_impls_match_the_loop(impl, b, t):
     assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_typed_ffn_counting_sort_equals_stable_sort(n):
+    """The counting sort gives torch.sort's stable order exactly, its inverse, and the type counts."""
+    gen = torch.Generator().manual_seed(n)
+    tf = torch.randint(0, 3, (n,), generator=gen)  # type 3 never occurs
+    st, perm, inv, counts = TypedFFN(8, 16, 4)._sort(tf)
+    want_st, want_perm = torch.sort(tf, stable=True)
+    assert torch.equal(st, want_st) and torch.equal(perm, want_perm)
+    assert torch.equal(inv[perm], torch.arange(n))
+    assert counts.tolist() == [int((tf == t).sum()) for t in range(4)]
+
+
 def test_typed_ffn_chunked_gradients_match_the_loop():
     torch.manual_seed(0)
     ffn = TypedFFN(TINY.d_model, 2 * TINY.d_model, 4)
