@@ -7,9 +7,11 @@ Variants (``VARIANTS``): ``hstu`` = every ``GPRConfig`` component off (plain cau
 LayerNorm and FFN, no MoR, no thinking / refining tokens, no HTE) and one MTP head; ``+hybrid_attn``,
 ``+token_ffn``, ``+token_ln``, ``+mor``, ``+thinking``, ``+refining``, ``+hte``, ``+mtp`` = hstu with that
 one component on (``+mtp``: 4 heads); ``full`` = every component on, MoR included (``GPRConfig`` leaves
-MoR off by default; the paper's full GPR has it), 4 MTP heads. ``+hte`` equals ``hstu`` here by
-construction: the HTE is a critic (value heads) that MTP does not train and beam search under
-``agents.pretrain``'s eval does not use; its paper gain comes from value-guided decoding and HEPO.
+MoR off by default; the paper's full GPR has it), 4 MTP heads. ``+hte`` adds the value heads and their
+pre-training loss (``agents.pretrain --value-coef``: every prefix of the shown ad regresses on its
+final_value), whose gradient reaches the shared trunk; beam search under ``agents.pretrain``'s eval does not
+read the values, so any HitRate change comes through that shared trunk (the paper's gain also has
+value-guided decoding and HEPO behind it).
 
 Every variant and seed trains on ONE log and ONE tokenizer (collected / fitted once into ``OUT/shared``
 with ``agents.pretrain.ensure_inputs``), the same held-out session split (``--split-seed``), steps, batch

@@ -124,7 +124,8 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping"""
     critic_warmup: int = 2
-    """first iterations that train only the HTE (critic and item value): pre-training leaves it untrained"""
+    """first iterations that train only the HTE (critic and item value): pre-training fits it to logged final
+    values of shown ads, which are not the rollout's R (no auction win probability, no budget share, other scale)"""
     truth: bool = True
     """score candidates with the simulator's true funnel (GPR.md DEFAULT); off = the platform's estimates"""
     budget_aware: bool = True

@@ -1,6 +1,7 @@
 """GPRModel: trie-masked level logits, teacher forcing == step-by-step, HTE, switches, MTP overfit."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -304,3 +305,48 @@ def test_thinking_partial_equals_forward():
         pad = torch.ones_like(tokens.padding_mask[:, -2:])
         got = th.forward_partial(th.partial(hidden[:, :-2], tokens.padding_mask[:, :-2]), hidden[:, -2:], pad)
         assert_close(got, th(hidden[:, :-2], tokens.padding_mask[:, :-2]), atol=1e-5, rtol=1e-5)
+
+
+def test_mtp_loss_value_term_by_hand():
+    """The HTE term: mean over rows with a target of mean_l (V(z_<=l) - G)^2 on head 0's path, NaN = no G."""
+    model, tokens = setup()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    targets = torch.stack([torch.randint(0, k, (B, TINY.mtp_heads)) for k in TINY.level_sizes], -1)
+    targets[1, 0] = -1  # no head-0 target: no value term either
+    g = torch.tensor([0.5, 2.0, math.nan, -1.0])  # row 2: a target path but no logged value
+    out = model.mtp_loss(tokens, targets, generator=gen(), value_target=g, value_coef=0.3)
+    v = model.values(model.context(tokens, gen()), targets[:, 0].clamp_min(0))  # (B, L' + 1), same noise
+    want = ((v[[0, 3]] - g[[0, 3], None]) ** 2).mean(1).mean()
+    assert_close(out.loss_value, want)
+    assert_close(out.loss, out.loss_mtp + out.loss_refine + 0.3 * want)
+    # without targets the term is 0 and the HTE gets no gradient; with them it does, and so does the trunk
+    plain = model.mtp_loss(tokens, targets, generator=gen())
+    assert plain.loss_value.item() == 0.0
+    plain.loss.backward()
+    assert all(p.grad is None for p in model.hte.parameters())
+    model.zero_grad(set_to_none=True)
+    out.loss_value.backward()
+    assert all(p.grad is not None for p in model.hte.parameters())
+    assert model.hsd.blocks[0].qkvu.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        model.mtp_loss(tokens, targets, value_target=g[:2])
+    m, _ = setup(dataclasses.replace(TINY, hte=False))
+    with pytest.raises(ValueError, match="HTE"):
+        m.mtp_loss(tokens, targets, value_target=g)
+
+
+def test_hte_learns_a_value_of_the_path():
+    """Trained through mtp_loss's value term, the HTE fits a value that depends on the item: the error falls
+    far below the targets' variance (what a constant prediction would leave)."""
+    model, tokens = setup()
+    model.train()
+    gen = torch.Generator().manual_seed(5)
+    targets = torch.stack([torch.randint(0, k, (B, TINY.mtp_heads), generator=gen) for k in TINY.level_sizes], -1)
+    g = targets[:, 0].float() @ torch.tensor([1.0, -0.5, 0.25])  # a fixed function of head 0's path
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        out = model.mtp_loss(tokens, targets, generator=torch.Generator().manual_seed(0), value_target=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.loss_value.item() < 0.05 * g.var(unbiased=False).item()

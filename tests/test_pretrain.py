@@ -19,7 +19,9 @@ from gpr_sim.model.targets import (
     normalise_weights,
     vaft_raw_weight,
     vaft_weights,
+    value_targets,
 )
+from gpr_sim.world.config import RewardConfig
 
 
 def _frame() -> pd.DataFrame:
@@ -93,6 +95,32 @@ def test_vaft_weights_on_frame():
     expected[src >= 0] = torch.tensor([min(max(v / mean, 0.1), 10.0) for v in vals])
     torch.testing.assert_close(w, expected)
     assert isinstance(t, MTPTargets)
+
+
+def test_value_targets_on_frame():
+    """final_value of head 0's ad where the request itself showed it in slot 0 and nothing else, by hand."""
+    df = _frame()
+    t = mtp_targets(df, num_heads=2)
+    value_mean = torch.arange(10, dtype=torch.float64) + 1.0
+    g = value_targets(df, t, value_mean, RewardConfig(revenue=1.0, gmv=0.5, click=2.0, conversion=3.0))
+    # row 2 (session 7, step 0) showed [5, -1]: price 0.1, pCTR 0.05, pCVR 0.1, mean order value of ad 5 = 6
+    ctr, conv = 0.05, 0.05 * 0.1
+    want = 0.1 + 0.5 * conv * 6.0 + 2.0 * ctr + 3.0 * conv
+    assert g[2].item() == pytest.approx(want)
+    # rows 0 and 3 showed two ads; row 1's ad sat in slot 1; row 4 showed nothing (its head 0 is row 0's ad)
+    assert torch.isnan(g[[0, 1, 3, 4]]).all()
+
+
+def test_pretraining_fits_the_hte(mtp_run):
+    """With the default --value-coef the HTE's held-out error falls from the cold start; the scale is kept."""
+    out, summary = mtp_run
+    rows = read_metrics(out / "metrics.jsonl")
+    first, last = rows[0], rows[-1]
+    assert last["eval/loss_value"] < 0.5 * first["eval/loss_value"]
+    assert last["eval/value_r2"] > first["eval/value_r2"]
+    assert last["train/loss_value"] > 0 and summary["value_scale"] > 0
+    with pytest.raises(ValueError, match="value_coef"):
+        pretrain.Args(value_coef=-1.0)
 
 
 def test_ranking_metrics_by_hand():

@@ -27,10 +27,11 @@ from gpr_sim.schema import TokenBatch
 class MTPLoss(NamedTuple):
     """Named loss terms; ``loss`` is what to backpropagate."""
 
-    loss: Tensor  # () loss_mtp + loss_refine
+    loss: Tensor  # () loss_mtp + loss_refine + value_coef * loss_value
     loss_mtp: Tensor  # () -sum_j w_j sum_l log P_j(z_l | ...), mean over requests
     loss_refine: Tensor  # () denoising MSE of the refiner (0 when refining is off)
     head_nll: Tensor  # (N,) mean over requests of -sum_l log P_j, per head (unweighted)
+    loss_value: Tensor  # () HTE regression: mean over prefixes of head 0's target of (V - G)^2 (0 without G)
 
 
 class GPRModel(nn.Module):
@@ -127,6 +128,8 @@ class GPRModel(nn.Module):
         weights: Tensor | None = None,
         legal_masks: Sequence[Tensor | None] | None = None,
         generator: torch.Generator | None = None,
+        value_target: Tensor | None = None,
+        value_coef: float = 1.0,
     ) -> MTPLoss:
         """Multi-token prediction loss (GPR §4): N heads, each predicting a full L'-level path.
 
@@ -139,6 +142,10 @@ class GPRModel(nn.Module):
             weights: (N,) or (B, N) w_j (GPR: sum_j w_j = 1; VAFT passes value weights); None = 1/N.
             legal_masks: None, or L' masks (B, N, K_l) bool: softmax over legal codes only.
             generator: randomness of the refiner (sampling and denoising loss).
+            value_target: optional (B,) final_value G of head 0's target item (NaN = none): the HTE values
+                of every prefix of that path, z_<=0 .. z_<=L', regress on G (a Monte-Carlo target of each
+                prefix's value under the logging policy). The gradient reaches the shared context too.
+            value_coef: weight of that term in ``loss``.
 
         Returns:
             ``MTPLoss`` named terms.
@@ -172,5 +179,16 @@ class GPRModel(nn.Module):
             per_row = self.ptd.refiner.loss(cond, target, generator)  # (B,)
             has = valid[:, 0].float()
             loss_refine = (per_row * has).sum() / has.sum().clamp_min(1)
+        loss_value = hidden.new_zeros((), dtype=torch.float32)
+        if value_target is not None:
+            if self.hte is None:
+                raise ValueError("value_target needs the HTE: GPRConfig.hte is False")
+            if value_target.shape != (b,):
+                raise ValueError(f"value_target must be (B,) = ({b},), got {tuple(value_target.shape)}")
+            has_v = (valid[:, 0] & value_target.isfinite()).float()
+            pred = self.hte(ctx, target_codes[:, 0].clamp_min(0)).float()  # (B, L' + 1)
+            err = (pred - value_target.float().nan_to_num(0.0)[:, None]).square().mean(1)
+            loss_value = (err * has_v).sum() / has_v.sum().clamp_min(1)
         head_nll = nll.sum(0) / valid.sum(0).clamp_min(1)
-        return MTPLoss(loss_mtp + loss_refine, loss_mtp, loss_refine, head_nll)
+        loss = loss_mtp + loss_refine + value_coef * loss_value
+        return MTPLoss(loss, loss_mtp, loss_refine, head_nll, loss_value)

@@ -3,6 +3,7 @@
     tgt = mtp_targets(df, num_heads=4)                  # ads (B, N), source rows (B, N), events (B, N)
     codes = target_paths(tgt.ads, tok)                  # (B, N, L') semantic-ID paths, -1 rows = none
     w = vaft_weights(df, tgt)                           # (B, N) value weights, mean 1 over real targets
+    g = value_targets(df, tgt, world.ad_value_mean, world.config.reward)  # (B,) HTE target, NaN = none
 
 **Targets.** Head j of request r predicts the j-th ad impression of r's session counted from r onward
 (r's own shown ads first, in slot order, then the next requests' by ``step``): head 0 is the ad this
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from gpr_sim.tokenizer.world import WorldTokenizer
+from gpr_sim.world.config import RewardConfig
 
 EVENT_IMPRESSION, EVENT_CLICK, EVENT_CONVERSION = 1, 2, 3
 MIN_PROB = 1e-3
@@ -136,8 +138,34 @@ def vaft_weights(df: pd.DataFrame, targets: MTPTargets) -> Tensor:
     return normalise_weights(raw, targets.source_row >= 0).float()
 
 
+def value_targets(df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, reward: RewardConfig) -> Tensor:
+    """(B,) float64 HTE pre-training target: final_value of head 0's ad where this request itself showed it
+    in slot 0 and showed nothing else; NaN elsewhere.
+
+    final_value is the scoring API's expected value of the shown ad (``gpr_sim.world.core.score`` under the
+    true funnel, given the impression): ``reward.revenue * price + reward.gmv * pCTR pCVR value_mean +
+    reward.click * pCTR + reward.conversion * pCTR pCVR``, from the logged price (``revenue``), the logged
+    true ``p_click`` / ``p_conversion`` and the ad's mean order value. It is the rollout's R (``agents.rollout``)
+    without the auction's win probability (the ad did win) or the budget share, in the same currency, and
+    free of the funnel's sampling noise. Requests with several impressions are left out: the log sums
+    their prices over slots and keeps slot 0's probabilities only (the default world has one slot).
+    """
+    b = len(df)
+    ads = targets.ads[:, 0]
+    first = torch.as_tensor(np.fromiter((np.asarray(s).reshape(-1)[0] for s in df["shown_ad"]), np.int64, b))
+    own = (targets.source_row[:, 0] == torch.arange(b)) & (first == ads) & (ads >= 0)
+    own &= torch.as_tensor(df["impression"].to_numpy(np.int64, copy=True)) == 1
+    price = torch.as_tensor(df["revenue"].to_numpy(np.float64, copy=True))
+    ctr = torch.as_tensor(df["p_click"].to_numpy(np.float64, copy=True))
+    conv = ctr * torch.as_tensor(df["p_conversion"].to_numpy(np.float64, copy=True))
+    gmv = conv * ad_value_mean.double().cpu()[ads.clamp_min(0)]
+    value = reward.revenue * price + reward.gmv * gmv + reward.click * ctr + reward.conversion * conv
+    return torch.where(own, value, torch.nan)
+
+
 __all__ = [
     "MTPTargets",
+    "value_targets",
     "mtp_targets",
     "target_paths",
     "vaft_raw_weight",
