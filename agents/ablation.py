@@ -9,9 +9,10 @@ LayerNorm and FFN, no MoR, no thinking / refining tokens, no HTE) and one MTP he
 one component on (``+mtp``: 4 heads); ``full`` = every component on, MoR included (``GPRConfig`` leaves
 MoR off by default; the paper's full GPR has it), 4 MTP heads. ``+hte`` adds the value heads and their
 pre-training loss (``agents.pretrain --value-coef``: every prefix of the shown ad regresses on its
-final_value), whose gradient reaches the shared trunk; beam search under ``agents.pretrain``'s eval does not
-read the values, so any HitRate change comes through that shared trunk (the paper's gain also has
-value-guided decoding and HEPO behind it).
+final_value) trained jointly with the trunk (``--value-trunk``): beam search under ``agents.pretrain``'s eval
+does not read the values, so the shared trunk is the only way the HTE can change HitRate. ``full`` keeps
+``agents.pretrain``'s default, an HTE on detached features (the paper's gain also has value-guided decoding
+and HEPO behind it).
 
 Every variant and seed trains on ONE log and ONE tokenizer (collected / fitted once into ``OUT/shared``
 with ``agents.pretrain.ensure_inputs``), the same held-out session split (``--split-seed``), steps, batch
@@ -63,7 +64,7 @@ VARIANTS: dict[str, dict] = {
     "+mor": {**HSTU, "mixture_of_recursions": True},
     "+thinking": {**HSTU, "thinking": True},
     "+refining": {**HSTU, "refining": True},
-    "+hte": {**HSTU, "hte": True},
+    "+hte": {**HSTU, "hte": True, "value_trunk": True},
     "+mtp": {**HSTU, "mtp_heads": FULL_HEADS},
     "full": {**{k: True for k in HSTU if k != "mtp_heads"}, "mtp_heads": FULL_HEADS},
 }

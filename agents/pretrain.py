@@ -20,7 +20,9 @@ AdamW -> {sample a batch, ``mtp_loss``, step, log, evaluate, checkpoint}. The ru
 HTE: with ``--value-coef`` > 0 (default 0.5) the value of every prefix of a request's shown ad regresses on
 that ad's final_value (``gpr_sim.model.targets.value_targets``: the scoring API's expected value given the
 impression, from the logged price and true funnel probabilities), in units of the train side's std
-(``summary.json["value_scale"]``). Measured on a 25,600-request cascade log: a ridge regression on user,
+(``summary.json["value_scale"]``). The HTE reads the context detached (as HEPO's critic does) unless
+``--value-trunk``: jointly trained, the value loss lowered held-out HitRate@10 in the Table 2 ablation
+(``agents.ablation``'s ``+hte``, which sets it; see ``benchmarks/RESULTS.md``). Measured on a 25,600-request cascade log: a ridge regression on user,
 context and ad one-hot explains about 8% of that value's variance on held-out rows (most of it is the
 auction's price, set by the request's competing bids); ``eval/value_r2`` reaches about 0 after 400 steps,
 from about -5 cold.
@@ -137,6 +139,8 @@ class Args:
     """HTE value heads (beam guidance, the RL critic); pre-trained with --value-coef"""
     value_coef: float = 0.5
     """weight of the HTE loss: every prefix of a request's shown ad regresses on its final_value (0 = off)"""
+    value_trunk: bool = False
+    """let the HTE loss move the shared HSD/PTD trunk (joint training); off = the HTE reads detached features"""
     select: str = "last"
     """best | last: the checkpoint downstream users should load (summary.json selected_checkpoint)"""
     eval_fraction: float = 0.2
@@ -407,12 +411,12 @@ def resume_best(
 class _MTPStep(torch.nn.Module):
     """``GPRModel.mtp_loss`` as a ``forward`` (what ``DistributedDataParallel`` wraps and hooks)."""
 
-    def __init__(self, model: GPRModel) -> None:
+    def __init__(self, model: GPRModel, value_trunk: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.value_trunk = model, value_trunk
 
     def forward(self, tokens, codes, weights, masks, gen, values):
-        out = self.model.mtp_loss(tokens, codes, weights, masks, gen, value_target=values)
+        out = self.model.mtp_loss(tokens, codes, weights, masks, gen, value_target=values, value_trunk=self.value_trunk)
         return out.loss_mtp, out.loss_refine, out.loss_value
 
 
@@ -513,8 +517,8 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
     if dist.enabled:
         # the step's global batch: the same indices on every rank, this rank's contiguous slice
         own = distributed.shard(args.batch_size, dist)
-        # find_unused_parameters: MTP leaves the HTE heads (and switched-off parts) without gradients
-        ddp = torch.nn.parallel.DistributedDataParallel(_MTPStep(model), find_unused_parameters=True)
+        # find_unused_parameters: with --value-coef 0 the HTE heads (and switched-off parts) get no gradients
+        ddp = torch.nn.parallel.DistributedDataParallel(_MTPStep(model, args.value_trunk), find_unused_parameters=True)
         distributed.barrier(dist)
     show = args.progress and dist.is_main
     bar = tqdm(range(start, args.steps), desc=f"pretrain {args.stage}", disable=not show)
@@ -524,7 +528,7 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
         if not dist.enabled:
             tokens, codes, masks, weights, values = train.rows(idx)
             out_loss = model.mtp_loss(tokens, codes, weights, masks, gen, value_target=_value_target(
-                model, values, args.value_coef), value_coef=args.value_coef)  # fmt: skip
+                model, values, args.value_coef), value_coef=args.value_coef, value_trunk=args.value_trunk)  # fmt: skip
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
             opt.step()

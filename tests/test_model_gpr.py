@@ -319,15 +319,17 @@ def test_mtp_loss_value_term_by_hand():
     want = ((v[[0, 3]] - g[[0, 3], None]) ** 2).mean(1).mean()
     assert_close(out.loss_value, want)
     assert_close(out.loss, out.loss_mtp + out.loss_refine + 0.3 * want)
-    # without targets the term is 0 and the HTE gets no gradient; with them it does, and so does the trunk
+    # without targets the term is 0 and the HTE gets no gradient; with them it does, and the trunk only
+    # with value_trunk
     plain = model.mtp_loss(tokens, targets, generator=gen())
     assert plain.loss_value.item() == 0.0
     plain.loss.backward()
     assert all(p.grad is None for p in model.hte.parameters())
-    model.zero_grad(set_to_none=True)
-    out.loss_value.backward()
-    assert all(p.grad is not None for p in model.hte.parameters())
-    assert model.hsd.blocks[0].qkvu.weight.grad.abs().sum() > 0
+    for trunk in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.mtp_loss(tokens, targets, generator=gen(), value_target=g, value_trunk=trunk).loss_value.backward()
+        assert all(p.grad is not None for p in model.hte.parameters())
+        assert (model.hsd.blocks[0].qkvu.weight.grad is not None) == trunk
     with pytest.raises(ValueError, match=r"\(B,\)"):
         model.mtp_loss(tokens, targets, value_target=g[:2])
     m, _ = setup(dataclasses.replace(TINY, hte=False))

@@ -130,6 +130,7 @@ class GPRModel(nn.Module):
         generator: torch.Generator | None = None,
         value_target: Tensor | None = None,
         value_coef: float = 1.0,
+        value_trunk: bool = False,
     ) -> MTPLoss:
         """Multi-token prediction loss (GPR §4): N heads, each predicting a full L'-level path.
 
@@ -144,8 +145,10 @@ class GPRModel(nn.Module):
             generator: randomness of the refiner (sampling and denoising loss).
             value_target: optional (B,) final_value G of head 0's target item (NaN = none): the HTE values
                 of every prefix of that path, z_<=0 .. z_<=L', regress on G (a Monte-Carlo target of each
-                prefix's value under the logging policy). The gradient reaches the shared context too.
+                prefix's value under the logging policy).
             value_coef: weight of that term in ``loss``.
+            value_trunk: let that term's gradient reach the shared context (HSD, thinking, refiner); False
+                (default) trains the HTE on detached features, as HEPO's critic is (``agents.hepo``).
 
         Returns:
             ``MTPLoss`` named terms.
@@ -186,7 +189,8 @@ class GPRModel(nn.Module):
             if value_target.shape != (b,):
                 raise ValueError(f"value_target must be (B,) = ({b},), got {tuple(value_target.shape)}")
             has_v = (valid[:, 0] & value_target.isfinite()).float()
-            pred = self.hte(ctx, target_codes[:, 0].clamp_min(0)).float()  # (B, L' + 1)
+            feats = ctx if value_trunk else ctx.detach()
+            pred = self.hte(feats, target_codes[:, 0].clamp_min(0)).float()  # (B, L' + 1)
             err = (pred - value_target.float().nan_to_num(0.0)[:, None]).square().mean(1)
             loss_value = (err * has_v).sum() / has_v.sum().clamp_min(1)
         head_nll = nll.sum(0) / valid.sum(0).clamp_min(1)
