@@ -387,7 +387,7 @@ class IncrementalDecoder:
         self.step = (
             torch.compile(self._step, dynamic=False, fullgraph=True, mode=compile_mode) if fused else self._step
         )
-        self._graphs: dict[tuple, tuple] = {}  # (state, rows, beam, top_k) -> (graph, values)
+        self._graphs: dict[tuple, tuple] = {}  # (state, rows, beam, top_k) -> (graph, (values, items))
         self._pool = None
 
     def _post(self, th: torch.Tensor, noise: torch.Tensor):
@@ -460,8 +460,9 @@ class IncrementalDecoder:
         pad = torch.zeros(b, n, dtype=torch.bool, device=dev)
         return TokenBatch(token_ids, type_ids, positions, pad, codes, events, dense)
 
-    def _step(self, st: IncrementalState, noise: torch.Tensor, beam: int, top_k: int) -> torch.Tensor:
-        """The step on ``st`` in place (tail K/V, shown ad); returns the HTE values (B, top_k, L' + 1)."""
+    def _step(self, st: IncrementalState, noise: torch.Tensor, beam: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step on ``st`` in place (tail K/V, shown ad); returns the HTE values (B, top_k, L' + 1) and the
+        top-K items (B, top_k) (-1 = none): the candidates the env's auction gets."""
         tok = self.new_request_tokens(st)
         th, new_kv = self.hsd_think(st.layers, st.type_ids, st.padding_mask, st.think, tok)
         for buf, kv in zip(st.tail, new_kv, strict=True):  # store the new slots (a ring buffer's write)
@@ -474,7 +475,7 @@ class IncrementalDecoder:
         vals = self.values(ctx, res.codes.clamp_min(0))  # (B, top_k, L' + 1)
         st.codes.copy_(res.codes[:, 0].clamp_min(0))  # the shown ad: next step's I token
         st.items.copy_(res.items[:, 0].clamp_min(0))
-        return vals
+        return vals, res.items
 
     def _noise(self, st: IncrementalState) -> torch.Tensor:
         """The refiner's start, (B, C): the same draw every step (generator seeded 0)."""
@@ -482,15 +483,15 @@ class IncrementalDecoder:
         gen = torch.Generator(device=dev).manual_seed(0)
         return torch.randn(b, self.model.cfg.d_model, device=dev, generator=gen)
 
-    def __call__(self, st: IncrementalState, beam: int, top_k: int) -> torch.Tensor:
+    def __call__(self, st: IncrementalState, beam: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode != "graphs":
             return self.step(st, self._noise(st), beam, top_k)
         key = (st.codes.data_ptr(), st.codes.shape[0], beam, top_k)
         if key not in self._graphs:
             self._graphs[key] = self._capture(st, beam, top_k)
-        graph, vals = self._graphs[key]
+        graph, out = self._graphs[key]
         graph.replay()
-        return vals
+        return out
 
     def _capture(self, st: IncrementalState, beam: int, top_k: int) -> tuple:
         """Warm the fused step up on a side stream, then capture it on ``st``'s (static) tensors."""
@@ -507,8 +508,8 @@ class IncrementalDecoder:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            vals = self.step(st, noise, beam, top_k)
-        return graph, vals
+            out = self.step(st, noise, beam, top_k)
+        return graph, out
 
     def release(self) -> None:
         """Drop the captured graphs and their memory pool before other shapes are timed."""
@@ -525,19 +526,35 @@ def time_incremental(
     device,
     dtype,
     reps: int,
+    env_step=None,
 ) -> float:
-    """Seconds per rollout step of N users (the chunk states cycled over the N rows)."""
+    """Seconds per rollout step of N users (the chunk states cycled over the N rows).
+
+    With ``env_step`` (a ``benchmarks.bench_env.native_step`` of N sessions) every step ends with the env
+    step on the decoded top-K items of all N users: auction, funnel, budgets, observations, resets.
+    """
     chunk = states[0].codes.shape[0]
     sizes = [min(chunk, n - s) for s in range(0, n, chunk)]
+    cands = torch.full((n, top_k), -1, dtype=torch.long, device=states[0].codes.device)
+
+    def one_step() -> None:
+        for i, m in enumerate(sizes):
+            st = states[i % len(states)]
+            _, items = dec(st if m == chunk else st.rows(slice(0, m)), beam, top_k)
+            cands[i * chunk : i * chunk + m].copy_(items)
+        if env_step is not None:
+            env_step(cands)
+
     with torch.no_grad(), autocast(device, dtype):
         for j, m in dict.fromkeys((i % len(states), m) for i, m in enumerate(sizes)):  # each (state, rows) once:
             dec(states[j] if m == chunk else states[j].rows(slice(0, m)), beam, top_k)  # compile / capture here
+        if env_step is not None:
+            for _ in range(3):  # the env core's compile, and resets of the first sessions that end
+                env_step(cands)
         sync(device)
         t = time.perf_counter()
         for _ in range(reps):
-            for i, m in enumerate(sizes):
-                st = states[i % len(states)]
-                dec(st if m == chunk else st.rows(slice(0, m)), beam, top_k)
+            one_step()
         sync(device)
     return (time.perf_counter() - t) / reps
 
@@ -707,6 +724,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="incremental: per mode, device time by kernel of one step at the largest N and first beam",
     )
     p.add_argument("--reps", type=int, default=1, help="timed passes over N")
+    p.add_argument(
+        "--env-step",
+        action="store_true",
+        help="incremental: also time every mode with the env step of N sessions (ads-v0's BatchedMarket on the "
+        "decoded top-K; compiled core unless eager, as benchmarks/bench_env.py) in the loop: rows 'incremental+env'",
+    )
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=4)
@@ -819,7 +842,29 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
                                     n, naive.get(w), mm_rate, bw, device))  # fmt: skip
                 if args.profile and n == max(sizes) and w == beams[0]:
                     row["profile"] = profile_step(dec, cs[0], w, k, device, dtype)
+                if args.env_step:
+                    step, env_bytes = _env_step(args, n, k, device, compiled=mode != "eager")
+                    env_row = {**row, "decode": "incremental+env", "env_bytes_per_step": env_bytes}
+                    for key in ("profile", "error", "decisions_per_s", "x_naive", "naive_decisions_per_s"):
+                        env_row.pop(key, None)
+                    timed = functools.partial(time_incremental, dec, cs, n, w, k, device, dtype, args.reps, step)
+                    checkpoint(_measure(env_row, {**cost, "bytes": cost["bytes"] + env_bytes}, timed, n, naive.get(w),
+                                        mm_rate, bw, device))  # fmt: skip
                 dec.release()
+
+
+def _env_step(args, n: int, top_k: int, device, compiled: bool):
+    """The env step of N sessions on (N, top_k) candidates and its bytes floor per user-step: the world of
+    ``benchmarks/bench_env.py``'s rows, with ``--items`` ads (the trie's items are the ad ids)."""
+    from benchmarks.bench_env import bytes_per_step, native_step
+    from envs.market import BatchedMarket
+    from gpr_sim.world import WorldConfig
+
+    cfg = WorldConfig.small(num_candidates=top_k, num_ads=args.items, num_advertisers=min(1000, args.items),
+                            num_organic=200_000, num_users=1_000_000)  # fmt: skip
+    market = BatchedMarket(cfg, n, device=device)
+    market.reset(seed=0)
+    return native_step(market, compiled), bytes_per_step(cfg)
 
 
 def profile_step(dec: IncrementalDecoder, st: IncrementalState, beam: int, top_k: int, device, dtype,

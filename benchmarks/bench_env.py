@@ -68,14 +68,11 @@ def time_steps(step, actions: list[torch.Tensor], device, warmup: int) -> float:
     return time.perf_counter() - t
 
 
-def bench_native(cfg: WorldConfig, n: int, steps: int, device: torch.device, compiled: bool) -> float:
-    market = BatchedMarket(cfg, n, device=device)
-    market.reset(seed=0)
-    gen = torch.Generator(device=device).manual_seed(0)
-    actions = [torch.randint(0, cfg.num_ads, (n, cfg.num_candidates), generator=gen, device=device) for _ in range(4)]
-    actions = [actions[i % 4] for i in range(steps)]
+def native_step(market: BatchedMarket, compiled: bool):
+    """The timed step of ``market`` for (N, K) candidates: ``market.step`` (eager), or the pure core
+    (transition + observe) through ``torch.compile`` with finished rows reset eagerly (one host sync)."""
     if not compiled:
-        return n * steps / time_steps(market.step, actions, device, warmup=3)
+        return market.step
     world = market.world
 
     @torch.compile(dynamic=False)
@@ -91,7 +88,16 @@ def bench_native(cfg: WorldConfig, n: int, steps: int, device: torch.device, com
             state = state.put(rows, fresh)
         market.state = state
 
-    return n * steps / time_steps(step, actions, device, warmup=5)
+    return step
+
+
+def bench_native(cfg: WorldConfig, n: int, steps: int, device: torch.device, compiled: bool) -> float:
+    market = BatchedMarket(cfg, n, device=device)
+    market.reset(seed=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    actions = [torch.randint(0, cfg.num_ads, (n, cfg.num_candidates), generator=gen, device=device) for _ in range(4)]
+    actions = [actions[i % 4] for i in range(steps)]
+    return n * steps / time_steps(native_step(market, compiled), actions, device, warmup=5 if compiled else 3)
 
 
 def bench_dummy_vec(cfg: WorldConfig, n: int, steps: int) -> float:

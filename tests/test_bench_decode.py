@@ -125,12 +125,12 @@ def test_incremental_step_equals_full_forward_of_the_next_request():
             assert_close(a.k, b.k, atol=1e-5, rtol=1e-5)
         for a, b in zip(st.think, st2.think, strict=True):
             assert_close(a, b, atol=1e-5, rtol=1e-5)
-        vals = dec(st, 4, 3)  # a whole step runs and feeds the shown ad back
+        vals, items = dec(st, 4, 3)  # a whole step runs and feeds the shown ad back
         # the same decision as the full path: model.beam_fns on the full re-encode, same refiner noise
         noise = torch.randn(3, cfg.d_model, generator=torch.Generator().manual_seed(0))
         ctx_full = model.ptd.context(hidden, full.padding_mask, noise=noise)
         res = bench.beam_search(model.beam_fns(ctx_full)[0], trie, batch_size=3, beam_width=4, top_k=3)
-        assert torch.equal(st.codes, res.codes[:, 0].clamp_min(0))
+        assert torch.equal(st.codes, res.codes[:, 0].clamp_min(0)) and torch.equal(items, res.items)
         want_vals = model.values(ctx_full.repeat_interleave(3, 0), res.codes.clamp_min(0).flatten(0, 1))
         assert_close(vals.flatten(0, 1), want_vals, atol=1e-5, rtol=1e-5)  # per path, context repeated
     assert vals.shape == (3, 3, cfg.path_len + 1)
@@ -157,8 +157,9 @@ def test_fused_step_equals_the_eager_step():
         st = eager.prefill(tokens)
         st2 = copy.deepcopy(st)
         for _ in range(2):  # the second step reads the shown ad the first one wrote
-            want, got = eager(st, 4, 3), fused(st2, 4, 3)
+            (want, want_items), (got, got_items) = eager(st, 4, 3), fused(st2, 4, 3)
             assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got_items, want_items) and got_items.shape == (5, 3)
             assert torch.equal(st.codes, st2.codes) and torch.equal(st.items, st2.items)
             for a, b in zip(st.tail, st2.tail, strict=True):
                 assert_close(b.k, a.k, atol=1e-5, rtol=1e-5)
@@ -188,3 +189,17 @@ def test_small_matmul_under_compile_equals_matmul():
             got = fn(a, b)
         assert got.dtype == want.dtype == torch.bfloat16
         assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_env_step_rows_time_decode_and_env_together(tmp_path):
+    """--env-step adds an 'incremental+env' row per mode: the decoded top-K go through the env's step."""
+    out = tmp_path / "bench.json"
+    args = [a for a in INC_ARGS if a != "full,incremental"]
+    args[args.index("--mode") + 1 : args.index("--mode") + 1] = ["incremental"]
+    main([*args, "--beams", "2", "--naive-requests", "0", "--env-step", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["decode"], r["mode"]) for r in rows] == [("incremental", "eager"), ("incremental+env", "eager")]
+    dec, env = rows
+    assert "error" not in env, env
+    assert _positive(env["decisions_per_s"]) and env["env_bytes_per_step"] > 0
+    assert env["bytes_per_decision"] == dec["bytes_per_decision"] + env["env_bytes_per_step"]
