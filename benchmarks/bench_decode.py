@@ -991,14 +991,14 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
     print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; d={cfg.d_model} layers={cfg.n_layers} "
           f"T={schema.seq_len} levels={list(levels)} items={args.items} params={n_params / 1e6:.2f}M; "
           f"matmul {mm_rate / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s; FFN impl {args.ffn_impl}")  # fmt: skip
-    print(f"{'decode':<13}{'mode':<10}{'N':>8}{'W':>4}{'decisions/s':>14}{'x naive':>9}{'GFLOP/dec':>11}"
+    print(f"{'decode':<17}{'mode':<10}{'N':>8}{'W':>4}{'decisions/s':>14}{'x naive':>9}{'GFLOP/dec':>11}"
           f"{'MB/dec':>9}{'floor/s':>12}{'of floor':>10}{'GFLOP/s':>10}{'peak GiB':>10}")  # fmt: skip
     for r in rows:
         if "error" in r:
-            print(f"{r['decode']:<13}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}  {r['error']}")
+            print(f"{r['decode']:<17}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}  {r['error']}")
             continue
         peak = float("nan") if r["peak_gib"] is None else r["peak_gib"]
-        print(f"{r['decode']:<13}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}{r['decisions_per_s']:>14,.0f}"
+        print(f"{r['decode']:<17}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}{r['decisions_per_s']:>14,.0f}"
               f"{r.get('x_naive', math.nan):>9.1f}{r['flops_per_decision'] / 1e9:>11.3f}"
               f"{r['bytes_per_decision'] / 1e6:>9.3f}{r['floor_decisions_per_s']:>12,.0f}{r['frac_of_floor']:>10.3f}"
               f"{r['achieved_flops_per_s'] / 1e9:>10,.1f}{peak:>10.2f}")  # fmt: skip
