@@ -22,10 +22,10 @@ that ad's final_value (``gpr_sim.model.targets.value_targets``: the scoring API'
 impression, from the logged price and true funnel probabilities), in units of the train side's std
 (``summary.json["value_scale"]``). The HTE reads the context detached (as HEPO's critic does) unless
 ``--value-trunk``: jointly trained, the value loss lowered held-out HitRate@10 in the Table 2 ablation
-(``agents.ablation``'s ``+hte``, which sets it; see ``benchmarks/RESULTS.md``). Measured on a 25,600-request cascade log: a ridge regression on user,
-context and ad one-hot explains about 8% of that value's variance on held-out rows (most of it is the
-auction's price, set by the request's competing bids); ``eval/value_r2`` reaches about 0 after 400 steps,
-from about -5 cold.
+(``agents.ablation``'s ``+hte``, which sets it; see ``benchmarks/RESULTS.md``). Measured on a
+25,600-request cascade log: a ridge regression on user, context and ad one-hot explains about 8% of that
+value's variance on held-out rows (most of it is the auction's price, set by the request's competing
+bids); ``eval/value_r2`` reaches about 0 after 400 steps, from about -5 cold.
 
 Components: ``--[no-]hybrid-attention``, ``--[no-]token-aware-ln``, ``--[no-]token-aware-ffn``,
 ``--[no-]mixture-of-recursions``, ``--[no-]thinking``, ``--[no-]refining``, ``--[no-]hte`` and
