@@ -123,9 +123,14 @@ def launch(main, args):
     if not dist.enabled:
         return main(args, dist)
     try:
-        return main(dataclasses.replace(args, device=dist.device), dist)
+        return main(on_rank_device(args, dist), dist)
     finally:
         cleanup(dist)
+
+
+def on_rank_device(args, dist: Dist):
+    """``args`` (a dataclass with ``device``) with this rank's device when data-parallel; as is when single."""
+    return dataclasses.replace(args, device=dist.device) if dist.enabled else args
 
 
 def broadcast_object(value, dist: Dist):
@@ -135,6 +140,15 @@ def broadcast_object(value, dist: Dist):
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value, dist: Dist) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` when single-process."""
+    if not dist.enabled:
+        return [value]
+    parts = [None] * dist.world_size
+    torch_dist.all_gather_object(parts, value)
+    return parts
 
 
 def shard(n: int, dist: Dist) -> slice:
@@ -158,6 +172,15 @@ def all_reduce_mean(values: dict[str, float], dist: Dist) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
     return {k: float(v) / dist.world_size for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The sum over ranks of ``t`` (on ``t``'s device; reduced on the group's device); ``t`` when single."""
+    if not dist.enabled:
+        return t
+    out = t.to(dist.device)
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def barrier(dist: Dist) -> None:
@@ -277,12 +300,18 @@ def shard_market(
 def shard_env(market: BatchedMarket, num_envs: int, dist: Dist) -> BatchedMarket:
     """Make an already built ``BatchedMarket`` of N / W rows (e.g. a vector env's engine) rank r's exact
     shard of one market of ``num_envs`` sessions, as ``shard_market`` builds it; call before ``reset``."""
+    rows = _own_rows(market, num_envs, dist)
+    market.market_envs, market.grant, market.first_slot = num_envs, grant_across_ranks(dist), rows.start
+    return market
+
+
+def _own_rows(market: BatchedMarket, num_envs: int, dist: Dist) -> slice:
+    """Rank r's global slots ``shard(num_envs, dist)``; an error if ``market`` has another row count."""
     rows = shard(num_envs, dist)
     if rows.stop - rows.start != market.num_envs:
         raise ValueError(f"the market has {market.num_envs} rows, rank {dist.rank}'s share of {num_envs} "
                          f"sessions is {rows.stop - rows.start}")  # fmt: skip
-    market.market_envs, market.grant, market.first_slot = num_envs, grant_across_ranks(dist), rows.start
-    return market
+    return rows
 
 
 def reset_shard(market, seed: int | None, dist: Dist, num_envs: int | None = None) -> dict[str, torch.Tensor]:
@@ -297,8 +326,4 @@ def reset_shard(market, seed: int | None, dist: Dist, num_envs: int | None = Non
     if not dist.enabled:
         return market.reset(seed)
     total = market.num_envs * dist.world_size if num_envs is None else num_envs
-    rows = shard(total, dist)
-    if rows.stop - rows.start != market.num_envs:
-        raise ValueError(f"the market has {market.num_envs} rows, rank {dist.rank}'s share of {total} slots "
-                         f"is {rows.stop - rows.start}")  # fmt: skip
-    return market.reset(seed, first_slot=rows.start)
+    return market.reset(seed, first_slot=_own_rows(market, total, dist).start)

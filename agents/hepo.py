@@ -36,7 +36,6 @@ from pathlib import Path
 
 import gymnasium
 import torch
-import torch.distributed as torch_dist
 from tqdm import tqdm
 
 import envs  # noqa: F401  (registers ads-v0)
@@ -196,7 +195,7 @@ def ensure_pretrained(args: Args, dist: Dist = SINGLE) -> Path:
 
     def pretrain(argv: list[str]) -> dict:
         a = parse_args(stage.Args, argv, stage.__doc__)
-        return stage._main(dataclasses.replace(a, device=dist.device) if dist.enabled else a, dist)
+        return stage._main(distributed.on_rank_device(a, dist), dist)
 
     pre = pretrain_dir(args)
     mtp, vaft = pre / "mtp", pre / "vaft"
@@ -257,10 +256,7 @@ def _cpu(x):
 
 def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, it: int, env_steps: int, dist: Dist = SINGLE):
     """Rank 0 writes model, optimiser and every rank's env state (collective: every rank calls it)."""
-    rollers = [_cpu(roller.state_dict())]
-    if dist.enabled:
-        rollers = [None] * dist.world_size
-        torch_dist.all_gather_object(rollers, _cpu(roller.state_dict()))
+    rollers = distributed.gather_objects(_cpu(roller.state_dict()), dist)
     if not dist.is_main:
         return
     cfg = dataclasses.asdict(model.cfg)
@@ -358,10 +354,7 @@ def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGL
     seeds = torch.full_like(uid, seed + UPDATE_SALT)
     key = rng.stream_keys(seeds, uid & 0xFFFFFFFF, (uid >> 32) * 65_537 + draw)
     mine = torch.stack([key, uid], 1).cpu()
-    parts = [mine]
-    if dist.enabled:
-        parts = [None] * dist.world_size
-        torch_dist.all_gather_object(parts, mine)
+    parts = distributed.gather_objects(mine, dist)
     every = torch.cat(parts)
     order = torch.argsort(every[:, 1], stable=True)  # ties of the shuffle key broken by the unique id
     order = order[torch.argsort(every[order, 0], stable=True)]
@@ -582,10 +575,7 @@ def _main(args: Args, dist: Dist) -> dict:
         env_steps += stats["rollout/requests"]
         returns, _ = roller.pop_episodes()
         episodes = torch.tensor([float(returns.numel()), float(returns.sum())], dtype=torch.float64)
-        if dist.enabled:
-            episodes = episodes.to(dist.device)
-            torch_dist.all_reduce(episodes)
-        count, total = episodes.tolist()
+        count, total = distributed.all_reduce_sum(episodes, dist).tolist()
         done = it + 1
         row = {"iteration": done, "env_steps": env_steps, **stats, **terms,
                "train/episodes": int(count), "train/episode_return": total / count if count else float("nan"),

@@ -38,10 +38,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 from torch import Tensor
 
-from agents.distributed import SINGLE, Dist
+from agents.distributed import SINGLE, Dist, all_reduce_sum
 from agents.losses import LossConfig, gae, group_zscore, process_rewards
 from envs.market import BatchedMarket
 from gpr_sim.model import GPRModel
@@ -243,8 +242,7 @@ class Roller:
         served = items[:, 0]
         charge = scores.expected_revenue[:, 0].double().clamp_min(0.0)
         demand = torch.zeros_like(remaining).index_add_(0, e.world.ad_advertiser[served], charge)
-        if self.dist.enabled:  # every rank's sessions draw on the same budgets
-            torch_dist.all_reduce(demand)
+        demand = all_reduce_sum(demand, self.dist)  # every rank's sessions draw on the same budgets
         share = (remaining.clamp_min(0.0) / demand.clamp_min(1e-12)).clamp(max=1.0)
         return torch.where(demand > 0, share, torch.ones_like(share)).to(torch.float32)
 
@@ -266,9 +264,7 @@ class Roller:
         if self.reward_scale is None:  # first rollout: fix the scale once (module doc), over every rank's rows
             moments = torch.stack([torch.tensor(float(raw.numel()), device=raw.device), raw.double().sum(),
                                    raw.double().square().sum()]).double()  # fmt: skip
-            if self.dist.enabled:
-                torch_dist.all_reduce(moments)
-            count, total, squares = moments.tolist()
+            count, total, squares = all_reduce_sum(moments, self.dist).tolist()
             self.reward_scale = max(math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1, 1)), 1e-6)
         proc = process_rewards(s.codes, s.legal, positive_paths(tokens), 1.0)  # scaled by a_l in the learner
         flag = torch.full((s.codes.shape[0],), rehearsed, dtype=torch.bool, device=self.device)
@@ -306,9 +302,7 @@ class Roller:
         buf = Buffer.concat(parts)
         real = ~buf.rehearsed
         sums = torch.stack([real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()])
-        if self.dist.enabled:  # statistics of the global batch
-            torch_dist.all_reduce(sums)
-        requests, rehearsed, value, invalid = sums.tolist()
+        requests, rehearsed, value, invalid = all_reduce_sum(sums, self.dist).tolist()  # the global batch
         stats = {
             "rollout/requests": int(requests),
             "rollout/rehearsed": int(rehearsed),
