@@ -71,6 +71,8 @@ STRATA_METRICS = {"activity_tier": TABLE5, "ad_age": tuple(m for m in TABLE5 if 
 they have ``AD_METRICS`` only (no reward); every group also logs ``sessions``"""
 BASELINE = "cascade"
 """the ``agents.evaluate`` agent that Table 4 compares every stage with (the production-style cascade)"""
+CI_SUFFIXES = ("", "_ci_low", "_ci_high")
+"""column suffixes of an estimate: the value and its interval"""
 MAX_DF = 10_000
 """degrees of freedom from which a t quantile is taken as the normal one (they differ by < 0.01%)"""
 START = "VAFT"
@@ -334,7 +336,7 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     if baseline is not None:
         ref, cfg = read_baseline(baseline)
         _check_protocol(every, cfg, Path(baseline))
-        own = {f"{m}{s}": ref[f"eval/{m}{s}"] for m in TABLE4 for s in ("", "_ci_low", "_ci_high")}
+        own = {f"{m}{s}": ref[f"eval/{m}{s}"] for m in TABLE4 for s in CI_SUFFIXES}
         rows.append({"stage": BASELINE, "algo": BASELINE, "n": None, "iteration": None, "prev": "", **own})
     for stage, algo, iteration, prev, values, prev_values in stages:
         row = {"stage": stage, "algo": algo, "n": len(values), "iteration": iteration, "prev": prev}
@@ -352,11 +354,13 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     return pd.DataFrame(rows).astype({"n": "Int64", "iteration": "Int64"})
 
 
-def estimate_cell(r, m: str) -> str:
-    """``mean [low, high]`` of metric ``m`` of row ``r`` (4 significant digits); the mean alone without an
-    interval; n/a without a value."""
-    v, lo, hi = r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]
-    return "n/a" if not np.isfinite(v) else f"{v:.4g} [{lo:.4g}, {hi:.4g}]" if np.isfinite(lo) else f"{v:.4g}"
+def estimate_cell(r, m: str, fmt: str = ".4g") -> str:
+    """``mean [low, high]`` of metric ``m`` of row ``r`` (``fmt``: 4 significant digits); the mean alone
+    without an interval; n/a without a value."""
+    v, lo, hi = (r[f"{m}{s}"] for s in CI_SUFFIXES)
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{v:{fmt}}"
 
 
 def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
@@ -447,7 +451,7 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
             where = {"stratum": stratum, "group": group}
             if ref is not None:
                 r = ref.get((stratum, group), {})
-                own = {f"{m}{s}": r.get(f"eval/{m}{s}", math.nan) for m in metrics for s in ("", "_ci_low", "_ci_high")}
+                own = {f"{m}{s}": r.get(f"eval/{m}{s}", math.nan) for m in metrics for s in CI_SUFFIXES}
                 rows.append({**where, "stage": BASELINE, "algo": BASELINE, "n": None, "iteration": None,
                              "sessions": r.get("eval/sessions", math.nan), **own})  # fmt: skip
             keys = {m: strata_key(stratum, group, m) for m in metrics}
@@ -456,7 +460,7 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
                 rows.append({**where, "stage": stage, "algo": algo, "iteration": iteration,
                              **{k: v for k, v in stat.items() if not k.startswith("sessions_")}})  # fmt: skip
     columns = ["stratum", "group", "stage", "algo", "n", "iteration", "sessions"]
-    columns += [f"{m}{s}" for m in TABLE5 for s in ("", "_ci_low", "_ci_high")]
+    columns += [f"{m}{s}" for m in TABLE5 for s in CI_SUFFIXES]
     return pd.DataFrame(rows, columns=columns).astype({"n": "Int64", "iteration": "Int64"})
 
 
@@ -480,12 +484,6 @@ def table5_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     return out
 
 
-def _cell(v: float, lo: float, hi: float) -> str:
-    if not np.isfinite(v):
-        return "n/a"
-    return f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else f"{v:.4f}"
-
-
 def to_markdown(table: pd.DataFrame, metrics: tuple[str, ...], level: float = 0.95) -> str:
     """``mean [low, high]`` per metric (and the paper's value where the table has ``paper_`` columns)."""
     head = ["stage", "n", *metrics]
@@ -494,7 +492,7 @@ def to_markdown(table: pd.DataFrame, metrics: tuple[str, ...], level: float = 0.
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [str(r["stage"]), str(int(r["n"]))]
-        cells += [_cell(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for m in metrics]
+        cells += [estimate_cell(r, m, ".4f") for m in metrics]
         cells += [f"{r[f'paper_{m}']:.4f}" if np.isfinite(r[f"paper_{m}"]) else "" for m in paper]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"\nmean over seeds [{level:.0%} Student t interval over seeds; none with one seed]\n"

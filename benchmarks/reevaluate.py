@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from agents.ablation import t_interval  # noqa: E402
-from agents.plots import BASELINE, TABLE4, check_runs, estimate_cell, group_runs, ratio_interval  # noqa: E402
+from agents.plots import BASELINE, CI_SUFFIXES, TABLE4, check_runs, estimate_cell, group_runs, ratio_interval  # noqa: E402
 from agents.runs import atomic_write_bytes, read_json  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, lev
     by_seed = {label: {read_json(run / "config.json")["seed"]: rows[f"gpr:{run}"] for run in runs}
                for label, runs in groups.items()}  # fmt: skip
     out = [{"label": BASELINE, "n": None, **{f"{m}{s}": _num(cascade.get(f"eval/{m}{s}")) for m in TABLE4
-                                             for s in ("", "_ci_low", "_ci_high")}}]  # fmt: skip
+                                             for s in CI_SUFFIXES}}]  # fmt: skip
     for label, seeds in by_seed.items():
         rec: dict = {"label": label, "n": len(seeds), "seeds": sorted(seeds)}
         for m in TABLE4:
@@ -82,7 +82,7 @@ def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, lev
             if label != ref and len(common) > 0:
                 d = [seeds[s][f"eval/{m}"] / by_seed[ref][s][f"eval/{m}"] - 1 for s in common]
                 rec[f"{m}_vs_ref"], rec[f"{m}_vs_ref_ci_low"], rec[f"{m}_vs_ref_ci_high"] = t_interval(d, level)
-            c = [_num(cascade.get(f"eval/{m}{s}")) for s in ("", "_ci_low", "_ci_high")]
+            c = [_num(cascade.get(f"eval/{m}{s}")) for s in CI_SUFFIXES]
             r = ratio_interval(x, *c, ref_level=level, level=level)
             rec[f"{m}_vs_cascade"], rec[f"{m}_vs_cascade_ci_low"], rec[f"{m}_vs_cascade_ci_high"] = r
         out.append(rec)
@@ -91,7 +91,7 @@ def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, lev
 
 def _change(r: dict, key: str) -> str:
     """``+x% [low, high]`` of a relative change (n/a without one)."""
-    v, lo, hi = (r.get(f"{key}{s}", math.nan) for s in ("", "_ci_low", "_ci_high"))
+    v, lo, hi = (r.get(f"{key}{s}", math.nan) for s in CI_SUFFIXES)
     if not math.isfinite(v):
         return "n/a"
     return f"{v:+.1%}" + (f" [{lo:+.1%}, {hi:+.1%}]" if math.isfinite(lo) else "")
