@@ -223,10 +223,6 @@ def legal_masks(codes: torch.Tensor, tok: WorldTokenizer) -> list[torch.Tensor]:
     return [tok.prefix_mask(safe[..., :level]).cpu() for level in range(codes.shape[-1])]
 
 
-def _final_values(df: pd.DataFrame, targets, world: World) -> Tensor:
-    return value_targets(df, targets, world.ad_value_mean, world.config.reward)
-
-
 def value_scale(g: torch.Tensor) -> float:
     """The std of the finite HTE targets (1 when there are fewer than 2 or they are constant): the HTE learns
     unit-scale values, as HEPO's critic does (``agents.rollout``'s ``reward_scale``)."""
@@ -235,9 +231,8 @@ def value_scale(g: torch.Tensor) -> float:
     return std if std > 1e-12 else 1.0
 
 
-def build_split(df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, world: World, args: Args,
-                scale: float) -> Split:  # fmt: skip
-    """Row-aligned tensors of one side of the split; HTE targets divided by ``scale`` (the train side's)."""
+def build_split(df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, world: World, args: Args) -> Split:
+    """Row-aligned tensors of one side of the split (HTE targets in the world's currency: ``_main`` scales them)."""
     targets = mtp_targets(df, args.mtp_heads)
     codes = target_paths(targets.ads, tok)
     n = args.mtp_heads
@@ -245,7 +240,7 @@ def build_split(df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, wor
         weights = vaft_weights(df, targets) / n  # GPR §4.2; / N keeps the scale of the uniform MTP weights
     else:
         weights = torch.full((len(df), n), 1.0 / n)  # GPR §4.1 DEFAULT: uniform w_j, sum_j w_j = 1
-    g = (_final_values(df, targets, world) / scale).float()
+    g = value_targets(df, targets, world.ad_value_mean, world.config.reward).float()
     tokens = tokens_from_logs(df.reset_index(drop=True), tok.table.to("cpu"), schema)
     dev = torch.device(args.device)
     return Split(tokens.to(dev), codes.to(dev), [m.to(dev) for m in legal_masks(codes, tok)],
@@ -466,8 +461,10 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
     schema = SchemaConfig.from_world(world.config)
     held = split_sessions(df["episode_id"].to_numpy(), args.eval_fraction, args.split_seed)
     train_df, eval_df = df[~held].reset_index(drop=True), df[held].reset_index(drop=True)
-    scale = value_scale(_final_values(train_df, mtp_targets(train_df, 1), world))  # the train side's, for both
-    train, held_out = (build_split(d, tok, schema, world, args, scale) for d in (train_df, eval_df))
+    train, held_out = (build_split(d, tok, schema, world, args) for d in (train_df, eval_df))
+    scale = value_scale(train.values)  # the train side's, for both
+    for side in (train, held_out):
+        side.values = side.values / scale
     trie = tok.to(args.device).trie
     shown = torch.as_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_df["shown_ad"]]))
     has = held_out.ads[:, 0] >= 0
