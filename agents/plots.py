@@ -363,15 +363,17 @@ def estimate_cell(r, m: str, fmt: str = ".4g") -> str:
     return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{v:{fmt}}"
 
 
+def change_cell(r, key: str, fmt: str = "+.2%", missing: str = "") -> str:
+    """``+x% [low, high]`` of the relative change ``key`` of row ``r``; ``missing`` without a value."""
+    v, lo, hi = (r.get(f"{key}{s}", math.nan) for s in CI_SUFFIXES)
+    if not np.isfinite(v):
+        return missing
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{v:{fmt}}"
+
+
 def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     """Three tables: the metrics, the relative change vs the previous stage, and (with a baseline) vs the cascade."""
     head = "| stage | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
-
-    def change(r, m, suffix):
-        v, lo, hi = r[f"{m}{suffix}"], r[f"{m}{suffix}_ci_low"], r[f"{m}{suffix}_ci_high"]
-        if not np.isfinite(v):
-            return ""
-        return f"{v:+.2%} [{lo:+.2%}, {hi:+.2%}]" if np.isfinite(lo) else f"{v:+.2%}"
 
     def lines(part, cell):
         return "".join(f"| {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | "
@@ -384,11 +386,11 @@ def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
            + "\n\n" + head + lines(table, estimate_cell))  # fmt: skip
     out += (f"\nrelative change vs the previous stage ({START} for every RL stage), paired by seed: mean of "
             f"x / x_prev - 1 [{level:.0%} t interval over seeds]\n\n" + head
-            + lines(stages[stages["prev"] != ""], lambda r, m: change(r, m, "_vs_prev")))  # fmt: skip
+            + lines(stages[stages["prev"] != ""], lambda r, m: change_cell(r, f"{m}_vs_prev")))  # fmt: skip
     if f"{TABLE4[0]}_vs_{BASELINE}" in table:
         out += (f"\nrelative change vs {BASELINE}: mean(x) / {BASELINE} - 1 [{level:.0%} interval: seed spread "
                 f"and the {BASELINE}'s CI, delta method, Welch-Satterthwaite df]\n\n" + head
-                + lines(stages, lambda r, m: change(r, m, f"_vs_{BASELINE}")))  # fmt: skip
+                + lines(stages, lambda r, m: change_cell(r, f"{m}_vs_{BASELINE}")))  # fmt: skip
     return out
 
 

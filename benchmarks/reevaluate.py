@@ -31,7 +31,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from agents.ablation import t_interval  # noqa: E402
-from agents.plots import BASELINE, CI_SUFFIXES, TABLE4, check_runs, estimate_cell, group_runs, ratio_interval  # noqa: E402
+from agents.plots import (  # noqa: E402
+    BASELINE,
+    CI_SUFFIXES,
+    TABLE4,
+    change_cell,
+    check_runs,
+    estimate_cell,
+    group_runs,
+    ratio_interval,
+)
 from agents.runs import atomic_write_bytes, read_json  # noqa: E402
 
 
@@ -90,11 +99,7 @@ def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, lev
 
 
 def _change(r: dict, key: str) -> str:
-    """``+x% [low, high]`` of a relative change (n/a without one)."""
-    v, lo, hi = (r.get(f"{key}{s}", math.nan) for s in CI_SUFFIXES)
-    if not math.isfinite(v):
-        return "n/a"
-    return f"{v:+.1%}" + (f" [{lo:+.1%}, {hi:+.1%}]" if math.isfinite(lo) else "")
+    return change_cell(r, key, "+.1%", "n/a")
 
 
 def to_markdown(table: list[dict], ref: str, args) -> str:
