@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from agents.distributed import ENV_VARS
 from envs.market import BatchedMarket
 from gpr_sim.world import WorldConfig
 
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun(module: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m module -- args`` on CPU (gloo), one thread per process."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    drop = (*ENV_VARS, "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
