@@ -51,10 +51,21 @@ def hash_bits(keys: torch.Tensor, num_streams: int, offset: int = 0) -> torch.Te
     return mix32(mix32(keys[:, None] ^ _mul32(streams, _GOLDEN)[None, :]))
 
 
+UNIFORM_MAX = 1.0 - 2.0**-24
+"""the largest float32 below 1: the top of `uniforms`' range"""
+
+
 def uniforms(keys: torch.Tensor, num_streams: int, offset: int = 0) -> torch.Tensor:
-    """(N,) keys -> (N, num_streams) float32 uniforms strictly inside (0, 1)."""
+    """(N,) keys -> (N, num_streams) float32 uniforms strictly inside (0, 1).
+
+    A draw is (b + 0.5) / 2**24 for 24 hash bits b, rounded to float32. For the top code b = 2**24 - 1
+    that rounds to exactly 1.0 (1 - 2**-25 lies half-way between the last two float32 values, and ties
+    go to the even one, 1.0), where ``normals`` and ``gumbels`` are infinite: about 2 draws in 2**25. At
+    GPU scale that happened every few iterations and one infinite refiner noise turned a whole RL update
+    into NaN. The top code is therefore mapped to ``UNIFORM_MAX``; every other draw is unchanged.
+    """
     bits = hash_bits(keys, num_streams, offset) >> 8  # 24 bits: exact in float32
-    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return ((bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=UNIFORM_MAX)
 
 
 def normals(u: torch.Tensor) -> torch.Tensor:
