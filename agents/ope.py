@@ -62,7 +62,7 @@ from agents.policies import CascadePolicy, OraclePolicy, RandomPolicy
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.logs import read_logs, stack_list_column, write_atomic
 from gpr_sim.data.ope import estimate_all, weight_stats
-from gpr_sim.world import WorldConfig
+from gpr_sim.world import WorldConfig, expected_weighted_reward
 from gpr_sim.world.config import check_range
 
 TARGETS = ("random", "cascade", "oracle")
@@ -202,20 +202,21 @@ def check_reproduced(df: pd.DataFrame, columns: dict[str, np.ndarray], stats: di
 def denoised_reward(columns: dict[str, np.ndarray], world) -> np.ndarray:
     """(n,) E[reward | state, ad, auction and budget outcome] of single-slot requests.
 
-    The realised price plus the expected funnel value of the shown ad under the true probabilities
-    (``p_click``, ``p_conversion``, mean order value). Conditioning on the realised auction and budget
-    outcome keeps it unbiased for the realised reward (budget refusals included, which the scoring API
-    does not model) while dropping the click / conversion / order-value noise. With delayed
-    conversions it credits the expected order value to the request that earned it.
+    THE reward formula (``gpr_sim.world.reward.expected_weighted_reward``) of the realised price, the
+    expected funnel value of the shown ad under the true probabilities (``p_click``, ``p_conversion``,
+    mean order value) and the realised stay outcome (the log holds no exit probability; the outcome is
+    unbiased for it). Conditioning on the realised auction and budget outcome keeps it unbiased for the
+    realised reward (budget refusals included, which the scoring API does not model) while dropping the
+    click / conversion / order-value noise. With delayed conversions it credits the expected order value
+    to the request that earned it.
     """
-    w = world.config.reward
-    shown = columns["shown_ad"][:, 0]
-    order_value = world.ad_value_mean.cpu().numpy().astype(np.float64)[np.maximum(shown, 0)] * (shown >= 0)
-    p_click, p_conv = columns["p_click"], columns["p_click"] * columns["p_conversion"]
-    return (
-        columns["revenue"] + w.gmv * p_conv * order_value + w.click * p_click + w.conversion * p_conv
-        + w.stay * ~columns["terminated"]
+    shown = torch.as_tensor(columns["shown_ad"][:, 0])
+    order_value = world.ad_value_mean.cpu().double()[shown.clamp(min=0)] * (shown >= 0)
+    value = expected_weighted_reward(
+        world.config.reward, torch.as_tensor(columns["revenue"]), torch.as_tensor(columns["p_click"]),
+        torch.as_tensor(columns["p_conversion"]), order_value, torch.as_tensor(~columns["terminated"]).double(),
     )  # fmt: skip
+    return value.numpy()
 
 
 def online_run(meta: dict, target: Target, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:

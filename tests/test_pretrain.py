@@ -41,6 +41,7 @@ def _frame() -> pd.DataFrame:
             "conversion": [1, 0, 0, 0, 0],
             "p_click": [0.1, 0.2, 0.05, 0.5, 0.0],
             "p_conversion": [0.2, 0.1, 0.1, 0.4, 0.0],
+            "terminated": [True, True, False, False, False],
         }
     )
 
@@ -102,10 +103,11 @@ def test_value_targets_on_frame():
     df = _frame()
     t = mtp_targets(df, num_heads=2)
     value_mean = torch.arange(10, dtype=torch.float64) + 1.0
-    g = value_targets(df, t, value_mean, RewardConfig(revenue=1.0, gmv=0.5, click=2.0, conversion=3.0))
-    # row 2 (session 7, step 0) showed [5, -1]: price 0.1, pCTR 0.05, pCVR 0.1, mean order value of ad 5 = 6
+    g = value_targets(df, t, value_mean, RewardConfig(revenue=1.5, gmv=0.5, click=2.0, conversion=3.0, stay=0.25))
+    # row 2 (session 7, step 0) showed [5, -1]: price 0.1, pCTR 0.05, pCVR 0.1, mean order value of ad 5 = 6,
+    # and the user stayed
     ctr, conv = 0.05, 0.05 * 0.1
-    want = 0.1 + 0.5 * conv * 6.0 + 2.0 * ctr + 3.0 * conv
+    want = 1.5 * 0.1 + 0.5 * conv * 6.0 + 2.0 * ctr + 3.0 * conv + 0.25
     assert g[2].item() == pytest.approx(want)
     # rows 0 and 3 showed two ads; row 1's ad sat in slot 1; row 4 showed nothing (its head 0 is row 0's ad)
     assert torch.isnan(g[[0, 1, 3, 4]]).all()

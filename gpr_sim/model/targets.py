@@ -39,6 +39,7 @@ from torch import Tensor
 
 from gpr_sim.tokenizer.world import WorldTokenizer
 from gpr_sim.world.config import RewardConfig
+from gpr_sim.world.reward import expected_weighted_reward
 
 EVENT_IMPRESSION, EVENT_CLICK, EVENT_CONVERSION = 1, 2, 3
 MIN_PROB = 1e-3
@@ -143,9 +144,11 @@ def value_targets(df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, 
     in slot 0 and showed nothing else; NaN elsewhere.
 
     final_value is the scoring API's expected value of the shown ad (``gpr_sim.world.core.score`` under the
-    true funnel, given the impression): ``reward.revenue * price + reward.gmv * pCTR pCVR value_mean +
-    reward.click * pCTR + reward.conversion * pCTR pCVR``, from the logged price (``revenue``), the logged
-    true ``p_click`` / ``p_conversion`` and the ad's mean order value. It is the rollout's R (``agents.rollout``)
+    true funnel, given the impression): THE reward formula (``gpr_sim.world.reward.expected_weighted_reward``)
+    of the logged price (``revenue``), the logged true ``p_click`` / ``p_conversion``, the ad's mean order
+    value and the stay outcome. The log holds no exit probability, so the stay term takes the logged
+    outcome (``terminated`` false = stayed), which is unbiased for it and the only noisy term (variance
+    ``reward.stay**2 p (1 - p)``; 0 with the default ``stay=0``). It is the rollout's R (``agents.rollout``)
     without the auction's win probability (the ad did win) or the budget share, in the same currency, and
     free of the funnel's sampling noise. Requests with several impressions are left out: the log sums
     their prices over slots and keeps slot 0's probabilities only (the default world has one slot).
@@ -157,9 +160,9 @@ def value_targets(df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, 
     own &= torch.as_tensor(df["impression"].to_numpy(np.int64, copy=True)) == 1
     price = torch.as_tensor(df["revenue"].to_numpy(np.float64, copy=True))
     ctr = torch.as_tensor(df["p_click"].to_numpy(np.float64, copy=True))
-    conv = ctr * torch.as_tensor(df["p_conversion"].to_numpy(np.float64, copy=True))
-    gmv = conv * ad_value_mean.double().cpu()[ads.clamp_min(0)]
-    value = reward.revenue * price + reward.gmv * gmv + reward.click * ctr + reward.conversion * conv
+    cvr = torch.as_tensor(df["p_conversion"].to_numpy(np.float64, copy=True))
+    stayed = torch.as_tensor(~df["terminated"].to_numpy(bool, copy=True)).double()
+    value = expected_weighted_reward(reward, price, ctr, cvr, ad_value_mean.double().cpu()[ads.clamp_min(0)], stayed)
     return torch.where(own, value, torch.nan)
 
 

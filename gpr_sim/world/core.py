@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from gpr_sim.world import rng
 from gpr_sim.world.auction import advertiser_active, cap_to_budget, first_occurrence, gsp_auction
 from gpr_sim.world.catalog import NUM_DEVICES, World
+from gpr_sim.world.fatigue import exit_probability, fatigue_added, stay_probability
 from gpr_sim.world.funnel import ecpm, platform_probabilities, true_probabilities
+from gpr_sim.world.reward import weighted_reward
 from gpr_sim.world.state import (
     EVENT_CLICK,
     EVENT_CONVERSION,
@@ -160,6 +162,7 @@ class CandidateScores(NamedTuple):
     p_win: torch.Tensor  # probability of winning the auction
     expected_revenue: torch.Tensor  # E[price charged]
     expected_gmv: torch.Tensor  # p_win x pCTR x pCVR x mean order value
+    p_stay: torch.Tensor  # P(the user stays after the request), over winning and losing the auction
     value: torch.Tensor  # expected immediate reward under the world's reward weights
 
 
@@ -195,6 +198,15 @@ def score(
     The auction always runs on the platform's estimates (as in the real system); ``truth`` only
     swaps the funnel probabilities for the hidden true ones (oracle studies). Budgets and pacing
     are not considered here (see ``eligible_ads``). Invalid ids score -inf value.
+
+    ``value`` is THE reward formula (``reward.weighted_reward``) of the expected signals. Its stay term
+    is ``p_stay`` = ``fatigue.stay_probability``: ``transition``'s exit model at the fatigue the request
+    leaves behind, with the ad shown (P(win)) or the slot empty. With ``truth`` it reads the hidden
+    state (current fatigue, the ad's true match, the user's tolerance), so for one candidate with
+    budgets that do not bind, ``value`` is the expectation of ``transition``'s reward given the state
+    (conversion delays only move the GMV and conversion credit to a later request). The platform
+    sees neither fatigue nor tolerance, so its estimate (``truth=False``) takes no carried-over fatigue
+    (its pCTR ignores fatigue too), the population's mean tolerance (0) and the profile-interest match.
     """
     cfg = world.config
     valid = (candidates >= 0) & (candidates < cfg.num_ads)
@@ -204,15 +216,17 @@ def score(
     p_win, revenue = auction_expectations(cfg, bid_ecpm)
     if truth:
         pr = true_probabilities(world, ads, state.interest, state.user_id, state.fatigue, state.hour, slot)
+        carried, tolerance = state.fatigue * cfg.fatigue_decay, world.user_tolerance[state.user_id]
     else:
         pr = est
+        carried = tolerance = torch.zeros_like(state.fatigue)
     p_click = p_win * pr.p_click
     p_conv = p_click * pr.p_conversion
     gmv = p_conv * world.ad_value_mean[ads]
-    w = cfg.reward
-    value = w.revenue * revenue + w.gmv * gmv + w.click * p_click + w.conversion * p_conv
+    p_stay = stay_probability(world, state.user_id, carried, tolerance, pr.match, p_win)
+    value = weighted_reward(cfg.reward, revenue, gmv, p_click, p_conv, p_stay)
     value = value.masked_fill(~valid, float("-inf"))
-    return CandidateScores(pr.p_click, pr.p_conversion, bid_ecpm, p_win, revenue, gmv, value)
+    return CandidateScores(pr.p_click, pr.p_conversion, bid_ecpm, p_win, revenue, gmv, p_stay, value)
 
 
 def transition(
@@ -285,10 +299,7 @@ def transition(
 
     # --- user dynamics -----------------------------------------------------------------------
     impressions = impression.sum(1)
-    irrelevance = (1.0 - truth.match).clamp(min=0.0)
-    fatigue = state.fatigue * cfg.fatigue_decay + (
-        impression * (cfg.fatigue_per_ad + cfg.fatigue_irrelevance * irrelevance)
-    ).sum(1)
+    fatigue = state.fatigue * cfg.fatigue_decay + (impression * fatigue_added(cfg, truth.match)).sum(1)
     M, R = cfg.organic_per_request, cfg.organic_candidates
     interest = state.interest
     base = world.user_interest[state.user_id]
@@ -306,14 +317,7 @@ def transition(
     ad_event = _push(state.ad_event, event, impression)
 
     # --- session end ---------------------------------------------------------------------------
-    tier = world.user_activity[state.user_id].float()
-    exit_logit = (
-        cfg.exit_bias
-        + cfg.exit_fatigue_weight * fatigue
-        - cfg.exit_activity_weight * (tier - 3.0)
-        - cfg.exit_tolerance_weight * world.user_tolerance[state.user_id]
-    )
-    terminated = u[:, 4 * S] < torch.sigmoid(exit_logit)
+    terminated = u[:, 4 * S] < exit_probability(world, state.user_id, fatigue, world.user_tolerance[state.user_id])
     truncated = (new_step >= cfg.max_steps) & ~terminated
     done = terminated | truncated
     due = (pend_ad >= 0) & ((pend_due <= new_step[:, None]) | done[:, None])
@@ -323,14 +327,10 @@ def transition(
     pend_gmv = torch.where(due, torch.zeros_like(pend_gmv), pend_gmv)
     pend_due = torch.where(due, torch.full_like(pend_due, -1), pend_due)
 
-    w = cfg.reward
-    reward = (
-        w.revenue * revenue.sum(1)
-        + w.gmv * (gmv.sum(1) + delayed_gmv)
-        + w.click * click.sum(1)
-        + w.conversion * (conversion.sum(1) + delayed_conversion)
-        + w.stay * (~terminated)
-    )
+    realised = weighted_reward(
+        cfg.reward, revenue.sum(1), gmv.sum(1) + delayed_gmv, click.sum(1), conversion.sum(1) + delayed_conversion,
+        ~terminated,
+    )  # fmt: skip
     new_state = SessionState(
         seed=state.seed, slot=state.slot, counter=state.counter + 1, episode=state.episode,
         user_id=state.user_id, interest=interest, fatigue=fatigue, step=new_step,
@@ -348,7 +348,7 @@ def transition(
         ecpm_true=ecpm(world, shown, truth) * impression, match=truth.match * impression,
         is_new_ad=world.ad_is_new[shown] & impression, invalid=(~valid).sum(1),
         budget_capped=(won & ~granted).sum(1), delayed_conversion=delayed_conversion, delayed_gmv=delayed_gmv,
-        reward=reward, terminated=terminated, truncated=truncated,
+        reward=realised, terminated=terminated, truncated=truncated,
     )
     return new_state, market, outcome
 
