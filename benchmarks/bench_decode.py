@@ -13,29 +13,23 @@ in micro-batches of ``--chunk`` (activation memory grows with the chunk, not wit
 
 Decode paths (``--mode``, the row's ``decode`` key; ``mode`` stays eager/compiled):
 - ``full``: every decision re-encodes the whole T-token request (as ``agents.gpr_policy`` does).
-- ``incremental``: a rollout step on a per-user cache (``IncrementalDecoder``). The prefix (the schema
-  layout, T tokens) is encoded once per user ("prefill", timed apart, in ``prefill``); each step then
-  (1) builds the new tokens from the last decision (``--new-tokens`` - 1 I tokens: the ad shown, with a
-  funnel event; and a new E token: the next request's context), (2) appends them with
-  ``HSD.append``, reading the cached K/V without copying it (the old E slot is marked padding at
-  prefill, so the step is exactly the full forward of ``[U | O | I ... I_new | E_new]``; appending E
-  rather than re-computing the prefix is exact because no U/O/I token attends to E), (3) thinking from the
-  cached online-softmax state (``Thinking.forward_partial``: the queries are parameters, so the prefix
-  folds into O(K d) numbers per user) + the refiner, (4) beam search with the cached PTD
-  (``GPRModel.beam_fns(ctx, cached=True)``: context K/V once per request, only the beams' generated
-  tokens re-decoded), (5) HTE values of every prefix of the top-K paths; the new K/V are written to a
-  tail buffer and the shown ad feeds the next step. Every step appends to the same T-token prefix
-  (steady state at history T; a real rollout grows a buffer or rings it). Not exact-appendable: new O
-  (organic) or U tokens (U/O attend to each other both ways): those need a full re-encode (prefill).
+- ``incremental``: a rollout step on a per-user KV cache (``gpr_sim.model.IncrementalDecoder``; the step's
+  parts and why appending is exact: ``gpr_sim.model.incremental``). The prefix (the schema layout, T tokens)
+  is encoded once per user ("prefill", timed apart, in ``prefill``) with random first-step inputs
+  (``step_inputs``: the shown ad, its ``--new-tokens`` - 1 funnel events, the new E token's context); each
+  step appends ``--new-tokens`` tokens to the same T-token prefix (steady state at history T) and feeds the
+  ad it shows into the next step.
   Two chunk states of ``--inc-chunk`` users are cycled over N (as ``full`` cycles two token batches);
   ``resident_state_gib`` = N x the state bytes per user is what holding all N users would take.
-  No env step: the env lives in ``agents``/``gpr_sim.world``.
+  No env step unless ``--env-step`` (rows ``incremental+env``).
 
 Rows:
 - ``eager`` / ``compiled``: the same decode; ``compiled`` runs the HSD forward and the per-level step
   function (context gather + ``level_logits``) through ``torch.compile``; thinking, the refiner and the
   beam bookkeeping (topk, trie lookups) stay eager. Incremental ``compiled`` compiles the HSD append +
   thinking, the refiner + PTD context K/V, the cached level step and the HTE values.
+- ``fused`` / ``graphs`` (incremental, ``--fuse`` or ``--inc-modes``): the whole step as one compiled graph,
+  and that graph replayed as a CUDA graph (``IncrementalDecoder.MODES``).
 - ``naive``: one request at a time through the same eager model and beam search (incremental: the same
   eager step on one user's state), timed on ``--naive-requests`` requests and extrapolated;
   ``x naive`` = batched / naive decisions per second of the same decode path.
@@ -70,9 +64,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from gpr_sim.decoding import beam_search  # noqa: E402
-from gpr_sim.model import GPRConfig, GPRModel  # noqa: E402
-from gpr_sim.model.hsd import KVCache, LayerCache, TypedFFN  # noqa: E402
-from gpr_sim.model.ptd import ThinkingPartial  # noqa: E402
+from gpr_sim.model import GPRConfig, GPRModel, IncrementalDecoder, IncrementalState  # noqa: E402
+from gpr_sim.model.hsd import TypedFFN  # noqa: E402
 from gpr_sim.schema import TYPE_E, TYPE_I, TYPE_O, TYPE_U, SchemaConfig, TokenBatch  # noqa: E402
 from gpr_sim.tokenizer.trie import PrefixTrie  # noqa: E402
 
@@ -319,197 +312,24 @@ class Decoder:
         return res.items
 
 
-class IncrementalState:
-    """Per-user state of the incremental rollout for one chunk of B users (all on the device).
-
-    ``layers``: HSD K/V of the prefix per block, (B, H, T0, hd) contiguous; ``think``: the thinking
-    attention's online-softmax state over the prefix (``ThinkingPartial``, O(K d) per user); ``type_ids``/``padding_mask`` (B, T0) with the old E slot marked
-    padding; ``next_pos`` (B,) position of the first appended token (the old E's position); ``codes``
-    (B, L') and ``items`` (B,) the last decision's top item (the ad shown, appended as an I token);
-    ``tail``: buffers for the new slots' K/V (what a ring buffer would store, rewritten every step);
-    ``noise`` (B, C): the refiner's start, the same draw every step (generator seeded 0).
-    """
-
-    def __init__(self, **kw) -> None:
-        self.__dict__.update(kw)
-
-    def rows(self, sl: slice) -> IncrementalState:
-        """Users ``sl`` of the chunk (views: in-place updates reach this state)."""
-
-        def cut(x):
-            if isinstance(x, torch.Tensor):
-                return x[sl]
-            if isinstance(x, (LayerCache, ThinkingPartial)):
-                return type(x)(*map(cut, x))
-            if isinstance(x, list):
-                return [cut(y) for y in x]
-            return x
-
-        return IncrementalState(**{k: cut(v) for k, v in self.__dict__.items()})
+def step_inputs(b: int, cfg: GPRConfig, new_tokens: int, device: torch.device, seed: int = 0) -> dict:
+    """Random first-step inputs of ``IncrementalDecoder.prefill`` for ``b`` users: the shown ad (codes,
+    item id), its funnel events, the new E token's context; and the refiner noise (one generator seeded 0)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_i = new_tokens - 1
+    return {
+        "codes": torch.stack([torch.randint(0, k, (b,), generator=gen, device=device) for k in cfg.level_sizes], 1),
+        "items": torch.randint(0, 1 << 20, (b,), generator=gen, device=device),
+        "events": torch.randint(1, 4, (b, max(n_i, 1)), generator=gen, device=device)[:, :n_i],
+        "context": torch.randn(b, cfg.dense_dim, generator=gen, device=device),
+        "noise": torch.randn(b, cfg.d_model, device=device, generator=torch.Generator(device=device).manual_seed(0)),
+    }  # fmt: skip
 
 
-class IncrementalDecoder:
-    """One rollout step per user: token update -> HSD append on the KV cache -> thinking (cached K/V) +
-    refiner -> trie-constrained beam search with the cached PTD (``beam_fns(cached=True)``) -> HTE values.
-
-    The appended tokens are ``new_tokens - 1`` I tokens (the ad shown at the last decision, with a
-    random funnel event) and a new E token (fresh context features). The E token is appended, not
-    re-computed: the previous E slot is marked padding in the cache at prefill, so no later query reads
-    it and the step equals the full forward of ``[U | O | I ... I_new | E_new]`` (``HSD.append``).
-    In this steady-state benchmark every step appends to the same prefix (the tail buffers are rewritten);
-    a real rollout appends into a growing (or ring) buffer, and new O tokens need a full re-encode.
-
-    ``mode``: ``eager``; ``compiled`` (the model parts through ``torch.compile``, the beam bookkeeping
-    eager); ``fused`` (the whole step, beam search and state update included, one ``torch.compile``
-    graph); ``graphs`` (``fused``, captured once per chunk state into a CUDA graph and replayed: no
-    per-kernel launch cost; CUDA only). ``compile_mode``: ``torch.compile``'s mode for the fused graph
-    (e.g. ``max-autotune-no-cudagraphs``: Triton GEMM templates with fused epilogues).
-    """
-
-    MODES = ("eager", "compiled", "fused", "graphs")
-
-    def __init__(
-        self, model: GPRModel, trie: PrefixTrie, mode: str, new_tokens: int, compile_mode: str | None = None
-    ) -> None:
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if new_tokens < 1:
-            raise ValueError(f"--new-tokens must be >= 1 (the E token), got {new_tokens}")
-        if not (model.cfg.thinking and model.cfg.refining):
-            raise ValueError(
-                "the incremental benchmark expects thinking and refining on (the default config)"
-            )
-        self.model, self.trie, self.new_tokens, self.mode = model, trie, new_tokens, mode
-        fns = {"hsd_think": self._hsd_think, "level": model.ptd.level_logits_cached, "post": self._post,
-               "values": model.path_values}  # fmt: skip
-        for name, fn in fns.items():
-            setattr(self, name, torch.compile(fn, dynamic=False) if mode == "compiled" else fn)
-        fused = mode in ("fused", "graphs")
-        self.step = (
-            torch.compile(self._step, dynamic=False, fullgraph=True, mode=compile_mode) if fused else self._step
-        )
-        self._graphs: dict[tuple, tuple] = {}  # (state, rows, beam, top_k) -> (graph, (values, items))
-        self._pool = None
-
-    def _post(self, th: torch.Tensor, noise: torch.Tensor):
-        """Thinking tokens -> context (refine token appended) and the PTD context K/V (cached beam_fns)."""
-        model = self.model
-        refine = model.ptd.refiner.sample(th.mean(1), noise=noise)
-        ctx = torch.cat([th, refine[:, None].to(th.dtype)], 1)  # (B, K + 1, C) == ptd.context(...)
-        return ctx, model.ptd.context_kv(model.head_context(ctx, 0))  # == beam_fns(ctx, cached=True)
-
-    def _hsd_think(self, layers, type_ids, pad, think: ThinkingPartial, tok: TokenBatch):
-        """HSD append + thinking (cached partial + new slots) -> thinking tokens (B, K, C), new K/V."""
-        out = self.model.hsd.append(tok, KVCache(layers, type_ids, pad))
-        th = self.model.ptd.thinking.forward_partial(think, out.hidden, tok.padding_mask)
-        return th, out.cache.layers
-
-    def prefill(self, tokens: TokenBatch, seed: int = 0, sub: int = 4096) -> IncrementalState:
-        """Encode the full prefix once per user (not part of the step): the state the steps start from.
-
-        Runs the HSD over ``sub`` users at a time (bounded activation memory) into preallocated state.
-        """
-        model, dev = self.model, tokens.type_ids.device
-        b, t = tokens.type_ids.shape
-        pad = tokens.padding_mask.clone()
-        pad[:, -1] = True  # the old E slot: seen by no later query
-        layers = think = None
-        for lo in range(0, b, sub):
-            sl = slice(lo, min(b, lo + sub))
-            out = model.hsd(TokenBatch(*(x[sl] for x in tokens)))
-            part = model.ptd.thinking.partial(out.hidden, pad[sl])
-            if layers is None:  # allocate once, from the first sub-batch's shapes and dtypes
-                layers = [LayerCache(*(torch.empty(b, *z.shape[1:], dtype=z.dtype, device=dev) for z in c))
-                          for c in out.cache.layers]  # fmt: skip
-                think = ThinkingPartial(
-                    *(torch.empty(b, *z.shape[1:], dtype=z.dtype, device=dev) for z in part)
-                )
-            for dst, src in zip(layers, out.cache.layers, strict=True):
-                dst.k[sl].copy_(src.k)
-                dst.v[sl].copy_(src.v)
-            for dst, src in zip(think, part, strict=True):
-                dst[sl].copy_(src)
-            del out, part
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        n_i = self.new_tokens - 1
-        kdt, (h, hd) = layers[0].k.dtype, layers[0].k.shape[1::2]
-        return IncrementalState(
-            layers=layers, think=think, type_ids=tokens.type_ids.contiguous(), padding_mask=pad,
-            next_pos=tokens.positions[:, -1].clone(),
-            codes=torch.stack([torch.randint(0, k, (b,), generator=gen, device=dev)
-                               for k in model.cfg.level_sizes], 1),
-            items=torch.randint(0, 1 << 20, (b,), generator=gen, device=dev),
-            events=torch.randint(1, 4, (b, max(n_i, 1)), generator=gen, device=dev)[:, :n_i],
-            context=torch.randn(b, model.cfg.dense_dim, generator=gen, device=dev),
-            noise=torch.randn(b, model.cfg.d_model, device=dev, generator=torch.Generator(device=dev).manual_seed(0)),
-            tail=[LayerCache(torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt),
-                             torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt))
-                  for _ in layers],
-        )  # fmt: skip
-
-    def new_request_tokens(self, st: IncrementalState) -> TokenBatch:
-        """Token update: the last decision's top ad as I token(s) + a new E token, (B, new_tokens)."""
-        b, dev = st.codes.shape[0], st.codes.device
-        n_i, n = self.new_tokens - 1, self.new_tokens
-        is_i = torch.arange(n, device=dev) < n_i  # (n,)
-        type_ids = torch.where(is_i, TYPE_I, TYPE_E).expand(b, n)
-        codes = torch.where(is_i[None, :, None], st.codes[:, None, :], -1)  # (B, n, L')
-        token_ids = torch.where(is_i[None], st.items[:, None], -1)
-        positions = st.next_pos[:, None] + torch.arange(n, device=dev)
-        events = torch.nn.functional.pad(st.events, (0, 1))  # E: event 0
-        dense = torch.zeros(b, n, st.context.shape[1], device=dev)
-        dense[:, -1] = st.context
-        pad = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        return TokenBatch(token_ids, type_ids, positions, pad, codes, events, dense)
-
-    def _step(self, st: IncrementalState, beam: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step on ``st`` in place (tail K/V, shown ad); returns the HTE values (B, top_k, L' + 1) and the
-        top-K items (B, top_k) (-1 = none): the candidates the env's auction gets."""
-        tok = self.new_request_tokens(st)
-        th, new_kv = self.hsd_think(st.layers, st.type_ids, st.padding_mask, st.think, tok)
-        for buf, kv in zip(st.tail, new_kv, strict=True):  # store the new slots (a ring buffer's write)
-            buf.k.copy_(kv.k)
-            buf.v.copy_(kv.v)
-        ctx, kv = self.post(th, st.noise)
-        b = ctx.shape[0]
-        res = beam_search(lambda row, prefix: self.level(kv, row, prefix, beams=prefix.shape[0] // b), self.trie,
-                          batch_size=b, beam_width=beam, top_k=top_k)  # fmt: skip
-        vals = self.values(ctx, res.codes.clamp_min(0))  # (B, top_k, L' + 1)
-        st.codes.copy_(res.codes[:, 0].clamp_min(0))  # the shown ad: next step's I token
-        st.items.copy_(res.items[:, 0].clamp_min(0))
-        return vals, res.items
-
-    def __call__(self, st: IncrementalState, beam: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode != "graphs":
-            return self.step(st, beam, top_k)
-        key = (st.codes.data_ptr(), st.codes.shape[0], beam, top_k)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(st, beam, top_k)
-        graph, out = self._graphs[key]
-        graph.replay()
-        return out
-
-    def _capture(self, st: IncrementalState, beam: int, top_k: int) -> tuple:
-        """Warm the fused step up on a side stream, then capture it on ``st``'s (static) tensors."""
-        if st.codes.device.type != "cuda":
-            raise ValueError("mode 'graphs' needs a CUDA device")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step(st, beam, top_k)
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:  # one pool for every graph: they replay one at a time, outputs read at once
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.step(st, beam, top_k)
-        return graph, out
-
-    def release(self) -> None:
-        """Drop the captured graphs and their memory pool before other shapes are timed."""
-        self._graphs.clear()
-        self._pool = None  # a fresh pool: capturing into one whose graphs were freed trips the allocator
+def prefill_state(dec: IncrementalDecoder, tokens: TokenBatch, seed: int = 0, sub: int = 4096) -> IncrementalState:
+    """``dec.prefill`` of ``tokens`` with ``step_inputs`` drawn from ``seed``."""
+    cfg, dev = dec.model.cfg, tokens.type_ids.device
+    return dec.prefill(tokens, **step_inputs(tokens.type_ids.shape[0], cfg, dec.new_tokens, dev, seed), sub=sub)
 
 
 def time_incremental(
@@ -535,8 +355,8 @@ def time_incremental(
     def one_step() -> None:
         for i, m in enumerate(sizes):
             st = states[i % len(states)]
-            _, items = dec(st if m == chunk else st.rows(slice(0, m)), beam, top_k)
-            cands[i * chunk : i * chunk + m].copy_(items)
+            out = dec(st if m == chunk else st.rows(slice(0, m)), beam, top_k)
+            cands[i * chunk : i * chunk + m].copy_(out.items)
         if env_step is not None:
             env_step(cands)
 
@@ -750,6 +570,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not decode_modes or set(decode_modes) - {"full", "incremental"}:
         raise SystemExit(f"--mode must list full and/or incremental, got {args.mode!r}")
     args.decode_modes = decode_modes
+    if "incremental" in decode_modes and args.new_tokens < 1:
+        raise SystemExit(f"--new-tokens must be >= 1 (the E token), got {args.new_tokens}")
     # incremental: the appended tokens' positions run up to T - 1 + new_tokens - 1
     max_len = schema.seq_len + (args.new_tokens if "incremental" in decode_modes else 0)
     cfg = GPRConfig(level_sizes=levels, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
@@ -802,14 +624,14 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
     eager = dict(modes).get("eager") or IncrementalDecoder(model, trie, "eager", args.new_tokens)  # prefill, naive
     ichunk = chunk if args.inc_chunk <= 0 else min(args.inc_chunk, max(sizes))
     with torch.no_grad(), autocast(device, dtype):
-        eager.prefill(_head(batches[0], min(chunk, 8)))  # warm-up
+        prefill_state(eager, _head(batches[0], min(chunk, 8)))  # warm-up
         sync(device)
         sec, states = 0.0, []
         for i in range(2):
             tok = batches[i] if ichunk == chunk else make_tokens(ichunk, schema, cfg, device, seed=i)
             sync(device)
             t = time.perf_counter()
-            states.append(eager.prefill(tok, seed=i, sub=min(ichunk, 4096)))
+            states.append(prefill_state(eager, tok, seed=i, sub=min(ichunk, 4096)))
             sync(device)
             sec += time.perf_counter() - t
             del tok

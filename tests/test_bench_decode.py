@@ -1,4 +1,5 @@
-"""benchmarks/bench_decode.py runs end to end on CPU with tiny sizes and writes the documented JSON."""
+"""benchmarks/bench_decode.py runs end to end on CPU with tiny sizes and writes the documented JSON (the
+decoder it times: tests/test_incremental.py)."""
 
 import importlib.util
 import json
@@ -94,103 +95,6 @@ def test_incremental_mode_tiny_cpu(tmp_path):
         assert a["new_tokens"] == 3 and a["prefix_len"] == 12 and _positive(a["kv_bytes_per_decision"])
 
 
-def test_incremental_step_equals_full_forward_of_the_next_request():
-    """The step's HSD + thinking on the cache == the full model on [prefix without old E | new I.. | E]."""
-    import torch
-    from torch.testing import assert_close
-
-    from gpr_sim.schema import SchemaConfig, TokenBatch
-
-    torch.manual_seed(0)
-    cfg = GPRConfig(level_sizes=(6, 5, 4), d_model=32, n_layers=2, n_heads=2, max_len=20)
-    model = bench.GPRModel(cfg).eval()
-    trie = bench.make_trie(50, cfg.level_sizes, torch.device("cpu"))
-    schema = SchemaConfig(organic_len=5, ad_len=5)
-    tokens = bench.make_tokens(3, schema, cfg, torch.device("cpu"))
-    dec = bench.IncrementalDecoder(model, trie, "eager", new_tokens=3)
-    with torch.no_grad():
-        st = dec.prefill(tokens)
-        new = dec.new_request_tokens(st)
-        th, new_kv = dec._hsd_think(st.layers, st.type_ids, st.padding_mask, st.think, new)
-        full = TokenBatch(*(torch.cat([a[:, :-1], b], 1) for a, b in zip(tokens, new, strict=True)))
-        hidden = model.hsd(full).hidden
-        want = model.ptd.thinking(hidden, full.padding_mask)
-        assert_close(th, want, atol=1e-5, rtol=1e-5)
-        noise = torch.randn(3, cfg.d_model)
-        ctx, kv = dec._post(th, noise)
-        assert_close(ctx, model.ptd.context(hidden, full.padding_mask, noise=noise), atol=1e-5, rtol=1e-5)
-        assert_close(kv[0][0], model.ptd.context_kv(model.head_context(ctx, 0))[0][0])
-        st2 = dec.prefill(tokens, sub=2)  # sub-batched prefill: the same state
-        for a, b in zip(st.layers, st2.layers, strict=True):
-            assert_close(a.k, b.k, atol=1e-5, rtol=1e-5)
-        for a, b in zip(st.think, st2.think, strict=True):
-            assert_close(a, b, atol=1e-5, rtol=1e-5)
-        vals, items = dec(st, 4, 3)  # a whole step runs and feeds the shown ad back
-        # the same decision as the full path: model.beam_fns on the full re-encode, same refiner noise
-        noise = torch.randn(3, cfg.d_model, generator=torch.Generator().manual_seed(0))
-        ctx_full = model.ptd.context(hidden, full.padding_mask, noise=noise)
-        res = bench.beam_search(model.beam_fns(ctx_full)[0], trie, batch_size=3, beam_width=4, top_k=3)
-        assert torch.equal(st.codes, res.codes[:, 0].clamp_min(0)) and torch.equal(items, res.items)
-        want_vals = model.values(ctx_full.repeat_interleave(3, 0), res.codes.clamp_min(0).flatten(0, 1))
-        assert_close(vals.flatten(0, 1), want_vals, atol=1e-5, rtol=1e-5)  # per path, context repeated
-    assert vals.shape == (3, 3, cfg.path_len + 1)
-    assert len(new_kv) == cfg.n_layers
-
-
-def test_fused_step_equals_the_eager_step():
-    """The whole step as one compiled graph (tiny matmuls as reductions inside it) == the eager step."""
-    import copy
-
-    import torch
-    from torch.testing import assert_close
-
-    from gpr_sim.schema import SchemaConfig
-
-    torch.manual_seed(0)
-    cfg = GPRConfig(level_sizes=(6, 5, 4), d_model=32, n_layers=2, n_heads=2, max_len=20)
-    model = bench.GPRModel(cfg).eval()
-    trie = bench.make_trie(50, cfg.level_sizes, torch.device("cpu"))
-    tokens = bench.make_tokens(5, SchemaConfig(organic_len=5, ad_len=5), cfg, torch.device("cpu"))
-    eager = bench.IncrementalDecoder(model, trie, "eager", new_tokens=3)
-    fused = bench.IncrementalDecoder(model, trie, "fused", new_tokens=3)
-    with torch.no_grad():
-        st = eager.prefill(tokens)
-        st2 = copy.deepcopy(st)
-        for _ in range(2):  # the second step reads the shown ad the first one wrote
-            (want, want_items), (got, got_items) = eager(st, 4, 3), fused(st2, 4, 3)
-            assert_close(got, want, atol=1e-5, rtol=1e-5)
-            assert torch.equal(got_items, want_items) and got_items.shape == (5, 3)
-            assert torch.equal(st.codes, st2.codes) and torch.equal(st.items, st2.items)
-            for a, b in zip(st.tail, st2.tail, strict=True):
-                assert_close(b.k, a.k, atol=1e-5, rtol=1e-5)
-    try:
-        bench.IncrementalDecoder(model, trie, "graphs", new_tokens=3)(st, 4, 3)
-    except ValueError as e:
-        assert "CUDA" in str(e)
-    else:
-        raise AssertionError("mode 'graphs' on CPU must fail with a clear error")
-
-
-def test_small_matmul_under_compile_equals_matmul():
-    import torch
-    from torch.testing import assert_close
-
-    from gpr_sim.model.hsd import small_matmul
-
-    g = torch.Generator().manual_seed(0)
-    cases = [((3, 2, 2, 16), (3, 2, 16, 2)), ((3, 2, 4, 2), (3, 2, 2, 16)), ((3, 2, 8, 16), (3, 2, 16, 5))]
-    fn = torch.compile(small_matmul, dynamic=False)
-    for sa, sb in cases:
-        a, b = torch.randn(*sa, generator=g), torch.randn(*sb, generator=g)
-        assert_close(fn(a, b), a @ b, atol=1e-5, rtol=1e-5)
-        assert_close(small_matmul(a, b), a @ b)  # eager: matmul itself
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            want = a @ b
-            got = fn(a, b)
-        assert got.dtype == want.dtype == torch.bfloat16
-        assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-
-
 def test_env_step_rows_time_decode_and_env_together(tmp_path):
     """--env-step adds an 'incremental+env' row per mode: the decoded top-K go through the env's step."""
     out = tmp_path / "bench.json"
@@ -203,3 +107,10 @@ def test_env_step_rows_time_decode_and_env_together(tmp_path):
     assert "error" not in env, env
     assert _positive(env["decisions_per_s"]) and env["env_bytes_per_step"] > 0
     assert env["bytes_per_decision"] == dec["bytes_per_decision"] + env["env_bytes_per_step"]
+
+
+def test_incremental_mode_rejects_no_new_tokens(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--new-tokens"):  # the last --new-tokens wins (argparse)
+        main([*INC_ARGS, "--new-tokens", "0", "--out", str(tmp_path / "bench.json")])
