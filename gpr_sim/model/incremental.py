@@ -298,15 +298,23 @@ class IncrementalDecoder:
         return out
 
     def _capture(self, st: IncrementalState, beam: int, top_k: int) -> tuple:
-        """Warm the fused step up on a side stream, then capture it on ``st``'s (static) tensors."""
+        """Warm the fused step up on a side stream, then capture it on ``st``'s (static) tensors.
+
+        The warm-up runs really execute the step, which moves the shown ad (``codes``, ``items``: the only
+        state a step carries to the next; ``tail`` is rewritten from them): both are restored afterwards,
+        so the first replay decides the same step an eager call would.
+        """
         if st.codes.device.type != "cuda":
             raise ValueError("mode 'graphs' needs a CUDA device")
+        codes, items = st.codes.clone(), st.items.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._run(st, beam, top_k)
         torch.cuda.current_stream().wait_stream(side)
+        st.codes.copy_(codes)
+        st.items.copy_(items)
         if self._pool is None:  # one pool for every graph: they replay one at a time, outputs read at once
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
