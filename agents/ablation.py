@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import pandas as pd
 from agents import pretrain
 from agents.cli import parse_args
 from agents.runs import atomic_write_bytes, read_json, write_json
+from gpr_sim.stats import nan_estimate, paired_difference, t_interval
 
 HSTU = {
     "hybrid_attention": False,
@@ -82,9 +82,6 @@ PAPER_HITRATE_100 = {
     "full": 27.32,
 }
 """GPR paper, Table 2: HitRate@100 (%) of HSTU with one component added, and the full GPR"""
-
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-"""two-sided 95% Student t quantiles for df = 1..10 (a check of `t_quantile`)"""
 
 
 @dataclass(frozen=True)
@@ -179,42 +176,6 @@ class Args:
                              select=self.select, **switches)  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Student t quantile t_{p, df} for p in (0.5, 1): bisection on the CDF (Simpson's rule on the pdf)."""
-    if not 0.5 < p < 1.0 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x: float) -> float:
-        t = np.linspace(0.0, x, 4001)
-        pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
-        h = x / 4000
-        return 0.5 + h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, 2 * hi
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def t_interval(x, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): mean +- t_{(1+level)/2, n-1} s / sqrt(n) over the values; NaN interval when n < 2."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, math.nan, math.nan
-    half = t_quantile(0.5 + level / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return mean, mean - half, mean + half
-
-
 # ----------------------------------------------------------------------------- runs
 
 
@@ -272,13 +233,14 @@ def build_table(results: dict[str, dict[int, dict]], args: Args) -> pd.DataFrame
         row: dict = {"variant": variant, "seeds": len(by_seed)}
         metrics = {s: _row_metrics(summ, args.select) for s, summ in by_seed.items()}
         row["step"] = float(np.mean([m["step"] for m in metrics.values()]))
+        common = [s for s in metrics if s in base]  # seeds hstu ran too: the pairs of the paired difference
         for name in (f"hitrate@{k}", f"ndcg@{k}"):
-            v, lo, hi = t_interval([m[f"eval/{name}"] for m in metrics.values()], args.level)
-            row.update({name: v, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
-            paired = [metrics[s][f"eval/{name}"] - _row_metrics(base[s], args.select)[f"eval/{name}"]
-                      for s in metrics if s in base]  # fmt: skip
-            d, dlo, dhi = t_interval(paired, args.level)
-            row.update({f"delta_{name}": d, f"delta_{name}_ci_low": dlo, f"delta_{name}_ci_high": dhi})
+            values = [m[f"eval/{name}"] for m in metrics.values()]
+            row.update(t_interval(values, args.level, nan_policy="propagate").columns(name))
+            x = [metrics[s][f"eval/{name}"] for s in common]
+            y = [_row_metrics(base[s], args.select)[f"eval/{name}"] for s in common]
+            delta = paired_difference(x, y, args.level, nan_policy="propagate") if common else nan_estimate()
+            row.update(delta.columns(f"delta_{name}"))
         row[f"pop_hitrate@{k}"] = float(np.mean([m[f"eval/pop_hitrate@{k}"] for m in metrics.values()]))
         row["paper_hitrate@100"] = PAPER_HITRATE_100[variant]
         row["paper_delta_hitrate@100"] = round(PAPER_HITRATE_100[variant] - PAPER_HITRATE_100["hstu"], 2)

@@ -28,6 +28,7 @@ import envs  # noqa: F401  (registers ads-v0)
 from agents.cli import parse_args_with_world, world_config
 from agents.policies import CascadeConfig, CascadePolicy, PolicyOutput, make_policy
 from gpr_sim.data.logs import write_logs
+from gpr_sim.stats import critical_value
 from gpr_sim.world import WorldConfig
 from gpr_sim.world.config import check_range
 
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(
         f"{out}: {s['requests']} requests ({args.num_envs} envs x {args.steps} steps) in {elapsed:.1f}s "
         f"({s['requests'] / elapsed:,.0f} req/s), {s['sessions_ended']} sessions ended\n"
-        f"reward/request {s['reward_per_request']:.4f} +- {1.96 * s['reward_se']:.4f}  "
+        f"reward/request {s['reward_per_request']:.4f} +- {critical_value(0.95) * s['reward_se']:.4f} (95%)  "
         f"revenue/request {s['revenue_per_request']:.4f}  gmv/request {s['gmv_per_request']:.3f}\n"
         f"fill {s['fill_rate']:.3f}  ctr {s['ctr']:.4f}  cvr {s['cvr']:.4f}  "
         f"propensity min {s['propensity_min']:.3g} median {s['propensity_median']:.3g}"

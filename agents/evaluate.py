@@ -46,8 +46,8 @@ from agents.gpr_policy import gpr_factory
 from agents.policies import make_policy
 from agents.runs import atomic_write_bytes, read_json, write_json
 from envs import resolve_config
-from gpr_sim.data.ope import CIConfig
 from gpr_sim.metrics import SessionAccumulator, summarize, summarize_strata
+from gpr_sim.stats import CIConfig
 
 AgentFactory = Callable[[Any, int], Any]
 """``factory(env, seed) -> policy``; the policy's ``act(obs)`` returns an object with ``.action``."""

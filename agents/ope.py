@@ -62,6 +62,7 @@ from agents.policies import CascadePolicy, OraclePolicy, RandomPolicy
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.logs import read_logs, stack_list_column, write_atomic
 from gpr_sim.data.ope import estimate_all, weight_stats
+from gpr_sim.stats import critical_value
 from gpr_sim.world import WorldConfig, expected_weighted_reward
 from gpr_sim.world.config import check_range
 
@@ -430,7 +431,8 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
               f"mean reward {reward.mean():.5f} (denoised {diag['logged_denoised']:.5f}), mean weight "
               f"{diag['mean_weight']:.3f}, ESS {diag['ess']:.0f}, pi_e support under pi_b {diag['support']:.3f}")
         if args.env:
-            print(f"truth: online {diag['truth_online']:.5f} +- {1.96 * diag['truth_online_se']:.5f} (realized "
+            half = critical_value(args.level) * diag["truth_online_se"]
+            print(f"truth: online {diag['truth_online']:.5f} +- {half:.5f} ({args.level:.0%} CI) (realized "
                   f"{diag['online_realized']:.5f}), bandit (logged requests) {diag['truth_bandit']:.5f} (ignores "
                   f"budget refusals: {diag['budget_refused']:.0%} of the logged ads' wins were refused)")  # fmt: skip
         print(table[cols].to_string(index=False))

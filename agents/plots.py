@@ -6,7 +6,7 @@ Given ``agents.hepo`` run folders (several algorithms and seeds), writes into ``
 
 | file | what |
 |---|---|
-| ``curves.png`` | one panel per metric, one line per algorithm (mean over seeds) against env steps, seed band |
+| ``curves.png`` | one panel per metric, one line per algorithm (mean over seeds) against env steps, band: the same t interval over seeds as the tables |
 | ``table3.csv`` / ``.md`` | GPR Table 3 analogue: candidate quality (nDCG, OPR, mean / max / top-1 normalised value of the top-K beam) at the last evaluation, per algorithm, and the VAFT generator they all start from (their iteration-0 evaluation), with the paper's numbers alongside |
 | ``final_table.csv`` / ``.md`` | per algorithm: final eval reward, GMV, CTCVR and revenue per session |
 | ``table4.csv`` / ``.md`` | GPR Table 4 analogue: online CTR, CVR, CTCVR, GMV, costs (revenue) and reward per stage, the relative change of each stage vs the previous one (paired by seed) and, with ``--baseline`` (an ``agents.evaluate`` folder), vs the cascade |
@@ -14,7 +14,7 @@ Given ``agents.hepo`` run folders (several algorithms and seeds), writes into ``
 | ``final.png`` | the final table as bars with error bars |
 
 Runs are grouped by their ``config.json`` algorithm. Every table value is the mean over the group's runs
-(seeds) with a two-sided Student t interval over seeds (``t_interval``; NaN with a single seed): the
+(seeds) with a two-sided Student t interval over seeds (``gpr_sim.stats.t_interval``; NaN with a single seed): the
 per-run 95% CIs that ``metrics.jsonl`` holds measure evaluation noise of one trained policy, the seed
 interval measures how much training itself varies. The VAFT row's units are the distinct starting
 generators (``config.json`` ``init``), not the runs: every algorithm of a seed starts from the same one.
@@ -31,7 +31,6 @@ import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from statistics import NormalDist
 
 import matplotlib
 
@@ -39,9 +38,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
-from agents.ablation import t_interval, t_quantile  # noqa: E402  (mean, low, high) over seeds
 from agents.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
+from gpr_sim.stats import CI_SUFFIXES, nan_estimate, relative_change, t_interval  # noqa: E402
 
 CURVES = ("eval/reward_per_session", "eval/gmv_per_session", "eval/ctcvr", "eval/cand_mean_value")
 """the metrics drawn by default, one panel each"""
@@ -71,10 +71,6 @@ STRATA_METRICS = {"activity_tier": TABLE5, "ad_age": tuple(m for m in TABLE5 if 
 they have ``AD_METRICS`` only (no reward); every group also logs ``sessions``"""
 BASELINE = "cascade"
 """the ``agents.evaluate`` agent that Table 4 compares every stage with (the production-style cascade)"""
-CI_SUFFIXES = ("", "_ci_low", "_ci_high")
-"""column suffixes of an estimate: the value and its interval"""
-MAX_DF = 10_000
-"""degrees of freedom from which a t quantile is taken as the normal one (they differ by < 0.01%)"""
 START = "VAFT"
 """stage name of the generator every algorithm starts from"""
 ORDER = ("ppo", "grpo", "dpo", "hepo")
@@ -151,7 +147,7 @@ def _stat_row(rows_per_unit: list[list[dict]], keys: dict[str, str], level: floa
     out: dict = {"n": len(rows_per_unit)}
     for name, key in keys.items():
         values = [np.mean([r.get(key, math.nan) for r in unit]) for unit in rows_per_unit]
-        out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = t_interval(values, level)
+        out.update(t_interval(values, level, nan_policy="propagate").columns(name))
     return out
 
 
@@ -270,32 +266,6 @@ def _check_protocol(runs: list[Path], cfg: dict, folder: Path) -> None:
                       stacklevel=3)  # fmt: skip
 
 
-def ratio_interval(x, ref: float, ref_low: float, ref_high: float, ref_level: float = 0.95, level: float = 0.95):
-    """(r, low, high) for r = mean(x) / ref - 1: seeds ``x`` against one reference estimate with its own CI.
-
-    Delta method on the ratio of two independent estimates: with n = len(x), s^2 the variance of x over
-    seeds (ddof 1), se_ref = (ref_high - ref_low) / (2 z_{(1 + ref_level) / 2}) and R = mean(x) / ref,
-
-        se^2 = a + b,   a = s^2 / (n ref^2)  (seeds),   b = (R se_ref / ref)^2  (the reference's sampling)
-
-    and the interval is r +- t_{(1 + level) / 2, df} se with Welch-Satterthwaite df = (n - 1) ((a + b) / a)^2
-    (floored; >= n - 1, so t_{n-1} when the reference is exact, normal when seeds agree). NaN interval with
-    fewer than two seeds: one seed says nothing about how much training varies.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.size == 0 or not np.isfinite(ref) or ref == 0:
-        return math.nan, math.nan, math.nan
-    ratio = float(x.mean()) / ref
-    if x.size < 2:
-        return ratio - 1, math.nan, math.nan
-    se_ref = (ref_high - ref_low) / (2 * NormalDist().inv_cdf(0.5 + ref_level / 2))
-    a = float(x.var(ddof=1)) / (x.size * ref**2)
-    b = (ratio * se_ref / ref) ** 2
-    df = (x.size - 1) * ((a + b) / a) ** 2 if a > 0 else math.inf
-    half = t_quantile(0.5 + level / 2, int(min(df, MAX_DF))) * math.sqrt(a + b)
-    return ratio - 1, ratio - 1 - half, ratio - 1 + half
-
-
 def table4(runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95) -> pd.DataFrame:
     """GPR Table 4 analogue: online metrics per stage, each stage vs the previous one and vs the cascade.
 
@@ -303,7 +273,7 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     stage's previous stage is VAFT (they all start from it). The change vs the previous stage is paired by
     starting generator (one per seed: the same pre-training, and every run sees the same held-out
     sessions): per run d = x_run / x_VAFT(run's generator) - 1, then mean and t interval over runs. The
-    change vs the cascade is ``ratio_interval`` of the stage's per-seed values against the cascade's
+    change vs the cascade is ``gpr_sim.stats.relative_change`` of the stage's per-seed values against the cascade's
     estimate and CI from ``baseline``: the seeds' spread plus the cascade's session-sampling error. The
     stage's own session-sampling error is in neither (all seeds see the same sessions); as those are the
     cascade's sessions too, it partly cancels the cascade's, which is why only the cascade's is counted.
@@ -342,14 +312,15 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
         row = {"stage": stage, "algo": algo, "n": len(values), "iteration": iteration, "prev": prev}
         for m in TABLE4:
             x = np.array([v[m] for v in values], dtype=np.float64)
-            row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = t_interval(x, level)
+            row.update(t_interval(x, level, nan_policy="propagate").columns(m))
             d = (x / np.array([p[m] for p in prev_values]) - 1) if prev_values else None
-            vs = t_interval(d, level) if d is not None else (math.nan,) * 3
-            row[f"{m}_vs_prev"], row[f"{m}_vs_prev_ci_low"], row[f"{m}_vs_prev_ci_high"] = vs
+            vs = t_interval(d, level, nan_policy="propagate") if d is not None else nan_estimate()
+            row.update(vs.columns(f"{m}_vs_prev"))
             if ref is not None:
                 k = f"eval/{m}"
-                vs = ratio_interval(x, ref[k], ref[f"{k}_ci_low"], ref[f"{k}_ci_high"], cfg["level"], level)
-                row[f"{m}_vs_{BASELINE}"], row[f"{m}_vs_{BASELINE}_ci_low"], row[f"{m}_vs_{BASELINE}_ci_high"] = vs
+                vs = relative_change(x, ref[k], ref[f"{k}_ci_low"], ref[f"{k}_ci_high"], ref_level=cfg["level"],
+                                     level=level, nan_policy="propagate")  # fmt: skip
+                row.update(vs.columns(f"{m}_vs_{BASELINE}"))
         rows.append(row)
     return pd.DataFrame(rows).astype({"n": "Int64", "iteration": "Int64"})
 
@@ -520,35 +491,56 @@ def _series(run: Path, metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.
     return xs, ys, band
 
 
-def plot_curves(runs: list[Path], path: Path, metrics: tuple[str, ...] = CURVES, x: str = "env_steps") -> Path:
-    """One panel per metric, one line per algorithm (mean over its runs), seed band; saved to ``path``.
+def seed_curves(
+    runs: list[Path], metric: str, x: str = "env_steps", level: float = 0.95
+) -> dict[str, dict[str, np.ndarray | int]]:
+    """label -> the curve ``plot_curves`` draws for ``metric``: ``x``, ``mean``, ``low``, ``high`` ((T,) each,
+    over the first T evaluations every run of the label has) and ``n`` (runs).
 
-    The band is +-1.96 standard errors over seeds; a single run shows its own 95% CI columns when it has them.
+    With several runs the band is the Student t interval over seeds at each evaluation, the same
+    ``t_interval`` as every table here (at the last evaluation it is the final table's interval); a single
+    run's band is its own CI columns (evaluation noise over sessions) when it has them, else NaN.
     """
     groups: dict[str, list[Path]] = defaultdict(list)
     for run in runs:
         groups[run_label(Path(run))].append(Path(run))
+    curves = {}
+    for label, members in sorted(groups.items()):
+        series = [s for s in (_series(r, metric, x) for r in members) if s[0].size]
+        if not series:
+            continue
+        n = min(s[0].size for s in series)
+        ys = np.stack([s[1][:n] for s in series])  # (runs, T)
+        if len(series) > 1:
+            est = [t_interval(ys[:, j], level, nan_policy="propagate") for j in range(n)]
+            low, high = np.array([e.ci_low for e in est]), np.array([e.ci_high for e in est])
+        elif series[0][2] is not None:
+            low, high = series[0][2][:n, 0], series[0][2][:n, 1]
+        else:
+            low = high = np.full(n, np.nan)
+        curves[label] = {"x": series[0][0][:n], "mean": ys.mean(0), "low": low, "high": high, "n": len(series)}
+    return curves
+
+
+def plot_curves(
+    runs: list[Path], path: Path, metrics: tuple[str, ...] = CURVES, x: str = "env_steps", level: float = 0.95
+) -> Path:
+    """One panel per metric, one line per algorithm (mean over its runs), seed band; saved to ``path``.
+
+    The band is the ``level`` Student t interval over seeds (``seed_curves``), the interval the tables
+    report; a single run shows its own CI columns (over sessions) when it has them. The legend says which.
+    """
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for label, members in sorted(groups.items()):
-            series = [_series(r, metric, x) for r in members]
-            series = [s for s in series if s[0].size]
-            if not series:
-                continue
-            n = min(s[0].size for s in series)
-            xs = series[0][0][:n]
-            ys = np.stack([s[1][:n] for s in series])
-            mean = ys.mean(0)
-            line = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={len(series)})")[0]
-            if len(series) > 1:
-                half = 1.96 * ys.std(0, ddof=1) / np.sqrt(len(series))
-                ax.fill_between(xs, mean - half, mean + half, color=line.get_color(), alpha=0.2)
-            elif series[0][2] is not None:
-                ax.fill_between(xs, series[0][2][:n, 0], series[0][2][:n, 1], color=line.get_color(), alpha=0.2)
+        for label, c in seed_curves(runs, metric, x, level).items():
+            line = ax.plot(c["x"], c["mean"], marker="o", ms=3, label=f"{label} (n={c['n']})")[0]
+            ax.fill_between(c["x"], c["low"], c["high"], color=line.get_color(), alpha=0.2)
         ax.set_title(metric.split("/", 1)[-1])
         ax.set_xlabel(x.replace("_", " "))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, _ = axes[0][0].get_legend_handles_labels()
+    band = Patch(color="gray", alpha=0.2, label=f"band: {level:.0%} t interval over seeds (n=1: the run's own CI)")
+    axes[0][0].legend(handles=[*handles, band], fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -656,7 +648,7 @@ def write_report(
     ``table5`` only when every run logs strata; when only some do, it is left out with a warning."""
     runs, out = check_runs(runs), Path(out)
     t3, fin, t4 = table3(runs, level), final_table(runs, level), table4(runs, baseline, level)
-    files = {"curves": plot_curves(runs, out / "curves.png")}
+    files = {"curves": plot_curves(runs, out / "curves.png", level=level)}
     for name, table, markdown in (("table3", t3, to_markdown(t3, TABLE3, level)),
                                   ("final_table", fin, to_markdown(fin, FINAL, level)),
                                   ("table4", t4, table4_markdown(t4, level))):  # fmt: skip

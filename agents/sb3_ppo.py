@@ -12,7 +12,6 @@ paired). Each seed writes ``{out}/{env}__sb3_ppo__{seed}/`` with ``config.json``
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from agents.cli import parse_args
 from agents.runs import append_metrics, atomic_write_bytes, read_json, read_metrics, write_json
+from gpr_sim.stats import paired_difference
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,6 @@ def evaluate(env, act, episodes: int, seed_base: int = 100_000) -> np.ndarray:
     return returns
 
 
-def mean_ci(x: np.ndarray) -> tuple[float, float, float]:
-    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
-
-
 def train_seed(args: Args, seed: int) -> dict:
     """Train (or resume) one seed; returns its final paired evaluation against random."""
     from stable_baselines3 import PPO
@@ -144,10 +139,10 @@ def train_seed(args: Args, seed: int) -> dict:
         model.learn(total_timesteps=chunk, reset_num_timesteps=False)
         bar.update(model.num_timesteps - before)
         ppo_returns = evaluate(eval_env, lambda obs: int(model.predict(obs, deterministic=True)[0]), args.eval_episodes)
-        diff = ppo_returns - random_returns
-        row = {"global_step": model.num_timesteps, "eval/return": mean_ci(ppo_returns)[0],
-               "eval/random_return": mean_ci(random_returns)[0], "eval/diff_vs_random": mean_ci(diff)[0],
-               "eval/diff_ci_low": mean_ci(diff)[1], "eval/diff_ci_high": mean_ci(diff)[2]}
+        diff = paired_difference(ppo_returns, random_returns)  # same reset seeds: paired by episode
+        row = {"global_step": model.num_timesteps, "eval/return": float(ppo_returns.mean()),
+               "eval/random_return": float(random_returns.mean()), "eval/diff_vs_random": diff.value,
+               "eval/diff_ci_low": diff.ci_low, "eval/diff_ci_high": diff.ci_high}
         append_metrics(run_dir / "metrics.jsonl", row)
         tmp = run_dir / ".checkpoint.tmp.zip"
         model.save(tmp)

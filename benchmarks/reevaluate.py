@@ -11,7 +11,7 @@ thread each, then tabulates per label (``agents.plots.run_label``):
 - the mean over seeds with a t interval over seeds (what another training seed would give);
 - the mean over seeds of each run's own session CI half-width (what the evaluation size still contributes);
 - the change vs ``--ref`` paired by seed (``x / x_ref - 1`` per seed, t interval over seeds);
-- the change vs the cascade (``agents.plots.ratio_interval``: seed spread and the cascade's session CI).
+- the change vs the cascade (``gpr_sim.stats.relative_change``: seed spread and the cascade's session CI).
 
 Writes ``OUT/table.md`` and ``OUT/table.json``; the ``agents.evaluate`` folders are ``OUT/eval{j}`` (a rerun
 with the same settings reuses their sessions).
@@ -30,18 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from agents.ablation import t_interval  # noqa: E402
-from agents.plots import (  # noqa: E402
-    BASELINE,
-    CI_SUFFIXES,
-    TABLE4,
-    change_cell,
-    check_runs,
-    estimate_cell,
-    group_runs,
-    ratio_interval,
-)
+from agents.plots import BASELINE, TABLE4, change_cell, check_runs, estimate_cell, group_runs  # noqa: E402
 from agents.runs import atomic_write_bytes, read_json  # noqa: E402
+from gpr_sim.stats import CI_SUFFIXES, relative_change, t_interval  # noqa: E402
 
 
 def run_evaluations(specs: list[str], args, out: Path) -> dict[str, dict]:
@@ -51,7 +42,7 @@ def run_evaluations(specs: list[str], args, out: Path) -> dict[str, dict]:
     for j, part in enumerate(jobs):
         cmd = [sys.executable, "-m", "agents.evaluate", "--agents", ",".join(part), "--num-envs", str(args.num_envs),
                "--sessions", str(args.sessions), "--seed", str(args.seed), "--preset", args.preset, "--threads", "1",
-               "--no-plots", "--out", str(out / f"eval{j}")]  # fmt: skip
+               "--level", str(args.level), "--no-plots", "--out", str(out / f"eval{j}")]  # fmt: skip
         log = open(out / f"eval{j}.log", "w")  # noqa: SIM115  (closed below, after the process ends)
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, cmd))
     failed = []
@@ -84,16 +75,16 @@ def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, lev
         for m in TABLE4:
             x = np.array([seeds[s][f"eval/{m}"] for s in sorted(seeds)], dtype=np.float64)
             half = [(seeds[s][f"eval/{m}_ci_high"] - seeds[s][f"eval/{m}_ci_low"]) / 2 for s in sorted(seeds)]
-            rec[m], rec[f"{m}_ci_low"], rec[f"{m}_ci_high"] = t_interval(x, level)
+            rec.update(t_interval(x, level, nan_policy="propagate").columns(m))
             rec[f"{m}_per_seed"] = x.tolist()
             rec[f"{m}_session_half"] = float(np.mean(half))
             common = sorted(set(seeds) & set(by_seed.get(ref, {})))
             if label != ref and len(common) > 0:
                 d = [seeds[s][f"eval/{m}"] / by_seed[ref][s][f"eval/{m}"] - 1 for s in common]
-                rec[f"{m}_vs_ref"], rec[f"{m}_vs_ref_ci_low"], rec[f"{m}_vs_ref_ci_high"] = t_interval(d, level)
+                rec.update(t_interval(d, level, nan_policy="propagate").columns(f"{m}_vs_ref"))
             c = [_num(cascade.get(f"eval/{m}{s}")) for s in CI_SUFFIXES]
-            r = ratio_interval(x, *c, ref_level=level, level=level)
-            rec[f"{m}_vs_cascade"], rec[f"{m}_vs_cascade_ci_low"], rec[f"{m}_vs_cascade_ci_high"] = r
+            r = relative_change(x, *c, ref_level=level, level=level, nan_policy="propagate")
+            rec.update(r.columns(f"{m}_vs_cascade"))
         out.append(rec)
     return out
 

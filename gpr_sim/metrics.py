@@ -16,10 +16,10 @@ them as such gives intervals that are too narrow. Everything here therefore work
 | `activity_tier` | the user's activity tier, 1..5 |
 
 Ratio metrics (CTR, CVR, CTCVR, eCPM, ROI) are ratios of session sums, sum(num) / sum(den), with a
-delta-method interval: linearising R = mean(num) / mean(den) gives the per-session influence terms
-(num_i - R den_i) / mean(den), whose sample variance / n is Var(R). Per-session means (GMV, revenue,
-reward, length) get the CLT interval. ``ci="bootstrap"`` instead resamples sessions (one set of
-resamples shared by every metric) with an explicit ``np.random.Generator``.
+delta-method interval (``gpr_sim.stats.ratio_of_means``); per-session means (GMV, revenue, reward,
+length) get the CLT interval (``gpr_sim.stats.mean_interval``). ``ci="bootstrap"`` instead resamples
+sessions (``gpr_sim.stats.bootstrap_sums``: one set of resamples shared by every metric) with an explicit
+``np.random.Generator``. An empty group of sessions (a stratum nobody fell into) gives NaN, not an error.
 
 ``SessionAccumulator`` builds the session rows from a batched env's per-step outcomes, on the env's
 device, with no host sync until ``records()``.
@@ -29,17 +29,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 import torch
 
-from gpr_sim.data.ope import CIConfig, Estimate
+from gpr_sim.stats import (
+    CIConfig,
+    Estimate,
+    bootstrap_sums,
+    mean_interval,
+    nan_estimate,
+    percentile_interval,
+    ratio_of_means,
+)
 from gpr_sim.world.config import check_range
-
-_BOOTSTRAP_CHUNK_ELEMS = 1 << 22  # resampling weights held at once (B_chunk x n), ~32 MB
-
 
 # ----------------------------------------------------------------------------- metric definitions
 
@@ -91,44 +95,6 @@ AD_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if {m.numerator, m.den
 # ----------------------------------------------------------------------------- intervals
 
 
-def _z(level: float) -> float:
-    return NormalDist().inv_cdf(0.5 + level / 2.0)
-
-
-def ratio_ci(num: np.ndarray, den: np.ndarray, level: float = 0.95) -> Estimate:
-    """sum(num) / sum(den) over sessions with a delta-method (ratio-of-means) normal interval.
-
-    Args:
-        num: (n,) per-session numerator sums (e.g. clicks).
-        den: (n,) per-session denominator sums (e.g. impressions).
-        level: two-sided coverage in (0, 1).
-
-    Returns:
-        Estimate named "ratio"; NaN value when sum(den) == 0, NaN interval when n < 2.
-    """
-    CIConfig("normal", level)
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    if num.shape != den.shape or num.ndim != 1:
-        raise ValueError(f"num and den must be 1-d of one length, got shapes {num.shape} and {den.shape}")
-    n = len(num)
-    if n == 0 or den.sum() == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), n, "ratio")
-    ratio = float(num.sum() / den.sum())
-    if n < 2:
-        return Estimate(ratio, float("nan"), float("nan"), float("nan"), n, "ratio")
-    influence = (num - ratio * den) / den.mean()  # linearised R around the means
-    std_err = float(np.sqrt(influence.var(ddof=1) / n))
-    half = _z(level) * std_err
-    return Estimate(ratio, ratio - half, ratio + half, std_err, n, "ratio")
-
-
-def mean_ci(x: np.ndarray, level: float = 0.95) -> Estimate:
-    """Mean over sessions with the CLT interval mean +- z s / sqrt(n) (NaN interval when n < 2)."""
-    x = np.asarray(x, dtype=np.float64)
-    est = ratio_ci(x, np.ones_like(x), level)  # with den == 1 the influence terms are x_i - mean
-    return est._replace(name="mean")
-
-
 def bootstrap_ci(
     columns: Mapping[str, np.ndarray],
     metrics: Sequence[Metric],
@@ -149,33 +115,19 @@ def bootstrap_ci(
         metric name -> Estimate (value = the plug-in estimate, std_err = std of the replicates).
     """
     CIConfig("bootstrap", level, n_bootstrap)
-    if not isinstance(rng, np.random.Generator):
-        raise ValueError("rng must be a np.random.Generator (no global RNG is used)")
     names = sorted({m.numerator for m in metrics} | {m.denominator for m in metrics if m.denominator})
     data = np.stack([np.asarray(columns[c], dtype=np.float64) for c in names], axis=1)  # (n, C)
     n = data.shape[0]
+    if n == 0:
+        return {m.name: nan_estimate(0, m.name) for m in metrics}
+    sums = bootstrap_sums(data, rng, n_bootstrap)  # (B, C): resampled session sums of every column
     col = {c: i for i, c in enumerate(names)}
-    reps = {m.name: np.empty(n_bootstrap) for m in metrics}
-    if n > 0:
-        chunk = max(1, _BOOTSTRAP_CHUNK_ELEMS // n)
-        for start in range(0, n_bootstrap, chunk):
-            b = min(chunk, n_bootstrap - start)
-            weights = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)  # (b, n) counts
-            sums = weights @ data  # (b, C): resampled session sums of every column
-            with np.errstate(invalid="ignore", divide="ignore"):
-                for m in metrics:
-                    den = sums[:, col[m.denominator]] if m.denominator else float(n)
-                    reps[m.name][start : start + b] = m.scale * sums[:, col[m.numerator]] / den
-    alpha = 1.0 - level
     out = {}
-    for m in metrics:
-        value = _point(columns, m)
-        r = reps[m.name][np.isfinite(reps[m.name])] if n > 0 else np.empty(0)
-        if len(r) < 2 or n < 2:
-            out[m.name] = Estimate(value, float("nan"), float("nan"), float("nan"), n, m.name)
-            continue
-        low, high = np.quantile(r, [alpha / 2.0, 1.0 - alpha / 2.0])
-        out[m.name] = Estimate(value, float(low), float(high), float(r.std(ddof=1)), n, m.name)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for m in metrics:
+            den = sums[:, col[m.denominator]] if m.denominator else float(n)
+            reps = m.scale * sums[:, col[m.numerator]] / den  # (B,)
+            out[m.name] = percentile_interval(reps, _point(columns, m), level, n, m.name)
     return out
 
 
@@ -208,8 +160,13 @@ def estimate(
     out = {}
     for m in metrics:
         num = np.asarray(columns[m.numerator], dtype=np.float64)
-        den = np.asarray(columns[m.denominator], dtype=np.float64) if m.denominator else np.ones_like(num)
-        e = ratio_ci(num, den, level)
+        if len(num) == 0:  # an empty stratum: no sessions, no value
+            out[m.name] = nan_estimate(0, m.name)
+            continue
+        if m.denominator:
+            e = ratio_of_means(num, np.asarray(columns[m.denominator], dtype=np.float64), level)
+        else:
+            e = mean_interval(num, level)
         out[m.name] = Estimate(*(m.scale * v for v in e[:4]), e.n, m.name)
     return out
 
@@ -228,9 +185,7 @@ def summarize(
     ests = estimate(sessions, metrics, ci=ci, level=level, n_bootstrap=n_bootstrap, rng=rng)
     flat: dict[str, float] = {f"{prefix}sessions": int(len(sessions))}
     for name, e in ests.items():
-        flat[f"{prefix}{name}"] = e.value
-        flat[f"{prefix}{name}_ci_low"] = e.ci_low
-        flat[f"{prefix}{name}_ci_high"] = e.ci_high
+        flat.update(e.columns(f"{prefix}{name}"))
     return flat
 
 

@@ -15,13 +15,28 @@ TINY = ["--collect-envs", "16", "--collect-steps", "30", "--d-model", "16", "--n
         "--steps", "4", "--eval-every", "2", "--eval-requests", "30", "--threads", "1"]  # fmt: skip
 
 
-def test_t_quantile_matches_table():
-    for df, want in enumerate(ablation._T975, start=1):
-        assert ablation.t_quantile(0.975, df) == pytest.approx(want, abs=2e-3)
-    assert ablation.t_quantile(0.95, 30) == pytest.approx(1.697, abs=2e-3)
-    mean, lo, hi = ablation.t_interval([1.0, 2.0, 3.0])
-    assert mean == 2.0 and hi - mean == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-2)
-    assert math.isnan(ablation.t_interval([1.0])[1])
+def test_build_table_t_intervals_and_paired_deltas():
+    # hitrate@10 over seeds 0, 1, 2: hstu 0.10, 0.20, 0.30; +mtp 0.16, 0.28, 0.37 (differences 0.06, 0.08, 0.07)
+    # +mtp: mean 0.27, s = sqrt(0.0222 / 2) = 0.105357, half = 4.302653 * s / sqrt(3) = 0.261720
+    # paired delta: mean 0.07, s = 0.01, half = 4.302653 * 0.01 / sqrt(3) = 0.024841
+    # (unpaired, the seeds' spread of ~0.1 would swamp a 0.07 gain: the pairing is what resolves it)
+    def summary(hr: float) -> dict:
+        return {"final": {"step": 4, "eval/hitrate@10": hr, "eval/ndcg@10": hr / 2, "eval/pop_hitrate@10": 0.05}}
+
+    results = {"hstu": {s: summary(v) for s, v in enumerate((0.10, 0.20, 0.30))},
+               "+mtp": {s: summary(v) for s, v in enumerate((0.16, 0.28, 0.37))}}  # fmt: skip
+    table = ablation.build_table(results, ablation.Args(seeds="0,1,2")).set_index("variant")
+    m = table.loc["+mtp"]
+    assert m["hitrate@10"] == pytest.approx(0.27)
+    assert m["hitrate@10_ci_high"] - m["hitrate@10"] == pytest.approx(0.261720, abs=1e-6)
+    assert m["delta_hitrate@10"] == pytest.approx(0.07)
+    assert m["delta_hitrate@10_ci_high"] - m["delta_hitrate@10"] == pytest.approx(0.024841, abs=1e-6)
+    assert m["delta_hitrate@10_ci_low"] > 0  # every seed gains
+    assert m["delta_ndcg@10"] == pytest.approx(0.035)
+    assert table.loc["hstu", "delta_hitrate@10"] == 0.0
+    # without hstu in the run there is no pair: NaN deltas, not an error
+    alone = ablation.build_table({"+mtp": results["+mtp"]}, ablation.Args(seeds="0,1,2"))
+    assert math.isnan(alone.loc[0, "delta_hitrate@10"]) and alone.loc[0, "hitrate@10"] == pytest.approx(0.27)
 
 
 def test_variants_differ_from_hstu_by_one_component():

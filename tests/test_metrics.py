@@ -16,50 +16,26 @@ from gpr_sim.metrics import (
     SessionAccumulator,
     bootstrap_ci,
     estimate,
-    mean_ci,
-    ratio_ci,
     summarize,
     summarize_strata,
 )
+from gpr_sim.stats import ratio_of_means
 
 torch.set_num_threads(1)
-Z95 = 1.959964  # two-sided 95% normal quantile
 
 
 # ----------------------------------------------------------------------------- intervals by hand
 
 
-def test_ratio_ci_by_hand():
-    # sessions (clicks, impressions) = (1, 10), (3, 10), (2, 20): R = 6 / 40 = 0.15, mean(den) = 40/3
-    # influence (num - R den) / mean(den): (-0.5, 1.5, -1.0) * 3/40; var(ddof=1) of (-0.5, 1.5, -1) = 3.5 / 2 = 1.75
-    # Var(R) = 1.75 / (3 * (40/3)^2) = 0.00328125, se = 0.0572822; CI = 0.15 -+ 1.96 * 0.0572822
-    est = ratio_ci(np.array([1.0, 3.0, 2.0]), np.array([10.0, 10.0, 20.0]))
-    assert est.value == pytest.approx(0.15)
-    assert est.std_err == pytest.approx(math.sqrt(0.00328125))
-    assert est.ci_low == pytest.approx(0.0377290, abs=1e-6)
-    assert est.ci_high == pytest.approx(0.2622710, abs=1e-6)
-    assert est.n == 3
-
-
-def test_mean_ci_by_hand():
-    # x = (2, 4, 6, 8): mean 5, s^2 = (9 + 1 + 1 + 9) / 3 = 20/3, se = sqrt(20/3 / 4) = 1.2909944
-    est = mean_ci(np.array([2.0, 4.0, 6.0, 8.0]))
-    assert est.value == 5.0
-    assert est.std_err == pytest.approx(1.2909944)
-    assert (est.ci_low, est.ci_high) == pytest.approx((5 - Z95 * 1.2909944, 5 + Z95 * 1.2909944), abs=1e-5)
-    # a 90% interval uses z = 1.644854
-    assert mean_ci(np.array([2.0, 4.0, 6.0, 8.0]), level=0.9).ci_high == pytest.approx(5 + 1.644854 * 1.2909944)
-
-
-def test_degenerate_inputs_give_nan_not_errors():
-    one = ratio_ci(np.array([1.0]), np.array([4.0]))
-    assert one.value == 0.25 and math.isnan(one.ci_low) and math.isnan(one.ci_high)
-    assert math.isnan(ratio_ci(np.array([0.0, 0.0]), np.array([0.0, 0.0])).value)  # no impressions: no CTR
-    assert math.isnan(mean_ci(np.array([])).value)
+def test_empty_groups_give_nan_and_bad_levels_raise():
+    # an empty stratum (no sessions) has no value, in both interval methods; a bad level is an error
+    empty = {"clicks": np.array([]), "impressions": np.array([])}
+    ctr = [Metric("ctr", "clicks", "impressions"), Metric("clicks_per_session", "clicks")]
+    for kw in ({}, {"ci": "bootstrap", "rng": np.random.default_rng(0)}):
+        est = estimate(empty, ctr, **kw)
+        assert all(math.isnan(e.value) and math.isnan(e.ci_low) and e.n == 0 for e in est.values())
     with pytest.raises(ValueError, match="level"):
-        ratio_ci(np.array([1.0, 2.0]), np.array([1.0, 2.0]), level=1.5)
-    with pytest.raises(ValueError, match="shapes"):
-        ratio_ci(np.array([1.0, 2.0]), np.array([1.0]))
+        estimate({"clicks": np.array([1.0, 2.0]), "impressions": np.array([1.0, 2.0])}, ctr, level=1.5)
     with pytest.raises(ValueError, match="scale"):
         Metric("ctr", "clicks", "impressions", scale=0.0)
 
@@ -93,7 +69,7 @@ def test_summarize_by_hand():
     # Var = 0.36 / (3 * (10/3)^2) = 0.0108, se = 0.1039230; CI = 0.4 -+ 1.96 * 0.1039230 = [0.196314, 0.603686]
     assert (s["sim/ctr_ci_low"], s["sim/ctr_ci_high"]) == pytest.approx((0.196314, 0.603686), abs=1e-5)
     # scaled metrics scale their interval: eCPM = 1000 x the revenue / impressions ratio
-    rev = ratio_ci(np.array([0.2, 0.3, 0.0]), np.array([4.0, 6.0, 0.0]))
+    rev = ratio_of_means(np.array([0.2, 0.3, 0.0]), np.array([4.0, 6.0, 0.0]))
     assert s["sim/ecpm_ci_high"] == pytest.approx(1000 * rev.ci_high)
     assert set(s) == {"sim/sessions"} | {f"sim/{m.name}{x}" for m in METRICS for x in ("", "_ci_low", "_ci_high")}
 
@@ -143,7 +119,7 @@ def test_delta_method_interval_covers_the_true_ratio():
     rng = np.random.default_rng(7)
     clicks, imp = _synthetic_sessions(rng, 1000, 200)
     truth = _true_ctr()  # 0.0782...
-    covered = [(e := ratio_ci(c, i)).ci_low <= truth <= e.ci_high for c, i in zip(clicks, imp)]
+    covered = [(e := ratio_of_means(c, i)).ci_low <= truth <= e.ci_high for c, i in zip(clicks, imp)]
     assert 0.93 <= np.mean(covered) <= 0.97
 
 
@@ -152,7 +128,7 @@ def test_bootstrap_agrees_with_delta_method_and_is_seeded():
     cols = {"clicks": clicks[0], "impressions": imp[0]}
     ctr = [Metric("ctr", "clicks", "impressions")]
     boot = bootstrap_ci(cols, ctr, np.random.default_rng(0), n_bootstrap=2000)["ctr"]
-    delta = ratio_ci(cols["clicks"], cols["impressions"])
+    delta = ratio_of_means(cols["clicks"], cols["impressions"])
     assert boot.value == delta.value  # the point estimate is the plug-in ratio either way
     # with 2000 sessions the percentile interval is close to the normal one (tolerance: 10% of its width)
     width = delta.ci_high - delta.ci_low
@@ -163,6 +139,23 @@ def test_bootstrap_agrees_with_delta_method_and_is_seeded():
         estimate(cols, ctr, ci="bootstrap")
     with pytest.raises(ValueError, match="rng"):
         bootstrap_ci(cols, ctr, rng=np.random.RandomState(0))
+
+
+def test_bootstrap_is_the_percentile_of_shared_multinomial_resamples():
+    # reference: 300 resamples of the 3 sessions as multinomial counts, every metric on the same ones
+    cols = _three_sessions()
+    metrics = [Metric("ctr", "clicks", "impressions"), Metric("ecpm", "revenue", "impressions", 1000.0),
+               Metric("reward_per_session", "reward")]  # fmt: skip
+    got = bootstrap_ci(cols, metrics, np.random.default_rng(9), level=0.9, n_bootstrap=300)
+    counts = np.random.default_rng(9).multinomial(3, np.full(3, 1 / 3), size=300)  # (B, n)
+    data = cols[["clicks", "impressions", "revenue", "reward"]].to_numpy(float)  # sorted column names
+    sums = counts @ data  # (B, 4)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reps = {"ctr": sums[:, 0] / sums[:, 1], "ecpm": 1000 * sums[:, 2] / sums[:, 1], "reward_per_session": sums[:, 3] / 3}
+    for name, r in reps.items():
+        r = r[np.isfinite(r)]  # resamples of only the third session have no impressions
+        assert (got[name].ci_low, got[name].ci_high) == pytest.approx(tuple(np.quantile(r, [0.05, 0.95])), rel=1e-12)
+        assert got[name].std_err == pytest.approx(r.std(ddof=1), rel=1e-12) and got[name].n == 3
 
 
 # ----------------------------------------------------------------------------- the accumulator by hand

@@ -6,7 +6,6 @@ import pytest
 
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.ope import (
-    CIConfig,
     direct_method,
     doubly_robust,
     estimate_all,
@@ -16,6 +15,7 @@ from gpr_sim.data.ope import (
     snips,
     weight_stats,
 )
+from gpr_sim.stats import CIConfig
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 

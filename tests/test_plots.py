@@ -7,17 +7,18 @@ import math
 import re
 import warnings
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
 
 from agents import plots
+from gpr_sim.stats import relative_change, t_interval
 
 T975_DF1 = 12.706
 """two-sided 95% Student t quantile, 1 degree of freedom (two seeds)"""
 T975_DF2 = 4.303
 """two-sided 95% Student t quantile, 2 degrees of freedom (three seeds)"""
-Z975 = 1.959964
-"""two-sided 95% normal quantile"""
 
 
 def eval_row(it: int, reward: float, cand: float) -> dict:
@@ -55,11 +56,40 @@ def by_stage(table: pd.DataFrame) -> dict[str, pd.Series]:
     return {r["stage"]: r for _, r in table.iterrows()}
 
 
-def test_t_interval_is_the_ablation_one():
-    # two values a, b: s = |a - b| / sqrt(2), half = t * s / sqrt(2) = t |a - b| / 2
-    mean, lo, hi = plots.t_interval([1.0, 3.0])
-    assert mean == 2.0 and hi - mean == pytest.approx(T975_DF1, abs=2e-3) and mean - lo == pytest.approx(hi - mean)
-    assert math.isnan(plots.t_interval([1.0])[1])
+def test_curve_band_is_the_tables_t_interval(runs):
+    # HEPO rewards at the last evaluation 1.0, 3.0: the final table's t interval 2.0 -+ 12.706 is the band's
+    # last point; at iteration 0 both HEPO runs start from the two VAFT generators (0.5, 0.7): the VAFT row
+    fin = by_stage(plots.final_table(runs))
+    curves = plots.seed_curves(runs, "eval/reward_per_session")
+    h = curves["hepo"]
+    assert h["n"] == 2 and list(h["x"]) == [0.0, 32.0]
+    for i, stage in ((-1, "+HEPO"), (0, "VAFT")):
+        row = fin[stage]
+        assert (h["mean"][i], h["low"][i], h["high"][i]) == pytest.approx(
+            (row["reward_per_session"], row["reward_per_session_ci_low"], row["reward_per_session_ci_high"]))
+    assert h["high"][-1] - h["mean"][-1] == pytest.approx(T975_DF1 * 1.0, abs=1e-3)  # not 1.96 * 1.0
+    # the 90% band is the 90% table interval
+    fin90, h90 = by_stage(plots.final_table(runs, 0.9)), plots.seed_curves(runs, "eval/reward_per_session", level=0.9)
+    assert h90["hepo"]["high"][-1] == pytest.approx(fin90["+HEPO"]["reward_per_session_ci_high"])
+    # one run: its own CI columns (reward -+ 1 in these rows), else no band
+    one = plots.seed_curves(runs[:1], "eval/reward_per_session")["hepo"]
+    assert one["n"] == 1 and list(one["low"]) == [-0.5, 0.0] and list(one["high"]) == [1.5, 2.0]
+    assert math.isnan(plots.seed_curves(runs[:1], "eval/ctcvr")["hepo"]["low"][0])
+
+
+def test_plotted_band_and_legend(runs, tmp_path, monkeypatch):
+    """The figure draws ``seed_curves``' band, and its legend says which interval it is."""
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    plots.plot_curves(runs, tmp_path / "curves.png", metrics=("eval/reward_per_session",), level=0.9)
+    ax = figs[0].axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["hepo (n=2)", "ppo (n=2)", "band: 90% t interval over seeds (n=1: the run's own CI)"]
+    want = plots.seed_curves(runs, "eval/reward_per_session", level=0.9)["hepo"]
+    band = ax.collections[0].get_paths()[0].vertices  # hepo's filled polygon: (x, low) then (x, high)
+    at_last = band[np.isclose(band[:, 0], 32.0), 1]
+    assert (at_last.min(), at_last.max()) == pytest.approx((want["low"][-1], want["high"][-1]))
+    plt.close(figs[0])
 
 
 def test_final_table_means_and_seed_intervals(runs):
@@ -259,38 +289,22 @@ def test_table4_vs_cascade_combines_seed_and_cascade_intervals(runs3, tmp_path):
     # reward x = 1.0, 0.7, 1.5 vs cascade 0.8 [0.7, 0.9]: R = 1.066667 / 0.8 = 1.333333, r = 0.333333
     # se_ref = 0.2 / (2 * 1.959964) = 0.051021; a = s^2 / (n c^2) = 0.163333 / (3 * 0.64) = 0.085069
     # b = (R se_ref / c)^2 = (1.333333 * 0.051021 / 0.8)^2 = 0.007231; se = sqrt(0.092300) = 0.303809
-    # df = 2 * (0.092300 / 0.085069)^2 = 2.354 -> 2: half = 4.3027 * 0.303810 = 1.307189
+    # df = 2 * (0.092300 / 0.085069)^2 = 2.3546: half = t(0.975, 2.3546) * 0.303810 = 3.7378 * 0.303810 = 1.135586
     assert h["reward_per_session_vs_cascade"] == pytest.approx(1 / 3)
-    assert h["reward_per_session_vs_cascade_ci_high"] == pytest.approx(1 / 3 + 1.307189, abs=1e-3)
-    assert h["reward_per_session_vs_cascade_ci_low"] == pytest.approx(1 / 3 - 1.307189, abs=1e-3)
+    assert h["reward_per_session_vs_cascade_ci_high"] == pytest.approx(1 / 3 + 1.135586, abs=1e-5)
+    assert h["reward_per_session_vs_cascade_ci_low"] == pytest.approx(1 / 3 - 1.135586, abs=1e-5)
     # an exact cascade (CTR: zero-width CI) leaves the t interval over seeds of x / c - 1
-    mean, lo, hi = plots.t_interval([(0.05 + r / 100) / 0.06 - 1 for r in (1.0, 0.7, 1.5)])
+    mean, lo, hi = t_interval([(0.05 + r / 100) / 0.06 - 1 for r in (1.0, 0.7, 1.5)])[:3]
     assert h["ctr_vs_cascade"] == pytest.approx(mean)
     assert (h["ctr_vs_cascade_ci_low"], h["ctr_vs_cascade_ci_high"]) == pytest.approx((lo, hi))
     # the cascade's CI level comes from its config.json
     h90 = by_stage(plots.table4(runs3, make_baseline(tmp_path / "base90", level=0.9)))["+HEPO"]
-    want = plots.ratio_interval([1.0, 0.7, 1.5], 0.8, 0.7, 0.9, ref_level=0.9)[2]
+    want = relative_change([1.0, 0.7, 1.5], 0.8, 0.7, 0.9, ref_level=0.9).ci_high
     assert h90["reward_per_session_vs_cascade_ci_high"] == pytest.approx(want)
-    assert want > h["reward_per_session_vs_cascade_ci_high"] + 1e-3
+    assert abs(want - h["reward_per_session_vs_cascade_ci_high"]) > 1e-2
     # without a baseline the cascade columns are absent; with one the paired columns do not change
     assert "reward_per_session_vs_cascade" not in plots.table4(runs3)
     assert h["reward_per_session_vs_prev"] == pytest.approx(0.5)
-
-
-def test_ratio_interval_with_agreeing_seeds_is_the_cascade_normal_interval():
-    # s = 0: se = R se_ref / c, normal quantile: x = 1.2 vs 0.8 [0.7, 0.9]: R = 1.5, se = 1.5 * 0.051021 / 0.8
-    r, lo, hi = plots.ratio_interval([1.2, 1.2, 1.2], 0.8, 0.7, 0.9)
-    assert r == pytest.approx(0.5)
-    assert hi - r == pytest.approx(Z975 * 1.5 * (0.1 / Z975) / 0.8, rel=1e-3) and r - lo == pytest.approx(hi - r)
-    # seeds agree closely, the cascade does not: Welch-Satterthwaite df, not n - 1. x = 1.0, 1.02, 0.98:
-    # a = 0.0004 / (3 * 0.64) = 0.000208, b = (1.25 * 0.051021 / 0.8)^2 = 0.006355, df = 2 (b / a + 1)^2 = 1985
-    # half = t_{0.975, 1985} sqrt(a + b) = 1.9612 * 0.081013 = 0.158887 (t_{0.975, 2} would give 0.3486)
-    r, lo, hi = plots.ratio_interval([1.0, 1.02, 0.98], 0.8, 0.7, 0.9)
-    assert r == pytest.approx(0.25) and hi - r == pytest.approx(0.158887, abs=1e-4)
-    # read as a 90% CI, the same endpoints are more standard errors: se_ref = 0.1 / 1.644854 = 0.060796,
-    # half = 1.959964 * 1.5 * 0.060796 / 0.8 = 0.223443
-    assert plots.ratio_interval([1.2, 1.2], 0.8, 0.7, 0.9, ref_level=0.9)[2] == pytest.approx(0.5 + 0.223443, abs=1e-4)
-    assert math.isnan(plots.ratio_interval([1.2, 1.3], 0.0, 0.0, 0.0)[0])
 
 
 def test_table4_single_seed_has_values_but_no_intervals(runs3, tmp_path):
@@ -335,8 +349,8 @@ def test_main_with_baseline_writes_table4(runs3, tmp_path):
     assert list(csv["stage"]) == ["cascade", "VAFT", "+HEPO"]
     assert csv.loc[2, "reward_per_session_vs_cascade"] == pytest.approx(1 / 3)
     md = files["table4.md"].read_text()
-    # reward vs cascade: 1/3 +- 1.3072 (test above); CTR (first column) 0.060667 / 0.06 - 1 = +1.11%
-    assert re.search(r"vs cascade.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-97\.39%, \+164\.05%\] \|\n",
+    # reward vs cascade: 1/3 +- 1.135586 (test above); CTR (first column) 0.060667 / 0.06 - 1 = +1.11%
+    assert re.search(r"vs cascade.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-80\.23%, \+146\.89%\] \|\n",
                      md, re.S)  # fmt: skip
     assert "| cascade |  | 0.06 [0.06, 0.06] |" in md
 

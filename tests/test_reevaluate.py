@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.ablation import t_quantile
+from gpr_sim.stats import critical_value
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reevaluate.py"
 _spec = importlib.util.spec_from_file_location("reevaluate", _PATH)
@@ -38,7 +38,7 @@ def test_tabulate_seed_means_paired_change_and_cascade_ratio(tmp_path):
     rows["cascade"] = _row(1.25, half=0.0)  # an exact reference: the ratio interval is the seeds' alone
     groups = reeval.group_runs(list(runs.values()))
     table = {r["label"]: r for r in reeval.tabulate(groups, rows, ref="ppo", level=0.95)}
-    t1 = t_quantile(0.975, 1)
+    t1 = critical_value(0.95, 1)  # 12.706205: two seeds
     h = table["hepo"]
     assert h["n"] == 2 and h["reward_per_session"] == pytest.approx(1.75)
     assert h["reward_per_session_ci_high"] - 1.75 == pytest.approx(t1 * 0.25)  # values 1.5, 2.0: half t * 0.25
@@ -49,7 +49,7 @@ def test_tabulate_seed_means_paired_change_and_cascade_ratio(tmp_path):
     assert "reward_per_session_vs_ref" not in table["ppo"]
     # vs cascade: 1.75 / 1.25 - 1 = 0.4, exact reference -> t_{1} * sd(x) / sqrt(2) / 1.25
     assert h["reward_per_session_vs_cascade"] == pytest.approx(0.4)
-    assert h["reward_per_session_vs_cascade_ci_high"] - 0.4 == pytest.approx(t1 * 0.25 / 1.25, rel=1e-6)
+    assert h["reward_per_session_vs_cascade_ci_high"] - 0.4 == pytest.approx(t1 * 0.25 / 1.25, rel=1e-9)
     md = reeval.to_markdown(list(table.values()), "ppo", reeval.argparse.Namespace(sessions=64, seed=1, num_envs=8,
                                                                                    level=0.95))  # fmt: skip
     assert "| hepo | 2 | 1.75 [" in md and "+25.0%" in md and "+40.0%" in md
@@ -61,3 +61,21 @@ def test_runs_without_a_policy_fail_before_any_evaluation(tmp_path):
     with pytest.raises(SystemExit, match="no policy.pt"):
         reeval.main([str(run), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cascade_is_evaluated_at_the_tables_level(tmp_path, monkeypatch):
+    # the cascade's CI enters the vs-cascade interval read at --level, so agents.evaluate must use that level
+    cmds = []
+
+    class Failed:
+        def __init__(self, cmd, **_):
+            cmds.append(cmd)
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(reeval.subprocess, "Popen", Failed)
+    args = reeval.argparse.Namespace(jobs=1, num_envs=8, sessions=16, seed=1, preset="small", level=0.9)
+    with pytest.raises(SystemExit, match="agents.evaluate failed"):
+        reeval.run_evaluations(["cascade"], args, tmp_path)
+    assert cmds[0][cmds[0].index("--level") + 1] == "0.9"

@@ -6,8 +6,6 @@
 
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.ope import (
-    CIConfig,
-    Estimate,
     WeightStats,
     direct_method,
     doubly_robust,
@@ -20,8 +18,6 @@ from gpr_sim.data.ope import (
 )
 
 __all__ = [
-    "CIConfig",
-    "Estimate",
     "LoggedBandit",
     "WeightStats",
     "direct_method",

@@ -20,27 +20,15 @@ slots); `estimate_all` reports this in its `unit` column.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from gpr_sim.data.bandit import LoggedBandit, describe_rows
+from gpr_sim.stats import CIConfig, Estimate, critical_value, percentile_interval, ratio_of_means
 
 _BOOTSTRAP_CHUNK_ELEMS = 1 << 22  # resampled indices held at once; bounds memory at ~32 MB
-
-
-class Estimate(NamedTuple):
-    """A point estimate with its interval; `ci_low`/`ci_high` are NaN when n < 2."""
-
-    value: float
-    ci_low: float
-    ci_high: float
-    std_err: float
-    n: int
-    name: str
 
 
 class WeightStats(NamedTuple):
@@ -51,26 +39,6 @@ class WeightStats(NamedTuple):
     ess: float
     """Effective sample size (sum w)^2 / sum w^2: how many on-policy rows the log is worth."""
     clipped_frac: float
-
-
-@dataclass(frozen=True)
-class CIConfig:
-    """How intervals are computed; built from the estimators' keyword arguments."""
-
-    method: str = "normal"
-    """"normal" (CLT on the per-row terms) or "bootstrap" (percentile, resampling rows)."""
-    level: float = 0.95
-    """Coverage of the two-sided interval, in (0, 1)."""
-    n_bootstrap: int = 1000
-    """Bootstrap replicates, >= 2; only used by the bootstrap."""
-
-    def __post_init__(self) -> None:
-        if self.method not in ("normal", "bootstrap"):
-            raise ValueError(f"ci (CIConfig.method) must be 'normal' or 'bootstrap', got {self.method!r}")
-        if not 0.0 < self.level < 1.0:
-            raise ValueError(f"level must be in (0, 1), got {self.level}")
-        if self.n_bootstrap < 2:
-            raise ValueError(f"n_bootstrap must be >= 2, got {self.n_bootstrap}")
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -123,21 +91,6 @@ def _name(base: str, clip: float | None) -> str:
 # ----------------------------------------------------------------------------- intervals
 
 
-def _ratio_and_influence(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
-    """sum(num) / sum(den) and its delta-method variance.
-
-    Linearising R = mean(num) / mean(den) around the means gives the per-row influence terms
-    (num_i - R * den_i) / mean(den); their sample variance / n is the variance of R. With den == 1 this
-    is the usual variance of a mean.
-    """
-    n = len(num)
-    ratio = num.sum() / den.sum()
-    if n < 2:
-        return float(ratio), float("nan")
-    influence = (num - ratio * den) / den.mean()
-    return float(ratio), float(influence.var(ddof=1) / n)
-
-
 def _interval(
     num: np.ndarray,
     den: np.ndarray,
@@ -152,12 +105,12 @@ def _interval(
     independent per-slot means. The bootstrap resamples rows within each stratum.
     """
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    parts = [_ratio_and_influence(num[g], den[g]) for g in groups]
-    value = float(sum(p[0] for p in parts))
+    parts = [ratio_of_means(num[g], den[g], cfg.level) for g in groups]  # delta method per stratum
+    value = float(sum(p.value for p in parts))
     n = len(num)
     if cfg.method == "normal":
-        std_err = float(np.sqrt(sum(p[1] for p in parts)))
-        z = NormalDist().inv_cdf(0.5 + cfg.level / 2)
+        std_err = float(np.sqrt(sum(p.std_err**2 for p in parts)))
+        z = critical_value(cfg.level)
         return Estimate(value, value - z * std_err, value + z * std_err, std_err, n, name)
 
     if rng is None:
@@ -170,12 +123,7 @@ def _interval(
             idx = g[rng.integers(0, len(g), size=(stop - start, len(g)))]  # (B_chunk, n_g)
             with np.errstate(invalid="ignore", divide="ignore"):
                 reps[start:stop] += num[idx].sum(axis=1) / den[idx].sum(axis=1)
-    reps = reps[np.isfinite(reps)]  # SNIPS replicates with sum(w) == 0 have no value
-    if len(reps) < 2:
-        return Estimate(value, float("nan"), float("nan"), float("nan"), n, name)
-    alpha = 1.0 - cfg.level
-    low, high = np.quantile(reps, [alpha / 2, 1.0 - alpha / 2])
-    return Estimate(value, float(low), float(high), float(reps.std(ddof=1)), n, name)
+    return percentile_interval(reps, value, cfg.level, n, name)  # drops SNIPS replicates with sum(w) == 0
 
 
 def _mean_estimate(terms: np.ndarray, name: str, cfg: CIConfig, rng: np.random.Generator | None) -> Estimate:
