@@ -61,8 +61,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from agents import distributed
 from agents.cli import parse_args
+from agents.rl import distributed
 from agents.runs import append_metrics, atomic_write_bytes, load_torch, read_metrics, write_json
 from gpr_sim.data.logs import read_logs
 from gpr_sim.model import GPRConfig, GPRModel
