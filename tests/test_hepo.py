@@ -327,7 +327,7 @@ def test_hepo_raises_the_value_of_what_it_serves_over_the_vaft_start(pre, tmp_pa
 def test_hepo_default_model_improves_served_value(tmp_path, seed):
     """Default-size generator and config, 10 iterations (minutes on a CPU). The top-1 value metric ignores
     budgets, so the learner is run on that objective (``--no-budget-aware``): the budget-aware one trades
-    per-request value for budget headroom (agents.rollout doc)."""
+    per-request value for budget headroom (agents.rl.rollout doc)."""
     out = tmp_path / "run"
     hepo.main(["--seed", str(seed), "--iterations", "10", "--eval-every", "10", "--threads", "1", "--no-progress",
                "--no-budget-aware",

@@ -18,7 +18,7 @@ from gpr_sim.schema import TokenBatch
 
 
 def _buffer(m: int, k: int, length: int, gen: torch.Generator) -> Buffer:
-    """A buffer with random paths, log-probs, values and rewards (tokens are not read by compute_targets)."""
+    """A buffer with random paths, log-probs, values and rewards (tokens are not read by the targets)."""
     tokens = TokenBatch(*(torch.zeros(m, 1) for _ in TokenBatch._fields))
     return Buffer(
         tokens=tokens, noise=None, codes=torch.randint(0, 4, (m, k, length), generator=gen),

@@ -145,7 +145,7 @@ def value_targets(df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, 
     final_value is the scoring API's expected value of the shown ad (``gpr_sim.world.core.score`` under the
     true funnel, given the impression): ``reward.revenue * price + reward.gmv * pCTR pCVR value_mean +
     reward.click * pCTR + reward.conversion * pCTR pCVR``, from the logged price (``revenue``), the logged
-    true ``p_click`` / ``p_conversion`` and the ad's mean order value. It is the rollout's R (``agents.rollout``)
+    true ``p_click`` / ``p_conversion`` and the ad's mean order value. It is the rollout's R (``agents.rl.rollout``)
     without the auction's win probability (the ad did win) or the budget share, in the same currency, and
     free of the funnel's sampling noise. Requests with several impressions are left out: the log sums
     their prices over slots and keeps slot 0's probabilities only (the default world has one slot).
