@@ -220,6 +220,13 @@ class Algorithm:
     reference: bool = False
     """its loss reads the frozen reference policy's log-probs (the VAFT generator)"""
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and self.name.isidentifier()):
+            raise ValueError(f"name={self.name!r} is invalid: expected an identifier (the --algo value)")
+        for field in ("targets", "loss"):
+            if not callable(getattr(self, field)):
+                raise ValueError(f"{self.name}: {field} is invalid: expected a function")
+
 
 __all__ = [
     "Algorithm",
