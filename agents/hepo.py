@@ -1,18 +1,20 @@
 """Align the pre-trained GPR generator to business value in the simulator: HEPO (GPR §4.3) and baselines.
 
     python -m agents.hepo --env ads-v0                       # the whole pipeline, small CPU config
-    python -m agents.hepo --env ads-v0 --algo ppo --seed 1   # PPO / GRPO / DPO on the same generator
+    python -m agents.hepo --env ads-v0 --algo ppo --seed 1   # PPO / GRPO / Sibling-GRPO / DPO, same generator
     python -m agents.hepo --env ads-v0 --device cuda --num-envs 4096 --iterations 200
 
 Pipeline (each stage reused when already present): collect cascade logs -> fit the RQ-Kmeans+ tokenizer
 -> MTP -> VAFT (``agents.pretrain``, into ``--pretrain-dir``, shared by every algorithm of a seed so they
 start from the same generator) -> RL. The RL loop per iteration:
 
-    rollout (``agents.rollout.Roller``: N sessions x T steps, K sampled paths per request, simulator
-    scores, process rewards, ARR requests) -> targets (``compute_targets``) -> E epochs of minibatch
-    updates with the algorithm's loss (``agents.losses``) -> metrics -> evaluation -> checkpoint
+    rollout (``agents.rl.rollout.Roller``: N sessions x T steps, K sampled paths per request, simulator
+    scores, process rewards, ARR requests) -> targets (the algorithm's ``targets``) -> E epochs of
+    minibatch updates with the algorithm's loss (``agents.rl.loop.update``) -> metrics -> evaluation
+    -> checkpoint
 
-HEPO, PPO, GRPO and DPO share the rollout buffer and this loop and differ only in the loss. Evaluation
+HEPO, PPO, GRPO, Sibling-GRPO and DPO (``agents.rl.registry.ALGOS``, one file each in ``agents/rl/``) share
+the rollout buffer and this loop and differ only in their targets and loss. Evaluation
 runs the generator (beam search, top-1 served) on held-out sessions of a separate market with a fixed
 seed: reward, revenue, GMV, CTR, CVR, CTCVR per session with 95% CIs, the same per user-activity tier and
 for new / old ads (Table 5, values only: ``eval/strata/...``), plus the Table 3 candidate quality (nDCG,
@@ -39,24 +41,16 @@ import torch
 from tqdm import tqdm
 
 import envs  # noqa: F401  (registers ads-v0)
-from agents import distributed
 from agents.cli import parse_args
-from agents.distributed import SINGLE, Dist
 from agents.evaluate import collect_sessions
 from agents.gpr_policy import GPRPolicy, load_run_model, save_policy
-from agents.losses import (
-    ALGOS,
-    LossConfig,
-    dpo_loss,
-    grpo_loss,
-    hepo_loss,
-    item_value_loss,
-    kl_to_reference,
-    level_weights,
-    ppo_loss,
-)
 from agents.plots import STRATA_METRICS, plot_curves, strata_key
-from agents.rollout import SLOT_BITS, Buffer, Roller, compute_targets
+from agents.rl import distributed
+from agents.rl.common import LossConfig
+from agents.rl.distributed import SINGLE, Dist
+from agents.rl.loop import PathTerms, UpdateConfig, update
+from agents.rl.registry import algorithm
+from agents.rl.rollout import SLOT_BITS, Roller
 from agents.runs import (
     append_metrics,
     atomic_write_bytes,
@@ -71,13 +65,10 @@ from gpr_sim.metrics import summarize, summarize_strata
 from gpr_sim.model import GPRModel
 from gpr_sim.model.offline_eval import candidate_metrics
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
-from gpr_sim.world import rng
 
 CKPT_FORMAT = "gpr_sim.hepo"
 CKPT_VERSION = 2
 """2: keyed rollout draws and minibatch order (no generator states); the env state of every rank"""
-UPDATE_SALT = 0x0DD5
-"""added to the seed for the keys of the minibatch order"""
 RESUME_IGNORES = ("iterations", "progress", "threads", "out", "device", "label")
 """flags that may change between an interrupted run and its resumption"""
 
@@ -89,7 +80,8 @@ class Args:
     env: str = "ads-v0"
     """Gymnasium id of the environment"""
     algo: str = "hepo"
-    """hepo | ppo (terminal reward, joint ratio) | grpo (group z-score, no critic) | dpo (best vs worst of a group)"""
+    """hepo | ppo (terminal reward, joint ratio) | grpo (group z-score, no critic) | sibling_grpo (per level, z-score
+    among the paths sharing the prefix, no critic) | dpo (best vs worst of a group) (agents.rl.registry)"""
     seed: int = 0
     """seed of pre-training, rollouts and updates"""
     label: str = ""
@@ -128,7 +120,7 @@ class Args:
     truth: bool = True
     """score candidates with the simulator's true funnel (GPR.md DEFAULT); off = the platform's estimates"""
     budget_aware: bool = True
-    """scale each candidate's value by its advertiser's budget share this step (agents.rollout doc)"""
+    """scale each candidate's value by its advertiser's budget share this step (agents.rl.rollout doc)"""
     arr: bool = True
     """anticipatory request rehearsal"""
     arr_rate: float = 0.5
@@ -157,8 +149,7 @@ class Args:
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo={self.algo!r} is unknown: expected one of {list(ALGOS)}")
+        algorithm(self.algo)  # a clear error for an unknown name
         for name, lo in (("mtp_steps", 1), ("vaft_steps", 1), ("iterations", 1), ("num_envs", 1),
                          ("rollout_steps", 1), ("group_size", 2), ("epochs", 1), ("minibatch", 1),
                          ("eval_every", 1), ("eval_sessions", 1), ("eval_envs", 1), ("eval_beam", 1),
@@ -270,138 +261,6 @@ def read_checkpoint(path: Path) -> dict:
     """Read an RL checkpoint safely (``weights_only``); errors name the file and what is wrong."""
     return load_torch(path, CKPT_FORMAT, CKPT_VERSION, "an agents.hepo checkpoint",
                       ("model", "optimizer", "rollers", "iteration", "env_steps"))  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- update
-
-
-def path_terms(model: GPRModel, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths."""
-    m, k, length = buf.codes.shape
-    ctx = model.context(buf.tokens, noise=buf.noise)  # (M, Cc, C)
-    codes = buf.codes.flatten(0, 1)
-    masks = [mask.flatten(0, 1) for mask in buf.legal]
-    log_prob = model.log_prob(ctx.repeat_interleave(k, 0), codes, masks).view(m, k, length)
-    # the critic reads the policy's features but does not move them: value regression on a cold HTE
-    # would otherwise rewrite the shared HSD/PTD trunk (and with it the policy) before the policy learns
-    values = model.path_values(ctx.detach(), buf.codes)  # (M, K, L + 1)
-    return log_prob, values
-
-
-class PathTerms(torch.nn.Module):
-    """``path_terms`` as a ``forward``: what ``DistributedDataParallel`` wraps (its hooks need a forward)."""
-
-    def __init__(self, model: GPRModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
-        return path_terms(self.model, buf)
-
-
-def loss_terms(algo: str, cfg: LossConfig, terms: torch.nn.Module, ref: GPRModel | None, buf: Buffer) -> dict:
-    """The algorithm's loss on a minibatch; returns named scalar tensors (``loss`` to backpropagate).
-
-    ``terms``: the policy's ``PathTerms`` (or its ``DistributedDataParallel`` wrapper).
-    """
-    m, k, length = buf.codes.shape
-    log_prob, values = terms(buf)
-    old = buf.old_log_prob
-    item = item_value_loss(values[..., -1], buf.reward)
-    out = {"item_value": item}
-    ref_lp = None
-    if ref is not None:
-        with torch.no_grad():
-            ref_lp, _ = path_terms(ref, buf)
-    if algo == "hepo":
-        w = level_weights(length, cfg.level_weights).to(log_prob.device)
-        policy, critic = hepo_loss(log_prob.flatten(0, 1), old.flatten(0, 1), buf.adv.flatten(0, 1),
-                                   values[..., :length].flatten(0, 1), buf.returns.flatten(0, 1), w, cfg)  # fmt: skip
-    elif algo == "ppo":
-        policy, critic = ppo_loss(log_prob.flatten(0, 1), old.flatten(0, 1), buf.adv.flatten(),
-                                  values[..., 0].flatten(), buf.reward.flatten(), cfg)  # fmt: skip
-    elif algo == "grpo":
-        policy, critic = grpo_loss(log_prob.flatten(0, 1), old.flatten(0, 1), buf.adv.flatten(), cfg), item * 0
-    else:  # dpo: best vs worst path of each group that has a difference
-        best, worst = buf.reward.argmax(1), buf.reward.argmin(1)
-        rows = torch.arange(m, device=log_prob.device)
-        has = buf.reward[rows, best] > buf.reward[rows, worst]
-        lp, rl = log_prob.sum(-1), ref_lp.sum(-1)  # (M, K)
-        policy = dpo_loss(lp[rows, best][has], lp[rows, worst][has], rl[rows, best][has], rl[rows, worst][has],
-                          cfg.dpo_beta) if bool(has.any()) else log_prob.sum() * 0  # fmt: skip
-        critic = item * 0
-    loss = policy + cfg.value_coef * (critic + item)
-    if cfg.kl_coef > 0:
-        out["kl_ref"] = kl_to_reference(log_prob.flatten(0, 1), ref_lp.flatten(0, 1))
-        loss = loss + cfg.kl_coef * out["kl_ref"]
-    out.update(policy=policy, critic=critic, loss=loss)
-    with torch.no_grad():
-        log_ratio = (log_prob - old).sum(-1)
-        out["approx_kl"] = ((log_ratio.exp() - 1) - log_ratio).mean()
-        out["clip_frac"] = ((log_prob - old).exp().sub(1).abs() > cfg.clip).float().mean()
-    return out
-
-
-def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGLE) -> tuple[list, list[int]]:
-    """One epoch's minibatches of the valid requests of every rank: (this rank's rows of each, global sizes).
-
-    The order is a shuffle keyed by the request ids (``Buffer.uid``) and ``draw``, sorted over the ids of
-    every rank (one all-gather), so W ranks cut the one-process global batch into the same minibatches;
-    each rank gets the rows of a minibatch that it holds (possibly none).
-    """
-    rows = torch.nonzero(buf.valid).squeeze(1)
-    uid = buf.uid[rows]
-    seeds = torch.full_like(uid, seed + UPDATE_SALT)
-    key = rng.stream_keys(seeds, uid & 0xFFFFFFFF, (uid >> 32) * 65_537 + draw)
-    mine = torch.stack([key, uid], 1).cpu()
-    parts = distributed.gather_objects(mine, dist)
-    every = torch.cat(parts)
-    order = torch.argsort(every[:, 1], stable=True)  # ties of the shuffle key broken by the unique id
-    order = order[torch.argsort(every[order, 0], stable=True)]
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel())
-    start = sum(len(p) for p in parts[: dist.rank])
-    position = position[start : start + len(mine)]  # this rank's rows, in their global order
-    total = order.numel()
-    chunk = position // size
-    local = torch.argsort(position)
-    counts = torch.bincount(chunk, minlength=math.ceil(total / size)).tolist()
-    pieces = list(rows[local.to(rows.device)].split(counts))
-    sizes = [min(size, total - lo) for lo in range(0, total, size)]
-    return pieces, sizes
-
-
-def update(
-    terms_fn, model: GPRModel, opt, ref: GPRModel | None, buf: Buffer, args: Args, draw: int,
-    dist: Dist = SINGLE, policy: bool = True,
-) -> dict:
-    """``epochs`` passes of minibatch updates over the valid requests; mean of each loss term.
-
-    ``terms_fn``: ``PathTerms(model)`` or its DDP wrapper. Data-parallel, each rank's loss is the mean over
-    its rows of the global minibatch scaled by its share (x W, since DDP averages the gradients over ranks),
-    so the step equals the one-process step on the global minibatch; a rank holding none of its rows runs
-    one row with weight 0 (every rank must join the gradient all-reduce). ``policy`` False trains the
-    value terms only (critic warm-up). ``draw`` keys the minibatch order (``minibatches``).
-    """
-    sums: dict[str, float] = {}
-    n = 0
-    for epoch in range(args.epochs):
-        pieces, sizes = minibatches(buf, args.seed, draw * args.epochs + epoch, args.minibatch, dist)
-        for idx, size in zip(pieces, sizes):
-            share = idx.numel() / size
-            if idx.numel() == 0:
-                idx = torch.zeros(1, dtype=torch.int64, device=buf.codes.device)
-            terms = loss_terms(args.algo, args.loss, terms_fn, ref, buf.rows(idx))
-            loss = terms["loss"] if policy else args.loss.value_coef * (terms["critic"] + terms["item_value"])
-            opt.zero_grad(set_to_none=True)
-            (loss * (share * dist.world_size)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            opt.step()
-            for key, v in terms.items():
-                sums[key] = sums.get(key, 0.0) + share * float(v.detach())
-            n += 1
-    out = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
-    return {k: v * dist.world_size for k, v in distributed.all_reduce_mean(out, dist).items()}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -520,9 +379,11 @@ def _main(args: Args, dist: Dist) -> dict:
     model, tok = load_run_model(vaft)
     tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
     model = model.to(args.device).train()
-    needs_ref = args.algo == "dpo" or args.loss.kl_coef > 0
+    algo = algorithm(args.algo)
+    needs_ref = algo.reference or args.loss.kl_coef > 0
     ref = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = UpdateConfig(args.epochs, args.minibatch, args.max_grad_norm, args.seed)
     env = make_train_env(args, dist)
     roller = Roller(env, tok, args.group_size, args.truth, args.arr_rate if args.arr else 0.0, args.seed,
                     budget_aware=args.budget_aware, dist=dist)  # fmt: skip
@@ -568,9 +429,10 @@ def _main(args: Args, dist: Dist) -> dict:
         model.eval()
         buf, stats = roller.collect(model, args.rollout_steps)
         model.train()
-        compute_targets(buf, args.algo, args.loss)
+        buf.adv, buf.returns = algo.targets(buf, args.loss)
         t1 = time.perf_counter()
-        terms = update(terms_fn, model, opt, ref, buf, args, it, dist, policy=it >= args.critic_warmup)
+        terms = update(terms_fn, model, opt, ref, buf, algo, args.loss, schedule, it, dist,
+                       policy=it >= args.critic_warmup)  # fmt: skip
         t2 = time.perf_counter()
         env_steps += stats["rollout/requests"]
         returns, _ = roller.pop_episodes()

@@ -38,7 +38,7 @@ resumable state and a resumed run re-derives the best from the kept ``metrics.js
 selected on the held-out requests themselves, so its metrics are optimistic. ``--select best|last``
 names the file downstream users should load: ``summary.json["selected_checkpoint"]``.
 
-Data parallel: ``torchrun --standalone --nproc-per-node W -m agents.pretrain ...`` (``agents.distributed``).
+Data parallel: ``torchrun --standalone --nproc-per-node W -m agents.pretrain ...`` (``agents.rl.distributed``).
 Every rank loads the same data and draws the same global batch of ``--batch-size`` requests (the
 sampler RNG is identical on all ranks); rank r trains on its contiguous slice of ``batch_size / W``
 rows (``--batch-size`` must be a multiple of W) in ``DistributedDataParallel``, whose gradient average
@@ -61,8 +61,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from agents import distributed
 from agents.cli import parse_args
+from agents.rl import distributed
 from agents.runs import append_metrics, atomic_write_bytes, load_torch, read_metrics, write_json
 from gpr_sim.data.logs import read_logs
 from gpr_sim.model import GPRConfig, GPRModel
@@ -225,7 +225,7 @@ def legal_masks(codes: torch.Tensor, tok: WorldTokenizer) -> list[torch.Tensor]:
 
 def value_scale(g: torch.Tensor) -> float:
     """The std of the finite HTE targets (1 when there are fewer than 2 or they are constant): the HTE learns
-    unit-scale values, as HEPO's critic does (``agents.rollout``'s ``reward_scale``)."""
+    unit-scale values, as HEPO's critic does (``agents.rl.rollout``'s ``reward_scale``)."""
     g = g[g.isfinite()].double()
     std = float(g.std()) if g.numel() > 1 else 0.0
     return std if std > 1e-12 else 1.0

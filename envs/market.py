@@ -60,7 +60,7 @@ class BatchedMarket:
         device: torch device for all tensors.
         world: an already generated world to reuse (its config wins over ``config``).
         market_envs: sessions the advertiser budgets are scaled to (default ``num_envs``). A
-            data-parallel shard of a global market passes the global N (``agents.distributed.shard_market``).
+            data-parallel shard of a global market passes the global N (``agents.rl.distributed.shard_market``).
         grant: how a step's charges are settled (``gpr_sim.world.core.Grant``; default: this batch alone).
     """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from agents.distributed import ENV_VARS
+from agents.rl.distributed import ENV_VARS
 from envs.market import BatchedMarket
 from gpr_sim.world import WorldConfig
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents import distributed, pretrain
-from agents.distributed import Dist
+from agents import pretrain
+from agents.rl import distributed
+from agents.rl.distributed import Dist
 from agents.runs import read_metrics
 from envs.market import BatchedMarket
 from gpr_sim.world import preset

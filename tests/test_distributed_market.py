@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from agents import distributed
-from agents.distributed import SINGLE, Dist
+from agents.rl import distributed
+from agents.rl.distributed import SINGLE, Dist
 from envs.market import BatchedMarket, resolve_config
 from gpr_sim.world.auction import cap_to_budget
 from gpr_sim.world.core import grant_in_order

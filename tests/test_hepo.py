@@ -16,7 +16,7 @@ from agents import plots, pretrain
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
 from agents.gpr_policy import load_run_model
-from agents.rollout import Roller
+from agents.rl.rollout import Roller
 from agents.runs import read_metrics
 from gpr_sim.metrics import AD_METRICS, summarize
 from gpr_sim.sampling import sample_paths
@@ -105,7 +105,7 @@ def test_strata_metrics_are_the_ad_metrics_for_ad_age():
     assert plots.STRATA_METRICS["activity_tier"] == plots.TABLE5
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dpo"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "sibling_grpo", "dpo"])
 def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
     out = tmp_path / algo
     summary = hepo.main(tiny(pre, out, "--algo", algo, "--iterations", "2"))
@@ -327,7 +327,7 @@ def test_hepo_raises_the_value_of_what_it_serves_over_the_vaft_start(pre, tmp_pa
 def test_hepo_default_model_improves_served_value(tmp_path, seed):
     """Default-size generator and config, 10 iterations (minutes on a CPU). The top-1 value metric ignores
     budgets, so the learner is run on that objective (``--no-budget-aware``): the budget-aware one trades
-    per-request value for budget headroom (agents.rollout doc)."""
+    per-request value for budget headroom (agents.rl.rollout doc)."""
     out = tmp_path / "run"
     hepo.main(["--seed", str(seed), "--iterations", "10", "--eval-every", "10", "--threads", "1", "--no-progress",
                "--no-budget-aware",

@@ -1,27 +1,24 @@
-"""HEPO / PPO / GRPO / DPO losses, GAE, group z-scores and process rewards (agents.losses, agents.rollout)."""
+"""HEPO / PPO / GRPO / DPO targets and losses, GAE, group z-scores and process rewards (agents.rl.common and
+the algorithm files agents.rl.hepo, .ppo, .grpo, .dpo)."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from agents.losses import (
-    LossConfig,
-    dpo_loss,
-    gae,
-    group_zscore,
-    grpo_loss,
-    hepo_loss,
-    kl_to_reference,
-    level_weights,
-    ppo_loss,
-    process_rewards,
-)
-from agents.rollout import Buffer, compute_targets
+from agents.rl.buffer import Buffer
+from agents.rl.common import LossConfig, gae, group_zscore, kl_to_reference, level_weights, process_rewards
+from agents.rl.dpo import dpo_loss
+from agents.rl.grpo import grpo_loss
+from agents.rl.hepo import hepo_loss
+from agents.rl.ppo import ppo_loss
+from agents.rl.registry import algorithm
 from gpr_sim.schema import TokenBatch
 
 
 def _buffer(m: int, k: int, length: int, gen: torch.Generator) -> Buffer:
-    """A buffer with random paths, log-probs, values and rewards (tokens are not read by compute_targets)."""
+    """A buffer with random paths, log-probs, values and rewards (tokens are not read by the targets)."""
     tokens = TokenBatch(*(torch.zeros(m, 1) for _ in TokenBatch._fields))
     return Buffer(
         tokens=tokens, noise=None, codes=torch.randint(0, 4, (m, k, length), generator=gen),
@@ -30,6 +27,11 @@ def _buffer(m: int, k: int, length: int, gen: torch.Generator) -> Buffer:
         process=torch.rand(m, k, length, generator=gen), valid=torch.ones(m, dtype=torch.bool),
         rehearsed=torch.zeros(m, dtype=torch.bool),
     )  # fmt: skip
+
+
+def compute_targets(buf: Buffer, algo: str, cfg: LossConfig) -> None:
+    """What the training loop does with a rollout: the algorithm's targets, stored on the buffer."""
+    buf.adv, buf.returns = algorithm(algo).targets(buf, cfg)
 
 
 def test_gae_matches_a_hand_computed_case():
@@ -147,3 +149,7 @@ def test_loss_config_rejects_bad_values():
         LossConfig(level_weights="quadratic")
     with pytest.raises(ValueError, match="kl_coef"):
         LossConfig(kl_coef=-1.0)
+    for name in ("process_scale", "value_coef", "dpo_beta", "adv_eps"):
+        for bad in (math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"{name}=.*finite"):
+                LossConfig(**{name: bad})

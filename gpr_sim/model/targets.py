@@ -148,7 +148,7 @@ def value_targets(df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, 
     of the logged price (``revenue``), the logged true ``p_click`` / ``p_conversion``, the ad's mean order
     value and the stay outcome. The log holds no exit probability, so the stay term takes the logged
     outcome (``terminated`` false = stayed), which is unbiased for it and the only noisy term (variance
-    ``reward.stay**2 p (1 - p)``; 0 with the default ``stay=0``). It is the rollout's R (``agents.rollout``)
+    ``reward.stay**2 p (1 - p)``; 0 with the default ``stay=0``). It is the rollout's R (``agents.rl.rollout``)
     without the auction's win probability (the ad did win) or the budget share, in the same currency, and
     free of the funnel's sampling noise. Requests with several impressions are left out: the log sums
     their prices over slots and keeps slot 0's probabilities only (the default world has one slot).

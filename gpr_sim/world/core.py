@@ -53,7 +53,7 @@ def open_market(world: World, num_envs: int) -> MarketState:
 Grant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """(advertiser (M,), charge (M,), remaining (A,)) -> (granted (M,) bool, spend (A,)): how a step's
 charges are settled against the budgets; ``transition`` takes one so that data-parallel shards of one
-market can settle their charges together (``agents.distributed.grant_across_ranks``)."""
+market can settle their charges together (``agents.rl.distributed.grant_across_ranks``)."""
 
 
 def grant_in_order(

@@ -1,14 +1,16 @@
-"""The RL losses over semantic-ID paths: HEPO (GPR §4.3) and its baselines PPO, GRPO and DPO.
+"""What the RL algorithms share: the loss constants, advantage pieces, surrogates, and the algorithm unit.
 
 A path z_1..z_L is L actions taken in L states s_l = (request, z_<l). Every function here is pure
 tensor math over a flat batch of M paths (M = requests x group size), so the learners share one rollout
-buffer and one training loop and differ only in the loss they call:
+buffer (``agents.rl.buffer``) and one training loop (``agents.rl.loop``) and differ only in their
+``Algorithm`` (one file each, named in ``agents.rl.registry``):
 
 | algo | advantage | ratio | critic |
 |---|---|---|---|
 | hepo | GAE over levels with HTE as critic, process rewards r_l (l < L), terminal level z-scored in the group | per level, weighted by c_l | sum_l (V(s_l) - G_l)^2 |
 | ppo  | R - V(s_0) (terminal reward only) | joint: exp(sum_l log-ratio) | (V(s_0) - R)^2 |
 | grpo | (R - mean_K) / (std_K + eps), no critic, no process reward | per level, equal weights | none |
+| sibling_grpo | level l: R z-scored among the group's paths sharing z_<l (0 without a sibling) | per level, weighted by c_l | none |
 | dpo  | none: best vs worst path of a group, against the frozen reference | none | none |
 
 Any learner may add ``kl_coef`` x KL(pi || pi_VAFT) (``kl_to_reference``). All learners also regress the HTE value of the full path on R (``item_value_loss``): that value ranks
@@ -17,13 +19,14 @@ beams and candidates at serving time, and it does not touch the policy gradient.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-ALGOS = ("hepo", "ppo", "grpo", "dpo")
+from agents.rl.buffer import Buffer
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class LossConfig:
     """weight of the KL penalty to the frozen VAFT generator (k3 estimate on the sampled paths); 0 = none"""
 
     def __post_init__(self) -> None:
+        for name in ("clip", "gamma", "lam", "process_scale", "adv_eps", "value_coef", "dpo_beta", "kl_coef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}={v!r} is invalid: expected a finite number")
         if not 0.0 < self.clip < 1.0:
             raise ValueError(f"clip={self.clip} is invalid: expected in (0, 1)")
         for name in ("gamma", "lam"):
@@ -154,45 +161,18 @@ def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, clip:
     return torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
 
 
-def hepo_loss(
-    log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, values: Tensor, returns: Tensor, weights: Tensor,
-    cfg: LossConfig,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """HEPO: -sum_l c_l mean PPO-clip(rho_l, A_l) and the critic loss sum_l mean (V(s_l) - G_l)^2.
+def level_surrogate(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, weights: Tensor, clip: float) -> Tensor:
+    """Per-level PPO policy loss -sum_l c_l mean_M PPO-clip(rho_l, A_l) (HEPO's objective, GPR §4.3).
 
     Args:
         log_prob, old_log_prob, adv: (M, L) per level.
-        values: (M, L) current V(s, z_<l); returns: (M, L) G_l from the rollout.
         weights: (L,) c_l.
 
     Returns:
-        (policy loss, critic loss), scalars.
+        the loss (to minimise), a scalar.
     """
-    surr = clipped_surrogate(log_prob, old_log_prob, adv, cfg.clip).mean(0)  # (L,)
-    policy = -(weights.to(surr) * surr).sum()
-    critic = (values - returns).pow(2).mean(0).sum()
-    return policy, critic
-
-
-def ppo_loss(
-    log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, value: Tensor, ret: Tensor, cfg: LossConfig
-) -> tuple[Tensor, Tensor]:
-    """PPO on whole paths: joint ratio exp(sum_l log-ratio), advantage (M,), critic (V(s_0) - R)^2."""
-    surr = clipped_surrogate(log_prob.sum(-1), old_log_prob.sum(-1), adv, cfg.clip)
-    return -surr.mean(), (value - ret).pow(2).mean()
-
-
-def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
-    """GRPO: the path's group z-scored advantage (M,) at every level, per-level ratios, mean over levels."""
-    return -clipped_surrogate(log_prob, old_log_prob, adv[:, None], cfg.clip).mean()
-
-
-def dpo_loss(
-    log_prob_w: Tensor, log_prob_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
-) -> Tensor:
-    """DPO: -log sigmoid(beta [(log pi(w) - log ref(w)) - (log pi(l) - log ref(l))]), paths summed over levels."""
-    margin = (log_prob_w - ref_w) - (log_prob_l - ref_l)
-    return -F.logsigmoid(beta * margin).mean()
+    surr = clipped_surrogate(log_prob, old_log_prob, adv, clip).mean(0)  # (L,)
+    return -(weights.to(surr) * surr).sum()
 
 
 def kl_to_reference(log_prob: Tensor, ref_log_prob: Tensor) -> Tensor:
@@ -210,18 +190,53 @@ def item_value_loss(item_value: Tensor, reward: Tensor) -> Tensor:
     return (item_value - reward).pow(2).mean()
 
 
+# ----------------------------------------------------------------------------- the algorithm unit
+
+Targets = Callable[[Buffer, LossConfig], tuple[Tensor | None, Tensor | None]]
+"""(buffer, constants) -> (adv, returns): the algorithm's training targets from a rollout"""
+Loss = Callable[[Tensor, Tensor, Tensor | None, Buffer, LossConfig], tuple[Tensor, Tensor | None]]
+"""(log_prob (M, K, L), values (M, K, L + 1), reference log_prob (M, K, L) or None, minibatch, constants)
+-> (policy loss, critic loss or None): the algorithm's loss on the current policy's terms"""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One RL algorithm: what it learns from (``targets``) and how (``loss``), and what it needs.
+
+    The training loop (``agents.rl.loop``) is the same for all: it calls ``targets`` once per rollout, and
+    per minibatch ``loss`` on the current log-probs and HTE values of the buffer's paths; it adds the
+    item-value regression and the optional KL penalty itself. A new algorithm is one file that builds one
+    of these and one line in ``agents.rl.registry``.
+    """
+
+    name: str
+    """the ``--algo`` value"""
+    targets: Targets
+    """(adv, returns) of a rollout; the caller stores them on the buffer (``Buffer.adv``, ``Buffer.returns``)"""
+    loss: Loss
+    """returns (policy, critic); critic None when ``critic`` is False"""
+    critic: bool = False
+    """its loss trains the HTE prefix values V(s, z_<l) as a critic"""
+    reference: bool = False
+    """its loss reads the frozen reference policy's log-probs (the VAFT generator)"""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and self.name.isidentifier()):
+            raise ValueError(f"name={self.name!r} is invalid: expected an identifier (the --algo value)")
+        for field in ("targets", "loss"):
+            if not callable(getattr(self, field)):
+                raise ValueError(f"{self.name}: {field} is invalid: expected a function")
+
+
 __all__ = [
-    "ALGOS",
+    "Algorithm",
     "LossConfig",
     "level_weights",
     "group_zscore",
     "gae",
     "process_rewards",
     "clipped_surrogate",
-    "hepo_loss",
-    "ppo_loss",
-    "grpo_loss",
-    "dpo_loss",
+    "level_surrogate",
     "item_value_loss",
     "kl_to_reference",
 ]

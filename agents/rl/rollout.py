@@ -1,4 +1,4 @@
-"""Rollouts of the GPR generator in ads-v0 for the RL learners: groups, scores, rehearsal, buffer.
+"""Rollouts of the GPR generator in ads-v0 for the RL learners: groups, scores, rehearsal -> ``Buffer``.
 
 One env step for N sessions (all tensors, no loop over users):
 
@@ -35,13 +35,13 @@ one; the real market and sessions do not move.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from agents.distributed import SINGLE, Dist, all_reduce_sum
-from agents.losses import LossConfig, gae, group_zscore, process_rewards
+from agents.rl.buffer import Buffer
+from agents.rl.common import process_rewards
+from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import BatchedMarket
 from gpr_sim.model import GPRModel
 from gpr_sim.sampling import sample_paths
@@ -68,78 +68,6 @@ def positive_paths(tokens: TokenBatch) -> Tensor:
     return tokens.semantic_codes.masked_fill(~positive[..., None], -1)
 
 
-def cat_tokens(parts: list[TokenBatch]) -> TokenBatch:
-    return TokenBatch(*(torch.cat(fields) for fields in zip(*parts)))
-
-
-@dataclass
-class Buffer:
-    """One iteration's requests, flat over (steps x sessions, then rehearsed); K paths each.
-
-    The ``old_*`` fields are from the rollout policy; ``adv``/``returns`` are filled by ``compute_targets``.
-    """
-
-    tokens: TokenBatch  # M requests
-    noise: Tensor | None  # (M, C) refiner start noise
-    codes: Tensor  # (M, K, L)
-    old_log_prob: Tensor  # (M, K, L)
-    legal: list[Tensor]  # L of (M, K, K_l)
-    old_values: Tensor  # (M, K, L + 1): V(s, z_<l) for l = 0..L-1, then the full item
-    reward: Tensor  # (M, K) scaled R
-    process: Tensor  # (M, K, L) process rewards (0 at level L)
-    valid: Tensor  # (M,) bool: the request had an eligible ad
-    rehearsed: Tensor  # (M,) bool: an ARR request
-    adv: Tensor | None = None  # (M, K, L) or (M, K)
-    returns: Tensor | None = None  # (M, K, L) HEPO critic targets (PPO regresses on ``reward``)
-    uid: Tensor | None = None  # (M,) int64 request id unique over all ranks (``Roller.request_ids``)
-
-    def __len__(self) -> int:
-        return self.codes.shape[0]
-
-    def rows(self, idx: Tensor) -> Buffer:
-        def take(t):
-            return None if t is None else t[idx]
-
-        return Buffer(
-            TokenBatch(*(t[idx] for t in self.tokens)), take(self.noise), self.codes[idx], self.old_log_prob[idx],
-            [m[idx] for m in self.legal], self.old_values[idx], self.reward[idx], self.process[idx],
-            self.valid[idx], self.rehearsed[idx], take(self.adv), take(self.returns), take(self.uid),
-        )  # fmt: skip
-
-    @staticmethod
-    def concat(parts: list[Buffer]) -> Buffer:
-        def cat(ts):
-            return None if ts[0] is None else torch.cat(ts)
-
-        fields = list(zip(*[(p.tokens, p.noise, p.codes, p.old_log_prob, p.legal, p.old_values, p.reward,
-                             p.process, p.valid, p.rehearsed, p.adv, p.returns, p.uid) for p in parts]))  # fmt: skip
-        legal = [torch.cat(level) for level in zip(*fields[4])]
-        return Buffer(cat_tokens(list(fields[0])), cat(fields[1]), cat(fields[2]), cat(fields[3]), legal,
-                      *(cat(f) for f in fields[5:]))  # fmt: skip
-
-
-def compute_targets(buf: Buffer, algo: str, cfg: LossConfig) -> None:
-    """Fill ``buf.adv`` and ``buf.returns`` for ``algo`` (``agents.losses`` table)."""
-    m, k, length = buf.codes.shape
-    values = buf.old_values[..., :length]  # (M, K, L) V(s, z_<l)
-    if algo == "hepo":
-        rewards = buf.process * (cfg.process_scale if cfg.process_rewards else 0.0)  # a_l * max(0, D_l)
-        rewards[..., -1] = buf.reward
-        adv, ret = gae(rewards.flatten(0, 1), values.flatten(0, 1), cfg.gamma, cfg.lam)
-        adv, ret = adv.view(m, k, length), ret.view(m, k, length)
-        if cfg.group_norm:
-            adv[..., -1] = group_zscore(buf.reward, cfg.adv_eps)
-        buf.adv, buf.returns = adv, ret
-    elif algo == "ppo":  # critic target: R itself (``ppo_loss``)
-        buf.adv, buf.returns = buf.reward - values[..., 0], None
-    elif algo == "grpo":
-        buf.adv, buf.returns = group_zscore(buf.reward, cfg.adv_eps), None
-    elif algo == "dpo":  # pairs are formed in the loss
-        buf.adv, buf.returns = None, None
-    else:
-        raise ValueError(f"algo={algo!r} is unknown")
-
-
 class Roller:
     """Steps N sessions with the current generator and fills a ``Buffer`` (module doc).
 
@@ -151,7 +79,7 @@ class Roller:
         arr_rate: ARR probability at the top activity tier (0 = no rehearsal).
         seed: seeds the env and the keyed draws (module doc).
         budget_aware: scale each candidate's value by its advertiser's budget share this step (module doc).
-        dist: the data-parallel job: this env holds its rows (``agents.distributed.shard_env``); budget
+        dist: the data-parallel job: this env holds its rows (``agents.rl.distributed.shard_env``); budget
             demand, the reward scale and the statistics are reduced over every rank's rows.
     """
 
@@ -312,4 +240,4 @@ class Roller:
         return buf, stats
 
 
-__all__ = ["Buffer", "Roller", "compute_targets", "positive_paths", "REHEARSAL_SEED_OFFSET"]
+__all__ = ["Roller", "positive_paths", "REHEARSAL_SEED_OFFSET", "SLOT_BITS"]

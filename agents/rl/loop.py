@@ -1,0 +1,171 @@
+"""The training loop's update, the same for every algorithm: minibatches -> the algorithm's loss -> steps.
+
+Per minibatch of requests the current policy recomputes its per-level log-probs and HTE values of the
+buffer's paths (``path_terms``); the algorithm (``agents.rl.common.Algorithm``) turns them into its policy
+and critic losses; the loop adds what every learner shares, the item-value regression and the optional
+KL penalty to the frozen reference, and logs named terms (``loss``, ``policy``, ``critic``,
+``item_value``, ``approx_kl``, ``clip_frac``, ``kl_ref``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from agents.rl import distributed
+from agents.rl.buffer import Buffer
+from agents.rl.common import Algorithm, LossConfig, item_value_loss, kl_to_reference
+from agents.rl.distributed import SINGLE, Dist
+from gpr_sim.model import GPRModel
+from gpr_sim.world import rng
+
+UPDATE_SALT = 0x0DD5
+"""added to the seed for the keys of the minibatch order"""
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """How one rollout is trained on: epochs of shuffled minibatches, gradient clipping, the order's seed."""
+
+    epochs: int = 2
+    """passes over each rollout"""
+    minibatch: int = 64
+    """requests per minibatch (x group size paths)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    seed: int = 0
+    """keys the minibatch order (``minibatches``)"""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "minibatch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid: expected an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} is invalid: expected an integer")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected a finite number > 0")
+
+
+def path_terms(model: GPRModel, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths."""
+    m, k, length = buf.codes.shape
+    ctx = model.context(buf.tokens, noise=buf.noise)  # (M, Cc, C)
+    codes = buf.codes.flatten(0, 1)
+    masks = [mask.flatten(0, 1) for mask in buf.legal]
+    log_prob = model.log_prob(ctx.repeat_interleave(k, 0), codes, masks).view(m, k, length)
+    # the critic reads the policy's features but does not move them: value regression on a cold HTE
+    # would otherwise rewrite the shared HSD/PTD trunk (and with it the policy) before the policy learns
+    values = model.path_values(ctx.detach(), buf.codes)  # (M, K, L + 1)
+    return log_prob, values
+
+
+class PathTerms(torch.nn.Module):
+    """``path_terms`` as a ``forward``: what ``DistributedDataParallel`` wraps (its hooks need a forward)."""
+
+    def __init__(self, model: GPRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
+        return path_terms(self.model, buf)
+
+
+def loss_terms(algo: Algorithm, cfg: LossConfig, terms: torch.nn.Module, ref: GPRModel | None, buf: Buffer) -> dict:
+    """The algorithm's loss on a minibatch; returns named scalar tensors (``loss`` to backpropagate).
+
+    ``terms``: the policy's ``PathTerms`` (or its ``DistributedDataParallel`` wrapper). ``ref``: the frozen
+    reference policy, needed when ``algo.reference`` or ``cfg.kl_coef`` > 0, else None. An algorithm
+    without a critic logs ``critic`` = 0.
+    """
+    log_prob, values = terms(buf)
+    old = buf.old_log_prob
+    item = item_value_loss(values[..., -1], buf.reward)
+    out = {"item_value": item}
+    ref_lp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_lp, _ = path_terms(ref, buf)
+    policy, critic = algo.loss(log_prob, values, ref_lp, buf, cfg)
+    if critic is None:
+        critic = item * 0
+    loss = policy + cfg.value_coef * (critic + item)
+    if cfg.kl_coef > 0:
+        if ref_lp is None:
+            raise ValueError(f"kl_coef={cfg.kl_coef} needs the reference policy: pass ref")
+        out["kl_ref"] = kl_to_reference(log_prob.flatten(0, 1), ref_lp.flatten(0, 1))
+        loss = loss + cfg.kl_coef * out["kl_ref"]
+    out.update(policy=policy, critic=critic, loss=loss)
+    with torch.no_grad():
+        log_ratio = (log_prob - old).sum(-1)
+        out["approx_kl"] = ((log_ratio.exp() - 1) - log_ratio).mean()
+        out["clip_frac"] = ((log_prob - old).exp().sub(1).abs() > cfg.clip).float().mean()
+    return out
+
+
+def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGLE) -> tuple[list, list[int]]:
+    """One epoch's minibatches of the valid requests of every rank: (this rank's rows of each, global sizes).
+
+    The order is a shuffle keyed by the request ids (``Buffer.uid``) and ``draw``, sorted over the ids of
+    every rank (one all-gather), so W ranks cut the one-process global batch into the same minibatches;
+    each rank gets the rows of a minibatch that it holds (possibly none).
+    """
+    rows = torch.nonzero(buf.valid).squeeze(1)
+    uid = buf.uid[rows]
+    seeds = torch.full_like(uid, seed + UPDATE_SALT)
+    key = rng.stream_keys(seeds, uid & 0xFFFFFFFF, (uid >> 32) * 65_537 + draw)
+    mine = torch.stack([key, uid], 1).cpu()
+    parts = distributed.gather_objects(mine, dist)
+    every = torch.cat(parts)
+    order = torch.argsort(every[:, 1], stable=True)  # ties of the shuffle key broken by the unique id
+    order = order[torch.argsort(every[order, 0], stable=True)]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())
+    start = sum(len(p) for p in parts[: dist.rank])
+    position = position[start : start + len(mine)]  # this rank's rows, in their global order
+    total = order.numel()
+    chunk = position // size
+    local = torch.argsort(position)
+    counts = torch.bincount(chunk, minlength=math.ceil(total / size)).tolist()
+    pieces = list(rows[local.to(rows.device)].split(counts))
+    sizes = [min(size, total - lo) for lo in range(0, total, size)]
+    return pieces, sizes
+
+
+def update(
+    terms_fn, model: GPRModel, opt, ref: GPRModel | None, buf: Buffer, algo: Algorithm, loss_cfg: LossConfig,
+    cfg: UpdateConfig, draw: int, dist: Dist = SINGLE, policy: bool = True,
+) -> dict:  # fmt: skip
+    """``cfg.epochs`` passes of minibatch updates over the valid requests; mean of each loss term.
+
+    ``terms_fn``: ``PathTerms(model)`` or its DDP wrapper. Data-parallel, each rank's loss is the mean over
+    its rows of the global minibatch scaled by its share (x W, since DDP averages the gradients over ranks),
+    so the step equals the one-process step on the global minibatch; a rank holding none of its rows runs
+    one row with weight 0 (every rank must join the gradient all-reduce). ``policy`` False trains the
+    value terms only (critic warm-up). ``draw`` keys the minibatch order (``minibatches``). The buffer
+    holds ``algo``'s targets.
+    """
+    sums: dict[str, float] = {}
+    n = 0
+    for epoch in range(cfg.epochs):
+        pieces, sizes = minibatches(buf, cfg.seed, draw * cfg.epochs + epoch, cfg.minibatch, dist)
+        for idx, size in zip(pieces, sizes):
+            share = idx.numel() / size
+            if idx.numel() == 0:
+                idx = torch.zeros(1, dtype=torch.int64, device=buf.codes.device)
+            terms = loss_terms(algo, loss_cfg, terms_fn, ref, buf.rows(idx))
+            loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
+            opt.zero_grad(set_to_none=True)
+            (loss * (share * dist.world_size)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            for key, v in terms.items():
+                sums[key] = sums.get(key, 0.0) + share * float(v.detach())
+            n += 1
+    out = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+    return {k: v * dist.world_size for k, v in distributed.all_reduce_mean(out, dist).items()}
+
+
+__all__ = ["UPDATE_SALT", "PathTerms", "UpdateConfig", "loss_terms", "minibatches", "path_terms", "update"]
