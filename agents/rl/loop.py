@@ -18,6 +18,7 @@ from agents.rl import distributed
 from agents.rl.buffer import Buffer
 from agents.rl.common import Algorithm, LossConfig, item_value_loss, kl_to_reference
 from agents.rl.distributed import SINGLE, Dist
+from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
 from gpr_sim.world import rng
 
@@ -151,7 +152,7 @@ def update(
     n = 0
     for epoch in range(cfg.epochs):
         pieces, sizes = minibatches(buf, cfg.seed, draw * cfg.epochs + epoch, cfg.minibatch, dist)
-        for idx, size in zip(pieces, sizes):
+        for batch, (idx, size) in enumerate(zip(pieces, sizes)):
             share = idx.numel() / size
             if idx.numel() == 0:
                 idx = torch.zeros(1, dtype=torch.int64, device=buf.codes.device)
@@ -159,10 +160,15 @@ def update(
             loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
             opt.zero_grad(set_to_none=True)
             (loss * (share * dist.world_size)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            # before the step: a NaN here would reach every parameter (gpr_sim.finite); every rank sees
+            # the same all-reduced gradient norm, so all ranks stop together
+            values = torch.stack([v.detach().float() for v in terms.values()] + [grad_norm.float()]).tolist()
+            named = dict(zip([*terms, "gradient norm"], values))
+            check_finite(f"iteration {draw + 1}, epoch {epoch}, minibatch {batch}", named)
             opt.step()
-            for key, v in terms.items():
-                sums[key] = sums.get(key, 0.0) + share * float(v.detach())
+            for key in terms:
+                sums[key] = sums.get(key, 0.0) + share * named[key]
             n += 1
     out = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
     return {k: v * dist.world_size for k, v in distributed.all_reduce_mean(out, dist).items()}

@@ -43,6 +43,7 @@ from agents.rl.buffer import Buffer
 from agents.rl.common import process_rewards
 from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import BatchedMarket
+from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
@@ -185,7 +186,7 @@ class Roller:
         noise, s, values = self._groups(model, tokens, eligible, keys)
         scores = scorer(s.items)
         raw = scores.value.to(torch.float32)  # (n, K)
-        raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
+        raw = torch.where(s.items >= 0, raw, torch.zeros_like(raw))  # no item (a row with none eligible): -inf
         if self.budget_aware:
             share = self._budget_share(s.items, scores) if share is None else share
             raw = raw * share[self.engine.world.ad_advertiser[s.items]]
@@ -228,6 +229,9 @@ class Roller:
             self._episodes.append((info["episode_return"], info["episode_length"], terminated | truncated))
             self.step_count += 1
         buf = Buffer.concat(parts)
+        # one NaN request poisons a whole update (gpr_sim.finite): stop at the rollout that made it
+        check_finite(f"rollout ending at env step {self.step_count}", {"reward": buf.reward, "log-probabilities":
+                     buf.old_log_prob, "HTE values": buf.old_values, "process rewards": buf.process})  # fmt: skip
         real = ~buf.rehearsed
         sums = torch.stack([real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()])
         requests, rehearsed, value, invalid = all_reduce_sum(sums, self.dist).tolist()  # the global batch
