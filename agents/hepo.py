@@ -43,7 +43,7 @@ from agents import distributed
 from agents.cli import parse_args
 from agents.distributed import SINGLE, Dist
 from agents.evaluate import collect_sessions
-from agents.gpr_policy import GPRPolicy, load_run_model, save_policy
+from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from agents.losses import (
     ALGOS,
     LossConfig,
