@@ -43,7 +43,6 @@ from agents import distributed
 from agents.cli import parse_args
 from agents.distributed import SINGLE, Dist
 from agents.evaluate import collect_sessions
-from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from agents.losses import (
     ALGOS,
     LossConfig,
@@ -56,6 +55,7 @@ from agents.losses import (
     ppo_loss,
 )
 from agents.plots import STRATA_METRICS, plot_curves, strata_key
+from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from agents.rollout import SLOT_BITS, Buffer, Roller, compute_targets
 from agents.runs import (
     append_metrics,
