@@ -14,47 +14,29 @@ the end, and the Parquet list columns are built from those flat arrays (no loop 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import gymnasium
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import envs  # noqa: F401  (registers ads-v0)
 from agents.cli import parse_args_with_world, world_config
-from agents.policies import CascadeConfig, CascadePolicy, PolicyOutput, make_policy
+from agents.policies import PolicyOutput, make_policy, policy_factory
+from agents.policies.cascade import CascadePolicy
+from envs import make_vec_env
 from gpr_sim.data.logs import write_logs
 from gpr_sim.stats import critical_value
 from gpr_sim.world import WorldConfig
 from gpr_sim.world.config import check_range
 
-POLICY_NAMES = ("random", "cascade", "oracle", "oracle-fatigue")
 FINAL_COLUMNS = ("final_organic_ids", "final_context", "final_ad_ids", "final_ad_events")
 
 
-# ----------------------------------------------------------------------------- env, policy, loop
-
-
-def make_env(env_id: str, config: WorldConfig, num_envs: int, world_seed: int, device: str):
-    """The batched env: ``gymnasium.make_vec(env_id, vectorization_mode="vector_entry_point")``."""
-    return gymnasium.make_vec(
-        env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
-        config=config, world_seed=world_seed, device=device,
-    )  # fmt: skip
-
-
-def build_policy(name: str, env, seed: int, temperature: float | None = None):
-    """A behaviour policy by name; ``temperature`` sets the cascade's exploration (None = its default)."""
-    if name not in POLICY_NAMES:
-        raise ValueError(f"policy={name!r} is unknown: expected one of {list(POLICY_NAMES)}")
-    if name == "cascade":
-        cfg = CascadeConfig() if temperature is None else CascadeConfig(temperature=temperature)
-        return CascadePolicy(env, cfg, seed=seed)
-    return make_policy(name, env, seed=seed)
+# ----------------------------------------------------------------------------- loop
 
 
 StepHook = Callable[[object, dict, PolicyOutput], dict]
@@ -67,7 +49,7 @@ def collect(
     """Run ``policy`` for ``steps`` batched steps from ``env.reset(seed=seed)`` and record every request.
 
     Args:
-        env: An ads-v0 vector env (`make_env`).
+        env: An ads-v0 vector env (`envs.make_vec_env`).
         policy: Anything with ``act(obs) -> PolicyOutput``.
         seed: Session seed (``env.reset``).
         steps: Batched steps T; the log has T x num_envs rows, step-major (row = t * N + slot).
@@ -80,9 +62,9 @@ def collect(
         (T N, d) lists), the optional ``final_*`` columns as masked (T N, d) arrays (rows where the
         session ended or the collection stopped are unmasked), and the hook's stacked outputs.
     """
-    engine = env.unwrapped.engine
+    vec = env.unwrapped  # the sessions are read from the env's state, never written
     n = env.num_envs
-    slot = torch.arange(n, device=engine.device)
+    slot = torch.arange(n, device=vec.device)
     obs, _ = env.reset(seed=seed)
     rec: dict[str, list[torch.Tensor]] = {}
     extra: dict[str, list[torch.Tensor]] = {}
@@ -95,7 +77,7 @@ def collect(
         out = policy.act(obs)
         if hook is not None:
             put(extra, hook(env, obs, out))
-        state = engine.state  # before the step: the request the policy just answered
+        state = vec.state  # before the step: the request the policy just answered
         before = {
             "request_id": t * n + slot, "episode_id": state.episode * n + slot, "step": state.step,
             "user_id": obs["user_id"], "user_features": obs["user"], "organic_ids": obs["organic"],
@@ -165,7 +147,7 @@ class Args:
     env: str = "ads-v0"
     """Gymnasium id of the environment (registered by `import envs`)"""
     policy: str = "cascade"
-    """behaviour policy: random | cascade | oracle | oracle-fatigue"""
+    """behaviour policy: a name of `agents.policies` (random | cascade | oracle | oracle-fatigue | gpr:PATH)"""
     num_envs: int = 256
     """concurrent sessions in the market (one request each per step)"""
     steps: int = 200
@@ -188,8 +170,7 @@ class Args:
     """show a progress bar"""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"policy={self.policy!r} is unknown: expected one of {list(POLICY_NAMES)}")
+        policy_factory(self.policy)  # an unknown name fails here, before anything runs
         check_range("num_envs", self.num_envs, 1, 1 << 24)
         check_range("steps", self.steps, 1, 1 << 24)
         check_range("threads", self.threads, 0, 1024)
@@ -210,10 +191,12 @@ def main(argv: list[str] | None = None) -> Path:
     args, cfg = parse(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    policy_tag = args.policy + (f"-t{args.temperature:g}" if args.temperature is not None else "")
+    policy_tag = re.sub(r"[^A-Za-z0-9._-]+", "_", args.policy)  # gpr:PATH -> one file name
+    policy_tag += f"-t{args.temperature:g}" if args.temperature is not None else ""
     out = Path(args.out or f"runs/logs/{args.env}__{policy_tag}__{args.seed}.parquet")
-    env = make_env(args.env, cfg, args.num_envs, args.world_seed, args.device)
-    policy = build_policy(args.policy, env, args.seed, args.temperature)
+    env = make_vec_env(args.env, args.num_envs, config=cfg, world_seed=args.world_seed, device=args.device)
+    options = {} if args.temperature is None else {"temperature": args.temperature}
+    policy = make_policy(args.policy, env, args.seed, **options)
     temperature = policy.config.temperature if isinstance(policy, CascadePolicy) else None
 
     start = time.perf_counter()

@@ -29,63 +29,31 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import gymnasium
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-import envs  # noqa: F401  (registers ads-v0)
 from agents import cli
-from agents.gpr_policy import gpr_factory
-from agents.policies import make_policy
+from agents.policies import known_policies, make_policy, policy_factory
 from agents.runs import atomic_write_bytes, read_json, write_json
-from envs import resolve_config
+from envs import make_vec_env, resolve_config
 from gpr_sim.metrics import SessionAccumulator, summarize, summarize_strata
 from gpr_sim.stats import CIConfig
-
-AgentFactory = Callable[[Any, int], Any]
-"""``factory(env, seed) -> policy``; the policy's ``act(obs)`` returns an object with ``.action``."""
-
-AGENTS: dict[str, AgentFactory] = {
-    name: (lambda env, seed, name=name: make_policy(name, env, seed))
-    for name in ("random", "cascade", "oracle", "oracle-fatigue")
-}
-"""Agents by name."""
-
-AGENT_FAMILIES: dict[str, Callable[[str], AgentFactory]] = {}
-"""Parametrised agents named ``FAMILY:ARG``: ``AGENT_FAMILIES[FAMILY](ARG)`` is the factory (e.g. ``gpr:PATH``)."""
-AGENT_FAMILIES["gpr"] = gpr_factory
 
 PREFIX = "eval/"
 CHECK_EVERY = 8  # steps between host syncs that update the progress bar and test for completion
 
 
-def known_agents() -> list[str]:
-    return sorted(AGENTS) + [f"{family}:ARG" for family in sorted(AGENT_FAMILIES)]
-
-
-def resolve_agent(spec: str) -> AgentFactory:
-    """The factory of an agent name (``random``) or ``FAMILY:ARG`` spec; unknown names raise ``ValueError``."""
-    family, sep, arg = spec.partition(":")
-    if not sep and spec in AGENTS:
-        return AGENTS[spec]
-    if sep and family in AGENT_FAMILIES and arg:
-        return AGENT_FAMILIES[family](arg)
-    raise ValueError(f"unknown agent {spec!r}: expected one of {', '.join(known_agents())}")
-
-
 @dataclass(frozen=True)
 class Args:
     env: str = "ads-v0"
-    """registered env id (its vector env must report the ads-v0 info keys)"""
+    """a registered ads env id (`envs.ads_env_ids()`: ads-v0)"""
     agents: str = "random,cascade,oracle"
-    """comma-separated agents: names in AGENTS or FAMILY:ARG specs"""
+    """comma-separated agents: policy names of `agents.policies` or NAME:ARG specs (gpr:PATH)"""
     preset: str = "small"
     """world preset"""
     world_seed: int = 0
@@ -123,11 +91,11 @@ class Args:
         CIConfig(self.ci, self.level, self.n_bootstrap)
         specs = self.agent_list()
         if not specs:
-            raise ValueError(f"agents={self.agents!r} is empty: expected one of {', '.join(known_agents())}")
+            raise ValueError(f"agents={self.agents!r} is empty: expected one of {', '.join(known_policies())}")
         if len(set(specs)) != len(specs):
             raise ValueError(f"agents={self.agents!r} names an agent twice")
         for spec in specs:
-            resolve_agent(spec)
+            policy_factory(spec)  # an unknown agent fails here, before anything runs
 
     def agent_list(self) -> list[str]:
         return [s.strip() for s in self.agents.split(",") if s.strip()]
@@ -144,13 +112,6 @@ class Args:
 # ----------------------------------------------------------------------------- running one agent
 
 
-def make_env(args: Args):
-    return gymnasium.make_vec(
-        args.env, num_envs=args.num_envs, vectorization_mode="vector_entry_point", preset=args.preset,
-        world_seed=args.world_seed, device=args.device, validate_actions=False,
-    )  # fmt: skip
-
-
 def collect_sessions(
     env, policy, sessions_per_slot: int, seed: int, desc: str = "", progress: bool = True
 ) -> tuple[pd.DataFrame, int]:
@@ -158,10 +119,10 @@ def collect_sessions(
 
     Returns the session records and the number of env steps taken.
     """
-    engine = env.unwrapped.engine
+    vec = env.unwrapped
     obs, _ = env.reset(seed=seed)
-    acc = SessionAccumulator(env.num_envs, engine.world.user_activity, sessions_per_slot)
-    limit = sessions_per_slot * engine.config.max_steps  # a session is truncated at max_steps at the latest
+    acc = SessionAccumulator(env.num_envs, vec.world.user_activity, sessions_per_slot)
+    limit = sessions_per_slot * vec.config.max_steps  # a session is truncated at max_steps at the latest
     bar = tqdm(total=env.num_envs * sessions_per_slot, desc=desc, unit="session", leave=False, disable=not progress)
     steps = 0
     with torch.no_grad():
@@ -203,8 +164,9 @@ def run_agent(args: Args, spec: str) -> pd.DataFrame:
             print(f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)")
             return pd.read_parquet(table)
         print(f"{spec}: {folder} holds a run with another config, running again")
-    env = make_env(args)
-    policy = resolve_agent(spec)(env, args.seed)
+    env = make_vec_env(args.env, args.num_envs, preset=args.preset, world_seed=args.world_seed, device=args.device,
+                       validate_actions=False)  # fmt: skip
+    policy = make_policy(spec, env, args.seed)
     start = time.perf_counter()
     sessions, steps = collect_sessions(env, policy, args.sessions_per_slot, args.seed, desc=spec)
     seconds = time.perf_counter() - start

@@ -43,8 +43,8 @@ from tqdm import tqdm
 import envs  # noqa: F401  (registers ads-v0)
 from agents.cli import parse_args
 from agents.evaluate import collect_sessions
-from agents.gpr_policy import GPRPolicy, load_run_model, save_policy
 from agents.plots import STRATA_METRICS, plot_curves, strata_key
+from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from agents.rl import distributed
 from agents.rl.common import LossConfig
 from agents.rl.distributed import SINGLE, Dist

@@ -57,8 +57,12 @@ import pandas as pd
 import torch
 
 from agents.cli import parse_args
-from agents.collect import build_policy, collect, make_env
-from agents.policies import CascadePolicy, OraclePolicy, RandomPolicy
+from agents.collect import collect
+from agents.policies import make_policy
+from agents.policies.cascade import CascadePolicy
+from agents.policies.oracle import OraclePolicy
+from agents.policies.random import RandomPolicy
+from envs import make_vec_env
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.logs import read_logs, stack_list_column, write_atomic
 from gpr_sim.data.ope import estimate_all, weight_stats
@@ -67,6 +71,7 @@ from gpr_sim.world import WorldConfig, expected_weighted_reward
 from gpr_sim.world.config import check_range
 
 TARGETS = ("random", "cascade", "oracle")
+"""the policies of ``agents.policies`` whose exact action distribution ``action_distribution`` knows"""
 ESTIMATORS = ("logged", "ips", "snips", "dm", "dr")
 REQUIRED_META = ("env", "world_config", "world_seed", "seed", "policy", "num_envs", "steps")
 
@@ -85,8 +90,8 @@ def action_distribution(policy, obs: dict[str, torch.Tensor]) -> Dist:
     """pi(. | x) of a single-candidate policy on the current requests (N of them)."""
     n = obs["user_id"].shape[0]
     if isinstance(policy, RandomPolicy):
-        num_ads = policy.market.config.num_ads
-        ads = torch.arange(num_ads, device=policy.market.device).expand(n, num_ads)
+        num_ads = policy.env.config.num_ads
+        ads = torch.arange(num_ads, device=policy.env.device).expand(n, num_ads)
         return Dist(ads, torch.full((n, num_ads), 1.0 / num_ads, dtype=torch.float64, device=ads.device))
     if isinstance(policy, CascadePolicy):
         pool, logits = policy.pool(obs)  # the pool and logits act samples from (one ranking, not a copy)
@@ -115,11 +120,11 @@ def ope_hook(behaviour, target):
     """A `collect` hook recording, per request, what the estimators and the ground truth need."""
 
     def hook(env, obs, out) -> dict[str, torch.Tensor]:
-        engine = env.unwrapped.engine
+        vec = env.unwrapped
         logged = out.action[:, 0]
-        eligible = engine.eligible_ads()
+        eligible = vec.eligible_ads()
         d_e, d_b = action_distribution(target, obs), action_distribution(behaviour, obs)
-        b_support = torch.zeros(obs["user_id"].shape[0], engine.config.num_ads, dtype=torch.bool, device=logged.device)
+        b_support = torch.zeros(obs["user_id"].shape[0], vec.config.num_ads, dtype=torch.bool, device=logged.device)
         b_support.scatter_(1, d_b.ads, d_b.prob > 0)
         return {
             "pi_e": prob_of(d_e, logged),  # pi_e(a_i | x_i)
@@ -137,18 +142,9 @@ def ope_hook(behaviour, target):
 # ----------------------------------------------------------------------------- re-simulation
 
 
-@dataclass(frozen=True)
-class Target:
-    """The policy being evaluated."""
-
-    name: str
-    """random | cascade | oracle"""
-    temperature: float | None = None
-    """cascade exploration temperature (0 = greedy); ignored by the others"""
-
-    def __post_init__(self) -> None:
-        if self.name not in TARGETS:
-            raise ValueError(f"policy={self.name!r} is unknown: expected one of {list(TARGETS)}")
+def temperature_option(temperature: float | None) -> dict[str, float]:
+    """The registry option of a cascade's exploration temperature (None: the policy's default)."""
+    return {} if temperature is None else {"temperature": temperature}
 
 
 def check_meta(meta: dict, path: str) -> WorldConfig:
@@ -168,19 +164,22 @@ def check_meta(meta: dict, path: str) -> WorldConfig:
     return cfg
 
 
-def resimulate(meta: dict, target: Target, behaviour_temperature: float | None, device: str, progress: bool):
+def resimulate(
+    meta: dict, target: str, target_options: dict, behaviour_temperature: float | None, device: str, progress: bool
+):
     """Run the log's behaviour policy again (at ``behaviour_temperature``) with the OPE hook.
+
+    ``target`` (one of ``TARGETS``) with ``target_options`` (``make_policy``'s) is the evaluated policy.
 
     Returns:
         (columns, stats, world): the log columns and the per-row statistics of `ope_hook` as numpy
         arrays, and the static world they were simulated in.
     """
-    cfg = WorldConfig.from_dict(meta["world_config"])
-    env = make_env(meta["env"], cfg, meta["num_envs"], meta["world_seed"], device)
-    behaviour = build_policy(meta["policy"], env, meta["seed"], behaviour_temperature)
-    target_policy = build_policy(target.name, env, meta["seed"], target.temperature)
+    env = log_env(meta, device)
+    behaviour = make_policy(meta["policy"], env, meta["seed"], **temperature_option(behaviour_temperature))
+    target_policy = make_policy(target, env, meta["seed"], **target_options)
     columns, stats = collect(env, behaviour, meta["seed"], meta["steps"], ope_hook(behaviour, target_policy), progress)
-    return columns, stats, env.unwrapped.engine.world
+    return columns, stats, env.unwrapped.world
 
 
 def check_reproduced(df: pd.DataFrame, columns: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> None:
@@ -220,19 +219,24 @@ def denoised_reward(columns: dict[str, np.ndarray], world) -> np.ndarray:
     return value.numpy()
 
 
-def online_run(meta: dict, target: Target, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def log_env(meta: dict, device: str):
+    """A fresh vector env of the log's market: its env id, world config, world seed and size."""
+    cfg = WorldConfig.from_dict(meta["world_config"])
+    return make_vec_env(meta["env"], meta["num_envs"], config=cfg, world_seed=meta["world_seed"], device=device)
+
+
+def online_run(meta: dict, target: str, target_options: dict, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """The target run online on the log's users, seed and sizes.
 
     Returns:
         (realized, denoised), each (T, N): the rewards drawn and `denoised_reward`. Both estimate the
         same value; the denoised one has a fraction of the variance, so it is the ground truth used.
     """
-    cfg = WorldConfig.from_dict(meta["world_config"])
-    env = make_env(meta["env"], cfg, meta["num_envs"], meta["world_seed"], device)
-    policy = build_policy(target.name, env, meta["seed"], target.temperature)
+    env = log_env(meta, device)
+    policy = make_policy(target, env, meta["seed"], **target_options)
     columns, _ = collect(env, policy, meta["seed"], meta["steps"], progress=progress)
     shape = (meta["steps"], meta["num_envs"])
-    return columns["reward"].reshape(shape), denoised_reward(columns, env.unwrapped.engine.world).reshape(shape)
+    return columns["reward"].reshape(shape), denoised_reward(columns, env.unwrapped.world).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- estimation
@@ -338,7 +342,7 @@ class Args:
     logs: str = ""
     """Parquet log written by `python -m agents.collect` (single-candidate)"""
     policy: str = "cascade"
-    """target policy: random | cascade | oracle"""
+    """target policy (`agents.policies`): random | cascade | oracle"""
     target_temperature: float = 0.1
     """exploration temperature of a cascade target (0 = greedy)"""
     env: str = ""
@@ -361,7 +365,8 @@ class Args:
     def __post_init__(self) -> None:
         if not self.logs:
             raise ValueError("logs is required: --logs PATH to a Parquet log from agents.collect")
-        Target(self.policy, self.target_temperature)
+        if self.policy not in TARGETS:
+            raise ValueError(f"policy={self.policy!r} is not an off-policy target: expected one of {list(TARGETS)}")
         check_range("target_temperature", self.target_temperature, 0.0, 100.0)
         for t in self.sweep_temperatures:
             check_range("sweep_temperatures", t, 0.0, 100.0, lo_open=True)
@@ -380,10 +385,11 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
     if args.env and args.env != meta["env"]:
         raise ValueError(f"env={args.env!r} but {args.logs} was collected in {meta['env']!r}")
     device = args.device or meta.get("device", "cpu")
-    target = Target(args.policy, args.target_temperature if args.policy == "cascade" else None)
+    t_target = args.target_temperature if args.policy == "cascade" else None
+    target_options = temperature_option(t_target)
     t_log = meta.get("temperature")
 
-    columns, stats, world = resimulate(meta, target, t_log, device, args.progress)
+    columns, stats, world = resimulate(meta, args.policy, target_options, t_log, device, args.progress)
     check_reproduced(df, columns, stats)
     reward, propensity = df["reward"].to_numpy(), df["propensity"].to_numpy()
     table, diag = estimate(reward, propensity, stats, args.level)
@@ -395,7 +401,7 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
     out = Path(args.out or f"runs/ope/{Path(args.logs).stem}__{args.policy}")
     out.mkdir(parents=True, exist_ok=True)
     if args.env:
-        realized, online = online_run(meta, target, device, args.progress)
+        realized, online = online_run(meta, args.policy, target_options, device, args.progress)
         slot_means = online.mean(0)  # sessions in different slots are independent apart from budgets
         diag["truth_online"] = float(online.mean())
         diag["truth_online_se"] = float(slot_means.std(ddof=1) / np.sqrt(len(slot_means)))
@@ -407,14 +413,14 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
                 if t_log is not None and np.isclose(temp, t_log):
                     r_t, p_t, s_t = reward, propensity, stats  # the log itself
                 else:
-                    cols_t, s_t, _ = resimulate(meta, target, temp, device, args.progress)
+                    cols_t, s_t, _ = resimulate(meta, args.policy, target_options, temp, device, args.progress)
                     r_t, p_t = cols_t["reward"], cols_t["propensity"]
                 t_table, t_diag = estimate(r_t, p_t, s_t, args.level)
                 t_table = add_truths(t_table, diag["truth_online"], t_diag["truth_bandit"])
                 parts.append(t_table.assign(sweep="temperature", temperature=temp, rows=len(r_t), ess=t_diag["ess"]))
         results["sweep"] = sweep = pd.concat(parts, ignore_index=True)
         write_atomic(out / "sweep.csv", lambda tmp: sweep.to_csv(tmp, index=False))
-        title = (f"{args.policy}{'' if target.temperature is None else f' (t={target.temperature:g})'} from "
+        title = (f"{args.policy}{'' if t_target is None else f' (t={t_target:g})'} from "
                  f"{meta['policy']} (t={t_log}) logs, {meta['num_envs']} envs x {meta['steps']} steps")  # fmt: skip
         plot(sweep, out / "ope.png", title)
 

@@ -49,7 +49,6 @@ collects / fits the inputs, evaluates and writes the run folder; logged train lo
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -62,8 +61,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from agents.cli import parse_args
+from agents.pretraining.checkpoint import checkpoint_bytes, load_checkpoint, load_model_state, read_checkpoint
 from agents.rl import distributed
-from agents.runs import append_metrics, atomic_write_bytes, load_torch, read_metrics, write_json
+from agents.runs import append_metrics, atomic_write_bytes, read_metrics, write_json
 from gpr_sim.data.logs import read_logs
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.offline_eval import model_rankings, popularity_rankings, ranking_metrics
@@ -74,8 +74,6 @@ from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
 from gpr_sim.world import WorldConfig
 from gpr_sim.world.catalog import World, generate_world
 
-CKPT_FORMAT = "gpr_sim.pretrain"
-CKPT_VERSION = 1
 STAGES = ("mtp", "vaft")
 SELECT = ("best", "last")
 COMPONENTS = ("hybrid_attention", "token_aware_ln", "token_aware_ffn", "mixture_of_recursions", "thinking",
@@ -271,58 +269,6 @@ def model_config(tok: WorldTokenizer, schema: SchemaConfig, dense_dim: int, args
     return GPRConfig(level_sizes=tuple(tok.level_sizes), d_model=args.d_model, n_layers=args.n_layers,
                      n_heads=args.n_heads, dense_dim=dense_dim, max_len=schema.seq_len, mtp_heads=args.mtp_heads,
                      **{name: getattr(args, name) for name in COMPONENTS})  # fmt: skip
-
-
-def checkpoint_bytes(model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int,
-                     stage: str) -> bytes:  # fmt: skip
-    """The serialised checkpoint payload (what `save_checkpoint` writes)."""
-    cfg = dataclasses.asdict(model.cfg)
-    cfg["level_sizes"] = list(cfg["level_sizes"])
-    payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "stage": stage, "step": step, "config": cfg,
-               "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state()}  # fmt: skip
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return buf.getvalue()
-
-
-def save_checkpoint(path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    step: int, stage: str) -> None:  # fmt: skip
-    """Model, optimiser, sampler RNG, step and model config in one file, written atomically."""
-    atomic_write_bytes(path, checkpoint_bytes(model, opt, gen, step, stage))
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Read a pre-training checkpoint safely (``weights_only``) and check its header.
-
-    Raises:
-        ValueError: naming the file, if it is missing, unreadable, not a pre-training checkpoint, of
-            another format version, or lacks the model config or weights.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no checkpoint here (expected an agents.pretrain run folder)")
-    payload = load_torch(path, CKPT_FORMAT, CKPT_VERSION, "a gpr_sim pre-training checkpoint")
-    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("model"), dict):
-        raise ValueError(f"{path}: checkpoint lacks the model config or weights")
-    return payload
-
-
-def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
-    """``read_checkpoint`` plus a check that it was written for a model of config ``cfg``."""
-    payload = read_checkpoint(path)
-    want = dataclasses.asdict(cfg)
-    want["level_sizes"] = list(want["level_sizes"])
-    if payload["config"] != want:
-        diff = sorted(k for k in want if payload["config"].get(k) != want[k])
-        raise ValueError(f"{path}: checkpoint model config differs from this run's in {diff}")
-    return payload
-
-
-def load_model_state(path: Path, model: GPRModel, state: dict) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: model weights do not fit this model ({e})") from e
 
 
 # ----------------------------------------------------------------------------- eval

@@ -6,13 +6,13 @@
 
 One decision = one request decoded to its top-K items (``--top-k``, capped at the beam width) by
 ``beam_search`` over a ``PrefixTrie`` of ``--items`` random paths with ``--levels`` codes per level, with
-the model's own ``beam_fns`` (the production path of ``agents.gpr_policy``). Requests are synthetic
+the model's own ``beam_fns`` (the production path of ``agents.policies.gpr``). Requests are synthetic
 ``TokenBatch`` rows in the schema layout ``[U | O x Ho | I x Hi | E]`` with T = ``--seq-len`` slots
 (Ho = Hi = (T - 2) / 2, ~10% of history slots padded), built before the clock starts. N requests run
 in micro-batches of ``--chunk`` (activation memory grows with the chunk, not with N).
 
 Decode paths (``--mode``, the row's ``decode`` key; ``mode`` stays eager/compiled):
-- ``full``: every decision re-encodes the whole T-token request (as ``agents.gpr_policy`` does).
+- ``full``: every decision re-encodes the whole T-token request (as ``agents.policies.gpr`` does).
 - ``incremental``: a rollout step on a per-user KV cache (``gpr_sim.model.IncrementalDecoder``; the step's
   parts and why appending is exact: ``gpr_sim.model.incremental``). The prefix (the schema layout, T tokens)
   is encoded once per user ("prefill", timed apart, in ``prefill``) with random first-step inputs
@@ -299,7 +299,7 @@ class Decoder:
         self.hsd = torch.compile(model.hsd, dynamic=False) if compiled else model.hsd
 
         def step(context: torch.Tensor, row: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-            return model.beam_fns(context)[0](row, prefix)  # the production step_fn (agents.gpr_policy)
+            return model.beam_fns(context)[0](row, prefix)  # the production step_fn (agents.policies.gpr)
 
         self.step = torch.compile(step, dynamic=False) if compiled else step
 

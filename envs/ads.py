@@ -62,7 +62,10 @@ probabilities of the shown ad), `ecpm` (auction eCPM, platform estimate), `ecpm_
 keyword (e.g. `num_ads=1000`), `world_seed`, `action_mode` ("ad" | "semantic"), `tokenizer` (a
 `WorldTokenizer`, a `SemanticIdTable`, or the folder `python -m agents.tokenize` wrote; it must have
 been fitted on this world, checked by fingerprint), and for the vector env `num_envs`, `device`,
-`validate_actions` (range check; costs one host sync per step on a GPU).
+`validate_actions` (range check; costs one host sync per step on a GPU), and for a data-parallel
+shard of a larger market `market_envs` (the sessions budgets are scaled to), `grant` (how a step's
+charges are settled) and `first_slot` (`envs.market.BatchedMarket`). `envs.make_vec_env(env_id,
+num_envs, ...)` builds the vector env.
 
 ## Scoring API
 `env.unwrapped.score(candidates, truth=False)`: expected value of arbitrary candidate ads for the
@@ -71,6 +74,15 @@ studies). `env.unwrapped.eligible_ads()`: the mask of ads whose advertiser can b
 With a tokenizer: `env.unwrapped.prefix_mask(prefixes)` gives, for prefixes (..., l), the (..., K_l)
 mask of next digits that lead to an eligible ad (the trie over ads, restricted by `eligible_ads()`;
 for constrained decoding), and `env.unwrapped.semantic_ids(ads)` the (..., L') paths of ad indices.
+
+## What learners read (vector env)
+The env owns its state; learners use these instead of reaching into the engine:
+`world` (the static world: catalog, users, `world.config`), `config`, `num_envs`, `device`,
+`first_slot` (global slot of row 0), `state` (the current sessions, hidden state included: only the
+oracles, logging and rollouts read it), `observe()`, `remaining_budget()` (per advertiser, this budget
+day), `score(candidates, truth, state=)` (also for some rows or rehearsed requests),
+`rehearse(rows)` (the next request of chosen sessions with no ad shown, on its own random stream; moves
+nothing), and `state_dict()` / `load_state_dict()` (resume bit for bit).
 
 ## Version history
 - v0: first release; semantic-ID action mode (`action_mode="semantic"`), default unchanged.
@@ -87,10 +99,11 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from envs.market import BatchedMarket, outcome_info, resolve_config
+from envs.market import REHEARSAL_SEED_OFFSET, BatchedMarket, Rehearsal, outcome_info, resolve_config
 from gpr_sim.tokenizer.world import WorldTokenizer, as_world_tokenizer
-from gpr_sim.world import CONTEXT_DIM, WorldConfig
+from gpr_sim.world import CONTEXT_DIM, CandidateScores, SessionState, World, WorldConfig
 from gpr_sim.world.catalog import USER_FEATURE_DIM
+from gpr_sim.world.core import Grant
 
 
 def observation_space(cfg: WorldConfig) -> spaces.Dict:
@@ -226,6 +239,11 @@ class AdsEnv(gym.Env):
         self.observation_space = observation_space(cfg)
         self.action_space = action_space(cfg, None if self._decoder is None else self._decoder.level_sizes)
 
+    @property
+    def world(self) -> World:
+        """The static world (catalog, advertisers, users; ``world.config``), on the CPU."""
+        return self.engine.world
+
     def _obs(self, obs: dict[str, torch.Tensor]) -> dict[str, Any]:
         out = {k: v[0].numpy().copy() for k, v in obs.items()}
         out["user_id"] = np.int64(out["user_id"])
@@ -289,10 +307,14 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         validate_actions: bool = True,
         action_mode: str = "ad",
         tokenizer=None,
+        market_envs: int | None = None,
+        grant: Grant | None = None,
+        first_slot: int = 0,
         **overrides,
     ):
         cfg = resolve_config(preset, config, **overrides)
-        self.engine = BatchedMarket(cfg, num_envs=num_envs, world_seed=world_seed, device=device)
+        self.engine = BatchedMarket(cfg, num_envs=num_envs, world_seed=world_seed, device=device,
+                                    market_envs=market_envs, grant=grant, first_slot=first_slot)  # fmt: skip
         self.config = cfg
         self.num_envs = num_envs
         self.device = self.engine.device
@@ -321,12 +343,54 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         info.update(episode_return=ep_ret, episode_length=ep_len, final_obs=final_obs, _final_obs=done)
         return obs, out.reward, out.terminated, out.truncated, info
 
-    def score(self, candidates: torch.Tensor, truth: bool = False):
-        """Expected value of candidate ads (N, K) for the current requests; moves nothing."""
-        return self.engine.score(torch.as_tensor(candidates, device=self.device).long(), truth)
+    # -- what learners read: the env owns its state (module doc) ----------------------------------------
+    @property
+    def world(self) -> World:
+        """The static world (catalog, advertisers, users; ``world.config``) on the env's device."""
+        return self.engine.world
+
+    @property
+    def state(self) -> SessionState:
+        """The current sessions, (N, ...) per field, hidden state included (oracles, logging, rollouts)."""
+        if self.engine.state is None:
+            raise RuntimeError("call reset() before reading the state")
+        return self.engine.state
+
+    @property
+    def first_slot(self) -> int:
+        """Global slot index of row 0 (a data-parallel shard's first row)."""
+        return self.engine.first_slot
+
+    def observe(self) -> dict[str, torch.Tensor]:
+        """The observation of the current requests (what the last ``reset`` or ``step`` returned)."""
+        return self.engine.observe()
+
+    def score(self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None) -> CandidateScores:
+        """Expected value of candidate ads (N, K) for the current requests; moves nothing.
+
+        ``state``: value them for these sessions instead (``self.state.select(rows)``, or ``rehearse(rows).state``).
+        """
+        return self.engine.score(torch.as_tensor(candidates, device=self.device).long(), truth, state)
 
     def eligible_ads(self) -> torch.Tensor:
+        """(num_ads,) bool: ads whose advertiser can bid in the next auction."""
         return self.engine.eligible_ads()
+
+    def remaining_budget(self) -> torch.Tensor:
+        """(num_advertisers,) float64: what each advertiser can still spend in the current budget day."""
+        return self.engine.remaining_budget()
+
+    def rehearse(self, rows: torch.Tensor, seed_offset: int = REHEARSAL_SEED_OFFSET) -> Rehearsal:
+        """The next request of sessions ``rows`` (R,) with no ad shown now, on its own random stream; moves
+        nothing (``BatchedMarket.rehearse``)."""
+        return self.engine.rehearse(torch.as_tensor(rows, device=self.device).long(), seed_offset)
+
+    def state_dict(self) -> dict:
+        """Sessions, market and episode totals (copies); ``load_state_dict`` resumes them bit for bit."""
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state)
 
     def prefix_mask(self, prefixes, eligible_only: bool = True) -> torch.Tensor:
         """(..., l) semantic-ID prefixes (e.g. (N, l) or (N, beams, l)) -> (..., K_l) bool legal next digits."""

@@ -7,11 +7,15 @@ width with torch tensors at the boundary. There is no second implementation to d
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from gpr_sim.world import (
     CandidateScores,
+    MarketState,
     Outcome,
+    SessionState,
     World,
     WorldConfig,
     eligible_ads,
@@ -20,6 +24,7 @@ from gpr_sim.world import (
     observe,
     open_market,
     preset,
+    remaining_budget,
     score,
     transition,
 )
@@ -30,6 +35,9 @@ INFO_KEYS_PER_SLOT = (
     "p_conversion", "ecpm", "ecpm_true", "match", "is_new_ad",
 )
 INFO_KEYS_PER_REQUEST = ("invalid", "budget_capped", "delayed_conversion", "delayed_gmv")
+REHEARSAL_SEED_OFFSET = 0x5EED_A44
+"""added to a session's seed for its rehearsed step (``BatchedMarket.rehearse``), so rehearsal never peeks at the
+real next draw"""
 
 
 def resolve_config(preset_name: str = "small", config: WorldConfig | dict | None = None, **overrides) -> WorldConfig:
@@ -62,6 +70,7 @@ class BatchedMarket:
         market_envs: sessions the advertiser budgets are scaled to (default ``num_envs``). A
             data-parallel shard of a global market passes the global N (``agents.rl.distributed.shard_market``).
         grant: how a step's charges are settled (``gpr_sim.world.core.Grant``; default: this batch alone).
+        first_slot: global slot index of row 0 (a data-parallel shard's first row; ``reset`` can move it).
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class BatchedMarket:
         world: World | None = None,
         market_envs: int | None = None,
         grant: Grant | None = None,
+        first_slot: int = 0,
     ) -> None:
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r} is out of range: expected an integer >= 1")
@@ -89,7 +99,7 @@ class BatchedMarket:
         self.grant = grant
         self.state = None
         self.market = None
-        self.first_slot = 0  # global index of row 0 (data-parallel shards key their streams by global slot)
+        self.first_slot = int(first_slot)  # global index of row 0 (data-parallel shards key their streams by global slot)
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
 
@@ -150,15 +160,81 @@ class BatchedMarket:
         self.state = state
         return obs, out, final_obs, ep_ret, ep_len
 
-    def score(self, candidates: torch.Tensor, truth: bool = False) -> CandidateScores:
-        """Expected value of candidate ads (N, K) for the current requests, without moving the world."""
+    def score(self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None) -> CandidateScores:
+        """Expected value of candidate ads (N, K) for the current requests, without moving the world.
+
+        ``state``: score these sessions instead of the current ones, e.g. some rows
+        (``self.state.select(rows)``) or requests rehearsed by ``rehearse``; candidates then have its rows.
+        """
         self._require_reset()
-        return score(self.world, self.state, candidates, truth=truth)
+        return score(self.world, self.state if state is None else state, candidates, truth=truth)
 
     def eligible_ads(self) -> torch.Tensor:
         """(num_ads,) bool: ads whose advertiser can bid in the next auction."""
         self._require_reset()
         return eligible_ads(self.world, self.market)
+
+    def remaining_budget(self) -> torch.Tensor:
+        """(num_advertisers,) float64: what each advertiser can still spend in the current budget day."""
+        self._require_reset()
+        return remaining_budget(self.world, self.market)
+
+    def rehearse(self, rows: torch.Tensor, seed_offset: int = REHEARSAL_SEED_OFFSET) -> Rehearsal:
+        """The next request of sessions ``rows`` (R,) if no ad were shown now; moves nothing.
+
+        The world's pure transition runs one step ahead for those rows with an empty candidate list, on
+        their own random stream (seed + ``seed_offset``, so rehearsal never peeks at the real next draw):
+        the user is kept, the organic items they consume next and the context (position, time, ad load)
+        move. The market is read, never written; the step's grant is not called (no ad means no charge,
+        and a data-parallel grant is a collective over every rank's rows, not a chosen few).
+        """
+        self._require_reset()
+        state = self.state.select(rows)
+        state = state._replace(seed=state.seed + seed_offset)
+        none = torch.full((rows.numel(), 1), -1, dtype=torch.int64, device=self.device)
+        ahead, _, _ = transition(self.world, state, self.market, none)
+        return Rehearsal(ahead, observe(self.world, ahead))
+
+    def observe(self) -> dict[str, torch.Tensor]:
+        """The observation of the current requests (what the last ``reset`` or ``step`` returned)."""
+        self._require_reset()
+        return observe(self.world, self.state)
+
+    def state_dict(self) -> dict:
+        """A copy of everything that moves: the sessions, the market, and the running episode totals.
+
+        ``load_state_dict`` on a market of the same world, size and shard resumes it bit for bit (the
+        random streams are keyed by the session state, so no generator needs saving).
+        """
+        self._require_reset()
+        return {
+            "session": tuple(t.clone() for t in self.state),
+            "market": tuple(t.clone() for t in self.market),
+            "episode_return": self.episode_return.clone(),
+            "episode_length": self.episode_length.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict`` (from any device) onto this market's device."""
+        session, market = tuple(state["session"]), tuple(state["market"])
+        if len(session) != len(SessionState._fields) or len(market) != len(MarketState._fields):
+            raise ValueError(
+                f"state_dict holds {len(session)} session and {len(market)} market fields: expected "
+                f"{len(SessionState._fields)} and {len(MarketState._fields)}"
+            )
+        if session[0].shape[0] != self.num_envs:
+            raise ValueError(f"state_dict has {session[0].shape[0]} sessions, this market {self.num_envs}")
+        self.state = SessionState(*(t.to(self.device) for t in session))
+        self.market = MarketState(*(t.to(self.device) for t in market))
+        self.episode_return = state["episode_return"].to(self.device)
+        self.episode_length = state["episode_length"].to(self.device)
+
+
+class Rehearsal(NamedTuple):
+    """Requests rehearsed one step ahead (``BatchedMarket.rehearse``), R of them."""
+
+    state: SessionState  # (R, ...) the sessions one step ahead; ``score(..., state=)`` values ads for them
+    obs: dict[str, torch.Tensor]  # (R, ...) their observations
 
 
 def outcome_info(out: Outcome) -> dict[str, torch.Tensor]:

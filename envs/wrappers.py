@@ -22,7 +22,7 @@ class FlatFeatures(gym.ObservationWrapper):
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
-        world = env.unwrapped.engine.world
+        world = env.unwrapped.world
         self._organic_emb = world.organic_emb.cpu().numpy()
         self._ad_emb = world.ad_emb.cpu().numpy()
         d = world.config.emb_dim

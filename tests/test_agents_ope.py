@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from agents import ope
-from agents.collect import build_policy, collect, make_env
-from agents.ope import Args, action_distribution, bandit_view, check_meta, prob_of
+from agents.collect import collect
+from agents.ope import Args, action_distribution, bandit_view, check_meta, prob_of, temperature_option
+from agents.policies import make_policy
+from envs import make_vec_env
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.logs import read_logs, write_logs
 from gpr_sim.data.ope import estimate_all
@@ -109,8 +111,8 @@ def test_random_target_outside_the_logging_support(log_path, tmp_path):
 
 @pytest.mark.parametrize("name,temperature", [("cascade", 0.3), ("cascade", 0.0), ("random", None), ("oracle", None)])
 def test_action_distribution_matches_act(name, temperature):
-    env = make_env("ads-v0", WorldConfig.small(), 64, world_seed=0, device="cpu")
-    policy = build_policy(name, env, seed=1, temperature=temperature)
+    env = make_vec_env("ads-v0", 64, config=WorldConfig.small(), world_seed=0, device="cpu")
+    policy = make_policy(name, env, seed=1, **temperature_option(temperature))
     obs, _ = env.reset(seed=0)
     for _ in range(4):
         out = policy.act(obs)
@@ -173,9 +175,9 @@ def test_denoised_reward_is_an_unbiased_ground_truth():
     # The online truth averages denoised_reward (realised price + expected funnel value). Over 12,800
     # requests of a crowded market (128 sessions, ~10% of won auctions refused by budgets) the
     # realised rewards must agree with it within 3 standard errors, and it must be far less noisy.
-    env = make_env("ads-v0", WorldConfig.small(), 128, world_seed=0, device="cpu")
-    columns, _ = collect(env, build_policy("cascade", env, seed=2), seed=2, steps=100, progress=False)
-    denoised = ope.denoised_reward(columns, env.unwrapped.engine.world)
+    env = make_vec_env("ads-v0", 128, config=WorldConfig.small(), world_seed=0, device="cpu")
+    columns, _ = collect(env, make_policy("cascade", env, seed=2), seed=2, steps=100, progress=False)
+    denoised = ope.denoised_reward(columns, env.unwrapped.world)
     diff = columns["reward"] - denoised
     assert abs(diff.mean()) < 3 * diff.std(ddof=1) / np.sqrt(len(diff))
     assert denoised.std() < 0.5 * columns["reward"].std()

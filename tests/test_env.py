@@ -8,8 +8,8 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import envs  # noqa: F401  (registers ads-v0)
-from envs import AdsEnv, AdsVectorEnv
+from envs import AdsEnv, AdsVectorEnv, BatchedMarket, ads_env_ids, make_vec_env
+from gpr_sim.world import WorldConfig, remaining_budget, score
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_candidates": 5, "num_slots": 2, "conversion_delay_mean": 2.0}])
@@ -115,3 +115,155 @@ def test_scoring_does_not_move_the_world():
     ra = a.step(act)
     rb = b.step(act)
     assert torch.equal(ra[1], rb[1]) and torch.equal(ra[4]["click"], rb[4]["click"])
+
+
+# ----------------------------------------------------------------------------- the env owns its state
+
+# Tight budgets and no outside competition: advertisers run dry within a few steps, so the market
+# state (spend) matters to what happens next; delayed conversions make the pending queue matter too.
+TIGHT = dict(budget_per_1k_requests=0.2, competitor_ecpm_mean=0.0, conversion_delay_mean=1.0, steps_per_day=12)
+
+
+def _actions(obs: dict, t: int, num_ads: int) -> torch.Tensor:
+    return (obs["user_id"] * 13 + t * 7) % num_ads
+
+
+def _play(env: AdsVectorEnv, obs: dict, t0: int, steps: int) -> list:
+    """``steps`` steps of a deterministic policy: every observation, reward, flag and info tensor."""
+    out = []
+    for t in range(t0, t0 + steps):
+        obs, reward, term, trunc, info = env.step(_actions(obs, t, env.config.num_ads))
+        out.append((obs, reward, term, trunc, {k: v for k, v in info.items() if isinstance(v, torch.Tensor)}))
+    return out
+
+
+def test_state_dict_round_trip_resumes_bit_for_bit():
+    import io
+
+    a = AdsVectorEnv(num_envs=16, world_seed=3, **TIGHT)
+    obs, _ = a.reset(seed=7)
+    _play(a, obs, 0, 9)  # sessions ended and restarted, budgets partly spent
+    saved = a.state_dict()
+    buf = io.BytesIO()
+    torch.save(saved, buf)  # as a checkpoint would hold it
+    frozen = {k: tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() for k, v in saved.items()}
+    obs_a = a.observe()
+    want = _play(a, obs_a, 9, 25)
+    # a snapshot, not a view: stepping on did not change it
+    for key, v in saved.items():
+        for x, y in zip(v if isinstance(v, tuple) else (v,), frozen[key] if isinstance(v, tuple) else (frozen[key],)):
+            assert torch.equal(x, y), key
+
+    b = AdsVectorEnv(num_envs=16, world_seed=3, **TIGHT)
+    b.reset(seed=123)  # another seed: everything it set is overwritten by the load
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    obs_b = b.observe()
+    for k in obs_a:
+        assert torch.equal(obs_a[k], obs_b[k]), k
+    got = _play(b, obs_b, 9, 25)
+    for t, (x, y) in enumerate(zip(want, got)):
+        for k in x[0]:
+            assert torch.equal(x[0][k], y[0][k]), f"obs {k} at step {t}"
+        assert torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]), t
+        for k in x[4]:
+            assert torch.equal(x[4][k], y[4][k]), f"info {k} at step {t}"
+    assert torch.equal(a.remaining_budget(), b.remaining_budget())
+    assert any(bool(x[2].any() | x[3].any()) for x in got)  # the resumed run crossed session ends
+    with pytest.raises(ValueError, match="4 sessions, this market 16"):
+        b.load_state_dict(_sized_state(4))
+
+
+def _sized_state(n: int) -> dict:
+    env = AdsVectorEnv(num_envs=n)
+    env.reset(seed=0)
+    return env.state_dict()
+
+
+def _reference_rehearse(market: BatchedMarket, rows: torch.Tensor):
+    """``Roller._rehearse`` of agents/rollout.py as of 1cfeb21, written out: (state ahead, its observation)."""
+    from gpr_sim.world import observe, transition
+
+    state = market.state.select(rows)
+    state = state._replace(seed=state.seed + 0x5EED_A44)  # rollout.REHEARSAL_SEED_OFFSET
+    none = torch.full((rows.numel(), 1), -1, dtype=torch.int64, device=market.device)
+    ahead, _, _ = transition(market.world, state, market.market, none)
+    return ahead, observe(market.world, ahead)
+
+
+def test_rehearse_equals_the_rollout_rehearsal_and_moves_nothing():
+    env, twin = AdsVectorEnv(num_envs=12, **TIGHT), AdsVectorEnv(num_envs=12, **TIGHT)
+    obs, _ = env.reset(seed=4)
+    twin.reset(seed=4)
+    _play(env, obs, 0, 5)
+    _play(twin, twin.observe(), 0, 5)
+    rows = torch.tensor([0, 3, 4, 11])
+    before = env.state_dict()
+    got = env.rehearse(rows)
+    want_state, want_obs = _reference_rehearse(env.engine, rows)
+    for name, x, y in zip(want_state._fields, got.state, want_state):
+        assert torch.equal(x, y), name
+    for k in want_obs:
+        assert torch.equal(got.obs[k], want_obs[k]), k
+    assert got.obs["user_id"].shape == (4,) and torch.equal(got.state.user_id, env.state.user_id[rows])  # same user
+    assert (got.state.feed_pos > env.state.feed_pos[rows]).all()  # one request ahead: organic items consumed
+    # scoring the rehearsed requests is the core's scoring of that state
+    cand = torch.arange(8).repeat(4, 1)
+    torch.testing.assert_close(env.score(cand, truth=True, state=got.state).value,
+                               score(env.world, want_state, cand, truth=True).value, rtol=0, atol=0)  # fmt: skip
+    # nothing moved: same state as before, and the next real step equals the twin's
+    after = env.state_dict()
+    for key in before:
+        for x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (before[key], after[key]))):
+            assert torch.equal(x, y), key
+    s, t = _play(env, env.observe(), 5, 3), _play(twin, twin.observe(), 5, 3)
+    for x, y in zip(s, t):
+        assert torch.equal(x[1], y[1]) and torch.equal(x[4]["click"], y[4]["click"])
+
+
+def test_vector_env_reads_equal_the_core():
+    env = AdsVectorEnv(num_envs=6, **TIGHT)
+    with pytest.raises(RuntimeError, match="reset"):
+        _ = env.state
+    obs, _ = env.reset(seed=2)
+    _play(env, obs, 0, 4)
+    market = env.engine
+    assert env.world is market.world and env.config is market.world.config and env.first_slot == 0
+    assert torch.equal(env.state.user_id, market.state.user_id)
+    torch.testing.assert_close(env.remaining_budget(), remaining_budget(market.world, market.market), rtol=0, atol=0)
+    rows = torch.tensor([1, 5])
+    cand = torch.tensor([[3, 9], [4, 400]])
+    torch.testing.assert_close(env.score(cand, state=env.state.select(rows)).value,
+                               score(env.world, market.state.select(rows), cand).value, rtol=0, atol=0)  # fmt: skip
+    full = env.score(torch.tensor([[3, 9]] * 6)).value
+    torch.testing.assert_close(env.score(cand[:1], state=env.state.select(rows[:1])).value, full[1:2], rtol=0, atol=0)
+
+
+def test_shard_arguments_reach_the_market():
+    env = AdsVectorEnv(num_envs=4, market_envs=8, first_slot=4)
+    obs, _ = env.reset(seed=0)
+    assert env.first_slot == 4 and env.engine.market_envs == 8
+    assert torch.equal(env.state.slot, torch.arange(4, 8))
+    # rows 4..7 of one market of 8 sessions draw the same users as the full market's rows 4..7
+    full = AdsVectorEnv(num_envs=8)
+    full_obs, _ = full.reset(seed=0)
+    assert torch.equal(obs["user_id"], full_obs["user_id"][4:])
+
+
+# ----------------------------------------------------------------------------- the one vector-env factory
+
+
+def test_make_vec_env_is_the_vector_env_and_names_unknown_ids():
+    env = make_vec_env("ads-v0", 5, config=WorldConfig.small(num_candidates=2), world_seed=1, validate_actions=False)
+    ref = AdsVectorEnv(num_envs=5, config=WorldConfig.small(num_candidates=2), world_seed=1, validate_actions=False)
+    assert isinstance(env, AdsVectorEnv) and env.num_envs == 5 and not env.validate_actions
+    a, _ = env.reset(seed=3)
+    b, _ = ref.reset(seed=3)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert make_vec_env("ads-v0", 2, preset="small", num_ads=50).config.num_ads == 50  # WorldConfig fields pass
+    assert ads_env_ids() == ["ads-v0"]
+    with pytest.raises(ValueError, match=r"env_id='ads-v9' is not a registered ads env: expected one of \['ads-v0'\]"):
+        make_vec_env("ads-v9", 2)
+    with pytest.raises(ValueError, match=r"env_id='CartPole-v1' is not a registered ads env"):
+        make_vec_env("CartPole-v1", 2)  # registered, but not an ads env

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from agents.evaluate import AGENT_FAMILIES, Args, main, parse_args, resolve_agent
-from agents.policies import PolicyOutput
+from agents.evaluate import Args, main, parse_args
+from agents.policies import FAMILIES, Family, PolicyOutput, policy_factory
 from gpr_sim.metrics import METRICS, SESSION_COLUMNS
 
 torch.set_num_threads(1)
@@ -104,10 +104,14 @@ def test_demo_size_ranks_the_agents(tmp_path):
 
 
 def test_unknown_agent_and_bad_args_raise():
-    with pytest.raises(ValueError, match=r"unknown agent 'bogus': expected one of cascade, oracle, oracle-fatigue, random"):
+    with pytest.raises(
+        ValueError, match=r"unknown policy 'bogus': expected one of cascade, gpr:PATH, oracle, oracle-fatigue, random"
+    ):
         Args(agents="random,bogus")  # fails before anything runs
-    with pytest.raises(ValueError, match="unknown agent 'gpr:runs/x'"):
-        resolve_agent("gpr:runs/x")  # no such family registered (yet)
+    with pytest.raises(ValueError, match="unknown policy 'nope:x'"):
+        Args(agents="nope:x")  # no such family
+    with pytest.raises(ValueError, match=r"policy 'gpr:runs/x': neither runs/x/policy\.pt nor"):
+        Args(agents="gpr:runs/x")  # the family checks its folder before anything runs
     with pytest.raises(ValueError, match="twice"):
         Args(agents="random,random")
     with pytest.raises(ValueError, match="num_envs"):
@@ -128,9 +132,9 @@ class FixedAd:
 
 
 def test_agent_family_plugs_in(tmp_path, monkeypatch):
-    monkeypatch.setitem(AGENT_FAMILIES, "fixed", lambda arg: (lambda env, seed: FixedAd(env, int(arg))))
-    with pytest.raises(ValueError, match="fixed:ARG"):
-        resolve_agent("nope")
+    monkeypatch.setitem(FAMILIES, "fixed", Family("AD", lambda arg: (lambda env, seed: FixedAd(env, int(arg)))))
+    with pytest.raises(ValueError, match="fixed:AD"):
+        policy_factory("nope")
     summary = main(Args(agents="fixed:7", out=str(tmp_path), num_envs=8, sessions=8, plots=False))
     assert list(summary.agent) == ["fixed:7"]
     sessions = pd.read_parquet(tmp_path / "agents" / "fixed_7" / "sessions.parquet")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import shutil
 
-import gymnasium
 import pytest
 import torch
 
-import envs  # noqa: F401  (registers ads-v0)
 from agents import pretrain
 from agents.evaluate import Args, main
-from agents.gpr_policy import GPRPolicy
+from agents.policies import make_policy
+from agents.policies.gpr import GPRPolicy
+from envs import make_vec_env
 
 TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
                  "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
@@ -29,8 +29,7 @@ def run_dir(tmp_path_factory):
 
 
 def _env(num_envs: int = 8):
-    return gymnasium.make_vec("ads-v0", num_envs=num_envs, vectorization_mode="vector_entry_point", preset="small",
-                              world_seed=0, device="cpu", validate_actions=False)  # fmt: skip
+    return make_vec_env("ads-v0", num_envs, preset="small", world_seed=0, device="cpu", validate_actions=False)
 
 
 def test_evaluate_runs_gpr_and_is_deterministic(run_dir, tmp_path):
@@ -53,7 +52,7 @@ def test_evaluate_runs_gpr_and_is_deterministic(run_dir, tmp_path):
 def test_actions_are_eligible_ads(run_dir):
     env = _env()
     policy = GPRPolicy(env, run_dir, beam_width=2)  # raised to num_candidates
-    market = policy.market
+    market = policy.env
     k = market.world.config.num_candidates
     assert policy.beam_width >= k
     obs, _ = env.reset(seed=0)
@@ -85,5 +84,15 @@ def test_bad_run_dir_raises(run_dir, tmp_path):
 
 
 def test_gpr_spec_without_checkpoint_fails_at_argument_check(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown agent 'gpr:.*checkpoint\.pt"):
+    with pytest.raises(ValueError, match=r"policy 'gpr:.*checkpoint\.pt"):
         Args(agents=f"random,gpr:{tmp_path / 'missing'}")
+
+
+def test_registry_builds_gpr_with_its_options(run_dir):
+    env = _env(4)
+    policy = make_policy(f"gpr:{run_dir}", env, seed=3, beam_width=5)
+    assert isinstance(policy, GPRPolicy) and policy.beam_width == 5 and policy.env is env.unwrapped
+    obs, _ = env.reset(seed=0)
+    torch.testing.assert_close(policy.act(obs).action, GPRPolicy(env, run_dir, beam_width=5, seed=3).act(obs).action)
+    with pytest.raises(ValueError, match=r"takes no option \['temperature'\]: its options are \['beam_width'\]"):
+        make_policy(f"gpr:{run_dir}", env, temperature=0.3)

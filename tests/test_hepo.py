@@ -15,7 +15,7 @@ import envs  # noqa: F401  (registers ads-v0)
 from agents import plots, pretrain
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
-from agents.gpr_policy import load_run_model
+from agents.policies.gpr import load_run_model
 from agents.rl.rollout import Roller
 from agents.runs import read_metrics
 from gpr_sim.metrics import AD_METRICS, summarize

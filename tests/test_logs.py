@@ -6,7 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from agents.collect import FINAL_COLUMNS, build_policy, collect, make_env
+from agents.collect import FINAL_COLUMNS, collect
+from agents.policies import make_policy
+from envs import make_vec_env
 from gpr_sim.data import logs
 from gpr_sim.data.logs import OPTIONAL_SCHEMA, SCHEMA, read_logs, stack_list_column, write_logs
 from gpr_sim.world import WorldConfig
@@ -20,8 +22,8 @@ CFG = WorldConfig.small(num_candidates=3, num_slots=2, conversion_delay_mean=1.0
 
 @pytest.fixture(scope="module")
 def collected():
-    env = make_env("ads-v0", CFG, NUM_ENVS, world_seed=0, device="cpu")
-    columns, _ = collect(env, build_policy("cascade", env, seed=0), seed=0, steps=STEPS, progress=False)
+    env = make_vec_env("ads-v0", NUM_ENVS, config=CFG, world_seed=0, device="cpu")
+    columns, _ = collect(env, make_policy("cascade", env, seed=0), seed=0, steps=STEPS, progress=False)
     return columns
 
 

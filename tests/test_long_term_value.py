@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from agents.policies import FATIGUE_AWARE_PENALTY, OraclePolicy
+from agents.policies.oracle import FATIGUE_AWARE_PENALTY, OraclePolicy
 from envs.market import BatchedMarket
 from gpr_sim.world import WorldConfig
 

@@ -7,7 +7,9 @@ import torch
 minari = pytest.importorskip("minari")
 
 import envs  # noqa: E402, F401  (registers ads-v0 for the dataset's spaces and env spec)
-from agents.collect import build_policy, collect, make_env  # noqa: E402
+from agents.collect import collect  # noqa: E402
+from agents.policies import make_policy  # noqa: E402
+from envs import make_vec_env  # noqa: E402
 from gpr_sim.data.logs import read_logs, stack_list_column, write_logs  # noqa: E402
 from gpr_sim.data.minari_export import export_minari  # noqa: E402
 from gpr_sim.world import WorldConfig  # noqa: E402
@@ -20,8 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # minari asks fo
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("minari")
     cfg = WorldConfig.small(max_steps=8)  # short sessions: several end inside 12 steps
-    env = make_env("ads-v0", cfg, 6, world_seed=0, device="cpu")
-    columns, _ = collect(env, build_policy("cascade", env, seed=0), seed=0, steps=12, progress=False)
+    env = make_vec_env("ads-v0", 6, config=cfg, world_seed=0, device="cpu")
+    columns, _ = collect(env, make_policy("cascade", env, seed=0), seed=0, steps=12, progress=False)
     meta = {"env": "ads-v0", "world_seed": 0, "num_envs": 6, "steps": 12, "temperature": 0.3}
     path = write_logs(columns, root / "log.parquet", world_config=cfg, seed=0, policy="cascade", extra=meta)
     ds = export_minari(path, "ads/cascade-test-v0", datasets_path=root / "datasets")

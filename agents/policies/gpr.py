@@ -1,4 +1,4 @@
-"""The GPR generator of a run folder as a policy: ``act(obs) -> PolicyOutput``.
+"""``gpr:PATH``: the GPR generator of a run folder as a policy: ``act(obs) -> PolicyOutput``.
 
     python -m agents.evaluate --env ads-v0 --agents cascade,gpr:runs/pretrain/mtp,gpr:runs/hepo/RUN
 
@@ -7,7 +7,7 @@ A run folder is an ``agents.pretrain`` one (``checkpoint.pt``) or an RL one from
 
 Per request batch: tokens from the observation (``tokens_from_obs``) -> the model's context (eval mode,
 no grad) -> trie-constrained beam search over the ad trie with head 0, restricted to the ads the market
-can serve now (``market.eligible_ads()``) -> the top ``num_candidates`` ads, best first. The policy is
+can serve now (``env.eligible_ads()``) -> the top ``num_candidates`` ads, best first. The policy is
 deterministic (propensity 1): the refiner's noise, if the model has one, comes from a generator seeded
 once with ``seed``.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from agents.policies import PolicyOutput, _market
-from agents.pretrain import read_checkpoint
+from agents.policies import PolicyOutput, batched_env
+from agents.pretraining.checkpoint import read_checkpoint
 from agents.runs import load_torch, save_torch
 from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
@@ -119,7 +119,7 @@ class GPRPolicy:
     """Top-K eligible ads by beam search with a ``GPRModel`` (module doc).
 
     Args:
-        env: an ads-v0 env (vector or single) or its ``BatchedMarket``; the model runs on its device.
+        env: an ads-v0 vector env or a ``BatchedMarket``; the model runs on its device.
         run_dir: an ``agents.pretrain`` or ``agents.hepo`` run folder (``load_run_model``).
         beam_width: beams per level; raised to ``num_candidates`` when smaller.
         seed: seed of the refiner noise generator.
@@ -141,9 +141,9 @@ class GPRPolicy:
         return policy
 
     def _setup(self, env, model: GPRModel, tok: WorldTokenizer, beam_width: int, seed: int, where) -> None:
-        self.market = _market(env)
-        self.device = torch.device(self.market.device)
-        world = self.market.world
+        self.env = batched_env(env)
+        self.device = torch.device(self.env.device)
+        world = self.env.world
         self.k = int(world.config.num_candidates)
         self.beam_width = max(int(beam_width), self.k)
         try:
@@ -168,7 +168,7 @@ class GPRPolicy:
         ctx = self.model.context(tokens, self.generator)
         self.model.train(was_training)
         step_fn, _ = self.model.beam_fns(ctx, cached=True)  # context K/V once per request, not per beam
-        eligible = self.market.eligible_ads().to(self.device)
+        eligible = self.env.eligible_ads().to(self.device)
         res = beam_search(step_fn, self.tokenizer.trie, batch_size=n, beam_width=self.beam_width, top_k=self.k,
                           eligible=eligible)  # fmt: skip
         items = res.items
@@ -178,19 +178,20 @@ class GPRPolicy:
 
 
 def gpr_factory(run_dir: str):
-    """``AGENT_FAMILIES["gpr"]``: ``gpr:RUN_DIR`` -> ``factory(env, seed)``.
+    """The registry's ``gpr`` family (``agents.policies``): ``gpr:RUN_DIR`` -> ``factory(env, seed, beam_width=8)``.
 
-    A folder without ``checkpoint.pt`` is rejected here, so ``agents.evaluate`` fails on its arguments
-    before any agent runs; the checkpoint and tokenizer themselves are read (and checked) by the factory.
+    A folder without ``checkpoint.pt`` or ``policy.pt`` is rejected here, so ``agents.evaluate`` fails on
+    its arguments before any agent runs; the checkpoint and tokenizer themselves are read (and checked)
+    by the factory.
     """
     run = Path(run_dir)
     if not ((run / "checkpoint.pt").is_file() or (run / "policy.pt").is_file()):
         raise ValueError(
-            f"unknown agent 'gpr:{run_dir}': neither {run / 'policy.pt'} nor {run / 'checkpoint.pt'} exists "
+            f"policy 'gpr:{run_dir}': neither {run / 'policy.pt'} nor {run / 'checkpoint.pt'} exists "
             "(expected an agents.hepo or agents.pretrain run folder)"
         )
 
-    def factory(env, seed: int) -> GPRPolicy:
-        return GPRPolicy(env, run_dir, seed=seed)
+    def factory(env, seed: int = 0, beam_width: int = 8) -> GPRPolicy:
+        return GPRPolicy(env, run_dir, beam_width=beam_width, seed=seed)
 
     return factory
