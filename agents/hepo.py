@@ -36,11 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gymnasium
 import torch
 from tqdm import tqdm
 
-import envs  # noqa: F401  (registers ads-v0)
 from agents.cli import parse_args
 from agents.evaluate import collect_sessions
 from agents.plots import STRATA_METRICS, plot_curves, strata_key
@@ -60,6 +58,7 @@ from agents.runs import (
     save_torch,
     write_json,
 )
+from envs import make_vec_env
 from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import summarize, summarize_strata
 from gpr_sim.model import GPRModel
@@ -271,15 +270,14 @@ class Evaluator:
 
     def __init__(self, args: Args, tokenizer):
         self.args = args
-        self.env = gymnasium.make_vec(args.env, num_envs=args.eval_envs, vectorization_mode="vector_entry_point",
-                                      preset=args.preset, device=args.device, validate_actions=False)  # fmt: skip
+        self.env = make_vec_env(args.env, args.eval_envs, preset=args.preset, device=args.device,
+                                validate_actions=False)  # fmt: skip
         self.tok = tokenizer.to(args.device)
-        self.engine = self.env.unwrapped.engine
 
     @torch.no_grad()
     def candidates(self, model: GPRModel) -> dict[str, float]:
         """Table 3 metrics of the top-K beam on the first request of every evaluation session."""
-        a, e = self.args, self.engine
+        a, e = self.args, self.env.unwrapped
         obs, _ = self.env.reset(seed=a.eval_seed)
         tokens = tokens_from_obs(obs, self.tok.table, SchemaConfig.from_world(e.config), check=False)
         gen = torch.Generator(device=a.device).manual_seed(a.eval_seed)
@@ -335,15 +333,10 @@ def mtp_candidates(evaluate: Evaluator, vaft: Path, device: str) -> dict[str, fl
 
 
 def make_train_env(args: Args, dist: Dist = SINGLE):
-    """The training sessions; data-parallel, this rank's exact shard of one market (``distributed.shard_env``)."""
-    if args.num_envs % dist.world_size:
-        raise ValueError(f"num_envs={args.num_envs} is invalid with {dist.world_size} processes: --num-envs is the "
-                         "global number of sessions and must be a multiple of the world size")  # fmt: skip
-    env = gymnasium.make_vec(args.env, num_envs=args.num_envs // dist.world_size, vectorization_mode="vector_entry_point",
-                             preset=args.preset, device=args.device, validate_actions=False)  # fmt: skip
-    if dist.enabled:
-        distributed.shard_env(env.unwrapped.engine, args.num_envs, dist)
-    return env
+    """The training sessions; data-parallel, this rank's exact shard of one market (``distributed.shard_options``)."""
+    shard = distributed.shard_options(args.num_envs, dist)  # --num-envs is the global number of sessions
+    return make_vec_env(args.env, args.num_envs // dist.world_size, preset=args.preset, device=args.device,
+                        validate_actions=False, **shard)  # fmt: skip
 
 
 def _log_line(row: dict) -> str:

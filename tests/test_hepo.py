@@ -18,10 +18,12 @@ from agents.evaluate import main as evaluate
 from agents.policies.gpr import load_run_model
 from agents.rl.rollout import Roller
 from agents.runs import read_metrics
+from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.metrics import AD_METRICS, summarize
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.world import rng
+from gpr_sim.world.state import MarketState
 from tests.helpers import torchrun
 
 TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
@@ -179,10 +181,9 @@ def test_sampled_paths_are_legal_eligible_and_their_log_probs_match_the_model(pr
     model.eval()
     env = _env()
     obs, _ = env.reset(seed=0)
-    engine = env.unwrapped.engine
     eligible = torch.zeros(tok.num_ads, dtype=torch.bool)
     eligible[::3] = True  # a third of the ads have budget
-    tokens = tokens_from_obs(obs, tok.table, SchemaConfig.from_world(engine.config))
+    tokens = tokens_from_obs(obs, tok.table, SchemaConfig.from_world(env.unwrapped.config))
     with torch.no_grad():
         ctx = model.context(tokens)
         step_fn, _ = model.beam_fns(ctx)
@@ -241,12 +242,14 @@ def test_rehearsal_moves_nothing_and_favours_active_users(pre):
     _, tok = load_run_model(pre / "vaft")
     env = _env(256)
     roller = Roller(env, tok, group_size=2, truth=True, arr_rate=1.0, seed=0)
-    engine = roller.engine
-    before = [t.clone() for t in engine.state] + [t.clone() for t in engine.market]
+    engine = env.unwrapped
+    before = engine.state_dict()
     rows = torch.arange(256)
-    ahead, obs = roller._rehearse(rows)
-    for t, u in zip(before, list(engine.state) + list(engine.market)):
-        assert torch.equal(t, u)  # the real sessions and budgets did not move
+    ahead, obs = engine.rehearse(rows, REHEARSAL_SEED_OFFSET)
+    after = engine.state_dict()
+    for key in ("session", "market"):
+        for t, u in zip(before[key], after[key]):
+            assert torch.equal(t, u)  # the real sessions and budgets did not move
     assert torch.equal(obs["user_id"], engine.state.user_id)  # U kept
     assert bool((ahead.step == engine.state.step + 1).all())  # E refreshed one request ahead
     assert not torch.equal(obs["organic"], roller.obs["organic"])  # O rebuilt from new consumption
@@ -262,21 +265,29 @@ def test_rehearsal_moves_nothing_and_favours_active_users(pre):
     assert float(hi) > float(lo)
 
 
+def _set_market(env, market: MarketState) -> None:
+    """Replace the advertisers' market state of a vector env through its state dict."""
+    state = env.state_dict()
+    state["market"] = tuple(market)
+    env.load_state_dict(state)
+
+
 def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
     _, tok = load_run_model(pre / "vaft")
     env = _env(64)
     roller = Roller(env, tok, group_size=2, truth=True, arr_rate=0.0, seed=0)
-    e = roller.engine
+    e = env.unwrapped
     world = e.world
     hot = int(world.ad_advertiser[0])
     items = torch.zeros(64, 2, dtype=torch.int64)  # every session is served ad 0 ...
     items[32:, 0] = torch.arange(1, 33)  # ... except half, served 32 other ads
     scores = e.score(items, truth=True)
-    spent = e.market.budget * 0.5  # mid-day (tick 1, not a day boundary): half of every budget spent ...
-    spent[hot] = e.market.budget[hot] - 0.1  # ... and the hot advertiser has 0.1 left
-    e.market = e.market._replace(tick=e.market.tick + 1, spent_today=spent)
+    market = MarketState(*e.state_dict()["market"])
+    spent = market.budget * 0.5  # mid-day (tick 1, not a day boundary): half of every budget spent ...
+    spent[hot] = market.budget[hot] - 0.1  # ... and the hot advertiser has 0.1 left
+    _set_market(e, market._replace(tick=market.tick + 1, spent_today=spent))
     share = roller._budget_share(items, scores)
-    remaining = e.market.budget - e.market.spent_today
+    remaining = e.remaining_budget()
     charge = scores.expected_revenue[:, 0].double()
     demand = torch.zeros_like(remaining).index_add_(0, world.ad_advertiser[items[:, 0]], charge)
     assert float(demand[hot]) > float(remaining[hot])  # the test only means something if the budget binds
@@ -288,8 +299,8 @@ def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
     bufs = {}
 
     def late_in_the_day(r: Roller) -> Roller:  # every advertiser has 0.05 left (the unpaced ones may bid)
-        m = r.engine.market
-        r.engine.market = m._replace(tick=m.tick + 1, spent_today=m.budget - 0.05)
+        m = MarketState(*r.market.state_dict()["market"])
+        _set_market(r.market, m._replace(tick=m.tick + 1, spent_today=m.budget - 0.05))
         return r
 
     for aware in (True, False):
@@ -300,7 +311,7 @@ def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
     assert torch.equal(aware.codes, blind.codes)  # same draws: only the reward differs
     fresh = late_in_the_day(Roller(_env(64), tok, group_size=4, truth=True, arr_rate=0.0, seed=3))  # before the step
     sampled = tok.ads_of(aware.codes)
-    share = fresh._budget_share(sampled, fresh.engine.score(sampled, truth=True))
+    share = fresh._budget_share(sampled, fresh.market.score(sampled, truth=True))
     torch.testing.assert_close(aware.reward, blind.reward * share[world.ad_advertiser[sampled]])
     assert bool((aware.reward <= blind.reward + 1e-6).all()) and bool((aware.reward < blind.reward).any())
 

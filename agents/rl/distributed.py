@@ -293,16 +293,20 @@ def shard_market(
     defaults to ``dist.device``. Single-process: ``BatchedMarket(config, num_envs, ...)``.
     """
     rows = shard(num_envs, dist)
-    market = BatchedMarket(config, rows.stop - rows.start, world_seed, device or dist.device, world)
-    return shard_env(market, num_envs, dist)
+    return BatchedMarket(config, rows.stop - rows.start, world_seed, device or dist.device, world,
+                         **shard_options(num_envs, dist))  # fmt: skip
 
 
-def shard_env(market: BatchedMarket, num_envs: int, dist: Dist) -> BatchedMarket:
-    """Make an already built ``BatchedMarket`` of N / W rows (e.g. a vector env's engine) rank r's exact
-    shard of one market of ``num_envs`` sessions, as ``shard_market`` builds it; call before ``reset``."""
-    rows = _own_rows(market, num_envs, dist)
-    market.market_envs, market.grant, market.first_slot = num_envs, grant_across_ranks(dist), rows.start
-    return market
+def shard_options(num_envs: int, dist: Dist) -> dict:
+    """Keyword arguments that make a market (``BatchedMarket`` or the vector env) of N / W rows rank r's exact
+    shard of one market of ``num_envs`` sessions, as ``shard_market`` builds it: the global session count
+    (budgets), the cross-rank grant and the first global slot. Single-process: the plain market's values."""
+    if num_envs % dist.world_size:
+        raise ValueError(f"num_envs={num_envs} is invalid with {dist.world_size} processes: the global number of "
+                         "sessions must be a multiple of the world size")  # fmt: skip
+    if not dist.enabled:
+        return {}
+    return {"market_envs": num_envs, "grant": grant_across_ranks(dist), "first_slot": shard(num_envs, dist).start}
 
 
 def _own_rows(market: BatchedMarket, num_envs: int, dist: Dist) -> slice:

@@ -42,20 +42,17 @@ from torch import Tensor
 from agents.rl.buffer import Buffer
 from agents.rl.common import process_rewards
 from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
-from envs.market import BatchedMarket
+from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
 from gpr_sim.tokenizer.world import WorldTokenizer
-from gpr_sim.world import CandidateScores, observe, remaining_budget, rng, score, transition
+from gpr_sim.world import CandidateScores, rng
 from gpr_sim.world.state import EVENT_CLICK
 
 TYPE_O, TYPE_I = 1, 3
 """token types of ``gpr_sim.schema`` (U=0, O=1, E=2, I=3)"""
-REHEARSAL_SEED_OFFSET = 0x5EED_A44
-"""added to a session's seed for its rehearsed step (world draws and sampling), so rehearsal never peeks at
-the real next draw"""
 ARR_DRAW_SALT = 0xA22
 """added to the rollout seed for the draw that decides which sessions rehearse"""
 SLOT_BITS = 24
@@ -73,7 +70,8 @@ class Roller:
     """Steps N sessions with the current generator and fills a ``Buffer`` (module doc).
 
     Args:
-        env: an ads-v0 vector env (``AdsVectorEnv``); its engine gives scores, budgets and the state.
+        env: an ads-v0 vector env (``AdsVectorEnv``): it gives scores, budgets, eligibility, its state and
+            rehearsed requests.
         tokenizer: the world's tokenizer, on the env's device.
         group_size: K paths per request.
         truth: score with the true funnel probabilities (default) or the platform's estimates.
@@ -90,10 +88,10 @@ class Roller:
     ):
         self.env = env
         self.budget_aware, self.dist, self.seed = budget_aware, dist, seed
-        self.engine: BatchedMarket = env.unwrapped.engine
-        self.device = self.engine.device
+        self.market = env.unwrapped  # the vector env: scoring, budgets, eligibility, state and rehearsal
+        self.device = self.market.device
         self.tok = tokenizer.to(self.device)
-        self.schema = SchemaConfig.from_world(self.engine.config)
+        self.schema = SchemaConfig.from_world(self.market.config)
         self.group_size, self.truth, self.arr_rate = group_size, truth, arr_rate
         self.step_count = 0  # env steps so far: the counter of the keyed draws (module doc)
         self.obs, _ = env.reset(seed=seed)
@@ -104,17 +102,11 @@ class Roller:
 
     # -- state that must survive a checkpoint ------------------------------------------------------
     def state_dict(self) -> dict:
-        e = self.engine
-        return {"obs": self.obs, "session": tuple(e.state), "market": tuple(e.market),
-                "episode_return": e.episode_return, "episode_length": e.episode_length,
-                "step_count": self.step_count, "reward_scale": self.reward_scale}  # fmt: skip
+        return {"obs": self.obs, **self.market.state_dict(), "step_count": self.step_count,
+                "reward_scale": self.reward_scale}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        e = self.engine
-        e.state = type(e.state)(*(t.to(self.device) for t in state["session"]))
-        e.market = type(e.market)(*(t.to(self.device) for t in state["market"]))
-        e.episode_return = state["episode_return"].to(self.device)
-        e.episode_length = state["episode_length"].to(self.device)
+        self.market.load_state_dict(state)
         self.obs = {k: v.to(self.device) for k, v in state["obs"].items()}
         self.step_count = int(state["step_count"])
         self.reward_scale = state["reward_scale"]
@@ -131,12 +123,12 @@ class Roller:
     def _keys(self, salt: int, rows: Tensor) -> Tensor:
         """Draw keys of sessions ``rows`` (local indices) at this step: (seed + salt, global slot, step)."""
         seed = torch.full_like(rows, self.seed + salt)
-        return rng.stream_keys(seed, self.engine.first_slot + rows, torch.full_like(rows, self.step_count))
+        return rng.stream_keys(seed, self.market.first_slot + rows, torch.full_like(rows, self.step_count))
 
     def request_ids(self, rows: Tensor, rehearsed: bool) -> Tensor:
         """Ids of this step's (real or rehearsed) requests of sessions ``rows``, unique over ranks and steps:
         ((step x 2 + rehearsed) << SLOT_BITS) + global slot (so at most 2^SLOT_BITS sessions)."""
-        return ((self.step_count * 2 + int(rehearsed)) << SLOT_BITS) + self.engine.first_slot + rows
+        return ((self.step_count * 2 + int(rehearsed)) << SLOT_BITS) + self.market.first_slot + rows
 
     @torch.no_grad()
     def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor, keys: Tensor):
@@ -150,15 +142,6 @@ class Roller:
         values = model.path_values(ctx, sample.codes)  # (N, K, L' + 1)
         return noise, sample, values
 
-    def _rehearse(self, rows: Tensor):
-        """The rehearsed next request of sessions ``rows``: (state, obs); moves nothing (module doc)."""
-        e = self.engine
-        state = e.state.select(rows)
-        state = state._replace(seed=state.seed + REHEARSAL_SEED_OFFSET)
-        none = torch.full((rows.numel(), 1), -1, dtype=torch.int64, device=self.device)
-        ahead, _, _ = transition(e.world, state, e.market, none)
-        return ahead, observe(e.world, ahead)
-
     def _budget_share(self, items: Tensor, scores: CandidateScores) -> Tensor:
         """(A,) share of each advertiser's expected demand this step that its remaining budget covers.
 
@@ -166,8 +149,8 @@ class Roller:
         first path of each group); an advertiser asked for more than it has left grants the share
         remaining / demand, in expectation, and refuses the rest (``cap_to_budget``).
         """
-        e = self.engine
-        remaining = remaining_budget(e.world, e.market)
+        e = self.market
+        remaining = e.remaining_budget()
         served = items[:, 0]
         charge = scores.expected_revenue[:, 0].double().clamp_min(0.0)
         demand = torch.zeros_like(remaining).index_add_(0, e.world.ad_advertiser[served], charge)
@@ -189,7 +172,7 @@ class Roller:
         raw = torch.where(s.items >= 0, raw, torch.zeros_like(raw))  # no item (a row with none eligible): -inf
         if self.budget_aware:
             share = self._budget_share(s.items, scores) if share is None else share
-            raw = raw * share[self.engine.world.ad_advertiser[s.items]]
+            raw = raw * share[self.market.world.ad_advertiser[s.items]]
         if self.reward_scale is None:  # first rollout: fix the scale once (module doc), over every rank's rows
             moments = torch.stack([torch.tensor(float(raw.numel()), device=raw.device), raw.double().sum(),
                                    raw.double().square().sum()]).double()  # fmt: skip
@@ -203,7 +186,7 @@ class Roller:
 
     def collect(self, model: GPRModel, steps: int) -> tuple[Buffer, dict[str, float]]:
         """``steps`` env steps of all sessions (+ rehearsed requests) -> (buffer, rollout statistics)."""
-        e = self.engine
+        e = self.market
         parts: list[Buffer] = []
         raw_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(steps):
@@ -219,9 +202,9 @@ class Roller:
                 draw = rng.uniforms(self._keys(ARR_DRAW_SALT, local), 1)[:, 0]
                 rows = torch.nonzero(draw < self.arr_rate * tier / 5.0).squeeze(1)
                 if rows.numel() > 0:
-                    ahead, obs_ahead = self._rehearse(rows)
+                    ahead, obs_ahead = e.rehearse(rows, REHEARSAL_SEED_OFFSET)
                     rehearsed, _, _ = self._buffer(
-                        model, obs_ahead, lambda ads, st=ahead: score(e.world, st, ads, truth=self.truth),
+                        model, obs_ahead, lambda ads, st=ahead: e.score(ads, truth=self.truth, state=st),
                         eligible, rows, True, share,
                     )  # fmt: skip
                     parts.append(rehearsed)
@@ -244,4 +227,4 @@ class Roller:
         return buf, stats
 
 
-__all__ = ["Roller", "positive_paths", "REHEARSAL_SEED_OFFSET", "SLOT_BITS"]
+__all__ = ["Roller", "positive_paths", "SLOT_BITS"]
