@@ -174,10 +174,15 @@ def test_unsupported_logs_and_args():
 def test_denoised_reward_is_an_unbiased_ground_truth():
     # The online truth averages denoised_reward (realised price + expected funnel value). Over 12,800
     # requests of a crowded market (128 sessions, ~10% of won auctions refused by budgets) the
-    # realised rewards must agree with it within 3 standard errors, and it must be far less noisy.
+    # realised rewards must agree with it within 3 standard errors, and it must be less noisy: the
+    # realised reward is denoised + funnel noise whose conditional mean is 0, so the noise is uncorrelated
+    # with denoised (covariance 0 within 4 standard errors) and Var(reward) = Var(denoised) + Var(noise).
+    # (The price, which dominates both, is kept whole, so "far less noisy" is not a property it has.)
     env = make_vec_env("ads-v0", 128, config=WorldConfig.small(), world_seed=0, device="cpu")
     columns, _ = collect(env, make_policy("cascade", env, seed=2), seed=2, steps=100, progress=False)
     denoised = ope.denoised_reward(columns, env.unwrapped.world)
     diff = columns["reward"] - denoised
     assert abs(diff.mean()) < 3 * diff.std(ddof=1) / np.sqrt(len(diff))
-    assert denoised.std() < 0.5 * columns["reward"].std()
+    centred = (diff - diff.mean()) * (denoised - denoised.mean())
+    assert abs(centred.mean()) < 4 * centred.std(ddof=1) / np.sqrt(len(diff))
+    assert denoised.var() < columns["reward"].var()
