@@ -28,6 +28,7 @@ import envs  # noqa: F401  (registers ads-v0)
 from agents.cli import parse_args_with_world, world_config
 from agents.policies import CascadeConfig, CascadePolicy, PolicyOutput, make_policy
 from gpr_sim.data.logs import write_logs
+from gpr_sim.runs import run_name
 from gpr_sim.world import WorldConfig
 from gpr_sim.world.config import check_range
 
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     policy_tag = args.policy + (f"-t{args.temperature:g}" if args.temperature is not None else "")
-    out = Path(args.out or f"runs/logs/{args.env}__{policy_tag}__{args.seed}.parquet")
+    out = Path(args.out or Path("runs/logs") / f"{run_name(args.env, policy_tag, args.seed)}.parquet")
     env = make_env(args.env, cfg, args.num_envs, args.world_seed, args.device)
     policy = build_policy(args.policy, env, args.seed, args.temperature)
     temperature = policy.config.temperature if isinstance(policy, CascadePolicy) else None

@@ -60,8 +60,9 @@ from agents.cli import parse_args
 from agents.collect import build_policy, collect, make_env
 from agents.policies import CascadePolicy, OraclePolicy, RandomPolicy
 from gpr_sim.data.bandit import LoggedBandit
-from gpr_sim.data.logs import read_logs, stack_list_column, write_atomic
+from gpr_sim.data.logs import read_logs, stack_list_column
 from gpr_sim.data.ope import estimate_all, weight_stats
+from gpr_sim.runs import atomic_write_with as write_atomic
 from gpr_sim.world import WorldConfig
 from gpr_sim.world.config import check_range
 

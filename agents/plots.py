@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from agents.ablation import t_interval, t_quantile  # noqa: E402  (mean, low, high) over seeds
-from agents.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
+from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
 
 CURVES = ("eval/reward_per_session", "eval/gmv_per_session", "eval/ctcvr", "eval/cand_mean_value")
 """the metrics drawn by default, one panel each"""

@@ -41,7 +41,7 @@ from agents.plots import (  # noqa: E402
     group_runs,
     ratio_interval,
 )
-from agents.runs import atomic_write_bytes, read_json  # noqa: E402
+from gpr_sim.runs import atomic_write_bytes, read_json  # noqa: E402
 
 
 def run_evaluations(specs: list[str], args, out: Path) -> dict[str, dict]:

@@ -17,8 +17,8 @@ from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
 from agents.gpr_policy import load_run_model
 from agents.rollout import Roller
-from agents.runs import read_metrics
 from gpr_sim.metrics import AD_METRICS, summarize
+from gpr_sim.runs import read_metrics
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.world import rng

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from agents import pretrain
-from agents.runs import read_metrics
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import (
     MTPTargets,
@@ -21,6 +20,7 @@ from gpr_sim.model.targets import (
     vaft_weights,
     value_targets,
 )
+from gpr_sim.runs import read_metrics
 from gpr_sim.world.config import RewardConfig
 
 
