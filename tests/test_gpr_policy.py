@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -11,8 +12,9 @@ import torch
 
 import envs  # noqa: F401  (registers ads-v0)
 from agents import pretrain
-from agents.evaluate import Args, main
-from agents.gpr_policy import GPRPolicy
+from agents.evaluate import Args, agent_dir, main
+from agents.gpr_policy import GPRPolicy, load_run_model, save_policy
+from gpr_sim.runs import file_digest
 
 TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
                  "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
@@ -87,3 +89,29 @@ def test_bad_run_dir_raises(run_dir, tmp_path):
 def test_gpr_spec_without_checkpoint_fails_at_argument_check(tmp_path):
     with pytest.raises(ValueError, match=r"unknown agent 'gpr:.*checkpoint\.pt"):
         Args(agents=f"random,gpr:{tmp_path / 'missing'}")
+
+
+def test_evaluate_cache_is_keyed_by_the_policy_files_content(run_dir, tmp_path, capsys):
+    """``gpr:RUN`` sessions are reused while ``policy.pt`` holds the same bytes, simulated again once it changes
+    (the same path, retrained), not reused because the ``gpr:PATH`` string is the same."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    model, _ = load_run_model(run)
+    save_policy(run / "policy.pt", model)
+    spec, out = f"gpr:{run}", tmp_path / "eval"
+    main(Args(agents=spec, out=str(out), **TINY_EVAL))
+    record = agent_dir(out, spec) / "summary.json"
+    first = json.loads(record.read_text())["config"]["inputs"]
+    assert first["policy.pt"] == file_digest(run / "policy.pt") and set(first) == {"policy.pt", "semantic_ids.pt"}
+    capsys.readouterr()
+    main(Args(agents=spec, out=str(out), **TINY_EVAL))
+    assert f"{spec}: same config already evaluated" in capsys.readouterr().out
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    save_policy(run / "policy.pt", model)
+    main(Args(agents=spec, out=str(out), **TINY_EVAL))
+    assert "already evaluated" not in capsys.readouterr().out
+    again = json.loads(record.read_text())["config"]["inputs"]
+    assert again["policy.pt"] == file_digest(run / "policy.pt") != first["policy.pt"]
+    assert again["semantic_ids.pt"] == first["semantic_ids.pt"]
