@@ -122,7 +122,7 @@ class Args:
     n_bootstrap: int = 1000
     """bootstrap resamples (with --ci bootstrap)"""
     out: str = ""
-    """output folder; empty means runs/eval/{env}__{preset}__seed{seed}"""
+    """output folder; empty means runs/eval/{env}__{preset}__{seed}"""
     plots: bool = True
     """write the PNG charts"""
     rerun: bool = False

@@ -29,7 +29,7 @@ import torch
 
 from agents.cli import make_parser, read_flags, world_config, world_overrides
 from envs import ENV_ID
-from gpr_sim.runs import RunFolder, atomic_write_bytes, figure_bytes
+from gpr_sim.runs import RunFolder, atomic_write_bytes, figure_bytes, write_json
 from gpr_sim.tokenizer.compare import CompareConfig, write_table
 from gpr_sim.tokenizer.world import (
     METHODS,
@@ -37,7 +37,6 @@ from gpr_sim.tokenizer.world import (
     plot_code_usage,
     tokenizer_summary,
     tokenizer_table,
-    write_json,
 )
 from gpr_sim.world import generate_world
 
