@@ -30,7 +30,6 @@ numbers come from a production system, K = 100 and far larger models and logs.
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import pandas as pd
 
 from agents import pretrain
 from agents.cli import parse_args
-from agents.runs import atomic_write_bytes, read_json, write_json
+from gpr_sim.runs import atomic_write_bytes, figure_bytes, read_json, write_json
 from gpr_sim.stats import nan_estimate, paired_difference, t_interval
 
 HSTU = {
@@ -288,10 +287,7 @@ def plot_table(table: pd.DataFrame, path: Path, k: int, level: float) -> None:
     axes[2].set_xticks(x, table["variant"], rotation=45, ha="right")
     axes[2].set_title("GPR paper Table 2: HitRate@100 (%)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_bytes(fig, dpi=110))
 
 
 # ----------------------------------------------------------------------------- main
@@ -317,8 +313,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             print(f"[ablation] {variant} seed {seed}: {state}")
     table = build_table(results, args)
     k = args.top_k
-    table.to_csv(out / "table2.csv.tmp", index=False)
-    (out / "table2.csv.tmp").replace(out / "table2.csv")
+    atomic_write_bytes(out / "table2.csv", table.to_csv(index=False).encode())
     runs = {v: {str(s): {"metrics": _row_metrics(summ, args.select), "seconds": seconds[v][s],
                          "selected_checkpoint": summ.get("selected_checkpoint")}
                 for s, summ in by.items()} for v, by in results.items()}  # fmt: skip

@@ -29,6 +29,7 @@ from agents.policies import PolicyOutput, make_policy, policy_factory
 from agents.policies.cascade import CascadePolicy
 from envs import make_vec_env
 from gpr_sim.data.logs import write_logs
+from gpr_sim.runs import run_name
 from gpr_sim.stats import critical_value
 from gpr_sim.world import WorldConfig
 from gpr_sim.world.config import check_range
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.threads)
     policy_tag = re.sub(r"[^A-Za-z0-9._-]+", "_", args.policy)  # gpr:PATH -> one file name
     policy_tag += f"-t{args.temperature:g}" if args.temperature is not None else ""
-    out = Path(args.out or f"runs/logs/{args.env}__{policy_tag}__{args.seed}.parquet")
+    out = Path(args.out or Path("runs/logs") / f"{run_name(args.env, policy_tag, args.seed)}.parquet")
     env = make_vec_env(args.env, args.num_envs, config=cfg, world_seed=args.world_seed, device=args.device)
     options = {} if args.temperature is None else {"temperature": args.temperature}
     policy = make_policy(args.policy, env, args.seed, **options)

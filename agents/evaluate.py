@@ -9,16 +9,19 @@ every agent; later users follow the same streams but shift with session lengths.
 first ceil(sessions / num_envs) sessions (a fixed number per slot, so short sessions are not favoured),
 and the run stops once every slot has them. Metrics are computed over sessions (`gpr_sim.metrics`).
 
-Output folder (`--out`, default `runs/eval/{env}__{preset}__seed{seed}`):
+Output folder (`--out`, default `runs/eval/{env}__{preset}__{seed}`), an `agents.evaluate` folder: locked while
+an evaluation writes it, and refused when another entry point owns it (e.g. an `agents.hepo` run;
+`gpr_sim.runs.RunFolder`):
 
 | file | content |
 |---|---|
-| `config.json` | the arguments |
+| `run.json` | the owner record (`gpr_sim.runs`) |
+| `config.json` | the arguments of the last evaluation (written with its tables) |
 | `summary.csv`, `summary.json` | one row / entry per agent: every metric with `_ci_low` / `_ci_high` |
 | `strata.csv` | per agent x activity tier (1..5) and per agent x ad age (new / old) |
 | `metrics.png`, `strata.png` | bar charts with error bars |
 | `agents/NAME/sessions.parquet` | one row per session (`gpr_sim.metrics.SESSION_COLUMNS`) |
-| `agents/NAME/summary.json` | the agent's run config and metrics; a rerun with the same config reuses it |
+| `agents/NAME/summary.json` | the agent's run config (settings and the SHA-256 of the files it read, e.g. `policy.pt`) and metrics; a rerun with the same config reuses its sessions |
 """
 
 from __future__ import annotations
@@ -38,11 +41,22 @@ import torch
 from tqdm import tqdm
 
 from agents import cli
-from agents.policies import known_policies, make_policy, policy_factory
-from agents.runs import atomic_write_bytes, read_json, write_json
+from agents.policies import known_policies, make_policy, policy_factory, policy_inputs
 from envs import make_vec_env, resolve_config
 from gpr_sim.metrics import SessionAccumulator, summarize, summarize_strata
+from gpr_sim.runs import (
+    RunFolder,
+    atomic_write_bytes,
+    figure_bytes,
+    file_digest,
+    read_json,
+    run_name,
+    write_json,
+)
 from gpr_sim.stats import CIConfig
+
+ENTRY = "agents.evaluate"
+"""the owner of its output folders (``gpr_sim.runs.RunFolder``)"""
 
 PREFIX = "eval/"
 CHECK_EVERY = 8  # steps between host syncs that update the progress bar and test for completion
@@ -75,7 +89,7 @@ class Args:
     n_bootstrap: int = 1000
     """bootstrap resamples (with --ci bootstrap)"""
     out: str = ""
-    """output folder; empty means runs/eval/{env}__{preset}__seed{seed}"""
+    """output folder; empty means runs/eval/{env}__{preset}__{seed}"""
     plots: bool = True
     """write the PNG charts"""
     rerun: bool = False
@@ -106,7 +120,7 @@ class Args:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/eval/{self.env}__{self.preset}__seed{self.seed}")
+        return Path(self.out or Path("runs/eval") / run_name(self.env, self.preset, self.seed))
 
 
 # ----------------------------------------------------------------------------- running one agent
@@ -141,12 +155,19 @@ def collect_sessions(
     return acc.records(), steps
 
 
+def agent_inputs(spec: str) -> dict[str, str]:
+    """SHA-256 of every file a ``NAME:ARG`` agent reads (``agents.policies.policy_inputs``), by file name; {}
+    for the built-in policies."""
+    return {p.name: file_digest(p) for p in policy_inputs(spec) if p.is_file()}
+
+
 def run_config(args: Args, spec: str) -> dict:
-    """Everything that determines an agent's sessions (not how they are summarised)."""
+    """Everything that determines an agent's sessions (not how they are summarised): the settings and the
+    content of the files the agent reads (``agent_inputs``: a retrained ``policy.pt`` is evaluated again)."""
     return {
-        "agent": spec, "env": args.env, "preset": args.preset, "world": resolve_config(args.preset).to_dict(),
-        "world_seed": args.world_seed, "num_envs": args.num_envs, "sessions_per_slot": args.sessions_per_slot,
-        "seed": args.seed, "device": args.device,
+        "agent": spec, "inputs": agent_inputs(spec), "env": args.env, "preset": args.preset,
+        "world": resolve_config(args.preset).to_dict(), "world_seed": args.world_seed, "num_envs": args.num_envs,
+        "sessions_per_slot": args.sessions_per_slot, "seed": args.seed, "device": args.device,
     }  # fmt: skip
 
 
@@ -233,12 +254,7 @@ def _bars(ax, groups: list[str], agents: list[str], table: pd.DataFrame, key: st
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_bytes(fig, dpi=110))
 
 
 def plot_summary(summary: pd.DataFrame, path: Path, level: float) -> None:
@@ -290,8 +306,13 @@ def main(argv: list[str] | Args | None = None) -> pd.DataFrame:
     args = argv if isinstance(argv, Args) else parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out_dir
-    write_json(out / "config.json", dataclasses.asdict(args))
+    with RunFolder(args.out_dir, ENTRY, dataclasses.asdict(args), same_settings=False) as folder:
+        return _evaluate(args, folder.path)
+
+
+def _evaluate(args: Args, out: Path) -> pd.DataFrame:
+    """Every agent's sessions (reused or simulated), then the tables and charts of this evaluation in ``out``.
+    ``config.json`` is written with them, after every agent ran: a failed evaluation leaves the last one's."""
     summaries, strata = [], []
     for spec in args.agent_list():
         sessions = run_agent(args, spec)
@@ -302,6 +323,7 @@ def main(argv: list[str] | Args | None = None) -> pd.DataFrame:
     summary = pd.DataFrame(summaries)
     strata_df = pd.concat(strata, ignore_index=True)
     strata_df = strata_df[["agent"] + [c for c in strata_df.columns if c != "agent"]]
+    write_json(out / "config.json", dataclasses.asdict(args))
     atomic_write_bytes(out / "summary.csv", summary.to_csv(index=False).encode())
     write_json(out / "summary.json", {r["agent"]: _clean(r) for r in summaries})
     atomic_write_bytes(out / "strata.csv", strata_df.to_csv(index=False).encode())

@@ -23,7 +23,11 @@ OPR, mean / max normalised final_value of the top-K beam) on the first requests 
 The run folder (``runs/hepo/{env}__{algo}__{seed}__{time}``, or ``--out``) holds ``config.json``,
 ``metrics.jsonl``, ``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
 (the model alone, for ``agents.evaluate --agents gpr:RUN``), ``summary.json`` and ``curves.png``. Without
-``--out`` the newest unfinished run of the same env/algo/seed is resumed.
+``--out`` the newest unfinished run of the same env/algo/seed is resumed. The folder is locked while a run
+writes it and belongs to the run that created it (``run.json``, ``gpr_sim.runs.RunFolder``): a run with other
+flags (bar ``RESUME_IGNORES``) is refused, naming them, and so is a folder holding results but no checkpoint.
+Resuming never rewrites ``config.json``, and a finished run asked for no more ``--iterations`` keeps its
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -49,22 +53,26 @@ from agents.rl.distributed import SINGLE, Dist
 from agents.rl.loop import PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
 from agents.rl.rollout import SLOT_BITS, Roller
-from agents.runs import (
-    append_metrics,
-    atomic_write_bytes,
-    load_torch,
-    read_json,
-    read_metrics,
-    save_torch,
-    write_json,
-)
 from envs import make_vec_env
 from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import summarize, summarize_strata
 from gpr_sim.model import GPRModel
 from gpr_sim.model.offline_eval import candidate_metrics
+from gpr_sim.runs import (
+    RunFolder,
+    append_metrics,
+    load_torch,
+    read_json,
+    read_metrics,
+    run_name,
+    save_torch,
+    write_json,
+    write_metrics,
+)
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 
+ENTRY = "agents.hepo"
+"""the owner of its run folders (``gpr_sim.runs.RunFolder``)"""
 CKPT_FORMAT = "gpr_sim.hepo"
 CKPT_VERSION = 2
 """2: keyed rollout draws and minibatch order (no generator states); the env state of every rank"""
@@ -210,26 +218,27 @@ def run_dir(args: Args) -> Path:
     if args.out:
         return Path(args.out)
     root = Path("runs/hepo")
-    prefix = f"{args.env}__{args.algo}__{args.seed}__"
+    prefix = run_name(args.env, args.algo, args.seed) + "__"
     unfinished = sorted(
         (p for p in root.glob(prefix + "*") if (p / "checkpoint.pt").is_file() and not (p / "summary.json").is_file()),
         key=lambda p: p.name,
     )
     if unfinished:
         return unfinished[-1]
-    return root / f"{prefix}{int(time.time())}"
+    return root / run_name(args.env, args.algo, args.seed, stamp=True)
 
 
-def check_resumable(out: Path, args: Args) -> None:
-    """A run folder may only be resumed with the same settings (bar ``RESUME_IGNORES``)."""
-    cfg = out / "config.json"
-    if not cfg.is_file():
-        return
-    new = _comparable(args)
-    old = {**_comparable(Args()), **read_json(cfg).get("args", {})}  # flags added since then: their defaults
-    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_IGNORES and old.get(k) != new.get(k))
-    if diff:
-        raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}): pass another --out")
+def open_run_folder(out: Path, args: Args) -> RunFolder:
+    """Lock ``out`` for this run; refuse it (``ValueError`` naming the folder and why) unless it is new or holds
+    an ``agents.hepo`` run with these settings (bar ``RESUME_IGNORES``) that can be resumed: a folder with
+    metrics or a policy but no ``checkpoint.pt`` is not restarted over its results."""
+    folder = RunFolder(out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=dataclasses.asdict(Args()))
+    left = [name for name in ("metrics.jsonl", "policy.pt", "summary.json") if (out / name).is_file()]
+    if left and not (out / "checkpoint.pt").is_file():
+        folder.close()
+        raise ValueError(f"{out} holds {', '.join(left)} but no checkpoint.pt to resume from (the run stopped "
+                         "before its first checkpoint, or the checkpoint was removed): pass another --out")  # fmt: skip
+    return folder
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -249,11 +258,9 @@ def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, it: int, e
     rollers = distributed.gather_objects(_cpu(roller.state_dict()), dist)
     if not dist.is_main:
         return
-    cfg = dataclasses.asdict(model.cfg)
-    cfg["level_sizes"] = list(cfg["level_sizes"])
-    payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "iteration": it, "env_steps": env_steps,
-               "config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(), "rollers": rollers}  # fmt: skip
-    save_torch(path, payload)
+    payload = {"iteration": it, "env_steps": env_steps, "config": model.cfg.to_dict(), "model": model.state_dict(),
+               "optimizer": opt.state_dict(), "rollers": rollers}  # fmt: skip
+    save_torch(path, CKPT_FORMAT, CKPT_VERSION, payload)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -366,9 +373,30 @@ def _main(args: Args, dist: Dist) -> dict:
         torch.set_num_threads(args.threads)
     vaft = ensure_pretrained(args, dist)
     out = Path(distributed.broadcast_object(str(run_dir(args)), dist))  # a new folder is named by rank 0's clock
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, args)
+    folder, refused = None, None
+    if dist.is_main:  # rank 0 alone writes the folder; every rank fails alike when it is refused
+        try:
+            folder = open_run_folder(out, args)
+        except ValueError as e:
+            refused = str(e)
+    refused = distributed.broadcast_object(refused, dist)
+    if refused:
+        raise ValueError(refused)
+    try:
+        return _run(args, dist, out, vaft)
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
+    """The RL run in the opened folder ``out`` from the VAFT generator ``vaft`` (``_main``)."""
+    summary_path = out / "summary.json"
+    if summary_path.is_file() and (out / "checkpoint.pt").is_file():
+        finished = int(read_checkpoint(out / "checkpoint.pt")["iteration"])
+        if finished >= args.iterations:  # nothing to train: the finished run's summary stays as it is
+            print(f"{out}: finished at iteration {finished} >= --iterations {args.iterations}; its summary is kept")
+            return read_json(summary_path)
     model, tok = load_run_model(vaft)
     tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
     model = model.to(args.device).train()
@@ -400,7 +428,7 @@ def _main(args: Args, dist: Dist) -> dict:
         start, env_steps = int(state["iteration"]), int(state["env_steps"])
         if dist.is_main:
             rows = [r for r in read_metrics(metrics_path) if r["iteration"] <= start]
-            atomic_write_bytes(metrics_path, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+            write_metrics(metrics_path, rows)
             print(f"{out}: resuming at iteration {start}")
     elif dist.is_main:
         write_json(out / "config.json", {"args": _comparable(args), "algo": args.algo, "label": args.label or args.algo,
@@ -455,12 +483,12 @@ def _main(args: Args, dist: Dist) -> dict:
         plot_curves([out], out / "curves.png")
         summary = {"algo": args.algo, "seed": args.seed, "iterations": args.iterations, "env_steps": env_steps,
                    "world_size": dist.world_size, "initial": evals[0], "final": evals[-1]}  # fmt: skip
-        write_json(out / "summary.json", summary)
+        write_json(summary_path, summary)
         print(f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
               f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
               f"{evals[-1]['eval/gmv_per_session']:.3f}")  # fmt: skip
     distributed.barrier(dist)  # rank 0 wrote summary.json
-    return read_json(out / "summary.json")
+    return read_json(summary_path)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ from agents.policies.oracle import OraclePolicy
 from agents.policies.random import RandomPolicy
 from envs import make_vec_env
 from gpr_sim.data.bandit import LoggedBandit
-from gpr_sim.data.logs import read_logs, stack_list_column, write_atomic
+from gpr_sim.data.logs import read_logs, stack_list_column
 from gpr_sim.data.ope import estimate_all, weight_stats
+from gpr_sim.runs import atomic_write_with
 from gpr_sim.stats import critical_value
 from gpr_sim.world import WorldConfig, expected_weighted_reward
 from gpr_sim.world.config import check_range
@@ -328,7 +329,7 @@ def plot(sweep: pd.DataFrame, path: Path, title: str) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -419,16 +420,16 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
                 t_table = add_truths(t_table, diag["truth_online"], t_diag["truth_bandit"])
                 parts.append(t_table.assign(sweep="temperature", temperature=temp, rows=len(r_t), ess=t_diag["ess"]))
         results["sweep"] = sweep = pd.concat(parts, ignore_index=True)
-        write_atomic(out / "sweep.csv", lambda tmp: sweep.to_csv(tmp, index=False))
+        atomic_write_with(out / "sweep.csv", lambda tmp: sweep.to_csv(tmp, index=False))
         title = (f"{args.policy}{'' if t_target is None else f' (t={t_target:g})'} from "
                  f"{meta['policy']} (t={t_log}) logs, {meta['num_envs']} envs x {meta['steps']} steps")  # fmt: skip
         plot(sweep, out / "ope.png", title)
 
-    write_atomic(out / "estimates.csv", lambda tmp: table.to_csv(tmp, index=False))
-    write_atomic(out / "estimates.json", lambda tmp: table.to_json(tmp, orient="records", indent=2))
+    atomic_write_with(out / "estimates.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write_with(out / "estimates.json", lambda tmp: table.to_json(tmp, orient="records", indent=2))
     config = {"args": dataclasses.asdict(args), "log_meta": {k: v for k, v in meta.items() if k != "world_config"},
               "diagnostics": diag}  # fmt: skip
-    write_atomic(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_with(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     results["diagnostics"] = diag
 
     cols = ["name", "value", "ci_low", "ci_high"] + [c for c in ("error_online", "error_bandit") if c in table]

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from agents.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
+from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
 from gpr_sim.stats import CI_SUFFIXES, nan_estimate, relative_change, t_interval  # noqa: E402
 
 CURVES = ("eval/reward_per_session", "eval/gmv_per_session", "eval/ctcvr", "eval/cand_mean_value")

@@ -15,7 +15,10 @@ AdamW -> {sample a batch, ``mtp_loss``, step, log, evaluate, checkpoint}. The ru
 ``config.json``, ``metrics.jsonl`` (``train/loss``, ``eval/loss``, ``eval/hitrate@K``, ``eval/ndcg@K``,
 ``eval/pop_hitrate@K``, ``eval/pop_ndcg@K``, ``train/loss_value``, ``eval/loss_value``, ``eval/value_r2``),
 ``checkpoint.pt`` (model, optimiser, sampler RNG, step, model config; written atomically), ``best.pt`` and
-``summary.json``. Running again into the same folder resumes from ``checkpoint.pt``.
+``summary.json``. Running again into the same folder resumes from ``checkpoint.pt``: the folder is locked
+while a run writes it, and a run with other flags than the folder's (bar ``RESUME_IGNORES``: more ``--steps``
+continue it) is refused, naming them (``gpr_sim.runs.RunFolder``). A resumed run keeps ``config.json``; a
+finished run asked for fewer ``--steps`` keeps its ``summary.json``.
 
 HTE: with ``--value-coef`` > 0 (default 0.5) the value of every prefix of a request's shown ad regresses on
 that ad's final_value (``gpr_sim.model.targets.value_targets``: the scoring API's expected value given the
@@ -49,7 +52,6 @@ collects / fits the inputs, evaluates and writes the run folder; logged train lo
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,19 +63,37 @@ from torch import Tensor
 from tqdm import tqdm
 
 from agents.cli import parse_args
-from agents.pretraining.checkpoint import checkpoint_bytes, load_checkpoint, load_model_state, read_checkpoint
+from agents.pretraining.checkpoint import (
+    checkpoint_data,
+    load_checkpoint,
+    load_model_state,
+    read_checkpoint,
+)
 from agents.rl import distributed
-from agents.runs import append_metrics, atomic_write_bytes, read_metrics, write_json
 from gpr_sim.data.logs import read_logs
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.offline_eval import model_rankings, popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
+from gpr_sim.runs import (
+    RunFolder,
+    append_metrics,
+    atomic_write_bytes,
+    read_json,
+    read_metrics,
+    run_name,
+    write_json,
+    write_metrics,
+)
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_logs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
 from gpr_sim.world import WorldConfig
 from gpr_sim.world.catalog import World, generate_world
 
+ENTRY = "agents.pretrain"
+"""the owner of its run folders (``gpr_sim.runs.RunFolder``)"""
+RESUME_IGNORES = ("steps", "select", "progress", "threads", "out", "device")
+"""flags that may change between a run and its resumption (more ``--steps`` continue it)"""
 STAGES = ("mtp", "vaft")
 SELECT = ("best", "last")
 COMPONENTS = ("hybrid_attention", "token_aware_ln", "token_aware_ffn", "mixture_of_recursions", "thinking",
@@ -380,21 +400,53 @@ def main(argv: list[str] | None = None) -> dict:
     return distributed.launch(_main, parse_args(Args, argv, __doc__))
 
 
+def out_dir(args: Args) -> Path:
+    """``--out``, else ``runs/pretrain/{env}__{stage}__{seed}``."""
+    return Path(args.out or Path("runs/pretrain") / run_name(args.env, args.stage, args.seed))
+
+
+def open_run_folder(out: Path, args: Args) -> RunFolder:
+    """Lock ``out`` for this run; refuse it (``ValueError``) unless it is new or holds an ``agents.pretrain``
+    run with these settings (bar ``RESUME_IGNORES``)."""
+    return RunFolder(out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=dataclasses.asdict(Args()))
+
+
 def _main(args: Args, dist: distributed.Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.batch_size % dist.world_size:
         raise ValueError(f"batch_size={args.batch_size} is invalid with {dist.world_size} processes: "
                          "--batch-size is the global batch and must be a multiple of the world size")  # fmt: skip
-    out = Path(args.out or f"runs/pretrain/{args.env}__{args.stage}__{args.seed}")
+    out, folder, refused = out_dir(args), None, None
+    if dist.is_main:  # rank 0 alone writes the folder; every rank fails alike when it is refused
+        try:
+            folder = open_run_folder(out, args)
+        except ValueError as e:
+            refused = str(e)
+    refused = distributed.broadcast_object(refused, dist)
+    if refused:
+        raise ValueError(refused)
+    try:
+        return _train(args, dist, out)
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def _train(args: Args, dist: distributed.Dist, out: Path) -> dict:
+    ckpt, summary_path = out / "checkpoint.pt", out / "summary.json"
+    finished = checkpoint_step(ckpt) if ckpt.is_file() else None
+    if finished is not None and finished > args.steps and summary_path.is_file():
+        print(f"{out}: finished at step {finished} > --steps {args.steps}; its summary is kept")
+        return read_json(summary_path)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         logs, tok_dir = ensure_inputs(args, out)
-        extra = {"world_size": dist.world_size} if dist.enabled else {}
-        write_json(
-            out / "config.json",
-            {**dataclasses.asdict(args), "logs_path": str(logs), "tokenizer_path": str(tok_dir), **extra},
-        )
+        if not ckpt.is_file():  # a fresh start; a resumed run keeps the config it started with
+            extra = {"world_size": dist.world_size} if dist.enabled else {}
+            write_json(
+                out / "config.json",
+                {**dataclasses.asdict(args), "logs_path": str(logs), "tokenizer_path": str(tok_dir), **extra},
+            )
     distributed.barrier(dist)
     if not dist.is_main:
         logs = Path(args.logs) if args.logs else out / "logs.parquet"
@@ -425,7 +477,7 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
     model = GPRModel(model_config(tok, schema, dense_dim, args)).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    ckpt, start = out / "checkpoint.pt", 0
+    start = 0
     if ckpt.is_file():
         state = load_checkpoint(ckpt, model.cfg)
         if state["stage"] != args.stage:
@@ -439,7 +491,7 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
         # metrics logged after the checkpoint belong to the lost tail of the run: drop them
         if dist.is_main:
             rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= start]
-            atomic_write_bytes(out / "metrics.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+            write_metrics(out / "metrics.jsonl", rows)
     elif args.init:
         load_model_state(Path(args.init), model, load_checkpoint(args.init, model.cfg)["model"])
     elif args.stage == "vaft":
@@ -453,7 +505,7 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
             metrics_path.unlink(missing_ok=True)
             first = {"step": 0, **evaluate(model, held_out, trie, args, pop)}
             append_metrics(metrics_path, first)
-            atomic_write_bytes(best_path, checkpoint_bytes(model, opt, gen, 0, args.stage))
+            atomic_write_bytes(best_path, checkpoint_data(model, opt, gen, 0, args.stage))
             best, best_saved = first, True
         else:
             best, best_saved = resume_best(read_metrics(metrics_path), key, start, ckpt, best_path)
@@ -513,7 +565,7 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
                 improved = best is None or row[key] > best[key]  # ties keep the earlier evaluation
                 best = row if improved else best
         if dist.is_main and (is_ckpt or improved):
-            data = checkpoint_bytes(model, opt, gen, done, args.stage)
+            data = checkpoint_data(model, opt, gen, done, args.stage)
             atomic_write_bytes(ckpt, data)  # first: best.pt is never ahead of the resumable state
             if improved:
                 atomic_write_bytes(best_path, data)
@@ -523,7 +575,7 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
 
     if not dist.is_main:
         distributed.barrier(dist)  # rank 0 writes summary.json
-        return json.loads((out / "summary.json").read_text())
+        return read_json(summary_path)
     rows = read_metrics(metrics_path)
     selected = ckpt
     if args.select == "best":
@@ -538,7 +590,7 @@ def _main(args: Args, dist: distributed.Dist) -> dict:
     summary = {"stage": args.stage, "steps": args.steps, "train_requests": len(train),
                "eval_requests": len(held_out), "initial": rows[0], "final": rows[-1], "best": best_info,
                "select": args.select, "selected_checkpoint": str(selected), "value_scale": scale}  # fmt: skip
-    write_json(out / "summary.json", summary)
+    write_json(summary_path, summary)
     distributed.barrier(dist)
     k = args.top_k
     fin = rows[-1]

@@ -5,21 +5,37 @@
 For each seed it trains PPO (MLP on ``FlatFeatures``) and, every ``--eval-every`` steps, evaluates it
 and a uniform-random policy on the same held-out users (same reset seeds, so the comparison is
 paired). Each seed writes ``{out}/{env}__sb3_ppo__{seed}/`` with ``config.json``, ``metrics.jsonl``,
-``checkpoint.zip``; a rerun resumes from the checkpoint. The parent folder gets ``summary.json`` and
-``learning_curves.png`` (PPO vs random, per seed).
+``checkpoint.zip``; a rerun resumes from the checkpoint (one with other flags than ``--total-timesteps`` is
+refused: ``gpr_sim.runs.RunFolder``). The parent folder gets ``summary.json`` and ``learning_curves.png``
+(PPO vs random, per seed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from agents.cli import parse_args
-from agents.runs import append_metrics, atomic_write_bytes, read_json, read_metrics, write_json
+from gpr_sim.runs import (
+    RunFolder,
+    append_metrics,
+    atomic_write_bytes,
+    atomic_write_with,
+    figure_bytes,
+    read_metrics,
+    run_name,
+    write_json,
+)
 from gpr_sim.stats import paired_difference
+
+ENTRY = "agents.sb3_ppo"
+"""the owner of its run folders (``gpr_sim.runs.RunFolder``)"""
+RESUME_IGNORES = ("total_timesteps", "seeds", "out")
+"""flags that may change between a seed's run and its resumption (more steps continue it)"""
 
 
 @dataclass(frozen=True)
@@ -94,21 +110,22 @@ def evaluate(env, act, episodes: int, seed_base: int = 100_000) -> np.ndarray:
 
 
 def train_seed(args: Args, seed: int) -> dict:
-    """Train (or resume) one seed; returns its final paired evaluation against random."""
+    """Train (or resume) one seed in its run folder (locked; refused when it holds a run with other flags than
+    ``--total-timesteps``); returns its final paired evaluation against random."""
+    run_dir = Path(args.out) / run_name(args.env, "sb3_ppo", seed)
+    config = {**dataclasses.asdict(args), "seed": seed}
+    with RunFolder(run_dir, ENTRY, config, RESUME_IGNORES):
+        return _train_seed(args, seed, run_dir, config)
+
+
+def _train_seed(args: Args, seed: int, run_dir: Path, config: dict) -> dict:
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
     from tqdm.auto import tqdm
 
-    run_dir = Path(args.out) / f"{args.env}__sb3_ppo__{seed}"
     ckpt = run_dir / "checkpoint.zip"
-    config = {**dataclasses.asdict(args), "seed": seed}
-    if (run_dir / "config.json").exists():
-        saved = read_json(run_dir / "config.json")
-        if {k: v for k, v in saved.items() if k != "total_timesteps"} != {
-            k: v for k, v in config.items() if k != "total_timesteps"
-        }:
-            raise ValueError(f"{run_dir} holds a run with a different config; choose another --out")
-    write_json(run_dir / "config.json", config)
+    if not ckpt.exists():  # a fresh start; a resumed run keeps the config it started with
+        write_json(run_dir / "config.json", config)
 
     vec = DummyVecEnv([lambda: make_env(args) for _ in range(args.num_envs)])
     vec.seed(seed)
@@ -144,14 +161,11 @@ def train_seed(args: Args, seed: int) -> dict:
                "eval/random_return": float(random_returns.mean()), "eval/diff_vs_random": diff.value,
                "eval/diff_ci_low": diff.ci_low, "eval/diff_ci_high": diff.ci_high}
         append_metrics(run_dir / "metrics.jsonl", row)
-        tmp = run_dir / ".checkpoint.tmp.zip"
-        model.save(tmp)
         if args.normalize_reward:  # the reward statistics are part of the training state
-            vec.save(str(run_dir / ".vecnormalize.tmp.pkl"))
-            atomic_write_bytes(stats, (run_dir / ".vecnormalize.tmp.pkl").read_bytes())
-            (run_dir / ".vecnormalize.tmp.pkl").unlink()
-        atomic_write_bytes(ckpt, tmp.read_bytes())
-        tmp.unlink()
+            atomic_write_with(stats, vec.save)
+        buf = io.BytesIO()
+        model.save(buf)
+        atomic_write_bytes(ckpt, buf.getvalue())
         bar.set_postfix(ret=f"{row['eval/return']:.3f}", rnd=f"{row['eval/random_return']:.3f}")
     bar.close()
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -177,17 +191,17 @@ def plot_curves(out: Path, seeds: list[int], env_id: str) -> Path:
     ax.set_title(f"SB3 PPO on {env_id} (dashed: random, same users)")
     ax.legend()
     fig.tight_layout()
-    from io import BytesIO
-
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(out / "learning_curves.png", buf.getvalue())
+    return atomic_write_bytes(out / "learning_curves.png", figure_bytes(fig, dpi=120))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, __doc__)
-    out = Path(args.out)
+    with RunFolder(args.out, ENTRY, dataclasses.asdict(args), same_settings=False) as folder:
+        return _main(args, folder.path)
+
+
+def _main(args: Args, out: Path) -> dict:
+    """Every seed, then the summary and curves of this invocation's seeds in the parent folder ``out``."""
     results = [train_seed(args, s) for s in args.seed_list()]
     diffs = np.array([r["eval/diff_vs_random"] for r in results])
     summary = {"per_seed": results, "mean_diff_vs_random": float(diffs.mean()),

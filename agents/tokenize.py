@@ -13,12 +13,14 @@ RQ-Kmeans and RQ-Kmeans+ on its [organic; ads] embeddings with one seed (``--no-
 | ``code_usage_levels.png`` | items per code at every level, per method (dead codes show as zeros) |
 | ``semantic_ids.pt``, ``quantizer.pt`` | the ``--method`` tokenizer: ``WorldTokenizer.load(out)`` or ``gymnasium.make("ads-v0", action_mode="semantic", tokenizer=out)`` |
 | ``config.json`` | arguments, world config, tokenizer summary |
+
+The folder is locked while a fit writes it; a fit with other settings than the folder's first (``run.json``,
+``gpr_sim.runs.RunFolder``) is refused, naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch
 
 from agents.cli import make_parser, read_flags, world_config, world_overrides
 from envs import ENV_ID
+from gpr_sim.runs import RunFolder, atomic_write_bytes, figure_bytes, write_json
 from gpr_sim.tokenizer.compare import CompareConfig, write_table
 from gpr_sim.tokenizer.world import (
     METHODS,
@@ -34,9 +37,13 @@ from gpr_sim.tokenizer.world import (
     plot_code_usage,
     tokenizer_summary,
     tokenizer_table,
-    write_json,
 )
 from gpr_sim.world import generate_world
+
+ENTRY = "agents.tokenize"
+"""the owner of its output folders (``gpr_sim.runs.RunFolder``)"""
+RESUME_IGNORES = ("device", "out")
+"""flags that may change between two fits into one folder (the fit itself is the same)"""
 
 
 @dataclass(frozen=True)
@@ -73,20 +80,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args, cfg = Args(**read_flags(ns, Args)), CompareConfig(**read_flags(ns, CompareConfig))
     world_cfg = world_config(args.preset, world_overrides(ns))
 
+    settings = {**dataclasses.asdict(args), **dataclasses.asdict(cfg), "world": world_cfg.to_dict()}  # keys = flags
+    with RunFolder(args.out, ENTRY, settings, RESUME_IGNORES) as folder:
+        return _fit(args, cfg, world_cfg, folder.path)
+
+
+def _fit(args: Args, cfg: CompareConfig, world_cfg, out: Path) -> pd.DataFrame:
     world = generate_world(world_cfg, args.world_seed, args.device)
     methods = tuple(METHODS) if args.compare else (args.method,)
     tokenizers = fit_world_tokenizers(world, cfg, args.seed, methods)
     df = tokenizer_table(tokenizers, world)
 
-    out = Path(args.out)
     paths = write_table(df, out)
-    fig = plot_code_usage(tokenizers)
-    tmp = out / "code_usage_levels.png.tmp"
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, out / "code_usage_levels.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    atomic_write_bytes(out / "code_usage_levels.png", figure_bytes(plot_code_usage(tokenizers), dpi=120))
     tok = tokenizers[args.method]
     tok.save(out)
     write_json(

@@ -11,8 +11,8 @@ import torch
 from agents import pretrain
 from agents.rl import distributed
 from agents.rl.distributed import Dist
-from agents.runs import read_metrics
 from envs.market import BatchedMarket
+from gpr_sim.runs import read_metrics
 from gpr_sim.world import preset
 from tests.helpers import torchrun
 

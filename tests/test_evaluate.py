@@ -144,7 +144,7 @@ def test_agent_family_plugs_in(tmp_path, monkeypatch):
 def test_flags_map_onto_args(capsys):
     args = parse_args(["--agents", "random", "--num-envs", "8", "--world-seed", "3", "--no-plots", "--level", "0.9"])
     assert (args.agents, args.num_envs, args.world_seed, args.plots, args.level) == ("random", 8, 3, False, 0.9)
-    assert args.sessions_per_slot == 250 and args.out_dir == Path("runs/eval/ads-v0__small__seed0")
+    assert args.sessions_per_slot == 250 and args.out_dir == Path("runs/eval/ads-v0__small__0")
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "same for every agent (same first users)" in " ".join(capsys.readouterr().out.split())  # docstrings

@@ -11,8 +11,8 @@ import agents.hepo as hepo
 import agents.rl.loop as loop
 from agents.policies.gpr import load_run_model
 from agents.rl.buffer import Buffer
-from agents.runs import read_metrics
 from gpr_sim.finite import NonFiniteError, check_finite, check_finite_parameters
+from gpr_sim.runs import read_metrics
 from tests.test_hepo import pre, tiny  # noqa: F401  (the module fixture: a tiny pre-trained generator)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from agents import pretrain
-from agents.evaluate import Args, main
+from agents.evaluate import Args, agent_dir, main
 from agents.policies import make_policy
-from agents.policies.gpr import GPRPolicy
+from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from envs import make_vec_env
+from gpr_sim.runs import file_digest
 
 TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
                  "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
@@ -96,3 +98,29 @@ def test_registry_builds_gpr_with_its_options(run_dir):
     torch.testing.assert_close(policy.act(obs).action, GPRPolicy(env, run_dir, beam_width=5, seed=3).act(obs).action)
     with pytest.raises(ValueError, match=r"takes no option \['temperature'\]: its options are \['beam_width'\]"):
         make_policy(f"gpr:{run_dir}", env, temperature=0.3)
+
+
+def test_evaluate_cache_is_keyed_by_the_policy_files_content(run_dir, tmp_path, capsys):
+    """``gpr:RUN`` sessions are reused while ``policy.pt`` holds the same bytes, simulated again once it changes
+    (the same path, retrained), not reused because the ``gpr:PATH`` string is the same."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    model, _ = load_run_model(run)
+    save_policy(run / "policy.pt", model)
+    spec, out = f"gpr:{run}", tmp_path / "eval"
+    main(Args(agents=spec, out=str(out), **TINY_EVAL))
+    record = agent_dir(out, spec) / "summary.json"
+    first = json.loads(record.read_text())["config"]["inputs"]
+    assert first["policy.pt"] == file_digest(run / "policy.pt") and set(first) == {"policy.pt", "semantic_ids.pt"}
+    capsys.readouterr()
+    main(Args(agents=spec, out=str(out), **TINY_EVAL))
+    assert f"{spec}: same config already evaluated" in capsys.readouterr().out
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    save_policy(run / "policy.pt", model)
+    main(Args(agents=spec, out=str(out), **TINY_EVAL))
+    assert "already evaluated" not in capsys.readouterr().out
+    again = json.loads(record.read_text())["config"]["inputs"]
+    assert again["policy.pt"] == file_digest(run / "policy.pt") != first["policy.pt"]
+    assert again["semantic_ids.pt"] == first["semantic_ids.pt"]

@@ -17,9 +17,9 @@ from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
 from agents.policies.gpr import load_run_model
 from agents.rl.rollout import Roller
-from agents.runs import read_metrics
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.metrics import AD_METRICS, summarize
+from gpr_sim.runs import read_metrics
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.world import rng
@@ -77,6 +77,13 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     assert [r["iteration"] for r in a] == [0, 1, 2, 3]
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     assert (straight / "curves.png").stat().st_size > 0
+    # the finished run asked for no more iterations: nothing runs, its summary and history stay as they are
+    files = {p.name: p.read_bytes() for p in straight.iterdir() if p.is_file()}
+    summary = json.loads(files["summary.json"])
+    assert summary["iterations"] == 3
+    assert hepo.main(tiny(pre, straight, "--iterations", "2")) == summary
+    assert hepo.main(tiny(pre, straight, "--iterations", "3")) == summary
+    assert {p.name: p.read_bytes() for p in straight.iterdir() if p.is_file()} == files
 
 
 def check_strata(row: dict, served: bool = False) -> None:
@@ -132,6 +139,10 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     out = tmp_path / "run"
     hepo.main(tiny(pre, out, "--iterations", "1", "--loss.kl-coef", "0.1"))
     assert "train/kl_ref" in read_metrics(out / "metrics.jsonl")[-1]
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"holds a run of agents.hepo, not of agents.evaluate"):
+        evaluate(EvalArgs(agents="random", out=str(out), num_envs=8, sessions=8, plots=False, threads=1))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept  # config, summary untouched
     table = evaluate(EvalArgs(agents=f"cascade,gpr:{out}", num_envs=8, sessions=8, plots=False, threads=1,
                               out=str(tmp_path / "eval")))  # fmt: skip
     assert set(table["agent"]) == {"cascade", f"gpr:{out}"}
@@ -161,11 +172,19 @@ def test_bad_inputs_fail_clearly(pre, tmp_path):
         hepo.Args(group_size=1)
     out = tmp_path / "run"
     hepo.main(tiny(pre, out, "--iterations", "1"))
-    with pytest.raises(ValueError, match="other settings.*group_size"):
+    with pytest.raises(ValueError, match=r"other settings \(--group-size was 4, now 6\)"):
         hepo.main(tiny(pre, out, "--iterations", "2", "--group-size", "6"))
+    with pytest.raises(ValueError, match=r"other settings \(--loss.clip was 0.2, now 0.3\)"):
+        hepo.main(tiny(pre, out, "--iterations", "2", "--loss.clip", "0.3"))
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint.pt"):
         hepo.main(tiny(pre, out, "--iterations", "2"))
+    # results without the checkpoint they came from: refused, not restarted over them
+    (out / "checkpoint.pt").unlink()
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"holds metrics.jsonl, policy.pt, summary.json but no checkpoint.pt"):
+        hepo.main(tiny(pre, out, "--iterations", "2"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
 
 
 # ----------------------------------------------------------------------------- sampling and rehearsal

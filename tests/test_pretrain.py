@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from agents import pretrain
-from agents.runs import read_metrics
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import (
     MTPTargets,
@@ -21,6 +20,7 @@ from gpr_sim.model.targets import (
     vaft_weights,
     value_targets,
 )
+from gpr_sim.runs import read_metrics
 from gpr_sim.world.config import RewardConfig
 
 
@@ -212,16 +212,36 @@ def test_corrupted_or_mismatched_checkpoint_raises(mtp_run, tmp_path):
     src, _ = mtp_run
     common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--steps", "2",
               "--eval-requests", "20", *FAST[4:]]  # fmt: skip
+    by_hand = tmp_path / "by_hand"  # a checkpoint dropped into a folder no run owns
+    by_hand.mkdir()
+    (by_hand / "checkpoint.pt").write_bytes((src / "checkpoint.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"by_hand holds files \(checkpoint.pt\) but no run.json"):
+        pretrain.main(["--out", str(by_hand), *common])
     bad = tmp_path / "bad"
-    bad.mkdir()
+    pretrain.main(["--out", str(bad), *common])
     (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint.pt"):
         pretrain.main(["--out", str(bad), *common])
-    other = tmp_path / "other"
-    other.mkdir()
+    other = tmp_path / "other"  # a run of d_model 16 whose checkpoint was replaced by one of d_model 32
+    pretrain.main(["--out", str(other), *common, "--d-model", "16"])
+    (other / "summary.json").unlink()
     (other / "checkpoint.pt").write_bytes((src / "checkpoint.pt").read_bytes())
     with pytest.raises(ValueError, match=r"checkpoint\.pt.*d_model"):
         pretrain.main(["--out", str(other), *common, "--d-model", "16"])
+
+
+def test_resume_with_other_flags_is_refused_and_keeps_history(mtp_run):
+    """The same --out with another --lr: refused naming the flag, before config.json or anything is written;
+    asked for fewer --steps, the finished run keeps its summary."""
+    out, summary = mtp_run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    argv = ["--out", str(out), "--steps", "60", "--eval-every", "30", "--checkpoint-every", "30", *FAST]
+    with pytest.raises(ValueError, match=rf"^{out} holds a run with other settings \(--lr was 0.003, now 0.001\)"):
+        pretrain.main([*argv, "--lr", "1e-3"])
+    with pytest.raises(ValueError, match=r"--d-model was 32, now 16; --n-heads was 2, now 4\)"):
+        pretrain.main([*argv, "--d-model", "16", "--n-heads", "4"])
+    assert pretrain.main([*argv, "--steps", "30"]) == summary
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_config_json_written(mtp_run):

@@ -3,7 +3,7 @@
 import pytest
 
 from agents import sb3_ppo
-from agents.runs import read_json, read_metrics
+from gpr_sim.runs import read_json, read_metrics
 
 
 def test_short_run_writes_folder_and_resumes(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -102,6 +103,12 @@ def _gpr(run_dir: str) -> PolicyFactory:
     return gpr_factory(run_dir)
 
 
+def _gpr_inputs(run_dir: str) -> list[Path]:
+    from agents.policies.gpr import run_inputs
+
+    return run_inputs(run_dir)
+
+
 class Family(NamedTuple):
     """Parametrised policies named ``NAME:ARG``."""
 
@@ -109,6 +116,8 @@ class Family(NamedTuple):
     """what ARG is, for messages (``gpr:PATH``)"""
     factory: Callable[[str], PolicyFactory]
     """``factory(ARG)`` -> the policy factory; raises ``ValueError`` for a bad ARG (before any env exists)"""
+    inputs: Callable[[str], list[Path]]
+    """``inputs(ARG)`` -> the files the policy reads (what a cache of its results is keyed by)"""
 
 
 POLICIES: dict[str, PolicyFactory] = {
@@ -119,7 +128,7 @@ POLICIES: dict[str, PolicyFactory] = {
 }
 """Policies by name."""
 
-FAMILIES: dict[str, Family] = {"gpr": Family("PATH", _gpr)}
+FAMILIES: dict[str, Family] = {"gpr": Family("PATH", _gpr, _gpr_inputs)}
 """Parametrised policies ``NAME:ARG`` by NAME."""
 
 
@@ -142,6 +151,12 @@ def policy_factory(spec: str) -> PolicyFactory:
     if sep and family in FAMILIES and arg:
         return FAMILIES[family].factory(arg)
     raise ValueError(f"unknown policy {spec!r}: expected one of {', '.join(known_policies())}")
+
+
+def policy_inputs(spec: str) -> list[Path]:
+    """The files the policy ``spec`` reads (a family's run folder files); [] for the built-in policies."""
+    family, sep, arg = spec.partition(":")
+    return FAMILIES[family].inputs(arg) if sep and family in FAMILIES else []
 
 
 def policy_options(spec: str) -> list[str]:
@@ -175,5 +190,5 @@ def make_policy(spec: str, env, seed: int = 0, **options) -> Policy:
 
 __all__ = [
     "FAMILIES", "POLICIES", "Family", "Policy", "PolicyFactory", "PolicyOutput", "batched_env", "known_policies",
-    "make_policy", "policy_factory", "policy_options", "row_chunks",
+    "make_policy", "policy_factory", "policy_inputs", "policy_options", "row_chunks",
 ]

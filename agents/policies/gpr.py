@@ -18,7 +18,6 @@ in the empty slots; a row with no eligible item at all (every budget spent) gets
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import torch
 
 from agents.policies import PolicyOutput, batched_env
 from agents.pretraining.checkpoint import read_checkpoint
-from agents.runs import load_torch, save_torch
 from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.runs import load_torch, save_torch
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
-from gpr_sim.tokenizer.world import WorldTokenizer
+from gpr_sim.tokenizer.world import IDS_FILE, WorldTokenizer
 
 
 def _tokenizer_dir(run_dir: Path) -> Path:
@@ -55,14 +54,7 @@ POLICY_VERSION = 1
 
 def model_from_payload(path: Path, payload: dict) -> GPRModel:
     """A CPU ``GPRModel`` from a checkpoint payload's ``config`` and ``model`` entries, with errors naming ``path``."""
-    raw = dict(payload["config"])
-    try:
-        raw["level_sizes"] = tuple(raw["level_sizes"])
-        names = {f.name for f in dataclasses.fields(GPRConfig)}
-        cfg = GPRConfig(**{k: v for k, v in raw.items() if k in names})
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad model config in checkpoint ({e})") from e
-    model = GPRModel(cfg)
+    model = GPRModel(GPRConfig.from_dict(payload["config"], where=f"{path}: model config"))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
@@ -72,10 +64,8 @@ def model_from_payload(path: Path, payload: dict) -> GPRModel:
 
 def save_policy(path: Path, model: GPRModel) -> None:
     """Write ``policy.pt`` (format header, model config, weights) atomically."""
-    cfg = dataclasses.asdict(model.cfg)
-    cfg["level_sizes"] = list(cfg["level_sizes"])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(path, {"format": POLICY_FORMAT, "version": POLICY_VERSION, "config": cfg, "model": state})
+    save_torch(path, POLICY_FORMAT, POLICY_VERSION, {"config": model.cfg.to_dict(), "model": state})
 
 
 def read_policy(path: Path) -> dict:
@@ -84,6 +74,18 @@ def read_policy(path: Path) -> dict:
     if not isinstance(payload["config"], dict) or not isinstance(payload["model"], dict):
         raise ValueError(f"{path}: policy file lacks the model config or weights")
     return payload
+
+
+def model_file(run_dir: str | Path) -> Path:
+    """The model file of a run folder: ``policy.pt`` (RL runs) if present, else ``checkpoint.pt`` (pre-training)."""
+    run = Path(run_dir)
+    return run / "policy.pt" if (run / "policy.pt").is_file() else run / "checkpoint.pt"
+
+
+def run_inputs(run_dir: str | Path) -> list[Path]:
+    """The files a ``GPRPolicy`` of ``run_dir`` reads (model, tokenizer ids): what its behaviour depends on."""
+    tok = _tokenizer_dir(Path(run_dir))
+    return [model_file(run_dir), tok / IDS_FILE if tok.is_dir() else tok]
 
 
 def load_run_model(run_dir: str | Path) -> tuple[GPRModel, WorldTokenizer]:
@@ -96,11 +98,8 @@ def load_run_model(run_dir: str | Path) -> tuple[GPRModel, WorldTokenizer]:
     run = Path(run_dir)
     if not run.is_dir():
         raise ValueError(f"{run}: not a run folder (expected agents.pretrain or agents.hepo output)")
-    if (run / "policy.pt").is_file():
-        path, payload = run / "policy.pt", read_policy(run / "policy.pt")
-    else:
-        path = run / "checkpoint.pt"
-        payload = read_checkpoint(path)
+    path = model_file(run)
+    payload = read_policy(path) if path.name == "policy.pt" else read_checkpoint(path)
     tok_dir = _tokenizer_dir(run)
     try:
         tok = WorldTokenizer.load(tok_dir)

@@ -1,40 +1,36 @@
 """The pre-training checkpoint format (``checkpoint.pt``, ``best.pt``): writing, reading and checking it.
 
 A library module, so that loading a pre-trained policy (``agents.policies.gpr``) reads checkpoints
-without importing the ``agents.pretrain`` entry point.
+without importing the ``agents.pretrain`` entry point. The header and the safe loading are
+``gpr_sim.runs``'; the model config travels as ``GPRConfig.to_dict()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
 from pathlib import Path
 
 import torch
 
-from agents.runs import atomic_write_bytes, load_torch
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.runs import atomic_write_bytes, checkpoint_bytes, load_torch
 
 CKPT_FORMAT = "gpr_sim.pretrain"
 CKPT_VERSION = 1
 
 
-def checkpoint_bytes(model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int,
-                     stage: str) -> bytes:  # fmt: skip
-    """The serialised checkpoint payload (what `save_checkpoint` writes)."""
-    cfg = dataclasses.asdict(model.cfg)
-    cfg["level_sizes"] = list(cfg["level_sizes"])
-    payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "stage": stage, "step": step, "config": cfg,
-               "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state()}  # fmt: skip
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return buf.getvalue()
+def checkpoint_data(model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int,
+                    stage: str) -> bytes:  # fmt: skip
+    """The serialised checkpoint: model, optimiser, sampler RNG, step and model config (what `save_checkpoint`
+    writes; ``best.pt`` gets the same bytes)."""
+    payload = {"stage": stage, "step": step, "config": model.cfg.to_dict(), "model": model.state_dict(),
+               "optimizer": opt.state_dict(), "rng": gen.get_state()}  # fmt: skip
+    return checkpoint_bytes(CKPT_FORMAT, CKPT_VERSION, payload)
 
 
 def save_checkpoint(path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator,
                     step: int, stage: str) -> None:  # fmt: skip
     """Model, optimiser, sampler RNG, step and model config in one file, written atomically."""
-    atomic_write_bytes(path, checkpoint_bytes(model, opt, gen, step, stage))
+    atomic_write_bytes(path, checkpoint_data(model, opt, gen, step, stage))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -56,8 +52,7 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
     """``read_checkpoint`` plus a check that it was written for a model of config ``cfg``."""
     payload = read_checkpoint(path)
-    want = dataclasses.asdict(cfg)
-    want["level_sizes"] = list(want["level_sizes"])
+    want = cfg.to_dict()
     if payload["config"] != want:
         diff = sorted(k for k in want if payload["config"].get(k) != want[k])
         raise ValueError(f"{path}: checkpoint model config differs from this run's in {diff}")

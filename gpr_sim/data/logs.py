@@ -53,14 +53,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from gpr_sim.runs import atomic_write_with
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"gpr_sim.logs"
@@ -199,7 +200,7 @@ def write_logs(
     policy: str,
     extra: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write logged requests to Parquet atomically (temporary sibling, then ``os.replace``).
+    """Write logged requests to Parquet atomically (``gpr_sim.runs.atomic_write_with``).
 
     Args:
         data: One batch or an iterable of batches; a batch is a DataFrame, a pyarrow Table, or a mapping
@@ -226,32 +227,7 @@ def write_logs(
     meta.update(extra or {})
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
 
-    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto ``path``.
-
-    Readers never see a half-written file, and a failed write leaves any previous file as it was.
-    Parent folders are created. Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_logs(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:

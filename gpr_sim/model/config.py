@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gpr_sim.tokenizer.rq_kmeans import check_int
@@ -86,6 +88,40 @@ class GPRConfig:
         check_int("refine_steps", self.refine_steps, 1, 1000)
         check_int("decoder_layers", self.decoder_layers, 1, 64)
         check_int("mtp_heads", self.mtp_heads, 1, 64)
+
+    def to_dict(self) -> dict:
+        """Every field as plain JSON / ``torch.load(weights_only=True)`` types (``level_sizes`` a list): what
+        checkpoints store; `from_dict` reads it back."""
+        d = dataclasses.asdict(self)
+        d["level_sizes"] = list(self.level_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "model config") -> GPRConfig:
+        """The config a `to_dict` dict describes, validated.
+
+        Args:
+            d: every field of ``GPRConfig`` (``level_sizes`` a list or tuple), nothing else.
+            where: what holds ``d`` (e.g. ``"runs/x/policy.pt: model config"``), the start of every error.
+
+        Raises:
+            ValueError: ``where`` and the field: not a dict, a field missing or unknown, or a bad value.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected a dict of GPRConfig fields, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in d]
+        unknown = sorted(str(k) for k in d if k not in names)
+        if missing or unknown:
+            parts = ([f"missing field(s) {missing}"] if missing else []) + ([f"unknown field(s) {unknown}"] if unknown else [])
+            raise ValueError(f"{where}: {'; '.join(parts)}")
+        kw = dict(d)
+        if isinstance(kw["level_sizes"], list):
+            kw["level_sizes"] = tuple(kw["level_sizes"])
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: field {e}") from e
 
     @property
     def path_len(self) -> int:
