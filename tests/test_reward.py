@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from agents import ope
-from agents.collect import collect, make_env
+from agents.collect import collect
+from envs import make_vec_env
 from agents.policies import PolicyOutput
 from gpr_sim.world import WorldConfig, expected_weighted_reward, generate_world, weighted_reward
 from gpr_sim.world.config import RewardConfig
@@ -67,13 +68,13 @@ class BestOfFour:
     win some auctions and lose others."""
 
     def __init__(self, env, seed: int):
-        self.engine = env.unwrapped.engine
+        self.env = env.unwrapped
         self.generator = torch.Generator().manual_seed(seed)
 
     def act(self, obs):
         n = obs["user_id"].shape[0]
-        cand = torch.randint(0, self.engine.config.num_ads, (n, 4), generator=self.generator)
-        pick = cand.gather(1, self.engine.score(cand).value.argmax(1, keepdim=True))  # (n, 1)
+        cand = torch.randint(0, self.env.config.num_ads, (n, 4), generator=self.generator)
+        pick = cand.gather(1, self.env.score(cand).value.argmax(1, keepdim=True))  # (n, 1)
         return PolicyOutput(pick, torch.ones(n, dtype=torch.float64))
 
 
@@ -85,9 +86,9 @@ def scored(env, obs, out):
 
 @pytest.fixture(scope="module")
 def weighted_run():
-    env = make_env("ads-v0", WorldConfig.small(**SMALL, reward=WEIGHTS), NUM_ENVS, world_seed=0, device="cpu")
+    env = make_vec_env("ads-v0", NUM_ENVS, config=WorldConfig.small(**SMALL, reward=WEIGHTS), world_seed=0)
     columns, extra = collect(env, BestOfFour(env, seed=1), seed=1, steps=STEPS, hook=scored, progress=False)
-    return columns, extra, env.unwrapped.engine.world
+    return columns, extra, env.unwrapped.world
 
 
 def assert_same_mean(realised: np.ndarray, expected: np.ndarray) -> None:

@@ -116,8 +116,8 @@ class Family(NamedTuple):
     """what ARG is, for messages (``gpr:PATH``)"""
     factory: Callable[[str], PolicyFactory]
     """``factory(ARG)`` -> the policy factory; raises ``ValueError`` for a bad ARG (before any env exists)"""
-    inputs: Callable[[str], list[Path]]
-    """``inputs(ARG)`` -> the files the policy reads (what a cache of its results is keyed by)"""
+    inputs: Callable[[str], list[Path]] = lambda arg: []
+    """``inputs(ARG)`` -> the files the policy reads (what a cache of its results is keyed by); none by default"""
 
 
 POLICIES: dict[str, PolicyFactory] = {
