@@ -15,8 +15,8 @@ import torch
 
 from agents import ope
 from agents.collect import collect
-from envs import make_vec_env
 from agents.policies import PolicyOutput
+from envs import make_vec_env
 from gpr_sim.world import WorldConfig, expected_weighted_reward, generate_world, weighted_reward
 from gpr_sim.world.config import RewardConfig
 from gpr_sim.world.fatigue import stay_probability
