@@ -292,7 +292,7 @@ class AdsEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         check_seed(seed)  # before Gymnasium's np_random: one error for a bad seed (module doc, Seeding)
-        super().reset(seed=seed)
+        super().reset(seed=None if seed is None else int(seed))  # np_random takes Python ints only
         obs = self.engine.reset(seed=seed)
         return self._obs(obs), {}
 
@@ -317,7 +317,10 @@ class AdsEnv(gym.Env):
 
     def score(self, candidates, truth: bool = False) -> dict[str, np.ndarray]:
         """Expected value of candidate ads (K,) for the current request; moves nothing (module doc, Scoring API)."""
-        cand = check_score_candidates(torch.as_tensor(np.asarray(candidates)), self.config, check_range=True)
+        arr = np.asarray(candidates)
+        if arr.dtype.kind not in "iu":  # numpy's name for the dtype, as ``step`` reports it
+            raise ValueError(f"candidates dtype {arr.dtype} is invalid: expected integer ad indices (int64)")
+        cand = check_score_candidates(torch.as_tensor(arr), self.config, check_range=True)
         self.engine.require_reset("score()")
         cand = cand.reshape(1, -1)
         return {k: v[0].numpy() for k, v in self.engine.score(cand, truth)._asdict().items()}

@@ -408,7 +408,8 @@ def _column_problems(table: pa.Table, name: str, cfg: WorldConfig) -> list[str]:
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     required = name in SCHEMA.names
     if pa.types.is_list(arr.type):
-        null_rows = np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))
+        is_null = arr.is_null().to_numpy(zero_copy_only=False)
+        null_rows = np.flatnonzero(is_null)
         if required and null_rows.size:
             return [f"column {name} has {_count(null_rows.size, 'null row')} ({_rows(null_rows)})"]
         width, why = _widths(cfg).get(name, (None, ""))
@@ -418,12 +419,18 @@ def _column_problems(table: pa.Table, name: str, cfg: WorldConfig) -> list[str]:
             if off.size:
                 return [f"column {name} has {_count(off.size, 'row')} of length {int(lengths[off[0]])}, expected "
                         f"{why}={width} of the metadata's world_config ({_rows(off)})"]  # fmt: skip
-        values = arr.flatten()
-        rows = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        # every entry with its row; entries behind a null row (the writer may keep data there) are no values
+        offsets = arr.offsets.to_numpy()
+        values = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
+        rows = np.repeat(np.arange(len(arr)), np.diff(offsets))
+        keep = ~is_null[rows]
+        rows = rows[keep]
+        nulls = values.is_null().to_numpy(zero_copy_only=False)[keep]
+        x = values.to_numpy(zero_copy_only=False)[keep]
     else:
         values, rows = arr, np.arange(len(arr))
-    nulls = values.is_null().to_numpy(zero_copy_only=False)
-    x = values.to_numpy(zero_copy_only=False)
+        nulls = values.is_null().to_numpy(zero_copy_only=False)
+        x = values.to_numpy(zero_copy_only=False)
     if pa.types.is_floating(values.type):
         bad = nulls | ~np.isfinite(x)
         if bad.any():
