@@ -183,8 +183,27 @@ def resimulate(
     return columns, stats, env.unwrapped.world
 
 
-def check_reproduced(df: pd.DataFrame, columns: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> None:
-    """Stop unless the re-simulation matches the log (same candidates, rewards and propensities)."""
+def check_reproduced(
+    df: pd.DataFrame, columns: dict[str, np.ndarray], stats: dict[str, np.ndarray], path: str = "the log"
+) -> None:
+    """Stop unless the re-simulation matches the log (same candidates, rewards and propensities).
+
+    The log's own values were checked at load (``read_logs``: finite propensities in (0, 1]), so a row
+    count that differs from its metadata's ``steps x num_envs`` is a cut or edited log, and a non-finite
+    recomputed propensity is the behaviour policy's, not a divergence.
+    """
+    if len(df) != len(columns["reward"]):
+        raise ValueError(
+            f"{path} has {len(df)} rows, but its metadata (steps x num_envs) re-simulates {len(columns['reward'])}: "
+            f"a cut or edited log?"
+        )
+    bad = np.flatnonzero(~np.isfinite(stats["pi_b"]))
+    if bad.size:
+        raise RuntimeError(
+            f"the behaviour policy's recomputed propensity is not finite at request_id "
+            f"{df['request_id'].to_numpy()[bad[:5]].tolist()} ({len(bad)} rows): its action distribution "
+            f"(action_distribution) is undefined there, while {path} holds finite ones"
+        )
     checks = {
         "candidates": (stack_list_column(df, "candidates") == columns["candidates"]).all(1),
         "reward": df["reward"].to_numpy() == columns["reward"],
@@ -391,7 +410,7 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
     t_log = meta.get("temperature")
 
     columns, stats, world = resimulate(meta, args.policy, target_options, t_log, device, args.progress)
-    check_reproduced(df, columns, stats)
+    check_reproduced(df, columns, stats, args.logs)
     reward, propensity = df["reward"].to_numpy(), df["propensity"].to_numpy()
     table, diag = estimate(reward, propensity, stats, args.level)
     diag["logged_denoised"] = float(denoised_reward(columns, world).mean())

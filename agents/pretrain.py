@@ -70,7 +70,7 @@ from agents.pretraining.checkpoint import (
     read_checkpoint,
 )
 from agents.rl import distributed
-from gpr_sim.data.logs import read_logs
+from gpr_sim.data.logs import check_run_world, check_tokenizer_world, read_logs
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.offline_eval import model_rankings, popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
@@ -456,6 +456,9 @@ def _train(args: Args, dist: distributed.Dist, out: Path) -> dict:
     df, meta = read_logs(logs)
     tok = WorldTokenizer.load(tok_dir)
     world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))  # HTE targets
+    check_tokenizer_world(tok, world, logs, f"tokenizer {tok_dir}")
+    if args.init:
+        check_run_world(meta, logs, Path(args.init).parent, f"--init {args.init}")
     schema = SchemaConfig.from_world(world.config)
     held = split_sessions(df["episode_id"].to_numpy(), args.eval_fraction, args.split_seed)
     train_df, eval_df = df[~held].reset_index(drop=True), df[held].reset_index(drop=True)

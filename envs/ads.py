@@ -67,10 +67,21 @@ shard of a larger market `market_envs` (the sessions budgets are scaled to), `gr
 charges are settled) and `first_slot` (`envs.market.BatchedMarket`). `envs.make_vec_env(env_id,
 num_envs, ...)` builds the vector env.
 
+## Seeding
+`reset(seed=s)`: `s` is None (continue the sessions' streams; the first reset uses 0) or an integer >= 0.
+The sessions' random streams are keyed by `s mod 2**32` (the counter-based RNG's keys are 32-bit:
+`gpr_sim.world.rng`), so seeds equal modulo 2**32 give the same sessions; larger seeds are reduced,
+as Gymnasium's own `np_random` seeding accepts them. A negative or non-integer seed raises `ValueError`.
+`step`, `score` and the other reads before the first `reset` raise `RuntimeError("call reset() before
+step()")` (naming the call).
+
 ## Scoring API
 `env.unwrapped.score(candidates, truth=False)`: expected value of arbitrary candidate ads for the
 current requests without moving the world (platform estimates by default; `truth=True` for oracle
-studies). `env.unwrapped.eligible_ads()`: the mask of ads whose advertiser can bid now.
+studies). Candidates are integer ad indices in [0, num_ads), or -1 for "no ad", which scores -inf value;
+floats or bools (which would be truncated to other ads) raise `ValueError`, and so do ids >= num_ads or
+< -1 (in the vector env when `validate_actions`, the range check's one host sync). Semantic-ID paths that
+name no ad decode to -1. `env.unwrapped.eligible_ads()`: the mask of ads whose advertiser can bid now.
 With a tokenizer: `env.unwrapped.prefix_mask(prefixes)` gives, for prefixes (..., l), the (..., K_l)
 mask of next digits that lead to an eligible ad (the trie over ads, restricted by `eligible_ads()`;
 for constrained decoding), and `env.unwrapped.semantic_ids(ads)` the (..., L') paths of ad indices.
@@ -99,7 +110,14 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from envs.market import REHEARSAL_SEED_OFFSET, BatchedMarket, Rehearsal, outcome_info, resolve_config
+from envs.market import (
+    REHEARSAL_SEED_OFFSET,
+    BatchedMarket,
+    Rehearsal,
+    check_seed,
+    outcome_info,
+    resolve_config,
+)
 from gpr_sim.tokenizer.world import WorldTokenizer, as_world_tokenizer
 from gpr_sim.world import CONTEXT_DIM, CandidateScores, SessionState, World, WorldConfig
 from gpr_sim.world.catalog import USER_FEATURE_DIM
@@ -151,6 +169,29 @@ def check_candidates(action: torch.Tensor, num_envs: int, cfg: WorldConfig, chec
         if lo < 0 or hi >= cfg.num_ads:
             raise ValueError(f"action contains ad index {lo if lo < 0 else hi}: expected ids in [0, {cfg.num_ads - 1}]")
     return action
+
+
+def check_score_candidates(candidates: torch.Tensor, cfg: WorldConfig, check_range: bool) -> torch.Tensor:
+    """Validate ``score``'s candidate ads (any shape) and return them as int64.
+
+    -1 ("no ad") is allowed and scores -inf value; other ids outside [0, num_ads) raise when ``check_range``
+    (one host sync on a GPU).
+
+    Raises:
+        ValueError: naming ``candidates``, for a float, bool or complex dtype (a float would be truncated to
+            another ad) or an id outside [-1, num_ads).
+    """
+    if candidates.dtype.is_floating_point or candidates.dtype == torch.bool or candidates.is_complex():
+        raise ValueError(f"candidates dtype {candidates.dtype} is invalid: expected integer ad indices (int64)")
+    candidates = candidates.long()
+    if check_range and candidates.numel():
+        lo, hi = int(candidates.min()), int(candidates.max())
+        if lo < -1 or hi >= cfg.num_ads:
+            raise ValueError(
+                f"candidates contain ad index {lo if lo < -1 else hi}: expected ids in [0, {cfg.num_ads - 1}] "
+                f"or -1 (no ad)"
+            )
+    return candidates
 
 
 def check_semantic_ids(
@@ -250,11 +291,13 @@ class AdsEnv(gym.Env):
         return out
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
+        check_seed(seed)  # before Gymnasium's np_random: one error for a bad seed (module doc, Seeding)
+        super().reset(seed=None if seed is None else int(seed))  # np_random takes Python ints only
         obs = self.engine.reset(seed=seed)
         return self._obs(obs), {}
 
     def step(self, action):
+        self.engine.require_reset("step()")
         arr = np.asarray(action)
         if arr.dtype.kind not in "iu":
             what = "ad indices" if self._decoder is None else "semantic-ID digits"
@@ -273,8 +316,13 @@ class AdsEnv(gym.Env):
         return self._obs(final_obs), float(out.reward[0]), bool(out.terminated[0]), bool(out.truncated[0]), info
 
     def score(self, candidates, truth: bool = False) -> dict[str, np.ndarray]:
-        """Expected value of candidate ads (K,) for the current request; moves nothing."""
-        cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64)).reshape(1, -1)
+        """Expected value of candidate ads (K,) for the current request; moves nothing (module doc, Scoring API)."""
+        arr = np.asarray(candidates)
+        if arr.dtype.kind not in "iu":  # numpy's name for the dtype, as ``step`` reports it
+            raise ValueError(f"candidates dtype {arr.dtype} is invalid: expected integer ad indices (int64)")
+        cand = check_score_candidates(torch.as_tensor(arr), self.config, check_range=True)
+        self.engine.require_reset("score()")
+        cand = cand.reshape(1, -1)
         return {k: v[0].numpy() for k, v in self.engine.score(cand, truth)._asdict().items()}
 
     def eligible_ads(self) -> np.ndarray:
@@ -328,11 +376,11 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        if seed is not None and not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} is invalid: expected one int (rows are keyed by their slot index)")
+        # one int for every row (rows are keyed by their slot index); checked in BatchedMarket.reset
         return self.engine.reset(seed=seed), {}
 
     def step(self, actions):
+        self.engine.require_reset("step()")
         actions = torch.as_tensor(actions, device=self.device)
         cand = to_candidates(actions, self.num_envs, self.config, self._decoder, self.validate_actions)
         user_id = self.engine.state.user_id
@@ -370,7 +418,8 @@ class AdsVectorEnv(gym.vector.VectorEnv):
 
         ``state``: value them for these sessions instead (``self.state.select(rows)``, or ``rehearse(rows).state``).
         """
-        return self.engine.score(torch.as_tensor(candidates, device=self.device).long(), truth, state)
+        cand = check_score_candidates(torch.as_tensor(candidates, device=self.device), self.config, self.validate_actions)
+        return self.engine.score(cand, truth, state)
 
     def eligible_ads(self) -> torch.Tensor:
         """(num_ads,) bool: ads whose advertiser can bid in the next auction."""

@@ -7,6 +7,7 @@ width with torch tensors at the boundary. There is no second implementation to d
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -38,6 +39,30 @@ INFO_KEYS_PER_REQUEST = ("invalid", "budget_capped", "delayed_conversion", "dela
 REHEARSAL_SEED_OFFSET = 0x5EED_A44
 """added to a session's seed for its rehearsed step (``BatchedMarket.rehearse``), so rehearsal never peeks at the
 real next draw"""
+
+
+SEED_BITS = 32
+"""the session streams are keyed by ``seed mod 2**SEED_BITS`` (``gpr_sim.world.rng.stream_keys`` masks keys to 32 bits)"""
+
+
+def check_seed(seed) -> int | None:
+    """A ``reset`` seed as the int the sessions are keyed by: ``seed mod 2**32``, or None.
+
+    Any non-negative integer is accepted, as Gymnasium's ``np_random`` seeding accepts them; seeds equal
+    modulo 2**32 give the same sessions (the counter-based RNG's keys are 32-bit), which is what the core
+    did already for every seed up to 2**63. Reducing here keeps larger seeds from overflowing the int64
+    seed tensor.
+
+    Raises:
+        ValueError: naming the seed, if it is not an integer (bools and floats included) or is negative.
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed={seed!r} is invalid: expected None or an integer >= 0 (one seed for every row)")
+    if seed < 0:
+        raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0 (sessions use it modulo 2**{SEED_BITS})")
+    return int(seed) % (1 << SEED_BITS)
 
 
 def resolve_config(preset_name: str = "small", config: WorldConfig | dict | None = None, **overrides) -> WorldConfig:
@@ -103,9 +128,10 @@ class BatchedMarket:
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
 
-    def _require_reset(self) -> None:
+    def require_reset(self, what: str) -> None:
+        """Raise ``RuntimeError("call reset() before {what}")`` while no session has started."""
         if self.state is None:
-            raise RuntimeError("call reset() before step() or score()")
+            raise RuntimeError(f"call reset() before {what}")
 
     def reset(self, seed: int | None = None, first_slot: int | None = None) -> dict[str, torch.Tensor]:
         """Start new sessions in every row; ``seed`` keys all random draws and reopens the market.
@@ -113,11 +139,12 @@ class BatchedMarket:
         ``first_slot``: global slot index of row 0 (kept for later resets); rows are slots
         ``first_slot .. first_slot + N - 1``, so a shard of a larger market draws the same streams.
         """
+        seed = check_seed(seed)
         if first_slot is not None:
             self.first_slot = int(first_slot)
         n, dev = self.num_envs, self.device
         if self.state is None or seed is not None:
-            base = 0 if seed is None else int(seed)
+            base = 0 if seed is None else seed
             seeds = torch.full((n,), base, dtype=torch.int64, device=dev)
             counter = torch.zeros(n, dtype=torch.int64, device=dev)
             episode = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -138,7 +165,7 @@ class BatchedMarket:
         rows whose session ended are restarted at once and ``obs`` is their new first observation;
         ``final_obs`` is the observation that ended the session (equal to ``obs`` for other rows).
         """
-        self._require_reset()
+        self.require_reset("step()")
         state, self.market, out = transition(self.world, self.state, self.market, candidates, self.grant)
         self.episode_return += out.reward.double()
         self.episode_length += 1
@@ -166,17 +193,17 @@ class BatchedMarket:
         ``state``: score these sessions instead of the current ones, e.g. some rows
         (``self.state.select(rows)``) or requests rehearsed by ``rehearse``; candidates then have its rows.
         """
-        self._require_reset()
+        self.require_reset("score()")
         return score(self.world, self.state if state is None else state, candidates, truth=truth)
 
     def eligible_ads(self) -> torch.Tensor:
         """(num_ads,) bool: ads whose advertiser can bid in the next auction."""
-        self._require_reset()
+        self.require_reset("eligible_ads()")
         return eligible_ads(self.world, self.market)
 
     def remaining_budget(self) -> torch.Tensor:
         """(num_advertisers,) float64: what each advertiser can still spend in the current budget day."""
-        self._require_reset()
+        self.require_reset("remaining_budget()")
         return remaining_budget(self.world, self.market)
 
     def rehearse(self, rows: torch.Tensor, seed_offset: int = REHEARSAL_SEED_OFFSET) -> Rehearsal:
@@ -188,7 +215,7 @@ class BatchedMarket:
         move. The market is read, never written; the step's grant is not called (no ad means no charge,
         and a data-parallel grant is a collective over every rank's rows, not a chosen few).
         """
-        self._require_reset()
+        self.require_reset("rehearse()")
         state = self.state.select(rows)
         state = state._replace(seed=state.seed + seed_offset)
         none = torch.full((rows.numel(), 1), -1, dtype=torch.int64, device=self.device)
@@ -197,7 +224,7 @@ class BatchedMarket:
 
     def observe(self) -> dict[str, torch.Tensor]:
         """The observation of the current requests (what the last ``reset`` or ``step`` returned)."""
-        self._require_reset()
+        self.require_reset("observe()")
         return observe(self.world, self.state)
 
     def state_dict(self) -> dict:
@@ -206,7 +233,7 @@ class BatchedMarket:
         ``load_state_dict`` on a market of the same world, size and shard resumes it bit for bit (the
         random streams are keyed by the session state, so no generator needs saving).
         """
-        self._require_reset()
+        self.require_reset("state_dict()")
         return {
             "session": tuple(t.clone() for t in self.state),
             "market": tuple(t.clone() for t in self.market),

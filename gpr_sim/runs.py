@@ -212,6 +212,27 @@ def save_torch(path: str | os.PathLike, fmt: str, version: int, payload: Mapping
     return atomic_write_bytes(path, checkpoint_bytes(fmt, version, payload))
 
 
+SAFE_LOAD_ERRORS = (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError)
+"""what ``torch.load(weights_only=True)`` raises for a file it cannot or will not read"""
+
+
+def safe_load_error(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line, without torch's advice.
+
+    Torch's message for a file holding objects safe loading refuses suggests loading it again with
+    ``weights_only=False``, which would run code from a file of unknown origin. Callers raise their own
+    error with this text ``from None``, so the advice does not reach the user through the chained
+    exception either.
+    """
+    if isinstance(e, pickle.UnpicklingError):
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        return "not a torch file, or it holds objects safe loading refuses" + (
+            f": {refused.group(1)}" if refused else ""
+        )
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(e).__name__}: {(lines or [''])[0][:200]}"
+
+
 def load_torch(
     path: str | os.PathLike, fmt: str, version: int, what: str, required: tuple[str, ...] = ()
 ) -> dict:
@@ -220,20 +241,19 @@ def load_torch(
     Raises:
         ValueError: one line naming the file and the problem: missing, unreadable, holding objects that
             safe loading refuses, not ``what`` (another format), another version, or missing one of
-            ``required`` keys.
+            ``required`` keys. Torch's advice to load with ``weights_only=False`` is never passed on
+            (``safe_load_error``).
     """
     import torch
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise ValueError(f"{path}: no such file (expected {what})") from e
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (expected {what})") from None
     except pickle.UnpicklingError as e:
-        # torch's message suggests weights_only=False, which would run code from a file of unknown origin
-        raise ValueError(f"{path}: not {what} (not a torch file, or it holds objects safe loading refuses)") from e
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from e
+        raise ValueError(f"{path}: not {what} ({safe_load_error(e)})") from None
+    except SAFE_LOAD_ERRORS as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({safe_load_error(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ValueError(f"{path}: not {what} (missing format header)")
     if payload.get("version") != version:

@@ -117,6 +117,66 @@ def test_scoring_does_not_move_the_world():
     assert torch.equal(ra[1], rb[1]) and torch.equal(ra[4]["click"], rb[4]["click"])
 
 
+# ----------------------------------------------------------------------------- misuse: clear errors
+
+
+def test_step_and_score_before_reset_say_call_reset():
+    # the vector env used to fail with AttributeError: 'NoneType' object has no attribute 'user_id'
+    for env in (AdsEnv(), AdsVectorEnv(num_envs=2)):
+        action = 0 if isinstance(env, AdsEnv) else torch.zeros(2, dtype=torch.int64)
+        cand = [1] if isinstance(env, AdsEnv) else torch.ones(2, 1, dtype=torch.int64)
+        with pytest.raises(RuntimeError, match=r"^call reset\(\) before step\(\)$"):
+            env.step(action)
+        with pytest.raises(RuntimeError, match=r"^call reset\(\) before score\(\)$"):
+            env.score(cand)
+        env.reset(seed=0)
+        env.step(action)  # and after reset all is well
+
+
+def test_score_rejects_non_integer_and_out_of_range_candidates():
+    single, vec = AdsEnv(), AdsVectorEnv(num_envs=2)
+    single.reset(seed=0)
+    vec.reset(seed=0)
+    # score([1.7]) used to be truncated to ad 1 and valued silently
+    cases = [([1.7], "candidates dtype float64 is invalid: expected integer ad indices"),
+             ([True], "candidates dtype bool is invalid"),
+             ([500], r"candidates contain ad index 500: expected ids in \[0, 499\] or -1 \(no ad\)"),
+             ([-2], r"candidates contain ad index -2")]  # fmt: skip
+    for cand, match in cases:
+        with pytest.raises(ValueError, match=match):
+            single.score(cand)
+        with pytest.raises(ValueError, match=match.replace("float64", "torch.float32").replace("bool", "torch.bool")):
+            vec.score(torch.tensor([cand, cand]))
+    # -1 is "no ad": it scores -inf value and leaves the other candidates' values as they are
+    both, alone = single.score([-1, 3]), single.score([3])
+    assert both["value"][0] == -np.inf and both["value"][1] == alone["value"][0]
+    assert torch.equal(vec.score(torch.tensor([[-1], [3]])).value.isinf(), torch.tensor([[True], [False]]))
+    lax = AdsVectorEnv(num_envs=2, validate_actions=False)  # no host sync: only the dtype is checked
+    lax.reset(seed=0)
+    assert lax.score(torch.tensor([[500], [3]])).value[0, 0] == -np.inf
+    with pytest.raises(ValueError, match="dtype"):
+        lax.score(torch.tensor([[1.7], [3.0]]))
+
+
+def test_reset_seeds_are_integers_ge_0_used_modulo_2_32():
+    # reset(seed=2**70) used to raise OverflowError; the RNG's keys are 32-bit, so seeds are reduced
+    single, vec = AdsEnv(), AdsVectorEnv(num_envs=3)
+    for big, small in ((2**70 + 5, 5), (2**32 + 7, 7), (np.int64(9), 9)):
+        a, _ = single.reset(seed=big)
+        b, _ = single.reset(seed=small)
+        assert all(np.array_equal(a[k], b[k]) for k in a), big
+        a, _ = vec.reset(seed=big)
+        b, _ = vec.reset(seed=small)
+        assert all(torch.equal(a[k], b[k]) for k in a), big
+    assert not np.array_equal(single.reset(seed=5)[0]["organic"], single.reset(seed=6)[0]["organic"])
+    for env in (single, vec):
+        with pytest.raises(ValueError, match=r"seed=-1 is invalid: expected an integer >= 0 \(.*modulo 2\*\*32\)"):
+            env.reset(seed=-1)
+        for bad in (1.5, True, "3"):
+            with pytest.raises(ValueError, match=rf"seed={bad!r} is invalid: expected None or an integer >= 0"):
+                env.reset(seed=bad)
+
+
 # ----------------------------------------------------------------------------- the env owns its state
 
 # Tight budgets and no outside competition: advertisers run dry within a few steps, so the market

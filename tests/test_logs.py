@@ -1,5 +1,7 @@
 """Request logs: schema, exact Parquet round trip, accounting in collected logs, bad-file errors."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,8 +36,12 @@ def written(collected, tmp_path_factory):
     return path
 
 
+HAND_CFG = WorldConfig.small(num_ads=20, organic_history=2, ad_history=2, initial_ad_history=2)
+"""the world of `hand_columns`: two-item histories (`read_logs` checks the widths and id ranges against it)"""
+
+
 def hand_columns(n: int = 2) -> dict[str, np.ndarray]:
-    """A minimal valid log of n requests, one candidate and one slot, written out by hand."""
+    """A minimal valid log of n requests of the world ``HAND_CFG``, one candidate and one slot, written out by hand."""
     z = np.zeros(n, dtype=np.int64)
     return {
         "request_id": np.arange(n), "episode_id": z, "step": np.arange(n), "user_id": z + 7,
@@ -103,13 +109,15 @@ def test_dataframe_and_batches_write_the_same_file(collected, written, tmp_path)
 
 
 def test_hand_made_log_reads_back(tmp_path):
-    path = write_logs(hand_columns(), tmp_path / "hand.parquet", world_config={"num_ads": 20}, seed=3, policy="h")
+    path = write_logs(hand_columns(), tmp_path / "hand.parquet", world_config={"num_ads": 20, "organic_history": 2,
+                      "ad_history": 2, "initial_ad_history": 2}, seed=3, policy="h")  # fmt: skip
     df, meta = read_logs(path)
     assert df["reward"].tolist() == [2.04, 0.0]  # 0.04 revenue + 0.02 x 100 GMV; an empty request
     assert df["position"].tolist() == [0, -1]
     assert df["organic_ids"][0].tolist() == [3, -1] and df["context"][1].dtype == np.float32
     assert df["is_new_ad"].tolist() == [True, False] and df["terminated"].tolist() == [False, True]
-    assert meta["world_config"] == {"num_ads": 20} and meta["seed"] == 3 and meta["policy"] == "h"
+    assert meta["seed"] == 3 and meta["policy"] == "h"
+    assert meta["world_config"] == json.loads(json.dumps(HAND_CFG.to_dict()))  # a partial dict is recorded complete
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -174,15 +182,21 @@ def test_non_parquet_and_missing_files(tmp_path):
         read_logs(tmp_path / "absent.parquet")
 
 
+def test_invalid_world_config_is_refused_at_write(tmp_path):
+    with pytest.raises(ValueError, match=r"world_config is invalid: unknown WorldConfig field\(s\): \['num_adz'\]"):
+        write_logs(hand_columns(), tmp_path / "x.parquet", world_config={"num_adz": 20}, seed=0, policy="p")
+    assert not (tmp_path / "x.parquet").exists()
+
+
 def test_uncastable_column_is_named(tmp_path):
-    df, _ = read_logs(write_logs(hand_columns(), tmp_path / "ok.parquet", world_config={}, seed=0, policy="p"))
+    df, _ = read_logs(write_logs(hand_columns(), tmp_path / "ok.parquet", world_config=HAND_CFG, seed=0, policy="p"))
     df["propensity"] = ["high", "low"]
     with pytest.raises(ValueError, match=r"column 'propensity' has type \w*string, expected double"):
-        write_logs(df, tmp_path / "bad.parquet", world_config={}, seed=0, policy="p")
+        write_logs(df, tmp_path / "bad.parquet", world_config=HAND_CFG, seed=0, policy="p")
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = write_logs(hand_columns(), tmp_path / "log.parquet", world_config={}, seed=0, policy="old")
+    path = write_logs(hand_columns(), tmp_path / "log.parquet", world_config=HAND_CFG, seed=0, policy="old")
 
     def broken(table, where):
         open(where, "wb").write(b"PAR1 half a file")
@@ -190,7 +204,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(logs.pq, "write_table", broken)
     with pytest.raises(OSError, match="disk full"):
-        write_logs(hand_columns(1), path, world_config={}, seed=0, policy="new")
+        write_logs(hand_columns(1), path, world_config=HAND_CFG, seed=0, policy="new")
     monkeypatch.undo()
     df, meta = read_logs(path)
     assert len(df) == 2 and meta["policy"] == "old"

@@ -44,9 +44,27 @@ With the default reward weights, `reward = revenue + 0.02 (gmv + delayed_gmv)`; 
 columns are zero unless `conversion_delay_mean > 0`.
 
 File metadata (Parquet key `gpr_sim.logs`, JSON) records provenance: `world_config` (the
-`WorldConfig` as a dict), `seed` (sessions and exploration), `policy` (behaviour policy name) and
-whatever else the writer adds (`env`, `world_seed`, `num_envs`, `steps`, `temperature`, ...).
-`read_logs` returns it as a dict.
+`WorldConfig` as a dict, every field), `seed` (sessions and exploration), `policy` (behaviour policy name)
+and whatever else the writer adds (`env`, `world_seed`, `num_envs`, `steps`, `temperature`, ...; a log
+without `world_seed` is of world seed 0, the envs' default). `read_logs` returns it as a dict.
+
+## Validation at load
+`read_logs` checks a log once, at load, so that no consumer trains or estimates on a broken one
+(`validate_log`; one `ValueError` line naming the file, the column and the first rows):
+- it has rows, and metadata with `world_config` (complete and valid), `seed` and `policy`;
+- every float column is finite, and no required column holds nulls (pandas writes NaN as null). No
+  column of the schema legitimately holds NaN: padding is -1 in the id lists, "nothing shown" is -1 /
+  0, and only the optional `final_*` columns are null, as whole rows, where the next row holds the
+  observation. Values computed later from a log (e.g. the HTE's value targets, NaN = none) are not
+  columns;
+- ids and codes lie in the ranges of the metadata's world: `user_id` in [0, num_users), `organic_ids`
+  in [-1, num_organic), `ad_ids` and `shown_ad` in [-1, num_ads), `candidates` and `action` in
+  [0, num_ads), `ad_events` in [0, 3], `position` in [-1, num_slots), `activity_tier` in [1, 5];
+  `propensity` in (0, 1], `p_click` and `p_conversion` in [0, 1]; the id lists have the world's widths
+  (`organic_history`, `ad_history`, `num_candidates`, `num_slots`).
+
+A consumer given a log and something of a world (a tokenizer, another run, a preset) checks that they
+are of the same world with `check_same_world`, `check_tokenizer_world` or `check_run_world`.
 """
 
 from __future__ import annotations
@@ -59,9 +77,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gpr_sim.runs import atomic_write_with
+from gpr_sim.world.config import WorldConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"gpr_sim.logs"
@@ -206,7 +226,8 @@ def write_logs(
         data: One batch or an iterable of batches; a batch is a DataFrame, a pyarrow Table, or a mapping
             of column name -> numpy array with shape (n,) for scalar columns and (n, d) for list columns.
         path: Destination ``.parquet`` file; parent folders are created.
-        world_config: The `WorldConfig` (or its dict) that generated the market.
+        world_config: The `WorldConfig` (or its dict; missing fields take their defaults) that generated the
+            market; recorded complete, so that a reader rebuilds the same world.
         seed: Seed of the sessions and of the policy's exploration.
         policy: Name of the behaviour policy.
         extra: More JSON-serialisable provenance (env id, world seed, num_envs, steps, temperature...).
@@ -215,14 +236,14 @@ def write_logs(
         The path written.
 
     Raises:
-        ValueError: If a required column is missing or has an incompatible type.
+        ValueError: If a required column is missing or has an incompatible type, or ``world_config`` is invalid.
     """
     batches = [data] if isinstance(data, (pd.DataFrame, pa.Table, Mapping)) else list(data)
     if not batches:
         raise ValueError("write_logs got no batches")
     tables = [conform(_to_table(b), f"batch {i}") for i, b in enumerate(batches)]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    cfg = world_config.to_dict() if hasattr(world_config, "to_dict") else dict(world_config)
+    cfg = as_world_config(world_config, "world_config").to_dict()
     meta = {"format_version": FORMAT_VERSION, "world_config": cfg, "seed": int(seed), "policy": str(policy)}
     meta.update(extra or {})
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
@@ -231,18 +252,19 @@ def write_logs(
 
 
 def read_logs(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
-    """Read a log written by `write_logs`.
+    """Read a log written by `write_logs`, validated (`validate_log`: module doc).
 
     Args:
         path: A ``.parquet`` file.
 
     Returns:
         (df, meta): one row per request with the ``SCHEMA`` columns (list columns hold one numpy array
-        per row, of the schema's value dtype) and the provenance dict (empty if the file has none).
+        per row, of the schema's value dtype) and the provenance dict.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file is not Parquet, or lacks required columns (all are named).
+        ValueError: One line naming the file, if it is not Parquet, lacks required columns (all are named),
+            has no rows, lacks metadata, or holds non-finite or out-of-range values (column and rows named).
     """
     path = Path(path)
     if not path.is_file():
@@ -251,10 +273,258 @@ def read_logs(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path} is not a readable Parquet file: {e}") from e
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    meta = json.loads(raw) if raw else {}
+    meta = _raw_meta(table.schema, str(path))
     table = conform(table, str(path))
+    validate_log(table, meta, str(path))
     return table.to_pandas(), meta
+
+
+def read_log_meta(path: str | os.PathLike) -> dict:
+    """The provenance dict of a log file, checked (``check_log_meta``), without reading its rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no log file at {path}")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path} is not a readable Parquet file: {e}") from e
+    meta = _raw_meta(schema, str(path))
+    check_log_meta(meta, str(path))
+    return meta
+
+
+def _raw_meta(schema: pa.Schema, source: str) -> dict:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{source}: its metadata ({METADATA_KEY.decode()}) is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: its metadata ({METADATA_KEY.decode()}) is not a JSON object")
+    return meta
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+REQUIRED_META = ("world_config", "seed", "policy")
+"""what `write_logs` always records: without them no consumer can rebuild the log's world"""
+
+
+def as_world_config(config: WorldConfig | Mapping, what: str) -> WorldConfig:
+    """A ``WorldConfig`` from itself or its dict; ``ValueError`` naming ``what`` if the dict is invalid."""
+    if isinstance(config, WorldConfig):
+        return config
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{what} must be a WorldConfig or its dict, got {type(config).__name__}")
+    try:
+        return WorldConfig.from_dict(dict(config))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} is invalid: {e}") from None
+
+
+def check_log_meta(meta: Mapping, source: str) -> WorldConfig:
+    """The log's world config, after checking the metadata is present and complete.
+
+    Raises:
+        ValueError: naming ``source``, if the metadata is missing, lacks one of ``REQUIRED_META``, names
+            another format version, or its ``world_config`` is invalid or lacks fields (a log of an
+            older code version: its world cannot be rebuilt exactly).
+    """
+    if not meta:
+        raise ValueError(
+            f"{source} has no gpr_sim metadata (Parquet key {METADATA_KEY.decode()!r}): write logs with "
+            f"gpr_sim.data.logs.write_logs (agents.collect), which records {list(REQUIRED_META)}"
+        )
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{source}: its metadata lacks {missing} (written by gpr_sim.data.logs.write_logs?)")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{source}: log format version {version!r}, this code reads {FORMAT_VERSION}")
+    cfg = as_world_config(meta["world_config"], f"{source}: metadata world_config")
+    absent = sorted(set(cfg.to_dict()) - set(meta["world_config"]))
+    if absent:
+        raise ValueError(
+            f"{source}: metadata world_config lacks field(s) {absent}: written by an older version? Its world "
+            f"cannot be rebuilt exactly"
+        )
+    return cfg
+
+
+def log_world(meta: Mapping) -> tuple[WorldConfig, int]:
+    """(world config, world seed) of a checked log's metadata (``world_seed`` 0 when not recorded)."""
+    return as_world_config(meta["world_config"], "world_config"), int(meta.get("world_seed", 0))
+
+
+def _id_ranges(cfg: WorldConfig) -> dict[str, tuple[int | float, int | float, bool, str]]:
+    """column -> (lo, hi, lo_open, why): the values a log of a world ``cfg`` may hold (hi inclusive)."""
+    ads = f"num_ads={cfg.num_ads}"
+    return {
+        "user_id": (0, cfg.num_users - 1, False, f"num_users={cfg.num_users}"),
+        "organic_ids": (-1, cfg.num_organic - 1, False, f"-1 = padding, num_organic={cfg.num_organic}"),
+        "ad_ids": (-1, cfg.num_ads - 1, False, f"-1 = padding, {ads}"),
+        "ad_events": (0, 3, False, "0 pad, 1 impression, 2 click, 3 conversion"),
+        "candidates": (0, cfg.num_ads - 1, False, ads),
+        "action": (0, cfg.num_ads - 1, False, ads),
+        "propensity": (0.0, 1.0, True, "a probability of the logged candidates"),
+        "shown_ad": (-1, cfg.num_ads - 1, False, f"-1 = empty slot, {ads}"),
+        "position": (-1, cfg.num_slots - 1, False, f"-1 = nothing shown, num_slots={cfg.num_slots}"),
+        "p_click": (0.0, 1.0, False, "a probability"),
+        "p_conversion": (0.0, 1.0, False, "a probability"),
+        "activity_tier": (1, 5, False, "tiers 1..5"),
+        "final_organic_ids": (-1, cfg.num_organic - 1, False, f"-1 = padding, num_organic={cfg.num_organic}"),
+        "final_ad_ids": (-1, cfg.num_ads - 1, False, f"-1 = padding, {ads}"),
+        "final_ad_events": (0, 3, False, "0 pad, 1 impression, 2 click, 3 conversion"),
+    }
+
+
+def _widths(cfg: WorldConfig) -> dict[str, tuple[int, str]]:
+    """list column -> (length, why) in a log of a world ``cfg``."""
+    return {
+        "organic_ids": (cfg.organic_history, "organic_history"), "ad_ids": (cfg.ad_history, "ad_history"),
+        "ad_events": (cfg.ad_history, "ad_history"), "candidates": (cfg.num_candidates, "num_candidates"),
+        "shown_ad": (cfg.num_slots, "num_slots"), "final_organic_ids": (cfg.organic_history, "organic_history"),
+        "final_ad_ids": (cfg.ad_history, "ad_history"), "final_ad_events": (cfg.ad_history, "ad_history"),
+    }  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _rows(rows: np.ndarray) -> str:
+    """``rows 3, 17, 21, ...``: the first five distinct row numbers."""
+    rows = np.unique(rows)
+    more = ", ..." if rows.size > 5 else ""
+    return f"row{'s' if rows.size > 1 else ''} {', '.join(str(r) for r in rows[:5])}{more}"
+
+
+def _column_problems(table: pa.Table, name: str, cfg: WorldConfig) -> list[str]:
+    """What is wrong with one column (empty: nothing), each as ``column NAME has ... (rows ...)``."""
+    col = table.column(name)
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    required = name in SCHEMA.names
+    if pa.types.is_list(arr.type):
+        is_null = arr.is_null().to_numpy(zero_copy_only=False)
+        null_rows = np.flatnonzero(is_null)
+        if required and null_rows.size:
+            return [f"column {name} has {_count(null_rows.size, 'null row')} ({_rows(null_rows)})"]
+        width, why = _widths(cfg).get(name, (None, ""))
+        if width is not None:
+            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)  # NaN on null rows
+            off = np.flatnonzero(~np.isnan(lengths.astype(np.float64)) & (lengths != width))
+            if off.size:
+                return [f"column {name} has {_count(off.size, 'row')} of length {int(lengths[off[0]])}, expected "
+                        f"{why}={width} of the metadata's world_config ({_rows(off)})"]  # fmt: skip
+        # every entry with its row; entries behind a null row (the writer may keep data there) are no values
+        offsets = arr.offsets.to_numpy()
+        values = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
+        rows = np.repeat(np.arange(len(arr)), np.diff(offsets))
+        keep = ~is_null[rows]
+        rows = rows[keep]
+        nulls = values.is_null().to_numpy(zero_copy_only=False)[keep]
+        x = values.to_numpy(zero_copy_only=False)[keep]
+    else:
+        values, rows = arr, np.arange(len(arr))
+        nulls = values.is_null().to_numpy(zero_copy_only=False)
+        x = values.to_numpy(zero_copy_only=False)
+    if pa.types.is_floating(values.type):
+        bad = nulls | ~np.isfinite(x)
+        if bad.any():
+            return [f"column {name} has {_count(int(bad.sum()), 'non-finite value')} ({_rows(rows[bad])})"]
+    elif nulls.any():
+        return [f"column {name} has {_count(int(nulls.sum()), 'missing value')} ({_rows(rows[nulls])})"]
+    if name in _id_ranges(cfg) and x.size:
+        lo, hi, lo_open, why = _id_ranges(cfg)[name]
+        bad = ((x <= lo) if lo_open else (x < lo)) | (x > hi)
+        if bad.any():
+            first = x[bad][0]
+            return [f"column {name} has {_count(int(bad.sum()), 'value')} outside {'(' if lo_open else '['}{lo}, {hi}] "
+                    f"({why}; e.g. {first}) ({_rows(rows[bad])})"]  # fmt: skip
+    return []
+
+
+def validate_log(data: Batch, meta: Mapping, source: str) -> WorldConfig:
+    """Check a log the way `read_logs` does (module doc) and return its world config.
+
+    Args:
+        data: The log's columns (a table, DataFrame or mapping of arrays; cast to the schema first).
+        meta: Its provenance dict.
+        source: What to call it in errors (the file).
+
+    Raises:
+        ValueError: one line, ``SOURCE: column p_click has 128 non-finite values (rows 3, 17, 21, ...)``,
+            naming every bad column (``; ``-separated), or saying that the log has no rows or what its
+            metadata lacks.
+    """
+    table = conform(_to_table(data), source)
+    if table.num_rows == 0:
+        raise ValueError(f"{source} has no rows")
+    cfg = check_log_meta(meta, source)
+    problems = [p for name in table.column_names if name in _TYPES for p in _column_problems(table, name, cfg)]
+    if problems:
+        raise ValueError(f"{source}: {'; '.join(problems)}")
+    return cfg
+
+
+def check_same_world(
+    meta: Mapping, world_config: WorldConfig | Mapping, world_seed: int, path: str | os.PathLike, other: str
+) -> None:
+    """Raise ``ValueError`` unless the log at ``path`` (its ``meta``) is of the world ``(world_config, world_seed)``.
+
+    ``other`` names where that world comes from (a flag, a run folder): the one-line error names both and
+    the first differing fields.
+    """
+    cfg, seed = log_world(meta)
+    want = as_world_config(world_config, other)
+    a, b = _flat_dict(cfg.to_dict()), _flat_dict(want.to_dict())
+    diff = [f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+    if seed != int(world_seed):
+        diff.insert(0, f"world_seed {seed} vs {int(world_seed)}")
+    if diff:
+        more = ", ..." if len(diff) > 5 else ""
+        raise ValueError(f"{path} and {other} are of different worlds ({', '.join(diff[:5])}{more})")
+
+
+def _flat_dict(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_tokenizer_world(tokenizer, world, path: str | os.PathLike, other: str) -> None:
+    """Raise ``ValueError`` naming both unless ``tokenizer`` (a ``WorldTokenizer``) was fitted on ``world``, the
+    world of the log at ``path`` (item counts and embedding fingerprint: ``WorldTokenizer.check_world``)."""
+    try:
+        tokenizer.check_world(world)
+    except ValueError as e:
+        raise ValueError(f"{other} does not fit the world of {path}: {e}") from None
+
+
+def check_run_world(meta: Mapping, path: str | os.PathLike, run_dir: str | os.PathLike, other: str) -> None:
+    """Raise ``ValueError`` unless the run in ``run_dir`` trained on a log of the same world as ``path``.
+
+    The run's log is the one its ``config.json`` records as ``logs_path`` (``agents.pretrain`` runs), looked
+    up as recorded and in ``run_dir``; a run that records none, or whose log is gone, is not checked.
+    """
+    cfg_path = Path(run_dir) / "config.json"
+    try:
+        recorded = json.loads(cfg_path.read_text()).get("logs_path") if cfg_path.is_file() else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{cfg_path}: not a readable run config ({e})") from None
+    if not recorded:
+        return
+    for log in (Path(recorded), Path(run_dir) / Path(recorded).name):
+        if log.is_file():
+            check_same_world(meta, *log_world(read_log_meta(log)), path, f"{other} (trained on {log})")
+            return
 
 
 def stack_list_column(df: pd.DataFrame, name: str) -> np.ndarray:

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from gpr_sim.runs import SAFE_LOAD_ERRORS, safe_load_error
 from gpr_sim.tokenizer.metrics import quantizer_metrics
 from gpr_sim.tokenizer.rq_kmeans import (
     RQKmeansConfig,
@@ -251,7 +252,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     device = torch.device(args.device)
 
     if args.embeddings is not None:
-        emb = torch.load(args.embeddings, map_location="cpu", weights_only=True)
+        try:
+            emb = torch.load(args.embeddings, map_location="cpu", weights_only=True)
+        except SAFE_LOAD_ERRORS as e:
+            raise ValueError(f"{args.embeddings}: not a readable embeddings file ({safe_load_error(e)})") from None
         if not isinstance(emb, Tensor):
             raise ValueError(f"{args.embeddings}: expected a saved (N, D) tensor, got {type(emb).__name__}")
         source = {"embeddings": args.embeddings}

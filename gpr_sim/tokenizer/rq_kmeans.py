@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from gpr_sim.runs import SAFE_LOAD_ERRORS, safe_load_error
 
 FILE_FORMAT = "gpr_sim.tokenizer.quantizer"
 FILE_VERSION = 1
@@ -184,8 +185,8 @@ def read_payload(path: str | os.PathLike, kind: str | None = None) -> dict:
         raise FileNotFoundError(f"{os.fspath(path)}: no such quantizer file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
-        raise ValueError(f"{os.fspath(path)}: not a readable quantizer file ({type(e).__name__}: {e})") from e
+    except SAFE_LOAD_ERRORS as e:
+        raise ValueError(f"{os.fspath(path)}: not a readable quantizer file ({safe_load_error(e)})") from None
     keys = {"format", "version", "kind", "config", "input_dim", "state_dict"}
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT or not keys <= payload.keys():
         raise ValueError(f"{os.fspath(path)}: not a gpr_sim quantizer file (missing format header)")

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from gpr_sim.runs import SAFE_LOAD_ERRORS, safe_load_error
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.ids import SemanticIdTable
 from gpr_sim.tokenizer.metrics import quantizer_metrics
@@ -222,8 +222,8 @@ class WorldTokenizer:
             raise FileNotFoundError(f"{os.fspath(path)}: no tokenizer here (expected a folder with {IDS_FILE})")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
-            raise ValueError(f"{os.fspath(path)}: not a readable tokenizer file ({type(e).__name__}: {e})") from e
+        except SAFE_LOAD_ERRORS as e:
+            raise ValueError(f"{os.fspath(path)}: not a readable tokenizer file ({safe_load_error(e)})") from None
         if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
             raise ValueError(f"{os.fspath(path)}: not a gpr_sim world tokenizer file (missing format header)")
         if payload.get("version") != FILE_VERSION:
