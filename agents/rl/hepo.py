@@ -42,7 +42,9 @@ Loss: -mean_M sum_l c_l PPO-clip(rho_l, A_l) plus the critic sum_l mean_M (V(s_l
 decisions.
 
 Statistics (``Buffer.stats``, logged each iteration, over the valid requests of every rank): ``hepo/``
-critic_ev, gae_used, process_share (mean |a max(0, D_l)| / mean |A_t|), process_coef (a); per level
+critic_ev, group_ev (the same for the group's mean G^0 as the prediction: the bar a critic has to clear
+to beat the group baseline), gae_used, process_share (mean |a max(0, D_l)| / mean |A_t|), process_coef
+(a); per level
 l = 1..L: level{l}_adv_mean and level{l}_adv_std over the decisions at that level (NaN without any),
 level{l}_forced_frac, level{l}_weight (the mean c_l, forced levels counted as 0).
 """
@@ -158,9 +160,15 @@ def targets(buf: Buffer, cfg: LossConfig) -> tuple[Tensor, Tensor]:
     first = free & (free.cumsum(-1) == 1) & valid[..., None]  # (M, K, L) each path's first decision
     ev = explained_variance(returns[first], values[first], buf.dist)
     state[EV_KEY] = ev
+    # what the group baseline explains of the same targets (the group's mean G, own path included)
+    g1 = (returns * first).sum(-1)  # (M, K) G^0 at the first decision
+    has = first.any(-1)  # (M, K)
+    group_mean = (g1 * has).sum(-1, keepdim=True) / has.sum(-1, keepdim=True).clamp_min(1)  # (M, 1)
+    group_ev = explained_variance(g1[has], group_mean.expand_as(g1)[has], buf.dist)
     weights = semantic_level_weights(free, cfg.level_weights)
-    buf.stats = {"hepo/critic_ev": ev, "hepo/gae_used": int(use_gae), "hepo/process_share": share,
-                 "hepo/process_coef": a, **level_stats(adv, free, weights, valid, buf)}  # fmt: skip
+    buf.stats = {"hepo/critic_ev": ev, "hepo/group_ev": group_ev, "hepo/gae_used": int(use_gae),
+                 "hepo/process_share": share, "hepo/process_coef": a,
+                 **level_stats(adv, free, weights, valid, buf)}  # fmt: skip
     return adv, returns
 
 
