@@ -460,7 +460,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
         episodes = torch.tensor([float(returns.numel()), float(returns.sum())], dtype=torch.float64)
         count, total = distributed.all_reduce_sum(episodes, dist).tolist()
         done = it + 1
-        row = {"iteration": done, "env_steps": env_steps, **stats, **terms,
+        row = {"iteration": done, "env_steps": env_steps, **stats, **(buf.stats or {}), **terms,
                "train/episodes": int(count), "train/episode_return": total / count if count else float("nan"),
                "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
                "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9)}  # fmt: skip

@@ -101,6 +101,7 @@ def test_every_algorithm_runs_one_update_with_finite_named_terms(name, kl_coef):
     with torch.no_grad():
         buf.old_log_prob, buf.old_values = path_terms(model, buf)
     buf.adv, buf.returns = algo.targets(buf, cfg)
+    assert (buf.stats is not None) == (name == "hepo")  # only HEPO logs hepo/* statistics
     ref = GPRModel(TINY).eval().requires_grad_(False) if algo.reference or kl_coef > 0 else None
     if ref is not None:
         ref.load_state_dict(model.state_dict())

@@ -11,7 +11,7 @@ from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig, gae, group_zscore, kl_to_reference, level_weights, process_rewards
 from agents.rl.dpo import dpo_loss
 from agents.rl.grpo import grpo_loss
-from agents.rl.hepo import hepo_loss
+from agents.rl.hepo import EV_KEY, hepo_loss
 from agents.rl.ppo import ppo_loss
 from agents.rl.registry import algorithm
 from gpr_sim.schema import TokenBatch
@@ -61,10 +61,17 @@ def test_level_weights_default_is_linear():
 
 
 def test_hepo_equals_ppo_in_its_degenerate_setting():
-    """One level, no process reward, no group normalisation: HEPO's loss is PPO's, term by term."""
+    """One level, no process reward, no group normalisation, GAE in use: HEPO's loss is PPO's, term by term.
+
+    Still the degenerate case after the forced-level and critic changes: the one level offers 4 legal
+    codes, so it is a decision and the terminal one (weight c = 1 / 1); the buffer has no budget-blind
+    reward (``blind_reward`` None: no budgets), so the critic's target is R, as PPO's; and the previous
+    rollout's critic explained variance is positive, so HEPO uses GAE, A = R - V(s_0), not the fallback.
+    """
     gen = torch.Generator().manual_seed(0)
     cfg = LossConfig(process_rewards=False, group_norm=False)
     buf_h, buf_p = _buffer(6, 5, 1, gen), None
+    buf_h.learner_state = {EV_KEY: 0.5}
     buf_p = Buffer(**{f: getattr(buf_h, f) for f in Buffer.__dataclass_fields__})
     compute_targets(buf_h, "hepo", cfg)
     compute_targets(buf_p, "ppo", cfg)
@@ -76,6 +83,7 @@ def test_hepo_equals_ppo_in_its_degenerate_setting():
                              values.flatten(), buf_p.reward.flatten(), cfg)  # fmt: skip
     torch.testing.assert_close(pol_h, pol_p)
     torch.testing.assert_close(crit_h, crit_p)
+    assert buf_h.stats["hepo/gae_used"] == 1 and buf_h.stats["hepo/level1_weight"] == 1.0
     # and the switches matter: with group normalisation the terminal advantage is the group z-score
     compute_targets(buf_h, "hepo", LossConfig(process_rewards=False))
     torch.testing.assert_close(buf_h.adv[..., -1], group_zscore(buf_h.reward, 1e-4))
@@ -85,14 +93,18 @@ def test_hepo_targets_use_process_rewards_only_at_coarse_levels():
     gen = torch.Generator().manual_seed(1)
     buf = _buffer(4, 3, 3, gen)
     on, off = LossConfig(process_scale=0.1, group_norm=False), LossConfig(process_rewards=False, group_norm=False)
+    buf.learner_state = {EV_KEY: 0.5}  # GAE in use
     compute_targets(buf, "hepo", on)
     adv_on = buf.adv.clone()
+    buf.learner_state = {EV_KEY: 0.5}
     compute_targets(buf, "hepo", off)
     delta = adv_on - buf.adv  # process rewards r_0, r_1 enter through GAE; level L has none
     torch.testing.assert_close(delta[..., 2], torch.zeros_like(delta[..., 2]))
+    # a = 0.1 x mean |A_L| / mean max(0, D_l) over the coarse levels, A_L = R - V(s, z_<L) (GAE, no group norm)
+    a = 0.1 * (buf.reward - buf.old_values[..., 2]).abs().mean() / buf.process[..., :2].mean()
     g = on.gamma * on.lam
-    torch.testing.assert_close(delta[..., 1], 0.1 * buf.process[..., 1])
-    torch.testing.assert_close(delta[..., 0], 0.1 * (buf.process[..., 0] + g * buf.process[..., 1]))
+    torch.testing.assert_close(delta[..., 1], a * buf.process[..., 1])
+    torch.testing.assert_close(delta[..., 0], a * (buf.process[..., 0] + g * buf.process[..., 1]))
 
 
 def test_grpo_advantage_is_group_zscore_and_ratio_one_gives_minus_mean():

@@ -7,7 +7,7 @@ buffer (``agents.rl.buffer``) and one training loop (``agents.rl.loop``) and dif
 
 | algo | advantage | ratio | critic |
 |---|---|---|---|
-| hepo | GAE over levels with HTE as critic, process rewards r_l (l < L), terminal level z-scored in the group | per level, weighted by c_l | sum_l (V(s_l) - G_l)^2 |
+| hepo | GAE over the semantic levels with HTE as critic, process rewards r_l at the coarse ones, the last one z-scored in the group | per level, weighted by c_l over the semantic levels | sum_l (V(s_l) - G_l)^2, budget-blind |
 | ppo  | R - V(s_0) (terminal reward only) | joint: exp(sum_l log-ratio) | (V(s_0) - R)^2 |
 | grpo | (R - mean_K) / (std_K + eps), no critic, no process reward | per level, equal weights | none |
 | sibling_grpo | level l: R z-scored among the group's paths sharing z_<l (0 without a sibling) | per level, weighted by c_l | none |
@@ -15,6 +15,16 @@ buffer (``agents.rl.buffer``) and one training loop (``agents.rl.loop``) and dif
 
 Any learner may add ``kl_coef`` x KL(pi || pi_VAFT) (``kl_to_reference``). All learners also regress the HTE value of the full path on R (``item_value_loss``): that value ranks
 beams and candidates at serving time, and it does not touch the policy gradient.
+
+**Forced levels.** A level whose legal mask holds one code for that path (``forced_levels``: the
+tokenizer's disambiguation digit when no other item shares the semantic path, or a trie node with one
+child) is not an action: its log-prob is exactly 0 and has no gradient. HEPO gives such a level no
+advantage and no weight and puts its terminal z-score on the path's last non-forced level
+(``terminal_level``), with c_l over the non-forced levels (``semantic_level_weights``). GRPO and
+Sibling-GRPO are left as they are: every level carries its own advantage there (GRPO's one z-score at each
+level, Sibling-GRPO's per-level one), so a forced level loses no credit that another level would have had;
+it only adds a constant to the loss (ratio 1) and, under Sibling-GRPO's c_l = l / L', takes a weight that
+scales the whole loss, which Adam's per-parameter normalisation undoes.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch
 from torch import Tensor
 
 from agents.rl.buffer import Buffer
+from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -40,9 +51,15 @@ class LossConfig:
     lam: float = 0.95
     """GAE lambda"""
     level_weights: str = "linear"
-    """c_l of the per-level objective: linear (c_l = l / L, GPR DEFAULT) | uniform (1 / L)"""
-    process_scale: float = 0.05
-    """a_l: weight of the popularity process reward at the coarse levels (GPR: 0.05-0.1)"""
+    """c_l of the per-level objective: linear (c_l = l / L, GPR DEFAULT) | uniform (1 / L); HEPO counts l and L
+    over a path's non-forced levels (``semantic_level_weights``)"""
+    process_scale: float = 0.1
+    """HEPO process reward as a share of the advantage (GPR's a_l = 0.05-0.1 read as that share): each rollout
+    sets a = process_scale x mean |A_T| / mean max(0, D_l), so that the process term a max(0, D_l) has a mean
+    absolute value of process_scale x the mean absolute terminal advantage A_T (the means over the valid
+    requests' paths; D_l over their coarse levels: non-forced, before the terminal one); logged as
+    ``hepo/process_share``. A fixed a would be read against advantages of whatever scale the rewards have
+    (z-scores near 1 against D_l of order 0.01 made the process reward vanish)"""
     process_rewards: bool = True
     """HEPO process rewards at levels l < L (off = terminal reward only; ablation)"""
     group_norm: bool = True
@@ -88,6 +105,37 @@ def level_weights(path_len: int, kind: str = "linear") -> Tensor:
     raise ValueError(f"level weights {kind!r} are unknown: expected linear | uniform")
 
 
+def forced_levels(legal: list[Tensor]) -> Tensor:
+    """L masks (..., K_l) of the legal codes -> (..., L) bool: the level offered at most one code.
+
+    Such a level is not a decision (its log-prob is 0 with no gradient), whatever the tokenizer: the
+    disambiguation digit of an item that shares its semantic path with no other, or a trie node with one
+    child (module doc).
+    """
+    return torch.stack([m.sum(-1) <= 1 for m in legal], -1)
+
+
+def terminal_level(free: Tensor) -> Tensor:
+    """(..., L) bool non-forced levels -> (..., L) bool, True at the last non-forced level of each path
+    (where HEPO's terminal reward and group z-score land); all False for a path with none."""
+    rank = free.cumsum(-1)
+    return free & (rank == rank[..., -1:])
+
+
+def semantic_level_weights(free: Tensor, kind: str = "linear") -> Tensor:
+    """(..., L) bool non-forced levels -> (..., L) c_l per path over its n non-forced levels only.
+
+    ``linear``: the i-th non-forced level gets i / n (so the terminal level gets 1), ``uniform``: 1 / n;
+    forced levels get 0, and a path with no non-forced level gets 0 everywhere. With every level free this
+    is ``level_weights(L, kind)``.
+    """
+    if kind not in ("linear", "uniform"):
+        raise ValueError(f"level weights {kind!r} are unknown: expected linear | uniform")
+    n = free.sum(-1, keepdim=True).clamp_min(1)  # (..., 1)
+    w = free.cumsum(-1) / n if kind == "linear" else (1.0 / n).expand(free.shape)
+    return torch.where(free, w, torch.zeros_like(w)).float()
+
+
 def group_zscore(reward: Tensor, eps: float = 1e-4) -> Tensor:
     """(B, K) -> (B, K) (R - mean_K) / (std_K + eps), population std over the group."""
     mean = reward.mean(-1, keepdim=True)
@@ -95,25 +143,54 @@ def group_zscore(reward: Tensor, eps: float = 1e-4) -> Tensor:
     return (reward - mean) / (std + eps)
 
 
-def gae(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """GAE over the L levels of a path, which ends after level L (terminal value 0).
+def gae(
+    rewards: Tensor, values: Tensor, gamma: float, lam: float, free: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """GAE over the decisions of a path, which ends after its last one (terminal value 0).
 
     Args:
         rewards: (M, L) r_l received after choosing z_l.
         values: (M, L) V(s, z_<l): the critic in the state where z_l is chosen.
+        free: (M, L) bool, the levels that are decisions (None: all). A forced level is skipped: it gets
+            advantage 0, and the step before it bootstraps from the next decision's state (the forced code
+            moves the path there deterministically) with one discount per decision, not per level.
 
     Returns:
-        advantages (M, L) and returns G_l = A_l + V(s, z_<l) (M, L).
+        advantages (M, L) and returns G_l = A_l + V(s, z_<l) (M, L) (= V at a forced level).
     """
     m, length = rewards.shape
-    next_value = torch.cat([values[:, 1:], values.new_zeros(m, 1)], 1)  # V(s, z_<=l); 0 after the item
-    delta = rewards + gamma * next_value - values
-    adv = torch.zeros_like(delta)
-    running = delta.new_zeros(m)
+    running = rewards.new_zeros(m)
+    next_value = rewards.new_zeros(m)  # V of the next decision's state; 0 after the last
+    adv = torch.zeros_like(rewards)
     for level in reversed(range(length)):  # L is 2-4: a loop over levels, not rows
-        running = delta[:, level] + gamma * lam * running
-        adv[:, level] = running
+        delta = rewards[:, level] + gamma * next_value - values[:, level]
+        step = delta + gamma * lam * running
+        if free is None:
+            running, next_value = step, values[:, level]
+        else:
+            f = free[:, level]
+            running = torch.where(f, step, running)
+            next_value = torch.where(f, values[:, level], next_value)
+            step = torch.where(f, step, torch.zeros_like(step))
+        adv[:, level] = step
     return adv, adv + values
+
+
+def explained_variance(target: Tensor, pred: Tensor, dist: Dist = SINGLE) -> float:
+    """1 - Var(target - pred) / Var(target) over the elements of every rank (population variances).
+
+    1 = the prediction explains the target; 0 = no better than its mean; negative = worse. A constant
+    (or empty) target has nothing to explain: 0.
+    """
+    t, e = target.double().flatten(), (target - pred).double().flatten()
+    moments = torch.stack([t.new_tensor(float(t.numel())), t.sum(), t.square().sum(), e.sum(), e.square().sum()])
+    n, st, st2, se, se2 = all_reduce_sum(moments, dist).tolist()
+    if n == 0:
+        return 0.0
+    var_t, var_e = st2 / n - (st / n) ** 2, se2 / n - (se / n) ** 2
+    if var_t <= 1e-12 * (st2 / n):  # constant up to rounding
+        return 0.0
+    return 1.0 - var_e / var_t
 
 
 def process_rewards(
@@ -166,13 +243,15 @@ def level_surrogate(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, weights
 
     Args:
         log_prob, old_log_prob, adv: (M, L) per level.
-        weights: (L,) c_l.
+        weights: (L,) c_l, or (M, L) c_l per path (``semantic_level_weights``): -mean_M sum_l c_ml PPO-clip.
 
     Returns:
         the loss (to minimise), a scalar.
     """
-    surr = clipped_surrogate(log_prob, old_log_prob, adv, clip).mean(0)  # (L,)
-    return -(weights.to(surr) * surr).sum()
+    surr = clipped_surrogate(log_prob, old_log_prob, adv, clip)  # (M, L)
+    if weights.dim() == 2:
+        return -(weights.to(surr) * surr).sum(-1).mean()
+    return -(weights.to(surr) * surr.mean(0)).sum()
 
 
 def kl_to_reference(log_prob: Tensor, ref_log_prob: Tensor) -> Tensor:
@@ -232,8 +311,12 @@ __all__ = [
     "Algorithm",
     "LossConfig",
     "level_weights",
+    "forced_levels",
+    "terminal_level",
+    "semantic_level_weights",
     "group_zscore",
     "gae",
+    "explained_variance",
     "process_rewards",
     "clipped_surrogate",
     "level_surrogate",

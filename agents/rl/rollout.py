@@ -18,7 +18,10 @@ refuses the charges beyond its remaining budget (no impression, no value). With 
 each candidate's R is multiplied by its advertiser's budget share this step, remaining / expected demand
 (capped at 1), where demand is the expected charge of the ads the sessions are actually served; without
 it a learner is paid for concentrating on a few high-value ads whose budgets then refuse most slots.
-Rehearsed requests use the share of the real step they rehearse.
+Rehearsed requests use the share of the real step they rehearse. The buffer also keeps each candidate's
+value before the share (``Buffer.blind_reward``): HEPO's critic regresses that stationary target, since
+the share depends on the other sessions' draws of the step, which no prefix value can see
+(``agents.rl.hepo``).
 
 **Randomness.** Every draw of a request (refiner noise, the K paths level by level, whether it is
 rehearsed) comes from ``gpr_sim.world.rng`` keyed by (seed, the session's global env slot, step), like the
@@ -96,6 +99,9 @@ class Roller:
         self.step_count = 0  # env steps so far: the counter of the keyed draws (module doc)
         self.obs, _ = env.reset(seed=seed)
         self.reward_scale: float | None = None
+        # what the algorithm's targets carry from one rollout to the next (HEPO: its critic's explained
+        # variance, which decides whether GAE is used): every buffer holds this dict, the checkpoint keeps it
+        self.learner_state: dict[str, float] = {}
         # per step since the last ``pop_episodes``: (episode return, length, done), filtered when popped
         # so that stepping needs no host sync
         self._episodes: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -103,13 +109,15 @@ class Roller:
     # -- state that must survive a checkpoint ------------------------------------------------------
     def state_dict(self) -> dict:
         return {"obs": self.obs, **self.market.state_dict(), "step_count": self.step_count,
-                "reward_scale": self.reward_scale}  # fmt: skip
+                "reward_scale": self.reward_scale, "learner_state": dict(self.learner_state)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.market.load_state_dict(state)
         self.obs = {k: v.to(self.device) for k, v in state["obs"].items()}
         self.step_count = int(state["step_count"])
         self.reward_scale = state["reward_scale"]
+        self.learner_state.clear()  # the same dict: the buffers to come hold it
+        self.learner_state.update(state.get("learner_state", {}))  # a checkpoint from before it: empty
 
     def pop_episodes(self) -> tuple[Tensor, Tensor]:
         """Returns and lengths of the sessions that ended since the last call (CPU float64 / int64)."""
@@ -170,6 +178,7 @@ class Roller:
         scores = scorer(s.items)
         raw = scores.value.to(torch.float32)  # (n, K)
         raw = torch.where(s.items >= 0, raw, torch.zeros_like(raw))  # no item (a row with none eligible): -inf
+        blind = raw  # (n, K) before the budget share
         if self.budget_aware:
             share = self._budget_share(s.items, scores) if share is None else share
             raw = raw * share[self.market.world.ad_advertiser[s.items]]
@@ -181,7 +190,9 @@ class Roller:
         proc = process_rewards(s.codes, s.legal, positive_paths(tokens), 1.0)  # scaled by a_l in the learner
         flag = torch.full((s.codes.shape[0],), rehearsed, dtype=torch.bool, device=self.device)
         part = Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, raw / self.reward_scale, proc, s.valid, flag,
-                      uid=self.request_ids(rows, rehearsed))  # fmt: skip
+                      uid=self.request_ids(rows, rehearsed),
+                      blind_reward=blind / self.reward_scale if self.budget_aware else None, dist=self.dist,
+                      learner_state=self.learner_state)  # fmt: skip
         return part, s.items, share
 
     def collect(self, model: GPRModel, steps: int) -> tuple[Buffer, dict[str, float]]:
@@ -213,8 +224,9 @@ class Roller:
             self.step_count += 1
         buf = Buffer.concat(parts)
         # one NaN request poisons a whole update (gpr_sim.finite): stop at the rollout that made it
+        blind = {} if buf.blind_reward is None else {"budget-blind reward": buf.blind_reward}
         check_finite(f"rollout ending at env step {self.step_count}", {"reward": buf.reward, "log-probabilities":
-                     buf.old_log_prob, "HTE values": buf.old_values, "process rewards": buf.process})  # fmt: skip
+                     buf.old_log_prob, "HTE values": buf.old_values, "process rewards": buf.process, **blind})  # fmt: skip
         real = ~buf.rehearsed
         sums = torch.stack([real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()])
         requests, rehearsed, value, invalid = all_reduce_sum(sums, self.dist).tolist()  # the global batch
