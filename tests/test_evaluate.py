@@ -163,7 +163,8 @@ class FixedAd:
 
 
 def test_agent_family_plugs_in(tmp_path, monkeypatch):
-    monkeypatch.setitem(FAMILIES, "fixed", Family("AD", lambda arg: (lambda env, seed: FixedAd(env, int(arg)))))
+    factory = lambda arg: (lambda env, seed: FixedAd(env, int(arg)))  # noqa: E731
+    monkeypatch.setitem(FAMILIES, "fixed", Family("AD", factory, lambda arg: []))  # reads no files
     with pytest.raises(ValueError, match="fixed:AD"):
         policy_factory("nope")
     summary = main(Args(agents="fixed:7", out=str(tmp_path), num_envs=8, sessions=8, plots=False))
