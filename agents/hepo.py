@@ -15,7 +15,7 @@ start from the same generator) -> RL. The RL loop per iteration:
 
 HEPO, PPO, GRPO, Sibling-GRPO and DPO (``agents.rl.registry.ALGOS``, one file each in ``agents/rl/``) share
 the rollout buffer and this loop and differ only in their targets and loss. Evaluation
-runs the generator (beam search, top-1 served) on held-out sessions of a separate market with a fixed
+(``agents.evaluation.heldout``) runs the generator (beam search, top-1 served) on held-out sessions of a separate market with a fixed
 seed: reward, revenue, GMV, CTR, CVR, CTCVR per session with 95% CIs, the same per user-activity tier and
 for new / old ads (Table 5, values only: ``eval/strata/...``), plus the Table 3 candidate quality (nDCG,
 OPR, mean / max normalised final_value of the top-K beam) on the first requests of those sessions.
@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +43,9 @@ import torch
 from tqdm import tqdm
 
 from agents.cli import parse_args
-from agents.evaluate import collect_sessions
-from agents.plots import STRATA_METRICS, plot_curves, strata_key
-from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
+from agents.evaluation.heldout import Evaluator, HeldOutConfig, mtp_candidates
+from agents.policies.gpr import load_run_model, save_policy
+from agents.reporting.figures import plot_curves
 from agents.rl import distributed
 from agents.rl.common import LossConfig
 from agents.rl.distributed import SINGLE, Dist
@@ -54,10 +53,7 @@ from agents.rl.loop import PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
 from agents.rl.rollout import SLOT_BITS, Roller
 from envs import make_vec_env
-from gpr_sim.decoding import beam_search
-from gpr_sim.metrics import summarize, summarize_strata
 from gpr_sim.model import GPRModel
-from gpr_sim.model.offline_eval import candidate_metrics
 from gpr_sim.runs import (
     RunFolder,
     append_metrics,
@@ -69,7 +65,6 @@ from gpr_sim.runs import (
     write_json,
     write_metrics,
 )
-from gpr_sim.schema import SchemaConfig, tokens_from_obs
 
 ENTRY = "agents.hepo"
 """the owner of its run folders (``gpr_sim.runs.RunFolder``)"""
@@ -272,68 +267,11 @@ def read_checkpoint(path: Path) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-class Evaluator:
-    """Held-out sessions of a separate market with a fixed seed: online metrics and candidate quality."""
-
-    def __init__(self, args: Args, tokenizer):
-        self.args = args
-        self.env = make_vec_env(args.env, args.eval_envs, preset=args.preset, device=args.device,
-                                validate_actions=False)  # fmt: skip
-        self.tok = tokenizer.to(args.device)
-
-    @torch.no_grad()
-    def candidates(self, model: GPRModel) -> dict[str, float]:
-        """Table 3 metrics of the top-K beam on the first request of every evaluation session."""
-        a, e = self.args, self.env.unwrapped
-        obs, _ = self.env.reset(seed=a.eval_seed)
-        tokens = tokens_from_obs(obs, self.tok.table, SchemaConfig.from_world(e.config), check=False)
-        gen = torch.Generator(device=a.device).manual_seed(a.eval_seed)
-        ctx = model.context(tokens, gen)
-        step_fn, _ = model.beam_fns(ctx, cached=True)
-        eligible = e.eligible_ads()
-        k = a.eval_candidates
-        res = beam_search(step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible)
-        present = res.items >= 0
-        values = e.score(res.items.clamp_min(0), truth=True).value
-        every = torch.arange(e.config.num_ads, device=e.device).expand(ctx.shape[0], -1)
-        all_values = e.score(every, truth=True).value.masked_fill(~eligible, float("-inf"))
-        metrics = candidate_metrics(values, present, all_values.max(1).values)
-        return {f"eval/cand_{k}": v for k, v in metrics.items()}
-
-    @staticmethod
-    def strata(sessions) -> dict[str, float]:
-        """Table 5 scalars: per user-activity tier and ad age group (``summarize_strata``, normal CIs: no
-        resampling), the held-out sessions in the group and the value of each of its ``STRATA_METRICS``
-        (no interval), keyed ``strata_key`` (``eval/strata/activity_tier/3/ctr``); NaN for an empty group."""
-        out: dict[str, float] = {}
-        for r in summarize_strata(sessions, prefix="eval/").to_dict("records"):
-            stratum, group = r["stratum"], r["group"]
-            out[strata_key(stratum, group, "sessions")] = int(r["eval/sessions"])
-            out.update({strata_key(stratum, group, m): float(r[f"eval/{m}"]) for m in STRATA_METRICS[stratum]})
-        return out
-
-    def __call__(self, model: GPRModel) -> dict[str, float]:
-        a = self.args
-        was_training = model.training
-        model.eval()
-        policy = GPRPolicy.from_model(self.env, model, self.tok, beam_width=a.eval_beam, seed=a.eval_seed)
-        sessions, _ = collect_sessions(self.env, policy, math.ceil(a.eval_sessions / a.eval_envs), a.eval_seed,
-                                       progress=a.progress)  # fmt: skip
-        out = {k: v for k, v in summarize(sessions, prefix="eval/").items() if isinstance(v, (int, float))}
-        out.update(self.strata(sessions))
-        out.update(self.candidates(model))
-        model.train(was_training)
-        return out
-
-
-def mtp_candidates(evaluate: Evaluator, vaft: Path, device: str) -> dict[str, float]:
-    """Table 3 metrics of the MTP stage the VAFT generator started from (``eval/mtp/cand_*``), logged
-    beside the iteration-0 evaluation so the table reads MTP -> VAFT -> RL; {} without an MTP checkpoint."""
-    mtp = vaft.parent / "mtp"
-    if not (mtp / "checkpoint.pt").is_file():
-        return {}
-    model, _ = load_run_model(mtp)
-    return {k.replace("eval/", "eval/mtp/", 1): v for k, v in evaluate.candidates(model.to(device).eval()).items()}
+def held_out(args: Args) -> HeldOutConfig:
+    """The held-out sessions of this run's evaluations and how its generator is served there (``--eval-*``)."""
+    return HeldOutConfig(env=args.env, preset=args.preset, device=args.device, num_envs=args.eval_envs,
+                         sessions=args.eval_sessions, seed=args.eval_seed, beam_width=args.eval_beam,
+                         candidates=args.eval_candidates, progress=args.progress)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- main
@@ -408,7 +346,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
     env = make_train_env(args, dist)
     roller = Roller(env, tok, args.group_size, args.truth, args.arr_rate if args.arr else 0.0, args.seed,
                     budget_aware=args.budget_aware, dist=dist)  # fmt: skip
-    evaluate = Evaluator(args, tok) if dist.is_main else None
+    evaluate = Evaluator(held_out(args), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
     resume = ckpt.is_file()

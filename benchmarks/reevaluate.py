@@ -2,11 +2,12 @@
 
     python benchmarks/reevaluate.py runs/compare/{hepo,ppo,grpo}/seed* --sessions 8192 --num-envs 1024 --jobs 2
 
-Why: the Evaluator inside ``agents.hepo`` runs 256 sessions (a CPU-sized default), which hold about 8
-conversions: GMV and CTCVR differences between policies are noise at that size (``benchmarks/RESULTS.md``).
+Why: the held-out Evaluator of ``agents.hepo`` (``agents.evaluation.heldout``) runs 256 sessions (a CPU-sized
+default), which hold about 8 conversions: GMV and CTCVR differences between policies are noise at that size
+(``benchmarks/RESULTS.md``).
 This script runs every run's ``policy.pt`` (as ``gpr:RUN`` in ``agents.evaluate``) and the cascade on a fresh,
 larger set of sessions, the same for every agent (one reset seed), in ``--jobs`` processes of one torch
-thread each, then tabulates per label (``agents.plots.run_label``):
+thread each, then tabulates per label (``agents.reporting.folders.run_label``):
 
 - the mean over seeds with a t interval over seeds (what another training seed would give);
 - the mean over seeds of each run's own session CI half-width (what the evaluation size still contributes);
@@ -30,7 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from agents.plots import BASELINE, TABLE4, change_cell, check_runs, estimate_cell, group_runs  # noqa: E402
+from agents.reporting.folders import check_runs, group_runs  # noqa: E402
+from agents.reporting.keys import BASELINE, TABLE4  # noqa: E402
+from agents.reporting.tables import change_cell, estimate_cell  # noqa: E402
 from gpr_sim.runs import atomic_write_bytes, read_json  # noqa: E402
 from gpr_sim.stats import CI_SUFFIXES, relative_change, t_interval  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""agents.evaluate: files and columns, agents ranked with confidence intervals, determinism, resume, registry."""
+"""agents.evaluate and its library (agents.evaluation.compare): files and columns, agents ranked with confidence
+intervals, determinism, resume, registry."""
 
 import json
 import subprocess
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from agents.evaluate import Args, main, parse_args
+from agents.evaluation.compare import EvalConfig, compare_agents, write_comparison
 from agents.policies import FAMILIES, Family, PolicyOutput, policy_factory
 from gpr_sim.metrics import METRICS, SESSION_COLUMNS
+from gpr_sim.stats import CIConfig
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +62,34 @@ def test_files_and_columns(tiny_run):
     # same world, same reset seed: every slot's first session has the same user for every agent
     np.testing.assert_array_equal(first_users[0], first_users[1])
     np.testing.assert_array_equal(first_users[0], first_users[2])
+
+
+def test_library_call_is_the_entry_point(tiny_run, tmp_path, capsys):
+    """``compare_agents`` with the config the flags ask for reuses the entry point's cached sessions (the same
+    cache key) and writes the same bytes: the entry point adds only its folder record and the printout."""
+    out, _ = tiny_run
+    cfg = Args(agents="random,cascade,oracle", out=str(out), **TINY).config()
+    assert cfg == EvalConfig(agents=("random", "cascade", "oracle"), num_envs=24, sessions=48, ci=CIConfig())
+    capsys.readouterr()
+    result = compare_agents(cfg, out)
+    assert capsys.readouterr().out.count("same config already evaluated") == 3
+    files = write_comparison(result, tmp_path, plots=False)
+    assert [p.name for p in files] == ["summary.csv", "summary.json", "strata.csv"]
+    for name in ("summary.csv", "summary.json", "strata.csv"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_eval_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="agents=.* is empty"):
+        EvalConfig(agents=())
+    with pytest.raises(ValueError, match="twice"):
+        EvalConfig(agents=("random", "random"))
+    with pytest.raises(ValueError, match="unknown policy 'bogus'"):
+        EvalConfig(agents=("bogus",))
+    with pytest.raises(ValueError, match="sessions"):
+        EvalConfig(sessions=0)
+    with pytest.raises(ValueError, match="CIConfig"):
+        EvalConfig(ci="bootstrap")
 
 
 def test_same_seed_same_summary_and_resume(tiny_run, tmp_path, capsys):
@@ -132,7 +163,8 @@ class FixedAd:
 
 
 def test_agent_family_plugs_in(tmp_path, monkeypatch):
-    monkeypatch.setitem(FAMILIES, "fixed", Family("AD", lambda arg: (lambda env, seed: FixedAd(env, int(arg)))))
+    factory = lambda arg: (lambda env, seed: FixedAd(env, int(arg)))  # noqa: E731
+    monkeypatch.setitem(FAMILIES, "fixed", Family("AD", factory, lambda arg: []))  # reads no files
     with pytest.raises(ValueError, match="fixed:AD"):
         policy_factory("nope")
     summary = main(Args(agents="fixed:7", out=str(tmp_path), num_envs=8, sessions=8, plots=False))
@@ -144,7 +176,7 @@ def test_agent_family_plugs_in(tmp_path, monkeypatch):
 def test_flags_map_onto_args(capsys):
     args = parse_args(["--agents", "random", "--num-envs", "8", "--world-seed", "3", "--no-plots", "--level", "0.9"])
     assert (args.agents, args.num_envs, args.world_seed, args.plots, args.level) == ("random", 8, 3, False, 0.9)
-    assert args.sessions_per_slot == 250 and args.out_dir == Path("runs/eval/ads-v0__small__0")
+    assert args.config().sessions_per_slot == 250 and args.out_dir == Path("runs/eval/ads-v0__small__0")
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "same for every agent (same first users)" in " ".join(capsys.readouterr().out.split())  # docstrings

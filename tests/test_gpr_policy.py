@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from agents import pretrain
-from agents.evaluate import Args, agent_dir, main
+from agents.evaluate import Args, main
+from agents.evaluation.compare import agent_dir
 from agents.policies import make_policy
 from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from envs import make_vec_env

@@ -12,10 +12,12 @@ import torch
 
 import agents.hepo as hepo
 import envs  # noqa: F401  (registers ads-v0)
-from agents import plots, pretrain
+from agents import pretrain
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
+from agents.evaluation.heldout import Evaluator, HeldOutConfig
 from agents.policies.gpr import load_run_model
+from agents.reporting import keys
 from agents.rl.rollout import Roller
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.metrics import AD_METRICS, summarize
@@ -87,15 +89,15 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
 
 
 def check_strata(row: dict, served: bool = False) -> None:
-    """An evaluation row's Table 5 keys (``plots.strata_key``) add up to its overall metrics: the activity
+    """An evaluation row's Table 5 keys (``keys.strata_key``) add up to its overall metrics: the activity
     tiers split the sessions (session-weighted means of the per-session metrics = the overall ones), the
     ad-age groups split each session's ads (new + old revenue per session = all of it). ``served``: the
     sessions had revenue, so the sums are not 0 = 0 (the tiny generators of these tests serve no ads)."""
-    key, n = plots.strata_key, row["eval/sessions"]
-    want = {key(s, g, m) for s, groups in plots.STRATA.items() for g in groups
-            for m in ("sessions", *plots.STRATA_METRICS[s])}  # fmt: skip
+    key, n = keys.strata_key, row["eval/sessions"]
+    want = {key(s, g, m) for s, groups in keys.STRATA.items() for g in groups
+            for m in ("sessions", *keys.STRATA_METRICS[s])}  # fmt: skip
     assert {k for k in row if k.startswith("eval/strata/")} == want
-    tiers = plots.STRATA["activity_tier"]
+    tiers = keys.STRATA["activity_tier"]
     sizes = [row[key("activity_tier", g, "sessions")] for g in tiers]
     assert sum(sizes) == n and all(isinstance(k, int) for k in sizes)
     for m in ("reward_per_session", "gmv_per_session", "revenue_per_session"):
@@ -110,8 +112,21 @@ def check_strata(row: dict, served: bool = False) -> None:
 
 
 def test_strata_metrics_are_the_ad_metrics_for_ad_age():
-    assert set(plots.STRATA_METRICS["ad_age"]) == set(plots.TABLE5) & {m.name for m in AD_METRICS}
-    assert plots.STRATA_METRICS["activity_tier"] == plots.TABLE5
+    assert set(keys.STRATA_METRICS["ad_age"]) == set(keys.TABLE5) & {m.name for m in AD_METRICS}
+    assert keys.STRATA_METRICS["activity_tier"] == keys.TABLE5
+
+
+def test_held_out_config_is_the_eval_flags():
+    # the library's defaults are agents.hepo's --eval-* defaults, and every flag reaches its field
+    assert hepo.held_out(hepo.Args()) == HeldOutConfig()
+    args = hepo.Args(eval_envs=8, eval_sessions=20, eval_seed=7, eval_beam=3, eval_candidates=5, progress=False)
+    cfg = hepo.held_out(args)
+    assert cfg == HeldOutConfig(num_envs=8, sessions=20, seed=7, beam_width=3, candidates=5, progress=False)
+    assert cfg.sessions_per_slot == 3  # ceil(20 / 8): every slot records 3 sessions, 24 in all
+    for bad, field in ((dict(candidates=1), "candidates"), (dict(num_envs=0), "num_envs"),
+                       (dict(sessions=True), "sessions"), (dict(seed=1.5), "seed")):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            HeldOutConfig(**bad)
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "sibling_grpo", "dpo"])
@@ -131,7 +146,7 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
         check_strata(row)
     # Table 3's MTP stage: the candidates of the MTP generator VAFT started from, beside iteration 0 only
     mtp = {k: v for k, v in evals[0].items() if k.startswith("eval/mtp/cand_")}
-    assert set(mtp) == {f"eval/mtp/cand_{m}" for m in plots.TABLE3} and all(math.isfinite(v) for v in mtp.values())
+    assert set(mtp) == {f"eval/mtp/cand_{m}" for m in keys.TABLE3} and all(math.isfinite(v) for v in mtp.values())
     assert not any(k.startswith("eval/mtp/") for r in evals[1:] for k in r)
 
 
@@ -149,17 +164,17 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     # the Evaluator's Table 5 scalars of sessions that serve ads (the cascade's, from that evaluation), as
     # metrics.jsonl holds them: agents.evaluate's strata.csv values, adding up to the overall metrics
     sessions = pd.read_parquet(tmp_path / "eval" / "agents" / "cascade" / "sessions.parquet")
-    row = json.loads(json.dumps({**summarize(sessions, prefix="eval/"), **hepo.Evaluator.strata(sessions)}))
+    row = json.loads(json.dumps({**summarize(sessions, prefix="eval/"), **Evaluator.strata(sessions)}))
     check_strata(row, served=True)
     strata = pd.read_csv(tmp_path / "eval" / "strata.csv", dtype={"group": str})
     for r in strata[strata["agent"] == "cascade"].to_dict("records"):
-        for m in ("sessions", *plots.STRATA_METRICS[r["stratum"]]):
+        for m in ("sessions", *keys.STRATA_METRICS[r["stratum"]]):
             want = r[f"eval/{m}"]
-            assert row[plots.strata_key(r["stratum"], r["group"], m)] == pytest.approx(want, nan_ok=True), (r, m)
+            assert row[keys.strata_key(r["stratum"], r["group"], m)] == pytest.approx(want, nan_ok=True), (r, m)
     # CTR per tier and per ad age, weighted by the group's impressions, is the overall CTR
     imp = sessions.groupby("activity_tier")["impressions"].sum()
-    tier_clicks = sum(row[plots.strata_key("activity_tier", str(t), "ctr")] * k for t, k in imp.items() if k)
-    age_clicks = sum(row[plots.strata_key("ad_age", g, "ctr")] * sessions[f"{g}_impressions"].sum()
+    tier_clicks = sum(row[keys.strata_key("activity_tier", str(t), "ctr")] * k for t, k in imp.items() if k)
+    age_clicks = sum(row[keys.strata_key("ad_age", g, "ctr")] * sessions[f"{g}_impressions"].sum()
                      for g in ("new", "old") if sessions[f"{g}_impressions"].sum())  # fmt: skip
     assert tier_clicks == pytest.approx(sessions["clicks"].sum()) and age_clicks == pytest.approx(tier_clicks)
     assert row["eval/ctr"] == pytest.approx(tier_clicks / imp.sum()) and imp.sum() > 0

@@ -1,4 +1,5 @@
-"""agents.plots: Table 3 / 4 / 5 analogues, final table and figures from hand-written run folders."""
+"""agents.reporting (and its entry point agents.plots): Table 3 / 4 / 5 analogues, final table and figures from
+hand-written run folders."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 
 from agents import plots
+from agents.reporting import figures, folders, keys, report, tables
 from gpr_sim.stats import relative_change, t_interval
 
 T975_DF1 = 12.706
@@ -59,8 +61,8 @@ def by_stage(table: pd.DataFrame) -> dict[str, pd.Series]:
 def test_curve_band_is_the_tables_t_interval(runs):
     # HEPO rewards at the last evaluation 1.0, 3.0: the final table's t interval 2.0 -+ 12.706 is the band's
     # last point; at iteration 0 both HEPO runs start from the two VAFT generators (0.5, 0.7): the VAFT row
-    fin = by_stage(plots.final_table(runs))
-    curves = plots.seed_curves(runs, "eval/reward_per_session")
+    fin = by_stage(tables.final_table(runs))
+    curves = figures.seed_curves(runs, "eval/reward_per_session")
     h = curves["hepo"]
     assert h["n"] == 2 and list(h["x"]) == [0.0, 32.0]
     for i, stage in ((-1, "+HEPO"), (0, "VAFT")):
@@ -69,23 +71,23 @@ def test_curve_band_is_the_tables_t_interval(runs):
             (row["reward_per_session"], row["reward_per_session_ci_low"], row["reward_per_session_ci_high"]))
     assert h["high"][-1] - h["mean"][-1] == pytest.approx(T975_DF1 * 1.0, abs=1e-3)  # not 1.96 * 1.0
     # the 90% band is the 90% table interval
-    fin90, h90 = by_stage(plots.final_table(runs, 0.9)), plots.seed_curves(runs, "eval/reward_per_session", level=0.9)
+    fin90, h90 = by_stage(tables.final_table(runs, 0.9)), figures.seed_curves(runs, "eval/reward_per_session", level=0.9)
     assert h90["hepo"]["high"][-1] == pytest.approx(fin90["+HEPO"]["reward_per_session_ci_high"])
     # one run: its own CI columns (reward -+ 1 in these rows), else no band
-    one = plots.seed_curves(runs[:1], "eval/reward_per_session")["hepo"]
+    one = figures.seed_curves(runs[:1], "eval/reward_per_session")["hepo"]
     assert one["n"] == 1 and list(one["low"]) == [-0.5, 0.0] and list(one["high"]) == [1.5, 2.0]
-    assert math.isnan(plots.seed_curves(runs[:1], "eval/ctcvr")["hepo"]["low"][0])
+    assert math.isnan(figures.seed_curves(runs[:1], "eval/ctcvr")["hepo"]["low"][0])
 
 
 def test_plotted_band_and_legend(runs, tmp_path, monkeypatch):
     """The figure draws ``seed_curves``' band, and its legend says which interval it is."""
     figs = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
-    plots.plot_curves(runs, tmp_path / "curves.png", metrics=("eval/reward_per_session",), level=0.9)
+    monkeypatch.setattr(figures, "figure_bytes", lambda fig, dpi: figs.append(fig) or b"")  # keeps the figure open
+    figures.plot_curves(runs, tmp_path / "curves.png", metrics=("eval/reward_per_session",), level=0.9)
     ax = figs[0].axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["hepo (n=2)", "ppo (n=2)", "band: 90% t interval over seeds (n=1: the run's own CI)"]
-    want = plots.seed_curves(runs, "eval/reward_per_session", level=0.9)["hepo"]
+    want = figures.seed_curves(runs, "eval/reward_per_session", level=0.9)["hepo"]
     band = ax.collections[0].get_paths()[0].vertices  # hepo's filled polygon: (x, low) then (x, high)
     at_last = band[np.isclose(band[:, 0], 32.0), 1]
     assert (at_last.min(), at_last.max()) == pytest.approx((want["low"][-1], want["high"][-1]))
@@ -93,7 +95,7 @@ def test_plotted_band_and_legend(runs, tmp_path, monkeypatch):
 
 
 def test_final_table_means_and_seed_intervals(runs):
-    t = by_stage(plots.final_table(runs))
+    t = by_stage(tables.final_table(runs))
     assert list(t) == ["VAFT", "+PPO", "+HEPO"]  # baselines first, as in GPR Table 3
     # HEPO: rewards 1.0, 3.0 -> mean 2.0, half = 12.706 * |1 - 3| / 2 = 12.706
     h = t["+HEPO"]
@@ -115,11 +117,11 @@ def test_final_table_means_and_seed_intervals(runs):
     assert v["n"] == 2 and v["iteration"] == 0
     assert v["reward_per_session"] == pytest.approx(0.6)
     assert v["reward_per_session_ci_high"] - 0.6 == pytest.approx(T975_DF1 * 0.1, abs=1e-3)
-    assert "VAFT" not in by_stage(plots.final_table(runs, start=False))
+    assert "VAFT" not in by_stage(tables.final_table(runs, start=False))
 
 
 def test_table3_values_and_paper_columns(runs):
-    t = by_stage(plots.table3(runs))
+    t = by_stage(tables.table3(runs))
     # HEPO final cand 0.40, 0.50: ndcg mean 0.45, half 12.706 * 0.05; opr = cand + 0.1; max = 2 cand
     h = t["+HEPO"]
     assert h["ndcg"] == pytest.approx(0.45) and h["opr"] == pytest.approx(0.55)
@@ -145,11 +147,11 @@ def test_table3_mtp_row_from_the_iteration_0_evaluations(tmp_path):
     def with_mtp(it, reward, cand):
         r = eval_row(it, reward, cand)
         if it == 0:
-            r.update({f"eval/mtp/cand_{m}": r[f"eval/cand_{m}"] / 2 for m in plots.TABLE3})
+            r.update({f"eval/mtp/cand_{m}": r[f"eval/cand_{m}"] / 2 for m in keys.TABLE3})
         return r
 
     runs = [make_run(tmp_path / "r", algo, seed, START[seed], FINAL[algo, seed], row=with_mtp) for algo, seed in FINAL]
-    t = plots.table3(runs)
+    t = tables.table3(runs)
     assert list(t["stage"]) == ["MTP", "VAFT", "+PPO", "+HEPO"]
     m = by_stage(t)["MTP"]
     # VAFT cand 0.30, 0.40 over the two generators -> MTP 0.15, 0.20: mean 0.175, half 12.706 * 0.025
@@ -158,14 +160,14 @@ def test_table3_mtp_row_from_the_iteration_0_evaluations(tmp_path):
     assert m["paper_ndcg"] == 0.3868
     # one run without the MTP keys (an older folder): no MTP row rather than a half-filled one
     old = make_run(tmp_path / "old", "dpo", 0, START[0], FINAL["hepo", 0])
-    assert "MTP" not in set(plots.table3([*runs, old])["stage"])
+    assert "MTP" not in set(tables.table3([*runs, old])["stage"])
 
 
 def test_single_seed_has_no_interval(runs):
-    t = by_stage(plots.final_table(runs[:1]))
+    t = by_stage(tables.final_table(runs[:1]))
     assert t["+HEPO"]["n"] == 1 and t["+HEPO"]["reward_per_session"] == 1.0
     assert math.isnan(t["+HEPO"]["reward_per_session_ci_low"])
-    assert "n/a" not in plots.to_markdown(plots.final_table(runs[:1]), plots.FINAL)
+    assert "n/a" not in tables.to_markdown(tables.final_table(runs[:1]), keys.FINAL)
 
 
 def test_main_writes_every_file(runs, tmp_path):
@@ -194,14 +196,21 @@ def test_bad_folders_raise(runs, tmp_path):
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     with pytest.raises(ValueError, match="not_a_run"):
-        plots.table3([*runs, empty])
+        tables.table3([*runs, empty])
     with pytest.raises(SystemExit, match=r"no metrics.jsonl\): .*not_a_run"):
         plots.main([str(runs[0]), str(empty), "--out", str(tmp_path / "o")])
     (empty / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "train/loss": 0.1}) + "\n")
     with pytest.raises(ValueError, match="no evaluation rows"):
-        plots.final_table([empty])
+        tables.final_table([empty])
     with pytest.raises(ValueError, match="no run folders"):
-        plots.final_table([])
+        tables.final_table([])
+    for level in ("nan", "inf", "1.0", "0"):  # a coverage strictly inside (0, 1), refused before any folder is read
+        with pytest.raises(SystemExit, match="level"):
+            plots.main([str(runs[0]), "--level", level, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="runs"):
+        plots.Args(runs=())
+    assert plots.parse_args([str(runs[0]), "--level", "0.9"]) == plots.Args((str(runs[0]),), level=0.9)
 
 
 def test_pretrain_table_and_plot_chain_vaft_after_mtp(tmp_path):
@@ -216,12 +225,12 @@ def test_pretrain_table_and_plot_chain_vaft_after_mtp(tmp_path):
 
     mtp = stage("mtp", "", (0.0, 0.1, 0.3))
     vaft = stage("vaft", str(mtp / "checkpoint.pt"), (0.3, 0.35, 0.4))
-    assert plots._step_offsets([mtp, vaft]) == {mtp: 0, vaft: 10}  # VAFT continues MTP's 10 steps
-    table = plots.pretrain_table([mtp, vaft])
+    assert figures.step_offsets([mtp, vaft]) == {mtp: 0, vaft: 10}  # VAFT continues MTP's 10 steps
+    table = tables.pretrain_table([mtp, vaft])
     assert list(table["stage"]) == ["mtp", "vaft"]
     assert table.loc[0, "hitrate@10_end"] == 0.3 and table.loc[1, "eval_loss_end"] == pytest.approx(3.6)
     assert table.loc[1, "pop_hitrate@10"] == 0.2
-    path = plots.plot_pretrain([mtp, vaft], tmp_path / "p" / "pretrain.png")
+    path = figures.plot_pretrain([mtp, vaft], tmp_path / "p" / "pretrain.png")
     assert path.stat().st_size > 0
 
 
@@ -258,7 +267,7 @@ def make_baseline(folder, agents=("random", "cascade"), level=0.95, **config):
 
 
 def test_table4_vs_previous_is_paired_by_seed(runs3):
-    t = by_stage(plots.table4(runs3))
+    t = by_stage(tables.table4(runs3))
     assert list(t) == ["VAFT", "+HEPO"] and t["+HEPO"]["prev"] == "VAFT" and t["VAFT"]["prev"] == ""
     h = t["+HEPO"]
     # reward deltas 1.0, 0.0, 0.5: mean 0.5, s = 0.5, half = 4.303 * 0.5 / sqrt(3) = 1.2422
@@ -281,7 +290,7 @@ def test_table4_vs_previous_is_paired_by_seed(runs3):
 
 
 def test_table4_vs_cascade_combines_seed_and_cascade_intervals(runs3, tmp_path):
-    t = by_stage(plots.table4(runs3, make_baseline(tmp_path / "base")))
+    t = by_stage(tables.table4(runs3, make_baseline(tmp_path / "base")))
     assert list(t) == ["cascade", "VAFT", "+HEPO"]
     c = t["cascade"]
     assert c["reward_per_session"] == 0.8 and c["reward_per_session_ci_low"] == 0.7 and pd.isna(c["n"])
@@ -298,23 +307,23 @@ def test_table4_vs_cascade_combines_seed_and_cascade_intervals(runs3, tmp_path):
     assert h["ctr_vs_cascade"] == pytest.approx(mean)
     assert (h["ctr_vs_cascade_ci_low"], h["ctr_vs_cascade_ci_high"]) == pytest.approx((lo, hi))
     # the cascade's CI level comes from its config.json
-    h90 = by_stage(plots.table4(runs3, make_baseline(tmp_path / "base90", level=0.9)))["+HEPO"]
+    h90 = by_stage(tables.table4(runs3, make_baseline(tmp_path / "base90", level=0.9)))["+HEPO"]
     want = relative_change([1.0, 0.7, 1.5], 0.8, 0.7, 0.9, ref_level=0.9).ci_high
     assert h90["reward_per_session_vs_cascade_ci_high"] == pytest.approx(want)
     assert abs(want - h["reward_per_session_vs_cascade_ci_high"]) > 1e-2
     # without a baseline the cascade columns are absent; with one the paired columns do not change
-    assert "reward_per_session_vs_cascade" not in plots.table4(runs3)
+    assert "reward_per_session_vs_cascade" not in tables.table4(runs3)
     assert h["reward_per_session_vs_prev"] == pytest.approx(0.5)
 
 
 def test_table4_single_seed_has_values_but_no_intervals(runs3, tmp_path):
-    t = by_stage(plots.table4(runs3[:1], make_baseline(tmp_path / "base")))
+    t = by_stage(tables.table4(runs3[:1], make_baseline(tmp_path / "base")))
     h = t["+HEPO"]
     assert h["n"] == 1 and h["reward_per_session_vs_prev"] == pytest.approx(1.0)
     assert math.isnan(h["reward_per_session_vs_prev_ci_low"]) and math.isnan(h["reward_per_session_vs_prev_ci_high"])
     assert h["reward_per_session_vs_cascade"] == pytest.approx(1.0 / 0.8 - 1)
     assert math.isnan(h["reward_per_session_vs_cascade_ci_low"])
-    md = plots.table4_markdown(plots.table4(runs3[:1], tmp_path / "base"))
+    md = tables.table4_markdown(tables.table4(runs3[:1], tmp_path / "base"))
     # reward (last column): +100% vs VAFT, 1.0 / 0.8 - 1 = +25% vs cascade, each without an interval
     assert re.search(r"\| \+HEPO \| 1 \| \+9\.09% \|.* \| \+100\.00% \|\n", md)
     assert re.search(r"\| \+HEPO \| 1 \| \+0\.00% \|.* \| \+25\.00% \|\n", md) and "nan" not in md
@@ -323,11 +332,11 @@ def test_table4_single_seed_has_values_but_no_intervals(runs3, tmp_path):
 def test_table4_baseline_without_cascade_raises(runs3, tmp_path):
     base = make_baseline(tmp_path / "base", agents=("random", "oracle"))
     with pytest.raises(ValueError, match=r"summary.json has no 'cascade' row \(agents: random, oracle\)"):
-        plots.table4(runs3, base)
+        tables.table4(runs3, base)
     with pytest.raises(SystemExit, match="no 'cascade' row"):
         plots.main([*map(str, runs3), "--out", str(tmp_path / "o"), "--baseline", str(base)])
     with pytest.raises(ValueError, match="not an agents.evaluate output folder"):
-        plots.table4(runs3, tmp_path / "missing")
+        tables.table4(runs3, tmp_path / "missing")
 
 
 def test_table4_warns_when_baseline_is_not_on_the_held_out_sessions(runs3, tmp_path):
@@ -337,9 +346,9 @@ def test_table4_warns_when_baseline_is_not_on_the_held_out_sessions(runs3, tmp_p
         (run / "config.json").write_text(json.dumps({**cfg, "args": args}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plots.table4(runs3, make_baseline(tmp_path / "same"))
+        tables.table4(runs3, make_baseline(tmp_path / "same"))
     with pytest.warns(UserWarning, match=r"seed 0 \(runs: 12345\).*sessions_per_slot 4 \(runs: 2\)"):
-        plots.table4(runs3, make_baseline(tmp_path / "other", seed=0, sessions=512))
+        tables.table4(runs3, make_baseline(tmp_path / "other", seed=0, sessions=512))
 
 
 def test_main_with_baseline_writes_table4(runs3, tmp_path):
@@ -367,13 +376,13 @@ EMPTY = (0.7, 0.50)
 def strata_row(it: int, reward: float, cand: float) -> dict:
     """``eval_row`` plus the per-stratum keys of the agents.hepo Evaluator (no reward for the ad-age groups)."""
     row = eval_row(it, reward, cand)
-    for stratum, groups in plots.STRATA.items():
+    for stratum, groups in keys.STRATA.items():
         for group in groups:
             empty = it > 0 and (reward, cand) == EMPTY and group == "5"
-            row[plots.strata_key(stratum, group, "sessions")] = 0 if empty else SESSIONS[group]
-            for i, m in enumerate(plots.TABLE5):
-                if m in plots.STRATA_METRICS[stratum]:
-                    row[plots.strata_key(stratum, group, m)] = math.nan if empty else SCALE[group] * reward + 0.01 * i
+            row[keys.strata_key(stratum, group, "sessions")] = 0 if empty else SESSIONS[group]
+            for i, m in enumerate(keys.TABLE5):
+                if m in keys.STRATA_METRICS[stratum]:
+                    row[keys.strata_key(stratum, group, m)] = math.nan if empty else SCALE[group] * reward + 0.01 * i
     return row
 
 
@@ -387,12 +396,12 @@ def make_baseline_strata(folder, agents=("random", "cascade")):
     make_baseline(folder, agents)
     rows = []
     for agent in agents:
-        for stratum, groups in plots.STRATA.items():
+        for stratum, groups in keys.STRATA.items():
             for group in groups:
                 row = {"agent": agent, "stratum": stratum, "group": group, "eval/sessions": 10 * SESSIONS[group]}
-                for i, m in enumerate(plots.TABLE5):
+                for i, m in enumerate(keys.TABLE5):
                     v = SCALE[group] + 0.01 * i if agent == "cascade" else 0.0
-                    if m not in plots.STRATA_METRICS[stratum]:
+                    if m not in keys.STRATA_METRICS[stratum]:
                         v = math.nan  # agents.evaluate: the ad-age groups have no reward column values
                     row.update({f"eval/{m}": v, f"eval/{m}_ci_low": v - 0.1, f"eval/{m}_ci_high": v + 0.1})
                 rows.append(row)
@@ -401,9 +410,9 @@ def make_baseline_strata(folder, agents=("random", "cascade")):
 
 
 def test_table5_means_and_seed_intervals_per_stratum_with_cascade_rows(runs5, tmp_path):
-    t = plots.table5(runs5, make_baseline_strata(tmp_path / "base"))
+    t = tables.table5(runs5, make_baseline_strata(tmp_path / "base"))
     stages = ["cascade", "VAFT", "+HEPO"]
-    want = [(s, g, st) for s, gs in plots.STRATA.items() for g in gs for st in stages]
+    want = [(s, g, st) for s, gs in keys.STRATA.items() for g in gs for st in stages]
     assert list(zip(t["stratum"], t["group"], t["stage"])) == want
     row = {(r["stratum"], r["group"], r["stage"]): r for _, r in t.iterrows()}
     # +HEPO: rewards 1.0, 0.7, 1.5: mean 1.066667, s = 0.404145, half = 4.303 * s / sqrt(3) = 1.003955;
@@ -437,30 +446,30 @@ def test_table5_means_and_seed_intervals_per_stratum_with_cascade_rows(runs5, tm
     assert c["sessions"] == 40 and pd.isna(c["n"]) and pd.isna(c["iteration"])
     assert math.isnan(row["ad_age", "new", "cascade"]["reward_per_session"])
     # without a baseline: no cascade rows, the same stage values
-    t0 = plots.table5(runs5)
+    t0 = tables.table5(runs5)
     assert "cascade" not in set(t0["stage"]) and len(t0) == 14
     assert t0["ctr"].equals(t[t["stage"] != "cascade"]["ctr"].reset_index(drop=True))
 
 
 def test_table5_single_seed_has_values_but_no_intervals(runs5):
-    t = plots.table5(runs5[:1])
+    t = tables.table5(runs5[:1])
     h = t[(t["group"] == "1") & (t["stage"] == "+HEPO")].iloc[0]
     assert h["n"] == 1 and h["ctr"] == pytest.approx(1.0) and math.isnan(h["ctr_ci_low"])
-    md = plots.table5_markdown(t)
+    md = tables.table5_markdown(t)
     assert "| 1 | +HEPO | 1 | 1 | 1 | 1.01 |" in md and "nan" not in md
 
 
 def test_table5_rejects_runs_without_strata(runs5, runs, tmp_path):
     with pytest.raises(ValueError, match=r"no per-stratum evaluations .*ads-v0__ppo__0"):
-        plots.table5([*runs5, runs[2]])  # runs: folders written before the Evaluator logged strata
-    assert plots.runs_without_strata(runs5) == [] and plots.runs_without_strata(runs[:2]) == runs[:2]
+        tables.table5([*runs5, runs[2]])  # runs: folders written before the Evaluator logged strata
+    assert folders.runs_without_strata(runs5) == [] and folders.runs_without_strata(runs[:2]) == runs[:2]
     with pytest.raises(ValueError, match="no strata.csv"):
-        plots.table5(runs5, make_baseline(tmp_path / "base"))
+        tables.table5(runs5, make_baseline(tmp_path / "base"))
     with pytest.raises(ValueError, match=r"strata.csv has no 'cascade' rows \(agents: random\)"):
-        plots.read_baseline_strata(make_baseline_strata(tmp_path / "random", agents=("random",)))
+        folders.read_baseline_strata(make_baseline_strata(tmp_path / "random", agents=("random",)))
     # the report leaves table5 out with a warning when only some runs have strata (none: silently, as before)
     with pytest.warns(UserWarning, match="table5 not written.*ads-v0__ppo__0"):
-        files = plots.write_report([*runs5, runs[2]], tmp_path / "mixed")
+        files = report.write_report([*runs5, runs[2]], tmp_path / "mixed")
     assert "table5.csv" not in files and not (tmp_path / "mixed" / "table5.csv").exists()
 
 

@@ -1,0 +1,9 @@
+"""Online evaluation of policies in ads-v0: ``agents.evaluate`` is the entry point that compares agents,
+``agents.hepo`` evaluates its generator on held-out sessions while it trains.
+
+| module | what |
+|---|---|
+| ``sessions`` | ``collect_sessions``: a policy on a vector env until every slot has its sessions (the one session loop) |
+| ``compare`` | ``EvalConfig``, ``compare_agents`` (every agent on the same users, sessions cached by content), ``write_comparison``, the summary table and charts |
+| ``heldout`` | ``HeldOutConfig``, the RL run's ``Evaluator`` (online metrics, Table 5 strata, Table 3 candidates) and ``mtp_candidates`` |
+"""

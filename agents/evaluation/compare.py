@@ -1,0 +1,273 @@
+"""Agents compared on the same users and seeds: their sessions, summary and strata tables with intervals, charts.
+
+    result = compare_agents(EvalConfig(agents=("random", "cascade")), out)   # sessions cached in out/agents/
+    write_comparison(result, out)                                           # summary.csv, strata.csv, charts
+    print(format_table(result.summary))
+
+Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
+streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
+every agent; later users follow the same streams but shift with session lengths. Each slot records its
+first ceil(sessions / num_envs) sessions (``agents.evaluation.sessions.collect_sessions``), and metrics
+are computed over sessions (``gpr_sim.metrics``).
+
+An agent's sessions are saved in ``out/agents/NAME/`` (``sessions.parquet`` and ``summary.json`` with the
+agent's run config: the settings and the SHA-256 of the files it reads, e.g. ``policy.pt``); a later
+comparison with the same run config reuses them, so a retrained policy is evaluated again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from agents.evaluation.sessions import collect_sessions
+from agents.policies import known_policies, make_policy, policy_factory, policy_inputs
+from envs import make_vec_env, resolve_config
+from gpr_sim.metrics import summarize, summarize_strata
+from gpr_sim.runs import atomic_write_bytes, figure_bytes, file_digest, read_json, write_json
+from gpr_sim.stats import CIConfig
+
+PREFIX = "eval/"
+"""the prefix of every metric column"""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Which agents are compared, on which sessions, with which intervals."""
+
+    agents: tuple[str, ...] = ("random", "cascade", "oracle")
+    """policy names of ``agents.policies`` or NAME:ARG specs (gpr:PATH), in table order"""
+    env: str = "ads-v0"
+    """a registered ads env id (``envs.ads_env_ids()``)"""
+    preset: str = "small"
+    """world preset"""
+    world_seed: int = 0
+    """seed of the static world (catalog, advertisers, users)"""
+    num_envs: int = 512
+    """concurrent sessions in one market (advertiser budgets scale with it)"""
+    sessions: int = 2000
+    """at least this many completed sessions per agent (each slot records ceil(sessions / num_envs))"""
+    seed: int = 0
+    """reset seed, the same for every agent (same first users), also the policies' and bootstrap's seed"""
+    device: str = "cpu"
+    """torch device of the env and the policies"""
+    ci: CIConfig = field(default_factory=CIConfig)
+    """intervals over sessions"""
+    rerun: bool = False
+    """simulate every agent again even when the cache holds its sessions from the same run config"""
+
+    def __post_init__(self) -> None:
+        for name in ("num_envs", "sessions"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
+        if not isinstance(self.ci, CIConfig):
+            raise ValueError(f"ci={self.ci!r} is invalid: expected a gpr_sim.stats.CIConfig")
+        if not self.agents:
+            raise ValueError(f"agents={self.agents!r} is empty: expected one of {', '.join(known_policies())}")
+        if len(set(self.agents)) != len(self.agents):
+            raise ValueError(f"agents={','.join(self.agents)!r} names an agent twice")
+        for spec in self.agents:
+            policy_factory(spec)  # an unknown agent fails here, before anything runs
+
+    @property
+    def sessions_per_slot(self) -> int:
+        return math.ceil(self.sessions / self.num_envs)
+
+
+# ----------------------------------------------------------------------------- running one agent
+
+
+def agent_inputs(spec: str) -> dict[str, str]:
+    """SHA-256 of every file a ``NAME:ARG`` agent reads (``agents.policies.policy_inputs``), by file name; {}
+    for the built-in policies."""
+    return {p.name: file_digest(p) for p in policy_inputs(spec) if p.is_file()}
+
+
+def run_config(cfg: EvalConfig, spec: str) -> dict:
+    """Everything that determines an agent's sessions (not how they are summarised): the settings and the
+    content of the files the agent reads (``agent_inputs``: a retrained ``policy.pt`` is evaluated again)."""
+    return {
+        "agent": spec, "inputs": agent_inputs(spec), "env": cfg.env, "preset": cfg.preset,
+        "world": resolve_config(cfg.preset).to_dict(), "world_seed": cfg.world_seed, "num_envs": cfg.num_envs,
+        "sessions_per_slot": cfg.sessions_per_slot, "seed": cfg.seed, "device": cfg.device,
+    }  # fmt: skip
+
+
+def agent_dir(out: Path, spec: str) -> Path:
+    """Where an agent's sessions are cached in the output folder ``out``."""
+    return out / "agents" / re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
+
+
+def run_agent(cfg: EvalConfig, spec: str, out: Path) -> pd.DataFrame:
+    """The agent's sessions: reused from ``agent_dir(out, spec)`` when its run config matches, else simulated
+    and saved there."""
+    folder = agent_dir(out, spec)
+    config = json.loads(json.dumps(run_config(cfg, spec)))  # as it reads back from JSON
+    marker, table = folder / "summary.json", folder / "sessions.parquet"
+    if not cfg.rerun and marker.exists() and table.exists():
+        if read_json(marker).get("config") == config:
+            print(f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)")
+            return pd.read_parquet(table)
+        print(f"{spec}: {folder} holds a run with another config, running again")
+    env = make_vec_env(cfg.env, cfg.num_envs, preset=cfg.preset, world_seed=cfg.world_seed, device=cfg.device,
+                       validate_actions=False)  # fmt: skip
+    policy = make_policy(spec, env, cfg.seed)
+    start = time.perf_counter()
+    sessions, steps = collect_sessions(env, policy, cfg.sessions_per_slot, cfg.seed, desc=spec)
+    seconds = time.perf_counter() - start
+    print(f"{spec}: {len(sessions)} sessions, {steps} steps of {cfg.num_envs} requests in {seconds:.1f} s")
+    buf = io.BytesIO()
+    sessions.to_parquet(buf, index=False)
+    atomic_write_bytes(table, buf.getvalue())
+    metrics = summarize(sessions, prefix=PREFIX)
+    write_json(marker, {"config": config, "steps": steps, "seconds": seconds, "metrics": _clean(metrics)})
+    return sessions
+
+
+def _clean(d: dict) -> dict:
+    """NaN -> None, so the JSON files stay strict JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- every agent
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The summaries of one comparison, one entry per agent in ``EvalConfig.agents`` order."""
+
+    rows: tuple[dict, ...]
+    """per agent: ``agent`` and the flat metrics of ``gpr_sim.metrics.summarize`` (with intervals)"""
+    summary: pd.DataFrame
+    """``rows`` as a table"""
+    strata: pd.DataFrame
+    """per agent x activity tier (1..5) and per agent x ad age (new / old): ``agent``, ``stratum``, ``group``
+    and the metric columns (``gpr_sim.metrics.summarize_strata``)"""
+    level: float
+    """coverage of the intervals"""
+
+
+def compare_agents(cfg: EvalConfig, out: Path) -> Comparison:
+    """Every agent's sessions (reused from the cache in ``out`` or simulated, ``run_agent``), summarised with
+    ``cfg.ci``; the bootstrap (if any) resamples with the same seed for every agent."""
+    summaries, strata = [], []
+    for spec in cfg.agents:
+        sessions = run_agent(cfg, spec, out)
+        kw = dict(prefix=PREFIX, ci=cfg.ci.method, level=cfg.ci.level, n_bootstrap=cfg.ci.n_bootstrap)
+        rng = lambda: np.random.default_rng(cfg.seed)  # noqa: E731  (the same resamples for every agent)
+        summaries.append({"agent": spec, **summarize(sessions, rng=rng(), **kw)})
+        strata.append(summarize_strata(sessions, rng=rng(), **kw).assign(agent=spec))
+    strata_df = pd.concat(strata, ignore_index=True)
+    strata_df = strata_df[["agent"] + [c for c in strata_df.columns if c != "agent"]]
+    return Comparison(tuple(summaries), pd.DataFrame(summaries), strata_df, cfg.ci.level)
+
+
+def write_comparison(result: Comparison, out: Path, plots: bool = True) -> list[Path]:
+    """``summary.csv``, ``summary.json`` (agent -> row, NaN as null), ``strata.csv`` and, with ``plots``,
+    ``metrics.png`` and ``strata.png`` into ``out``; returns the paths written."""
+    files = [atomic_write_bytes(out / "summary.csv", result.summary.to_csv(index=False).encode()),
+             write_json(out / "summary.json", {r["agent"]: _clean(r) for r in result.rows}),
+             atomic_write_bytes(out / "strata.csv", result.strata.to_csv(index=False).encode())]  # fmt: skip
+    if plots:
+        files.append(plot_summary(result.summary, out / "metrics.png", result.level))
+        files.append(plot_strata(result.strata, out / "strata.png", result.level))
+    return files
+
+
+# ----------------------------------------------------------------------------- table and charts
+
+DISPLAY = {  # metric -> (label, scale, format), for the table and the charts
+    "ctr": ("CTR %", 100.0, "{:.2f}"),
+    "cvr": ("CVR %", 100.0, "{:.2f}"),
+    "ctcvr": ("CTCVR %", 100.0, "{:.3f}"),
+    "gmv_per_session": ("GMV / session", 1.0, "{:.2f}"),
+    "revenue_per_session": ("revenue / session", 1.0, "{:.3f}"),
+    "roi": ("advertiser ROI", 1.0, "{:.1f}"),
+    "ecpm": ("eCPM", 1.0, "{:.1f}"),
+    "reward_per_session": ("reward / session", 1.0, "{:.3f}"),
+    "session_length": ("session length", 1.0, "{:.2f}"),
+    "impressions_per_session": ("impressions / session", 1.0, "{:.2f}"),
+}
+CHART = ("ctr", "cvr", "ctcvr", "gmv_per_session", "revenue_per_session", "roi", "session_length", "ecpm")
+STRATA_CHART = {
+    "activity_tier": ("ctr", "ctcvr", "revenue_per_session", "session_length"),
+    "ad_age": ("ctr", "cvr", "ctcvr", "ecpm"),
+}
+
+
+def format_table(summary: pd.DataFrame) -> str:
+    """Metrics as rows, agents as columns, each cell ``value [ci_low, ci_high]``."""
+    rows = {"sessions": {a: str(int(n)) for a, n in zip(summary["agent"], summary[f"{PREFIX}sessions"])}}
+    for key, (label, scale, fmt) in DISPLAY.items():
+        rows[label] = {}
+        for _, r in summary.iterrows():
+            v, lo, hi = (scale * r[f"{PREFIX}{key}{s}"] for s in ("", "_ci_low", "_ci_high"))
+            rows[label][r["agent"]] = f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+    return pd.DataFrame(rows).T.to_string()
+
+
+def _bars(ax, groups: list[str], agents: list[str], table: pd.DataFrame, key: str, group_col: str | None) -> None:
+    """Grouped bars (x = groups, one bar per agent) with asymmetric error bars from the CI columns."""
+    width = 0.8 / len(agents)
+    for i, agent in enumerate(agents):
+        part = table[table["agent"] == agent]
+        if group_col is not None:
+            part = part.set_index(group_col).reindex(groups)
+        label, scale, _ = DISPLAY[key]
+        v, lo, hi = (scale * part[f"{PREFIX}{key}{s}"].to_numpy(float) for s in ("", "_ci_low", "_ci_high"))
+        x = np.arange(len(groups)) + (i - (len(agents) - 1) / 2) * width
+        err = np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0)
+        ax.bar(x, v, width, yerr=err, capsize=3, label=agent)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_title(label)
+
+
+def _save(fig, path: Path) -> Path:
+    return atomic_write_bytes(path, figure_bytes(fig, dpi=110))
+
+
+def plot_summary(summary: pd.DataFrame, path: Path, level: float) -> Path:
+    """Bars of the summary table, one panel per metric of ``CHART``, one bar per agent, CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = list(summary["agent"])
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    for ax, key in zip(axes.flat, CHART):
+        _bars(ax, [""], agents, summary, key, None)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper right", ncol=len(agents), fontsize=9)
+    fig.suptitle(f"per-agent metrics, {level:.0%} confidence intervals over sessions")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_strata(strata: pd.DataFrame, path: Path, level: float) -> Path:
+    """Bars of the strata table: a row of panels per stratum (``STRATA_CHART``), grouped by tier / ad age."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = list(dict.fromkeys(strata["agent"]))
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    for row, (stratum, keys) in enumerate(STRATA_CHART.items()):
+        part = strata[strata["stratum"] == stratum]
+        groups = list(dict.fromkeys(part["group"]))
+        for ax, key in zip(axes[row], keys):
+            _bars(ax, groups, agents, part, key, "group")
+            ax.set_xlabel("user activity tier" if stratum == "activity_tier" else "ad age")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", ncol=len(agents), fontsize=9)
+    fig.suptitle(f"metrics by stratum, {level:.0%} confidence intervals over sessions")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,129 @@
+"""The held-out evaluation of a generator during RL: online metrics on fixed sessions and candidate quality.
+
+Every evaluation of an ``agents.hepo`` run (and of every algorithm and seed) sees the same sessions: a
+separate market of the env's default world, reset with a fixed seed. It serves the generator (beam search,
+top-1 served) and reports, keyed as ``metrics.jsonl`` holds them (``agents.reporting.keys``):
+
+- ``eval/{metric}``: reward, revenue, GMV, CTR, CVR, CTCVR... per session with their CIs (``gpr_sim.metrics``);
+- ``eval/strata/...``: the same per user-activity tier and for new / old ads (Table 5, values only);
+- ``eval/cand_*``: Table 3 candidate quality (nDCG, OPR, mean / max / top-1 normalised final_value of the
+  top-K beam) on the first request of every session.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from agents.evaluation.sessions import collect_sessions
+from agents.policies.gpr import GPRPolicy, load_run_model
+from agents.reporting.keys import STRATA_METRICS, strata_key
+from envs import make_vec_env
+from gpr_sim.decoding import beam_search
+from gpr_sim.metrics import summarize, summarize_strata
+from gpr_sim.model import GPRModel
+from gpr_sim.model.offline_eval import candidate_metrics
+from gpr_sim.schema import SchemaConfig, tokens_from_obs
+
+
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """Which held-out sessions an RL run is evaluated on and how its generator is served there (the
+    defaults are ``agents.hepo``'s ``--eval-*`` flags)."""
+
+    env: str = "ads-v0"
+    """Gymnasium id of the environment"""
+    preset: str = "small"
+    """world preset (the one the generator was trained in)"""
+    device: str = "cpu"
+    """torch device of the env and the model"""
+    num_envs: int = 128
+    """concurrent evaluation sessions (env slots)"""
+    sessions: int = 256
+    """held-out sessions per evaluation (each slot records ceil(sessions / num_envs))"""
+    seed: int = 12345
+    """reset seed of the evaluation market (the same users for every algorithm and iteration)"""
+    beam_width: int = 8
+    """beam width of the served policy"""
+    candidates: int = 40
+    """K of the candidate-quality metrics (beam width = K)"""
+    progress: bool = True
+    """progress bar of the session loop"""
+
+    def __post_init__(self) -> None:
+        for name, lo in (("num_envs", 1), ("sessions", 1), ("beam_width", 1), ("candidates", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} is invalid: expected an integer")
+
+    @property
+    def sessions_per_slot(self) -> int:
+        return math.ceil(self.sessions / self.num_envs)
+
+
+class Evaluator:
+    """Held-out sessions of a separate market with a fixed seed: online metrics and candidate quality."""
+
+    def __init__(self, config: HeldOutConfig, tokenizer):
+        self.config = config
+        self.env = make_vec_env(config.env, config.num_envs, preset=config.preset, device=config.device,
+                                validate_actions=False)  # fmt: skip
+        self.tok = tokenizer.to(config.device)
+
+    @torch.no_grad()
+    def candidates(self, model: GPRModel) -> dict[str, float]:
+        """Table 3 metrics of the top-K beam on the first request of every evaluation session."""
+        c, e = self.config, self.env.unwrapped
+        obs, _ = self.env.reset(seed=c.seed)
+        tokens = tokens_from_obs(obs, self.tok.table, SchemaConfig.from_world(e.config), check=False)
+        gen = torch.Generator(device=c.device).manual_seed(c.seed)
+        ctx = model.context(tokens, gen)
+        step_fn, _ = model.beam_fns(ctx, cached=True)
+        eligible = e.eligible_ads()  # (num_ads,) bool: the market's, the same for every request
+        k = c.candidates
+        res = beam_search(step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible)
+        present = res.items >= 0  # (N, K)
+        values = e.score(res.items.clamp_min(0), truth=True).value  # (N, K)
+        every = torch.arange(e.config.num_ads, device=e.device).expand(ctx.shape[0], -1)  # (N, num_ads)
+        all_values = e.score(every, truth=True).value.masked_fill(~eligible, float("-inf"))
+        metrics = candidate_metrics(values, present, all_values.max(1).values)
+        return {f"eval/cand_{k}": v for k, v in metrics.items()}
+
+    @staticmethod
+    def strata(sessions) -> dict[str, float]:
+        """Table 5 scalars: per user-activity tier and ad age group (``summarize_strata``, normal CIs: no
+        resampling), the held-out sessions in the group and the value of each of its ``STRATA_METRICS``
+        (no interval), keyed ``strata_key`` (``eval/strata/activity_tier/3/ctr``); NaN for an empty group."""
+        out: dict[str, float] = {}
+        for r in summarize_strata(sessions, prefix="eval/").to_dict("records"):
+            stratum, group = r["stratum"], r["group"]
+            out[strata_key(stratum, group, "sessions")] = int(r["eval/sessions"])
+            out.update({strata_key(stratum, group, m): float(r[f"eval/{m}"]) for m in STRATA_METRICS[stratum]})
+        return out
+
+    def __call__(self, model: GPRModel) -> dict[str, float]:
+        c = self.config
+        was_training = model.training
+        model.eval()
+        policy = GPRPolicy.from_model(self.env, model, self.tok, beam_width=c.beam_width, seed=c.seed)
+        sessions, _ = collect_sessions(self.env, policy, c.sessions_per_slot, c.seed, progress=c.progress)
+        out = {k: v for k, v in summarize(sessions, prefix="eval/").items() if isinstance(v, (int, float))}
+        out.update(self.strata(sessions))
+        out.update(self.candidates(model))
+        model.train(was_training)
+        return out
+
+
+def mtp_candidates(evaluate: Evaluator, vaft: Path, device: str) -> dict[str, float]:
+    """Table 3 metrics of the MTP stage the VAFT generator started from (``eval/mtp/cand_*``), logged
+    beside the iteration-0 evaluation so the table reads MTP -> VAFT -> RL; {} without an MTP checkpoint."""
+    mtp = vaft.parent / "mtp"
+    if not (mtp / "checkpoint.pt").is_file():
+        return {}
+    model, _ = load_run_model(mtp)
+    return {k.replace("eval/", "eval/mtp/", 1): v for k, v in evaluate.candidates(model.to(device).eval()).items()}

@@ -1,0 +1,141 @@
+"""Reading run folders back for the reports: ``agents.hepo`` runs (grouped by label, their evaluations),
+``agents.evaluate`` folders (the cascade baseline) and ``agents.pretrain`` runs.
+
+Every check here raises ``ValueError`` naming the folder and what it lacks, before any table is built.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from agents.reporting.keys import BASELINE, ORDER, STRATA_MARKER
+from gpr_sim.runs import read_json, read_metrics
+
+
+def run_label(run: Path) -> str:
+    """The run's ``label`` (e.g. hepo_no_arr), else its algorithm, else the folder name."""
+    cfg = run / "config.json"
+    if not cfg.is_file():
+        return run.name
+    meta = read_json(cfg)
+    return meta.get("label") or meta.get("algo", run.name)
+
+
+def check_runs(runs: list[str | Path]) -> list[Path]:
+    """The folders as paths; raises ``ValueError`` naming every folder without a ``metrics.jsonl``."""
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ValueError("no run folders given")
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        raise ValueError(f"not run folders (no metrics.jsonl): {', '.join(missing)}")
+    return runs
+
+
+def eval_rows(run: Path, key: str = "eval/reward_per_session") -> list[dict]:
+    """The run's ``metrics.jsonl`` rows that hold ``key`` (its evaluations), in order; raises if none."""
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if key in r]
+    if not rows:
+        raise ValueError(f"{run}/metrics.jsonl has no evaluation rows (no {key!r})")
+    return rows
+
+
+def group_runs(runs: list[str | Path]) -> dict[str, list[Path]]:
+    """algorithm -> its runs (seeds), in ``ORDER`` then by name."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for run in check_runs(runs):
+        groups[run_label(run)].append(run)
+    rank = {a: i for i, a in enumerate(ORDER)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+
+
+def start_key(run: Path) -> str:
+    """The run's starting generator (``init``; else its seed): the unit that pairs a stage with VAFT."""
+    cfg = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+    return str(cfg.get("init", cfg.get("seed", run)))
+
+
+def start_units(runs: list[Path]) -> dict[str, list[dict]]:
+    """Iteration-0 evaluations grouped by starting generator (``start_key``)."""
+    units: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        first = eval_rows(run)[0]
+        if first.get("iteration", 0) != 0:
+            raise ValueError(f"{run}/metrics.jsonl: first evaluation at iteration {first['iteration']}, expected 0")
+        units[start_key(run)].append(first)
+    return dict(units)
+
+
+def final_rows(label: str, runs: list[Path]) -> list[dict]:
+    """The last evaluation of every run of ``label``; warns when they end at different iterations."""
+    rows = [eval_rows(run)[-1] for run in runs]
+    its = sorted({r.get("iteration") for r in rows})
+    if len(its) > 1:
+        warnings.warn(f"{label}: runs end at different iterations {its}", stacklevel=3)
+    return rows
+
+
+def runs_without_strata(runs: list[str | Path]) -> list[Path]:
+    """The runs whose first or last evaluation has no strata keys (folders written before they were logged)."""
+    missing = []
+    for run in check_runs(runs):
+        rows = eval_rows(run)
+        if STRATA_MARKER not in rows[0] or STRATA_MARKER not in rows[-1]:
+            missing.append(run)
+    return missing
+
+
+def read_baseline(folder: str | Path) -> tuple[dict, dict]:
+    """The ``BASELINE`` row (NaN for missing values) and the config of an ``agents.evaluate`` output folder."""
+    folder = Path(folder)
+    for name in ("summary.json", "config.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} is not an agents.evaluate output folder (no {name})")
+    rows = read_json(folder / "summary.json")
+    if BASELINE not in rows:
+        raise ValueError(f"{folder}/summary.json has no {BASELINE!r} row (agents: {', '.join(rows) or 'none'}): "
+                         f"run agents.evaluate with --agents ...,{BASELINE}")  # fmt: skip
+    row = {k: math.nan if v is None else v for k, v in rows[BASELINE].items()}
+    return row, read_json(folder / "config.json")
+
+
+def read_baseline_strata(folder: str | Path) -> dict[tuple[str, str], dict]:
+    """(stratum, group) -> the ``BASELINE`` agent's row of an ``agents.evaluate`` folder's ``strata.csv``."""
+    path = Path(folder) / "strata.csv"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no strata.csv: not an agents.evaluate output folder with strata")
+    table = pd.read_csv(path, dtype={"group": str})
+    part = table[table["agent"] == BASELINE]
+    if part.empty:
+        agents = ", ".join(dict.fromkeys(table["agent"])) or "none"
+        raise ValueError(f"{path} has no {BASELINE!r} rows (agents: {agents})")
+    return {(r["stratum"], r["group"]): r for r in part.to_dict("records")}
+
+
+def check_protocol(runs: list[Path], cfg: dict, folder: Path) -> None:
+    """Warn where the baseline did not run on the held-out sessions of the runs' evaluations (``agents.hepo``'s
+    held-out Evaluator: the env's default world, ``eval_envs`` slots, ``eval_sessions`` sessions, reset seed
+    ``eval_seed``)."""
+    have = {k: cfg[k] for k in ("env", "preset", "world_seed", "num_envs", "seed")}
+    have["sessions_per_slot"] = math.ceil(cfg["sessions"] / cfg["num_envs"])
+    diff = set()
+    for run in runs:
+        a = read_json(run / "config.json").get("args") if (run / "config.json").is_file() else None
+        if a is None:
+            continue
+        want = {"env": a["env"], "preset": a["preset"], "world_seed": 0, "num_envs": a["eval_envs"],
+                "seed": a["eval_seed"], "sessions_per_slot": math.ceil(a["eval_sessions"] / a["eval_envs"])}
+        diff |= {f"{k} {have[k]} (runs: {v})" for k, v in want.items() if have[k] != v}
+    if diff:
+        warnings.warn(f"{folder} was not evaluated on the runs' held-out sessions: {', '.join(sorted(diff))}",
+                      stacklevel=3)  # fmt: skip
+
+
+def pretrain_top_k(run: Path) -> int:
+    """The K of an ``agents.pretrain`` run's HitRate@K / nDCG@K (``config.json`` ``top_k``; 10 by default)."""
+    return int(read_json(run / "config.json").get("top_k", 10))
