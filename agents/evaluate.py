@@ -96,6 +96,7 @@ class Args:
     """run every agent again even when --out holds its sessions from the same config"""
 
     def __post_init__(self) -> None:
+        cli.check_args(self)
         for name in ("num_envs", "sessions"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -337,4 +338,4 @@ def _evaluate(args: Args, out: Path) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from agents.cli import parse_args
+from agents.cli import check_args, parse_args, run_main
 from agents.evaluate import collect_sessions
 from agents.plots import STRATA_METRICS, plot_curves, strata_key
 from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
@@ -154,6 +154,7 @@ class Args:
     """loss constants"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
@@ -492,4 +493,4 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from agents.cli import run_main  # noqa: E402
 from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics  # noqa: E402
 from gpr_sim.stats import CI_SUFFIXES, nan_estimate, relative_change, t_interval  # noqa: E402
 
@@ -685,4 +686,4 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from agents.cli import run_main  # noqa: E402
 from agents.plots import BASELINE, TABLE4, change_cell, check_runs, estimate_cell, group_runs  # noqa: E402
 from gpr_sim.runs import atomic_write_bytes, read_json  # noqa: E402
 from gpr_sim.stats import CI_SUFFIXES, relative_change, t_interval  # noqa: E402
@@ -140,4 +141,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
