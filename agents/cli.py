@@ -250,8 +250,11 @@ def check_out(out: str, name: str = "out") -> None:
 
 
 def check_args(args: Any) -> None:
-    """The checks every entry point's ``Args`` shares: finite floats, and ``device``, ``env``, ``out`` when set."""
+    """The checks every entry point's ``Args`` shares: finite floats, and ``device``, ``env``, ``preset``,
+    ``out`` when set (each would otherwise fail only when first used, possibly after a long stage)."""
     check_finite_fields(args)
+    if getattr(args, "preset", ""):
+        preset(args.preset)  # ValueError naming the known presets
     if getattr(args, "device", ""):
         check_device(args.device)
     if getattr(args, "env", ""):

@@ -319,6 +319,7 @@ def test_run_main_debug_and_bugs_keep_the_traceback():
 FAILING = [
     (["agents.collect", "--num-envs", "0"], "--num-envs"),
     (["agents.hepo", "--algo", "foo"], "--algo"),
+    (["agents.hepo", "--preset", "nope"], "--preset"),
     (["agents.evaluate", "--env", "foo-v0"], "--env"),
     (["agents.pretrain", "--out", "{file}/sub"], "--out"),
     (["agents.hepo", "--loss.value-coef", "nan"], "--loss.value-coef"),
