@@ -9,7 +9,8 @@ preset). The dataclass is the one place that holds a setting's name, type, defau
 
 Flags (tyro's defaults, the spellings the docs use): field ``num_envs`` -> ``--num-envs 4`` (``--num_envs``
 and ``--num-envs=4`` work too); bools -> ``--x`` / ``--no-x``; tuples -> space-separated values
-(``--sweep-temperatures 0.1 0.3``); nested dataclasses -> dotted flags (``--loss.value-coef 0.1``, a nested
+(``--sweep-temperatures 0.1 0.3``; tyro also takes zero values, which argparse's ``nargs="+"`` refused, and
+the field's validation decides); nested dataclasses -> dotted flags (``--loss.value-coef 0.1``, a nested
 bool ``--loss.no-process-rewards``; the argparse-era spelling ``--no-loss.process-rewards`` is rewritten to
 it before parsing, as tyro puts the ``no-`` after the last dot and has no option for the other order).
 
@@ -22,7 +23,8 @@ Errors: `run_main` wraps every ``__main__``: a user error (a ``ValueError`` from
 unwritable file, an unparsable command line) prints one line ``error: <message>`` naming the flag or the
 file and exits 2; ``--debug`` shows the traceback instead; other exceptions (bugs) keep their traceback.
 tyro prints parse failures as multi-line boxes; to get one line, `parse_configs` turns them into
-`UsageError` through tyro's parse-error hook (``tyro._errors.on_parse_error``: a private, documented hook
+`UsageError` (a ``ValueError``: `parse_args` called from code raises it where argparse exited; ``--help``
+still exits 0) through tyro's parse-error hook (``tyro._errors.on_parse_error``: a private, documented hook
 of tyro >= 1.0.17). Without the hook (a tyro that dropped it) tyro's own box is printed, still exit 2.
 The CLIs that keep plain argparse (`agents.plots`, the benchmarks) get the same one line: within
 `run_main`, ``argparse.ArgumentParser.error`` raises `UsageError` instead of printing the usage.
