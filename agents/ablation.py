@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from agents import pretrain
-from agents.cli import parse_args
+from agents.cli import check_args, parse_args, run_main
 from gpr_sim.runs import atomic_write_bytes, figure_bytes, read_json, write_json
 from gpr_sim.stats import nan_estimate, paired_difference, t_interval
 
@@ -135,6 +135,7 @@ class Args:
     """progress bars of the pretrain runs"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         self.seed_list()
         self.variant_list()
         if self.select not in pretrain.SELECT:
@@ -327,4 +328,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agents.cli import parse_args_with_world, world_config
+from agents.cli import check_args, parse_args_with_world, run_main, world_config
 from agents.policies import PolicyOutput, make_policy, policy_factory
 from agents.policies.cascade import CascadePolicy
 from envs import make_vec_env
@@ -171,6 +171,7 @@ class Args:
     """show a progress bar"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         policy_factory(self.policy)  # an unknown name fails here, before anything runs
         check_range("num_envs", self.num_envs, 1, 1 << 24)
         check_range("steps", self.steps, 1, 1 << 24)
@@ -222,4 +223,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -77,6 +77,7 @@ class Args:
     """run every agent again even when --out holds its sessions from the same config"""
 
     def __post_init__(self) -> None:
+        cli.check_args(self)
         for name in ("num_envs", "sessions"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -124,4 +125,4 @@ def main(argv: list[str] | Args | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from agents.cli import parse_args
+from agents.cli import check_args, parse_args, run_main
 from agents.evaluation.heldout import Evaluator, HeldOutConfig, mtp_candidates
 from agents.policies.gpr import load_run_model, save_policy
 from agents.reporting.figures import plot_curves
@@ -149,6 +149,7 @@ class Args:
     """loss constants"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
@@ -430,4 +431,4 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

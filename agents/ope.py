@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agents.cli import parse_args
+from agents.cli import check_args, parse_args, run_main
 from agents.collect import collect
 from agents.policies import make_policy
 from agents.policies.cascade import CascadePolicy
@@ -383,6 +383,7 @@ class Args:
     """show progress bars"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         if not self.logs:
             raise ValueError("logs is required: --logs PATH to a Parquet log from agents.collect")
         if self.policy not in TARGETS:
@@ -471,4 +472,4 @@ def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,11 +15,13 @@ Tables 4 and 5 compare every stage with the cascade. ``agents.reporting.tables.p
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.cli import field_docs
+import tyro
+
+from agents.cli import parse_args as parse_cli
+from agents.cli import run_main
 from agents.reporting.report import write_report
 from gpr_sim.stats import check_level
 
@@ -28,7 +30,7 @@ from gpr_sim.stats import check_level
 class Args:
     """CLI of ``python -m agents.plots`` (the run folders are positional)."""
 
-    runs: tuple[str, ...]
+    runs: tyro.conf.Positional[tuple[str, ...]]
     """run folders (agents.hepo output)"""
     out: str = "runs/plots"
     """output folder"""
@@ -45,17 +47,7 @@ class Args:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """``Args`` from the command line: the run folders, then one ``--flag`` per other field."""
-    docs = field_docs(Args)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help=docs["runs"])
-    parser.add_argument("--out", default=Args.out, help=docs["out"])
-    parser.add_argument("--level", type=float, default=Args.level, help=docs["level"])
-    parser.add_argument("--baseline", default=None, help=docs["baseline"])
-    ns = parser.parse_args(argv)
-    try:
-        return Args(tuple(ns.runs), ns.out, ns.level, ns.baseline)
-    except ValueError as e:
-        raise SystemExit(str(e)) from e
+    return parse_cli(Args, argv, __doc__)
 
 
 def main(argv: list[str] | Args | None = None) -> dict[str, Path]:
@@ -73,4 +65,4 @@ def main(argv: list[str] | Args | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from agents.cli import parse_args
+from agents.cli import check_args, parse_args, run_main
 from agents.pretraining.checkpoint import (
     checkpoint_data,
     load_checkpoint,
@@ -185,6 +185,7 @@ class Args:
     """show a progress bar"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r} is unknown: expected one of {list(STAGES)}")
         if self.select not in SELECT:
@@ -604,4 +605,4 @@ def _train(args: Args, dist: distributed.Dist, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.cli import parse_args
+from agents.cli import check_args, parse_args, run_main
 from gpr_sim.runs import (
     RunFolder,
     append_metrics,
@@ -72,6 +72,7 @@ class Args:
     """parent folder of the per-seed run folders"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         for name in ("total_timesteps", "num_envs", "n_steps", "batch_size", "n_epochs", "eval_every", "eval_episodes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -216,4 +217,4 @@ def _main(args: Args, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from agents.cli import make_parser, read_flags, world_config, world_overrides
+from agents.cli import check_args, parse_configs, run_main, world_config
 from envs import ENV_ID
 from gpr_sim.runs import RunFolder, atomic_write_bytes, figure_bytes, write_json
 from gpr_sim.tokenizer.compare import CompareConfig, write_table
@@ -68,6 +68,7 @@ class Args:
     """where to fit"""
 
     def __post_init__(self) -> None:
+        check_args(self)
         if self.env != ENV_ID:
             raise ValueError(f"env={self.env!r} is unknown: expected {ENV_ID!r}")
         if self.method not in METHODS:
@@ -76,9 +77,8 @@ class Args:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """CLI entry point; returns the Table-1 DataFrame."""
-    ns = make_parser(Args, CompareConfig, description=__doc__, world=True).parse_args(argv)
-    args, cfg = Args(**read_flags(ns, Args)), CompareConfig(**read_flags(ns, CompareConfig))
-    world_cfg = world_config(args.preset, world_overrides(ns))
+    args, cfg, overrides = parse_configs(Args, CompareConfig, argv=argv, description=__doc__, world=True)
+    world_cfg = world_config(args.preset, overrides)
 
     settings = {**dataclasses.asdict(args), **dataclasses.asdict(cfg), "world": world_cfg.to_dict()}  # keys = flags
     with RunFolder(args.out, ENTRY, settings, RESUME_IGNORES) as folder:
@@ -112,4 +112,4 @@ def _fit(args: Args, cfg: CompareConfig, world_cfg, out: Path) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

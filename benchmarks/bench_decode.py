@@ -63,6 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from agents.cli import run_main  # noqa: E402
 from gpr_sim.decoding import beam_search  # noqa: E402
 from gpr_sim.model import GPRConfig, GPRModel, IncrementalDecoder, IncrementalState  # noqa: E402
 from gpr_sim.model.hsd import TypedFFN  # noqa: E402
@@ -852,4 +853,4 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from agents.cli import run_main
 from envs.market import BatchedMarket
 from gpr_sim.world import WorldConfig, initial, observe, transition
 
@@ -174,4 +175,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from agents.cli import run_main
 from gpr_sim.tokenizer import (
     PrefixTrie,
     RQKmeansConfig,
@@ -214,4 +215,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

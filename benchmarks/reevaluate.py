@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from agents.cli import run_main  # noqa: E402
 from agents.reporting.folders import check_runs, group_runs  # noqa: E402
 from agents.reporting.keys import BASELINE, TABLE4  # noqa: E402
 from agents.reporting.tables import change_cell, estimate_cell  # noqa: E402
@@ -143,4 +144,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
