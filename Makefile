@@ -1,9 +1,11 @@
 # Two entry points: `make demo` runs the main job, `make test` runs the test suite.
-# Both create and fill .venv on first use. TORCH_SPEC pins the build so pip never pulls
-# gigabytes of CUDA wheels by accident; override it for a GPU machine (e.g. TORCH_SPEC=torch).
+# Both create and fill .venv on first use. TORCH_SPEC pins the torch release the tests are run with. On a
+# stock package index that pin is the default build, which on Linux x86-64 is the CUDA one (a few GB of
+# wheels); TORCH_INDEX=<PyTorch's CPU wheel index> installs the CPU-only build instead (README).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
