@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from agents import ope
-from agents.collect import collect, make_env
+from agents.collection import collect
 from agents.policies import PolicyOutput
+from envs import make_vec_env
 from gpr_sim.world import WorldConfig, expected_weighted_reward, generate_world, weighted_reward
 from gpr_sim.world.config import RewardConfig
 from gpr_sim.world.fatigue import stay_probability
@@ -85,7 +86,7 @@ def scored(env, obs, out):
 
 @pytest.fixture(scope="module")
 def weighted_run():
-    env = make_env("ads-v0", WorldConfig.small(**SMALL, reward=WEIGHTS), NUM_ENVS, world_seed=0, device="cpu")
+    env = make_vec_env("ads-v0", NUM_ENVS, config=WorldConfig.small(**SMALL, reward=WEIGHTS), world_seed=0, device="cpu")
     columns, extra = collect(env, BestOfFour(env, seed=1), seed=1, steps=STEPS, hook=scored, progress=False)
     return columns, extra, env.unwrapped.engine.world
 
