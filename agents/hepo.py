@@ -102,7 +102,7 @@ class Args:
     pretrain_dir: str = ""
     """folder of the shared MTP and VAFT stages; empty = runs/hepo/pretrain/{env}__{seed}"""
     preset: str = "small"
-    """world preset (the one the pre-training logs were collected in)"""
+    """world preset of every stage: the pre-training log is collected in it, the RL and evaluation markets use it"""
     mtp_steps: int = 200
     """MTP pre-training steps"""
     vaft_steps: int = 100
