@@ -15,8 +15,8 @@ does not read the values, so the shared trunk is the only way the HTE can change
 and HEPO behind it).
 
 Every variant and seed trains on ONE log and ONE tokenizer (collected / fitted once into ``OUT/shared``
-with ``agents.pretrain.ensure_inputs``), the same held-out session split (``--split-seed``), steps, batch
-size and learning rate: ``agents.pretrain`` stage mtp into ``OUT/VARIANT/seedS``. A run whose
+with ``agents.pretraining.data.ensure_inputs``), the same held-out session split (``--split-seed``), steps, batch
+size and learning rate: an ``agents.pretraining`` mtp stage into ``OUT/VARIANT/seedS``. A run whose
 ``summary.json`` exists is skipped; a half-done one resumes from its ``checkpoint.pt``.
 
 Table (``OUT/table2.csv``, ``OUT/table2.json``, ``OUT/table2.png``, printed): per variant the mean over
@@ -37,8 +37,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agents import pretrain
 from agents.cli import check_args, parse_args, run_main
+from agents.pretraining.config import SELECT, PretrainConfig
+from agents.pretraining.data import ensure_inputs
+from agents.pretraining.trainer import pretrain
+from agents.rl import distributed
 from gpr_sim.runs import atomic_write_bytes, figure_bytes, read_json, write_json
 from gpr_sim.stats import nan_estimate, paired_difference, t_interval
 
@@ -138,11 +141,11 @@ class Args:
         check_args(self)
         self.seed_list()
         self.variant_list()
-        if self.select not in pretrain.SELECT:
-            raise ValueError(f"select={self.select!r} is unknown: expected one of {list(pretrain.SELECT)}")
+        if self.select not in SELECT:
+            raise ValueError(f"select={self.select!r} is unknown: expected one of {list(SELECT)}")
         if not 0.0 < self.level < 1.0:
             raise ValueError(f"level={self.level} is invalid: expected in (0, 1)")
-        # the rest is checked by agents.pretrain.Args: build one now so a bad flag fails before any run
+        # the rest is checked by PretrainConfig: build one now so a bad flag fails before any run
         self.pretrain_args(VARIANTS["full"], 0, Path("."))
 
     def seed_list(self) -> list[int]:
@@ -165,15 +168,15 @@ class Args:
 
     def pretrain_args(
         self, switches: dict, seed: int, out: Path, logs: str = "", tokenizer: str = ""
-    ) -> pretrain.Args:
-        return pretrain.Args(env=self.env, stage="mtp", logs=logs, tokenizer=tokenizer, out=str(out),
-                             steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                             device=self.device, d_model=self.d_model, n_layers=self.n_layers,
-                             n_heads=self.n_heads, eval_every=self.eval_every, checkpoint_every=self.steps,
-                             eval_requests=self.eval_requests, top_k=self.top_k, beam_width=self.beam_width,
-                             split_seed=self.split_seed, collect_envs=self.collect_envs,
-                             collect_steps=self.collect_steps, threads=self.threads, progress=self.progress,
-                             select=self.select, **switches)  # fmt: skip
+    ) -> PretrainConfig:
+        return PretrainConfig(env=self.env, stage="mtp", logs=logs, tokenizer=tokenizer, out=str(out),
+                              steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                              device=self.device, d_model=self.d_model, n_layers=self.n_layers,
+                              n_heads=self.n_heads, eval_every=self.eval_every, checkpoint_every=self.steps,
+                              eval_requests=self.eval_requests, top_k=self.top_k, beam_width=self.beam_width,
+                              split_seed=self.split_seed, collect_envs=self.collect_envs,
+                              collect_steps=self.collect_steps, threads=self.threads, progress=self.progress,
+                              select=self.select, **switches)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- runs
@@ -187,7 +190,7 @@ def shared_inputs(args: Args, out: Path) -> tuple[Path, Path]:
     """The one log and tokenizer of every run, collected / fitted into ``OUT/shared`` on first use."""
     shared = out / "shared"
     shared.mkdir(parents=True, exist_ok=True)
-    return pretrain.ensure_inputs(args.pretrain_args(VARIANTS["hstu"], args.data_seed, shared), shared)
+    return ensure_inputs(args.pretrain_args(VARIANTS["hstu"], args.data_seed, shared), shared)
 
 
 def run_one(
@@ -203,16 +206,9 @@ def run_one(
         if summary.get("steps", 0) > args.steps:
             raise ValueError(f"{folder}: trained for {summary.get('steps')} steps > --steps {args.steps}: "
                              "use another --out")  # fmt: skip
-    pa = args.pretrain_args(VARIANTS[variant], seed, folder, str(logs), str(tok))
-    argv = []
-    for f in dataclasses.fields(pa):
-        value, flag = getattr(pa, f.name), f"--{f.name.replace('_', '-')}"
-        if isinstance(value, bool):
-            argv.append(flag if value else f"--no-{f.name.replace('_', '-')}")
-        elif value != "":
-            argv += [flag, str(value)]
+    cfg = args.pretrain_args(VARIANTS[variant], seed, folder, str(logs), str(tok))
     t0 = time.perf_counter()
-    summary = pretrain.main(argv)
+    summary = distributed.launch(pretrain, cfg)
     return summary, time.perf_counter() - t0
 
 

@@ -5,8 +5,8 @@
     python -m agents.hepo --env ads-v0 --device cuda --num-envs 4096 --iterations 200
 
 Pipeline (each stage reused when already present): collect cascade logs -> fit the RQ-Kmeans+ tokenizer
--> MTP -> VAFT (``agents.pretrain``, into ``--pretrain-dir``, shared by every algorithm of a seed so they
-start from the same generator) -> RL. The RL loop per iteration:
+-> MTP -> VAFT (``agents.pretraining.pipeline``, into ``--pretrain-dir``, shared by every algorithm of a seed so
+they start from the same generator; every stage in the ``--preset`` world) -> RL. The RL loop per iteration:
 
     rollout (``agents.rl.rollout.Roller``: N sessions x T steps, K sampled paths per request, simulator
     scores, process rewards, ARR requests) -> targets (the algorithm's ``targets``) -> E epochs of
@@ -45,6 +45,8 @@ from tqdm import tqdm
 from agents.cli import check_args, parse_args, run_main
 from agents.evaluation.heldout import Evaluator, HeldOutConfig, mtp_candidates
 from agents.policies.gpr import load_run_model, save_policy
+from agents.pretraining.config import PretrainConfig
+from agents.pretraining.pipeline import ensure_pretrained, pipeline_dir, stage_configs
 from agents.reporting.figures import plot_curves
 from agents.rl import distributed
 from agents.rl.common import LossConfig
@@ -95,7 +97,7 @@ class Args:
     pretrain_dir: str = ""
     """folder of the shared MTP and VAFT stages; empty = runs/hepo/pretrain/{env}__{seed}"""
     preset: str = "small"
-    """world preset (the one the pre-training logs were collected in)"""
+    """world preset of every stage: the pre-training log is collected in it, the RL and evaluation markets use it"""
     mtp_steps: int = 200
     """MTP pre-training steps"""
     vaft_steps: int = 100
@@ -168,40 +170,18 @@ class Args:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected > 0")
         if not 0.0 <= self.arr_rate <= 1.0:
             raise ValueError(f"arr_rate={self.arr_rate} is invalid: expected in [0, 1]")
+        pretraining(self)  # the pre-training stages' settings (the preset among them) fail here, before any stage
 
 
 # ----------------------------------------------------------------------------- stages and folders
 
 
-def pretrain_dir(args: Args) -> Path:
-    return Path(args.pretrain_dir or f"runs/hepo/pretrain/{args.env}__{args.seed}")
-
-
-def _stage_done(folder: Path, steps: int) -> bool:
-    summary = folder / "summary.json"
-    return summary.is_file() and read_json(summary).get("steps") == steps
-
-
-def ensure_pretrained(args: Args, dist: Dist = SINGLE) -> Path:
-    """Run (or reuse) MTP then VAFT; returns the VAFT run folder (``agents.pretrain``, data-parallel when
-    ``dist`` is: every rank takes part)."""
-    from agents import pretrain as stage
-
-    def pretrain(argv: list[str]) -> dict:
-        a = parse_args(stage.Args, argv, stage.__doc__)
-        return stage._main(distributed.on_rank_device(a, dist), dist)
-
-    pre = pretrain_dir(args)
-    mtp, vaft = pre / "mtp", pre / "vaft"
-    common = ["--env", args.env, "--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads),
-              "--progress" if args.progress else "--no-progress"]  # fmt: skip
-    if not _stage_done(mtp, args.mtp_steps):
-        pretrain(common + ["--stage", "mtp", "--out", str(mtp), "--steps", str(args.mtp_steps)])
-    if not _stage_done(vaft, args.vaft_steps):
-        pretrain(common + ["--stage", "vaft", "--init", str(mtp / "checkpoint.pt"), "--logs",
-                           str(mtp / "logs.parquet"), "--tokenizer", str(mtp / "tokenizer"), "--out", str(vaft),
-                           "--steps", str(args.vaft_steps)])  # fmt: skip
-    return vaft
+def pretraining(args: Args) -> tuple[PretrainConfig, PretrainConfig]:
+    """The MTP and VAFT stages of this run (``agents.pretraining.pipeline``): every stage, the log collection
+    included, in the run's world (``--preset``)."""
+    common = PretrainConfig(env=args.env, seed=args.seed, device=args.device, threads=args.threads,
+                            progress=args.progress, preset=args.preset)  # fmt: skip
+    return stage_configs(pipeline_dir(common, args.pretrain_dir), common, args.mtp_steps, args.vaft_steps)
 
 
 def _comparable(args: Args) -> dict:
@@ -310,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _main(args: Args, dist: Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    vaft = ensure_pretrained(args, dist)
+    vaft = ensure_pretrained(*pretraining(args), dist)
     out = Path(distributed.broadcast_object(str(run_dir(args)), dist))  # a new folder is named by rank 0's clock
     folder, refused = None, None
     if dist.is_main:  # rank 0 alone writes the folder; every rank fails alike when it is refused

@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 
 from agents.cli import check_args, parse_args, run_main
-from agents.collect import collect
+from agents.collection import collect
 from agents.policies import make_policy
 from agents.policies.cascade import CascadePolicy
 from agents.policies.oracle import OraclePolicy

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from agents import ope
-from agents.collect import collect
+from agents.collection import collect
 from agents.ope import Args, action_distribution, bandit_view, check_meta, prob_of, temperature_option
 from agents.policies import make_policy
 from envs import make_vec_env

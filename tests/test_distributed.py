@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from agents import pretrain
+from agents.pretraining.checkpoint import read_checkpoint
+from agents.pretraining.config import PretrainConfig
+from agents.pretraining.trainer import pretrain as pretrain_stage
 from agents.rl import distributed
 from agents.rl.distributed import Dist
 from envs.market import BatchedMarket
@@ -40,9 +43,9 @@ def test_single_process_is_a_no_op(monkeypatch):
 
 
 def test_batch_size_must_split_over_ranks(tmp_path):
-    args = pretrain.Args(out=str(tmp_path), batch_size=10)
+    cfg = PretrainConfig(out=str(tmp_path), batch_size=10)
     with pytest.raises(ValueError, match="multiple of the world size"):
-        pretrain._main(args, Dist(rank=0, world_size=3))
+        pretrain_stage(cfg, Dist(rank=0, world_size=3))
 
 
 def test_global_row_draws_give_each_rank_its_rows_of_the_one_process_draw():
@@ -159,8 +162,8 @@ def test_two_gloo_processes_match_one_process(inputs, tmp_path):
         np.testing.assert_allclose(
             [r[key] for r in b if key in r], [r[key] for r in a if key in r], rtol=RTOL
         )
-    sa = pretrain.read_checkpoint(single / "checkpoint.pt")
-    sb = pretrain.read_checkpoint(ddp / "checkpoint.pt")
+    sa = read_checkpoint(single / "checkpoint.pt")
+    sb = read_checkpoint(ddp / "checkpoint.pt")
     assert sb["step"] == 6 and torch.equal(sa["rng"], sb["rng"])  # the sampler RNG in lock-step
     _assert_weights_close(sb["model"], sa["model"], steps=6)
     # the same parameters were trained (the HTE by its value loss in both)
@@ -177,5 +180,5 @@ def test_two_gloo_processes_match_one_process(inputs, tmp_path):
     a, b = read_metrics(single / "metrics.jsonl"), read_metrics(ddp / "metrics.jsonl")
     assert [r["step"] for r in b] == [0, 3, 6, 9]
     np.testing.assert_allclose(b[-1]["train/loss"], a[-1]["train/loss"], rtol=RTOL)
-    _assert_weights_close(pretrain.read_checkpoint(ddp / "checkpoint.pt")["model"],
-                          pretrain.read_checkpoint(single / "checkpoint.pt")["model"], steps=9)  # fmt: skip
+    _assert_weights_close(read_checkpoint(ddp / "checkpoint.pt")["model"],
+                          read_checkpoint(single / "checkpoint.pt")["model"], steps=9)  # fmt: skip

@@ -20,11 +20,13 @@ from agents.policies.gpr import load_run_model
 from agents.reporting import keys
 from agents.rl.rollout import Roller
 from envs.market import REHEARSAL_SEED_OFFSET
+from gpr_sim.data.logs import read_logs
 from gpr_sim.metrics import AD_METRICS, summarize
 from gpr_sim.runs import read_metrics
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
-from gpr_sim.world import rng
+from gpr_sim.world import WorldConfig, preset, rng
+from gpr_sim.world.config import PRESETS
 from gpr_sim.world.state import MarketState
 from tests.helpers import torchrun
 
@@ -200,6 +202,26 @@ def test_bad_inputs_fail_clearly(pre, tmp_path):
     with pytest.raises(ValueError, match=r"holds metrics.jsonl, policy.pt, summary.json but no checkpoint.pt"):
         hepo.main(tiny(pre, out, "--iterations", "2"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
+
+
+TINY_WORLD = dict(num_ads=200, num_advertisers=20, num_organic=500, num_users=2000)
+"""a world unlike the small preset's, registered as preset "tiny" by the test below"""
+
+
+def test_preset_is_the_world_of_every_stage(tmp_path, monkeypatch):
+    """``--preset`` reaches pre-training: the MTP stage collects its log in that world (the log's metadata names
+    it), VAFT trains on that log, and both stages record it; an unknown preset fails before any stage runs."""
+    monkeypatch.setitem(PRESETS, "tiny", lambda **changes: WorldConfig.small(**{**TINY_WORLD, **changes}))
+    pre = tmp_path / "pre"
+    with pytest.raises(ValueError, match="preset='nope' is unknown"):
+        hepo.main(tiny(pre, tmp_path / "nope", "--preset", "nope"))
+    assert not pre.exists() and not (tmp_path / "nope").exists()
+    hepo.main(tiny(pre, tmp_path / "run", "--preset", "tiny", "--iterations", "1"))
+    _, meta = read_logs(pre / "mtp" / "logs.parquet")
+    assert WorldConfig.from_dict(meta["world_config"]) == preset("tiny") != preset("small")
+    for stage in ("mtp", "vaft"):
+        assert json.loads((pre / stage / "config.json").read_text())["preset"] == "tiny"
+    assert json.loads((pre / "vaft" / "config.json").read_text())["logs_path"] == str(pre / "mtp" / "logs.parquet")
 
 
 # ----------------------------------------------------------------------------- sampling and rehearsal

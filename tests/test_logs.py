@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from agents.collect import FINAL_COLUMNS, collect
+from agents.collection import FINAL_COLUMNS, collect
 from agents.policies import make_policy
 from envs import make_vec_env
 from gpr_sim.data import logs

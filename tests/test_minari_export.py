@@ -7,7 +7,7 @@ import torch
 minari = pytest.importorskip("minari")
 
 import envs  # noqa: E402, F401  (registers ads-v0 for the dataset's spaces and env spec)
-from agents.collect import collect  # noqa: E402
+from agents.collection import collect  # noqa: E402
 from agents.policies import make_policy  # noqa: E402
 from envs import make_vec_env  # noqa: E402
 from gpr_sim.data.logs import read_logs, stack_list_column, write_logs  # noqa: E402

@@ -11,6 +11,10 @@ import pytest
 import torch
 
 from agents import pretrain
+from agents.pretraining.checkpoint import read_checkpoint
+from agents.pretraining.config import PretrainConfig
+from agents.pretraining.data import split_sessions
+from agents.pretraining.evaluation import best_row
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import (
     MTPTargets,
@@ -122,7 +126,7 @@ def test_pretraining_fits_the_hte(mtp_run):
     assert last["eval/value_r2"] > first["eval/value_r2"]
     assert last["train/loss_value"] > 0 and summary["value_scale"] > 0
     with pytest.raises(ValueError, match="value_coef"):
-        pretrain.Args(value_coef=-1.0)
+        PretrainConfig(value_coef=-1.0)
 
 
 def test_ranking_metrics_by_hand():
@@ -252,11 +256,11 @@ def test_config_json_written(mtp_run):
 
 def test_split_is_by_session_and_deterministic():
     episode = np.repeat(np.arange(50), 3)  # 50 sessions of 3 requests
-    held = pretrain.split_sessions(episode, 0.2, seed=0)
+    held = split_sessions(episode, 0.2, seed=0)
     assert held.sum() == 10 * 3  # round(0.2 * 50) = 10 sessions held out, whole
     for e in range(50):
         assert len(set(held[episode == e])) == 1  # a session is never split
-    np.testing.assert_array_equal(held, pretrain.split_sessions(episode, 0.2, seed=0))
+    np.testing.assert_array_equal(held, split_sessions(episode, 0.2, seed=0))
 
 
 # ----------------------------------------------------------------------------- component flags, best checkpoint
@@ -297,15 +301,15 @@ def test_best_checkpoint_and_selection(mtp_run):
     assert summary["best"]["metric"] == "eval/hitrate@10"
     assert summary["best"]["checkpoint"] == str(out / "best.pt")
     assert summary["select"] == "last" and summary["selected_checkpoint"] == str(out / "checkpoint.pt")
-    best = pretrain.read_checkpoint(out / "best.pt")  # same format as checkpoint.pt
+    best = read_checkpoint(out / "best.pt")  # same format as checkpoint.pt
     assert best["step"] == best_step and best["stage"] == "mtp"
-    assert best["config"] == pretrain.read_checkpoint(out / "checkpoint.pt")["config"]
+    assert best["config"] == read_checkpoint(out / "checkpoint.pt")["config"]
 
 
 def test_best_row_keeps_earliest_tie():
     rows = [{"step": 0, "m": 0.1}, {"step": 10, "m": 0.3}, {"step": 20, "m": 0.3}, {"step": 30, "m": 0.2}]
-    assert pretrain.best_row(rows, "m")["step"] == 10
-    assert pretrain.best_row([{"step": 0}], "m") is None
+    assert best_row(rows, "m")["step"] == 10
+    assert best_row([{"step": 0}], "m") is None
 
 
 def test_resume_keeps_best_and_select_best(mtp_run, tmp_path):
@@ -321,9 +325,9 @@ def test_resume_keeps_best_and_select_best(mtp_run, tmp_path):
     assert got["best"]["step"] == want["best"]["step"]
     assert got["best"]["value"] == pytest.approx(want["best"]["value"])
     assert got["selected_checkpoint"] == str(resumed / "best.pt")
-    assert pretrain.read_checkpoint(resumed / "best.pt")["step"] == got["best"]["step"]
-    torch.testing.assert_close(pretrain.read_checkpoint(resumed / "best.pt")["model"],
-                               pretrain.read_checkpoint(straight / "best.pt")["model"], rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert read_checkpoint(resumed / "best.pt")["step"] == got["best"]["step"]
+    torch.testing.assert_close(read_checkpoint(resumed / "best.pt")["model"],
+                               read_checkpoint(straight / "best.pt")["model"], rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
 def test_resume_restores_best_lost_between_writes(mtp_run, tmp_path):
@@ -340,7 +344,7 @@ def test_resume_restores_best_lost_between_writes(mtp_run, tmp_path):
     (out / "best.pt").unlink()
     again = pretrain.main(["--out", str(out), "--steps", "10", *common])
     assert again["best"]["step"] == 10 and again["best"]["checkpoint"] == str(out / "best.pt")
-    assert pretrain.read_checkpoint(out / "best.pt")["step"] == 10
+    assert read_checkpoint(out / "best.pt")["step"] == 10
     assert first["final"]["step"] == 10
     with pytest.raises(ValueError, match="select"):
         pretrain.main(["--out", str(out), "--select", "worst", *common])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from agents import ope
-from agents.collect import collect
+from agents.collection import collect
 from agents.policies import PolicyOutput
 from envs import make_vec_env
 from gpr_sim.world import WorldConfig, expected_weighted_reward, generate_world, weighted_reward
@@ -86,7 +86,7 @@ def scored(env, obs, out):
 
 @pytest.fixture(scope="module")
 def weighted_run():
-    env = make_vec_env("ads-v0", NUM_ENVS, config=WorldConfig.small(**SMALL, reward=WEIGHTS), world_seed=0)
+    env = make_vec_env("ads-v0", NUM_ENVS, config=WorldConfig.small(**SMALL, reward=WEIGHTS), world_seed=0, device="cpu")
     columns, extra = collect(env, BestOfFour(env, seed=1), seed=1, steps=STEPS, hook=scored, progress=False)
     return columns, extra, env.unwrapped.world
 

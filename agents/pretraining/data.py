@@ -1,0 +1,161 @@
+"""The data of a pre-training stage: its inputs (log, tokenizer), the session split and the training tensors.
+
+Requests are split into train / held-out by session (``episode_id``) with a fixed split seed, so every
+stage and seed sees the same held-out sessions. Each side becomes row-aligned tensors (``Split``): the
+U/O/E/I tokens, the MTP target paths with their per-level legal masks from the trie, the head weights
+(uniform for MTP, value weights for VAFT) and the HTE value targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from agents.collection import CollectConfig, write_log
+from agents.pretraining.config import PretrainConfig
+from gpr_sim.data.logs import check_run_world, check_tokenizer_world, read_logs
+from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
+from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
+from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_logs
+from gpr_sim.tokenizer.compare import CompareConfig
+from gpr_sim.tokenizer.trie import PrefixTrie
+from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
+from gpr_sim.world import WorldConfig
+from gpr_sim.world.catalog import World, generate_world
+
+FAST_TOKENIZER = CompareConfig(codebook_size=16, kmeans_iters=5, vae_steps=30, batch_size=128, hidden_dim=32)
+"""RQ-Kmeans+ settings of the tokenizer fitted when none is given (seconds on a CPU)"""
+
+
+@dataclass
+class Split:
+    """Everything one side of the split needs, as row-aligned tensors on the device."""
+
+    tokens: TokenBatch  # B requests
+    codes: torch.Tensor  # (B, N, L') target paths, -1 rows = none
+    masks: list[torch.Tensor]  # L' of (B, N, K_l) legal codes after each target's prefix
+    weights: torch.Tensor  # (B, N) per-target weights: 1/N (MTP) or VAFT weight / N
+    ads: torch.Tensor  # (B, N) target ads, -1 = none
+    values: torch.Tensor  # (B,) HTE target: final_value of head 0's ad / value_scale, NaN = none
+
+    def rows(self, idx: torch.Tensor) -> tuple[TokenBatch, Tensor, list[Tensor], Tensor, Tensor]:
+        return (TokenBatch(*(t[idx] for t in self.tokens)), self.codes[idx], [m[idx] for m in self.masks],
+                self.weights[idx], self.values[idx])  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+
+def split_sessions(episode_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(B,) bool held-out mask: a seeded random ``fraction`` of the sessions (at least one) is held out."""
+    sessions = np.unique(episode_id)
+    rng = np.random.default_rng(seed)
+    n_eval = max(1, int(round(fraction * sessions.size)))
+    held = rng.permutation(sessions)[:n_eval]
+    return np.isin(episode_id, held)
+
+
+def legal_masks(codes: torch.Tensor, tok: WorldTokenizer) -> list[torch.Tensor]:
+    """L' masks (B, N, K_l): legal next codes after each target's prefix z_<l (from the ad trie)."""
+    safe = codes.clamp_min(0).to(tok.device)  # rows without a target get some mask; mtp_loss ignores them
+    return [tok.prefix_mask(safe[..., :level]).cpu() for level in range(codes.shape[-1])]
+
+
+def value_scale(g: torch.Tensor) -> float:
+    """The std of the finite HTE targets (1 when there are fewer than 2 or they are constant): the HTE learns
+    unit-scale values, as HEPO's critic does (``agents.rl.rollout``'s ``reward_scale``)."""
+    g = g[g.isfinite()].double()
+    std = float(g.std()) if g.numel() > 1 else 0.0
+    return std if std > 1e-12 else 1.0
+
+
+def build_split(df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, world: World,
+                cfg: PretrainConfig) -> Split:  # fmt: skip
+    """Row-aligned tensors of one side of the split (HTE targets in the world's currency: `load_data` scales them)."""
+    targets = mtp_targets(df, cfg.mtp_heads)
+    codes = target_paths(targets.ads, tok)
+    n = cfg.mtp_heads
+    if cfg.stage == "vaft":
+        weights = vaft_weights(df, targets) / n  # GPR §4.2; / N keeps the scale of the uniform MTP weights
+    else:
+        weights = torch.full((len(df), n), 1.0 / n)  # GPR §4.1 DEFAULT: uniform w_j, sum_j w_j = 1
+    g = value_targets(df, targets, world.ad_value_mean, world.config.reward).float()
+    tokens = tokens_from_logs(df.reset_index(drop=True), tok.table.to("cpu"), schema)
+    dev = torch.device(cfg.device)
+    return Split(tokens.to(dev), codes.to(dev), [m.to(dev) for m in legal_masks(codes, tok)],
+                 weights.to(dev), targets.ads.to(dev), g.to(dev))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def input_paths(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
+    """The log and tokenizer of a stage: ``--logs`` / ``--tokenizer``, else ``out/logs.parquet`` / ``out/tokenizer``."""
+    logs = Path(cfg.logs) if cfg.logs else out / "logs.parquet"
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else out / "tokenizer"
+    return logs, tok_dir
+
+
+def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
+    """The cascade log collected when a stage is given none: ``collect_envs`` x ``collect_steps`` requests of
+    the ``preset`` world, sessions seeded by ``seed``."""
+    return CollectConfig(env=cfg.env, policy="cascade", num_envs=cfg.collect_envs, steps=cfg.collect_steps,
+                         seed=cfg.seed, preset=cfg.preset, out=str(logs), progress=False)  # fmt: skip
+
+
+def ensure_inputs(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
+    """The log and tokenizer paths, collecting / fitting them into ``out`` when not given."""
+    logs, tok_dir = input_paths(cfg, out)
+    if not cfg.logs and not logs.is_file():
+        write_log(collect_config(cfg, logs))
+    if not cfg.tokenizer and not (tok_dir / "semantic_ids.pt").is_file():
+        _, meta = read_logs(logs)
+        world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))
+        fit_world_tokenizer(world, "rq-kmeans-plus", FAST_TOKENIZER, seed=cfg.seed).save(tok_dir)
+    return logs, tok_dir
+
+
+# ----------------------------------------------------------------------------- one stage's data
+
+
+@dataclass
+class StageData:
+    """What a stage trains and evaluates on (`load_data`)."""
+
+    tok: WorldTokenizer  # the semantic IDs (on the CPU)
+    schema: SchemaConfig
+    train: Split
+    held_out: Split
+    trie: PrefixTrie  # the ad trie on the stage's device
+    pop: dict[str, float]  # eval/pop_*: the popularity baseline on the held-out requests
+    scale: float  # value_scale of the train side's HTE targets (both sides are divided by it)
+
+
+def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
+    """One tokenisation of every request, then row-aligned tensors per side of the split (module doc)."""
+    df, meta = read_logs(logs)
+    tok = WorldTokenizer.load(tok_dir)
+    world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))  # HTE targets
+    check_tokenizer_world(tok, world, logs, f"tokenizer {tok_dir}")
+    if cfg.init:
+        check_run_world(meta, logs, Path(cfg.init).parent, f"--init {cfg.init}")
+    schema = SchemaConfig.from_world(world.config)
+    held = split_sessions(df["episode_id"].to_numpy(), cfg.eval_fraction, cfg.split_seed)
+    train_df, eval_df = df[~held].reset_index(drop=True), df[held].reset_index(drop=True)
+    train, held_out = (build_split(d, tok, schema, world, cfg) for d in (train_df, eval_df))
+    scale = value_scale(train.values)  # the train side's, for both
+    for side in (train, held_out):
+        side.values = side.values / scale
+    trie = tok.to(cfg.device).trie
+    shown = torch.as_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_df["shown_ad"]]))
+    has = held_out.ads[:, 0] >= 0
+    n_rank = min(int(has.sum()), cfg.eval_requests)
+    pop_ranked = popularity_rankings(shown, tok.num_ads, cfg.top_k, n_rank)
+    pop_target = held_out.ads[has, 0][:n_rank].cpu()
+    pop = {f"eval/pop_{k}": v for k, v in ranking_metrics(pop_ranked, pop_target).items()}
+    return StageData(tok, schema, train, held_out, trie, pop, scale)

@@ -1,0 +1,104 @@
+"""Offline evaluation of a pre-training stage on its held-out requests, and the best checkpoint so far.
+
+``evaluate`` gives eval/loss, the HTE's eval/loss_value and eval/value_r2, and HitRate@K / nDCG@K of MTP
+head 0 under trie-constrained beam search (``gpr_sim.model.offline_eval``). ``best.pt`` holds the model of
+the evaluation with the highest ``BEST_METRIC``; ``resume_best`` re-derives it when a run resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.pretraining.checkpoint import read_checkpoint
+from agents.pretraining.config import PretrainConfig
+from agents.pretraining.data import Split
+from gpr_sim.model import GPRModel
+from gpr_sim.model.offline_eval import model_rankings, ranking_metrics
+from gpr_sim.runs import atomic_write_bytes
+from gpr_sim.schema import TokenBatch
+from gpr_sim.tokenizer.trie import PrefixTrie
+
+
+def has_target(codes: torch.Tensor) -> torch.Tensor:
+    """Rows whose first head has a target: the rows ``mtp_loss``'s refiner loss averages over."""
+    return (codes[:, 0] >= 0).all(-1)
+
+
+def value_target(model: GPRModel, values: torch.Tensor, coef: float = 1.0) -> torch.Tensor | None:
+    """The HTE targets to train on, or None when there is no HTE or its loss is off."""
+    return values if model.hte is not None and coef > 0 else None
+
+
+@torch.no_grad()
+def evaluate(model: GPRModel, data: Split, trie: PrefixTrie, cfg: PretrainConfig, pop: dict[str, float]) -> dict[str, float]:
+    """eval/loss (weighted MTP NLL over all held-out requests) and ranking metrics of head 0 (module doc);
+    with the HTE, eval/loss_value (its MSE over every prefix of the held-out shown ads, in value_scale units)
+    and eval/value_r2 (1 - that MSE / the variance of the held-out targets: 0 = no better than their mean)."""
+    model.eval()
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)  # same refiner noise every eval
+    total, n, sq, n_v = 0.0, len(data), 0.0, 0
+    for lo in range(0, n, 512):
+        idx = torch.arange(lo, min(lo + 512, n), device=cfg.device)
+        tokens, codes, masks, weights, values = data.rows(idx)
+        out = model.mtp_loss(tokens, codes, weights, masks, gen, value_target=value_target(model, values))
+        total += float(out.loss_mtp) * idx.numel()
+        rows_v = int((has_target(codes) & values.isfinite()).sum())
+        sq, n_v = sq + float(out.loss_value) * rows_v, n_v + rows_v
+    value_terms = {}
+    if model.hte is not None and n_v > 0:
+        g = data.values[has_target(data.codes) & data.values.isfinite()].double()
+        var = float(g.var(unbiased=False))
+        value_terms = {"eval/loss_value": sq / n_v, "eval/value_r2": 1.0 - sq / n_v / var if var > 0 else float("nan")}
+    has = torch.nonzero(data.ads[:, 0] >= 0).squeeze(1)[: cfg.eval_requests]
+    tokens = TokenBatch(*(t[has] for t in data.tokens))
+    ranked = model_rankings(model, tokens, trie, cfg.top_k, cfg.beam_width, generator=gen)
+    ranks = ranking_metrics(ranked, data.ads[has, 0].cpu())
+    model.train()
+    return {"eval/loss": total / n, **value_terms, **{f"eval/{k}": v for k, v in ranks.items()}, **pop}
+
+
+# ----------------------------------------------------------------------------- best checkpoint
+
+
+def best_row(rows: list[dict], key: str) -> dict | None:
+    """The metrics row with the highest ``key`` (the earliest on ties); None when no row has it."""
+    best = None
+    for row in rows:
+        value = row.get(key)
+        if value is not None and np.isfinite(value) and (best is None or value > best[key]):
+            best = row
+    return best
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step recorded in a checkpoint file; None when it is missing or unreadable."""
+    try:
+        return int(read_checkpoint(path)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_best(
+    rows: list[dict], key: str, start: int, ckpt: Path, best_path: Path
+) -> tuple[dict | None, bool]:
+    """Best row among the kept metrics rows (all <= the resumed step) and whether ``best_path`` holds it.
+
+    An improvement writes ``checkpoint.pt`` before ``best.pt``, so the only gap is a crash between the two
+    writes; then the best is the resumed step itself and ``best.pt`` is restored from ``checkpoint.pt``.
+    """
+    best = best_row(rows, key)
+    if best is None:
+        best_path.unlink(missing_ok=True)
+        return None, False
+    if best_path.is_file() and checkpoint_step(best_path) == best["step"]:
+        return best, True
+    if best["step"] == start:
+        atomic_write_bytes(best_path, ckpt.read_bytes())
+        return best, True
+    print(f"{best_path}: does not hold the best step {best['step']} of {key} (a run from before best.pt?); "
+          "it is written again at the next improvement")  # fmt: skip
+    best_path.unlink(missing_ok=True)
+    return best, False
