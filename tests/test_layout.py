@@ -10,13 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = frozenset(f"agents.{name}" for name in (
     "hepo", "pretrain", "collect", "evaluate", "ope", "ablation", "tokenize", "sb3_ppo", "plots"))  # fmt: skip
 """the ``python -m agents.NAME`` modules: thin command lines over the library"""
-KNOWN = {
-    # TODO(issue "One home for every concept", deliverable 2): hepo's evaluation (collect_sessions, the strata
-    # keys, the curves) moves into the library; then these imports go and so do these exceptions.
-    ("agents.hepo", "agents.evaluate"),
-    ("agents.hepo", "agents.plots"),
-    ("benchmarks.reevaluate", "agents.plots"),
-}
+KNOWN: set[tuple[str, str]] = set()
 """(importer, entry point) pairs allowed for now"""
 
 
