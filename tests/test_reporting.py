@@ -197,7 +197,7 @@ def test_bad_folders_raise(runs, tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="not_a_run"):
         tables.table3([*runs, empty])
-    with pytest.raises(SystemExit, match=r"no metrics.jsonl\): .*not_a_run"):
+    with pytest.raises(ValueError, match=r"no metrics.jsonl\): .*not_a_run"):
         plots.main([str(runs[0]), str(empty), "--out", str(tmp_path / "o")])
     (empty / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "train/loss": 0.1}) + "\n")
     with pytest.raises(ValueError, match="no evaluation rows"):
@@ -205,7 +205,7 @@ def test_bad_folders_raise(runs, tmp_path):
     with pytest.raises(ValueError, match="no run folders"):
         tables.final_table([])
     for level in ("nan", "inf", "1.0", "0"):  # a coverage strictly inside (0, 1), refused before any folder is read
-        with pytest.raises(SystemExit, match="level"):
+        with pytest.raises(ValueError, match="level"):
             plots.main([str(runs[0]), "--level", level, "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="runs"):
