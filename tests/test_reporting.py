@@ -333,7 +333,7 @@ def test_table4_baseline_without_cascade_raises(runs3, tmp_path):
     base = make_baseline(tmp_path / "base", agents=("random", "oracle"))
     with pytest.raises(ValueError, match=r"summary.json has no 'cascade' row \(agents: random, oracle\)"):
         tables.table4(runs3, base)
-    with pytest.raises(SystemExit, match="no 'cascade' row"):
+    with pytest.raises(ValueError, match="no 'cascade' row"):
         plots.main([*map(str, runs3), "--out", str(tmp_path / "o"), "--baseline", str(base)])
     with pytest.raises(ValueError, match="not an agents.evaluate output folder"):
         tables.table4(runs3, tmp_path / "missing")
