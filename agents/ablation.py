@@ -169,14 +169,33 @@ class Args:
     def pretrain_args(
         self, switches: dict, seed: int, out: Path, logs: str = "", tokenizer: str = ""
     ) -> PretrainConfig:
-        return PretrainConfig(env=self.env, stage="mtp", logs=logs, tokenizer=tokenizer, out=str(out),
-                              steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                              device=self.device, d_model=self.d_model, n_layers=self.n_layers,
-                              n_heads=self.n_heads, eval_every=self.eval_every, checkpoint_every=self.steps,
-                              eval_requests=self.eval_requests, top_k=self.top_k, beam_width=self.beam_width,
-                              split_seed=self.split_seed, collect_envs=self.collect_envs,
-                              collect_steps=self.collect_steps, threads=self.threads, progress=self.progress,
-                              select=self.select, **switches)  # fmt: skip
+        return PretrainConfig(
+            env=self.env,
+            stage="mtp",
+            logs=logs,
+            tokenizer=tokenizer,
+            out=str(out),
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+            device=self.device,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            eval_every=self.eval_every,
+            checkpoint_every=self.steps,
+            eval_requests=self.eval_requests,
+            top_k=self.top_k,
+            beam_width=self.beam_width,
+            split_seed=self.split_seed,
+            collect_envs=self.collect_envs,
+            collect_steps=self.collect_steps,
+            threads=self.threads,
+            progress=self.progress,
+            select=self.select,
+            **switches,
+        )
 
 
 # ----------------------------------------------------------------------------- runs
@@ -204,8 +223,10 @@ def run_one(
         if summary.get("steps") == args.steps and summary.get("select") == args.select:
             return summary, None
         if summary.get("steps", 0) > args.steps:
-            raise ValueError(f"{folder}: trained for {summary.get('steps')} steps > --steps {args.steps}: "
-                             "use another --out")  # fmt: skip
+            raise ValueError(
+                f"{folder}: trained for {summary.get('steps')} steps > --steps {args.steps}: "
+                "use another --out"
+            )
     cfg = args.pretrain_args(VARIANTS[variant], seed, folder, str(logs), str(tok))
     t0 = time.perf_counter()
     summary = distributed.launch(pretrain, cfg)
@@ -275,8 +296,12 @@ def plot_table(table: pd.DataFrame, path: Path, k: int, level: float) -> None:
         v = table[name].to_numpy(float)
         err = np.nan_to_num(np.stack([v - table[f"{name}_ci_low"], table[f"{name}_ci_high"] - v]), nan=0.0)
         ax.bar(x, v, yerr=err, capsize=3, color="tab:blue")
-        ax.axhline(table[f"pop_hitrate@{k}"].iloc[0] if name.startswith("hit") else np.nan, color="grey",
-                   linestyle="--", label="popularity")  # fmt: skip
+        ax.axhline(
+            table[f"pop_hitrate@{k}"].iloc[0] if name.startswith("hit") else np.nan,
+            color="grey",
+            linestyle="--",
+            label="popularity",
+        )
         ax.set_xticks(x, table["variant"], rotation=45, ha="right")
         ax.set_title(f"held-out {name} (mean over seeds, {level:.0%} t CI)")
     axes[0].legend(fontsize=8)
@@ -311,12 +336,27 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table = build_table(results, args)
     k = args.top_k
     atomic_write_bytes(out / "table2.csv", table.to_csv(index=False).encode())
-    runs = {v: {str(s): {"metrics": _row_metrics(summ, args.select), "seconds": seconds[v][s],
-                         "selected_checkpoint": summ.get("selected_checkpoint")}
-                for s, summ in by.items()} for v, by in results.items()}  # fmt: skip
-    write_json(out / "table2.json", {"config": dataclasses.asdict(args), "variants": {v: VARIANTS[v] for v in results},
-                                     "table": table.to_dict(orient="records"), "runs": runs,
-                                     "seconds": {"shared_inputs": t_shared, "total": time.perf_counter() - t0}})  # fmt: skip
+    runs = {
+        v: {
+            str(s): {
+                "metrics": _row_metrics(summ, args.select),
+                "seconds": seconds[v][s],
+                "selected_checkpoint": summ.get("selected_checkpoint"),
+            }
+            for s, summ in by.items()
+        }
+        for v, by in results.items()
+    }
+    write_json(
+        out / "table2.json",
+        {
+            "config": dataclasses.asdict(args),
+            "variants": {v: VARIANTS[v] for v in results},
+            "table": table.to_dict(orient="records"),
+            "runs": runs,
+            "seconds": {"shared_inputs": t_shared, "total": time.perf_counter() - t0},
+        },
+    )
     plot_table(table, out / "table2.png", k, args.level)
     print(format_table(table, k, args.level))
     print(f"[ablation] {out}/table2.csv, table2.json, table2.png ({time.perf_counter() - t0:.1f}s)")

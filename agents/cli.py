@@ -49,7 +49,14 @@ from gpr_sim.world import WorldConfig, preset
 
 T = TypeVar("T")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+)
 """exceptions `run_main` reports as one line (exit 2): bad input, not a bug (`UsageError` is a ValueError)"""
 
 
@@ -97,9 +104,13 @@ def _raise_usage_error(event: Any) -> NoReturn:
             raise UsageError(f"{_flag(event.argument)} cannot be set")
         raise UsageError(f"{_flag(event.argument)}: expected a value")
     if kind == "InvalidChoice":
-        raise UsageError(f"{_flag(event.argument)}: invalid choice {event.value!r}: expected one of {event.choices}")
+        raise UsageError(
+            f"{_flag(event.argument)}: invalid choice {event.value!r}: expected one of {event.choices}"
+        )
     if kind == "MissingArgs":
-        raise UsageError("missing required flags: " + ", ".join(_flag(a.arg) for a in event.missing_arguments))
+        raise UsageError(
+            "missing required flags: " + ", ".join(_flag(a.arg) for a in event.missing_arguments)
+        )
     raise UsageError(f"invalid command line ({kind})")
 
 
@@ -121,7 +132,9 @@ def _prog(cls: type) -> str | None:
 
 def _bundle(classes: Sequence[type], world: WorldConfig | None) -> type:
     """One dataclass holding ``classes`` with unprefixed flags, plus ``world`` under ``--world.*``."""
-    spec: list[Any] = [(f"config{i}", Annotated[cls, tyro.conf.arg(name="")]) for i, cls in enumerate(classes)]
+    spec: list[Any] = [
+        (f"config{i}", Annotated[cls, tyro.conf.arg(name="")]) for i, cls in enumerate(classes)
+    ]
     if world is not None:
         spec.append(("world", WorldConfig, dataclasses.field(default=world)))
     return dataclasses.make_dataclass("CommandLine", spec, frozen=True)
@@ -212,13 +225,19 @@ def check_device(device: str, name: str = "device") -> None:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"{name}={device!r} is invalid: expected a torch device such as cpu, cuda or cuda:1") from e
+        raise ValueError(
+            f"{name}={device!r} is invalid: expected a torch device such as cpu, cuda or cuda:1"
+        ) from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device visible"
-            raise ValueError(f"{name}={device!r} is unavailable: CUDA is not available here ({build}); use cpu")
+            raise ValueError(
+                f"{name}={device!r} is unavailable: CUDA is not available here ({build}); use cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{name}={device!r} is unavailable: {torch.cuda.device_count()} CUDA device(s) here")
+            raise ValueError(
+                f"{name}={device!r} is unavailable: {torch.cuda.device_count()} CUDA device(s) here"
+            )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{name}={device!r} is unavailable: MPS is not available here; use cpu")
 

@@ -77,29 +77,48 @@ def collect(
             put(extra, hook(env, obs, out))
         state = vec.state  # before the step: the request the policy just answered
         before = {
-            "request_id": t * n + slot, "episode_id": state.episode * n + slot, "step": state.step,
-            "user_id": obs["user_id"], "user_features": obs["user"], "organic_ids": obs["organic"],
-            "context": obs["context"], "ad_ids": obs["ad_history"], "ad_events": obs["ad_events"],
-            "candidates": out.action, "action": out.action[:, 0], "propensity": out.propensity,
-        }  # fmt: skip
+            "request_id": t * n + slot,
+            "episode_id": state.episode * n + slot,
+            "step": state.step,
+            "user_id": obs["user_id"],
+            "user_features": obs["user"],
+            "organic_ids": obs["organic"],
+            "context": obs["context"],
+            "ad_ids": obs["ad_history"],
+            "ad_events": obs["ad_events"],
+            "candidates": out.action,
+            "action": out.action[:, 0],
+            "propensity": out.propensity,
+        }
         obs, reward, terminated, truncated, info = env.step(out.action)
         imp = info["impression"]
         first = torch.where(imp.any(1), imp.to(torch.int8).argmax(1), torch.full_like(slot, -1))
         after = {
-            "shown_ad": info["ad_id"], "position": first, "impression": imp.sum(1),
-            "click": info["click"].sum(1), "conversion": info["conversion"].sum(1),
-            "gmv": info["gmv"].double().sum(1), "delayed_conversion": info["delayed_conversion"],
-            "delayed_gmv": info["delayed_gmv"].double(), "revenue": info["revenue"].double().sum(1),
-            "reward": reward.double(), "p_click": info["p_click"][:, 0].double(),
-            "p_conversion": info["p_conversion"][:, 0].double(), "is_new_ad": info["is_new_ad"][:, 0],
-            "activity_tier": info["activity_tier"], "terminated": terminated, "truncated": truncated,
-        }  # fmt: skip
+            "shown_ad": info["ad_id"],
+            "position": first,
+            "impression": imp.sum(1),
+            "click": info["click"].sum(1),
+            "conversion": info["conversion"].sum(1),
+            "gmv": info["gmv"].double().sum(1),
+            "delayed_conversion": info["delayed_conversion"],
+            "delayed_gmv": info["delayed_gmv"].double(),
+            "revenue": info["revenue"].double().sum(1),
+            "reward": reward.double(),
+            "p_click": info["p_click"][:, 0].double(),
+            "p_conversion": info["p_conversion"][:, 0].double(),
+            "is_new_ad": info["is_new_ad"][:, 0],
+            "activity_tier": info["activity_tier"],
+            "terminated": terminated,
+            "truncated": truncated,
+        }
         fin = info["final_obs"]  # the observation after this request (before any autoreset)
         final = {
-            "final_organic_ids": fin["organic"], "final_context": fin["context"],
-            "final_ad_ids": fin["ad_history"], "final_ad_events": fin["ad_events"],
+            "final_organic_ids": fin["organic"],
+            "final_context": fin["context"],
+            "final_ad_ids": fin["ad_history"],
+            "final_ad_events": fin["ad_events"],
             "final_kept": terminated | truncated | (t == steps - 1),
-        }  # fmt: skip
+        }
         put(rec, before | after | final)
 
     def stack(store: dict) -> dict[str, np.ndarray]:
@@ -176,7 +195,9 @@ class CollectConfig:
         check_range("threads", self.threads, 0, 1024)
         if self.temperature is not None:
             if self.policy != "cascade":
-                raise ValueError(f"temperature is only used by the cascade policy, not policy={self.policy!r}")
+                raise ValueError(
+                    f"temperature is only used by the cascade policy, not policy={self.policy!r}"
+                )
             check_range("temperature", self.temperature, 0.0, 100.0)
 
 
@@ -210,9 +231,14 @@ def write_log(cfg: CollectConfig, world: WorldConfig | None = None) -> Path:
     columns, _ = collect(env, policy, cfg.seed, cfg.steps, progress=cfg.progress)
     elapsed = time.perf_counter() - start
     meta = {
-        "env": cfg.env, "world_seed": cfg.world_seed, "num_envs": cfg.num_envs, "steps": cfg.steps,
-        "temperature": temperature, "device": cfg.device, "torch": torch.__version__,
-    }  # fmt: skip
+        "env": cfg.env,
+        "world_seed": cfg.world_seed,
+        "num_envs": cfg.num_envs,
+        "steps": cfg.steps,
+        "temperature": temperature,
+        "device": cfg.device,
+        "torch": torch.__version__,
+    }
     write_logs(columns, out, world_config=world, seed=cfg.seed, policy=cfg.policy, extra=meta)
 
     s = summarize(columns)

@@ -91,10 +91,18 @@ class Args:
 
     def config(self) -> EvalConfig:
         """The comparison these flags ask for (``agents.evaluation.compare``)."""
-        return EvalConfig(agents=tuple(self.agent_list()), env=self.env, preset=self.preset,
-                          world_seed=self.world_seed, num_envs=self.num_envs, sessions=self.sessions, seed=self.seed,
-                          device=self.device, ci=CIConfig(self.ci, self.level, self.n_bootstrap),
-                          rerun=self.rerun)  # fmt: skip
+        return EvalConfig(
+            agents=tuple(self.agent_list()),
+            env=self.env,
+            preset=self.preset,
+            world_seed=self.world_seed,
+            num_envs=self.num_envs,
+            sessions=self.sessions,
+            seed=self.seed,
+            device=self.device,
+            ci=CIConfig(self.ci, self.level, self.n_bootstrap),
+            rerun=self.rerun,
+        )
 
     @property
     def out_dir(self) -> Path:
@@ -118,9 +126,14 @@ def main(argv: list[str] | Args | None = None) -> pd.DataFrame:
         # written with the tables, after every agent ran: a failed evaluation leaves the last one's
         write_json(out / "config.json", dataclasses.asdict(args))
         write_comparison(result, out, plots=args.plots)
-        print(f"\n{args.env} ({args.preset}), {args.num_envs} envs, seed {args.seed}; {args.level:.0%} CIs ({args.ci}):")
+        print(
+            f"\n{args.env} ({args.preset}), {args.num_envs} envs, seed {args.seed}; {args.level:.0%} CIs ({args.ci}):"
+        )
         print(format_table(result.summary))
-        print(f"\nwrote {out}/summary.csv, summary.json, strata.csv" + (", metrics.png, strata.png" if args.plots else ""))
+        print(
+            f"\nwrote {out}/summary.csv, summary.json, strata.csv"
+            + (", metrics.png, strata.png" if args.plots else "")
+        )
         return result.summary
 
 

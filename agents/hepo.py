@@ -155,22 +155,40 @@ class Args:
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
-        for name, lo in (("mtp_steps", 1), ("vaft_steps", 1), ("iterations", 1), ("num_envs", 1),
-                         ("rollout_steps", 1), ("group_size", 2), ("epochs", 1), ("minibatch", 1),
-                         ("eval_every", 1), ("eval_sessions", 1), ("eval_envs", 1), ("eval_beam", 1),
-                         ("eval_candidates", 2), ("checkpoint_every", 1), ("threads", 0), ("critic_warmup", 0)):  # fmt: skip
+        for name, lo in (
+            ("mtp_steps", 1),
+            ("vaft_steps", 1),
+            ("iterations", 1),
+            ("num_envs", 1),
+            ("rollout_steps", 1),
+            ("group_size", 2),
+            ("epochs", 1),
+            ("minibatch", 1),
+            ("eval_every", 1),
+            ("eval_sessions", 1),
+            ("eval_envs", 1),
+            ("eval_beam", 1),
+            ("eval_candidates", 2),
+            ("checkpoint_every", 1),
+            ("threads", 0),
+            ("critic_warmup", 0),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
         if self.num_envs > 1 << SLOT_BITS:
-            raise ValueError(f"num_envs={self.num_envs} is invalid: at most {1 << SLOT_BITS} sessions (request ids)")
+            raise ValueError(
+                f"num_envs={self.num_envs} is invalid: at most {1 << SLOT_BITS} sessions (request ids)"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} is invalid: expected > 0")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected > 0")
         if not 0.0 <= self.arr_rate <= 1.0:
             raise ValueError(f"arr_rate={self.arr_rate} is invalid: expected in [0, 1]")
-        pretraining(self)  # the pre-training stages' settings (the preset among them) fail here, before any stage
+        pretraining(
+            self
+        )  # the pre-training stages' settings (the preset among them) fail here, before any stage
 
 
 # ----------------------------------------------------------------------------- stages and folders
@@ -179,8 +197,14 @@ class Args:
 def pretraining(args: Args) -> tuple[PretrainConfig, PretrainConfig]:
     """The MTP and VAFT stages of this run (``agents.pretraining.pipeline``): every stage, the log collection
     included, in the run's world (``--preset``)."""
-    common = PretrainConfig(env=args.env, seed=args.seed, device=args.device, threads=args.threads,
-                            progress=args.progress, preset=args.preset)  # fmt: skip
+    common = PretrainConfig(
+        env=args.env,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        progress=args.progress,
+        preset=args.preset,
+    )
     return stage_configs(pipeline_dir(common, args.pretrain_dir), common, args.mtp_steps, args.vaft_steps)
 
 
@@ -196,7 +220,11 @@ def run_dir(args: Args) -> Path:
     root = Path("runs/hepo")
     prefix = run_name(args.env, args.algo, args.seed) + "__"
     unfinished = sorted(
-        (p for p in root.glob(prefix + "*") if (p / "checkpoint.pt").is_file() and not (p / "summary.json").is_file()),
+        (
+            p
+            for p in root.glob(prefix + "*")
+            if (p / "checkpoint.pt").is_file() and not (p / "summary.json").is_file()
+        ),
         key=lambda p: p.name,
     )
     if unfinished:
@@ -208,12 +236,16 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
     """Lock ``out`` for this run; refuse it (``ValueError`` naming the folder and why) unless it is new or holds
     an ``agents.hepo`` run with these settings (bar ``RESUME_IGNORES``) that can be resumed: a folder with
     metrics or a policy but no ``checkpoint.pt`` is not restarted over its results."""
-    folder = RunFolder(out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=dataclasses.asdict(Args()))
+    folder = RunFolder(
+        out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=dataclasses.asdict(Args())
+    )
     left = [name for name in ("metrics.jsonl", "policy.pt", "summary.json") if (out / name).is_file()]
     if left and not (out / "checkpoint.pt").is_file():
         folder.close()
-        raise ValueError(f"{out} holds {', '.join(left)} but no checkpoint.pt to resume from (the run stopped "
-                         "before its first checkpoint, or the checkpoint was removed): pass another --out")  # fmt: skip
+        raise ValueError(
+            f"{out} holds {', '.join(left)} but no checkpoint.pt to resume from (the run stopped "
+            "before its first checkpoint, or the checkpoint was removed): pass another --out"
+        )
     return folder
 
 
@@ -229,20 +261,33 @@ def _cpu(x):
     return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
-def save_checkpoint(path: Path, model: GPRModel, opt, roller: Roller, it: int, env_steps: int, dist: Dist = SINGLE):
+def save_checkpoint(
+    path: Path, model: GPRModel, opt, roller: Roller, it: int, env_steps: int, dist: Dist = SINGLE
+):
     """Rank 0 writes model, optimiser and every rank's env state (collective: every rank calls it)."""
     rollers = distributed.gather_objects(_cpu(roller.state_dict()), dist)
     if not dist.is_main:
         return
-    payload = {"iteration": it, "env_steps": env_steps, "config": model.cfg.to_dict(), "model": model.state_dict(),
-               "optimizer": opt.state_dict(), "rollers": rollers}  # fmt: skip
+    payload = {
+        "iteration": it,
+        "env_steps": env_steps,
+        "config": model.cfg.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rollers": rollers,
+    }
     save_torch(path, CKPT_FORMAT, CKPT_VERSION, payload)
 
 
 def read_checkpoint(path: Path) -> dict:
     """Read an RL checkpoint safely (``weights_only``); errors name the file and what is wrong."""
-    return load_torch(path, CKPT_FORMAT, CKPT_VERSION, "an agents.hepo checkpoint",
-                      ("model", "optimizer", "rollers", "iteration", "env_steps"))  # fmt: skip
+    return load_torch(
+        path,
+        CKPT_FORMAT,
+        CKPT_VERSION,
+        "an agents.hepo checkpoint",
+        ("model", "optimizer", "rollers", "iteration", "env_steps"),
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -250,9 +295,17 @@ def read_checkpoint(path: Path) -> dict:
 
 def held_out(args: Args) -> HeldOutConfig:
     """The held-out sessions of this run's evaluations and how its generator is served there (``--eval-*``)."""
-    return HeldOutConfig(env=args.env, preset=args.preset, device=args.device, num_envs=args.eval_envs,
-                         sessions=args.eval_sessions, seed=args.eval_seed, beam_width=args.eval_beam,
-                         candidates=args.eval_candidates, progress=args.progress)  # fmt: skip
+    return HeldOutConfig(
+        env=args.env,
+        preset=args.preset,
+        device=args.device,
+        num_envs=args.eval_envs,
+        sessions=args.eval_sessions,
+        seed=args.eval_seed,
+        beam_width=args.eval_beam,
+        candidates=args.eval_candidates,
+        progress=args.progress,
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -261,8 +314,14 @@ def held_out(args: Args) -> HeldOutConfig:
 def make_train_env(args: Args, dist: Dist = SINGLE):
     """The training sessions; data-parallel, this rank's exact shard of one market (``distributed.shard_options``)."""
     shard = distributed.shard_options(args.num_envs, dist)  # --num-envs is the global number of sessions
-    return make_vec_env(args.env, args.num_envs // dist.world_size, preset=args.preset, device=args.device,
-                        validate_actions=False, **shard)  # fmt: skip
+    return make_vec_env(
+        args.env,
+        args.num_envs // dist.world_size,
+        preset=args.preset,
+        device=args.device,
+        validate_actions=False,
+        **shard,
+    )
 
 
 def _log_line(row: dict) -> str:
@@ -291,7 +350,9 @@ def _main(args: Args, dist: Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     vaft = ensure_pretrained(*pretraining(args), dist)
-    out = Path(distributed.broadcast_object(str(run_dir(args)), dist))  # a new folder is named by rank 0's clock
+    out = Path(
+        distributed.broadcast_object(str(run_dir(args)), dist)
+    )  # a new folder is named by rank 0's clock
     folder, refused = None, None
     if dist.is_main:  # rank 0 alone writes the folder; every rank fails alike when it is refused
         try:
@@ -314,7 +375,9 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
     if summary_path.is_file() and (out / "checkpoint.pt").is_file():
         finished = int(read_checkpoint(out / "checkpoint.pt")["iteration"])
         if finished >= args.iterations:  # nothing to train: the finished run's summary stays as it is
-            print(f"{out}: finished at iteration {finished} >= --iterations {args.iterations}; its summary is kept")
+            print(
+                f"{out}: finished at iteration {finished} >= --iterations {args.iterations}; its summary is kept"
+            )
             return read_json(summary_path)
     model, tok = load_run_model(vaft)
     tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
@@ -325,8 +388,16 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = UpdateConfig(args.epochs, args.minibatch, args.max_grad_norm, args.seed)
     env = make_train_env(args, dist)
-    roller = Roller(env, tok, args.group_size, args.truth, args.arr_rate if args.arr else 0.0, args.seed,
-                    budget_aware=args.budget_aware, dist=dist)  # fmt: skip
+    roller = Roller(
+        env,
+        tok,
+        args.group_size,
+        args.truth,
+        args.arr_rate if args.arr else 0.0,
+        args.seed,
+        budget_aware=args.budget_aware,
+        dist=dist,
+    )
     evaluate = Evaluator(held_out(args), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
@@ -336,8 +407,10 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
         state = read_checkpoint(ckpt)
         rollers = state["rollers"]
         if len(rollers) != dist.world_size:
-            raise ValueError(f"{ckpt}: written by {len(rollers)} process(es), resumed with {dist.world_size}: "
-                             "resume with the same number of processes")  # fmt: skip
+            raise ValueError(
+                f"{ckpt}: written by {len(rollers)} process(es), resumed with {dist.world_size}: "
+                "resume with the same number of processes"
+            )
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -350,11 +423,26 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
             write_metrics(metrics_path, rows)
             print(f"{out}: resuming at iteration {start}")
     elif dist.is_main:
-        write_json(out / "config.json", {"args": _comparable(args), "algo": args.algo, "label": args.label or args.algo,
-                                         "seed": args.seed, "env": args.env, "init": str(vaft),
-                                         "tokenizer_path": tok_path, "world_size": dist.world_size})  # fmt: skip
+        write_json(
+            out / "config.json",
+            {
+                "args": _comparable(args),
+                "algo": args.algo,
+                "label": args.label or args.algo,
+                "seed": args.seed,
+                "env": args.env,
+                "init": str(vaft),
+                "tokenizer_path": tok_path,
+                "world_size": dist.world_size,
+            },
+        )
         metrics_path.unlink(missing_ok=True)
-        row = {"iteration": 0, "env_steps": 0, **evaluate(model), **mtp_candidates(evaluate, vaft, args.device)}
+        row = {
+            "iteration": 0,
+            "env_steps": 0,
+            **evaluate(model),
+            **mtp_candidates(evaluate, vaft, args.device),
+        }
         append_metrics(metrics_path, row)
         print(_log_line(row))
     terms_fn = PathTerms(model)
@@ -362,8 +450,12 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
         terms_fn = torch.nn.parallel.DistributedDataParallel(terms_fn, find_unused_parameters=True)
 
-    bar = tqdm(range(start, args.iterations), desc=f"{args.algo}", disable=not (args.progress and dist.is_main),
-               unit="it")  # fmt: skip
+    bar = tqdm(
+        range(start, args.iterations),
+        desc=f"{args.algo}",
+        disable=not (args.progress and dist.is_main),
+        unit="it",
+    )
     for it in bar:
         t0 = time.perf_counter()
         model.eval()
@@ -371,24 +463,45 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
         model.train()
         buf.adv, buf.returns = algo.targets(buf, args.loss)
         t1 = time.perf_counter()
-        terms = update(terms_fn, model, opt, ref, buf, algo, args.loss, schedule, it, dist,
-                       policy=it >= args.critic_warmup)  # fmt: skip
+        terms = update(
+            terms_fn,
+            model,
+            opt,
+            ref,
+            buf,
+            algo,
+            args.loss,
+            schedule,
+            it,
+            dist,
+            policy=it >= args.critic_warmup,
+        )
         t2 = time.perf_counter()
         env_steps += stats["rollout/requests"]
         returns, _ = roller.pop_episodes()
         episodes = torch.tensor([float(returns.numel()), float(returns.sum())], dtype=torch.float64)
         count, total = distributed.all_reduce_sum(episodes, dist).tolist()
         done = it + 1
-        row = {"iteration": done, "env_steps": env_steps, **stats, **(buf.stats or {}), **terms,
-               "train/episodes": int(count), "train/episode_return": total / count if count else float("nan"),
-               "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
-               "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9)}  # fmt: skip
+        row = {
+            "iteration": done,
+            "env_steps": env_steps,
+            **stats,
+            **(buf.stats or {}),
+            **terms,
+            "train/episodes": int(count),
+            "train/episode_return": total / count if count else float("nan"),
+            "perf/rollout_s": t1 - t0,
+            "perf/update_s": t2 - t1,
+            "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9),
+        }
         if dist.is_main:
             if done % args.eval_every == 0 or done == args.iterations:
                 row.update(evaluate(model))
                 tqdm.write(_log_line(row))
             append_metrics(metrics_path, row)
-            bar.set_postfix(value=f"{stats['rollout/group_value_mean']:.4f}", req_s=f"{row['perf/requests_per_s']:.0f}")
+            bar.set_postfix(
+                value=f"{stats['rollout/group_value_mean']:.4f}", req_s=f"{row['perf/requests_per_s']:.0f}"
+            )
         if done % args.checkpoint_every == 0 or done == args.iterations:
             save_checkpoint(ckpt, model, opt, roller, done, env_steps, dist)
             if dist.is_main:
@@ -400,12 +513,21 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
         rows = read_metrics(metrics_path)
         evals = [r for r in rows if "eval/reward_per_session" in r]
         plot_curves([out], out / "curves.png")
-        summary = {"algo": args.algo, "seed": args.seed, "iterations": args.iterations, "env_steps": env_steps,
-                   "world_size": dist.world_size, "initial": evals[0], "final": evals[-1]}  # fmt: skip
+        summary = {
+            "algo": args.algo,
+            "seed": args.seed,
+            "iterations": args.iterations,
+            "env_steps": env_steps,
+            "world_size": dist.world_size,
+            "initial": evals[0],
+            "final": evals[-1],
+        }
         write_json(summary_path, summary)
-        print(f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
-              f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
-              f"{evals[-1]['eval/gmv_per_session']:.3f}")  # fmt: skip
+        print(
+            f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
+            f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
+            f"{evals[-1]['eval/gmv_per_session']:.3f}"
+        )
     distributed.barrier(dist)  # rank 0 wrote summary.json
     return read_json(summary_path)
 

@@ -125,7 +125,9 @@ def ope_hook(behaviour, target):
         logged = out.action[:, 0]
         eligible = vec.eligible_ads()
         d_e, d_b = action_distribution(target, obs), action_distribution(behaviour, obs)
-        b_support = torch.zeros(obs["user_id"].shape[0], vec.config.num_ads, dtype=torch.bool, device=logged.device)
+        b_support = torch.zeros(
+            obs["user_id"].shape[0], vec.config.num_ads, dtype=torch.bool, device=logged.device
+        )
         b_support.scatter_(1, d_b.ads, d_b.prob > 0)
         return {
             "pi_e": prob_of(d_e, logged),  # pi_e(a_i | x_i)
@@ -166,7 +168,12 @@ def check_meta(meta: dict, path: str) -> WorldConfig:
 
 
 def resimulate(
-    meta: dict, target: str, target_options: dict, behaviour_temperature: float | None, device: str, progress: bool
+    meta: dict,
+    target: str,
+    target_options: dict,
+    behaviour_temperature: float | None,
+    device: str,
+    progress: bool,
 ):
     """Run the log's behaviour policy again (at ``behaviour_temperature``) with the OPE hook.
 
@@ -179,7 +186,9 @@ def resimulate(
     env = log_env(meta, device)
     behaviour = make_policy(meta["policy"], env, meta["seed"], **temperature_option(behaviour_temperature))
     target_policy = make_policy(target, env, meta["seed"], **target_options)
-    columns, stats = collect(env, behaviour, meta["seed"], meta["steps"], ope_hook(behaviour, target_policy), progress)
+    columns, stats = collect(
+        env, behaviour, meta["seed"], meta["steps"], ope_hook(behaviour, target_policy), progress
+    )
     return columns, stats, env.unwrapped.world
 
 
@@ -233,19 +242,27 @@ def denoised_reward(columns: dict[str, np.ndarray], world) -> np.ndarray:
     shown = torch.as_tensor(columns["shown_ad"][:, 0])
     order_value = world.ad_value_mean.cpu().double()[shown.clamp(min=0)] * (shown >= 0)
     value = expected_weighted_reward(
-        world.config.reward, torch.as_tensor(columns["revenue"]), torch.as_tensor(columns["p_click"]),
-        torch.as_tensor(columns["p_conversion"]), order_value, torch.as_tensor(~columns["terminated"]).double(),
-    )  # fmt: skip
+        world.config.reward,
+        torch.as_tensor(columns["revenue"]),
+        torch.as_tensor(columns["p_click"]),
+        torch.as_tensor(columns["p_conversion"]),
+        order_value,
+        torch.as_tensor(~columns["terminated"]).double(),
+    )
     return value.numpy()
 
 
 def log_env(meta: dict, device: str):
     """A fresh vector env of the log's market: its env id, world config, world seed and size."""
     cfg = WorldConfig.from_dict(meta["world_config"])
-    return make_vec_env(meta["env"], meta["num_envs"], config=cfg, world_seed=meta["world_seed"], device=device)
+    return make_vec_env(
+        meta["env"], meta["num_envs"], config=cfg, world_seed=meta["world_seed"], device=device
+    )
 
 
-def online_run(meta: dict, target: str, target_options: dict, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def online_run(
+    meta: dict, target: str, target_options: dict, device: str, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """The target run online on the log's users, seed and sizes.
 
     Returns:
@@ -271,7 +288,9 @@ def bandit_view(reward: np.ndarray, propensity: np.ndarray, stats: dict[str, np.
     pe = np.clip(stats["pi_e"], 0.0, 1.0)
     rest = 1.0 - pe
     q_rest = np.divide(stats["dm"] - pe * stats["q_logged"], rest, out=np.zeros_like(rest), where=rest > 0)
-    data = LoggedBandit(action=np.zeros(len(reward), dtype=np.int64), reward=reward, propensity=propensity, n_actions=2)
+    data = LoggedBandit(
+        action=np.zeros(len(reward), dtype=np.int64), reward=reward, propensity=propensity, n_actions=2
+    )
     return data, np.stack([pe, rest], 1), np.stack([stats["q_logged"], q_rest], 1)
 
 
@@ -283,9 +302,13 @@ def estimate(
     table = estimate_all(data, pi_e, q_hat, level=level)
     ws = weight_stats(data, pi_e)
     diag = {
-        "rows": len(reward), "mean_weight": ws.mean_weight, "max_weight": ws.max_weight, "ess": ws.ess,
-        "support": float(stats["support"].mean()), "truth_bandit": float(stats["v_true"].mean()),
-    }  # fmt: skip
+        "rows": len(reward),
+        "mean_weight": ws.mean_weight,
+        "max_weight": ws.max_weight,
+        "ess": ws.ess,
+        "support": float(stats["support"].mean()),
+        "truth_bandit": float(stats["v_true"].mean()),
+    }
     return table, diag
 
 
@@ -302,9 +325,13 @@ def add_truths(table: pd.DataFrame, truth_online: float | None, truth_bandit: fl
 
 
 def size_sweep(
-    reward: np.ndarray, propensity: np.ndarray, stats: dict[str, np.ndarray], online: np.ndarray,
-    points: int, level: float,
-) -> pd.DataFrame:  # fmt: skip
+    reward: np.ndarray,
+    propensity: np.ndarray,
+    stats: dict[str, np.ndarray],
+    online: np.ndarray,
+    points: int,
+    level: float,
+) -> pd.DataFrame:
     """Estimates on the first T / 2^i collection steps of the log (i < points), against the same prefix truths."""
     steps, n = online.shape
     sizes = sorted({max(1, steps >> i) for i in range(points)})
@@ -338,7 +365,13 @@ def plot(sweep: pd.DataFrame, path: Path, title: str) -> None:
             yerr = np.stack([est["value"] - est["ci_low"], est["ci_high"] - est["value"]])
             ax.errorbar(est[x] * shift, err, yerr=yerr, marker="o", ms=4, capsize=2, label=name)
         floor = part.drop_duplicates(x).sort_values(x)
-        ax.plot(floor[x], floor["truth_bandit"] - floor["truth_online"], "k--", lw=1, label="bandit - online truth")
+        ax.plot(
+            floor[x],
+            floor["truth_bandit"] - floor["truth_online"],
+            "k--",
+            lw=1,
+            label="bandit - online truth",
+        )
         ax.axhline(0.0, color="gray", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -387,7 +420,9 @@ class Args:
         if not self.logs:
             raise ValueError("logs is required: --logs PATH to a Parquet log from agents.collect")
         if self.policy not in TARGETS:
-            raise ValueError(f"policy={self.policy!r} is not an off-policy target: expected one of {list(TARGETS)}")
+            raise ValueError(
+                f"policy={self.policy!r} is not an off-policy target: expected one of {list(TARGETS)}"
+            )
         check_range("target_temperature", self.target_temperature, 0.0, 100.0)
         for t in self.sweep_temperatures:
             check_range("sweep_temperatures", t, 0.0, 100.0, lo_open=True)
@@ -434,34 +469,51 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
                 if t_log is not None and np.isclose(temp, t_log):
                     r_t, p_t, s_t = reward, propensity, stats  # the log itself
                 else:
-                    cols_t, s_t, _ = resimulate(meta, args.policy, target_options, temp, device, args.progress)
+                    cols_t, s_t, _ = resimulate(
+                        meta, args.policy, target_options, temp, device, args.progress
+                    )
                     r_t, p_t = cols_t["reward"], cols_t["propensity"]
                 t_table, t_diag = estimate(r_t, p_t, s_t, args.level)
                 t_table = add_truths(t_table, diag["truth_online"], t_diag["truth_bandit"])
-                parts.append(t_table.assign(sweep="temperature", temperature=temp, rows=len(r_t), ess=t_diag["ess"]))
+                parts.append(
+                    t_table.assign(sweep="temperature", temperature=temp, rows=len(r_t), ess=t_diag["ess"])
+                )
         results["sweep"] = sweep = pd.concat(parts, ignore_index=True)
         atomic_write_with(out / "sweep.csv", lambda tmp: sweep.to_csv(tmp, index=False))
-        title = (f"{args.policy}{'' if t_target is None else f' (t={t_target:g})'} from "
-                 f"{meta['policy']} (t={t_log}) logs, {meta['num_envs']} envs x {meta['steps']} steps")  # fmt: skip
+        title = (
+            f"{args.policy}{'' if t_target is None else f' (t={t_target:g})'} from "
+            f"{meta['policy']} (t={t_log}) logs, {meta['num_envs']} envs x {meta['steps']} steps"
+        )
         plot(sweep, out / "ope.png", title)
 
     atomic_write_with(out / "estimates.csv", lambda tmp: table.to_csv(tmp, index=False))
     atomic_write_with(out / "estimates.json", lambda tmp: table.to_json(tmp, orient="records", indent=2))
-    config = {"args": dataclasses.asdict(args), "log_meta": {k: v for k, v in meta.items() if k != "world_config"},
-              "diagnostics": diag}  # fmt: skip
-    atomic_write_with(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    config = {
+        "args": dataclasses.asdict(args),
+        "log_meta": {k: v for k, v in meta.items() if k != "world_config"},
+        "diagnostics": diag,
+    }
+    atomic_write_with(
+        out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n")
+    )
     results["diagnostics"] = diag
 
-    cols = ["name", "value", "ci_low", "ci_high"] + [c for c in ("error_online", "error_bandit") if c in table]
+    cols = ["name", "value", "ci_low", "ci_high"] + [
+        c for c in ("error_online", "error_bandit") if c in table
+    ]
     with pd.option_context("display.float_format", "{:.5f}".format, "display.width", 160):
-        print(f"target {args.policy} from {meta['policy']} logs ({args.logs}): {len(df)} requests, "
-              f"mean reward {reward.mean():.5f} (denoised {diag['logged_denoised']:.5f}), mean weight "
-              f"{diag['mean_weight']:.3f}, ESS {diag['ess']:.0f}, pi_e support under pi_b {diag['support']:.3f}")
+        print(
+            f"target {args.policy} from {meta['policy']} logs ({args.logs}): {len(df)} requests, "
+            f"mean reward {reward.mean():.5f} (denoised {diag['logged_denoised']:.5f}), mean weight "
+            f"{diag['mean_weight']:.3f}, ESS {diag['ess']:.0f}, pi_e support under pi_b {diag['support']:.3f}"
+        )
         if args.env:
             half = critical_value(args.level) * diag["truth_online_se"]
-            print(f"truth: online {diag['truth_online']:.5f} +- {half:.5f} ({args.level:.0%} CI) (realized "
-                  f"{diag['online_realized']:.5f}), bandit (logged requests) {diag['truth_bandit']:.5f} (ignores "
-                  f"budget refusals: {diag['budget_refused']:.0%} of the logged ads' wins were refused)")  # fmt: skip
+            print(
+                f"truth: online {diag['truth_online']:.5f} +- {half:.5f} ({args.level:.0%} CI) (realized "
+                f"{diag['online_realized']:.5f}), bandit (logged requests) {diag['truth_bandit']:.5f} (ignores "
+                f"budget refusals: {diag['budget_refused']:.0%} of the logged ads' wins were refused)"
+            )
         print(table[cols].to_string(index=False))
     print(f"wrote {out}")
     return results

@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def main(argv: list[str] | Args | None = None) -> dict[str, Path]:
     """Write the report of the run folders; returns file name -> path (also prints the markdown tables)."""
     args = argv if isinstance(argv, Args) else parse_args(argv)
-    files = write_report(list(args.runs), args.out, args.level, args.baseline)  # a bad folder: one-line ValueError
+    files = write_report(
+        list(args.runs), args.out, args.level, args.baseline
+    )  # a bad folder: one-line ValueError
     for name in ("table3.md", "final_table.md", "table4.md", "table5.md"):
         if name in files:
             print(files[name].read_text())

@@ -73,7 +73,15 @@ class Args:
 
     def __post_init__(self) -> None:
         check_args(self)
-        for name in ("total_timesteps", "num_envs", "n_steps", "batch_size", "n_epochs", "eval_every", "eval_episodes"):
+        for name in (
+            "total_timesteps",
+            "num_envs",
+            "n_steps",
+            "batch_size",
+            "n_epochs",
+            "eval_every",
+            "eval_episodes",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
@@ -143,24 +151,44 @@ def _train_seed(args: Args, seed: int, run_dir: Path, config: dict) -> dict:
         print(f"[seed {seed}] resuming from {ckpt} at {model.num_timesteps} steps")
     else:
         model = PPO(
-            "MlpPolicy", vec, learning_rate=args.learning_rate, n_steps=args.n_steps, batch_size=args.batch_size,
-            n_epochs=args.n_epochs, gamma=args.gamma, ent_coef=args.ent_coef, seed=seed, device="cpu", verbose=0,
+            "MlpPolicy",
+            vec,
+            learning_rate=args.learning_rate,
+            n_steps=args.n_steps,
+            batch_size=args.batch_size,
+            n_epochs=args.n_epochs,
+            gamma=args.gamma,
+            ent_coef=args.ent_coef,
+            seed=seed,
+            device="cpu",
+            verbose=0,
         )
     eval_env = make_env(args)
     rng = np.random.default_rng(seed)
     n_ads = eval_env.action_space.n
     random_returns = evaluate(eval_env, lambda obs: int(rng.integers(n_ads)), args.eval_episodes)
-    bar = tqdm(total=args.total_timesteps, initial=min(model.num_timesteps, args.total_timesteps), desc=f"ppo seed {seed}")
+    bar = tqdm(
+        total=args.total_timesteps,
+        initial=min(model.num_timesteps, args.total_timesteps),
+        desc=f"ppo seed {seed}",
+    )
     while model.num_timesteps < args.total_timesteps:
         before = model.num_timesteps
         chunk = min(args.eval_every, args.total_timesteps - before)
         model.learn(total_timesteps=chunk, reset_num_timesteps=False)
         bar.update(model.num_timesteps - before)
-        ppo_returns = evaluate(eval_env, lambda obs: int(model.predict(obs, deterministic=True)[0]), args.eval_episodes)
+        ppo_returns = evaluate(
+            eval_env, lambda obs: int(model.predict(obs, deterministic=True)[0]), args.eval_episodes
+        )
         diff = paired_difference(ppo_returns, random_returns)  # same reset seeds: paired by episode
-        row = {"global_step": model.num_timesteps, "eval/return": float(ppo_returns.mean()),
-               "eval/random_return": float(random_returns.mean()), "eval/diff_vs_random": diff.value,
-               "eval/diff_ci_low": diff.ci_low, "eval/diff_ci_high": diff.ci_high}
+        row = {
+            "global_step": model.num_timesteps,
+            "eval/return": float(ppo_returns.mean()),
+            "eval/random_return": float(random_returns.mean()),
+            "eval/diff_vs_random": diff.value,
+            "eval/diff_ci_low": diff.ci_low,
+            "eval/diff_ci_high": diff.ci_high,
+        }
         append_metrics(run_dir / "metrics.jsonl", row)
         if args.normalize_reward:  # the reward statistics are part of the training state
             atomic_write_with(stats, vec.save)
@@ -205,14 +233,19 @@ def _main(args: Args, out: Path) -> dict:
     """Every seed, then the summary and curves of this invocation's seeds in the parent folder ``out``."""
     results = [train_seed(args, s) for s in args.seed_list()]
     diffs = np.array([r["eval/diff_vs_random"] for r in results])
-    summary = {"per_seed": results, "mean_diff_vs_random": float(diffs.mean()),
-               "seeds_beating_random_ci": int(sum(r["eval/diff_ci_low"] > 0 for r in results))}
+    summary = {
+        "per_seed": results,
+        "mean_diff_vs_random": float(diffs.mean()),
+        "seeds_beating_random_ci": int(sum(r["eval/diff_ci_low"] > 0 for r in results)),
+    }
     write_json(out / "summary.json", summary)
     plot_curves(out, args.seed_list(), args.env)
     print(f"{'seed':>4} {'ppo':>8} {'random':>8} {'diff':>8} {'95% CI of diff':>20}")
     for r in results:
-        print(f"{r['seed']:>4} {r['eval/return']:8.4f} {r['eval/random_return']:8.4f} {r['eval/diff_vs_random']:8.4f}"
-              f"   [{r['eval/diff_ci_low']:.4f}, {r['eval/diff_ci_high']:.4f}]")
+        print(
+            f"{r['seed']:>4} {r['eval/return']:8.4f} {r['eval/random_return']:8.4f} {r['eval/diff_vs_random']:8.4f}"
+            f"   [{r['eval/diff_ci_low']:.4f}, {r['eval/diff_ci_high']:.4f}]"
+        )
     return summary
 
 

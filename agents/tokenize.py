@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args, cfg, overrides = parse_configs(Args, CompareConfig, argv=argv, description=__doc__, world=True)
     world_cfg = world_config(args.preset, overrides)
 
-    settings = {**dataclasses.asdict(args), **dataclasses.asdict(cfg), "world": world_cfg.to_dict()}  # keys = flags
+    settings = {
+        **dataclasses.asdict(args),
+        **dataclasses.asdict(cfg),
+        "world": world_cfg.to_dict(),
+    }  # keys = flags
     with RunFolder(args.out, ENTRY, settings, RESUME_IGNORES) as folder:
         return _fit(args, cfg, world_cfg, folder.path)
 

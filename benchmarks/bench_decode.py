@@ -233,7 +233,9 @@ def incremental_cost(
     c = _Tally(cfg)
     cc = c.context(cfg, tq, tq, tk)
     if cfg.thinking:
-        c.act += 2 * cfg.num_thinking * (d + 2 * cfg.n_heads) * 4 / elt  # the float32 partial state read and merged
+        c.act += (
+            2 * cfg.num_thinking * (d + 2 * cfg.n_heads) * 4 / elt
+        )  # the float32 partial state read and merged
     c.linear(cc, d, d)  # MTP head-0 adapter, once per request
     for _ in range(cfg.decoder_layers):  # context keys/values through the PTD decoder, once per request
         c.block(cc, cc, 3, cc, cc, 1)
@@ -308,8 +310,13 @@ class Decoder:
         gen = torch.Generator(device=tokens.type_ids.device).manual_seed(0)
         hidden = self.hsd(tokens).hidden
         ctx = self.model.ptd.context(hidden, tokens.padding_mask, gen)  # == model.context(tokens, gen)
-        res = beam_search(lambda row, prefix: self.step(ctx, row, prefix), self.trie,
-                          batch_size=tokens.type_ids.shape[0], beam_width=beam, top_k=top_k)  # fmt: skip
+        res = beam_search(
+            lambda row, prefix: self.step(ctx, row, prefix),
+            self.trie,
+            batch_size=tokens.type_ids.shape[0],
+            beam_width=beam,
+            top_k=top_k,
+        )
         return res.items
 
 
@@ -319,18 +326,26 @@ def step_inputs(b: int, cfg: GPRConfig, new_tokens: int, device: torch.device, s
     gen = torch.Generator(device=device).manual_seed(seed)
     n_i = new_tokens - 1
     return {
-        "codes": torch.stack([torch.randint(0, k, (b,), generator=gen, device=device) for k in cfg.level_sizes], 1),
+        "codes": torch.stack(
+            [torch.randint(0, k, (b,), generator=gen, device=device) for k in cfg.level_sizes], 1
+        ),
         "items": torch.randint(0, 1 << 20, (b,), generator=gen, device=device),
         "events": torch.randint(1, 4, (b, max(n_i, 1)), generator=gen, device=device)[:, :n_i],
         "context": torch.randn(b, cfg.dense_dim, generator=gen, device=device),
-        "noise": torch.randn(b, cfg.d_model, device=device, generator=torch.Generator(device=device).manual_seed(0)),
-    }  # fmt: skip
+        "noise": torch.randn(
+            b, cfg.d_model, device=device, generator=torch.Generator(device=device).manual_seed(0)
+        ),
+    }
 
 
-def prefill_state(dec: IncrementalDecoder, tokens: TokenBatch, seed: int = 0, sub: int = 4096) -> IncrementalState:
+def prefill_state(
+    dec: IncrementalDecoder, tokens: TokenBatch, seed: int = 0, sub: int = 4096
+) -> IncrementalState:
     """``dec.prefill`` of ``tokens`` with ``step_inputs`` drawn from ``seed``."""
     cfg, dev = dec.model.cfg, tokens.type_ids.device
-    return dec.prefill(tokens, **step_inputs(tokens.type_ids.shape[0], cfg, dec.new_tokens, dev, seed), sub=sub)
+    return dec.prefill(
+        tokens, **step_inputs(tokens.type_ids.shape[0], cfg, dec.new_tokens, dev, seed), sub=sub
+    )
 
 
 def time_incremental(
@@ -362,8 +377,12 @@ def time_incremental(
             env_step(cands)
 
     with torch.no_grad(), autocast(device, dtype):
-        for j, m in dict.fromkeys((i % len(states), m) for i, m in enumerate(sizes)):  # each (state, rows) once:
-            dec(states[j] if m == chunk else states[j].rows(slice(0, m)), beam, top_k)  # compile / capture here
+        for j, m in dict.fromkeys(
+            (i % len(states), m) for i, m in enumerate(sizes)
+        ):  # each (state, rows) once:
+            dec(
+                states[j] if m == chunk else states[j].rows(slice(0, m)), beam, top_k
+            )  # compile / capture here
         if env_step is not None:
             for _ in range(3):  # the env core's compile, and resets of the first sessions that end
                 env_step(cands)
@@ -575,8 +594,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--new-tokens must be >= 1 (the E token), got {args.new_tokens}")
     # incremental: the appended tokens' positions run up to T - 1 + new_tokens - 1
     max_len = schema.seq_len + (args.new_tokens if "incremental" in decode_modes else 0)
-    cfg = GPRConfig(level_sizes=levels, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                    max_len=max_len)  # fmt: skip
+    cfg = GPRConfig(
+        level_sizes=levels,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        max_len=max_len,
+    )
     previous_impl, TypedFFN.impl = TypedFFN.impl, args.ffn_impl
     try:
         return _run(args, cfg, schema, levels, device, dtype, argv)
@@ -587,8 +611,12 @@ def main(argv: list[str] | None = None) -> dict:
 def _measure(row: dict, cost: dict, timed, n: int, naive: float | None, mm_rate, bw, device) -> dict:
     """Fill one result row: cost, floor, timing (errors recorded, not raised), ratio to the naive loop."""
     floor = 1.0 / max(cost["flops"] / mm_rate, cost["bytes"] / bw)
-    row.update(flops_per_decision=cost["flops"], flops_min_per_decision=cost["flops_min"],
-               bytes_per_decision=cost["bytes"], floor_decisions_per_s=floor)  # fmt: skip
+    row.update(
+        flops_per_decision=cost["flops"],
+        flops_min_per_decision=cost["flops_min"],
+        bytes_per_decision=cost["bytes"],
+        floor_decisions_per_s=floor,
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -601,9 +629,13 @@ def _measure(row: dict, cost: dict, timed, n: int, naive: float | None, mm_rate,
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     else:
         dps = n / sec
-        row.update(seconds=sec, decisions_per_s=dps, frac_of_floor=dps / floor,
-                   achieved_flops_per_s=dps * cost["flops"],
-                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)  # fmt: skip
+        row.update(
+            seconds=sec,
+            decisions_per_s=dps,
+            frac_of_floor=dps / floor,
+            achieved_flops_per_s=dps * cost["flops"],
+            peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        )
         if naive:
             row.update(naive_decisions_per_s=naive, x_naive=dps / naive)
     msg = row.get("error") or f"{row['decisions_per_s']:,.0f} decisions/s"
@@ -611,8 +643,25 @@ def _measure(row: dict, cost: dict, timed, n: int, naive: float | None, mm_rate,
     return row
 
 
-def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chunk, device, dtype, mm_rate, bw,
-                     elt, naive, prefill, checkpoint) -> None:  # fmt: skip
+def _run_incremental(
+    args,
+    model,
+    trie,
+    cfg,
+    schema,
+    batches,
+    sizes,
+    beams,
+    chunk,
+    device,
+    dtype,
+    mm_rate,
+    bw,
+    elt,
+    naive,
+    prefill,
+    checkpoint,
+) -> None:
     """Rows of the incremental mode: prefill the chunk states once (timed apart), then time steps."""
     t0 = schema.seq_len
     names = ["eager"] + (["compiled"] if args.compile else []) + (["fused"] if args.fuse else [])
@@ -620,9 +669,15 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
     if args.inc_modes:  # an explicit list replaces the one --compile / --fuse give
         names = [m for m in args.inc_modes.split(",") if m]
         if not names or set(names) - set(IncrementalDecoder.MODES):
-            raise SystemExit(f"--inc-modes must list some of {', '.join(IncrementalDecoder.MODES)}, got {args.inc_modes!r}")
-    modes = [(name, IncrementalDecoder(model, trie, name, args.new_tokens, args.compile_mode)) for name in names]
-    eager = dict(modes).get("eager") or IncrementalDecoder(model, trie, "eager", args.new_tokens)  # prefill, naive
+            raise SystemExit(
+                f"--inc-modes must list some of {', '.join(IncrementalDecoder.MODES)}, got {args.inc_modes!r}"
+            )
+    modes = [
+        (name, IncrementalDecoder(model, trie, name, args.new_tokens, args.compile_mode)) for name in names
+    ]
+    eager = dict(modes).get("eager") or IncrementalDecoder(
+        model, trie, "eager", args.new_tokens
+    )  # prefill, naive
     ichunk = chunk if args.inc_chunk <= 0 else min(args.inc_chunk, max(sizes))
     with torch.no_grad(), autocast(device, dtype):
         prefill_state(eager, _head(batches[0], min(chunk, 8)))  # warm-up
@@ -639,12 +694,16 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
     users = 2 * ichunk
     state_bytes = state_bytes_per_user(cfg, t0, states[0].layers[0].k.element_size())
     prefill.update(users=users, seconds=sec, users_per_s=users / sec, state_bytes_per_user=state_bytes)
-    print(f"  prefill (eager HSD + thinking partial, T={t0}): {users / sec:,.0f} users/s, "
-          f"state {state_bytes / 2**20:.3f} MiB/user", flush=True)  # fmt: skip
+    print(
+        f"  prefill (eager HSD + thinking partial, T={t0}): {users / sec:,.0f} users/s, "
+        f"state {state_bytes / 2**20:.3f} MiB/user",
+        flush=True,
+    )
     if args.naive_requests > 0:
         for w in beams:
-            naive[w] = naive_incremental_rate(eager, states[0], min(args.naive_requests, chunk), w,
-                                              min(args.top_k, w), device, dtype)  # fmt: skip
+            naive[w] = naive_incremental_rate(
+                eager, states[0], min(args.naive_requests, chunk), w, min(args.top_k, w), device, dtype
+            )
             print(f"  naive incremental W={w}: {naive[w]:,.1f} decisions/s", flush=True)
     env_steps: dict[tuple, tuple] = {}  # --env-step: (N, top-k, compiled) -> (step, bytes per user-step)
     for mode, dec in modes:
@@ -654,11 +713,30 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
             for w in beams:
                 k = min(args.top_k, w)
                 cost = incremental_cost(cfg, t0, args.new_tokens, w, k, c, elt)
-                row = {"decode": "incremental", "mode": mode, "n": n, "beam": w, "top_k": k, "chunk": c,
-                       "new_tokens": args.new_tokens, "prefix_len": t0, "kv_bytes_per_decision": cost["kv_bytes"],
-                       "resident_state_gib": n * state_bytes / 2**30}  # fmt: skip
-                checkpoint(_measure(row, cost, functools.partial(time_incremental, dec, cs, n, w, k, device, dtype, args.reps),
-                                    n, naive.get(w), mm_rate, bw, device))  # fmt: skip
+                row = {
+                    "decode": "incremental",
+                    "mode": mode,
+                    "n": n,
+                    "beam": w,
+                    "top_k": k,
+                    "chunk": c,
+                    "new_tokens": args.new_tokens,
+                    "prefix_len": t0,
+                    "kv_bytes_per_decision": cost["kv_bytes"],
+                    "resident_state_gib": n * state_bytes / 2**30,
+                }
+                checkpoint(
+                    _measure(
+                        row,
+                        cost,
+                        functools.partial(time_incremental, dec, cs, n, w, k, device, dtype, args.reps),
+                        n,
+                        naive.get(w),
+                        mm_rate,
+                        bw,
+                        device,
+                    )
+                )
                 if args.profile and n == max(sizes) and w == beams[0]:
                     row["profile"] = profile_step(dec, cs[0], w, k, device, dtype)
                 if args.env_step:
@@ -669,9 +747,21 @@ def _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chun
                     env_row = {**row, "decode": "incremental+env", "env_bytes_per_step": env_bytes}
                     for key in ("profile", "error", "decisions_per_s", "x_naive", "naive_decisions_per_s"):
                         env_row.pop(key, None)
-                    timed = functools.partial(time_incremental, dec, cs, n, w, k, device, dtype, args.reps, step)
-                    checkpoint(_measure(env_row, {**cost, "bytes": cost["bytes"] + env_bytes}, timed, n, naive.get(w),
-                                        mm_rate, bw, device))  # fmt: skip
+                    timed = functools.partial(
+                        time_incremental, dec, cs, n, w, k, device, dtype, args.reps, step
+                    )
+                    checkpoint(
+                        _measure(
+                            env_row,
+                            {**cost, "bytes": cost["bytes"] + env_bytes},
+                            timed,
+                            n,
+                            naive.get(w),
+                            mm_rate,
+                            bw,
+                            device,
+                        )
+                    )
                 dec.release()
 
 
@@ -682,15 +772,21 @@ def _env_step(args, n: int, top_k: int, device, compiled: bool):
     from envs.market import BatchedMarket
     from gpr_sim.world import WorldConfig
 
-    cfg = WorldConfig.small(num_candidates=top_k, num_ads=args.items, num_advertisers=min(1000, args.items),
-                            num_organic=200_000, num_users=1_000_000)  # fmt: skip
+    cfg = WorldConfig.small(
+        num_candidates=top_k,
+        num_ads=args.items,
+        num_advertisers=min(1000, args.items),
+        num_organic=200_000,
+        num_users=1_000_000,
+    )
     market = BatchedMarket(cfg, n, device=device)
     market.reset(seed=0)
     return native_step(market, compiled), bytes_per_step(cfg)
 
 
-def profile_step(dec: IncrementalDecoder, st: IncrementalState, beam: int, top_k: int, device, dtype,
-                 top: int = 12) -> dict:  # fmt: skip
+def profile_step(
+    dec: IncrementalDecoder, st: IncrementalState, beam: int, top_k: int, device, dtype, top: int = 12
+) -> dict:
     """Device time of one (warm) step by kernel: where the step's time goes. Printed and returned."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -712,19 +808,38 @@ def profile_step(dec: IncrementalDecoder, st: IncrementalState, beam: int, top_k
         hit = kernels.setdefault(name, [0.0, 0])
         hit[0], hit[1] = hit[0] + us, hit[1] + 1
     total = sum(v[0] for v in kernels.values())
-    rows = sorted(({"kernel": k, "us": v[0], "calls": v[1], "share": v[0] / max(total, 1e-9)}
-                   for k, v in kernels.items()), key=lambda r: -r["us"])  # fmt: skip
-    print(f"  profile {dec.mode} W={beam}: {len(rows)} kernels, {sum(v[1] for v in kernels.values())} launches, "
-          f"device {total / 1e3:.2f} ms of {wall * 1e3:.2f} ms wall (profiled)", flush=True)  # fmt: skip
+    rows = sorted(
+        (
+            {"kernel": k, "us": v[0], "calls": v[1], "share": v[0] / max(total, 1e-9)}
+            for k, v in kernels.items()
+        ),
+        key=lambda r: -r["us"],
+    )
+    print(
+        f"  profile {dec.mode} W={beam}: {len(rows)} kernels, {sum(v[1] for v in kernels.values())} launches, "
+        f"device {total / 1e3:.2f} ms of {wall * 1e3:.2f} ms wall (profiled)",
+        flush=True,
+    )
     for r in rows[:top]:
         print(f"    {r['us'] / 1e3:8.3f} ms {r['share']:6.1%} x{r['calls']:<4} {r['kernel']}")
     # the operators that launched them (empty under a CUDA graph replay: no operator runs on the host)
-    ops = sorted(({"op": e.key, "us": e.self_device_time_total, "calls": e.count} for e in prof.key_averages()
-                  if e.self_device_time_total > 0 and e.key.startswith("aten::")), key=lambda r: -r["us"])  # fmt: skip
+    ops = sorted(
+        (
+            {"op": e.key, "us": e.self_device_time_total, "calls": e.count}
+            for e in prof.key_averages()
+            if e.self_device_time_total > 0 and e.key.startswith("aten::")
+        ),
+        key=lambda r: -r["us"],
+    )
     for r in ops[:top]:
         print(f"    {r['us'] / 1e3:8.3f} ms x{r['calls']:<4} {r['op']}")
-    return {"device_ms": total / 1e3, "wall_ms": wall * 1e3, "launches": sum(v[1] for v in kernels.values()),
-            "kernels": rows[:40], "aten_ops": ops[:20]}  # fmt: skip
+    return {
+        "device_ms": total / 1e3,
+        "wall_ms": wall * 1e3,
+        "launches": sum(v[1] for v in kernels.values()),
+        "kernels": rows[:40],
+        "aten_ops": ops[:20],
+    }
 
 
 def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], device, dtype, argv) -> dict:
@@ -757,15 +872,38 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
         cmd = " ".join(
             ["python", "benchmarks/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]
         )
-        partial = {"partial": True, "command": cmd, "rows": rows, "prefill": prefill or None,
-                   "matmul_flops_per_s": mm_rate, "copy_bytes_per_s": bw}  # fmt: skip
+        partial = {
+            "partial": True,
+            "command": cmd,
+            "rows": rows,
+            "prefill": prefill or None,
+            "matmul_flops_per_s": mm_rate,
+            "copy_bytes_per_s": bw,
+        }
         out_path.write_text(json.dumps(partial, indent=2))
         return row
 
     for decode_mode in args.decode_modes:  # in the order given
         if decode_mode == "incremental":
-            _run_incremental(args, model, trie, cfg, schema, batches, sizes, beams, chunk, device, dtype,
-                             mm_rate, bw, elt, naive_inc, prefill, checkpoint)  # fmt: skip
+            _run_incremental(
+                args,
+                model,
+                trie,
+                cfg,
+                schema,
+                batches,
+                sizes,
+                beams,
+                chunk,
+                device,
+                dtype,
+                mm_rate,
+                bw,
+                elt,
+                naive_inc,
+                prefill,
+                checkpoint,
+            )
             continue
         eager = Decoder(model, trie, compiled=False)
         if args.naive_requests > 0:
@@ -783,10 +921,25 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
                 for w in beams:
                     k = min(args.top_k, w)
                     cost = decode_cost(cfg, schema.seq_len, w, cb[0].type_ids.shape[0], elt)
-                    checkpoint(_measure(
-                        {"decode": "full", "mode": mode, "n": n, "beam": w, "top_k": k, "chunk": cb[0].type_ids.shape[0]},
-                        cost, functools.partial(time_decode, dec, cb, n, w, k, device, dtype, args.reps), n, naive.get(w),
-                        mm_rate, bw, device))  # fmt: skip
+                    checkpoint(
+                        _measure(
+                            {
+                                "decode": "full",
+                                "mode": mode,
+                                "n": n,
+                                "beam": w,
+                                "top_k": k,
+                                "chunk": cb[0].type_ids.shape[0],
+                            },
+                            cost,
+                            functools.partial(time_decode, dec, cb, n, w, k, device, dtype, args.reps),
+                            n,
+                            naive.get(w),
+                            mm_rate,
+                            bw,
+                            device,
+                        )
+                    )
 
     train = None
     if args.train_batch > 0:
@@ -795,9 +948,16 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             tps = train_rate(model, tb, args.train_steps, device, dtype)
-            train = {"batch": args.train_batch, "seq_len": schema.seq_len, "steps": args.train_steps,
-                     "tokens_per_s": tps, "requests_per_s": tps / schema.seq_len,
-                     "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}  # fmt: skip
+            train = {
+                "batch": args.train_batch,
+                "seq_len": schema.seq_len,
+                "steps": args.train_steps,
+                "tokens_per_s": tps,
+                "requests_per_s": tps / schema.seq_len,
+                "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda"
+                else None,
+            }
         except Exception as e:
             train = {"batch": args.train_batch, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             if device.type == "cuda":
@@ -810,26 +970,40 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
         else platform.processor() or platform.machine()
     )
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; d={cfg.d_model} layers={cfg.n_layers} "
-          f"T={schema.seq_len} levels={list(levels)} items={args.items} params={n_params / 1e6:.2f}M; "
-          f"matmul {mm_rate / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s; FFN impl {args.ffn_impl}")  # fmt: skip
-    print(f"{'decode':<17}{'mode':<10}{'N':>8}{'W':>4}{'decisions/s':>14}{'x naive':>9}{'GFLOP/dec':>11}"
-          f"{'MB/dec':>9}{'floor/s':>12}{'of floor':>10}{'GFLOP/s':>10}{'peak GiB':>10}")  # fmt: skip
+    print(
+        f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; d={cfg.d_model} layers={cfg.n_layers} "
+        f"T={schema.seq_len} levels={list(levels)} items={args.items} params={n_params / 1e6:.2f}M; "
+        f"matmul {mm_rate / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s; FFN impl {args.ffn_impl}"
+    )
+    print(
+        f"{'decode':<17}{'mode':<10}{'N':>8}{'W':>4}{'decisions/s':>14}{'x naive':>9}{'GFLOP/dec':>11}"
+        f"{'MB/dec':>9}{'floor/s':>12}{'of floor':>10}{'GFLOP/s':>10}{'peak GiB':>10}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['decode']:<17}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}  {r['error']}")
             continue
         peak = float("nan") if r["peak_gib"] is None else r["peak_gib"]
-        print(f"{r['decode']:<17}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}{r['decisions_per_s']:>14,.0f}"
-              f"{r.get('x_naive', math.nan):>9.1f}{r['flops_per_decision'] / 1e9:>11.3f}"
-              f"{r['bytes_per_decision'] / 1e6:>9.3f}{r['floor_decisions_per_s']:>12,.0f}{r['frac_of_floor']:>10.3f}"
-              f"{r['achieved_flops_per_s'] / 1e9:>10,.1f}{peak:>10.2f}")  # fmt: skip
+        print(
+            f"{r['decode']:<17}{r['mode']:<10}{r['n']:>8}{r['beam']:>4}{r['decisions_per_s']:>14,.0f}"
+            f"{r.get('x_naive', math.nan):>9.1f}{r['flops_per_decision'] / 1e9:>11.3f}"
+            f"{r['bytes_per_decision'] / 1e6:>9.3f}{r['floor_decisions_per_s']:>12,.0f}{r['frac_of_floor']:>10.3f}"
+            f"{r['achieved_flops_per_s'] / 1e9:>10,.1f}{peak:>10.2f}"
+        )
     if prefill:
-        print(f"prefill: {prefill['users_per_s']:,.0f} users/s; state {prefill['state_bytes_per_user'] / 2**20:.3f} "
-              f"MiB/user (resident for N users: N x that)")  # fmt: skip
+        print(
+            f"prefill: {prefill['users_per_s']:,.0f} users/s; state {prefill['state_bytes_per_user'] / 2**20:.3f} "
+            f"MiB/user (resident for N users: N x that)"
+        )
     if train:
-        print("train (mtp_loss fwd+bwd): " + (train.get("error") or f"{train['tokens_per_s']:,.0f} tokens/s "
-              f"({train['requests_per_s']:,.0f} requests/s) at batch {train['batch']}"))  # fmt: skip
+        print(
+            "train (mtp_loss fwd+bwd): "
+            + (
+                train.get("error")
+                or f"{train['tokens_per_s']:,.0f} tokens/s "
+                f"({train['requests_per_s']:,.0f} requests/s) at batch {train['batch']}"
+            )
+        )
     for f in ffn:
         print(
             f"ffn {f['impl']:<8}: "
@@ -837,17 +1011,32 @@ def _run(args, cfg: GPRConfig, schema: SchemaConfig, levels: tuple[int, ...], de
         )
 
     result = {
-        "device": name, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(),
-        "command": " ".join(["python", "benchmarks/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]),
-        "args": vars(args), "config": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                                       "ffn_mult": cfg.ffn_mult, "seq_len": schema.seq_len, "levels": list(levels),
-                                       "items": args.items, "params": n_params},
-        "matmul_flops_per_s": mm_rate, "copy_bytes_per_s": bw,
+        "device": name,
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(),
+        "command": " ".join(
+            ["python", "benchmarks/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "args": vars(args),
+        "config": {
+            "d_model": cfg.d_model,
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+            "ffn_mult": cfg.ffn_mult,
+            "seq_len": schema.seq_len,
+            "levels": list(levels),
+            "items": args.items,
+            "params": n_params,
+        },
+        "matmul_flops_per_s": mm_rate,
+        "copy_bytes_per_s": bw,
         "naive_decisions_per_s": {str(w): v for w, v in naive.items()},
         "naive_incremental_decisions_per_s": {str(w): v for w, v in naive_inc.items()},
         "prefill": prefill or None,
-        "rows": rows, "train": train, "ffn_impls": ffn,
-    }  # fmt: skip
+        "rows": rows,
+        "train": train,
+        "ffn_impls": ffn,
+    }
     out_path.write_text(json.dumps(result, indent=2))
     return result
 

@@ -29,7 +29,9 @@ from gpr_sim.world import WorldConfig, initial, observe, transition
 def bytes_per_step(cfg: WorldConfig) -> int:
     """Lower bound of bytes one user-step moves: state read + written, gathered catalog rows, action."""
     d, k, s = cfg.emb_dim, cfg.num_candidates, cfg.num_slots
-    state = 4 * d + 8 * cfg.organic_history + 16 * cfg.ad_history + 3 * 8 * 4 + 8 * 10  # interest, hists, pending, scalars
+    state = (
+        4 * d + 8 * cfg.organic_history + 16 * cfg.ad_history + 3 * 8 * 4 + 8 * 10
+    )  # interest, hists, pending, scalars
     per_candidate = 8 + 4 * d + 4 * 4 + 8  # id, embedding, quality/bias/bid/advertiser
     organic = cfg.organic_per_request * cfg.organic_candidates * 4 * d
     funnel = s * (4 * d + 32)
@@ -85,7 +87,9 @@ def native_step(market: BatchedMarket, compiled: bool):
         state, market.market, out, _ = core_step(market.state, market.market, cand)
         rows = torch.nonzero(out.terminated | out.truncated).squeeze(1)
         if rows.numel() > 0:
-            fresh = initial(world, state.seed[rows], state.slot[rows], state.counter[rows], state.episode[rows] + 1)
+            fresh = initial(
+                world, state.seed[rows], state.slot[rows], state.counter[rows], state.episode[rows] + 1
+            )
             state = state.put(rows, fresh)
         market.state = state
 
@@ -96,7 +100,9 @@ def bench_native(cfg: WorldConfig, n: int, steps: int, device: torch.device, com
     market = BatchedMarket(cfg, n, device=device)
     market.reset(seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
-    actions = [torch.randint(0, cfg.num_ads, (n, cfg.num_candidates), generator=gen, device=device) for _ in range(4)]
+    actions = [
+        torch.randint(0, cfg.num_ads, (n, cfg.num_candidates), generator=gen, device=device) for _ in range(4)
+    ]
     actions = [actions[i % 4] for i in range(steps)]
     return n * steps / time_steps(native_step(market, compiled), actions, device, warmup=5 if compiled else 3)
 
@@ -132,14 +138,21 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default="benchmarks/bench_env.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    cfg = WorldConfig.small(num_candidates=args.candidates, num_ads=args.num_ads, num_advertisers=1000,
-                            num_organic=200_000, num_users=1_000_000)
+    cfg = WorldConfig.small(
+        num_candidates=args.candidates,
+        num_ads=args.num_ads,
+        num_advertisers=1000,
+        num_organic=200_000,
+        num_users=1_000_000,
+    )
     bw = copy_bandwidth(device)
     floor_sps = bw / bytes_per_step(cfg)
     rows = []
     if args.dummy_envs > 0:
         sps = bench_dummy_vec(cfg, args.dummy_envs, max(args.steps, 50))
-        rows.append({"path": "sb3-dummyvec", "device": "cpu", "num_envs": args.dummy_envs, "user_steps_per_s": sps})
+        rows.append(
+            {"path": "sb3-dummyvec", "device": "cpu", "num_envs": args.dummy_envs, "user_steps_per_s": sps}
+        )
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     for n in [int(s) for s in args.sizes.split(",")]:
         for mode in modes:
@@ -155,20 +168,42 @@ def main(argv=None) -> list[dict]:
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            rows.append({"path": f"native-{mode}", "device": str(device), "num_envs": n, "user_steps_per_s": sps,
-                         "floor_fraction": sps / floor_sps, "peak_gib": peak})
+            rows.append(
+                {
+                    "path": f"native-{mode}",
+                    "device": str(device),
+                    "num_envs": n,
+                    "user_steps_per_s": sps,
+                    "floor_fraction": sps / floor_sps,
+                    "peak_gib": peak,
+                }
+            )
             print(f"  {mode} N={n}: {sps:,.0f} user-steps/s", flush=True)
     base = next((r["user_steps_per_s"] for r in rows if r["path"] == "sb3-dummyvec"), None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {name}; candidates {args.candidates}; ads {args.num_ads}; copy bandwidth {bw / 1e9:.0f} GB/s; "
-          f"floor {floor_sps / 1e6:.0f}M user-steps/s ({bytes_per_step(cfg)} B/step)")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"device: {name}; candidates {args.candidates}; ads {args.num_ads}; copy bandwidth {bw / 1e9:.0f} GB/s; "
+        f"floor {floor_sps / 1e6:.0f}M user-steps/s ({bytes_per_step(cfg)} B/step)"
+    )
     print(f"{'path':<18}{'N':>10}{'user-steps/s':>16}{'x dummyvec':>12}{'of floor':>10}{'peak GiB':>10}")
     for r in rows:
         ratio = r["user_steps_per_s"] / base if base else float("nan")
-        print(f"{r['path']:<18}{r['num_envs']:>10}{r['user_steps_per_s']:>16,.0f}{ratio:>12.0f}"
-              f"{r.get('floor_fraction', float('nan')):>10.3f}{r.get('peak_gib', float('nan')):>10.2f}")
-    result = {"device": name, "date": datetime.now(timezone.utc).isoformat(), "args": vars(args),
-              "copy_bandwidth_Bps": bw, "bytes_per_step": bytes_per_step(cfg), "rows": rows}
+        print(
+            f"{r['path']:<18}{r['num_envs']:>10}{r['user_steps_per_s']:>16,.0f}{ratio:>12.0f}"
+            f"{r.get('floor_fraction', float('nan')):>10.3f}{r.get('peak_gib', float('nan')):>10.2f}"
+        )
+    result = {
+        "device": name,
+        "date": datetime.now(timezone.utc).isoformat(),
+        "args": vars(args),
+        "copy_bandwidth_Bps": bw,
+        "bytes_per_step": bytes_per_step(cfg),
+        "rows": rows,
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     return rows

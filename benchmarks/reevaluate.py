@@ -44,9 +44,28 @@ def run_evaluations(specs: list[str], args, out: Path) -> dict[str, dict]:
     jobs = [specs[j :: args.jobs] for j in range(min(args.jobs, len(specs)))]
     procs = []
     for j, part in enumerate(jobs):
-        cmd = [sys.executable, "-m", "agents.evaluate", "--agents", ",".join(part), "--num-envs", str(args.num_envs),
-               "--sessions", str(args.sessions), "--seed", str(args.seed), "--preset", args.preset, "--threads", "1",
-               "--level", str(args.level), "--no-plots", "--out", str(out / f"eval{j}")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "agents.evaluate",
+            "--agents",
+            ",".join(part),
+            "--num-envs",
+            str(args.num_envs),
+            "--sessions",
+            str(args.sessions),
+            "--seed",
+            str(args.seed),
+            "--preset",
+            args.preset,
+            "--threads",
+            "1",
+            "--level",
+            str(args.level),
+            "--no-plots",
+            "--out",
+            str(out / f"eval{j}"),
+        ]
         log = open(out / f"eval{j}.log", "w")  # noqa: SIM115  (closed below, after the process ends)
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, cmd))
     failed = []
@@ -70,10 +89,17 @@ def _num(v) -> float:
 def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, level: float) -> list[dict]:
     """One record per label: per metric the seed mean and interval, session half-width, vs ref, vs cascade."""
     cascade = rows[BASELINE]
-    by_seed = {label: {read_json(run / "config.json")["seed"]: rows[f"gpr:{run}"] for run in runs}
-               for label, runs in groups.items()}  # fmt: skip
-    out = [{"label": BASELINE, "n": None, **{f"{m}{s}": _num(cascade.get(f"eval/{m}{s}")) for m in TABLE4
-                                             for s in CI_SUFFIXES}}]  # fmt: skip
+    by_seed = {
+        label: {read_json(run / "config.json")["seed"]: rows[f"gpr:{run}"] for run in runs}
+        for label, runs in groups.items()
+    }
+    out = [
+        {
+            "label": BASELINE,
+            "n": None,
+            **{f"{m}{s}": _num(cascade.get(f"eval/{m}{s}")) for m in TABLE4 for s in CI_SUFFIXES},
+        }
+    ]
     for label, seeds in by_seed.items():
         rec: dict = {"label": label, "n": len(seeds), "seeds": sorted(seeds)}
         for m in TABLE4:
@@ -99,18 +125,31 @@ def _change(r: dict, key: str) -> str:
 
 def to_markdown(table: list[dict], ref: str, args) -> str:
     head = "| label | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
-    lines = [f"{args.sessions} sessions per agent (reset seed {args.seed}, {args.num_envs} slots); mean over seeds "
-             f"[{args.level:.0%} t interval over seeds]; {BASELINE}: CI over its sessions\n\n", head]  # fmt: skip
-    lines += [f"| {r['label']} | {r['n'] or ''} | " + " | ".join(estimate_cell(r, m) for m in TABLE4) + " |\n" for r in table]
+    lines = [
+        f"{args.sessions} sessions per agent (reset seed {args.seed}, {args.num_envs} slots); mean over seeds "
+        f"[{args.level:.0%} t interval over seeds]; {BASELINE}: CI over its sessions\n\n",
+        head,
+    ]
+    lines += [
+        f"| {r['label']} | {r['n'] or ''} | " + " | ".join(estimate_cell(r, m) for m in TABLE4) + " |\n"
+        for r in table
+    ]
     lines += ["\nmean session-CI half-width of one run (the evaluation's own noise)\n\n", head]
-    lines += [f"| {r['label']} | {r['n']} | " + " | ".join(f"{r[f'{m}_session_half']:.3g}" for m in TABLE4) + " |\n"
-              for r in table[1:]]  # fmt: skip
+    lines += [
+        f"| {r['label']} | {r['n']} | " + " | ".join(f"{r[f'{m}_session_half']:.3g}" for m in TABLE4) + " |\n"
+        for r in table[1:]
+    ]
     lines += [f"\nchange vs {ref}, paired by seed\n\n", head]
-    lines += [f"| {r['label']} | {r['n']} | " + " | ".join(_change(r, f"{m}_vs_ref") for m in TABLE4) + " |\n"
-              for r in table[1:] if r["label"] != ref]  # fmt: skip
+    lines += [
+        f"| {r['label']} | {r['n']} | " + " | ".join(_change(r, f"{m}_vs_ref") for m in TABLE4) + " |\n"
+        for r in table[1:]
+        if r["label"] != ref
+    ]
     lines += [f"\nchange vs {BASELINE} (seed spread and the {BASELINE}'s session CI)\n\n", head]
-    lines += [f"| {r['label']} | {r['n']} | " + " | ".join(_change(r, f"{m}_vs_cascade") for m in TABLE4) + " |\n"
-              for r in table[1:]]  # fmt: skip
+    lines += [
+        f"| {r['label']} | {r['n']} | " + " | ".join(_change(r, f"{m}_vs_cascade") for m in TABLE4) + " |\n"
+        for r in table[1:]
+    ]
     return "".join(lines)
 
 

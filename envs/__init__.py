@@ -1,8 +1,8 @@
 """Gymnasium registration of the marketplace: ``import envs`` makes ``ads-v0`` available.
 
-    gymnasium.make("ads-v0")                                   # one session, numpy
-    envs.make_vec_env("ads-v0", num_envs=4096, device="cuda")  # 4096 sessions, torch on the GPU
-                                                               # (gymnasium.make_vec, vector_entry_point)
+gymnasium.make("ads-v0")                                   # one session, numpy
+envs.make_vec_env("ads-v0", num_envs=4096, device="cuda")  # 4096 sessions, torch on the GPU
+                                                           # (gymnasium.make_vec, vector_entry_point)
 """
 
 from gymnasium.envs.registration import register, registry
@@ -17,5 +17,12 @@ if ENV_ID not in registry:
     register(id=ENV_ID, entry_point="envs.ads:AdsEnv", vector_entry_point="envs.ads:AdsVectorEnv")
 
 __all__ = [
-    "ENV_ID", "AdsEnv", "AdsVectorEnv", "BatchedMarket", "Rehearsal", "ads_env_ids", "make_vec_env", "resolve_config",
+    "ENV_ID",
+    "AdsEnv",
+    "AdsVectorEnv",
+    "BatchedMarket",
+    "Rehearsal",
+    "ads_env_ids",
+    "make_vec_env",
+    "resolve_config",
 ]

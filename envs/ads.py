@@ -153,7 +153,9 @@ def action_space(cfg: WorldConfig, level_sizes: tuple[int, ...] | None = None) -
     return spaces.MultiDiscrete(np.full(k, cfg.num_ads, dtype=np.int64))
 
 
-def check_candidates(action: torch.Tensor, num_envs: int, cfg: WorldConfig, check_range: bool) -> torch.Tensor:
+def check_candidates(
+    action: torch.Tensor, num_envs: int, cfg: WorldConfig, check_range: bool
+) -> torch.Tensor:
     """Validate a batched action and return it as (N, K) int64; raise ``ValueError`` saying what was expected."""
     k = cfg.num_candidates
     if action.dtype.is_floating_point or action.dtype == torch.bool or action.is_complex():
@@ -167,7 +169,9 @@ def check_candidates(action: torch.Tensor, num_envs: int, cfg: WorldConfig, chec
     if check_range:
         lo, hi = int(action.min()), int(action.max())
         if lo < 0 or hi >= cfg.num_ads:
-            raise ValueError(f"action contains ad index {lo if lo < 0 else hi}: expected ids in [0, {cfg.num_ads - 1}]")
+            raise ValueError(
+                f"action contains ad index {lo if lo < 0 else hi}: expected ids in [0, {cfg.num_ads - 1}]"
+            )
     return action
 
 
@@ -182,7 +186,9 @@ def check_score_candidates(candidates: torch.Tensor, cfg: WorldConfig, check_ran
             another ad) or an id outside [-1, num_ads).
     """
     if candidates.dtype.is_floating_point or candidates.dtype == torch.bool or candidates.is_complex():
-        raise ValueError(f"candidates dtype {candidates.dtype} is invalid: expected integer ad indices (int64)")
+        raise ValueError(
+            f"candidates dtype {candidates.dtype} is invalid: expected integer ad indices (int64)"
+        )
     candidates = candidates.long()
     if check_range and candidates.numel():
         lo, hi = int(candidates.min()), int(candidates.max())
@@ -208,7 +214,9 @@ def check_semantic_ids(
     if k == 1 and action.shape == (num_envs, depth):
         action = action[:, None]
     if action.shape != (num_envs, k, depth):
-        want = f"({num_envs}, {depth}) or ({num_envs}, 1, {depth})" if k == 1 else f"({num_envs}, {k}, {depth})"
+        want = (
+            f"({num_envs}, {depth}) or ({num_envs}, 1, {depth})" if k == 1 else f"({num_envs}, {k}, {depth})"
+        )
         raise ValueError(f"action shape {tuple(action.shape)} is invalid: expected {want} semantic-ID digits")
     action = action.long()
     if check_range:
@@ -239,7 +247,9 @@ def resolve_tokenizer(action_mode: str, tokenizer, engine: BatchedMarket) -> Wor
 
 def _require_tokenizer(tokenizer: WorldTokenizer | None) -> WorldTokenizer:
     if tokenizer is None:
-        raise ValueError("this env has no tokenizer: pass tokenizer= (and action_mode='semantic' for ID actions)")
+        raise ValueError(
+            "this env has no tokenizer: pass tokenizer= (and action_mode='semantic' for ID actions)"
+        )
     return tokenizer
 
 
@@ -313,7 +323,13 @@ class AdsEnv(gym.Env):
         info = {k: v[0].numpy().copy() for k, v in outcome_info(out).items()}
         info.update({k: v[0].numpy().copy() for k, v in _extra_info(self.engine, user_id).items()})
         info["episode_return"], info["episode_length"] = float(ep_ret[0]), int(ep_len[0])
-        return self._obs(final_obs), float(out.reward[0]), bool(out.terminated[0]), bool(out.truncated[0]), info
+        return (
+            self._obs(final_obs),
+            float(out.reward[0]),
+            bool(out.terminated[0]),
+            bool(out.truncated[0]),
+            info,
+        )
 
     def score(self, candidates, truth: bool = False) -> dict[str, np.ndarray]:
         """Expected value of candidate ads (K,) for the current request; moves nothing (module doc, Scoring API)."""
@@ -361,8 +377,15 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         **overrides,
     ):
         cfg = resolve_config(preset, config, **overrides)
-        self.engine = BatchedMarket(cfg, num_envs=num_envs, world_seed=world_seed, device=device,
-                                    market_envs=market_envs, grant=grant, first_slot=first_slot)  # fmt: skip
+        self.engine = BatchedMarket(
+            cfg,
+            num_envs=num_envs,
+            world_seed=world_seed,
+            device=device,
+            market_envs=market_envs,
+            grant=grant,
+            first_slot=first_slot,
+        )
         self.config = cfg
         self.num_envs = num_envs
         self.device = self.engine.device
@@ -371,7 +394,9 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         self.tokenizer = resolve_tokenizer(action_mode, tokenizer, self.engine)
         self._decoder = self.tokenizer if action_mode == "semantic" else None
         self.single_observation_space = observation_space(cfg)
-        self.single_action_space = action_space(cfg, None if self._decoder is None else self._decoder.level_sizes)
+        self.single_action_space = action_space(
+            cfg, None if self._decoder is None else self._decoder.level_sizes
+        )
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
 
@@ -413,12 +438,16 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         """The observation of the current requests (what the last ``reset`` or ``step`` returned)."""
         return self.engine.observe()
 
-    def score(self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None) -> CandidateScores:
+    def score(
+        self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None
+    ) -> CandidateScores:
         """Expected value of candidate ads (N, K) for the current requests; moves nothing.
 
         ``state``: value them for these sessions instead (``self.state.select(rows)``, or ``rehearse(rows).state``).
         """
-        cand = check_score_candidates(torch.as_tensor(candidates, device=self.device), self.config, self.validate_actions)
+        cand = check_score_candidates(
+            torch.as_tensor(candidates, device=self.device), self.config, self.validate_actions
+        )
         return self.engine.score(cand, truth, state)
 
     def eligible_ads(self) -> torch.Tensor:

@@ -18,7 +18,9 @@ VECTOR_ENTRY_POINT = "envs.ads:AdsVectorEnv"
 
 def ads_env_ids() -> list[str]:
     """The registered Gymnasium ids whose vector env is ``AdsVectorEnv`` (``import envs`` registers ads-v0)."""
-    return sorted(i for i, spec in registry.items() if spec.vector_entry_point in (VECTOR_ENTRY_POINT, AdsVectorEnv))
+    return sorted(
+        i for i, spec in registry.items() if spec.vector_entry_point in (VECTOR_ENTRY_POINT, AdsVectorEnv)
+    )
 
 
 def make_vec_env(
@@ -56,6 +58,11 @@ def make_vec_env(
     if config is not None:
         kwargs["config"] = config
     return gymnasium.make_vec(
-        env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", world_seed=world_seed, device=device,
-        validate_actions=validate_actions, **kwargs,
-    )  # fmt: skip
+        env_id,
+        num_envs=num_envs,
+        vectorization_mode="vector_entry_point",
+        world_seed=world_seed,
+        device=device,
+        validate_actions=validate_actions,
+        **kwargs,
+    )

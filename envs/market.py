@@ -32,8 +32,19 @@ from gpr_sim.world import (
 from gpr_sim.world.core import Grant
 
 INFO_KEYS_PER_SLOT = (
-    "ad_id", "advertiser_id", "impression", "click", "conversion", "gmv", "revenue", "p_click",
-    "p_conversion", "ecpm", "ecpm_true", "match", "is_new_ad",
+    "ad_id",
+    "advertiser_id",
+    "impression",
+    "click",
+    "conversion",
+    "gmv",
+    "revenue",
+    "p_click",
+    "p_conversion",
+    "ecpm",
+    "ecpm_true",
+    "match",
+    "is_new_ad",
 )
 INFO_KEYS_PER_REQUEST = ("invalid", "budget_capped", "delayed_conversion", "delayed_gmv")
 REHEARSAL_SEED_OFFSET = 0x5EED_A44
@@ -59,13 +70,19 @@ def check_seed(seed) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed={seed!r} is invalid: expected None or an integer >= 0 (one seed for every row)")
+        raise ValueError(
+            f"seed={seed!r} is invalid: expected None or an integer >= 0 (one seed for every row)"
+        )
     if seed < 0:
-        raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0 (sessions use it modulo 2**{SEED_BITS})")
+        raise ValueError(
+            f"seed={seed!r} is invalid: expected an integer >= 0 (sessions use it modulo 2**{SEED_BITS})"
+        )
     return int(seed) % (1 << SEED_BITS)
 
 
-def resolve_config(preset_name: str = "small", config: WorldConfig | dict | None = None, **overrides) -> WorldConfig:
+def resolve_config(
+    preset_name: str = "small", config: WorldConfig | dict | None = None, **overrides
+) -> WorldConfig:
     """Config from a preset name, an explicit config (or its dict) and field overrides, validated."""
     if config is None:
         cfg = preset(preset_name)
@@ -117,14 +134,18 @@ class BatchedMarket:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
-        self.world = world.to(self.device) if world is not None else generate_world(config, world_seed, self.device)
+        self.world = (
+            world.to(self.device) if world is not None else generate_world(config, world_seed, self.device)
+        )
         self.config = self.world.config
         self.num_envs = num_envs
         self.market_envs = market_envs
         self.grant = grant
         self.state = None
         self.market = None
-        self.first_slot = int(first_slot)  # global index of row 0 (data-parallel shards key their streams by global slot)
+        self.first_slot = int(
+            first_slot
+        )  # global index of row 0 (data-parallel shards key their streams by global slot)
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
 
@@ -176,7 +197,11 @@ class BatchedMarket:
             rows = torch.nonzero(done).squeeze(1)  # one host sync per step; rows restart in place
             if rows.numel() > 0:
                 fresh = initial(
-                    self.world, state.seed[rows], state.slot[rows], state.counter[rows], state.episode[rows] + 1
+                    self.world,
+                    state.seed[rows],
+                    state.slot[rows],
+                    state.counter[rows],
+                    state.episode[rows] + 1,
                 )
                 state = state.put(rows, fresh)
                 self.episode_return[rows] = 0.0
@@ -187,7 +212,9 @@ class BatchedMarket:
         self.state = state
         return obs, out, final_obs, ep_ret, ep_len
 
-    def score(self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None) -> CandidateScores:
+    def score(
+        self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None
+    ) -> CandidateScores:
         """Expected value of candidate ads (N, K) for the current requests, without moving the world.
 
         ``state``: score these sessions instead of the current ones, e.g. some rows

@@ -88,7 +88,9 @@ METRICS: tuple[Metric, ...] = (
 AD_COLUMNS = ("impressions", "clicks", "conversions", "gmv", "revenue")
 """Session columns that ``SessionAccumulator`` also splits by ad age (``new_*`` / ``old_*``)."""
 
-AD_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if {m.numerator, m.denominator} <= {*AD_COLUMNS, None})
+AD_METRICS: tuple[Metric, ...] = tuple(
+    m for m in METRICS if {m.numerator, m.denominator} <= {*AD_COLUMNS, None}
+)
 """The metrics defined for one group of ads within sessions (new or old ads): no length, reward, fill rate."""
 
 
@@ -218,15 +220,30 @@ def summarize_strata(
         part = sessions[sessions["activity_tier"] == tier]
         rows.append({"stratum": "activity_tier", "group": str(tier), **summarize(part, **kw)})
     for group in ("new", "old"):
-        rows.append({"stratum": "ad_age", "group": group, **summarize(ad_view(sessions, group), AD_METRICS, **kw)})
+        rows.append(
+            {"stratum": "ad_age", "group": group, **summarize(ad_view(sessions, group), AD_METRICS, **kw)}
+        )
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- streaming accumulation
 
 SUM_COLUMNS = (
-    "length", "impressions", "clicks", "conversions", "delayed_conversions", "gmv", "delayed_gmv", "revenue",
-    "reward", "invalid", "budget_capped", "new_impressions", "new_clicks", "new_conversions", "new_gmv",
+    "length",
+    "impressions",
+    "clicks",
+    "conversions",
+    "delayed_conversions",
+    "gmv",
+    "delayed_gmv",
+    "revenue",
+    "reward",
+    "invalid",
+    "budget_capped",
+    "new_impressions",
+    "new_clicks",
+    "new_conversions",
+    "new_gmv",
     "new_revenue",
 )
 """Per-session sums, in the column order of ``SessionAccumulator.running``."""
@@ -259,7 +276,9 @@ class SessionAccumulator:
         fresh: True when every slot's current session starts now (created right after ``reset``).
     """
 
-    def __init__(self, num_envs: int, user_activity: torch.Tensor, sessions_per_slot: int, fresh: bool = True):
+    def __init__(
+        self, num_envs: int, user_activity: torch.Tensor, sessions_per_slot: int, fresh: bool = True
+    ):
         for name, v in (("num_envs", num_envs), ("sessions_per_slot", sessions_per_slot)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
@@ -344,8 +363,20 @@ class SessionAccumulator:
         df = pd.DataFrame(rows, columns=list(_FIELDS))
         df.insert(0, "slot", idx[:, 0])
         df.insert(1, "session", idx[:, 1])
-        ints = ["user_id", "activity_tier", "length", "impressions", "clicks", "conversions", "delayed_conversions",
-                "invalid", "budget_capped", "new_impressions", "new_clicks", "new_conversions"]
+        ints = [
+            "user_id",
+            "activity_tier",
+            "length",
+            "impressions",
+            "clicks",
+            "conversions",
+            "delayed_conversions",
+            "invalid",
+            "budget_capped",
+            "new_impressions",
+            "new_clicks",
+            "new_conversions",
+        ]
         df[ints] = df[ints].astype(np.int64)
         df["terminated"] = df["terminated"].astype(bool)
         df["old_impressions"] = df["impressions"] - df["new_impressions"]

@@ -291,7 +291,10 @@ _ABSENT = object()
 
 
 def settings_diff(
-    old: Mapping[str, Any], new: Mapping[str, Any], ignores: Iterable[str] = (), defaults: Mapping[str, Any] | None = None
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    ignores: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """The flags whose values differ, as ``--flag was OLD, now NEW``, sorted; nested dicts compare per key.
 
@@ -321,7 +324,9 @@ def read_owner(folder: str | os.PathLike) -> dict | None:
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT or "entry" not in record:
         raise ValueError(f"{path}: not a run owner record (expected format {RUN_FORMAT!r})")
     if record.get("version") != RUN_VERSION:
-        raise ValueError(f"{path}: owner record version {record.get('version')}, this code reads {RUN_VERSION}")
+        raise ValueError(
+            f"{path}: owner record version {record.get('version')}, this code reads {RUN_VERSION}"
+        )
     return record
 
 
@@ -387,23 +392,37 @@ class RunFolder:
             self.close()
             raise
 
-    def _claim(self, settings: dict, ignores: tuple[str, ...], defaults, same_settings: bool) -> tuple[bool, dict]:
+    def _claim(
+        self, settings: dict, ignores: tuple[str, ...], defaults, same_settings: bool
+    ) -> tuple[bool, dict]:
         record = read_owner(self.path)
         if record is None:
             content = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
             if content:
-                raise ValueError(f"{self.path} holds files ({', '.join(content[:4])}{', ...' if len(content) > 4 else ''}) "
-                                 f"but no {RUN_FILE} saying which run wrote them: pass another --out or remove them")  # fmt: skip
-            record = {"format": RUN_FORMAT, "version": RUN_VERSION, "entry": self.entry, "settings": settings,
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}  # fmt: skip
+                raise ValueError(
+                    f"{self.path} holds files ({', '.join(content[:4])}{', ...' if len(content) > 4 else ''}) "
+                    f"but no {RUN_FILE} saying which run wrote them: pass another --out or remove them"
+                )
+            record = {
+                "format": RUN_FORMAT,
+                "version": RUN_VERSION,
+                "entry": self.entry,
+                "settings": settings,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "pid": os.getpid(),
+            }
             write_json(self.path / RUN_FILE, record)
             return True, record
         if record["entry"] != self.entry:
-            raise ValueError(f"{self.path} holds a run of {record['entry']}, not of {self.entry}: pass another --out")
+            raise ValueError(
+                f"{self.path} holds a run of {record['entry']}, not of {self.entry}: pass another --out"
+            )
         if same_settings:
             diff = settings_diff(record.get("settings", {}), settings, ignores, defaults)
             if diff:
-                raise ValueError(f"{self.path} holds a run with other settings ({'; '.join(diff)}): pass another --out")
+                raise ValueError(
+                    f"{self.path} holds a run with other settings ({'; '.join(diff)}): pass another --out"
+                )
         return False, record
 
     def close(self) -> None:

@@ -137,21 +137,32 @@ def build_tokens(
     """
     dev = user_id.device
     if table.item_to_path.device != dev:
-        raise ValueError(f"table is on {table.item_to_path.device}, inputs on {dev}: call table.to(device) once")
+        raise ValueError(
+            f"table is on {table.item_to_path.device}, inputs on {dev}: call table.to(device) once"
+        )
     b = user_id.shape[0]
-    for name, t in (("user", user), ("organic", organic), ("context", context),
-                    ("ad_history", ad_history), ("ad_events", ad_events)):  # fmt: skip
+    for name, t in (
+        ("user", user),
+        ("organic", organic),
+        ("context", context),
+        ("ad_history", ad_history),
+        ("ad_events", ad_events),
+    ):
         if t.dim() != 2 or t.shape[0] != b:
             raise ValueError(f"{name} must be (B, *) with B={b}, got {tuple(t.shape)}")
     if ad_events.shape != ad_history.shape:
-        raise ValueError(f"ad_events {tuple(ad_events.shape)} must match ad_history {tuple(ad_history.shape)}")
+        raise ValueError(
+            f"ad_events {tuple(ad_events.shape)} must match ad_history {tuple(ad_history.shape)}"
+        )
     organic = _fit_history(organic.long(), cfg.organic_len)  # (B, Ho)
     ads = _fit_history(ad_history.long(), cfg.ad_len)  # (B, Hi)
     events = _fit_history(ad_events.long(), cfg.ad_len).clamp_min(0)  # (B, Hi), padding event 0
     if check:
         for name, ids, n in (("organic", organic, table.num_organic), ("ad_history", ads, table.num_ads)):
             if ids.numel() and int(ids.max()) >= n:
-                raise ValueError(f"{name} holds id {int(ids.max())}: the table has {n} (expected ids < {n} or -1)")
+                raise ValueError(
+                    f"{name} holds id {int(ids.max())}: the table has {n} (expected ids < {n} or -1)"
+                )
 
     o_valid, i_valid = organic >= 0, ads >= 0
     o_items = torch.where(o_valid, organic, NO_ID)  # global id = organic index
@@ -205,7 +216,15 @@ def tokens_from_obs(
     if cfg is None:
         cfg = SchemaConfig(organic_len=t["organic"].shape[1], ad_len=t["ad_history"].shape[1])
     return build_tokens(
-        t["user_id"], t["user"], t["organic"], t["context"], t["ad_history"], t["ad_events"], table, cfg, check
+        t["user_id"],
+        t["user"],
+        t["organic"],
+        t["context"],
+        t["ad_history"],
+        t["ad_events"],
+        table,
+        cfg,
+        check,
     )
 
 
@@ -233,7 +252,9 @@ def _dense(cells: Sequence, name: str) -> np.ndarray:
     """Equal-length float lists -> (B, F) float32."""
     arrays = [np.asarray(c, dtype=np.float32).reshape(-1) for c in cells]
     if len({a.size for a in arrays}) > 1:
-        raise ValueError(f"column {name!r} must hold equal-length float lists, got lengths {sorted({a.size for a in arrays})}")
+        raise ValueError(
+            f"column {name!r} must hold equal-length float lists, got lengths {sorted({a.size for a in arrays})}"
+        )
     return np.stack(arrays)
 
 
@@ -275,8 +296,9 @@ def tokens_from_logs(
         ad_events=torch.as_tensor(_right_aligned(rows["ad_events"], cfg.ad_len)),
     )
     dev = table.item_to_path.device
-    return build_tokens(user_id.to(dev), **{k: v.to(dev) for k, v in tensors.items()}, table=table, cfg=cfg,
-                        check=check)
+    return build_tokens(
+        user_id.to(dev), **{k: v.to(dev) for k, v in tensors.items()}, table=table, cfg=cfg, check=check
+    )
 
 
 def describe(batch: TokenBatch, row: int = 0) -> pd.DataFrame:
@@ -295,6 +317,16 @@ def describe(batch: TokenBatch, row: int = 0) -> pd.DataFrame:
 
 
 __all__ = [
-    "TYPE_U", "TYPE_O", "TYPE_E", "TYPE_I", "TOKEN_TYPES", "NO_ID", "SchemaConfig", "TokenBatch",
-    "build_tokens", "tokens_from_obs", "tokens_from_logs", "describe",
+    "TYPE_U",
+    "TYPE_O",
+    "TYPE_E",
+    "TYPE_I",
+    "TOKEN_TYPES",
+    "NO_ID",
+    "SchemaConfig",
+    "TokenBatch",
+    "build_tokens",
+    "tokens_from_obs",
+    "tokens_from_logs",
+    "describe",
 ]

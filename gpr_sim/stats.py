@@ -111,7 +111,9 @@ def _sample(x, name: str = "x", nan_policy: str = "raise") -> tuple[np.ndarray, 
         raise ValueError(f"{name} is empty: an interval needs at least one value")
     finite = bool(np.isfinite(x).all())
     if not finite and nan_policy == "raise":
-        raise ValueError(f"{name} holds NaN or inf at positions {np.flatnonzero(~np.isfinite(x))[:10].tolist()}")
+        raise ValueError(
+            f"{name} holds NaN or inf at positions {np.flatnonzero(~np.isfinite(x))[:10].tolist()}"
+        )
     return x, finite
 
 
@@ -299,7 +301,9 @@ def bootstrap_sums(data, rng: np.random.Generator, n_bootstrap: int = 1000) -> n
     return sums
 
 
-def percentile_interval(replicates, value: float, level: float = 0.95, n: int = 0, name: str = "") -> Estimate:
+def percentile_interval(
+    replicates, value: float, level: float = 0.95, n: int = 0, name: str = ""
+) -> Estimate:
     """The percentile-bootstrap interval: the (1 -+ level) / 2 quantiles of the finite replicates.
 
     Args:
@@ -324,7 +328,13 @@ def percentile_interval(replicates, value: float, level: float = 0.95, n: int = 
 
 
 def bootstrap_ratio(
-    num, den=None, *, rng: np.random.Generator, level: float = 0.95, n_bootstrap: int = 1000, name: str = "ratio"
+    num,
+    den=None,
+    *,
+    rng: np.random.Generator,
+    level: float = 0.95,
+    n_bootstrap: int = 1000,
+    name: str = "ratio",
 ) -> Estimate:
     """sum(num) / sum(den) (a mean when ``den`` is None) with a percentile-bootstrap interval over units.
 

@@ -72,7 +72,9 @@ class EvalConfig:
         if not isinstance(self.ci, CIConfig):
             raise ValueError(f"ci={self.ci!r} is invalid: expected a gpr_sim.stats.CIConfig")
         if not self.agents:
-            raise ValueError(f"agents={self.agents!r} is empty: expected one of {', '.join(known_policies())}")
+            raise ValueError(
+                f"agents={self.agents!r} is empty: expected one of {', '.join(known_policies())}"
+            )
         if len(set(self.agents)) != len(self.agents):
             raise ValueError(f"agents={','.join(self.agents)!r} names an agent twice")
         for spec in self.agents:
@@ -96,10 +98,17 @@ def run_config(cfg: EvalConfig, spec: str) -> dict:
     """Everything that determines an agent's sessions (not how they are summarised): the settings and the
     content of the files the agent reads (``agent_inputs``: a retrained ``policy.pt`` is evaluated again)."""
     return {
-        "agent": spec, "inputs": agent_inputs(spec), "env": cfg.env, "preset": cfg.preset,
-        "world": resolve_config(cfg.preset).to_dict(), "world_seed": cfg.world_seed, "num_envs": cfg.num_envs,
-        "sessions_per_slot": cfg.sessions_per_slot, "seed": cfg.seed, "device": cfg.device,
-    }  # fmt: skip
+        "agent": spec,
+        "inputs": agent_inputs(spec),
+        "env": cfg.env,
+        "preset": cfg.preset,
+        "world": resolve_config(cfg.preset).to_dict(),
+        "world_seed": cfg.world_seed,
+        "num_envs": cfg.num_envs,
+        "sessions_per_slot": cfg.sessions_per_slot,
+        "seed": cfg.seed,
+        "device": cfg.device,
+    }
 
 
 def agent_dir(out: Path, spec: str) -> Path:
@@ -115,11 +124,19 @@ def run_agent(cfg: EvalConfig, spec: str, out: Path) -> pd.DataFrame:
     marker, table = folder / "summary.json", folder / "sessions.parquet"
     if not cfg.rerun and marker.exists() and table.exists():
         if read_json(marker).get("config") == config:
-            print(f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)")
+            print(
+                f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)"
+            )
             return pd.read_parquet(table)
         print(f"{spec}: {folder} holds a run with another config, running again")
-    env = make_vec_env(cfg.env, cfg.num_envs, preset=cfg.preset, world_seed=cfg.world_seed, device=cfg.device,
-                       validate_actions=False)  # fmt: skip
+    env = make_vec_env(
+        cfg.env,
+        cfg.num_envs,
+        preset=cfg.preset,
+        world_seed=cfg.world_seed,
+        device=cfg.device,
+        validate_actions=False,
+    )
     policy = make_policy(spec, env, cfg.seed)
     start = time.perf_counter()
     sessions, steps = collect_sessions(env, policy, cfg.sessions_per_slot, cfg.seed, desc=spec)
@@ -174,9 +191,11 @@ def compare_agents(cfg: EvalConfig, out: Path) -> Comparison:
 def write_comparison(result: Comparison, out: Path, plots: bool = True) -> list[Path]:
     """``summary.csv``, ``summary.json`` (agent -> row, NaN as null), ``strata.csv`` and, with ``plots``,
     ``metrics.png`` and ``strata.png`` into ``out``; returns the paths written."""
-    files = [atomic_write_bytes(out / "summary.csv", result.summary.to_csv(index=False).encode()),
-             write_json(out / "summary.json", {r["agent"]: _clean(r) for r in result.rows}),
-             atomic_write_bytes(out / "strata.csv", result.strata.to_csv(index=False).encode())]  # fmt: skip
+    files = [
+        atomic_write_bytes(out / "summary.csv", result.summary.to_csv(index=False).encode()),
+        write_json(out / "summary.json", {r["agent"]: _clean(r) for r in result.rows}),
+        atomic_write_bytes(out / "strata.csv", result.strata.to_csv(index=False).encode()),
+    ]
     if plots:
         files.append(plot_summary(result.summary, out / "metrics.png", result.level))
         files.append(plot_strata(result.strata, out / "strata.png", result.level))
@@ -215,7 +234,9 @@ def format_table(summary: pd.DataFrame) -> str:
     return pd.DataFrame(rows).T.to_string()
 
 
-def _bars(ax, groups: list[str], agents: list[str], table: pd.DataFrame, key: str, group_col: str | None) -> None:
+def _bars(
+    ax, groups: list[str], agents: list[str], table: pd.DataFrame, key: str, group_col: str | None
+) -> None:
     """Grouped bars (x = groups, one bar per agent) with asymmetric error bars from the CI columns."""
     width = 0.8 / len(agents)
     for i, agent in enumerate(agents):

@@ -71,8 +71,9 @@ class Evaluator:
 
     def __init__(self, config: HeldOutConfig, tokenizer):
         self.config = config
-        self.env = make_vec_env(config.env, config.num_envs, preset=config.preset, device=config.device,
-                                validate_actions=False)  # fmt: skip
+        self.env = make_vec_env(
+            config.env, config.num_envs, preset=config.preset, device=config.device, validate_actions=False
+        )
         self.tok = tokenizer.to(config.device)
 
     @torch.no_grad()
@@ -86,7 +87,9 @@ class Evaluator:
         step_fn, _ = model.beam_fns(ctx, cached=True)
         eligible = e.eligible_ads()  # (num_ads,) bool: the market's, the same for every request
         k = c.candidates
-        res = beam_search(step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible)
+        res = beam_search(
+            step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible
+        )
         present = res.items >= 0  # (N, K)
         values = e.score(res.items.clamp_min(0), truth=True).value  # (N, K)
         every = torch.arange(e.config.num_ads, device=e.device).expand(ctx.shape[0], -1)  # (N, num_ads)
@@ -103,7 +106,9 @@ class Evaluator:
         for r in summarize_strata(sessions, prefix="eval/").to_dict("records"):
             stratum, group = r["stratum"], r["group"]
             out[strata_key(stratum, group, "sessions")] = int(r["eval/sessions"])
-            out.update({strata_key(stratum, group, m): float(r[f"eval/{m}"]) for m in STRATA_METRICS[stratum]})
+            out.update(
+                {strata_key(stratum, group, m): float(r[f"eval/{m}"]) for m in STRATA_METRICS[stratum]}
+            )
         return out
 
     def __call__(self, model: GPRModel) -> dict[str, float]:
@@ -126,4 +131,6 @@ def mtp_candidates(evaluate: Evaluator, vaft: Path, device: str) -> dict[str, fl
     if not (mtp / "checkpoint.pt").is_file():
         return {}
     model, _ = load_run_model(mtp)
-    return {k.replace("eval/", "eval/mtp/", 1): v for k, v in evaluate.candidates(model.to(device).eval()).items()}
+    return {
+        k.replace("eval/", "eval/mtp/", 1): v for k, v in evaluate.candidates(model.to(device).eval()).items()
+    }

@@ -41,7 +41,9 @@ def collect_sessions(
     obs, _ = env.reset(seed=seed)
     acc = SessionAccumulator(env.num_envs, vec.world.user_activity, sessions_per_slot)
     limit = sessions_per_slot * vec.config.max_steps  # a session is truncated at max_steps at the latest
-    bar = tqdm(total=env.num_envs * sessions_per_slot, desc=desc, unit="session", leave=False, disable=not progress)
+    bar = tqdm(
+        total=env.num_envs * sessions_per_slot, desc=desc, unit="session", leave=False, disable=not progress
+    )
     steps = 0
     with torch.no_grad():
         while steps < limit:

@@ -94,7 +94,9 @@ def _oracle_fatigue(env, seed: int = 0, fatigue_penalty: float | None = None) ->
     """``fatigue_penalty``: currency per unit of fatigue caused (None = ``FATIGUE_AWARE_PENALTY``)."""
     from agents.policies.oracle import FATIGUE_AWARE_PENALTY, OraclePolicy
 
-    return OraclePolicy(env, fatigue_penalty=FATIGUE_AWARE_PENALTY if fatigue_penalty is None else fatigue_penalty)
+    return OraclePolicy(
+        env, fatigue_penalty=FATIGUE_AWARE_PENALTY if fatigue_penalty is None else fatigue_penalty
+    )
 
 
 def _gpr(run_dir: str) -> PolicyFactory:
@@ -189,6 +191,17 @@ def make_policy(spec: str, env, seed: int = 0, **options) -> Policy:
 
 
 __all__ = [
-    "FAMILIES", "POLICIES", "Family", "Policy", "PolicyFactory", "PolicyOutput", "batched_env", "known_policies",
-    "make_policy", "policy_factory", "policy_inputs", "policy_options", "row_chunks",
+    "FAMILIES",
+    "POLICIES",
+    "Family",
+    "Policy",
+    "PolicyFactory",
+    "PolicyOutput",
+    "batched_env",
+    "known_policies",
+    "make_policy",
+    "policy_factory",
+    "policy_inputs",
+    "policy_options",
+    "row_chunks",
 ]

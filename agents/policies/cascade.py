@@ -100,7 +100,9 @@ class CascadePolicy:
         return PolicyOutput(pool.gather(1, order), prop)
 
 
-def plackett_luce_sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def plackett_luce_sample(
+    logits: torch.Tensor, k: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample k ordered items without replacement from softmax(logits), (N, P) -> (N, k), (N,).
 
     Gumbel-top-k gives the sample; its probability is the product over positions of the chosen

@@ -168,8 +168,14 @@ class GPRPolicy:
         self.model.train(was_training)
         step_fn, _ = self.model.beam_fns(ctx, cached=True)  # context K/V once per request, not per beam
         eligible = self.env.eligible_ads().to(self.device)
-        res = beam_search(step_fn, self.tokenizer.trie, batch_size=n, beam_width=self.beam_width, top_k=self.k,
-                          eligible=eligible)  # fmt: skip
+        res = beam_search(
+            step_fn,
+            self.tokenizer.trie,
+            batch_size=n,
+            beam_width=self.beam_width,
+            top_k=self.k,
+            eligible=eligible,
+        )
         items = res.items
         best = items[:, :1].clamp_min(0)  # a row with no item at all gets ad 0 (module doc)
         action = torch.where(items >= 0, items, best)

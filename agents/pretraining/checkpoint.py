@@ -18,17 +18,25 @@ CKPT_FORMAT = "gpr_sim.pretrain"
 CKPT_VERSION = 1
 
 
-def checkpoint_data(model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int,
-                    stage: str) -> bytes:  # fmt: skip
+def checkpoint_data(
+    model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, stage: str
+) -> bytes:
     """The serialised checkpoint: model, optimiser, sampler RNG, step and model config (what `save_checkpoint`
     writes; ``best.pt`` gets the same bytes)."""
-    payload = {"stage": stage, "step": step, "config": model.cfg.to_dict(), "model": model.state_dict(),
-               "optimizer": opt.state_dict(), "rng": gen.get_state()}  # fmt: skip
+    payload = {
+        "stage": stage,
+        "step": step,
+        "config": model.cfg.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": gen.get_state(),
+    }
     return checkpoint_bytes(CKPT_FORMAT, CKPT_VERSION, payload)
 
 
-def save_checkpoint(path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    step: int, stage: str) -> None:  # fmt: skip
+def save_checkpoint(
+    path: Path, model: GPRModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, stage: str
+) -> None:
     """Model, optimiser, sampler RNG, step and model config in one file, written atomically."""
     atomic_write_bytes(path, checkpoint_data(model, opt, gen, step, stage))
 

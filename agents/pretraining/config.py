@@ -13,8 +13,15 @@ RESUME_IGNORES = ("steps", "select", "progress", "threads", "out", "device")
 """flags that may change between a run and its resumption (more ``--steps`` continue it)"""
 STAGES = ("mtp", "vaft")
 SELECT = ("best", "last")
-COMPONENTS = ("hybrid_attention", "token_aware_ln", "token_aware_ffn", "mixture_of_recursions", "thinking",
-              "refining", "hte")  # fmt: skip
+COMPONENTS = (
+    "hybrid_attention",
+    "token_aware_ln",
+    "token_aware_ffn",
+    "mixture_of_recursions",
+    "thinking",
+    "refining",
+    "hte",
+)
 """``GPRConfig`` component switches that are flags here (with ``mtp_heads``: the rows of GPR Table 2)"""
 BEST_METRIC = "eval/hitrate@{k}"
 """metric that ``best.pt`` maximises"""
@@ -110,9 +117,19 @@ class PretrainConfig:
             raise ValueError(f"preset={self.preset!r} is unknown: expected one of {sorted(PRESETS)}")
         if self.select not in SELECT:
             raise ValueError(f"select={self.select!r} is unknown: expected one of {list(SELECT)}")
-        for name, lo in (("steps", 1), ("batch_size", 1), ("mtp_heads", 1), ("n_heads", 1), ("top_k", 1),
-                         ("eval_every", 1), ("checkpoint_every", 1), ("eval_requests", 1), ("collect_envs", 1),
-                         ("collect_steps", 1), ("threads", 0)):  # fmt: skip
+        for name, lo in (
+            ("steps", 1),
+            ("batch_size", 1),
+            ("mtp_heads", 1),
+            ("n_heads", 1),
+            ("top_k", 1),
+            ("eval_every", 1),
+            ("checkpoint_every", 1),
+            ("eval_requests", 1),
+            ("collect_envs", 1),
+            ("collect_steps", 1),
+            ("threads", 0),
+        ):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected >= {lo}")
         if self.beam_width < self.top_k:

@@ -44,8 +44,13 @@ class Split:
     values: torch.Tensor  # (B,) HTE target: final_value of head 0's ad / value_scale, NaN = none
 
     def rows(self, idx: torch.Tensor) -> tuple[TokenBatch, Tensor, list[Tensor], Tensor, Tensor]:
-        return (TokenBatch(*(t[idx] for t in self.tokens)), self.codes[idx], [m[idx] for m in self.masks],
-                self.weights[idx], self.values[idx])  # fmt: skip
+        return (
+            TokenBatch(*(t[idx] for t in self.tokens)),
+            self.codes[idx],
+            [m[idx] for m in self.masks],
+            self.weights[idx],
+            self.values[idx],
+        )
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -74,8 +79,9 @@ def value_scale(g: torch.Tensor) -> float:
     return std if std > 1e-12 else 1.0
 
 
-def build_split(df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, world: World,
-                cfg: PretrainConfig) -> Split:  # fmt: skip
+def build_split(
+    df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, world: World, cfg: PretrainConfig
+) -> Split:
     """Row-aligned tensors of one side of the split (HTE targets in the world's currency: `load_data` scales them)."""
     targets = mtp_targets(df, cfg.mtp_heads)
     codes = target_paths(targets.ads, tok)
@@ -87,8 +93,14 @@ def build_split(df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, wor
     g = value_targets(df, targets, world.ad_value_mean, world.config.reward).float()
     tokens = tokens_from_logs(df.reset_index(drop=True), tok.table.to("cpu"), schema)
     dev = torch.device(cfg.device)
-    return Split(tokens.to(dev), codes.to(dev), [m.to(dev) for m in legal_masks(codes, tok)],
-                 weights.to(dev), targets.ads.to(dev), g.to(dev))  # fmt: skip
+    return Split(
+        tokens.to(dev),
+        codes.to(dev),
+        [m.to(dev) for m in legal_masks(codes, tok)],
+        weights.to(dev),
+        targets.ads.to(dev),
+        g.to(dev),
+    )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -104,8 +116,16 @@ def input_paths(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
 def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
     """The cascade log collected when a stage is given none: ``collect_envs`` x ``collect_steps`` requests of
     the ``preset`` world, sessions seeded by ``seed``."""
-    return CollectConfig(env=cfg.env, policy="cascade", num_envs=cfg.collect_envs, steps=cfg.collect_steps,
-                         seed=cfg.seed, preset=cfg.preset, out=str(logs), progress=False)  # fmt: skip
+    return CollectConfig(
+        env=cfg.env,
+        policy="cascade",
+        num_envs=cfg.collect_envs,
+        steps=cfg.collect_steps,
+        seed=cfg.seed,
+        preset=cfg.preset,
+        out=str(logs),
+        progress=False,
+    )
 
 
 def ensure_inputs(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
@@ -140,7 +160,9 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     """One tokenisation of every request, then row-aligned tensors per side of the split (module doc)."""
     df, meta = read_logs(logs)
     tok = WorldTokenizer.load(tok_dir)
-    world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))  # HTE targets
+    world = generate_world(
+        WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0)
+    )  # HTE targets
     check_tokenizer_world(tok, world, logs, f"tokenizer {tok_dir}")
     if cfg.init:
         check_run_world(meta, logs, Path(cfg.init).parent, f"--init {cfg.init}")

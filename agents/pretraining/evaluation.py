@@ -33,7 +33,9 @@ def value_target(model: GPRModel, values: torch.Tensor, coef: float = 1.0) -> to
 
 
 @torch.no_grad()
-def evaluate(model: GPRModel, data: Split, trie: PrefixTrie, cfg: PretrainConfig, pop: dict[str, float]) -> dict[str, float]:
+def evaluate(
+    model: GPRModel, data: Split, trie: PrefixTrie, cfg: PretrainConfig, pop: dict[str, float]
+) -> dict[str, float]:
     """eval/loss (weighted MTP NLL over all held-out requests) and ranking metrics of head 0 (module doc);
     with the HTE, eval/loss_value (its MSE over every prefix of the held-out shown ads, in value_scale units)
     and eval/value_r2 (1 - that MSE / the variance of the held-out targets: 0 = no better than their mean)."""
@@ -51,7 +53,10 @@ def evaluate(model: GPRModel, data: Split, trie: PrefixTrie, cfg: PretrainConfig
     if model.hte is not None and n_v > 0:
         g = data.values[has_target(data.codes) & data.values.isfinite()].double()
         var = float(g.var(unbiased=False))
-        value_terms = {"eval/loss_value": sq / n_v, "eval/value_r2": 1.0 - sq / n_v / var if var > 0 else float("nan")}
+        value_terms = {
+            "eval/loss_value": sq / n_v,
+            "eval/value_r2": 1.0 - sq / n_v / var if var > 0 else float("nan"),
+        }
     has = torch.nonzero(data.ads[:, 0] >= 0).squeeze(1)[: cfg.eval_requests]
     tokens = TokenBatch(*(t[has] for t in data.tokens))
     ranked = model_rankings(model, tokens, trie, cfg.top_k, cfg.beam_width, generator=gen)
@@ -98,7 +103,9 @@ def resume_best(
     if best["step"] == start:
         atomic_write_bytes(best_path, ckpt.read_bytes())
         return best, True
-    print(f"{best_path}: does not hold the best step {best['step']} of {key} (a run from before best.pt?); "
-          "it is written again at the next improvement")  # fmt: skip
+    print(
+        f"{best_path}: does not hold the best step {best['step']} of {key} (a run from before best.pt?); "
+        "it is written again at the next improvement"
+    )
     best_path.unlink(missing_ok=True)
     return best, False

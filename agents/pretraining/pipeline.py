@@ -30,9 +30,15 @@ def stage_configs(
     and folder; VAFT reads MTP's checkpoint, log and tokenizer. Building them validates them."""
     mtp_dir, vaft_dir = root / "mtp", root / "vaft"
     mtp = dataclasses.replace(common, stage="mtp", out=str(mtp_dir), steps=mtp_steps)
-    vaft = dataclasses.replace(common, stage="vaft", init=str(mtp_dir / "checkpoint.pt"),
-                               logs=str(mtp_dir / "logs.parquet"), tokenizer=str(mtp_dir / "tokenizer"),
-                               out=str(vaft_dir), steps=vaft_steps)  # fmt: skip
+    vaft = dataclasses.replace(
+        common,
+        stage="vaft",
+        init=str(mtp_dir / "checkpoint.pt"),
+        logs=str(mtp_dir / "logs.parquet"),
+        tokenizer=str(mtp_dir / "tokenizer"),
+        out=str(vaft_dir),
+        steps=vaft_steps,
+    )
     return mtp, vaft
 
 

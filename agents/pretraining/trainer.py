@@ -44,14 +44,23 @@ class MTPStep(torch.nn.Module):
         self.model, self.value_trunk = model, value_trunk
 
     def forward(self, tokens, codes, weights, masks, gen, values):
-        out = self.model.mtp_loss(tokens, codes, weights, masks, gen, value_target=values, value_trunk=self.value_trunk)
+        out = self.model.mtp_loss(
+            tokens, codes, weights, masks, gen, value_target=values, value_trunk=self.value_trunk
+        )
         return out.loss_mtp, out.loss_refine, out.loss_value
 
 
 def model_config(tok: WorldTokenizer, schema: SchemaConfig, dense_dim: int, cfg: PretrainConfig) -> GPRConfig:
-    return GPRConfig(level_sizes=tuple(tok.level_sizes), d_model=cfg.d_model, n_layers=cfg.n_layers,
-                     n_heads=cfg.n_heads, dense_dim=dense_dim, max_len=schema.seq_len, mtp_heads=cfg.mtp_heads,
-                     **{name: getattr(cfg, name) for name in COMPONENTS})  # fmt: skip
+    return GPRConfig(
+        level_sizes=tuple(tok.level_sizes),
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        dense_dim=dense_dim,
+        max_len=schema.seq_len,
+        mtp_heads=cfg.mtp_heads,
+        **{name: getattr(cfg, name) for name in COMPONENTS},
+    )
 
 
 def out_dir(cfg: PretrainConfig) -> Path:
@@ -75,8 +84,10 @@ def pretrain(cfg: PretrainConfig, dist: distributed.Dist = distributed.SINGLE) -
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % dist.world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} is invalid with {dist.world_size} processes: "
-                         "--batch-size is the global batch and must be a multiple of the world size")  # fmt: skip
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is invalid with {dist.world_size} processes: "
+            "--batch-size is the global batch and must be a multiple of the world size"
+        )
     out, folder, refused = out_dir(cfg), None, None
     if dist.is_main:  # rank 0 alone writes the folder; every rank fails alike when it is refused
         try:
@@ -162,7 +173,9 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
         # the step's global batch: the same indices on every rank, this rank's contiguous slice
         own = distributed.shard(cfg.batch_size, dist)
         # find_unused_parameters: with --value-coef 0 the HTE heads (and switched-off parts) get no gradients
-        ddp = torch.nn.parallel.DistributedDataParallel(MTPStep(model, cfg.value_trunk), find_unused_parameters=True)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            MTPStep(model, cfg.value_trunk), find_unused_parameters=True
+        )
         distributed.barrier(dist)
     show = cfg.progress and dist.is_main
     bar = tqdm(range(start, cfg.steps), desc=f"pretrain {cfg.stage}", disable=not show)
@@ -171,8 +184,16 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen, device=cfg.device)
         if not dist.enabled:
             tokens, codes, masks, weights, values = train.rows(idx)
-            out_loss = model.mtp_loss(tokens, codes, weights, masks, gen, value_target=value_target(
-                model, values, cfg.value_coef), value_coef=cfg.value_coef, value_trunk=cfg.value_trunk)  # fmt: skip
+            out_loss = model.mtp_loss(
+                tokens,
+                codes,
+                weights,
+                masks,
+                gen,
+                value_target=value_target(model, values, cfg.value_coef),
+                value_coef=cfg.value_coef,
+                value_trunk=cfg.value_trunk,
+            )
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
             opt.step()
@@ -182,8 +203,9 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
         else:
             tokens, codes, masks, weights, values = train.rows(idx[own])
             with distributed.global_row_draws(gen, own.stop - own.start, dist):
-                loss_mtp, loss_refine, loss_value = ddp(tokens, codes, weights, masks, gen,
-                                                        value_target(model, values, cfg.value_coef))  # fmt: skip
+                loss_mtp, loss_refine, loss_value = ddp(
+                    tokens, codes, weights, masks, gen, value_target(model, values, cfg.value_coef)
+                )
             # mtp_loss averages the refiner and value losses over their rows with a target; rescaled to this
             # rank's share of the global count, DDP's average over ranks is the global-batch loss
             n_has = has_target(codes).sum().clamp_min(1)
@@ -202,13 +224,20 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
         if is_eval:
-            train_terms = {"train/loss": float(loss), "train/loss_mtp": float(loss_mtp),
-                           "train/loss_refine": float(loss_refine), "train/loss_value": float(loss_value)}  # fmt: skip
+            train_terms = {
+                "train/loss": float(loss),
+                "train/loss_mtp": float(loss_mtp),
+                "train/loss_refine": float(loss_refine),
+                "train/loss_value": float(loss_value),
+            }
             train_terms = distributed.all_reduce_mean(train_terms, dist)  # global; every rank takes part
             if dist.is_main:
-                row = {"step": done, **train_terms,
-                       "perf/steps_per_s": (done - start) / (time.perf_counter() - t0),
-                       **evaluate(model, held_out, trie, cfg, pop)}  # fmt: skip
+                row = {
+                    "step": done,
+                    **train_terms,
+                    "perf/steps_per_s": (done - start) / (time.perf_counter() - t0),
+                    **evaluate(model, held_out, trie, cfg, pop),
+                }
                 append_metrics(metrics_path, row)
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}", eval=f"{row['eval/loss']:.3f}")
                 improved = best is None or row[key] > best[key]  # ties keep the earlier evaluation
@@ -228,13 +257,17 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
     summary = write_summary(cfg, out, data, best, best_saved)
     distributed.barrier(dist)
     rows, k = (summary["initial"], summary["final"]), cfg.top_k
-    print(f"{out}: eval/loss {rows[0]['eval/loss']:.3f} -> {rows[1]['eval/loss']:.3f}  "
-          f"hitrate@{k} {rows[1][f'eval/hitrate@{k}']:.3f} (popularity {rows[1][f'eval/pop_hitrate@{k}']:.3f})  "
-          f"ndcg@{k} {rows[1][f'eval/ndcg@{k}']:.3f} (popularity {rows[1][f'eval/pop_ndcg@{k}']:.3f})")  # fmt: skip
+    print(
+        f"{out}: eval/loss {rows[0]['eval/loss']:.3f} -> {rows[1]['eval/loss']:.3f}  "
+        f"hitrate@{k} {rows[1][f'eval/hitrate@{k}']:.3f} (popularity {rows[1][f'eval/pop_hitrate@{k}']:.3f})  "
+        f"ndcg@{k} {rows[1][f'eval/ndcg@{k}']:.3f} (popularity {rows[1][f'eval/pop_ndcg@{k}']:.3f})"
+    )
     return summary
 
 
-def write_summary(cfg: PretrainConfig, out: Path, data: StageData, best: dict | None, best_saved: bool) -> dict:
+def write_summary(
+    cfg: PretrainConfig, out: Path, data: StageData, best: dict | None, best_saved: bool
+) -> dict:
     """``OUT/summary.json`` of a finished stage (rank 0): first and last evaluation, the best one and the
     checkpoint downstream users should load (``--select``); returns it."""
     ckpt, best_path = out / "checkpoint.pt", out / "best.pt"
@@ -246,12 +279,28 @@ def write_summary(cfg: PretrainConfig, out: Path, data: StageData, best: dict | 
             selected = best_path
         else:
             print(f"{out}: --select best but no best.pt holds the best step: selecting {ckpt}")
-    best_info = None if best is None else {
-        "step": best["step"], "metric": key, "value": best[key],
-        "checkpoint": str(best_path) if best_saved else None, "metrics": best,
-    }  # fmt: skip
-    summary = {"stage": cfg.stage, "steps": cfg.steps, "train_requests": len(data.train),
-               "eval_requests": len(data.held_out), "initial": rows[0], "final": rows[-1], "best": best_info,
-               "select": cfg.select, "selected_checkpoint": str(selected), "value_scale": data.scale}  # fmt: skip
+    best_info = (
+        None
+        if best is None
+        else {
+            "step": best["step"],
+            "metric": key,
+            "value": best[key],
+            "checkpoint": str(best_path) if best_saved else None,
+            "metrics": best,
+        }
+    )
+    summary = {
+        "stage": cfg.stage,
+        "steps": cfg.steps,
+        "train_requests": len(data.train),
+        "eval_requests": len(data.held_out),
+        "initial": rows[0],
+        "final": rows[-1],
+        "best": best_info,
+        "select": cfg.select,
+        "selected_checkpoint": str(selected),
+        "value_scale": data.scale,
+    }
     write_json(out / "summary.json", summary)
     return summary

@@ -33,7 +33,11 @@ def _series(run: Path, metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.
     xs = np.array([r.get(x, r.get("iteration", 0)) for r in rows], dtype=float)
     ys = np.array([r[metric] for r in rows], dtype=float)
     lo = f"{metric}_ci_low"
-    band = np.array([[r[lo], r[f"{metric}_ci_high"]] for r in rows], dtype=float) if rows and lo in rows[0] else None
+    band = (
+        np.array([[r[lo], r[f"{metric}_ci_high"]] for r in rows], dtype=float)
+        if rows and lo in rows[0]
+        else None
+    )
     return xs, ys, band
 
 
@@ -64,7 +68,13 @@ def seed_curves(
             low, high = series[0][2][:n, 0], series[0][2][:n, 1]
         else:
             low = high = np.full(n, np.nan)
-        curves[label] = {"x": series[0][0][:n], "mean": ys.mean(0), "low": low, "high": high, "n": len(series)}
+        curves[label] = {
+            "x": series[0][0][:n],
+            "mean": ys.mean(0),
+            "low": low,
+            "high": high,
+            "n": len(series),
+        }
     return curves
 
 
@@ -85,20 +95,26 @@ def plot_curves(
         ax.set_xlabel(x.replace("_", " "))
         ax.grid(alpha=0.3)
     handles, _ = axes[0][0].get_legend_handles_labels()
-    band = Patch(color="gray", alpha=0.2, label=f"band: {level:.0%} t interval over seeds (n=1: the run's own CI)")
+    band = Patch(
+        color="gray", alpha=0.2, label=f"band: {level:.0%} t interval over seeds (n=1: the run's own CI)"
+    )
     axes[0][0].legend(handles=[*handles, band], fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(path))
 
 
-def plot_table(table: pd.DataFrame, path: Path, metrics: tuple[str, ...] = FINAL, level: float = 0.95) -> Path:
+def plot_table(
+    table: pd.DataFrame, path: Path, metrics: tuple[str, ...] = FINAL, level: float = 0.95
+) -> Path:
     """Bars of a ``final_table`` / ``table3`` frame, one panel per metric, t-interval error bars."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     x = np.arange(len(table))
     colors = ["tab:gray" if s == START else f"C{i}" for i, s in enumerate(table["stage"])]
     for ax, name in zip(axes[0], metrics):
         v = table[name].to_numpy(float)
-        err = np.stack([v - table[f"{name}_ci_low"].to_numpy(float), table[f"{name}_ci_high"].to_numpy(float) - v])
+        err = np.stack(
+            [v - table[f"{name}_ci_low"].to_numpy(float), table[f"{name}_ci_high"].to_numpy(float) - v]
+        )
         ax.bar(x, np.nan_to_num(v), yerr=np.nan_to_num(err), capsize=3, color=colors)
         for i in np.flatnonzero(~np.isfinite(v)):
             ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
@@ -142,14 +158,28 @@ def plot_pretrain(runs: list[str | Path], path: Path) -> Path:
         k, rows = pretrain_top_k(run), read_metrics(run / "metrics.jsonl")
         label = read_json(run / "config.json").get("stage", run.name)
         steps = np.array([r["step"] for r in rows], dtype=float) + offsets[run]
-        line = axes[0].plot(steps, [r["eval/loss"] for r in rows], marker="o", ms=3, label=f"{label} held-out")[0]
+        line = axes[0].plot(
+            steps, [r["eval/loss"] for r in rows], marker="o", ms=3, label=f"{label} held-out"
+        )[0]
         train = [(s, r["train/loss_mtp"]) for s, r in zip(steps, rows) if "train/loss_mtp" in r]
         if train:
             axes[0].plot(*zip(*train), ls=":", color=line.get_color(), label=f"{label} train (MTP term)")
         for ax, name in zip(axes[1:], (f"hitrate@{k}", f"ndcg@{k}")):
-            ax.plot(steps, [r[f"eval/{name}"] for r in rows], marker="o", ms=3, color=line.get_color(), label=label)
-            ax.plot(steps, [r[f"eval/pop_{name}"] for r in rows], ls="--", color="gray",
-                    label="popularity" if run == runs[0] else None)  # fmt: skip
+            ax.plot(
+                steps,
+                [r[f"eval/{name}"] for r in rows],
+                marker="o",
+                ms=3,
+                color=line.get_color(),
+                label=label,
+            )
+            ax.plot(
+                steps,
+                [r[f"eval/pop_{name}"] for r in rows],
+                ls="--",
+                color="gray",
+                label="popularity" if run == runs[0] else None,
+            )
             ax.set_title(f"held-out {name}")
     axes[0].set_title("loss (each stage's own target weights)")
     for ax in axes:

@@ -66,7 +66,9 @@ def start_units(runs: list[Path]) -> dict[str, list[dict]]:
     for run in runs:
         first = eval_rows(run)[0]
         if first.get("iteration", 0) != 0:
-            raise ValueError(f"{run}/metrics.jsonl: first evaluation at iteration {first['iteration']}, expected 0")
+            raise ValueError(
+                f"{run}/metrics.jsonl: first evaluation at iteration {first['iteration']}, expected 0"
+            )
         units[start_key(run)].append(first)
     return dict(units)
 
@@ -98,8 +100,10 @@ def read_baseline(folder: str | Path) -> tuple[dict, dict]:
             raise ValueError(f"{folder} is not an agents.evaluate output folder (no {name})")
     rows = read_json(folder / "summary.json")
     if BASELINE not in rows:
-        raise ValueError(f"{folder}/summary.json has no {BASELINE!r} row (agents: {', '.join(rows) or 'none'}): "
-                         f"run agents.evaluate with --agents ...,{BASELINE}")  # fmt: skip
+        raise ValueError(
+            f"{folder}/summary.json has no {BASELINE!r} row (agents: {', '.join(rows) or 'none'}): "
+            f"run agents.evaluate with --agents ...,{BASELINE}"
+        )
     row = {k: math.nan if v is None else v for k, v in rows[BASELINE].items()}
     return row, read_json(folder / "config.json")
 
@@ -128,12 +132,20 @@ def check_protocol(runs: list[Path], cfg: dict, folder: Path) -> None:
         a = read_json(run / "config.json").get("args") if (run / "config.json").is_file() else None
         if a is None:
             continue
-        want = {"env": a["env"], "preset": a["preset"], "world_seed": 0, "num_envs": a["eval_envs"],
-                "seed": a["eval_seed"], "sessions_per_slot": math.ceil(a["eval_sessions"] / a["eval_envs"])}
+        want = {
+            "env": a["env"],
+            "preset": a["preset"],
+            "world_seed": 0,
+            "num_envs": a["eval_envs"],
+            "seed": a["eval_seed"],
+            "sessions_per_slot": math.ceil(a["eval_sessions"] / a["eval_envs"]),
+        }
         diff |= {f"{k} {have[k]} (runs: {v})" for k, v in want.items() if have[k] != v}
     if diff:
-        warnings.warn(f"{folder} was not evaluated on the runs' held-out sessions: {', '.join(sorted(diff))}",
-                      stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{folder} was not evaluated on the runs' held-out sessions: {', '.join(sorted(diff))}",
+            stacklevel=3,
+        )
 
 
 def pretrain_top_k(run: Path) -> int:

@@ -40,9 +40,11 @@ def write_report(
     runs, out = check_runs(runs), Path(out)
     t3, fin, t4 = table3(runs, level), final_table(runs, level), table4(runs, baseline, level)
     files = {"curves": plot_curves(runs, out / "curves.png", level=level)}
-    for name, table, markdown in (("table3", t3, to_markdown(t3, TABLE3, level)),
-                                  ("final_table", fin, to_markdown(fin, FINAL, level)),
-                                  ("table4", t4, table4_markdown(t4, level))):  # fmt: skip
+    for name, table, markdown in (
+        ("table3", t3, to_markdown(t3, TABLE3, level)),
+        ("final_table", fin, to_markdown(fin, FINAL, level)),
+        ("table4", t4, table4_markdown(t4, level)),
+    ):
         files[f"{name}.csv"] = atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         files[f"{name}.md"] = atomic_write_bytes(out / f"{name}.md", markdown.encode())
     missing = runs_without_strata(runs)
@@ -51,7 +53,10 @@ def write_report(
         files["table5.csv"] = atomic_write_bytes(out / "table5.csv", t5.to_csv(index=False).encode())
         files["table5.md"] = atomic_write_bytes(out / "table5.md", table5_markdown(t5, level).encode())
     elif len(missing) < len(runs):
-        warnings.warn(f"table5 not written: no per-stratum evaluations in {', '.join(map(str, missing))} "
-                      "(run folders from before agents.hepo logged them)", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"table5 not written: no per-stratum evaluations in {', '.join(map(str, missing))} "
+            "(run folders from before agents.hepo logged them)",
+            stacklevel=2,
+        )
     files["final"] = plot_table(fin, out / "final.png", FINAL, level)
     return files

@@ -76,14 +76,22 @@ def table3(runs: list[str | Path], level: float = 0.95) -> pd.DataFrame:
     units = list(start_units(every).values())
     rows = []
     if all(MTP_MARKER in r for unit in units for r in unit):  # runs that logged their MTP stage
-        mtp = _stat_row(units, {name: key.replace("eval/", "eval/mtp/", 1) for name, key in keys.items()}, level)
+        mtp = _stat_row(
+            units, {name: key.replace("eval/", "eval/mtp/", 1) for name, key in keys.items()}, level
+        )
         rows.append({"stage": "MTP", "algo": "mtp", "iteration": 0, **mtp})
     rows.append({"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(units, keys, level)})
     for algo, members in groups.items():
         final = final_rows(algo, members)
         row = _stat_row([[r] for r in final], keys, level)
-        rows.append({"stage": f"+{algo.upper()}", "algo": algo, "iteration": min(r["iteration"] for r in final),
-                     **row})  # fmt: skip
+        rows.append(
+            {
+                "stage": f"+{algo.upper()}",
+                "algo": algo,
+                "iteration": min(r["iteration"] for r in final),
+                **row,
+            }
+        )
     for row in rows:
         for name in PAPER_METRICS:
             row[f"paper_{name}"] = PAPER_TABLE3.get(row["stage"], {}).get(name, math.nan)
@@ -111,8 +119,14 @@ def final_table(runs: list[str | Path], level: float = 0.95, start: bool = True)
         rows.append({"stage": START, "algo": "vaft", "iteration": 0, **start_row})
     for algo, members in groups.items():
         final = final_rows(algo, members)
-        rows.append({"stage": f"+{algo.upper()}", "algo": algo, "iteration": min(r["iteration"] for r in final),
-                     **_stat_row([[r] for r in final], keys, level)})  # fmt: skip
+        rows.append(
+            {
+                "stage": f"+{algo.upper()}",
+                "algo": algo,
+                "iteration": min(r["iteration"] for r in final),
+                **_stat_row([[r] for r in final], keys, level),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -143,14 +157,24 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     """
     groups = group_runs(runs)
     every = [run for members in groups.values() for run in members]
-    start = {u: {m: float(np.mean([r.get(f"eval/{m}", math.nan) for r in rows])) for m in TABLE4}
-             for u, rows in start_units(every).items()}  # fmt: skip
+    start = {
+        u: {m: float(np.mean([r.get(f"eval/{m}", math.nan) for r in rows])) for m in TABLE4}
+        for u, rows in start_units(every).items()
+    }
     stages = [(START, "vaft", 0, "", list(start.values()), None)]
     for algo, members in groups.items():
         final = final_rows(algo, members)
         values = [{m: r.get(f"eval/{m}", math.nan) for m in TABLE4} for r in final]
-        stages.append((f"+{algo.upper()}", algo, min(r["iteration"] for r in final), START, values,
-                       [start[start_key(run)] for run in members]))  # fmt: skip
+        stages.append(
+            (
+                f"+{algo.upper()}",
+                algo,
+                min(r["iteration"] for r in final),
+                START,
+                values,
+                [start[start_key(run)] for run in members],
+            )
+        )
     ref = None
     rows = []
     if baseline is not None:
@@ -168,8 +192,15 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
             row.update(vs.columns(f"{m}_vs_prev"))
             if ref is not None:
                 k = f"eval/{m}"
-                vs = relative_change(x, ref[k], ref[f"{k}_ci_low"], ref[f"{k}_ci_high"], ref_level=cfg["level"],
-                                     level=level, nan_policy="propagate")  # fmt: skip
+                vs = relative_change(
+                    x,
+                    ref[k],
+                    ref[f"{k}_ci_low"],
+                    ref[f"{k}_ci_high"],
+                    ref_level=cfg["level"],
+                    level=level,
+                    nan_policy="propagate",
+                )
                 row.update(vs.columns(f"{m}_vs_{BASELINE}"))
         rows.append(row)
     return pd.DataFrame(rows).astype({"n": "Int64", "iteration": "Int64"})
@@ -203,8 +234,10 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     every = [run for members in groups.values() for run in members]
     missing = runs_without_strata(every)
     if missing:
-        raise ValueError(f"no per-stratum evaluations ({STRATA_MARKER!r} ...) in the metrics.jsonl of: "
-                         f"{', '.join(map(str, missing))}: run folders from before agents.hepo logged them")  # fmt: skip
+        raise ValueError(
+            f"no per-stratum evaluations ({STRATA_MARKER!r} ...) in the metrics.jsonl of: "
+            f"{', '.join(map(str, missing))}: run folders from before agents.hepo logged them"
+        )
     stages = [(START, "vaft", 0, list(start_units(every).values()))]
     for algo, members in groups.items():
         final = final_rows(algo, members)
@@ -222,13 +255,29 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
             if ref is not None:
                 r = ref.get((stratum, group), {})
                 own = {f"{m}{s}": r.get(f"eval/{m}{s}", math.nan) for m in metrics for s in CI_SUFFIXES}
-                rows.append({**where, "stage": BASELINE, "algo": BASELINE, "n": None, "iteration": None,
-                             "sessions": r.get("eval/sessions", math.nan), **own})  # fmt: skip
+                rows.append(
+                    {
+                        **where,
+                        "stage": BASELINE,
+                        "algo": BASELINE,
+                        "n": None,
+                        "iteration": None,
+                        "sessions": r.get("eval/sessions", math.nan),
+                        **own,
+                    }
+                )
             keys = {m: strata_key(stratum, group, m) for m in metrics}
             for stage, algo, iteration, units in stages:
                 stat = _stat_row(units, {"sessions": strata_key(stratum, group, "sessions"), **keys}, level)
-                rows.append({**where, "stage": stage, "algo": algo, "iteration": iteration,
-                             **{k: v for k, v in stat.items() if not k.startswith("sessions_")}})  # fmt: skip
+                rows.append(
+                    {
+                        **where,
+                        "stage": stage,
+                        "algo": algo,
+                        "iteration": iteration,
+                        **{k: v for k, v in stat.items() if not k.startswith("sessions_")},
+                    }
+                )
     columns = ["stratum", "group", "stage", "algo", "n", "iteration", "sessions"]
     columns += [f"{m}{s}" for m in TABLE5 for s in CI_SUFFIXES]
     return pd.DataFrame(rows, columns=columns).astype({"n": "Int64", "iteration": "Int64"})
@@ -241,12 +290,21 @@ def pretrain_table(runs: list[str | Path]) -> pd.DataFrame:
         cfg, metrics = read_json(run / "config.json"), read_metrics(run / "metrics.jsonl")
         k = pretrain_top_k(run)
         first, last = metrics[0], metrics[-1]
-        rows.append({"run": run.name, "stage": cfg.get("stage", run.name), "steps": last["step"],
-                     "eval_loss_start": first["eval/loss"], "eval_loss_end": last["eval/loss"],
-                     f"hitrate@{k}_start": first[f"eval/hitrate@{k}"], f"hitrate@{k}_end": last[f"eval/hitrate@{k}"],
-                     f"pop_hitrate@{k}": last[f"eval/pop_hitrate@{k}"],
-                     f"ndcg@{k}_start": first[f"eval/ndcg@{k}"], f"ndcg@{k}_end": last[f"eval/ndcg@{k}"],
-                     f"pop_ndcg@{k}": last[f"eval/pop_ndcg@{k}"]})  # fmt: skip
+        rows.append(
+            {
+                "run": run.name,
+                "stage": cfg.get("stage", run.name),
+                "steps": last["step"],
+                "eval_loss_start": first["eval/loss"],
+                "eval_loss_end": last["eval/loss"],
+                f"hitrate@{k}_start": first[f"eval/hitrate@{k}"],
+                f"hitrate@{k}_end": last[f"eval/hitrate@{k}"],
+                f"pop_hitrate@{k}": last[f"eval/pop_hitrate@{k}"],
+                f"ndcg@{k}_start": first[f"eval/ndcg@{k}"],
+                f"ndcg@{k}_end": last[f"eval/ndcg@{k}"],
+                f"pop_ndcg@{k}": last[f"eval/pop_ndcg@{k}"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -275,41 +333,69 @@ def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     head = "| stage | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
 
     def lines(part, cell):
-        return "".join(f"| {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | "
-                       + " | ".join(cell(r, m) for m in TABLE4) + " |\n" for _, r in part.iterrows())  # fmt: skip
+        return "".join(
+            f"| {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | "
+            + " | ".join(cell(r, m) for m in TABLE4)
+            + " |\n"
+            for _, r in part.iterrows()
+        )
 
     stages = table[table["stage"] != BASELINE]
-    out = (f"online metrics (revenue_per_session = the advertisers' cost): mean over seeds [{level:.0%} t interval "
-           f"over seeds; none with one seed]" + (f"; {BASELINE}: agents.evaluate, CI over its sessions"
-                                                  if (table["stage"] == BASELINE).any() else "")
-           + "\n\n" + head + lines(table, estimate_cell))  # fmt: skip
-    out += (f"\nrelative change vs the previous stage ({START} for every RL stage), paired by seed: mean of "
-            f"x / x_prev - 1 [{level:.0%} t interval over seeds]\n\n" + head
-            + lines(stages[stages["prev"] != ""], lambda r, m: change_cell(r, f"{m}_vs_prev")))  # fmt: skip
+    out = (
+        f"online metrics (revenue_per_session = the advertisers' cost): mean over seeds [{level:.0%} t interval "
+        f"over seeds; none with one seed]"
+        + (
+            f"; {BASELINE}: agents.evaluate, CI over its sessions"
+            if (table["stage"] == BASELINE).any()
+            else ""
+        )
+        + "\n\n"
+        + head
+        + lines(table, estimate_cell)
+    )
+    out += (
+        f"\nrelative change vs the previous stage ({START} for every RL stage), paired by seed: mean of "
+        f"x / x_prev - 1 [{level:.0%} t interval over seeds]\n\n"
+        + head
+        + lines(stages[stages["prev"] != ""], lambda r, m: change_cell(r, f"{m}_vs_prev"))
+    )
     if f"{TABLE4[0]}_vs_{BASELINE}" in table:
-        out += (f"\nrelative change vs {BASELINE}: mean(x) / {BASELINE} - 1 [{level:.0%} interval: seed spread "
-                f"and the {BASELINE}'s CI, delta method, Welch-Satterthwaite df]\n\n" + head
-                + lines(stages, lambda r, m: change_cell(r, f"{m}_vs_{BASELINE}")))  # fmt: skip
+        out += (
+            f"\nrelative change vs {BASELINE}: mean(x) / {BASELINE} - 1 [{level:.0%} interval: seed spread "
+            f"and the {BASELINE}'s CI, delta method, Welch-Satterthwaite df]\n\n"
+            + head
+            + lines(stages, lambda r, m: change_cell(r, f"{m}_vs_{BASELINE}"))
+        )
     return out
 
 
 def table5_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     """One table per stratum: a row per (group, stage), ``mean [low, high]`` per metric the stratum has."""
     cascade = (table["stage"] == BASELINE).any()
-    out = (f"online metrics by stratum (revenue_per_session = the advertisers' cost): mean over seeds "
-           f"[{level:.0%} t interval over seeds; none with one seed]"
-           + (f"; {BASELINE}: agents.evaluate, CI over its sessions" if cascade else "")
-           + "; sessions: held-out sessions in the group (mean over seeds; an ad-age group counts every "
-           "session, its metrics count only the ads of that age)\n")  # fmt: skip
+    out = (
+        f"online metrics by stratum (revenue_per_session = the advertisers' cost): mean over seeds "
+        f"[{level:.0%} t interval over seeds; none with one seed]"
+        + (f"; {BASELINE}: agents.evaluate, CI over its sessions" if cascade else "")
+        + "; sessions: held-out sessions in the group (mean over seeds; an ad-age group counts every "
+        "session, its metrics count only the ads of that age)\n"
+    )
     titles = {"activity_tier": "user activity tier (1 = least active)", "ad_age": "ad age (new / old ads)"}
     for stratum in dict.fromkeys(table["stratum"]):
         part, metrics = table[table["stratum"] == stratum], STRATA_METRICS.get(stratum, TABLE5)
-        out += (f"\n{titles.get(stratum, stratum)}\n\n| {stratum} | stage | n | sessions | " + " | ".join(metrics)
-                + " |\n|" + "---|" * (len(metrics) + 4) + "\n")  # fmt: skip
+        out += (
+            f"\n{titles.get(stratum, stratum)}\n\n| {stratum} | stage | n | sessions | "
+            + " | ".join(metrics)
+            + " |\n|"
+            + "---|" * (len(metrics) + 4)
+            + "\n"
+        )
         for _, r in part.iterrows():
             sessions = f"{r['sessions']:.4g}" if np.isfinite(r["sessions"]) else "n/a"
-            out += (f"| {r['group']} | {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | {sessions} | "
-                    + " | ".join(estimate_cell(r, m) for m in metrics) + " |\n")  # fmt: skip
+            out += (
+                f"| {r['group']} | {r['stage']} | {'' if pd.isna(r['n']) else r['n']} | {sessions} | "
+                + " | ".join(estimate_cell(r, m) for m in metrics)
+                + " |\n"
+            )
     return out
 
 

@@ -42,10 +42,14 @@ class Buffer:
     adv: Tensor | None = None  # (M, K, L) or (M, K)
     returns: Tensor | None = None  # (M, K, L) HEPO critic targets (PPO regresses on ``reward``)
     uid: Tensor | None = None  # (M,) int64 request id unique over all ranks (``Roller.request_ids``)
-    blind_reward: Tensor | None = None  # (M, K) scaled R before the budget share (None: ``reward``, no budgets)
+    blind_reward: Tensor | None = (
+        None  # (M, K) scaled R before the budget share (None: ``reward``, no budgets)
+    )
     dist: Dist = SINGLE  # the data-parallel job holding the rest of the global batch
     learner_state: dict | None = None  # ``Roller.learner_state`` (the same dict): what targets carry over
-    stats: dict | None = None  # per-iteration metrics a ``targets`` adds (``hepo/*``), logged with the rollout's
+    stats: dict | None = (
+        None  # per-iteration metrics a ``targets`` adds (``hepo/*``), logged with the rollout's
+    )
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -55,24 +59,66 @@ class Buffer:
             return None if t is None else t[idx]
 
         return Buffer(
-            TokenBatch(*(t[idx] for t in self.tokens)), take(self.noise), self.codes[idx], self.old_log_prob[idx],
-            [m[idx] for m in self.legal], self.old_values[idx], self.reward[idx], self.process[idx],
-            self.valid[idx], self.rehearsed[idx], take(self.adv), take(self.returns), take(self.uid),
-            take(self.blind_reward), self.dist, self.learner_state, self.stats,
-        )  # fmt: skip
+            TokenBatch(*(t[idx] for t in self.tokens)),
+            take(self.noise),
+            self.codes[idx],
+            self.old_log_prob[idx],
+            [m[idx] for m in self.legal],
+            self.old_values[idx],
+            self.reward[idx],
+            self.process[idx],
+            self.valid[idx],
+            self.rehearsed[idx],
+            take(self.adv),
+            take(self.returns),
+            take(self.uid),
+            take(self.blind_reward),
+            self.dist,
+            self.learner_state,
+            self.stats,
+        )
 
     @staticmethod
     def concat(parts: list[Buffer]) -> Buffer:
         def cat(ts):
             return None if ts[0] is None else torch.cat(ts)
 
-        fields = list(zip(*[(p.tokens, p.noise, p.codes, p.old_log_prob, p.legal, p.old_values, p.reward,
-                             p.process, p.valid, p.rehearsed, p.adv, p.returns, p.uid, p.blind_reward)
-                            for p in parts]))  # fmt: skip
+        fields = list(
+            zip(
+                *[
+                    (
+                        p.tokens,
+                        p.noise,
+                        p.codes,
+                        p.old_log_prob,
+                        p.legal,
+                        p.old_values,
+                        p.reward,
+                        p.process,
+                        p.valid,
+                        p.rehearsed,
+                        p.adv,
+                        p.returns,
+                        p.uid,
+                        p.blind_reward,
+                    )
+                    for p in parts
+                ]
+            )
+        )
         legal = [torch.cat(level) for level in zip(*fields[4])]
         first = parts[0]  # the job and the learner's state are the same for every part
-        return Buffer(cat_tokens(list(fields[0])), cat(fields[1]), cat(fields[2]), cat(fields[3]), legal,
-                      *(cat(f) for f in fields[5:]), first.dist, first.learner_state, first.stats)  # fmt: skip
+        return Buffer(
+            cat_tokens(list(fields[0])),
+            cat(fields[1]),
+            cat(fields[2]),
+            cat(fields[3]),
+            legal,
+            *(cat(f) for f in fields[5:]),
+            first.dist,
+            first.learner_state,
+            first.stats,
+        )
 
 
 __all__ = ["Buffer", "cat_tokens"]

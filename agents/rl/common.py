@@ -183,7 +183,9 @@ def explained_variance(target: Tensor, pred: Tensor, dist: Dist = SINGLE) -> flo
     (or empty) target has nothing to explain: 0.
     """
     t, e = target.double().flatten(), (target - pred).double().flatten()
-    moments = torch.stack([t.new_tensor(float(t.numel())), t.sum(), t.square().sum(), e.sum(), e.square().sum()])
+    moments = torch.stack(
+        [t.new_tensor(float(t.numel())), t.sum(), t.square().sum(), e.sum(), e.square().sum()]
+    )
     n, st, st2, se, se2 = all_reduce_sum(moments, dist).tolist()
     if n == 0:
         return 0.0
@@ -193,9 +195,7 @@ def explained_variance(target: Tensor, pred: Tensor, dist: Dist = SINGLE) -> flo
     return 1.0 - var_e / var_t
 
 
-def process_rewards(
-    codes: Tensor, legal: list[Tensor], positives: Tensor, scale: float
-) -> Tensor:
+def process_rewards(codes: Tensor, legal: list[Tensor], positives: Tensor, scale: float) -> Tensor:
     """Popularity process rewards of the coarse levels (GPR §4.3), 0 at the last level.
 
     ``P_l(t)`` is the share of the user's positive items whose path starts with ``(z_<l, t)``;
@@ -238,7 +238,9 @@ def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, clip:
     return torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
 
 
-def level_surrogate(log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, weights: Tensor, clip: float) -> Tensor:
+def level_surrogate(
+    log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, weights: Tensor, clip: float
+) -> Tensor:
     """Per-level PPO policy loss -sum_l c_l mean_M PPO-clip(rho_l, A_l) (HEPO's objective, GPR §4.3).
 
     Args:

@@ -111,8 +111,13 @@ def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> Dist:
         device = f"cuda:{local}"
     if not torch_dist.is_initialized():
         kw = {"device_id": torch.device(device)} if cuda else {}
-        torch_dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                      timeout=datetime.timedelta(seconds=timeout_s), **kw)  # fmt: skip
+        torch_dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kw,
+        )
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 
@@ -158,8 +163,9 @@ def shard(n: int, dist: Dist) -> slice:
         ValueError: if ``n`` is not a multiple of the world size (unequal slices would bias the mean).
     """
     if n % dist.world_size:
-        raise ValueError(f"{n} rows do not split evenly over {dist.world_size} processes: "
-                         f"use a multiple of the world size")  # fmt: skip
+        raise ValueError(
+            f"{n} rows do not split evenly over {dist.world_size} processes: use a multiple of the world size"
+        )
     per = n // dist.world_size
     return slice(dist.rank * per, (dist.rank + 1) * per)
 
@@ -233,8 +239,11 @@ def global_row_draws(generator: torch.Generator, rows: int, dist: Dist) -> Itera
 
     def g_randint(*args, generator=None, size=None, **kw):
         if generator is not gen:
-            return randint(*args, generator=generator, size=size, **kw) if size is not None else \
-                randint(*args, generator=generator, **kw)  # fmt: skip
+            return (
+                randint(*args, generator=generator, size=size, **kw)
+                if size is not None
+                else randint(*args, generator=generator, **kw)
+            )
         if size is None:
             *bounds, size = args
         else:
@@ -293,8 +302,14 @@ def shard_market(
     defaults to ``dist.device``. Single-process: ``BatchedMarket(config, num_envs, ...)``.
     """
     rows = shard(num_envs, dist)
-    return BatchedMarket(config, rows.stop - rows.start, world_seed, device or dist.device, world,
-                         **shard_options(num_envs, dist))  # fmt: skip
+    return BatchedMarket(
+        config,
+        rows.stop - rows.start,
+        world_seed,
+        device or dist.device,
+        world,
+        **shard_options(num_envs, dist),
+    )
 
 
 def shard_options(num_envs: int, dist: Dist) -> dict:
@@ -302,19 +317,27 @@ def shard_options(num_envs: int, dist: Dist) -> dict:
     shard of one market of ``num_envs`` sessions, as ``shard_market`` builds it: the global session count
     (budgets), the cross-rank grant and the first global slot. Single-process: the plain market's values."""
     if num_envs % dist.world_size:
-        raise ValueError(f"num_envs={num_envs} is invalid with {dist.world_size} processes: the global number of "
-                         "sessions must be a multiple of the world size")  # fmt: skip
+        raise ValueError(
+            f"num_envs={num_envs} is invalid with {dist.world_size} processes: the global number of "
+            "sessions must be a multiple of the world size"
+        )
     if not dist.enabled:
         return {}
-    return {"market_envs": num_envs, "grant": grant_across_ranks(dist), "first_slot": shard(num_envs, dist).start}
+    return {
+        "market_envs": num_envs,
+        "grant": grant_across_ranks(dist),
+        "first_slot": shard(num_envs, dist).start,
+    }
 
 
 def _own_rows(market: BatchedMarket, num_envs: int, dist: Dist) -> slice:
     """Rank r's global slots ``shard(num_envs, dist)``; an error if ``market`` has another row count."""
     rows = shard(num_envs, dist)
     if rows.stop - rows.start != market.num_envs:
-        raise ValueError(f"the market has {market.num_envs} rows, rank {dist.rank}'s share of {num_envs} "
-                         f"sessions is {rows.stop - rows.start}")  # fmt: skip
+        raise ValueError(
+            f"the market has {market.num_envs} rows, rank {dist.rank}'s share of {num_envs} "
+            f"sessions is {rows.stop - rows.start}"
+        )
     return rows
 
 

@@ -20,9 +20,7 @@ def targets(buf: Buffer, cfg: LossConfig) -> tuple[None, None]:
     return None, None
 
 
-def dpo_loss(
-    log_prob_w: Tensor, log_prob_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
-) -> Tensor:
+def dpo_loss(log_prob_w: Tensor, log_prob_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float) -> Tensor:
     """DPO: -log sigmoid(beta [(log pi(w) - log ref(w)) - (log pi(l) - log ref(l))]), paths summed over levels."""
     margin = (log_prob_w - ref_w) - (log_prob_l - ref_l)
     return -F.logsigmoid(beta * margin).mean()
@@ -37,8 +35,13 @@ def loss(log_prob: Tensor, values: Tensor, ref_log_prob: Tensor | None, buf: Buf
     rows = torch.arange(m, device=log_prob.device)
     has = buf.reward[rows, best] > buf.reward[rows, worst]
     lp, rl = log_prob.sum(-1), ref_log_prob.sum(-1)  # (M, K)
-    policy = dpo_loss(lp[rows, best][has], lp[rows, worst][has], rl[rows, best][has], rl[rows, worst][has],
-                      cfg.dpo_beta) if bool(has.any()) else log_prob.sum() * 0  # fmt: skip
+    policy = (
+        dpo_loss(
+            lp[rows, best][has], lp[rows, worst][has], rl[rows, best][has], rl[rows, worst][has], cfg.dpo_beta
+        )
+        if bool(has.any())
+        else log_prob.sum() * 0
+    )
     return policy, None
 
 

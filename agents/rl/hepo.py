@@ -74,8 +74,9 @@ EV_KEY = "critic_ev"
 """``Buffer.learner_state`` key of the last rollout's critic explained variance"""
 
 
-def process_coef(process: Tensor, coarse: Tensor, terminal_adv: Tensor, paths: Tensor, buf: Buffer,
-                 cfg: LossConfig) -> tuple[float, float]:  # fmt: skip
+def process_coef(
+    process: Tensor, coarse: Tensor, terminal_adv: Tensor, paths: Tensor, buf: Buffer, cfg: LossConfig
+) -> tuple[float, float]:
     """a of the process term a max(0, D_l) (``LossConfig.process_scale``) and the share it gives.
 
     Args:
@@ -88,7 +89,9 @@ def process_coef(process: Tensor, coarse: Tensor, terminal_adv: Tensor, paths: T
         (a, measured mean |a max(0, D_l)| / mean |A_t|) over every rank's rows; (0, 0) when the process
         rewards are off or none is positive.
     """
-    sums = torch.stack([paths.sum(), (terminal_adv.abs() * paths).sum(), coarse.sum(), (process.abs() * coarse).sum()])
+    sums = torch.stack(
+        [paths.sum(), (terminal_adv.abs() * paths).sum(), coarse.sum(), (process.abs() * coarse).sum()]
+    )
     n_t, abs_t, n_c, abs_d = all_reduce_sum(sums.double(), buf.dist).tolist()
     mean_t, mean_d = abs_t / max(n_t, 1.0), abs_d / max(n_c, 1.0)
     if not (cfg.process_rewards and mean_d > 0 and mean_t > 0):
@@ -166,16 +169,27 @@ def targets(buf: Buffer, cfg: LossConfig) -> tuple[Tensor, Tensor]:
     group_mean = (g1 * has).sum(-1, keepdim=True) / has.sum(-1, keepdim=True).clamp_min(1)  # (M, 1)
     group_ev = explained_variance(g1[has], group_mean.expand_as(g1)[has], buf.dist)
     weights = semantic_level_weights(free, cfg.level_weights)
-    buf.stats = {"hepo/critic_ev": ev, "hepo/group_ev": group_ev, "hepo/gae_used": int(use_gae),
-                 "hepo/process_share": share, "hepo/process_coef": a,
-                 **level_stats(adv, free, weights, valid, buf)}  # fmt: skip
+    buf.stats = {
+        "hepo/critic_ev": ev,
+        "hepo/group_ev": group_ev,
+        "hepo/gae_used": int(use_gae),
+        "hepo/process_share": share,
+        "hepo/process_coef": a,
+        **level_stats(adv, free, weights, valid, buf),
+    }
     return adv, returns
 
 
 def hepo_loss(
-    log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, values: Tensor, returns: Tensor, weights: Tensor,
-    cfg: LossConfig, free: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    adv: Tensor,
+    values: Tensor,
+    returns: Tensor,
+    weights: Tensor,
+    cfg: LossConfig,
+    free: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """HEPO: -mean sum_l c_l PPO-clip(rho_l, A_l) and the critic loss sum_l mean (V(s_l) - G_l)^2.
 
     Args:
@@ -199,9 +213,16 @@ def loss(log_prob: Tensor, values: Tensor, ref_log_prob: Tensor | None, buf: Buf
     length = buf.codes.shape[-1]
     free = ~forced_levels(buf.legal)  # (M, K, L)
     w = semantic_level_weights(free, cfg.level_weights).to(log_prob.device)
-    return hepo_loss(log_prob.flatten(0, 1), buf.old_log_prob.flatten(0, 1), buf.adv.flatten(0, 1),
-                     values[..., :length].flatten(0, 1), buf.returns.flatten(0, 1), w.flatten(0, 1), cfg,
-                     free.flatten(0, 1))  # fmt: skip
+    return hepo_loss(
+        log_prob.flatten(0, 1),
+        buf.old_log_prob.flatten(0, 1),
+        buf.adv.flatten(0, 1),
+        values[..., :length].flatten(0, 1),
+        buf.returns.flatten(0, 1),
+        w.flatten(0, 1),
+        cfg,
+        free.flatten(0, 1),
+    )
 
 
 HEPO = Algorithm("hepo", targets, loss, critic=True)

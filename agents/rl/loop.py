@@ -74,7 +74,9 @@ class PathTerms(torch.nn.Module):
         return path_terms(self.model, buf)
 
 
-def loss_terms(algo: Algorithm, cfg: LossConfig, terms: torch.nn.Module, ref: GPRModel | None, buf: Buffer) -> dict:
+def loss_terms(
+    algo: Algorithm, cfg: LossConfig, terms: torch.nn.Module, ref: GPRModel | None, buf: Buffer
+) -> dict:
     """The algorithm's loss on a minibatch; returns named scalar tensors (``loss`` to backpropagate).
 
     ``terms``: the policy's ``PathTerms`` (or its ``DistributedDataParallel`` wrapper). ``ref``: the frozen
@@ -136,9 +138,18 @@ def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGL
 
 
 def update(
-    terms_fn, model: GPRModel, opt, ref: GPRModel | None, buf: Buffer, algo: Algorithm, loss_cfg: LossConfig,
-    cfg: UpdateConfig, draw: int, dist: Dist = SINGLE, policy: bool = True,
-) -> dict:  # fmt: skip
+    terms_fn,
+    model: GPRModel,
+    opt,
+    ref: GPRModel | None,
+    buf: Buffer,
+    algo: Algorithm,
+    loss_cfg: LossConfig,
+    cfg: UpdateConfig,
+    draw: int,
+    dist: Dist = SINGLE,
+    policy: bool = True,
+) -> dict:
     """``cfg.epochs`` passes of minibatch updates over the valid requests; mean of each loss term.
 
     ``terms_fn``: ``PathTerms(model)`` or its DDP wrapper. Data-parallel, each rank's loss is the mean over

@@ -29,8 +29,14 @@ def ppo_loss(
 
 def loss(log_prob: Tensor, values: Tensor, ref_log_prob: Tensor | None, buf: Buffer, cfg: LossConfig):
     """``ppo_loss`` on a minibatch: log_prob (M, K, L), values (M, K, L + 1) -> (policy, critic)."""
-    return ppo_loss(log_prob.flatten(0, 1), buf.old_log_prob.flatten(0, 1), buf.adv.flatten(),
-                    values[..., 0].flatten(), buf.reward.flatten(), cfg)  # fmt: skip
+    return ppo_loss(
+        log_prob.flatten(0, 1),
+        buf.old_log_prob.flatten(0, 1),
+        buf.adv.flatten(),
+        values[..., 0].flatten(),
+        buf.reward.flatten(),
+        cfg,
+    )
 
 
 PPO = Algorithm("ppo", targets, loss, critic=True)

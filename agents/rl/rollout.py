@@ -86,8 +86,15 @@ class Roller:
     """
 
     def __init__(
-        self, env, tokenizer: WorldTokenizer, group_size: int, truth: bool, arr_rate: float, seed: int,
-        budget_aware: bool = True, dist: Dist = SINGLE,
+        self,
+        env,
+        tokenizer: WorldTokenizer,
+        group_size: int,
+        truth: bool,
+        arr_rate: float,
+        seed: int,
+        budget_aware: bool = True,
+        dist: Dist = SINGLE,
     ):
         self.env = env
         self.budget_aware, self.dist, self.seed = budget_aware, dist, seed
@@ -108,8 +115,13 @@ class Roller:
 
     # -- state that must survive a checkpoint ------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"obs": self.obs, **self.market.state_dict(), "step_count": self.step_count,
-                "reward_scale": self.reward_scale, "learner_state": dict(self.learner_state)}  # fmt: skip
+        return {
+            "obs": self.obs,
+            **self.market.state_dict(),
+            "step_count": self.step_count,
+            "reward_scale": self.reward_scale,
+            "learner_state": dict(self.learner_state),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.market.load_state_dict(state)
@@ -142,7 +154,9 @@ class Roller:
     def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor, keys: Tensor):
         """Context, K sampled paths and HTE values for a token batch; its random numbers come from ``keys``."""
         n, k, d = tokens.token_ids.shape[0], self.group_size, model.cfg.d_model
-        u = rng.uniforms(keys, d + k * self.tok.trie.depth)  # refiner noise, then one number per path and level
+        u = rng.uniforms(
+            keys, d + k * self.tok.trie.depth
+        )  # refiner noise, then one number per path and level
         noise = rng.normals(u[:, :d]) if model.ptd.refiner is not None else None
         ctx = model.context(tokens, noise=noise)
         step_fn, _ = model.beam_fns(ctx)
@@ -166,7 +180,9 @@ class Roller:
         share = (remaining.clamp_min(0.0) / demand.clamp_min(1e-12)).clamp(max=1.0)
         return torch.where(demand > 0, share, torch.ones_like(share)).to(torch.float32)
 
-    def _buffer(self, model, obs, scorer, eligible, rows: Tensor, rehearsed: bool, share: Tensor | None = None):
+    def _buffer(
+        self, model, obs, scorer, eligible, rows: Tensor, rehearsed: bool, share: Tensor | None = None
+    ):
         """Groups for one request batch -> (its buffer part, the sampled ads (n, K), their scores).
 
         ``share``: per-advertiser budget share (``_budget_share``) that scales each candidate's value;
@@ -177,22 +193,45 @@ class Roller:
         noise, s, values = self._groups(model, tokens, eligible, keys)
         scores = scorer(s.items)
         raw = scores.value.to(torch.float32)  # (n, K)
-        raw = torch.where(s.items >= 0, raw, torch.zeros_like(raw))  # no item (a row with none eligible): -inf
+        raw = torch.where(
+            s.items >= 0, raw, torch.zeros_like(raw)
+        )  # no item (a row with none eligible): -inf
         blind = raw  # (n, K) before the budget share
         if self.budget_aware:
             share = self._budget_share(s.items, scores) if share is None else share
             raw = raw * share[self.market.world.ad_advertiser[s.items]]
-        if self.reward_scale is None:  # first rollout: fix the scale once (module doc), over every rank's rows
-            moments = torch.stack([torch.tensor(float(raw.numel()), device=raw.device), raw.double().sum(),
-                                   raw.double().square().sum()]).double()  # fmt: skip
+        if (
+            self.reward_scale is None
+        ):  # first rollout: fix the scale once (module doc), over every rank's rows
+            moments = torch.stack(
+                [
+                    torch.tensor(float(raw.numel()), device=raw.device),
+                    raw.double().sum(),
+                    raw.double().square().sum(),
+                ]
+            ).double()
             count, total, squares = all_reduce_sum(moments, self.dist).tolist()
-            self.reward_scale = max(math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1, 1)), 1e-6)
+            self.reward_scale = max(
+                math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1, 1)), 1e-6
+            )
         proc = process_rewards(s.codes, s.legal, positive_paths(tokens), 1.0)  # scaled by a_l in the learner
         flag = torch.full((s.codes.shape[0],), rehearsed, dtype=torch.bool, device=self.device)
-        part = Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, raw / self.reward_scale, proc, s.valid, flag,
-                      uid=self.request_ids(rows, rehearsed),
-                      blind_reward=blind / self.reward_scale if self.budget_aware else None, dist=self.dist,
-                      learner_state=self.learner_state)  # fmt: skip
+        part = Buffer(
+            tokens,
+            noise,
+            s.codes,
+            s.log_prob,
+            s.legal,
+            values,
+            raw / self.reward_scale,
+            proc,
+            s.valid,
+            flag,
+            uid=self.request_ids(rows, rehearsed),
+            blind_reward=blind / self.reward_scale if self.budget_aware else None,
+            dist=self.dist,
+            learner_state=self.learner_state,
+        )
         return part, s.items, share
 
     def collect(self, model: GPRModel, steps: int) -> tuple[Buffer, dict[str, float]]:
@@ -204,8 +243,9 @@ class Roller:
             eligible = e.eligible_ads()
             state = e.state
             local = torch.arange(e.num_envs, device=self.device)
-            real, items, share = self._buffer(model, self.obs, lambda ads: e.score(ads, truth=self.truth), eligible,
-                                              local, False)  # fmt: skip
+            real, items, share = self._buffer(
+                model, self.obs, lambda ads: e.score(ads, truth=self.truth), eligible, local, False
+            )
             parts.append(real)
             raw_sum += (real.reward.double() * self.reward_scale).mean(1).sum()
             if self.arr_rate > 0:
@@ -215,9 +255,14 @@ class Roller:
                 if rows.numel() > 0:
                     ahead, obs_ahead = e.rehearse(rows, REHEARSAL_SEED_OFFSET)
                     rehearsed, _, _ = self._buffer(
-                        model, obs_ahead, lambda ads, st=ahead: e.score(ads, truth=self.truth, state=st),
-                        eligible, rows, True, share,
-                    )  # fmt: skip
+                        model,
+                        obs_ahead,
+                        lambda ads, st=ahead: e.score(ads, truth=self.truth, state=st),
+                        eligible,
+                        rows,
+                        True,
+                        share,
+                    )
                     parts.append(rehearsed)
             self.obs, _, terminated, truncated, info = self.env.step(items[:, :1])
             self._episodes.append((info["episode_return"], info["episode_length"], terminated | truncated))
@@ -225,10 +270,20 @@ class Roller:
         buf = Buffer.concat(parts)
         # one NaN request poisons a whole update (gpr_sim.finite): stop at the rollout that made it
         blind = {} if buf.blind_reward is None else {"budget-blind reward": buf.blind_reward}
-        check_finite(f"rollout ending at env step {self.step_count}", {"reward": buf.reward, "log-probabilities":
-                     buf.old_log_prob, "HTE values": buf.old_values, "process rewards": buf.process, **blind})  # fmt: skip
+        check_finite(
+            f"rollout ending at env step {self.step_count}",
+            {
+                "reward": buf.reward,
+                "log-probabilities": buf.old_log_prob,
+                "HTE values": buf.old_values,
+                "process rewards": buf.process,
+                **blind,
+            },
+        )
         real = ~buf.rehearsed
-        sums = torch.stack([real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()])
+        sums = torch.stack(
+            [real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()]
+        )
         requests, rehearsed, value, invalid = all_reduce_sum(sums, self.dist).tolist()  # the global batch
         stats = {
             "rollout/requests": int(requests),

@@ -68,8 +68,9 @@ def loss(log_prob: Tensor, values: Tensor, ref_log_prob: Tensor | None, buf: Buf
     """The per-level clipped surrogate on a minibatch: log_prob (M, K, L) -> (policy, no critic)."""
     length = buf.codes.shape[-1]
     w = level_weights(length, cfg.level_weights).to(log_prob.device)
-    policy = level_surrogate(log_prob.flatten(0, 1), buf.old_log_prob.flatten(0, 1), buf.adv.flatten(0, 1), w,
-                             cfg.clip)  # fmt: skip
+    policy = level_surrogate(
+        log_prob.flatten(0, 1), buf.old_log_prob.flatten(0, 1), buf.adv.flatten(0, 1), w, cfg.clip
+    )
     return policy, None
 
 

@@ -146,7 +146,9 @@ def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
         values = values.data
     n, d = values.shape
     if n * d >= 2**31:
-        raise ValueError(f"a list column of {n} x {d} values overflows int32 offsets: write it in several batches")
+        raise ValueError(
+            f"a list column of {n} x {d} values overflows int32 offsets: write it in several batches"
+        )
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * np.int32(d))
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
     return pa.ListArray.from_arrays(offsets, flat, mask=mask)
@@ -384,11 +386,15 @@ def _id_ranges(cfg: WorldConfig) -> dict[str, tuple[int | float, int | float, bo
 def _widths(cfg: WorldConfig) -> dict[str, tuple[int, str]]:
     """list column -> (length, why) in a log of a world ``cfg``."""
     return {
-        "organic_ids": (cfg.organic_history, "organic_history"), "ad_ids": (cfg.ad_history, "ad_history"),
-        "ad_events": (cfg.ad_history, "ad_history"), "candidates": (cfg.num_candidates, "num_candidates"),
-        "shown_ad": (cfg.num_slots, "num_slots"), "final_organic_ids": (cfg.organic_history, "organic_history"),
-        "final_ad_ids": (cfg.ad_history, "ad_history"), "final_ad_events": (cfg.ad_history, "ad_history"),
-    }  # fmt: skip
+        "organic_ids": (cfg.organic_history, "organic_history"),
+        "ad_ids": (cfg.ad_history, "ad_history"),
+        "ad_events": (cfg.ad_history, "ad_history"),
+        "candidates": (cfg.num_candidates, "num_candidates"),
+        "shown_ad": (cfg.num_slots, "num_slots"),
+        "final_organic_ids": (cfg.organic_history, "organic_history"),
+        "final_ad_ids": (cfg.ad_history, "ad_history"),
+        "final_ad_events": (cfg.ad_history, "ad_history"),
+    }
 
 
 def _count(n: int, noun: str) -> str:
@@ -417,8 +423,10 @@ def _column_problems(table: pa.Table, name: str, cfg: WorldConfig) -> list[str]:
             lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)  # NaN on null rows
             off = np.flatnonzero(~np.isnan(lengths.astype(np.float64)) & (lengths != width))
             if off.size:
-                return [f"column {name} has {_count(off.size, 'row')} of length {int(lengths[off[0]])}, expected "
-                        f"{why}={width} of the metadata's world_config ({_rows(off)})"]  # fmt: skip
+                return [
+                    f"column {name} has {_count(off.size, 'row')} of length {int(lengths[off[0]])}, expected "
+                    f"{why}={width} of the metadata's world_config ({_rows(off)})"
+                ]
         # every entry with its row; entries behind a null row (the writer may keep data there) are no values
         offsets = arr.offsets.to_numpy()
         values = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
@@ -442,8 +450,10 @@ def _column_problems(table: pa.Table, name: str, cfg: WorldConfig) -> list[str]:
         bad = ((x <= lo) if lo_open else (x < lo)) | (x > hi)
         if bad.any():
             first = x[bad][0]
-            return [f"column {name} has {_count(int(bad.sum()), 'value')} outside {'(' if lo_open else '['}{lo}, {hi}] "
-                    f"({why}; e.g. {first}) ({_rows(rows[bad])})"]  # fmt: skip
+            return [
+                f"column {name} has {_count(int(bad.sum()), 'value')} outside {'(' if lo_open else '['}{lo}, {hi}] "
+                f"({why}; e.g. {first}) ({_rows(rows[bad])})"
+            ]
     return []
 
 
@@ -464,7 +474,9 @@ def validate_log(data: Batch, meta: Mapping, source: str) -> WorldConfig:
     if table.num_rows == 0:
         raise ValueError(f"{source} has no rows")
     cfg = check_log_meta(meta, source)
-    problems = [p for name in table.column_names if name in _TYPES for p in _column_problems(table, name, cfg)]
+    problems = [
+        p for name in table.column_names if name in _TYPES for p in _column_problems(table, name, cfg)
+    ]
     if problems:
         raise ValueError(f"{source}: {'; '.join(problems)}")
     return cfg

@@ -40,8 +40,15 @@ _OBS_COLUMNS = {  # ads-v0 observation key -> log column (request, final)
     "ad_history": ("ad_ids", "final_ad_ids"),
     "ad_events": ("ad_events", "final_ad_events"),
 }
-_INFO_COLUMNS = {"request_id": -1, "propensity": np.nan, "impression": 0, "click": 0, "conversion": 0,
-                 "revenue": 0.0, "gmv": 0.0}  # fmt: skip
+_INFO_COLUMNS = {
+    "request_id": -1,
+    "propensity": np.nan,
+    "impression": 0,
+    "click": 0,
+    "conversion": 0,
+    "revenue": 0.0,
+    "gmv": 0.0,
+}
 """Per-step signals kept in ``infos``, with their value at the reset (index 0)."""
 
 
@@ -99,7 +106,10 @@ def episode_buffers(df: pd.DataFrame) -> list:
     obs["user_id"] = df["user_id"].to_numpy()
     last = ends - 1
     final = {key: stack_list_column(df.iloc[last], fcol) for key, (_, fcol) in _OBS_COLUMNS.items()}
-    final["user"], final["user_id"] = obs["user"][last], obs["user_id"][last]  # U tokens stay within a session
+    final["user"], final["user_id"] = (
+        obs["user"][last],
+        obs["user_id"][last],
+    )  # U tokens stay within a session
     k = len(df["candidates"].iat[0]) if len(df) else 1
     actions = df["action"].to_numpy() if k == 1 else stack_list_column(df, "candidates")
     reward = df["reward"].to_numpy()

@@ -80,8 +80,15 @@ class GPRConfig:
         check_int("ffn_mult", self.ffn_mult, 1, 64)
         check_int("dense_dim", self.dense_dim, 1, 1 << 16)
         check_int("max_len", self.max_len, 1, 1 << 20)
-        for name in ("hybrid_attention", "token_aware_ln", "token_aware_ffn", "mixture_of_recursions",
-                     "thinking", "refining", "hte"):  # fmt: skip
+        for name in (
+            "hybrid_attention",
+            "token_aware_ln",
+            "token_aware_ffn",
+            "mixture_of_recursions",
+            "thinking",
+            "refining",
+            "hte",
+        ):
             _check_bool(name, getattr(self, name))
         check_int("max_recursions", self.max_recursions, 1, 64)
         check_int("num_thinking", self.num_thinking, 1, 1024)
@@ -113,7 +120,9 @@ class GPRConfig:
         missing = [n for n in names if n not in d]
         unknown = sorted(str(k) for k in d if k not in names)
         if missing or unknown:
-            parts = ([f"missing field(s) {missing}"] if missing else []) + ([f"unknown field(s) {unknown}"] if unknown else [])
+            parts = ([f"missing field(s) {missing}"] if missing else []) + (
+                [f"unknown field(s) {unknown}"] if unknown else []
+            )
             raise ValueError(f"{where}: {'; '.join(parts)}")
         kw = dict(d)
         if isinstance(kw["level_sizes"], list):

@@ -242,7 +242,11 @@ def small_matmul(a: Tensor, b: Tensor) -> Tensor:
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if not torch.compiler.is_compiling() or (k > 8 and (n > 8 or m * n > 64)):
         return torch.matmul(a, b)
-    dt = _compute_dtype(a) if torch.is_autocast_enabled(a.device.type) else torch.promote_types(a.dtype, b.dtype)
+    dt = (
+        _compute_dtype(a)
+        if torch.is_autocast_enabled(a.device.type)
+        else torch.promote_types(a.dtype, b.dtype)
+    )
     # matmul under autocast rounds its inputs to the autocast dtype first: the same rounding here
     prod = a.to(dt).float()[..., :, :, None] * b.to(dt).float()[..., None, :, :]  # (..., M, K, N)
     return prod.sum(-2).to(dt)

@@ -223,8 +223,13 @@ class IncrementalDecoder:
         model, dev = self.model, tokens.type_ids.device
         cfg = model.cfg
         b, t = tokens.type_ids.shape
-        want = {"codes": (b, cfg.path_len), "items": (b,), "events": (b, self.new_tokens - 1),
-                "context": (b, cfg.dense_dim), "noise": (b, cfg.d_model)}  # fmt: skip
+        want = {
+            "codes": (b, cfg.path_len),
+            "items": (b,),
+            "events": (b, self.new_tokens - 1),
+            "context": (b, cfg.dense_dim),
+            "noise": (b, cfg.d_model),
+        }
         for name, x in zip(want, (codes, items, events, context, noise), strict=True):
             if tuple(x.shape) != want[name]:
                 raise ValueError(f"{name} must be {want[name]}, got {tuple(x.shape)}")
@@ -244,8 +249,10 @@ class IncrementalDecoder:
             out = model.hsd(TokenBatch(*(x[sl] for x in tokens)))
             part = model.ptd.thinking.partial(out.hidden, pad[sl])
             if layers is None:  # allocate once, from the first sub-batch's shapes and dtypes
-                layers = [LayerCache(*(torch.empty(b, *z.shape[1:], dtype=z.dtype, device=dev) for z in c))
-                          for c in out.cache.layers]  # fmt: skip
+                layers = [
+                    LayerCache(*(torch.empty(b, *z.shape[1:], dtype=z.dtype, device=dev) for z in c))
+                    for c in out.cache.layers
+                ]
                 think = ThinkingPartial(
                     *(torch.empty(b, *z.shape[1:], dtype=z.dtype, device=dev) for z in part)
                 )
@@ -257,13 +264,24 @@ class IncrementalDecoder:
             del out, part
         kdt, (h, hd) = layers[0].k.dtype, layers[0].k.shape[1::2]
         return IncrementalState(
-            layers=layers, think=think, type_ids=tokens.type_ids.contiguous(), padding_mask=pad,
-            next_pos=tokens.positions[:, -1].clone(), codes=codes.clone(), items=items.clone(),
-            events=events.clone(), context=context.clone(), noise=noise.clone(),
-            tail=[LayerCache(torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt),
-                             torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt))
-                  for _ in layers],
-        )  # fmt: skip
+            layers=layers,
+            think=think,
+            type_ids=tokens.type_ids.contiguous(),
+            padding_mask=pad,
+            next_pos=tokens.positions[:, -1].clone(),
+            codes=codes.clone(),
+            items=items.clone(),
+            events=events.clone(),
+            context=context.clone(),
+            noise=noise.clone(),
+            tail=[
+                LayerCache(
+                    torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt),
+                    torch.empty(b, h, self.new_tokens, hd, device=dev, dtype=kdt),
+                )
+                for _ in layers
+            ],
+        )
 
     # -- the step ------------------------------------------------------------------------------------
     def _step(self, st: IncrementalState, beam: int, top_k: int) -> StepOutput:
@@ -279,8 +297,11 @@ class IncrementalDecoder:
         # read per request instead of gathered per beam
         res = beam_search(
             lambda row, prefix: self._level(kv, row, prefix, beams=prefix.shape[0] // b),
-            self.trie, batch_size=b, beam_width=beam, top_k=top_k,
-        )  # fmt: skip
+            self.trie,
+            batch_size=b,
+            beam_width=beam,
+            top_k=top_k,
+        )
         vals = self._values(ctx, res.codes.clamp_min(0))  # (B, top_k, L' + 1)
         st.codes.copy_(res.codes[:, 0].clamp_min(0))  # the shown ad: next step's I token
         st.items.copy_(res.items[:, 0].clamp_min(0))

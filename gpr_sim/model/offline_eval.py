@@ -111,7 +111,9 @@ def candidate_metrics(values: Tensor, present: Tensor, best: Tensor) -> dict[str
     dcg = (gain * discount).sum(1)
     idcg = (gain.sort(1, descending=True).values * discount).sum(1)
     ndcg = torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), 1.0)
-    earlier = torch.triu(torch.ones(k, k, dtype=torch.bool, device=gain.device), 1)  # pair (i, j) with i ranked above j
+    earlier = torch.triu(
+        torch.ones(k, k, dtype=torch.bool, device=gain.device), 1
+    )  # pair (i, j) with i ranked above j
     both = keep[:, :, None] & keep[:, None, :] & earlier
     diff = gain[:, :, None] - gain[:, None, :]
     pairs = both & (diff != 0)

@@ -121,8 +121,11 @@ def request_values(df: pd.DataFrame) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per request (B,): eCPM proxy, pCTR, pCVR (float64) and deepest event (int64), see module docstring."""
     imp = df["impression"].to_numpy(np.float64)
     ecpm = 1000.0 * df["revenue"].to_numpy(np.float64) / np.maximum(imp, 1.0)
-    event = np.where(df["conversion"].to_numpy() > 0, EVENT_CONVERSION,
-                     np.where(df["click"].to_numpy() > 0, EVENT_CLICK, EVENT_IMPRESSION))  # fmt: skip
+    event = np.where(
+        df["conversion"].to_numpy() > 0,
+        EVENT_CONVERSION,
+        np.where(df["click"].to_numpy() > 0, EVENT_CLICK, EVENT_IMPRESSION),
+    )
     return (
         torch.as_tensor(ecpm),
         torch.as_tensor(df["p_click"].to_numpy(np.float64, copy=True)),
@@ -139,7 +142,9 @@ def vaft_weights(df: pd.DataFrame, targets: MTPTargets) -> Tensor:
     return normalise_weights(raw, targets.source_row >= 0).float()
 
 
-def value_targets(df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, reward: RewardConfig) -> Tensor:
+def value_targets(
+    df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, reward: RewardConfig
+) -> Tensor:
     """(B,) float64 HTE pre-training target: final_value of head 0's ad where this request itself showed it
     in slot 0 and showed nothing else; NaN elsewhere.
 
@@ -162,7 +167,9 @@ def value_targets(df: pd.DataFrame, targets: MTPTargets, ad_value_mean: Tensor, 
     ctr = torch.as_tensor(df["p_click"].to_numpy(np.float64, copy=True))
     cvr = torch.as_tensor(df["p_conversion"].to_numpy(np.float64, copy=True))
     stayed = torch.as_tensor(~df["terminated"].to_numpy(bool, copy=True)).double()
-    value = expected_weighted_reward(reward, price, ctr, cvr, ad_value_mean.double().cpu()[ads.clamp_min(0)], stayed)
+    value = expected_weighted_reward(
+        reward, price, ctr, cvr, ad_value_mean.double().cpu()[ads.clamp_min(0)], stayed
+    )
     return torch.where(own, value, torch.nan)
 
 

@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         try:
             emb = torch.load(args.embeddings, map_location="cpu", weights_only=True)
         except SAFE_LOAD_ERRORS as e:
-            raise ValueError(f"{args.embeddings}: not a readable embeddings file ({safe_load_error(e)})") from None
+            raise ValueError(
+                f"{args.embeddings}: not a readable embeddings file ({safe_load_error(e)})"
+            ) from None
         if not isinstance(emb, Tensor):
             raise ValueError(f"{args.embeddings}: expected a saved (N, D) tensor, got {type(emb).__name__}")
         source = {"embeddings": args.embeddings}

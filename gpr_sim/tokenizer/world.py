@@ -49,7 +49,11 @@ METHODS = {"rq-vae": "RQ-VAE", "rq-kmeans": "RQ-Kmeans", "rq-kmeans-plus": "RQ-K
 """CLI name -> display name (the row labels of ``gpr_sim.tokenizer.compare``)"""
 
 PAPER_TABLE1 = pd.DataFrame(
-    {"collision_rate": [0.2321, 0.2140, 0.2060], "cur_l1": [0.9213, 1.0, 0.9936], "pas": [0.985, 0.986, 0.992]},
+    {
+        "collision_rate": [0.2321, 0.2140, 0.2060],
+        "cur_l1": [0.9213, 1.0, 0.9936],
+        "pas": [0.985, 0.986, 0.992],
+    },
     index=pd.Index(list(METHODS.values()), name="method"),
 )
 """GPR Table 1 (production items, not ours): what the simulated analogue is read against"""
@@ -219,15 +223,21 @@ class WorldTokenizer:
         if path.is_dir():
             path = path / IDS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{os.fspath(path)}: no tokenizer here (expected a folder with {IDS_FILE})")
+            raise FileNotFoundError(
+                f"{os.fspath(path)}: no tokenizer here (expected a folder with {IDS_FILE})"
+            )
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except SAFE_LOAD_ERRORS as e:
-            raise ValueError(f"{os.fspath(path)}: not a readable tokenizer file ({safe_load_error(e)})") from None
+            raise ValueError(
+                f"{os.fspath(path)}: not a readable tokenizer file ({safe_load_error(e)})"
+            ) from None
         if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
             raise ValueError(f"{os.fspath(path)}: not a gpr_sim world tokenizer file (missing format header)")
         if payload.get("version") != FILE_VERSION:
-            raise ValueError(f"{os.fspath(path)}: file version {payload.get('version')}, this code reads {FILE_VERSION}")
+            raise ValueError(
+                f"{os.fspath(path)}: file version {payload.get('version')}, this code reads {FILE_VERSION}"
+            )
         table = SemanticIdTable(payload["codes"], payload["codebook_size"], payload["num_organic"])
         qpath = path.with_name(QUANTIZER_FILE)
         quantizer = load_quantizer(qpath) if qpath.is_file() else None
@@ -284,12 +294,17 @@ def fit_world_tokenizer(
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - t0
-    table = SemanticIdTable(quantizer.encode(x), quantizer.codebook_size, num_organic=world.config.num_organic)
+    table = SemanticIdTable(
+        quantizer.encode(x), quantizer.codebook_size, num_organic=world.config.num_organic
+    )
     return WorldTokenizer(table, quantizer, method, world_fingerprint(world), seconds)
 
 
 def fit_world_tokenizers(
-    world: World, cfg: CompareConfig = CompareConfig(), seed: int = 0, methods: tuple[str, ...] = tuple(METHODS)
+    world: World,
+    cfg: CompareConfig = CompareConfig(),
+    seed: int = 0,
+    methods: tuple[str, ...] = tuple(METHODS),
 ) -> dict[str, WorldTokenizer]:
     """``fit_world_tokenizer`` for each method, same settings and seed; keyed by method."""
     return {m: fit_world_tokenizer(world, m, cfg, seed) for m in methods}
@@ -353,7 +368,9 @@ def plot_code_usage(tokenizers: dict[str, WorldTokenizer]):
         for name, u in usage.items():
             counts = torch.sort(u[level], descending=True).values
             used = int((counts > 0).sum())
-            ax.plot(range(1, counts.numel() + 1), counts.numpy(), label=f"{name} ({used}/{counts.numel()} used)")
+            ax.plot(
+                range(1, counts.numel() + 1), counts.numpy(), label=f"{name} ({used}/{counts.numel()} used)"
+            )
         ax.set_title(f"level {level + 1}")
         ax.set_xlabel("code rank")
         ax.set_yscale("symlog", linthresh=1.0)  # zero stays visible: dead codes sit on the x axis

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 _INF = math.inf
 
 
-def check_range(name: str, value: float, lo: float = -_INF, hi: float = _INF, *, lo_open: bool = False) -> None:
+def check_range(
+    name: str, value: float, lo: float = -_INF, hi: float = _INF, *, lo_open: bool = False
+) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``lo <= value <= hi`` (``lo < value`` if ``lo_open``)."""
     bad_type = isinstance(value, bool) or not isinstance(value, (int, float))
     below = value <= lo if lo_open else value < lo
@@ -184,12 +186,24 @@ class WorldConfig:
         if isinstance(self.reward, dict):  # allow nested dicts from JSON
             object.__setattr__(self, "reward", RewardConfig(**self.reward))
         ints = {
-            "emb_dim": (2, 1024), "num_categories": (1, 10_000), "subcategories_per_category": (1, 10_000),
-            "num_organic": (1, 1 << 31), "num_ads": (1, 1 << 31), "num_advertisers": (1, 1 << 24),
-            "steps_per_day": (1, 1 << 31), "max_ad_age_days": (1, 100_000), "new_ad_days": (0, 100_000),
-            "num_users": (1, 1 << 31), "interest_categories": (1, 10_000), "num_candidates": (1, 1024),
-            "num_slots": (1, 64), "organic_per_request": (0, 64), "organic_candidates": (1, 1024),
-            "max_steps": (1, 1_000_000), "organic_history": (1, 4096), "ad_history": (1, 4096),
+            "emb_dim": (2, 1024),
+            "num_categories": (1, 10_000),
+            "subcategories_per_category": (1, 10_000),
+            "num_organic": (1, 1 << 31),
+            "num_ads": (1, 1 << 31),
+            "num_advertisers": (1, 1 << 24),
+            "steps_per_day": (1, 1 << 31),
+            "max_ad_age_days": (1, 100_000),
+            "new_ad_days": (0, 100_000),
+            "num_users": (1, 1 << 31),
+            "interest_categories": (1, 10_000),
+            "num_candidates": (1, 1024),
+            "num_slots": (1, 64),
+            "organic_per_request": (0, 64),
+            "organic_candidates": (1, 1024),
+            "max_steps": (1, 1_000_000),
+            "organic_history": (1, 4096),
+            "ad_history": (1, 4096),
             "initial_ad_history": (0, 4096),
         }
         for name, (lo, hi) in ints.items():
@@ -197,26 +211,58 @@ class WorldConfig:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"{name}={v!r} must be an integer in [{lo}, {hi}]")
             check_range(name, v, lo, hi)
-        positive = ["category_spread", "item_spread", "target_cpa_mean", "budget_per_1k_requests",
-                    "order_value_mean", "organic_temperature", "minutes_per_request"]
+        positive = [
+            "category_spread",
+            "item_spread",
+            "target_cpa_mean",
+            "budget_per_1k_requests",
+            "order_value_mean",
+            "organic_temperature",
+            "minutes_per_request",
+        ]
         for name in positive:
             check_range(name, getattr(self, name), 0.0, 1e9, lo_open=True)
-        non_negative = ["target_cpa_sigma", "budget_sigma", "pacing_slack", "quality_sigma",
-                        "order_value_sigma", "estimate_noise", "competitor_ecpm_mean", "competitor_ecpm_sigma", "new_ad_noise_multiplier", "reserve_ecpm",
-                        "position_decay", "ctr_fatigue_weight", "conv_propensity_sigma",
-                        "conversion_delay_mean", "fatigue_per_ad", "fatigue_irrelevance",
-                        "exit_fatigue_weight", "session_weight_per_tier"]
+        non_negative = [
+            "target_cpa_sigma",
+            "budget_sigma",
+            "pacing_slack",
+            "quality_sigma",
+            "order_value_sigma",
+            "estimate_noise",
+            "competitor_ecpm_mean",
+            "competitor_ecpm_sigma",
+            "new_ad_noise_multiplier",
+            "reserve_ecpm",
+            "position_decay",
+            "ctr_fatigue_weight",
+            "conv_propensity_sigma",
+            "conversion_delay_mean",
+            "fatigue_per_ad",
+            "fatigue_irrelevance",
+            "exit_fatigue_weight",
+            "session_weight_per_tier",
+        ]
         for name in non_negative:
             check_range(name, getattr(self, name), 0.0, 1e9)
         for name in ["pacing_fraction", "interest_drift", "interest_anchor", "click_drift"]:
             check_range(name, getattr(self, name), 0.0, 1.0)
         check_range("fatigue_decay", self.fatigue_decay, 0.0, 1.0)
-        for name in ["ctr_bias", "ctr_match_weight", "ctr_quality_weight", "cvr_bias", "cvr_match_weight",
-                     "exit_bias", "exit_activity_weight", "exit_tolerance_weight"]:
+        for name in [
+            "ctr_bias",
+            "ctr_match_weight",
+            "ctr_quality_weight",
+            "cvr_bias",
+            "cvr_match_weight",
+            "exit_bias",
+            "exit_activity_weight",
+            "exit_tolerance_weight",
+        ]:
             check_range(name, getattr(self, name), -100.0, 100.0)
         w = self.activity_weights
         if len(w) != 5 or any((not isinstance(x, (int, float))) or x < 0 for x in w) or sum(w) <= 0:
-            raise ValueError(f"activity_weights={w!r}: expected 5 non-negative numbers (tiers 1..5) with a positive sum")
+            raise ValueError(
+                f"activity_weights={w!r}: expected 5 non-negative numbers (tiers 1..5) with a positive sum"
+            )
         if self.num_slots > self.num_candidates:
             raise ValueError(
                 f"num_slots={self.num_slots} is out of range: expected at most num_candidates={self.num_candidates}"
@@ -264,8 +310,14 @@ class WorldConfig:
     def large(cls, **changes) -> WorldConfig:
         """GPU-sized market: 1M ads, 2M organic items, 10M users, 32-d embeddings."""
         base = dict(
-            emb_dim=32, num_categories=64, subcategories_per_category=16, num_organic=2_000_000,
-            num_ads=1_000_000, num_advertisers=50_000, num_users=10_000_000, steps_per_day=1000,
+            emb_dim=32,
+            num_categories=64,
+            subcategories_per_category=16,
+            num_organic=2_000_000,
+            num_ads=1_000_000,
+            num_advertisers=50_000,
+            num_users=10_000_000,
+            steps_per_day=1000,
         )
         base.update(changes)
         return cls(**base)

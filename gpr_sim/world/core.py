@@ -129,11 +129,23 @@ def initial(
     zi = torch.zeros(n, dtype=torch.int64, device=dev)
     P = PENDING_CONVERSIONS
     return SessionState(
-        seed=seed, slot=slot, counter=counter + 1, episode=episode, user_id=user, interest=interest,
-        fatigue=torch.zeros(n, device=dev), step=zi, feed_pos=zi.clone(), ad_load=zi.clone(), hour=hour,
-        organic_hist=organic_hist, ad_hist=ad_hist, ad_event=ad_event,
+        seed=seed,
+        slot=slot,
+        counter=counter + 1,
+        episode=episode,
+        user_id=user,
+        interest=interest,
+        fatigue=torch.zeros(n, device=dev),
+        step=zi,
+        feed_pos=zi.clone(),
+        ad_load=zi.clone(),
+        hour=hour,
+        organic_hist=organic_hist,
+        ad_hist=ad_hist,
+        ad_event=ad_event,
         pend_ad=torch.full((n, P), -1, dtype=torch.int64, device=dev),
-        pend_gmv=torch.zeros(n, P, device=dev), pend_due=torch.full((n, P), -1, dtype=torch.int64, device=dev),
+        pend_gmv=torch.zeros(n, P, device=dev),
+        pend_due=torch.full((n, P), -1, dtype=torch.int64, device=dev),
     )
 
 
@@ -183,11 +195,15 @@ def auction_expectations(cfg, bid_ecpm: torch.Tensor) -> tuple[torch.Tensor, tor
     log_e = torch.log(e.clamp(min=r))
     p_below_r = torch.special.ndtr(torch.tensor((math.log(r) - mu) / sg, dtype=torch.float64))
     p_win = torch.special.ndtr((log_e - mu) / sg)
-    partial = m * (torch.special.ndtr((log_e - mu - sg**2) / sg) - torch.special.ndtr(
-        torch.tensor((math.log(r) - mu - sg**2) / sg, dtype=torch.float64)))
+    partial = m * (
+        torch.special.ndtr((log_e - mu - sg**2) / sg)
+        - torch.special.ndtr(torch.tensor((math.log(r) - mu - sg**2) / sg, dtype=torch.float64))
+    )
     price = (r * p_below_r + partial) / 1000.0
     zero = torch.zeros_like(e)
-    return torch.where(above, p_win, zero).to(bid_ecpm.dtype), torch.where(above, price, zero).to(bid_ecpm.dtype)
+    return torch.where(above, p_win, zero).to(bid_ecpm.dtype), torch.where(above, price, zero).to(
+        bid_ecpm.dtype
+    )
 
 
 def score(
@@ -230,7 +246,11 @@ def score(
 
 
 def transition(
-    world: World, state: SessionState, market: MarketState, candidates: torch.Tensor, grant: Grant | None = None
+    world: World,
+    state: SessionState,
+    market: MarketState,
+    candidates: torch.Tensor,
+    grant: Grant | None = None,
 ) -> tuple[SessionState, MarketState, Outcome]:
     """Serve one ad request per row. ``candidates`` (N, K) int64 ad ids; invalid ids are not shown.
 
@@ -268,7 +288,9 @@ def transition(
 
     # --- funnel ------------------------------------------------------------------------------
     slot_pos = torch.arange(S, device=dev)[None, :]
-    truth = true_probabilities(world, shown, state.interest, state.user_id, state.fatigue, state.hour, slot_pos)
+    truth = true_probabilities(
+        world, shown, state.interest, state.user_id, state.fatigue, state.hour, slot_pos
+    )
     us = u[:, : 4 * S].view(n, 4, S)
     click = impression & (us[:, 0] < truth.p_click)
     converted = click & (us[:, 1] < truth.p_conversion)
@@ -317,7 +339,9 @@ def transition(
     ad_event = _push(state.ad_event, event, impression)
 
     # --- session end ---------------------------------------------------------------------------
-    terminated = u[:, 4 * S] < exit_probability(world, state.user_id, fatigue, world.user_tolerance[state.user_id])
+    terminated = u[:, 4 * S] < exit_probability(
+        world, state.user_id, fatigue, world.user_tolerance[state.user_id]
+    )
     truncated = (new_step >= cfg.max_steps) & ~terminated
     done = terminated | truncated
     due = (pend_ad >= 0) & ((pend_due <= new_step[:, None]) | done[:, None])
@@ -328,27 +352,54 @@ def transition(
     pend_due = torch.where(due, torch.full_like(pend_due, -1), pend_due)
 
     realised = weighted_reward(
-        cfg.reward, revenue.sum(1), gmv.sum(1) + delayed_gmv, click.sum(1), conversion.sum(1) + delayed_conversion,
+        cfg.reward,
+        revenue.sum(1),
+        gmv.sum(1) + delayed_gmv,
+        click.sum(1),
+        conversion.sum(1) + delayed_conversion,
         ~terminated,
-    )  # fmt: skip
+    )
     new_state = SessionState(
-        seed=state.seed, slot=state.slot, counter=state.counter + 1, episode=state.episode,
-        user_id=state.user_id, interest=interest, fatigue=fatigue, step=new_step,
-        feed_pos=state.feed_pos + M + impressions, ad_load=state.ad_load + impressions,
+        seed=state.seed,
+        slot=state.slot,
+        counter=state.counter + 1,
+        episode=state.episode,
+        user_id=state.user_id,
+        interest=interest,
+        fatigue=fatigue,
+        step=new_step,
+        feed_pos=state.feed_pos + M + impressions,
+        ad_load=state.ad_load + impressions,
         hour=torch.remainder(state.hour + cfg.minutes_per_request / 60.0, 24.0),
-        organic_hist=organic_hist, ad_hist=ad_hist, ad_event=ad_event,
-        pend_ad=pend_ad, pend_gmv=pend_gmv, pend_due=pend_due,
+        organic_hist=organic_hist,
+        ad_hist=ad_hist,
+        ad_event=ad_event,
+        pend_ad=pend_ad,
+        pend_gmv=pend_gmv,
+        pend_due=pend_due,
     )
     empty = torch.full_like(shown, -1)
     outcome = Outcome(
-        ad_id=torch.where(impression, shown, empty), advertiser_id=torch.where(impression, shown_adv, empty),
-        impression=impression, click=click, conversion=conversion, gmv=gmv, revenue=revenue,
-        p_click=truth.p_click * impression, p_conversion=truth.p_conversion * impression,
+        ad_id=torch.where(impression, shown, empty),
+        advertiser_id=torch.where(impression, shown_adv, empty),
+        impression=impression,
+        click=click,
+        conversion=conversion,
+        gmv=gmv,
+        revenue=revenue,
+        p_click=truth.p_click * impression,
+        p_conversion=truth.p_conversion * impression,
         ecpm=torch.where(impression, bid_ecpm.gather(1, winner), torch.zeros_like(price)),
-        ecpm_true=ecpm(world, shown, truth) * impression, match=truth.match * impression,
-        is_new_ad=world.ad_is_new[shown] & impression, invalid=(~valid).sum(1),
-        budget_capped=(won & ~granted).sum(1), delayed_conversion=delayed_conversion, delayed_gmv=delayed_gmv,
-        reward=realised, terminated=terminated, truncated=truncated,
+        ecpm_true=ecpm(world, shown, truth) * impression,
+        match=truth.match * impression,
+        is_new_ad=world.ad_is_new[shown] & impression,
+        invalid=(~valid).sum(1),
+        budget_capped=(won & ~granted).sum(1),
+        delayed_conversion=delayed_conversion,
+        delayed_gmv=delayed_gmv,
+        reward=realised,
+        terminated=terminated,
+        truncated=truncated,
     )
     return new_state, market, outcome
 
@@ -389,7 +440,12 @@ def _day_status(world: World, market: MarketState) -> tuple[torch.Tensor, torch.
     spent_today = torch.where(day_step == 0, torch.zeros_like(market.spent_today), market.spent_today)
     day_fraction = (day_step + 1).double() / cfg.steps_per_day
     active = advertiser_active(
-        market.budget, spent_today, world.advertiser_paced, day_fraction, cfg.pacing_slack, cfg.reserve_ecpm / 1000.0
+        market.budget,
+        spent_today,
+        world.advertiser_paced,
+        day_fraction,
+        cfg.pacing_slack,
+        cfg.reserve_ecpm / 1000.0,
     )
     return spent_today, active
 
@@ -405,6 +461,17 @@ def remaining_budget(world: World, market: MarketState) -> torch.Tensor:
 
 
 __all__ = [
-    "CONTEXT_DIM", "CandidateScores", "Grant", "grant_in_order", "open_market", "initial", "transition",
-    "observe", "score", "eligible_ads", "remaining_budget", "EVENT_CLICK", "EVENT_CONVERSION",
+    "CONTEXT_DIM",
+    "CandidateScores",
+    "Grant",
+    "grant_in_order",
+    "open_market",
+    "initial",
+    "transition",
+    "observe",
+    "score",
+    "eligible_ads",
+    "remaining_budget",
+    "EVENT_CLICK",
+    "EVENT_CONVERSION",
 ]

@@ -65,7 +65,9 @@ def stay_probability(
         match: (N, K) interest match of each candidate.
         p_win: (N, K) probability that the candidate wins the slot.
     """
-    stay_shown = 1.0 - exit_probability(world, user_id, carried[:, None] + fatigue_added(world.config, match), tolerance)
+    stay_shown = 1.0 - exit_probability(
+        world, user_id, carried[:, None] + fatigue_added(world.config, match), tolerance
+    )
     stay_empty = 1.0 - exit_probability(world, user_id, carried, tolerance)[:, None]  # (N, 1)
     return p_win * stay_shown + (1.0 - p_win) * stay_empty
 

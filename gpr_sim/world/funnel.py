@@ -57,7 +57,9 @@ def true_probabilities(
     return Probabilities(torch.sigmoid(ctr_logit), torch.sigmoid(cvr_logit), match)
 
 
-def platform_probabilities(world: World, ads: torch.Tensor, user_id: torch.Tensor, slot: int = 0) -> Probabilities:
+def platform_probabilities(
+    world: World, ads: torch.Tensor, user_id: torch.Tensor, slot: int = 0
+) -> Probabilities:
     """The platform's estimate for ads (N, K): profile interest, no fatigue, per-ad bias."""
     cfg = world.config
     match = interest_match(world.user_interest[user_id], world.ad_emb[ads])

@@ -59,7 +59,12 @@ def weighted_reward(
 
 
 def expected_weighted_reward(
-    weights: RewardConfig, revenue: Tensor, p_click: Tensor, p_conversion: Tensor, order_value: Tensor, p_stay: Tensor
+    weights: RewardConfig,
+    revenue: Tensor,
+    p_click: Tensor,
+    p_conversion: Tensor,
+    order_value: Tensor,
+    p_stay: Tensor,
 ) -> Tensor:
     """``weighted_reward`` of the expected signals, from the funnel's probabilities.
 
