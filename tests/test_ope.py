@@ -127,9 +127,9 @@ def test_bootstrap_agrees_with_normal_on_large_log():
     for fn in (ips, snips):
         normal = fn(data, pi_e)
         boot = fn(data, pi_e, ci="bootstrap", n_bootstrap=400, rng=np.random.default_rng(5))
-        # the bootstrap std of a smooth statistic matches the CLT/delta-method one within ~10%
-        # (relative sd of a std from 400 replicates is ~1/sqrt(800) = 3.5%)
-        assert boot.std_err == pytest.approx(normal.std_err, rel=0.12)
+        # the bootstrap std of a smooth statistic matches the CLT/delta-method one: the relative sd of a std
+        # from 400 replicates is 1/sqrt(800) = 3.5%, so within 4 of those (14%)
+        assert boot.std_err == pytest.approx(normal.std_err, rel=4 / np.sqrt(2 * 400))
         assert boot.ci_low < normal.value < boot.ci_high
 
 
