@@ -117,11 +117,15 @@ def _beats_random(summary: pd.DataFrame, key: str) -> bool:
     return bool(lo["oracle"] > hi["random"] and lo["cascade"] > hi["random"])
 
 
-def test_oracle_and_cascade_beat_random(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oracle_and_cascade_beat_random(tmp_path, seed):
     # 1024 sessions, seed 0: revenue/session random 0.233 [0.217, 0.248], cascade 0.943 [0.887, 0.999],
     # oracle 0.953 [0.883, 1.024]. Against the default external competition (mean eCPM 300) the cascade
-    # is about as good as the myopic oracle on revenue; only the gap to random is asserted.
-    summary = main(Args(agents="random,cascade,oracle", out=str(tmp_path), num_envs=256, sessions=1024, plots=False))
+    # is about as good as the myopic oracle on revenue; only the gap to random is asserted, on three worlds
+    # and reset seeds. The tightest case is CTR: the cascade's interval clears random's by 0.025, 0.014 and
+    # 0.010 on seeds 0, 1, 2 (at 512 sessions seed 1 fails it, so 1024 it stays).
+    summary = main(Args(agents="random,cascade,oracle", out=str(tmp_path), num_envs=256, sessions=1024, plots=False,
+                        seed=seed, world_seed=seed))  # fmt: skip
     for key in ("revenue_per_session", "reward_per_session", "ctr", "gmv_per_session"):
         assert _beats_random(summary, key), key
 

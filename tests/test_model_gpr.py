@@ -164,11 +164,14 @@ def test_mtp_loss_ignores_missing_targets_and_respects_weights():
     assert_close(out.loss_mtp, torch.tensor(0.0))
 
 
-def test_mtp_loss_decreases_when_overfitting_a_tiny_batch():
-    model, tokens = setup()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mtp_loss_decreases_when_overfitting_a_tiny_batch(seed):
+    # A learning claim: 50 Adam steps on one batch of 4 rows, far fewer targets than parameters, must remove
+    # most of the loss (the bound: below 0.3 of the first step's). Measured ~0.007 of it on seeds 0-4.
+    model, tokens = setup(seed=seed)
     model.train()
-    trie = random_trie(n=12)
-    gen = torch.Generator().manual_seed(3)
+    trie = random_trie(n=12, seed=seed)
+    gen = torch.Generator().manual_seed(3 + seed)
     # targets: real items of the trie, head j = a different item
     first_sorted = trie.node_start[trie.depth][:-1]  # sorted position of each leaf's first item
     leaves = torch.randint(0, first_sorted.numel(), (B, TINY.mtp_heads), generator=gen)
@@ -337,14 +340,17 @@ def test_mtp_loss_value_term_by_hand():
         m.mtp_loss(tokens, targets, value_target=g)
 
 
-def test_hte_learns_a_value_of_the_path():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hte_learns_a_value_of_the_path(seed):
     """Trained through mtp_loss's value term, the HTE fits a value that depends on the item: the error falls
-    far below the targets' variance (what a constant prediction would leave)."""
-    model, tokens = setup()
+    far below the targets' variance (what a constant prediction would leave). The bound, 5% of that
+    variance, is the claim "fits it", not a measured value (measured ~1e-5 of it on seeds 0-4)."""
+    model, tokens = setup(seed=seed)
     model.train()
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(5 + seed)
     targets = torch.stack([torch.randint(0, k, (B, TINY.mtp_heads), generator=gen) for k in TINY.level_sizes], -1)
     g = targets[:, 0].float() @ torch.tensor([1.0, -0.5, 0.25])  # a fixed function of head 0's path
+    assert g.var() > 0  # the rows' values differ: a constant cannot fit them
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(150):
         out = model.mtp_loss(tokens, targets, generator=torch.Generator().manual_seed(0), value_target=g)

@@ -129,13 +129,17 @@ def test_dpo_prefers_the_better_path():
     lp_w, lp_l = torch.tensor([-1.0]), torch.tensor([-1.0])
     ref = torch.tensor([-1.0])
     torch.testing.assert_close(dpo_loss(lp_w, lp_l, ref, ref, 0.1), torch.log(torch.tensor(2.0)))
-    assert dpo_loss(lp_w + 1, lp_l, ref, ref, 0.1) < dpo_loss(lp_w, lp_l, ref, ref, 0.1)
+    # the winner one nat more likely than under the reference: -log sigmoid(0.1) = log(1 + e^-0.1) < log 2
+    better = dpo_loss(lp_w + 1, lp_l, ref, ref, 0.1)
+    assert float(better) == pytest.approx(math.log1p(math.exp(-0.1)), rel=1e-6)
+    assert better < dpo_loss(lp_w, lp_l, ref, ref, 0.1)
 
 
 def test_kl_to_reference_is_zero_at_the_reference_and_positive_elsewhere():
     lp = -torch.rand(10, 3, generator=torch.Generator().manual_seed(3))
     assert float(kl_to_reference(lp, lp)) == 0.0
-    assert float(kl_to_reference(lp, lp - 0.5)) > 0.0
+    # every path: r = 3 levels x (-0.5) = -1.5, so k3 = exp(-1.5) + 1.5 - 1 = 0.723130 (> 0)
+    assert float(kl_to_reference(lp, lp - 0.5)) == pytest.approx(math.exp(-1.5) + 0.5, rel=1e-6)
 
 
 def test_process_rewards_hand_case():

@@ -146,15 +146,18 @@ def test_paired_difference_by_hand():
     assert est.ci_high == pytest.approx(2 + 2.484138, abs=1e-6) and est.ci_low == pytest.approx(2 - 2.484138, abs=1e-6)
 
 
-def test_paired_difference_is_narrower_on_correlated_units():
-    # 40 units with a shared unit effect (sd 1) and independent noise (sd 0.2) under each treatment:
-    # Var(x - y) = 2 * 0.04 = 0.08 against Var(x) + Var(y) = 2 * 1.04 = 2.08, so the paired se should be
-    # about sqrt(0.08 / 2.08) = 0.20 of the unpaired one; asserted below 0.5 (the sample sds of 40 units
-    # are within ~25% of the true ones).
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_difference_is_narrower_on_correlated_units(seed):
+    # 40 units with a shared unit effect (sd 1) and independent noise (sd 0.1) under each treatment, effect
+    # 0.2: Var(x - y) = 2 * 0.01 = 0.02 against Var(x) + Var(y) = 2 * 1.01 = 2.02, so the paired se should be
+    # about sqrt(0.02 / 2.02) = 0.10 of the unpaired one; asserted below 0.5 (the sample sds of 40 units
+    # are within ~25% of the true ones). The paired interval is 0.2 +- 2.02 * 0.022 (its low end 7 sds
+    # above 0); the unpaired one is 0.2 +- 2.02 * 0.22, and its low end reaches 0 only if the unpaired se
+    # falls below 0.2 / 2.02 = 0.1, under half its value: 0 of 20,000 simulated seeds did either.
+    rng = np.random.default_rng(seed)
     unit = rng.normal(0.0, 1.0, 40)
-    x = unit + 0.3 + rng.normal(0.0, 0.2, 40)
-    y = unit + rng.normal(0.0, 0.2, 40)
+    x = unit + 0.2 + rng.normal(0.0, 0.1, 40)
+    y = unit + rng.normal(0.0, 0.1, 40)
     paired, unpaired = paired_difference(x, y), welch_interval(x, y)
     assert paired.value == pytest.approx(x.mean() - y.mean())  # the same point estimate
     assert paired.std_err < 0.5 * unpaired.std_err

@@ -178,20 +178,23 @@ def test_rq_kmeans_plus_starts_from_rq_kmeans_on_the_initial_latents():
     assert torch.equal(plus.encode(x), ref.encode(x))
 
 
-def _collapse_case() -> torch.Tensor:
+def _collapse_case(seed: int = 0) -> torch.Tensor:
     """32 tight clusters around an offset of +5: far from codebooks drawn in [-1/K, 1/K]."""
-    g = gen()
+    g = gen(seed)
     centres = 5.0 + torch.randn(32, 8, generator=g)
     return centres.repeat_interleave(40, 0) + 0.05 * torch.randn(1280, 8, generator=g)  # (1280, 8)
 
 
-def test_rq_kmeans_plus_avoids_the_collapse_of_random_rq_vae():
-    x = _collapse_case()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rq_kmeans_plus_avoids_the_collapse_of_random_rq_vae(seed):
+    x = _collapse_case(seed)
     common = dict(num_levels=2, codebook_size=16, **SMALL_VAE)
-    vae = quantizer_metrics(fit_rq_vae(x, RQVAEConfig(**common), gen()), x)
-    plus = quantizer_metrics(fit_rq_vae(x, rq_kmeans_plus_config(**common), gen()), x)
-    # measured (seeds 0-2): RQ-VAE CUR_L1 = 1/16 = 0.0625 (every latent picks one code), CUR_L2 0.06-0.13;
-    # RQ-Kmeans+ uses all 16 codes at both levels and reconstructs ~40x better (MSE ~0.02 vs ~0.85)
+    vae = quantizer_metrics(fit_rq_vae(x, RQVAEConfig(**common), gen(seed)), x)
+    plus = quantizer_metrics(fit_rq_vae(x, rq_kmeans_plus_config(**common), gen(seed)), x)
+    # measured (seeds 0-3): RQ-VAE CUR_L1 = 1/16 = 0.0625 (every latent picks one code), CUR_L2 0.06-0.13;
+    # RQ-Kmeans+ uses all 16 codes at both levels and reconstructs ~40x better (MSE ~0.02 vs ~0.9).
+    # The bounds are the claims, not those values: "collapsed" = at most 4 of 16 codes used, "not collapsed"
+    # = at least 15 of 16 (0.9), "reconstructs far better" = at least 5x lower MSE.
     assert vae["cur_l1"] <= 0.25
     assert plus["cur_l1"] >= 0.9 and plus["cur_l2"] >= 0.9
     assert plus["recon_mse"] < 0.2 * vae["recon_mse"]
@@ -248,28 +251,36 @@ def test_synthetic_embeddings_are_seeded_and_clustered():
     x2, _ = hierarchical_embeddings(cfg, gen(7))
     assert x1.shape == (2000, 8) and torch.equal(x1, x2)
     assert 0 <= int(labels.min()) and int(labels.max()) < 12
-    # items scatter around their sub-category with per-dim std item_scale = 0.15 (tolerance 10%)
+    # items scatter around their sub-category with per-dim std item_scale = 0.15. The sample std of 16,000
+    # centred values has relative sd 1 / sqrt(2 * 16,000) = 0.56%, and centring on 12 group means shrinks it
+    # by at most 0.3%: tolerance 3% (over 4 sds plus that bias).
     centred = torch.cat([x1[labels == s] - x1[labels == s].mean(0) for s in labels.unique()])
-    assert float(centred.std()) == pytest.approx(0.15, rel=0.1)
+    assert float(centred.std()) == pytest.approx(0.15, rel=0.03)
 
 
-def _check_table1_ordering(df) -> None:
+def _check_table1_ordering(df, pas_vs_kmeans: bool = True) -> None:
+    """Table 1's ordering. The CUR bounds are the claims "no collapse" (>= 0.9: at least 58 of 64 codes) and
+    "collapses at level 1" (<= 0.5; measured 7/64 = 0.11); the rest are orderings, no thresholds."""
     assert list(df.index) == ["RQ-VAE", "RQ-Kmeans", "RQ-Kmeans+"]
     vae, km, plus = (df.loc[m] for m in df.index)
     assert plus.collision_rate <= vae.collision_rate
-    assert plus.pas >= vae.pas and plus.pas >= km.pas
+    assert plus.pas >= vae.pas
+    if pas_vs_kmeans:
+        assert plus.pas >= km.pas
     assert plus.cur_l1 >= 0.9 and km.cur_l1 >= 0.9
     assert vae.cur_l1 <= 0.5  # random-init RQ-VAE collapses at level 1
 
 
-def test_rq_kmeans_plus_ordering_on_hierarchical_data():
-    # Fixed seed 0, 3000 items, L = 3, K = 64, a short 600-step budget. Measured at this budget over data/fit
-    # seeds 0-9: collision(RQ-Kmeans+) <= collision(RQ-VAE) 10/10 (~0.04 vs ~0.89), PAS(+) >= PAS(RQ-VAE)
-    # 10/10, but PAS(+) >= PAS(RQ-Kmeans) only 8/10 (seeds 2 and 9 lose by ~0.001): the PAS gap to RQ-Kmeans
-    # is small and needs the longer default budget (see the slow test below).
-    x, _ = hierarchical_embeddings(SyntheticConfig(num_items=3000), gen(0))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rq_kmeans_plus_ordering_on_hierarchical_data(seed):
+    # 3000 items, L = 3, K = 64, a short 600-step budget. Measured at this budget over data/fit seeds 0-9:
+    # collision(RQ-Kmeans+) <= collision(RQ-VAE) 10/10 (~0.04 vs ~0.89), PAS(+) >= PAS(RQ-VAE) 10/10, but
+    # PAS(+) >= PAS(RQ-Kmeans) only 8/10 (seeds 2 and 9 lose by ~0.001): the PAS gap to RQ-Kmeans is small
+    # and needs the longer default budget (the slow test below checks it over 5 seeds). Here it is a
+    # regression value (seed 0: PAS 0.9922 vs 0.9915), the rest is checked on every seed.
+    x, _ = hierarchical_embeddings(SyntheticConfig(num_items=3000), gen(seed))
     cfg = CompareConfig(vae_steps=600, hidden_dim=64, batch_size=512)
-    _check_table1_ordering(compare_quantizers(x, cfg, seed=0))
+    _check_table1_ordering(compare_quantizers(x, cfg, seed=seed), pas_vs_kmeans=seed == 0)
 
 
 @pytest.mark.slow
