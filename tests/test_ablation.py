@@ -11,8 +11,26 @@ import pytest
 
 from agents import ablation
 
-TINY = ["--collect-envs", "16", "--collect-steps", "30", "--d-model", "16", "--n-layers", "1", "--batch-size", "32",
-        "--steps", "4", "--eval-every", "2", "--eval-requests", "30", "--threads", "1"]  # fmt: skip
+TINY = [
+    "--collect-envs",
+    "16",
+    "--collect-steps",
+    "30",
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--batch-size",
+    "32",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--eval-requests",
+    "30",
+    "--threads",
+    "1",
+]
 
 
 def test_build_table_t_intervals_and_paired_deltas():
@@ -21,10 +39,14 @@ def test_build_table_t_intervals_and_paired_deltas():
     # paired delta: mean 0.07, s = 0.01, half = 4.302653 * 0.01 / sqrt(3) = 0.024841
     # (unpaired, the seeds' spread of ~0.1 would swamp a 0.07 gain: the pairing is what resolves it)
     def summary(hr: float) -> dict:
-        return {"final": {"step": 4, "eval/hitrate@10": hr, "eval/ndcg@10": hr / 2, "eval/pop_hitrate@10": 0.05}}
+        return {
+            "final": {"step": 4, "eval/hitrate@10": hr, "eval/ndcg@10": hr / 2, "eval/pop_hitrate@10": 0.05}
+        }
 
-    results = {"hstu": {s: summary(v) for s, v in enumerate((0.10, 0.20, 0.30))},
-               "+mtp": {s: summary(v) for s, v in enumerate((0.16, 0.28, 0.37))}}  # fmt: skip
+    results = {
+        "hstu": {s: summary(v) for s, v in enumerate((0.10, 0.20, 0.30))},
+        "+mtp": {s: summary(v) for s, v in enumerate((0.16, 0.28, 0.37))},
+    }
     table = ablation.build_table(results, ablation.Args(seeds="0,1,2")).set_index("variant")
     m = table.loc["+mtp"]
     assert m["hitrate@10"] == pytest.approx(0.27)
@@ -60,9 +82,20 @@ def test_ablation_table_and_skip(tmp_path):
     table = ablation.main(argv)
     assert list(table["variant"]) == ["hstu", "+thinking"]
     csv = pd.read_csv(out / "table2.csv")
-    for col in ("hitrate@10", "hitrate@10_ci_low", "hitrate@10_ci_high", "ndcg@10", "ndcg@10_ci_low",
-                "ndcg@10_ci_high", "delta_hitrate@10", "delta_ndcg@10_ci_high", "paper_hitrate@100",
-                "paper_delta_hitrate@100", "pop_hitrate@10", "seeds"):  # fmt: skip
+    for col in (
+        "hitrate@10",
+        "hitrate@10_ci_low",
+        "hitrate@10_ci_high",
+        "ndcg@10",
+        "ndcg@10_ci_low",
+        "ndcg@10_ci_high",
+        "delta_hitrate@10",
+        "delta_ndcg@10_ci_high",
+        "paper_hitrate@100",
+        "paper_delta_hitrate@100",
+        "pop_hitrate@10",
+        "seeds",
+    ):
         assert col in csv.columns, col
         assert np.isfinite(csv[col].to_numpy(float)).all(), col
     assert (csv["hitrate@10_ci_low"] <= csv["hitrate@10"]).all() and (
@@ -86,5 +119,8 @@ def test_ablation_table_and_skip(tmp_path):
     again = ablation.main(argv)
     assert [p.stat().st_mtime_ns for p in summaries] == mtimes  # finished runs are skipped
     pd.testing.assert_frame_equal(again, table)
-    assert all(r["seconds"] is None for runs in json.loads((out / "table2.json").read_text())["runs"].values()
-               for r in runs.values())  # fmt: skip
+    assert all(
+        r["seconds"] is None
+        for runs in json.loads((out / "table2.json").read_text())["runs"].values()
+        for r in runs.values()
+    )

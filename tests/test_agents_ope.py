@@ -40,9 +40,27 @@ LOW_COMPETITION = ["--world.competitor-ecpm-mean", "40"]
 
 def collect_log(out: Path, seed: int) -> Path:
     """The cascade at temperature 0.3 logged through the collect CLI: NUM_ENVS x STEPS requests."""
-    cmd = [sys.executable, "-m", "agents.collect", "--env", "ads-v0", "--policy", "cascade", "--temperature", "0.3",
-           "--num-envs", str(NUM_ENVS), "--steps", str(STEPS), "--seed", str(seed), "--out", str(out),
-           "--no-progress", *LOW_COMPETITION]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "agents.collect",
+        "--env",
+        "ads-v0",
+        "--policy",
+        "cascade",
+        "--temperature",
+        "0.3",
+        "--num-envs",
+        str(NUM_ENVS),
+        "--steps",
+        str(STEPS),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--no-progress",
+        *LOW_COMPETITION,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{NUM_ENVS * STEPS} requests ({NUM_ENVS} envs x {STEPS} steps)" in proc.stdout
@@ -56,7 +74,18 @@ def log_path(tmp_path_factory):
 
 def run_ope(log_path, tmp_path, policy, *flags):
     out = tmp_path / policy
-    argv = ["--logs", str(log_path), "--policy", policy, "--env", "ads-v0", "--out", str(out), "--no-progress", *flags]
+    argv = [
+        "--logs",
+        str(log_path),
+        "--policy",
+        policy,
+        "--env",
+        "ads-v0",
+        "--out",
+        str(out),
+        "--no-progress",
+        *flags,
+    ]
     res = ope.main(argv)
     table = res["estimates"].set_index("name")
     return table, res, out
@@ -64,8 +93,18 @@ def run_ope(log_path, tmp_path, policy, *flags):
 
 def test_on_policy_estimates_reproduce_the_log(log_path, tmp_path):
     # target = the behaviour policy itself (cascade at 0.3): every weight is exactly 1
-    table, res, out = run_ope(log_path, tmp_path, "cascade", "--target-temperature", "0.3",
-                              "--sweep-temperatures", "0.3", "1.0", "--size-points", "2")  # fmt: skip
+    table, res, out = run_ope(
+        log_path,
+        tmp_path,
+        "cascade",
+        "--target-temperature",
+        "0.3",
+        "--sweep-temperatures",
+        "0.3",
+        "1.0",
+        "--size-points",
+        "2",
+    )
     diag = res["diagnostics"]
     df, _ = read_logs(log_path)
     logged = df["reward"].mean()
@@ -92,8 +131,17 @@ def test_off_policy_cascade_dr_beats_dm(log_path, tmp_path):
     # A greedier cascade (0.1). DM uses the platform's optimistic model (it ignores fatigue and the
     # ranking picks ads whose estimate is too high), so it is biased up with a tight interval; DR
     # corrects it with the logged rewards.
-    table, res, _ = run_ope(log_path, tmp_path, "cascade", "--target-temperature", "0.1",
-                            "--sweep-temperatures", "0.3", "--size-points", "1")  # fmt: skip
+    table, res, _ = run_ope(
+        log_path,
+        tmp_path,
+        "cascade",
+        "--target-temperature",
+        "0.1",
+        "--sweep-temperatures",
+        "0.3",
+        "--size-points",
+        "1",
+    )
     dm, dr = table.loc["dm"], table.loc["dr"]
     # regression values (seed 0): DM error +0.047 (interval +-0.003), DR error -0.010 (interval +-0.030)
     assert dm["error_online"] > 0.02 and not dm["covered_online"]
@@ -118,7 +166,9 @@ def test_random_target_outside_the_logging_support(log_path, tmp_path):
 # ----------------------------------------------------------------------------- exact pieces
 
 
-@pytest.mark.parametrize("name,temperature", [("cascade", 0.3), ("cascade", 0.0), ("random", None), ("oracle", None)])
+@pytest.mark.parametrize(
+    "name,temperature", [("cascade", 0.3), ("cascade", 0.0), ("random", None), ("oracle", None)]
+)
 def test_action_distribution_matches_act(name, temperature):
     env = make_vec_env("ads-v0", 64, config=WorldConfig.small(), world_seed=0, device="cpu")
     policy = make_policy(name, env, seed=1, **temperature_option(temperature))
@@ -155,15 +205,28 @@ def test_tampered_log_is_rejected(log_path, tmp_path):
     df, meta = read_logs(log_path)
     df.loc[df["request_id"] == 37, "reward"] += 1.0
     extra = {k: v for k, v in meta.items() if k not in ("world_config", "seed", "policy")}
-    bad = write_logs(df, tmp_path / "bad.parquet", world_config=meta["world_config"], seed=meta["seed"],
-                     policy=meta["policy"], extra=extra)  # fmt: skip
+    bad = write_logs(
+        df,
+        tmp_path / "bad.parquet",
+        world_config=meta["world_config"],
+        seed=meta["seed"],
+        policy=meta["policy"],
+        extra=extra,
+    )
     with pytest.raises(RuntimeError, match=r"diverged from the log in column 'reward' at request_id \[37\]"):
         ope.main(["--logs", str(bad), "--policy", "random", "--out", str(tmp_path / "o"), "--no-progress"])
 
 
 def test_unsupported_logs_and_args():
-    meta = {"env": "ads-v0", "world_config": WorldConfig.small(num_candidates=2).to_dict(), "world_seed": 0,
-            "seed": 0, "policy": "cascade", "num_envs": 4, "steps": 2}  # fmt: skip
+    meta = {
+        "env": "ads-v0",
+        "world_config": WorldConfig.small(num_candidates=2).to_dict(),
+        "world_seed": 0,
+        "seed": 0,
+        "policy": "cascade",
+        "num_envs": 4,
+        "steps": 2,
+    }
     with pytest.raises(ValueError, match="num_candidates=2"):
         check_meta(meta, "k2.parquet")
     with pytest.raises(ValueError, match=r"lacks metadata \['num_envs', 'steps'\]"):
@@ -194,15 +257,25 @@ def test_estimator_behaviour_over_several_logs(tmp_path):
     err, se = {"dm": [], "dr": []}, {"dm": [], "dr": []}
     for seed in (1, 2, 3):
         log = collect_log(tmp_path / f"cascade_{seed}.parquet", seed)
-        table, _, _ = run_ope(log, tmp_path / f"greedy_{seed}", "cascade", "--target-temperature", "0.1",
-                              "--sweep-temperatures", "0.3", "--size-points", "1")  # fmt: skip
+        table, _, _ = run_ope(
+            log,
+            tmp_path / f"greedy_{seed}",
+            "cascade",
+            "--target-temperature",
+            "0.1",
+            "--sweep-temperatures",
+            "0.3",
+            "--size-points",
+            "1",
+        )
         dm, dr = table.loc["dm"], table.loc["dr"]
         assert dm["error_online"] > 0 and not dm["covered_online"], (seed, dm)
         for name, row in (("dm", dm), ("dr", dr)):
             err[name].append(row["error_online"])
             se[name].append(row["std_err"])
-        table, res, _ = run_ope(log, tmp_path / f"random_{seed}", "random", "--sweep-temperatures", "0.3",
-                                "--size-points", "1")  # fmt: skip
+        table, res, _ = run_ope(
+            log, tmp_path / f"random_{seed}", "random", "--sweep-temperatures", "0.3", "--size-points", "1"
+        )
         truth = res["diagnostics"]["truth_online"]
         assert table.loc["ips", "value"] < 0.5 * truth, (seed, table.loc["ips", "value"], truth)
         for name in ("dm", "dr"):

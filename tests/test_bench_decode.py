@@ -15,10 +15,35 @@ _spec.loader.exec_module(bench)
 beam_widths, decode_cost, main = bench.beam_widths, bench.decode_cost, bench.main
 
 TINY_ARGS = [
-    "--device", "cpu", "--sizes", "6,10", "--beams", "2,4", "--top-k", "3", "--seq-len", "12",
-    "--items", "500", "--levels", "6,5,4", "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
-    "--chunk", "4", "--naive-requests", "2", "--train-batch", "3", "--train-steps", "1",
-]  # fmt: skip
+    "--device",
+    "cpu",
+    "--sizes",
+    "6,10",
+    "--beams",
+    "2,4",
+    "--top-k",
+    "3",
+    "--seq-len",
+    "12",
+    "--items",
+    "500",
+    "--levels",
+    "6,5,4",
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--chunk",
+    "4",
+    "--naive-requests",
+    "2",
+    "--train-batch",
+    "3",
+    "--train-steps",
+    "1",
+]
 
 
 def _positive(x) -> bool:
@@ -29,8 +54,20 @@ def test_main_tiny_cpu_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     main([*TINY_ARGS, "--out", str(out)])
     res = json.loads(out.read_text())
-    for key in ("device", "torch", "date", "command", "args", "config", "matmul_flops_per_s", "copy_bytes_per_s",
-                "naive_decisions_per_s", "rows", "train", "ffn_impls"):  # fmt: skip
+    for key in (
+        "device",
+        "torch",
+        "date",
+        "command",
+        "args",
+        "config",
+        "matmul_flops_per_s",
+        "copy_bytes_per_s",
+        "naive_decisions_per_s",
+        "rows",
+        "train",
+        "ffn_impls",
+    ):
         assert key in res, key
     assert _positive(res["matmul_flops_per_s"]) and _positive(res["copy_bytes_per_s"])
     assert set(res["naive_decisions_per_s"]) == {"2", "4"}
@@ -40,9 +77,18 @@ def test_main_tiny_cpu_writes_json(tmp_path):
     ]
     for r in rows:
         assert "error" not in r, r
-        for key in ("decisions_per_s", "seconds", "flops_per_decision", "flops_min_per_decision",
-                    "bytes_per_decision", "floor_decisions_per_s", "frac_of_floor", "naive_decisions_per_s",
-                    "x_naive", "achieved_flops_per_s"):  # fmt: skip
+        for key in (
+            "decisions_per_s",
+            "seconds",
+            "flops_per_decision",
+            "flops_min_per_decision",
+            "bytes_per_decision",
+            "floor_decisions_per_s",
+            "frac_of_floor",
+            "naive_decisions_per_s",
+            "x_naive",
+            "achieved_flops_per_s",
+        ):
             assert _positive(r[key]), (key, r)
         assert r["chunk"] == 4 and r["top_k"] == min(3, r["beam"])
         assert r["peak_gib"] is None  # CPU: no per-run peak
@@ -66,10 +112,37 @@ def test_cost_model_counts():
 
 
 INC_ARGS = [
-    "--device", "cpu", "--sizes", "6", "--beams", "2,4", "--top-k", "3", "--seq-len", "12", "--items", "500",
-    "--levels", "6,5,4", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--chunk", "4",
-    "--naive-requests", "2", "--train-batch", "0", "--mode", "full,incremental", "--new-tokens", "3",
-]  # fmt: skip
+    "--device",
+    "cpu",
+    "--sizes",
+    "6",
+    "--beams",
+    "2,4",
+    "--top-k",
+    "3",
+    "--seq-len",
+    "12",
+    "--items",
+    "500",
+    "--levels",
+    "6,5,4",
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--chunk",
+    "4",
+    "--naive-requests",
+    "2",
+    "--train-batch",
+    "0",
+    "--mode",
+    "full,incremental",
+    "--new-tokens",
+    "3",
+]
 
 
 def test_incremental_mode_tiny_cpu(tmp_path):
@@ -85,8 +158,14 @@ def test_incremental_mode_tiny_cpu(tmp_path):
     assert _positive(res["prefill"]["users_per_s"]) and _positive(res["prefill"]["state_bytes_per_user"])
     for r in rows:
         assert "error" not in r, r
-        for key in ("decisions_per_s", "flops_per_decision", "bytes_per_decision", "floor_decisions_per_s",
-                    "frac_of_floor", "x_naive"):  # fmt: skip
+        for key in (
+            "decisions_per_s",
+            "flops_per_decision",
+            "bytes_per_decision",
+            "floor_decisions_per_s",
+            "frac_of_floor",
+            "x_naive",
+        ):
             assert _positive(r[key]), (key, r)
     inc = [r for r in rows if r["decode"] == "incremental"]
     full = [r for r in rows if r["decode"] == "full"]
@@ -102,7 +181,10 @@ def test_env_step_rows_time_decode_and_env_together(tmp_path):
     args[args.index("--mode") + 1 : args.index("--mode") + 1] = ["incremental"]
     main([*args, "--beams", "2", "--naive-requests", "0", "--env-step", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["decode"], r["mode"]) for r in rows] == [("incremental", "eager"), ("incremental+env", "eager")]
+    assert [(r["decode"], r["mode"]) for r in rows] == [
+        ("incremental", "eager"),
+        ("incremental+env", "eager"),
+    ]
     dec, env = rows
     assert "error" not in env, env
     assert _positive(env["decisions_per_s"]) and env["env_bytes_per_step"] > 0

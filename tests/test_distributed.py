@@ -19,8 +19,21 @@ from gpr_sim.runs import read_metrics
 from gpr_sim.world import preset
 from tests.helpers import torchrun
 
-TINY = ["--d-model", "16", "--n-layers", "1", "--batch-size", "16", "--lr", "3e-3", "--threads", "1",
-        "--eval-requests", "20", "--no-progress"]  # fmt: skip
+TINY = [
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+    "--threads",
+    "1",
+    "--eval-requests",
+    "20",
+    "--no-progress",
+]
 
 
 def test_shard_rows():
@@ -157,8 +170,14 @@ def test_two_gloo_processes_match_one_process(inputs, tmp_path):
     # the same global batches, gradients and refiner noise: metrics and weights up to float tolerance
     a, b = read_metrics(single / "metrics.jsonl"), read_metrics(ddp / "metrics.jsonl")
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 3, 6]
-    for key in ("train/loss", "train/loss_mtp", "train/loss_refine", "train/loss_value", "eval/loss",
-                "eval/loss_value"):
+    for key in (
+        "train/loss",
+        "train/loss_mtp",
+        "train/loss_refine",
+        "train/loss_value",
+        "eval/loss",
+        "eval/loss_value",
+    ):
         np.testing.assert_allclose(
             [r[key] for r in b if key in r], [r[key] for r in a if key in r], rtol=RTOL
         )
@@ -180,5 +199,8 @@ def test_two_gloo_processes_match_one_process(inputs, tmp_path):
     a, b = read_metrics(single / "metrics.jsonl"), read_metrics(ddp / "metrics.jsonl")
     assert [r["step"] for r in b] == [0, 3, 6, 9]
     np.testing.assert_allclose(b[-1]["train/loss"], a[-1]["train/loss"], rtol=RTOL)
-    _assert_weights_close(read_checkpoint(ddp / "checkpoint.pt")["model"],
-                          read_checkpoint(single / "checkpoint.pt")["model"], steps=9)  # fmt: skip
+    _assert_weights_close(
+        read_checkpoint(ddp / "checkpoint.pt")["model"],
+        read_checkpoint(single / "checkpoint.pt")["model"],
+        steps=9,
+    )

@@ -12,7 +12,9 @@ from envs import AdsEnv, AdsVectorEnv, BatchedMarket, ads_env_ids, make_vec_env
 from gpr_sim.world import WorldConfig, remaining_budget, score
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_candidates": 5, "num_slots": 2, "conversion_delay_mean": 2.0}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"num_candidates": 5, "num_slots": 2, "conversion_delay_mean": 2.0}]
+)
 def test_gymnasium_and_sb3_checkers_pass(overrides):
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
@@ -29,8 +31,18 @@ def test_make_vec_uses_the_vector_entry_point():
     assert env.observation_space.contains({k: v.numpy() for k, v in obs.items()})
     obs, reward, term, trunc, info = env.step(torch.zeros(6, 3, dtype=torch.int64))
     assert reward.shape == (6,) and term.dtype == torch.bool and info["click"].shape == (6, 1)
-    for key in ("impression", "click", "conversion", "gmv", "revenue", "p_click", "p_conversion", "ecpm",
-                "ad_id", "advertiser_id"):
+    for key in (
+        "impression",
+        "click",
+        "conversion",
+        "gmv",
+        "revenue",
+        "p_click",
+        "p_conversion",
+        "ecpm",
+        "ad_id",
+        "advertiser_id",
+    ):
         assert key in info
     assert env.unwrapped.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
 
@@ -48,11 +60,17 @@ def test_single_env_equals_vector_env_at_n1_across_episodes():
     episodes = 0
     for t in range(120):
         for k in s_obs:
-            np.testing.assert_array_equal(np.asarray(s_obs[k]), v_obs[k][0].numpy(), err_msg=f"obs {k} at {t}")
+            np.testing.assert_array_equal(
+                np.asarray(s_obs[k]), v_obs[k][0].numpy(), err_msg=f"obs {k} at {t}"
+            )
         a = _policy(np.asarray(s_obs["user_id"]), t, n_ads)
         s_obs, s_r, s_term, s_trunc, s_info = single.step(int(a))
         v_obs, v_r, v_term, v_trunc, v_info = vec.step(torch.as_tensor(a).reshape(1))
-        assert s_r == pytest.approx(float(v_r[0]), abs=0) and s_term == bool(v_term[0]) and s_trunc == bool(v_trunc[0])
+        assert (
+            s_r == pytest.approx(float(v_r[0]), abs=0)
+            and s_term == bool(v_term[0])
+            and s_trunc == bool(v_trunc[0])
+        )
         for k in ("click", "conversion", "revenue", "gmv", "ad_id", "delayed_conversion"):
             np.testing.assert_array_equal(s_info[k], v_info[k][0].numpy())
         if s_term or s_trunc:
@@ -138,14 +156,18 @@ def test_score_rejects_non_integer_and_out_of_range_candidates():
     single.reset(seed=0)
     vec.reset(seed=0)
     # score([1.7]) used to be truncated to ad 1 and valued silently
-    cases = [([1.7], "candidates dtype float64 is invalid: expected integer ad indices"),
-             ([True], "candidates dtype bool is invalid"),
-             ([500], r"candidates contain ad index 500: expected ids in \[0, 499\] or -1 \(no ad\)"),
-             ([-2], r"candidates contain ad index -2")]  # fmt: skip
+    cases = [
+        ([1.7], "candidates dtype float64 is invalid: expected integer ad indices"),
+        ([True], "candidates dtype bool is invalid"),
+        ([500], r"candidates contain ad index 500: expected ids in \[0, 499\] or -1 \(no ad\)"),
+        ([-2], r"candidates contain ad index -2"),
+    ]
     for cand, match in cases:
         with pytest.raises(ValueError, match=match):
             single.score(cand)
-        with pytest.raises(ValueError, match=match.replace("float64", "torch.float32").replace("bool", "torch.bool")):
+        with pytest.raises(
+            ValueError, match=match.replace("float64", "torch.float32").replace("bool", "torch.bool")
+        ):
             vec.score(torch.tensor([cand, cand]))
     # -1 is "no ad": it scores -inf value and leaves the other candidates' values as they are
     both, alone = single.score([-1, 3]), single.score([3])
@@ -170,10 +192,14 @@ def test_reset_seeds_are_integers_ge_0_used_modulo_2_32():
         assert all(torch.equal(a[k], b[k]) for k in a), big
     assert not np.array_equal(single.reset(seed=5)[0]["organic"], single.reset(seed=6)[0]["organic"])
     for env in (single, vec):
-        with pytest.raises(ValueError, match=r"seed=-1 is invalid: expected an integer >= 0 \(.*modulo 2\*\*32\)"):
+        with pytest.raises(
+            ValueError, match=r"seed=-1 is invalid: expected an integer >= 0 \(.*modulo 2\*\*32\)"
+        ):
             env.reset(seed=-1)
         for bad in (1.5, True, "3"):
-            with pytest.raises(ValueError, match=rf"seed={bad!r} is invalid: expected None or an integer >= 0"):
+            with pytest.raises(
+                ValueError, match=rf"seed={bad!r} is invalid: expected None or an integer >= 0"
+            ):
                 env.reset(seed=bad)
 
 
@@ -181,7 +207,9 @@ def test_reset_seeds_are_integers_ge_0_used_modulo_2_32():
 
 # Tight budgets and no outside competition: advertisers run dry within a few steps, so the market
 # state (spend) matters to what happens next; delayed conversions make the pending queue matter too.
-TIGHT = dict(budget_per_1k_requests=0.2, competitor_ecpm_mean=0.0, conversion_delay_mean=1.0, steps_per_day=12)
+TIGHT = dict(
+    budget_per_1k_requests=0.2, competitor_ecpm_mean=0.0, conversion_delay_mean=1.0, steps_per_day=12
+)
 
 
 def _actions(obs: dict, t: int, num_ads: int) -> torch.Tensor:
@@ -211,7 +239,9 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     want = _play(a, obs_a, 9, 25)
     # a snapshot, not a view: stepping on did not change it
     for key, v in saved.items():
-        for x, y in zip(v if isinstance(v, tuple) else (v,), frozen[key] if isinstance(v, tuple) else (frozen[key],)):
+        for x, y in zip(
+            v if isinstance(v, tuple) else (v,), frozen[key] if isinstance(v, tuple) else (frozen[key],)
+        ):
             assert torch.equal(x, y), key
 
     b = AdsVectorEnv(num_envs=16, world_seed=3, **TIGHT)
@@ -265,12 +295,18 @@ def test_rehearse_equals_the_rollout_rehearsal_and_moves_nothing():
         assert torch.equal(x, y), name
     for k in want_obs:
         assert torch.equal(got.obs[k], want_obs[k]), k
-    assert got.obs["user_id"].shape == (4,) and torch.equal(got.state.user_id, env.state.user_id[rows])  # same user
+    assert got.obs["user_id"].shape == (4,) and torch.equal(
+        got.state.user_id, env.state.user_id[rows]
+    )  # same user
     assert (got.state.feed_pos > env.state.feed_pos[rows]).all()  # one request ahead: organic items consumed
     # scoring the rehearsed requests is the core's scoring of that state
     cand = torch.arange(8).repeat(4, 1)
-    torch.testing.assert_close(env.score(cand, truth=True, state=got.state).value,
-                               score(env.world, want_state, cand, truth=True).value, rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        env.score(cand, truth=True, state=got.state).value,
+        score(env.world, want_state, cand, truth=True).value,
+        rtol=0,
+        atol=0,
+    )
     # nothing moved: same state as before, and the next real step equals the twin's
     after = env.state_dict()
     for key in before:
@@ -290,13 +326,21 @@ def test_vector_env_reads_equal_the_core():
     market = env.engine
     assert env.world is market.world and env.config is market.world.config and env.first_slot == 0
     assert torch.equal(env.state.user_id, market.state.user_id)
-    torch.testing.assert_close(env.remaining_budget(), remaining_budget(market.world, market.market), rtol=0, atol=0)
+    torch.testing.assert_close(
+        env.remaining_budget(), remaining_budget(market.world, market.market), rtol=0, atol=0
+    )
     rows = torch.tensor([1, 5])
     cand = torch.tensor([[3, 9], [4, 400]])
-    torch.testing.assert_close(env.score(cand, state=env.state.select(rows)).value,
-                               score(env.world, market.state.select(rows), cand).value, rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        env.score(cand, state=env.state.select(rows)).value,
+        score(env.world, market.state.select(rows), cand).value,
+        rtol=0,
+        atol=0,
+    )
     full = env.score(torch.tensor([[3, 9]] * 6)).value
-    torch.testing.assert_close(env.score(cand[:1], state=env.state.select(rows[:1])).value, full[1:2], rtol=0, atol=0)
+    torch.testing.assert_close(
+        env.score(cand[:1], state=env.state.select(rows[:1])).value, full[1:2], rtol=0, atol=0
+    )
 
 
 def test_shard_arguments_reach_the_market():
@@ -314,16 +358,24 @@ def test_shard_arguments_reach_the_market():
 
 
 def test_make_vec_env_is_the_vector_env_and_names_unknown_ids():
-    env = make_vec_env("ads-v0", 5, config=WorldConfig.small(num_candidates=2), world_seed=1, validate_actions=False)
-    ref = AdsVectorEnv(num_envs=5, config=WorldConfig.small(num_candidates=2), world_seed=1, validate_actions=False)
+    env = make_vec_env(
+        "ads-v0", 5, config=WorldConfig.small(num_candidates=2), world_seed=1, validate_actions=False
+    )
+    ref = AdsVectorEnv(
+        num_envs=5, config=WorldConfig.small(num_candidates=2), world_seed=1, validate_actions=False
+    )
     assert isinstance(env, AdsVectorEnv) and env.num_envs == 5 and not env.validate_actions
     a, _ = env.reset(seed=3)
     b, _ = ref.reset(seed=3)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert make_vec_env("ads-v0", 2, preset="small", num_ads=50).config.num_ads == 50  # WorldConfig fields pass
+    assert (
+        make_vec_env("ads-v0", 2, preset="small", num_ads=50).config.num_ads == 50
+    )  # WorldConfig fields pass
     assert ads_env_ids() == ["ads-v0"]
-    with pytest.raises(ValueError, match=r"env_id='ads-v9' is not a registered ads env: expected one of \['ads-v0'\]"):
+    with pytest.raises(
+        ValueError, match=r"env_id='ads-v9' is not a registered ads env: expected one of \['ads-v0'\]"
+    ):
         make_vec_env("ads-v9", 2)
     with pytest.raises(ValueError, match=r"env_id='CartPole-v1' is not a registered ads env"):
         make_vec_env("CartPole-v1", 2)  # registered, but not an ads env

@@ -41,7 +41,9 @@ def test_action_spaces(tok):
     multi = gymnasium.make("ads-v0", config=MULTI, action_mode="semantic", tokenizer=tok)
     assert multi.action_space.shape == (3, 3)
     assert (multi.action_space.nvec == np.array(tok.level_sizes)).all()
-    assert gymnasium.make("ads-v0", config=CFG).action_space == spaces.Discrete(CFG.num_ads)  # default unchanged
+    assert gymnasium.make("ads-v0", config=CFG).action_space == spaces.Discrete(
+        CFG.num_ads
+    )  # default unchanged
 
 
 @pytest.mark.parametrize("cfg", [CFG, MULTI], ids=["k1", "k3"])
@@ -82,8 +84,13 @@ def test_unknown_and_organic_paths_are_invalid_and_show_nothing(tok):
     # K = 3: one unknown path among two real ads -> invalid counts 1, the auction runs on the others
     multi = gymnasium.make("ads-v0", config=MULTI, action_mode="semantic", tokenizer=tok)
     multi.reset(seed=0)
-    action = np.stack([unknown_path(tok), tok.paths_of_ads(torch.tensor(4)).numpy(),
-                       tok.paths_of_ads(torch.tensor(9)).numpy()])  # fmt: skip
+    action = np.stack(
+        [
+            unknown_path(tok),
+            tok.paths_of_ads(torch.tensor(4)).numpy(),
+            tok.paths_of_ads(torch.tensor(9)).numpy(),
+        ]
+    )
     _, _, _, _, info = multi.step(action)
     assert info["invalid"] == 1 and info["ad_id"][0] in (-1, 4, 9)
 
@@ -125,7 +132,9 @@ def test_mode_and_tokenizer_arguments_are_checked(tok, tok_dir):
     assert env.action_space.nvec.tolist() == list(tok.level_sizes)
 
 
-def reference_mask(ad_paths: torch.Tensor, eligible: torch.Tensor, prefix: torch.Tensor, size: int) -> torch.Tensor:
+def reference_mask(
+    ad_paths: torch.Tensor, eligible: torch.Tensor, prefix: torch.Tensor, size: int
+) -> torch.Tensor:
     """Next digits after ``prefix`` that some eligible ad continues with: a loop over ads, no trie."""
     mask = torch.zeros(size, dtype=torch.bool)
     depth = prefix.numel()
@@ -139,8 +148,14 @@ def test_prefix_mask_is_the_eligible_ad_trie(tok):
     # tiny budgets and no outside competition: advertisers run dry within a few steps. The embeddings
     # (hence the tokenizer's world fingerprint) do not depend on budgets, so `tok` still fits this world.
     poor = CFG.replace(budget_per_1k_requests=0.05, competitor_ecpm_mean=0.0)
-    env = gymnasium.make_vec("ads-v0", num_envs=64, vectorization_mode="vector_entry_point", config=poor,
-                             action_mode="semantic", tokenizer=tok)  # fmt: skip
+    env = gymnasium.make_vec(
+        "ads-v0",
+        num_envs=64,
+        vectorization_mode="vector_entry_point",
+        config=poor,
+        action_mode="semantic",
+        tokenizer=tok,
+    )
     env.reset(seed=0)
     gen = torch.Generator().manual_seed(0)
     u = env.unwrapped
@@ -152,20 +167,28 @@ def test_prefix_mask_is_the_eligible_ad_trie(tok):
     assert 0 < int(eligible.sum()) < CFG.num_ads
     paths = tok.table.ad_paths
     for depth in range(tok.path_len):
-        prefixes = torch.cat([paths[:, :depth], tok.table.organic_paths[:8, :depth]])  # ad and organic prefixes
+        prefixes = torch.cat(
+            [paths[:, :depth], tok.table.organic_paths[:8, :depth]]
+        )  # ad and organic prefixes
         got = u.prefix_mask(prefixes)  # (num_prefixes, K_depth)
         everyone = u.prefix_mask(prefixes, eligible_only=False)
         for i in range(0, prefixes.shape[0], 7):
             want = reference_mask(paths, eligible, prefixes[i], tok.level_sizes[depth])
             assert torch.equal(got[i], want), (depth, i)
-            assert torch.equal(everyone[i], reference_mask(paths, torch.ones_like(eligible), prefixes[i],
-                                                           tok.level_sizes[depth]))  # fmt: skip
+            assert torch.equal(
+                everyone[i],
+                reference_mask(paths, torch.ones_like(eligible), prefixes[i], tok.level_sizes[depth]),
+            )
     # batched leading dims (N, beams, l) and the single env's numpy view
     assert u.prefix_mask(paths[:6, :1].view(2, 3, 1)).shape == (2, 3, tok.level_sizes[1])
     single = gymnasium.make("ads-v0", config=poor, action_mode="semantic", tokenizer=tok)
     single.reset(seed=0)
-    assert single.unwrapped.prefix_mask([]).tolist() == reference_mask(
-        paths, single.unwrapped.eligible_ads(), torch.zeros(0, dtype=torch.int64), tok.level_sizes[0]).tolist()  # fmt: skip
+    assert (
+        single.unwrapped.prefix_mask([]).tolist()
+        == reference_mask(
+            paths, single.unwrapped.eligible_ads(), torch.zeros(0, dtype=torch.int64), tok.level_sizes[0]
+        ).tolist()
+    )
 
 
 def test_vector_env_semantic_mode(tok):
@@ -181,7 +204,9 @@ def test_vector_env_semantic_mode(tok):
         ads = torch.randint(0, MULTI.num_ads, (8, 3), generator=gen)
         o1, r1, te1, _, i1 = by_ad.step(ads)
         o2, r2, te2, _, i2 = by_id.step(by_id.unwrapped.semantic_ids(ads))  # (8, 3, L')
-        assert torch.equal(r1, r2) and torch.equal(te1, te2) and torch.equal(o1["ad_history"], o2["ad_history"])
+        assert (
+            torch.equal(r1, r2) and torch.equal(te1, te2) and torch.equal(o1["ad_history"], o2["ad_history"])
+        )
         assert torch.equal(i1["ad_id"], i2["ad_id"])
     # row r gets r unknown paths among its 3 candidates (rows >= 4: none)
     action = by_id.unwrapped.semantic_ids(torch.randint(0, MULTI.num_ads, (8, 3), generator=gen))
@@ -202,8 +227,14 @@ def test_vector_env_semantic_mode(tok):
 
 
 def test_single_candidate_vector_env_takes_n_by_levels(tok):
-    env = gymnasium.make_vec("ads-v0", num_envs=4, vectorization_mode="vector_entry_point", config=CFG,
-                             action_mode="semantic", tokenizer=tok)  # fmt: skip
+    env = gymnasium.make_vec(
+        "ads-v0",
+        num_envs=4,
+        vectorization_mode="vector_entry_point",
+        config=CFG,
+        action_mode="semantic",
+        tokenizer=tok,
+    )
     env.reset(seed=0)
     ads = torch.tensor([3, 1, 4, 1])
     _, _, _, _, a = env.step(env.unwrapped.semantic_ids(ads))  # (N, L')
@@ -214,8 +245,15 @@ def test_single_candidate_vector_env_takes_n_by_levels(tok):
 
 @pytest.mark.gpu
 def test_semantic_mode_on_cuda(tok):
-    env = gymnasium.make_vec("ads-v0", num_envs=16, vectorization_mode="vector_entry_point", config=CFG,
-                             device="cuda", action_mode="semantic", tokenizer=tok)  # fmt: skip
+    env = gymnasium.make_vec(
+        "ads-v0",
+        num_envs=16,
+        vectorization_mode="vector_entry_point",
+        config=CFG,
+        device="cuda",
+        action_mode="semantic",
+        tokenizer=tok,
+    )
     env.reset(seed=0)
     ads = torch.arange(16, device="cuda")
     _, _, _, _, info = env.step(env.unwrapped.semantic_ids(ads))

@@ -124,8 +124,17 @@ def test_oracle_and_cascade_beat_random(tmp_path, seed):
     # is about as good as the myopic oracle on revenue; only the gap to random is asserted, on three worlds
     # and reset seeds. The tightest case is CTR: the cascade's interval clears random's by 0.025, 0.014 and
     # 0.010 on seeds 0, 1, 2 (at 512 sessions seed 1 fails it, so 1024 it stays).
-    summary = main(Args(agents="random,cascade,oracle", out=str(tmp_path), num_envs=256, sessions=1024, plots=False,
-                        seed=seed, world_seed=seed))  # fmt: skip
+    summary = main(
+        Args(
+            agents="random,cascade,oracle",
+            out=str(tmp_path),
+            num_envs=256,
+            sessions=1024,
+            plots=False,
+            seed=seed,
+            world_seed=seed,
+        )
+    )
     for key in ("revenue_per_session", "reward_per_session", "ctr", "gmv_per_session"):
         assert _beats_random(summary, key), key
 
@@ -140,7 +149,8 @@ def test_demo_size_ranks_the_agents(tmp_path):
 
 def test_unknown_agent_and_bad_args_raise():
     with pytest.raises(
-        ValueError, match=r"unknown policy 'bogus': expected one of cascade, gpr:PATH, oracle, oracle-fatigue, random"
+        ValueError,
+        match=r"unknown policy 'bogus': expected one of cascade, gpr:PATH, oracle, oracle-fatigue, random",
     ):
         Args(agents="random,bogus")  # fails before anything runs
     with pytest.raises(ValueError, match="unknown policy 'nope:x'"):
@@ -167,7 +177,7 @@ class FixedAd:
 
 
 def test_agent_family_plugs_in(tmp_path, monkeypatch):
-    factory = lambda arg: (lambda env, seed: FixedAd(env, int(arg)))  # noqa: E731
+    factory = lambda arg: lambda env, seed: FixedAd(env, int(arg))  # noqa: E731
     monkeypatch.setitem(FAMILIES, "fixed", Family("AD", factory, lambda arg: []))  # reads no files
     with pytest.raises(ValueError, match="fixed:AD"):
         policy_factory("nope")
@@ -178,17 +188,39 @@ def test_agent_family_plugs_in(tmp_path, monkeypatch):
 
 
 def test_flags_map_onto_args(capsys):
-    args = parse_args(["--agents", "random", "--num-envs", "8", "--world-seed", "3", "--no-plots", "--level", "0.9"])
-    assert (args.agents, args.num_envs, args.world_seed, args.plots, args.level) == ("random", 8, 3, False, 0.9)
+    args = parse_args(
+        ["--agents", "random", "--num-envs", "8", "--world-seed", "3", "--no-plots", "--level", "0.9"]
+    )
+    assert (args.agents, args.num_envs, args.world_seed, args.plots, args.level) == (
+        "random",
+        8,
+        3,
+        False,
+        0.9,
+    )
     assert args.config().sessions_per_slot == 250 and args.out_dir == Path("runs/eval/ads-v0__small__0")
     with pytest.raises(SystemExit):
         parse_args(["--help"])
-    assert "same for every agent (same first users)" in " ".join(capsys.readouterr().out.split())  # docstrings
+    assert "same for every agent (same first users)" in " ".join(
+        capsys.readouterr().out.split()
+    )  # docstrings
 
 
 def test_command_line_smoke(tmp_path):
-    cmd = [sys.executable, "-m", "agents.evaluate", "--agents", "random,cascade", "--num-envs", "8", "--sessions", "8",
-           "--out", str(tmp_path), "--no-plots"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "agents.evaluate",
+        "--agents",
+        "random,cascade",
+        "--num-envs",
+        "8",
+        "--sessions",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--no-plots",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "revenue / session" in res.stdout and "cascade" in res.stdout

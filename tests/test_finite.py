@@ -19,7 +19,9 @@ from tests.test_hepo import pre, tiny  # noqa: F401  (the module fixture: a tiny
 def test_check_finite_names_every_bad_entry():
     check_finite("here", {"a": 1.0, "b": torch.ones(3)})
     with pytest.raises(NonFiniteError, match=r"^iteration 3: non-finite policy, gradient norm$"):
-        check_finite("iteration 3", {"policy": math.nan, "critic": 0.5, "gradient norm": torch.tensor(math.inf)})
+        check_finite(
+            "iteration 3", {"policy": math.nan, "critic": 0.5, "gradient norm": torch.tensor(math.inf)}
+        )
 
 
 def test_check_finite_parameters_names_the_parameter():

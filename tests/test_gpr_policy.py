@@ -17,9 +17,29 @@ from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from envs import make_vec_env
 from gpr_sim.runs import file_digest
 
-TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
-                 "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
-                 "--eval-requests", "16", "--threads", "1", "--no-progress"]  # fmt: skip
+TINY_PRETRAIN = [
+    "--collect-envs",
+    "16",
+    "--collect-steps",
+    "20",
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--batch-size",
+    "32",
+    "--steps",
+    "3",
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "3",
+    "--eval-requests",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 TINY_EVAL = dict(num_envs=8, sessions=8, plots=False, threads=1)
 
 
@@ -32,7 +52,9 @@ def run_dir(tmp_path_factory):
 
 
 def _env(num_envs: int = 8):
-    return make_vec_env("ads-v0", num_envs, preset="small", world_seed=0, device="cpu", validate_actions=False)
+    return make_vec_env(
+        "ads-v0", num_envs, preset="small", world_seed=0, device="cpu", validate_actions=False
+    )
 
 
 def test_evaluate_runs_gpr_and_is_deterministic(run_dir, tmp_path):
@@ -96,8 +118,12 @@ def test_registry_builds_gpr_with_its_options(run_dir):
     policy = make_policy(f"gpr:{run_dir}", env, seed=3, beam_width=5)
     assert isinstance(policy, GPRPolicy) and policy.beam_width == 5 and policy.env is env.unwrapped
     obs, _ = env.reset(seed=0)
-    torch.testing.assert_close(policy.act(obs).action, GPRPolicy(env, run_dir, beam_width=5, seed=3).act(obs).action)
-    with pytest.raises(ValueError, match=r"takes no option \['temperature'\]: its options are \['beam_width'\]"):
+    torch.testing.assert_close(
+        policy.act(obs).action, GPRPolicy(env, run_dir, beam_width=5, seed=3).act(obs).action
+    )
+    with pytest.raises(
+        ValueError, match=r"takes no option \['temperature'\]: its options are \['beam_width'\]"
+    ):
         make_policy(f"gpr:{run_dir}", env, temperature=0.3)
 
 
@@ -112,7 +138,10 @@ def test_evaluate_cache_is_keyed_by_the_policy_files_content(run_dir, tmp_path, 
     main(Args(agents=spec, out=str(out), **TINY_EVAL))
     record = agent_dir(out, spec) / "summary.json"
     first = json.loads(record.read_text())["config"]["inputs"]
-    assert first["policy.pt"] == file_digest(run / "policy.pt") and set(first) == {"policy.pt", "semantic_ids.pt"}
+    assert first["policy.pt"] == file_digest(run / "policy.pt") and set(first) == {
+        "policy.pt",
+        "semantic_ids.pt",
+    }
     capsys.readouterr()
     main(Args(agents=spec, out=str(out), **TINY_EVAL))
     assert f"{spec}: same config already evaluated" in capsys.readouterr().out

@@ -30,9 +30,29 @@ from gpr_sim.world.config import PRESETS
 from gpr_sim.world.state import MarketState
 from tests.helpers import torchrun
 
-TINY_PRETRAIN = ["--collect-envs", "16", "--collect-steps", "20", "--d-model", "16", "--n-layers", "1",
-                 "--batch-size", "32", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "3",
-                 "--eval-requests", "16", "--threads", "1", "--no-progress"]  # fmt: skip
+TINY_PRETRAIN = [
+    "--collect-envs",
+    "16",
+    "--collect-steps",
+    "20",
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--batch-size",
+    "32",
+    "--steps",
+    "3",
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "3",
+    "--eval-requests",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +61,67 @@ def pre(tmp_path_factory):
     root = tmp_path_factory.mktemp("hepo_pre")
     mtp = root / "mtp"
     pretrain.main(["--out", str(mtp), *TINY_PRETRAIN])
-    pretrain.main(["--out", str(root / "vaft"), "--stage", "vaft", "--init", str(mtp / "checkpoint.pt"),
-                   "--logs", str(mtp / "logs.parquet"), "--tokenizer", str(mtp / "tokenizer"), *TINY_PRETRAIN])  # fmt: skip
+    pretrain.main(
+        [
+            "--out",
+            str(root / "vaft"),
+            "--stage",
+            "vaft",
+            "--init",
+            str(mtp / "checkpoint.pt"),
+            "--logs",
+            str(mtp / "logs.parquet"),
+            "--tokenizer",
+            str(mtp / "tokenizer"),
+            *TINY_PRETRAIN,
+        ]
+    )
     return root
 
 
 def tiny(pre, out, *extra) -> list[str]:
-    return ["--pretrain-dir", str(pre), "--mtp-steps", "3", "--vaft-steps", "3", "--num-envs", "8",
-            "--rollout-steps", "2", "--group-size", "4", "--minibatch", "8", "--eval-every", "1",
-            "--eval-sessions", "8", "--eval-envs", "8", "--eval-candidates", "4", "--eval-beam", "2",
-            "--checkpoint-every", "1", "--critic-warmup", "1", "--threads", "1", "--no-progress",
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        "--pretrain-dir",
+        str(pre),
+        "--mtp-steps",
+        "3",
+        "--vaft-steps",
+        "3",
+        "--num-envs",
+        "8",
+        "--rollout-steps",
+        "2",
+        "--group-size",
+        "4",
+        "--minibatch",
+        "8",
+        "--eval-every",
+        "1",
+        "--eval-sessions",
+        "8",
+        "--eval-envs",
+        "8",
+        "--eval-candidates",
+        "4",
+        "--eval-beam",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--critic-warmup",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _comparable_rows(out):
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(out / "metrics.jsonl")]
+    return [
+        {k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(out / "metrics.jsonl")
+    ]
 
 
 def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch):
@@ -96,8 +162,12 @@ def check_strata(row: dict, served: bool = False) -> None:
     ad-age groups split each session's ads (new + old revenue per session = all of it). ``served``: the
     sessions had revenue, so the sums are not 0 = 0 (the tiny generators of these tests serve no ads)."""
     key, n = keys.strata_key, row["eval/sessions"]
-    want = {key(s, g, m) for s, groups in keys.STRATA.items() for g in groups
-            for m in ("sessions", *keys.STRATA_METRICS[s])}  # fmt: skip
+    want = {
+        key(s, g, m)
+        for s, groups in keys.STRATA.items()
+        for g in groups
+        for m in ("sessions", *keys.STRATA_METRICS[s])
+    }
     assert {k for k in row if k.startswith("eval/strata/")} == want
     tiers = keys.STRATA["activity_tier"]
     sizes = [row[key("activity_tier", g, "sessions")] for g in tiers]
@@ -108,7 +178,9 @@ def check_strata(row: dict, served: bool = False) -> None:
         combined = sum(k * v for k, v in zip(sizes, values) if k) / n
         assert combined == pytest.approx(row[f"eval/{m}"], rel=1e-9, abs=1e-12), m
     assert [row[key("ad_age", g, "sessions")] for g in ("new", "old")] == [n, n]
-    ad_revenue = row[key("ad_age", "new", "revenue_per_session")] + row[key("ad_age", "old", "revenue_per_session")]
+    ad_revenue = (
+        row[key("ad_age", "new", "revenue_per_session")] + row[key("ad_age", "old", "revenue_per_session")]
+    )
     assert ad_revenue == pytest.approx(row["eval/revenue_per_session"], rel=1e-9, abs=1e-12)
     assert row["eval/revenue_per_session"] > 0 or not served
 
@@ -121,12 +193,18 @@ def test_strata_metrics_are_the_ad_metrics_for_ad_age():
 def test_held_out_config_is_the_eval_flags():
     # the library's defaults are agents.hepo's --eval-* defaults, and every flag reaches its field
     assert hepo.held_out(hepo.Args()) == HeldOutConfig()
-    args = hepo.Args(eval_envs=8, eval_sessions=20, eval_seed=7, eval_beam=3, eval_candidates=5, progress=False)
+    args = hepo.Args(
+        eval_envs=8, eval_sessions=20, eval_seed=7, eval_beam=3, eval_candidates=5, progress=False
+    )
     cfg = hepo.held_out(args)
     assert cfg == HeldOutConfig(num_envs=8, sessions=20, seed=7, beam_width=3, candidates=5, progress=False)
     assert cfg.sessions_per_slot == 3  # ceil(20 / 8): every slot records 3 sessions, 24 in all
-    for bad, field in ((dict(candidates=1), "candidates"), (dict(num_envs=0), "num_envs"),
-                       (dict(sessions=True), "sessions"), (dict(seed=1.5), "seed")):  # fmt: skip
+    for bad, field in (
+        (dict(candidates=1), "candidates"),
+        (dict(num_envs=0), "num_envs"),
+        (dict(sessions=True), "sessions"),
+        (dict(seed=1.5), "seed"),
+    ):
         with pytest.raises(ValueError, match=field):
             HeldOutConfig(**bad)
 
@@ -138,8 +216,16 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
     assert summary["algo"] == algo
     rows = read_metrics(out / "metrics.jsonl")
     last = rows[-1]
-    for key in ("train/policy", "train/item_value", "train/approx_kl", "eval/reward_per_session",
-                "eval/cand_ndcg", "eval/cand_opr", "eval/cand_mean_value", "eval/cand_max_value"):  # fmt: skip
+    for key in (
+        "train/policy",
+        "train/item_value",
+        "train/approx_kl",
+        "eval/reward_per_session",
+        "eval/cand_ndcg",
+        "eval/cand_opr",
+        "eval/cand_mean_value",
+        "eval/cand_max_value",
+    ):
         assert math.isfinite(last[key]), key
     assert json.loads((out / "config.json").read_text())["algo"] == algo
     evals = [r for r in rows if "eval/reward_per_session" in r]
@@ -148,7 +234,9 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
         check_strata(row)
     # Table 3's MTP stage: the candidates of the MTP generator VAFT started from, beside iteration 0 only
     mtp = {k: v for k, v in evals[0].items() if k.startswith("eval/mtp/cand_")}
-    assert set(mtp) == {f"eval/mtp/cand_{m}" for m in keys.TABLE3} and all(math.isfinite(v) for v in mtp.values())
+    assert set(mtp) == {f"eval/mtp/cand_{m}" for m in keys.TABLE3} and all(
+        math.isfinite(v) for v in mtp.values()
+    )
     assert not any(k.startswith("eval/mtp/") for r in evals[1:] for k in r)
 
 
@@ -160,8 +248,16 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     with pytest.raises(ValueError, match=r"holds a run of agents.hepo, not of agents.evaluate"):
         evaluate(EvalArgs(agents="random", out=str(out), num_envs=8, sessions=8, plots=False, threads=1))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept  # config, summary untouched
-    table = evaluate(EvalArgs(agents=f"cascade,gpr:{out}", num_envs=8, sessions=8, plots=False, threads=1,
-                              out=str(tmp_path / "eval")))  # fmt: skip
+    table = evaluate(
+        EvalArgs(
+            agents=f"cascade,gpr:{out}",
+            num_envs=8,
+            sessions=8,
+            plots=False,
+            threads=1,
+            out=str(tmp_path / "eval"),
+        )
+    )
     assert set(table["agent"]) == {"cascade", f"gpr:{out}"}
     # the Evaluator's Table 5 scalars of sessions that serve ads (the cascade's, from that evaluation), as
     # metrics.jsonl holds them: agents.evaluate's strata.csv values, adding up to the overall metrics
@@ -172,12 +268,18 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     for r in strata[strata["agent"] == "cascade"].to_dict("records"):
         for m in ("sessions", *keys.STRATA_METRICS[r["stratum"]]):
             want = r[f"eval/{m}"]
-            assert row[keys.strata_key(r["stratum"], r["group"], m)] == pytest.approx(want, nan_ok=True), (r, m)
+            assert row[keys.strata_key(r["stratum"], r["group"], m)] == pytest.approx(want, nan_ok=True), (
+                r,
+                m,
+            )
     # CTR per tier and per ad age, weighted by the group's impressions, is the overall CTR
     imp = sessions.groupby("activity_tier")["impressions"].sum()
     tier_clicks = sum(row[keys.strata_key("activity_tier", str(t), "ctr")] * k for t, k in imp.items() if k)
-    age_clicks = sum(row[keys.strata_key("ad_age", g, "ctr")] * sessions[f"{g}_impressions"].sum()
-                     for g in ("new", "old") if sessions[f"{g}_impressions"].sum())  # fmt: skip
+    age_clicks = sum(
+        row[keys.strata_key("ad_age", g, "ctr")] * sessions[f"{g}_impressions"].sum()
+        for g in ("new", "old")
+        if sessions[f"{g}_impressions"].sum()
+    )
     assert tier_clicks == pytest.approx(sessions["clicks"].sum()) and age_clicks == pytest.approx(tier_clicks)
     assert row["eval/ctr"] == pytest.approx(tier_clicks / imp.sum()) and imp.sum() > 0
 
@@ -199,7 +301,9 @@ def test_bad_inputs_fail_clearly(pre, tmp_path):
     # results without the checkpoint they came from: refused, not restarted over them
     (out / "checkpoint.pt").unlink()
     kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(ValueError, match=r"holds metrics.jsonl, policy.pt, summary.json but no checkpoint.pt"):
+    with pytest.raises(
+        ValueError, match=r"holds metrics.jsonl, policy.pt, summary.json but no checkpoint.pt"
+    ):
         hepo.main(tiny(pre, out, "--iterations", "2"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
 
@@ -221,15 +325,23 @@ def test_preset_is_the_world_of_every_stage(tmp_path, monkeypatch):
     assert WorldConfig.from_dict(meta["world_config"]) == preset("tiny") != preset("small")
     for stage in ("mtp", "vaft"):
         assert json.loads((pre / stage / "config.json").read_text())["preset"] == "tiny"
-    assert json.loads((pre / "vaft" / "config.json").read_text())["logs_path"] == str(pre / "mtp" / "logs.parquet")
+    assert json.loads((pre / "vaft" / "config.json").read_text())["logs_path"] == str(
+        pre / "mtp" / "logs.parquet"
+    )
 
 
 # ----------------------------------------------------------------------------- sampling and rehearsal
 
 
 def _env(n=16):
-    return gymnasium.make_vec("ads-v0", num_envs=n, vectorization_mode="vector_entry_point", preset="small",
-                              device="cpu", validate_actions=False)  # fmt: skip
+    return gymnasium.make_vec(
+        "ads-v0",
+        num_envs=n,
+        vectorization_mode="vector_entry_point",
+        preset="small",
+        device="cpu",
+        validate_actions=False,
+    )
 
 
 def test_sampled_paths_are_legal_eligible_and_their_log_probs_match_the_model(pre):
@@ -248,7 +360,9 @@ def test_sampled_paths_are_legal_eligible_and_their_log_probs_match_the_model(pr
         assert bool((s.items >= 0).all()) and bool(eligible[s.items].all())
         torch.testing.assert_close(tok.paths_of_ads(s.items), s.codes)  # the item is the path's leaf
         k = s.codes.shape[1]
-        again = model.log_prob(ctx.repeat_interleave(k, 0), s.codes.flatten(0, 1), [m.flatten(0, 1) for m in s.legal])
+        again = model.log_prob(
+            ctx.repeat_interleave(k, 0), s.codes.flatten(0, 1), [m.flatten(0, 1) for m in s.legal]
+        )
     # the update recomputes exactly the rollout's log-probs (PPO ratio 1 before any step)
     torch.testing.assert_close(again.view_as(s.log_prob), s.log_prob, atol=1e-5, rtol=1e-5)
 
@@ -269,8 +383,10 @@ def test_sampling_follows_the_policy_distribution():
     p1 = torch.softmax(logits[1].double(), 0)
     expected = torch.stack([p0[0] * p1[0], p0[0] * p1[1], p0[1], p0[2]])  # codes 1 and 2 have one child
     keyed = rng.uniforms(torch.tensor([7]), n * 2).view(1, n, 2)  # inverse-CDF draws from keyed numbers
-    for s in (sample_paths(step_fn, trie, 1, n, generator=torch.Generator().manual_seed(0)),
-              sample_paths(step_fn, trie, 1, n, uniforms=keyed)):  # fmt: skip
+    for s in (
+        sample_paths(step_fn, trie, 1, n, generator=torch.Generator().manual_seed(0)),
+        sample_paths(step_fn, trie, 1, n, uniforms=keyed),
+    ):
         freq = torch.bincount(s.items[0], minlength=4).double() / n
         assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / n))
 
@@ -289,7 +405,9 @@ def test_keyed_sampling_does_not_depend_on_the_batch():
     keys = torch.arange(6) * 977
     u = rng.uniforms(keys, 5 * 2).view(6, 5, 2)
     whole = sample_paths(step_fn, trie, 6, 5, uniforms=u)
-    halves = [sample_paths(lambda r, p, o=o: step_fn(r + o, p), trie, 3, 5, uniforms=u[o : o + 3]) for o in (0, 3)]
+    halves = [
+        sample_paths(lambda r, p, o=o: step_fn(r + o, p), trie, 3, 5, uniforms=u[o : o + 3]) for o in (0, 3)
+    ]
     assert torch.equal(whole.codes, torch.cat([h.codes for h in halves]))
     torch.testing.assert_close(whole.log_prob, torch.cat([h.log_prob for h in halves]))
 
@@ -347,7 +465,9 @@ def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
     charge = scores.expected_revenue[:, 0].double()
     demand = torch.zeros_like(remaining).index_add_(0, world.ad_advertiser[items[:, 0]], charge)
     assert float(demand[hot]) > float(remaining[hot])  # the test only means something if the budget binds
-    want = torch.where(demand > 0, (remaining / demand.clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(demand))
+    want = torch.where(
+        demand > 0, (remaining / demand.clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(demand)
+    )
     torch.testing.assert_close(share, want.float())
     assert float(share[hot]) < 1.0
     # the rewards of a collection are the budget-blind ones times the share of each candidate's advertiser
@@ -360,12 +480,16 @@ def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
         return r
 
     for aware in (True, False):
-        r = late_in_the_day(Roller(_env(64), tok, group_size=4, truth=True, arr_rate=0.0, seed=3, budget_aware=aware))
+        r = late_in_the_day(
+            Roller(_env(64), tok, group_size=4, truth=True, arr_rate=0.0, seed=3, budget_aware=aware)
+        )
         r.reward_scale = 1.0
         bufs[aware], _ = r.collect(model.eval(), 1)
     aware, blind = bufs[True], bufs[False]
     assert torch.equal(aware.codes, blind.codes)  # same draws: only the reward differs
-    fresh = late_in_the_day(Roller(_env(64), tok, group_size=4, truth=True, arr_rate=0.0, seed=3))  # before the step
+    fresh = late_in_the_day(
+        Roller(_env(64), tok, group_size=4, truth=True, arr_rate=0.0, seed=3)
+    )  # before the step
     sampled = tok.ads_of(aware.codes)
     share = fresh._budget_share(sampled, fresh.market.score(sampled, truth=True))
     torch.testing.assert_close(aware.reward, blind.reward * share[world.ad_advertiser[sampled]])
@@ -373,7 +497,9 @@ def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
 
 
 def _top1(out):
-    return [r["eval/cand_top1_value"] for r in read_metrics(out / "metrics.jsonl") if "eval/cand_top1_value" in r]
+    return [
+        r["eval/cand_top1_value"] for r in read_metrics(out / "metrics.jsonl") if "eval/cand_top1_value" in r
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -382,9 +508,36 @@ def test_hepo_raises_the_value_of_what_it_serves_over_the_vaft_start(pre, tmp_pa
     best eligible ad) rises above the VAFT generator's. (Session-level online reward is reported, not
     asserted: see the issue note and README on why it falls in this market.)"""
     out = tmp_path / f"s{seed}"
-    hepo.main(tiny(pre, out, "--seed", str(seed), "--num-envs", "32", "--group-size", "16", "--minibatch", "32",
-                   "--iterations", "8", "--eval-every", "8", "--eval-sessions", "32", "--eval-envs", "32",
-                   "--eval-candidates", "16", "--eval-beam", "4", "--lr", "1e-3", "--checkpoint-every", "8"))  # fmt: skip
+    hepo.main(
+        tiny(
+            pre,
+            out,
+            "--seed",
+            str(seed),
+            "--num-envs",
+            "32",
+            "--group-size",
+            "16",
+            "--minibatch",
+            "32",
+            "--iterations",
+            "8",
+            "--eval-every",
+            "8",
+            "--eval-sessions",
+            "32",
+            "--eval-envs",
+            "32",
+            "--eval-candidates",
+            "16",
+            "--eval-beam",
+            "4",
+            "--lr",
+            "1e-3",
+            "--checkpoint-every",
+            "8",
+        )
+    )
     start, end = _top1(out)
     assert end > start + 0.1
 
@@ -396,9 +549,24 @@ def test_hepo_default_model_improves_served_value(tmp_path, seed):
     budgets, so the learner is run on that objective (``--no-budget-aware``): the budget-aware one trades
     per-request value for budget headroom (agents.rl.rollout doc)."""
     out = tmp_path / "run"
-    hepo.main(["--seed", str(seed), "--iterations", "10", "--eval-every", "10", "--threads", "1", "--no-progress",
-               "--no-budget-aware",
-               "--pretrain-dir", str(tmp_path / "pre"), "--out", str(out)])  # fmt: skip
+    hepo.main(
+        [
+            "--seed",
+            str(seed),
+            "--iterations",
+            "10",
+            "--eval-every",
+            "10",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--no-budget-aware",
+            "--pretrain-dir",
+            str(tmp_path / "pre"),
+            "--out",
+            str(out),
+        ]
+    )
     start, end = _top1(out)
     assert end > start + 0.05
 
@@ -408,7 +576,10 @@ def test_hepo_default_model_improves_served_value(tmp_path, seed):
 
 def _numeric(rows: list[dict]) -> list[dict]:
     """What must match across process counts: every logged number except wall-clock timings."""
-    return [{k: v for k, v in r.items() if not k.startswith("perf/") and isinstance(v, (int, float))} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith("perf/") and isinstance(v, (int, float))}
+        for r in rows
+    ]
 
 
 def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path):
@@ -427,7 +598,10 @@ def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path):
         for ra, rb in zip(a, b):
             assert ra.keys() == rb.keys()
             for key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5, nan_ok=True), (ra["iteration"], key)
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5, nan_ok=True), (
+                    ra["iteration"],
+                    key,
+                )
         wa = torch.load(one / "policy.pt", weights_only=True)["model"]
         wb = torch.load(two / "policy.pt", weights_only=True)["model"]
         for name in wa:

@@ -40,19 +40,29 @@ def hand_buffer(counts, reward, values, process=None, valid=None, state=None) ->
     legal = [torch.arange(3) < counts[..., lvl, None] for lvl in range(length)]  # L of (M, K, 3)
     tokens = TokenBatch(*(torch.zeros(m, 1) for _ in TokenBatch._fields))  # not read by the targets
     return Buffer(
-        tokens=tokens, noise=None, codes=torch.zeros(m, k, length, dtype=torch.int64),
-        old_log_prob=torch.zeros(m, k, length), legal=legal, old_values=torch.tensor(values),
-        reward=torch.tensor(reward), process=torch.zeros(m, k, length) if process is None else torch.tensor(process),
+        tokens=tokens,
+        noise=None,
+        codes=torch.zeros(m, k, length, dtype=torch.int64),
+        old_log_prob=torch.zeros(m, k, length),
+        legal=legal,
+        old_values=torch.tensor(values),
+        reward=torch.tensor(reward),
+        process=torch.zeros(m, k, length) if process is None else torch.tensor(process),
         valid=torch.ones(m, dtype=torch.bool) if valid is None else torch.tensor(valid),
-        rehearsed=torch.zeros(m, dtype=torch.bool), learner_state=state,
-    )  # fmt: skip
+        rehearsed=torch.zeros(m, dtype=torch.bool),
+        learner_state=state,
+    )
 
 
 def forced_case(state=None) -> Buffer:
     """One request, two paths of three levels: path 0 chose at levels 1 and 2 (level 3, the disambiguation
     digit, forced); path 1 chose at levels 1 and 3 (level 2 forced: a node with one child). R = 1, 3."""
-    return hand_buffer(counts=[[[3, 2, 1], [3, 1, 2]]], reward=[[1.0, 3.0]],
-                       values=[[[0.5, 1.0, 7.0, 0.0], [1.5, 9.0, 2.0, 0.0]]], state=state)  # fmt: skip
+    return hand_buffer(
+        counts=[[[3, 2, 1], [3, 1, 2]]],
+        reward=[[1.0, 3.0]],
+        values=[[[0.5, 1.0, 7.0, 0.0], [1.5, 9.0, 2.0, 0.0]]],
+        state=state,
+    )
 
 
 def test_forced_levels_terminal_level_and_weights_by_hand():
@@ -61,8 +71,12 @@ def test_forced_levels_terminal_level_and_weights_by_hand():
     assert free.tolist() == [[[True, True, False], [True, False, True]]]
     assert terminal_level(free).tolist() == [[[False, True, False], [False, False, True]]]
     # linear c over the n = 2 decisions of each path: 1/2 then 2/2 = 1; the forced level 0
-    torch.testing.assert_close(semantic_level_weights(free), torch.tensor([[[0.5, 1.0, 0.0], [0.5, 0.0, 1.0]]]))
-    torch.testing.assert_close(semantic_level_weights(free, "uniform"), torch.tensor([[[0.5, 0.5, 0], [0.5, 0, 0.5]]]))
+    torch.testing.assert_close(
+        semantic_level_weights(free), torch.tensor([[[0.5, 1.0, 0.0], [0.5, 0.0, 1.0]]])
+    )
+    torch.testing.assert_close(
+        semantic_level_weights(free, "uniform"), torch.tensor([[[0.5, 0.5, 0], [0.5, 0, 0.5]]])
+    )
     # every level free: the plain c_l = l / L; no decision at all: no weight
     every = torch.ones(1, 3, dtype=torch.bool)
     torch.testing.assert_close(semantic_level_weights(every), torch.tensor([[1 / 3, 2 / 3, 1.0]]))
@@ -100,8 +114,9 @@ def test_gae_skips_forced_levels_and_the_terminal_z_score_lands_on_the_last_deci
     assert buf.stats["hepo/critic_ev"] == pytest.approx(ev) and state[EV_KEY] == pytest.approx(ev)
     assert buf.stats["hepo/group_ev"] == pytest.approx(0.0, abs=1e-9)  # one group: its mean explains nothing
     # without the group z-score the terminal advantages are GAE's: 0 and 1
-    adv, _ = targets(forced_case({EV_KEY: 0.5}), LossConfig(gamma=0.9, lam=0.8, process_rewards=False,
-                                                              group_norm=False))  # fmt: skip
+    adv, _ = targets(
+        forced_case({EV_KEY: 0.5}), LossConfig(gamma=0.9, lam=0.8, process_rewards=False, group_norm=False)
+    )
     torch.testing.assert_close(adv[..., 1:], torch.tensor([[[0.0, 0.0], [0.0, 1.0]]]))
     # the loss at ratio 1: policy -mean_paths sum_l c_l A_l = -((0.5 x 0.4 - C) + (0.5 x 1.02 + C)) / 2 = -0.355;
     # critic with every value 1 off its target: sum over levels of the share of paths deciding there,
@@ -114,9 +129,12 @@ def test_gae_skips_forced_levels_and_the_terminal_z_score_lands_on_the_last_deci
 
 def test_a_request_without_a_decision_gets_no_advantage_no_weight_and_no_statistics():
     """Request 1 had one eligible ad whose path is forced throughout; request 0 is ``forced_case``'s."""
-    buf = hand_buffer(counts=[[[3, 2, 1], [3, 1, 2]], [[1, 1, 1], [1, 1, 1]]], reward=[[1.0, 3.0], [2.0, 2.0]],
-                      values=[[[0.5, 1.0, 7.0, 0.0], [1.5, 9.0, 2.0, 0.0]], [[5.0, 5.0, 5.0, 0.0]] * 2],
-                      state={EV_KEY: 0.5})  # fmt: skip
+    buf = hand_buffer(
+        counts=[[[3, 2, 1], [3, 1, 2]], [[1, 1, 1], [1, 1, 1]]],
+        reward=[[1.0, 3.0], [2.0, 2.0]],
+        values=[[[0.5, 1.0, 7.0, 0.0], [1.5, 9.0, 2.0, 0.0]], [[5.0, 5.0, 5.0, 0.0]] * 2],
+        state={EV_KEY: 0.5},
+    )
     buf.adv, buf.returns = targets(buf, CFG)
     assert buf.adv[1].abs().sum() == 0
     policy, _ = loss(buf.old_log_prob, torch.zeros(2, 2, 4), None, buf, CFG)
@@ -130,7 +148,9 @@ def test_explained_variance_by_hand():
     target = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert explained_variance(target, torch.tensor([1.0, 2.0, 2.0, 5.0])) == pytest.approx(0.6)
     assert explained_variance(target, target) == pytest.approx(1.0)
-    assert explained_variance(target, torch.full((4,), 2.5)) == pytest.approx(0.0)  # the mean explains nothing
+    assert explained_variance(target, torch.full((4,), 2.5)) == pytest.approx(
+        0.0
+    )  # the mean explains nothing
     # worse than the mean: error 2 * target, Var = 4 * 1.25 = 5 -> 1 - 5 / 1.25 = -3
     assert explained_variance(target, -target) == pytest.approx(-3.0)
     assert explained_variance(torch.full((4,), 3.0), torch.zeros(4)) == 0.0  # nothing to explain
@@ -168,8 +188,13 @@ def test_process_rewards_are_a_stated_share_of_the_terminal_advantage():
       path 0: level 1: -C + C (0.2 + 0.9 x 0) = -0.8 C; level 2: -C + 0 = -C; level 3: -C
       path 1: level 1: C + C (0.1 + 0.9 x 0.1) = 1.19 C; level 2: C + 0.1 C = 1.1 C; level 3: C
     """
-    kw = dict(counts=[[[3, 3, 3]] * 2] * 2, reward=[[1.0, 3.0], [0.0, 0.0]], values=[[[0.0] * 4] * 2] * 2,
-              process=[[[0.2, 0.0, 0.0], [0.1, 0.1, 0.0]], [[5.0, 5.0, 0.0]] * 2], valid=[True, False])  # fmt: skip
+    kw = dict(
+        counts=[[[3, 3, 3]] * 2] * 2,
+        reward=[[1.0, 3.0], [0.0, 0.0]],
+        values=[[[0.0] * 4] * 2] * 2,
+        process=[[[0.2, 0.0, 0.0], [0.1, 0.1, 0.0]], [[5.0, 5.0, 0.0]] * 2],
+        valid=[True, False],
+    )
     buf = hand_buffer(**kw)
     adv, _ = targets(buf, LossConfig(gamma=0.9, lam=0.8, process_scale=0.1))
     torch.testing.assert_close(adv[0], torch.tensor([[-0.8 * C, -C, -C], [1.19 * C, 1.1 * C, C]]))
@@ -217,8 +242,10 @@ def test_statistics_are_logged_and_the_fallback_state_survives_a_resume(pre, tmp
     hepo.main(tiny(pre, out, "--iterations", "2"))
     rows = _hepo_rows(out)
     want = {"hepo/critic_ev", "hepo/group_ev", "hepo/gae_used", "hepo/process_share", "hepo/process_coef"} | {
-        f"hepo/level{lvl}_{m}" for lvl in range(1, length + 1) for m in ("adv_mean", "adv_std", "forced_frac", "weight")
-    }  # fmt: skip
+        f"hepo/level{lvl}_{m}"
+        for lvl in range(1, length + 1)
+        for m in ("adv_mean", "adv_std", "forced_frac", "weight")
+    }
     for row in rows:
         assert {k for k in row if k.startswith("hepo/")} == want
         assert all(math.isfinite(row[k]) for k in want if "_adv_" not in k)

@@ -7,8 +7,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = frozenset(f"agents.{name}" for name in (
-    "hepo", "pretrain", "collect", "evaluate", "ope", "ablation", "tokenize", "sb3_ppo", "plots"))  # fmt: skip
+ENTRY_POINTS = frozenset(
+    f"agents.{name}"
+    for name in ("hepo", "pretrain", "collect", "evaluate", "ope", "ablation", "tokenize", "sb3_ppo", "plots")
+)
 """the ``python -m agents.NAME`` modules: thin command lines over the library"""
 KNOWN: set[tuple[str, str]] = set()
 """(importer, entry point) pairs allowed for now"""
@@ -76,7 +78,11 @@ def test_no_module_imports_another_modules_underscore_names():
         importer = module_name(path)
         for module, name, line in imports(path):
             private = is_private(name) or any(is_private(part) for part in module.split("."))
-            if private and module != importer and module.split(".")[0] in ("agents", "gpr_sim", "envs", "benchmarks"):
+            if (
+                private
+                and module != importer
+                and module.split(".")[0] in ("agents", "gpr_sim", "envs", "benchmarks")
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}{'.' + name if name else ''}")
     assert not bad, "underscore names stay in their module:\n" + "\n".join(sorted(set(bad)))
 
@@ -85,8 +91,10 @@ def test_the_checks_see_what_they_look_for(tmp_path):
     """The scanner itself: an entry-point import in each spelling, and a private name read two ways."""
     pkg = tmp_path / "agents" / "pretraining"
     pkg.mkdir(parents=True)
-    (pkg / "x.py").write_text("from agents import pretrain\nimport agents.hepo as h\nfrom .. import collect\n"
-                              "from agents.rl.loop import _private\nfrom agents.rl import loop\nloop._step()\n")  # fmt: skip
+    (pkg / "x.py").write_text(
+        "from agents import pretrain\nimport agents.hepo as h\nfrom .. import collect\n"
+        "from agents.rl.loop import _private\nfrom agents.rl import loop\nloop._step()\n"
+    )
     found = imports(pkg / "x.py", root=tmp_path)
     modules = {m for m, _, _ in found}
     assert {"agents.pretrain", "agents.hepo", "agents.collect"} <= modules

@@ -44,17 +44,35 @@ def hand_columns(n: int = 2) -> dict[str, np.ndarray]:
     """A minimal valid log of n requests of the world ``HAND_CFG``, one candidate and one slot, written out by hand."""
     z = np.zeros(n, dtype=np.int64)
     return {
-        "request_id": np.arange(n), "episode_id": z, "step": np.arange(n), "user_id": z + 7,
-        "user_features": np.full((n, 2), 0.5, np.float32), "organic_ids": np.array([[3, -1]] * n),
-        "context": np.zeros((n, 3), np.float32), "ad_ids": np.array([[-1, 4]] * n), "ad_events": np.array([[0, 2]] * n),
-        "candidates": np.array([[11], [12]])[:n], "action": np.array([11, 12])[:n], "propensity": np.array([0.25, 1.0])[:n],
-        "shown_ad": np.array([[11], [-1]])[:n], "position": np.array([0, -1])[:n], "impression": np.array([1, 0])[:n],
-        "click": np.array([1, 0])[:n], "conversion": np.array([1, 0])[:n], "gmv": np.array([100.0, 0.0])[:n],
-        "delayed_conversion": z, "delayed_gmv": np.zeros(n), "revenue": np.array([0.04, 0.0])[:n],
-        "reward": np.array([2.04, 0.0])[:n], "p_click": np.array([0.1, 0.0])[:n], "p_conversion": np.array([0.2, 0.0])[:n],
-        "is_new_ad": np.array([True, False])[:n], "activity_tier": z + 3, "terminated": np.array([False, True])[:n],
+        "request_id": np.arange(n),
+        "episode_id": z,
+        "step": np.arange(n),
+        "user_id": z + 7,
+        "user_features": np.full((n, 2), 0.5, np.float32),
+        "organic_ids": np.array([[3, -1]] * n),
+        "context": np.zeros((n, 3), np.float32),
+        "ad_ids": np.array([[-1, 4]] * n),
+        "ad_events": np.array([[0, 2]] * n),
+        "candidates": np.array([[11], [12]])[:n],
+        "action": np.array([11, 12])[:n],
+        "propensity": np.array([0.25, 1.0])[:n],
+        "shown_ad": np.array([[11], [-1]])[:n],
+        "position": np.array([0, -1])[:n],
+        "impression": np.array([1, 0])[:n],
+        "click": np.array([1, 0])[:n],
+        "conversion": np.array([1, 0])[:n],
+        "gmv": np.array([100.0, 0.0])[:n],
+        "delayed_conversion": z,
+        "delayed_gmv": np.zeros(n),
+        "revenue": np.array([0.04, 0.0])[:n],
+        "reward": np.array([2.04, 0.0])[:n],
+        "p_click": np.array([0.1, 0.0])[:n],
+        "p_conversion": np.array([0.2, 0.0])[:n],
+        "is_new_ad": np.array([True, False])[:n],
+        "activity_tier": z + 3,
+        "terminated": np.array([False, True])[:n],
         "truncated": np.zeros(n, bool),
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------- schema and round trip
@@ -71,8 +89,15 @@ def test_schema_columns_and_dtypes(written):
             assert all(cell.dtype == want for cell in df[f.name]), f.name
         else:
             assert scalar[str(df[f.name].dtype)] == f.type, f.name
-    widths = {"user_features": 7, "organic_ids": 16, "context": 8, "ad_ids": 16, "ad_events": 16,
-              "candidates": 3, "shown_ad": 2}  # fmt: skip
+    widths = {
+        "user_features": 7,
+        "organic_ids": 16,
+        "context": 8,
+        "ad_ids": 16,
+        "ad_events": 16,
+        "candidates": 3,
+        "shown_ad": 2,
+    }
     for name, d in widths.items():
         assert stack_list_column(df, name).shape == (640, d), name
     assert WorldConfig.from_dict(meta["world_config"]) == CFG
@@ -88,12 +113,16 @@ def test_round_trip_gives_identical_arrays(collected, written):
     for name in FINAL_COLUMNS:  # null exactly where masked, identical values elsewhere
         kept = ~np.ma.getmaskarray(collected[name]).all(1)
         assert (df[name].notna().to_numpy() == kept).all(), name
-        np.testing.assert_array_equal(stack_list_column(df[kept], name), collected[name].data[kept], err_msg=name)
+        np.testing.assert_array_equal(
+            stack_list_column(df[kept], name), collected[name].data[kept], err_msg=name
+        )
 
 
 def test_dataframe_and_batches_write_the_same_file(collected, written, tmp_path):
     df, meta = read_logs(written)
-    again = write_logs(df, tmp_path / "again.parquet", world_config=meta["world_config"], seed=0, policy="cascade")
+    again = write_logs(
+        df, tmp_path / "again.parquet", world_config=meta["world_config"], seed=0, policy="cascade"
+    )
     half = len(df) // 2
     halves = [{k: v[:half] for k, v in collected.items()}, {k: v[half:] for k, v in collected.items()}]
     split = write_logs(halves, tmp_path / "split.parquet", world_config=CFG, seed=0, policy="cascade")
@@ -109,15 +138,22 @@ def test_dataframe_and_batches_write_the_same_file(collected, written, tmp_path)
 
 
 def test_hand_made_log_reads_back(tmp_path):
-    path = write_logs(hand_columns(), tmp_path / "hand.parquet", world_config={"num_ads": 20, "organic_history": 2,
-                      "ad_history": 2, "initial_ad_history": 2}, seed=3, policy="h")  # fmt: skip
+    path = write_logs(
+        hand_columns(),
+        tmp_path / "hand.parquet",
+        world_config={"num_ads": 20, "organic_history": 2, "ad_history": 2, "initial_ad_history": 2},
+        seed=3,
+        policy="h",
+    )
     df, meta = read_logs(path)
     assert df["reward"].tolist() == [2.04, 0.0]  # 0.04 revenue + 0.02 x 100 GMV; an empty request
     assert df["position"].tolist() == [0, -1]
     assert df["organic_ids"][0].tolist() == [3, -1] and df["context"][1].dtype == np.float32
     assert df["is_new_ad"].tolist() == [True, False] and df["terminated"].tolist() == [False, True]
     assert meta["seed"] == 3 and meta["policy"] == "h"
-    assert meta["world_config"] == json.loads(json.dumps(HAND_CFG.to_dict()))  # a partial dict is recorded complete
+    assert meta["world_config"] == json.loads(
+        json.dumps(HAND_CFG.to_dict())
+    )  # a partial dict is recorded complete
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -183,13 +219,17 @@ def test_non_parquet_and_missing_files(tmp_path):
 
 
 def test_invalid_world_config_is_refused_at_write(tmp_path):
-    with pytest.raises(ValueError, match=r"world_config is invalid: unknown WorldConfig field\(s\): \['num_adz'\]"):
+    with pytest.raises(
+        ValueError, match=r"world_config is invalid: unknown WorldConfig field\(s\): \['num_adz'\]"
+    ):
         write_logs(hand_columns(), tmp_path / "x.parquet", world_config={"num_adz": 20}, seed=0, policy="p")
     assert not (tmp_path / "x.parquet").exists()
 
 
 def test_uncastable_column_is_named(tmp_path):
-    df, _ = read_logs(write_logs(hand_columns(), tmp_path / "ok.parquet", world_config=HAND_CFG, seed=0, policy="p"))
+    df, _ = read_logs(
+        write_logs(hand_columns(), tmp_path / "ok.parquet", world_config=HAND_CFG, seed=0, policy="p")
+    )
     df["propensity"] = ["high", "low"]
     with pytest.raises(ValueError, match=r"column 'propensity' has type \w*string, expected double"):
         write_logs(df, tmp_path / "bad.parquet", world_config=HAND_CFG, seed=0, policy="p")

@@ -43,11 +43,16 @@ def test_empty_groups_give_nan_and_bad_levels_raise():
 def _three_sessions() -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "length": [2, 3, 1], "impressions": [4, 6, 0], "clicks": [1, 3, 0], "conversions": [1, 0, 0],
-            "gmv": [100.0, 0.0, 0.0], "revenue": [0.2, 0.3, 0.0], "reward": [3.0, 0.5, 0.0],
+            "length": [2, 3, 1],
+            "impressions": [4, 6, 0],
+            "clicks": [1, 3, 0],
+            "conversions": [1, 0, 0],
+            "gmv": [100.0, 0.0, 0.0],
+            "revenue": [0.2, 0.3, 0.0],
+            "reward": [3.0, 0.5, 0.0],
             "terminated": [True, False, True],
         }
-    )  # fmt: skip
+    )
 
 
 def test_summarize_by_hand():
@@ -71,30 +76,50 @@ def test_summarize_by_hand():
     # scaled metrics scale their interval: eCPM = 1000 x the revenue / impressions ratio
     rev = ratio_of_means(np.array([0.2, 0.3, 0.0]), np.array([4.0, 6.0, 0.0]))
     assert s["sim/ecpm_ci_high"] == pytest.approx(1000 * rev.ci_high)
-    assert set(s) == {"sim/sessions"} | {f"sim/{m.name}{x}" for m in METRICS for x in ("", "_ci_low", "_ci_high")}
+    assert set(s) == {"sim/sessions"} | {
+        f"sim/{m.name}{x}" for m in METRICS for x in ("", "_ci_low", "_ci_high")
+    }
 
 
 def test_summarize_strata_splits_tiers_and_ad_ages():
     df = _three_sessions().assign(
         activity_tier=[1, 1, 5],
-        new_impressions=[1, 0, 0], new_clicks=[1, 0, 0], new_conversions=[1, 0, 0], new_gmv=[100.0, 0, 0],
-        new_revenue=[0.05, 0.0, 0.0], old_impressions=[3, 6, 0], old_clicks=[0, 3, 0], old_conversions=[0, 0, 0],
-        old_gmv=[0.0, 0, 0], old_revenue=[0.15, 0.3, 0.0],
-    )  # fmt: skip
+        new_impressions=[1, 0, 0],
+        new_clicks=[1, 0, 0],
+        new_conversions=[1, 0, 0],
+        new_gmv=[100.0, 0, 0],
+        new_revenue=[0.05, 0.0, 0.0],
+        old_impressions=[3, 6, 0],
+        old_clicks=[0, 3, 0],
+        old_conversions=[0, 0, 0],
+        old_gmv=[0.0, 0, 0],
+        old_revenue=[0.15, 0.3, 0.0],
+    )
     st = summarize_strata(df, prefix="").set_index(["stratum", "group"])
     assert st.loc[("activity_tier", "1"), "sessions"] == 2
     assert st.loc[("activity_tier", "1"), "ctr"] == pytest.approx(4 / 10)
     assert st.loc[("activity_tier", "5"), "session_length"] == 1.0
-    assert st.loc[("activity_tier", "3"), "sessions"] == 0 and math.isnan(st.loc[("activity_tier", "3"), "ctr"])
+    assert st.loc[("activity_tier", "3"), "sessions"] == 0 and math.isnan(
+        st.loc[("activity_tier", "3"), "ctr"]
+    )
     # new ads: 1 impression, 1 click, 1 conversion over all 3 sessions; old ads: 9 impressions, 3 clicks
     assert st.loc[("ad_age", "new"), "sessions"] == 3
     assert st.loc[("ad_age", "new"), "ctr"] == 1.0
     assert st.loc[("ad_age", "old"), "ctr"] == pytest.approx(3 / 9)
     assert st.loc[("ad_age", "old"), "ecpm"] == pytest.approx(1000 * 0.45 / 9)
     assert math.isnan(st.loc[("ad_age", "new"), "session_length"])  # not an ad-group metric
-    assert {m.name for m in AD_METRICS} == {"ctr", "cvr", "ctcvr", "ecpm", "roi", "gmv_per_session",
-                                            "revenue_per_session", "impressions_per_session",
-                                            "clicks_per_session", "conversions_per_session"}  # fmt: skip
+    assert {m.name for m in AD_METRICS} == {
+        "ctr",
+        "cvr",
+        "ctcvr",
+        "ecpm",
+        "roi",
+        "gmv_per_session",
+        "revenue_per_session",
+        "impressions_per_session",
+        "clicks_per_session",
+        "conversions_per_session",
+    }
 
 
 # ----------------------------------------------------------------------------- statistical checks
@@ -148,17 +173,26 @@ def test_bootstrap_agrees_with_delta_method_and_is_seeded():
 def test_bootstrap_is_the_percentile_of_shared_multinomial_resamples():
     # reference: 300 resamples of the 3 sessions as multinomial counts, every metric on the same ones
     cols = _three_sessions()
-    metrics = [Metric("ctr", "clicks", "impressions"), Metric("ecpm", "revenue", "impressions", 1000.0),
-               Metric("reward_per_session", "reward")]  # fmt: skip
+    metrics = [
+        Metric("ctr", "clicks", "impressions"),
+        Metric("ecpm", "revenue", "impressions", 1000.0),
+        Metric("reward_per_session", "reward"),
+    ]
     got = bootstrap_ci(cols, metrics, np.random.default_rng(9), level=0.9, n_bootstrap=300)
     counts = np.random.default_rng(9).multinomial(3, np.full(3, 1 / 3), size=300)  # (B, n)
     data = cols[["clicks", "impressions", "revenue", "reward"]].to_numpy(float)  # sorted column names
     sums = counts @ data  # (B, 4)
     with np.errstate(invalid="ignore", divide="ignore"):
-        reps = {"ctr": sums[:, 0] / sums[:, 1], "ecpm": 1000 * sums[:, 2] / sums[:, 1], "reward_per_session": sums[:, 3] / 3}
+        reps = {
+            "ctr": sums[:, 0] / sums[:, 1],
+            "ecpm": 1000 * sums[:, 2] / sums[:, 1],
+            "reward_per_session": sums[:, 3] / 3,
+        }
     for name, r in reps.items():
         r = r[np.isfinite(r)]  # resamples of only the third session have no impressions
-        assert (got[name].ci_low, got[name].ci_high) == pytest.approx(tuple(np.quantile(r, [0.05, 0.95])), rel=1e-12)
+        assert (got[name].ci_low, got[name].ci_high) == pytest.approx(
+            tuple(np.quantile(r, [0.05, 0.95])), rel=1e-12
+        )
         assert got[name].std_err == pytest.approx(r.std(ddof=1), rel=1e-12) and got[name].n == 3
 
 
@@ -170,26 +204,72 @@ def _step(imp, click, conv, gmv, rev, new, reward, user, delayed_conv=(0, 0), de
     b = lambda x: torch.tensor(x, dtype=torch.bool)  # noqa: E731
     f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
     return {
-        "impression": b(imp), "click": b(click), "conversion": b(conv), "gmv": f(gmv), "revenue": f(rev),
-        "is_new_ad": b(new), "reward": f(reward), "delayed_conversion": torch.tensor(delayed_conv),
-        "delayed_gmv": f(delayed_gmv), "invalid": torch.zeros(2, dtype=torch.int64),
-        "budget_capped": torch.zeros(2, dtype=torch.int64), "user_id": torch.tensor(user),
-    }  # fmt: skip
+        "impression": b(imp),
+        "click": b(click),
+        "conversion": b(conv),
+        "gmv": f(gmv),
+        "revenue": f(rev),
+        "is_new_ad": b(new),
+        "reward": f(reward),
+        "delayed_conversion": torch.tensor(delayed_conv),
+        "delayed_gmv": f(delayed_gmv),
+        "invalid": torch.zeros(2, dtype=torch.int64),
+        "budget_capped": torch.zeros(2, dtype=torch.int64),
+        "user_id": torch.tensor(user),
+    }
 
 
 F, T = False, True
 ACTIVITY = torch.tensor([1, 1, 1, 2, 3, 1, 1, 5, 1, 1])  # users 3 -> tier 2, 4 -> 3, 7 -> 5, 9 -> 1
 SCRIPT = [  # (info, terminated, truncated)
     # slot 0 (user 3): two impressions, the new ad is clicked and converts (GMV 50); slot 1 (user 7) leaves
-    (_step([[T, T], [T, F]], [[T, F], [F, F]], [[T, F], [F, F]], [[50, 0], [0, 0]], [[.04, .03], [.02, 0]],
-           [[T, F], [F, F]], [1.0, 0.5], [3, 7]), [F, T], [F, F]),
+    (
+        _step(
+            [[T, T], [T, F]],
+            [[T, F], [F, F]],
+            [[T, F], [F, F]],
+            [[50, 0], [0, 0]],
+            [[0.04, 0.03], [0.02, 0]],
+            [[T, F], [F, F]],
+            [1.0, 0.5],
+            [3, 7],
+        ),
+        [F, T],
+        [F, F],
+    ),
     # slot 0: an old ad clicked, an earlier conversion reported late (GMV 20), truncated; slot 1 (user 9) leaves
-    (_step([[T, F], [F, F]], [[T, F], [F, F]], [[F, F], [F, F]], [[0, 0], [0, 0]], [[.05, 0], [0, 0]],
-           [[F, F], [F, F]], [2.0, 0.0], [3, 9], delayed_conv=(1, 0), delayed_gmv=(20.0, 0.0)), [F, T], [T, F]),
+    (
+        _step(
+            [[T, F], [F, F]],
+            [[T, F], [F, F]],
+            [[F, F], [F, F]],
+            [[0, 0], [0, 0]],
+            [[0.05, 0], [0, 0]],
+            [[F, F], [F, F]],
+            [2.0, 0.0],
+            [3, 9],
+            delayed_conv=(1, 0),
+            delayed_gmv=(20.0, 0.0),
+        ),
+        [F, T],
+        [T, F],
+    ),
     # slot 0 (user 4): two new ads, one click, leaves; slot 1's third session is beyond capacity (k = 2)
-    (_step([[T, T], [T, F]], [[F, T], [T, F]], [[F, F], [F, F]], [[0, 0], [0, 0]], [[.01, .01], [.02, 0]],
-           [[T, T], [F, F]], [0.2, 0.1], [4, 2]), [T, T], [F, F]),
-]  # fmt: skip
+    (
+        _step(
+            [[T, T], [T, F]],
+            [[F, T], [T, F]],
+            [[F, F], [F, F]],
+            [[0, 0], [0, 0]],
+            [[0.01, 0.01], [0.02, 0]],
+            [[T, T], [F, F]],
+            [0.2, 0.1],
+            [4, 2],
+        ),
+        [T, T],
+        [F, F],
+    ),
+]
 
 
 def test_accumulator_by_hand():

@@ -98,7 +98,9 @@ def test_path_values_equal_values_per_path():
     model, tokens = setup()
     ctx = model.context(tokens)
     g = torch.Generator().manual_seed(0)
-    paths = torch.stack([torch.randint(0, n, (B, 5), generator=g) for n in TINY.level_sizes], -1)  # (B, 5, L')
+    paths = torch.stack(
+        [torch.randint(0, n, (B, 5), generator=g) for n in TINY.level_sizes], -1
+    )  # (B, 5, L')
     got = model.path_values(ctx, paths)
     want = model.values(ctx.repeat_interleave(5, 0), paths.flatten(0, 1)).view(B, 5, -1)
     assert got.shape == (B, 5, TINY.path_len + 1)
@@ -179,8 +181,10 @@ def test_mtp_loss_decreases_when_overfitting_a_tiny_batch(seed):
         [torch.tensor(_leaf_path(trie, int(i))) for i in range(first_sorted.numel())]
     )  # (M, L')
     targets = leaf_paths[leaves]  # (B, N, L')
-    masks = [trie.prefix_mask(targets.flatten(0, 1)[:, :d]).view(B, TINY.mtp_heads, -1)
-             for d in range(TINY.path_len)]  # fmt: skip
+    masks = [
+        trie.prefix_mask(targets.flatten(0, 1)[:, :d]).view(B, TINY.mtp_heads, -1)
+        for d in range(TINY.path_len)
+    ]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(50):
@@ -288,9 +292,13 @@ def test_thinking_cached_equals_forward():
         k, v = model.ptd.thinking.keys_values(hidden)
         cut = 5
         got = model.ptd.thinking.forward_cached(
-            k[:, :, :cut], v[:, :, :cut], tokens.padding_mask[:, :cut],
-            k[:, :, cut:], v[:, :, cut:], tokens.padding_mask[:, cut:],
-        )  # fmt: skip
+            k[:, :, :cut],
+            v[:, :, :cut],
+            tokens.padding_mask[:, :cut],
+            k[:, :, cut:],
+            v[:, :, cut:],
+            tokens.padding_mask[:, cut:],
+        )
     assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -330,7 +338,9 @@ def test_mtp_loss_value_term_by_hand():
     assert all(p.grad is None for p in model.hte.parameters())
     for trunk in (False, True):
         model.zero_grad(set_to_none=True)
-        model.mtp_loss(tokens, targets, generator=gen(), value_target=g, value_trunk=trunk).loss_value.backward()
+        model.mtp_loss(
+            tokens, targets, generator=gen(), value_target=g, value_trunk=trunk
+        ).loss_value.backward()
         assert all(p.grad is not None for p in model.hte.parameters())
         assert (model.hsd.blocks[0].qkvu.weight.grad is not None) == trunk
     with pytest.raises(ValueError, match=r"\(B,\)"):
@@ -348,7 +358,9 @@ def test_hte_learns_a_value_of_the_path(seed):
     model, tokens = setup(seed=seed)
     model.train()
     gen = torch.Generator().manual_seed(5 + seed)
-    targets = torch.stack([torch.randint(0, k, (B, TINY.mtp_heads), generator=gen) for k in TINY.level_sizes], -1)
+    targets = torch.stack(
+        [torch.randint(0, k, (B, TINY.mtp_heads), generator=gen) for k in TINY.level_sizes], -1
+    )
     g = targets[:, 0].float() @ torch.tensor([1.0, -0.5, 0.25])  # a fixed function of head 0's path
     assert g.var() > 0  # the rows' values differ: a constant cannot fit them
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -11,9 +11,16 @@ from gpr_sim.model.hsd import HSD
 from gpr_sim.schema import TYPE_E, TYPE_I, TYPE_O, TYPE_U, TokenBatch
 
 TINY = GPRConfig(
-    level_sizes=(5, 4, 3), d_model=32, n_layers=2, n_heads=2, ffn_mult=2, max_len=64, num_thinking=2,
-    refine_steps=3, mtp_heads=2,
-)  # fmt: skip
+    level_sizes=(5, 4, 3),
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    ffn_mult=2,
+    max_len=64,
+    num_thinking=2,
+    refine_steps=3,
+    mtp_heads=2,
+)
 
 
 def make_tokens(types: list[int], b: int, gen: torch.Generator, cfg: GPRConfig = TINY) -> TokenBatch:
@@ -77,13 +84,16 @@ def test_hybrid_mask_hand_worked():
     # [U, O, I, I, E], the first I padded: U/O see U/O; I@3 sees U, O, itself; E sees all real slots
     types = torch.tensor([[TYPE_U, TYPE_O, TYPE_I, TYPE_I, TYPE_E]])
     pad = torch.tensor([[False, False, True, False, False]])
-    want = torch.tensor([
-        [1, 1, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [1, 1, 0, 0, 0],  # a padded query still reads U/O, so its softmax row is never empty
-        [1, 1, 0, 1, 0],
-        [1, 1, 0, 1, 1],
-    ], dtype=torch.bool)  # fmt: skip
+    want = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],  # a padded query still reads U/O, so its softmax row is never empty
+            [1, 1, 0, 1, 0],
+            [1, 1, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(hybrid_mask(types, pad)[0], want)
 
 

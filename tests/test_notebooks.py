@@ -15,14 +15,27 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL = "gpr-sim-tests"
 REPO = NOTEBOOK_DIR.parent
 WRITES = {
-    "03_pretraining.ipynb": ["runs/notebooks/03_pretraining/small/" + f for f in
-                             ("mtp/metrics.jsonl", "vaft/metrics.jsonl", "vaft/summary.json", "pretrain.png")],
-    "04_hepo_vs_ppo.ipynb": ["runs/notebooks/04_hepo_vs_ppo/small/" + f for f in
-                             ("curves.png", "final.png", "report/table3.csv", "report/table3.md",
-                              "report/final_table.csv", "report/final_table.md", "report/final.png",
-                              "report/table4.md", "report/table5.md", "baselines/summary.json",
-                              *(f"{a}__{s}/summary.json" for a in ("hepo", "ppo", "grpo") for s in (0, 1)))],
-}  # fmt: skip
+    "03_pretraining.ipynb": [
+        "runs/notebooks/03_pretraining/small/" + f
+        for f in ("mtp/metrics.jsonl", "vaft/metrics.jsonl", "vaft/summary.json", "pretrain.png")
+    ],
+    "04_hepo_vs_ppo.ipynb": [
+        "runs/notebooks/04_hepo_vs_ppo/small/" + f
+        for f in (
+            "curves.png",
+            "final.png",
+            "report/table3.csv",
+            "report/table3.md",
+            "report/final_table.csv",
+            "report/final_table.md",
+            "report/final.png",
+            "report/table4.md",
+            "report/table5.md",
+            "baselines/summary.json",
+            *(f"{a}__{s}/summary.json" for a in ("hepo", "ppo", "grpo") for s in (0, 1)),
+        )
+    ],
+}
 """files a notebook's small run must leave behind (relative to the repository root)"""
 
 
@@ -54,7 +67,9 @@ def test_notebook_runs(path, kernel_name):
         nb, kernel_name=kernel_name, timeout=120, resources={"metadata": {"path": str(REPO)}}
     )
     client.execute()  # raises CellExecutionError naming the cell on any error
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+    ]
     assert not errors
     # every code cell ran, and the notebook showed something (tables or figures)
     code = [c for c in nb.cells if c.cell_type == "code"]

@@ -21,9 +21,16 @@ def df():
 
 def test_schema_and_dtypes(df):
     assert list(df.columns) == [
-        "timestamp", "action", "position", "reward", "click", "propensity",
-        "user_features", "user_item_affinity", "item_features",
-    ]  # fmt: skip
+        "timestamp",
+        "action",
+        "position",
+        "reward",
+        "click",
+        "propensity",
+        "user_features",
+        "user_item_affinity",
+        "item_features",
+    ]
     assert len(df) == 20
     assert isinstance(df["timestamp"].dtype, pd.DatetimeTZDtype) and str(df["timestamp"].dt.tz) == "UTC"
     for col in ("action", "position", "click"):
@@ -47,8 +54,10 @@ def test_positions_become_zero_based(df):
 def test_feature_encoding_by_hand(df):
     # user_feature_0 categories sorted: [7f3a9c, c41d02]; _1: [0b8e5f, 5d21aa, e9c470]; _2: [31f0bd, a86e13]
     assert df.attrs["user_feature_names"][:3] == [
-        "user_feature_0=7f3a9c", "user_feature_0=c41d02", "user_feature_1=0b8e5f",
-    ]  # fmt: skip
+        "user_feature_0=7f3a9c",
+        "user_feature_0=c41d02",
+        "user_feature_1=0b8e5f",
+    ]
     # row 0 has (7f3a9c, 0b8e5f, 31f0bd) -> one-hot slots 0, 2, 5 of 7
     assert df["user_features"].iloc[0].tolist() == [1, 0, 1, 0, 0, 1, 0]
     # row 2 has (c41d02, e9c470, a86e13) -> slots 1, 4, 6

@@ -15,7 +15,9 @@ from envs import BatchedMarket, make_vec_env
 from gpr_sim.world import WorldConfig
 
 torch.set_num_threads(1)
-CFG = WorldConfig.small(num_ads=60, num_advertisers=12, num_organic=200, num_users=100, num_candidates=3, num_slots=2)
+CFG = WorldConfig.small(
+    num_ads=60, num_advertisers=12, num_organic=200, num_users=100, num_candidates=3, num_slots=2
+)
 N = 6
 
 
@@ -27,7 +29,9 @@ def _env():
 
 def test_known_policies_are_the_registry():
     assert known_policies() == ["cascade", "gpr:PATH", "oracle", "oracle-fatigue", "random"]
-    assert policy_options("cascade") == ["temperature"] and policy_options("oracle-fatigue") == ["fatigue_penalty"]
+    assert policy_options("cascade") == ["temperature"] and policy_options("oracle-fatigue") == [
+        "fatigue_penalty"
+    ]
     assert policy_options("random") == [] and policy_options("oracle") == []
 
 
@@ -58,7 +62,9 @@ def test_the_market_itself_gives_the_same_actions(name):
     a, b = make_policy(name, env, seed=4), make_policy(name, market, seed=4)
     for _ in range(3):
         out_a, out_b = a.act(obs), b.act(m_obs)
-        assert torch.equal(out_a.action, out_b.action) and torch.equal(out_a.propensity, out_b.propensity), name
+        assert torch.equal(out_a.action, out_b.action) and torch.equal(out_a.propensity, out_b.propensity), (
+            name
+        )
         obs, *_ = env.step(out_a.action)
         m_obs, *_ = market.step(out_b.action)
 
@@ -85,7 +91,9 @@ def test_unknown_names_options_and_envs_raise():
             make_policy(spec, env)
         with pytest.raises(ValueError, match=rf"unknown policy '{spec}'"):
             policy_factory(spec)  # the same check, before any env exists
-    with pytest.raises(ValueError, match=r"policy 'random' takes no option \['temperature'\]: its options are \[\]"):
+    with pytest.raises(
+        ValueError, match=r"policy 'random' takes no option \['temperature'\]: its options are \[\]"
+    ):
         make_policy("random", env, temperature=0.3)
     with pytest.raises(ValueError, match=r"temperature=-1"):
         make_policy("cascade", env, temperature=-1.0)  # the config's own range check

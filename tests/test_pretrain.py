@@ -107,7 +107,9 @@ def test_value_targets_on_frame():
     df = _frame()
     t = mtp_targets(df, num_heads=2)
     value_mean = torch.arange(10, dtype=torch.float64) + 1.0
-    g = value_targets(df, t, value_mean, RewardConfig(revenue=1.5, gmv=0.5, click=2.0, conversion=3.0, stay=0.25))
+    g = value_targets(
+        df, t, value_mean, RewardConfig(revenue=1.5, gmv=0.5, click=2.0, conversion=3.0, stay=0.25)
+    )
     # row 2 (session 7, step 0) showed [5, -1]: price 0.1, pCTR 0.05, pCVR 0.1, mean order value of ad 5 = 6,
     # and the user stayed
     ctr, conv = 0.05, 0.05 * 0.1
@@ -146,16 +148,32 @@ def test_popularity_rankings_ties_lower_index_first():
 
 # ----------------------------------------------------------------------------- the CLI end to end
 
-FAST = ["--collect-envs", "32", "--collect-steps", "40", "--d-model", "32", "--n-layers", "1", "--batch-size", "64",
-        "--lr", "3e-3", "--threads", "1", "--no-progress"]  # fmt: skip
+FAST = [
+    "--collect-envs",
+    "32",
+    "--collect-steps",
+    "40",
+    "--d-model",
+    "32",
+    "--n-layers",
+    "1",
+    "--batch-size",
+    "64",
+    "--lr",
+    "3e-3",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def mtp_run(tmp_path_factory):
     """One short MTP run that collects its own log and fits its own tokenizer."""
     out = tmp_path_factory.mktemp("mtp")
-    summary = pretrain.main(["--out", str(out), "--steps", "60", "--eval-every", "30", "--checkpoint-every", "30",
-                             *FAST])  # fmt: skip
+    summary = pretrain.main(
+        ["--out", str(out), "--steps", "60", "--eval-every", "30", "--checkpoint-every", "30", *FAST]
+    )
     return out, summary
 
 
@@ -176,8 +194,19 @@ def test_pretrain_lowers_heldout_loss_and_ranks(mtp_run):
 
 def test_resume_continues_and_matches_straight_run(mtp_run, tmp_path):
     src, _ = mtp_run
-    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--eval-every", "10",
-              "--checkpoint-every", "10", "--eval-requests", "50", *FAST[4:]]  # fmt: skip
+    common = [
+        "--logs",
+        str(src / "logs.parquet"),
+        "--tokenizer",
+        str(src / "tokenizer"),
+        "--eval-every",
+        "10",
+        "--checkpoint-every",
+        "10",
+        "--eval-requests",
+        "50",
+        *FAST[4:],
+    ]
     straight = tmp_path / "straight"
     pretrain.main(["--out", str(straight), "--steps", "20", *common])
     resumed = tmp_path / "resumed"
@@ -195,9 +224,23 @@ def test_resume_continues_and_matches_straight_run(mtp_run, tmp_path):
 def test_vaft_starts_from_mtp_checkpoint(mtp_run, tmp_path):
     src, _ = mtp_run
     out = tmp_path / "vaft"
-    args = ["--stage", "vaft", "--init", str(src / "checkpoint.pt"), "--logs", str(src / "logs.parquet"),
-            "--tokenizer", str(src / "tokenizer"), "--out", str(out), "--steps", "5", "--eval-every", "5",
-            *FAST[4:]]  # fmt: skip
+    args = [
+        "--stage",
+        "vaft",
+        "--init",
+        str(src / "checkpoint.pt"),
+        "--logs",
+        str(src / "logs.parquet"),
+        "--tokenizer",
+        str(src / "tokenizer"),
+        "--out",
+        str(out),
+        "--steps",
+        "5",
+        "--eval-every",
+        "5",
+        *FAST[4:],
+    ]
     pretrain.main(args)
     rows = read_metrics(out / "metrics.jsonl")
     mtp_rows = read_metrics(src / "metrics.jsonl")
@@ -214,8 +257,17 @@ def test_vaft_starts_from_mtp_checkpoint(mtp_run, tmp_path):
 
 def test_corrupted_or_mismatched_checkpoint_raises(mtp_run, tmp_path):
     src, _ = mtp_run
-    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--steps", "2",
-              "--eval-requests", "20", *FAST[4:]]  # fmt: skip
+    common = [
+        "--logs",
+        str(src / "logs.parquet"),
+        "--tokenizer",
+        str(src / "tokenizer"),
+        "--steps",
+        "2",
+        "--eval-requests",
+        "20",
+        *FAST[4:],
+    ]
     by_hand = tmp_path / "by_hand"  # a checkpoint dropped into a folder no run owns
     by_hand.mkdir()
     (by_hand / "checkpoint.pt").write_bytes((src / "checkpoint.pt").read_bytes())
@@ -240,7 +292,9 @@ def test_resume_with_other_flags_is_refused_and_keeps_history(mtp_run):
     out, summary = mtp_run
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     argv = ["--out", str(out), "--steps", "60", "--eval-every", "30", "--checkpoint-every", "30", *FAST]
-    with pytest.raises(ValueError, match=rf"^{out} holds a run with other settings \(--lr was 0.003, now 0.001\)"):
+    with pytest.raises(
+        ValueError, match=rf"^{out} holds a run with other settings \(--lr was 0.003, now 0.001\)"
+    ):
         pretrain.main([*argv, "--lr", "1e-3"])
     with pytest.raises(ValueError, match=r"--d-model was 32, now 16; --n-heads was 2, now 4\)"):
         pretrain.main([*argv, "--d-model", "16", "--n-heads", "4"])
@@ -269,10 +323,32 @@ def test_split_is_by_session_and_deterministic():
 def test_component_flags_reach_the_model_config(mtp_run, tmp_path):
     src, _ = mtp_run
     out = tmp_path / "plain"
-    pretrain.main(["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--out", str(out),
-                   "--steps", "2", "--eval-requests", "20", "--no-thinking", "--no-refining", "--no-hte",
-                   "--no-hybrid-attention", "--no-token-aware-ln", "--no-token-aware-ffn", "--mixture-of-recursions",
-                   "--n-heads", "4", "--mtp-heads", "1", *FAST[4:]])  # fmt: skip
+    pretrain.main(
+        [
+            "--logs",
+            str(src / "logs.parquet"),
+            "--tokenizer",
+            str(src / "tokenizer"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--eval-requests",
+            "20",
+            "--no-thinking",
+            "--no-refining",
+            "--no-hte",
+            "--no-hybrid-attention",
+            "--no-token-aware-ln",
+            "--no-token-aware-ffn",
+            "--mixture-of-recursions",
+            "--n-heads",
+            "4",
+            "--mtp-heads",
+            "1",
+            *FAST[4:],
+        ]
+    )
     cfg = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
     assert cfg["thinking"] is False and cfg["refining"] is False and cfg["hte"] is False
     assert (
@@ -314,8 +390,21 @@ def test_best_row_keeps_earliest_tie():
 
 def test_resume_keeps_best_and_select_best(mtp_run, tmp_path):
     src, _ = mtp_run
-    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--eval-every", "5",
-              "--checkpoint-every", "10", "--eval-requests", "50", "--select", "best", *FAST[4:]]  # fmt: skip
+    common = [
+        "--logs",
+        str(src / "logs.parquet"),
+        "--tokenizer",
+        str(src / "tokenizer"),
+        "--eval-every",
+        "5",
+        "--checkpoint-every",
+        "10",
+        "--eval-requests",
+        "50",
+        "--select",
+        "best",
+        *FAST[4:],
+    ]
     straight = tmp_path / "straight"
     want = pretrain.main(["--out", str(straight), "--steps", "20", *common])
     resumed = tmp_path / "resumed"
@@ -326,15 +415,28 @@ def test_resume_keeps_best_and_select_best(mtp_run, tmp_path):
     assert got["best"]["value"] == pytest.approx(want["best"]["value"])
     assert got["selected_checkpoint"] == str(resumed / "best.pt")
     assert read_checkpoint(resumed / "best.pt")["step"] == got["best"]["step"]
-    torch.testing.assert_close(read_checkpoint(resumed / "best.pt")["model"],
-                               read_checkpoint(straight / "best.pt")["model"], rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        read_checkpoint(resumed / "best.pt")["model"],
+        read_checkpoint(straight / "best.pt")["model"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_resume_restores_best_lost_between_writes(mtp_run, tmp_path):
     """A crash between the checkpoint.pt and best.pt writes of an improvement: best.pt comes back."""
     src, _ = mtp_run
-    common = ["--logs", str(src / "logs.parquet"), "--tokenizer", str(src / "tokenizer"), "--eval-every", "5",
-              "--eval-requests", "50", *FAST[4:]]  # fmt: skip
+    common = [
+        "--logs",
+        str(src / "logs.parquet"),
+        "--tokenizer",
+        str(src / "tokenizer"),
+        "--eval-every",
+        "5",
+        "--eval-requests",
+        "50",
+        *FAST[4:],
+    ]
     out = tmp_path / "run"
     first = pretrain.main(["--out", str(out), "--steps", "10", *common])
     rows = read_metrics(out / "metrics.jsonl")

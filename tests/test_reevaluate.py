@@ -27,7 +27,9 @@ def _run(root: Path, algo: str, seed: int) -> Path:
 def _row(reward: float, half: float = 0.1) -> dict:
     row = {}
     for m in reeval.TABLE4:  # every metric = reward, so each column checks the same arithmetic
-        row.update({f"eval/{m}": reward, f"eval/{m}_ci_low": reward - half, f"eval/{m}_ci_high": reward + half})
+        row.update(
+            {f"eval/{m}": reward, f"eval/{m}_ci_low": reward - half, f"eval/{m}_ci_high": reward + half}
+        )
     return row
 
 
@@ -41,7 +43,9 @@ def test_tabulate_seed_means_paired_change_and_cascade_ratio(tmp_path):
     t1 = critical_value(0.95, 1)  # 12.706205: two seeds
     h = table["hepo"]
     assert h["n"] == 2 and h["reward_per_session"] == pytest.approx(1.75)
-    assert h["reward_per_session_ci_high"] - 1.75 == pytest.approx(t1 * 0.25)  # values 1.5, 2.0: half t * 0.25
+    assert h["reward_per_session_ci_high"] - 1.75 == pytest.approx(
+        t1 * 0.25
+    )  # values 1.5, 2.0: half t * 0.25
     assert h["reward_per_session_session_half"] == pytest.approx(0.1)
     # paired by seed: 1.5 / 1.0 - 1 = 0.5 and 2.0 / 2.0 - 1 = 0: mean 0.25, half t * 0.25
     assert h["reward_per_session_vs_ref"] == pytest.approx(0.25)
@@ -50,8 +54,9 @@ def test_tabulate_seed_means_paired_change_and_cascade_ratio(tmp_path):
     # vs cascade: 1.75 / 1.25 - 1 = 0.4, exact reference -> t_{1} * sd(x) / sqrt(2) / 1.25
     assert h["reward_per_session_vs_cascade"] == pytest.approx(0.4)
     assert h["reward_per_session_vs_cascade_ci_high"] - 0.4 == pytest.approx(t1 * 0.25 / 1.25, rel=1e-9)
-    md = reeval.to_markdown(list(table.values()), "ppo", reeval.argparse.Namespace(sessions=64, seed=1, num_envs=8,
-                                                                                   level=0.95))  # fmt: skip
+    md = reeval.to_markdown(
+        list(table.values()), "ppo", reeval.argparse.Namespace(sessions=64, seed=1, num_envs=8, level=0.95)
+    )
     assert "| hepo | 2 | 1.75 [" in md and "+25.0%" in md and "+40.0%" in md
     assert math.isfinite(table["ppo"]["reward_per_session_vs_cascade_ci_low"])
 

@@ -36,8 +36,15 @@ from gpr_sim.world import WorldConfig, generate_world
 torch.set_num_threads(1)
 
 # a tiny world: two-item histories keep the hand-made rows short
-CFG = WorldConfig.small(num_organic=40, num_ads=20, num_advertisers=5, num_users=50, organic_history=2,
-                        ad_history=2, initial_ad_history=2)  # fmt: skip
+CFG = WorldConfig.small(
+    num_organic=40,
+    num_ads=20,
+    num_advertisers=5,
+    num_users=50,
+    organic_history=2,
+    ad_history=2,
+    initial_ad_history=2,
+)
 N = 30
 """rows of a tiny log: 20% of them are 6 rows"""
 BAD_ROWS = np.arange(0, N, 5)  # rows 0, 5, 10, 15, 20, 25
@@ -50,22 +57,43 @@ def tiny_columns(n: int = N) -> dict[str, np.ndarray]:
     z = np.zeros(n, dtype=np.int64)
     ads = i % CFG.num_ads
     return {
-        "request_id": i, "episode_id": i % 5, "step": i // 5, "user_id": i % 5,
-        "user_features": np.full((n, 7), 0.5, np.float32), "organic_ids": np.tile([3, -1], (n, 1)),
-        "context": np.zeros((n, 8), np.float32), "ad_ids": np.tile([-1, 4], (n, 1)),
-        "ad_events": np.tile([0, 2], (n, 1)), "candidates": ads[:, None], "action": ads,
-        "propensity": np.full(n, 0.05), "shown_ad": ads[:, None], "position": z, "impression": z + 1, "click": z,
-        "conversion": z, "gmv": np.zeros(n), "delayed_conversion": z, "delayed_gmv": np.zeros(n),
-        "revenue": np.full(n, 0.01), "reward": np.full(n, 0.01), "p_click": np.full(n, 0.05),
-        "p_conversion": np.full(n, 0.1), "is_new_ad": np.zeros(n, bool), "activity_tier": z + 3,
-        "terminated": np.zeros(n, bool), "truncated": np.zeros(n, bool),
-    }  # fmt: skip
+        "request_id": i,
+        "episode_id": i % 5,
+        "step": i // 5,
+        "user_id": i % 5,
+        "user_features": np.full((n, 7), 0.5, np.float32),
+        "organic_ids": np.tile([3, -1], (n, 1)),
+        "context": np.zeros((n, 8), np.float32),
+        "ad_ids": np.tile([-1, 4], (n, 1)),
+        "ad_events": np.tile([0, 2], (n, 1)),
+        "candidates": ads[:, None],
+        "action": ads,
+        "propensity": np.full(n, 0.05),
+        "shown_ad": ads[:, None],
+        "position": z,
+        "impression": z + 1,
+        "click": z,
+        "conversion": z,
+        "gmv": np.zeros(n),
+        "delayed_conversion": z,
+        "delayed_gmv": np.zeros(n),
+        "revenue": np.full(n, 0.01),
+        "reward": np.full(n, 0.01),
+        "p_click": np.full(n, 0.05),
+        "p_conversion": np.full(n, 0.1),
+        "is_new_ad": np.zeros(n, bool),
+        "activity_tier": z + 3,
+        "terminated": np.zeros(n, bool),
+        "truncated": np.zeros(n, bool),
+    }
 
 
 def tiny_log(path, columns=None, world_seed: int = 0, **changes):
     """Write ``tiny_columns`` (or ``columns``) with some columns replaced; provenance of world ``world_seed``."""
     cols = {**(columns if columns is not None else tiny_columns()), **changes}
-    return write_logs(cols, path, world_config=CFG, seed=0, policy="cascade", extra={**META, "world_seed": world_seed})
+    return write_logs(
+        cols, path, world_config=CFG, seed=0, policy="cascade", extra={**META, "world_seed": world_seed}
+    )
 
 
 def with_values(name: str, rows: np.ndarray, value) -> np.ndarray:
@@ -116,7 +144,10 @@ def test_non_finite_list_values_and_every_bad_column_are_named(tmp_path):
     with pytest.raises(ValueError) as e:
         read_logs(path)
     msg = str(e.value)
-    assert msg == f"{path}: column context has 2 non-finite values (rows 4, 9); column gmv has 1 non-finite value (row 7)"
+    assert (
+        msg
+        == f"{path}: column context has 2 non-finite values (rows 4, 9); column gmv has 1 non-finite value (row 7)"
+    )
 
 
 def test_optional_final_columns_are_checked_only_where_they_hold_a_row(tmp_path):
@@ -154,7 +185,9 @@ def test_log_without_metadata_names_the_file(tmp_path):
     good = tiny_log(tmp_path / "good.parquet")
     bare = tmp_path / "bare.parquet"
     pq.write_table(pq.read_table(good).replace_schema_metadata(None), bare)
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(bare))} has no gpr_sim metadata \(Parquet key 'gpr_sim.logs'\)"):
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(bare))} has no gpr_sim metadata \(Parquet key 'gpr_sim.logs'\)"
+    ):
         read_logs(bare)
     # agents.pretrain used to stop on KeyError: 'world_config'
     with pytest.raises(ValueError, match=rf"^{re.escape(str(bare))} has no gpr_sim metadata"):
@@ -166,8 +199,14 @@ def test_incomplete_metadata_is_named(tmp_path):
     meta = json.loads(table.schema.metadata[b"gpr_sim.logs"])
     cases = {
         "no_policy": ({k: v for k, v in meta.items() if k != "policy"}, r"its metadata lacks \['policy'\]"),
-        "partial_world": ({**meta, "world_config": {"num_ads": 20}}, r"metadata world_config lacks field\(s\) \["),
-        "bad_world": ({**meta, "world_config": {**meta["world_config"], "num_ads": -1}}, r"num_ads=-1 is out of range"),
+        "partial_world": (
+            {**meta, "world_config": {"num_ads": 20}},
+            r"metadata world_config lacks field\(s\) \[",
+        ),
+        "bad_world": (
+            {**meta, "world_config": {**meta["world_config"], "num_ads": -1}},
+            r"num_ads=-1 is out of range",
+        ),
     }
     for name, (m, match) in cases.items():
         path = tmp_path / f"{name}.parquet"
@@ -181,7 +220,11 @@ def test_incomplete_metadata_is_named(tmp_path):
 @pytest.mark.parametrize(
     "column, value, why",
     [
-        ("shown_ad", 10**6, r"shown_ad has 1 value outside \[-1, 19\] \(-1 = empty slot, num_ads=20; e.g. 1000000\)"),
+        (
+            "shown_ad",
+            10**6,
+            r"shown_ad has 1 value outside \[-1, 19\] \(-1 = empty slot, num_ads=20; e.g. 1000000\)",
+        ),
         ("shown_ad", -2, r"shown_ad has 1 value outside \[-1, 19\]"),
         ("candidates", -1, r"candidates has 1 value outside \[0, 19\] \(num_ads=20"),
         ("user_id", 50, r"user_id has 1 value outside \[0, 49\] \(num_users=50"),
@@ -204,7 +247,9 @@ def test_ids_outside_the_worlds_ranges_are_named(tmp_path, column, value, why):
 
 def test_list_widths_must_match_the_world(tmp_path):
     path = tiny_log(tmp_path / "wide.parquet", organic_ids=np.tile([3, -1, -1], (N, 1)))
-    with pytest.raises(ValueError, match=r"column organic_ids has 30 rows of length 3, expected organic_history=2"):
+    with pytest.raises(
+        ValueError, match=r"column organic_ids has 30 rows of length 3, expected organic_history=2"
+    ):
         read_logs(path)
 
 
@@ -218,10 +263,15 @@ def test_empty_log_is_named(tmp_path):
 
 
 def test_validate_log_accepts_a_good_log_in_memory():
-    assert validate_log(tiny_columns(), {"world_config": CFG.to_dict(), "seed": 0, "policy": "p"}, "mem") == CFG
+    assert (
+        validate_log(tiny_columns(), {"world_config": CFG.to_dict(), "seed": 0, "policy": "p"}, "mem") == CFG
+    )
     with pytest.raises(ValueError, match="^mem: column reward has 1 non-finite value"):
-        validate_log({**tiny_columns(), "reward": with_values("reward", np.array([2]), np.nan)},
-                     {"world_config": CFG.to_dict(), "seed": 0, "policy": "p"}, "mem")  # fmt: skip
+        validate_log(
+            {**tiny_columns(), "reward": with_values("reward", np.array([2]), np.nan)},
+            {"world_config": CFG.to_dict(), "seed": 0, "policy": "p"},
+            "mem",
+        )
 
 
 # ----------------------------------------------------------------------------- OPE propensities
@@ -236,11 +286,19 @@ def test_ope_nan_propensities_blame_the_log_not_the_resimulation(tmp_path):
 
 
 def test_ope_names_a_non_finite_recomputed_propensity_and_a_cut_log():
-    df = pd.DataFrame({"request_id": np.arange(4), "reward": np.ones(4), "propensity": np.full(4, 0.5),
-                       "candidates": [np.array([1])] * 4})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "request_id": np.arange(4),
+            "reward": np.ones(4),
+            "propensity": np.full(4, 0.5),
+            "candidates": [np.array([1])] * 4,
+        }
+    )
     columns = {"candidates": np.ones((4, 1), np.int64), "reward": np.ones(4)}
     pi_b = np.array([0.5, np.nan, 0.5, np.nan])
-    with pytest.raises(RuntimeError, match=r"recomputed propensity is not finite at request_id \[1, 3\] \(2 rows\)"):
+    with pytest.raises(
+        RuntimeError, match=r"recomputed propensity is not finite at request_id \[1, 3\] \(2 rows\)"
+    ):
         ope.check_reproduced(df, columns, {"pi_b": pi_b}, "log.parquet")
     with pytest.raises(ValueError, match=r"log.parquet has 3 rows, but its metadata .* re-simulates 4"):
         ope.check_reproduced(df.iloc[:3], columns, {"pi_b": np.full(4, 0.5)}, "log.parquet")
@@ -253,7 +311,9 @@ def test_ope_names_a_non_finite_recomputed_propensity_and_a_cut_log():
 def test_check_same_world_names_both_and_the_differences(tmp_path):
     meta = read_log_meta(tiny_log(tmp_path / "w0.parquet"))
     check_same_world(meta, CFG, 0, "w0.parquet", "--preset x")  # the same world passes
-    with pytest.raises(ValueError, match=r"^w0.parquet and --preset x are of different worlds \(world_seed 0 vs 3\)$"):
+    with pytest.raises(
+        ValueError, match=r"^w0.parquet and --preset x are of different worlds \(world_seed 0 vs 3\)$"
+    ):
         check_same_world(meta, CFG, 3, "w0.parquet", "--preset x")
     with pytest.raises(ValueError, match=r"different worlds \(num_ads 20 vs 30, reward.gmv 0.02 vs 0.5\)$"):
         check_same_world(meta, CFG.replace(num_ads=30, reward={"gmv": 0.5}), 0, "w0.parquet", "--preset x")
@@ -263,8 +323,19 @@ def test_pretraining_with_a_tokenizer_of_another_world_is_refused(tmp_path):
     # used to train without complaint: the tokenizer's paths belong to another world's ads
     tiny_tokenizer(world_seed=1).save(tmp_path / "tok1")
     log = tiny_log(tmp_path / "w0.parquet", world_seed=0)
-    argv = ["--logs", str(log), "--tokenizer", str(tmp_path / "tok1"), "--out", str(tmp_path / "run"), "--no-progress"]
-    with pytest.raises(ValueError, match=rf"^tokenizer {re.escape(str(tmp_path / 'tok1'))} does not fit the world of {re.escape(str(log))}: .*another world"):
+    argv = [
+        "--logs",
+        str(log),
+        "--tokenizer",
+        str(tmp_path / "tok1"),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=rf"^tokenizer {re.escape(str(tmp_path / 'tok1'))} does not fit the world of {re.escape(str(log))}: .*another world",
+    ):
         pretrain.main(argv)
     with pytest.raises(ValueError, match=r"does not fit the world of w0.parquet"):
         check_tokenizer_world(tiny_tokenizer(1), generate_world(CFG, 0), "w0.parquet", "tok1")
@@ -279,14 +350,29 @@ def test_vaft_from_a_run_of_another_world_is_refused(tmp_path):
     (init / "config.json").write_text(json.dumps({"logs_path": str(other)}))
     tiny_tokenizer(world_seed=0).save(tmp_path / "tok0")
     log = tiny_log(tmp_path / "w0.parquet", world_seed=0)
-    argv = ["--stage", "vaft", "--init", str(init / "checkpoint.pt"), "--logs", str(log), "--tokenizer",
-            str(tmp_path / "tok0"), "--out", str(tmp_path / "vaft"), "--no-progress"]  # fmt: skip
-    want = (rf"^{re.escape(str(log))} and --init {re.escape(str(init / 'checkpoint.pt'))} \(trained on "
-            rf"{re.escape(str(other))}\) are of different worlds \(world_seed 0 vs 5\)$")
+    argv = [
+        "--stage",
+        "vaft",
+        "--init",
+        str(init / "checkpoint.pt"),
+        "--logs",
+        str(log),
+        "--tokenizer",
+        str(tmp_path / "tok0"),
+        "--out",
+        str(tmp_path / "vaft"),
+        "--no-progress",
+    ]
+    want = (
+        rf"^{re.escape(str(log))} and --init {re.escape(str(init / 'checkpoint.pt'))} \(trained on "
+        rf"{re.escape(str(other))}\) are of different worlds \(world_seed 0 vs 5\)$"
+    )
     with pytest.raises(ValueError, match=want):
         pretrain.main(argv)
     check_run_world(read_log_meta(other), other, init, "--init")  # its own world passes
-    check_run_world(read_log_meta(log), log, tmp_path / "no_such_run", "--init")  # nothing recorded: not checked
+    check_run_world(
+        read_log_meta(log), log, tmp_path / "no_such_run", "--init"
+    )  # nothing recorded: not checked
 
 
 # ----------------------------------------------------------------------------- unsafe torch files
@@ -309,7 +395,9 @@ def test_torch_files_with_code_never_get_the_weights_only_false_advice(tmp_path,
         "not a checkpoint file": lambda: load_torch(path, "gpr_sim.test", 1, "a checkpoint file"),
         "not a readable tokenizer file": lambda: WorldTokenizer.load(tmp_path / "tok"),
         "not a readable quantizer file": lambda: read_payload(path),
-        "not a readable embeddings file": lambda: compare_main(["--embeddings", str(path), "--out", str(tmp_path)]),
+        "not a readable embeddings file": lambda: compare_main(
+            ["--embeddings", str(path), "--out", str(tmp_path)]
+        ),
     }
     for what, load in loaders.items():
         with pytest.raises(ValueError) as e:

@@ -25,16 +25,28 @@ T975_DF2 = 4.303
 
 def eval_row(it: int, reward: float, cand: float) -> dict:
     """An evaluation row: online metrics derived from ``reward``, candidate metrics from ``cand``."""
-    return {"iteration": it, "env_steps": 16 * it,
-            "eval/reward_per_session": reward, "eval/reward_per_session_ci_low": reward - 1,
-            "eval/reward_per_session_ci_high": reward + 1, "eval/gmv_per_session": 2 * reward,
-            "eval/ctcvr": reward / 100, "eval/revenue_per_session": reward / 2,
-            "eval/ctr": 0.05 + reward / 100, "eval/cvr": cand / 10,
-            "eval/cand_ndcg": cand, "eval/cand_opr": cand + 0.1, "eval/cand_mean_value": cand / 2,
-            "eval/cand_max_value": 2 * cand, "eval/cand_top1_value": cand / 4}  # fmt: skip
+    return {
+        "iteration": it,
+        "env_steps": 16 * it,
+        "eval/reward_per_session": reward,
+        "eval/reward_per_session_ci_low": reward - 1,
+        "eval/reward_per_session_ci_high": reward + 1,
+        "eval/gmv_per_session": 2 * reward,
+        "eval/ctcvr": reward / 100,
+        "eval/revenue_per_session": reward / 2,
+        "eval/ctr": 0.05 + reward / 100,
+        "eval/cvr": cand / 10,
+        "eval/cand_ndcg": cand,
+        "eval/cand_opr": cand + 0.1,
+        "eval/cand_mean_value": cand / 2,
+        "eval/cand_max_value": 2 * cand,
+        "eval/cand_top1_value": cand / 4,
+    }
 
 
-def make_run(root, algo: str, seed: int, start: tuple[float, float], final: tuple[float, float], row=eval_row):
+def make_run(
+    root, algo: str, seed: int, start: tuple[float, float], final: tuple[float, float], row=eval_row
+):
     run = root / f"ads-v0__{algo}__{seed}"
     run.mkdir(parents=True)
     cfg = {"algo": algo, "seed": seed, "env": "ads-v0", "init": f"pre/ads-v0__{seed}/vaft"}
@@ -68,10 +80,14 @@ def test_curve_band_is_the_tables_t_interval(runs):
     for i, stage in ((-1, "+HEPO"), (0, "VAFT")):
         row = fin[stage]
         assert (h["mean"][i], h["low"][i], h["high"][i]) == pytest.approx(
-            (row["reward_per_session"], row["reward_per_session_ci_low"], row["reward_per_session_ci_high"]))
+            (row["reward_per_session"], row["reward_per_session_ci_low"], row["reward_per_session_ci_high"])
+        )
     assert h["high"][-1] - h["mean"][-1] == pytest.approx(T975_DF1 * 1.0, abs=1e-3)  # not 1.96 * 1.0
     # the 90% band is the 90% table interval
-    fin90, h90 = by_stage(tables.final_table(runs, 0.9)), figures.seed_curves(runs, "eval/reward_per_session", level=0.9)
+    fin90, h90 = (
+        by_stage(tables.final_table(runs, 0.9)),
+        figures.seed_curves(runs, "eval/reward_per_session", level=0.9),
+    )
     assert h90["hepo"]["high"][-1] == pytest.approx(fin90["+HEPO"]["reward_per_session_ci_high"])
     # one run: its own CI columns (reward -+ 1 in these rows), else no band
     one = figures.seed_curves(runs[:1], "eval/reward_per_session")["hepo"]
@@ -82,7 +98,9 @@ def test_curve_band_is_the_tables_t_interval(runs):
 def test_plotted_band_and_legend(runs, tmp_path, monkeypatch):
     """The figure draws ``seed_curves``' band, and its legend says which interval it is."""
     figs = []
-    monkeypatch.setattr(figures, "figure_bytes", lambda fig, dpi: figs.append(fig) or b"")  # keeps the figure open
+    monkeypatch.setattr(
+        figures, "figure_bytes", lambda fig, dpi: figs.append(fig) or b""
+    )  # keeps the figure open
     figures.plot_curves(runs, tmp_path / "curves.png", metrics=("eval/reward_per_session",), level=0.9)
     ax = figs[0].axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -150,7 +168,10 @@ def test_table3_mtp_row_from_the_iteration_0_evaluations(tmp_path):
             r.update({f"eval/mtp/cand_{m}": r[f"eval/cand_{m}"] / 2 for m in keys.TABLE3})
         return r
 
-    runs = [make_run(tmp_path / "r", algo, seed, START[seed], FINAL[algo, seed], row=with_mtp) for algo, seed in FINAL]
+    runs = [
+        make_run(tmp_path / "r", algo, seed, START[seed], FINAL[algo, seed], row=with_mtp)
+        for algo, seed in FINAL
+    ]
     t = tables.table3(runs)
     assert list(t["stage"]) == ["MTP", "VAFT", "+PPO", "+HEPO"]
     m = by_stage(t)["MTP"]
@@ -173,8 +194,16 @@ def test_single_seed_has_no_interval(runs):
 def test_main_writes_every_file(runs, tmp_path):
     out = tmp_path / "report"
     files = plots.main([*map(str, runs), "--out", str(out)])
-    names = {"curves.png", "table3.csv", "table3.md", "final_table.csv", "final_table.md", "final.png",
-             "table4.csv", "table4.md"}
+    names = {
+        "curves.png",
+        "table3.csv",
+        "table3.md",
+        "final_table.csv",
+        "final_table.md",
+        "final.png",
+        "table4.csv",
+        "table4.md",
+    }
     assert {p.name for p in files.values()} == names
     assert {p.name for p in out.iterdir()} == names  # no temp files left behind
     assert all((out / n).stat().st_size > 0 for n in names)
@@ -188,8 +217,10 @@ def test_main_writes_every_file(runs, tmp_path):
     # HEPO reward 1.0 / 0.5 - 1 = 1.0 and 3.0 / 0.7 - 1 = 3.2857 (seed by seed): mean 2.1429
     assert t4.loc[2, "reward_per_session_vs_prev"] == pytest.approx((1.0 + 3.0 / 0.7 - 1) / 2)
     # half = 12.706 * |1.0 - 3.2857| / 2 = 14.521: the reward cell ends the +HEPO line
-    assert re.search(r"\| \+HEPO \| 2 \|.* \| \+214\.29% \[-123[78]\.\d\d%, \+166[56]\.\d\d%\] \|\n",
-                     (out / "table4.md").read_text())  # fmt: skip
+    assert re.search(
+        r"\| \+HEPO \| 2 \|.* \| \+214\.29% \[-123[78]\.\d\d%, \+166[56]\.\d\d%\] \|\n",
+        (out / "table4.md").read_text(),
+    )
 
 
 def test_bad_folders_raise(runs, tmp_path):
@@ -204,7 +235,12 @@ def test_bad_folders_raise(runs, tmp_path):
         tables.final_table([empty])
     with pytest.raises(ValueError, match="no run folders"):
         tables.final_table([])
-    for level in ("nan", "inf", "1.0", "0"):  # a coverage strictly inside (0, 1), refused before any folder is read
+    for level in (
+        "nan",
+        "inf",
+        "1.0",
+        "0",
+    ):  # a coverage strictly inside (0, 1), refused before any folder is read
         with pytest.raises(ValueError, match="level"):
             plots.main([str(runs[0]), "--level", level, "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
@@ -218,8 +254,17 @@ def test_pretrain_table_and_plot_chain_vaft_after_mtp(tmp_path):
         run = tmp_path / name
         run.mkdir()
         (run / "config.json").write_text(json.dumps({"stage": name, "top_k": 10, "init": init}))
-        rows = [{"step": s, "eval/loss": 4.0 - h, "eval/hitrate@10": h, "eval/ndcg@10": h / 2,
-                 "eval/pop_hitrate@10": 0.2, "eval/pop_ndcg@10": 0.1} for s, h in zip((0, 5, 10), hit)]  # fmt: skip
+        rows = [
+            {
+                "step": s,
+                "eval/loss": 4.0 - h,
+                "eval/hitrate@10": h,
+                "eval/ndcg@10": h / 2,
+                "eval/pop_hitrate@10": 0.2,
+                "eval/pop_ndcg@10": 0.1,
+            }
+            for s, h in zip((0, 5, 10), hit)
+        ]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return run
 
@@ -239,8 +284,14 @@ def test_pretrain_table_and_plot_chain_vaft_after_mtp(tmp_path):
 START3 = {0: (0.5, 0.30), 1: (0.7, 0.40), 2: (1.0, 0.20)}
 HEPO3 = {0: (1.0, 0.40), 1: (0.7, 0.50), 2: (1.5, 0.30)}
 """three seeds: HEPO reward vs VAFT of the same seed: 1.0 / 0.5 - 1 = 1.0, 0.7 / 0.7 - 1 = 0, 1.5 / 1.0 - 1 = 0.5"""
-CASCADE = {"reward_per_session": (0.8, 0.7, 0.9), "ctr": (0.06, 0.06, 0.06), "cvr": (0.05, 0.04, 0.06),
-           "ctcvr": (0.01, 0.009, 0.011), "gmv_per_session": (2.0, 1.5, 2.5), "revenue_per_session": (0.4, 0.3, 0.5)}
+CASCADE = {
+    "reward_per_session": (0.8, 0.7, 0.9),
+    "ctr": (0.06, 0.06, 0.06),
+    "cvr": (0.05, 0.04, 0.06),
+    "ctcvr": (0.01, 0.009, 0.011),
+    "gmv_per_session": (2.0, 1.5, 2.5),
+    "revenue_per_session": (0.4, 0.3, 0.5),
+}
 """the cascade's (value, ci_low, ci_high) per metric; CTR's CI has zero width"""
 
 
@@ -256,12 +307,23 @@ def make_baseline(folder, agents=("random", "cascade"), level=0.95, **config):
     for agent in agents:
         row = {"agent": agent, "eval/sessions": 256, "eval/roi": None}
         for m, (v, lo, hi) in CASCADE.items():
-            row.update({f"eval/{m}": v, f"eval/{m}_ci_low": lo, f"eval/{m}_ci_high": hi} if agent == "cascade"
-                       else {f"eval/{m}": 0.0, f"eval/{m}_ci_low": 0.0, f"eval/{m}_ci_high": 0.0})  # fmt: skip
+            row.update(
+                {f"eval/{m}": v, f"eval/{m}_ci_low": lo, f"eval/{m}_ci_high": hi}
+                if agent == "cascade"
+                else {f"eval/{m}": 0.0, f"eval/{m}_ci_low": 0.0, f"eval/{m}_ci_high": 0.0}
+            )
         rows[agent] = row
     (folder / "summary.json").write_text(json.dumps(rows))
-    cfg = {"env": "ads-v0", "preset": "small", "world_seed": 0, "num_envs": 128, "sessions": 256, "seed": 12345,
-           "level": level, **config}  # fmt: skip
+    cfg = {
+        "env": "ads-v0",
+        "preset": "small",
+        "world_seed": 0,
+        "num_envs": 128,
+        "sessions": 256,
+        "seed": 12345,
+        "level": level,
+        **config,
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -276,7 +338,9 @@ def test_table4_vs_previous_is_paired_by_seed(runs3):
     assert h["reward_per_session_vs_prev_ci_high"] == pytest.approx(0.5 + 1.2422, abs=1e-3)
     assert h["reward_per_session_vs_prev_ci_low"] == pytest.approx(0.5 - 1.2422, abs=1e-3)
     # GMV = 2 reward and revenue = reward / 2: the same relative changes
-    assert h["gmv_per_session_vs_prev"] == pytest.approx(0.5) and h["revenue_per_session_vs_prev"] == pytest.approx(0.5)
+    assert h["gmv_per_session_vs_prev"] == pytest.approx(0.5) and h[
+        "revenue_per_session_vs_prev"
+    ] == pytest.approx(0.5)
     # CTR = 0.05 + reward / 100: 0.060 / 0.055 - 1, 0.057 / 0.057 - 1, 0.065 / 0.060 - 1
     # = 0.090909, 0, 0.083333: mean 0.058081, s = 0.050440, half = 4.303 * s / sqrt(3) = 0.125310
     assert h["ctr_vs_prev"] == pytest.approx(0.058081, abs=1e-6)
@@ -320,7 +384,9 @@ def test_table4_single_seed_has_values_but_no_intervals(runs3, tmp_path):
     t = by_stage(tables.table4(runs3[:1], make_baseline(tmp_path / "base")))
     h = t["+HEPO"]
     assert h["n"] == 1 and h["reward_per_session_vs_prev"] == pytest.approx(1.0)
-    assert math.isnan(h["reward_per_session_vs_prev_ci_low"]) and math.isnan(h["reward_per_session_vs_prev_ci_high"])
+    assert math.isnan(h["reward_per_session_vs_prev_ci_low"]) and math.isnan(
+        h["reward_per_session_vs_prev_ci_high"]
+    )
     assert h["reward_per_session_vs_cascade"] == pytest.approx(1.0 / 0.8 - 1)
     assert math.isnan(h["reward_per_session_vs_cascade_ci_low"])
     md = tables.table4_markdown(tables.table4(runs3[:1], tmp_path / "base"))
@@ -342,7 +408,13 @@ def test_table4_baseline_without_cascade_raises(runs3, tmp_path):
 def test_table4_warns_when_baseline_is_not_on_the_held_out_sessions(runs3, tmp_path):
     for run in runs3:  # agents.hepo config.json: the Evaluator's protocol in args
         cfg = json.loads((run / "config.json").read_text())
-        args = {"env": "ads-v0", "preset": "small", "eval_seed": 12345, "eval_envs": 128, "eval_sessions": 256}
+        args = {
+            "env": "ads-v0",
+            "preset": "small",
+            "eval_seed": 12345,
+            "eval_envs": 128,
+            "eval_sessions": 256,
+        }
         (run / "config.json").write_text(json.dumps({**cfg, "args": args}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -353,14 +425,17 @@ def test_table4_warns_when_baseline_is_not_on_the_held_out_sessions(runs3, tmp_p
 
 def test_main_with_baseline_writes_table4(runs3, tmp_path):
     out = tmp_path / "report"
-    files = plots.main([*map(str, runs3), "--out", str(out), "--baseline", str(make_baseline(tmp_path / "base"))])
+    files = plots.main(
+        [*map(str, runs3), "--out", str(out), "--baseline", str(make_baseline(tmp_path / "base"))]
+    )
     csv = pd.read_csv(files["table4.csv"])
     assert list(csv["stage"]) == ["cascade", "VAFT", "+HEPO"]
     assert csv.loc[2, "reward_per_session_vs_cascade"] == pytest.approx(1 / 3)
     md = files["table4.md"].read_text()
     # reward vs cascade: 1/3 +- 1.135586 (test above); CTR (first column) 0.060667 / 0.06 - 1 = +1.11%
-    assert re.search(r"vs cascade.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-80\.23%, \+146\.89%\] \|\n",
-                     md, re.S)  # fmt: skip
+    assert re.search(
+        r"vs cascade.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-80\.23%, \+146\.89%\] \|\n", md, re.S
+    )
     assert "| cascade |  | 0.06 [0.06, 0.06] |" in md
 
 
@@ -382,7 +457,9 @@ def strata_row(it: int, reward: float, cand: float) -> dict:
             row[keys.strata_key(stratum, group, "sessions")] = 0 if empty else SESSIONS[group]
             for i, m in enumerate(keys.TABLE5):
                 if m in keys.STRATA_METRICS[stratum]:
-                    row[keys.strata_key(stratum, group, m)] = math.nan if empty else SCALE[group] * reward + 0.01 * i
+                    row[keys.strata_key(stratum, group, m)] = (
+                        math.nan if empty else SCALE[group] * reward + 0.01 * i
+                    )
     return row
 
 
@@ -398,7 +475,12 @@ def make_baseline_strata(folder, agents=("random", "cascade")):
     for agent in agents:
         for stratum, groups in keys.STRATA.items():
             for group in groups:
-                row = {"agent": agent, "stratum": stratum, "group": group, "eval/sessions": 10 * SESSIONS[group]}
+                row = {
+                    "agent": agent,
+                    "stratum": stratum,
+                    "group": group,
+                    "eval/sessions": 10 * SESSIONS[group],
+                }
                 for i, m in enumerate(keys.TABLE5):
                     v = SCALE[group] + 0.01 * i if agent == "cascade" else 0.0
                     if m not in keys.STRATA_METRICS[stratum]:
@@ -475,7 +557,9 @@ def test_table5_rejects_runs_without_strata(runs5, runs, tmp_path):
 
 def test_main_writes_table5(runs5, tmp_path):
     out = tmp_path / "report"
-    files = plots.main([*map(str, runs5), "--out", str(out), "--baseline", str(make_baseline_strata(tmp_path / "b"))])
+    files = plots.main(
+        [*map(str, runs5), "--out", str(out), "--baseline", str(make_baseline_strata(tmp_path / "b"))]
+    )
     assert files["table5.csv"] == out / "table5.csv" and files["table5.md"] == out / "table5.md"
     csv = pd.read_csv(out / "table5.csv", dtype={"group": str})
     assert len(csv) == 21 and csv.loc[csv["group"] == "3", "ctr"].tolist() == pytest.approx([3.0, 2.2, 3.2])

@@ -30,9 +30,13 @@ def test_weighted_reward_by_hand():
     # price 0.3, GMV 120, 1 click, 1 conversion, stayed: 2 x 0.3 + 0.05 x 120 + 0.01 + 0.5 + 0.1 = 7.21;
     # nothing shown and the user left: 0.
     r = weighted_reward(
-        WEIGHTS, torch.tensor([0.3, 0.0]), torch.tensor([120.0, 0.0]), torch.tensor([1, 0]), torch.tensor([1, 0]),
+        WEIGHTS,
+        torch.tensor([0.3, 0.0]),
+        torch.tensor([120.0, 0.0]),
+        torch.tensor([1, 0]),
+        torch.tensor([1, 0]),
         torch.tensor([True, False]),
-    )  # fmt: skip
+    )
     torch.testing.assert_close(r, torch.tensor([7.21, 0.0]))
 
 
@@ -52,9 +56,13 @@ def test_stay_probability_by_hand():
     world = generate_world(WorldConfig.small(**SMALL), seed=0)
     user = int(torch.nonzero(world.user_activity == 4)[0])
     p = stay_probability(
-        world, torch.tensor([user]), torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([[0.6]]),
+        world,
+        torch.tensor([user]),
+        torch.tensor([0.5]),
+        torch.tensor([1.0]),
+        torch.tensor([[0.6]]),
         torch.tensor([[0.25]]),
-    )  # fmt: skip
+    )
 
     def s(x):
         return 1.0 / (1.0 + math.exp(-x))
@@ -86,7 +94,9 @@ def scored(env, obs, out):
 
 @pytest.fixture(scope="module")
 def weighted_run():
-    env = make_vec_env("ads-v0", NUM_ENVS, config=WorldConfig.small(**SMALL, reward=WEIGHTS), world_seed=0, device="cpu")
+    env = make_vec_env(
+        "ads-v0", NUM_ENVS, config=WorldConfig.small(**SMALL, reward=WEIGHTS), world_seed=0, device="cpu"
+    )
     columns, extra = collect(env, BestOfFour(env, seed=1), seed=1, steps=STEPS, hook=scored, progress=False)
     return columns, extra, env.unwrapped.world
 
@@ -103,7 +113,11 @@ def test_run_is_large_and_unconstrained(weighted_run):
     assert columns["reward"].size >= 100_000
     # the run exercises every term: wins and losses, clicks, conversions, exits; budgets never refuse
     assert 0.1 < columns["impression"].mean() < 0.9
-    assert columns["click"].sum() > 1000 and columns["conversion"].sum() > 100 and columns["terminated"].sum() > 1000
+    assert (
+        columns["click"].sum() > 1000
+        and columns["conversion"].sum() > 100
+        and columns["terminated"].sum() > 1000
+    )
 
 
 def test_score_value_averages_to_the_realised_reward(weighted_run):

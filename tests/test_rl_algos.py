@@ -34,10 +34,12 @@ def test_registry_lists_every_algorithm_and_rejects_an_unknown_name():
 
 
 def test_sibling_advantages_match_a_hand_computed_case():
-    codes = torch.tensor([
-        [[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]],  # request 0: a tree with branches at every level
-        [[2, 1, 0], [2, 1, 0], [2, 1, 1], [2, 0, 0]],  # request 1: one path sampled twice, one first code
-    ])  # fmt: skip
+    codes = torch.tensor(
+        [
+            [[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]],  # request 0: a tree with branches at every level
+            [[2, 1, 0], [2, 1, 0], [2, 1, 1], [2, 0, 0]],  # request 1: one path sampled twice, one first code
+        ]
+    )
     reward = torch.tensor([[1.0, 3.0, 2.0, 6.0], [4.0, 4.0, 1.0, 1.0]])
     adv = sibling_zscore(codes, reward, EPS)
     s = math.sqrt
@@ -85,9 +87,19 @@ def _tiny_buffer(model: GPRModel, m: int = 6, k: int = 4) -> Buffer:
         values = model.path_values(ctx, s.codes)  # (M, K, L + 1)
     length = s.codes.shape[-1]
     noise = torch.randn(m, TINY.d_model, generator=gen)
-    return Buffer(tokens, noise, s.codes, s.log_prob, s.legal, values, torch.randn(m, k, generator=gen),
-                  torch.rand(m, k, length, generator=gen), s.valid, torch.zeros(m, dtype=torch.bool),
-                  uid=torch.arange(m))  # fmt: skip
+    return Buffer(
+        tokens,
+        noise,
+        s.codes,
+        s.log_prob,
+        s.legal,
+        values,
+        torch.randn(m, k, generator=gen),
+        torch.rand(m, k, length, generator=gen),
+        s.valid,
+        torch.zeros(m, dtype=torch.bool),
+        uid=torch.arange(m),
+    )
 
 
 @pytest.mark.parametrize("name", list(ALGOS))
@@ -112,8 +124,12 @@ def test_every_algorithm_runs_one_update_with_finite_named_terms(name, kl_coef):
     assert (critic is not None) == algo.critic
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    terms = update(PathTerms(model), model, opt, ref, buf, algo, cfg, UpdateConfig(epochs=1, minibatch=len(buf)), 0)
-    want = {"loss", "policy", "critic", "item_value", "approx_kl", "clip_frac"} | ({"kl_ref"} if kl_coef else set())
+    terms = update(
+        PathTerms(model), model, opt, ref, buf, algo, cfg, UpdateConfig(epochs=1, minibatch=len(buf)), 0
+    )
+    want = {"loss", "policy", "critic", "item_value", "approx_kl", "clip_frac"} | (
+        {"kl_ref"} if kl_coef else set()
+    )
     assert set(terms) == {f"train/{k}" for k in want}
     assert all(math.isfinite(v) for v in terms.values()), terms
     # one minibatch, before its step: the policy is the rollout's (ratio 1), at its reference

@@ -21,12 +21,17 @@ def _buffer(m: int, k: int, length: int, gen: torch.Generator) -> Buffer:
     """A buffer with random paths, log-probs, values and rewards (tokens are not read by the targets)."""
     tokens = TokenBatch(*(torch.zeros(m, 1) for _ in TokenBatch._fields))
     return Buffer(
-        tokens=tokens, noise=None, codes=torch.randint(0, 4, (m, k, length), generator=gen),
-        old_log_prob=-torch.rand(m, k, length, generator=gen), legal=[torch.ones(m, k, 4, dtype=torch.bool)] * length,
-        old_values=torch.randn(m, k, length + 1, generator=gen), reward=torch.randn(m, k, generator=gen),
-        process=torch.rand(m, k, length, generator=gen), valid=torch.ones(m, dtype=torch.bool),
+        tokens=tokens,
+        noise=None,
+        codes=torch.randint(0, 4, (m, k, length), generator=gen),
+        old_log_prob=-torch.rand(m, k, length, generator=gen),
+        legal=[torch.ones(m, k, 4, dtype=torch.bool)] * length,
+        old_values=torch.randn(m, k, length + 1, generator=gen),
+        reward=torch.randn(m, k, generator=gen),
+        process=torch.rand(m, k, length, generator=gen),
+        valid=torch.ones(m, dtype=torch.bool),
         rehearsed=torch.zeros(m, dtype=torch.bool),
-    )  # fmt: skip
+    )
 
 
 def compute_targets(buf: Buffer, algo: str, cfg: LossConfig) -> None:
@@ -77,10 +82,23 @@ def test_hepo_equals_ppo_in_its_degenerate_setting():
     compute_targets(buf_p, "ppo", cfg)
     log_prob = buf_h.old_log_prob + 0.3 * torch.randn(buf_h.old_log_prob.shape, generator=gen)
     values = torch.randn(6, 5, 1, generator=gen)
-    pol_h, crit_h = hepo_loss(log_prob.flatten(0, 1), buf_h.old_log_prob.flatten(0, 1), buf_h.adv.flatten(0, 1),
-                              values.flatten(0, 1), buf_h.returns.flatten(0, 1), level_weights(1), cfg)  # fmt: skip
-    pol_p, crit_p = ppo_loss(log_prob.flatten(0, 1), buf_p.old_log_prob.flatten(0, 1), buf_p.adv.flatten(),
-                             values.flatten(), buf_p.reward.flatten(), cfg)  # fmt: skip
+    pol_h, crit_h = hepo_loss(
+        log_prob.flatten(0, 1),
+        buf_h.old_log_prob.flatten(0, 1),
+        buf_h.adv.flatten(0, 1),
+        values.flatten(0, 1),
+        buf_h.returns.flatten(0, 1),
+        level_weights(1),
+        cfg,
+    )
+    pol_p, crit_p = ppo_loss(
+        log_prob.flatten(0, 1),
+        buf_p.old_log_prob.flatten(0, 1),
+        buf_p.adv.flatten(),
+        values.flatten(),
+        buf_p.reward.flatten(),
+        cfg,
+    )
     torch.testing.assert_close(pol_h, pol_p)
     torch.testing.assert_close(crit_h, crit_p)
     assert buf_h.stats["hepo/gae_used"] == 1 and buf_h.stats["hepo/level1_weight"] == 1.0
@@ -92,7 +110,10 @@ def test_hepo_equals_ppo_in_its_degenerate_setting():
 def test_hepo_targets_use_process_rewards_only_at_coarse_levels():
     gen = torch.Generator().manual_seed(1)
     buf = _buffer(4, 3, 3, gen)
-    on, off = LossConfig(process_scale=0.1, group_norm=False), LossConfig(process_rewards=False, group_norm=False)
+    on, off = (
+        LossConfig(process_scale=0.1, group_norm=False),
+        LossConfig(process_rewards=False, group_norm=False),
+    )
     buf.learner_state = {EV_KEY: 0.5}  # GAE in use
     compute_targets(buf, "hepo", on)
     adv_on = buf.adv.clone()

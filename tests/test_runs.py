@@ -50,10 +50,12 @@ def test_atomic_writes_are_readable_by_others(tmp_path, umask_022):
     """0666 minus the umask 022 = 0644, as a plain open() makes (mkstemp would make 0600)."""
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
-    for path in (atomic_write_bytes(tmp_path / "a.bin", b"abc"),
-                 atomic_write_with(tmp_path / "b.txt", lambda tmp: Path(tmp).write_text("abc")),
-                 write_json(tmp_path / "c.json", {"a": 1}),
-                 save_torch(tmp_path / "d.pt", "test.fmt", 1, {"x": torch.zeros(2)})):  # fmt: skip
+    for path in (
+        atomic_write_bytes(tmp_path / "a.bin", b"abc"),
+        atomic_write_with(tmp_path / "b.txt", lambda tmp: Path(tmp).write_text("abc")),
+        write_json(tmp_path / "c.json", {"a": 1}),
+        save_torch(tmp_path / "d.pt", "test.fmt", 1, {"x": torch.zeros(2)}),
+    ):
         assert path.stat().st_mode & 0o777 == 0o644 == plain.stat().st_mode & 0o777, path.name
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
 
@@ -89,7 +91,13 @@ def test_failed_writes_leave_the_old_file_and_no_temporary(tmp_path, monkeypatch
 
 
 def test_remove_orphans_deletes_only_this_modules_temporaries(tmp_path):
-    keep = ["a.txt", ".a.txt.tmp", "x.12345678.tmp", ".hidden", ".b.txt.1234567.tmp"]  # not .NAME.XXXXXXXX.tmp
+    keep = [
+        "a.txt",
+        ".a.txt.tmp",
+        "x.12345678.tmp",
+        ".hidden",
+        ".b.txt.1234567.tmp",
+    ]  # not .NAME.XXXXXXXX.tmp
     orphans = [".a.txt.0f3a9b2c.tmp", ".metrics.jsonl.k_x9zq1a.tmp"]  # ours (hex) and mkstemp's alphabet
     for name in keep + orphans:
         (tmp_path / name).write_text("x")
@@ -136,7 +144,9 @@ def test_lock_refuses_a_second_writer(tmp_path):
     fd = os.open(tmp_path / "run" / LOCK_FILE, os.O_RDWR)
     with pytest.raises(BlockingIOError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a plain flock sees it too
-    code = f"from gpr_sim.runs import RunFolder; RunFolder({str(tmp_path / 'run')!r}, 'agents.test', {{'a': 1}})"
+    code = (
+        f"from gpr_sim.runs import RunFolder; RunFolder({str(tmp_path / 'run')!r}, 'agents.test', {{'a': 1}})"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert f"run is in use by another process (pid {os.getpid()})" in res.stderr
@@ -155,15 +165,24 @@ def test_ownership_refuses_another_entry_point_or_other_settings(tmp_path):
         assert f.fresh
     record = (run / RUN_FILE).read_bytes()
     assert read_owner(run)["entry"] == "agents.hepo" and read_owner(run)["settings"] == settings
-    with pytest.raises(ValueError, match=rf"^{run} holds a run of agents.hepo, not of agents.evaluate: pass another"):
+    with pytest.raises(
+        ValueError, match=rf"^{run} holds a run of agents.hepo, not of agents.evaluate: pass another"
+    ):
         RunFolder(run, "agents.evaluate", {})
     with pytest.raises(ValueError, match=r"other settings \(--lr was 0.001, now 0.002\)"):
         RunFolder(run, "agents.hepo", {**settings, "lr": 2e-3}, ignores=("iterations",))
     with pytest.raises(ValueError, match=r"--loss.kl-coef was 0.0, now 0.1\)"):
-        RunFolder(run, "agents.hepo", {**settings, "loss": {"clip": 0.2, "kl_coef": 0.1}}, ignores=("iterations",))
+        RunFolder(
+            run, "agents.hepo", {**settings, "loss": {"clip": 0.2, "kl_coef": 0.1}}, ignores=("iterations",)
+        )
     # an ignored flag may change; a flag added since (absent from the record) compares with its default
-    with RunFolder(run, "agents.hepo", {**settings, "iterations": 9, "new": 1}, ignores=("iterations",),
-                   defaults={"new": 1}) as f:  # fmt: skip
+    with RunFolder(
+        run,
+        "agents.hepo",
+        {**settings, "iterations": 9, "new": 1},
+        ignores=("iterations",),
+        defaults={"new": 1},
+    ) as f:
         assert not f.fresh
     with pytest.raises(ValueError, match=r"--new was 1, now 2"):
         RunFolder(run, "agents.hepo", {**settings, "new": 2}, ignores=("iterations",), defaults={"new": 1})
@@ -210,8 +229,12 @@ def test_load_torch_errors_are_one_line_naming_the_file(tmp_path):
     torch.save({"format": "test.fmt", "version": 2, "x": NotWeights()}, tmp_path / "pickled.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
-    cases = {"pickled.pt": "not a test file", "junk.pt": "not a test file", "cut.pt": "not a readable checkpoint",
-             "absent.pt": "no such file"}  # fmt: skip
+    cases = {
+        "pickled.pt": "not a test file",
+        "junk.pt": "not a test file",
+        "cut.pt": "not a readable checkpoint",
+        "absent.pt": "no such file",
+    }
     for name, why in cases.items():
         with pytest.raises(ValueError) as e:
             load_torch(tmp_path / name, "test.fmt", 2, "a test file")
@@ -238,7 +261,9 @@ def test_gpr_config_round_trip_and_bad_fields(tmp_path):
     where = f"{path}: model config"
     with pytest.raises(ValueError, match=r"m.pt: model config: field d_model='wide' is out of range"):
         GPRConfig.from_dict({**d, "d_model": "wide"}, where)
-    with pytest.raises(ValueError, match=r"model config: field n_heads=3 is invalid: it must divide d_model=32"):
+    with pytest.raises(
+        ValueError, match=r"model config: field n_heads=3 is invalid: it must divide d_model=32"
+    ):
         GPRConfig.from_dict({**d, "n_heads": 3}, where)
     with pytest.raises(ValueError, match=r"model config: missing field\(s\) \['hte'\]"):
         GPRConfig.from_dict({k: v for k, v in d.items() if k != "hte"}, where)

@@ -75,7 +75,9 @@ def test_shared_path_prefix_of_organic_and_ad_gets_distinct_full_paths():
 
 
 def test_longer_histories_keep_the_most_recent_and_shorter_ones_are_left_padded():
-    b = tokens_from_obs(tiny_obs([0, 1, 2], [0, 1, 1], [1, 3, 2]), TINY, SchemaConfig(organic_len=2, ad_len=4))
+    b = tokens_from_obs(
+        tiny_obs([0, 1, 2], [0, 1, 1], [1, 3, 2]), TINY, SchemaConfig(organic_len=2, ad_len=4)
+    )
     assert b.token_ids[0].tolist() == [7, 1, 2, -1, 3, 4, 4, -1]  # organic 0 dropped; one ad pad on the left
     assert b.event_ids[0].tolist() == [0, 0, 0, 0, 1, 3, 2, 0]
     assert b.positions[0].tolist() == [0, 1, 2, 0, 3, 4, 5, 6]
@@ -121,8 +123,9 @@ def test_layout_invariants(organic, ads):
 # observation vs logged row
 
 
-CFG = WorldConfig.small(num_organic=300, num_ads=80, num_users=200, organic_history=6, ad_history=5,
-                        initial_ad_history=2)  # fmt: skip
+CFG = WorldConfig.small(
+    num_organic=300, num_ads=80, num_users=200, organic_history=6, ad_history=5, initial_ad_history=2
+)
 
 
 def world_table(cfg: WorldConfig) -> SemanticIdTable:
@@ -134,6 +137,7 @@ def world_table(cfg: WorldConfig) -> SemanticIdTable:
 
 def log_rows(obs: dict, strip_padding: bool) -> pd.DataFrame:
     """What a logger writes for each request: one row, list columns (optionally without -1 padding)."""
+
     def lists(t, strip):
         rows = [r.tolist() for r in t]
         return [[v for v in r if v >= 0] for r in rows] if strip else rows
@@ -200,8 +204,16 @@ def test_log_rows_without_user_id_and_bad_columns():
 def test_build_tokens_rejects_inputs_of_another_batch_size():
     o = tiny_obs([0], [0], [1])
     with pytest.raises(ValueError, match="must be"):
-        build_tokens(o["user_id"], o["user"], torch.zeros(2, 1, dtype=torch.int64), o["context"],
-                     o["ad_history"], o["ad_events"], TINY, SchemaConfig(1, 1))  # fmt: skip
+        build_tokens(
+            o["user_id"],
+            o["user"],
+            torch.zeros(2, 1, dtype=torch.int64),
+            o["context"],
+            o["ad_history"],
+            o["ad_events"],
+            TINY,
+            SchemaConfig(1, 1),
+        )
 
 
 @pytest.mark.gpu

@@ -67,7 +67,9 @@ def test_mean_interval_by_hand():
     assert est.std_err == pytest.approx(1.2909944)
     assert (est.ci_low, est.ci_high) == pytest.approx((5 - Z95 * 1.2909944, 5 + Z95 * 1.2909944), abs=1e-5)
     # a 90% interval uses z = 1.644854
-    assert mean_interval(np.array([2.0, 4.0, 6.0, 8.0]), level=0.9).ci_high == pytest.approx(5 + 1.644854 * 1.2909944)
+    assert mean_interval(np.array([2.0, 4.0, 6.0, 8.0]), level=0.9).ci_high == pytest.approx(
+        5 + 1.644854 * 1.2909944
+    )
 
 
 def test_ratio_of_means_by_hand():
@@ -88,7 +90,9 @@ def test_ratio_of_means_by_hand():
 def test_data_without_an_interval_gives_nan_not_errors():
     one = ratio_of_means(np.array([1.0]), np.array([4.0]))
     assert one.value == 0.25 and math.isnan(one.ci_low) and math.isnan(one.ci_high)
-    assert math.isnan(ratio_of_means(np.array([0.0, 0.0]), np.array([0.0, 0.0])).value)  # no impressions: no CTR
+    assert math.isnan(
+        ratio_of_means(np.array([0.0, 0.0]), np.array([0.0, 0.0])).value
+    )  # no impressions: no CTR
     assert math.isnan(welch_interval([1.0], [2.0, 3.0]).ci_low)
     assert math.isnan(relative_change([1.0], 2.0, 1.5, 2.5).ci_low)
     assert math.isnan(relative_change([1.0, 2.0], 0.0, 0.0, 0.0).value)  # a zero reference: no ratio
@@ -133,7 +137,9 @@ def test_relative_change_by_hand():
     assert agree.value == pytest.approx(0.5) and agree.ci_high - 0.5 == pytest.approx(0.1875, abs=1e-6)
     # read as a 90% CI, the same endpoints are more standard errors: se_ref = 0.1 / 1.644854 = 0.060796,
     # half = 1.959964 * 1.5 * 0.0607957 / 0.8 = 0.223420
-    assert relative_change([1.2, 1.2], 0.8, 0.7, 0.9, ref_level=0.9).ci_high == pytest.approx(0.5 + 0.223420, abs=1e-6)
+    assert relative_change([1.2, 1.2], 0.8, 0.7, 0.9, ref_level=0.9).ci_high == pytest.approx(
+        0.5 + 0.223420, abs=1e-6
+    )
     # units agree closely, the reference does not: df = 2 (b / a + 1)^2 = 1985, half = 1.9612 * 0.081017 = 0.158887
     close = relative_change([1.0, 1.02, 0.98], 0.8, 0.7, 0.9)
     assert close.value == pytest.approx(0.25) and close.ci_high - 0.25 == pytest.approx(0.158887, abs=1e-5)
@@ -143,7 +149,9 @@ def test_paired_difference_by_hand():
     # x = 3, 5, 4 and y = 1, 2, 3: d = 2, 3, 1: mean 2, s = 1, half = 4.302653 / sqrt(3) = 2.484138
     est = paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 3.0])
     assert est.value == 2.0 and est.n == 3
-    assert est.ci_high == pytest.approx(2 + 2.484138, abs=1e-6) and est.ci_low == pytest.approx(2 - 2.484138, abs=1e-6)
+    assert est.ci_high == pytest.approx(2 + 2.484138, abs=1e-6) and est.ci_low == pytest.approx(
+        2 - 2.484138, abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -195,7 +203,10 @@ def test_percentile_interval_by_hand():
     # 101 replicates 0..100: the 5% and 95% quantiles are 5 and 95; NaN and inf replicates are dropped
     reps = np.concatenate([np.arange(101.0), [np.nan, np.inf]])
     est = percentile_interval(reps, 50.0, level=0.9, n=10, name="x")
-    assert (est.value, est.ci_low, est.ci_high) == pytest.approx((50.0, 5.0, 95.0)) and (est.n, est.name) == (10, "x")
+    assert (est.value, est.ci_low, est.ci_high) == pytest.approx((50.0, 5.0, 95.0)) and (est.n, est.name) == (
+        10,
+        "x",
+    )
     assert est.std_err == pytest.approx(np.arange(101.0).std(ddof=1))
     assert math.isnan(percentile_interval(reps, 50.0, n=1).ci_low)  # one unit: no interval
     assert math.isnan(percentile_interval([1.0, np.nan], 1.0, n=5).ci_low)  # one finite replicate
@@ -240,9 +251,15 @@ def test_bad_levels_raise(level):
 
 
 def test_bad_samples_raise():
-    sample_fns = (t_interval, mean_interval, lambda x: paired_difference(x, x), lambda x: welch_interval(x, x),
-                  lambda x: relative_change(x, 1.0, 0.9, 1.1), lambda x: ratio_of_means(x, np.ones(len(x))),
-                  lambda x: bootstrap_ratio(x, rng=np.random.default_rng(0)))  # fmt: skip
+    sample_fns = (
+        t_interval,
+        mean_interval,
+        lambda x: paired_difference(x, x),
+        lambda x: welch_interval(x, x),
+        lambda x: relative_change(x, 1.0, 0.9, 1.1),
+        lambda x: ratio_of_means(x, np.ones(len(x))),
+        lambda x: bootstrap_ratio(x, rng=np.random.default_rng(0)),
+    )
     for fn in sample_fns:
         with pytest.raises(ValueError, match="empty"):
             fn(np.array([]))

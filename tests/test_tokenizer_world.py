@@ -78,7 +78,9 @@ def test_to_returns_a_copy_and_leaves_the_original():
 
 def test_code_usage_hand_worked():
     # items (0,1), (1,1), (0,1): level 1 uses code 0 twice and code 1 once; level 2 uses code 1 three times
-    tok = WorldTokenizer(SemanticIdTable(torch.tensor([[0, 1], [1, 1], [0, 1]]), codebook_size=2, num_organic=1))
+    tok = WorldTokenizer(
+        SemanticIdTable(torch.tensor([[0, 1], [1, 1], [0, 1]]), codebook_size=2, num_organic=1)
+    )
     assert code_usage(tok).tolist() == [[2, 1], [0, 3]]
 
 
@@ -99,12 +101,34 @@ def test_table_matches_compare_quantizers(world):
 def test_cli_writes_table_and_a_tokenizer_the_env_loads(tmp_path):
     out = tmp_path / "tok"
     df = tokenize_main(
-        ["--out", str(out), "--method", "rq-kmeans", "--no-compare", "--codebook-size", "16",
-         "--kmeans-iters", "5", "--world.num-organic", "300", "--world.num-ads", "100", "--device", "cpu"]
-    )  # fmt: skip
+        [
+            "--out",
+            str(out),
+            "--method",
+            "rq-kmeans",
+            "--no-compare",
+            "--codebook-size",
+            "16",
+            "--kmeans-iters",
+            "5",
+            "--world.num-organic",
+            "300",
+            "--world.num-ads",
+            "100",
+            "--device",
+            "cpu",
+        ]
+    )
     assert list(df.index) == ["RQ-Kmeans"]
-    for name in ("table.csv", "table.json", "code_usage.png", "code_usage_levels.png", "config.json",
-                 "semantic_ids.pt", "quantizer.pt"):  # fmt: skip
+    for name in (
+        "table.csv",
+        "table.json",
+        "code_usage.png",
+        "code_usage_levels.png",
+        "config.json",
+        "semantic_ids.pt",
+        "quantizer.pt",
+    ):
         assert (out / name).is_file(), name
     meta = json.loads((out / "config.json").read_text())
     assert meta["world"]["num_ads"] == 100 and meta["tokenizer"]["method"] == "rq-kmeans"

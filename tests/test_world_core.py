@@ -64,7 +64,10 @@ def test_empirical_position_effect_has_configured_sign():
         _, outs, _ = rollout(MULTI.replace(position_decay=decay), num_envs=512, steps=30, seed=1)
         imp, clk = stack(outs, "impression").double(), stack(outs, "click").double()
         p = stack(outs, "p_click").double()
-        ctr, want = clk.sum((0, 1)) / imp.sum((0, 1)), (p * imp).sum((0, 1)) / imp.sum((0, 1))  # (S,) per slot
+        ctr, want = (
+            clk.sum((0, 1)) / imp.sum((0, 1)),
+            (p * imp).sum((0, 1)) / imp.sum((0, 1)),
+        )  # (S,) per slot
         realised.append((ctr[1] / ctr[0]).item())
         expected.append((want[1] / want[0]).item())
         inv_clicks += (1.0 / clk.sum((0, 1))).sum().item()
@@ -84,8 +87,9 @@ def test_fatigue_shortens_sessions(seed):
     # measured value: each mean length rests on >= 900 ended sessions (relative noise ~3%).
     lengths = []
     for w in (0.0, 0.8):
-        _, outs, _ = rollout(WorldConfig.small(exit_fatigue_weight=w, **LOW_COMPETITION), num_envs=512, steps=40,
-                             seed=seed)  # fmt: skip
+        _, outs, _ = rollout(
+            WorldConfig.small(exit_fatigue_weight=w, **LOW_COMPETITION), num_envs=512, steps=40, seed=seed
+        )
         ends = (stack(outs, "terminated") | stack(outs, "truncated")).sum().item()
         lengths.append(512 * 40 / max(ends, 1))
     assert lengths[0] > 1.5 * lengths[1], lengths
@@ -157,7 +161,9 @@ def test_delayed_conversions_are_all_reported_by_session_end():
     assert abs(conv_now / total - 0.25) < 4 * math.sqrt(0.25 * 0.75 / total), (conv_now, total)
     # Nothing outlives its session: a row holds at most PENDING_CONVERSIONS entries, all in the future.
     due = market.state.pend_due[market.state.pend_ad >= 0]
-    assert bool((due > market.state.step[:, None].expand_as(market.state.pend_due)[market.state.pend_ad >= 0]).all())
+    assert bool(
+        (due > market.state.step[:, None].expand_as(market.state.pend_due)[market.state.pend_ad >= 0]).all()
+    )
 
 
 def test_score_matches_realised_value_on_average():
