@@ -38,6 +38,11 @@ def stack(outcomes, field: str) -> torch.Tensor:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_PRETRAIN = (
+    "--collect-envs 16 --collect-steps 20 --d-model 16 --n-layers 1 --batch-size 32 --steps 3 --eval-every 3 "
+    "--checkpoint-every 3 --eval-requests 16 --threads 1 --no-progress"
+).split()
+"""``agents.pretrain`` flags of a seconds-long stage (tiny log, model and schedule) for end-to-end tests"""
 
 
 def torchrun(module: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

@@ -11,26 +11,7 @@ import pytest
 
 from agents import ablation
 
-TINY = [
-    "--collect-envs",
-    "16",
-    "--collect-steps",
-    "30",
-    "--d-model",
-    "16",
-    "--n-layers",
-    "1",
-    "--batch-size",
-    "32",
-    "--steps",
-    "4",
-    "--eval-every",
-    "2",
-    "--eval-requests",
-    "30",
-    "--threads",
-    "1",
-]
+TINY = "--collect-envs 16 --collect-steps 30 --d-model 16 --n-layers 1 --batch-size 32 --steps 4 --eval-every 2 --eval-requests 30 --threads 1".split()
 
 
 def test_build_table_t_intervals_and_paired_deltas():

@@ -14,36 +14,7 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 beam_widths, decode_cost, main = bench.beam_widths, bench.decode_cost, bench.main
 
-TINY_ARGS = [
-    "--device",
-    "cpu",
-    "--sizes",
-    "6,10",
-    "--beams",
-    "2,4",
-    "--top-k",
-    "3",
-    "--seq-len",
-    "12",
-    "--items",
-    "500",
-    "--levels",
-    "6,5,4",
-    "--d-model",
-    "32",
-    "--n-layers",
-    "2",
-    "--n-heads",
-    "2",
-    "--chunk",
-    "4",
-    "--naive-requests",
-    "2",
-    "--train-batch",
-    "3",
-    "--train-steps",
-    "1",
-]
+TINY_ARGS = "--device cpu --sizes 6,10 --beams 2,4 --top-k 3 --seq-len 12 --items 500 --levels 6,5,4 --d-model 32 --n-layers 2 --n-heads 2 --chunk 4 --naive-requests 2 --train-batch 3 --train-steps 1".split()
 
 
 def _positive(x) -> bool:
@@ -111,38 +82,7 @@ def test_cost_model_counts():
     assert a["flops"] > hsd
 
 
-INC_ARGS = [
-    "--device",
-    "cpu",
-    "--sizes",
-    "6",
-    "--beams",
-    "2,4",
-    "--top-k",
-    "3",
-    "--seq-len",
-    "12",
-    "--items",
-    "500",
-    "--levels",
-    "6,5,4",
-    "--d-model",
-    "32",
-    "--n-layers",
-    "2",
-    "--n-heads",
-    "2",
-    "--chunk",
-    "4",
-    "--naive-requests",
-    "2",
-    "--train-batch",
-    "0",
-    "--mode",
-    "full,incremental",
-    "--new-tokens",
-    "3",
-]
+INC_ARGS = "--device cpu --sizes 6 --beams 2,4 --top-k 3 --seq-len 12 --items 500 --levels 6,5,4 --d-model 32 --n-layers 2 --n-heads 2 --chunk 4 --naive-requests 2 --train-batch 0 --mode full,incremental --new-tokens 3".split()
 
 
 def test_incremental_mode_tiny_cpu(tmp_path):

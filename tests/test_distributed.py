@@ -19,21 +19,9 @@ from gpr_sim.runs import read_metrics
 from gpr_sim.world import preset
 from tests.helpers import torchrun
 
-TINY = [
-    "--d-model",
-    "16",
-    "--n-layers",
-    "1",
-    "--batch-size",
-    "16",
-    "--lr",
-    "3e-3",
-    "--threads",
-    "1",
-    "--eval-requests",
-    "20",
-    "--no-progress",
-]
+TINY = (
+    "--d-model 16 --n-layers 1 --batch-size 16 --lr 3e-3 --threads 1 --eval-requests 20 --no-progress".split()
+)
 
 
 def test_shard_rows():

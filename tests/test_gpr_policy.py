@@ -16,30 +16,8 @@ from agents.policies import make_policy
 from agents.policies.gpr import GPRPolicy, load_run_model, save_policy
 from envs import make_vec_env
 from gpr_sim.runs import file_digest
+from tests.helpers import TINY_PRETRAIN
 
-TINY_PRETRAIN = [
-    "--collect-envs",
-    "16",
-    "--collect-steps",
-    "20",
-    "--d-model",
-    "16",
-    "--n-layers",
-    "1",
-    "--batch-size",
-    "32",
-    "--steps",
-    "3",
-    "--eval-every",
-    "3",
-    "--checkpoint-every",
-    "3",
-    "--eval-requests",
-    "16",
-    "--threads",
-    "1",
-    "--no-progress",
-]
 TINY_EVAL = dict(num_envs=8, sessions=8, plots=False, threads=1)
 
 

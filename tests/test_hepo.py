@@ -28,31 +28,7 @@ from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.world import WorldConfig, preset, rng
 from gpr_sim.world.config import PRESETS
 from gpr_sim.world.state import MarketState
-from tests.helpers import torchrun
-
-TINY_PRETRAIN = [
-    "--collect-envs",
-    "16",
-    "--collect-steps",
-    "20",
-    "--d-model",
-    "16",
-    "--n-layers",
-    "1",
-    "--batch-size",
-    "32",
-    "--steps",
-    "3",
-    "--eval-every",
-    "3",
-    "--checkpoint-every",
-    "3",
-    "--eval-requests",
-    "16",
-    "--threads",
-    "1",
-    "--no-progress",
-]
+from tests.helpers import TINY_PRETRAIN, torchrun
 
 
 @pytest.fixture(scope="module")

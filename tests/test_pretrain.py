@@ -148,23 +148,7 @@ def test_popularity_rankings_ties_lower_index_first():
 
 # ----------------------------------------------------------------------------- the CLI end to end
 
-FAST = [
-    "--collect-envs",
-    "32",
-    "--collect-steps",
-    "40",
-    "--d-model",
-    "32",
-    "--n-layers",
-    "1",
-    "--batch-size",
-    "64",
-    "--lr",
-    "3e-3",
-    "--threads",
-    "1",
-    "--no-progress",
-]
+FAST = "--collect-envs 32 --collect-steps 40 --d-model 32 --n-layers 1 --batch-size 64 --lr 3e-3 --threads 1 --no-progress".split()
 
 
 @pytest.fixture(scope="module")
