@@ -170,8 +170,9 @@ def test_pretrain_lowers_heldout_loss_and_ranks(mtp_run):
     assert last["eval/loss"] < first["eval/loss"]
     # an untrained head ranks almost nothing; after 60 steps it finds the next ad for a share of requests
     assert last["eval/hitrate@10"] > first["eval/hitrate@10"]
-    # measured (see report): at this size the model is about level with the popularity baseline, not
-    # reliably above it, so only "the model learned a ranking comparable to popularity" is asserted
+    # a learning claim, not a copied value: at this size (60 steps, d=32) the model is about level with the
+    # popularity baseline, not reliably above it, so only "it learned a ranking comparable to popularity"
+    # (at least half its hit rate; untrained it has about 0) is asserted
     assert last["eval/hitrate@10"] > 0.5 * last["eval/pop_hitrate@10"]
     assert summary["final"]["step"] == 60
 
