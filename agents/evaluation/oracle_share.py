@@ -3,6 +3,8 @@
     states = RequestStates.build(OracleShareConfig(states=256))   # one fixed set of requests
     out = oracle_share(make_policy("cascade", states.env, seed=0), states)
     out["oracle_share"], out["oracle_share_ci_low"], out["oracle_share_ci_high"]
+    # or keep the per-state values (a table) and summarise them later:
+    summarize_shares(state_values(policy, states), level=0.9)
 
 The primary learning curve of the evaluation protocol (``DESIGN.md``): deterministic, cheap and free of
 the session noise of online metrics. Definitions, per request state s (N of them):
@@ -28,8 +30,10 @@ fatigue, ad load and budgets have moved). The same config gives the same states 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from agents.ope import action_distribution
@@ -153,23 +157,39 @@ def policy_values(policy, states: RequestStates) -> torch.Tensor:
     return total / states.config.samples
 
 
-def share(values: torch.Tensor, oracle: torch.Tensor, level: float, prefix: str) -> dict[str, float]:
-    """``sum(values) / sum(oracle)`` over states with its delta-method interval, keyed ``prefix`` (+ CI)."""
-    est = ratio_of_means(values.cpu().numpy(), oracle.cpu().numpy(), level, name=prefix)
-    return {prefix: est.value, f"{prefix}_ci_low": est.ci_low, f"{prefix}_ci_high": est.ci_high}
+def state_values(policy, states: RequestStates) -> dict[str, torch.Tensor]:
+    """Per state (N,) float64: the policy's expected true value (``policy``), the myopic oracle's (``oracle``)
+    and the fatigue-aware oracle's (``oracle_fatigue``): everything the shares are computed from."""
+    fatigue = make_policy("oracle-fatigue", states.env, states.config.seed)
+    return {
+        "policy": policy_values(policy, states),
+        "oracle": states.oracle_values,
+        "oracle_fatigue": policy_values(fatigue, states),
+    }
+
+
+def share(values, oracle, level: float, key: str) -> dict[str, float]:
+    """``sum(values) / sum(oracle)`` over states with its delta-method interval, keyed ``key`` (+ CI)."""
+    est = ratio_of_means(
+        np.asarray(values, dtype=np.float64), np.asarray(oracle, dtype=np.float64), level, key
+    )
+    return {key: est.value, f"{key}_ci_low": est.ci_low, f"{key}_ci_high": est.ci_high}
+
+
+def summarize_shares(values: Mapping[str, object], level: float = 0.95) -> dict[str, float]:
+    """The shares of ``state_values`` (tensors or arrays, e.g. read back from a table): ``oracle_share`` and
+    ``oracle_fatigue_share`` with their intervals, the policy's and the oracle's mean value per state and
+    the number of states."""
+    cols = {k: np.asarray(torch.as_tensor(v).cpu(), dtype=np.float64) for k, v in values.items()}
+    return {
+        **share(cols["policy"], cols["oracle"], level, "oracle_share"),
+        **share(cols["oracle_fatigue"], cols["oracle"], level, "oracle_fatigue_share"),
+        "policy_value": float(cols["policy"].mean()),
+        "oracle_value": float(cols["oracle"].mean()),
+        "oracle_states": len(cols["oracle"]),
+    }
 
 
 def oracle_share(policy, states: RequestStates) -> dict[str, float]:
-    """The policy's ``oracle_share`` (with interval), its and the oracle's mean true value per state, and the
-    fatigue-aware oracle's share on the same states (module doc)."""
-    oracle = states.oracle_values
-    mine = policy_values(policy, states)
-    fatigue = policy_values(make_policy("oracle-fatigue", states.env, states.config.seed), states)
-    level = states.config.level
-    return {
-        **share(mine, oracle, level, "oracle_share"),
-        **share(fatigue, oracle, level, "oracle_fatigue_share"),
-        "policy_value": float(mine.mean()),
-        "oracle_value": float(oracle.mean()),
-        "oracle_states": int(oracle.numel()),
-    }
+    """The policy's ``oracle_share`` on ``states`` (module doc), with ``summarize_shares``' other numbers."""
+    return summarize_shares(state_values(policy, states), states.config.level)
