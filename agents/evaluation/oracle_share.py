@@ -180,7 +180,10 @@ def summarize_shares(values: Mapping[str, object], level: float = 0.95) -> dict[
     """The shares of ``state_values`` (tensors or arrays, e.g. read back from a table): ``oracle_share`` and
     ``oracle_fatigue_share`` with their intervals, the policy's and the oracle's mean value per state and
     the number of states."""
-    cols = {k: np.asarray(torch.as_tensor(v).cpu(), dtype=np.float64) for k, v in values.items()}
+    cols = {
+        k: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+        for k, v in values.items()
+    }
     return {
         **share(cols["policy"], cols["oracle"], level, "oracle_share"),
         **share(cols["oracle_fatigue"], cols["oracle"], level, "oracle_fatigue_share"),
