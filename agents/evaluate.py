@@ -8,7 +8,9 @@ streams are keyed by (seed, env slot, draw counter), so each slot's first sessio
 every agent; later users follow the same streams but shift with session lengths. Each slot records its
 first ceil(sessions / num_envs) sessions (a fixed number per slot, so short sessions are not favoured),
 and the run stops once every slot has them. Metrics are computed over sessions (`gpr_sim.metrics`); the
-comparison itself is `agents.evaluation.compare`.
+comparison itself is `agents.evaluation.compare`. Beside them, `eval/oracle_share`: the true value each agent
+serves on `--oracle-states` fixed request states as a share of the myopic oracle's, with its interval, and
+the fatigue-aware oracle's share (`agents.evaluation.oracle_share`).
 
 Output folder (`--out`, default `runs/eval/{env}__{preset}__{seed}`), an `agents.evaluate` folder: locked while
 an evaluation writes it, and refused when another entry point owns it (e.g. an `agents.hepo` run;
@@ -22,6 +24,7 @@ an evaluation writes it, and refused when another entry point owns it (e.g. an `
 | `strata.csv` | per agent x activity tier (1..5) and per agent x ad age (new / old) |
 | `metrics.png`, `strata.png` | bar charts with error bars |
 | `agents/NAME/sessions.parquet` | one row per session (`gpr_sim.metrics.SESSION_COLUMNS`) |
+| `agents/NAME/oracle_share.parquet` | one row per request state: the agent's, the oracle's and the fatigue-aware oracle's true value |
 | `agents/NAME/summary.json` | the agent's run config (settings and the SHA-256 of the files it read, e.g. `policy.pt`) and metrics; a rerun with the same config reuses its sessions |
 """
 
@@ -61,6 +64,8 @@ class Args:
     """reset seed, the same for every agent (same first users), also the policies' and bootstrap's seed"""
     device: str = "cpu"
     """torch device of the env and the policies"""
+    oracle_states: int = 256
+    """fixed request states of eval/oracle_share (the first request of as many sessions)"""
     threads: int = 1
     """torch CPU threads (0 = torch's default); at these batch sizes more threads gain little and stall on a busy CPU"""
     ci: str = "normal"
@@ -78,7 +83,7 @@ class Args:
 
     def __post_init__(self) -> None:
         cli.check_args(self)
-        for name in ("num_envs", "sessions"):
+        for name in ("num_envs", "sessions", "oracle_states"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
@@ -100,6 +105,7 @@ class Args:
             sessions=self.sessions,
             seed=self.seed,
             device=self.device,
+            oracle_states=self.oracle_states,
             ci=CIConfig(self.ci, self.level, self.n_bootstrap),
             rerun=self.rerun,
         )

@@ -141,6 +141,8 @@ class Args:
     """beam width of the served policy"""
     eval_candidates: int = 40
     """K of the candidate-quality metrics (beam width = K)"""
+    eval_states: int = 256
+    """fixed request states of eval/oracle_share"""
     checkpoint_every: int = 5
     """iterations between checkpoints (and at the end)"""
     threads: int = 0
@@ -169,6 +171,7 @@ class Args:
             ("eval_envs", 1),
             ("eval_beam", 1),
             ("eval_candidates", 2),
+            ("eval_states", 1),
             ("checkpoint_every", 1),
             ("threads", 0),
             ("critic_warmup", 0),
@@ -304,6 +307,7 @@ def held_out(args: Args) -> HeldOutConfig:
         seed=args.eval_seed,
         beam_width=args.eval_beam,
         candidates=args.eval_candidates,
+        oracle_states=args.eval_states,
         progress=args.progress,
     )
 
@@ -326,6 +330,8 @@ def make_train_env(args: Args, dist: Dist = SINGLE):
 
 def _log_line(row: dict) -> str:
     parts = [f"it {row['iteration']}"]
+    if "eval/oracle_share" in row:
+        parts.append(f"oracle_share {row['eval/oracle_share']:.3f}")
     if "eval/reward_per_session" in row:
         parts.append(f"eval reward/session {row['eval/reward_per_session']:.3f}")
         parts.append(f"gmv/session {row['eval/gmv_per_session']:.3f}")
@@ -523,6 +529,15 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
             "final": evals[-1],
         }
         write_json(summary_path, summary)
+        first, last = evals[0], evals[-1]
+        if "eval/oracle_share" in first and "eval/oracle_share" in last:  # (a run resumed from older logs)
+            print(
+                f"{out}: oracle_share {first['eval/oracle_share']:.3f} "
+                f"[{first['eval/oracle_share_ci_low']:.3f}, {first['eval/oracle_share_ci_high']:.3f}] -> "
+                f"{last['eval/oracle_share']:.3f} "
+                f"[{last['eval/oracle_share_ci_low']:.3f}, {last['eval/oracle_share_ci_high']:.3f}] "
+                f"(fatigue-aware oracle {last['eval/oracle_fatigue_share']:.3f})"
+            )
         print(
             f"{out}: eval reward/session {evals[0]['eval/reward_per_session']:.3f} -> "
             f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "

@@ -19,8 +19,11 @@ from gpr_sim.stats import CIConfig
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(num_envs=24, sessions=48)  # 2 sessions per env slot
+TINY = dict(num_envs=24, sessions=48, oracle_states=32)  # 2 sessions per env slot
 METRIC_COLUMNS = [f"eval/{m.name}{x}" for m in METRICS for x in ("", "_ci_low", "_ci_high")]
+ORACLE_COLUMNS = [
+    f"eval/{k}{x}" for k in ("oracle_share", "oracle_fatigue_share") for x in ("", "_ci_low", "_ci_high")
+] + ["eval/policy_value", "eval/oracle_value", "eval/oracle_states"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def test_files_and_columns(tiny_run):
     for name in ("metrics.png", "strata.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     csv = pd.read_csv(out / "summary.csv")
-    assert list(csv.columns) == ["agent", "eval/sessions"] + METRIC_COLUMNS
+    assert list(csv.columns) == ["agent", "eval/sessions"] + METRIC_COLUMNS + ORACLE_COLUMNS
     assert list(csv.agent) == ["random", "cascade", "oracle"] and (csv["eval/sessions"] == 48).all()
     assert set(json.loads((out / "summary.json").read_text())) == {"random", "cascade", "oracle"}
     strata = pd.read_csv(out / "strata.csv", dtype={"group": str})
@@ -59,6 +62,17 @@ def test_files_and_columns(tiny_run):
             v, lo, hi = row[f"eval/{m.name}"], row[f"eval/{m.name}_ci_low"], row[f"eval/{m.name}_ci_high"]
             assert lo <= v <= hi, m.name
         first_users.append(sessions[sessions.session == 0].user_id.to_numpy())
+        # oracle_share is the ratio of the agent's per-state true values to the oracle's, inside its interval
+        values = pd.read_parquet(out / "agents" / agent / "oracle_share.parquet")
+        assert list(values.columns) == ["policy", "oracle", "oracle_fatigue"] and len(values) == 32
+        assert row["eval/oracle_share"] == pytest.approx(values.policy.sum() / values.oracle.sum())
+        assert row["eval/oracle_share_ci_low"] <= row["eval/oracle_share"] <= row["eval/oracle_share_ci_high"]
+    shares = summary.set_index("agent")["eval/oracle_share"]
+    assert shares["oracle"] == 1.0  # the oracle serves the best eligible ad on every state
+    assert shares["random"] < shares["cascade"] < shares["oracle"]
+    # the fatigue-aware oracle is the same reference for every agent, a little below the myopic one
+    fatigue = summary["eval/oracle_fatigue_share"]
+    assert (fatigue == fatigue[0]).all() and 0.5 < fatigue[0] < 1.0
     # same world, same reset seed: every slot's first session has the same user for every agent
     np.testing.assert_array_equal(first_users[0], first_users[1])
     np.testing.assert_array_equal(first_users[0], first_users[2])
@@ -69,7 +83,9 @@ def test_library_call_is_the_entry_point(tiny_run, tmp_path, capsys):
     cache key) and writes the same bytes: the entry point adds only its folder record and the printout."""
     out, _ = tiny_run
     cfg = Args(agents="random,cascade,oracle", out=str(out), **TINY).config()
-    assert cfg == EvalConfig(agents=("random", "cascade", "oracle"), num_envs=24, sessions=48, ci=CIConfig())
+    assert cfg == EvalConfig(
+        agents=("random", "cascade", "oracle"), num_envs=24, sessions=48, oracle_states=32, ci=CIConfig()
+    )
     capsys.readouterr()
     result = compare_agents(cfg, out)
     assert capsys.readouterr().out.count("same config already evaluated") == 3
@@ -88,6 +104,8 @@ def test_eval_config_rejects_bad_settings():
         EvalConfig(agents=("bogus",))
     with pytest.raises(ValueError, match="sessions"):
         EvalConfig(sessions=0)
+    with pytest.raises(ValueError, match="oracle_states"):
+        EvalConfig(oracle_states=0)
     with pytest.raises(ValueError, match="CIConfig"):
         EvalConfig(ci="bootstrap")
 
@@ -108,6 +126,10 @@ def test_same_seed_same_summary_and_resume(tiny_run, tmp_path, capsys):
     other = main(Args(agents="random", out=str(tmp_path), plots=False, seed=1, **TINY))
     assert "already evaluated" not in capsys.readouterr().out
     assert other.loc[0, "eval/ctr"] != first["random"]["eval/ctr"]
+    # the number of oracle_share states is part of the cache key
+    more = main(Args(agents="random", out=str(tmp_path), plots=False, **{**TINY, "oracle_states": 40}))
+    assert "already evaluated" not in capsys.readouterr().out
+    assert more.loc[0, "eval/oracle_states"] == 40
 
 
 def _beats_random(summary: pd.DataFrame, key: str) -> bool:

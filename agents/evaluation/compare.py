@@ -10,9 +10,15 @@ every agent; later users follow the same streams but shift with session lengths.
 first ceil(sessions / num_envs) sessions (``agents.evaluation.sessions.collect_sessions``), and metrics
 are computed over sessions (``gpr_sim.metrics``).
 
-An agent's sessions are saved in ``out/agents/NAME/`` (``sessions.parquet`` and ``summary.json`` with the
-agent's run config: the settings and the SHA-256 of the files it reads, e.g. ``policy.pt``); a later
-comparison with the same run config reuses them, so a retrained policy is evaluated again.
+Every agent is also valued on ``oracle_states`` fixed request states (the first request of as many
+sessions of a separate market reset with the same seed): ``eval/oracle_share``, the true value it serves
+as a share of the myopic oracle's, with its interval, and ``eval/oracle_fatigue_share``
+(``agents.evaluation.oracle_share``).
+
+An agent's sessions are saved in ``out/agents/NAME/`` (``sessions.parquet``, its per-state values in
+``oracle_share.parquet`` and ``summary.json`` with the agent's run config: the settings and the SHA-256 of
+the files it reads, e.g. ``policy.pt``); a later comparison with the same run config reuses them, so a
+retrained policy is evaluated again.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, state_values, summarize_shares
 from agents.evaluation.sessions import collect_sessions
 from agents.policies import known_policies, make_policy, policy_factory, policy_inputs
 from envs import make_vec_env, resolve_config
@@ -61,11 +68,13 @@ class EvalConfig:
     """torch device of the env and the policies"""
     ci: CIConfig = field(default_factory=CIConfig)
     """intervals over sessions"""
+    oracle_states: int = 256
+    """fixed request states of ``eval/oracle_share``"""
     rerun: bool = False
     """simulate every agent again even when the cache holds its sessions from the same run config"""
 
     def __post_init__(self) -> None:
-        for name in ("num_envs", "sessions"):
+        for name in ("num_envs", "sessions", "oracle_states"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
@@ -83,6 +92,19 @@ class EvalConfig:
     @property
     def sessions_per_slot(self) -> int:
         return math.ceil(self.sessions / self.num_envs)
+
+    @property
+    def oracle_share(self) -> OracleShareConfig:
+        """The request states of ``eval/oracle_share``: the compared world, reset with ``seed``."""
+        return OracleShareConfig(
+            env=self.env,
+            preset=self.preset,
+            world_seed=self.world_seed,
+            device=self.device,
+            states=self.oracle_states,
+            seed=self.seed,
+            level=self.ci.level,
+        )
 
 
 # ----------------------------------------------------------------------------- running one agent
@@ -108,6 +130,7 @@ def run_config(cfg: EvalConfig, spec: str) -> dict:
         "sessions_per_slot": cfg.sessions_per_slot,
         "seed": cfg.seed,
         "device": cfg.device,
+        "oracle_states": cfg.oracle_states,
     }
 
 
@@ -116,18 +139,20 @@ def agent_dir(out: Path, spec: str) -> Path:
     return out / "agents" / re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
 
 
-def run_agent(cfg: EvalConfig, spec: str, out: Path) -> pd.DataFrame:
-    """The agent's sessions: reused from ``agent_dir(out, spec)`` when its run config matches, else simulated
-    and saved there."""
+def run_agent(cfg: EvalConfig, spec: str, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The agent's sessions and its per-state values on the ``oracle_share`` states (``state_values``: columns
+    ``policy``, ``oracle``, ``oracle_fatigue``): reused from ``agent_dir(out, spec)`` when its run config
+    matches, else simulated and saved there."""
     folder = agent_dir(out, spec)
     config = json.loads(json.dumps(run_config(cfg, spec)))  # as it reads back from JSON
     marker, table = folder / "summary.json", folder / "sessions.parquet"
-    if not cfg.rerun and marker.exists() and table.exists():
+    values_table = folder / "oracle_share.parquet"
+    if not cfg.rerun and marker.exists() and table.exists() and values_table.exists():
         if read_json(marker).get("config") == config:
             print(
                 f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)"
             )
-            return pd.read_parquet(table)
+            return pd.read_parquet(table), pd.read_parquet(values_table)
         print(f"{spec}: {folder} holds a run with another config, running again")
     env = make_vec_env(
         cfg.env,
@@ -142,12 +167,23 @@ def run_agent(cfg: EvalConfig, spec: str, out: Path) -> pd.DataFrame:
     sessions, steps = collect_sessions(env, policy, cfg.sessions_per_slot, cfg.seed, desc=spec)
     seconds = time.perf_counter() - start
     print(f"{spec}: {len(sessions)} sessions, {steps} steps of {cfg.num_envs} requests in {seconds:.1f} s")
+    states = RequestStates.build(cfg.oracle_share)
+    values = state_values(make_policy(spec, states.env, cfg.seed), states)
+    values = pd.DataFrame({k: v.cpu().numpy() for k, v in values.items()})
     buf = io.BytesIO()
     sessions.to_parquet(buf, index=False)
     atomic_write_bytes(table, buf.getvalue())
-    metrics = summarize(sessions, prefix=PREFIX)
+    buf = io.BytesIO()
+    values.to_parquet(buf, index=False)
+    atomic_write_bytes(values_table, buf.getvalue())
+    metrics = {**summarize(sessions, prefix=PREFIX), **oracle_share_metrics(values, cfg.ci.level)}
     write_json(marker, {"config": config, "steps": steps, "seconds": seconds, "metrics": _clean(metrics)})
-    return sessions
+    return sessions, values
+
+
+def oracle_share_metrics(values: pd.DataFrame, level: float) -> dict[str, float]:
+    """``eval/oracle_share`` (+ interval), ``eval/oracle_fatigue_share``... of an agent's per-state values."""
+    return {f"{PREFIX}{k}": v for k, v in summarize_shares(values, level).items()}
 
 
 def _clean(d: dict) -> dict:
@@ -163,7 +199,8 @@ class Comparison:
     """The summaries of one comparison, one entry per agent in ``EvalConfig.agents`` order."""
 
     rows: tuple[dict, ...]
-    """per agent: ``agent`` and the flat metrics of ``gpr_sim.metrics.summarize`` (with intervals)"""
+    """per agent: ``agent``, the flat metrics of ``gpr_sim.metrics.summarize`` (with intervals) and
+    ``oracle_share_metrics``"""
     summary: pd.DataFrame
     """``rows`` as a table"""
     strata: pd.DataFrame
@@ -178,10 +215,11 @@ def compare_agents(cfg: EvalConfig, out: Path) -> Comparison:
     ``cfg.ci``; the bootstrap (if any) resamples with the same seed for every agent."""
     summaries, strata = [], []
     for spec in cfg.agents:
-        sessions = run_agent(cfg, spec, out)
+        sessions, values = run_agent(cfg, spec, out)
         kw = dict(prefix=PREFIX, ci=cfg.ci.method, level=cfg.ci.level, n_bootstrap=cfg.ci.n_bootstrap)
         rng = lambda: np.random.default_rng(cfg.seed)  # noqa: E731  (the same resamples for every agent)
-        summaries.append({"agent": spec, **summarize(sessions, rng=rng(), **kw)})
+        summary = summarize(sessions, rng=rng(), **kw)
+        summaries.append({"agent": spec, **summary, **oracle_share_metrics(values, cfg.ci.level)})
         strata.append(summarize_strata(sessions, rng=rng(), **kw).assign(agent=spec))
     strata_df = pd.concat(strata, ignore_index=True)
     strata_df = strata_df[["agent"] + [c for c in strata_df.columns if c != "agent"]]
@@ -205,6 +243,7 @@ def write_comparison(result: Comparison, out: Path, plots: bool = True) -> list[
 # ----------------------------------------------------------------------------- table and charts
 
 DISPLAY = {  # metric -> (label, scale, format), for the table and the charts
+    "oracle_share": ("oracle share %", 100.0, "{:.1f}"),
     "ctr": ("CTR %", 100.0, "{:.2f}"),
     "cvr": ("CVR %", 100.0, "{:.2f}"),
     "ctcvr": ("CTCVR %", 100.0, "{:.3f}"),

@@ -7,7 +7,10 @@ top-1 served) and reports, keyed as ``metrics.jsonl`` holds them (``agents.repor
 - ``eval/{metric}``: reward, revenue, GMV, CTR, CVR, CTCVR... per session with their CIs (``gpr_sim.metrics``);
 - ``eval/strata/...``: the same per user-activity tier and for new / old ads (Table 5, values only);
 - ``eval/cand_*``: Table 3 candidate quality (nDCG, OPR, mean / max / top-1 normalised final_value of the
-  top-K beam) on the first request of every session.
+  top-K beam) on the first request of every session;
+- ``eval/oracle_share`` (+ interval) and ``eval/oracle_fatigue_share``: the true value the served generator
+  picks on ``oracle_states`` fixed requests as a share of the myopic oracle's (``agents.evaluation.oracle_share``),
+  the deterministic learning curve.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, oracle_share
 from agents.evaluation.sessions import collect_sessions
 from agents.policies.gpr import GPRPolicy, load_run_model
 from agents.reporting.keys import STRATA_METRICS, strata_key
@@ -50,11 +54,19 @@ class HeldOutConfig:
     """beam width of the served policy"""
     candidates: int = 40
     """K of the candidate-quality metrics (beam width = K)"""
+    oracle_states: int = 256
+    """fixed request states of ``eval/oracle_share`` (the first request of as many sessions, same seed)"""
     progress: bool = True
     """progress bar of the session loop"""
 
     def __post_init__(self) -> None:
-        for name, lo in (("num_envs", 1), ("sessions", 1), ("beam_width", 1), ("candidates", 2)):
+        for name, lo in (
+            ("num_envs", 1),
+            ("sessions", 1),
+            ("beam_width", 1),
+            ("candidates", 2),
+            ("oracle_states", 1),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
@@ -65,9 +77,18 @@ class HeldOutConfig:
     def sessions_per_slot(self) -> int:
         return math.ceil(self.sessions / self.num_envs)
 
+    @property
+    def oracle_share(self) -> OracleShareConfig:
+        """The request states of ``eval/oracle_share``: a market of ``oracle_states`` slots of the same world,
+        reset with the same seed."""
+        return OracleShareConfig(
+            env=self.env, preset=self.preset, device=self.device, states=self.oracle_states, seed=self.seed
+        )
+
 
 class Evaluator:
-    """Held-out sessions of a separate market with a fixed seed: online metrics and candidate quality."""
+    """Held-out sessions of a separate market with a fixed seed: online metrics, candidate quality and
+    ``oracle_share`` on fixed request states (built once, valued at every evaluation)."""
 
     def __init__(self, config: HeldOutConfig, tokenizer):
         self.config = config
@@ -75,6 +96,15 @@ class Evaluator:
             config.env, config.num_envs, preset=config.preset, device=config.device, validate_actions=False
         )
         self.tok = tokenizer.to(config.device)
+        self.states = RequestStates.build(config.oracle_share)
+
+    @torch.no_grad()
+    def oracle_share(self, model: GPRModel) -> dict[str, float]:
+        """``eval/oracle_share`` (+ interval), ``eval/oracle_fatigue_share``, ``eval/policy_value`` and
+        ``eval/oracle_value`` of the served generator (top-1 of the beam) on the fixed request states."""
+        c = self.config
+        policy = GPRPolicy.from_model(self.states.env, model, self.tok, beam_width=c.beam_width, seed=c.seed)
+        return {f"eval/{k}": v for k, v in oracle_share(policy, self.states).items()}
 
     @torch.no_grad()
     def candidates(self, model: GPRModel) -> dict[str, float]:
@@ -120,6 +150,7 @@ class Evaluator:
         out = {k: v for k, v in summarize(sessions, prefix="eval/").items() if isinstance(v, (int, float))}
         out.update(self.strata(sessions))
         out.update(self.candidates(model))
+        out.update(self.oracle_share(model))
         model.train(was_training)
         return out
 
