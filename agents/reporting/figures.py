@@ -86,6 +86,8 @@ def plot_curves(
     The band is the ``level`` Student t interval over seeds (``seed_curves``), the interval the tables
     report; a single run shows its own CI columns (over sessions) when it has them. The legend says which.
     """
+    logged = set().union(*(k for run in runs for k in map(dict.keys, read_metrics(run / "metrics.jsonl"))))
+    metrics = tuple(m for m in metrics if m in logged) or metrics[:1]  # a panel per metric some run logs
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for label, c in seed_curves(runs, metric, x, level).items():

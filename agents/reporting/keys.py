@@ -8,8 +8,15 @@ keys, the tables read them.
 
 from __future__ import annotations
 
-CURVES = ("eval/reward_per_session", "eval/gmv_per_session", "eval/ctcvr", "eval/cand_mean_value")
-"""the metrics drawn by default, one panel each"""
+CURVES = (
+    "eval/oracle_share",
+    "eval/reward_per_session",
+    "eval/gmv_per_session",
+    "eval/ctcvr",
+    "eval/cand_mean_value",
+)
+"""the metrics drawn by default, one panel each (the deterministic ``oracle_share`` first: the primary curve;
+a metric no run logs, e.g. oracle_share in runs older than it, gets no panel)"""
 TABLE3 = ("ndcg", "opr", "mean_value", "max_value", "top1_value")
 """Table 3 columns: ``eval/cand_{name}`` of ``agents.hepo``"""
 FINAL = ("reward_per_session", "gmv_per_session", "ctcvr", "revenue_per_session")
