@@ -19,8 +19,9 @@ import torch
 
 from agents import ope
 from agents.collection import collect
-from agents.ope import Args, action_distribution, bandit_view, check_meta, prob_of, temperature_option
+from agents.ope import Args, bandit_view, check_meta, temperature_option
 from agents.policies import make_policy
+from agents.policies.distribution import action_distribution, prob_of
 from envs import make_vec_env
 from gpr_sim.data.bandit import LoggedBandit
 from gpr_sim.data.logs import read_logs, write_logs

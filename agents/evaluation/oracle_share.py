@@ -13,7 +13,7 @@ the session noise of online metrics. Definitions, per request state s (N of them
   (an ineligible ad shows nothing: value 0), the same expected reward ``agents.ope`` uses as ground truth;
 - the policy's value ``E_{a ~ pi(.|s)} v(s, a)`` over its first candidate (its top pick; with the default
   ``num_candidates == 1``, the ad it serves). Exact for the policies whose action distribution
-  ``agents.ope.action_distribution`` knows (random: uniform over every ad, cascade: its softmax over its
+  ``agents.policies.distribution.action_distribution`` knows (random: uniform over every ad, cascade: its softmax over its
   pool, oracle: one-hot on its pick); any other policy (``gpr:``) is the mean over ``samples`` calls of
   ``act`` (the generator is deterministic but for the refiner's seeded noise, so 1 sample is the default);
 - the myopic oracle's value ``max_{a eligible} v(s, a)``, what ``agents.policies`` ``oracle`` serves
@@ -36,16 +36,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.ope import action_distribution
 from agents.policies import make_policy, row_chunks
 from agents.policies.cascade import CascadePolicy
+from agents.policies.distribution import action_distribution
 from agents.policies.oracle import OraclePolicy
 from agents.policies.random import RandomPolicy
 from envs import make_vec_env
 from gpr_sim.stats import check_level, ratio_of_means
 
 EXACT = (RandomPolicy, CascadePolicy, OraclePolicy)
-"""policies valued over their exact action distribution (``agents.ope.action_distribution``)"""
+"""policies valued over their exact action distribution (``agents.policies.distribution.action_distribution``)"""
 
 
 @dataclass(frozen=True)
