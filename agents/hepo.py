@@ -359,20 +359,8 @@ def _main(args: Args, dist: Dist) -> dict:
     out = Path(
         distributed.broadcast_object(str(run_dir(args)), dist)
     )  # a new folder is named by rank 0's clock
-    folder, refused = None, None
-    if dist.is_main:  # rank 0 alone writes the folder; every rank fails alike when it is refused
-        try:
-            folder = open_run_folder(out, args)
-        except ValueError as e:
-            refused = str(e)
-    refused = distributed.broadcast_object(refused, dist)
-    if refused:
-        raise ValueError(refused)
-    try:
+    with distributed.main_rank_folder(lambda: open_run_folder(out, args), dist):
         return _run(args, dist, out, vaft)
-    finally:
-        if folder is not None:
-            folder.close()
 
 
 def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:

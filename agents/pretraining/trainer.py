@@ -88,20 +88,9 @@ def pretrain(cfg: PretrainConfig, dist: distributed.Dist = distributed.SINGLE) -
             f"batch_size={cfg.batch_size} is invalid with {dist.world_size} processes: "
             "--batch-size is the global batch and must be a multiple of the world size"
         )
-    out, folder, refused = out_dir(cfg), None, None
-    if dist.is_main:  # rank 0 alone writes the folder; every rank fails alike when it is refused
-        try:
-            folder = open_run_folder(out, cfg)
-        except ValueError as e:
-            refused = str(e)
-    refused = distributed.broadcast_object(refused, dist)
-    if refused:
-        raise ValueError(refused)
-    try:
+    out = out_dir(cfg)
+    with distributed.main_rank_folder(lambda: open_run_folder(out, cfg), dist):
         return train_stage(cfg, dist, out)
-    finally:
-        if folder is not None:
-            folder.close()
 
 
 def init_model(cfg: PretrainConfig, data: StageData, ckpt: Path, dist: distributed.Dist):

@@ -41,7 +41,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +145,27 @@ def broadcast_object(value, dist: Dist):
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def main_rank_folder(open_folder: Callable[[], object], dist: Dist) -> Iterator[object]:
+    """Rank 0 alone opens (owns and locks) the run folder, ``open_folder()``; every rank fails alike when it
+    is refused (the ``ValueError`` is broadcast), and the folder is closed when the block ends. Yields the
+    folder on rank 0, None on the others."""
+    folder, refused = None, None
+    if dist.is_main:
+        try:
+            folder = open_folder()
+        except ValueError as e:
+            refused = str(e)
+    refused = broadcast_object(refused, dist)
+    if refused:
+        raise ValueError(refused)
+    try:
+        yield folder
+    finally:
+        if folder is not None:
+            folder.close()
 
 
 def gather_objects(value, dist: Dist) -> list:
