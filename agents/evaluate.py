@@ -83,13 +83,9 @@ class Args:
 
     def __post_init__(self) -> None:
         cli.check_args(self)
-        for name in ("num_envs", "sessions", "oracle_states"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads={self.threads!r} is out of range: expected an integer >= 0")
-        self.config()  # the comparison's own checks (agents, intervals): an unknown agent fails before anything runs
+        self.config()  # the comparison's checks (sizes, agents, intervals): a bad value fails before anything runs
 
     def agent_list(self) -> list[str]:
         return [s.strip() for s in self.agents.split(",") if s.strip()]
