@@ -155,13 +155,18 @@ def _diff(cfg: Any, base: Any) -> dict:
 
 
 def parse_configs(
-    *classes: type, argv: Sequence[str] | None = None, description: str | None = None, world: bool = False
+    *classes: type,
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    world: bool = False,
+    default: Any = None,
 ) -> tuple:
     """One instance per dataclass in ``classes`` from the command line (their field names must not clash).
 
     With ``world`` the result ends with the ``--world.*`` overrides given, as a dict of `WorldConfig` field
     values (``reward`` as a dict) over the preset named by ``--preset`` (a field of one of ``classes``);
-    apply them with `world_config`.
+    apply them with `world_config`. ``default``: an instance of the single class whose values the flags not
+    given keep (a named profile, `parse_args`), instead of the class's own defaults.
     """
     argv = [_tyro_spelling(a) for a in (sys.argv[1:] if argv is None else argv)]
     base = None
@@ -170,16 +175,51 @@ def parse_configs(
         base = preset(given_value(argv, "--preset") or default)
     target = classes[0] if len(classes) == 1 and base is None else _bundle(classes, base)
     with _one_line_errors():
-        parsed = tyro.cli(target, prog=_prog(classes[0]), args=argv, description=description)
+        parsed = tyro.cli(target, prog=_prog(classes[0]), args=argv, description=description, default=default)
     if target is classes[0]:
         return (parsed,)
     out = tuple(getattr(parsed, f"config{i}") for i in range(len(classes)))
     return out + (_diff(parsed.world, base),) if base is not None else out
 
 
-def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """``cls`` (a dataclass) from the command line: one flag per field."""
-    return parse_configs(cls, argv=argv, description=description)[0]
+def parse_args(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    profiles: dict[str, dict] | None = None,
+) -> T:
+    """``cls`` (a dataclass) from the command line: one flag per field.
+
+    ``profiles``: named sets of defaults (``{name: {field: value}}``) selected by the field ``profile``: the
+    ``--profile NAME`` given (read first, as ``--preset``) makes ``cls(profile=NAME, **profiles[NAME])`` the
+    instance whose values the flags not given keep, so ``--help`` shows the profile's values too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = None
+    if profiles is not None:
+        name = given_value(argv, "--profile") or next(
+            f.default for f in dataclasses.fields(cls) if f.name == "profile"
+        )
+        if name not in profiles:
+            raise UsageError(f"--profile: unknown profile {name!r}: expected one of {sorted(profiles)}")
+        default = _defaults_instance(cls, {**profiles[name], "profile": name})
+    return parse_configs(cls, argv=argv, description=description, default=default)[0]
+
+
+def _defaults_instance(cls: type[T], values: dict) -> T:
+    """An instance of dataclass ``cls`` holding ``values`` over its defaults, not yet validated: tyro reads the
+    defaults of the flags from it, and validation runs on the instance the command line builds (so a profile's
+    ``device="cuda"`` overridden by ``--device cpu`` is never checked on a machine without CUDA)."""
+    obj = cls.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            value = values[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = f.default_factory()
+        object.__setattr__(obj, f.name, value)
+    return obj
 
 
 def parse_args_with_world(

@@ -73,14 +73,57 @@ ENTRY = "agents.hepo"
 CKPT_FORMAT = "gpr_sim.hepo"
 CKPT_VERSION = 2
 """2: keyed rollout draws and minibatch order (no generator states); the env state of every rank"""
-RESUME_IGNORES = ("iterations", "progress", "threads", "out", "device", "label")
+RESUME_IGNORES = (
+    "iterations",
+    "progress",
+    "threads",
+    "out",
+    "device",
+    "label",
+    "plateau_patience",
+    "plateau_delta",
+)
 """flags that may change between an interrupted run and its resumption"""
+
+
+PROFILES: dict[str, dict] = {
+    "cpu": {},
+    "gpu-large": dict(
+        device="cuda",
+        preset="large",
+        collect_envs=16384,
+        collect_steps=64,
+        codebook_size=256,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        pretrain_batch=1024,
+        mtp_steps=3000,
+        vaft_steps=1000,
+        num_envs=16384,
+        minibatch=1024,
+        iterations=300,
+        eval_every=10,
+        eval_sessions=16384,
+        eval_envs=4096,
+        eval_states=4096,
+        checkpoint_every=10,
+        plateau_patience=5,
+    ),
+}
+"""Named defaults of ``--profile`` (``Args``' own defaults are ``cpu``'s). ``gpu-large``: the large world (1M ads,
+50k advertisers), a 256-code tokenizer, 1,048,576 logged requests (16,384 sessions x 64 steps) for MTP, the
+d=256 x 4-layer generator, 16,384 concurrent RL sessions, and RL until eval/oracle_share has not gained 0.005 in
+5 evaluations (50 iterations) or 300 iterations; sized for one H200 (139 GiB)."""
 
 
 @dataclass(frozen=True)
 class Args:
     """CLI of ``python -m agents.hepo`` (``--loss.*`` flags set the loss constants)."""
 
+    profile: str = "cpu"
+    """named defaults (``PROFILES``): cpu (the demo: small world, d=64, minutes on a CPU) | gpu-large (the
+    large world on one GPU); flags given beside it override the profile's values"""
     env: str = "ads-v0"
     """Gymnasium id of the environment"""
     algo: str = "hepo"
@@ -102,6 +145,20 @@ class Args:
     """MTP pre-training steps"""
     vaft_steps: int = 100
     """VAFT steps"""
+    d_model: int = 64
+    """generator width (built by pre-training, trained by RL)"""
+    n_layers: int = 2
+    """HSD blocks of the generator"""
+    n_heads: int = 2
+    """attention heads (must divide d_model)"""
+    pretrain_batch: int = 128
+    """requests per MTP / VAFT step"""
+    collect_envs: int = 64
+    """sessions of the logged data pre-training learns from (collect_envs x collect_steps requests)"""
+    collect_steps: int = 100
+    """steps of the logged data"""
+    codebook_size: int = 16
+    """codes per semantic-ID level of the tokenizer (16 small world, 256 large)"""
     iterations: int = 20
     """RL iterations (rollout + update)"""
     num_envs: int = 64
@@ -145,6 +202,11 @@ class Args:
     """fixed request states of eval/oracle_share"""
     checkpoint_every: int = 5
     """iterations between checkpoints (and at the end)"""
+    plateau_patience: int = 0
+    """stop once this many evaluations in a row raised eval/oracle_share by no more than plateau_delta over the
+    best before them (the curve has flattened); 0 = run every iteration"""
+    plateau_delta: float = 0.005
+    """the oracle_share gain that still counts as progress"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True
@@ -154,6 +216,8 @@ class Args:
 
     def __post_init__(self) -> None:
         check_args(self)
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile={self.profile!r} is unknown: expected one of {sorted(PROFILES)}")
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
@@ -175,6 +239,14 @@ class Args:
             ("checkpoint_every", 1),
             ("threads", 0),
             ("critic_warmup", 0),
+            ("d_model", 1),
+            ("n_layers", 1),
+            ("n_heads", 1),
+            ("pretrain_batch", 1),
+            ("collect_envs", 1),
+            ("collect_steps", 1),
+            ("codebook_size", 2),
+            ("plateau_patience", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -187,6 +259,8 @@ class Args:
             raise ValueError(f"lr={self.lr} is invalid: expected > 0")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected > 0")
+        if not self.plateau_delta >= 0:
+            raise ValueError(f"plateau_delta={self.plateau_delta} is invalid: expected >= 0")
         if not 0.0 <= self.arr_rate <= 1.0:
             raise ValueError(f"arr_rate={self.arr_rate} is invalid: expected in [0, 1]")
         pretraining(
@@ -207,6 +281,13 @@ def pretraining(args: Args) -> tuple[PretrainConfig, PretrainConfig]:
         threads=args.threads,
         progress=args.progress,
         preset=args.preset,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        batch_size=args.pretrain_batch,
+        collect_envs=args.collect_envs,
+        collect_steps=args.collect_steps,
+        codebook_size=args.codebook_size,
     )
     return stage_configs(pipeline_dir(common, args.pretrain_dir), common, args.mtp_steps, args.vaft_steps)
 
@@ -250,6 +331,14 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
             "before its first checkpoint, or the checkpoint was removed): pass another --out"
         )
     return folder
+
+
+def plateaued(shares: list[float], patience: int, delta: float) -> bool:
+    """Whether the last ``patience`` of the evaluations' ``shares`` (eval/oracle_share, in order) rose by no more
+    than ``delta`` above the best before them: the curve has flattened (``patience`` 0: never)."""
+    if patience <= 0 or len(shares) <= patience:
+        return False
+    return max(shares[-patience:]) <= max(shares[:-patience]) + delta
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -349,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     ``DistributedDataParallel``, statistics are reduced over ranks, and rank 0 evaluates and writes the
     run folder; every rank returns the summary.
     """
-    return distributed.launch(_main, parse_args(Args, argv, __doc__))
+    return distributed.launch(_main, parse_args(Args, argv, __doc__, PROFILES))
 
 
 def _main(args: Args, dist: Dist) -> dict:
@@ -368,11 +457,16 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
     summary_path = out / "summary.json"
     if summary_path.is_file() and (out / "checkpoint.pt").is_file():
         finished = int(read_checkpoint(out / "checkpoint.pt")["iteration"])
-        if finished >= args.iterations:  # nothing to train: the finished run's summary stays as it is
-            print(
-                f"{out}: finished at iteration {finished} >= --iterations {args.iterations}; its summary is kept"
+        summary = read_json(summary_path)
+        if finished >= args.iterations or summary.get("plateau_at") == finished:
+            # nothing to train: the finished (or flattened) run's summary stays as it is
+            why = (
+                "its oracle_share curve flattened"
+                if finished < args.iterations
+                else f">= --iterations {args.iterations}"
             )
-            return read_json(summary_path)
+            print(f"{out}: finished at iteration {finished} ({why}); its summary is kept")
+            return summary
     model, tok = load_run_model(vaft)
     tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
     model = model.to(args.device).train()
@@ -444,6 +538,12 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
         terms_fn = torch.nn.parallel.DistributedDataParallel(terms_fn, find_unused_parameters=True)
 
+    shares = (
+        [r["eval/oracle_share"] for r in read_metrics(metrics_path) if "eval/oracle_share" in r]
+        if dist.is_main
+        else []
+    )
+    plateau_at = None
     bar = tqdm(
         range(start, args.iterations),
         desc=f"{args.algo}",
@@ -496,11 +596,23 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
             bar.set_postfix(
                 value=f"{stats['rollout/group_value_mean']:.4f}", req_s=f"{row['perf/requests_per_s']:.0f}"
             )
-        if done % args.checkpoint_every == 0 or done == args.iterations:
+            if "eval/oracle_share" in row:
+                shares.append(row["eval/oracle_share"])
+        stop = distributed.broadcast_object(
+            dist.is_main and plateaued(shares, args.plateau_patience, args.plateau_delta), dist
+        )
+        if done % args.checkpoint_every == 0 or done == args.iterations or stop:
             save_checkpoint(ckpt, model, opt, roller, done, env_steps, dist)
             if dist.is_main:
                 save_policy(out / "policy.pt", model)
         distributed.barrier(dist)  # rank 0's evaluation and files are done before the next rollout
+        if stop:
+            plateau_at = done
+            tqdm.write(
+                f"{out}: eval/oracle_share gained <= {args.plateau_delta} in the last {args.plateau_patience} "
+                f"evaluations: stopping at iteration {done}"
+            )
+            break
     bar.close()
 
     if dist.is_main:
@@ -511,6 +623,8 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
             "algo": args.algo,
             "seed": args.seed,
             "iterations": args.iterations,
+            "iterations_run": int(rows[-1]["iteration"]) if rows else 0,
+            "plateau_at": plateau_at,
             "env_steps": env_steps,
             "world_size": dist.world_size,
             "initial": evals[0],

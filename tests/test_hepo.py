@@ -13,6 +13,7 @@ import torch
 import agents.hepo as hepo
 import envs  # noqa: F401  (registers ads-v0)
 from agents import pretrain
+from agents.cli import UsageError, parse_args
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
 from agents.evaluation.heldout import Evaluator, HeldOutConfig
@@ -596,3 +597,48 @@ def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path):
     check()
     with pytest.raises(ValueError, match="resume with the same number of processes"):
         hepo.main(tiny(pre, two, "--iterations", "4", *extra))
+
+
+def test_plateau_stops_the_run_and_a_rerun_keeps_its_summary(pre, tmp_path):
+    out = tmp_path / "flat"
+    args = tiny(pre, out, "--iterations", "4", "--plateau-patience", "1", "--plateau-delta", "1e9")
+    summary = hepo.main(args)
+    # evaluations at iterations 0 and 1: the second gains at most 1e9 over the first, so the run stops at 1
+    assert summary["plateau_at"] == 1 and summary["iterations_run"] == 1
+    assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
+    assert hepo.main(args) == summary  # flattened: nothing more to train, the summary stays
+
+
+@pytest.mark.parametrize(
+    ("shares", "patience", "delta", "expected"),
+    [
+        ([0.4, 0.5], 0, 0.0, False),  # patience 0: never
+        ([0.4], 1, 0.0, False),  # nothing before the window
+        ([0.4, 0.41], 1, 0.005, False),  # +0.01 > 0.005: still progress
+        ([0.4, 0.404], 1, 0.005, True),
+        ([0.4, 0.5, 0.49, 0.503], 2, 0.005, True),  # best in window 0.503 <= 0.5 + 0.005
+        ([0.4, 0.5, 0.49, 0.51], 2, 0.005, False),
+    ],
+)
+def test_plateaued_by_hand(shares, patience, delta, expected):
+    assert hepo.plateaued(shares, patience, delta) is expected
+
+
+def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
+    args = parse_args(
+        hepo.Args, ["--profile", "gpu-large", "--device", "cpu", "--seed", "3"], profiles=hepo.PROFILES
+    )
+    assert (args.profile, args.device, args.seed, args.preset, args.num_envs) == (
+        "gpu-large",
+        "cpu",
+        3,
+        "large",
+        16384,
+    )
+    mtp, vaft = hepo.pretraining(args)
+    assert mtp.preset == vaft.preset == "large"
+    assert (mtp.codebook_size, mtp.d_model, mtp.n_layers) == (256, 256, 4)
+    assert mtp.collect_envs * mtp.collect_steps >= 1 << 20  # >= 1M logged requests for MTP
+    assert parse_args(hepo.Args, [], profiles=hepo.PROFILES) == hepo.Args()  # cpu: the class's own defaults
+    with pytest.raises(UsageError, match="unknown profile 'gpu'"):
+        parse_args(hepo.Args, ["--profile", "gpu"], profiles=hepo.PROFILES)

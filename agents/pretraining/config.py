@@ -104,6 +104,9 @@ class PretrainConfig:
     """sessions of the collected log (when --logs is empty)"""
     collect_steps: int = 100
     """steps of the collected log (when --logs is empty)"""
+    codebook_size: int = 16
+    """codes per semantic-ID level of the tokenizer fitted when --tokenizer is empty (16 suits the small world's
+    500 ads; 256 the large world's 1M, as GPR's production tokenizer)"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True
@@ -128,6 +131,7 @@ class PretrainConfig:
             ("eval_requests", 1),
             ("collect_envs", 1),
             ("collect_steps", 1),
+            ("codebook_size", 2),
             ("threads", 0),
         ):
             if getattr(self, name) < lo:

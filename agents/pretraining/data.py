@@ -8,6 +8,7 @@ U/O/E/I tokens, the MTP target paths with their per-level legal masks from the t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from gpr_sim.world import WorldConfig
 from gpr_sim.world.catalog import World, generate_world
 
 FAST_TOKENIZER = CompareConfig(codebook_size=16, kmeans_iters=5, vae_steps=30, batch_size=128, hidden_dim=32)
-"""RQ-Kmeans+ settings of the tokenizer fitted when none is given (seconds on a CPU)"""
+"""RQ-Kmeans+ settings of the tokenizer fitted when none is given (seconds on a CPU); the stage's
+``codebook_size`` replaces the codebook size"""
 
 
 @dataclass
@@ -128,6 +130,11 @@ def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
     )
 
 
+def tokenizer_config(cfg: PretrainConfig) -> CompareConfig:
+    """``FAST_TOKENIZER`` with the stage's ``codebook_size``."""
+    return dataclasses.replace(FAST_TOKENIZER, codebook_size=cfg.codebook_size)
+
+
 def ensure_inputs(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
     """The log and tokenizer paths, collecting / fitting them into ``out`` when not given."""
     logs, tok_dir = input_paths(cfg, out)
@@ -136,7 +143,7 @@ def ensure_inputs(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
     if not cfg.tokenizer and not (tok_dir / "semantic_ids.pt").is_file():
         _, meta = read_logs(logs)
         world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))
-        fit_world_tokenizer(world, "rq-kmeans-plus", FAST_TOKENIZER, seed=cfg.seed).save(tok_dir)
+        fit_world_tokenizer(world, "rq-kmeans-plus", tokenizer_config(cfg), seed=cfg.seed).save(tok_dir)
     return logs, tok_dir
 
 
