@@ -166,3 +166,142 @@ def test_plackett_luce_propensity_by_hand_on_three_items():
     # Sampled frequencies match: (2, 1) has probability 1/3, binomial sd sqrt(1/3 * 2/3 / 4000) ~ 0.0075.
     freq = float(((order[:, 0] == 2) & (order[:, 1] == 1)).double().mean())
     assert abs(freq - 1 / 3) < 4 * 0.0075
+
+
+# ----------------------------------------------------------------------------- the policy on a fitted folder
+# These need the learned funnel (gpr_sim.platform.funnel) and the env's learned scoring API.
+
+LOG_WORLD = WorldConfig.small(num_ads=80, num_organic=300, num_users=400, num_advertisers=12)
+
+
+@pytest.fixture(scope="module")
+def platform_dir(tmp_path_factory):
+    """A platform folder fitted (tiny settings) on a short cascade log of ``LOG_WORLD``."""
+    pytest.importorskip("gpr_sim.platform.funnel")
+    from agents.collection import CollectConfig, write_log
+    from agents.fit_platform import main
+
+    tmp = tmp_path_factory.mktemp("platform")
+    log = write_log(
+        CollectConfig(num_envs=64, steps=40, out=str(tmp / "log.parquet"), progress=False), LOG_WORLD
+    )
+    flags = "--retrieval.epochs 3 --preranking.epochs 3 --preranking-requests 500 --states 64 --no-progress"
+    return main(["--logs", str(log), "--out", str(tmp / "platform"), "--device", "cpu", *flags.split()])
+
+
+def _env(num_envs: int = 16):
+    from envs import ENV_ID, make_vec_env
+
+    return make_vec_env(ENV_ID, num_envs, config=LOG_WORLD, world_seed=0, validate_actions=False)
+
+
+def test_fit_writes_a_folder_the_registry_loads(platform_dir):
+    from agents.policies import known_policies, make_policy, policy_inputs, policy_options
+    from gpr_sim.runs import read_json
+
+    assert "learned-cascade:PATH" in known_policies()
+    assert policy_options(f"learned-cascade:{platform_dir}") == ["temperature"]
+    assert [p.name for p in policy_inputs(f"learned-cascade:{platform_dir}")] == [
+        "funnel.pt",
+        "retrieval.pt",
+        "preranking.pt",
+    ]
+    report = read_json(platform_dir / "report.json")
+    s = report["stage_losses"]
+    for key in ("retrieval_recall_best", "preranking_keep_best", "ranking_top1_best"):
+        assert 0.0 <= s[key] <= 1.0
+    # Each stage keeps a subset of the last (the greedy pick is one ad of the pre-ranked set), so value can only fall.
+    assert (
+        1.0 + 1e-9
+        >= s["value_share_retrieved"]
+        >= s["value_share_preranked"]
+        >= s["value_share_greedy"]
+        >= 0.0
+    )
+    assert (platform_dir / "report.md").read_text().startswith("# Platform fit")
+    env = _env()
+    obs, _ = env.reset(seed=3)
+    out = make_policy(f"learned-cascade:{platform_dir}", env, seed=0).act(obs)
+    assert out.action.shape == (16, LOG_WORLD.num_candidates)
+
+
+def test_acts_with_eligible_candidates_and_exact_propensities(platform_dir):
+    from agents.policies import make_policy
+
+    env = _env()
+    obs, _ = env.reset(seed=5)
+    policy = make_policy(f"learned-cascade:{platform_dir}", env, seed=1, temperature=0.5)
+    pool, logits = policy.pool(obs)
+    out = policy.act(obs)
+    eligible = env.unwrapped.eligible_ads()
+    assert bool(((out.action >= 0) & (out.action < LOG_WORLD.num_ads)).all()) and bool(
+        eligible[out.action].all()
+    )
+    assert bool((pool == out.action[:, :1]).any(1).all())  # candidates come from the ranked pool
+    # K = 1: the propensity is the chosen ad's share of softmax(logits / T) over the pool.
+    share = torch.softmax((logits / 0.5).double(), dim=1)
+    expected = (share * (pool == out.action[:, :1])).sum(1)
+    torch.testing.assert_close(out.propensity, expected)
+    greedy = make_policy(f"learned-cascade:{platform_dir}", env, seed=1, temperature=0.0).act(obs)
+    assert bool((greedy.propensity == 1.0).all())
+    assert torch.equal(greedy.action[:, 0], pool.gather(1, logits.argmax(1, keepdim=True))[:, 0])
+
+
+def test_hidden_world_and_session_fields_do_not_move_its_actions(platform_dir):
+    """Two envs in the same observable state, one with every hidden field redrawn: the same actions."""
+    from agents.policies import make_policy
+
+    a, b = _env(), _env()
+    a.reset(seed=7)
+    g = torch.Generator().manual_seed(0)
+    world = b.unwrapped.engine.world
+    num_ads, num_users = LOG_WORLD.num_ads, LOG_WORLD.num_users
+    b.unwrapped.engine.world = dataclasses.replace(
+        world,
+        ad_quality=torch.randn(num_ads, generator=g),
+        ad_ctr_bias=torch.randn(num_ads, generator=g),
+        ad_cvr_bias=torch.randn(num_ads, generator=g),
+        user_interest=F.normalize(torch.randn(num_users, LOG_WORLD.emb_dim, generator=g), dim=1),
+        user_conv_logit=torch.randn(num_users, generator=g),
+        user_tolerance=torch.randn(num_users, generator=g),
+    )
+    b.unwrapped.load_state_dict(a.unwrapped.state_dict())
+    state = b.unwrapped.engine.state
+    b.unwrapped.engine.state = state._replace(
+        interest=F.normalize(torch.randn(state.interest.shape, generator=g), dim=1),
+        fatigue=torch.rand(state.fatigue.shape, generator=g) * 3.0,
+    )
+    obs_a, obs_b = a.unwrapped.observe(), b.unwrapped.observe()
+    for key in obs_a:
+        assert torch.equal(obs_a[key], obs_b[key]), key
+    every = torch.arange(num_ads).expand(16, num_ads)
+    assert not torch.equal(
+        a.unwrapped.score(every, truth=True).value, b.unwrapped.score(every, truth=True).value
+    )
+    for t in (0.0, 0.3):
+        out_a = make_policy(f"learned-cascade:{platform_dir}", a, seed=2, temperature=t).act(obs_a)
+        out_b = make_policy(f"learned-cascade:{platform_dir}", b, seed=2, temperature=t).act(obs_b)
+        assert torch.equal(out_a.action, out_b.action)
+        torch.testing.assert_close(out_a.propensity, out_b.propensity)
+
+
+def test_a_bad_folder_fails_with_one_line(tmp_path, platform_dir):
+    import shutil
+
+    from agents.platform.folder import load_platform
+    from agents.policies import make_policy, policy_factory
+
+    with pytest.raises(ValueError, match="not a platform folder"):
+        policy_factory(f"learned-cascade:{tmp_path / 'nothing'}")
+    bad = tmp_path / "bad"
+    shutil.copytree(platform_dir, bad)
+    (bad / "preranking.pt").unlink()
+    with pytest.raises(ValueError, match="lacks preranking.pt"):
+        policy_factory(f"learned-cascade:{bad}")
+    (bad / "preranking.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="preranking.pt") as err:
+        make_policy(f"learned-cascade:{bad}", _env(2))
+    assert "\n" not in str(err.value)
+    shutil.copy(platform_dir / "retrieval.pt", bad / "preranking.pt")  # a checkpoint of another stage
+    with pytest.raises(ValueError, match="not a pre-ranking model"):
+        load_platform(bad)
