@@ -144,8 +144,10 @@ def fit_platform(
     recall@R), ``preranking`` (training losses), ``stage_losses`` (``agents.platform.stage_losses``) and the
     sizes of the split.
     """
-    catalog = catalog_of(generate_world(world, world_seed, device))
-    funnel, funnel_report = fit_funnel(df, catalog, config.funnel, device=device, progress=progress)
+    sim_world = generate_world(world, world_seed, device)
+    catalog = catalog_of(sim_world)
+    # The simulator's world reaches fit_funnel only for its report (the privileged estimator beside the model).
+    funnel, funnel_report = fit_funnel(df, catalog, config.funnel, device, progress, world=sim_world)
     funnel.eval()
 
     held = heldout_sessions(df["episode_id"].to_numpy(), config.heldout_fraction)
