@@ -193,7 +193,8 @@ def fit_platform(
 
 
 def report_markdown(report: dict) -> str:
-    """The report as a short markdown document (``report.md``)."""
+    """The report's numbers as a short markdown document (``report.md``; lists such as reliability bins and
+    the configs stay in ``report.json``)."""
     lines = [
         "# Platform fit",
         "",
@@ -203,6 +204,8 @@ def report_markdown(report: dict) -> str:
     for section in ("funnel", "retrieval", "preranking", "stage_losses"):
         lines += [f"## {section}", "", "| key | value |", "|---|---|"]
         for key, value in _flat(report[section]).items():
+            if isinstance(value, (list, tuple)) or key.startswith("config."):
+                continue
             text = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
             lines.append(f"| {key} | {text} |")
         lines.append("")
