@@ -305,3 +305,25 @@ def test_a_bad_folder_fails_with_one_line(tmp_path, platform_dir):
     shutil.copy(platform_dir / "retrieval.pt", bad / "preranking.pt")  # a checkpoint of another stage
     with pytest.raises(ValueError, match="not a pre-ranking model"):
         load_platform(bad)
+
+
+def test_oracle_share_is_exact_and_agrees_with_the_stage_losses(platform_dir):
+    from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, oracle_share
+    from agents.platform.folder import load_platform
+    from agents.platform.stage_losses import stage_losses
+    from agents.policies import make_policy
+    from agents.policies.distribution import action_distribution, prob_of
+    from agents.policies.learned_cascade import LearnedCascadeConfig
+
+    config = OracleShareConfig(states=32, seed=11)
+    states = RequestStates.from_env(_env(32), config)
+    policy = make_policy(f"learned-cascade:{platform_dir}", states.env, seed=4, temperature=0.3)
+    out = policy.act(states.obs)
+    torch.testing.assert_close(
+        prob_of(action_distribution(policy, states.obs), out.action[:, 0]), out.propensity
+    )
+    share = oracle_share(policy, states)["oracle_share"]
+    losses = stage_losses(
+        load_platform(platform_dir), LOG_WORLD, 0, config, LearnedCascadeConfig(temperature=0.3)
+    )
+    assert math.isclose(share, losses["value_share_served"], rel_tol=1e-9)
