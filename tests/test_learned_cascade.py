@@ -218,6 +218,8 @@ def test_fit_writes_a_folder_the_registry_loads(platform_dir):
         >= s["value_share_greedy"]
         >= 0.0
     )
+    lost = ("lost_retrieval", "lost_preranking", "lost_ranking", "lost_exploration")
+    assert math.isclose(sum(s[k] for k in lost), 1.0 - s["value_share_served"], abs_tol=1e-9)
     assert (platform_dir / "report.md").read_text().startswith("# Platform fit")
     env = _env()
     obs, _ = env.reset(seed=3)

@@ -15,7 +15,9 @@ known (``score(truth=True)``, 0 for ineligible ads). With ``best(s)`` the myopic
 | `value_share_greedy` | v of the greedy pick (temperature 0), over the oracle's |
 | `value_share_served` | E over the exploring policy's top candidate (softmax over the pool), over the oracle's |
 
-The value lost by a stage is the drop from the share before it to the share after it (oracle = 1).
+The value lost by a stage is the drop from the share before it to the share after it (oracle = 1):
+`lost_retrieval` = 1 - `value_share_retrieved`, `lost_preranking`, `lost_ranking` (to the greedy pick) and
+`lost_exploration` (greedy to served), which sum to 1 - `value_share_served`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def stage_losses(
         served = (torch.softmax((s.logits / t).double(), dim=1) * pool_v).sum(1)
     else:
         served = pool_v.gather(1, greedy[:, None])[:, 0]
+    shares = {
+        "value_share_retrieved": _share(v.gather(1, s.retrieved).max(1).values, oracle),
+        "value_share_preranked": _share(pool_v.max(1).values, oracle),
+        "value_share_greedy": _share(pool_v.gather(1, greedy[:, None])[:, 0], oracle),
+        "value_share_served": _share(served, oracle),
+    }
+    found_kept = float(kept[found].double().mean()) if bool(found.any()) else float("nan")
     return {
         "states": int(v.shape[0]),
         "retrieval_size": int(s.retrieved.shape[1]),
@@ -76,14 +85,13 @@ def stage_losses(
         "oracle_value": float(oracle.mean()),
         "retrieval_recall_best": float(found.double().mean()),
         "preranking_keep_best": float(kept.double().mean()),
-        "preranking_keep_given_retrieved": float(kept[found].double().mean())
-        if bool(found.any())
-        else float("nan"),
+        "preranking_keep_given_retrieved": found_kept,
         "ranking_top1_best": float((s.preranked.gather(1, greedy[:, None])[:, 0] == best).double().mean()),
-        "value_share_retrieved": _share(v.gather(1, s.retrieved).max(1).values, oracle),
-        "value_share_preranked": _share(pool_v.max(1).values, oracle),
-        "value_share_greedy": _share(pool_v.gather(1, greedy[:, None])[:, 0], oracle),
-        "value_share_served": _share(served, oracle),
+        **shares,
+        "lost_retrieval": 1.0 - shares["value_share_retrieved"],
+        "lost_preranking": shares["value_share_retrieved"] - shares["value_share_preranked"],
+        "lost_ranking": shares["value_share_preranked"] - shares["value_share_greedy"],
+        "lost_exploration": shares["value_share_greedy"] - shares["value_share_served"],
     }
 
 

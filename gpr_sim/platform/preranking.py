@@ -164,7 +164,7 @@ def fit_preranking(
     model.train()
     for epoch in range(config.epochs):
         order = torch.randperm(n, generator=g).to(device)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
             loss = centred_mse(model(features[idx]), teacher[idx])
@@ -172,8 +172,8 @@ def fit_preranking(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * idx.numel()
-        losses.append(total / n)
+            total += loss.detach() * idx.numel()
+        losses.append(float(total) / n)  # one host sync per epoch
     model.eval()
     return model, {"requests": n, "loss_first": losses[0], "loss_last": losses[-1]}
 

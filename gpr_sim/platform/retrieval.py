@@ -256,7 +256,7 @@ def fit_retrieval(
     model.train()
     for epoch in range(config.epochs):
         order = torch.randperm(n, generator=g).to(device)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
             loss = sampled_softmax_loss(model, catalog, x[idx], clicked[idx], config.num_negatives, g)
@@ -264,8 +264,8 @@ def fit_retrieval(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * idx.numel()
-        losses.append(total / n)
+            total += loss.detach() * idx.numel()
+        losses.append(float(total) / n)  # one host sync per epoch
     model.eval()
     return model, {
         "clicks": n,
