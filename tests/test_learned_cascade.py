@@ -329,3 +329,14 @@ def test_oracle_share_is_exact_and_agrees_with_the_stage_losses(platform_dir):
         load_platform(platform_dir), LOG_WORLD, 0, config, LearnedCascadeConfig(temperature=0.3)
     )
     assert math.isclose(share, losses["value_share_served"], rel_tol=1e-9)
+
+
+def test_fit_refuses_a_log_of_another_world_than_named(platform_dir, tmp_path):
+    from agents.fit_platform import main
+
+    log = str(platform_dir.parent / "log.parquet")
+    with pytest.raises(ValueError, match="world_seed=3 does not match"):
+        main(["--logs", log, "--out", str(tmp_path / "p"), "--world-seed", "3", "--device", "cpu"])
+    with pytest.raises(ValueError, match="preset='small' does not match"):
+        main(["--logs", log, "--out", str(tmp_path / "p"), "--preset", "small", "--device", "cpu"])
+    assert not (tmp_path / "p").exists()  # refused before the folder is claimed
