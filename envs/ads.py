@@ -76,9 +76,17 @@ as Gymnasium's own `np_random` seeding accepts them. A negative or non-integer s
 step()")` (naming the call).
 
 ## Scoring API
-`env.unwrapped.score(candidates, truth=False)`: expected value of arbitrary candidate ads for the
-current requests without moving the world (platform estimates by default; `truth=True` for oracle
-studies). Candidates are integer ad indices in [0, num_ads), or -1 for "no ad", which scores -inf value;
+`env.unwrapped.score(candidates, truth=False, estimator=None)`: expected value of arbitrary candidate ads
+for the current requests without moving the world. `estimator` picks the funnel probabilities it is
+computed from (`envs.market.ESTIMATORS`): "learned" (the platform's pCTR/pCVR trained on logs,
+`gpr_sim.platform.funnel`, given by `env.unwrapped.attach_platform(model)`; reads only the observation
+and the catalog), "privileged" (the simulator's own form on the hidden interest and quality, plus per-ad
+noise: the market's auction-time model) or "truth" (the hidden true funnel, for oracle studies; the same
+as `truth=True`). The default, `env.unwrapped.estimator`, is "learned" once a model is attached and
+"privileged" before; "learned" with no model attached, an unknown name or `truth=True` with another
+estimator raise `ValueError`. Whatever the estimator, the auction inside `step` ranks on the privileged
+estimate (it is part of the world), and realised outcomes come from the truth. `env.unwrapped.catalog`
+is the platform view of the world (`gpr_sim.platform.Catalog`). Candidates are integer ad indices in [0, num_ads), or -1 for "no ad", which scores -inf value;
 floats or bools (which would be truncated to other ads) raise `ValueError`, and so do ids >= num_ads or
 < -1 (in the vector env when `validate_actions`, the range check's one host sync). Semantic-ID paths that
 name no ad decode to -1. `env.unwrapped.eligible_ads()`: the mask of ads whose advertiser can bid now.
@@ -91,12 +99,14 @@ The env owns its state; learners use these instead of reaching into the engine:
 `world` (the static world: catalog, users, `world.config`), `config`, `num_envs`, `device`,
 `first_slot` (global slot of row 0), `state` (the current sessions, hidden state included: only the
 oracles, logging and rollouts read it), `observe()`, `remaining_budget()` (per advertiser, this budget
-day), `score(candidates, truth, state=)` (also for some rows or rehearsed requests),
+day), `score(candidates, truth, state=, estimator=)` (also for some rows or rehearsed requests),
+`catalog`, `estimator` and `attach_platform(model)` (Scoring API),
 `rehearse(rows)` (the next request of chosen sessions with no ad shown, on its own random stream; moves
 nothing), and `state_dict()` / `load_state_dict()` (resume bit for bit).
 
 ## Version history
-- v0: first release; semantic-ID action mode (`action_mode="semantic"`), default unchanged.
+- v0: first release; semantic-ID action mode (`action_mode="semantic"`), default unchanged; the scoring
+  API's `estimator` and `attach_platform` (default unchanged until a model is attached).
 """
 
 from __future__ import annotations
@@ -118,6 +128,7 @@ from envs.market import (
     outcome_info,
     resolve_config,
 )
+from gpr_sim.platform import Catalog, FunnelModel
 from gpr_sim.tokenizer.world import WorldTokenizer, as_world_tokenizer
 from gpr_sim.world import CONTEXT_DIM, CandidateScores, SessionState, World, WorldConfig
 from gpr_sim.world.catalog import USER_FEATURE_DIM
@@ -331,7 +342,21 @@ class AdsEnv(gym.Env):
             info,
         )
 
-    def score(self, candidates, truth: bool = False) -> dict[str, np.ndarray]:
+    @property
+    def catalog(self) -> Catalog:
+        """The platform view of the world (``gpr_sim.platform.Catalog``)."""
+        return self.engine.catalog
+
+    @property
+    def estimator(self) -> str:
+        """What ``score`` answers with by default: "learned" with a model attached, else "privileged"."""
+        return self.engine.estimator
+
+    def attach_platform(self, model: FunnelModel | None) -> None:
+        """Score with a learned pCTR/pCVR model by default (``BatchedMarket.attach_platform``); None detaches."""
+        self.engine.attach_platform(model)
+
+    def score(self, candidates, truth: bool = False, estimator: str | None = None) -> dict[str, np.ndarray]:
         """Expected value of candidate ads (K,) for the current request; moves nothing (module doc, Scoring API)."""
         arr = np.asarray(candidates)
         if arr.dtype.kind not in "iu":  # numpy's name for the dtype, as ``step`` reports it
@@ -339,7 +364,8 @@ class AdsEnv(gym.Env):
         cand = check_score_candidates(torch.as_tensor(arr), self.config, check_range=True)
         self.engine.require_reset("score()")
         cand = cand.reshape(1, -1)
-        return {k: v[0].numpy() for k, v in self.engine.score(cand, truth)._asdict().items()}
+        scores = self.engine.score(cand, truth, estimator=estimator)
+        return {k: v[0].numpy() for k, v in scores._asdict().items()}
 
     def eligible_ads(self) -> np.ndarray:
         return self.engine.eligible_ads().numpy()
@@ -438,17 +464,36 @@ class AdsVectorEnv(gym.vector.VectorEnv):
         """The observation of the current requests (what the last ``reset`` or ``step`` returned)."""
         return self.engine.observe()
 
+    @property
+    def catalog(self) -> Catalog:
+        """The platform view of the world (``gpr_sim.platform.Catalog``), on the env's device."""
+        return self.engine.catalog
+
+    @property
+    def estimator(self) -> str:
+        """What ``score`` answers with by default: "learned" with a model attached, else "privileged"."""
+        return self.engine.estimator
+
+    def attach_platform(self, model: FunnelModel | None) -> None:
+        """Score with a learned pCTR/pCVR model by default (``BatchedMarket.attach_platform``); None detaches."""
+        self.engine.attach_platform(model)
+
     def score(
-        self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None
+        self,
+        candidates: torch.Tensor,
+        truth: bool = False,
+        state: SessionState | None = None,
+        estimator: str | None = None,
     ) -> CandidateScores:
         """Expected value of candidate ads (N, K) for the current requests; moves nothing.
 
         ``state``: value them for these sessions instead (``self.state.select(rows)``, or ``rehearse(rows).state``).
+        ``estimator``: "learned", "privileged" or "truth" (module doc, Scoring API); default ``self.estimator``.
         """
         cand = check_score_candidates(
             torch.as_tensor(candidates, device=self.device), self.config, self.validate_actions
         )
-        return self.engine.score(cand, truth, state)
+        return self.engine.score(cand, truth, state, estimator)
 
     def eligible_ads(self) -> torch.Tensor:
         """(num_ads,) bool: ads whose advertiser can bid in the next auction."""

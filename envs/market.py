@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from gpr_sim.platform import Catalog, FunnelModel, catalog_of
 from gpr_sim.world import (
     CandidateScores,
     MarketState,
@@ -50,6 +51,24 @@ INFO_KEYS_PER_REQUEST = ("invalid", "budget_capped", "delayed_conversion", "dela
 REHEARSAL_SEED_OFFSET = 0x5EED_A44
 """added to a session's seed for its rehearsed step (``BatchedMarket.rehearse``), so rehearsal never peeks at the
 real next draw"""
+
+
+ESTIMATORS = ("learned", "privileged", "truth")
+"""what ``BatchedMarket.score`` answers with: the attached learned pCTR/pCVR (``attach_platform``), the
+privileged estimator (the simulator's own form on hidden fields; the auction's model), or the hidden truth"""
+
+
+def resolve_estimator(truth: bool, estimator: str | None, default: str) -> str:
+    """The estimator a ``score`` call asks for: ``estimator``, "truth" when ``truth``, else ``default``.
+
+    Raises:
+        ValueError: for a name outside ``ESTIMATORS``, or ``truth=True`` with another estimator.
+    """
+    if estimator is not None and estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not allowed: expected one of {ESTIMATORS} or None")
+    if truth and estimator not in (None, "truth"):
+        raise ValueError(f"truth=True conflicts with estimator={estimator!r}: pass one of them")
+    return "truth" if truth else estimator or default
 
 
 SEED_BITS = 32
@@ -148,6 +167,34 @@ class BatchedMarket:
         )  # global index of row 0 (data-parallel shards key their streams by global slot)
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+        self.platform: FunnelModel | None = None
+        self._catalog: Catalog | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        """The platform view of the world (``gpr_sim.platform.catalog_of``; built once, shares the tensors)."""
+        if self._catalog is None:
+            self._catalog = catalog_of(self.world)
+        return self._catalog
+
+    @property
+    def estimator(self) -> str:
+        """What ``score`` answers with by default: "learned" with a model attached, else "privileged"."""
+        return "privileged" if self.platform is None else "learned"
+
+    def attach_platform(self, model: FunnelModel | None) -> None:
+        """Score with the learned pCTR/pCVR ``model`` by default (None detaches it: back to "privileged").
+
+        The model is moved to the market's device and put in eval mode. The auction inside ``step`` is not
+        affected: it keeps the market's own (privileged) estimator, part of the world.
+
+        Raises:
+            ValueError: if ``model`` was trained on another catalog (sizes or embedding fingerprint).
+        """
+        if model is not None:
+            model.check_catalog(self.catalog)
+            model = model.to(self.device).eval()
+        self.platform = model
 
     def require_reset(self, what: str) -> None:
         """Raise ``RuntimeError("call reset() before {what}")`` while no session has started."""
@@ -213,15 +260,34 @@ class BatchedMarket:
         return obs, out, final_obs, ep_ret, ep_len
 
     def score(
-        self, candidates: torch.Tensor, truth: bool = False, state: SessionState | None = None
+        self,
+        candidates: torch.Tensor,
+        truth: bool = False,
+        state: SessionState | None = None,
+        estimator: str | None = None,
     ) -> CandidateScores:
         """Expected value of candidate ads (N, K) for the current requests, without moving the world.
 
         ``state``: score these sessions instead of the current ones, e.g. some rows
         (``self.state.select(rows)``) or requests rehearsed by ``rehearse``; candidates then have its rows.
+        ``estimator``: one of ``ESTIMATORS``, default ``self.estimator``; ``truth=True`` is "truth". The
+        learned model reads only the observation of ``state`` (``observe``) and the catalog.
+
+        Raises:
+            ValueError: for an unknown or conflicting estimator, or "learned" with no model attached.
         """
         self.require_reset("score()")
-        return score(self.world, self.state if state is None else state, candidates, truth=truth)
+        name = resolve_estimator(truth, estimator, self.estimator)
+        state = self.state if state is None else state
+        if name != "learned":
+            return score(self.world, state, candidates, truth=name == "truth")
+        if self.platform is None:
+            raise ValueError("estimator='learned' needs a pCTR/pCVR model: call attach_platform(model) first")
+        valid = (candidates >= 0) & (candidates < self.config.num_ads)
+        ads = torch.where(valid, candidates, torch.zeros_like(candidates))
+        with torch.no_grad():
+            est = self.platform(self.catalog, observe(self.world, state), ads)
+        return score(self.world, state, candidates, estimate=est)
 
     def eligible_ads(self) -> torch.Tensor:
         """(num_ads,) bool: ads whose advertiser can bid in the next auction."""

@@ -23,6 +23,10 @@ sessions (``gpr_sim.stats.bootstrap_sums``: one set of resamples shared by every
 
 ``SessionAccumulator`` builds the session rows from a batched env's per-step outcomes, on the env's
 device, with no host sync until ``records()``.
+
+Probabilistic classifiers (the platform's pCTR / pCVR models, ``gpr_sim.platform.funnel``) are judged by
+``auc`` (rank formula), ``log_loss`` and calibration (``reliability_table``, ``expected_calibration_error``);
+``classifier_report`` bundles them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import rankdata
 
 from gpr_sim.stats import (
     CIConfig,
@@ -385,3 +390,94 @@ class SessionAccumulator:
         df["old_gmv"] = df["gmv"] - df["delayed_gmv"] - df["new_gmv"]
         df["old_revenue"] = df["revenue"] - df["new_revenue"]
         return df[list(SESSION_COLUMNS)]
+
+
+# ----------------------------------------------------------------------------- probabilistic classifiers
+
+
+def _binary(p, y) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted probabilities and 0/1 labels as equal-length float64 arrays, checked."""
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"predictions ({p.size}) and labels ({y.size}) differ in length")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("predictions must be finite probabilities in [0, 1]")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1")
+    return p, y
+
+
+def auc(scores, labels) -> float:
+    """Area under the ROC curve by the rank (Mann-Whitney) formula; ties count one half.
+
+    AUC = (sum of the positives' mid-ranks - n1 (n1 + 1) / 2) / (n1 n0): the probability that a random
+    positive scores above a random negative. NaN when either class is empty. A constant predictor gets
+    exactly 0.5 (every pair is a tie).
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.size}) and labels ({y.size}) differ in length")
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(s)  # mid-ranks of ties
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def log_loss(p, labels, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities ``p`` (clipped to [eps, 1 - eps]) against 0/1 labels."""
+    p, y = _binary(p, labels)
+    if p.size == 0:
+        return float("nan")
+    q = np.clip(p, eps, 1.0 - eps)
+    return float(-(y * np.log(q) + (1.0 - y) * np.log1p(-q)).mean())
+
+
+def reliability_table(p, labels, bins: int = 10) -> pd.DataFrame:
+    """Mean predicted probability against the observed rate in ``bins`` equal-count bins of the prediction.
+
+    Equal-count (quantile) bins rather than equal-width ones: click and conversion probabilities sit
+    near 0, where equal-width bins would put almost every example into the first bin and leave the
+    others empty. Columns: ``count``, ``mean_predicted``, ``observed`` (one row per non-empty bin, in
+    increasing prediction).
+    """
+    p, y = _binary(p, labels)
+    check_range("bins", bins, 1, 1 << 20)
+    order = np.argsort(p, kind="stable")
+    rows = [
+        {"count": idx.size, "mean_predicted": float(p[idx].mean()), "observed": float(y[idx].mean())}
+        for idx in np.array_split(order, min(bins, max(p.size, 1)))
+        if idx.size
+    ]
+    return pd.DataFrame(rows, columns=["count", "mean_predicted", "observed"])
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """ECE of a ``reliability_table``: sum over bins of (count / n) |mean predicted - observed|; NaN if empty."""
+    n = table["count"].sum()
+    if n == 0:
+        return float("nan")
+    gap = (table["mean_predicted"] - table["observed"]).abs()
+    return float((table["count"] * gap).sum() / n)
+
+
+def classifier_report(p, labels, bins: int = 10) -> dict:
+    """AUC, log-loss, ECE and the reliability table (as records) of probabilities against 0/1 labels.
+
+    Also ``n`` (examples), ``positives`` and ``mean_predicted`` (the calibration-in-the-large check:
+    compare with ``positives / n``).
+    """
+    p, y = _binary(p, labels)
+    table = reliability_table(p, y, bins)
+    return {
+        "n": int(y.size),
+        "positives": int(y.sum()),
+        "mean_predicted": float(p.mean()) if p.size else float("nan"),
+        "auc": auc(p, y),
+        "log_loss": log_loss(p, y),
+        "ece": expected_calibration_error(table),
+        "reliability": table.to_dict("records"),
+    }

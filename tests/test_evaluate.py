@@ -172,7 +172,7 @@ def test_demo_size_ranks_the_agents(tmp_path):
 def test_unknown_agent_and_bad_args_raise():
     with pytest.raises(
         ValueError,
-        match=r"unknown policy 'bogus': expected one of cascade, gpr:PATH, oracle, oracle-fatigue, random",
+        match=r"unknown policy 'bogus': expected one of cascade, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random",
     ):
         Args(agents="random,bogus")  # fails before anything runs
     with pytest.raises(ValueError, match="unknown policy 'nope:x'"):

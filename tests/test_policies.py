@@ -28,7 +28,14 @@ def _env():
 
 
 def test_known_policies_are_the_registry():
-    assert known_policies() == ["cascade", "gpr:PATH", "oracle", "oracle-fatigue", "random"]
+    assert known_policies() == [
+        "cascade",
+        "gpr:PATH",
+        "learned-cascade:PATH",
+        "oracle",
+        "oracle-fatigue",
+        "random",
+    ]
     assert policy_options("cascade") == ["temperature"] and policy_options("oracle-fatigue") == [
         "fatigue_penalty"
     ]
@@ -85,7 +92,7 @@ def test_options_reach_the_policy():
 
 def test_unknown_names_options_and_envs_raise():
     env, _ = _env()
-    listing = r"expected one of cascade, gpr:PATH, oracle, oracle-fatigue, random"
+    listing = r"expected one of cascade, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random"
     for spec in ("greedy", "gpr:", "nope:x", "Random"):
         with pytest.raises(ValueError, match=rf"unknown policy '{spec}': {listing}"):
             make_policy(spec, env)

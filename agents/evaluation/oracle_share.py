@@ -13,9 +13,9 @@ the session noise of online metrics. Definitions, per request state s (N of them
   (an ineligible ad shows nothing: value 0), the same expected reward ``agents.ope`` uses as ground truth;
 - the policy's value ``E_{a ~ pi(.|s)} v(s, a)`` over its first candidate (its top pick; with the default
   ``num_candidates == 1``, the ad it serves). Exact for the policies whose action distribution
-  ``agents.policies.distribution.action_distribution`` knows (random: uniform over every ad, cascade: its softmax over its
-  pool, oracle: one-hot on its pick); any other policy (``gpr:``) is the mean over ``samples`` calls of
-  ``act`` (the generator is deterministic but for the refiner's seeded noise, so 1 sample is the default);
+  ``agents.policies.distribution.action_distribution`` knows (random: uniform over every ad, cascade and
+  learned-cascade: their softmax over their pool, oracle: one-hot on its pick); any other policy (``gpr:``) is
+  the mean over ``samples`` calls of ``act`` (the generator is deterministic but for the refiner's seeded noise, so 1 sample is the default);
 - the myopic oracle's value ``max_{a eligible} v(s, a)``, what ``agents.policies`` ``oracle`` serves
   (0 where no ad is eligible);
 - ``oracle_share = sum_s policy(s) / sum_s oracle(s)`` with the delta-method ratio interval over states
@@ -39,12 +39,13 @@ import torch
 from agents.policies import make_policy, row_chunks
 from agents.policies.cascade import CascadePolicy
 from agents.policies.distribution import action_distribution
+from agents.policies.learned_cascade import LearnedCascadePolicy
 from agents.policies.oracle import OraclePolicy
 from agents.policies.random import RandomPolicy
 from envs import make_vec_env
 from gpr_sim.stats import check_level, ratio_of_means
 
-EXACT = (RandomPolicy, CascadePolicy, OraclePolicy)
+EXACT = (RandomPolicy, CascadePolicy, LearnedCascadePolicy, OraclePolicy)
 """policies valued over their exact action distribution (``agents.policies.distribution.action_distribution``)"""
 
 

@@ -9,6 +9,7 @@
 | `cascade` | `cascade.py` | retrieval -> pre-ranking -> eCPM ranking -> softmax exploration with propensities (the behaviour policy of logged data); option `temperature` |
 | `oracle` | `oracle.py` | top-K eligible ads by true expected immediate reward (a myopic upper bound; reads hidden state) |
 | `oracle-fatigue` | `oracle.py` | the oracle charged for the fatigue it causes; option `fatigue_penalty` |
+| `learned-cascade:PATH` | `learned_cascade.py` | the cascade built from logs on the platform view: two-tower retrieval -> distilled pre-ranking -> learned-funnel ranking -> softmax exploration, the models of platform folder PATH (`agents.fit_platform`); option `temperature` |
 | `gpr:PATH` | `gpr.py` | the GPR generator of a run folder (`agents.pretrain` or `agents.hepo`); option `beam_width` |
 
 Policies act on batched torch observations and bind to the env they act in: an ads-v0 vector env
@@ -111,6 +112,18 @@ def _gpr_inputs(run_dir: str) -> list[Path]:
     return run_inputs(run_dir)
 
 
+def _learned_cascade(path: str) -> PolicyFactory:
+    from agents.policies.learned_cascade import learned_cascade_factory
+
+    return learned_cascade_factory(path)
+
+
+def _learned_cascade_inputs(path: str) -> list[Path]:
+    from agents.policies.learned_cascade import learned_cascade_inputs
+
+    return learned_cascade_inputs(path)
+
+
 class Family(NamedTuple):
     """Parametrised policies named ``NAME:ARG``."""
 
@@ -130,7 +143,10 @@ POLICIES: dict[str, PolicyFactory] = {
 }
 """Policies by name."""
 
-FAMILIES: dict[str, Family] = {"gpr": Family("PATH", _gpr, _gpr_inputs)}
+FAMILIES: dict[str, Family] = {
+    "gpr": Family("PATH", _gpr, _gpr_inputs),
+    "learned-cascade": Family("PATH", _learned_cascade, _learned_cascade_inputs),
+}
 """Parametrised policies ``NAME:ARG`` by NAME."""
 
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from agents.policies.cascade import CascadePolicy
+from agents.policies.learned_cascade import LearnedCascadePolicy
 from agents.policies.oracle import OraclePolicy
 from agents.policies.random import RandomPolicy
 
@@ -29,7 +30,7 @@ def action_distribution(policy, obs: dict[str, torch.Tensor]) -> Dist:
         num_ads = policy.env.config.num_ads
         ads = torch.arange(num_ads, device=policy.env.device).expand(n, num_ads)
         return Dist(ads, torch.full((n, num_ads), 1.0 / num_ads, dtype=torch.float64, device=ads.device))
-    if isinstance(policy, CascadePolicy):
+    if isinstance(policy, (CascadePolicy, LearnedCascadePolicy)):  # softmax(logits / T) over a pool
         pool, logits = policy.pool(obs)  # the pool and logits act samples from (one ranking, not a copy)
         t = policy.config.temperature
         if t == 0:  # greedy: the top of the ranking, as act picks it

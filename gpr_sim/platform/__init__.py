@@ -4,6 +4,15 @@
 the boundary from here.
 """
 
+from gpr_sim.platform.funnel import (
+    CatalogSpec,
+    FunnelConfig,
+    FunnelModel,
+    fit_funnel,
+    funnel_examples,
+    load_funnel,
+    save_funnel,
+)
 from gpr_sim.platform.view import (
     HIDDEN_SESSION_FIELDS,
     HIDDEN_WORLD_FIELDS,
@@ -16,6 +25,13 @@ from gpr_sim.platform.view import (
 )
 
 __all__ = [
+    "CatalogSpec",
+    "FunnelConfig",
+    "FunnelModel",
+    "fit_funnel",
+    "funnel_examples",
+    "load_funnel",
+    "save_funnel",
     "HIDDEN_SESSION_FIELDS",
     "HIDDEN_WORLD_FIELDS",
     "OBSERVABLE_SESSION_FIELDS",

@@ -5,7 +5,8 @@
     transition(world, state, market, candidates, grant=None)
                                                       -> SessionState, MarketState, Outcome
     observe(world, state)                             -> dict of tensors   (U/O/E/I observation)
-    score(world, state, candidates, truth=False)      -> CandidateScores   (no state change)
+    score(world, state, candidates, truth=False, estimate=None)
+                                                      -> CandidateScores   (no state change)
 
 One request per step: the policy proposes candidates, the auction fills the slots, the funnel draws
 clicks/conversions/GMV, budgets are charged, the user consumes organic content, fatigue and interests
@@ -26,7 +27,7 @@ from gpr_sim.world import rng
 from gpr_sim.world.auction import advertiser_active, cap_to_budget, first_occurrence, gsp_auction
 from gpr_sim.world.catalog import NUM_DEVICES, World
 from gpr_sim.world.fatigue import exit_probability, fatigue_added, stay_probability
-from gpr_sim.world.funnel import ecpm, platform_probabilities, true_probabilities
+from gpr_sim.world.funnel import Probabilities, ecpm, platform_probabilities, true_probabilities
 from gpr_sim.world.reward import weighted_reward
 from gpr_sim.world.state import (
     EVENT_CLICK,
@@ -207,7 +208,12 @@ def auction_expectations(cfg, bid_ecpm: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def score(
-    world: World, state: SessionState, candidates: torch.Tensor, truth: bool = False, slot: int = 0
+    world: World,
+    state: SessionState,
+    candidates: torch.Tensor,
+    truth: bool = False,
+    slot: int = 0,
+    estimate: Probabilities | None = None,
 ) -> CandidateScores:
     """Expected value of arbitrary candidate ads (N, K) for the current requests; moves nothing.
 
@@ -223,11 +229,24 @@ def score(
     (conversion delays only move the GMV and conversion credit to a later request). The platform
     sees neither fatigue nor tolerance, so its estimate (``truth=False``) takes no carried-over fatigue
     (its pCTR ignores fatigue too), the population's mean tolerance (0) and the profile-interest match.
+
+    ``estimate``: the platform's funnel probabilities of ``candidates``, computed by the caller (e.g. the
+    learned pCTR/pCVR of ``gpr_sim.platform.funnel``); (N, K) each, entries of invalid candidates are
+    ignored. Then eCPM, P(win), price, GMV, ``p_stay`` (with the estimate's ``match``) and ``value`` all
+    come from it: the auction as that platform predicts it. Without it the estimate is the privileged
+    ``platform_probabilities`` (the simulator's own form on hidden fields). ``transition``'s auction
+    always ranks on ``platform_probabilities``: that is the market's own auction-time model, part of the
+    world, whichever estimator a caller scores with.
     """
     cfg = world.config
     valid = (candidates >= 0) & (candidates < cfg.num_ads)
     ads = torch.where(valid, candidates, torch.zeros_like(candidates))
-    est = platform_probabilities(world, ads, state.user_id, slot)
+    if estimate is None:
+        est = platform_probabilities(world, ads, state.user_id, slot)
+    elif truth:
+        raise ValueError("score got truth=True and an estimate: the truth replaces the platform's estimate")
+    else:
+        est = _checked_estimate(estimate, candidates)
     bid_ecpm = ecpm(world, ads, est)
     p_win, revenue = auction_expectations(cfg, bid_ecpm)
     if truth:
@@ -243,6 +262,16 @@ def score(
     value = weighted_reward(cfg.reward, revenue, gmv, p_click, p_conv, p_stay)
     value = value.masked_fill(~valid, float("-inf"))
     return CandidateScores(pr.p_click, pr.p_conversion, bid_ecpm, p_win, revenue, gmv, p_stay, value)
+
+
+def _checked_estimate(estimate: Probabilities, candidates: torch.Tensor) -> Probabilities:
+    """``estimate`` as ``Probabilities`` of ``candidates``' shape; ``ValueError`` naming a misshapen field."""
+    for name, t in zip(Probabilities._fields, estimate):
+        if t.shape != candidates.shape:
+            raise ValueError(
+                f"estimate.{name} has shape {tuple(t.shape)}: expected the candidates' {tuple(candidates.shape)}"
+            )
+    return Probabilities(*estimate)
 
 
 def transition(
