@@ -89,7 +89,8 @@ class Args:
     rerun: bool = False
     """run every agent again even when --out holds its sessions from the same config"""
     reference: str = ""
-    """an agent of --agents that every other one is compared with session by session (paired.csv); empty = none"""
+    """an agent of --agents that every other one is compared with session by session (paired.csv; delta-method
+    intervals over pairs whatever --ci); empty = no paired table"""
 
     def __post_init__(self) -> None:
         cli.check_args(self)

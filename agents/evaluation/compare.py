@@ -8,7 +8,9 @@ Every agent gets a fresh market built from the same world seed and reset with th
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
 every agent; later users follow the same streams but shift with session lengths. Each slot records its
 first ceil(sessions / num_envs) sessions (``agents.evaluation.sessions.collect_sessions``), and metrics
-are computed over sessions (``gpr_sim.metrics``).
+are computed over sessions (``gpr_sim.metrics``). A session is identified across agents by its pairing key
+(env slot, the slot's session index: ``gpr_sim.metrics.PAIR_KEY``); ``agents.evaluation.paired`` compares
+agents with a reference (``EvalConfig.reference``) over those pairs.
 
 Every agent is also valued on ``oracle_states`` fixed request states (the first request of as many
 sessions of a separate market reset with the same seed): ``eval/oracle_share``, the true value it serves
@@ -18,7 +20,8 @@ as a share of the myopic oracle's, with its interval, and ``eval/oracle_fatigue_
 An agent's sessions are saved in ``out/agents/NAME/`` (``sessions.parquet``, its per-state values in
 ``oracle_share.parquet`` and ``summary.json`` with the agent's run config: the settings and the SHA-256 of
 the files it reads, e.g. ``policy.pt``); a later comparison with the same run config reuses them, so a
-retrained policy is evaluated again.
+retrained policy is evaluated again. Cached sessions that could not be paired (a table without a column of
+``SESSION_COLUMNS``, or not every slot's sessions 0..k-1: ``cached_sessions_problem``) are simulated again.
 """
 
 from __future__ import annotations
