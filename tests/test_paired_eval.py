@@ -101,6 +101,7 @@ def test_stream_start_by_hand():
     # The rows come shuffled: the starts follow (slot, session), not the row order.
     df = pd.DataFrame({"slot": [1, 0, 0, 1, 0], "session": [1, 2, 0, 0, 1], "length": [1, 2, 3, 30, 5]})
     assert stream_start(df).tolist() == [31, 10, 0, 0, 4]
+    assert stream_start(df.set_index(pd.Index([7, 7, 7, 8, 8]))).tolist() == [31, 10, 0, 0, 4]  # any index
 
 
 def test_interval_of_a_tiny_table_by_hand():

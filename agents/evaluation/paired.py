@@ -87,10 +87,12 @@ def stream_start(sessions: pd.DataFrame) -> pd.Series:
     """The draw counter at which each recorded session began: sum_{j<k} (length_j + 1) over the slot's
     earlier sessions (0 for a slot's first). Valid for records of every session since ``reset``
     (``collect_sessions``); two agents' sessions with the same (slot, start) draw the same user and outcomes."""
-    df = sessions.sort_values(list(PAIR_KEY))
-    steps = df["length"].astype(np.int64) + 1  # ``initial`` takes one draw, each request one
-    start = steps.groupby(df["slot"]).cumsum() - steps
-    return start.reindex(sessions.index)
+    order = np.lexsort((sessions["session"].to_numpy(), sessions["slot"].to_numpy()))  # by slot, then session
+    steps = sessions["length"].to_numpy(np.int64)[order] + 1  # ``initial`` takes one draw, each request one
+    before = pd.Series(steps).groupby(sessions["slot"].to_numpy()[order]).cumsum().to_numpy() - steps
+    start = np.empty_like(before)
+    start[order] = before
+    return pd.Series(start, index=sessions.index, name="stream_start")
 
 
 def pair_sessions(sessions: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
