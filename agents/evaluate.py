@@ -1,7 +1,7 @@
 """Evaluate agents on the same users and seeds: business metrics with confidence intervals, a table, charts.
 
     python -m agents.evaluate --env ads-v0 --agents random,cascade,oracle [--preset small] \
-        [--num-envs 512] [--sessions 2000] [--seed 0] [--out runs/eval/NAME]
+        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade] [--out runs/eval/NAME]
 
 Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
@@ -11,6 +11,12 @@ and the run stops once every slot has them. Metrics are computed over sessions (
 comparison itself is `agents.evaluation.compare`. Beside them, `eval/oracle_share`: the true value each agent
 serves on `--oracle-states` fixed request states as a share of the myopic oracle's, with its interval, and
 the fatigue-aware oracle's share (`agents.evaluation.oracle_share`).
+
+With `--reference NAME`, every other agent is also compared with NAME session by session
+(`agents.evaluation.paired`): sessions are paired by (env slot, the slot's session index), the first session of
+every slot shares its user and every random draw across agents (later ones only when the slot's earlier
+sessions had the same lengths), and each metric's difference gets its paired interval, the unpaired interval
+beside it and the variance reduction factor of pairing.
 
 Output folder (`--out`, default `runs/eval/{env}__{preset}__{seed}`), an `agents.evaluate` folder: locked while
 an evaluation writes it, and refused when another entry point owns it (e.g. an `agents.hepo` run;
@@ -23,6 +29,7 @@ an evaluation writes it, and refused when another entry point owns it (e.g. an `
 | `summary.csv`, `summary.json` | one row / entry per agent: every metric with `_ci_low` / `_ci_high` |
 | `strata.csv` | per agent x activity tier (1..5) and per agent x ad age (new / old) |
 | `metrics.png`, `strata.png` | bar charts with error bars |
+| `paired.csv`, `paired.json`, `paired.png` | with `--reference`: per agent x metric, the difference from the reference with its paired and unpaired interval and the variance reduction (`agents.evaluation.paired.COLUMNS`) |
 | `agents/NAME/sessions.parquet` | one row per session (`gpr_sim.metrics.SESSION_COLUMNS`) |
 | `agents/NAME/oracle_share.parquet` | one row per request state: the agent's, the oracle's and the fatigue-aware oracle's true value |
 | `agents/NAME/summary.json` | the agent's run config (settings and the SHA-256 of the files it read, e.g. `policy.pt`) and metrics; a rerun with the same config reuses its sessions |
@@ -39,6 +46,7 @@ import torch
 
 from agents import cli
 from agents.evaluation.compare import EvalConfig, compare_agents, format_table, write_comparison
+from agents.evaluation.paired import format_paired, paired_table, write_paired
 from gpr_sim.runs import RunFolder, run_name, write_json
 from gpr_sim.stats import CIConfig
 
@@ -80,6 +88,9 @@ class Args:
     """write the PNG charts"""
     rerun: bool = False
     """run every agent again even when --out holds its sessions from the same config"""
+    reference: str = ""
+    """an agent of --agents that every other one is compared with session by session (paired.csv; delta-method
+    intervals over pairs whatever --ci); empty = no paired table"""
 
     def __post_init__(self) -> None:
         cli.check_args(self)
@@ -104,6 +115,7 @@ class Args:
             oracle_states=self.oracle_states,
             ci=CIConfig(self.ci, self.level, self.n_bootstrap),
             rerun=self.rerun,
+            reference=self.reference or None,
         )
 
     @property
@@ -132,10 +144,18 @@ def main(argv: list[str] | Args | None = None) -> pd.DataFrame:
             f"\n{args.env} ({args.preset}), {args.num_envs} envs, seed {args.seed}; {args.level:.0%} CIs ({args.ci}):"
         )
         print(format_table(result.summary))
-        print(
-            f"\nwrote {out}/summary.csv, summary.json, strata.csv"
-            + (", metrics.png, strata.png" if args.plots else "")
+        written = "summary.csv, summary.json, strata.csv" + (
+            ", metrics.png, strata.png" if args.plots else ""
         )
+        if cfg.reference is not None:
+            table = paired_table(result, cfg.reference)
+            write_paired(table, out, result.level, plots=args.plots)
+            print(
+                f"\npaired differences from {cfg.reference}, {args.level:.0%} CIs (delta method over pairs):"
+            )
+            print(format_paired(table))
+            written += ", paired.csv, paired.json" + (", paired.png" if args.plots else "")
+        print(f"\nwrote {out}/{written}")
         return result.summary
 
 

@@ -260,6 +260,11 @@ SESSION_COLUMNS = (
     + tuple(f"old_{c}" for c in AD_COLUMNS)
 )
 """Columns of ``SessionAccumulator.records()``, in order."""
+PAIR_KEY = ("slot", "session")
+"""What pairs sessions across runs of one market: env slot and the slot's session index (0 = the first session
+after ``reset``, with a fresh accumulator). Two runs reset with the same seed draw the k-th session of a slot
+from the same random streams (user, clicks, exits...) when that slot's earlier sessions had the same lengths,
+always for k = 0 (``agents.evaluation.paired``)."""
 
 
 class SessionAccumulator:

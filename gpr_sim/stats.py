@@ -8,6 +8,8 @@
 | `welch_interval` | mean(x) - mean(y) | Student t, Welch-Satterthwaite df | two independent groups |
 | `relative_change` | mean(x) / ref - 1 | Student t, Welch-Satterthwaite df, delta method | seeds against one reference estimate with its own CI |
 | `paired_difference` | mean(x - y) | Student t on the per-unit differences | the same units under two treatments (common random numbers) |
+| `paired_ratio_difference` | ratio(x) - ratio(y) | Student t on the per-unit delta-method differences | a ratio or mean metric, the same units under two treatments |
+| `welch_ratio_difference` | ratio(x) - ratio(y) | Student t, Welch-Satterthwaite df, delta method | a ratio or mean metric, two independent groups |
 | `bootstrap_sums`, `percentile_interval`, `bootstrap_ratio` | plug-in | percentile bootstrap | any smooth statistic of column sums |
 
 All of them return an `Estimate` and take ``level``, the two-sided coverage in (0, 1). Quantiles come from
@@ -220,6 +222,70 @@ def welch_interval(x, y, level: float = 0.95, *, nan_policy: str = "raise") -> E
     va, vb = float(x.var(ddof=1)) / len(x), float(y.var(ddof=1)) / len(y)
     std_err = math.sqrt(va + vb)
     half = critical_value(level, welch_df(va, len(x) - 1, vb, len(y) - 1)) * std_err
+    return Estimate(value, value - half, value + half, std_err, n, "difference")
+
+
+def _influence(num, den, name: str) -> tuple[float, np.ndarray]:
+    """(sum(num) / sum(den), the (n,) delta-method influence terms (num_i - R den_i) / mean(den)) of
+    ``ratio_of_means``; ``den`` None is a mean (influence x_i - mean). NaN ratio when sum(den) == 0."""
+    num, _ = _sample(num, f"{name} numerator")
+    den = np.ones_like(num) if den is None else _sample(den, f"{name} denominator")[0]
+    if num.shape != den.shape:
+        raise ValueError(
+            f"{name}: numerator and denominator must be 1-d of one length, got {num.shape} and {den.shape}"
+        )
+    if den.sum() == 0:
+        return math.nan, np.full_like(num, math.nan)
+    ratio = float(num.sum() / den.sum())
+    return ratio, (num - ratio * den) / den.mean()
+
+
+def paired_ratio_difference(num_x, den_x, num_y, den_y, level: float = 0.95) -> Estimate:
+    """R_x - R_y, R = sum(num) / sum(den), over n units seen under both treatments (in the same order).
+
+    The delta method linearises each ratio into per-unit influence terms (``ratio_of_means``); pairing
+    differences them unit by unit, phi_i = infl_x_i - infl_y_i, so what the two treatments share on a unit
+    (its user, its random draws) cancels: se^2 = var(phi) / n, with the t quantile on n - 1 df. With
+    ``den_x`` and ``den_y`` None the metric is a mean and this is exactly ``paired_difference``.
+
+    Args:
+        num_x, den_x: (n,) per-unit numerator and denominator sums under treatment x (den None: a mean).
+        num_y, den_y: the same n units under treatment y.
+        level: two-sided coverage in (0, 1).
+
+    Returns:
+        The difference with its interval; NaN when either denominator sums to 0, NaN interval when n < 2.
+    """
+    check_level(level)
+    rx, ix = _influence(num_x, den_x, "x")
+    ry, iy = _influence(num_y, den_y, "y")
+    if ix.shape != iy.shape:
+        raise ValueError(f"paired samples must have one length, got {len(ix)} and {len(iy)}")
+    n, value = len(ix), rx - ry
+    if n < 2 or not math.isfinite(value):
+        return nan_estimate(n, "paired_difference", value)
+    std_err = float((ix - iy).std(ddof=1)) / math.sqrt(n)
+    half = critical_value(level, n - 1) * std_err
+    return Estimate(value, value - half, value + half, std_err, n, "paired_difference")
+
+
+def welch_ratio_difference(num_x, den_x, num_y, den_y, level: float = 0.95) -> Estimate:
+    """R_x - R_y, R = sum(num) / sum(den), of two independent samples: the unpaired counterpart of
+    ``paired_ratio_difference``.
+
+    se^2 = var(infl_x) / n_x + var(infl_y) / n_y (each ratio's delta-method variance, ``ratio_of_means``)
+    with Welch-Satterthwaite df (``welch_df``). With ``den_x`` and ``den_y`` None this is exactly
+    ``welch_interval``. ``n`` is n_x + n_y; NaN interval when either sample has fewer than two units.
+    """
+    check_level(level)
+    rx, ix = _influence(num_x, den_x, "x")
+    ry, iy = _influence(num_y, den_y, "y")
+    n, value = len(ix) + len(iy), rx - ry
+    if min(len(ix), len(iy)) < 2 or not math.isfinite(value):
+        return nan_estimate(n, "difference", value)
+    va, vb = float(ix.var(ddof=1)) / len(ix), float(iy.var(ddof=1)) / len(iy)
+    std_err = math.sqrt(va + vb)
+    half = critical_value(level, welch_df(va, len(ix) - 1, vb, len(iy) - 1)) * std_err
     return Estimate(value, value - half, value + half, std_err, n, "difference")
 
 

@@ -8,7 +8,9 @@ Every agent gets a fresh market built from the same world seed and reset with th
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
 every agent; later users follow the same streams but shift with session lengths. Each slot records its
 first ceil(sessions / num_envs) sessions (``agents.evaluation.sessions.collect_sessions``), and metrics
-are computed over sessions (``gpr_sim.metrics``).
+are computed over sessions (``gpr_sim.metrics``). A session is identified across agents by its pairing key
+(env slot, the slot's session index: ``gpr_sim.metrics.PAIR_KEY``); ``agents.evaluation.paired`` compares
+agents with a reference (``EvalConfig.reference``) over those pairs.
 
 Every agent is also valued on ``oracle_states`` fixed request states (the first request of as many
 sessions of a separate market reset with the same seed): ``eval/oracle_share``, the true value it serves
@@ -18,7 +20,8 @@ as a share of the myopic oracle's, with its interval, and ``eval/oracle_fatigue_
 An agent's sessions are saved in ``out/agents/NAME/`` (``sessions.parquet``, its per-state values in
 ``oracle_share.parquet`` and ``summary.json`` with the agent's run config: the settings and the SHA-256 of
 the files it reads, e.g. ``policy.pt``); a later comparison with the same run config reuses them, so a
-retrained policy is evaluated again.
+retrained policy is evaluated again. Cached sessions that could not be paired (a table without a column of
+``SESSION_COLUMNS``, or not every slot's sessions 0..k-1: ``cached_sessions_problem``) are simulated again.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, sta
 from agents.evaluation.sessions import collect_sessions
 from agents.policies import known_policies, make_policy, policy_factory, policy_inputs
 from envs import make_vec_env, resolve_config
-from gpr_sim.metrics import summarize, summarize_strata
+from gpr_sim.metrics import PAIR_KEY, SESSION_COLUMNS, summarize, summarize_strata
 from gpr_sim.runs import atomic_write_bytes, figure_bytes, file_digest, read_json, write_json
 from gpr_sim.stats import CIConfig
 
@@ -72,6 +75,9 @@ class EvalConfig:
     """fixed request states of ``eval/oracle_share``"""
     rerun: bool = False
     """simulate every agent again even when the cache holds its sessions from the same run config"""
+    reference: str | None = None
+    """the agent every other one is compared with, session by session (``agents.evaluation.paired``); None
+    = no paired table (no agent is the baseline by default: the first one listed is often ``random``)"""
 
     def __post_init__(self) -> None:
         for name in ("num_envs", "sessions", "oracle_states"):
@@ -88,6 +94,14 @@ class EvalConfig:
             raise ValueError(f"agents={','.join(self.agents)!r} names an agent twice")
         for spec in self.agents:
             policy_factory(spec)  # an unknown agent fails here, before anything runs
+        if self.reference is not None and self.reference not in self.agents:
+            raise ValueError(
+                f"reference={self.reference!r} is not one of the compared agents: {','.join(self.agents)}"
+            )
+        if self.reference is not None and len(self.agents) < 2:
+            raise ValueError(
+                f"reference={self.reference!r} needs at least one other agent to compare with it"
+            )
 
     @property
     def sessions_per_slot(self) -> int:
@@ -148,12 +162,15 @@ def run_agent(cfg: EvalConfig, spec: str, out: Path) -> tuple[pd.DataFrame, pd.D
     marker, table = folder / "summary.json", folder / "sessions.parquet"
     values_table = folder / "oracle_share.parquet"
     if not cfg.rerun and marker.exists() and table.exists() and values_table.exists():
-        if read_json(marker).get("config") == config:
+        if read_json(marker).get("config") != config:
+            print(f"{spec}: {folder} holds a run with another config, running again")
+        elif problem := cached_sessions_problem(pd.read_parquet(table), cfg):
+            print(f"{spec}: {folder} holds sessions that cannot be paired ({problem}), running again")
+        else:
             print(
                 f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)"
             )
             return pd.read_parquet(table), pd.read_parquet(values_table)
-        print(f"{spec}: {folder} holds a run with another config, running again")
     env = make_vec_env(
         cfg.env,
         cfg.num_envs,
@@ -177,8 +194,26 @@ def run_agent(cfg: EvalConfig, spec: str, out: Path) -> tuple[pd.DataFrame, pd.D
     values.to_parquet(buf, index=False)
     atomic_write_bytes(values_table, buf.getvalue())
     metrics = {**summarize(sessions, prefix=PREFIX), **oracle_share_metrics(values, cfg.ci.level)}
-    write_json(marker, {"config": config, "steps": steps, "seconds": seconds, "metrics": _clean(metrics)})
+    write_json(
+        marker, {"config": config, "steps": steps, "seconds": seconds, "metrics": strict_json(metrics)}
+    )
     return sessions, values
+
+
+def cached_sessions_problem(sessions: pd.DataFrame, cfg: EvalConfig) -> str | None:
+    """Why cached session records cannot stand for this run (None if they can): a column of
+    ``gpr_sim.metrics.SESSION_COLUMNS`` is missing (a cache written before it existed, e.g. without the
+    pairing key ``slot``, ``session``), or the records are not the k-th session of every slot for every
+    k < ``cfg.sessions_per_slot``, each once (what pairs sessions across agents)."""
+    missing = [c for c in SESSION_COLUMNS if c not in sessions.columns]
+    if missing:
+        return f"no column {', '.join(missing)}"
+    k = cfg.sessions_per_slot
+    want = pd.MultiIndex.from_product([range(cfg.num_envs), range(k)], names=list(PAIR_KEY))
+    have = pd.MultiIndex.from_frame(sessions[list(PAIR_KEY)])
+    if len(have) != len(want) or not have.sort_values().equals(want):
+        return f"not sessions 0..{k - 1} of slots 0..{cfg.num_envs - 1}, each once"
+    return None
 
 
 def oracle_share_metrics(values: pd.DataFrame, level: float) -> dict[str, float]:
@@ -186,9 +221,9 @@ def oracle_share_metrics(values: pd.DataFrame, level: float) -> dict[str, float]
     return {f"{PREFIX}{k}": v for k, v in summarize_shares(values, level).items()}
 
 
-def _clean(d: dict) -> dict:
-    """NaN -> None, so the JSON files stay strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+def strict_json(d: dict) -> dict:
+    """NaN and +-inf -> None, so the JSON files stay strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 # ----------------------------------------------------------------------------- every agent
@@ -208,14 +243,19 @@ class Comparison:
     and the metric columns (``gpr_sim.metrics.summarize_strata``)"""
     level: float
     """coverage of the intervals"""
+    sessions: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """agent -> its session records (``gpr_sim.metrics.SESSION_COLUMNS``), what paired differences are over"""
+    values: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """agent -> its per-state values on the ``oracle_share`` states (``state_values``: one row per state)"""
 
 
 def compare_agents(cfg: EvalConfig, out: Path) -> Comparison:
     """Every agent's sessions (reused from the cache in ``out`` or simulated, ``run_agent``), summarised with
     ``cfg.ci``; the bootstrap (if any) resamples with the same seed for every agent."""
-    summaries, strata = [], []
+    summaries, strata, records, state_vals = [], [], {}, {}
     for spec in cfg.agents:
         sessions, values = run_agent(cfg, spec, out)
+        records[spec], state_vals[spec] = sessions, values
         kw = dict(prefix=PREFIX, ci=cfg.ci.method, level=cfg.ci.level, n_bootstrap=cfg.ci.n_bootstrap)
         rng = lambda: np.random.default_rng(cfg.seed)  # noqa: E731  (the same resamples for every agent)
         summary = summarize(sessions, rng=rng(), **kw)
@@ -223,7 +263,7 @@ def compare_agents(cfg: EvalConfig, out: Path) -> Comparison:
         strata.append(summarize_strata(sessions, rng=rng(), **kw).assign(agent=spec))
     strata_df = pd.concat(strata, ignore_index=True)
     strata_df = strata_df[["agent"] + [c for c in strata_df.columns if c != "agent"]]
-    return Comparison(tuple(summaries), pd.DataFrame(summaries), strata_df, cfg.ci.level)
+    return Comparison(tuple(summaries), pd.DataFrame(summaries), strata_df, cfg.ci.level, records, state_vals)
 
 
 def write_comparison(result: Comparison, out: Path, plots: bool = True) -> list[Path]:
@@ -231,7 +271,7 @@ def write_comparison(result: Comparison, out: Path, plots: bool = True) -> list[
     ``metrics.png`` and ``strata.png`` into ``out``; returns the paths written."""
     files = [
         atomic_write_bytes(out / "summary.csv", result.summary.to_csv(index=False).encode()),
-        write_json(out / "summary.json", {r["agent"]: _clean(r) for r in result.rows}),
+        write_json(out / "summary.json", {r["agent"]: strict_json(r) for r in result.rows}),
         atomic_write_bytes(out / "strata.csv", result.strata.to_csv(index=False).encode()),
     ]
     if plots:
