@@ -43,13 +43,15 @@ import torch
 from torch import Tensor
 
 from agents.rl.buffer import Buffer
-from agents.rl.common import process_rewards
+from agents.rl.common import check_precision, precision_context, process_rewards
 from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
-from gpr_sim.sampling import sample_paths
+from gpr_sim.model.incremental import head_context_kv, request_major_step
+from gpr_sim.sampling import PathSample, sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
+from gpr_sim.tokenizer.trie import PrefixTrie
 from gpr_sim.tokenizer.world import WorldTokenizer
 from gpr_sim.world import CandidateScores, rng
 from gpr_sim.world.state import EVENT_CLICK
@@ -69,6 +71,46 @@ def positive_paths(tokens: TokenBatch) -> Tensor:
     return tokens.semantic_codes.masked_fill(~positive[..., None], -1)
 
 
+@torch.no_grad()
+def sample_groups(
+    model: GPRModel,
+    trie: PrefixTrie,
+    tokens: TokenBatch,
+    eligible: Tensor | None,
+    group_size: int,
+    uniforms: Tensor,
+    cached: bool = True,
+) -> tuple[Tensor | None, PathSample, Tensor]:
+    """The HSD once per request -> K sampled paths per request (level by level) -> HTE values of every prefix.
+
+    ``cached`` (the default): the request's context goes through the PTD decoder once (head 0's context
+    K/V, ``gpr_sim.model.incremental``) and each level decodes only the K paths' generated tokens against
+    it. ``cached=False`` is the reference: a full PTD pass over context + prefix per path and level. Both
+    draw the same paths from the same ``uniforms`` (inverse CDF) up to rounding of the log-probs.
+
+    Args:
+        model: the generator (eval mode).
+        trie: the ad trie.
+        tokens: (N, T) requests.
+        eligible: optional (num_ads,) bool.
+        group_size: K.
+        uniforms: (N, d + K L') keyed numbers: the refiner's noise (first d), then one per path and level.
+
+    Returns:
+        (refiner noise (N, d) or None, ``PathSample``, HTE values (N, K, L' + 1) float32).
+    """
+    n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
+    noise = rng.normals(uniforms[:, :d]) if model.ptd.refiner is not None else None
+    ctx = model.context(tokens, noise=noise)  # (N, Cc, C): the HSD over the whole request, once
+    if cached:
+        step_fn = request_major_step(model.ptd.level_logits_cached, head_context_kv(model, ctx), n)
+    else:
+        step_fn, _ = model.beam_fns(ctx)
+    sample = sample_paths(step_fn, trie, n, k, eligible, uniforms=uniforms[:, d:].view(n, k, -1))
+    values = model.path_values(ctx, sample.codes).float()  # (N, K, L' + 1)
+    return noise, sample, values
+
+
 class Roller:
     """Steps N sessions with the current generator and fills a ``Buffer`` (module doc).
 
@@ -83,6 +125,8 @@ class Roller:
         budget_aware: scale each candidate's value by its advertiser's budget share this step (module doc).
         dist: the data-parallel job: this env holds its rows (``agents.rl.distributed.shard_env``); budget
             demand, the reward scale and the statistics are reduced over every rank's rows.
+        precision: ``fp32`` (reference) or ``bf16`` (autocast) for the model's forward passes.
+        cached: sample through the cached PTD (``sample_groups``); False = the full-forward reference.
     """
 
     def __init__(
@@ -95,7 +139,10 @@ class Roller:
         seed: int,
         budget_aware: bool = True,
         dist: Dist = SINGLE,
+        precision: str = "fp32",
+        cached: bool = True,
     ):
+        self.precision, self.cached = check_precision(precision), cached
         self.env = env
         self.budget_aware, self.dist, self.seed = budget_aware, dist, seed
         self.market = env.unwrapped  # the vector env: scoring, budgets, eligibility, state and rehearsal
@@ -150,19 +197,11 @@ class Roller:
         ((step x 2 + rehearsed) << SLOT_BITS) + global slot (so at most 2^SLOT_BITS sessions)."""
         return ((self.step_count * 2 + int(rehearsed)) << SLOT_BITS) + self.market.first_slot + rows
 
-    @torch.no_grad()
     def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor, keys: Tensor):
         """Context, K sampled paths and HTE values for a token batch; its random numbers come from ``keys``."""
-        n, k, d = tokens.token_ids.shape[0], self.group_size, model.cfg.d_model
-        u = rng.uniforms(
-            keys, d + k * self.tok.trie.depth
-        )  # refiner noise, then one number per path and level
-        noise = rng.normals(u[:, :d]) if model.ptd.refiner is not None else None
-        ctx = model.context(tokens, noise=noise)
-        step_fn, _ = model.beam_fns(ctx)
-        sample = sample_paths(step_fn, self.tok.trie, n, k, eligible, uniforms=u[:, d:].view(n, k, -1))
-        values = model.path_values(ctx, sample.codes)  # (N, K, L' + 1)
-        return noise, sample, values
+        u = rng.uniforms(keys, model.cfg.d_model + self.group_size * self.tok.trie.depth)
+        with precision_context(self.device, self.precision):
+            return sample_groups(model, self.tok.trie, tokens, eligible, self.group_size, u, self.cached)
 
     def _budget_share(self, items: Tensor, scores: CandidateScores) -> Tensor:
         """(A,) share of each advertiser's expected demand this step that its remaining budget covers.
@@ -294,4 +333,4 @@ class Roller:
         return buf, stats
 
 
-__all__ = ["Roller", "positive_paths", "SLOT_BITS"]
+__all__ = ["Roller", "SLOT_BITS", "positive_paths", "sample_groups"]
