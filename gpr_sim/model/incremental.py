@@ -94,7 +94,9 @@ def request_major_step(level_fn, context_kv: list[tuple[Tensor, Tensor]], batch_
     return step
 
 
-def path_log_prob(model: GPRModel, context: Tensor, paths: Tensor, legal: list[Tensor] | None = None) -> Tensor:
+def path_log_prob(
+    model: GPRModel, context: Tensor, paths: Tensor, legal: list[Tensor] | None = None
+) -> Tensor:
     """Teacher-forced per-level log-probs of K paths per request, the context decoded once per request.
 
     Equals ``model.log_prob(context.repeat_interleave(K, 0), paths.flatten(0, 1), masks)`` up to rounding
