@@ -58,6 +58,8 @@ from gpr_sim.world.state import EVENT_CLICK
 
 TYPE_O, TYPE_I = 1, 3
 """token types of ``gpr_sim.schema`` (U=0, O=1, E=2, I=3)"""
+CONTEXT_CHUNK = 8192
+"""requests per HSD pass of a rollout step (``sample_groups``)"""
 ARR_DRAW_SALT = 0xA22
 """added to the rollout seed for the draw that decides which sessions rehearse"""
 SLOT_BITS = 24
@@ -80,6 +82,7 @@ def sample_groups(
     group_size: int,
     uniforms: Tensor,
     cached: bool = True,
+    chunk: int = CONTEXT_CHUNK,
 ) -> tuple[Tensor | None, PathSample, Tensor]:
     """The HSD once per request -> K sampled paths per request (level by level) -> HTE values of every prefix.
 
@@ -95,13 +98,24 @@ def sample_groups(
         eligible: optional (num_ads,) bool.
         group_size: K.
         uniforms: (N, d + K L') keyed numbers: the refiner's noise (first d), then one per path and level.
+        chunk: requests per HSD pass (the context is per request, so chunks change no number; they bound
+            the (chunk, T, 4 d) activations of a wide rollout).
 
     Returns:
         (refiner noise (N, d) or None, ``PathSample``, HTE values (N, K, L' + 1) float32).
     """
     n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
     noise = rng.normals(uniforms[:, :d]) if model.ptd.refiner is not None else None
-    ctx = model.context(tokens, noise=noise)  # (N, Cc, C): the HSD over the whole request, once
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} is invalid: expected >= 1")
+    parts = [
+        model.context(
+            TokenBatch(*(x[lo : lo + chunk] for x in tokens)),
+            noise=None if noise is None else noise[lo : lo + chunk],
+        )
+        for lo in range(0, n, chunk)
+    ]
+    ctx = parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, Cc, C): the HSD over each request, once
     if cached:
         step_fn = request_major_step(model.ptd.level_logits_cached, head_context_kv(model, ctx), n)
     else:
