@@ -43,6 +43,8 @@ Columns:
 - rollout TFLOP/s: the forward FLOPs of the rollout's model calls (HSD, thinking, refiner, PTD per level,
   HTE; same terms) over the rollout seconds (which include the env step and scoring).
 - peak GiB: ``torch.cuda.max_memory_allocated`` over the row (CUDA), else the process's peak RSS.
+- ``--profile R``: one more iteration per row under ``torch.profiler`` (phases labelled ``rollout``,
+  ``targets``, ``update``); the top R ops by device time are printed and kept in the row's ``profile``.
 
 Prints a table and writes JSON to ``--out``.
 """
@@ -50,6 +52,7 @@ Prints a table and writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import resource
 import statistics
@@ -59,6 +62,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -192,24 +196,39 @@ def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     times: list[tuple[float, float, float]] = []
     counts = None
-    for it in range(args.warmup + args.iters):
+
+    def iteration(it: int) -> tuple[float, float, float, tuple[int, int, int]]:
         sync(dev)
         t0 = time.perf_counter()
-        model.eval()
-        buf, stats = roller.collect(model, args.rollout_steps)
-        sync(dev)
+        with record_function("rollout"):
+            model.eval()
+            buf, stats = roller.collect(model, args.rollout_steps)
+            sync(dev)
         t1 = time.perf_counter()
-        model.train()
-        buf.adv, buf.returns = HEPO.targets(buf, loss_cfg)
-        sync(dev)
+        with record_function("targets"):
+            model.train()
+            buf.adv, buf.returns = HEPO.targets(buf, loss_cfg)
+            sync(dev)
         t2 = time.perf_counter()
-        update(terms_fn, model, opt, None, buf, HEPO, loss_cfg, schedule, it)
-        sync(dev)
+        with record_function("update"):
+            update(terms_fn, model, opt, None, buf, HEPO, loss_cfg, schedule, it)
+            sync(dev)
         t3 = time.perf_counter()
-        if it >= args.warmup:
-            times.append((t1 - t0, t2 - t1, t3 - t2))
         counts = (stats["rollout/requests"], stats["rollout/rehearsed"], int(buf.valid.sum()))
-        del buf
+        return t1 - t0, t2 - t1, t3 - t2, counts
+
+    for it in range(args.warmup + args.iters):
+        *phases, counts = iteration(it)
+        if it >= args.warmup:
+            times.append(tuple(phases))
+    profile_table = None
+    if args.profile:  # one more iteration under the profiler: where the time goes, by kernel / op
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            iteration(args.warmup + args.iters)
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        profile_table = prof.key_averages().table(sort_by=key, row_limit=args.profile)
+        print(f"profile: sessions {sessions}, {precision}, {'cached' if cached else 'old'}\n{profile_table}")
     rollout_s, targets_s, update_s = (statistics.median(x) for x in zip(*times))
     real, rehearsed, valid = counts
     total = rollout_s + targets_s + update_s
@@ -238,10 +257,8 @@ def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
         "rollout_tflops": (real + rehearsed) * rol / rollout_s / 1e12,
         "peak_gib": peak_gib(dev),
         "params": sum(p.numel() for p in model.parameters()),
+        "profile": profile_table,
     }
-    del env, model, opt, roller, terms_fn
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -294,6 +311,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--codebook", type=int, default=64, help="codes per RQ-Kmeans level")
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="MFU denominator")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="rows of a torch.profiler table (by device time) of one extra iteration per row; 0 = none",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
@@ -320,6 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
         for precision in precisions:
             for cached in (True, False) if args.old else (True,):
                 rows.append(run_row(args, n, precision, cached))
+                gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     dev = torch.device(args.device)
     res = {
