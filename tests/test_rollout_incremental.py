@@ -244,3 +244,25 @@ def test_flop_formula_on_a_hand_worked_config():
     assert bench.forward_flops(cfg, 3, 2, 2) == 2088
     assert bench.update_flops_per_request(cfg, 3, 2, cached=True) == 6264
     assert bench.update_flops_per_request(cfg, 3, 2, cached=False) == 6840
+
+
+def test_typed_layer_norm_equals_per_type_indexing_forward_and_backward():
+    """``TypedLayerNorm`` gathers its per-type gain and bias with ``F.embedding`` (a faster CUDA backward):
+    the same as ``weight[type_ids]``, values exactly and gradients up to summation order."""
+    from gpr_sim.model.hsd import TypedLayerNorm
+
+    gen = torch.Generator().manual_seed(5)
+    ln = TypedLayerNorm(8, 4)
+    with torch.no_grad():
+        ln.weight.normal_(generator=gen)
+        ln.bias.normal_(generator=gen)
+    x = torch.randn(3, 7, 8, generator=gen)
+    types = torch.randint(0, 4, (3, 7), generator=gen)
+    g = torch.randn(3, 7, 8, generator=gen)
+    out = ln(x, types)
+    (out * g).sum().backward()
+    ref = torch.nn.functional.layer_norm(x, (8,)) * ln.weight[types] + ln.bias[types]
+    w_ref, b_ref = torch.autograd.grad((ref * g).sum(), [ln.weight, ln.bias])
+    assert torch.equal(out, ref)
+    assert_close(ln.weight.grad, w_ref)
+    assert_close(ln.bias.grad, b_ref)
