@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--old", action="store_true", help="also time the full-forward reference path (rows 'old')"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the HSD (PathTerms(compile=True))")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the update forward (PathTerms(compile=True))"
+    )
     p.add_argument("--history", type=int, default=127, help="organic_history = ad_history: T = 2 + 2 x this")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)

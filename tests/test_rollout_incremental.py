@@ -165,6 +165,20 @@ def test_update_terms_cached_equal_the_reference(rollouts):
     assert_close(lp_f, buf.old_log_prob, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile on CPU: about a minute
+def test_compiled_update_terms_equal_eager(rollouts, monkeypatch):
+    from gpr_sim.model.hsd import TypedFFN
+
+    # the CUDA implementation without data-dependent shapes (CPU's default "loop" indexes by type)
+    monkeypatch.setattr(TypedFFN, "impl", "chunked")
+    model, buf, _ = rollouts[True]
+    model.train()
+    eager = PathTerms(model)(buf)
+    compiled = PathTerms(model, compile=True)(buf)
+    for a, c in zip(compiled, eager, strict=True):
+        assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_update_losses_stay_close_to_fp32(rollouts):
     """bf16 autocast rounds every matmul input to 8 significant bits (relative 2^-9 ~ 0.2%); through one
     HSD block, thinking, refiner and PTD the per-level log-probs move by a few 1e-3, so the policy loss (a

@@ -69,35 +69,42 @@ def path_terms(model: GPRModel, buf: Buffer, cached: bool = True) -> tuple[torch
     tokens against it (``gpr_sim.model.incremental.path_log_prob``); False is the reference, the context
     repeated for each of the K paths. Equal up to rounding, forward and backward.
     """
-    m, k, length = buf.codes.shape
-    ctx = model.context(buf.tokens, noise=buf.noise)  # (M, Cc, C)
+    return _terms(model, buf.tokens, buf.noise, buf.codes, buf.legal, cached)
+
+
+def _terms(
+    model: GPRModel, tokens, noise, codes: torch.Tensor, legal: list[torch.Tensor], cached: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``path_terms`` on the buffer's tensors (what ``PathTerms(compile=True)`` compiles)."""
+    m, k, length = codes.shape
+    ctx = model.context(tokens, noise=noise)  # (M, Cc, C)
     if cached:
-        log_prob = path_log_prob(model, ctx, buf.codes, buf.legal).float()
+        log_prob = path_log_prob(model, ctx, codes, legal).float()
     else:
-        codes = buf.codes.flatten(0, 1)
-        masks = [mask.flatten(0, 1) for mask in buf.legal]
-        log_prob = model.log_prob(ctx.repeat_interleave(k, 0), codes, masks).view(m, k, length).float()
+        flat = codes.flatten(0, 1)
+        masks = [mask.flatten(0, 1) for mask in legal]
+        log_prob = model.log_prob(ctx.repeat_interleave(k, 0), flat, masks).view(m, k, length).float()
     # the critic reads the policy's features but does not move them: value regression on a cold HTE
     # would otherwise rewrite the shared HSD/PTD trunk (and with it the policy) before the policy learns
-    values = model.path_values(ctx.detach(), buf.codes).float()  # (M, K, L + 1)
+    values = model.path_values(ctx.detach(), codes).float()  # (M, K, L + 1)
     return log_prob, values
 
 
 class PathTerms(torch.nn.Module):
     """``path_terms`` as a ``forward``: what ``DistributedDataParallel`` wraps (its hooks need a forward).
 
-    ``cached``: ``path_terms``'s. ``compile``: the HSD (most of the update's FLOPs) runs through
-    ``torch.compile`` (batch size dynamic: the last minibatch of an epoch is shorter).
+    ``cached``: ``path_terms``'s. ``compile``: the whole forward (HSD, thinking, refiner, PTD, HTE) runs
+    through ``torch.compile``, the minibatch size dynamic (the last minibatch of an epoch is shorter); the
+    loss, the backward's bookkeeping and the optimiser stay eager.
     """
 
     def __init__(self, model: GPRModel, cached: bool = True, compile: bool = False) -> None:
         super().__init__()
         self.model, self.cached = model, cached
-        if compile:
-            model.hsd.compile(dynamic=None)
+        self._fn = torch.compile(_terms, dynamic=None) if compile else _terms
 
     def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
-        return path_terms(self.model, buf, self.cached)
+        return self._fn(self.model, buf.tokens, buf.noise, buf.codes, buf.legal, self.cached)
 
 
 def loss_terms(
