@@ -59,7 +59,7 @@ from gpr_sim.world.state import EVENT_CLICK
 TYPE_O, TYPE_I = 1, 3
 """token types of ``gpr_sim.schema`` (U=0, O=1, E=2, I=3)"""
 CONTEXT_CHUNK = 8192
-"""requests per HSD pass of a rollout step (``sample_groups``)"""
+"""requests per pass of a rollout step's model calls (``sample_groups``)"""
 ARR_DRAW_SALT = 0xA22
 """added to the rollout seed for the draw that decides which sessions rehearse"""
 SLOT_BITS = 24
@@ -98,30 +98,56 @@ def sample_groups(
         eligible: optional (num_ads,) bool.
         group_size: K.
         uniforms: (N, d + K L') keyed numbers: the refiner's noise (first d), then one per path and level.
-        chunk: requests per HSD pass (the context is per request, so chunks change no number; they bound
-            the (chunk, T, 4 d) activations of a wide rollout).
+        chunk: requests per pass (every number of a request is its own, the draws keyed per row, so chunks
+            change nothing; they bound the activations of a wide rollout: (chunk, T, 4 d) in the HSD,
+            (chunk K, L', 3 d) in the PTD).
 
     Returns:
         (refiner noise (N, d) or None, ``PathSample``, HTE values (N, K, L' + 1) float32).
     """
-    n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
-    noise = rng.normals(uniforms[:, :d]) if model.ptd.refiner is not None else None
     if chunk < 1:
         raise ValueError(f"chunk={chunk} is invalid: expected >= 1")
+    n = tokens.token_ids.shape[0]
     parts = [
-        model.context(
-            TokenBatch(*(x[lo : lo + chunk] for x in tokens)),
-            noise=None if noise is None else noise[lo : lo + chunk],
+        _sample_chunk(
+            model, trie, TokenBatch(*(x[lo : lo + chunk] for x in tokens)), eligible, group_size,
+            uniforms[lo : lo + chunk], cached,
         )
-        for lo in range(0, n, chunk)
-    ]
-    ctx = parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, Cc, C): the HSD over each request, once
+        for lo in range(0, max(n, 1), chunk)  # an empty batch: one empty chunk
+    ]  # fmt: skip
+    if len(parts) == 1:
+        return parts[0]
+    noise = None if parts[0][0] is None else torch.cat([p[0] for p in parts])
+    samples = [p[1] for p in parts]
+    sample = PathSample(
+        torch.cat([x.items for x in samples]),
+        torch.cat([x.codes for x in samples]),
+        torch.cat([x.log_prob for x in samples]),
+        [torch.cat(level) for level in zip(*(x.legal for x in samples), strict=True)],
+        torch.cat([x.valid for x in samples]),
+    )
+    return noise, sample, torch.cat([p[2] for p in parts])
+
+
+def _sample_chunk(
+    model: GPRModel,
+    trie: PrefixTrie,
+    tokens: TokenBatch,
+    eligible: Tensor | None,
+    group_size: int,
+    uniforms: Tensor,
+    cached: bool,
+) -> tuple[Tensor | None, PathSample, Tensor]:
+    """``sample_groups`` on one chunk of requests."""
+    n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
+    noise = rng.normals(uniforms[:, :d]) if model.ptd.refiner is not None else None
+    ctx = model.context(tokens, noise=noise)  # (n, Cc, C): the HSD over the whole request, once
     if cached:
         step_fn = request_major_step(model.ptd.level_logits_cached, head_context_kv(model, ctx), n)
     else:
         step_fn, _ = model.beam_fns(ctx)
     sample = sample_paths(step_fn, trie, n, k, eligible, uniforms=uniforms[:, d:].view(n, k, -1))
-    values = model.path_values(ctx, sample.codes).float()  # (N, K, L' + 1)
+    values = model.path_values(ctx, sample.codes).float()  # (n, K, L' + 1)
     return noise, sample, values
 
 
