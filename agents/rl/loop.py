@@ -5,6 +5,10 @@ buffer's paths (``path_terms``); the algorithm (``agents.rl.common.Algorithm``) 
 and critic losses; the loop adds what every learner shares, the item-value regression and the optional
 KL penalty to the frozen reference, and logs named terms (``loss``, ``policy``, ``critic``,
 ``item_value``, ``approx_kl``, ``clip_frac``, ``kl_ref``).
+
+Speed: the teacher-forced pass decodes each request's context once for its K paths (``path_terms``);
+``UpdateConfig.precision`` = bf16 runs the forward under bfloat16 autocast (fp32 is the reference;
+parameters, gradients and AdamW stay float32); ``PathTerms(compile=True)`` compiles the forward.
 """
 
 from __future__ import annotations

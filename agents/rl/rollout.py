@@ -6,6 +6,14 @@ One env step for N sessions (all tensors, no loop over users):
         -> HTE values of every prefix -> simulator scores of the K ads (``final_value``) -> process rewards
         -> the first sampled ad is served: env.step
 
+**Decoding** (``sample_groups``): the HSD runs once per request (the observation's organic history moves
+between requests, so no HSD cache can be appended to exactly: ``gpr_sim.model.incremental``); head 0's
+PTD context K/V are computed once per request and each of the L' levels decodes only the K paths'
+generated tokens against them (the cached PTD that beam search and the incremental decoder use), then
+the HTE values every prefix of the K paths from the context once. ``cached=False`` is the reference (a
+full PTD pass over context + prefix for every path and level), kept for the parity tests and
+``benchmarks/bench_rl_iteration.py --old``. ``precision="bf16"`` runs the model under bfloat16 autocast.
+
 **Rewards.** R = the scoring API's expected value of the ad for this request (revenue, GMV, clicks and
 conversions under the world's reward weights, GPR's final_value), by default under the simulator's true
 funnel probabilities (GPR.md: "targets from the simulator's truth model"). It is divided by a fixed
