@@ -44,7 +44,8 @@ Columns:
   HTE; same terms) over the rollout seconds (which include the env step and scoring).
 - peak GiB: ``torch.cuda.max_memory_allocated`` over the row (CUDA), else the process's peak RSS.
 - ``--profile R``: one more iteration per row under ``torch.profiler`` (phases labelled ``rollout``,
-  ``targets``, ``update``); the top R ops by device time are printed and kept in the row's ``profile``.
+  ``targets``, ``update``); the top R ops by self device time (CPU: self CPU time) are printed and kept in
+  the row's ``profile``.
 
 Prints a table and writes JSON to ``--out``.
 """
@@ -226,7 +227,9 @@ def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
             iteration(args.warmup + args.iters)
-        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        key = (
+            "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        )  # the kernels themselves
         profile_table = prof.key_averages().table(sort_by=key, row_limit=args.profile)
         print(f"profile: sessions {sessions}, {precision}, {'cached' if cached else 'old'}\n{profile_table}")
     rollout_s, targets_s, update_s = (statistics.median(x) for x in zip(*times))
