@@ -10,8 +10,8 @@ HTE values of every prefix -> simulator scores, budgets, process rewards, ARR re
 -> ``loop.update`` (``--epochs`` x minibatches of ``--minibatch`` requests, each with its K paths: forward,
 backward, AdamW). The model is ``GPRConfig`` at ``--d-model`` x ``--n-layers`` (default the library's
 d=256 x 4), untrained (the speed of an iteration does not depend on the weights); the world is the small
-preset with its histories set so that T = 2 + 2 ``--history`` (default 127: T = 256) and the market sizes of
-the flags; the tokenizer is RQ-Kmeans fitted on that world.
+preset with its histories set (the ad history filled from the start) so that T = 2 + 2 ``--history``
+(default 127: T = 256), and the market sizes of the flags; the tokenizer is RQ-Kmeans fitted on that world.
 
 Rows (one per sessions x precision x path): ``path`` = ``cached`` (the library default: the PTD decodes the
 context once per request, sampling and the update's teacher-forced pass read its K/V) or ``old`` (``--old``:
@@ -150,7 +150,7 @@ def build(args, sessions: int):
         "small",
         organic_history=args.history,
         ad_history=args.history,
-        initial_ad_history=min(8, args.history),
+        initial_ad_history=args.history,  # a full history: T real tokens, not mostly padding
         num_ads=args.ads,
         num_organic=args.organic,
         num_users=args.users,
