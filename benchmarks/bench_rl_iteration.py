@@ -74,6 +74,7 @@ from agents.rl.loop import PathTerms, UpdateConfig, update  # noqa: E402
 from agents.rl.rollout import Roller  # noqa: E402
 from envs import make_vec_env  # noqa: E402
 from gpr_sim.model import GPRConfig, GPRModel  # noqa: E402
+from gpr_sim.model.hsd import TypedFFN  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 from gpr_sim.schema import SchemaConfig, tokens_from_obs  # noqa: E402
 from gpr_sim.tokenizer.compare import CompareConfig  # noqa: E402
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="rows of a torch.profiler table (by device time) of one extra iteration per row; 0 = none",
     )
+    p.add_argument("--ffn-impl", default="auto", help="TypedFFN.impl: auto, grouped, chunked or loop")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
@@ -343,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: expected >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ffn_impl not in ("auto", "grouped", "chunked", "loop"):
+        raise ValueError(f"--ffn-impl {args.ffn_impl!r} is invalid: expected auto, grouped, chunked or loop")
+    TypedFFN.impl = args.ffn_impl  # the class default, as benchmarks/bench_decode.py sets it
     rows = []
     for n in ints(args.sessions):
         for precision in precisions:
