@@ -26,7 +26,8 @@ Columns:
   ``perf/requests_per_s``).
 - update FLOPs per request (``update_flops_per_request``, forward + backward of one trained request with its
   K paths, one epoch): 3 x the forward's matmul FLOPs, forward =
-    HSD    T x 2 x n_layers x (5 d^2 + 2 f d^2)        [qkvu 4d^2 + out d^2; one type's FFN 2 f d^2]
+    HSD    T x 2 x F x d                               [the dense features' input projection, F = dense_dim]
+           + T x 2 x n_layers x (5 d^2 + 2 f d^2)      [qkvu 4d^2 + out d^2; one type's FFN 2 f d^2]
            + n_layers x 4 x T^2 x d                    [attention QK^T and PV over all T x T, as SDPA with a mask]
     think  T x 2 x 2 d^2 + 4 Kt T d + Kt x 2 x (2 d^2 + 2 f d^2)
     refine S x 2 x (6 d^2 + 2 d^2)                     [S denoising steps of the 3d -> 2d -> d MLP]
@@ -41,7 +42,8 @@ Columns:
   ``--peak-tflops`` (H200 dense bf16: 989; for the fp32 rows the same peak is used, so their MFU reads
   against what bf16 could do).
 - rollout TFLOP/s: the forward FLOPs of the rollout's model calls (HSD, thinking, refiner, PTD per level,
-  HTE; same terms) over the rollout seconds (which include the env step and scoring).
+  HTE; same terms, ``rollout_flops_per_request``) over the rollout seconds (which include the env step and
+  scoring).
 - peak GiB: ``torch.cuda.max_memory_allocated`` over the row (CUDA), else the process's peak RSS.
 - ``--profile R``: one more iteration per row under ``torch.profiler`` (phases labelled ``rollout``,
   ``targets``, ``update``); the top R ops by self device time (CPU: self CPU time) are printed and kept in
@@ -115,6 +117,7 @@ def forward_flops(
     block = 4 * d * d + 2 * f * d * d  # one PTD decoder block per token (qkv 3d^2 + out d^2 + MLP)
     out = 0.0
     if trunk:
+        out += t * 2 * cfg.dense_dim * d  # the dense features' input projection
         out += t * 2 * cfg.n_layers * (5 * d * d + 2 * f * d * d) + cfg.n_layers * 4 * t * t * d
         out += t * 2 * 2 * d * d + 4 * kt * t * d + kt * 2 * (2 * d * d + 2 * f * d * d)
         out += cfg.refine_steps * 2 * (6 * d * d + 2 * d * d) if cfg.refining else 0
@@ -134,14 +137,28 @@ def update_flops_per_request(cfg: GPRConfig, seq_len: int, group_size: int, cach
 
 
 def rollout_flops_per_request(cfg: GPRConfig, seq_len: int, group_size: int, cached: bool) -> float:
-    """Forward of one rollout request: context, L' sampling levels over K paths, HTE values."""
+    """Forward of one rollout request: context, L' sampling levels over K paths, HTE values.
+
+    Level l scores its prefixes once per request at level 0 and once per path after: cached, l + 1 generated
+    tokens through the decoder, the last block computing K/V for all of them but its output for the last
+    token only (``last_only``); old, Cc + l + 1 tokens through every block in full.
+    """
+    d, f, k, dec = cfg.d_model, cfg.ffn_mult, group_size, cfg.decoder_layers
     cc = cfg.num_thinking + (1 if cfg.refining else 0)
-    k, lp = group_size, cfg.path_len
-    # level l decodes l + 1 generated tokens per path (level 0 once per request); old: plus Cc per path
-    tokens = 1 + k * sum(lvl + 1 for lvl in range(1, lp))
-    if not cached:
-        tokens += cc * (1 + k * (lp - 1)) - cc
-    return forward_flops(cfg, seq_len, k, tokens)
+    qkv, rest = 2 * 3 * d * d, 2 * (d * d + 2 * f * d * d)  # per token: projections; out + MLP
+    sampling = 0.0
+    for lvl, size in enumerate(cfg.level_sizes):
+        rows = 1 if lvl == 0 else k
+        if cached:
+            tokens = lvl + 1
+            per_row = (dec - 1) * tokens * (qkv + rest) + tokens * qkv + rest
+        else:
+            per_row = dec * (cc + lvl + 1) * (qkv + rest)
+        sampling += rows * (per_row + 2 * d * size)
+    base = forward_flops(cfg, seq_len, k, 0) - k * 2 * d * sum(cfg.level_sizes)  # trunk, context, HTE
+    if not cached:  # no separate context pass: the context tokens go through the decoder per path above
+        base -= cc * 2 * dec * (4 * d * d + 2 * f * d * d)
+    return base + sampling
 
 
 # -- one configuration ------------------------------------------------------------------------------

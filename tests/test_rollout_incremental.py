@@ -141,6 +141,7 @@ def rollouts():
         roller = Roller(env, tok, group_size=5, truth=True, arr_rate=1.0, seed=3, cached=cached)
         buf, stats = roller.collect(model, 2)
         out[cached] = (model, buf, stats)
+        out["trie"] = tok.trie
     return out
 
 
@@ -243,21 +244,55 @@ def test_bench_rl_iteration_tiny_cpu_writes_json(tmp_path):
 
 
 def test_flop_formula_on_a_hand_worked_config():
-    """d=4, f=1, T=3, 1 HSD layer, 1 thinking token, no refiner, 1 decoder layer, K=2, L'=1 of 3 codes.
+    """d=4, f=1, F=2 dense features, T=3, 1 HSD layer, 1 thinking token, no refiner, 1 decoder layer, K=2,
+    L'=1 of 3 codes.
 
-    HSD: 3 x 2 x (5 x 16 + 2 x 16) = 672, attention 4 x 9 x 4 = 144; thinking: 3 x 2 x 2 x 16 = 192,
-    4 x 1 x 3 x 4 = 48, 1 x 2 x (2 x 16 + 2 x 16) = 128; PTD: Cc = 1 context token: 1 x 2 x (16 + (64 + 32)) =
-    224, cached paths K L' = 2 tokens: 2 x 2 x 96 = 384, heads 2 x 2 x 4 x 3 = 48; HTE: (1 + 2) x 2 x (32 + 4)
-    + 2 x 16 = 248. Forward 2088; update = 3 x 2088 = 6264. Old: K (Cc + L') - Cc = 3 tokens through the
-    decoder instead of 2: forward + 2 x 96 = 2280, update 6840.
+    Update forward. HSD: dense 3 x 2 x 2 x 4 = 48, 3 x 2 x (5 x 16 + 2 x 16) = 672, attention 4 x 9 x 4 = 144;
+    thinking: 3 x 2 x 2 x 16 = 192, 4 x 1 x 3 x 4 = 48, 1 x 2 x (2 x 16 + 2 x 16) = 128; PTD: Cc = 1 context
+    token: 1 x 2 x (16 + (64 + 32)) = 224, cached paths K L' = 2 tokens: 2 x 2 x 96 = 384, heads
+    2 x 2 x 4 x 3 = 48; HTE: (1 + 2) x 2 x (32 + 4) + 2 x 16 = 248. Forward 2136; update = 3 x 2136 = 6408.
+    Old: K (Cc + L') - Cc = 3 tokens through the decoder instead of 2: forward 2136 + 2 x 96 = 2328, update
+    6984.
+
+    Rollout: trunk, context and HTE as above without the paths and heads: 2136 - 384 - 48 = 1704; one level,
+    scored once per request: the BOS token's projections 2 x 3 x 16 = 96 + its out and MLP 2 x (16 + 32) = 96,
+    head 2 x 4 x 3 = 24 -> 1920. Old: no context pass (1704 - 2 x 96 = 1512), context + BOS through the block
+    in full 2 x 192 = 384, head 24 -> 1920 (with one level the two paths do the same work).
     """
     cfg = GPRConfig(
         level_sizes=(3,), d_model=4, n_layers=1, n_heads=1, ffn_mult=1, num_thinking=1, refining=False,
-        max_len=3,
+        max_len=3, dense_dim=2,
     )  # fmt: skip
-    assert bench.forward_flops(cfg, 3, 2, 2) == 2088
-    assert bench.update_flops_per_request(cfg, 3, 2, cached=True) == 6264
-    assert bench.update_flops_per_request(cfg, 3, 2, cached=False) == 6840
+    assert bench.forward_flops(cfg, 3, 2, 2) == 2136
+    assert bench.update_flops_per_request(cfg, 3, 2, cached=True) == 6408
+    assert bench.update_flops_per_request(cfg, 3, 2, cached=False) == 6984
+    assert bench.rollout_flops_per_request(cfg, 3, 2, cached=True) == 1920
+    assert bench.rollout_flops_per_request(cfg, 3, 2, cached=False) == 1920
+
+
+def test_flop_formula_matches_torch_flop_counter(rollouts):
+    """The benchmark's matmul count vs ``torch.utils.flop_counter`` on the real forward passes.
+
+    On CPU the counter does not count ``scaled_dot_product_attention`` (no formula for the CPU kernel), so
+    the formula's SDPA terms (HSD n_layers x 4 T^2 d, thinking 4 Kt T d) are taken out; what remains differs
+    by the PTD's own small attention products (split_attention), which the formula leaves out: < 5%."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, buf, _ = rollouts[True]
+    cfg, n = model.cfg, len(buf)
+    t, k = buf.tokens.type_ids.shape[1], buf.codes.shape[1]
+    sdpa = cfg.n_layers * 4 * t * t * cfg.d_model + 4 * cfg.num_thinking * t * cfg.d_model
+    with torch.no_grad():
+        for cached in (True, False):
+            with FlopCounterMode(display=False) as fc:
+                path_terms(model, buf, cached)
+            formula = bench.update_flops_per_request(cfg, t, k, cached) / 3 - sdpa
+            assert fc.get_total_flops() / n == pytest.approx(formula, rel=0.05), cached
+            u = rng.uniforms(buf.uid, cfg.d_model + k * cfg.path_len)
+            with FlopCounterMode(display=False) as fc:
+                sample_groups(model, rollouts["trie"], buf.tokens, None, k, u, cached=cached)
+            formula = bench.rollout_flops_per_request(cfg, t, k, cached) - sdpa
+            assert fc.get_total_flops() / n == pytest.approx(formula, rel=0.05), cached
 
 
 def test_typed_layer_norm_equals_per_type_indexing_forward_and_backward():
