@@ -49,7 +49,7 @@ from agents.pretraining.config import PretrainConfig
 from agents.pretraining.pipeline import ensure_pretrained, pipeline_dir, stage_configs
 from agents.reporting.figures import plot_curves
 from agents.rl import distributed
-from agents.rl.common import LossConfig
+from agents.rl.common import LossConfig, check_precision
 from agents.rl.distributed import SINGLE, Dist
 from agents.rl.loop import PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
@@ -90,6 +90,7 @@ PROFILES: dict[str, dict] = {
     "cpu": {},
     "gpu-large": dict(
         device="cuda",
+        precision="bf16",
         preset="large",
         collect_envs=16384,
         collect_steps=64,
@@ -207,6 +208,8 @@ class Args:
     best before them (the curve has flattened); 0 = run every iteration"""
     plateau_delta: float = 0.005
     """the oracle_share gain that still counts as progress"""
+    precision: str = "fp32"
+    """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True
@@ -221,6 +224,7 @@ class Args:
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
+        check_precision(self.precision)
         for name, lo in (
             ("mtp_steps", 1),
             ("vaft_steps", 1),
@@ -474,7 +478,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
     needs_ref = algo.reference or args.loss.kl_coef > 0
     ref = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = UpdateConfig(args.epochs, args.minibatch, args.max_grad_norm, args.seed)
+    schedule = UpdateConfig(args.epochs, args.minibatch, args.max_grad_norm, args.seed, args.precision)
     env = make_train_env(args, dist)
     roller = Roller(
         env,
@@ -485,6 +489,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
         args.seed,
         budget_aware=args.budget_aware,
         dist=dist,
+        precision=args.precision,
     )
     evaluate = Evaluator(held_out(args), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"

@@ -6,7 +6,10 @@ A run folder is an ``agents.pretrain`` one (``checkpoint.pt``) or an RL one from
 (``policy.pt``, the model alone); either names its tokenizer in ``config.json``.
 
 Per request batch: tokens from the observation (``tokens_from_obs``) -> the model's context (eval mode,
-no grad) -> trie-constrained beam search over the ad trie with head 0, restricted to the ads the market
+no grad; the HSD once per request: the observation's organic history changes between requests, so no
+HSD cache can be appended to exactly) -> trie-constrained beam search over the ad trie with head 0 on
+the cached PTD (``gpr_sim.model.incremental``: the context K/V once per request, each level decodes
+only the beams' generated tokens), restricted to the ads the market
 can serve now (``env.eligible_ads()``) -> the top ``num_candidates`` ads, best first. The policy is
 deterministic (propensity 1): the refiner's noise, if the model has one, comes from a generator seeded
 once with ``seed``.
@@ -27,6 +30,7 @@ from agents.policies import PolicyOutput, batched_env
 from agents.pretraining.checkpoint import read_checkpoint
 from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.model.incremental import head_context_kv, request_major_step
 from gpr_sim.runs import load_torch, save_torch
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.tokenizer.world import IDS_FILE, WorldTokenizer
@@ -166,7 +170,10 @@ class GPRPolicy:
         self.model.eval()
         ctx = self.model.context(tokens, self.generator)
         self.model.train(was_training)
-        step_fn, _ = self.model.beam_fns(ctx, cached=True)  # context K/V once per request, not per beam
+        # the cached PTD of the rollout and the incremental decoder: context K/V once per request, read
+        # per request (not gathered per beam) at every level
+        kv = head_context_kv(self.model, ctx)
+        step_fn = request_major_step(self.model.ptd.level_logits_cached, kv, n)
         eligible = self.env.eligible_ads().to(self.device)
         res = beam_search(
             step_fn,

@@ -5,6 +5,10 @@ buffer's paths (``path_terms``); the algorithm (``agents.rl.common.Algorithm``) 
 and critic losses; the loop adds what every learner shares, the item-value regression and the optional
 KL penalty to the frozen reference, and logs named terms (``loss``, ``policy``, ``critic``,
 ``item_value``, ``approx_kl``, ``clip_frac``, ``kl_ref``).
+
+Speed: the teacher-forced pass decodes each request's context once for its K paths (``path_terms``);
+``UpdateConfig.precision`` = bf16 runs the forward under bfloat16 autocast (fp32 is the reference;
+parameters, gradients and AdamW stay float32); ``PathTerms(compile=True)`` compiles the forward.
 """
 
 from __future__ import annotations
@@ -16,10 +20,18 @@ import torch
 
 from agents.rl import distributed
 from agents.rl.buffer import Buffer
-from agents.rl.common import Algorithm, LossConfig, item_value_loss, kl_to_reference
+from agents.rl.common import (
+    Algorithm,
+    LossConfig,
+    check_precision,
+    item_value_loss,
+    kl_to_reference,
+    precision_context,
+)
 from agents.rl.distributed import SINGLE, Dist
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
+from gpr_sim.model.incremental import path_log_prob
 from gpr_sim.world import rng
 
 UPDATE_SALT = 0x0DD5
@@ -38,8 +50,12 @@ class UpdateConfig:
     """gradient clipping"""
     seed: int = 0
     """keys the minibatch order (``minibatches``)"""
+    precision: str = "fp32"
+    """fp32 (the reference) | bf16: the loss forward under bfloat16 autocast (``precision_context``);
+    parameters, optimiser state and the backward's accumulation stay float32"""
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("epochs", "minibatch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -50,28 +66,49 @@ class UpdateConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected a finite number > 0")
 
 
-def path_terms(model: GPRModel, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths."""
-    m, k, length = buf.codes.shape
-    ctx = model.context(buf.tokens, noise=buf.noise)  # (M, Cc, C)
-    codes = buf.codes.flatten(0, 1)
-    masks = [mask.flatten(0, 1) for mask in buf.legal]
-    log_prob = model.log_prob(ctx.repeat_interleave(k, 0), codes, masks).view(m, k, length)
+def path_terms(model: GPRModel, buf: Buffer, cached: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths.
+
+    ``cached`` (default): the PTD decodes the context once per request and only each path's generated
+    tokens against it (``gpr_sim.model.incremental.path_log_prob``); False is the reference, the context
+    repeated for each of the K paths. Equal up to rounding, forward and backward.
+    """
+    return _terms(model, buf.tokens, buf.noise, buf.codes, buf.legal, cached)
+
+
+def _terms(
+    model: GPRModel, tokens, noise, codes: torch.Tensor, legal: list[torch.Tensor], cached: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``path_terms`` on the buffer's tensors (what ``PathTerms(compile=True)`` compiles)."""
+    m, k, length = codes.shape
+    ctx = model.context(tokens, noise=noise)  # (M, Cc, C)
+    if cached:
+        log_prob = path_log_prob(model, ctx, codes, legal).float()
+    else:
+        flat = codes.flatten(0, 1)
+        masks = [mask.flatten(0, 1) for mask in legal]
+        log_prob = model.log_prob(ctx.repeat_interleave(k, 0), flat, masks).view(m, k, length).float()
     # the critic reads the policy's features but does not move them: value regression on a cold HTE
     # would otherwise rewrite the shared HSD/PTD trunk (and with it the policy) before the policy learns
-    values = model.path_values(ctx.detach(), buf.codes)  # (M, K, L + 1)
+    values = model.path_values(ctx.detach(), codes).float()  # (M, K, L + 1)
     return log_prob, values
 
 
 class PathTerms(torch.nn.Module):
-    """``path_terms`` as a ``forward``: what ``DistributedDataParallel`` wraps (its hooks need a forward)."""
+    """``path_terms`` as a ``forward``: what ``DistributedDataParallel`` wraps (its hooks need a forward).
 
-    def __init__(self, model: GPRModel) -> None:
+    ``cached``: ``path_terms``'s. ``compile``: the whole forward (HSD, thinking, refiner, PTD, HTE) runs
+    through ``torch.compile``, the minibatch size dynamic (the last minibatch of an epoch is shorter); the
+    loss, the backward's bookkeeping and the optimiser stay eager.
+    """
+
+    def __init__(self, model: GPRModel, cached: bool = True, compile: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.cached = model, cached
+        self._fn = torch.compile(_terms, dynamic=None) if compile else _terms
 
     def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
-        return path_terms(self.model, buf)
+        return self._fn(self.model, buf.tokens, buf.noise, buf.codes, buf.legal, self.cached)
 
 
 def loss_terms(
@@ -167,7 +204,8 @@ def update(
             share = idx.numel() / size
             if idx.numel() == 0:
                 idx = torch.zeros(1, dtype=torch.int64, device=buf.codes.device)
-            terms = loss_terms(algo, loss_cfg, terms_fn, ref, buf.rows(idx))
+            with precision_context(buf.codes.device, cfg.precision):  # the forward only; backward outside
+                terms = loss_terms(algo, loss_cfg, terms_fn, ref, buf.rows(idx))
             loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
             opt.zero_grad(set_to_none=True)
             (loss * (share * dist.world_size)).backward()

@@ -6,6 +6,14 @@ One env step for N sessions (all tensors, no loop over users):
         -> HTE values of every prefix -> simulator scores of the K ads (``final_value``) -> process rewards
         -> the first sampled ad is served: env.step
 
+**Decoding** (``sample_groups``): the HSD runs once per request (the observation's organic history moves
+between requests, so no HSD cache can be appended to exactly: ``gpr_sim.model.incremental``); head 0's
+PTD context K/V are computed once per request and each of the L' levels decodes only the K paths'
+generated tokens against them (the cached PTD that beam search and the incremental decoder use), then
+the HTE values every prefix of the K paths from the context once. ``cached=False`` is the reference (a
+full PTD pass over context + prefix for every path and level), kept for the parity tests and
+``benchmarks/bench_rl_iteration.py --old``. ``precision="bf16"`` runs the model under bfloat16 autocast.
+
 **Rewards.** R = the scoring API's expected value of the ad for this request (revenue, GMV, clicks and
 conversions under the world's reward weights, GPR's final_value), by default under the simulator's true
 funnel probabilities (GPR.md: "targets from the simulator's truth model"). It is divided by a fixed
@@ -43,19 +51,23 @@ import torch
 from torch import Tensor
 
 from agents.rl.buffer import Buffer
-from agents.rl.common import process_rewards
+from agents.rl.common import check_precision, precision_context, process_rewards
 from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
-from gpr_sim.sampling import sample_paths
+from gpr_sim.model.incremental import head_context_kv, request_major_step
+from gpr_sim.sampling import PathSample, sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
+from gpr_sim.tokenizer.trie import PrefixTrie
 from gpr_sim.tokenizer.world import WorldTokenizer
 from gpr_sim.world import CandidateScores, rng
 from gpr_sim.world.state import EVENT_CLICK
 
 TYPE_O, TYPE_I = 1, 3
 """token types of ``gpr_sim.schema`` (U=0, O=1, E=2, I=3)"""
+CONTEXT_CHUNK = 8192
+"""requests per pass of a rollout step's model calls (``sample_groups``)"""
 ARR_DRAW_SALT = 0xA22
 """added to the rollout seed for the draw that decides which sessions rehearse"""
 SLOT_BITS = 24
@@ -67,6 +79,84 @@ def positive_paths(tokens: TokenBatch) -> Tensor:
     positive = (tokens.type_ids == TYPE_O) | ((tokens.type_ids == TYPE_I) & (tokens.event_ids >= EVENT_CLICK))
     positive &= ~tokens.padding_mask
     return tokens.semantic_codes.masked_fill(~positive[..., None], -1)
+
+
+@torch.no_grad()
+def sample_groups(
+    model: GPRModel,
+    trie: PrefixTrie,
+    tokens: TokenBatch,
+    eligible: Tensor | None,
+    group_size: int,
+    uniforms: Tensor,
+    cached: bool = True,
+    chunk: int = CONTEXT_CHUNK,
+) -> tuple[Tensor | None, PathSample, Tensor]:
+    """The HSD once per request -> K sampled paths per request (level by level) -> HTE values of every prefix.
+
+    ``cached`` (the default): the request's context goes through the PTD decoder once (head 0's context
+    K/V, ``gpr_sim.model.incremental``) and each level decodes only the K paths' generated tokens against
+    it. ``cached=False`` is the reference: a full PTD pass over context + prefix per path and level. Both
+    draw the same paths from the same ``uniforms`` (inverse CDF) up to rounding of the log-probs.
+
+    Args:
+        model: the generator (eval mode).
+        trie: the ad trie.
+        tokens: (N, T) requests.
+        eligible: optional (num_ads,) bool.
+        group_size: K.
+        uniforms: (N, d + K L') keyed numbers: the refiner's noise (first d), then one per path and level.
+        chunk: requests per pass (every number of a request is its own, the draws keyed per row, so chunks
+            change nothing; they bound the activations of a wide rollout: (chunk, T, 4 d) in the HSD,
+            (chunk K, L', 3 d) in the PTD).
+
+    Returns:
+        (refiner noise (N, d) or None, ``PathSample``, HTE values (N, K, L' + 1) float32).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} is invalid: expected >= 1")
+    n = tokens.token_ids.shape[0]
+    parts = [
+        _sample_chunk(
+            model, trie, TokenBatch(*(x[lo : lo + chunk] for x in tokens)), eligible, group_size,
+            uniforms[lo : lo + chunk], cached,
+        )
+        for lo in range(0, max(n, 1), chunk)  # an empty batch: one empty chunk
+    ]  # fmt: skip
+    if len(parts) == 1:
+        return parts[0]
+    noise = None if parts[0][0] is None else torch.cat([p[0] for p in parts])
+    samples = [p[1] for p in parts]
+    sample = PathSample(
+        torch.cat([x.items for x in samples]),
+        torch.cat([x.codes for x in samples]),
+        torch.cat([x.log_prob for x in samples]),
+        [torch.cat(level) for level in zip(*(x.legal for x in samples), strict=True)],
+        torch.cat([x.valid for x in samples]),
+    )
+    return noise, sample, torch.cat([p[2] for p in parts])
+
+
+def _sample_chunk(
+    model: GPRModel,
+    trie: PrefixTrie,
+    tokens: TokenBatch,
+    eligible: Tensor | None,
+    group_size: int,
+    uniforms: Tensor,
+    cached: bool,
+) -> tuple[Tensor | None, PathSample, Tensor]:
+    """``sample_groups`` on one chunk of requests."""
+    n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
+    noise = rng.normals(uniforms[:, :d]) if model.ptd.refiner is not None else None
+    ctx = model.context(tokens, noise=noise)  # (n, Cc, C): the HSD over the whole request, once
+    if cached:
+        step_fn = request_major_step(model.ptd.level_logits_cached, head_context_kv(model, ctx), n)
+    else:
+        step_fn, _ = model.beam_fns(ctx)
+    sample = sample_paths(step_fn, trie, n, k, eligible, uniforms=uniforms[:, d:].view(n, k, -1))
+    values = model.path_values(ctx, sample.codes).float()  # (n, K, L' + 1)
+    return noise, sample, values
 
 
 class Roller:
@@ -83,6 +173,8 @@ class Roller:
         budget_aware: scale each candidate's value by its advertiser's budget share this step (module doc).
         dist: the data-parallel job: this env holds its rows (``agents.rl.distributed.shard_env``); budget
             demand, the reward scale and the statistics are reduced over every rank's rows.
+        precision: ``fp32`` (reference) or ``bf16`` (autocast) for the model's forward passes.
+        cached: sample through the cached PTD (``sample_groups``); False = the full-forward reference.
     """
 
     def __init__(
@@ -95,7 +187,10 @@ class Roller:
         seed: int,
         budget_aware: bool = True,
         dist: Dist = SINGLE,
+        precision: str = "fp32",
+        cached: bool = True,
     ):
+        self.precision, self.cached = check_precision(precision), cached
         self.env = env
         self.budget_aware, self.dist, self.seed = budget_aware, dist, seed
         self.market = env.unwrapped  # the vector env: scoring, budgets, eligibility, state and rehearsal
@@ -150,19 +245,11 @@ class Roller:
         ((step x 2 + rehearsed) << SLOT_BITS) + global slot (so at most 2^SLOT_BITS sessions)."""
         return ((self.step_count * 2 + int(rehearsed)) << SLOT_BITS) + self.market.first_slot + rows
 
-    @torch.no_grad()
     def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor, keys: Tensor):
         """Context, K sampled paths and HTE values for a token batch; its random numbers come from ``keys``."""
-        n, k, d = tokens.token_ids.shape[0], self.group_size, model.cfg.d_model
-        u = rng.uniforms(
-            keys, d + k * self.tok.trie.depth
-        )  # refiner noise, then one number per path and level
-        noise = rng.normals(u[:, :d]) if model.ptd.refiner is not None else None
-        ctx = model.context(tokens, noise=noise)
-        step_fn, _ = model.beam_fns(ctx)
-        sample = sample_paths(step_fn, self.tok.trie, n, k, eligible, uniforms=u[:, d:].view(n, k, -1))
-        values = model.path_values(ctx, sample.codes)  # (N, K, L' + 1)
-        return noise, sample, values
+        u = rng.uniforms(keys, model.cfg.d_model + self.group_size * self.tok.trie.depth)
+        with precision_context(self.device, self.precision):
+            return sample_groups(model, self.tok.trie, tokens, eligible, self.group_size, u, self.cached)
 
     def _budget_share(self, items: Tensor, scores: CandidateScores) -> Tensor:
         """(A,) share of each advertiser's expected demand this step that its remaining budget covers.
@@ -294,4 +381,4 @@ class Roller:
         return buf, stats
 
 
-__all__ = ["Roller", "positive_paths", "SLOT_BITS"]
+__all__ = ["Roller", "SLOT_BITS", "positive_paths", "sample_groups"]

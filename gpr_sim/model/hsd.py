@@ -83,7 +83,10 @@ class TypedLayerNorm(nn.Module):
     def forward(self, x: Tensor, type_ids: Tensor) -> Tensor:
         idx = type_ids if self.weight.shape[0] > 1 else torch.zeros_like(type_ids)  # shared when 1 type
         x = F.layer_norm(x, x.shape[-1:])  # (B, T, C)
-        return x * self.weight[idx] + self.bias[idx]
+        # F.embedding, not ``weight[idx]``: the same rows, but the backward of advanced indexing with only
+        # n_types distinct indices over B x T rows is CUDA's sort-based index_put, which reduces each row's
+        # duplicates serially (pytorch/pytorch#41162); the embedding backward splits them into segments
+        return x * F.embedding(idx, self.weight) + F.embedding(idx, self.bias)
 
 
 class MLP(nn.Module):

@@ -11,8 +11,8 @@ all T slots for every decision repeats the whole HSD; here each user's prefix is
    step equals the full forward of ``[U | O | I ... I_new | E_new]`` (``gpr_sim.model.hsd``'s docstring);
 3. thinking from the cached online-softmax state (``Thinking.forward_partial``: the queries are
    parameters, so the prefix folds into O(K d) numbers per user) + the refiner from a fixed per-user noise;
-4. trie-constrained beam search with the cached PTD (``GPRModel.beam_fns(ctx, cached=True)``): the
-   context K/V once per request, only the beams' generated tokens re-decoded;
+4. trie-constrained beam search with the cached PTD (``request_major_step``): the context K/V once per
+   request, only the beams' generated tokens re-decoded;
 5. HTE values of every prefix of the top-K paths; the new slots' K/V go to a tail buffer and the best
    path (the ad shown) is written back into the state as the next step's I token.
 
@@ -33,6 +33,15 @@ Modes (``IncrementalDecoder.MODES``):
 | ``fused`` | the whole step, beam search and state update included (``fullgraph=True``) | one graph: no Python between kernels |
 | ``graphs`` | ``fused``, captured once per (state, beam, top_k) into a CUDA graph and replayed | no per-kernel launch cost (CUDA only) |
 
+The cached PTD is one home for every decoder of the generator (module functions, used here, by the RL
+rollout's K sampled paths, by the served policy's beam search and by the RL update's teacher-forced pass):
+
+| function | what |
+|---|---|
+| ``head_context_kv(model, ctx)`` | head 0's PTD context K/V, once per request |
+| ``request_major_step(level, kv, B)`` | a ``StepFn`` reading those K/V per request for rows laid out ``arange(B).repeat_interleave(w)`` (``beam_search``'s and ``sample_paths``' layout) |
+| ``path_log_prob(model, ctx, paths, legal)`` | teacher-forced (B, K, L') log-probs of K paths per request, context decoded once per request |
+
 Not done: the cache does not grow. Every step appends to the prefix encoded at prefill (the tail buffers
 are rewritten): the steady state of a history of T slots. A rollout that keeps the shown ads in the
 history needs a growing (or ring) buffer, or a new prefill. New O (organic) or U tokens cannot be
@@ -49,12 +58,63 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpr_sim.decoding import beam_search
+from gpr_sim.decoding import StepFn, beam_search
 from gpr_sim.model.gpr import GPRModel
 from gpr_sim.model.hsd import KVCache, LayerCache
 from gpr_sim.model.ptd import ThinkingPartial
 from gpr_sim.schema import TYPE_E, TYPE_I, TokenBatch
 from gpr_sim.tokenizer.trie import PrefixTrie
+
+
+def head_context_kv(model: GPRModel, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """PTD context (B, Cc, C) -> per decoder block the K/V (B, H, Cc, hd) of head 0's context tokens.
+
+    Computed once per request: the context tokens attend to each other only, so their K/V do not depend
+    on the decoded prefix (``PTD.context_kv``).
+    """
+    return model.ptd.context_kv(model.head_context(context, 0))
+
+
+def request_major_step(level_fn, context_kv: list[tuple[Tensor, Tensor]], batch_size: int) -> StepFn:
+    """A ``gpr_sim.decoding`` step function over cached context K/V of ``batch_size`` requests.
+
+    Valid only for callers whose rows are ``arange(B).repeat_interleave(w)`` at every level (``beam_search``
+    and ``sample_paths`` both lay them out so): request b's K/V are then read once for its w prefixes
+    instead of gathered per prefix (``PTD.level_logits_cached``'s ``beams``); ``row`` is not read.
+
+    Args:
+        level_fn: ``model.ptd.level_logits_cached`` or a compiled version of it.
+        context_kv: from ``head_context_kv``.
+        batch_size: B.
+    """
+
+    def step(row: Tensor, prefix: Tensor) -> Tensor:
+        return level_fn(context_kv, row, prefix, beams=prefix.shape[0] // batch_size)
+
+    return step
+
+
+def path_log_prob(
+    model: GPRModel, context: Tensor, paths: Tensor, legal: list[Tensor] | None = None
+) -> Tensor:
+    """Teacher-forced per-level log-probs of K paths per request, the context decoded once per request.
+
+    Equals ``model.log_prob(context.repeat_interleave(K, 0), paths.flatten(0, 1), masks)`` up to rounding
+    (forward and backward), with the PTD run over the L' generated tokens of each path against head 0's
+    context K/V (``PTD.log_prob_cached``) instead of over Cc + L' tokens per path.
+
+    Args:
+        context: (B, Cc, C) PTD context.
+        paths: (B, K, L') int64 paths (in range).
+        legal: None, or L' masks (B, K, K_l) bool of the legal codes.
+
+    Returns:
+        (B, K, L') log P(z_l | context, z_<l) under head 0, renormalised over the legal codes.
+    """
+    b, k, length = paths.shape
+    masks = None if legal is None else [m.flatten(0, 1) for m in legal]
+    kv = head_context_kv(model, context)
+    return model.ptd.log_prob_cached(kv, paths.flatten(0, 1), masks, beams=k).view(b, k, length)
 
 
 @dataclass
@@ -172,7 +232,7 @@ class IncrementalDecoder:
         model = self.model
         refine = model.ptd.refiner.sample(thinking.mean(1), noise=noise)  # (B, C)
         ctx = torch.cat([thinking, refine[:, None].to(thinking.dtype)], 1)  # (B, K + 1, C)
-        return ctx, model.ptd.context_kv(model.head_context(ctx, 0))
+        return ctx, head_context_kv(model, ctx)
 
     def new_request_tokens(self, st: IncrementalState) -> TokenBatch:
         """Token update: the last decision's shown ad as ``new_tokens - 1`` I tokens + the new E token.
@@ -293,10 +353,8 @@ class IncrementalDecoder:
             buf.v.copy_(kv.v)
         ctx, kv = self._context(th, st.noise)  # (B, K + 1, C), per PTD block (B, H, K + 1, hd) x 2
         b = ctx.shape[0]
-        # ``beams=``: beam_search lays rows out as arange(B).repeat_interleave(w), so the context K/V are
-        # read per request instead of gathered per beam
         res = beam_search(
-            lambda row, prefix: self._level(kv, row, prefix, beams=prefix.shape[0] // b),
+            request_major_step(self._level, kv, b),  # the context K/V read per request, not per beam
             self.trie,
             batch_size=b,
             beam_width=beam,

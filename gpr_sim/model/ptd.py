@@ -366,6 +366,22 @@ class PTD(nn.Module):
         Returns:
             (M, K_{l+1}) logits (equal to the uncached path up to rounding).
         """
+        depth = prefix_codes.shape[1]
+        h = self._decode_cached(context_kv, row, prefix_codes, beams, last_only=True)[:, -1]  # (M, C)
+        return apply_legal_mask(self.heads[depth](h), legal_mask)
+
+    def _decode_cached(
+        self,
+        context_kv: Sequence[tuple[Tensor, Tensor]],
+        row: Tensor | None,
+        prefix_codes: Tensor,
+        beams: int | None,
+        last_only: bool,
+    ) -> Tensor:
+        """``_decode`` of the generated tokens against cached context K/V: (M, l) -> (M, l + 1, C).
+
+        ``last_only``: the last block computes the last token only, (M, 1, C) (what a level step reads).
+        """
         m, depth = prefix_codes.shape
         if depth >= self.cfg.path_len:
             raise ValueError(f"prefix has {depth} levels: expected fewer than L'={self.cfg.path_len}")
@@ -378,12 +394,41 @@ class PTD(nn.Module):
         mask = slot[None, :] <= slot[:, None]  # (l + 1, l + 1) causal among generated tokens
         n_blocks = len(self.blocks)
         for i, (block, (k, v)) in enumerate(zip(self.blocks, context_kv, strict=True)):
-            last = i == n_blocks - 1  # the last block: only the last token's output is read
+            last = last_only and i == n_blocks - 1  # the last block: only the last token's output is read
             if beams is None:
                 k, v = k.index_select(0, row), v.index_select(0, row)
             x = block.forward_past(x, k, v, mask, beams=beams, last_only=last)
-        h = self.ln_f(x[:, -1])  # (M, C)
-        return apply_legal_mask(self.heads[depth](h), legal_mask)
+        return self.ln_f(x)
+
+    def log_prob_cached(
+        self,
+        context_kv: Sequence[tuple[Tensor, Tensor]],
+        codes: Tensor,
+        legal_masks: Sequence[Tensor | None] | None = None,
+        beams: int = 1,
+    ) -> Tensor:
+        """``log_prob(context[row], codes, legal_masks)`` from ``context_kv(context)`` over B requests, for
+        ``beams`` paths per request laid out request-major (M = B * beams, path i of request i // beams).
+
+        The context tokens go through the decoder once per request, not once per path: the teacher-forced
+        pass of the RL update over K paths per request. Differentiable (gradients reach the context).
+
+        Args:
+            context_kv: from ``context_kv`` over B requests.
+            codes: (M, L') int64 paths (in range).
+            legal_masks: None, or L' masks (M, K_l) bool (entries may be None).
+            beams: paths per request.
+
+        Returns:
+            (M, L') log P(z_l | context, z_<l) (equal to ``log_prob`` up to rounding).
+        """
+        h = self._decode_cached(context_kv, None, codes[:, :-1], beams, last_only=False)  # (M, L', C)
+        out = []
+        for lvl, head in enumerate(self.heads):
+            mask = None if legal_masks is None else legal_masks[lvl]
+            logp = apply_legal_mask(head(h[:, lvl]), mask).log_softmax(-1)  # (M, K_l)
+            out.append(logp.gather(1, codes[:, lvl : lvl + 1]))
+        return torch.cat(out, 1)
 
     def level_logits(self, context: Tensor, prefix_codes: Tensor, legal_mask: Tensor | None = None) -> Tensor:
         """Logits of the next level.

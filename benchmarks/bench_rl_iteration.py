@@ -1,0 +1,394 @@
+"""One RL iteration of HEPO end to end: rollout (K sampled paths scored) + targets + update, timed.
+
+    python benchmarks/bench_rl_iteration.py --device cpu --sessions 4 --history 3 --d-model 16 --n-layers 1 \\
+        --group-size 4 --ads 60 --organic 80 --users 100 --advertisers 6 --minibatch 4 --iters 1   # smoke
+    python benchmarks/bench_rl_iteration.py --device cuda --sessions 4096,16384 --precision fp32,bf16 --old
+
+What runs is the library's training iteration (``agents.hepo``'s loop body, no evaluation): ``Roller.collect``
+(``--rollout-steps`` env steps of N sessions: tokens -> HSD context -> K sampled paths on the trie ->
+HTE values of every prefix -> simulator scores, budgets, process rewards, ARR requests) -> ``HEPO.targets``
+-> ``loop.update`` (``--epochs`` x minibatches of ``--minibatch`` requests, each with its K paths: forward,
+backward, AdamW). The model is ``GPRConfig`` at ``--d-model`` x ``--n-layers`` (default the library's
+d=256 x 4), untrained (the speed of an iteration does not depend on the weights); the world is the small
+preset with its histories set (the ad history filled from the start) so that T = 2 + 2 ``--history``
+(default 127: T = 256), and the market sizes of the flags; the tokenizer is RQ-Kmeans fitted on that world.
+
+Rows (one per sessions x precision x path): ``path`` = ``cached`` (the library default: the PTD decodes the
+context once per request, sampling and the update's teacher-forced pass read its K/V) or ``old`` (``--old``:
+the full-forward reference, ``Roller(cached=False)`` and ``PathTerms(cached=False)``: the context repeated
+for every path and level); ``precision`` = fp32 (reference) or bf16 (autocast, ``UpdateConfig.precision``).
+Each row: ``--warmup`` untimed iterations, then ``--iters`` timed ones (medians reported).
+
+Columns:
+- requests/iteration: real requests N x steps (+ rehearsed, trained on as well); valid = with an eligible ad
+  (the update trains on valid requests only).
+- requests/s end to end = real requests / (rollout + targets + update seconds) (``agents.hepo``'s
+  ``perf/requests_per_s``).
+- update FLOPs per request (``update_flops_per_request``, forward + backward of one trained request with its
+  K paths, one epoch): 3 x the forward's matmul FLOPs, forward =
+    HSD    T x 2 x F x d                               [the dense features' input projection, F = dense_dim]
+           + T x 2 x n_layers x (5 d^2 + 2 f d^2)      [qkvu 4d^2 + out d^2; one type's FFN 2 f d^2]
+           + n_layers x 4 x T^2 x d                    [attention QK^T and PV over all T x T, as SDPA with a mask]
+    think  T x 2 x 2 d^2 + 4 Kt T d + Kt x 2 x (2 d^2 + 2 f d^2)
+    refine S x 2 x (6 d^2 + 2 d^2)                     [S denoising steps of the 3d -> 2d -> d MLP]
+    PTD    Cc x 2 x (d^2 + D (4 d^2 + 2 f d^2))        [MTP adapter, the context once per request]
+           + K L' x 2 x D (4 d^2 + 2 f d^2) + K x 2 x d x sum(K_l)   [cached: only the paths' tokens; heads]
+           (old path: K (Cc + L') tokens per request through the D blocks instead of Cc + K L')
+    HTE    (1 + K L') x 2 x (2 f d^2 + d) + 2 d^2
+  with f = ffn_mult, Kt thinking tokens, Cc = Kt + 1 context tokens, D decoder layers, L' levels. "6 x params x
+  tokens" is this sum with the attention terms added; embeddings, norms, softmax and element-wise work are
+  not counted (they cost bandwidth, not matmul FLOPs).
+- update TFLOP/s = epochs x trained requests x FLOPs per request / update seconds; MFU = that over
+  ``--peak-tflops`` (H200 dense bf16: 989; for the fp32 rows the same peak is used, so their MFU reads
+  against what bf16 could do).
+- rollout TFLOP/s: the forward FLOPs of the rollout's model calls (HSD, thinking, refiner, PTD per level,
+  HTE; same terms, ``rollout_flops_per_request``) over the rollout seconds (which include the env step and
+  scoring).
+- peak GiB: ``torch.cuda.max_memory_allocated`` over the row (CUDA), else the process's peak RSS.
+- ``--profile R``: one more iteration per row under ``torch.profiler`` (phases labelled ``rollout``,
+  ``targets``, ``update``); the top R ops by self device time (CPU: self CPU time) are printed and kept in
+  the row's ``profile``.
+
+Prints a table and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from agents.cli import run_main  # noqa: E402
+from agents.rl.common import PRECISIONS, LossConfig  # noqa: E402
+from agents.rl.hepo import HEPO  # noqa: E402
+from agents.rl.loop import PathTerms, UpdateConfig, update  # noqa: E402
+from agents.rl.rollout import Roller  # noqa: E402
+from envs import make_vec_env  # noqa: E402
+from gpr_sim.model import GPRConfig, GPRModel  # noqa: E402
+from gpr_sim.model.hsd import TypedFFN  # noqa: E402
+from gpr_sim.runs import write_json  # noqa: E402
+from gpr_sim.schema import SchemaConfig, tokens_from_obs  # noqa: E402
+from gpr_sim.tokenizer.compare import CompareConfig  # noqa: E402
+from gpr_sim.tokenizer.world import fit_world_tokenizer  # noqa: E402
+from gpr_sim.world import preset  # noqa: E402
+
+H200_BF16_DENSE_TFLOPS = 989.0
+"""NVIDIA H200 SXM dense bf16 tensor-core peak (no sparsity), TFLOP/s"""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+def forward_flops(
+    cfg: GPRConfig, seq_len: int, group_size: int, ptd_tokens: float, trunk: bool = True
+) -> float:
+    """Matmul FLOPs of one request's forward (module doc's formula).
+
+    Args:
+        cfg: the model.
+        seq_len: T.
+        group_size: K paths of the request.
+        ptd_tokens: generated tokens through the PTD blocks per request (context tokens counted apart).
+        trunk: count the HSD, thinking and refiner (False: the PTD and HTE only).
+    """
+    d, f, t, k, lp = cfg.d_model, cfg.ffn_mult, seq_len, group_size, cfg.path_len
+    kt, dec = cfg.num_thinking, cfg.decoder_layers
+    cc = kt + (1 if cfg.refining else 0)
+    block = 4 * d * d + 2 * f * d * d  # one PTD decoder block per token (qkv 3d^2 + out d^2 + MLP)
+    out = 0.0
+    if trunk:
+        out += t * 2 * cfg.dense_dim * d  # the dense features' input projection
+        out += t * 2 * cfg.n_layers * (5 * d * d + 2 * f * d * d) + cfg.n_layers * 4 * t * t * d
+        out += t * 2 * 2 * d * d + 4 * kt * t * d + kt * 2 * (2 * d * d + 2 * f * d * d)
+        out += cfg.refine_steps * 2 * (6 * d * d + 2 * d * d) if cfg.refining else 0
+    out += cc * 2 * (d * d + dec * block)  # MTP head-0 adapter + the context through the decoder
+    out += ptd_tokens * 2 * dec * block + k * 2 * d * sum(cfg.level_sizes)
+    out += (1 + k * lp) * 2 * (2 * f * d * d + d) + 2 * d * d  # HTE
+    return out
+
+
+def update_flops_per_request(cfg: GPRConfig, seq_len: int, group_size: int, cached: bool) -> float:
+    """Forward + backward (3 x forward) of one trained request and its K paths (module doc)."""
+    cc = cfg.num_thinking + (1 if cfg.refining else 0)
+    k, lp = group_size, cfg.path_len
+    # old path: every path repeats the context tokens (their K/V included) through the decoder
+    ptd = k * lp if cached else k * (cc + lp) - cc
+    return 3 * forward_flops(cfg, seq_len, k, ptd)
+
+
+def rollout_flops_per_request(cfg: GPRConfig, seq_len: int, group_size: int, cached: bool) -> float:
+    """Forward of one rollout request: context, L' sampling levels over K paths, HTE values.
+
+    Level l scores its prefixes once per request at level 0 and once per path after: cached, l + 1 generated
+    tokens through the decoder, the last block computing K/V for all of them but its output for the last
+    token only (``last_only``); old, Cc + l + 1 tokens through every block in full.
+    """
+    d, f, k, dec = cfg.d_model, cfg.ffn_mult, group_size, cfg.decoder_layers
+    cc = cfg.num_thinking + (1 if cfg.refining else 0)
+    qkv, rest = 2 * 3 * d * d, 2 * (d * d + 2 * f * d * d)  # per token: projections; out + MLP
+    sampling = 0.0
+    for lvl, size in enumerate(cfg.level_sizes):
+        rows = 1 if lvl == 0 else k
+        if cached:
+            tokens = lvl + 1
+            per_row = (dec - 1) * tokens * (qkv + rest) + tokens * qkv + rest
+        else:
+            per_row = dec * (cc + lvl + 1) * (qkv + rest)
+        sampling += rows * (per_row + 2 * d * size)
+    base = forward_flops(cfg, seq_len, k, 0) - k * 2 * d * sum(cfg.level_sizes)  # trunk, context, HTE
+    if not cached:  # no separate context pass: the context tokens go through the decoder per path above
+        base -= cc * 2 * dec * (4 * d * d + 2 * f * d * d)
+    return base + sampling
+
+
+# -- one configuration ------------------------------------------------------------------------------
+def build(args, sessions: int):
+    """Env of ``sessions`` sessions, tokenizer fitted on its world, and the untrained model."""
+    world = preset(
+        "small",
+        organic_history=args.history,
+        ad_history=args.history,
+        initial_ad_history=args.history,  # a full history: T real tokens, not mostly padding
+        num_ads=args.ads,
+        num_organic=args.organic,
+        num_users=args.users,
+        num_advertisers=args.advertisers,
+    )
+    env = make_vec_env("ads-v0", sessions, config=world, device=args.device, validate_actions=False)
+    tok = fit_world_tokenizer(
+        env.unwrapped.world,
+        "rq-kmeans",
+        CompareConfig(num_levels=args.levels, codebook_size=args.codebook, kmeans_iters=args.kmeans_iters),
+        seed=0,
+    )
+    return env, tok
+
+
+def model_for(args, env, tok) -> GPRModel:
+    schema = SchemaConfig.from_world(env.unwrapped.config)
+    obs, _ = env.reset(seed=0)
+    # the dense width of the live token layout (whatever features the schema puts on U/E tokens)
+    dense = tokens_from_obs(obs, tok.table, schema, check=False).dense_features.shape[-1]
+    cfg = GPRConfig(
+        level_sizes=tuple(tok.level_sizes),
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        dense_dim=dense,
+        max_len=schema.seq_len,
+    )
+    torch.manual_seed(0)
+    return GPRModel(cfg).to(args.device)
+
+
+def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
+    dev = torch.device(args.device)
+    env, tok = build(args, sessions)
+    model = model_for(args, env, tok)
+    seq_len = model.cfg.max_len
+    roller = Roller(env, tok, args.group_size, True, args.arr_rate, 0, precision=precision, cached=cached)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    loss_cfg = LossConfig()
+    schedule = UpdateConfig(args.epochs, args.minibatch, 1.0, 0, precision)
+    terms_fn = PathTerms(model, cached=cached, compile=args.compile)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times: list[tuple[float, float, float]] = []
+    counts = None
+
+    def iteration(it: int) -> tuple[float, float, float, tuple[int, int, int]]:
+        sync(dev)
+        t0 = time.perf_counter()
+        with record_function("rollout"):
+            model.eval()
+            buf, stats = roller.collect(model, args.rollout_steps)
+            sync(dev)
+        t1 = time.perf_counter()
+        with record_function("targets"):
+            model.train()
+            buf.adv, buf.returns = HEPO.targets(buf, loss_cfg)
+            sync(dev)
+        t2 = time.perf_counter()
+        with record_function("update"):
+            update(terms_fn, model, opt, None, buf, HEPO, loss_cfg, schedule, it)
+            sync(dev)
+        t3 = time.perf_counter()
+        counts = (stats["rollout/requests"], stats["rollout/rehearsed"], int(buf.valid.sum()))
+        return t1 - t0, t2 - t1, t3 - t2, counts
+
+    for it in range(args.warmup + args.iters):
+        *phases, counts = iteration(it)
+        if it >= args.warmup:
+            times.append(tuple(phases))
+    profile_table = None
+    if args.profile:  # one more iteration under the profiler: where the time goes, by kernel / op
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            iteration(args.warmup + args.iters)
+        key = (
+            "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        )  # the kernels themselves
+        profile_table = prof.key_averages().table(sort_by=key, row_limit=args.profile)
+        print(f"profile: sessions {sessions}, {precision}, {'cached' if cached else 'old'}\n{profile_table}")
+    rollout_s, targets_s, update_s = (statistics.median(x) for x in zip(*times))
+    real, rehearsed, valid = counts
+    total = rollout_s + targets_s + update_s
+    upd = update_flops_per_request(model.cfg, seq_len, args.group_size, cached)
+    rol = rollout_flops_per_request(model.cfg, seq_len, args.group_size, cached)
+    upd_tflops = args.epochs * valid * upd / update_s / 1e12
+    row = {
+        "sessions": sessions,
+        "precision": precision,
+        "path": "cached" if cached else "old",
+        "compile": args.compile,
+        "seq_len": seq_len,
+        "requests": real,
+        "rehearsed": rehearsed,
+        "valid": valid,
+        "rollout_s": rollout_s,
+        "targets_s": targets_s,
+        "update_s": update_s,
+        "eval_s": 0.0,
+        "requests_per_s": real / total,
+        "update_requests_per_s": args.epochs * valid / update_s,
+        "update_flops_per_request": upd,
+        "update_tflops": upd_tflops,
+        "update_mfu": upd_tflops / args.peak_tflops,
+        "rollout_flops_per_request": rol,
+        "rollout_tflops": (real + rehearsed) * rol / rollout_s / 1e12,
+        "peak_gib": peak_gib(dev),
+        "params": sum(p.numel() for p in model.parameters()),
+        "profile": profile_table,
+    }
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| N | precision | path | requests (+reh.) | valid | rollout s | targets s | update s | eval s | "
+        "req/s e2e | upd GFLOP/req | upd TFLOP/s | MFU | rollout TFLOP/s | peak GiB |"
+    )
+    lines = [head, "|" + "---:|" * 15]
+    for r in rows:
+        lines.append(
+            f"| {r['sessions']:,} | {r['precision']} | {r['path']}{' +compile' if r['compile'] else ''} | "
+            f"{r['requests']:,} (+{r['rehearsed']:,}) | {r['valid']:,} | {r['rollout_s']:.3f} | "
+            f"{r['targets_s']:.3f} | {r['update_s']:.3f} | {r['eval_s']:.1f} | {r['requests_per_s']:,.0f} | "
+            f"{r['update_flops_per_request'] / 1e9:.2f} | {r['update_tflops']:.2f} | {r['update_mfu']:.1%} | "
+            f"{r['rollout_tflops']:.2f} | {r['peak_gib']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sessions", default="4096", help="comma-separated N concurrent sessions, one row each")
+    p.add_argument("--precision", default="fp32,bf16", help=f"comma-separated, of {PRECISIONS}")
+    p.add_argument(
+        "--old", action="store_true", help="also time the full-forward reference path (rows 'old')"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the update forward (PathTerms(compile=True))"
+    )
+    p.add_argument("--history", type=int, default=127, help="organic_history = ad_history: T = 2 + 2 x this")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=40, help="K sampled paths per request")
+    p.add_argument("--rollout-steps", type=int, default=2, help="env steps per iteration")
+    p.add_argument("--arr-rate", type=float, default=0.5, help="ARR probability at the top activity tier")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--minibatch", type=int, default=1024, help="requests per minibatch (x K paths)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations (median)")
+    p.add_argument("--ads", type=int, default=20_000)
+    p.add_argument("--organic", type=int, default=40_000)
+    p.add_argument("--users", type=int, default=200_000)
+    p.add_argument("--advertisers", type=int, default=1_000)
+    p.add_argument("--levels", type=int, default=3, help="RQ-Kmeans levels (+ the disambiguation digit)")
+    p.add_argument("--codebook", type=int, default=64, help="codes per RQ-Kmeans level")
+    p.add_argument("--kmeans-iters", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="MFU denominator")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="rows of a torch.profiler table (by device time) of one extra iteration per row; 0 = none",
+    )
+    p.add_argument("--ffn-impl", default="auto", help="TypedFFN.impl: auto, grouped, chunked or loop")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
+    args = p.parse_args(argv)
+    precisions = [x for x in args.precision.split(",") if x]
+    for x in precisions:
+        if x not in PRECISIONS:
+            raise ValueError(f"--precision {x!r} is invalid: expected one of {PRECISIONS}")
+    for name in (
+        "group_size",
+        "rollout_steps",
+        "epochs",
+        "minibatch",
+        "iters",
+        "history",
+        "d_model",
+        "n_layers",
+    ):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: expected >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ffn_impl not in ("auto", "grouped", "chunked", "loop"):
+        raise ValueError(f"--ffn-impl {args.ffn_impl!r} is invalid: expected auto, grouped, chunked or loop")
+    TypedFFN.impl = args.ffn_impl  # the class default, as benchmarks/bench_decode.py sets it
+    rows = []
+    for n in ints(args.sessions):
+        for precision in precisions:
+            for cached in (True, False) if args.old else (True,):
+                rows.append(run_row(args, n, precision, cached))
+                gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    dev = torch.device(args.device)
+    res = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_rl_iteration.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "flop_formula": "update: 3 x forward matmul FLOPs per trained request (module doc of bench_rl_iteration)",
+        "rows": rows,
+    }
+    print(table(rows))
+    write_json(args.out, res)
+    return res
+
+
+if __name__ == "__main__":
+    run_main(main)
