@@ -15,8 +15,8 @@ per-type projection (zeros elsewhere):
 
 | layout | columns of ``dense_features`` | F in ads-v0 |
 |---|---|---|
-| without platform features (``features=None``: checkpoints from before them) | ``[user F_u | context F_e]`` | 7 + 8 = 15 |
-| with platform features (``PlatformFeatures``: the default of new runs) | ``[user F_u | interest D | ad F_i | context F_e]`` | 7 + D + 6 + 8 (``emb_dim`` = D) |
+| without platform features (``features=None``: checkpoints from before them) | ``[user F_u, context F_e]`` | 7 + 8 = 15 |
+| with platform features (``PlatformFeatures``: the default of new runs) | ``[user F_u, interest D, ad F_i, context F_e]`` | 7 + D + 6 + 8 (``emb_dim`` = D) |
 
 ``dense_dim(world_config, platform_features)`` is that rule; a model's ``GPRConfig.dense_dim`` must equal it
 (``GPRConfig.platform_features`` records which layout a checkpoint reads). With platform features
