@@ -3,15 +3,27 @@
 GPR §1: the model reads one typed token per position. Every request becomes the same fixed layout of
 ``T = 1 + Ho + Hi + 1`` slots (Ho organic, Hi ad history slots), identical for every row:
 
-| slots | type_ids | token_ids | semantic_codes (L') | event_ids | dense_features (F = F_u + F_e) |
+| slots | type_ids | token_ids | semantic_codes (L') | event_ids | dense_features (F columns) |
 |---|---|---|---|---|---|
-| 0 | U = 0 | user id | -1 | 0 | ``[user features (F_u), 0 ...]`` |
+| 0 | U = 0 | user id | -1 | 0 | user profile (F_u) and, with platform features, the interest estimate (D) |
 | 1 .. Ho | O = 1 | global item id = organic index | the item's path | 0 | 0 |
-| Ho+1 .. Ho+Hi | I = 3 | global item id = num_organic + ad index | the ad's path | 1 imp, 2 click, 3 conv | 0 |
-| T-1 | E = 2 | -1 (no id) | -1 | 0 | ``[0 ..., context (F_e)]`` |
+| Ho+1 .. Ho+Hi | I = 3 | global item id = num_organic + ad index | the ad's path | 1 imp, 2 click, 3 conv | with platform features: the ad's features (F_i); else 0 |
+| T-1 | E = 2 | -1 (no id) | -1 | 0 | context (F_e) |
 
-In ads-v0, F_u = 7 (``user``) and F_e = 8 (``context``), so F = 15; the U and E features get
-disjoint columns so one linear layer embeds both without a per-type projection.
+The dense columns of the blocks are disjoint, so one bias-free linear layer embeds all of them without a
+per-type projection (zeros elsewhere):
+
+| layout | columns of ``dense_features`` | F in ads-v0 |
+|---|---|---|
+| without platform features (``features=None``: checkpoints from before them) | ``[user F_u, context F_e]`` | 7 + 8 = 15 |
+| with platform features (``PlatformFeatures``: the default of new runs) | ``[user F_u, interest D, ad F_i, context F_e]`` | 7 + D + 6 + 8 (``emb_dim`` = D) |
+
+``dense_dim(world_config, platform_features)`` is that rule; a model's ``GPRConfig.dense_dim`` must equal it
+(``GPRConfig.platform_features`` records which layout a checkpoint reads). With platform features
+(``gpr_sim.platform.features``) the U token carries the platform's interest estimate of the user from the
+history the tokens hold (``estimate_interest`` of the cut / padded O and I blocks: zero with no engagement)
+and every I token the features of its ad (standardised log bid, new flag, log age, log order value, the
+advertiser's log budget share and pacing flag); nothing comes from the simulator's hidden state.
 
 - **Histories** are right-aligned, most recent last: a longer history keeps its last Ho (Hi) entries,
   a shorter one is left-padded. A slot holding -1 in the source (the env pads with -1) is padding too.
@@ -23,6 +35,9 @@ disjoint columns so one linear layer embeds both without a per-type projection.
 - **Why E last** (GPR lists the types U, O, E, I; the order is ours): E describes the request being
   answered, so the next ad is predicted from the last slot, which is slot T-1 in every row (batched
   decoding appends there with no gather), and the most recent history sits next to it.
+- **Candidates**: the next ad is decoded as a semantic-ID path, so a candidate's own features cannot be
+  in the context tokens; ad-side features reach the decision through the I history (what the user was
+  shown, with bids and values) only.
 
 Organic items and ads share one id space through the ``SemanticIdTable`` (global id < num_organic is
 organic), so an O and an I token embed through the same semantic codes.
@@ -39,8 +54,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from gpr_sim.platform.features import AD_FEATURE_DIM, PlatformFeatures
 from gpr_sim.tokenizer.ids import SemanticIdTable
 from gpr_sim.tokenizer.rq_kmeans import check_int
+from gpr_sim.world.catalog import USER_FEATURE_DIM
+from gpr_sim.world.core import CONTEXT_DIM
 
 TYPE_U, TYPE_O, TYPE_E, TYPE_I = 0, 1, 2, 3
 TOKEN_TYPES = ("U", "O", "E", "I")
@@ -84,6 +102,25 @@ class SchemaConfig:
         return torch.cat([torch.full((n,), t, dtype=torch.int64, device=device) for t, n in blocks])
 
 
+def dense_dim(world_config, platform_features: bool) -> int:
+    """F, the dense feature columns of a world's token layout (module docstring): F_u + F_e without platform
+    features, F_u + D + F_i + F_e with them (D = ``world_config.emb_dim``). ``GPRConfig.dense_dim`` of a
+    model for this world must equal it."""
+    extra = world_config.emb_dim + AD_FEATURE_DIM if platform_features else 0
+    return USER_FEATURE_DIM + extra + CONTEXT_DIM
+
+
+def check_dense_dim(model_dense_dim: int, world_config, platform_features: bool, where: str) -> None:
+    """Raise ``ValueError`` (starting with ``where``) if a model's ``dense_dim`` does not fit the layout."""
+    want = dense_dim(world_config, platform_features)
+    if model_dense_dim != want:
+        layout = "with" if platform_features else "without"
+        raise ValueError(
+            f"{where}: model dense_dim={model_dense_dim}, but this world's token layout {layout} platform "
+            f"features has F={want} columns (gpr_sim.schema.dense_dim)"
+        )
+
+
 class TokenBatch(NamedTuple):
     """Typed token sequences of B requests (layout in the module docstring)."""
 
@@ -93,7 +130,7 @@ class TokenBatch(NamedTuple):
     padding_mask: Tensor  # (B, T) bool, True = padding (ignore)
     semantic_codes: Tensor  # (B, T, L') int64 item paths of O/I tokens, -1 for U/E/padding
     event_ids: Tensor  # (B, T) int64 funnel event of I tokens (1 imp, 2 click, 3 conv), 0 elsewhere
-    dense_features: Tensor  # (B, T, F) float32 user features (U), context (E), zeros elsewhere
+    dense_features: Tensor  # (B, T, F) float32 user (+ interest) on U, ad features on I, context on E, else 0
 
     def to(self, device: str | torch.device) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in self))
@@ -118,6 +155,7 @@ def build_tokens(
     table: SemanticIdTable,
     cfg: SchemaConfig,
     check: bool = True,
+    features: PlatformFeatures | None = None,
 ) -> TokenBatch:
     """The one builder both adapters call.
 
@@ -131,15 +169,24 @@ def build_tokens(
         table: semantic IDs over [organic; ads], on the inputs' device.
         cfg: block sizes Ho, Hi (histories are cut or padded to them).
         check: raise ``ValueError`` on ids outside the table (one host sync; off in hot loops).
+        features: the platform's catalog features on the inputs' device (U: + interest estimate, I: +
+            ad features); None = the layout without them (module docstring).
 
     Returns:
-        ``TokenBatch`` with T = cfg.seq_len.
+        ``TokenBatch`` with T = cfg.seq_len and F = F_u + F_e, or F_u + D + F_i + F_e with ``features``.
     """
     dev = user_id.device
     if table.item_to_path.device != dev:
         raise ValueError(
             f"table is on {table.item_to_path.device}, inputs on {dev}: call table.to(device) once"
         )
+    if features is not None:
+        if features.device != dev:
+            raise ValueError(
+                f"features are on {features.device}, inputs on {dev}: call features.to(device) once"
+            )
+        if features.num_ads != table.num_ads:
+            raise ValueError(f"features describe {features.num_ads} ads, the table {table.num_ads}")
     b = user_id.shape[0]
     for name, t in (
         ("user", user),
@@ -182,9 +229,14 @@ def build_tokens(
     event_ids = torch.cat([zero, torch.zeros_like(organic), events * i_valid, zero], 1)  # (B, T)
 
     fu, fe = user.shape[1], context.shape[1]
-    dense = torch.zeros(b, cfg.seq_len, fu + fe, dtype=torch.float32, device=dev)  # (B, T, F)
+    fp = 0 if features is None else features.emb_dim + AD_FEATURE_DIM  # platform columns (interest, ad)
+    dense = torch.zeros(b, cfg.seq_len, fu + fp + fe, dtype=torch.float32, device=dev)  # (B, T, F)
     dense[:, 0, :fu] = user.float()
-    dense[:, -1, fu:] = context.float()
+    dense[:, -1, fu + fp :] = context.float()
+    if features is not None:
+        d, i0 = features.emb_dim, 1 + cfg.organic_len  # interest columns, first I slot
+        dense[:, 0, fu : fu + d] = features.interest(organic, ads, events)  # (B, D) from the shown history
+        dense[:, i0 : i0 + cfg.ad_len, fu + d : fu + fp] = features.of_ads(ads)  # (B, Hi, F_i), pads 0
 
     positions = (torch.cumsum(valid.long(), 1) - 1) * valid  # (B, T)
     type_ids = cfg.type_ids(dev).expand(b, -1)
@@ -196,7 +248,11 @@ def _as_tensor(x: Any) -> Tensor:
 
 
 def tokens_from_obs(
-    obs: Mapping[str, Any], table: SemanticIdTable, cfg: SchemaConfig | None = None, check: bool = True
+    obs: Mapping[str, Any],
+    table: SemanticIdTable,
+    cfg: SchemaConfig | None = None,
+    check: bool = True,
+    features: PlatformFeatures | None = None,
 ) -> TokenBatch:
     """Tokens of env observations.
 
@@ -206,6 +262,8 @@ def tokens_from_obs(
         table: semantic IDs over [organic; ads], on the observation's device.
         cfg: block sizes; None = the observation's own history lengths.
         check: validate ids against the table (one host sync).
+        features: the platform's catalog features, on the observation's device; None = the layout without
+            them (``build_tokens``).
     """
     missing = [k for k in OBS_KEYS if k not in obs]
     if missing:
@@ -225,6 +283,7 @@ def tokens_from_obs(
         table,
         cfg,
         check,
+        features,
     )
 
 
@@ -259,7 +318,11 @@ def _dense(cells: Sequence, name: str) -> np.ndarray:
 
 
 def tokens_from_logs(
-    rows: pd.DataFrame, table: SemanticIdTable, cfg: SchemaConfig | None = None, check: bool = True
+    rows: pd.DataFrame,
+    table: SemanticIdTable,
+    cfg: SchemaConfig | None = None,
+    check: bool = True,
+    features: PlatformFeatures | None = None,
 ) -> TokenBatch:
     """Tokens of logged requests, one per row (the same tensors ``tokens_from_obs`` gives for the obs
     the row was logged from).
@@ -271,6 +334,8 @@ def tokens_from_logs(
         table: semantic IDs over [organic; ads] (CPU, where the rows are).
         cfg: block sizes; None = the longest history in ``rows``.
         check: validate ids against the table.
+        features: the platform's catalog features (on the table's device); the logged ad ids index them, so
+            logs need no feature column. None = the layout without them (``build_tokens``).
     """
     missing = [c for c in LOG_COLUMNS if c not in rows.columns]
     if missing:
@@ -297,7 +362,12 @@ def tokens_from_logs(
     )
     dev = table.item_to_path.device
     return build_tokens(
-        user_id.to(dev), **{k: v.to(dev) for k, v in tensors.items()}, table=table, cfg=cfg, check=check
+        user_id.to(dev),
+        **{k: v.to(dev) for k, v in tensors.items()},
+        table=table,
+        cfg=cfg,
+        check=check,
+        features=features,
     )
 
 
@@ -325,6 +395,8 @@ __all__ = [
     "NO_ID",
     "SchemaConfig",
     "TokenBatch",
+    "dense_dim",
+    "check_dense_dim",
     "build_tokens",
     "tokens_from_obs",
     "tokens_from_logs",

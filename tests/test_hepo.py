@@ -23,6 +23,7 @@ from agents.rl.rollout import Roller
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.data.logs import read_logs
 from gpr_sim.metrics import AD_METRICS, summarize
+from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.runs import read_metrics
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
@@ -328,7 +329,8 @@ def test_sampled_paths_are_legal_eligible_and_their_log_probs_match_the_model(pr
     obs, _ = env.reset(seed=0)
     eligible = torch.zeros(tok.num_ads, dtype=torch.bool)
     eligible[::3] = True  # a third of the ads have budget
-    tokens = tokens_from_obs(obs, tok.table, SchemaConfig.from_world(env.unwrapped.config))
+    features = PlatformFeatures.from_world(env.unwrapped.world) if model.cfg.platform_features else None
+    tokens = tokens_from_obs(obs, tok.table, SchemaConfig.from_world(env.unwrapped.config), features=features)
     with torch.no_grad():
         ctx = model.context(tokens)
         step_fn, _ = model.beam_fns(ctx)

@@ -30,6 +30,7 @@ from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import summarize, summarize_strata
 from gpr_sim.model import GPRModel
 from gpr_sim.model.offline_eval import candidate_metrics
+from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 
 
@@ -96,6 +97,7 @@ class Evaluator:
             config.env, config.num_envs, preset=config.preset, device=config.device, validate_actions=False
         )
         self.tok = tokenizer.to(config.device)
+        self.features = PlatformFeatures.from_world(self.env.unwrapped.world).to(config.device)
         self.states = RequestStates.build(config.oracle_share)
 
     @torch.no_grad()
@@ -111,7 +113,10 @@ class Evaluator:
         """Table 3 metrics of the top-K beam on the first request of every evaluation session."""
         c, e = self.config, self.env.unwrapped
         obs, _ = self.env.reset(seed=c.seed)
-        tokens = tokens_from_obs(obs, self.tok.table, SchemaConfig.from_world(e.config), check=False)
+        features = self.features if model.cfg.platform_features else None
+        tokens = tokens_from_obs(
+            obs, self.tok.table, SchemaConfig.from_world(e.config), check=False, features=features
+        )
         gen = torch.Generator(device=c.device).manual_seed(c.seed)
         ctx = model.context(tokens, gen)
         step_fn, _ = model.beam_fns(ctx, cached=True)

@@ -31,8 +31,9 @@ from agents.pretraining.checkpoint import read_checkpoint
 from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.incremental import head_context_kv, request_major_step
+from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.runs import load_torch, save_torch
-from gpr_sim.schema import SchemaConfig, tokens_from_obs
+from gpr_sim.schema import SchemaConfig, check_dense_dim, tokens_from_obs
 from gpr_sim.tokenizer.world import IDS_FILE, WorldTokenizer
 
 
@@ -159,12 +160,18 @@ class GPRPolicy:
             raise ValueError(
                 f"{where}: model max_len={model.cfg.max_len}, this world's token layout has {self.schema.seq_len}"
             )
+        check_dense_dim(model.cfg.dense_dim, world.config, model.cfg.platform_features, str(where))
+        self.features = (
+            PlatformFeatures.from_world(world).to(self.device) if model.cfg.platform_features else None
+        )
         self.model = model.to(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.no_grad()
     def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
-        tokens = tokens_from_obs(obs, self.tokenizer.table, self.schema, check=False).to(self.device)
+        tokens = tokens_from_obs(
+            obs, self.tokenizer.table, self.schema, check=False, features=self.features
+        ).to(self.device)
         n = tokens.token_ids.shape[0]
         was_training = self.model.training
         self.model.eval()

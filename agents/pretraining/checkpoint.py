@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.model.config import LEGACY_DEFAULTS
 from gpr_sim.runs import atomic_write_bytes, checkpoint_bytes, load_torch
 
 CKPT_FORMAT = "gpr_sim.pretrain"
@@ -61,8 +62,9 @@ def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
     """``read_checkpoint`` plus a check that it was written for a model of config ``cfg``."""
     payload = read_checkpoint(path)
     want = cfg.to_dict()
-    if payload["config"] != want:
-        diff = sorted(k for k in want if payload["config"].get(k) != want[k])
+    got = {**LEGACY_DEFAULTS, **payload["config"]}  # a checkpoint from before a field: its old value
+    if got != want:
+        diff = sorted(k for k in want if got.get(k) != want[k])
         raise ValueError(f"{path}: checkpoint model config differs from this run's in {diff}")
     return payload
 

@@ -78,6 +78,9 @@ class PretrainConfig:
     """diffusion-style refiner adds a refine token"""
     hte: bool = True
     """HTE value heads (beam guidance, the RL critic); pre-trained with --value-coef"""
+    platform_features: bool = True
+    """tokens carry the platform's catalog features (U: interest estimate, I: the ad's bid, value, age, budget;
+    ``gpr_sim.schema``); off = the layout without them (runs recorded before this flag)"""
     value_coef: float = 0.5
     """weight of the HTE loss: every prefix of a request's shown ad regresses on its final_value (0 = off)"""
     value_trunk: bool = False

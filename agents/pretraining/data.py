@@ -22,7 +22,8 @@ from agents.pretraining.config import PretrainConfig
 from gpr_sim.data.logs import check_run_world, check_tokenizer_world, read_logs
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
-from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_logs
+from gpr_sim.platform.features import PlatformFeatures
+from gpr_sim.schema import SchemaConfig, TokenBatch, dense_dim, tokens_from_logs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.trie import PrefixTrie
 from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
@@ -82,7 +83,12 @@ def value_scale(g: torch.Tensor) -> float:
 
 
 def build_split(
-    df: pd.DataFrame, tok: WorldTokenizer, schema: SchemaConfig, world: World, cfg: PretrainConfig
+    df: pd.DataFrame,
+    tok: WorldTokenizer,
+    schema: SchemaConfig,
+    world: World,
+    cfg: PretrainConfig,
+    features: PlatformFeatures | None = None,
 ) -> Split:
     """Row-aligned tensors of one side of the split (HTE targets in the world's currency: `load_data` scales them)."""
     targets = mtp_targets(df, cfg.mtp_heads)
@@ -93,7 +99,7 @@ def build_split(
     else:
         weights = torch.full((len(df), n), 1.0 / n)  # GPR §4.1 DEFAULT: uniform w_j, sum_j w_j = 1
     g = value_targets(df, targets, world.ad_value_mean, world.config.reward).float()
-    tokens = tokens_from_logs(df.reset_index(drop=True), tok.table.to("cpu"), schema)
+    tokens = tokens_from_logs(df.reset_index(drop=True), tok.table.to("cpu"), schema, features=features)
     dev = torch.device(cfg.device)
     return Split(
         tokens.to(dev),
@@ -161,6 +167,7 @@ class StageData:
     trie: PrefixTrie  # the ad trie on the stage's device
     pop: dict[str, float]  # eval/pop_*: the popularity baseline on the held-out requests
     scale: float  # value_scale of the train side's HTE targets (both sides are divided by it)
+    dense_dim: int  # F of the token layout (``gpr_sim.schema.dense_dim``): the model's GPRConfig.dense_dim
 
 
 def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
@@ -176,7 +183,8 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     schema = SchemaConfig.from_world(world.config)
     held = split_sessions(df["episode_id"].to_numpy(), cfg.eval_fraction, cfg.split_seed)
     train_df, eval_df = df[~held].reset_index(drop=True), df[held].reset_index(drop=True)
-    train, held_out = (build_split(d, tok, schema, world, cfg) for d in (train_df, eval_df))
+    features = PlatformFeatures.from_world(world) if cfg.platform_features else None  # CPU, as the rows
+    train, held_out = (build_split(d, tok, schema, world, cfg, features) for d in (train_df, eval_df))
     scale = value_scale(train.values)  # the train side's, for both
     for side in (train, held_out):
         side.values = side.values / scale
@@ -187,4 +195,6 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     pop_ranked = popularity_rankings(shown, tok.num_ads, cfg.top_k, n_rank)
     pop_target = held_out.ads[has, 0][:n_rank].cpu()
     pop = {f"eval/pop_{k}": v for k, v in ranking_metrics(pop_ranked, pop_target).items()}
-    return StageData(tok, schema, train, held_out, trie, pop, scale)
+    return StageData(
+        tok, schema, train, held_out, trie, pop, scale, dense_dim(world.config, cfg.platform_features)
+    )

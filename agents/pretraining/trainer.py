@@ -57,6 +57,7 @@ def model_config(tok: WorldTokenizer, schema: SchemaConfig, dense_dim: int, cfg:
         n_layers=cfg.n_layers,
         n_heads=cfg.n_heads,
         dense_dim=dense_dim,
+        platform_features=cfg.platform_features,
         max_len=schema.seq_len,
         mtp_heads=cfg.mtp_heads,
         **{name: getattr(cfg, name) for name in COMPONENTS},
@@ -71,7 +72,8 @@ def out_dir(cfg: PretrainConfig) -> Path:
 def open_run_folder(out: Path, cfg: PretrainConfig) -> RunFolder:
     """Lock ``out`` for this run; refuse it (``ValueError``) unless it is new or holds an ``agents.pretrain``
     run with these settings (bar ``RESUME_IGNORES``)."""
-    defaults = dataclasses.asdict(PretrainConfig())
+    # a record from before --platform-features ran without them: resuming it keeps that layout
+    defaults = {**dataclasses.asdict(PretrainConfig()), "platform_features": False}
     return RunFolder(out, ENTRY, dataclasses.asdict(cfg), RESUME_IGNORES, defaults=defaults)
 
 
@@ -99,8 +101,7 @@ def init_model(cfg: PretrainConfig, data: StageData, ckpt: Path, dist: distribut
     A resumed run drops the metrics rows logged after its checkpoint (the lost tail of the run).
     """
     torch.manual_seed(cfg.seed)
-    dense_dim = data.train.tokens.dense_features.shape[-1]
-    model = GPRModel(model_config(data.tok, data.schema, dense_dim, cfg)).to(cfg.device)
+    model = GPRModel(model_config(data.tok, data.schema, data.dense_dim, cfg)).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     start = 0

@@ -57,6 +57,7 @@ from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
 from gpr_sim.model.incremental import head_context_kv, request_major_step
+from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.sampling import PathSample, sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
 from gpr_sim.tokenizer.trie import PrefixTrie
@@ -197,6 +198,7 @@ class Roller:
         self.device = self.market.device
         self.tok = tokenizer.to(self.device)
         self.schema = SchemaConfig.from_world(self.market.config)
+        self.features = PlatformFeatures.from_world(self.market.world).to(self.device)  # used per model.cfg
         self.group_size, self.truth, self.arr_rate = group_size, truth, arr_rate
         self.step_count = 0  # env steps so far: the counter of the keyed draws (module doc)
         self.obs, _ = env.reset(seed=seed)
@@ -275,7 +277,8 @@ class Roller:
         ``share``: per-advertiser budget share (``_budget_share``) that scales each candidate's value;
         None computes it from this batch when ``budget_aware`` is on (the real requests).
         """
-        tokens = tokens_from_obs(obs, self.tok.table, self.schema, check=False)
+        features = self.features if model.cfg.platform_features else None
+        tokens = tokens_from_obs(obs, self.tok.table, self.schema, check=False, features=features)
         keys = self._keys(REHEARSAL_SEED_OFFSET if rehearsed else 0, rows)
         noise, s, values = self._groups(model, tokens, eligible, keys)
         scores = scorer(s.items)

@@ -14,6 +14,11 @@ NUM_EVENTS = 4
 """event ids: 0 none, 1 impression, 2 click, 3 conversion"""
 
 
+LEGACY_DEFAULTS = {"platform_features": False}
+"""fields added after checkpoints were first written, with the value that reproduces those checkpoints
+(``GPRConfig.from_dict`` fills them in when a stored config lacks them)"""
+
+
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is invalid: expected a bool")
@@ -36,7 +41,14 @@ class GPRConfig:
     ffn_mult: int = 4
     """FFN hidden width = ffn_mult * d_model"""
     dense_dim: int = 15
-    """F: dense feature columns of U/E tokens (ads-v0: 7 user + 8 context)"""
+    """F: dense feature columns of the tokens; must equal ``gpr_sim.schema.dense_dim(world_config,
+    platform_features)`` for the world the model reads (ads-v0: 7 user + 8 context = 15 without platform
+    features; 7 + emb_dim + 6 + 8 with them). Configs built for a world derive it from that function."""
+    platform_features: bool = False
+    """the token layout the model reads: True = U tokens carry the platform's interest estimate and I tokens
+    their ad's features (``gpr_sim.platform.features``); False = the layout without them. False in a bare
+    config and in checkpoints written before this field (``LEGACY_DEFAULTS``); new pre-training runs turn
+    it on (``agents.pretraining.config.PretrainConfig.platform_features``)"""
     max_len: int = 512
     """largest position id + 1 (GPR DEFAULT: sequences <= 512)"""
     hybrid_attention: bool = True
@@ -88,6 +100,7 @@ class GPRConfig:
             "thinking",
             "refining",
             "hte",
+            "platform_features",
         ):
             _check_bool(name, getattr(self, name))
         check_int("max_recursions", self.max_recursions, 1, 64)
@@ -108,7 +121,8 @@ class GPRConfig:
         """The config a `to_dict` dict describes, validated.
 
         Args:
-            d: every field of ``GPRConfig`` (``level_sizes`` a list or tuple), nothing else.
+            d: every field of ``GPRConfig`` (``level_sizes`` a list or tuple), nothing else; a field of
+                ``LEGACY_DEFAULTS`` may be missing (a checkpoint from before it) and takes that value.
             where: what holds ``d`` (e.g. ``"runs/x/policy.pt: model config"``), the start of every error.
 
         Raises:
@@ -116,6 +130,7 @@ class GPRConfig:
         """
         if not isinstance(d, Mapping):
             raise ValueError(f"{where}: expected a dict of GPRConfig fields, got {type(d).__name__}")
+        d = {**LEGACY_DEFAULTS, **d}
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in d]
         unknown = sorted(str(k) for k in d if k not in names)

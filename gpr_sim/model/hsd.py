@@ -378,13 +378,23 @@ class HSD(nn.Module):
 
     def embed(self, tokens: TokenBatch) -> Tensor:
         """TokenBatch -> (B, T, C) input embeddings."""
+        f = tokens.dense_features.shape[-1]
+        if f != self.cfg.dense_dim:  # a shape, not a value: no host sync
+            layout = "with" if self.cfg.platform_features else "without"
+            raise ValueError(
+                f"tokens have {f} dense feature columns, the model reads dense_dim={self.cfg.dense_dim} "
+                f"(trained {layout} platform features): build the tokens with features= matching "
+                "GPRConfig.platform_features (gpr_sim.schema.dense_dim)"
+            )
         x = self.code_embedding(tokens.semantic_codes)  # O/I: item path (B, T, C)
         if self.item_emb is not None:
             ids = tokens.token_ids
             has_item = (ids >= 0) & (tokens.semantic_codes[..., 0] >= 0)  # O/I only, not the U's user id
             x = x + self.item_emb(ids.clamp_min(0)) * has_item[..., None]
         x = x + self.event_emb(tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]  # I: funnel event
-        x = x + self.dense(tokens.dense_features)  # U/E: features (zeros elsewhere)
+        x = x + self.dense(
+            tokens.dense_features
+        )  # U/E (+ I with platform features): disjoint columns, zeros elsewhere
         return x + self.type_emb(tokens.type_ids) + self.pos_emb(tokens.positions)
 
     def router_gates(self, x: Tensor) -> Tensor:
