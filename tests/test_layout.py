@@ -9,7 +9,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = frozenset(
     f"agents.{name}"
-    for name in ("hepo", "pretrain", "collect", "evaluate", "ope", "ablation", "tokenize", "sb3_ppo", "plots")
+    for name in (
+        "hepo",
+        "pretrain",
+        "collect",
+        "evaluate",
+        "ope",
+        "ablation",
+        "tokenize",
+        "sb3_ppo",
+        "plots",
+        "fit_platform",
+    )
 )
 """the ``python -m agents.NAME`` modules: thin command lines over the library"""
 KNOWN: set[tuple[str, str]] = set()
