@@ -90,14 +90,21 @@ class CascadePolicy:
         return pre, torch.log(value.clamp(min=1e-12))
 
     def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
-        k = self.env.world.config.num_candidates
         pool, logits = self.pool(obs)
-        if self.config.temperature == 0:
-            order = logits.topk(k, dim=1).indices
-            prop = torch.ones(pool.shape[0], dtype=torch.float64, device=pool.device)
-        else:
-            order, prop = plackett_luce_sample(logits / self.config.temperature, k, self.generator)
-        return PolicyOutput(pool.gather(1, order), prop)
+        return explore(pool, logits, self.env.config.num_candidates, self.config.temperature, self.generator)
+
+
+def explore(
+    pool: torch.Tensor, logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator
+) -> PolicyOutput:
+    """A cascade's last stage: the top ``k`` of its ranked ``pool`` (N, P) by ``logits`` (greedy, ``temperature``
+    0, propensity 1), else k drawn by Plackett-Luce from softmax(logits / temperature) with their propensity."""
+    if temperature == 0:
+        order = logits.topk(k, dim=1).indices
+        prop = torch.ones(pool.shape[0], dtype=torch.float64, device=pool.device)
+    else:
+        order, prop = plackett_luce_sample(logits / temperature, k, generator)
+    return PolicyOutput(pool.gather(1, order), prop)
 
 
 def plackett_luce_sample(

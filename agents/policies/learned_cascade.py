@@ -22,7 +22,7 @@ import torch
 
 from agents.platform.folder import Platform, check_platform_folder, load_platform, platform_inputs
 from agents.policies import PolicyOutput, batched_env
-from agents.policies.cascade import plackett_luce_sample
+from agents.policies.cascade import explore
 from gpr_sim.platform.preranking import preranking_features
 from gpr_sim.world.config import check_range
 
@@ -100,14 +100,8 @@ class LearnedCascadePolicy:
 
     @torch.no_grad()
     def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
-        k = self.env.config.num_candidates
         pool, logits = self.pool(obs)
-        if self.config.temperature == 0:
-            order = logits.topk(k, dim=1).indices
-            prop = torch.ones(pool.shape[0], dtype=torch.float64, device=pool.device)
-        else:
-            order, prop = plackett_luce_sample(logits / self.config.temperature, k, self.generator)
-        return PolicyOutput(pool.gather(1, order), prop)
+        return explore(pool, logits, self.env.config.num_candidates, self.config.temperature, self.generator)
 
 
 def learned_cascade_factory(path: str):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gpr_sim.finite import check_finite
 from gpr_sim.platform.view import Catalog, estimate_interest
+from gpr_sim.tokenizer.rq_kmeans import check_int
 from gpr_sim.world.config import check_range
 
 NUM_FEATURES = 5
@@ -59,10 +60,7 @@ class PrerankingConfig:
             ("batch_size", 1, 1 << 24),
             ("preranking_size", 1, 1 << 20),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name}={value!r} is invalid: expected an integer in [{lo}, {hi}]")
-            check_range(name, value, lo, hi)
+            check_int(name, getattr(self, name), lo, hi)
         check_range("lr", self.lr, 0.0, 10.0, lo_open=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} is invalid: expected an integer")

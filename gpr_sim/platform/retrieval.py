@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from gpr_sim.finite import check_finite
 from gpr_sim.platform.view import Catalog, estimate_interest
+from gpr_sim.tokenizer.rq_kmeans import check_int
 from gpr_sim.world.config import check_range
 
 REQUEST_KEYS = ("user", "organic", "context", "ad_history", "ad_events")
@@ -83,10 +84,7 @@ class RetrievalConfig:
             ("retrieval_size", 1, 1 << 20),
             ("chunk_size", 1, 1 << 24),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name}={value!r} is invalid: expected an integer in [{lo}, {hi}]")
-            check_range(name, value, lo, hi)
+            check_int(name, getattr(self, name), lo, hi)
         check_range("lr", self.lr, 0.0, 10.0, lo_open=True)
         check_range("weight_decay", self.weight_decay, 0.0, 10.0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
