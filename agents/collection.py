@@ -22,8 +22,7 @@ import torch
 from tqdm import tqdm
 
 from agents.cli import check_args
-from agents.policies import PolicyOutput, make_policy, policy_factory
-from agents.policies.cascade import CascadePolicy
+from agents.policies import PolicyOutput, make_policy, policy_factory, policy_options
 from envs import make_vec_env
 from gpr_sim.data.logs import write_logs
 from gpr_sim.runs import run_name
@@ -177,7 +176,8 @@ class CollectConfig:
     preset: str = "small"
     """world preset: small | large"""
     temperature: float | None = None
-    """cascade exploration temperature (softmax over log platform value); default: CascadeConfig's"""
+    """exploration temperature of a cascade policy (cascade, learned-cascade:PATH; softmax over log value);
+    default: the policy's own"""
     device: str = "cpu"
     """torch device of the simulation"""
     threads: int = 1
@@ -194,9 +194,11 @@ class CollectConfig:
         check_range("steps", self.steps, 1, 1 << 24)
         check_range("threads", self.threads, 0, 1024)
         if self.temperature is not None:
-            if self.policy != "cascade":
+            options = policy_options(self.policy)
+            if "temperature" not in options:
                 raise ValueError(
-                    f"temperature is only used by the cascade policy, not policy={self.policy!r}"
+                    f"temperature is only used by the exploring cascades, not policy={self.policy!r} "
+                    f"(its options: {options})"
                 )
             check_range("temperature", self.temperature, 0.0, 100.0)
 
@@ -225,7 +227,7 @@ def write_log(cfg: CollectConfig, world: WorldConfig | None = None) -> Path:
     env = make_vec_env(cfg.env, cfg.num_envs, config=world, world_seed=cfg.world_seed, device=cfg.device)
     options = {} if cfg.temperature is None else {"temperature": cfg.temperature}
     policy = make_policy(cfg.policy, env, cfg.seed, **options)
-    temperature = policy.config.temperature if isinstance(policy, CascadePolicy) else None
+    temperature = getattr(getattr(policy, "config", None), "temperature", None)
 
     start = time.perf_counter()
     columns, _ = collect(env, policy, cfg.seed, cfg.steps, progress=cfg.progress)

@@ -340,3 +340,16 @@ def test_fit_refuses_a_log_of_another_world_than_named(platform_dir, tmp_path):
     with pytest.raises(ValueError, match="preset='small' does not match"):
         main(["--logs", log, "--out", str(tmp_path / "p"), "--preset", "small", "--device", "cpu"])
     assert not (tmp_path / "p").exists()  # refused before the folder is claimed
+
+
+def test_collects_a_log_with_its_own_temperature_and_propensities(platform_dir, tmp_path):
+    from agents.collection import CollectConfig, write_log
+    from gpr_sim.data.logs import read_logs
+
+    spec = f"learned-cascade:{platform_dir}"
+    cfg = CollectConfig(policy=spec, temperature=0.5, num_envs=16, steps=3, out=str(tmp_path / "l.parquet"))
+    df, meta = read_logs(write_log(dataclasses.replace(cfg, progress=False), LOG_WORLD))
+    assert meta["policy"] == spec and meta["temperature"] == 0.5
+    assert len(df) == 48 and (df["propensity"] > 0).all() and (df["propensity"] < 1).any()
+    with pytest.raises(ValueError, match="only used by the exploring cascades"):
+        CollectConfig(policy="oracle", temperature=0.5)
