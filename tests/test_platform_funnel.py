@@ -206,3 +206,16 @@ def test_config_rejects_bad_values(changes):
     name = next(iter(changes))
     with pytest.raises(ValueError, match=name):
         FunnelConfig(**changes)
+
+
+def test_fit_is_seeded_and_leaves_the_global_generator_alone(logged):
+    env, df = logged
+    catalog = catalog_of(env.unwrapped.world)
+    cfg = FunnelConfig(hidden=8, layers=1, epochs=1, batch_size=1024)
+    state = torch.random.get_rng_state()
+    a, report_a = fit_funnel(df, catalog, cfg, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b, report_b = fit_funnel(df, catalog, cfg, progress=False)
+    assert report_a == report_b
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
