@@ -75,6 +75,21 @@ def test_delayed_conversions_are_attributed_to_their_click():
     assert labelled <= int(df["conversion"].sum() + df["delayed_conversion"].sum())
 
 
+def test_two_slots_give_one_example_per_impression_with_its_slot():
+    cfg = WorldConfig.small(num_candidates=3, num_slots=2)
+    env = make_vec_env("ads-v0", 32, config=cfg, world_seed=0, device="cpu")
+    columns, _ = collect(env, make_policy("cascade", env, seed=0), seed=0, steps=60, progress=False)
+    df = pd.DataFrame({k: list(v) if np.ndim(v) == 2 else v for k, v in columns.items() if k[:6] != "final_"})
+    ex = funnel_examples(df, catalog_of(env.unwrapped.world))
+    shown = stack_list_column(df, "shown_ad")
+    # without final_* columns, the last row of each session in the log has no next observation; every other
+    # impression is one example (and per row the slots' clicks add up to the click column: checked inside)
+    last = ~df["episode_id"].duplicated(keep="last").to_numpy()
+    assert ex.ad.numel() == int((shown[~last] >= 0).sum())
+    assert set(ex.slot.tolist()) == {0, 1}
+    np.testing.assert_array_equal(ex.ad.numpy(), shown[ex.row.numpy(), ex.slot.numpy()])
+
+
 def test_learned_funnel_beats_the_constant_and_is_calibrated(fitted):
     _, _, _, report = fitted
     for head in ("ctr", "cvr"):
