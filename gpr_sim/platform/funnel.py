@@ -514,7 +514,6 @@ def fit_funnel(
     """
     cfg = cfg or FunnelConfig()
     device = torch.device(device)
-    torch.manual_seed(cfg.seed)  # nn init reads the global generator; training below uses its own
     examples = funnel_examples(df, catalog)
     held = split_sessions(examples.episode, cfg.val_fraction, cfg.seed)
     train = _to(examples.take(torch.nonzero(~held).squeeze(1)), device)
@@ -528,7 +527,10 @@ def fit_funnel(
         )
     catalog = catalog.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = FunnelModel(cfg, catalog).to(device)
+    with torch.random.fork_rng(devices=[]):  # nn init reads the global generator: seed it, then restore it
+        torch.manual_seed(cfg.seed)
+        model = FunnelModel(cfg, catalog)
+    model = model.to(device)
     base_click = train.click.mean().clamp(1e-4, 1 - 1e-4)
     base_conv = train.conversion[clicks].mean().clamp(1e-4, 1 - 1e-4)
     with torch.no_grad():
