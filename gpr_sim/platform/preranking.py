@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from gpr_sim.finite import check_finite
+from gpr_sim.platform.training import train_epochs
 from gpr_sim.platform.view import Catalog, estimate_interest
 from gpr_sim.tokenizer.rq_kmeans import check_int
 from gpr_sim.world.config import check_range
@@ -158,21 +158,16 @@ def fit_preranking(
     model.set_normalisation(features)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     g = torch.Generator(device="cpu").manual_seed(config.seed)
-    losses = []
-    model.train()
-    for epoch in range(config.epochs):
-        order = torch.randperm(n, generator=g).to(device)
-        total = torch.zeros((), device=device)
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            loss = centred_mse(model(features[idx]), teacher[idx])
-            check_finite(f"pre-ranking epoch {epoch}, batch {start // config.batch_size}", {"loss": loss})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * idx.numel()
-        losses.append(float(total) / n)  # one host sync per epoch
-    model.eval()
+    losses = train_epochs(
+        model,
+        opt,
+        n,
+        config.batch_size,
+        config.epochs,
+        g,
+        lambda idx: centred_mse(model(features[idx]), teacher[idx]),
+        "pre-ranking",
+    )
     return model, {"requests": n, "loss_first": losses[0], "loss_last": losses[-1]}
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpr_sim.finite import check_finite
+from gpr_sim.platform.training import train_epochs
 from gpr_sim.platform.view import Catalog, estimate_interest
 from gpr_sim.tokenizer.rq_kmeans import check_int
 from gpr_sim.world.config import check_range
@@ -250,21 +250,16 @@ def fit_retrieval(
     model.set_normalisation(x, ad_numeric(catalog))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator(device="cpu").manual_seed(config.seed)
-    losses = []
-    model.train()
-    for epoch in range(config.epochs):
-        order = torch.randperm(n, generator=g).to(device)
-        total = torch.zeros((), device=device)
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            loss = sampled_softmax_loss(model, catalog, x[idx], clicked[idx], config.num_negatives, g)
-            check_finite(f"retrieval epoch {epoch}, batch {start // config.batch_size}", {"loss": loss})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * idx.numel()
-        losses.append(float(total) / n)  # one host sync per epoch
-    model.eval()
+    losses = train_epochs(
+        model,
+        opt,
+        n,
+        config.batch_size,
+        config.epochs,
+        g,
+        lambda idx: sampled_softmax_loss(model, catalog, x[idx], clicked[idx], config.num_negatives, g),
+        "retrieval",
+    )
     return model, {
         "clicks": n,
         "loss_first": losses[0],
