@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from gpr_sim.model import GPRConfig, GPRModel, hybrid_mask
@@ -204,7 +205,7 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 
 
 # -- token-aware FFN without data-dependent shapes (grouped / chunked vs the boolean-indexing loop) ----------
-from gpr_sim.model.hsd import TypedFFN  # noqa: E402
+from gpr_sim.model.hsd import TypedFFN, TypedLayerNorm, permute_rows, rows_of_type  # noqa: E402
 
 
 def _ffn_inputs(b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,18 +243,67 @@ def test_typed_ffn_counting_sort_equals_stable_sort(n):
     assert counts.tolist() == [int((tf == t).sum()) for t in range(4)]
 
 
-def test_typed_ffn_chunked_gradients_match_the_loop():
+@pytest.mark.parametrize("impl", ["chunked", "grouped"])
+def test_typed_ffn_gradients_match_the_loop(impl):
     torch.manual_seed(0)
     ffn = TypedFFN(TINY.d_model, 2 * TINY.d_model, 4)
     x, types = _ffn_inputs(4, 9, seed=1)
     grads = {}
-    for impl in ("loop", "chunked"):
-        ffn.impl = impl
+    for name in ("loop", impl):
+        ffn.impl = name
         ffn.zero_grad()
         xi = x.clone().requires_grad_()
         (ffn(xi, types) ** 2).sum().backward()
-        grads[impl] = [xi.grad] + [p.grad.clone() for p in ffn.parameters()]
-    for a, b in zip(grads["loop"], grads["chunked"], strict=True):
+        grads[name] = [xi.grad] + [p.grad.clone() for p in ffn.parameters()]
+    for a, b in zip(grads["loop"], grads[impl], strict=True):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _grads_agree(fast, ref, src: torch.Tensor, weight: torch.Tensor) -> None:
+    a, b = src.clone().requires_grad_(), src.clone().requires_grad_()
+    out_a, out_b = fast(a), ref(b)
+    (out_a * weight).sum().backward()
+    (out_b * weight).sum().backward()
+    assert torch.equal(out_a, out_b)
+    assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_rows_of_type_and_permute_rows_match_indexing_with_gradients():
+    """The GEMM / gather backwards equal autograd's scatter-add of plain indexing (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(5, 6, dtype=torch.float64, generator=gen)
+    ids = torch.randint(0, 4, (7, 11), generator=gen)  # row 4 never used: its gradient is 0
+    _grads_agree(
+        lambda t: rows_of_type(t, ids),
+        lambda t: t[ids],
+        table,
+        torch.randn(7, 11, 6, dtype=torch.float64, generator=gen),
+    )
+    perm = torch.randperm(13, generator=gen)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(13)
+    _grads_agree(
+        lambda t: permute_rows(t, perm, inv),
+        lambda t: t[perm],
+        torch.randn(13, 6, dtype=torch.float64, generator=gen),
+        torch.randn(13, 6, dtype=torch.float64, generator=gen),
+    )
+
+
+def test_typed_layer_norm_gradients_match_indexing():
+    torch.manual_seed(0)
+    ln = TypedLayerNorm(8, 4)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    types = torch.randint(0, 4, (3, 5))
+    (ln(x, types) ** 2).sum().backward()
+    got = [x.grad.clone(), ln.weight.grad.clone(), ln.bias.grad.clone()]
+    x.grad = ln.weight.grad = ln.bias.grad = None
+    ref = F.layer_norm(x, (8,)) * ln.weight[types] + ln.bias[types]
+    (ref**2).sum().backward()
+    for a, b in zip(got, [x.grad, ln.weight.grad, ln.bias.grad], strict=True):
         assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

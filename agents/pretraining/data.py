@@ -123,7 +123,7 @@ def input_paths(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
 
 def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
     """The cascade log collected when a stage is given none: ``collect_envs`` x ``collect_steps`` requests of
-    the ``preset`` world, sessions seeded by ``seed``."""
+    the ``preset`` world, sessions seeded by ``seed``, simulated on the stage's device."""
     return CollectConfig(
         env=cfg.env,
         policy="cascade",
@@ -131,6 +131,7 @@ def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
         steps=cfg.collect_steps,
         seed=cfg.seed,
         preset=cfg.preset,
+        device=cfg.device,
         out=str(logs),
         progress=False,
     )
@@ -142,13 +143,16 @@ def tokenizer_config(cfg: PretrainConfig) -> CompareConfig:
 
 
 def ensure_inputs(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
-    """The log and tokenizer paths, collecting / fitting them into ``out`` when not given."""
+    """The log and tokenizer paths, collecting / fitting them into ``out`` when not given (both on the stage's
+    device: the large world's million ads take minutes on a CPU)."""
     logs, tok_dir = input_paths(cfg, out)
     if not cfg.logs and not logs.is_file():
         write_log(collect_config(cfg, logs))
     if not cfg.tokenizer and not (tok_dir / "semantic_ids.pt").is_file():
         _, meta = read_logs(logs)
-        world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))
+        world = generate_world(
+            WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0), cfg.device
+        )
         fit_world_tokenizer(world, "rq-kmeans-plus", tokenizer_config(cfg), seed=cfg.seed).save(tok_dir)
     return logs, tok_dir
 
