@@ -46,7 +46,7 @@ from agents.cli import check_args, parse_args, run_main
 from agents.evaluation.heldout import Evaluator, HeldOutConfig, mtp_candidates
 from agents.policies.gpr import load_run_model, save_policy
 from agents.pretraining.config import PretrainConfig
-from agents.pretraining.pipeline import ensure_pretrained, pipeline_dir, stage_configs
+from agents.pretraining.pipeline import ensure_funnel, ensure_pretrained, pipeline_dir, stage_configs
 from agents.reporting.figures import plot_curves
 from agents.rl import distributed
 from agents.rl.common import LossConfig, check_precision
@@ -55,7 +55,9 @@ from agents.rl.loop import PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
 from agents.rl.rollout import SLOT_BITS, Roller
 from envs import make_vec_env
+from envs.market import ESTIMATORS
 from gpr_sim.model import GPRModel
+from gpr_sim.platform.funnel import load_funnel
 from gpr_sim.runs import (
     RunFolder,
     append_metrics,
@@ -179,8 +181,15 @@ class Args:
     critic_warmup: int = 2
     """first iterations that train only the HTE (critic and item value): pre-training fits it to logged final
     values of shown ads, which are not the rollout's R (no auction win probability, no budget share, other scale)"""
-    truth: bool = True
-    """score candidates with the simulator's true funnel (GPR.md DEFAULT); off = the platform's estimates"""
+    reward: str = "learned"
+    """funnel the learners are rewarded through (the scoring API's estimator): learned (pCTR / pCVR fitted on the
+    pre-training log, ``ROOT/funnel``, as the paper's simulator uses production models) | privileged (the
+    simulator's noisy-truth estimator) | truth (the simulator's true funnel); the last two are labelled
+    privileged variants, never mixed with learned runs in one comparison"""
+    funnel_envs: int = 1024
+    """sessions of the platform's own log the learned pCTR / pCVR is fitted on (``--reward learned``)"""
+    funnel_steps: int = 128
+    """requests per session of that log (1,024 x 128 = 131,072 requests; seconds on a CPU)"""
     budget_aware: bool = True
     """scale each candidate's value by its advertiser's budget share this step (agents.rl.rollout doc)"""
     arr: bool = True
@@ -225,6 +234,8 @@ class Args:
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
         check_precision(self.precision)
+        if self.reward not in ESTIMATORS:
+            raise ValueError(f"reward={self.reward!r} is unknown: expected one of {ESTIMATORS}")
         for name, lo in (
             ("mtp_steps", 1),
             ("vaft_steps", 1),
@@ -249,6 +260,8 @@ class Args:
             ("pretrain_batch", 1),
             ("collect_envs", 1),
             ("collect_steps", 1),
+            ("funnel_envs", 1),
+            ("funnel_steps", 1),
             ("codebook_size", 2),
             ("plateau_patience", 0),
         ):
@@ -448,16 +461,21 @@ def main(argv: list[str] | None = None) -> dict:
 def _main(args: Args, dist: Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    vaft = ensure_pretrained(*pretraining(args), dist)
+    mtp, vaft_stage = pretraining(args)
+    vaft = ensure_pretrained(mtp, vaft_stage, dist)
+    funnel = (
+        ensure_funnel(mtp, args.funnel_envs, args.funnel_steps, dist) if args.reward == "learned" else None
+    )
     out = Path(
         distributed.broadcast_object(str(run_dir(args)), dist)
     )  # a new folder is named by rank 0's clock
     with distributed.main_rank_folder(lambda: open_run_folder(out, args), dist):
-        return _run(args, dist, out, vaft)
+        return _run(args, dist, out, vaft, funnel)
 
 
-def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
-    """The RL run in the opened folder ``out`` from the VAFT generator ``vaft`` (``_main``)."""
+def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = None) -> dict:
+    """The RL run in the opened folder ``out`` from the VAFT generator ``vaft`` (``_main``), rewarded through the
+    learned pCTR / pCVR ``funnel`` when given (``--reward learned``)."""
     summary_path = out / "summary.json"
     if summary_path.is_file() and (out / "checkpoint.pt").is_file():
         finished = int(read_checkpoint(out / "checkpoint.pt")["iteration"])
@@ -480,11 +498,14 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = UpdateConfig(args.epochs, args.minibatch, args.max_grad_norm, args.seed, args.precision)
     env = make_train_env(args, dist)
+    if funnel is not None:
+        market = env.unwrapped
+        market.attach_platform(load_funnel(funnel, args.device, catalog=market.catalog))
     roller = Roller(
         env,
         tok,
         args.group_size,
-        args.truth,
+        args.reward,
         args.arr_rate if args.arr else 0.0,
         args.seed,
         budget_aware=args.budget_aware,

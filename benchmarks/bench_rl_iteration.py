@@ -206,7 +206,7 @@ def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len
-    roller = Roller(env, tok, args.group_size, True, args.arr_rate, 0, precision=precision, cached=cached)
+    roller = Roller(env, tok, args.group_size, "truth", args.arr_rate, 0, precision=precision, cached=cached)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     loss_cfg = LossConfig()
     schedule = UpdateConfig(args.epochs, args.minibatch, 1.0, 0, precision)

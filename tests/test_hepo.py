@@ -113,6 +113,10 @@ def tiny(pre, out, *extra) -> list[str]:
         "1",
         "--critic-warmup",
         "1",
+        "--funnel-envs",
+        "32",
+        "--funnel-steps",
+        "50",
         "--threads",
         "1",
         "--no-progress",
@@ -420,7 +424,7 @@ def test_keyed_sampling_does_not_depend_on_the_batch():
 def test_rehearsal_moves_nothing_and_favours_active_users(pre):
     _, tok = load_run_model(pre / "vaft")
     env = _env(256)
-    roller = Roller(env, tok, group_size=2, truth=True, arr_rate=1.0, seed=0)
+    roller = Roller(env, tok, group_size=2, estimator="truth", arr_rate=1.0, seed=0)
     engine = env.unwrapped
     before = engine.state_dict()
     rows = torch.arange(256)
@@ -454,7 +458,7 @@ def _set_market(env, market: MarketState) -> None:
 def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
     _, tok = load_run_model(pre / "vaft")
     env = _env(64)
-    roller = Roller(env, tok, group_size=2, truth=True, arr_rate=0.0, seed=0)
+    roller = Roller(env, tok, group_size=2, estimator="truth", arr_rate=0.0, seed=0)
     e = env.unwrapped
     world = e.world
     hot = int(world.ad_advertiser[0])
@@ -486,14 +490,14 @@ def test_budget_share_is_remaining_over_demand_of_the_served_ads(pre):
 
     for aware in (True, False):
         r = late_in_the_day(
-            Roller(_env(64), tok, group_size=4, truth=True, arr_rate=0.0, seed=3, budget_aware=aware)
+            Roller(_env(64), tok, group_size=4, estimator="truth", arr_rate=0.0, seed=3, budget_aware=aware)
         )
         r.reward_scale = 1.0
         bufs[aware], _ = r.collect(model.eval(), 1)
     aware, blind = bufs[True], bufs[False]
     assert torch.equal(aware.codes, blind.codes)  # same draws: only the reward differs
     fresh = late_in_the_day(
-        Roller(_env(64), tok, group_size=4, truth=True, arr_rate=0.0, seed=3)
+        Roller(_env(64), tok, group_size=4, estimator="truth", arr_rate=0.0, seed=3)
     )  # before the step
     sampled = tok.ads_of(aware.codes)
     share = fresh._budget_share(sampled, fresh.market.score(sampled, truth=True))

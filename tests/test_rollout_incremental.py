@@ -138,7 +138,7 @@ def rollouts():
         env, tok, cfg = _market()
         torch.manual_seed(0)
         model = GPRModel(cfg).eval()
-        roller = Roller(env, tok, group_size=5, truth=True, arr_rate=1.0, seed=3, cached=cached)
+        roller = Roller(env, tok, group_size=5, estimator="truth", arr_rate=1.0, seed=3, cached=cached)
         buf, stats = roller.collect(model, 2)
         out[cached] = (model, buf, stats)
         out["trie"] = tok.trie
@@ -204,7 +204,7 @@ def test_precision_is_validated():
         UpdateConfig(precision="fp16")
     env, tok, _ = _market(2)
     with pytest.raises(ValueError, match="precision='half'"):
-        Roller(env, tok, group_size=2, truth=True, arr_rate=0.0, seed=0, precision="half")
+        Roller(env, tok, group_size=2, estimator="truth", arr_rate=0.0, seed=0, precision="half")
     model, trie, tokens, u = _model_inputs(2, 2)
     with pytest.raises(ValueError, match="chunk=0"):
         sample_groups(model, trie, tokens, None, 2, u, chunk=0)

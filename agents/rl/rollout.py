@@ -15,8 +15,11 @@ full PTD pass over context + prefix for every path and level), kept for the pari
 ``benchmarks/bench_rl_iteration.py --old``. ``precision="bf16"`` runs the model under bfloat16 autocast.
 
 **Rewards.** R = the scoring API's expected value of the ad for this request (revenue, GMV, clicks and
-conversions under the world's reward weights, GPR's final_value), by default under the simulator's true
-funnel probabilities (GPR.md: "targets from the simulator's truth model"). It is divided by a fixed
+conversions under the world's reward weights, GPR's final_value) under the funnel probabilities of
+``estimator``: "learned" (``agents.hepo``'s default: the pCTR / pCVR the platform fitted on its logs and
+attached to the env, as the paper's simulator uses production models), "privileged" (the simulator's
+noisy-truth estimator) or "truth" (the simulator's true funnel; a privileged variant, never mixed with the
+others in one comparison). It is divided by a fixed
 ``reward_scale`` (the std of R in the first rollout, kept in the checkpoint) so the critic sees unit-scale
 targets whatever the world's currency.
 
@@ -168,7 +171,8 @@ class Roller:
             rehearsed requests.
         tokenizer: the world's tokenizer, on the env's device.
         group_size: K paths per request.
-        truth: score with the true funnel probabilities (default) or the platform's estimates.
+        estimator: the scoring API's estimator of the rewards (``envs.market.ESTIMATORS``; "learned" needs a
+            model attached to the env: ``attach_platform``).
         arr_rate: ARR probability at the top activity tier (0 = no rehearsal).
         seed: seeds the env and the keyed draws (module doc).
         budget_aware: scale each candidate's value by its advertiser's budget share this step (module doc).
@@ -183,7 +187,7 @@ class Roller:
         env,
         tokenizer: WorldTokenizer,
         group_size: int,
-        truth: bool,
+        estimator: str,
         arr_rate: float,
         seed: int,
         budget_aware: bool = True,
@@ -199,7 +203,7 @@ class Roller:
         self.tok = tokenizer.to(self.device)
         self.schema = SchemaConfig.from_world(self.market.config)
         self.features = PlatformFeatures.from_world(self.market.world).to(self.device)  # used per model.cfg
-        self.group_size, self.truth, self.arr_rate = group_size, truth, arr_rate
+        self.group_size, self.estimator, self.arr_rate = group_size, estimator, arr_rate
         self.step_count = 0  # env steps so far: the counter of the keyed draws (module doc)
         self.obs, _ = env.reset(seed=seed)
         self.reward_scale: float | None = None
@@ -334,7 +338,7 @@ class Roller:
             state = e.state
             local = torch.arange(e.num_envs, device=self.device)
             real, items, share = self._buffer(
-                model, self.obs, lambda ads: e.score(ads, truth=self.truth), eligible, local, False
+                model, self.obs, lambda ads: e.score(ads, estimator=self.estimator), eligible, local, False
             )
             parts.append(real)
             raw_sum += (real.reward.double() * self.reward_scale).mean(1).sum()
@@ -347,7 +351,7 @@ class Roller:
                     rehearsed, _, _ = self._buffer(
                         model,
                         obs_ahead,
-                        lambda ads, st=ahead: e.score(ads, truth=self.truth, state=st),
+                        lambda ads, st=ahead: e.score(ads, estimator=self.estimator, state=st),
                         eligible,
                         rows,
                         True,
