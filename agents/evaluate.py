@@ -1,7 +1,7 @@
 """Evaluate agents on the same users and seeds: business metrics with confidence intervals, a table, charts.
 
-    python -m agents.evaluate --env ads-v0 --agents random,cascade,oracle [--preset small] \
-        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade] [--out runs/eval/NAME]
+    python -m agents.evaluate --env ads-v0 --agents random,cascade-privileged,oracle [--preset small] \
+        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade-privileged] [--out runs/eval/NAME]
 
 Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
@@ -58,7 +58,7 @@ ENTRY = "agents.evaluate"
 class Args:
     env: str = "ads-v0"
     """a registered ads env id (`envs.ads_env_ids()`: ads-v0)"""
-    agents: str = "random,cascade,oracle"
+    agents: str = "random,cascade-privileged,oracle"
     """comma-separated agents: policy names of `agents.policies` or NAME:ARG specs (gpr:PATH)"""
     preset: str = "small"
     """world preset"""
