@@ -94,7 +94,9 @@ def test_options_reach_the_policy():
 
 def test_unknown_names_options_and_envs_raise():
     env, _ = _env()
-    listing = r"expected one of cascade-privileged, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random"
+    listing = (
+        r"expected one of cascade-privileged, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random"
+    )
     for spec in ("greedy", "gpr:", "nope:x", "Random"):
         with pytest.raises(ValueError, match=rf"unknown policy '{spec}': {listing}"):
             make_policy(spec, env)

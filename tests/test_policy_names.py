@@ -1,5 +1,5 @@
-"""The privileged cascade's name: ``cascade-privileged``, with ``cascade`` a deprecated alias that old logs and
-``agents.evaluate`` folders still resolve; privileged policies are labelled references in tables."""
+"""The privileged cascade's name: ``cascade-privileged``, with ``cascade`` a deprecated alias that old logs
+and ``agents.evaluate`` folders still resolve; privileged policies are labelled references in tables."""
 
 import json
 import warnings
@@ -113,7 +113,7 @@ def test_ope_resimulates_a_log_that_names_the_former_policy_exactly_as_before(tm
 
 
 def _evaluate_folder(folder, agents):
-    """A minimal ``agents.evaluate`` folder: one summary row per agent (CTR = its index), one strata row each."""
+    """A minimal ``agents.evaluate`` folder: a summary row per agent (CTR = its index), a strata row each."""
     folder.mkdir()
     (folder / "summary.json").write_text(
         json.dumps({a: {"eval/ctr": float(i)} for i, a in enumerate(agents)})

@@ -1,4 +1,4 @@
-"""An ``agents.evaluate`` output folder: a comparison run into it, with its config, tables, charts and paired table.
+"""An ``agents.evaluate`` output folder: a comparison run into it, with its config, tables, charts, paired table.
 
     run = evaluate_folder(EvalConfig(agents=("random", "cascade-privileged", "oracle")), "runs/eval/NAME")
     run.comparison.summary                      # one row per agent; run.paired with EvalConfig.reference
@@ -40,8 +40,8 @@ class Evaluation:
 
 
 def eval_settings(cfg: EvalConfig, plots: bool = True) -> dict[str, Any]:
-    """The settings of ``cfg`` as ``config.json`` records them: one key per ``agents.evaluate`` flag, so a folder
-    written from a notebook reads like one written from the command line."""
+    """The settings of ``cfg`` as ``config.json`` records them: one key per ``agents.evaluate`` flag, so a
+    folder written from a notebook reads like one written from the command line."""
     return {
         "env": cfg.env,
         "agents": ",".join(cfg.agents),
@@ -72,8 +72,8 @@ def evaluate_folder(
         cfg: the comparison.
         out: the folder (created with its parents).
         plots: write the PNG charts.
-        settings: what ``run.json`` and ``config.json`` record; default ``eval_settings(cfg, plots)`` (the command
-            line passes its flags, a superset).
+        settings: what ``run.json`` and ``config.json`` record; default ``eval_settings(cfg, plots)`` (the
+            command line passes its flags, a superset).
 
     Raises:
         ValueError: the folder is in use or owned by another entry point (``RunFolder``).
