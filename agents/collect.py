@@ -1,7 +1,7 @@
 """Collect logged data: run a behaviour policy in the batched market and write one Parquet row per request.
 
-    python -m agents.collect --env ads-v0 --policy cascade --num-envs 256 --steps 200 --seed 0 \
-        --out runs/logs/cascade.parquet [--preset small] [--temperature 0.3] [--world.num-ads 1000]
+    python -m agents.collect --env ads-v0 --policy cascade-privileged --num-envs 256 --steps 200 --seed 0 \
+        --out runs/logs/cascade-privileged.parquet [--preset small] [--temperature 0.3] [--world.num-ads 1000]
 
 Every request is recorded from the observation *before* the step (the U/O/E/I tokens the policy saw),
 the policy's ordered candidates and their propensity, and the step's outcome. The columns are

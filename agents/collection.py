@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from agents.cli import check_args
-from agents.policies import PolicyOutput, make_policy, policy_factory, policy_options
+from agents.policies import PolicyOutput, canonical_policy, make_policy, policy_factory, policy_options
 from envs import make_vec_env
 from gpr_sim.data.logs import write_logs
 from gpr_sim.runs import run_name
@@ -163,8 +163,9 @@ class CollectConfig:
 
     env: str = "ads-v0"
     """Gymnasium id of the environment (registered by `import envs`)"""
-    policy: str = "cascade"
-    """behaviour policy: a name of `agents.policies` (random | cascade | oracle | oracle-fatigue | gpr:PATH)"""
+    policy: str = "cascade-privileged"
+    """behaviour policy: a name of `agents.policies` (random | cascade-privileged | oracle | oracle-fatigue |
+    learned-cascade:PATH | gpr:PATH); a former name (`cascade`) is logged under its current one"""
     num_envs: int = 256
     """concurrent sessions in the market (one request each per step)"""
     steps: int = 200
@@ -176,8 +177,8 @@ class CollectConfig:
     preset: str = "small"
     """world preset: small | large"""
     temperature: float | None = None
-    """exploration temperature of a cascade policy (cascade, learned-cascade:PATH; softmax over log value);
-    default: the policy's own"""
+    """exploration temperature of a cascade policy (cascade-privileged, learned-cascade:PATH; softmax over log
+    value); default: the policy's own"""
     device: str = "cpu"
     """torch device of the simulation"""
     threads: int = 1
@@ -189,12 +190,12 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         check_args(self)
-        policy_factory(self.policy)  # an unknown name fails here, before anything runs
+        policy_factory(self.policy)  # an unknown name fails here, before anything runs (a former one warns)
         check_range("num_envs", self.num_envs, 1, 1 << 24)
         check_range("steps", self.steps, 1, 1 << 24)
         check_range("threads", self.threads, 0, 1024)
         if self.temperature is not None:
-            options = policy_options(self.policy)
+            options = policy_options(canonical_policy(self.policy))
             if "temperature" not in options:
                 raise ValueError(
                     f"temperature is only used by the exploring cascades, not policy={self.policy!r} "
@@ -208,7 +209,7 @@ class CollectConfig:
 
 def log_path(cfg: CollectConfig) -> Path:
     """``cfg.out``, else ``runs/logs/{env}__{policy}[-tT]__{seed}.parquet``."""
-    policy_tag = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.policy)  # gpr:PATH -> one file name
+    policy_tag = re.sub(r"[^A-Za-z0-9._-]+", "_", canonical_policy(cfg.policy))  # gpr:PATH -> one file name
     policy_tag += f"-t{cfg.temperature:g}" if cfg.temperature is not None else ""
     return Path(cfg.out or Path("runs/logs") / f"{run_name(cfg.env, policy_tag, cfg.seed)}.parquet")
 
@@ -226,7 +227,8 @@ def write_log(cfg: CollectConfig, world: WorldConfig | None = None) -> Path:
     out = log_path(cfg)
     env = make_vec_env(cfg.env, cfg.num_envs, config=world, world_seed=cfg.world_seed, device=cfg.device)
     options = {} if cfg.temperature is None else {"temperature": cfg.temperature}
-    policy = make_policy(cfg.policy, env, cfg.seed, **options)
+    name = canonical_policy(cfg.policy)  # what the log's metadata records
+    policy = make_policy(name, env, cfg.seed, **options)
     temperature = getattr(getattr(policy, "config", None), "temperature", None)
 
     start = time.perf_counter()
@@ -241,7 +243,7 @@ def write_log(cfg: CollectConfig, world: WorldConfig | None = None) -> Path:
         "device": cfg.device,
         "torch": torch.__version__,
     }
-    write_logs(columns, out, world_config=world, seed=cfg.seed, policy=cfg.policy, extra=meta)
+    write_logs(columns, out, world_config=world, seed=cfg.seed, policy=name, extra=meta)
 
     s = summarize(columns)
     print(

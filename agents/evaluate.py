@@ -1,7 +1,7 @@
 """Evaluate agents on the same users and seeds: business metrics with confidence intervals, a table, charts.
 
-    python -m agents.evaluate --env ads-v0 --agents random,cascade,oracle [--preset small] \
-        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade] [--out runs/eval/NAME]
+    python -m agents.evaluate --env ads-v0 --agents random,cascade-privileged,oracle [--preset small] \
+        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade-privileged] [--out runs/eval/NAME]
 
 Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
@@ -20,7 +20,8 @@ beside it and the variance reduction factor of pairing.
 
 Output folder (`--out`, default `runs/eval/{env}__{preset}__{seed}`), an `agents.evaluate` folder: locked while
 an evaluation writes it, and refused when another entry point owns it (e.g. an `agents.hepo` run;
-`gpr_sim.runs.RunFolder`):
+`gpr_sim.runs.RunFolder`), written by `agents.evaluation.folder.evaluate_folder` (the library call beside
+`EvalConfig`, for notebooks and scripts):
 
 | file | content |
 |---|---|
@@ -45,20 +46,18 @@ import pandas as pd
 import torch
 
 from agents import cli
-from agents.evaluation.compare import EvalConfig, compare_agents, format_table, write_comparison
-from agents.evaluation.paired import format_paired, paired_table, write_paired
-from gpr_sim.runs import RunFolder, run_name, write_json
+from agents.evaluation.compare import EvalConfig, format_table
+from agents.evaluation.folder import evaluate_folder
+from agents.evaluation.paired import format_paired
+from gpr_sim.runs import run_name
 from gpr_sim.stats import CIConfig
-
-ENTRY = "agents.evaluate"
-"""the owner of its output folders (``gpr_sim.runs.RunFolder``)"""
 
 
 @dataclass(frozen=True)
 class Args:
     env: str = "ads-v0"
     """a registered ads env id (`envs.ads_env_ids()`: ads-v0)"""
-    agents: str = "random,cascade,oracle"
+    agents: str = "random,cascade-privileged,oracle"
     """comma-separated agents: policy names of `agents.policies` or NAME:ARG specs (gpr:PATH)"""
     preset: str = "small"
     """world preset"""
@@ -134,29 +133,16 @@ def main(argv: list[str] | Args | None = None) -> pd.DataFrame:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = args.config()
-    with RunFolder(args.out_dir, ENTRY, dataclasses.asdict(args), same_settings=False) as folder:
-        out = folder.path
-        result = compare_agents(cfg, out)
-        # written with the tables, after every agent ran: a failed evaluation leaves the last one's
-        write_json(out / "config.json", dataclasses.asdict(args))
-        write_comparison(result, out, plots=args.plots)
-        print(
-            f"\n{args.env} ({args.preset}), {args.num_envs} envs, seed {args.seed}; {args.level:.0%} CIs ({args.ci}):"
-        )
-        print(format_table(result.summary))
-        written = "summary.csv, summary.json, strata.csv" + (
-            ", metrics.png, strata.png" if args.plots else ""
-        )
-        if cfg.reference is not None:
-            table = paired_table(result, cfg.reference)
-            write_paired(table, out, result.level, plots=args.plots)
-            print(
-                f"\npaired differences from {cfg.reference}, {args.level:.0%} CIs (delta method over pairs):"
-            )
-            print(format_paired(table))
-            written += ", paired.csv, paired.json" + (", paired.png" if args.plots else "")
-        print(f"\nwrote {out}/{written}")
-        return result.summary
+    run = evaluate_folder(cfg, args.out_dir, plots=args.plots, settings=dataclasses.asdict(args))
+    print(
+        f"\n{args.env} ({args.preset}), {args.num_envs} envs, seed {args.seed}; {args.level:.0%} CIs ({args.ci}):"
+    )
+    print(format_table(run.comparison.summary))
+    if run.paired is not None:
+        print(f"\npaired differences from {cfg.reference}, {args.level:.0%} CIs (delta method over pairs):")
+        print(format_paired(run.paired))
+    print(f"\nwrote {run.path}/{', '.join(run.written)}")
+    return run.comparison.summary
 
 
 if __name__ == "__main__":

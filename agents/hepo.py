@@ -4,8 +4,8 @@
     python -m agents.hepo --env ads-v0 --algo ppo --seed 1   # PPO / GRPO / Sibling-GRPO / DPO, same generator
     python -m agents.hepo --env ads-v0 --device cuda --num-envs 4096 --iterations 200
 
-Pipeline (each stage reused when already present): collect cascade logs -> fit the RQ-Kmeans+ tokenizer
--> MTP -> VAFT (``agents.pretraining.pipeline``, into ``--pretrain-dir``, shared by every algorithm of a seed so
+Pipeline (each stage reused when already present): collect ``cascade-privileged`` logs -> fit the RQ-Kmeans+
+tokenizer -> MTP -> VAFT (``agents.pretraining.pipeline``, into ``--pretrain-dir``, shared by every algorithm of a seed so
 they start from the same generator; every stage in the ``--preset`` world) -> RL. The RL loop per iteration:
 
     rollout (``agents.rl.rollout.Roller``: N sessions x T steps, K sampled paths per request, simulator

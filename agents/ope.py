@@ -1,12 +1,12 @@
 """Off-policy evaluation: the value (mean reward per request) of a target policy, from a collected log.
 
-    python -m agents.ope --logs runs/logs/ads-v0__cascade__0.parquet --policy oracle [--env ads-v0]
+    python -m agents.ope --logs runs/logs/ads-v0__cascade-privileged__0.parquet --policy oracle [--env ads-v0]
 
-Target policies: `random`, `cascade` (at `--target-temperature`, different from the logging one) and
-`oracle`. The estimators are `gpr_sim.data.ope`'s (IPS, SNIPS, DM, DR, plus the mean logged reward):
+Target policies: `random`, `cascade-privileged` (at `--target-temperature`, different from the logging one)
+and `oracle`. The estimators are `gpr_sim.data.ope`'s (IPS, SNIPS, DM, DR, plus the mean logged reward):
 
 - pi_e(a | x): the target's action distribution on each logged request: uniform for random, a one-hot
-  on the pick of a deterministic policy (oracle, or cascade at temperature 0), and for the cascade the
+  on the pick of a deterministic policy (oracle, or the cascade at temperature 0), and for the cascade the
   exact softmax over its ranked pool.
 - q_hat(x, a): the env's scoring API, ``score(candidates).value`` (the platform's own, imperfect
   pCTR/pCVR model: fatigue and drifted interests are invisible to it), times the eligibility mask of
@@ -15,7 +15,8 @@ Target policies: `random`, `cascade` (at `--target-temperature`, different from 
 Both need the hidden state of each logged request (interests, fatigue, budgets), which a log does not
 hold. So the log is **re-simulated**: its metadata (world config, seeds, sizes, behaviour policy) drives
 the same behaviour policy through the same market, and at every step, before the step, the target's
-distribution and q_hat are computed on the live state. The re-simulation must reproduce the log
+distribution and q_hat are computed on the live state (a log written before the rename names
+``cascade-privileged`` by its former name ``cascade``; ``agents.policies.canonical_policy`` resolves it). The re-simulation must reproduce the log
 exactly (candidates, rewards and propensities are checked) or the run stops. The log itself still
 provides the actions, rewards and propensities the estimators read.
 
@@ -40,8 +41,9 @@ reported beside every estimate:
   advertiser at once), so in a crowded market it runs high by about the refused share, which is
   reported as `budget_refused` (1 - logged fill / the logged ads' P(win)).
 
-It also sweeps the log size (prefixes of the log) and the logging temperature (fresh in-memory cascade
-logs at each temperature) and writes `estimates.csv/json`, `sweep.csv`, `ope.png` and `config.json`.
+It also sweeps the log size (prefixes of the log) and the logging temperature (fresh in-memory
+``cascade-privileged`` logs at each temperature, for a log of that policy) and writes `estimates.csv/json`,
+`sweep.csv`, `ope.png` and `config.json`.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import torch
 
 from agents.cli import check_args, parse_args, run_main
 from agents.collection import collect
-from agents.policies import make_policy
+from agents.policies import canonical_policy, make_policy
 from agents.policies.distribution import action_distribution, prob_of
 from envs import make_vec_env
 from gpr_sim.data.bandit import LoggedBandit
@@ -68,7 +70,7 @@ from gpr_sim.stats import critical_value
 from gpr_sim.world import WorldConfig, expected_weighted_reward
 from gpr_sim.world.config import check_range
 
-TARGETS = ("random", "cascade", "oracle")
+TARGETS = ("random", "cascade-privileged", "oracle")
 """the policies of ``agents.policies`` whose exact action distribution ``action_distribution`` knows"""
 ESTIMATORS = ("logged", "ips", "snips", "dm", "dr")
 REQUIRED_META = ("env", "world_config", "world_seed", "seed", "policy", "num_envs", "steps")
@@ -149,7 +151,8 @@ def resimulate(
         arrays, and the static world they were simulated in.
     """
     env = log_env(meta, device)
-    behaviour = make_policy(meta["policy"], env, meta["seed"], **temperature_option(behaviour_temperature))
+    behaviour_name = canonical_policy(meta["policy"])  # an old log's former name, silently
+    behaviour = make_policy(behaviour_name, env, meta["seed"], **temperature_option(behaviour_temperature))
     target_policy = make_policy(target, env, meta["seed"], **target_options)
     columns, stats = collect(
         env, behaviour, meta["seed"], meta["steps"], ope_hook(behaviour, target_policy), progress
@@ -359,8 +362,8 @@ class Args:
 
     logs: str = ""
     """Parquet log written by `python -m agents.collect` (single-candidate)"""
-    policy: str = "cascade"
-    """target policy (`agents.policies`): random | cascade | oracle"""
+    policy: str = "cascade-privileged"
+    """target policy (`agents.policies`): random | cascade-privileged | oracle"""
     target_temperature: float = 0.1
     """exploration temperature of a cascade target (0 = greedy)"""
     env: str = ""
@@ -384,7 +387,7 @@ class Args:
         check_args(self)
         if not self.logs:
             raise ValueError("logs is required: --logs PATH to a Parquet log from agents.collect")
-        if self.policy not in TARGETS:
+        if canonical_policy(self.policy) not in TARGETS:
             raise ValueError(
                 f"policy={self.policy!r} is not an off-policy target: expected one of {list(TARGETS)}"
             )
@@ -406,7 +409,7 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
     if args.env and args.env != meta["env"]:
         raise ValueError(f"env={args.env!r} but {args.logs} was collected in {meta['env']!r}")
     device = args.device or meta.get("device", "cpu")
-    t_target = args.target_temperature if args.policy == "cascade" else None
+    t_target = args.target_temperature if canonical_policy(args.policy) == "cascade-privileged" else None
     target_options = temperature_option(t_target)
     t_log = meta.get("temperature")
 
@@ -429,7 +432,7 @@ def run(args: Args) -> dict[str, pd.DataFrame]:
         diag["online_realized"] = float(realized.mean())
         results["estimates"] = table = add_truths(table, diag["truth_online"], diag["truth_bandit"])
         parts = [size_sweep(reward, propensity, stats, online, args.size_points, args.level)]
-        if meta["policy"] == "cascade":
+        if canonical_policy(meta["policy"]) == "cascade-privileged":
             for temp in sorted(set(args.sweep_temperatures)):
                 if t_log is not None and np.isclose(temp, t_log):
                     r_t, p_t, s_t = reward, propensity, stats  # the log itself

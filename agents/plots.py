@@ -8,8 +8,9 @@ and ``final.png`` (``agents.reporting.report.write_report`` lists them), and pri
 
 Runs are grouped by their ``config.json`` label (else algorithm). Every table value is the mean over the
 group's runs (seeds) with a two-sided Student t interval over seeds (``agents.reporting.tables``); with
-``--baseline`` (an ``agents.evaluate`` folder with a ``cascade`` row, on the runs' held-out sessions)
-Tables 4 and 5 compare every stage with the cascade. ``agents.reporting.tables.pretrain_table`` and
+``--baseline`` (an ``agents.evaluate`` folder with a ``cascade-privileged`` row, on the runs' held-out sessions)
+Tables 4 and 5 compare every stage with that privileged reference (an older folder's ``cascade`` row too).
+``agents.reporting.tables.pretrain_table`` and
 ``agents.reporting.figures.plot_pretrain`` do the same for ``agents.pretrain`` folders (MTP, VAFT).
 """
 
@@ -37,7 +38,7 @@ class Args:
     level: float = 0.95
     """coverage of the t intervals over seeds"""
     baseline: str | None = None
-    """agents.evaluate folder with a cascade row (Tables 4, 5)"""
+    """agents.evaluate folder with a cascade-privileged row (Tables 4, 5)"""
 
     def __post_init__(self) -> None:
         if isinstance(self.runs, str) or not self.runs:

@@ -6,8 +6,8 @@
 Each stage is the library call ``agents.hepo --profile gpu-large`` makes, in order, in a scratch folder:
 
 - ``world``: ``generate_world`` of the preset (always on the CPU, then moved: the bytes match on every device);
-- ``collect``: ``write_log(collect_config(...))``, the cascade log of ``--envs`` sessions x ``--steps`` steps on
-  ``--device`` (the world generated again inside, as the entry point does), Parquet written;
+- ``collect``: ``write_log(collect_config(...))``, the ``cascade-privileged`` log of ``--envs`` sessions x
+  ``--steps`` steps on ``--device`` (the world generated again inside, as the entry point does), Parquet written;
 - ``tokenizer``: ``ensure_inputs``' RQ-Kmeans+ fit (``--codebook`` codes per level) on every item, on ``--device``;
 - ``load_data``: ``load_data`` (read the log, tokenise every request with the platform features, targets,
   legal masks, the split);

@@ -3,7 +3,7 @@
 #   bash benchmarks/compare_algos.sh [ROOT] [SEEDS] [JOBS]      (defaults: runs/compare "0 1 2" 16)
 # Every run is `python -m agents.hepo` with the default config and one flag changed; runs of a seed share
 # its MTP/VAFT stages. Processes use one torch thread each and run JOBS at a time. Tables and figures go
-# to ROOT/plots (agents.plots: Table 3 and Table 4 analogues, the latter vs the cascade of ROOT/baselines).
+# to ROOT/plots (agents.plots: Table 3 and Table 4 analogues, the latter vs the cascade-privileged reference of ROOT/baselines).
 set -euo pipefail
 ROOT=${1:-runs/compare}
 SEEDS=${2:-"0 1 2"}
@@ -22,9 +22,9 @@ done | xargs -P "$JOBS" -I{} bash -c "{} > /dev/null"
   for s in $SEEDS; do  # one job per seed: a seed takes ~4 min on one core, in turn they would gate step 3
     echo "OMP_NUM_THREADS=1 $PY -m agents.sb3_ppo --env ads-v0 --seeds $s --out $ROOT/sb3_ppo/seed$s"
   done
-  # random / cascade / oracle on the agents.hepo Evaluator's held-out sessions (its defaults: the env's
+  # random / cascade-privileged / oracle on the agents.hepo Evaluator's held-out sessions (its defaults: the env's
   # default world, 128 slots x ceil(256 / 128) sessions, reset seed eval_seed 12345): Table 4's cascade
-  echo "$PY -m agents.evaluate --env ads-v0 --preset small --agents random,cascade,oracle --num-envs 128 --sessions 256 --seed 12345 --threads 1 --out $ROOT/baselines"
+  echo "$PY -m agents.evaluate --env ads-v0 --preset small --agents random,cascade-privileged,oracle --num-envs 128 --sessions 256 --seed 12345 --threads 1 --out $ROOT/baselines"
   for s in $SEEDS; do
     common="--seed $s --threads 1 --no-progress --pretrain-dir $ROOT/pretrain/seed$s"
     echo "$PY -m agents.hepo $common --algo hepo --out $ROOT/hepo/seed$s"
@@ -37,7 +37,7 @@ done | xargs -P "$JOBS" -I{} bash -c "{} > /dev/null"
   done
 } | xargs -P "$JOBS" -I{} bash -c "{} >> $ROOT/jobs.log 2>&1 || echo 'FAILED: {}' | tee -a $ROOT/jobs.log"
 echo "runs done: $(ls -d "$ROOT"/*/seed* | wc -l)"
-# 3) tables and figures of the RL runs (not the warm-up runs), Table 4 against the cascade; SB3 PPO beside them
+# 3) tables and figures of the RL runs (not the warm-up runs), Table 4 against cascade-privileged; SB3 PPO beside them
 runs=()
 for label in $LABELS; do
   for s in $SEEDS; do runs+=("$ROOT/$label/seed$s"); done

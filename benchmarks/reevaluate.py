@@ -12,7 +12,8 @@ thread each, then tabulates per label (``agents.reporting.folders.run_label``):
 - the mean over seeds with a t interval over seeds (what another training seed would give);
 - the mean over seeds of each run's own session CI half-width (what the evaluation size still contributes);
 - the change vs ``--ref`` paired by seed (``x / x_ref - 1`` per seed, t interval over seeds);
-- the change vs the cascade (``gpr_sim.stats.relative_change``: seed spread and the cascade's session CI).
+- the change vs ``cascade-privileged`` (``gpr_sim.stats.relative_change``: seed spread and its session CI), a
+  labelled reference: it reads the simulator's hidden state.
 
 Writes ``OUT/table.md`` and ``OUT/table.json``; the ``agents.evaluate`` folders are ``OUT/eval{j}`` (a rerun
 with the same settings reuses their sessions).
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from agents.cli import run_main  # noqa: E402
 from agents.reporting.folders import check_runs, group_runs  # noqa: E402
-from agents.reporting.keys import BASELINE, TABLE4  # noqa: E402
+from agents.reporting.keys import BASELINE, BASELINE_NOTE, TABLE4  # noqa: E402
 from agents.reporting.tables import change_cell, estimate_cell  # noqa: E402
 from gpr_sim.runs import atomic_write_bytes, read_json  # noqa: E402
 from gpr_sim.stats import CI_SUFFIXES, relative_change, t_interval  # noqa: E402
@@ -87,7 +88,7 @@ def _num(v) -> float:
 
 
 def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, level: float) -> list[dict]:
-    """One record per label: per metric the seed mean and interval, session half-width, vs ref, vs cascade."""
+    """One record per label: per metric the seed mean and interval, session half-width, vs ref, vs baseline."""
     cascade = rows[BASELINE]
     by_seed = {
         label: {read_json(run / "config.json")["seed"]: rows[f"gpr:{run}"] for run in runs}
@@ -114,7 +115,7 @@ def tabulate(groups: dict[str, list[Path]], rows: dict[str, dict], ref: str, lev
                 rec.update(t_interval(d, level, nan_policy="propagate").columns(f"{m}_vs_ref"))
             c = [_num(cascade.get(f"eval/{m}{s}")) for s in CI_SUFFIXES]
             r = relative_change(x, *c, ref_level=level, level=level, nan_policy="propagate")
-            rec.update(r.columns(f"{m}_vs_cascade"))
+            rec.update(r.columns(f"{m}_vs_{BASELINE}"))
         out.append(rec)
     return out
 
@@ -127,7 +128,7 @@ def to_markdown(table: list[dict], ref: str, args) -> str:
     head = "| label | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
     lines = [
         f"{args.sessions} sessions per agent (reset seed {args.seed}, {args.num_envs} slots); mean over seeds "
-        f"[{args.level:.0%} t interval over seeds]; {BASELINE}: CI over its sessions\n\n",
+        f"[{args.level:.0%} t interval over seeds]; {BASELINE} ({BASELINE_NOTE}): CI over its sessions\n\n",
         head,
     ]
     lines += [
@@ -147,7 +148,9 @@ def to_markdown(table: list[dict], ref: str, args) -> str:
     ]
     lines += [f"\nchange vs {BASELINE} (seed spread and the {BASELINE}'s session CI)\n\n", head]
     lines += [
-        f"| {r['label']} | {r['n']} | " + " | ".join(_change(r, f"{m}_vs_cascade") for m in TABLE4) + " |\n"
+        f"| {r['label']} | {r['n']} | "
+        + " | ".join(_change(r, f"{m}_vs_{BASELINE}") for m in TABLE4)
+        + " |\n"
         for r in table[1:]
     ]
     return "".join(lines)

@@ -31,6 +31,7 @@ from gpr_sim.world import WorldConfig
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 NUM_ENVS, STEPS = 32, 50
+CP = "cascade-privileged"
 
 
 # The OPE checks below were worked out on a market with weak external competition (mean competing
@@ -48,7 +49,7 @@ def collect_log(out: Path, seed: int) -> Path:
         "--env",
         "ads-v0",
         "--policy",
-        "cascade",
+        "cascade-privileged",
         "--temperature",
         "0.3",
         "--num-envs",
@@ -97,7 +98,7 @@ def test_on_policy_estimates_reproduce_the_log(log_path, tmp_path):
     table, res, out = run_ope(
         log_path,
         tmp_path,
-        "cascade",
+        "cascade-privileged",
         "--target-temperature",
         "0.3",
         "--sweep-temperatures",
@@ -135,7 +136,7 @@ def test_off_policy_cascade_dr_beats_dm(log_path, tmp_path):
     table, res, _ = run_ope(
         log_path,
         tmp_path,
-        "cascade",
+        "cascade-privileged",
         "--target-temperature",
         "0.1",
         "--sweep-temperatures",
@@ -167,9 +168,7 @@ def test_random_target_outside_the_logging_support(log_path, tmp_path):
 # ----------------------------------------------------------------------------- exact pieces
 
 
-@pytest.mark.parametrize(
-    "name,temperature", [("cascade", 0.3), ("cascade", 0.0), ("random", None), ("oracle", None)]
-)
+@pytest.mark.parametrize("name,temperature", [(CP, 0.3), (CP, 0.0), ("random", None), ("oracle", None)])
 def test_action_distribution_matches_act(name, temperature):
     env = make_vec_env("ads-v0", 64, config=WorldConfig.small(), world_seed=0, device="cpu")
     policy = make_policy(name, env, seed=1, **temperature_option(temperature))
@@ -224,7 +223,7 @@ def test_unsupported_logs_and_args():
         "world_config": WorldConfig.small(num_candidates=2).to_dict(),
         "world_seed": 0,
         "seed": 0,
-        "policy": "cascade",
+        "policy": "cascade-privileged",
         "num_envs": 4,
         "steps": 2,
     }
@@ -261,7 +260,7 @@ def test_estimator_behaviour_over_several_logs(tmp_path):
         table, _, _ = run_ope(
             log,
             tmp_path / f"greedy_{seed}",
-            "cascade",
+            "cascade-privileged",
             "--target-temperature",
             "0.1",
             "--sweep-temperatures",
@@ -295,7 +294,9 @@ def test_denoised_reward_is_an_unbiased_ground_truth():
     # with denoised (covariance 0 within 4 standard errors) and Var(reward) = Var(denoised) + Var(noise).
     # (The price, which dominates both, is kept whole, so "far less noisy" is not a property it has.)
     env = make_vec_env("ads-v0", 128, config=WorldConfig.small(), world_seed=0, device="cpu")
-    columns, _ = collect(env, make_policy("cascade", env, seed=2), seed=2, steps=100, progress=False)
+    columns, _ = collect(
+        env, make_policy("cascade-privileged", env, seed=2), seed=2, steps=100, progress=False
+    )
     denoised = ope.denoised_reward(columns, env.unwrapped.world)
     diff = columns["reward"] - denoised
     assert abs(diff.mean()) < 3 * diff.std(ddof=1) / np.sqrt(len(diff))

@@ -134,32 +134,35 @@ DOCUMENTED = [
     ),
     (
         "collect",
-        "--env ads-v0 --policy cascade --num-envs 256 --steps 200 --seed 0 --out runs/logs/cascade.parquet "
+        "--env ads-v0 --policy cascade-privileged --num-envs 256 --steps 200 --seed 0 --out runs/logs/cp.parquet "
         "--preset small --temperature 0.3",
-        {"policy": "cascade", "temperature": 0.3, "out": "runs/logs/cascade.parquet"},
+        {"policy": "cascade-privileged", "temperature": 0.3, "out": "runs/logs/cp.parquet"},
     ),
     ("collect", "--policy random", {"policy": "random", "temperature": None}),
     (
         "evaluate",
-        "--env ads-v0 --agents random,cascade,oracle",
-        {"agents": "random,cascade,oracle", "plots": True},
+        "--env ads-v0 --agents random,cascade-privileged,oracle",
+        {"agents": "random,cascade-privileged,oracle", "plots": True},
     ),
     (
         "evaluate",
         "--env ads-v0 --sessions 512 --out runs/demo/eval "
-        "--agents random,cascade,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
-        {"sessions": 512, "agents": "random,cascade,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo"},
+        "--agents random,cascade-privileged,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
+        {
+            "sessions": 512,
+            "agents": "random,cascade-privileged,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
+        },
     ),
     (
         "evaluate",
-        "--env ads-v0 --preset small --agents random,cascade,oracle --num-envs 128 --sessions 256 "
+        "--env ads-v0 --preset small --agents random,cascade-privileged,oracle --num-envs 128 --sessions 256 "
         "--seed 12345 --threads 1 --no-plots --out b",
         {"num_envs": 128, "seed": 12345, "plots": False, "preset": "small"},
     ),
     (
         "ope",
-        "--logs runs/logs/ads-v0__cascade__0.parquet --policy oracle --env ads-v0",
-        {"logs": "runs/logs/ads-v0__cascade__0.parquet", "policy": "oracle", "env": "ads-v0"},
+        "--logs runs/logs/ads-v0__cascade-privileged__0.parquet --policy oracle --env ads-v0",
+        {"logs": "runs/logs/ads-v0__cascade-privileged__0.parquet", "policy": "oracle", "env": "ads-v0"},
     ),
     ("ope", "--logs L --sweep-temperatures 0.2 0.5 1.5", {"sweep_temperatures": (0.2, 0.5, 1.5)}),
     (

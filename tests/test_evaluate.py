@@ -29,7 +29,7 @@ ORACLE_COLUMNS = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    summary = main(Args(agents="random,cascade,oracle", out=str(out), **TINY))
+    summary = main(Args(agents="random,cascade-privileged,oracle", out=str(out), **TINY))
     return out, summary
 
 
@@ -41,8 +41,10 @@ def test_files_and_columns(tiny_run):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     csv = pd.read_csv(out / "summary.csv")
     assert list(csv.columns) == ["agent", "eval/sessions"] + METRIC_COLUMNS + ORACLE_COLUMNS
-    assert list(csv.agent) == ["random", "cascade", "oracle"] and (csv["eval/sessions"] == 48).all()
-    assert set(json.loads((out / "summary.json").read_text())) == {"random", "cascade", "oracle"}
+    assert (
+        list(csv.agent) == ["random", "cascade-privileged", "oracle"] and (csv["eval/sessions"] == 48).all()
+    )
+    assert set(json.loads((out / "summary.json").read_text())) == {"random", "cascade-privileged", "oracle"}
     strata = pd.read_csv(out / "strata.csv", dtype={"group": str})
     assert list(strata.columns[:4]) == ["agent", "stratum", "group", "eval/sessions"]
     assert len(strata) == 3 * 7
@@ -69,7 +71,7 @@ def test_files_and_columns(tiny_run):
         assert row["eval/oracle_share_ci_low"] <= row["eval/oracle_share"] <= row["eval/oracle_share_ci_high"]
     shares = summary.set_index("agent")["eval/oracle_share"]
     assert shares["oracle"] == 1.0  # the oracle serves the best eligible ad on every state
-    assert shares["random"] < shares["cascade"] < shares["oracle"]
+    assert shares["random"] < shares["cascade-privileged"] < shares["oracle"]
     # the fatigue-aware oracle is the same reference for every agent, a little below the myopic one
     fatigue = summary["eval/oracle_fatigue_share"]
     assert (fatigue == fatigue[0]).all() and 0.5 < fatigue[0] < 1.0
@@ -82,9 +84,13 @@ def test_library_call_is_the_entry_point(tiny_run, tmp_path, capsys):
     """``compare_agents`` with the config the flags ask for reuses the entry point's cached sessions (the same
     cache key) and writes the same bytes: the entry point adds only its folder record and the printout."""
     out, _ = tiny_run
-    cfg = Args(agents="random,cascade,oracle", out=str(out), **TINY).config()
+    cfg = Args(agents="random,cascade-privileged,oracle", out=str(out), **TINY).config()
     assert cfg == EvalConfig(
-        agents=("random", "cascade", "oracle"), num_envs=24, sessions=48, oracle_states=32, ci=CIConfig()
+        agents=("random", "cascade-privileged", "oracle"),
+        num_envs=24,
+        sessions=48,
+        oracle_states=32,
+        ci=CIConfig(),
     )
     capsys.readouterr()
     result = compare_agents(cfg, out)
@@ -112,10 +118,10 @@ def test_eval_config_rejects_bad_settings():
 
 def test_same_seed_same_summary_and_resume(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
-    main(Args(agents="random,cascade", out=str(tmp_path), plots=False, **TINY))
+    main(Args(agents="random,cascade-privileged", out=str(tmp_path), plots=False, **TINY))
     first = json.loads((out / "summary.json").read_text())
     again = json.loads((tmp_path / "summary.json").read_text())
-    assert again == {k: first[k] for k in ("random", "cascade")}
+    assert again == {k: first[k] for k in ("random", "cascade-privileged")}
     # a rerun with the same config reuses the sessions; another seed runs again
     table = tmp_path / "agents" / "random" / "sessions.parquet"
     stamp = table.stat().st_mtime_ns
@@ -136,7 +142,7 @@ def _beats_random(summary: pd.DataFrame, key: str) -> bool:
     """oracle and cascade each above random on ``key`` with non-overlapping intervals."""
     r = summary.set_index("agent")
     lo, hi = r[f"eval/{key}_ci_low"], r[f"eval/{key}_ci_high"]
-    return bool(lo["oracle"] > hi["random"] and lo["cascade"] > hi["random"])
+    return bool(lo["oracle"] > hi["random"] and lo["cascade-privileged"] > hi["random"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -148,7 +154,7 @@ def test_oracle_and_cascade_beat_random(tmp_path, seed):
     # 0.010 on seeds 0, 1, 2 (at 512 sessions seed 1 fails it, so 1024 it stays).
     summary = main(
         Args(
-            agents="random,cascade,oracle",
+            agents="random,cascade-privileged,oracle",
             out=str(tmp_path),
             num_envs=256,
             sessions=1024,
@@ -172,7 +178,7 @@ def test_demo_size_ranks_the_agents(tmp_path):
 def test_unknown_agent_and_bad_args_raise():
     with pytest.raises(
         ValueError,
-        match=r"unknown policy 'bogus': expected one of cascade, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random",
+        match=r"unknown policy 'bogus': expected one of cascade-privileged, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random",
     ):
         Args(agents="random,bogus")  # fails before anything runs
     with pytest.raises(ValueError, match="unknown policy 'nope:x'"):
@@ -234,7 +240,7 @@ def test_command_line_smoke(tmp_path):
         "-m",
         "agents.evaluate",
         "--agents",
-        "random,cascade",
+        "random,cascade-privileged",
         "--num-envs",
         "8",
         "--sessions",
@@ -245,5 +251,5 @@ def test_command_line_smoke(tmp_path):
     ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "revenue / session" in res.stdout and "cascade" in res.stdout
+    assert "revenue / session" in res.stdout and "cascade-privileged (reference)" in res.stdout
     assert (tmp_path / "summary.csv").exists()

@@ -258,7 +258,7 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept  # config, summary untouched
     table = evaluate(
         EvalArgs(
-            agents=f"cascade,gpr:{out}",
+            agents=f"cascade-privileged,gpr:{out}",
             num_envs=8,
             sessions=8,
             plots=False,
@@ -266,14 +266,14 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
             out=str(tmp_path / "eval"),
         )
     )
-    assert set(table["agent"]) == {"cascade", f"gpr:{out}"}
+    assert set(table["agent"]) == {"cascade-privileged", f"gpr:{out}"}
     # the Evaluator's Table 5 scalars of sessions that serve ads (the cascade's, from that evaluation), as
     # metrics.jsonl holds them: agents.evaluate's strata.csv values, adding up to the overall metrics
-    sessions = pd.read_parquet(tmp_path / "eval" / "agents" / "cascade" / "sessions.parquet")
+    sessions = pd.read_parquet(tmp_path / "eval" / "agents" / "cascade-privileged" / "sessions.parquet")
     row = json.loads(json.dumps({**summarize(sessions, prefix="eval/"), **Evaluator.strata(sessions)}))
     check_strata(row, served=True)
     strata = pd.read_csv(tmp_path / "eval" / "strata.csv", dtype={"group": str})
-    for r in strata[strata["agent"] == "cascade"].to_dict("records"):
+    for r in strata[strata["agent"] == "cascade-privileged"].to_dict("records"):
         for m in ("sessions", *keys.STRATA_METRICS[r["stratum"]]):
             want = r[f"eval/{m}"]
             assert row[keys.strata_key(r["stratum"], r["group"], m)] == pytest.approx(want, nan_ok=True), (

@@ -25,14 +25,18 @@ CFG = WorldConfig.small(num_candidates=3, num_slots=2, conversion_delay_mean=1.0
 @pytest.fixture(scope="module")
 def collected():
     env = make_vec_env("ads-v0", NUM_ENVS, config=CFG, world_seed=0, device="cpu")
-    columns, _ = collect(env, make_policy("cascade", env, seed=0), seed=0, steps=STEPS, progress=False)
+    columns, _ = collect(
+        env, make_policy("cascade-privileged", env, seed=0), seed=0, steps=STEPS, progress=False
+    )
     return columns
 
 
 @pytest.fixture(scope="module")
 def written(collected, tmp_path_factory):
     path = tmp_path_factory.mktemp("logs") / "log.parquet"
-    write_logs(collected, path, world_config=CFG, seed=0, policy="cascade", extra={"num_envs": NUM_ENVS})
+    write_logs(
+        collected, path, world_config=CFG, seed=0, policy="cascade-privileged", extra={"num_envs": NUM_ENVS}
+    )
     return path
 
 
@@ -101,7 +105,12 @@ def test_schema_columns_and_dtypes(written):
     for name, d in widths.items():
         assert stack_list_column(df, name).shape == (640, d), name
     assert WorldConfig.from_dict(meta["world_config"]) == CFG
-    assert (meta["seed"], meta["policy"], meta["num_envs"], meta["format_version"]) == (0, "cascade", 16, 1)
+    assert (meta["seed"], meta["policy"], meta["num_envs"], meta["format_version"]) == (
+        0,
+        "cascade-privileged",
+        16,
+        1,
+    )
 
 
 def test_round_trip_gives_identical_arrays(collected, written):
@@ -121,11 +130,13 @@ def test_round_trip_gives_identical_arrays(collected, written):
 def test_dataframe_and_batches_write_the_same_file(collected, written, tmp_path):
     df, meta = read_logs(written)
     again = write_logs(
-        df, tmp_path / "again.parquet", world_config=meta["world_config"], seed=0, policy="cascade"
+        df, tmp_path / "again.parquet", world_config=meta["world_config"], seed=0, policy="cascade-privileged"
     )
     half = len(df) // 2
     halves = [{k: v[:half] for k, v in collected.items()}, {k: v[half:] for k, v in collected.items()}]
-    split = write_logs(halves, tmp_path / "split.parquet", world_config=CFG, seed=0, policy="cascade")
+    split = write_logs(
+        halves, tmp_path / "split.parquet", world_config=CFG, seed=0, policy="cascade-privileged"
+    )
     for path in (again, split):
         other, _ = read_logs(path)
         assert list(other.columns) == list(df.columns) and len(other) == len(df)

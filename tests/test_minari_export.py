@@ -23,9 +23,13 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("minari")
     cfg = WorldConfig.small(max_steps=8)  # short sessions: several end inside 12 steps
     env = make_vec_env("ads-v0", 6, config=cfg, world_seed=0, device="cpu")
-    columns, _ = collect(env, make_policy("cascade", env, seed=0), seed=0, steps=12, progress=False)
+    columns, _ = collect(
+        env, make_policy("cascade-privileged", env, seed=0), seed=0, steps=12, progress=False
+    )
     meta = {"env": "ads-v0", "world_seed": 0, "num_envs": 6, "steps": 12, "temperature": 0.3}
-    path = write_logs(columns, root / "log.parquet", world_config=cfg, seed=0, policy="cascade", extra=meta)
+    path = write_logs(
+        columns, root / "log.parquet", world_config=cfg, seed=0, policy="cascade-privileged", extra=meta
+    )
     ds = export_minari(path, "ads/cascade-test-v0", datasets_path=root / "datasets")
     df, _ = read_logs(path)
     return ds, df.sort_values(["episode_id", "step"]).reset_index(drop=True), cfg

@@ -95,7 +95,7 @@ def test_interval_covers_the_point_and_shrinks():
     widths = []
     for n in (64, 1024):
         states = RequestStates.build(OracleShareConfig(states=n))
-        out = oracle_share(make_policy("cascade", states.env, 0), states)
+        out = oracle_share(make_policy("cascade-privileged", states.env, 0), states)
         assert out["oracle_share_ci_low"] < out["oracle_share"] < out["oracle_share_ci_high"]
         widths.append(out["oracle_share_ci_high"] - out["oracle_share_ci_low"])
     # width ~ 1 / sqrt(states): 16x the states, about a quarter of the width (half allows for the sample)
@@ -105,7 +105,7 @@ def test_interval_covers_the_point_and_shrinks():
 def test_same_seed_same_numbers_other_seed_other_states():
     def run(seed):
         states = RequestStates.build(OracleShareConfig(states=32, seed=seed))
-        return oracle_share(make_policy("cascade", states.env, 0), states)
+        return oracle_share(make_policy("cascade-privileged", states.env, 0), states)
 
     assert run(3) == run(3)
     assert run(3)["oracle_value"] != run(4)["oracle_value"]
@@ -119,7 +119,7 @@ def test_warmup_moves_the_states_and_keeps_the_oracle_at_one():
 
 
 def test_summarize_shares_reads_a_table_back(small):
-    values = state_values(make_policy("cascade", small.env, 0), small)
+    values = state_values(make_policy("cascade-privileged", small.env, 0), small)
     as_lists = {k: v.tolist() for k, v in values.items()}
     assert summarize_shares(as_lists, 0.95) == summarize_shares(values, 0.95)
     narrow = summarize_shares(values, 0.5)

@@ -34,7 +34,9 @@ TINY = dict(num_envs=24, sessions=48, oracle_states=32)  # 2 sessions per env sl
 @pytest.fixture(scope="module")
 def tiny_paired(tmp_path_factory):
     out = tmp_path_factory.mktemp("paired")
-    summary = main(Args(agents="random,cascade,oracle", reference="cascade", out=str(out), **TINY))
+    summary = main(
+        Args(agents="random,cascade-privileged,oracle", reference="cascade-privileged", out=str(out), **TINY)
+    )
     return out, summary
 
 
@@ -48,7 +50,7 @@ def test_files_and_columns(tiny_paired):
     assert list(table.columns) == list(COLUMNS)
     names = [m.name for m in METRICS] + [STATE_METRIC.name]
     assert list(table.agent) == ["random"] * len(names) + ["oracle"] * len(names)  # comparison order
-    assert list(table.metric) == names * 2 and (table.reference == "cascade").all()
+    assert list(table.metric) == names * 2 and (table.reference == "cascade-privileged").all()
     sessions = table[table.metric != STATE_METRIC.name]
     assert (sessions.pairs == 48).all() and (table[table.metric == STATE_METRIC.name].pairs == 32).all()
     doc = json.loads((out / "paired.json").read_text())
@@ -65,12 +67,12 @@ def test_paired_difference_is_the_difference_of_the_means(tiny_paired):
     out, summary = tiny_paired
     table = pd.read_csv(out / "paired.csv").set_index(["agent", "metric"])
     rows = summary.set_index("agent")
-    ref = _sessions(out, "cascade")
+    ref = _sessions(out, "cascade-privileged")
     for agent in ("random", "oracle"):
         mine = _sessions(out, agent)
         for m in METRICS:
             r = table.loc[(agent, m.name)]
-            expected = rows.loc[agent, f"eval/{m.name}"] - rows.loc["cascade", f"eval/{m.name}"]
+            expected = rows.loc[agent, f"eval/{m.name}"] - rows.loc["cascade-privileged", f"eval/{m.name}"]
             if m.denominator is None:
                 x, y = mine[m.numerator].to_numpy(float), ref[m.numerator].to_numpy(float)
                 assert r.difference == x.mean() - y.mean() == expected, m.name  # bit for bit
@@ -86,7 +88,7 @@ def test_paired_difference_is_the_difference_of_the_means(tiny_paired):
 
 def test_first_sessions_and_equal_stream_starts_share_the_user(tiny_paired):
     out, _ = tiny_paired
-    a, b = pair_sessions(_sessions(out, "random"), _sessions(out, "cascade"))
+    a, b = pair_sessions(_sessions(out, "random"), _sessions(out, "cascade-privileged"))
     first = a.session == 0
     assert (a.stream_start[first] == 0).all() and (a.user_id[first] == b.user_id[first]).all()
     same = a.stream_start == b.stream_start
@@ -182,7 +184,7 @@ def test_pairing_reduces_the_variance_where_the_pairs_share_most():
 
     def run(temperature):
         env = make_vec_env("ads-v0", 64, preset="small", world_seed=0, validate_actions=False)
-        policy = make_policy("cascade", env, seed=0, temperature=temperature)
+        policy = make_policy("cascade-privileged", env, seed=0, temperature=temperature)
         return collect_sessions(env, policy, 2, seed=0, progress=False)[0]
 
     a, b = pair_sessions(run(0.30), run(0.33))
@@ -209,24 +211,26 @@ def test_pairing_reduces_the_variance_where_the_pairs_share_most():
 
 def test_reference_must_be_a_compared_agent(tmp_path, capsys):
     with pytest.raises(
-        ValueError, match=r"reference='oracle' is not one of the compared agents: random,cascade"
+        ValueError, match=r"reference='oracle' is not one of the compared agents: random,cascade-privileged"
     ):
-        EvalConfig(agents=("random", "cascade"), reference="oracle")
+        EvalConfig(agents=("random", "cascade-privileged"), reference="oracle")
     with pytest.raises(ValueError, match="needs at least one other agent"):
-        EvalConfig(agents=("cascade",), reference="cascade")
-    argv = ["--agents", "random,cascade", "--reference", "oracle", "--out", str(tmp_path / "x")]
+        EvalConfig(agents=("cascade-privileged",), reference="cascade-privileged")
+    argv = ["--agents", "random,cascade-privileged", "--reference", "oracle", "--out", str(tmp_path / "x")]
     with pytest.raises(SystemExit) as exit_:
         cli.run_main(main, argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reference='oracle' is not one of the compared agents" in err[0], err
     assert not (tmp_path / "x").exists()  # refused before anything ran
-    assert EvalConfig(agents=("random", "cascade")).reference is None  # no paired table unless asked
+    assert (
+        EvalConfig(agents=("random", "cascade-privileged")).reference is None
+    )  # no paired table unless asked
 
 
 def test_paired_table_rejects_unpaired_records(tiny_paired):
     out, _ = tiny_paired
-    a, b = _sessions(out, "random"), _sessions(out, "cascade")
+    a, b = _sessions(out, "random"), _sessions(out, "cascade-privileged")
     with pytest.raises(ValueError, match="different sessions"):
         pair_sessions(a, b[b.session == 0])
     with pytest.raises(ValueError, match="no pairing key column session"):
@@ -236,7 +240,7 @@ def test_paired_table_rejects_unpaired_records(tiny_paired):
 
 
 def test_cache_without_pairing_key_is_run_again(tmp_path, capsys):
-    cfg = EvalConfig(agents=("random", "cascade"), reference="cascade", **TINY)
+    cfg = EvalConfig(agents=("random", "cascade-privileged"), reference="cascade-privileged", **TINY)
     first = compare_agents(cfg, tmp_path)
     table = agent_dir(tmp_path, "random") / "sessions.parquet"
     expected = first.sessions["random"]
@@ -246,11 +250,13 @@ def test_cache_without_pairing_key_is_run_again(tmp_path, capsys):
     again = compare_agents(cfg, tmp_path)
     printed = capsys.readouterr().out
     assert "random: " in printed and "cannot be paired (no column slot, session), running again" in printed
-    assert "cascade: same config already evaluated" in printed
+    assert "cascade-privileged: same config already evaluated" in printed
     pd.testing.assert_frame_equal(again.sessions["random"], expected)  # simulated again: the same sessions
     pd.testing.assert_frame_equal(pd.read_parquet(table), expected)
     # records that are not every slot's sessions 0..k-1 (one row lost) are not paired by guesswork either
     expected.iloc[1:].to_parquet(table, index=False)
     compare_agents(cfg, tmp_path)
     assert "not sessions 0..1 of slots 0..23, each once), running again" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(paired_table(again, "cascade"), paired_table(first, "cascade"))
+    pd.testing.assert_frame_equal(
+        paired_table(again, "cascade-privileged"), paired_table(first, "cascade-privileged")
+    )

@@ -32,9 +32,15 @@ BINS = 10
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     env = make_vec_env("ads-v0", NUM_ENVS, config=CFG, world_seed=0, device="cpu")
-    columns, _ = collect(env, make_policy("cascade", env, seed=0), seed=0, steps=STEPS, progress=False)
+    columns, _ = collect(
+        env, make_policy("cascade-privileged", env, seed=0), seed=0, steps=STEPS, progress=False
+    )
     path = write_logs(
-        columns, tmp_path_factory.mktemp("log") / "log.parquet", world_config=CFG, seed=0, policy="cascade"
+        columns,
+        tmp_path_factory.mktemp("log") / "log.parquet",
+        world_config=CFG,
+        seed=0,
+        policy="cascade-privileged",
     )
     return env, read_logs(path)[0]
 
@@ -63,7 +69,9 @@ def test_labels_are_the_next_observation_events_and_match_the_click_column(logge
 def test_delayed_conversions_are_attributed_to_their_click():
     cfg = WorldConfig.small(conversion_delay_mean=3.0)
     env = make_vec_env("ads-v0", 64, config=cfg, world_seed=0, device="cpu")
-    columns, _ = collect(env, make_policy("cascade", env, seed=1), seed=1, steps=300, progress=False)
+    columns, _ = collect(
+        env, make_policy("cascade-privileged", env, seed=1), seed=1, steps=300, progress=False
+    )
     df = pd.DataFrame({k: list(v) if np.ndim(v) == 2 else v for k, v in columns.items() if k[:6] != "final_"})
     ex = funnel_examples(df, catalog_of(env.unwrapped.world))
     # without final_* columns, rows that end a session (or the log) have no next observation
@@ -78,7 +86,9 @@ def test_delayed_conversions_are_attributed_to_their_click():
 def test_two_slots_give_one_example_per_impression_with_its_slot():
     cfg = WorldConfig.small(num_candidates=3, num_slots=2)
     env = make_vec_env("ads-v0", 32, config=cfg, world_seed=0, device="cpu")
-    columns, _ = collect(env, make_policy("cascade", env, seed=0), seed=0, steps=60, progress=False)
+    columns, _ = collect(
+        env, make_policy("cascade-privileged", env, seed=0), seed=0, steps=60, progress=False
+    )
     df = pd.DataFrame({k: list(v) if np.ndim(v) == 2 else v for k, v in columns.items() if k[:6] != "final_"})
     ex = funnel_examples(df, catalog_of(env.unwrapped.world))
     shown = stack_list_column(df, "shown_ad")

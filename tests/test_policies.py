@@ -29,14 +29,14 @@ def _env():
 
 def test_known_policies_are_the_registry():
     assert known_policies() == [
-        "cascade",
+        "cascade-privileged",
         "gpr:PATH",
         "learned-cascade:PATH",
         "oracle",
         "oracle-fatigue",
         "random",
     ]
-    assert policy_options("cascade") == ["temperature"] and policy_options("oracle-fatigue") == [
+    assert policy_options("cascade-privileged") == ["temperature"] and policy_options("oracle-fatigue") == [
         "fatigue_penalty"
     ]
     assert policy_options("random") == [] and policy_options("oracle") == []
@@ -78,12 +78,14 @@ def test_the_market_itself_gives_the_same_actions(name):
 
 def test_options_reach_the_policy():
     env, obs = _env()
-    greedy = make_policy("cascade", env, seed=5, temperature=0.0)
+    greedy = make_policy("cascade-privileged", env, seed=5, temperature=0.0)
     assert isinstance(greedy, CascadePolicy) and greedy.config.temperature == 0.0
     direct = CascadePolicy(env, CascadeConfig(temperature=0.0), seed=5)
     assert torch.equal(greedy.act(obs).action, direct.act(obs).action)
     assert torch.equal(greedy.act(obs).propensity, torch.ones(N, dtype=torch.float64))  # greedy: propensity 1
-    assert make_policy("cascade", env).config == CascadeConfig()  # no option: the config's defaults
+    assert (
+        make_policy("cascade-privileged", env).config == CascadeConfig()
+    )  # no option: the config's defaults
     aware = make_policy("oracle-fatigue", env)
     assert isinstance(aware, OraclePolicy) and aware.fatigue_penalty == FATIGUE_AWARE_PENALTY
     assert make_policy("oracle-fatigue", env, fatigue_penalty=0.5).fatigue_penalty == 0.5
@@ -92,7 +94,9 @@ def test_options_reach_the_policy():
 
 def test_unknown_names_options_and_envs_raise():
     env, _ = _env()
-    listing = r"expected one of cascade, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random"
+    listing = (
+        r"expected one of cascade-privileged, gpr:PATH, learned-cascade:PATH, oracle, oracle-fatigue, random"
+    )
     for spec in ("greedy", "gpr:", "nope:x", "Random"):
         with pytest.raises(ValueError, match=rf"unknown policy '{spec}': {listing}"):
             make_policy(spec, env)
@@ -103,6 +107,6 @@ def test_unknown_names_options_and_envs_raise():
     ):
         make_policy("random", env, temperature=0.3)
     with pytest.raises(ValueError, match=r"temperature=-1"):
-        make_policy("cascade", env, temperature=-1.0)  # the config's own range check
+        make_policy("cascade-privileged", env, temperature=-1.0)  # the config's own range check
     with pytest.raises(ValueError, match="expected an ads-v0 vector env or a BatchedMarket, got AdsEnv"):
         make_policy("random", gymnasium.make("ads-v0"))  # the single (numpy) env

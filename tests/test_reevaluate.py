@@ -37,7 +37,9 @@ def test_tabulate_seed_means_paired_change_and_cascade_ratio(tmp_path):
     runs = {(a, s): _run(tmp_path, a, s) for a in ("ppo", "hepo") for s in (0, 1)}
     values = {("ppo", 0): 1.0, ("ppo", 1): 2.0, ("hepo", 0): 1.5, ("hepo", 1): 2.0}
     rows = {f"gpr:{runs[k]}": _row(v) for k, v in values.items()}
-    rows["cascade"] = _row(1.25, half=0.0)  # an exact reference: the ratio interval is the seeds' alone
+    rows["cascade-privileged"] = _row(
+        1.25, half=0.0
+    )  # an exact reference: the ratio interval is the seeds' alone
     groups = reeval.group_runs(list(runs.values()))
     table = {r["label"]: r for r in reeval.tabulate(groups, rows, ref="ppo", level=0.95)}
     t1 = critical_value(0.95, 1)  # 12.706205: two seeds
@@ -52,13 +54,15 @@ def test_tabulate_seed_means_paired_change_and_cascade_ratio(tmp_path):
     assert h["reward_per_session_vs_ref_ci_high"] - 0.25 == pytest.approx(t1 * 0.25)
     assert "reward_per_session_vs_ref" not in table["ppo"]
     # vs cascade: 1.75 / 1.25 - 1 = 0.4, exact reference -> t_{1} * sd(x) / sqrt(2) / 1.25
-    assert h["reward_per_session_vs_cascade"] == pytest.approx(0.4)
-    assert h["reward_per_session_vs_cascade_ci_high"] - 0.4 == pytest.approx(t1 * 0.25 / 1.25, rel=1e-9)
+    assert h["reward_per_session_vs_cascade-privileged"] == pytest.approx(0.4)
+    assert h["reward_per_session_vs_cascade-privileged_ci_high"] - 0.4 == pytest.approx(
+        t1 * 0.25 / 1.25, rel=1e-9
+    )
     md = reeval.to_markdown(
         list(table.values()), "ppo", reeval.argparse.Namespace(sessions=64, seed=1, num_envs=8, level=0.95)
     )
     assert "| hepo | 2 | 1.75 [" in md and "+25.0%" in md and "+40.0%" in md
-    assert math.isfinite(table["ppo"]["reward_per_session_vs_cascade_ci_low"])
+    assert math.isfinite(table["ppo"]["reward_per_session_vs_cascade-privileged_ci_low"])
 
 
 def test_runs_without_a_policy_fail_before_any_evaluation(tmp_path):
@@ -82,5 +86,5 @@ def test_the_cascade_is_evaluated_at_the_tables_level(tmp_path, monkeypatch):
     monkeypatch.setattr(reeval.subprocess, "Popen", Failed)
     args = reeval.argparse.Namespace(jobs=1, num_envs=8, sessions=16, seed=1, preset="small", level=0.9)
     with pytest.raises(SystemExit, match="agents.evaluate failed"):
-        reeval.run_evaluations(["cascade"], args, tmp_path)
+        reeval.run_evaluations(["cascade-privileged"], args, tmp_path)
     assert cmds[0][cmds[0].index("--level") + 1] == "0.9"

@@ -92,7 +92,12 @@ def tiny_log(path, columns=None, world_seed: int = 0, **changes):
     """Write ``tiny_columns`` (or ``columns``) with some columns replaced; provenance of world ``world_seed``."""
     cols = {**(columns if columns is not None else tiny_columns()), **changes}
     return write_logs(
-        cols, path, world_config=CFG, seed=0, policy="cascade", extra={**META, "world_seed": world_seed}
+        cols,
+        path,
+        world_config=CFG,
+        seed=0,
+        policy="cascade-privileged",
+        extra={**META, "world_seed": world_seed},
     )
 
 
@@ -132,7 +137,7 @@ def test_nan_written_through_pandas_is_caught_too(tmp_path):
     # pandas -> Parquet stores a NaN as null: still a non-finite value of that column
     df = pd.DataFrame({k: list(v) if v.ndim == 2 else v for k, v in tiny_columns().items()})
     df.loc[[3, 17, 21], "p_click"] = np.nan
-    path = write_logs(df, tmp_path / "pd.parquet", world_config=CFG, seed=0, policy="cascade")
+    path = write_logs(df, tmp_path / "pd.parquet", world_config=CFG, seed=0, policy="cascade-privileged")
     with pytest.raises(ValueError, match=r"column p_click has 3 non-finite values \(rows 3, 17, 21\)$"):
         read_logs(path)
 

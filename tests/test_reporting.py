@@ -213,7 +213,10 @@ def test_main_writes_every_file(runs, tmp_path):
     md = (out / "table3.md").read_text()
     assert "| +HEPO | 2 | 0.4500 [" in md and "0.4413" in md
     t4 = pd.read_csv(out / "table4.csv")
-    assert list(t4["stage"]) == ["VAFT", "+PPO", "+HEPO"] and "reward_per_session_vs_cascade" not in t4
+    assert (
+        list(t4["stage"]) == ["VAFT", "+PPO", "+HEPO"]
+        and "reward_per_session_vs_cascade-privileged" not in t4
+    )
     # HEPO reward 1.0 / 0.5 - 1 = 1.0 and 3.0 / 0.7 - 1 = 3.2857 (seed by seed): mean 2.1429
     assert t4.loc[2, "reward_per_session_vs_prev"] == pytest.approx((1.0 + 3.0 / 0.7 - 1) / 2)
     # half = 12.706 * |1.0 - 3.2857| / 2 = 14.521: the reward cell ends the +HEPO line
@@ -300,7 +303,7 @@ def runs3(tmp_path):
     return [make_run(tmp_path / "runs3", "hepo", s, START3[s], HEPO3[s]) for s in (0, 1, 2)]
 
 
-def make_baseline(folder, agents=("random", "cascade"), level=0.95, **config):
+def make_baseline(folder, agents=("random", "cascade-privileged"), level=0.95, **config):
     """An agents.evaluate output folder: summary.json with one row per agent (random: all 0) and config.json."""
     folder.mkdir(parents=True)
     rows = {}
@@ -309,7 +312,7 @@ def make_baseline(folder, agents=("random", "cascade"), level=0.95, **config):
         for m, (v, lo, hi) in CASCADE.items():
             row.update(
                 {f"eval/{m}": v, f"eval/{m}_ci_low": lo, f"eval/{m}_ci_high": hi}
-                if agent == "cascade"
+                if agent == "cascade-privileged"
                 else {f"eval/{m}": 0.0, f"eval/{m}_ci_low": 0.0, f"eval/{m}_ci_high": 0.0}
             )
         rows[agent] = row
@@ -355,28 +358,30 @@ def test_table4_vs_previous_is_paired_by_seed(runs3):
 
 def test_table4_vs_cascade_combines_seed_and_cascade_intervals(runs3, tmp_path):
     t = by_stage(tables.table4(runs3, make_baseline(tmp_path / "base")))
-    assert list(t) == ["cascade", "VAFT", "+HEPO"]
-    c = t["cascade"]
+    assert list(t) == ["cascade-privileged", "VAFT", "+HEPO"]
+    c = t["cascade-privileged"]
     assert c["reward_per_session"] == 0.8 and c["reward_per_session_ci_low"] == 0.7 and pd.isna(c["n"])
     h = t["+HEPO"]
     # reward x = 1.0, 0.7, 1.5 vs cascade 0.8 [0.7, 0.9]: R = 1.066667 / 0.8 = 1.333333, r = 0.333333
     # se_ref = 0.2 / (2 * 1.959964) = 0.051021; a = s^2 / (n c^2) = 0.163333 / (3 * 0.64) = 0.085069
     # b = (R se_ref / c)^2 = (1.333333 * 0.051021 / 0.8)^2 = 0.007231; se = sqrt(0.092300) = 0.303809
     # df = 2 * (0.092300 / 0.085069)^2 = 2.3546: half = t(0.975, 2.3546) * 0.303810 = 3.7378 * 0.303810 = 1.135586
-    assert h["reward_per_session_vs_cascade"] == pytest.approx(1 / 3)
-    assert h["reward_per_session_vs_cascade_ci_high"] == pytest.approx(1 / 3 + 1.135586, abs=1e-5)
-    assert h["reward_per_session_vs_cascade_ci_low"] == pytest.approx(1 / 3 - 1.135586, abs=1e-5)
+    assert h["reward_per_session_vs_cascade-privileged"] == pytest.approx(1 / 3)
+    assert h["reward_per_session_vs_cascade-privileged_ci_high"] == pytest.approx(1 / 3 + 1.135586, abs=1e-5)
+    assert h["reward_per_session_vs_cascade-privileged_ci_low"] == pytest.approx(1 / 3 - 1.135586, abs=1e-5)
     # an exact cascade (CTR: zero-width CI) leaves the t interval over seeds of x / c - 1
     mean, lo, hi = t_interval([(0.05 + r / 100) / 0.06 - 1 for r in (1.0, 0.7, 1.5)])[:3]
-    assert h["ctr_vs_cascade"] == pytest.approx(mean)
-    assert (h["ctr_vs_cascade_ci_low"], h["ctr_vs_cascade_ci_high"]) == pytest.approx((lo, hi))
+    assert h["ctr_vs_cascade-privileged"] == pytest.approx(mean)
+    assert (h["ctr_vs_cascade-privileged_ci_low"], h["ctr_vs_cascade-privileged_ci_high"]) == pytest.approx(
+        (lo, hi)
+    )
     # the cascade's CI level comes from its config.json
     h90 = by_stage(tables.table4(runs3, make_baseline(tmp_path / "base90", level=0.9)))["+HEPO"]
     want = relative_change([1.0, 0.7, 1.5], 0.8, 0.7, 0.9, ref_level=0.9).ci_high
-    assert h90["reward_per_session_vs_cascade_ci_high"] == pytest.approx(want)
-    assert abs(want - h["reward_per_session_vs_cascade_ci_high"]) > 1e-2
+    assert h90["reward_per_session_vs_cascade-privileged_ci_high"] == pytest.approx(want)
+    assert abs(want - h["reward_per_session_vs_cascade-privileged_ci_high"]) > 1e-2
     # without a baseline the cascade columns are absent; with one the paired columns do not change
-    assert "reward_per_session_vs_cascade" not in tables.table4(runs3)
+    assert "reward_per_session_vs_cascade-privileged" not in tables.table4(runs3)
     assert h["reward_per_session_vs_prev"] == pytest.approx(0.5)
 
 
@@ -387,8 +392,8 @@ def test_table4_single_seed_has_values_but_no_intervals(runs3, tmp_path):
     assert math.isnan(h["reward_per_session_vs_prev_ci_low"]) and math.isnan(
         h["reward_per_session_vs_prev_ci_high"]
     )
-    assert h["reward_per_session_vs_cascade"] == pytest.approx(1.0 / 0.8 - 1)
-    assert math.isnan(h["reward_per_session_vs_cascade_ci_low"])
+    assert h["reward_per_session_vs_cascade-privileged"] == pytest.approx(1.0 / 0.8 - 1)
+    assert math.isnan(h["reward_per_session_vs_cascade-privileged_ci_low"])
     md = tables.table4_markdown(tables.table4(runs3[:1], tmp_path / "base"))
     # reward (last column): +100% vs VAFT, 1.0 / 0.8 - 1 = +25% vs cascade, each without an interval
     assert re.search(r"\| \+HEPO \| 1 \| \+9\.09% \|.* \| \+100\.00% \|\n", md)
@@ -397,9 +402,11 @@ def test_table4_single_seed_has_values_but_no_intervals(runs3, tmp_path):
 
 def test_table4_baseline_without_cascade_raises(runs3, tmp_path):
     base = make_baseline(tmp_path / "base", agents=("random", "oracle"))
-    with pytest.raises(ValueError, match=r"summary.json has no 'cascade' row \(agents: random, oracle\)"):
+    with pytest.raises(
+        ValueError, match=r"summary.json has no 'cascade-privileged' row \(agents: random, oracle\)"
+    ):
         tables.table4(runs3, base)
-    with pytest.raises(ValueError, match="no 'cascade' row"):
+    with pytest.raises(ValueError, match="no 'cascade-privileged' row"):
         plots.main([*map(str, runs3), "--out", str(tmp_path / "o"), "--baseline", str(base)])
     with pytest.raises(ValueError, match="not an agents.evaluate output folder"):
         tables.table4(runs3, tmp_path / "missing")
@@ -429,14 +436,16 @@ def test_main_with_baseline_writes_table4(runs3, tmp_path):
         [*map(str, runs3), "--out", str(out), "--baseline", str(make_baseline(tmp_path / "base"))]
     )
     csv = pd.read_csv(files["table4.csv"])
-    assert list(csv["stage"]) == ["cascade", "VAFT", "+HEPO"]
-    assert csv.loc[2, "reward_per_session_vs_cascade"] == pytest.approx(1 / 3)
+    assert list(csv["stage"]) == ["cascade-privileged", "VAFT", "+HEPO"]
+    assert csv.loc[2, "reward_per_session_vs_cascade-privileged"] == pytest.approx(1 / 3)
     md = files["table4.md"].read_text()
     # reward vs cascade: 1/3 +- 1.135586 (test above); CTR (first column) 0.060667 / 0.06 - 1 = +1.11%
     assert re.search(
-        r"vs cascade.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-80\.23%, \+146\.89%\] \|\n", md, re.S
+        r"vs cascade-privileged.*\| \+HEPO \| 3 \| \+1\.11% \[.* \| \+33\.33% \[-80\.23%, \+146\.89%\] \|\n",
+        md,
+        re.S,
     )
-    assert "| cascade |  | 0.06 [0.06, 0.06] |" in md
+    assert "| cascade-privileged |  | 0.06 [0.06, 0.06] |" in md
 
 
 # ----------------------------------------------------------------------------- Table 5
@@ -468,7 +477,7 @@ def runs5(tmp_path):
     return [make_run(tmp_path / "runs5", "hepo", s, START3[s], HEPO3[s], strata_row) for s in (0, 1, 2)]
 
 
-def make_baseline_strata(folder, agents=("random", "cascade")):
+def make_baseline_strata(folder, agents=("random", "cascade-privileged")):
     """``make_baseline`` plus strata.csv: the cascade's group metric i is SCALE[group] + 0.01 i, CI +- 0.1."""
     make_baseline(folder, agents)
     rows = []
@@ -482,7 +491,7 @@ def make_baseline_strata(folder, agents=("random", "cascade")):
                     "eval/sessions": 10 * SESSIONS[group],
                 }
                 for i, m in enumerate(keys.TABLE5):
-                    v = SCALE[group] + 0.01 * i if agent == "cascade" else 0.0
+                    v = SCALE[group] + 0.01 * i if agent == "cascade-privileged" else 0.0
                     if m not in keys.STRATA_METRICS[stratum]:
                         v = math.nan  # agents.evaluate: the ad-age groups have no reward column values
                     row.update({f"eval/{m}": v, f"eval/{m}_ci_low": v - 0.1, f"eval/{m}_ci_high": v + 0.1})
@@ -493,7 +502,7 @@ def make_baseline_strata(folder, agents=("random", "cascade")):
 
 def test_table5_means_and_seed_intervals_per_stratum_with_cascade_rows(runs5, tmp_path):
     t = tables.table5(runs5, make_baseline_strata(tmp_path / "base"))
-    stages = ["cascade", "VAFT", "+HEPO"]
+    stages = ["cascade-privileged", "VAFT", "+HEPO"]
     want = [(s, g, st) for s, gs in keys.STRATA.items() for g in gs for st in stages]
     assert list(zip(t["stratum"], t["group"], t["stage"])) == want
     row = {(r["stratum"], r["group"], r["stage"]): r for _, r in t.iterrows()}
@@ -523,14 +532,14 @@ def test_table5_means_and_seed_intervals_per_stratum_with_cascade_rows(runs5, tm
     assert math.isnan(e["ctr"]) and e["sessions"] == pytest.approx(10 / 3)
     assert row["activity_tier", "5", "VAFT"]["ctr"] == pytest.approx(5 * 2.2 / 3)
     # the cascade: strata.csv's cascade row (not random's), its CI over sessions; tier 4 CVR (i = 1) = 4.01
-    c = row["activity_tier", "4", "cascade"]
+    c = row["activity_tier", "4", "cascade-privileged"]
     assert (c["cvr"], c["cvr_ci_low"], c["cvr_ci_high"]) == pytest.approx((4.01, 3.91, 4.11))
     assert c["sessions"] == 40 and pd.isna(c["n"]) and pd.isna(c["iteration"])
-    assert math.isnan(row["ad_age", "new", "cascade"]["reward_per_session"])
+    assert math.isnan(row["ad_age", "new", "cascade-privileged"]["reward_per_session"])
     # without a baseline: no cascade rows, the same stage values
     t0 = tables.table5(runs5)
-    assert "cascade" not in set(t0["stage"]) and len(t0) == 14
-    assert t0["ctr"].equals(t[t["stage"] != "cascade"]["ctr"].reset_index(drop=True))
+    assert "cascade-privileged" not in set(t0["stage"]) and len(t0) == 14
+    assert t0["ctr"].equals(t[t["stage"] != "cascade-privileged"]["ctr"].reset_index(drop=True))
 
 
 def test_table5_single_seed_has_values_but_no_intervals(runs5):
@@ -547,7 +556,7 @@ def test_table5_rejects_runs_without_strata(runs5, runs, tmp_path):
     assert folders.runs_without_strata(runs5) == [] and folders.runs_without_strata(runs[:2]) == runs[:2]
     with pytest.raises(ValueError, match="no strata.csv"):
         tables.table5(runs5, make_baseline(tmp_path / "base"))
-    with pytest.raises(ValueError, match=r"strata.csv has no 'cascade' rows \(agents: random\)"):
+    with pytest.raises(ValueError, match=r"strata.csv has no 'cascade-privileged' rows \(agents: random\)"):
         folders.read_baseline_strata(make_baseline_strata(tmp_path / "random", agents=("random",)))
     # the report leaves table5 out with a warning when only some runs have strata (none: silently, as before)
     with pytest.warns(UserWarning, match="table5 not written.*ads-v0__ppo__0"):
@@ -570,6 +579,6 @@ def test_main_writes_table5(runs5, tmp_path):
     assert "reward_per_session" in tiers and "reward_per_session" not in ages
     # tier 3 CTR: 3.2 +- 3.011865 (test above); cascade 3.00 [2.90, 3.10] over its 30 sessions
     assert "| 3 | +HEPO | 3 | 3 | 3.2 [0.1881, 6.212] |" in tiers
-    assert "| 3 | cascade |  | 30 | 3 [2.9, 3.1] |" in tiers
+    assert "| 3 | cascade-privileged |  | 30 | 3 [2.9, 3.1] |" in tiers
     assert "| 5 | +HEPO | 3 | 3.333 | n/a |" in tiers and "nan" not in md
     assert len(ages.splitlines()) == 2 + 2 * 3  # header, rule, (cascade, VAFT, +HEPO) x (new, old)

@@ -1,6 +1,6 @@
 """Agents compared on the same users and seeds: their sessions, summary and strata tables with intervals, charts.
 
-    result = compare_agents(EvalConfig(agents=("random", "cascade")), out)   # sessions cached in out/agents/
+    result = compare_agents(EvalConfig(agents=("random", "cascade-privileged")), out)  # sessions in out/agents/
     write_comparison(result, out)                                           # summary.csv, strata.csv, charts
     print(format_table(result.summary))
 
@@ -39,7 +39,7 @@ import pandas as pd
 
 from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, state_values, summarize_shares
 from agents.evaluation.sessions import collect_sessions
-from agents.policies import known_policies, make_policy, policy_factory, policy_inputs
+from agents.policies import known_policies, make_policy, policy_factory, policy_inputs, policy_label
 from envs import make_vec_env, resolve_config
 from gpr_sim.metrics import PAIR_KEY, SESSION_COLUMNS, summarize, summarize_strata
 from gpr_sim.runs import atomic_write_bytes, figure_bytes, file_digest, read_json, write_json
@@ -53,7 +53,7 @@ PREFIX = "eval/"
 class EvalConfig:
     """Which agents are compared, on which sessions, with which intervals."""
 
-    agents: tuple[str, ...] = ("random", "cascade", "oracle")
+    agents: tuple[str, ...] = ("random", "cascade-privileged", "oracle")
     """policy names of ``agents.policies`` or NAME:ARG specs (gpr:PATH), in table order"""
     env: str = "ads-v0"
     """a registered ads env id (``envs.ads_env_ids()``)"""
@@ -303,13 +303,18 @@ STRATA_CHART = {
 
 
 def format_table(summary: pd.DataFrame) -> str:
-    """Metrics as rows, agents as columns, each cell ``value [ci_low, ci_high]``."""
-    rows = {"sessions": {a: str(int(n)) for a, n in zip(summary["agent"], summary[f"{PREFIX}sessions"])}}
+    """Metrics as rows, agents as columns (privileged references marked: ``policy_label``), each cell
+    ``value [ci_low, ci_high]``."""
+    rows = {
+        "sessions": {
+            policy_label(a): str(int(n)) for a, n in zip(summary["agent"], summary[f"{PREFIX}sessions"])
+        }
+    }
     for key, (label, scale, fmt) in DISPLAY.items():
         rows[label] = {}
         for _, r in summary.iterrows():
             v, lo, hi = (scale * r[f"{PREFIX}{key}{s}"] for s in ("", "_ci_low", "_ci_high"))
-            rows[label][r["agent"]] = f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+            rows[label][policy_label(r["agent"])] = f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
     return pd.DataFrame(rows).T.to_string()
 
 
@@ -326,7 +331,7 @@ def _bars(
         v, lo, hi = (scale * part[f"{PREFIX}{key}{s}"].to_numpy(float) for s in ("", "_ci_low", "_ci_high"))
         x = np.arange(len(groups)) + (i - (len(agents) - 1) / 2) * width
         err = np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0)
-        ax.bar(x, v, width, yerr=err, capsize=3, label=agent)
+        ax.bar(x, v, width, yerr=err, capsize=3, label=policy_label(agent))
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_title(label)
 

@@ -1,7 +1,7 @@
 """``oracle_share``: the true value a policy serves on fixed held-out requests, as a share of the myopic oracle's.
 
     states = RequestStates.build(OracleShareConfig(states=256))   # one fixed set of requests
-    out = oracle_share(make_policy("cascade", states.env, seed=0), states)
+    out = oracle_share(make_policy("cascade-privileged", states.env, seed=0), states)
     out["oracle_share"], out["oracle_share_ci_low"], out["oracle_share_ci_high"]
     # or keep the per-state values (a table) and summarise them later:
     summarize_shares(state_values(policy, states), level=0.9)
@@ -13,8 +13,8 @@ the session noise of online metrics. Definitions, per request state s (N of them
   (an ineligible ad shows nothing: value 0), the same expected reward ``agents.ope`` uses as ground truth;
 - the policy's value ``E_{a ~ pi(.|s)} v(s, a)`` over its first candidate (its top pick; with the default
   ``num_candidates == 1``, the ad it serves). Exact for the policies whose action distribution
-  ``agents.policies.distribution.action_distribution`` knows (random: uniform over every ad, cascade and
-  learned-cascade: their softmax over their pool, oracle: one-hot on its pick); any other policy (``gpr:``) is
+  ``agents.policies.distribution.action_distribution`` knows (random: uniform over every ad,
+  cascade-privileged and learned-cascade: their softmax over their pool, oracle: one-hot on its pick); any other policy (``gpr:``) is
   the mean over ``samples`` calls of ``act`` (the generator is deterministic but for the refiner's seeded noise, so 1 sample is the default);
 - the myopic oracle's value ``max_{a eligible} v(s, a)``, what ``agents.policies`` ``oracle`` serves
   (0 where no ad is eligible);
@@ -23,7 +23,7 @@ the session noise of online metrics. Definitions, per request state s (N of them
   oracle (``oracle-fatigue``), which gives up a little immediate value for longer sessions (below 1).
 
 The states: ``env.reset(seed)`` of a market with one slot per state (its first request of N sessions),
-then optionally ``warmup`` steps under the seeded ``cascade`` (so not every state is a session start:
+then optionally ``warmup`` steps under the seeded ``cascade-privileged`` (so not every state is a session start:
 fatigue, ad load and budgets have moved). The same config gives the same states and the same numbers.
 """
 
@@ -66,7 +66,8 @@ class OracleShareConfig:
     seed: int = 12345
     """reset seed of the states' market (and of the warm-up policy)"""
     warmup: int = 0
-    """steps under the seeded ``cascade`` before the states are taken (0: the first request of each session)"""
+    """steps under the seeded ``cascade-privileged`` before the states are taken (0: the first request of each
+    session)"""
     samples: int = 1
     """calls of ``act`` averaged for a policy without an exact action distribution"""
     level: float = 0.95
@@ -118,7 +119,7 @@ class RequestStates:
         """The states of ``env`` (N = ``env.num_envs`` slots) after ``reset(config.seed)`` and the warm-up."""
         obs, _ = env.reset(seed=config.seed)
         if config.warmup:
-            reference = make_policy("cascade", env, config.seed)
+            reference = make_policy("cascade-privileged", env, config.seed)
             for _ in range(config.warmup):
                 obs, *_ = env.step(reference.act(obs).action)
         vec = env.unwrapped

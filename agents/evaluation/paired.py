@@ -1,7 +1,8 @@
 """Paired differences between agents: every metric of an agent minus the reference's, session by session.
 
-    result = compare_agents(EvalConfig(agents=("random", "cascade"), reference="cascade"), out)
-    table = paired_table(result, "cascade")          # one row per (agent, metric)
+    cfg = EvalConfig(agents=("random", "cascade-privileged"), reference="cascade-privileged")
+    result = compare_agents(cfg, out)
+    table = paired_table(result, "cascade-privileged")          # one row per (agent, metric)
     write_paired(table, out, result.level)           # paired.csv, paired.json, paired.png
     print(format_paired(table))
 
@@ -42,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from agents.evaluation.compare import DISPLAY, Comparison, strict_json
+from agents.policies import policy_label
 from gpr_sim.metrics import METRICS, PAIR_KEY, Metric
 from gpr_sim.runs import atomic_write_bytes, figure_bytes, write_json
 from gpr_sim.stats import Estimate, paired_ratio_difference, welch_ratio_difference
@@ -229,7 +231,8 @@ def format_paired(table: pd.DataFrame) -> str:
         first = part.iloc[0]
         sessions = part[part.metric != STATE_METRIC.name].iloc[0]
         blocks.append(
-            f"{agent} - {first.reference}: {sessions.pairs} paired sessions, {sessions.same_streams} "
+            f"{policy_label(agent)} - {policy_label(first.reference)}: {sessions.pairs} paired sessions, "
+            f"{sessions.same_streams} "
             f"({sessions.same_streams / sessions.pairs:.0%}) on the same streams\n"
             + pd.DataFrame(rows).T.to_string()
         )
@@ -262,8 +265,8 @@ def plot_paired(table: pd.DataFrame, path: Path, level: float) -> Path:
                 x + 0.15 * (dx - 0.5), v, yerr=np.nan_to_num(err), fmt="o", color=color, capsize=3, label=name
             )
         ax.axhline(0.0, color="0.8", lw=1, zorder=0)
-        ax.set_xticks(x, agents)
-        ax.set_title(f"{label}: agent - {table['reference'].iloc[0]}")
+        ax.set_xticks(x, [policy_label(a) for a in agents])
+        ax.set_title(f"{label}: agent - {policy_label(table['reference'].iloc[0])}")
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=9)
     fig.suptitle(f"paired differences from the reference, {level:.0%} intervals (paired and unpaired)")
     fig.tight_layout()

@@ -47,8 +47,8 @@ HASH_MULTIPLIER = 2654435761
 class PlatformFitConfig:
     """Everything a platform fit does besides the log: the three stages' configs, the split, the stage-loss states.
 
-    The stage sizes (R = 100, P = 20) are those of ``cascade``, so the learned and the privileged cascade
-    differ in their models only; they are fixed before any stage loss is looked at.
+    The stage sizes (R = 100, P = 20) are those of ``cascade-privileged``, so the learned and the privileged
+    cascade differ in their models only; they are fixed before any stage loss is looked at.
     """
 
     funnel: FunnelConfig = field(default_factory=FunnelConfig)
@@ -66,9 +66,9 @@ class PlatformFitConfig:
     states_seed: int = 987654
     """reset seed of those states (a seed no collection uses by default)"""
     warmup: int = 0
-    """steps under the seeded ``cascade`` before the states are taken (0: first requests of sessions)"""
+    """steps under the seeded ``cascade-privileged`` before the states are taken (0: first requests of sessions)"""
     temperature: float = 0.3
-    """the serving temperature of the stage losses' exploring share (``cascade``'s default)"""
+    """the serving temperature of the stage losses' exploring share (``cascade-privileged``'s default)"""
 
     def __post_init__(self) -> None:
         check_range("heldout_fraction", self.heldout_fraction, 0.0, 1.0, lo_open=True)

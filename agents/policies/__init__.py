@@ -1,12 +1,12 @@
 """Every policy that acts in ads-v0, with one API and one registry.
 
-    policy = make_policy("cascade", env, seed=0, temperature=0.3)
+    policy = make_policy("cascade-privileged", env, seed=0, temperature=0.3)
     out = policy.act(obs)  # PolicyOutput: (N, K) candidate ads, (N,) propensity
 
 | name | file | what it is |
 |---|---|---|
 | `random` | `random.py` | uniform ads (a floor) |
-| `cascade` | `cascade.py` | retrieval -> pre-ranking -> eCPM ranking -> softmax exploration with propensities (the behaviour policy of logged data); option `temperature` |
+| `cascade-privileged` | `cascade.py` | retrieval -> pre-ranking -> eCPM ranking -> softmax exploration with propensities, on the simulator's secrets (the user's latent interest, true ad embeddings, the truth's functional form): a labelled reference like the oracle, and the default behaviour policy of logged data; option `temperature`. `cascade` is its deprecated former name |
 | `oracle` | `oracle.py` | top-K eligible ads by true expected immediate reward (a myopic upper bound; reads hidden state) |
 | `oracle-fatigue` | `oracle.py` | the oracle charged for the fatigue it causes; option `fatigue_penalty` |
 | `learned-cascade:PATH` | `learned_cascade.py` | the cascade built from logs on the platform view: two-tower retrieval -> distilled pre-ranking -> learned-funnel ranking -> softmax exploration, the models of platform folder PATH (`agents.fit_platform`); option `temperature` |
@@ -16,12 +16,20 @@ Policies act on batched torch observations and bind to the env they act in: an a
 (through any wrapper) or its ``envs.market.BatchedMarket``; both offer the same reads (``world``,
 ``config``, ``device``, ``state``, ``eligible_ads()``, ``score()``), so no policy reaches into an engine.
 
+Policies that read what no platform has (``PRIVILEGED``: the oracles, ``cascade-privileged``) are labelled
+references: tables and charts show them as ``policy_label(spec)``, e.g. ``cascade-privileged (reference)``.
+
+``ALIASES`` maps former names to the current ones: ``make_policy`` accepts them with a ``FutureWarning`` (a
+deprecation that command-line users see too: Python hides a ``DeprecationWarning`` outside ``__main__``), and
+``canonical_policy`` resolves them silently, for the names old logs and run folders store.
+
 The registry builds a policy module only when it is asked for (the policy modules import this one).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -77,7 +85,7 @@ def _random(env, seed: int = 0) -> Policy:
     return RandomPolicy(env, seed=seed)
 
 
-def _cascade(env, seed: int = 0, temperature: float | None = None) -> Policy:
+def _cascade_privileged(env, seed: int = 0, temperature: float | None = None) -> Policy:
     """``temperature``: softmax exploration over log platform value (None = ``CascadeConfig``'s, 0 = greedy)."""
     from agents.policies.cascade import CascadeConfig, CascadePolicy
 
@@ -137,11 +145,17 @@ class Family(NamedTuple):
 
 POLICIES: dict[str, PolicyFactory] = {
     "random": _random,
-    "cascade": _cascade,
+    "cascade-privileged": _cascade_privileged,
     "oracle": _oracle,
     "oracle-fatigue": _oracle_fatigue,
 }
 """Policies by name."""
+
+ALIASES: dict[str, str] = {"cascade": "cascade-privileged"}
+"""Former policy names -> current ones (old logs' ``policy`` metadata and run folders hold the former)."""
+
+PRIVILEGED: frozenset[str] = frozenset({"cascade-privileged", "oracle", "oracle-fatigue"})
+"""Policies that read the simulator's hidden state: labelled references, never methods to beat."""
 
 FAMILIES: dict[str, Family] = {
     "gpr": Family("PATH", _gpr, _gpr_inputs),
@@ -155,14 +169,36 @@ def known_policies() -> list[str]:
     return sorted([*POLICIES, *(f"{name}:{fam.arg}" for name, fam in FAMILIES.items())])
 
 
+def canonical_policy(spec: str) -> str:
+    """The current name of ``spec``: a former name (``ALIASES``) resolved, anything else unchanged.
+
+    Silent, for names read back from old logs and run folders; ``policy_factory`` warns on a former name.
+    """
+    return ALIASES.get(spec, spec)
+
+
+def is_privileged(spec: str) -> bool:
+    """Whether the policy ``spec`` (current or former name) reads the simulator's hidden state."""
+    return canonical_policy(spec) in PRIVILEGED
+
+
+def policy_label(spec: str) -> str:
+    """The name tables and charts show: ``spec``, marked ``(reference)`` for a privileged policy."""
+    return f"{spec} (reference)" if is_privileged(spec) else spec
+
+
 def policy_factory(spec: str) -> PolicyFactory:
     """The factory of a policy name (``random``) or ``NAME:ARG`` spec (``gpr:runs/hepo/RUN``).
 
     Checks the spec without building anything, so a command line fails on its arguments before it runs.
+    A former name (``ALIASES``) gives its current policy's factory with a ``FutureWarning``.
 
     Raises:
         ValueError: an unknown name (listing ``known_policies()``) or a family's bad ARG.
     """
+    if spec in ALIASES:
+        warnings.warn(f"policy {spec!r} is deprecated: use {ALIASES[spec]!r}", FutureWarning, stacklevel=2)
+        spec = ALIASES[spec]
     family, sep, arg = spec.partition(":")
     if not sep and spec in POLICIES:
         return POLICIES[spec]
@@ -190,7 +226,7 @@ def make_policy(spec: str, env, seed: int = 0, **options) -> Policy:
     """Build the policy ``spec`` (a name or ``NAME:ARG``, ``known_policies()``) bound to ``env``.
 
     Args:
-        spec: e.g. ``"cascade"``, ``"oracle-fatigue"``, ``"gpr:runs/hepo/RUN"``.
+        spec: e.g. ``"cascade-privileged"``, ``"oracle-fatigue"``, ``"gpr:runs/hepo/RUN"``.
         env: an ads-v0 vector env or a ``BatchedMarket`` (``batched_env``).
         seed: seed of the policy's own randomness (exploration, refiner noise).
         **options: the policy's options (table in the module doc), e.g. ``temperature`` of the cascade.
@@ -207,17 +243,22 @@ def make_policy(spec: str, env, seed: int = 0, **options) -> Policy:
 
 
 __all__ = [
+    "ALIASES",
     "FAMILIES",
     "POLICIES",
+    "PRIVILEGED",
     "Family",
     "Policy",
     "PolicyFactory",
     "PolicyOutput",
     "batched_env",
+    "canonical_policy",
+    "is_privileged",
     "known_policies",
     "make_policy",
     "policy_factory",
     "policy_inputs",
+    "policy_label",
     "policy_options",
     "row_chunks",
 ]

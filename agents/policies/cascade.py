@@ -1,8 +1,14 @@
-"""``cascade``: the classic multi-stage ad system, the behaviour policy of logged data.
+"""``cascade-privileged``: the classic multi-stage ad system on the simulator's secrets, a labelled reference.
 
 Embedding retrieval -> light pre-ranking -> eCPM ranking with the platform's estimates -> softmax
 exploration (Plackett-Luce over K candidates), recording propensities. It binds to the env it acts in,
 because ranking needs the catalog and the scoring API.
+
+It reads what no platform has: the user's latent interest, the true ad embeddings, and a ranking predictor
+of the simulator's own functional form. So, like the oracle, it is a reference, not a baseline a method
+must beat; ``learned-cascade:PATH`` is the fair cascade, its stages fitted from logs on the platform view.
+It stays the default behaviour policy of logged data. Its former registry name ``cascade`` is a deprecated
+alias (``agents.policies.ALIASES``), which old logs store.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``gpr:PATH``: the GPR generator of a run folder as a policy: ``act(obs) -> PolicyOutput``.
 
-    python -m agents.evaluate --env ads-v0 --agents cascade,gpr:runs/pretrain/mtp,gpr:runs/hepo/RUN
+    python -m agents.evaluate --env ads-v0 --agents cascade-privileged,gpr:runs/pretrain/mtp,gpr:runs/hepo/RUN
 
 A run folder is an ``agents.pretrain`` one (``checkpoint.pt``) or an RL one from ``agents.hepo``
 (``policy.pt``, the model alone); either names its tokenizer in ``config.json``.

@@ -126,7 +126,7 @@ def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
     the ``preset`` world, sessions seeded by ``seed``, simulated on the stage's device."""
     return CollectConfig(
         env=cfg.env,
-        policy="cascade",
+        policy="cascade-privileged",
         num_envs=cfg.collect_envs,
         steps=cfg.collect_steps,
         seed=cfg.seed,

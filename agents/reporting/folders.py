@@ -1,5 +1,5 @@
 """Reading run folders back for the reports: ``agents.hepo`` runs (grouped by label, their evaluations),
-``agents.evaluate`` folders (the cascade baseline) and ``agents.pretrain`` runs.
+``agents.evaluate`` folders (the ``cascade-privileged`` baseline) and ``agents.pretrain`` runs.
 
 Every check here raises ``ValueError`` naming the folder and what it lacks, before any table is built.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from agents.reporting.keys import BASELINE, ORDER, STRATA_MARKER
+from agents.reporting.keys import BASELINE, BASELINE_NAMES, ORDER, STRATA_MARKER
 from gpr_sim.runs import read_json, read_metrics
 
 
@@ -92,6 +92,11 @@ def runs_without_strata(runs: list[str | Path]) -> list[Path]:
     return missing
 
 
+def baseline_name(agents) -> str | None:
+    """The first of ``BASELINE_NAMES`` among ``agents`` (an older folder names the baseline ``cascade``)."""
+    return next((name for name in BASELINE_NAMES if name in agents), None)
+
+
 def read_baseline(folder: str | Path) -> tuple[dict, dict]:
     """The ``BASELINE`` row (NaN for missing values) and the config of an ``agents.evaluate`` output folder."""
     folder = Path(folder)
@@ -99,12 +104,13 @@ def read_baseline(folder: str | Path) -> tuple[dict, dict]:
         if not (folder / name).is_file():
             raise ValueError(f"{folder} is not an agents.evaluate output folder (no {name})")
     rows = read_json(folder / "summary.json")
-    if BASELINE not in rows:
+    name = baseline_name(rows)
+    if name is None:
         raise ValueError(
             f"{folder}/summary.json has no {BASELINE!r} row (agents: {', '.join(rows) or 'none'}): "
             f"run agents.evaluate with --agents ...,{BASELINE}"
         )
-    row = {k: math.nan if v is None else v for k, v in rows[BASELINE].items()}
+    row = {k: math.nan if v is None else v for k, v in rows[name].items()}
     return row, read_json(folder / "config.json")
 
 
@@ -114,7 +120,7 @@ def read_baseline_strata(folder: str | Path) -> dict[tuple[str, str], dict]:
     if not path.is_file():
         raise ValueError(f"{folder} has no strata.csv: not an agents.evaluate output folder with strata")
     table = pd.read_csv(path, dtype={"group": str})
-    part = table[table["agent"] == BASELINE]
+    part = table[table["agent"] == baseline_name(set(table["agent"]))]
     if part.empty:
         agents = ", ".join(dict.fromkeys(table["agent"])) or "none"
         raise ValueError(f"{path} has no {BASELINE!r} rows (agents: {agents})")

@@ -41,8 +41,14 @@ STRATA = {"activity_tier": ("1", "2", "3", "4", "5"), "ad_age": ("new", "old")}
 STRATA_METRICS = {"activity_tier": TABLE5, "ad_age": tuple(m for m in TABLE5 if m != "reward_per_session")}
 """the Table 5 metrics each stratum has: ad-age groups split the ads of a session, not the session, so
 they have ``AD_METRICS`` only (no reward); every group also logs ``sessions``"""
-BASELINE = "cascade"
-"""the ``agents.evaluate`` agent that Table 4 compares every stage with (the production-style cascade)"""
+BASELINE = "cascade-privileged"
+"""the ``agents.evaluate`` agent that Tables 4 and 5 compare every stage with: the production-style cascade on
+the simulator's secrets, a labelled reference like the oracle (``agents.policies.PRIVILEGED``)"""
+BASELINE_NAMES = (BASELINE, "cascade")
+"""the names the baseline's row may have in an ``agents.evaluate`` folder, preferred first: ``cascade`` is its
+former name (``agents.policies.ALIASES``), in folders written before the rename"""
+BASELINE_NOTE = "a privileged reference: it reads the simulator's hidden state"
+"""the tables' footnote that labels the baseline as a reference"""
 START = "VAFT"
 """stage name of the generator every algorithm starts from"""
 ORDER = ("ppo", "grpo", "dpo", "hepo")

@@ -5,8 +5,8 @@
 | ``curves.png`` | one panel per metric, one line per algorithm (mean over seeds) against env steps, band: the same t interval over seeds as the tables |
 | ``table3.csv`` / ``.md`` | GPR Table 3 analogue: candidate quality (nDCG, OPR, mean / max / top-1 normalised value of the top-K beam) at the last evaluation, per algorithm, and the VAFT generator they all start from (their iteration-0 evaluation), with the paper's numbers alongside |
 | ``final_table.csv`` / ``.md`` | per algorithm: final eval reward, GMV, CTCVR and revenue per session |
-| ``table4.csv`` / ``.md`` | GPR Table 4 analogue: online CTR, CVR, CTCVR, GMV, costs (revenue) and reward per stage, the relative change of each stage vs the previous one (paired by seed) and, with ``baseline`` (an ``agents.evaluate`` folder), vs the cascade |
-| ``table5.csv`` / ``.md`` | GPR Table 5 analogue: Table 4's metrics per stage within each user-activity tier (1..5) and for new / old ads, with the cascade's strata from ``baseline``; only when the runs' evaluations log strata (``agents.reporting.keys.strata_key``) |
+| ``table4.csv`` / ``.md`` | GPR Table 4 analogue: online CTR, CVR, CTCVR, GMV, costs (revenue) and reward per stage, the relative change of each stage vs the previous one (paired by seed) and, with ``baseline`` (an ``agents.evaluate`` folder), vs the privileged cascade (``cascade-privileged``, a labelled reference) |
+| ``table5.csv`` / ``.md`` | GPR Table 5 analogue: Table 4's metrics per stage within each user-activity tier (1..5) and for new / old ads, with the privileged cascade's strata from ``baseline``; only when the runs' evaluations log strata (``agents.reporting.keys.strata_key``) |
 | ``final.png`` | the final table as bars with error bars |
 """
 

@@ -30,6 +30,7 @@ from agents.reporting.folders import (
 )
 from agents.reporting.keys import (
     BASELINE,
+    BASELINE_NOTE,
     FINAL,
     MTP_MARKER,
     PAPER_METRICS,
@@ -131,29 +132,31 @@ def final_table(runs: list[str | Path], level: float = 0.95, start: bool = True)
 
 
 def table4(runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95) -> pd.DataFrame:
-    """GPR Table 4 analogue: online metrics per stage, each stage vs the previous one and vs the cascade.
+    """GPR Table 4 analogue: online metrics per stage, each stage vs the previous one and vs ``BASELINE``.
 
     Stages as in ``table3``: VAFT (the iteration-0 evaluations), then every label's last evaluation; an RL
     stage's previous stage is VAFT (they all start from it). The change vs the previous stage is paired by
     starting generator (one per seed: the same pre-training, and every run sees the same held-out
     sessions): per run d = x_run / x_VAFT(run's generator) - 1, then mean and t interval over runs. The
-    change vs the cascade is ``gpr_sim.stats.relative_change`` of the stage's per-seed values against the cascade's
-    estimate and CI from ``baseline``: the seeds' spread plus the cascade's session-sampling error. The
-    stage's own session-sampling error is in neither (all seeds see the same sessions); as those are the
-    cascade's sessions too, it partly cancels the cascade's, which is why only the cascade's is counted.
+    change vs the baseline (``cascade-privileged``, a labelled reference) is ``gpr_sim.stats.relative_change``
+    of the stage's per-seed values against the baseline's estimate and CI from ``baseline``: the seeds' spread
+    plus the baseline's session-sampling error. The stage's own session-sampling error is in neither (all
+    seeds see the same sessions); as those are the baseline's sessions too, it partly cancels the
+    baseline's, which is why only the baseline's is counted.
 
     Args:
         runs: ``agents.hepo`` run folders (any algorithms and seeds).
-        baseline: an ``agents.evaluate`` output folder with a ``cascade`` row, on the runs' held-out
-            sessions (warns where its config says otherwise); None = no cascade columns.
+        baseline: an ``agents.evaluate`` output folder with a ``cascade-privileged`` row (or, from before the
+            rename, ``cascade``), on the runs' held-out sessions (warns where its config says otherwise);
+            None = no baseline columns.
         level: coverage of every interval.
 
     Returns:
         Columns ``stage``, ``algo``, ``n`` (seeds; VAFT: starting generators), ``iteration``, ``prev``
         (the previous stage, empty for VAFT), then per metric of ``TABLE4`` the mean with ``_ci_low`` /
         ``_ci_high``, ``{name}_vs_prev`` (relative change; NaN for VAFT) with its interval and, with a
-        baseline, ``{name}_vs_cascade`` with its interval; a first ``cascade`` row holds the baseline's own
-        values and CI over sessions (``n`` and ``iteration`` empty).
+        baseline, ``{name}_vs_cascade-privileged`` with its interval; a first ``cascade-privileged`` row holds
+        the baseline's own values and CI over sessions (``n`` and ``iteration`` empty).
     """
     groups = group_runs(runs)
     every = [run for members in groups.values() for run in members]
@@ -218,8 +221,8 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     Args:
         runs: ``agents.hepo`` run folders whose evaluations log strata (raises ``ValueError`` naming those
             that do not: folders written before the Evaluator logged them).
-        baseline: an ``agents.evaluate`` output folder (``summary.json`` with a cascade row, ``strata.csv``);
-            None = no cascade rows.
+        baseline: an ``agents.evaluate`` output folder (``summary.json`` with a ``cascade-privileged`` row,
+            ``strata.csv``); None = no baseline rows.
         level: coverage of the t interval over seeds.
 
     Returns:
@@ -227,7 +230,7 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
         ``stage``, ``algo``, ``n`` (seeds; VAFT: starting generators), ``iteration``, ``sessions`` (mean
         held-out sessions in the group; an ad-age group counts every session), then per metric of
         ``TABLE5`` the mean, ``_ci_low`` and ``_ci_high`` (NaN where the stratum has no such metric:
-        ``STRATA_METRICS``). With a baseline each group starts with a ``cascade`` row: its value and CI
+        ``STRATA_METRICS``). With a baseline each group starts with a ``cascade-privileged`` row: its value and CI
         over sessions (``n`` and ``iteration`` empty).
     """
     groups = group_runs(runs)
@@ -329,7 +332,7 @@ def change_cell(r, key: str, fmt: str = "+.2%", missing: str = "") -> str:
 
 
 def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
-    """Three tables: the metrics, the relative change vs the previous stage, and (with a baseline) vs the cascade."""
+    """Three tables: the metrics, the change vs the previous stage, and (with a baseline) vs ``BASELINE``."""
     head = "| stage | n | " + " | ".join(TABLE4) + " |\n|" + "---|" * (len(TABLE4) + 2) + "\n"
 
     def lines(part, cell):
@@ -345,7 +348,7 @@ def table4_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
         f"online metrics (revenue_per_session = the advertisers' cost): mean over seeds [{level:.0%} t interval "
         f"over seeds; none with one seed]"
         + (
-            f"; {BASELINE}: agents.evaluate, CI over its sessions"
+            f"; {BASELINE} ({BASELINE_NOTE}): agents.evaluate, CI over its sessions"
             if (table["stage"] == BASELINE).any()
             else ""
         )
@@ -375,7 +378,7 @@ def table5_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
     out = (
         f"online metrics by stratum (revenue_per_session = the advertisers' cost): mean over seeds "
         f"[{level:.0%} t interval over seeds; none with one seed]"
-        + (f"; {BASELINE}: agents.evaluate, CI over its sessions" if cascade else "")
+        + (f"; {BASELINE} ({BASELINE_NOTE}): agents.evaluate, CI over its sessions" if cascade else "")
         + "; sessions: held-out sessions in the group (mean over seeds; an ad-age group counts every "
         "session, its metrics count only the ads of that age)\n"
     )

@@ -2,7 +2,7 @@
 
     import envs                                              # registers ads-v0 (spaces, recovery)
     from gpr_sim.data.minari_export import export_minari
-    ds = export_minari("runs/logs/ads-v0__cascade__0.parquet", "ads/cascade-v0")
+    ds = export_minari("runs/logs/ads-v0__cascade-privileged__0.parquet", "ads/cascade-privileged-v0")
     for episode in ds.iterate_episodes(): ...
 
 Each logged session (`episode_id`) becomes one Minari episode of T steps:
