@@ -1,7 +1,7 @@
 """Evaluate agents on the same users and seeds: business metrics with confidence intervals, a table, charts.
 
     python -m agents.evaluate --env ads-v0 --agents random,cascade,oracle [--preset small] \
-        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade] [--out runs/eval/NAME]
+        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade] [--auction PLATFORM_DIR] [--out runs/eval/NAME]
 
 Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
@@ -91,6 +91,9 @@ class Args:
     reference: str = ""
     """an agent of --agents that every other one is compared with session by session (paired.csv; delta-method
     intervals over pairs whatever --ci); empty = no paired table"""
+    auction: str = ""
+    """a platform folder (`agents.fit_platform`) whose learned pCTR/pCVR the market's auction ranks on, for every
+    agent; empty = the privileged auction (the default)"""
 
     def __post_init__(self) -> None:
         cli.check_args(self)
@@ -116,6 +119,7 @@ class Args:
             ci=CIConfig(self.ci, self.level, self.n_bootstrap),
             rerun=self.rerun,
             reference=self.reference or None,
+            auction=self.auction,
         )
 
     @property
