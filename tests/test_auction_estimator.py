@@ -190,3 +190,59 @@ def test_single_env_equals_vector_env_with_the_learned_auction():
         if s_term or s_trunc:
             s_obs, _ = single.reset()
     assert differs > 0  # some requests were won, so the learned eCPM reached the outcomes
+
+
+def test_the_evaluation_auction_setting_is_checked_before_anything_runs(tmp_path):
+    from agents.evaluate import parse_args
+    from agents.evaluation.auction import attach_auction_model
+    from agents.evaluation.compare import EvalConfig, run_config
+    from agents.evaluation.oracle_share import OracleShareConfig
+
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="nowhere: not a platform folder"):
+        EvalConfig(agents=("random",), auction=missing)
+    with pytest.raises(ValueError, match="nowhere: not a platform folder"):
+        OracleShareConfig(auction=missing)
+    with pytest.raises(ValueError, match="nowhere: not a platform folder"):
+        parse_args(["--agents", "random", "--auction", missing])
+    with pytest.raises(ValueError, match=r"auction=3 is invalid"):
+        EvalConfig(agents=("random",), auction=3)
+    # the default: the privileged auction, nothing attached, and the agents' cache keys as before
+    cfg = EvalConfig(agents=("random",))
+    assert cfg.auction == "" and cfg.oracle_share.auction == "" and "auction" not in run_config(cfg, "random")
+    env = make_vec_env("ads-v0", 2, config=CFG, world_seed=0, device="cpu")
+    attach_auction_model(env, "")
+    assert env.unwrapped.auction_estimator == "privileged"
+
+
+def test_score_takes_the_auction_from_the_auction_model_and_the_funnel_from_the_estimator():
+    from gpr_sim.world import score
+
+    env = make_vec_env("ads-v0", N, config=CFG.replace(num_candidates=3), world_seed=0, device="cpu")
+    vec = env.unwrapped
+    vec.reset(seed=5)
+    ranker, auction_model = model_of(vec.world, 0), model_of(vec.world, 1)
+    vec.attach_platform(ranker)
+    vec.attach_auction(auction_model)
+    cand = torch.randint(0, CFG.num_ads, (N, 3), generator=torch.Generator().manual_seed(2))
+    cand[0, 1] = -1
+    catalog, obs = catalog_of(vec.world), observe(vec.world, vec.state)
+    with torch.no_grad():
+        funnel, auction = (
+            ranker(catalog, obs, cand.clamp(min=0)),
+            auction_model(catalog, obs, cand.clamp(min=0)),
+        )
+    world, state = vec.world, vec.state
+    want = {
+        "learned": score(world, state, cand, estimate=funnel, auction=auction),
+        "privileged": score(world, state, cand, auction=auction),
+        "truth": score(world, state, cand, truth=True, auction=auction),
+    }
+    for name, w in want.items():
+        got = vec.score(cand, estimator=name)
+        for field, x, y in zip(got._fields, got, w):
+            assert torch.equal(x, y), (name, field)
+        torch.testing.assert_close(
+            got.ecpm, 1000.0 * world.ad_bid[cand.clamp(min=0)] * auction.p_click * auction.p_conversion
+        )
+    assert not torch.equal(want["learned"].p_click, want["privileged"].p_click)
