@@ -1,7 +1,8 @@
 """Evaluate agents on the same users and seeds: business metrics with confidence intervals, a table, charts.
 
     python -m agents.evaluate --env ads-v0 --agents random,cascade,oracle [--preset small] \
-        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade] [--auction PLATFORM_DIR] [--out runs/eval/NAME]
+        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade] [--auction PLATFORM_DIR] \
+        [--out runs/eval/NAME]
 
 Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
@@ -10,7 +11,10 @@ first ceil(sessions / num_envs) sessions (a fixed number per slot, so short sess
 and the run stops once every slot has them. Metrics are computed over sessions (`gpr_sim.metrics`); the
 comparison itself is `agents.evaluation.compare`. Beside them, `eval/oracle_share`: the true value each agent
 serves on `--oracle-states` fixed request states as a share of the myopic oracle's, with its interval, and
-the fatigue-aware oracle's share (`agents.evaluation.oracle_share`).
+the fatigue-aware oracle's share (`agents.evaluation.oracle_share`). With `--auction DIR` every agent's
+market (and the oracle_share states') ranks its auction on the learned pCTR/pCVR of the platform folder DIR
+instead of the privileged estimate (`agents.evaluation.auction`); the folder's digest joins each agent's
+cache key.
 
 With `--reference NAME`, every other agent is also compared with NAME session by session
 (`agents.evaluation.paired`): sessions are paired by (env slot, the slot's session index), the first session of
