@@ -1,7 +1,8 @@
 """Evaluate agents on the same users and seeds: business metrics with confidence intervals, a table, charts.
 
     python -m agents.evaluate --env ads-v0 --agents random,cascade-privileged,oracle [--preset small] \
-        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade-privileged] [--out runs/eval/NAME]
+        [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade-privileged] \
+        [--auction PLATFORM_DIR] [--out runs/eval/NAME]
 
 Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
@@ -10,7 +11,10 @@ first ceil(sessions / num_envs) sessions (a fixed number per slot, so short sess
 and the run stops once every slot has them. Metrics are computed over sessions (`gpr_sim.metrics`); the
 comparison itself is `agents.evaluation.compare`. Beside them, `eval/oracle_share`: the true value each agent
 serves on `--oracle-states` fixed request states as a share of the myopic oracle's, with its interval, and
-the fatigue-aware oracle's share (`agents.evaluation.oracle_share`).
+the fatigue-aware oracle's share (`agents.evaluation.oracle_share`). With `--auction DIR` every agent's
+market (and the oracle_share states') ranks its auction on the learned pCTR/pCVR of the platform folder DIR
+instead of the privileged estimate (`agents.evaluation.auction`); the folder's digest joins each agent's
+cache key.
 
 With `--reference NAME`, every other agent is also compared with NAME session by session
 (`agents.evaluation.paired`): sessions are paired by (env slot, the slot's session index), the first session of
@@ -90,6 +94,9 @@ class Args:
     reference: str = ""
     """an agent of --agents that every other one is compared with session by session (paired.csv; delta-method
     intervals over pairs whatever --ci); empty = no paired table"""
+    auction: str = ""
+    """a platform folder (`agents.fit_platform`) whose learned pCTR/pCVR the market's auction ranks on, for every
+    agent; empty = the privileged auction (the default)"""
 
     def __post_init__(self) -> None:
         cli.check_args(self)
@@ -115,6 +122,7 @@ class Args:
             ci=CIConfig(self.ci, self.level, self.n_bootstrap),
             rerun=self.rerun,
             reference=self.reference or None,
+            auction=self.auction,
         )
 
     @property

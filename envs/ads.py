@@ -84,8 +84,13 @@ and the catalog), "privileged" (the simulator's own form on the hidden interest 
 noise: the market's auction-time model) or "truth" (the hidden true funnel, for oracle studies; the same
 as `truth=True`). The default, `env.unwrapped.estimator`, is "learned" once a model is attached and
 "privileged" before; "learned" with no model attached, an unknown name or `truth=True` with another
-estimator raise `ValueError`. Whatever the estimator, the auction inside `step` ranks on the privileged
-estimate (it is part of the world), and realised outcomes come from the truth. `env.unwrapped.catalog`
+estimator raise `ValueError`. Whatever the estimator, realised outcomes come from the truth.
+
+The auction inside `step` ranks on the privileged estimate by default (`env.unwrapped.auction_estimator`
+"privileged"); `env.unwrapped.attach_auction(model)` makes it rank on a learned pCTR/pCVR model instead
+("learned"; evaluated on the platform view by the same code as the "learned" estimator; None goes back), as
+a production auction ranks on the production models. While it is attached, every estimator's P(win) and
+price are the auction's own, so the scoring API predicts the auction `step` runs. `env.unwrapped.catalog`
 is the platform view of the world (`gpr_sim.platform.Catalog`). Candidates are integer ad indices in [0, num_ads), or -1 for "no ad", which scores -inf value;
 floats or bools (which would be truncated to other ads) raise `ValueError`, and so do ids >= num_ads or
 < -1 (in the vector env when `validate_actions`, the range check's one host sync). Semantic-ID paths that
@@ -100,13 +105,14 @@ The env owns its state; learners use these instead of reaching into the engine:
 `first_slot` (global slot of row 0), `state` (the current sessions, hidden state included: only the
 oracles, logging and rollouts read it), `observe()`, `remaining_budget()` (per advertiser, this budget
 day), `score(candidates, truth, state=, estimator=)` (also for some rows or rehearsed requests),
-`catalog`, `estimator` and `attach_platform(model)` (Scoring API),
+`catalog`, `estimator`, `attach_platform(model)`, `auction_estimator` and `attach_auction(model)` (Scoring API),
 `rehearse(rows)` (the next request of chosen sessions with no ad shown, on its own random stream; moves
 nothing), and `state_dict()` / `load_state_dict()` (resume bit for bit).
 
 ## Version history
 - v0: first release; semantic-ID action mode (`action_mode="semantic"`), default unchanged; the scoring
-  API's `estimator` and `attach_platform` (default unchanged until a model is attached).
+  API's `estimator` and `attach_platform` (default unchanged until a model is attached); `attach_auction`
+  (the auction on a learned model; default unchanged: the privileged auction).
 """
 
 from __future__ import annotations
@@ -356,6 +362,15 @@ class AdsEnv(gym.Env):
         """Score with a learned pCTR/pCVR model by default (``BatchedMarket.attach_platform``); None detaches."""
         self.engine.attach_platform(model)
 
+    @property
+    def auction_estimator(self) -> str:
+        """What the auction inside ``step`` ranks on: "learned" after ``attach_auction(model)``, else "privileged"."""
+        return self.engine.auction_estimator
+
+    def attach_auction(self, model: FunnelModel | None) -> None:
+        """Rank the auction on a learned pCTR/pCVR model (``BatchedMarket.attach_auction``); None: privileged."""
+        self.engine.attach_auction(model)
+
     def score(self, candidates, truth: bool = False, estimator: str | None = None) -> dict[str, np.ndarray]:
         """Expected value of candidate ads (K,) for the current request; moves nothing (module doc, Scoring API)."""
         arr = np.asarray(candidates)
@@ -477,6 +492,15 @@ class AdsVectorEnv(gym.vector.VectorEnv):
     def attach_platform(self, model: FunnelModel | None) -> None:
         """Score with a learned pCTR/pCVR model by default (``BatchedMarket.attach_platform``); None detaches."""
         self.engine.attach_platform(model)
+
+    @property
+    def auction_estimator(self) -> str:
+        """What the auction inside ``step`` ranks on: "learned" after ``attach_auction(model)``, else "privileged"."""
+        return self.engine.auction_estimator
+
+    def attach_auction(self, model: FunnelModel | None) -> None:
+        """Rank the auction on a learned pCTR/pCVR model (``BatchedMarket.attach_auction``); None: privileged."""
+        self.engine.attach_auction(model)
 
     def score(
         self,

@@ -31,6 +31,7 @@ from gpr_sim.world import (
     transition,
 )
 from gpr_sim.world.core import Grant
+from gpr_sim.world.funnel import Probabilities
 
 INFO_KEYS_PER_SLOT = (
     "ad_id",
@@ -55,7 +56,8 @@ real next draw"""
 
 ESTIMATORS = ("learned", "privileged", "truth")
 """what ``BatchedMarket.score`` answers with: the attached learned pCTR/pCVR (``attach_platform``), the
-privileged estimator (the simulator's own form on hidden fields; the auction's model), or the hidden truth"""
+privileged estimator (the simulator's own form on hidden fields; the auction's default model), or the hidden
+truth"""
 
 
 def resolve_estimator(truth: bool, estimator: str | None, default: str) -> str:
@@ -168,6 +170,7 @@ class BatchedMarket:
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self.platform: FunnelModel | None = None
+        self.auction_model: FunnelModel | None = None
         self._catalog: Catalog | None = None
 
     @property
@@ -182,19 +185,63 @@ class BatchedMarket:
         """What ``score`` answers with by default: "learned" with a model attached, else "privileged"."""
         return "privileged" if self.platform is None else "learned"
 
+    @property
+    def auction_estimator(self) -> str:
+        """What the auction inside ``step`` ranks on: "learned" with ``attach_auction(model)``, else "privileged"."""
+        return "privileged" if self.auction_model is None else "learned"
+
+    def _checked_model(self, model: FunnelModel | None) -> FunnelModel | None:
+        """``model`` on the market's device in eval mode, after checking it was fitted on this catalog."""
+        if model is not None:
+            model.check_catalog(self.catalog)
+            model = model.to(self.device).eval()
+        return model
+
     def attach_platform(self, model: FunnelModel | None) -> None:
         """Score with the learned pCTR/pCVR ``model`` by default (None detaches it: back to "privileged").
 
         The model is moved to the market's device and put in eval mode. The auction inside ``step`` is not
-        affected: it keeps the market's own (privileged) estimator, part of the world.
+        affected: it ranks on the privileged estimator, or on the model given to ``attach_auction``.
 
         Raises:
             ValueError: if ``model`` was trained on another catalog (sizes or embedding fingerprint).
         """
-        if model is not None:
-            model.check_catalog(self.catalog)
-            model = model.to(self.device).eval()
-        self.platform = model
+        self.platform = self._checked_model(model)
+
+    def attach_auction(self, model: FunnelModel | None) -> None:
+        """Make the auction inside ``step`` rank on the learned pCTR/pCVR ``model`` (None: the privileged one).
+
+        A production auction ranks on the production models' eCPM, which read only what the platform
+        observes: the model is evaluated on the platform view (``observe``) and the catalog, by the same code
+        as ``score(estimator="learned")``. Clicks and conversions still come from the hidden truth. While it
+        is attached, every ``score`` estimator takes P(win) and price from this auction (the platform knows
+        its own auction model) and only the funnel from the estimator. The default estimator of ``score`` is
+        not changed (``attach_platform`` sets it).
+
+        Raises:
+            ValueError: if ``model`` was trained on another catalog (sizes or embedding fingerprint).
+        """
+        self.auction_model = self._checked_model(model)
+
+    def learned_estimate(
+        self, model: FunnelModel, state: SessionState, candidates: torch.Tensor
+    ) -> Probabilities:
+        """``model``'s pCTR/pCVR of ``candidates`` (N, K) for the requests of ``state``, from the platform view.
+
+        The one home of a learned estimate, for ``score`` and the learned auction alike: the model reads the
+        observation of ``state`` (``observe``) and the catalog, never the hidden state; invalid ids are
+        valued as ad 0 (callers mask them).
+        """
+        valid = (candidates >= 0) & (candidates < self.config.num_ads)
+        ads = torch.where(valid, candidates, torch.zeros_like(candidates))
+        with torch.no_grad():
+            return model(self.catalog, observe(self.world, state), ads)
+
+    def auction_estimate(self, state: SessionState, candidates: torch.Tensor) -> Probabilities | None:
+        """What the auction ranks ``candidates`` on: the attached auction model's estimate, or None (privileged)."""
+        if self.auction_model is None:
+            return None
+        return self.learned_estimate(self.auction_model, state, candidates)
 
     def require_reset(self, what: str) -> None:
         """Raise ``RuntimeError("call reset() before {what}")`` while no session has started."""
@@ -234,7 +281,10 @@ class BatchedMarket:
         ``final_obs`` is the observation that ended the session (equal to ``obs`` for other rows).
         """
         self.require_reset("step()")
-        state, self.market, out = transition(self.world, self.state, self.market, candidates, self.grant)
+        estimate = self.auction_estimate(self.state, candidates)
+        state, self.market, out = transition(
+            self.world, self.state, self.market, candidates, self.grant, estimate
+        )
         self.episode_return += out.reward.double()
         self.episode_length += 1
         final_obs = observe(self.world, state)
@@ -273,21 +323,27 @@ class BatchedMarket:
         ``estimator``: one of ``ESTIMATORS``, default ``self.estimator``; ``truth=True`` is "truth". The
         learned model reads only the observation of ``state`` (``observe``) and the catalog.
 
+        With the privileged auction, eCPM, P(win) and price are the estimator's own (the learned estimator
+        predicts the auction with its own pCTR/pCVR, as it cannot read the privileged one). With a learned
+        auction (``attach_auction``) every estimator takes them from the auction's model, which reads only the
+        platform view, so P(win) and price are what ``step`` does, and only the funnel is the estimator's.
+
         Raises:
             ValueError: for an unknown or conflicting estimator, or "learned" with no model attached.
         """
         self.require_reset("score()")
         name = resolve_estimator(truth, estimator, self.estimator)
         state = self.state if state is None else state
-        if name != "learned":
-            return score(self.world, state, candidates, truth=name == "truth")
-        if self.platform is None:
+        if name == "learned" and self.platform is None:
             raise ValueError("estimator='learned' needs a pCTR/pCVR model: call attach_platform(model) first")
-        valid = (candidates >= 0) & (candidates < self.config.num_ads)
-        ads = torch.where(valid, candidates, torch.zeros_like(candidates))
-        with torch.no_grad():
-            est = self.platform(self.catalog, observe(self.world, state), ads)
-        return score(self.world, state, candidates, estimate=est)
+        auction = self.auction_estimate(state, candidates)
+        if name != "learned":
+            return score(self.world, state, candidates, truth=name == "truth", auction=auction)
+        if self.platform is self.auction_model:
+            est = auction  # one model: one evaluation
+        else:
+            est = self.learned_estimate(self.platform, state, candidates)
+        return score(self.world, state, candidates, estimate=est, auction=auction)
 
     def eligible_ads(self) -> torch.Tensor:
         """(num_ads,) bool: ads whose advertiser can bid in the next auction."""
@@ -306,7 +362,8 @@ class BatchedMarket:
         their own random stream (seed + ``seed_offset``, so rehearsal never peeks at the real next draw):
         the user is kept, the organic items they consume next and the context (position, time, ad load)
         move. The market is read, never written; the step's grant is not called (no ad means no charge,
-        and a data-parallel grant is a collective over every rank's rows, not a chosen few).
+        and a data-parallel grant is a collective over every rank's rows, not a chosen few), and the auction
+        model is not evaluated (with no candidate, nothing is ranked).
         """
         self.require_reset("rehearse()")
         state = self.state.select(rows)

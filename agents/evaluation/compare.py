@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agents.evaluation.auction import attach_auction_model, auction_funnel_file
 from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, state_values, summarize_shares
 from agents.evaluation.sessions import collect_sessions
 from agents.policies import known_policies, make_policy, policy_factory, policy_inputs, policy_label
@@ -78,8 +79,12 @@ class EvalConfig:
     reference: str | None = None
     """the agent every other one is compared with, session by session (``agents.evaluation.paired``); None
     = no paired table (no agent is the baseline by default: the first one listed is often ``random``)"""
+    auction: str = ""
+    """a platform folder (``agents.fit_platform``) whose learned pCTR/pCVR every agent's market auction ranks on
+    (``agents.evaluation.auction``); empty = the privileged auction (the default)"""
 
     def __post_init__(self) -> None:
+        auction_funnel_file(self.auction)  # not a platform folder: fails before anything runs
         for name in ("num_envs", "sessions", "oracle_states"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -118,6 +123,7 @@ class EvalConfig:
             states=self.oracle_states,
             seed=self.seed,
             level=self.ci.level,
+            auction=self.auction,
         )
 
 
@@ -133,7 +139,7 @@ def agent_inputs(spec: str) -> dict[str, str]:
 def run_config(cfg: EvalConfig, spec: str) -> dict:
     """Everything that determines an agent's sessions (not how they are summarised): the settings and the
     content of the files the agent reads (``agent_inputs``: a retrained ``policy.pt`` is evaluated again)."""
-    return {
+    config = {
         "agent": spec,
         "inputs": agent_inputs(spec),
         "env": cfg.env,
@@ -146,6 +152,10 @@ def run_config(cfg: EvalConfig, spec: str) -> dict:
         "device": cfg.device,
         "oracle_states": cfg.oracle_states,
     }
+    file = auction_funnel_file(cfg.auction)
+    if file is not None:  # absent for the privileged auction, so earlier caches stay valid
+        config["auction"] = {"path": cfg.auction, "funnel": file_digest(file)}
+    return config
 
 
 def agent_dir(out: Path, spec: str) -> Path:
@@ -179,6 +189,7 @@ def run_agent(cfg: EvalConfig, spec: str, out: Path) -> tuple[pd.DataFrame, pd.D
         device=cfg.device,
         validate_actions=False,
     )
+    attach_auction_model(env, cfg.auction)
     policy = make_policy(spec, env, cfg.seed)
     start = time.perf_counter()
     sessions, steps = collect_sessions(env, policy, cfg.sessions_per_slot, cfg.seed, desc=spec)

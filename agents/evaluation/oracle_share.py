@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from agents.evaluation.auction import attach_auction_model, auction_funnel_file
 from agents.policies import make_policy, row_chunks
 from agents.policies.cascade import CascadePolicy
 from agents.policies.distribution import action_distribution
@@ -72,8 +73,12 @@ class OracleShareConfig:
     """calls of ``act`` averaged for a policy without an exact action distribution"""
     level: float = 0.95
     """coverage of the interval"""
+    auction: str = ""
+    """a platform folder whose learned pCTR/pCVR the states' market auction ranks on (``agents.evaluation.auction``);
+    empty = the privileged auction"""
 
     def __post_init__(self) -> None:
+        auction_funnel_file(self.auction)
         for name, lo in (("states", 1), ("warmup", 0), ("samples", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -111,6 +116,7 @@ class RequestStates:
             device=config.device,
             validate_actions=False,
         )
+        attach_auction_model(env, config.auction)
         return cls.from_env(env, config)
 
     @classmethod

@@ -2,10 +2,10 @@
 
     open_market(world, num_envs)                      -> MarketState
     initial(world, seed, slot, counter, episode)      -> SessionState      (a new session per row)
-    transition(world, state, market, candidates, grant=None)
+    transition(world, state, market, candidates, grant=None, estimate=None)
                                                       -> SessionState, MarketState, Outcome
     observe(world, state)                             -> dict of tensors   (U/O/E/I observation)
-    score(world, state, candidates, truth=False, estimate=None)
+    score(world, state, candidates, truth=False, estimate=None, auction=None)
                                                       -> CandidateScores   (no state change)
 
 One request per step: the policy proposes candidates, the auction fills the slots, the funnel draws
@@ -214,6 +214,7 @@ def score(
     truth: bool = False,
     slot: int = 0,
     estimate: Probabilities | None = None,
+    auction: Probabilities | None = None,
 ) -> CandidateScores:
     """Expected value of arbitrary candidate ads (N, K) for the current requests; moves nothing.
 
@@ -234,9 +235,12 @@ def score(
     learned pCTR/pCVR of ``gpr_sim.platform.funnel``); (N, K) each, entries of invalid candidates are
     ignored. Then eCPM, P(win), price, GMV, ``p_stay`` (with the estimate's ``match``) and ``value`` all
     come from it: the auction as that platform predicts it. Without it the estimate is the privileged
-    ``platform_probabilities`` (the simulator's own form on hidden fields). ``transition``'s auction
-    always ranks on ``platform_probabilities``: that is the market's own auction-time model, part of the
-    world, whichever estimator a caller scores with.
+    ``platform_probabilities`` (the simulator's own form on hidden fields).
+
+    ``auction``: the probabilities ``transition``'s auction ranks on (its ``estimate``), when the caller
+    knows them; (N, K) each. Then eCPM, P(win) and price come from them and only the funnel (clicks,
+    conversions, GMV, stay) from ``estimate`` or the truth: the auction is known, the funnel estimated.
+    Default: the auction is ranked on ``estimate`` (or the privileged estimate), ``transition``'s default.
     """
     cfg = world.config
     valid = (candidates >= 0) & (candidates < cfg.num_ads)
@@ -247,7 +251,8 @@ def score(
         raise ValueError("score got truth=True and an estimate: the truth replaces the platform's estimate")
     else:
         est = _checked_estimate(estimate, candidates)
-    bid_ecpm = ecpm(world, ads, est)
+    ranked = est if auction is None else _checked_estimate(auction, candidates)
+    bid_ecpm = ecpm(world, ads, ranked)
     p_win, revenue = auction_expectations(cfg, bid_ecpm)
     if truth:
         pr = true_probabilities(world, ads, state.interest, state.user_id, state.fatigue, state.hour, slot)
@@ -266,7 +271,16 @@ def score(
 
 def _checked_estimate(estimate: Probabilities, candidates: torch.Tensor) -> Probabilities:
     """``estimate`` as ``Probabilities`` of ``candidates``' shape; ``ValueError`` naming a misshapen field."""
-    for name, t in zip(Probabilities._fields, estimate):
+    fields = Probabilities._fields
+    if not isinstance(estimate, tuple) or len(estimate) != len(fields):
+        raise ValueError(
+            f"estimate is a {type(estimate).__name__}: expected Probabilities{fields} of (N, K) tensors"
+        )
+    for name, t in zip(fields, estimate):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(
+                f"estimate.{name} is a {type(t).__name__}: expected a tensor of the candidates' shape"
+            )
         if t.shape != candidates.shape:
             raise ValueError(
                 f"estimate.{name} has shape {tuple(t.shape)}: expected the candidates' {tuple(candidates.shape)}"
@@ -280,6 +294,7 @@ def transition(
     market: MarketState,
     candidates: torch.Tensor,
     grant: Grant | None = None,
+    estimate: Probabilities | None = None,
 ) -> tuple[SessionState, MarketState, Outcome]:
     """Serve one ad request per row. ``candidates`` (N, K) int64 ad ids; invalid ids are not shown.
 
@@ -287,6 +302,12 @@ def transition(
     returns the grant mask and the spend that moves the market (default ``grant_in_order``: this batch
     alone). A data-parallel shard passes one that settles every rank's charges, so each rank's market
     moves by the global spend.
+
+    ``estimate``: the funnel probabilities the auction ranks on, of ``candidates`` ((N, K) each, as in
+    ``score``; entries of invalid candidates are ignored), e.g. the platform's learned pCTR/pCVR. The
+    auction's eCPM (and so the winners, prices and ``Outcome.ecpm``) comes from it; None ranks on the
+    privileged ``platform_probabilities``. Clicks, conversions and the user's response always come from
+    the hidden truth, whatever the auction ranked on.
     """
     cfg = world.config
     n, k = candidates.shape
@@ -300,7 +321,10 @@ def transition(
     adv = world.ad_advertiser[ads]
     spent_today, active = _day_status(world, market)
     eligible = valid & active[adv] & first_occurrence(ads)
-    est = platform_probabilities(world, ads, state.user_id)
+    if estimate is None:
+        est = platform_probabilities(world, ads, state.user_id)
+    else:
+        est = _checked_estimate(estimate, candidates)
     bid_ecpm = ecpm(world, ads, est)
     winner, won, price = gsp_auction(bid_ecpm, eligible, S, effective_reserve(cfg, u[:, 4 * S + 1]))
     shown = ads.gather(1, winner)  # (N, S)
