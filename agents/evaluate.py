@@ -62,7 +62,8 @@ class Args:
     env: str = "ads-v0"
     """a registered ads env id (`envs.ads_env_ids()`: ads-v0)"""
     agents: str = "random,cascade-privileged,oracle"
-    """comma-separated agents: policy names of `agents.policies` or NAME:ARG specs (gpr:PATH)"""
+    """comma-separated agents: policy names of `agents.policies` or NAME:ARG specs (gpr:PATH), each with options
+    as @key=value (e.g. cascade-privileged@temperature=0, the greedy cascade, beside the exploring default)"""
     preset: str = "small"
     """world preset"""
     world_seed: int = 0

@@ -20,6 +20,7 @@ from agents.policies import (
     policy_factory,
     policy_label,
     policy_options,
+    split_spec,
 )
 from agents.policies.cascade import CascadePolicy
 from agents.reporting.folders import read_baseline, read_baseline_strata
@@ -138,3 +139,33 @@ def test_reports_read_the_baseline_under_either_name(tmp_path):
         read_baseline(_evaluate_folder(tmp_path / "none", ["random", "oracle"]))
     with pytest.raises(ValueError, match=r"no 'cascade-privileged' rows \(agents: random, oracle\)"):
         read_baseline_strata(tmp_path / "none")
+
+
+# -- options written into a spec (``NAME[:ARG]@key=value``): one policy twice in one agent list ----------------
+
+
+def test_split_spec_parses_typed_options_and_rejects_malformed_ones():
+    assert split_spec("random") == ("random", {})
+    assert split_spec("gpr:runs/x@beam_width=4@rank=value@flag=true@t=0.5") == (
+        "gpr:runs/x",
+        {"beam_width": 4, "rank": "value", "flag": True, "t": 0.5},
+    )
+    for bad in ("cascade-privileged@temperature", "cascade-privileged@=1", "cascade-privileged@t=1@t=2"):
+        with pytest.raises(ValueError, match="cascade-privileged"):
+            split_spec(bad)
+
+
+def test_spec_options_build_the_same_policy_as_keyword_options():
+    env = make_vec_env("ads-v0", 8, config=CFG)
+    obs, _ = env.reset(seed=1)
+    a = make_policy("cascade-privileged@temperature=0", env, seed=3).act(obs)
+    b = make_policy("cascade-privileged", env, seed=3, temperature=0.0).act(obs)
+    c = make_policy("cascade-privileged", env, seed=3).act(obs)  # the default exploring cascade
+    assert torch.equal(a.action, b.action) and torch.equal(a.propensity, b.propensity)
+    assert not torch.equal(a.propensity, c.propensity)
+    assert is_privileged("cascade-privileged@temperature=0")
+    assert policy_label("cascade-privileged@temperature=0") == "cascade-privileged@temperature=0 (reference)"
+    with pytest.raises(ValueError, match=r"takes no option \['beam'\]"):
+        policy_factory("cascade-privileged@beam=3")
+    with pytest.raises(ValueError, match="already sets"):
+        make_policy("cascade-privileged@temperature=0", env, seed=3, temperature=0.5)

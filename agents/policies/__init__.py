@@ -28,6 +28,7 @@ The registry builds a policy module only when it is asked for (the policy module
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterator
@@ -169,6 +170,42 @@ def known_policies() -> list[str]:
     return sorted([*POLICIES, *(f"{name}:{fam.arg}" for name, fam in FAMILIES.items())])
 
 
+OPTION_SEP = "@"
+"""``NAME[:ARG]@key=value@key=value``: options written into a spec, so a comma-separated agent list (``agents.evaluate
+--agents``) can hold one policy twice with different options, e.g. ``cascade-privileged@temperature=0`` (greedy)
+beside ``cascade-privileged`` (exploring)"""
+
+
+def _option_value(text: str) -> bool | int | float | str:
+    """An option's value as written in a spec: true / false, an int, a float, else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, bool | int | float | str]]:
+    """``"NAME[:ARG]@k=v@..."`` -> (``"NAME[:ARG]"``, {k: v}); a spec without options gives {}.
+
+    Raises:
+        ValueError: an option that is not ``key=value``, or a key given twice.
+    """
+    base, *parts = spec.split(OPTION_SEP)
+    options: dict[str, bool | int | float | str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not (key and eq and value):
+            raise ValueError(f"policy {spec!r}: option {part!r} is not key=value")
+        if key in options:
+            raise ValueError(f"policy {spec!r}: option {key!r} is given twice")
+        options[key] = _option_value(value)
+    return base, options
+
+
 def canonical_policy(spec: str) -> str:
     """The current name of ``spec``: a former name (``ALIASES``) resolved, anything else unchanged.
 
@@ -178,8 +215,8 @@ def canonical_policy(spec: str) -> str:
 
 
 def is_privileged(spec: str) -> bool:
-    """Whether the policy ``spec`` (current or former name) reads the simulator's hidden state."""
-    return canonical_policy(spec) in PRIVILEGED
+    """Whether the policy ``spec`` (current or former name, options allowed) reads the simulator's hidden state."""
+    return canonical_policy(spec.split(OPTION_SEP)[0]) in PRIVILEGED
 
 
 def policy_label(spec: str) -> str:
@@ -188,14 +225,27 @@ def policy_label(spec: str) -> str:
 
 
 def policy_factory(spec: str) -> PolicyFactory:
-    """The factory of a policy name (``random``) or ``NAME:ARG`` spec (``gpr:runs/hepo/RUN``).
+    """The factory of a policy name (``random``) or ``NAME:ARG`` spec (``gpr:runs/hepo/RUN``), options
+    (``@key=value``, ``split_spec``) bound.
 
     Checks the spec without building anything, so a command line fails on its arguments before it runs.
     A former name (``ALIASES``) gives its current policy's factory with a ``FutureWarning``.
 
     Raises:
-        ValueError: an unknown name (listing ``known_policies()``) or a family's bad ARG.
+        ValueError: an unknown name (listing ``known_policies()``), a family's bad ARG, or an option the
+            policy does not take.
     """
+    spec, options = split_spec(spec)
+    factory = _base_factory(spec)
+    if not options:
+        return factory
+    unknown = sorted(set(options) - set(_options(factory)))
+    if unknown:
+        raise ValueError(f"policy {spec!r} takes no option {unknown}: its options are {_options(factory)}")
+    return functools.partial(factory, **options)
+
+
+def _base_factory(spec: str) -> PolicyFactory:
     if spec in ALIASES:
         warnings.warn(f"policy {spec!r} is deprecated: use {ALIASES[spec]!r}", FutureWarning, stacklevel=2)
         spec = ALIASES[spec]
@@ -209,7 +259,7 @@ def policy_factory(spec: str) -> PolicyFactory:
 
 def policy_inputs(spec: str) -> list[Path]:
     """The files the policy ``spec`` reads (a family's run folder files); [] for the built-in policies."""
-    family, sep, arg = spec.partition(":")
+    family, sep, arg = split_spec(spec)[0].partition(":")
     return FAMILIES[family].inputs(arg) if sep and family in FAMILIES else []
 
 
@@ -219,6 +269,7 @@ def policy_options(spec: str) -> list[str]:
 
 
 def _options(factory: PolicyFactory) -> list[str]:
+    """The keyword options of ``factory`` (those a spec's ``@key=value`` already bound included)."""
     return [p for p in inspect.signature(factory).parameters if p not in ("env", "seed")]
 
 
@@ -226,7 +277,8 @@ def make_policy(spec: str, env, seed: int = 0, **options) -> Policy:
     """Build the policy ``spec`` (a name or ``NAME:ARG``, ``known_policies()``) bound to ``env``.
 
     Args:
-        spec: e.g. ``"cascade-privileged"``, ``"oracle-fatigue"``, ``"gpr:runs/hepo/RUN"``.
+        spec: e.g. ``"cascade-privileged"``, ``"oracle-fatigue"``, ``"gpr:runs/hepo/RUN"``,
+            ``"cascade-privileged@temperature=0"`` (options in the spec, ``split_spec``).
         env: an ads-v0 vector env or a ``BatchedMarket`` (``batched_env``).
         seed: seed of the policy's own randomness (exploration, refiner noise).
         **options: the policy's options (table in the module doc), e.g. ``temperature`` of the cascade.
@@ -239,6 +291,9 @@ def make_policy(spec: str, env, seed: int = 0, **options) -> Policy:
     unknown = sorted(set(options) - set(takes))
     if unknown:
         raise ValueError(f"policy {spec!r} takes no option {unknown}: its options are {takes}")
+    twice = sorted(set(options) & set(split_spec(spec)[1]))
+    if twice:
+        raise ValueError(f"policy {spec!r} already sets {twice} in its spec: pass each option once")
     return factory(env, seed, **options)
 
 
@@ -261,4 +316,5 @@ __all__ = [
     "policy_label",
     "policy_options",
     "row_chunks",
+    "split_spec",
 ]
