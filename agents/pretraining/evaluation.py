@@ -7,6 +7,7 @@ the evaluation with the highest ``BEST_METRIC``; ``resume_best`` re-derives it w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +33,42 @@ def value_target(model: GPRModel, values: torch.Tensor, coef: float = 1.0) -> to
     return values if model.hte is not None and coef > 0 else None
 
 
+def target_features(ad_lookup: Callable[[torch.Tensor], torch.Tensor] | None, codes: torch.Tensor):
+    """(B, F_ad) platform features of head 0's target ad (``mtp_loss``'s ``value_features``), or None.
+
+    ``ad_lookup``: full paths -> features (``gpr_sim.model.hte.path_ad_features`` bound to the tokenizer and
+    the features; ``ad_lookup``), None when the model reads none."""
+    return None if ad_lookup is None else ad_lookup(codes[:, 0])
+
+
 @torch.no_grad()
 def evaluate(
-    model: GPRModel, data: Split, trie: PrefixTrie, cfg: PretrainConfig, pop: dict[str, float]
+    model: GPRModel,
+    data: Split,
+    trie: PrefixTrie,
+    cfg: PretrainConfig,
+    pop: dict[str, float],
+    ad_lookup: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """eval/loss (weighted MTP NLL over all held-out requests) and ranking metrics of head 0 (module doc);
     with the HTE, eval/loss_value (its MSE over every prefix of the held-out shown ads, in value_scale units)
-    and eval/value_r2 (1 - that MSE / the variance of the held-out targets: 0 = no better than their mean)."""
+    and eval/value_r2 (1 - that MSE / the variance of the held-out targets: 0 = no better than their mean).
+    ``ad_lookup``: as in ``target_features``."""
     model.eval()
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)  # same refiner noise every eval
     total, n, sq, n_v = 0.0, len(data), 0.0, 0
     for lo in range(0, n, 512):
         idx = torch.arange(lo, min(lo + 512, n), device=cfg.device)
         tokens, codes, masks, weights, values = data.rows(idx)
-        out = model.mtp_loss(tokens, codes, weights, masks, gen, value_target=value_target(model, values))
+        out = model.mtp_loss(
+            tokens,
+            codes,
+            weights,
+            masks,
+            gen,
+            value_target=value_target(model, values),
+            value_features=target_features(ad_lookup, codes),
+        )
         total += float(out.loss_mtp) * idx.numel()
         rows_v = int((has_target(codes) & values.isfinite()).sum())
         sq, n_v = sq + float(out.loss_value) * rows_v, n_v + rows_v
