@@ -233,7 +233,7 @@ class GPRPolicy:
         feats = path_ad_features(self.tokenizer, self.ad_features, codes)  # (B, W, F_ad) or None
         value = self.model.path_values(ctx, codes.clamp_min(0), feats)[..., -1].float()  # (B, W)
         value = value.masked_fill(items < 0, float("-inf"))
-        order = value.argsort(1, descending=True, stable=True)[:, : self.k]
+        order = value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
         return items.gather(1, order)
 
 
