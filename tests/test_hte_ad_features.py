@@ -193,11 +193,15 @@ def _served(policy, obs, top_k: int):
     from gpr_sim.model.incremental import head_context_kv, request_major_step
     from gpr_sim.schema import tokens_from_obs
 
-    tokens = tokens_from_obs(obs, policy.tokenizer.table, policy.schema, check=False, features=policy.features)
+    tokens = tokens_from_obs(
+        obs, policy.tokenizer.table, policy.schema, check=False, features=policy.features
+    )
     policy.model.eval()
     with torch.no_grad():
         ctx = policy.model.context(tokens, torch.Generator().manual_seed(3))
-        step = request_major_step(policy.model.ptd.level_logits_cached, head_context_kv(policy.model, ctx), len(ctx))
+        step = request_major_step(
+            policy.model.ptd.level_logits_cached, head_context_kv(policy.model, ctx), len(ctx)
+        )
         eligible = policy.env.eligible_ads()
         res = beam_search(
             step, policy.tokenizer.trie, batch_size=len(ctx), beam_width=policy.beam_width, top_k=top_k,
@@ -235,3 +239,49 @@ def test_rank_logprob_is_the_beam_order_and_value_the_hte_order(run_dir):
     torch.testing.assert_close(by_value.act(obs).action, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"rank='best' is unknown: expected one of \['logprob', 'value'\]"):
         GPRPolicy(env, run_dir, rank="best")
+
+
+# ----------------------------------------------------------------------------- the RL rollout and update
+
+
+def test_rollout_and_update_read_the_candidates_features():
+    """The critic values a rollout stores (``Roller``) and those the update recomputes (``path_terms``,
+    ``PathTerms``) both read the sampled ads' features: equal to each other, and not to the values without."""
+    import envs  # noqa: F401  (registers ads-v0)
+    from agents.rl.loop import PathTerms, path_terms
+    from agents.rl.rollout import Roller
+    from envs import make_vec_env
+    from gpr_sim.schema import SchemaConfig, tokens_from_obs
+    from gpr_sim.tokenizer.compare import CompareConfig
+    from gpr_sim.tokenizer.world import fit_world_tokenizer
+    from gpr_sim.world import preset
+
+    torch.set_num_threads(1)
+    world = preset("small", num_ads=120, num_organic=300, num_users=400, num_advertisers=10)
+    env = make_vec_env("ads-v0", 6, config=world, device="cpu", validate_actions=False)
+    tok = fit_world_tokenizer(
+        env.unwrapped.world, "rq-kmeans", CompareConfig(num_levels=2, codebook_size=6, kmeans_iters=3)
+    )
+    schema = SchemaConfig.from_world(world)
+    obs, _ = env.reset(seed=0)
+    dense = tokens_from_obs(obs, tok.table, schema, check=False).dense_features.shape[-1]
+    cfg = GPRConfig(
+        level_sizes=tuple(tok.level_sizes), d_model=16, n_layers=1, n_heads=2, dense_dim=dense,
+        max_len=schema.seq_len, hte_ad_features=F,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPRModel(cfg).eval()
+    with torch.no_grad():
+        model.hte.ad_proj.weight.normal_()  # a trained input: the features move the item value
+    roller = Roller(env, tok, group_size=4, truth=True, arr_rate=0.0, seed=3)
+    buf, _ = roller.collect(model, 1)
+    lookup = roller.ad_lookup(model)
+    with torch.no_grad():
+        _, values = path_terms(model, buf, ad_lookup=lookup)
+        _, module_values = PathTerms(model, ad_lookup=lookup)(buf)
+        _, blind = path_terms(model, buf)
+    torch.testing.assert_close(values, buf.old_values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module_values, values, rtol=0, atol=0)
+    torch.testing.assert_close(blind[..., :-1], values[..., :-1], rtol=0, atol=0)
+    assert (blind[..., -1] - values[..., -1]).abs().max() > 1e-3
+    assert roller.ad_lookup(GPRModel(dataclasses.replace(cfg, hte_ad_features=0))) is None

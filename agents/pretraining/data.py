@@ -200,6 +200,5 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     pop_ranked = popularity_rankings(shown, tok.num_ads, cfg.top_k, n_rank)
     pop_target = held_out.ads[has, 0][:n_rank].cpu()
     pop = {f"eval/pop_{k}": v for k, v in ranking_metrics(pop_ranked, pop_target).items()}
-    return StageData(
-        tok, schema, train, held_out, trie, pop, scale, dense_dim(world.config, cfg.platform_features), features
-    )
+    f = dense_dim(world.config, cfg.platform_features)
+    return StageData(tok, schema, train, held_out, trie, pop, scale, f, features)

@@ -166,9 +166,7 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
     model, opt, gen, start = init_model(cfg, data, ckpt, dist)
     ad_lookup = None  # full paths -> the candidate ad's features, when the HTE reads them
     if model.cfg.hte_ad_features:
-        ad_lookup = functools.partial(
-            path_ad_features, data.tok.to(cfg.device), data.features.to(cfg.device)
-        )
+        ad_lookup = functools.partial(path_ad_features, data.tok.to(cfg.device), data.features.to(cfg.device))
 
     metrics_path, best_path = out / "metrics.jsonl", out / "best.pt"
     key = BEST_METRIC.format(k=cfg.top_k)

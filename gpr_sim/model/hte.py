@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from gpr_sim.tokenizer.world import WorldTokenizer
 
 
-def path_ad_features(tokenizer: WorldTokenizer, features: PlatformFeatures | None, paths: Tensor) -> Tensor | None:
+def path_ad_features(
+    tokenizer: WorldTokenizer, features: PlatformFeatures | None, paths: Tensor
+) -> Tensor | None:
     """Platform features of the ad each full path decodes to: the HTE's candidate input.
 
     Args:
