@@ -220,15 +220,17 @@ def test_rank_logprob_is_the_beam_order_and_value_the_hte_order(run_dir):
     obs = {k: torch.as_tensor(v) for k, v in obs.items()}
     default = GPRPolicy(env, run_dir, beam_width=6, seed=3)
     by_default = make_policy(f"gpr:{run_dir}", env, 3, beam_width=6)
-    assert default.rank == "value" and default.model.cfg.hte_ad_features == F
     model, tok = load_run_model(run_dir)
-    assert GPRPolicy.from_model(env, model, tok).rank == "logprob"  # training-time evaluation: the beam order
+    assert default.rank == GPRPolicy.from_model(env, model, tok).rank == "logprob"
+    assert default.model.cfg.hte_ad_features == F
     by_logprob = make_policy(f"gpr:{run_dir}", env, 3, beam_width=6, rank="logprob")
     k = default.k
     # logprob: the beam's first k items, a row's best repeated in empty slots (the behaviour before `rank`)
     _, res = _served(default, obs, k)
     want = torch.where(res.items >= 0, res.items, res.items[:, :1].clamp_min(0))
     torch.testing.assert_close(by_logprob.act(obs).action, want, rtol=0, atol=0)
+    torch.testing.assert_close(default.act(obs).action, want, rtol=0, atol=0)
+    torch.testing.assert_close(by_default.act(obs).action, want, rtol=0, atol=0)
     # value: all beam_width items, the k of highest HTE value with the candidate's features
     by_value = make_policy(f"gpr:{run_dir}", env, 3, beam_width=6, rank="value")
     ctx, res = _served(by_value, obs, by_value.beam_width)
@@ -239,8 +241,6 @@ def test_rank_logprob_is_the_beam_order_and_value_the_hte_order(run_dir):
     top = res.items.gather(1, v.argsort(dim=1, descending=True, stable=True)[:, :k])
     want = torch.where(top >= 0, top, top[:, :1].clamp_min(0))
     torch.testing.assert_close(by_value.act(obs).action, want, rtol=0, atol=0)
-    torch.testing.assert_close(default.act(obs).action, want, rtol=0, atol=0)
-    torch.testing.assert_close(by_default.act(obs).action, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"rank='best' is unknown: expected one of \['logprob', 'value'\]"):
         GPRPolicy(env, run_dir, rank="best")
 

@@ -128,13 +128,14 @@ def load_run_model(run_dir: str | Path) -> tuple[GPRModel, WorldTokenizer]:
 
 RANKS = ("logprob", "value")
 """what orders the beam's items before the top ``num_candidates`` are served (module doc)"""
-DEFAULT_RANK = "value"
-"""``rank`` of the served policy of a run folder (``gpr:RUN``, ``GPRPolicy(env, run_dir)``) when not given.
-Measured on the small world (25,600-request cascade log, MTP 300 + VAFT 200 steps, beam 8, 1024 fixed
-request states, two training seeds): with the candidate's features in the HTE, value ranking raised
-oracle_share by +3.2 points (95% CI [+0.9, +5.4]) and +1.0 [-1.3, +3.3] over log-prob ranking; without
-them by +2.0 [-0.3, +4.2] and -1.3 [-3.7, +1.1]. ``from_model`` (training-time evaluation of the generator,
-``agents.evaluation.heldout``) keeps the beam's own order, ``"logprob"``, unless told."""
+DEFAULT_RANK = "logprob"
+"""``rank`` when not given. Measured on the small world (25,600-request cascade log, MTP 300 + VAFT 200
+steps, beam 8, one training seed unless stated): value ranking raises the myopic oracle_share (1024 fixed
+first requests) by +3.2 points (95% CI [+0.9, +5.4]; a second seed +1.0 [-1.3, +3.3]) with the candidate's
+features in the HTE, but lowers the online reward per session from 1.10 [0.98, 1.22] to 0.90 [0.79, 1.01]
+and the revenue per session from 0.95 to 0.74 (``agents.evaluate``, 512 sessions; impressions per request
+0.56 -> 0.42). The HTE's target is the value given an impression, which does not price the chance of winning
+the slot: a likely cause, not verified. Log-probability ranking stays the default."""
 
 
 class GPRPolicy:
@@ -166,10 +167,9 @@ class GPRPolicy:
         tokenizer: WorldTokenizer,
         beam_width: int = 8,
         seed: int = 0,
-        rank: str = "logprob",
+        rank: str = DEFAULT_RANK,
     ):
-        """A policy over an in-memory model (e.g. during training); the model is used as is, not copied.
-        ``rank`` defaults to the generator's own beam order (``DEFAULT_RANK``'s note)."""
+        """A policy over an in-memory model (e.g. during training); the model is used as is, not copied."""
         policy = cls.__new__(cls)
         policy._setup(env, model, tokenizer, beam_width, seed, rank, where="model")
         return policy
