@@ -289,3 +289,63 @@ def test_rollout_and_update_read_the_candidates_features():
     torch.testing.assert_close(blind[..., :-1], values[..., :-1], rtol=0, atol=0)
     assert (blind[..., -1] - values[..., -1]).abs().max() > 1e-3
     assert roller.ad_lookup(GPRModel(dataclasses.replace(cfg, hte_ad_features=0))) is None
+
+
+def test_incremental_decoder_values_read_the_served_ads_features():
+    """``IncrementalDecoder(ad_lookup=...)`` scores each decoded path's ad: the lookup sees the step's paths,
+    untrained it changes nothing, trained it moves only the full-item value."""
+    from gpr_sim.model import IncrementalDecoder
+    from tests.test_incremental import CFG as INC_CFG
+    from tests.test_incremental import LAYOUT, step_inputs
+    from tests.test_model_gpr import random_trie
+    from tests.test_model_hsd import make_tokens
+
+    cfg = dataclasses.replace(INC_CFG, hte_ad_features=F)
+    torch.manual_seed(0)
+    model = GPRModel(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    trie = random_trie(cfg, n=50, seed=0)
+    tokens = make_tokens(LAYOUT, 3, gen, cfg)
+    inputs = step_inputs(3, 2, gen, cfg)
+    seen = []
+
+    def lookup(paths: torch.Tensor) -> torch.Tensor:  # features as a fixed function of the path
+        seen.append(paths.clone())
+        return paths.float().sum(-1, keepdim=True).expand(*paths.shape[:-1], F).sin()
+
+    def values(ad_lookup):
+        dec = IncrementalDecoder(model, trie, "eager", new_tokens=2, ad_lookup=ad_lookup)
+        with torch.no_grad():
+            return dec(dec.prefill(tokens, **inputs), 4, 3)
+
+    blind = values(None)
+    torch.testing.assert_close(values(lookup).values, blind.values, rtol=0, atol=0)  # zero-init
+    assert torch.equal(seen[-1], blind.codes)  # the decoded paths, -1 rows included
+    with torch.no_grad():
+        model.hte.ad_proj.weight.normal_()
+    moved = values(lookup)
+    assert torch.equal(moved.codes, blind.codes)  # the value does not steer this beam search
+    torch.testing.assert_close(moved.values[..., :-1], blind.values[..., :-1], rtol=0, atol=0)
+    assert (moved.values[..., -1] - blind.values[..., -1]).abs().max() > 1e-3
+
+
+def test_beam_value_fn_reads_features_at_the_full_item_only():
+    _, on = _pair()
+    with torch.no_grad():
+        on.hte.ad_proj.weight.normal_()
+    ctx = torch.randn(2, 5, CFG.d_model)
+    feats = torch.randn(4, F)
+    calls = []
+
+    def lookup(paths: torch.Tensor) -> torch.Tensor:
+        calls.append(paths.shape)
+        return feats[: len(paths)]
+
+    row = torch.tensor([0, 1, 1, 0])
+    full = torch.randint(0, 3, (4, CFG.path_len))
+    for cached in (False, True):
+        _, value_fn = on.beam_fns(ctx, cached=cached, ad_lookup=lookup)
+        with torch.no_grad():
+            torch.testing.assert_close(value_fn(row, full), on.values(ctx[row], full, feats)[:, -1])
+            torch.testing.assert_close(value_fn(row, full[:, :2]), on.values(ctx[row], full[:, :2])[:, -1])
+    assert calls == [(4, CFG.path_len)] * 2  # never for a partial prefix
