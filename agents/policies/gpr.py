@@ -134,7 +134,7 @@ steps, beam 8, one training seed unless stated): value ranking raises the myopic
 first requests) by +3.2 points (95% CI [+0.9, +5.4]; a second seed +1.0 [-1.3, +3.3]) with the candidate's
 features in the HTE, but lowers the online reward per session from 1.10 [0.98, 1.22] to 0.90 [0.79, 1.01]
 and the revenue per session from 0.95 to 0.74 (``agents.evaluate``, 512 sessions; impressions per request
-0.56 -> 0.42). The HTE's target is the value given an impression, which does not price the chance of winning
+0.56 -> 0.42; the second seed: reward 1.07 -> 0.92, revenue 0.91 -> 0.77). The HTE's target is the value given an impression, which does not price the chance of winning
 the slot: a likely cause, not verified. Log-probability ranking stays the default."""
 
 
