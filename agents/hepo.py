@@ -559,7 +559,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         }
         append_metrics(metrics_path, row)
         print(_log_line(row))
-    terms_fn = PathTerms(model)
+    terms_fn = PathTerms(model, ad_lookup=roller.ad_lookup(model))
     if dist.enabled:
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
         terms_fn = torch.nn.parallel.DistributedDataParallel(terms_fn, find_unused_parameters=True)

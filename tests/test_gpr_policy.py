@@ -100,7 +100,7 @@ def test_registry_builds_gpr_with_its_options(run_dir):
         policy.act(obs).action, GPRPolicy(env, run_dir, beam_width=5, seed=3).act(obs).action
     )
     with pytest.raises(
-        ValueError, match=r"takes no option \['temperature'\]: its options are \['beam_width'\]"
+        ValueError, match=r"takes no option \['temperature'\]: its options are \['beam_width', 'rank'\]"
     ):
         make_policy(f"gpr:{run_dir}", env, temperature=0.3)
 

@@ -81,6 +81,10 @@ class PretrainConfig:
     platform_features: bool = True
     """tokens carry the platform's catalog features (U: interest estimate, I: the ad's bid, value, age, budget;
     ``gpr_sim.schema``); off = the layout without them (runs recorded before this flag)"""
+    hte_ad_features: bool = True
+    """with --platform-features: the HTE's full-item value also reads the candidate ad's platform features
+    (bid, order value, age, budget; ``gpr_sim.model.hte``), GPRConfig.hte_ad_features = their width; off, or
+    without platform features, it reads none (runs recorded before this flag)"""
     value_coef: float = 0.5
     """weight of the HTE loss: every prefix of a request's shown ad regresses on its final_value (0 = off)"""
     value_trunk: bool = False

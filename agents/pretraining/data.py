@@ -172,6 +172,7 @@ class StageData:
     pop: dict[str, float]  # eval/pop_*: the popularity baseline on the held-out requests
     scale: float  # value_scale of the train side's HTE targets (both sides are divided by it)
     dense_dim: int  # F of the token layout (``gpr_sim.schema.dense_dim``): the model's GPRConfig.dense_dim
+    features: PlatformFeatures | None = None  # the per-ad features of the tokens (CPU), None without them
 
 
 def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
@@ -199,6 +200,5 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     pop_ranked = popularity_rankings(shown, tok.num_ads, cfg.top_k, n_rank)
     pop_target = held_out.ads[has, 0][:n_rank].cpu()
     pop = {f"eval/pop_{k}": v for k, v in ranking_metrics(pop_ranked, pop_target).items()}
-    return StageData(
-        tok, schema, train, held_out, trie, pop, scale, dense_dim(world.config, cfg.platform_features)
-    )
+    f = dense_dim(world.config, cfg.platform_features)
+    return StageData(tok, schema, train, held_out, trie, pop, scale, f, features)

@@ -1,12 +1,13 @@
 """Offline evaluation of a pre-training stage on its held-out requests, and the best checkpoint so far.
 
-``evaluate`` gives eval/loss, the HTE's eval/loss_value and eval/value_r2, and HitRate@K / nDCG@K of MTP
+``evaluate`` gives eval/loss, the HTE's eval/loss_value, eval/value_r2 and eval/value_r2_item, and HitRate@K / nDCG@K of MTP
 head 0 under trie-constrained beam search (``gpr_sim.model.offline_eval``). ``best.pt`` holds the model of
 the evaluation with the highest ``BEST_METRIC``; ``resume_best`` re-derives it when a run resumes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +33,53 @@ def value_target(model: GPRModel, values: torch.Tensor, coef: float = 1.0) -> to
     return values if model.hte is not None and coef > 0 else None
 
 
+def target_features(ad_lookup: Callable[[torch.Tensor], torch.Tensor] | None, codes: torch.Tensor):
+    """(B, F_ad) platform features of head 0's target ad (``mtp_loss``'s ``value_features``), or None.
+
+    ``ad_lookup``: full paths -> features (``gpr_sim.model.hte.path_ad_features`` bound to the tokenizer and
+    the features; ``ad_lookup``), None when the model reads none."""
+    return None if ad_lookup is None else ad_lookup(codes[:, 0])
+
+
 @torch.no_grad()
 def evaluate(
-    model: GPRModel, data: Split, trie: PrefixTrie, cfg: PretrainConfig, pop: dict[str, float]
+    model: GPRModel,
+    data: Split,
+    trie: PrefixTrie,
+    cfg: PretrainConfig,
+    pop: dict[str, float],
+    ad_lookup: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """eval/loss (weighted MTP NLL over all held-out requests) and ranking metrics of head 0 (module doc);
     with the HTE, eval/loss_value (its MSE over every prefix of the held-out shown ads, in value_scale units)
-    and eval/value_r2 (1 - that MSE / the variance of the held-out targets: 0 = no better than their mean)."""
+    and eval/value_r2 (1 - that MSE / the variance of the held-out targets: 0 = no better than their mean),
+    and eval/value_r2_item, the same of the full item's value alone (depth L', the only one that can read
+    the candidate's features; its context draws its own refiner noise). ``ad_lookup``: as in
+    ``target_features``."""
     model.eval()
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)  # same refiner noise every eval
-    total, n, sq, n_v = 0.0, len(data), 0.0, 0
+    gen_item = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 2)
+    total, n, sq, n_v, sq_item = 0.0, len(data), 0.0, 0, 0.0
     for lo in range(0, n, 512):
         idx = torch.arange(lo, min(lo + 512, n), device=cfg.device)
         tokens, codes, masks, weights, values = data.rows(idx)
-        out = model.mtp_loss(tokens, codes, weights, masks, gen, value_target=value_target(model, values))
+        out = model.mtp_loss(
+            tokens,
+            codes,
+            weights,
+            masks,
+            gen,
+            value_target=value_target(model, values),
+            value_features=target_features(ad_lookup, codes),
+        )
         total += float(out.loss_mtp) * idx.numel()
-        rows_v = int((has_target(codes) & values.isfinite()).sum())
+        has_v = has_target(codes) & values.isfinite()
+        rows_v = int(has_v.sum())
         sq, n_v = sq + float(out.loss_value) * rows_v, n_v + rows_v
+        if model.hte is not None and rows_v:
+            ctx = model.context(tokens, gen_item)
+            item = model.values(ctx, codes[:, 0].clamp_min(0), target_features(ad_lookup, codes))[:, -1]
+            sq_item += float((item.float() - values.float())[has_v].square().sum())
     value_terms = {}
     if model.hte is not None and n_v > 0:
         g = data.values[has_target(data.codes) & data.values.isfinite()].double()
@@ -56,6 +87,7 @@ def evaluate(
         value_terms = {
             "eval/loss_value": sq / n_v,
             "eval/value_r2": 1.0 - sq / n_v / var if var > 0 else float("nan"),
+            "eval/value_r2_item": 1.0 - sq_item / n_v / var if var > 0 else float("nan"),
         }
     has = torch.nonzero(data.ads[:, 0] >= 0).squeeze(1)[: cfg.eval_requests]
     tokens = TokenBatch(*(t[has] for t in data.tokens))

@@ -10,6 +10,7 @@ mode (every rank draws the same global batch and trains on its contiguous slice 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -19,9 +20,18 @@ from tqdm import tqdm
 from agents.pretraining.checkpoint import checkpoint_data, load_checkpoint, load_model_state
 from agents.pretraining.config import BEST_METRIC, COMPONENTS, ENTRY, RESUME_IGNORES, PretrainConfig
 from agents.pretraining.data import StageData, ensure_inputs, input_paths, load_data
-from agents.pretraining.evaluation import checkpoint_step, evaluate, has_target, resume_best, value_target
+from agents.pretraining.evaluation import (
+    checkpoint_step,
+    evaluate,
+    has_target,
+    resume_best,
+    target_features,
+    value_target,
+)
 from agents.rl import distributed
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.model.hte import path_ad_features
+from gpr_sim.platform.features import AD_FEATURE_DIM
 from gpr_sim.runs import (
     RunFolder,
     append_metrics,
@@ -43,9 +53,16 @@ class MTPStep(torch.nn.Module):
         super().__init__()
         self.model, self.value_trunk = model, value_trunk
 
-    def forward(self, tokens, codes, weights, masks, gen, values):
+    def forward(self, tokens, codes, weights, masks, gen, values, features=None):
         out = self.model.mtp_loss(
-            tokens, codes, weights, masks, gen, value_target=values, value_trunk=self.value_trunk
+            tokens,
+            codes,
+            weights,
+            masks,
+            gen,
+            value_target=values,
+            value_trunk=self.value_trunk,
+            value_features=features,
         )
         return out.loss_mtp, out.loss_refine, out.loss_value
 
@@ -60,6 +77,7 @@ def model_config(tok: WorldTokenizer, schema: SchemaConfig, dense_dim: int, cfg:
         platform_features=cfg.platform_features,
         max_len=schema.seq_len,
         mtp_heads=cfg.mtp_heads,
+        hte_ad_features=AD_FEATURE_DIM if cfg.hte and cfg.platform_features and cfg.hte_ad_features else 0,
         **{name: getattr(cfg, name) for name in COMPONENTS},
     )
 
@@ -73,7 +91,7 @@ def open_run_folder(out: Path, cfg: PretrainConfig) -> RunFolder:
     """Lock ``out`` for this run; refuse it (``ValueError``) unless it is new or holds an ``agents.pretrain``
     run with these settings (bar ``RESUME_IGNORES``)."""
     # a record from before --platform-features ran without them: resuming it keeps that layout
-    defaults = {**dataclasses.asdict(PretrainConfig()), "platform_features": False}
+    defaults = {**dataclasses.asdict(PretrainConfig()), "platform_features": False, "hte_ad_features": False}
     return RunFolder(out, ENTRY, dataclasses.asdict(cfg), RESUME_IGNORES, defaults=defaults)
 
 
@@ -146,6 +164,9 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
     data = load_data(cfg, logs, tok_dir)
     train, held_out, trie, pop = data.train, data.held_out, data.trie, data.pop
     model, opt, gen, start = init_model(cfg, data, ckpt, dist)
+    ad_lookup = None  # full paths -> the candidate ad's features, when the HTE reads them
+    if model.cfg.hte_ad_features:
+        ad_lookup = functools.partial(path_ad_features, data.tok.to(cfg.device), data.features.to(cfg.device))
 
     metrics_path, best_path = out / "metrics.jsonl", out / "best.pt"
     key = BEST_METRIC.format(k=cfg.top_k)
@@ -153,7 +174,7 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
     if dist.is_main:
         if start == 0:
             metrics_path.unlink(missing_ok=True)
-            first = {"step": 0, **evaluate(model, held_out, trie, cfg, pop)}
+            first = {"step": 0, **evaluate(model, held_out, trie, cfg, pop, ad_lookup)}
             append_metrics(metrics_path, first)
             atomic_write_bytes(best_path, checkpoint_data(model, opt, gen, 0, cfg.stage))
             best, best_saved = first, True
@@ -183,6 +204,7 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
                 value_target=value_target(model, values, cfg.value_coef),
                 value_coef=cfg.value_coef,
                 value_trunk=cfg.value_trunk,
+                value_features=target_features(ad_lookup, codes),
             )
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
@@ -194,7 +216,13 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
             tokens, codes, masks, weights, values = train.rows(idx[own])
             with distributed.global_row_draws(gen, own.stop - own.start, dist):
                 loss_mtp, loss_refine, loss_value = ddp(
-                    tokens, codes, weights, masks, gen, value_target(model, values, cfg.value_coef)
+                    tokens,
+                    codes,
+                    weights,
+                    masks,
+                    gen,
+                    value_target(model, values, cfg.value_coef),
+                    target_features(ad_lookup, codes),
                 )
             # mtp_loss averages the refiner and value losses over their rows with a target; rescaled to this
             # rank's share of the global count, DDP's average over ranks is the global-batch loss
@@ -226,7 +254,7 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
                     "step": done,
                     **train_terms,
                     "perf/steps_per_s": (done - start) / (time.perf_counter() - t0),
-                    **evaluate(model, held_out, trie, cfg, pop),
+                    **evaluate(model, held_out, trie, cfg, pop, ad_lookup),
                 }
                 append_metrics(metrics_path, row)
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}", eval=f"{row['eval/loss']:.3f}")

@@ -14,6 +14,7 @@ parameters, gradients and AdamW stay float32); ``PathTerms(compile=True)`` compi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,18 +67,32 @@ class UpdateConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected a finite number > 0")
 
 
-def path_terms(model: GPRModel, buf: Buffer, cached: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+AdLookup = Callable[[torch.Tensor], torch.Tensor]
+"""full paths (..., L') -> (..., F_ad) candidate-ad features for the HTE (``Roller.ad_lookup``)"""
+
+
+def path_terms(
+    model: GPRModel, buf: Buffer, cached: bool = True, ad_lookup: AdLookup | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths.
 
     ``cached`` (default): the PTD decodes the context once per request and only each path's generated
     tokens against it (``gpr_sim.model.incremental.path_log_prob``); False is the reference, the context
-    repeated for each of the K paths. Equal up to rounding, forward and backward.
+    repeated for each of the K paths. Equal up to rounding, forward and backward. ``ad_lookup``: the
+    candidates' features for the HTE, when the model reads them (None = none).
     """
-    return _terms(model, buf.tokens, buf.noise, buf.codes, buf.legal, cached)
+    feats = None if ad_lookup is None else ad_lookup(buf.codes)
+    return _terms(model, buf.tokens, buf.noise, buf.codes, buf.legal, cached, feats)
 
 
 def _terms(
-    model: GPRModel, tokens, noise, codes: torch.Tensor, legal: list[torch.Tensor], cached: bool
+    model: GPRModel,
+    tokens,
+    noise,
+    codes: torch.Tensor,
+    legal: list[torch.Tensor],
+    cached: bool,
+    ad_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``path_terms`` on the buffer's tensors (what ``PathTerms(compile=True)`` compiles)."""
     m, k, length = codes.shape
@@ -90,7 +105,7 @@ def _terms(
         log_prob = model.log_prob(ctx.repeat_interleave(k, 0), flat, masks).view(m, k, length).float()
     # the critic reads the policy's features but does not move them: value regression on a cold HTE
     # would otherwise rewrite the shared HSD/PTD trunk (and with it the policy) before the policy learns
-    values = model.path_values(ctx.detach(), codes).float()  # (M, K, L + 1)
+    values = model.path_values(ctx.detach(), codes, ad_features).float()  # (M, K, L + 1)
     return log_prob, values
 
 
@@ -99,16 +114,20 @@ class PathTerms(torch.nn.Module):
 
     ``cached``: ``path_terms``'s. ``compile``: the whole forward (HSD, thinking, refiner, PTD, HTE) runs
     through ``torch.compile``, the minibatch size dynamic (the last minibatch of an epoch is shorter); the
-    loss, the backward's bookkeeping and the optimiser stay eager.
+    loss, the backward's bookkeeping and the optimiser stay eager. ``ad_lookup``: ``path_terms``'s (run
+    eagerly, outside the compiled forward).
     """
 
-    def __init__(self, model: GPRModel, cached: bool = True, compile: bool = False) -> None:
+    def __init__(
+        self, model: GPRModel, cached: bool = True, compile: bool = False, ad_lookup: AdLookup | None = None
+    ) -> None:
         super().__init__()
-        self.model, self.cached = model, cached
+        self.model, self.cached, self.ad_lookup = model, cached, ad_lookup
         self._fn = torch.compile(_terms, dynamic=None) if compile else _terms
 
     def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._fn(self.model, buf.tokens, buf.noise, buf.codes, buf.legal, self.cached)
+        feats = None if self.ad_lookup is None else self.ad_lookup(buf.codes)
+        return self._fn(self.model, buf.tokens, buf.noise, buf.codes, buf.legal, self.cached, feats)
 
 
 def loss_terms(

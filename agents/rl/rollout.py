@@ -48,7 +48,9 @@ one; the real market and sessions do not move.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -59,6 +61,7 @@ from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
+from gpr_sim.model.hte import path_ad_features
 from gpr_sim.model.incremental import head_context_kv, request_major_step
 from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.sampling import PathSample, sample_paths
@@ -95,6 +98,7 @@ def sample_groups(
     uniforms: Tensor,
     cached: bool = True,
     chunk: int = CONTEXT_CHUNK,
+    ad_lookup: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor | None, PathSample, Tensor]:
     """The HSD once per request -> K sampled paths per request (level by level) -> HTE values of every prefix.
 
@@ -113,6 +117,8 @@ def sample_groups(
         chunk: requests per pass (every number of a request is its own, the draws keyed per row, so chunks
             change nothing; they bound the activations of a wide rollout: (chunk, T, 4 d) in the HSD,
             (chunk K, L', 3 d) in the PTD).
+        ad_lookup: full paths -> the candidate ad's features for the HTE (``Roller.ad_lookup``); None when
+            the model reads none.
 
     Returns:
         (refiner noise (N, d) or None, ``PathSample``, HTE values (N, K, L' + 1) float32).
@@ -123,7 +129,7 @@ def sample_groups(
     parts = [
         _sample_chunk(
             model, trie, TokenBatch(*(x[lo : lo + chunk] for x in tokens)), eligible, group_size,
-            uniforms[lo : lo + chunk], cached,
+            uniforms[lo : lo + chunk], cached, ad_lookup,
         )
         for lo in range(0, max(n, 1), chunk)  # an empty batch: one empty chunk
     ]  # fmt: skip
@@ -149,6 +155,7 @@ def _sample_chunk(
     group_size: int,
     uniforms: Tensor,
     cached: bool,
+    ad_lookup: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor | None, PathSample, Tensor]:
     """``sample_groups`` on one chunk of requests."""
     n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
@@ -159,7 +166,8 @@ def _sample_chunk(
     else:
         step_fn, _ = model.beam_fns(ctx)
     sample = sample_paths(step_fn, trie, n, k, eligible, uniforms=uniforms[:, d:].view(n, k, -1))
-    values = model.path_values(ctx, sample.codes).float()  # (n, K, L' + 1)
+    feats = None if ad_lookup is None else ad_lookup(sample.codes)  # (n, K, F_ad): the candidates' ads
+    values = model.path_values(ctx, sample.codes, feats).float()  # (n, K, L' + 1)
     return noise, sample, values
 
 
@@ -251,11 +259,21 @@ class Roller:
         ((step x 2 + rehearsed) << SLOT_BITS) + global slot (so at most 2^SLOT_BITS sessions)."""
         return ((self.step_count * 2 + int(rehearsed)) << SLOT_BITS) + self.market.first_slot + rows
 
+    def ad_lookup(self, model: GPRModel) -> Callable[[Tensor], Tensor] | None:
+        """Full paths (..., L') -> (..., F_ad) platform features of the ad each names
+        (``gpr_sim.model.hte.path_ad_features``), or None when ``model``'s HTE reads none."""
+        if not model.cfg.hte_ad_features:
+            return None
+        return functools.partial(path_ad_features, self.tok, self.features)
+
     def _groups(self, model: GPRModel, tokens: TokenBatch, eligible: Tensor, keys: Tensor):
         """Context, K sampled paths and HTE values for a token batch; its random numbers come from ``keys``."""
         u = rng.uniforms(keys, model.cfg.d_model + self.group_size * self.tok.trie.depth)
+        lookup = self.ad_lookup(model)
         with precision_context(self.device, self.precision):
-            return sample_groups(model, self.tok.trie, tokens, eligible, self.group_size, u, self.cached)
+            return sample_groups(
+                model, self.tok.trie, tokens, eligible, self.group_size, u, self.cached, ad_lookup=lookup
+            )
 
     def _budget_share(self, items: Tensor, scores: CandidateScores) -> Tensor:
         """(A,) share of each advertiser's expected demand this step that its remaining budget covers.

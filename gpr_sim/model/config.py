@@ -14,7 +14,7 @@ NUM_EVENTS = 4
 """event ids: 0 none, 1 impression, 2 click, 3 conversion"""
 
 
-LEGACY_DEFAULTS = {"platform_features": False}
+LEGACY_DEFAULTS = {"platform_features": False, "hte_ad_features": 0}
 """fields added after checkpoints were first written, with the value that reproduces those checkpoints
 (``GPRConfig.from_dict`` fills them in when a stored config lacks them)"""
 
@@ -75,6 +75,11 @@ class GPRConfig:
     """value heads for every prefix (critic, beam pruning)"""
     mtp_heads: int = 4
     """N parallel MTP heads (GPR §4)"""
+    hte_ad_features: int = 0
+    """F_ad: width of the candidate-ad features the HTE's full-item value reads (``gpr_sim.model.hte``: the
+    platform's per-ad features, ``gpr_sim.platform.features.AD_FEATURE_DIM`` = 6); 0 = off (a bare config
+    and checkpoints written before this field, ``LEGACY_DEFAULTS``). New pre-training runs with platform
+    features turn it on (``agents.pretraining.config.PretrainConfig.hte_ad_features``). Needs ``hte``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.level_sizes, tuple) or len(self.level_sizes) == 0:
@@ -108,6 +113,9 @@ class GPRConfig:
         check_int("refine_steps", self.refine_steps, 1, 1000)
         check_int("decoder_layers", self.decoder_layers, 1, 64)
         check_int("mtp_heads", self.mtp_heads, 1, 64)
+        check_int("hte_ad_features", self.hte_ad_features, 0, 1 << 16)
+        if self.hte_ad_features and not self.hte:
+            raise ValueError(f"hte_ad_features={self.hte_ad_features} is invalid with hte=False: expected 0")
 
     def to_dict(self) -> dict:
         """Every field as plain JSON / ``torch.load(weights_only=True)`` types (``level_sizes`` a list): what

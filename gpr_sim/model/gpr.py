@@ -76,21 +76,28 @@ class GPRModel(nn.Module):
         """(B, Cc, C), (B, L') -> (B, L') teacher-forced per-level log-probs (head 0)."""
         return self.ptd.log_prob(self.head_context(context, 0), codes, legal_masks)
 
-    def values(self, context: Tensor, prefix_codes: Tensor) -> Tensor:
-        """(B, Cc, C), (B, l) -> (B, l + 1) HTE predictions of final_value for every prefix."""
+    def values(self, context: Tensor, prefix_codes: Tensor, ad_features: Tensor | None = None) -> Tensor:
+        """(B, Cc, C), (B, l) -> (B, l + 1) HTE predictions of final_value for every prefix.
+
+        ``ad_features`` (B, F_ad): the platform features of the ad each full path names
+        (``gpr_sim.model.hte.path_ad_features``), with ``GPRConfig.hte_ad_features``; None = zeros."""
         if self.hte is None:
             raise ValueError("values() needs the HTE: GPRConfig.hte is False")
-        return self.hte(context, prefix_codes)
+        return self.hte(context, prefix_codes, ad_features)
 
-    def path_values(self, context: Tensor, paths: Tensor) -> Tensor:
+    def path_values(self, context: Tensor, paths: Tensor, ad_features: Tensor | None = None) -> Tensor:
         """(B, Cc, C), (B, K, l) -> (B, K, l + 1) HTE values of every prefix of K paths per request
-        (``values`` per path without repeating the context; ``HTE.forward_paths``)."""
+        (``values`` per path without repeating the context; ``HTE.forward_paths``); ``ad_features``
+        (B, K, F_ad) as in ``values``."""
         if self.hte is None:
             raise ValueError("path_values() needs the HTE: GPRConfig.hte is False")
-        return self.hte.forward_paths(context, paths)
+        return self.hte.forward_paths(context, paths, ad_features)
 
     def beam_fns(
-        self, context: Tensor, cached: bool = False
+        self,
+        context: Tensor,
+        cached: bool = False,
+        ad_lookup: Callable[[Tensor], Tensor | None] | None = None,
     ) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
         """Callables for ``gpr_sim.decoding.beam_search`` over an encoded batch ``context`` (B, Cc, C).
 
@@ -98,26 +105,28 @@ class GPRModel(nn.Module):
         (``PTD.context_kv``) and each step decodes only the beams' generated tokens against those
         keys/values (``PTD.level_logits_cached``): the same logits up to rounding, fewer FLOPs.
 
+        ``ad_lookup``: full paths (M, L') -> (M, F_ad) candidate features (``path_ad_features``), read by
+        ``value_fn`` at the last level; None = none.
+
         Returns:
             ``step_fn(row (M,), prefix (M, l)) -> (M, K_{l+1})`` logits (the search applies the trie mask)
             and ``value_fn(row (M,), prefix (M, l)) -> (M,)`` HTE value of each prefix.
         """
+
+        def value_fn(row: Tensor, prefix: Tensor) -> Tensor:
+            full = ad_lookup is not None and prefix.shape[1] == self.cfg.path_len
+            return self.values(context[row], prefix, ad_lookup(prefix) if full else None)[:, -1]
+
         if cached:
             kv = self.ptd.context_kv(self.head_context(context, 0))
 
             def step_cached(row: Tensor, prefix: Tensor) -> Tensor:
                 return self.ptd.level_logits_cached(kv, row, prefix)
 
-            def value_cached(row: Tensor, prefix: Tensor) -> Tensor:
-                return self.values(context[row], prefix)[:, -1]
-
-            return step_cached, value_cached
+            return step_cached, value_fn
 
         def step_fn(row: Tensor, prefix: Tensor) -> Tensor:
             return self.level_logits(context[row], prefix)
-
-        def value_fn(row: Tensor, prefix: Tensor) -> Tensor:
-            return self.values(context[row], prefix)[:, -1]
 
         return step_fn, value_fn
 
@@ -131,6 +140,7 @@ class GPRModel(nn.Module):
         value_target: Tensor | None = None,
         value_coef: float = 1.0,
         value_trunk: bool = False,
+        value_features: Tensor | None = None,
     ) -> MTPLoss:
         """Multi-token prediction loss (GPR §4): N heads, each predicting a full L'-level path.
 
@@ -149,6 +159,9 @@ class GPRModel(nn.Module):
             value_coef: weight of that term in ``loss``.
             value_trunk: let that term's gradient reach the shared context (HSD, thinking, refiner); False
                 (default) trains the HTE on detached features, as HEPO's critic is (``agents.hepo``).
+            value_features: optional (B, F_ad) platform features of head 0's target ad
+                (``gpr_sim.model.hte.path_ad_features`` of ``target_codes[:, 0]``), read by the full-item
+                value with ``GPRConfig.hte_ad_features``; None = zeros.
 
         Returns:
             ``MTPLoss`` named terms.
@@ -190,7 +203,7 @@ class GPRModel(nn.Module):
                 raise ValueError(f"value_target must be (B,) = ({b},), got {tuple(value_target.shape)}")
             has_v = (valid[:, 0] & value_target.isfinite()).float()
             feats = ctx if value_trunk else ctx.detach()
-            pred = self.hte(feats, target_codes[:, 0].clamp_min(0)).float()  # (B, L' + 1)
+            pred = self.hte(feats, target_codes[:, 0].clamp_min(0), value_features).float()  # (B, L' + 1)
             err = (pred - value_target.float().nan_to_num(0.0)[:, None]).square().mean(1)
             loss_value = (err * has_v).sum() / has_v.sum().clamp_min(1)
         head_nll = nll.sum(0) / valid.sum(0).clamp_min(1)

@@ -51,6 +51,7 @@ appended exactly (U/O attend to each other both ways): they need a new prefill t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -176,12 +177,21 @@ class IncrementalDecoder:
         new_tokens: tokens appended per step: ``new_tokens - 1`` I tokens of the shown ad + the E token.
         compile_mode: ``torch.compile``'s mode for the fused step (e.g. ``max-autotune-no-cudagraphs``:
             Triton GEMM templates with fused epilogues); None = torch's default.
+        ad_lookup: full paths (..., L') -> (..., F_ad) candidate-ad features for the HTE
+            (``gpr_sim.model.hte.path_ad_features`` bound to a tokenizer and features), with
+            ``GPRConfig.hte_ad_features``; None = none.
     """
 
     MODES = ("eager", "compiled", "fused", "graphs")
 
     def __init__(
-        self, model: GPRModel, trie: PrefixTrie, mode: str, new_tokens: int, compile_mode: str | None = None
+        self,
+        model: GPRModel,
+        trie: PrefixTrie,
+        mode: str,
+        new_tokens: int,
+        compile_mode: str | None = None,
+        ad_lookup: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
@@ -193,6 +203,7 @@ class IncrementalDecoder:
                 "the incremental decoder needs thinking, refining and the HTE on (the default config)"
             )
         self.model, self.trie, self.new_tokens, self.mode = model, trie, new_tokens, mode
+        self.ad_lookup = ad_lookup
 
         def compiled(fn):  # the model parts of mode "compiled": shapes are static per (chunk, beam, level)
             return torch.compile(fn, dynamic=False) if mode == "compiled" else fn
@@ -360,7 +371,8 @@ class IncrementalDecoder:
             beam_width=beam,
             top_k=top_k,
         )
-        vals = self._values(ctx, res.codes.clamp_min(0))  # (B, top_k, L' + 1)
+        feats = None if self.ad_lookup is None else self.ad_lookup(res.codes)  # (B, top_k, F_ad)
+        vals = self._values(ctx, res.codes.clamp_min(0), feats)  # (B, top_k, L' + 1)
         st.codes.copy_(res.codes[:, 0].clamp_min(0))  # the shown ad: next step's I token
         st.items.copy_(res.items[:, 0].clamp_min(0))
         return StepOutput(res.items, res.codes, res.log_prob, vals)
