@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         n_layers=args.n_layers,
         n_heads=args.n_heads,
         batch_size=args.batch,
-        steps=args.mtp_steps,
+        steps=max(args.mtp_steps, 1),  # PretrainConfig needs >= 1; --mtp-steps 0 skips the stage
         eval_every=max(args.mtp_steps, 1),
         checkpoint_every=max(args.mtp_steps, 1),
         progress=False,
