@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from gpr_sim.platform.features import AD_FEATURE_DIM, PlatformFeatures
+from gpr_sim.platform.view import rows_of
 from gpr_sim.tokenizer.ids import SemanticIdTable
 from gpr_sim.tokenizer.rq_kmeans import check_int
 from gpr_sim.world.catalog import USER_FEATURE_DIM
@@ -220,7 +221,7 @@ def build_tokens(
     token_ids = torch.cat([user_id.long()[:, None], o_items, i_items, no_id], 1)  # (B, T)
 
     items = torch.cat([o_items, i_items], 1)  # (B, Ho + Hi)
-    paths = table.item_to_path[items.clamp_min(0)]  # (B, Ho + Hi, L')
+    paths = rows_of(table.item_to_path, items.clamp_min(0))  # (B, Ho + Hi, L')
     paths = paths.masked_fill((items < 0)[..., None], NO_ID)
     no_path = torch.full((b, 1, table.path_len), NO_ID, dtype=torch.int64, device=dev)
     semantic_codes = torch.cat([no_path, paths, no_path], 1)  # (B, T, L')
@@ -299,9 +300,13 @@ def flatten_cells(cells: Sequence, dtype: type) -> tuple[np.ndarray, np.ndarray]
     n = len(cells)
     if n == 0:
         return np.zeros(0, dtype), np.zeros(0, np.int64)
-    if all(type(c) is np.ndarray and c.ndim == 1 for c in cells):
+    try:  # 1-D cells: their lengths and values in two C loops
         lens = np.fromiter(map(len, cells), dtype=np.int64, count=n)
-        return np.concatenate(cells).astype(dtype, copy=False), lens
+        flat = np.concatenate(cells)
+        if flat.ndim == 1 and flat.size == lens.sum():  # else some cell was not 1-D
+            return flat.astype(dtype, copy=False), lens
+    except (TypeError, ValueError):  # scalar cells have no len, ragged nested ones do not concatenate
+        pass
     arrays = [np.asarray(c, dtype=dtype).reshape(-1) for c in cells]
     lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=n)
     return np.concatenate(arrays), lens
