@@ -290,3 +290,12 @@ def test_minibatch_legal_masks_equal_masks_of_every_request(stage):
             for level, m in enumerate(masks):
                 picked = m.gather(-1, codes[..., level : level + 1].clamp_min(0)).squeeze(-1)
                 assert bool(picked[has].all())
+
+
+@pytest.mark.parametrize("n, levels, k", [(5000, 3, 4), (3000, 2, 64), (10, 1, 2), (1, 3, 3)])
+def test_semantic_id_table_key_index_equals_a_sort_of_the_keys(n, levels, k):
+    g = torch.Generator().manual_seed(n)
+    table = SemanticIdTable(torch.randint(0, k, (n, levels), generator=g), k, num_organic=n // 2)
+    keys, items = torch.sort(table._keys(table.item_to_path))
+    assert torch.equal(table._sorted_keys, keys) and torch.equal(table._key_items, items)
+    assert torch.equal(table.path_to_item(table.item_to_path), torch.arange(n))
