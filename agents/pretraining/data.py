@@ -25,7 +25,7 @@ from gpr_sim.data.logs import check_run_world, check_tokenizer_world, read_logs
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
 from gpr_sim.platform.features import PlatformFeatures
-from gpr_sim.schema import SchemaConfig, TokenBatch, dense_dim, tokens_from_logs
+from gpr_sim.schema import SchemaConfig, TokenBatch, dense_dim, flatten_cells, tokens_from_logs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.trie import PrefixTrie
 from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
@@ -206,7 +206,7 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     for side in (train, held_out):
         side.values = side.values / scale
     trie = device_tok.trie
-    shown = torch.as_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_df["shown_ad"]]))
+    shown = torch.as_tensor(flatten_cells(train_df["shown_ad"], np.int64)[0])  # every train slot
     has = held_out.ads[:, 0] >= 0
     n_rank = min(int(has.sum()), cfg.eval_requests)
     pop_ranked = popularity_rankings(shown, tok.num_ads, cfg.top_k, n_rank)
