@@ -4,8 +4,9 @@ Requests are split into train / held-out by session (``episode_id``) with a fixe
 stage and seed sees the same held-out sessions. Each side becomes row-aligned tensors (``Split``): the
 U/O/E/I tokens, the MTP target paths, the head weights (uniform for MTP, value weights for VAFT) and the
 HTE value targets. The per-level legal masks of the targets come from the trie when rows are drawn
-(``Split.rows``), not stored: stored, they cost N x sum_l K_l bytes per request (3 KB at K = 256, 3 GB
-of device memory per million requests), while a minibatch's masks are a few trie gathers.
+(``Split.rows``), not stored: stored, they cost N x sum_l K_l bytes per request (4 x (3 x 256 + K_dis): 6.9 KB
+with the large world's K_dis = 949, about 7 GB of device memory per million requests), while a minibatch's
+masks are a few trie lookups.
 """
 
 from __future__ import annotations
