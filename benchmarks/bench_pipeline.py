@@ -6,11 +6,13 @@
 Each stage is the library call ``agents.hepo --profile gpu-large`` makes, in order, in a scratch folder:
 
 - ``world``: ``generate_world`` of the preset (always on the CPU, then moved: the bytes match on every device);
+  the process's world cache (``gpr_sim.world.catalog``) keeps it, so the later stages' own ``generate_world``
+  calls only move it, as they do in one ``agents.hepo`` process;
 - ``collect``: ``write_log(collect_config(...))``, the ``cascade-privileged`` log of ``--envs`` sessions x
-  ``--steps`` steps on ``--device`` (the world generated again inside, as the entry point does), Parquet written;
+  ``--steps`` steps on ``--device``, Parquet written;
 - ``tokenizer``: ``ensure_inputs``' RQ-Kmeans+ fit (``--codebook`` codes per level) on every item, on ``--device``;
-- ``load_data``: ``load_data`` (read the log, tokenise every request with the platform features, targets,
-  legal masks, the split);
+- ``load_data``: ``load_data`` (read the log, load the tokenizer, tokenise every request with the platform
+  features, targets, the split; legal masks are drawn per minibatch in training, not here);
 - ``mtp``: ``pretrain`` of ``--mtp-steps`` steps at ``--batch`` requests (its own ``load_data`` included; the
   row also gives the steps/s of the training loop alone, from the stage's ``summary.json``).
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         n_layers=args.n_layers,
         n_heads=args.n_heads,
         batch_size=args.batch,
-        steps=args.mtp_steps,
+        steps=max(args.mtp_steps, 1),  # PretrainConfig needs >= 1; --mtp-steps 0 skips the stage
         eval_every=max(args.mtp_steps, 1),
         checkpoint_every=max(args.mtp_steps, 1),
         progress=False,

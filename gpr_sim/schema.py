@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from gpr_sim.platform.features import AD_FEATURE_DIM, PlatformFeatures
+from gpr_sim.platform.view import rows_of
 from gpr_sim.tokenizer.ids import SemanticIdTable
 from gpr_sim.tokenizer.rq_kmeans import check_int
 from gpr_sim.world.catalog import USER_FEATURE_DIM
@@ -220,7 +221,7 @@ def build_tokens(
     token_ids = torch.cat([user_id.long()[:, None], o_items, i_items, no_id], 1)  # (B, T)
 
     items = torch.cat([o_items, i_items], 1)  # (B, Ho + Hi)
-    paths = table.item_to_path[items.clamp_min(0)]  # (B, Ho + Hi, L')
+    paths = rows_of(table.item_to_path, items.clamp_min(0))  # (B, Ho + Hi, L')
     paths = paths.masked_fill((items < 0)[..., None], NO_ID)
     no_path = torch.full((b, 1, table.path_len), NO_ID, dtype=torch.int64, device=dev)
     semantic_codes = torch.cat([no_path, paths, no_path], 1)  # (B, T, L')
@@ -287,19 +288,41 @@ def tokens_from_obs(
     )
 
 
-def _right_aligned(cells: Sequence, width: int | None) -> np.ndarray:
-    """Ragged int lists -> (B, width) int64, most recent (last) entries kept, -1 on the left.
+def flatten_cells(cells: Sequence, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """A list column's cells, flattened: (flat values, (B,) int64 lengths), cell i's values (``reshape(-1)``)
+    at ``flat[sum(lens[:i]) : sum(lens[:i + 1])]``.
 
-    ``width`` None = the longest list. No Python loop over entries: one concatenate and one scatter.
+    Logs hold one 1-D numpy array per cell (``gpr_sim.data.logs.read_logs``): those are concatenated in one
+    call, with no per-cell conversion (the per-cell way costs seconds per million requests). Any other cells
+    (lists, scalars, nested arrays) take the per-cell ``np.asarray(c).reshape(-1)``: the same values.
     """
-    arrays = [np.asarray(c, dtype=np.int64).reshape(-1) for c in cells]
-    lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    cells = cells.to_numpy() if isinstance(cells, pd.Series) else cells
+    n = len(cells)
+    if n == 0:
+        return np.zeros(0, dtype), np.zeros(0, np.int64)
+    try:  # 1-D cells: their lengths and values in two C loops
+        lens = np.fromiter(map(len, cells), dtype=np.int64, count=n)
+        flat = np.concatenate(cells)
+        if flat.ndim == 1 and flat.size == lens.sum():  # else some cell was not 1-D
+            return flat.astype(dtype, copy=False), lens
+    except (TypeError, ValueError):  # scalar cells have no len, ragged nested ones do not concatenate
+        pass
+    arrays = [np.asarray(c, dtype=dtype).reshape(-1) for c in cells]
+    lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=n)
+    return np.concatenate(arrays), lens
+
+
+def _right_aligned(flat: np.ndarray, lens: np.ndarray, width: int | None) -> np.ndarray:
+    """Flattened ragged int lists (``flatten_cells``) -> (B, width) int64, most recent (last) entries kept,
+    -1 on the left.
+
+    ``width`` None = the longest list. No Python loop over entries: one scatter.
+    """
     width = int(lens.max(initial=0)) if width is None else width
-    out = np.full((len(arrays), width), NO_ID, dtype=np.int64)
+    out = np.full((lens.size, width), NO_ID, dtype=np.int64)
     if lens.sum() == 0 or width == 0:
         return out
-    flat = np.concatenate(arrays)
-    row = np.repeat(np.arange(len(arrays)), lens)
+    row = np.repeat(np.arange(lens.size), lens)
     start = np.repeat(np.cumsum(lens) - lens, lens)
     col = width - np.repeat(lens, lens) + (np.arange(flat.size) - start)  # right-aligned column
     keep = col >= 0  # entries older than the last ``width`` fall off the left
@@ -309,12 +332,13 @@ def _right_aligned(cells: Sequence, width: int | None) -> np.ndarray:
 
 def _dense(cells: Sequence, name: str) -> np.ndarray:
     """Equal-length float lists -> (B, F) float32."""
-    arrays = [np.asarray(c, dtype=np.float32).reshape(-1) for c in cells]
-    if len({a.size for a in arrays}) > 1:
+    flat, lens = flatten_cells(cells, np.float32)
+    sizes = np.unique(lens)
+    if sizes.size > 1:
         raise ValueError(
-            f"column {name!r} must hold equal-length float lists, got lengths {sorted({a.size for a in arrays})}"
+            f"column {name!r} must hold equal-length float lists, got lengths {sorted(sizes.tolist())}"
         )
-    return np.stack(arrays)
+    return flat.reshape(lens.size, int(sizes[0]) if sizes.size else 0)
 
 
 def tokens_from_logs(
@@ -343,11 +367,12 @@ def tokens_from_logs(
     b = len(rows)
     if b == 0:
         raise ValueError("no logged rows to tokenize")
+    organic, organic_lens = flatten_cells(rows["organic_ids"], np.int64)
+    ad_ids, ad_lens = flatten_cells(rows["ad_ids"], np.int64)
+    ad_events, event_lens = flatten_cells(rows["ad_events"], np.int64)
     if cfg is None:
-        longest = lambda col: max((len(c) for c in rows[col]), default=0)  # noqa: E731
-        cfg = SchemaConfig(organic_len=longest("organic_ids"), ad_len=longest("ad_ids"))
-    ad_lens = [len(a) for a in rows["ad_ids"]]
-    if ad_lens != [len(e) for e in rows["ad_events"]]:
+        cfg = SchemaConfig(organic_len=int(organic_lens.max(initial=0)), ad_len=int(ad_lens.max(initial=0)))
+    if not np.array_equal(ad_lens, event_lens):
         raise ValueError("ad_ids and ad_events must have the same length in every row")
     if "user_id" in rows.columns:
         user_id = torch.as_tensor(np.array(rows["user_id"], dtype=np.int64))
@@ -355,10 +380,10 @@ def tokens_from_logs(
         user_id = torch.full((b,), NO_ID, dtype=torch.int64)
     tensors = dict(
         user=torch.as_tensor(_dense(rows["user_features"], "user_features")),
-        organic=torch.as_tensor(_right_aligned(rows["organic_ids"], cfg.organic_len)),
+        organic=torch.as_tensor(_right_aligned(organic, organic_lens, cfg.organic_len)),
         context=torch.as_tensor(_dense(rows["context"], "context")),
-        ad_history=torch.as_tensor(_right_aligned(rows["ad_ids"], cfg.ad_len)),
-        ad_events=torch.as_tensor(_right_aligned(rows["ad_events"], cfg.ad_len)),
+        ad_history=torch.as_tensor(_right_aligned(ad_ids, ad_lens, cfg.ad_len)),
+        ad_events=torch.as_tensor(_right_aligned(ad_events, event_lens, cfg.ad_len)),
     )
     dev = table.item_to_path.device
     return build_tokens(
@@ -400,5 +425,6 @@ __all__ = [
     "build_tokens",
     "tokens_from_obs",
     "tokens_from_logs",
+    "flatten_cells",
     "describe",
 ]

@@ -277,7 +277,7 @@ def test_rollout_and_update_read_the_candidates_features():
     model = GPRModel(cfg).eval()
     with torch.no_grad():
         model.hte.ad_proj.weight.normal_()  # a trained input: the features move the item value
-    roller = Roller(env, tok, group_size=4, truth=True, arr_rate=0.0, seed=3)
+    roller = Roller(env, tok, group_size=4, estimator="truth", arr_rate=0.0, seed=3)
     buf, _ = roller.collect(model, 1)
     lookup = roller.ad_lookup(model)
     with torch.no_grad():

@@ -2,8 +2,11 @@
 
 Requests are split into train / held-out by session (``episode_id``) with a fixed split seed, so every
 stage and seed sees the same held-out sessions. Each side becomes row-aligned tensors (``Split``): the
-U/O/E/I tokens, the MTP target paths with their per-level legal masks from the trie, the head weights
-(uniform for MTP, value weights for VAFT) and the HTE value targets.
+U/O/E/I tokens, the MTP target paths, the head weights (uniform for MTP, value weights for VAFT) and the
+HTE value targets. The per-level legal masks of the targets come from the trie when rows are drawn
+(``Split.rows``), not stored: stored, they cost N x sum_l K_l bytes per request (4 x (3 x 256 + K_dis): 6.9 KB
+with the large world's K_dis = 949, about 7 GB of device memory per million requests), while a minibatch's
+masks are a few trie lookups.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from gpr_sim.data.logs import check_run_world, check_tokenizer_world, read_logs
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
 from gpr_sim.platform.features import PlatformFeatures
-from gpr_sim.schema import SchemaConfig, TokenBatch, dense_dim, tokens_from_logs
+from gpr_sim.schema import SchemaConfig, TokenBatch, dense_dim, flatten_cells, tokens_from_logs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.trie import PrefixTrie
 from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
@@ -41,16 +44,19 @@ class Split:
 
     tokens: TokenBatch  # B requests
     codes: torch.Tensor  # (B, N, L') target paths, -1 rows = none
-    masks: list[torch.Tensor]  # L' of (B, N, K_l) legal codes after each target's prefix
     weights: torch.Tensor  # (B, N) per-target weights: 1/N (MTP) or VAFT weight / N
     ads: torch.Tensor  # (B, N) target ads, -1 = none
     values: torch.Tensor  # (B,) HTE target: final_value of head 0's ad / value_scale, NaN = none
+    tok: WorldTokenizer  # on the tensors' device: the trie the legal masks of drawn rows come from
 
     def rows(self, idx: torch.Tensor) -> tuple[TokenBatch, Tensor, list[Tensor], Tensor, Tensor]:
+        """Tokens, target paths, their L' legal masks (M, N, K_l) (``legal_masks``), weights and HTE
+        targets of the M rows ``idx``."""
+        codes = self.codes[idx]
         return (
             TokenBatch(*(t[idx] for t in self.tokens)),
-            self.codes[idx],
-            [m[idx] for m in self.masks],
+            codes,
+            legal_masks(codes, self.tok),
             self.weights[idx],
             self.values[idx],
         )
@@ -69,9 +75,10 @@ def split_sessions(episode_id: np.ndarray, fraction: float, seed: int) -> np.nda
 
 
 def legal_masks(codes: torch.Tensor, tok: WorldTokenizer) -> list[torch.Tensor]:
-    """L' masks (B, N, K_l): legal next codes after each target's prefix z_<l (from the ad trie)."""
+    """L' masks (B, N, K_l) on ``tok``'s device: legal next codes after each target's prefix z_<l (from
+    the ad trie)."""
     safe = codes.clamp_min(0).to(tok.device)  # rows without a target get some mask; mtp_loss ignores them
-    return [tok.prefix_mask(safe[..., :level]).cpu() for level in range(codes.shape[-1])]
+    return [tok.prefix_mask(safe[..., :level]) for level in range(codes.shape[-1])]
 
 
 def value_scale(g: torch.Tensor) -> float:
@@ -89,8 +96,12 @@ def build_split(
     world: World,
     cfg: PretrainConfig,
     features: PlatformFeatures | None = None,
+    device_tok: WorldTokenizer | None = None,
 ) -> Split:
-    """Row-aligned tensors of one side of the split (HTE targets in the world's currency: `load_data` scales them)."""
+    """Row-aligned tensors of one side of the split (HTE targets in the world's currency: `load_data` scales them).
+
+    ``tok`` is the CPU tokenizer the rows are built with; ``device_tok`` its copy on ``cfg.device`` that
+    ``Split.rows`` draws legal masks from (None: ``tok.to(cfg.device)``)."""
     targets = mtp_targets(df, cfg.mtp_heads)
     codes = target_paths(targets.ads, tok)
     n = cfg.mtp_heads
@@ -104,10 +115,10 @@ def build_split(
     return Split(
         tokens.to(dev),
         codes.to(dev),
-        [m.to(dev) for m in legal_masks(codes, tok)],
         weights.to(dev),
         targets.ads.to(dev),
         g.to(dev),
+        device_tok if device_tok is not None else tok.to(dev),
     )
 
 
@@ -189,12 +200,15 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     held = split_sessions(df["episode_id"].to_numpy(), cfg.eval_fraction, cfg.split_seed)
     train_df, eval_df = df[~held].reset_index(drop=True), df[held].reset_index(drop=True)
     features = PlatformFeatures.from_world(world) if cfg.platform_features else None  # CPU, as the rows
-    train, held_out = (build_split(d, tok, schema, world, cfg, features) for d in (train_df, eval_df))
+    device_tok = tok.to(cfg.device)
+    train, held_out = (
+        build_split(d, tok, schema, world, cfg, features, device_tok) for d in (train_df, eval_df)
+    )
     scale = value_scale(train.values)  # the train side's, for both
     for side in (train, held_out):
         side.values = side.values / scale
-    trie = tok.to(cfg.device).trie
-    shown = torch.as_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_df["shown_ad"]]))
+    trie = device_tok.trie
+    shown = torch.as_tensor(flatten_cells(train_df["shown_ad"], np.int64)[0])  # every train slot
     has = held_out.ads[:, 0] >= 0
     n_rank = min(int(has.sum()), cfg.eval_requests)
     pop_ranked = popularity_rankings(shown, tok.num_ads, cfg.top_k, n_rank)

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from gpr_sim.schema import flatten_cells
 from gpr_sim.tokenizer.world import WorldTokenizer
 from gpr_sim.world.config import RewardConfig
 from gpr_sim.world.reward import expected_weighted_reward
@@ -70,9 +71,13 @@ def mtp_targets(df: pd.DataFrame, num_heads: int = 4) -> MTPTargets:
     b = len(df)
     episode = df["episode_id"].to_numpy(np.int64)
     order = np.lexsort((df["step"].to_numpy(np.int64), episode))  # rows sorted by (episode, step)
-    shown = [np.asarray(df["shown_ad"].iloc[i], dtype=np.int64).reshape(-1) for i in order]
-    lens = np.fromiter((s.size for s in shown), dtype=np.int64, count=b)
-    flat = np.concatenate(shown) if b else np.zeros(0, np.int64)  # every slot, session-major, slot order
+    cells, row_lens = flatten_cells(df["shown_ad"], np.int64)  # every slot, in df row order
+    lens = row_lens[order]
+    # the slots re-read in sorted row order: session-major, slot order
+    first = np.repeat(
+        (np.cumsum(row_lens) - row_lens)[order], lens
+    )  # each slot's row's first slot in `cells`
+    flat = cells[first + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)]
     flat_pos = np.repeat(np.arange(b), lens)  # sorted position of the request each slot belongs to
     real = flat >= 0
     imp_ad, imp_pos = flat[real], flat_pos[real]  # impressions only, still in session order
@@ -160,7 +165,10 @@ def value_targets(
     """
     b = len(df)
     ads = targets.ads[:, 0]
-    first = torch.as_tensor(np.fromiter((np.asarray(s).reshape(-1)[0] for s in df["shown_ad"]), np.int64, b))
+    cells, lens = flatten_cells(df["shown_ad"], np.int64)
+    if (lens < 1).any():
+        raise ValueError(f"shown_ad is empty in row {int(np.argmax(lens < 1))}: expected one entry per slot")
+    first = torch.as_tensor(cells[np.cumsum(lens) - lens])  # slot 0 of every request
     own = (targets.source_row[:, 0] == torch.arange(b)) & (first == ads) & (ads >= 0)
     own &= torch.as_tensor(df["impression"].to_numpy(np.int64, copy=True)) == 1
     price = torch.as_tensor(df["revenue"].to_numpy(np.float64, copy=True))

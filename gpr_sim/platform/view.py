@@ -164,9 +164,16 @@ def estimate_interest(
     for event, weight in EVENT_WEIGHTS.items():
         a_w = torch.where(ad_events == event, torch.full_like(a_w, weight), a_w)
     a_w = a_w * (ad_history >= 0)
-    total = torch.einsum("nh,nhd->nd", o_w, catalog.organic_emb[organic.clamp(min=0)])
-    total = total + torch.einsum("nh,nhd->nd", a_w, catalog.ad_emb[ad_history.clamp(min=0)])
+    total = torch.einsum("nh,nhd->nd", o_w, rows_of(catalog.organic_emb, organic.clamp(min=0)))
+    total = total + torch.einsum("nh,nhd->nd", a_w, rows_of(catalog.ad_emb, ad_history.clamp(min=0)))
     return F.normalize(total, dim=-1)
+
+
+def rows_of(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for an (M, D) table and any-shaped int64 ``idx`` (..., ) -> (..., D), as one
+    ``index_select`` of the flat indices: the same values, about twice as fast on a CPU as advanced indexing
+    (millions of history rows when a log is tokenised)."""
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[-1])
 
 
 def observable_session(state: SessionState) -> dict[str, torch.Tensor]:
@@ -185,4 +192,5 @@ __all__ = [
     "catalog_of",
     "estimate_interest",
     "observable_session",
+    "rows_of",
 ]

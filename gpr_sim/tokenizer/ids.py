@@ -69,8 +69,9 @@ class SemanticIdTable:
                 f"K^L * K_dis = {codebook_size}^{num_levels} * {self.num_dis} overflows int64 path keys"
             )
 
-        keys = self._keys(self.item_to_path)  # (N,) unique by construction
-        self._sorted_keys, self._key_items = torch.sort(keys)
+        # `order` already sorts the full paths: groups in lexicographic path order, then the disambiguation
+        # digit (= rank in ascending item id) inside each; the keys are unique, so this is torch.sort(keys)
+        self._sorted_keys, self._key_items = self._keys(self.item_to_path)[order], order
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -15,6 +15,8 @@ u_i.u_j equals (||sum_i u_i||^2 - sum_i ||u_i||^2) / 2.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,8 +24,32 @@ from torch import Tensor
 from gpr_sim.tokenizer.rq_kmeans import Quantizer
 
 
+def path_keys(codes: Tensor) -> Tensor | None:
+    """(N,) int64 mixed-radix key of each (N, L) row, ordered as the rows are lexicographically; None when
+    the digits' ranges do not fit one int64 (then rows must be compared whole).
+
+    Digit l is shifted by its column minimum and weighed by the product of the later columns' ranges, so
+    equal rows give equal keys and key order is lexicographic row order.
+    """
+    if codes.numel() == 0:
+        return None
+    lo, hi = codes.amin(0), codes.amax(0)  # (L,) one sync below: the radices decide the encoding
+    radix = (hi - lo + 1).tolist()
+    if any(r <= 0 for r in radix) or math.prod(radix) >= 2**63:  # r <= 0: int64 wrap-around of hi - lo
+        return None
+    key = torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
+    for col, r in enumerate(radix):
+        key = key * r + (codes[:, col] - lo[col])
+    return key
+
+
 def group_paths(codes: Tensor) -> tuple[Tensor, Tensor]:
     """Group identical paths.
+
+    ``torch.unique(dim=0)`` over the rows gives the answer but sorts whole rows (seconds on millions of
+    items); each row is encoded as one int64 key (``path_keys``) and the keys are grouped with a 1-D
+    unique instead, which is the same grouping in the same (lexicographic) order. Rows whose digit ranges
+    overflow int64 keys fall back to the row-wise unique.
 
     Args:
         codes: (N, L) int64 paths.
@@ -31,7 +57,11 @@ def group_paths(codes: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         inverse (N,) group id of every item (groups in lexicographic path order), counts (G,) group sizes.
     """
-    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+    key = path_keys(codes) if codes.dim() == 2 else None
+    if key is None:
+        _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+        return inverse, counts
+    _, inverse, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True)
     return inverse, counts
 
 

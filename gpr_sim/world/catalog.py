@@ -3,11 +3,21 @@
 Generated once from a seed on the CPU (so the same seed gives the same world on every device) and
 then moved to the simulation device. Everything here is read-only during simulation; what changes
 (budgets spent, user sessions) lives in ``state.py``.
+
+**World cache.** One pipeline generates the same world several times (log collection, the tokenizer fit,
+each pre-training stage's data, the RL and evaluation envs), and the large preset takes tens of seconds
+per generation on a CPU. ``generate_world`` therefore keeps the last ``WORLD_CACHE_SIZE`` CPU worlds of this
+process, keyed by ``(config, seed)`` (``WorldConfig`` is frozen and hashable), and returns them moved to
+the requested device. Worlds are read-only: no code writes into a ``World``'s tensors (they are shared by
+every caller of the same key, and on the CPU with the cache itself), so a cached world equals a fresh one.
+The price is host memory: about 2.4 GB per large-preset world, kept while it is one of the last two used;
+``clear_world_cache`` frees it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,6 +28,8 @@ from gpr_sim.world.config import WorldConfig
 
 NUM_DEVICES = 3  # android, ios, desktop
 USER_FEATURE_DIM = 7  # age, gender, device one-hot (3), city tier, activity tier
+WORLD_CACHE_SIZE = 2
+"""CPU worlds ``generate_world`` keeps per process (module doc: the world cache)"""
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,24 @@ def _lognormal(n: int, mean: float, sigma: float, g: torch.Generator) -> torch.T
 
 
 def generate_world(config: WorldConfig, seed: int = 0, device: str | torch.device = "cpu") -> World:
-    """Build a market from ``config`` and ``seed``. Same inputs -> identical tensors on any device."""
+    """Build a market from ``config`` and ``seed``. Same inputs -> identical tensors on any device.
+
+    Served from the process's world cache when this (config, seed) was generated recently (module doc): the
+    returned tensors may be shared with other callers and must not be written to.
+    """
+    if not isinstance(config, WorldConfig):
+        raise ValueError(f"config must be a WorldConfig, got {type(config).__name__}")
+    return _cpu_world(config, int(seed)).to(device)
+
+
+def clear_world_cache() -> None:
+    """Drop the cached worlds (``generate_world``), e.g. to free host memory after a large world's last use."""
+    _cpu_world.cache_clear()
+
+
+@functools.lru_cache(maxsize=WORLD_CACHE_SIZE)
+def _cpu_world(config: WorldConfig, seed: int) -> World:
+    """The CPU world of ``(config, seed)`` (``generate_world``), computed once per cache entry."""
     cfg = config
     g = torch.Generator().manual_seed(int(seed))
     C, S, D = cfg.num_categories, cfg.subcategories_per_category, cfg.emb_dim
@@ -167,4 +196,4 @@ def generate_world(config: WorldConfig, seed: int = 0, device: str | torch.devic
         user_tolerance=tolerance,
         user_session_cdf=session_cdf,
     )
-    return world.to(device)
+    return world
