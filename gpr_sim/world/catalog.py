@@ -94,7 +94,8 @@ def generate_world(config: WorldConfig, seed: int = 0, device: str | torch.devic
     """
     if not isinstance(config, WorldConfig):
         raise ValueError(f"config must be a WorldConfig, got {type(config).__name__}")
-    return _cpu_world(config, int(seed)).to(device)
+    # the caller's own config object (an equal one may have filled the cache entry)
+    return dataclasses.replace(_cpu_world(config, int(seed)), config=config).to(device)
 
 
 def clear_world_cache() -> None:
