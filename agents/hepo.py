@@ -28,6 +28,14 @@ writes it and belongs to the run that created it (``run.json``, ``gpr_sim.runs.R
 flags (bar ``RESUME_IGNORES``) is refused, naming them, and so is a folder holding results but no checkpoint.
 Resuming never rewrites ``config.json``, and a finished run asked for no more ``--iterations`` keeps its
 ``summary.json``.
+
+The auction: by default the markets' auction ranks on the privileged estimate (the world's default). With
+``--auction`` (needs ``--reward learned``) the training market's auction ranks on the same learned pCTR / pCVR
+that rewards the learners (``ROOT/funnel/model.pt``), and so do the held-out evaluation's market and its
+``oracle_share`` states (``HeldOutConfig.auction``): the fair-arena setting in which the learned cascade is
+compared with GPR (``agents.evaluate --auction``). ``config.json`` and ``summary.json`` record which auction
+ran and the funnel's SHA-256 (``auction_record``); the reports refuse to put runs of different auctions in
+one table (``agents.reporting.folders.check_runs``), and a run resumes only with the funnel it started on.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from gpr_sim.platform.funnel import load_funnel
 from gpr_sim.runs import (
     RunFolder,
     append_metrics,
+    file_digest,
     load_torch,
     read_json,
     read_metrics,
@@ -190,6 +199,9 @@ class Args:
     """sessions of the platform's own log the learned pCTR / pCVR is fitted on (``--reward learned``)"""
     funnel_steps: int = 128
     """requests per session of that log (1,024 x 128 = 131,072 requests; seconds on a CPU)"""
+    auction: bool = False
+    """the auction of the training market, the held-out market and the oracle_share states ranks on that same
+    learned pCTR / pCVR (the fair-arena setting; needs --reward learned); off = the privileged auction"""
     budget_aware: bool = True
     """scale each candidate's value by its advertiser's budget share this step (agents.rl.rollout doc)"""
     arr: bool = True
@@ -236,6 +248,13 @@ class Args:
         check_precision(self.precision)
         if self.reward not in ESTIMATORS:
             raise ValueError(f"reward={self.reward!r} is unknown: expected one of {ESTIMATORS}")
+        if not isinstance(self.auction, bool):
+            raise ValueError(f"auction={self.auction!r} is invalid: expected a bool")
+        if self.auction and self.reward != "learned":
+            raise ValueError(
+                f"auction=True needs reward='learned' (the auction ranks on the learned funnel that rewards), "
+                f"got reward={self.reward!r}"
+            )
         for name, lo in (
             ("mtp_steps", 1),
             ("vaft_steps", 1),
@@ -402,8 +421,15 @@ def read_checkpoint(path: Path) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def held_out(args: Args) -> HeldOutConfig:
-    """The held-out sessions of this run's evaluations and how its generator is served there (``--eval-*``)."""
+def held_out(args: Args, funnel: Path | None = None) -> HeldOutConfig:
+    """The held-out sessions of this run's evaluations and how its generator is served there (``--eval-*``);
+    with ``--auction`` their markets' auction ranks on the learned ``funnel`` (the run's, ``ensure_funnel``).
+
+    Raises:
+        ValueError: ``--auction`` without the ``funnel`` file it ranks on.
+    """
+    if args.auction and funnel is None:
+        raise ValueError("auction=True needs the learned funnel file its markets rank on (ensure_funnel)")
     return HeldOutConfig(
         env=args.env,
         preset=args.preset,
@@ -415,7 +441,28 @@ def held_out(args: Args) -> HeldOutConfig:
         candidates=args.eval_candidates,
         oracle_states=args.eval_states,
         progress=args.progress,
+        auction=str(funnel) if args.auction else "",
     )
+
+
+def auction_record(args: Args, funnel: Path | None) -> dict:
+    """Which auction the run's markets rank on, as ``config.json`` and ``summary.json`` record it:
+    ``{"estimator": "privileged"}``, or ``"learned"`` with the ``funnel`` file and its SHA-256 (runs of
+    different auctions are never compared: ``agents.reporting.folders.run_auction``)."""
+    if not args.auction:
+        return {"estimator": "privileged"}
+    return {"estimator": "learned", "funnel": str(funnel), "sha256": file_digest(funnel)}
+
+
+def check_resumed_auction(config: dict, record: dict, out: Path) -> None:
+    """Refuse to resume the run of ``config`` (its ``config.json``) in a market whose auction ranks on another
+    funnel than the one it started on (the pipeline's funnel was refitted since)."""
+    was = config.get("auction", {"estimator": "privileged"})
+    if was.get("sha256") != record.get("sha256"):
+        raise ValueError(
+            f"{out}: started with the auction on funnel {was.get('sha256', 'none')[:12]}, now "
+            f"{record.get('sha256', 'none')[:12]} ({record.get('funnel', 'privileged')}): pass another --out"
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -500,7 +547,11 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
     env = make_train_env(args, dist)
     if funnel is not None:
         market = env.unwrapped
-        market.attach_platform(load_funnel(funnel, args.device, catalog=market.catalog))
+        learned = load_funnel(funnel, args.device, catalog=market.catalog)
+        market.attach_platform(learned)
+        if args.auction:  # the same object: the market evaluates it once per score (envs.market.score)
+            market.attach_auction(learned)
+    auction = auction_record(args, funnel)
     roller = Roller(
         env,
         tok,
@@ -512,12 +563,14 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         dist=dist,
         precision=args.precision,
     )
-    evaluate = Evaluator(held_out(args), tok) if dist.is_main else None
+    evaluate = Evaluator(held_out(args, funnel), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
     resume = ckpt.is_file()
     distributed.barrier(dist)  # every rank has looked for the checkpoint before rank 0 writes anything
     if resume:
+        config = out / "config.json"
+        check_resumed_auction(read_json(config) if config.is_file() else {}, auction, out)
         state = read_checkpoint(ckpt)
         rollers = state["rollers"]
         if len(rollers) != dist.world_size:
@@ -548,6 +601,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
                 "init": str(vaft),
                 "tokenizer_path": tok_path,
                 "world_size": dist.world_size,
+                "auction": auction,
             },
         )
         metrics_path.unlink(missing_ok=True)
@@ -653,6 +707,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
             "plateau_at": plateau_at,
             "env_steps": env_steps,
             "world_size": dist.world_size,
+            "auction": auction,
             "initial": evals[0],
             "final": evals[-1],
         }

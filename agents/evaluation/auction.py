@@ -2,9 +2,12 @@
 
     attach_auction_model(env, "")                      # the default: the privileged auction (nothing attached)
     attach_auction_model(env, "runs/platform/small")   # the auction ranks on that folder's learned pCTR/pCVR
+    attach_auction_model(env, "runs/hepo/pretrain/ads-v0__0/funnel/model.pt")   # or on a funnel file
 
 A realism setting of the market (``envs.market.BatchedMarket.attach_auction``), not of an agent: every agent
-of a comparison and its ``oracle_share`` states run in a market with the same auction.
+of a comparison and its ``oracle_share`` states run in a market with the same auction. The path names a
+platform folder (``agents.fit_platform``: its ``funnel.pt``) or a funnel file itself (``agents.hepo``'s
+pipeline keeps its learned pCTR/pCVR in ``ROOT/funnel/model.pt``, beside no retrieval or pre-ranking stage).
 """
 
 from __future__ import annotations
@@ -16,20 +19,25 @@ from gpr_sim.platform.funnel import load_funnel
 
 
 def auction_funnel_file(path: str) -> Path | None:
-    """The ``funnel.pt`` a platform folder ``path`` holds, or None for "" (the privileged auction).
+    """The funnel file ``path`` names: itself when it is a file, the ``funnel.pt`` of a platform folder, or
+    None for "" (the privileged auction).
 
     Raises:
-        ValueError: naming ``path`` when it is not a platform folder (``check_platform_folder``).
+        ValueError: naming ``path`` when it is neither a file nor a platform folder (``check_platform_folder``).
     """
     if not isinstance(path, str):
-        raise ValueError(f"auction={path!r} is invalid: expected a platform folder path or '' (privileged)")
+        raise ValueError(
+            f"auction={path!r} is invalid: expected a platform folder, a funnel file or '' (privileged)"
+        )
     if not path:
         return None
+    if Path(path).is_file():
+        return Path(path)
     return check_platform_folder(path) / FUNNEL_FILE
 
 
 def attach_auction_model(env, path: str) -> None:
-    """Make ``env``'s auction rank on the funnel of the platform folder ``path``; "" leaves it privileged.
+    """Make ``env``'s auction rank on the funnel ``path`` names (``auction_funnel_file``); "" leaves it privileged.
 
     Raises:
         ValueError: naming the folder or file when it is not a platform folder, or its funnel is unreadable

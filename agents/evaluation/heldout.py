@@ -11,6 +11,10 @@ top-1 served) and reports, keyed as ``metrics.jsonl`` holds them (``agents.repor
 - ``eval/oracle_share`` (+ interval) and ``eval/oracle_fatigue_share``: the true value the served generator
   picks on ``oracle_states`` fixed requests as a share of the myopic oracle's (``agents.evaluation.oracle_share``),
   the deterministic learning curve.
+
+With ``auction`` (a funnel file or platform folder, ``agents.evaluation.auction``) the held-out market and the
+``oracle_share`` states run the auction on that learned pCTR/pCVR instead of the privileged estimate: the same
+market the run trained in (``agents.hepo --auction``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from agents.evaluation.auction import attach_auction_model, auction_funnel_file
 from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, oracle_share
 from agents.evaluation.sessions import collect_sessions
 from agents.policies.gpr import GPRPolicy, load_run_model
@@ -59,8 +64,12 @@ class HeldOutConfig:
     """fixed request states of ``eval/oracle_share`` (the first request of as many sessions, same seed)"""
     progress: bool = True
     """progress bar of the session loop"""
+    auction: str = ""
+    """a funnel file or platform folder whose learned pCTR/pCVR the held-out market's auction (and the
+    ``oracle_share`` states') ranks on (``agents.evaluation.auction``); empty = the privileged auction"""
 
     def __post_init__(self) -> None:
+        auction_funnel_file(self.auction)  # neither a funnel file nor a platform folder: fails here
         for name, lo in (
             ("num_envs", 1),
             ("sessions", 1),
@@ -83,19 +92,26 @@ class HeldOutConfig:
         """The request states of ``eval/oracle_share``: a market of ``oracle_states`` slots of the same world,
         reset with the same seed."""
         return OracleShareConfig(
-            env=self.env, preset=self.preset, device=self.device, states=self.oracle_states, seed=self.seed
+            env=self.env,
+            preset=self.preset,
+            device=self.device,
+            states=self.oracle_states,
+            seed=self.seed,
+            auction=self.auction,
         )
 
 
 class Evaluator:
     """Held-out sessions of a separate market with a fixed seed: online metrics, candidate quality and
-    ``oracle_share`` on fixed request states (built once, valued at every evaluation)."""
+    ``oracle_share`` on fixed request states (built once, valued at every evaluation); both markets' auction
+    is ``config.auction``'s."""
 
     def __init__(self, config: HeldOutConfig, tokenizer):
         self.config = config
         self.env = make_vec_env(
             config.env, config.num_envs, preset=config.preset, device=config.device, validate_actions=False
         )
+        attach_auction_model(self.env, config.auction)
         self.tok = tokenizer.to(config.device)
         self.features = PlatformFeatures.from_world(self.env.unwrapped.world).to(config.device)
         self.states = RequestStates.build(config.oracle_share)

@@ -1,7 +1,9 @@
 """Reading run folders back for the reports: ``agents.hepo`` runs (grouped by label, their evaluations),
 ``agents.evaluate`` folders (the ``cascade-privileged`` baseline) and ``agents.pretrain`` runs.
 
-Every check here raises ``ValueError`` naming the folder and what it lacks, before any table is built.
+Every check here raises ``ValueError`` naming the folder and what it lacks, before any table is built. Runs
+whose markets' auctions rank on different models (``agents.hepo --auction``: ``run_auction``) are never
+put in one table or figure: ``check_runs`` refuses them, naming each group.
 """
 
 from __future__ import annotations
@@ -26,14 +28,30 @@ def run_label(run: Path) -> str:
     return meta.get("label") or meta.get("algo", run.name)
 
 
+def run_auction(run: Path) -> str:
+    """What the run's markets' auction ranked on (``agents.hepo``'s ``config.json`` ``auction``): "privileged"
+    (also for folders written before the setting existed, which all ran it) or "learned"."""
+    cfg = run / "config.json"
+    meta = read_json(cfg) if cfg.is_file() else {}
+    auction = meta.get("auction")
+    return auction.get("estimator", "privileged") if isinstance(auction, dict) else "privileged"
+
+
 def check_runs(runs: list[str | Path]) -> list[Path]:
-    """The folders as paths; raises ``ValueError`` naming every folder without a ``metrics.jsonl``."""
+    """The folders as paths; raises ``ValueError`` naming every folder without a ``metrics.jsonl``, and the runs
+    of each auction when they ran under different ones (``run_auction``: their numbers are not comparable)."""
     runs = [Path(r) for r in runs]
     if not runs:
         raise ValueError("no run folders given")
     missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
     if missing:
         raise ValueError(f"not run folders (no metrics.jsonl): {', '.join(missing)}")
+    auctions: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        auctions[run_auction(run)].append(str(run))
+    if len(auctions) > 1:
+        groups = "; ".join(f"{a}: {', '.join(rs)}" for a, rs in sorted(auctions.items()))
+        raise ValueError(f"runs of different auctions are not comparable ({groups}): report them apart")
     return runs
 
 
@@ -130,9 +148,10 @@ def read_baseline_strata(folder: str | Path) -> dict[tuple[str, str], dict]:
 def check_protocol(runs: list[Path], cfg: dict, folder: Path) -> None:
     """Warn where the baseline did not run on the held-out sessions of the runs' evaluations (``agents.hepo``'s
     held-out Evaluator: the env's default world, ``eval_envs`` slots, ``eval_sessions`` sessions, reset seed
-    ``eval_seed``)."""
+    ``eval_seed``, the auction: ``agents.evaluate --auction`` for runs with ``--auction``)."""
     have = {k: cfg[k] for k in ("env", "preset", "world_seed", "num_envs", "seed")}
     have["sessions_per_slot"] = math.ceil(cfg["sessions"] / cfg["num_envs"])
+    have["auction"] = "learned" if cfg.get("auction") else "privileged"
     diff = set()
     for run in runs:
         a = read_json(run / "config.json").get("args") if (run / "config.json").is_file() else None
@@ -145,6 +164,7 @@ def check_protocol(runs: list[Path], cfg: dict, folder: Path) -> None:
             "num_envs": a["eval_envs"],
             "seed": a["eval_seed"],
             "sessions_per_slot": math.ceil(a["eval_sessions"] / a["eval_envs"]),
+            "auction": run_auction(run),
         }
         diff |= {f"{k} {have[k]} (runs: {v})" for k, v in want.items() if have[k] != v}
     if diff:
