@@ -96,8 +96,9 @@ class Args:
     """an agent of --agents that every other one is compared with session by session (paired.csv; delta-method
     intervals over pairs whatever --ci); empty = no paired table"""
     auction: str = ""
-    """a platform folder (`agents.fit_platform`) whose learned pCTR/pCVR the market's auction ranks on, for every
-    agent; empty = the privileged auction (the default)"""
+    """a platform folder (`agents.fit_platform`) or a funnel file (an `agents.hepo` pipeline's
+    PRETRAIN_DIR/funnel/model.pt) whose learned pCTR/pCVR the market's auction ranks on, for every agent; empty =
+    the privileged auction (the default)"""
 
     def __post_init__(self) -> None:
         cli.check_args(self)
