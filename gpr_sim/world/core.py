@@ -73,10 +73,7 @@ def grant_in_order(
     ``advertiser`` -1 marks no charge. ``spend`` is summed in the order of the charges, so settling a
     concatenation of shards in row order gives the single-process spend bit for bit.
     """
-    granted = cap_to_budget(advertiser, charge, remaining)
-    paid = torch.where(granted & (advertiser >= 0), charge, torch.zeros_like(charge))
-    spend = torch.zeros_like(remaining).index_add_(0, advertiser.clamp(min=0), paid)
-    return granted, spend
+    return _with_spend(cap_to_budget(advertiser, charge, remaining), advertiser, charge, remaining)
 
 
 def grant_overdeliver(
@@ -87,7 +84,13 @@ def grant_overdeliver(
     Summed in the order of the charges, as ``grant_in_order``, so a concatenation of shards settles bit for
     bit as one process.
     """
-    granted = overdeliver_to_budget(advertiser, charge, remaining)
+    return _with_spend(overdeliver_to_budget(advertiser, charge, remaining), advertiser, charge, remaining)
+
+
+def _with_spend(
+    granted: torch.Tensor, advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(granted, spend (A,)): the granted charges summed per advertiser in the order of the charges."""
     paid = torch.where(granted & (advertiser >= 0), charge, torch.zeros_like(charge))
     spend = torch.zeros_like(remaining).index_add_(0, advertiser.clamp(min=0), paid)
     return granted, spend
@@ -336,9 +339,9 @@ def transition(
 
     ``grant`` settles the step's charges (N S of them, row-major) against the remaining budgets and
     returns the grant mask and the spend that moves the market (default ``settlement(world.config)``:
-    this batch alone, by the world's ``budget_settlement`` rule, which a given grant receives as ``settle=``
-    unless it is the default "in_order"). A data-parallel shard passes one that settles every rank's charges, so each rank's market
-    moves by the global spend.
+    this batch alone, by the world's ``budget_settlement`` rule). A data-parallel shard passes one that
+    settles every rank's charges, so each rank's market moves by the global spend; it receives the world's
+    rule as ``settle=`` unless that is the default "in_order".
 
     ``estimate``: the funnel probabilities the auction ranks on, of ``candidates`` ((N, K) each, as in
     ``score``; entries of invalid candidates are ignored), e.g. the platform's learned pCTR/pCVR. The
@@ -367,7 +370,7 @@ def transition(
     shown = ads.gather(1, winner)  # (N, S)
     shown_adv = world.ad_advertiser[shown]
 
-    # --- budgets: charge per impression, never beyond what is left ---------------------------
+    # --- budgets: charge per impression, within what is left (or one charge past it: overdeliver)
     remaining = market.budget - spent_today
     charge_adv = torch.where(won, shown_adv, torch.full_like(shown_adv, -1)).reshape(-1)
     settle = settlement(cfg)
