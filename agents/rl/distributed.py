@@ -286,7 +286,8 @@ def grant_across_ranks(dist: Dist) -> Grant:
     """A ``transition`` grant that settles the charges of every rank as one process settles all rows.
 
     One all-gather collects each rank's (advertiser, charge) pairs (stacked in one float64 tensor: ids
-    are exact there) in rank order, ``grant_in_order`` settles the concatenation, and the rank keeps its
+    are exact there) in rank order, ``settle`` (``transition`` passes the world's ``budget_settlement`` rule;
+    default ``grant_in_order``) settles the concatenation, and the rank keeps its
     slice of the grant mask; the spend is the global one, summed in the single-process order, so every
     rank's market moves bit for bit as the single-process market. Every rank must pass the same number
     of charges in every step. Single-process: ``grant_in_order``.
@@ -294,12 +295,17 @@ def grant_across_ranks(dist: Dist) -> Grant:
     if not dist.enabled:
         return grant_in_order
 
-    def grant(advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor):
+    def grant(
+        advertiser: torch.Tensor,
+        charge: torch.Tensor,
+        remaining: torch.Tensor,
+        settle: Grant = grant_in_order,
+    ):
         mine = torch.stack([advertiser.to(torch.float64), charge.to(torch.float64)])  # (2, M)
         parts = [torch.empty_like(mine) for _ in range(dist.world_size)]
         torch_dist.all_gather(parts, mine)
         every = torch.cat(parts, dim=1)
-        granted, spend = grant_in_order(every[0].long(), every[1].to(charge.dtype), remaining)
+        granted, spend = settle(every[0].long(), every[1].to(charge.dtype), remaining)
         m = advertiser.shape[0]
         return granted[dist.rank * m : (dist.rank + 1) * m], spend
 

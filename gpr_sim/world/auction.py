@@ -74,6 +74,29 @@ def advertiser_active(
     return has_budget & (~paced | on_schedule)
 
 
+def _spend_in_order(
+    advertiser: torch.Tensor, charge: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Charges grouped by advertiser in request order, with each one's running total of its group.
+
+    Returns (valid (M,), order (M,) the stable sort by advertiser, a (M,) sorted advertiser (0 for no
+    charge), before (M,) the group's total of the earlier charges (exactly 0 for a group's first),
+    within (M,) the group's total up to and including the charge), all but ``valid`` in sorted order.
+    """
+    valid = advertiser >= 0
+    adv = torch.where(valid, advertiser, torch.zeros_like(advertiser))
+    amount = torch.where(valid, charge, torch.zeros_like(charge))
+    order = torch.argsort(adv, stable=True)
+    a, c = adv[order], amount[order]
+    cum = torch.cumsum(c, 0)
+    first = torch.ones_like(a, dtype=torch.bool)
+    first[1:] = a[1:] != a[:-1]
+    # Running total before each group starts; cum is non-decreasing so a running max propagates it.
+    group_base = torch.cummax(torch.where(first, cum - c, torch.zeros_like(cum)), 0).values
+    before = torch.where(first, torch.zeros_like(cum), (cum - c) - group_base)
+    return valid, order, a, before, cum - group_base
+
+
 def cap_to_budget(advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
     """Which charges fit in the advertisers' remaining budgets, serving them in order.
 
@@ -90,17 +113,25 @@ def cap_to_budget(advertiser: torch.Tensor, charge: torch.Tensor, remaining: tor
     Returns:
         (M,) bool, True where the charge is granted (always True for advertiser -1).
     """
-    valid = advertiser >= 0
-    adv = torch.where(valid, advertiser, torch.zeros_like(advertiser))
-    amount = torch.where(valid, charge, torch.zeros_like(charge))
-    order = torch.argsort(adv, stable=True)
-    a, c = adv[order], amount[order]
-    cum = torch.cumsum(c, 0)
-    first = torch.ones_like(a, dtype=torch.bool)
-    first[1:] = a[1:] != a[:-1]
-    # Running total before each group starts; cum is non-decreasing so a running max propagates it.
-    group_base = torch.cummax(torch.where(first, cum - c, torch.zeros_like(cum)), 0).values
-    within = cum - group_base
+    valid, order, a, _, within = _spend_in_order(advertiser, charge)
     ok_sorted = within <= remaining[a]
+    ok = torch.empty_like(ok_sorted).scatter_(0, order, ok_sorted)
+    return ok | ~valid
+
+
+def overdeliver_to_budget(
+    advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor
+) -> torch.Tensor:
+    """Which charges are served under bounded overdelivery: while the spend before them is below budget.
+
+    As requests served one after another against a budget counter that is checked before each one: a
+    charge is granted while the advertiser's running total of the earlier granted charges (request
+    order) is below its remaining budget, so the last granted charge may overshoot it. The overshoot of
+    an advertiser in one settlement is below its largest granted charge, and an advertiser already at or
+    past its budget (remaining <= 0) is granted nothing, so over a budget day spend stays below budget
+    plus one charge. Same arguments and result as ``cap_to_budget``.
+    """
+    valid, order, a, before, _ = _spend_in_order(advertiser, charge)
+    ok_sorted = before < remaining[a]
     ok = torch.empty_like(ok_sorted).scatter_(0, order, ok_sorted)
     return ok | ~valid

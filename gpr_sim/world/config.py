@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 _INF = math.inf
 
+BUDGET_SETTLEMENTS = ("in_order", "overdeliver")
+"""the values of ``WorldConfig.budget_settlement`` (``gpr_sim.world.core.settlement`` maps each to its rule)"""
+
 
 def check_range(
     name: str, value: float, lo: float = -_INF, hi: float = _INF, *, lo_open: bool = False
@@ -85,6 +88,12 @@ class WorldConfig:
     """paced advertisers may run this far ahead of the even-spend schedule before being throttled"""
     steps_per_day: int = 200
     """market steps (one batched request each) in one budget day; budgets reset at day boundaries"""
+    budget_settlement: str = "in_order"
+    """how a step's charges meet the budgets (``BUDGET_SETTLEMENTS``): "in_order" grants a charge only if it
+    fits in what is left (spend never exceeds the budget; an advertiser whose leftover is below the price it
+    meets stays eligible and is refused all day); "overdeliver" grants a charge while the spend before it
+    is below the budget, so the day's last impression may overshoot by one price and the advertiser then
+    leaves the auction (platforms bill delivered impressions past the budget: bounded overdelivery)"""
     # --- ads --------------------------------------------------------------------------------
     quality_sigma: float = 0.4
     """std of creative quality (a click-logit offset)"""
@@ -262,6 +271,10 @@ class WorldConfig:
         if len(w) != 5 or any((not isinstance(x, (int, float))) or x < 0 for x in w) or sum(w) <= 0:
             raise ValueError(
                 f"activity_weights={w!r}: expected 5 non-negative numbers (tiers 1..5) with a positive sum"
+            )
+        if self.budget_settlement not in BUDGET_SETTLEMENTS:
+            raise ValueError(
+                f"budget_settlement={self.budget_settlement!r} is unknown: expected one of {BUDGET_SETTLEMENTS}"
             )
         if self.num_slots > self.num_candidates:
             raise ValueError(

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from gpr_sim.world import rng
-from gpr_sim.world.auction import advertiser_active, cap_to_budget, first_occurrence, gsp_auction
+from gpr_sim.world.auction import (
+    advertiser_active,
+    cap_to_budget,
+    first_occurrence,
+    gsp_auction,
+    overdeliver_to_budget,
+)
 from gpr_sim.world.catalog import NUM_DEVICES, World
 from gpr_sim.world.fatigue import exit_probability, fatigue_added, stay_probability
 from gpr_sim.world.funnel import Probabilities, ecpm, platform_probabilities, true_probabilities
@@ -51,10 +57,12 @@ def open_market(world: World, num_envs: int) -> MarketState:
     return MarketState(torch.zeros((), dtype=torch.int64, device=world.device), budget, zeros, zeros.clone())
 
 
-Grant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""(advertiser (M,), charge (M,), remaining (A,)) -> (granted (M,) bool, spend (A,)): how a step's
-charges are settled against the budgets; ``transition`` takes one so that data-parallel shards of one
-market can settle their charges together (``agents.rl.distributed.grant_across_ranks``)."""
+Grant = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""(advertiser (M,), charge (M,), remaining (A,)[, settle=Grant]) -> (granted (M,) bool, spend (A,)): how a
+step's charges are settled against the budgets; ``transition`` takes one so that data-parallel shards of one
+market can settle their charges together (``agents.rl.distributed.grant_across_ranks``). With a
+``budget_settlement`` other than "in_order", ``transition`` passes the world's rule as ``settle=`` (a grant
+that gathers charges settles them with it); with the default it calls ``grant(advertiser, charge, remaining)``."""
 
 
 def grant_in_order(
@@ -65,10 +73,41 @@ def grant_in_order(
     ``advertiser`` -1 marks no charge. ``spend`` is summed in the order of the charges, so settling a
     concatenation of shards in row order gives the single-process spend bit for bit.
     """
-    granted = cap_to_budget(advertiser, charge, remaining)
+    return _with_spend(cap_to_budget(advertiser, charge, remaining), advertiser, charge, remaining)
+
+
+def grant_overdeliver(
+    advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "overdeliver" ``Grant``: ``overdeliver_to_budget`` in request order, and the spend per advertiser.
+
+    Summed in the order of the charges, as ``grant_in_order``, so a concatenation of shards settles bit for
+    bit as one process.
+    """
+    return _with_spend(overdeliver_to_budget(advertiser, charge, remaining), advertiser, charge, remaining)
+
+
+def _with_spend(
+    granted: torch.Tensor, advertiser: torch.Tensor, charge: torch.Tensor, remaining: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(granted, spend (A,)): the granted charges summed per advertiser in the order of the charges."""
     paid = torch.where(granted & (advertiser >= 0), charge, torch.zeros_like(charge))
     spend = torch.zeros_like(remaining).index_add_(0, advertiser.clamp(min=0), paid)
     return granted, spend
+
+
+def settlement(cfg) -> Grant:
+    """The single-process ``Grant`` of ``cfg.budget_settlement`` (``config.BUDGET_SETTLEMENTS``).
+
+    "in_order" (the default): a charge is granted only if it fits in what is left. Spend never exceeds the
+    budget, but an advertiser whose leftover lies between the reserve (what eligibility checks) and the
+    price it meets stays eligible and is refused every charge for the rest of the day: with budgets that
+    bind, most auctions a greedy policy wins are refused this way (benchmarks/RESULTS.md, the herd).
+    "overdeliver": served while the spend before the charge is below the budget, as a platform that checks
+    a budget counter before each impression and bills what it delivered; the advertiser then drops out
+    (``advertiser_active``), and a day's spend stays below budget plus one charge.
+    """
+    return {"in_order": grant_in_order, "overdeliver": grant_overdeliver}[cfg.budget_settlement]
 
 
 def effective_reserve(cfg, u: torch.Tensor) -> torch.Tensor:
@@ -299,9 +338,10 @@ def transition(
     """Serve one ad request per row. ``candidates`` (N, K) int64 ad ids; invalid ids are not shown.
 
     ``grant`` settles the step's charges (N S of them, row-major) against the remaining budgets and
-    returns the grant mask and the spend that moves the market (default ``grant_in_order``: this batch
-    alone). A data-parallel shard passes one that settles every rank's charges, so each rank's market
-    moves by the global spend.
+    returns the grant mask and the spend that moves the market (default ``settlement(world.config)``:
+    this batch alone, by the world's ``budget_settlement`` rule). A data-parallel shard passes one that
+    settles every rank's charges, so each rank's market moves by the global spend; it receives the world's
+    rule as ``settle=`` unless that is the default "in_order".
 
     ``estimate``: the funnel probabilities the auction ranks on, of ``candidates`` ((N, K) each, as in
     ``score``; entries of invalid candidates are ignored), e.g. the platform's learned pCTR/pCVR. The
@@ -330,10 +370,16 @@ def transition(
     shown = ads.gather(1, winner)  # (N, S)
     shown_adv = world.ad_advertiser[shown]
 
-    # --- budgets: charge per impression, never beyond what is left ---------------------------
+    # --- budgets: charge per impression, within what is left (or one charge past it: overdeliver)
     remaining = market.budget - spent_today
     charge_adv = torch.where(won, shown_adv, torch.full_like(shown_adv, -1)).reshape(-1)
-    granted, spend = (grant or grant_in_order)(charge_adv, price.double().reshape(-1), remaining)
+    settle = settlement(cfg)
+    if grant is None:
+        granted, spend = settle(charge_adv, price.double().reshape(-1), remaining)
+    elif settle is grant_in_order:
+        granted, spend = grant(charge_adv, price.double().reshape(-1), remaining)
+    else:
+        granted, spend = grant(charge_adv, price.double().reshape(-1), remaining, settle=settle)
     granted = granted.view(n, S)
     impression = won & granted
     revenue = torch.where(impression, price, torch.zeros_like(price))
@@ -509,7 +555,8 @@ def eligible_ads(world: World, market: MarketState) -> torch.Tensor:
 
 
 def remaining_budget(world: World, market: MarketState) -> torch.Tensor:
-    """(num_advertisers,) float64: what each advertiser can still spend in the current budget day."""
+    """(num_advertisers,) float64: what each advertiser can still spend in the current budget day (below 0
+    by at most one charge after an overdelivered last impression, ``budget_settlement="overdeliver"``)."""
     return market.budget - _day_status(world, market)[0]
 
 
@@ -518,6 +565,8 @@ __all__ = [
     "CandidateScores",
     "Grant",
     "grant_in_order",
+    "grant_overdeliver",
+    "settlement",
     "open_market",
     "initial",
     "transition",
