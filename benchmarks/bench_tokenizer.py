@@ -7,7 +7,8 @@ For each N (synthetic hierarchical items): fit RQ-Kmeans, RQ-VAE and RQ-Kmeans+ 
 encode all N items, build the ``SemanticIdTable`` and a ``PrefixTrie`` over all paths, then time
 legal-next-code masks for ``--mask-batch`` random prefixes at every depth: plain, with one shared (N,)
 eligibility row (budget left), and with per-row (B, E) eligibility over a trie of the first
-``--elig-items`` items (an ad catalog). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and
+``--elig-items`` items (an ad catalog); then the masks of one pre-training minibatch (``--minibatch-rows``
+target paths, every depth: ``agents.pretraining.data.legal_masks``). Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and
 the process's peak RSS on CPU (monotone over the run, so later rows include earlier peaks).
 Prints a table last and writes JSON to ``--out`` (atomically).
 """
@@ -65,6 +66,8 @@ class Args:
     """encoder/decoder width"""
     mask_batch: int = 65536
     """B: prefixes per trie-mask call"""
+    minibatch_rows: int = 4096
+    """target paths of one pre-training minibatch (1,024 requests x 4 MTP heads)"""
     elig_items: int = 2000
     """E: items of the per-row eligibility trie (the (B, E) mask is B*E bools)"""
     repeats: int = 10
@@ -168,6 +171,17 @@ def bench_size(n: int, args: Args, device: torch.device) -> list[dict]:
         ads_prefixes = table.item_to_path[:e][ads_pick, :depth]
         sec = _time_repeated(lambda p=ads_prefixes: ads_trie.prefix_mask(p, per_row), device, args.repeats)
         row(f"mask depth {depth} per-row elig E={e}", sec, None, args.mask_batch / sec, "rows/s")
+    targets = table.item_to_path[pick[: args.minibatch_rows]]  # (M, L') as a minibatch's target paths
+    sec = _time_repeated(
+        lambda: [trie.prefix_mask(targets[:, :depth]) for depth in range(trie.depth)], device, args.repeats
+    )
+    row(
+        f"minibatch masks, every depth ({targets.shape[0]} paths)",
+        sec,
+        None,
+        targets.shape[0] / sec,
+        "paths/s",
+    )
     return rows
 
 

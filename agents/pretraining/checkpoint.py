@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gpr_sim.model import GPRConfig, GPRModel
-from gpr_sim.model.config import LEGACY_DEFAULTS
+from gpr_sim.model.config import LEGACY_DEFAULTS, ZERO_INIT_WIDTHS
 from gpr_sim.runs import atomic_write_bytes, checkpoint_bytes, load_torch
 
 CKPT_FORMAT = "gpr_sim.pretrain"
@@ -58,15 +58,42 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def check_config(path: str | Path, stored: dict, cfg: GPRConfig) -> None:
+    """Raise ``ValueError`` naming the fields unless the checkpoint's config ``stored`` is ``cfg``."""
+    want = cfg.to_dict()
+    got = {**LEGACY_DEFAULTS, **stored}  # a checkpoint from before a field: its old value
+    if got != want:
+        diff = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
+        raise ValueError(f"{path}: checkpoint model config differs from this run's in {diff}")
+
+
 def load_checkpoint(path: str | Path, cfg: GPRConfig) -> dict:
     """``read_checkpoint`` plus a check that it was written for a model of config ``cfg``."""
     payload = read_checkpoint(path)
-    want = cfg.to_dict()
-    got = {**LEGACY_DEFAULTS, **payload["config"]}  # a checkpoint from before a field: its old value
-    if got != want:
-        diff = sorted(k for k in want if got.get(k) != want[k])
-        raise ValueError(f"{path}: checkpoint model config differs from this run's in {diff}")
+    check_config(path, payload["config"], cfg)
     return payload
+
+
+def load_init(path: str | Path, model: GPRModel) -> list[str]:
+    """Load checkpoint ``path``'s weights into ``model`` (``--init``); returns the widths added at zero.
+
+    The checkpoint's config must be the model's, except that the model may turn on a zero-initialised width
+    the checkpoint lacks (``ZERO_INIT_WIDTHS``: an MTP checkpoint from before ``hte_ad_features``). Those
+    parameters are loaded as zeros, so the model computes exactly what the checkpoint's model did; every
+    other weight must fit as in a plain load.
+
+    Raises:
+        ValueError: naming the file, as ``read_checkpoint``, on any other config difference, or if the
+            weights do not fit.
+    """
+    payload = read_checkpoint(path)
+    added = model.cfg.added_zero_widths(payload["config"])
+    if added is None:
+        check_config(path, payload["config"], model.cfg)  # raises, naming the differing fields
+    prefixes = tuple(ZERO_INIT_WIDTHS[name] for name in added or ())
+    zeros = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    load_model_state(Path(path), model, {**payload["model"], **zeros})
+    return added
 
 
 def load_model_state(path: Path, model: GPRModel, state: dict) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from agents.pretraining.checkpoint import checkpoint_data, load_checkpoint, load_model_state
+from agents.pretraining.checkpoint import checkpoint_data, load_checkpoint, load_init, load_model_state
 from agents.pretraining.config import BEST_METRIC, COMPONENTS, ENTRY, RESUME_IGNORES, PretrainConfig
 from agents.pretraining.data import StageData, ensure_inputs, input_paths, load_data
 from agents.pretraining.evaluation import (
@@ -137,7 +137,11 @@ def init_model(cfg: PretrainConfig, data: StageData, ckpt: Path, dist: distribut
             metrics_path = ckpt.parent / "metrics.jsonl"
             write_metrics(metrics_path, [r for r in read_metrics(metrics_path) if r["step"] <= start])
     elif cfg.init:
-        load_model_state(Path(cfg.init), model, load_checkpoint(cfg.init, model.cfg)["model"])
+        added = load_init(cfg.init, model)
+        if added and dist.is_main:
+            print(
+                f"--init {cfg.init}: the checkpoint predates {added}: loaded with their weights at zero (same outputs)"
+            )
     elif cfg.stage == "vaft":
         raise ValueError("stage vaft starts from the MTP checkpoint: pass --init PATH")
     return model, opt, gen, start

@@ -18,6 +18,11 @@ LEGACY_DEFAULTS = {"platform_features": False, "hte_ad_features": 0}
 """fields added after checkpoints were first written, with the value that reproduces those checkpoints
 (``GPRConfig.from_dict`` fills them in when a stored config lacks them)"""
 
+ZERO_INIT_WIDTHS = {"hte_ad_features": "hte.ad_proj."}
+"""width fields whose parameters (the state-dict keys under the prefix) start at zero and then add nothing:
+a model with the width on and those parameters at zero computes exactly what the model without it (0)
+computes, so a checkpoint without the width loads into it (``added_zero_widths``)"""
+
 
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
@@ -154,6 +159,17 @@ class GPRConfig:
             return cls(**kw)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: field {e}") from e
+
+    def added_zero_widths(self, stored: Mapping) -> list[str] | None:
+        """The ``ZERO_INIT_WIDTHS`` fields this config turns on and a stored config (a checkpoint's, legacy
+        fields filled by ``LEGACY_DEFAULTS``) leaves at 0, when they are all that differs ([] when nothing
+        does); None when any other field differs."""
+        want, got = self.to_dict(), {**LEGACY_DEFAULTS, **stored}
+        if set(got) != set(want):
+            return None
+        diff = [k for k in want if got[k] != want[k]]
+        added = [k for k in diff if k in ZERO_INIT_WIDTHS and got[k] == 0]
+        return added if len(added) == len(diff) else None
 
     @property
     def path_len(self) -> int:
