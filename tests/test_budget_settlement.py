@@ -87,11 +87,13 @@ def _assert_equal(got: dict, want: dict, rows: slice | None = None) -> None:
         assert torch.equal(got[key], expect), key
 
 
-def test_default_settlement_is_bit_identical_to_before():
-    """The default is "in_order", and a seeded herd rollout (budgets binding, day resets) is bit for bit the
-    rollout settled by the pre-option ``cap_to_budget``."""
-    cfg = resolve_config("small", **BASE)
-    assert WorldConfig().budget_settlement == "in_order" and settlement(cfg) is grant_in_order
+def test_in_order_settlement_is_bit_identical_to_before():
+    """ "in_order" (the default until 2026-12-03, and the rule of every world saved before the field) settles a
+    seeded herd rollout (budgets binding, day resets) bit for bit as the pre-option ``cap_to_budget``."""
+    cfg = resolve_config("small", budget_settlement="in_order", **BASE)
+    assert WorldConfig().budget_settlement == "overdeliver" and settlement(cfg) is grant_in_order
+    legacy = {k: v for k, v in WorldConfig().to_dict().items() if k != "budget_settlement"}
+    assert WorldConfig.from_dict(legacy).budget_settlement == "in_order"
 
     def reference(advertiser, charge, remaining):
         granted = _cap_to_budget_before_the_option(advertiser, charge, remaining)
@@ -174,7 +176,9 @@ def test_rollout_spends_within_the_stated_bound():
     one last impression and leave the auction)."""
     cfg = resolve_config("small", budget_settlement="overdeliver", **BASE)
     got = _play(BatchedMarket(cfg, N, WORLD_SEED), SINGLE)
-    old = _play(BatchedMarket(resolve_config("small", **BASE), N, WORLD_SEED), SINGLE)
+    old = _play(
+        BatchedMarket(resolve_config("small", budget_settlement="in_order", **BASE), N, WORLD_SEED), SINGLE
+    )
     day = torch.arange(STEPS) // cfg.steps_per_day
     over = got["market/spent_today"] - got["market/budget"]  # (T, A)
     for d in range(int(day.max()) + 1):

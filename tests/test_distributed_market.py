@@ -20,7 +20,14 @@ from gpr_sim.world.auction import cap_to_budget
 from gpr_sim.world.core import grant_in_order
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = resolve_config("small", budget_per_1k_requests=0.5, num_candidates=4, num_slots=2, steps_per_day=20)
+CFG = resolve_config(
+    "small",
+    budget_per_1k_requests=0.5,
+    num_candidates=4,
+    num_slots=2,
+    steps_per_day=20,
+    budget_settlement="in_order",  # spend never exceeds budget: the rule these hooks were written for
+)
 """small budgets (most won slots get capped) and 20-step budget days (three day resets in the run)"""
 N, STEPS, SEED, WORLD_SEED = 16, 60, 1, 0
 

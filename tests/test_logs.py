@@ -40,8 +40,11 @@ def written(collected, tmp_path_factory):
     return path
 
 
-HAND_CFG = WorldConfig.small(num_ads=20, organic_history=2, ad_history=2, initial_ad_history=2)
-"""the world of `hand_columns`: two-item histories (`read_logs` checks the widths and id ranges against it)"""
+HAND_CFG = WorldConfig.small(
+    num_ads=20, organic_history=2, ad_history=2, initial_ad_history=2, budget_settlement="in_order"
+)
+"""the world of `hand_columns`: two-item histories (`read_logs` checks the widths and id ranges against it); its
+dict lacks ``budget_settlement``, which reads back as the rule of logs from before the field"""
 
 
 def hand_columns(n: int = 2) -> dict[str, np.ndarray]:

@@ -109,7 +109,13 @@ def test_accounting_holds_per_slot_and_in_total(multi_slot_run):
 
 def test_budgets_never_go_negative_with_thousands_of_users_competing():
     # Tiny budgets and 4096 concurrent sessions: many charges hit the same advertiser in one step.
-    cfg = WorldConfig.small(budget_per_1k_requests=0.05, pacing_fraction=0.0, num_candidates=4, num_slots=2)
+    cfg = WorldConfig.small(
+        budget_per_1k_requests=0.05,
+        pacing_fraction=0.0,
+        num_candidates=4,
+        num_slots=2,
+        budget_settlement="in_order",  # the rule that never overspends ("overdeliver": tests/test_budget_settlement.py)
+    )
     from envs.market import BatchedMarket
 
     market = BatchedMarket(cfg, 4096)
