@@ -54,7 +54,13 @@ from agents.cli import check_args, parse_args, run_main
 from agents.evaluation.heldout import Evaluator, HeldOutConfig, mtp_candidates
 from agents.policies.gpr import load_run_model, save_policy
 from agents.pretraining.config import PretrainConfig
-from agents.pretraining.pipeline import ensure_funnel, ensure_pretrained, pipeline_dir, stage_configs
+from agents.pretraining.pipeline import (
+    ensure_behaviour,
+    ensure_funnel,
+    ensure_pretrained,
+    pipeline_dir,
+    stage_configs,
+)
 from agents.reporting.figures import plot_curves
 from agents.rl import distributed
 from agents.rl.common import LossConfig, check_precision
@@ -171,6 +177,9 @@ class Args:
     """steps of the logged data"""
     codebook_size: int = 16
     """codes per semantic-ID level of the tokenizer (16 small world, 256 large)"""
+    behaviour: str = "cascade-privileged"
+    """policy of the pre-training log: cascade-privileged | learned-cascade (served by {pretrain-dir}/platform,
+    fitted on the funnel's bootstrap log of --funnel-envs x --funnel-steps requests; ``PretrainConfig.behaviour``)"""
     iterations: int = 20
     """RL iterations (rollout + update)"""
     num_envs: int = 64
@@ -324,6 +333,7 @@ def pretraining(args: Args) -> tuple[PretrainConfig, PretrainConfig]:
         collect_envs=args.collect_envs,
         collect_steps=args.collect_steps,
         codebook_size=args.codebook_size,
+        behaviour=args.behaviour,
     )
     return stage_configs(pipeline_dir(common, args.pretrain_dir), common, args.mtp_steps, args.vaft_steps)
 
@@ -509,6 +519,7 @@ def _main(args: Args, dist: Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     mtp, vaft_stage = pretraining(args)
+    ensure_behaviour(mtp, args.funnel_envs, args.funnel_steps, dist)
     vaft = ensure_pretrained(mtp, vaft_stage, dist)
     funnel = (
         ensure_funnel(mtp, args.funnel_envs, args.funnel_steps, dist) if args.reward == "learned" else None

@@ -13,6 +13,8 @@ RESUME_IGNORES = ("steps", "select", "progress", "threads", "out", "device")
 """flags that may change between a run and its resumption (more ``--steps`` continue it)"""
 STAGES = ("mtp", "vaft")
 SELECT = ("best", "last")
+BEHAVIOURS = ("cascade-privileged", "learned-cascade")
+"""policies a stage's own log may be collected with (``PretrainConfig.behaviour``)"""
 COMPONENTS = (
     "hybrid_attention",
     "token_aware_ln",
@@ -111,6 +113,10 @@ class PretrainConfig:
     """sessions of the collected log (when --logs is empty)"""
     collect_steps: int = 100
     """steps of the collected log (when --logs is empty)"""
+    behaviour: str = "cascade-privileged"
+    """policy of the collected log (when --logs is empty): cascade-privileged (reads the simulator's true
+    funnel) | learned-cascade (the platform a real one would run: fitted on a cascade-privileged bootstrap log
+    beside OUT, ``agents.pretraining.data.ensure_platform``, then serving with exploration and exact propensities)"""
     codebook_size: int = 16
     """codes per semantic-ID level of the tokenizer fitted when --tokenizer is empty (16 suits the small world's
     500 ads; 256 the large world's 1M, as GPR's production tokenizer)"""
@@ -125,6 +131,8 @@ class PretrainConfig:
             raise ValueError(f"stage={self.stage!r} is unknown: expected one of {list(STAGES)}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is unknown: expected one of {sorted(PRESETS)}")
+        if self.behaviour not in BEHAVIOURS:
+            raise ValueError(f"behaviour={self.behaviour!r} is unknown: expected one of {list(BEHAVIOURS)}")
         if self.select not in SELECT:
             raise ValueError(f"select={self.select!r} is unknown: expected one of {list(SELECT)}")
         for name, lo in (

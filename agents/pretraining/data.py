@@ -20,7 +20,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from agents import fit_platform
 from agents.collection import CollectConfig, write_log
+from agents.platform.folder import platform_inputs
+from agents.policies.learned_cascade import LearnedCascadeConfig
 from agents.pretraining.config import PretrainConfig
 from gpr_sim.data.logs import check_run_world, check_tokenizer_world, read_logs
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
@@ -132,12 +135,16 @@ def input_paths(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
     return logs, tok_dir
 
 
-def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
-    """The cascade log collected when a stage is given none: ``collect_envs`` x ``collect_steps`` requests of
-    the ``preset`` world, sessions seeded by ``seed``, simulated on the stage's device."""
+PRIVILEGED = "cascade-privileged"
+"""the bootstrap behaviour policy: the cascade that reads the simulator's true funnel (no platform has it)"""
+
+
+def collect_config(cfg: PretrainConfig, logs: Path, policy: str = PRIVILEGED) -> CollectConfig:
+    """The log of ``policy`` collected when a stage is given none: ``collect_envs`` x ``collect_steps`` requests
+    of the ``preset`` world, sessions seeded by ``seed``, simulated on the stage's device."""
     return CollectConfig(
         env=cfg.env,
-        policy="cascade-privileged",
+        policy=policy,
         num_envs=cfg.collect_envs,
         steps=cfg.collect_steps,
         seed=cfg.seed,
@@ -148,17 +155,55 @@ def collect_config(cfg: PretrainConfig, logs: Path) -> CollectConfig:
     )
 
 
+def ensure_bootstrap_log(cfg: PretrainConfig, root: Path, envs: int, steps: int) -> Path:
+    """``root/funnel/logs.parquet``: the privileged cascade's log of ``envs`` sessions x ``steps`` requests
+    (``collect_config`` at this size: same world, device and seed), collected when absent. The platform's
+    models learn from it: the funnel of the learned reward (``pipeline.ensure_funnel``) and the learned
+    cascade (``ensure_platform``), as a real platform bootstraps on the traffic of the system before it."""
+    logs = root / "funnel" / "logs.parquet"
+    if not logs.is_file():
+        sized = dataclasses.replace(cfg, collect_envs=envs, collect_steps=steps)
+        write_log(collect_config(sized, logs))
+    return logs
+
+
+def ensure_platform(cfg: PretrainConfig, root: Path, envs: int, steps: int) -> Path:
+    """``root/platform``: the learned cascade (funnel, retrieval, pre-ranking: ``agents.fit_platform``, its
+    default settings, the funnel seeded by ``seed``) fitted on ``ensure_bootstrap_log(cfg, root, envs, steps)``;
+    reused when its model files are present."""
+    folder = root / "platform"
+    if not all(path.is_file() for path in platform_inputs(folder)):
+        logs = ensure_bootstrap_log(cfg, root, envs, steps)
+        flags = ["--logs", str(logs), "--out", str(folder), "--device", cfg.device]
+        flags += ["--funnel.seed", str(cfg.seed), "--progress" if cfg.progress else "--no-progress"]
+        fit_platform.main(flags)
+    return folder
+
+
+def behaviour_policy(cfg: PretrainConfig, out: Path) -> str:
+    """The policy spec a stage in ``out`` collects its log with (``cfg.behaviour``).
+
+    ``learned-cascade`` serves the platform of the stage's pipeline, ``out.parent/platform`` (fitted by
+    ``ensure_platform`` on a bootstrap log of ``collect_envs`` x ``collect_steps`` requests when absent; the
+    pipeline fits it first on its funnel's larger log), exploring at its default temperature (exact
+    propensities)."""
+    if cfg.behaviour == PRIVILEGED:
+        return PRIVILEGED
+    platform = ensure_platform(cfg, out.parent, cfg.collect_envs, cfg.collect_steps)
+    return f"learned-cascade:{platform}@temperature={LearnedCascadeConfig().temperature:g}"
+
+
 def tokenizer_config(cfg: PretrainConfig) -> CompareConfig:
     """``FAST_TOKENIZER`` with the stage's ``codebook_size``."""
     return dataclasses.replace(FAST_TOKENIZER, codebook_size=cfg.codebook_size)
 
 
 def ensure_inputs(cfg: PretrainConfig, out: Path) -> tuple[Path, Path]:
-    """The log and tokenizer paths, collecting / fitting them into ``out`` when not given (both on the stage's
-    device: the large world's million ads take minutes on a CPU)."""
+    """The log and tokenizer paths, collecting (with ``behaviour_policy``) / fitting them into ``out`` when not
+    given (both on the stage's device: the large world's million ads take minutes on a CPU)."""
     logs, tok_dir = input_paths(cfg, out)
     if not cfg.logs and not logs.is_file():
-        write_log(collect_config(cfg, logs))
+        write_log(collect_config(cfg, logs, behaviour_policy(cfg, out)))
     if not cfg.tokenizer and not (tok_dir / "semantic_ids.pt").is_file():
         _, meta = read_logs(logs)
         world = generate_world(

@@ -3,7 +3,9 @@
 ``ROOT/mtp`` collects the cascade log and fits the tokenizer (unless its config names them) and trains
 MTP; ``ROOT/vaft`` starts from ``ROOT/mtp/checkpoint.pt`` on that log and tokenizer. A stage whose
 ``summary.json`` records the steps asked for is reused as it is, so every algorithm of a seed starts from
-the same generator. ``ROOT/funnel`` holds the platform's learned pCTR / pCVR fitted on the same log
+the same generator. With ``behaviour="learned-cascade"`` the MTP log is served by ``ROOT/platform``, the
+learned cascade fitted on the funnel's bootstrap log (``ensure_behaviour``), the chain a real platform has.
+``ROOT/funnel`` holds the platform's learned pCTR / pCVR fitted on the same log
 (``ensure_funnel``): the RL learners are rewarded through it, as the paper's simulator uses production models.
 """
 
@@ -12,9 +14,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from agents.collection import write_log
 from agents.pretraining.config import PretrainConfig
-from agents.pretraining.data import collect_config
+from agents.pretraining.data import PRIVILEGED, ensure_bootstrap_log, ensure_platform
 from agents.pretraining.trainer import pretrain
 from agents.rl import distributed
 from agents.rl.distributed import SINGLE, Dist
@@ -69,11 +70,24 @@ def ensure_pretrained(mtp: PretrainConfig, vaft: PretrainConfig, dist: Dist = SI
     return Path(vaft.out)
 
 
+def ensure_behaviour(mtp: PretrainConfig, envs: int, steps: int, dist: Dist = SINGLE) -> Path | None:
+    """The learned cascade the MTP log is collected with when ``mtp.behaviour`` asks for it: ``ROOT/platform``
+    fitted on the funnel's bootstrap log of ``envs`` x ``steps`` requests (``data.ensure_platform``), by the
+    rank-0 process when absent; None for the privileged cascade. Call it before ``ensure_pretrained``."""
+    if mtp.behaviour == PRIVILEGED:
+        return None
+    root = Path(mtp.out).parent
+    if dist.is_main:
+        ensure_platform(mtp, root, envs, steps)
+    distributed.barrier(dist)
+    return root / "platform"
+
+
 def ensure_funnel(mtp: PretrainConfig, envs: int, steps: int, dist: Dist = SINGLE) -> Path:
     """The platform's learned pCTR / pCVR for this pipeline: ``ROOT/funnel/model.pt`` beside the MTP stage.
 
     When absent, the rank-0 process collects the platform's own cascade log, ``envs`` sessions x ``steps``
-    requests (``ROOT/funnel/logs.parquet``: MTP's ``collect_config`` at this size, same world, device and seed),
+    requests (``ROOT/funnel/logs.parquet``: ``data.ensure_bootstrap_log``; the learned cascade's too),
     fits ``FunnelConfig(seed=mtp.seed)`` on it and writes the model and its held-out AUC / ECE
     (``ROOT/funnel/report.json``). Its own log because a platform's models learn from far more traffic
     than a generator's pre-training sample: on the demo's 6,400 requests the fit sees ~1,300 impressions and
@@ -83,10 +97,7 @@ def ensure_funnel(mtp: PretrainConfig, envs: int, steps: int, dist: Dist = SINGL
     folder = Path(mtp.out).parent / "funnel"
     path = folder / FUNNEL_FILE
     if dist.is_main and not path.is_file():
-        logs = folder / "logs.parquet"
-        if not logs.is_file():
-            sized = dataclasses.replace(mtp, collect_envs=envs, collect_steps=steps)
-            write_log(collect_config(sized, logs))
+        logs = ensure_bootstrap_log(mtp, folder.parent, envs, steps)
         df, meta = read_logs(logs)
         world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))
         cfg = FunnelConfig(seed=mtp.seed)

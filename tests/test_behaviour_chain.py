@@ -1,0 +1,86 @@
+"""The behaviour chain of pre-training: bootstrap log (privileged cascade) -> fitted platform -> the learned
+cascade's log -> MTP on it (``PretrainConfig.behaviour``), and the default left as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import agents.hepo as hepo
+from agents.pretraining.config import PretrainConfig
+from agents.pretraining.data import behaviour_policy, collect_config, ensure_inputs, load_data
+from agents.pretraining.pipeline import ensure_behaviour, ensure_pretrained, stage_configs
+from gpr_sim.data.logs import read_logs
+
+TINY = dict(
+    collect_envs=16,
+    collect_steps=20,
+    d_model=16,
+    n_layers=1,
+    batch_size=32,
+    eval_every=3,
+    checkpoint_every=3,
+    eval_requests=16,
+    threads=1,
+    progress=False,
+)
+"""a seconds-long stage (``tests.helpers.TINY_PRETRAIN`` as fields)"""
+BOOTSTRAP = (32, 25)
+"""sessions x requests of the tiny bootstrap log the platform is fitted on"""
+
+
+def test_default_behaviour_is_the_privileged_cascade(tmp_path):
+    cfg = PretrainConfig()
+    assert cfg.behaviour == "cascade-privileged"
+    assert hepo.Args().behaviour == cfg.behaviour
+    assert behaviour_policy(cfg, tmp_path / "mtp") == "cascade-privileged"
+    assert not (tmp_path / "platform").exists()  # nothing fitted for the default
+    assert collect_config(cfg, tmp_path / "l.parquet").policy == "cascade-privileged"
+    assert ensure_behaviour(stage_configs(tmp_path, cfg, 3, 3)[0], *BOOTSTRAP) is None
+
+
+def test_hepo_maps_the_flag_to_both_stages():
+    mtp, vaft = hepo.pretraining(hepo.Args(behaviour="learned-cascade"))
+    assert mtp.behaviour == vaft.behaviour == "learned-cascade"
+    assert hepo.pretraining(hepo.Args())[0] == dataclasses.replace(mtp, behaviour="cascade-privileged")
+
+
+@pytest.mark.parametrize("value", ["learned_cascade", "random", ""])
+def test_bad_behaviour_names_the_field(value):
+    with pytest.raises(ValueError, match=r"^behaviour=.* is unknown: expected one of"):
+        PretrainConfig(behaviour=value)
+    with pytest.raises(ValueError, match=r"^behaviour="):
+        hepo.Args(behaviour=value)
+
+
+def test_learned_cascade_chain(tmp_path):
+    """ROOT/platform is fitted on ROOT/funnel's bootstrap log, then the MTP log is the learned cascade's (its
+    spec in the metadata, exact propensities in (0, 1]) and MTP / VAFT train on it; a second call reuses all."""
+    torch.manual_seed(0)
+    common = PretrainConfig(behaviour="learned-cascade", **TINY)
+    mtp, vaft = stage_configs(tmp_path, common, 3, 3)
+    platform = ensure_behaviour(mtp, *BOOTSTRAP)
+    assert platform == tmp_path / "platform"
+    assert (tmp_path / "platform" / "report.json").is_file()
+    boot, boot_meta = read_logs(tmp_path / "funnel" / "logs.parquet")
+    assert boot_meta["policy"] == "cascade-privileged" and len(boot) == BOOTSTRAP[0] * BOOTSTRAP[1]
+
+    ensure_pretrained(mtp, vaft)
+    df, meta = read_logs(Path(mtp.out) / "logs.parquet")
+    assert meta["policy"] == f"learned-cascade:{platform}@temperature=0.3"
+    assert meta["temperature"] == pytest.approx(0.3)
+    assert len(df) == TINY["collect_envs"] * TINY["collect_steps"]
+    prop = df["propensity"].to_numpy(float)  # of each request's whole ordered candidate list
+    assert np.all((prop > 0) & (prop <= 1)) and np.any(prop < 1)  # exploring (temperature > 0), exact
+    data = load_data(vaft, *ensure_inputs(vaft, Path(vaft.out)))  # VAFT targets read the learned log
+    assert len(data.train) + len(data.held_out) == len(df)
+    assert torch.isfinite(data.train.weights).all()
+
+    stamp = {p: p.stat().st_mtime_ns for p in (platform / "retrieval.pt", Path(mtp.out) / "logs.parquet")}
+    ensure_behaviour(mtp, *BOOTSTRAP)
+    ensure_pretrained(mtp, vaft)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # reused, not refitted or recollected
