@@ -15,6 +15,7 @@ from agents.pretraining.config import PretrainConfig
 from agents.pretraining.data import behaviour_policy, collect_config, ensure_inputs, load_data
 from agents.pretraining.pipeline import ensure_behaviour, ensure_pretrained, stage_configs
 from gpr_sim.data.logs import read_logs
+from gpr_sim.runs import write_json
 
 TINY = dict(
     collect_envs=16,
@@ -84,3 +85,16 @@ def test_learned_cascade_chain(tmp_path):
     ensure_behaviour(mtp, *BOOTSTRAP)
     ensure_pretrained(mtp, vaft)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # reused, not refitted or recollected
+
+
+def test_a_finished_stage_of_another_behaviour_is_refused(tmp_path):
+    """The pipeline reuses a finished stage as it is, so one asked for with another behaviour fails, naming it."""
+    mtp, vaft = stage_configs(tmp_path, PretrainConfig(**TINY), 3, 3)
+    for stage in (mtp, vaft):
+        Path(stage.out).mkdir()
+        write_json(Path(stage.out) / "summary.json", {"steps": 3})
+        write_json(Path(stage.out) / "config.json", {})  # written before the field: the privileged cascade's
+    ensure_pretrained(mtp, vaft)  # the default reuses it
+    chain = (dataclasses.replace(s, behaviour="learned-cascade") for s in (mtp, vaft))
+    with pytest.raises(ValueError, match=r"^behaviour='learned-cascade' does not match .*mtp"):
+        ensure_pretrained(*chain)

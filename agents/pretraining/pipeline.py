@@ -67,6 +67,12 @@ def ensure_pretrained(mtp: PretrainConfig, vaft: PretrainConfig, dist: Dist = SI
     for cfg in (mtp, vaft):
         if not stage_done(Path(cfg.out), cfg.steps):
             pretrain(distributed.on_rank_device(cfg, dist), dist)
+        else:  # a finished stage is reused as it is: never one of another behaviour's log
+            done = read_json(Path(cfg.out) / "config.json").get("behaviour", PRIVILEGED)
+            if done != cfg.behaviour:
+                raise ValueError(
+                    f"behaviour={cfg.behaviour!r} does not match {cfg.out}: its stage learned from a {done} log"
+                )
     return Path(vaft.out)
 
 
