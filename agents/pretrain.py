@@ -6,7 +6,9 @@
         --tokenizer runs/pretrain/mtp/tokenizer --out runs/pretrain/vaft
 
 Without ``--logs`` a small cascade log of the ``--preset`` world is collected into ``OUT/logs.parquet``
-(``agents.collection``); without ``--tokenizer`` an RQ-Kmeans+ tokenizer (small, fast settings) is fitted on
+(``agents.collection``), by the privileged cascade or, with ``--behaviour learned-cascade``, by the learned
+cascade ``OUT/../platform`` (fitted when absent on a privileged bootstrap log ``OUT/../funnel/logs.parquet``:
+the chain a real platform has, laid out as ``agents.hepo``'s pipeline); without ``--tokenizer`` an RQ-Kmeans+ tokenizer (small, fast settings) is fitted on
 the log's world into ``OUT/tokenizer``. Requests are split into train / held-out by session (``episode_id``)
 with a fixed split seed, so every stage and seed sees the same held-out sessions.
 

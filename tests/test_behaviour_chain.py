@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import agents.hepo as hepo
+from agents import pretrain
 from agents.pretraining.config import PretrainConfig
 from agents.pretraining.data import behaviour_policy, collect_config, ensure_inputs, load_data
 from agents.pretraining.pipeline import ensure_behaviour, ensure_pretrained, stage_configs
 from gpr_sim.data.logs import read_logs
 from gpr_sim.runs import write_json
+from tests.helpers import TINY_PRETRAIN
 
 TINY = dict(
     collect_envs=16,
@@ -98,3 +100,14 @@ def test_a_finished_stage_of_another_behaviour_is_refused(tmp_path):
     chain = (dataclasses.replace(s, behaviour="learned-cascade") for s in (mtp, vaft))
     with pytest.raises(ValueError, match=r"^behaviour='learned-cascade' does not match .*mtp"):
         ensure_pretrained(*chain)
+
+
+def test_pretrain_cli_fits_the_platform_beside_its_folder(tmp_path):
+    """``agents.pretrain --behaviour learned-cascade`` alone: the platform and its bootstrap log (the stage's
+    collect size) are siblings of OUT, the pipeline's layout."""
+    out = tmp_path / "mtp"
+    pretrain.main(["--out", str(out), "--behaviour", "learned-cascade", *TINY_PRETRAIN])
+    _, boot_meta = read_logs(tmp_path / "funnel" / "logs.parquet")
+    _, meta = read_logs(out / "logs.parquet")
+    assert boot_meta["policy"] == "cascade-privileged" and boot_meta["num_envs"] == 16
+    assert meta["policy"] == f"learned-cascade:{tmp_path / 'platform'}@temperature=0.3"
