@@ -20,16 +20,9 @@ from pathlib import Path
 import torch
 
 from agents.cli import check_args, parse_configs, run_main
-from agents.platform.folder import save_platform
-from agents.platform.pipeline import PlatformFitConfig, fit_platform, report_markdown
+from agents.platform.pipeline import PlatformFitConfig, report_markdown, write_platform_folder
 from gpr_sim.data.logs import log_world, read_logs
-from gpr_sim.runs import RunFolder, atomic_write_bytes, write_json
 from gpr_sim.world import preset
-
-ENTRY = "agents.fit_platform"
-"""the owner of its output folders (``gpr_sim.runs.RunFolder``)"""
-RESUME_IGNORES = ("device", "out", "progress")
-"""flags that may change between two fits into one folder"""
 
 
 @dataclass(frozen=True)
@@ -73,15 +66,12 @@ def main(argv: list[str] | None = None) -> Path:
     df, meta = read_logs(args.logs)
     world, world_seed = check_log_world(args, meta)
     settings = {**dataclasses.asdict(args), **dataclasses.asdict(cfg)}
-    with RunFolder(args.out, ENTRY, settings, RESUME_IGNORES) as folder:
-        platform, report = fit_platform(df, world, world_seed, cfg, args.device, args.progress)
-        report = {"logs": args.logs, "world_seed": world_seed, "config": dataclasses.asdict(cfg), **report}
-        save_platform(platform, folder.path)
-        write_json(folder.path / "report.json", report)
-        atomic_write_bytes(folder.path / "report.md", report_markdown(report).encode())
+    path, report = write_platform_folder(
+        df, world, world_seed, cfg, args.out, settings, args.logs, args.device, args.progress
+    )
     print(report_markdown(report))
-    print(f"wrote the platform folder {folder.path}")
-    return folder.path
+    print(f"wrote the platform folder {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -12,21 +12,24 @@ the simulator (``agents.platform.stage_losses``) come on top, on request states 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from agents.evaluation.oracle_share import OracleShareConfig
-from agents.platform.folder import Platform
+from agents.platform.folder import Platform, save_platform
 from agents.platform.stage_losses import stage_losses
 from agents.policies.learned_cascade import LearnedCascadeConfig
 from gpr_sim.platform.funnel import FunnelConfig, fit_funnel
 from gpr_sim.platform.preranking import PrerankingConfig, fit_preranking, preranking_features
 from gpr_sim.platform.retrieval import RetrievalConfig, fit_retrieval, recall_at
 from gpr_sim.platform.view import Catalog, catalog_of
+from gpr_sim.runs import RunFolder, atomic_write_bytes, write_json
 from gpr_sim.world import WorldConfig, generate_world
 from gpr_sim.world.config import check_range
 
@@ -232,3 +235,32 @@ __all__ = [
     "log_requests",
     "report_markdown",
 ]
+
+
+PLATFORM_ENTRY = "agents.fit_platform"
+"""the owner of platform folders (``gpr_sim.runs.RunFolder``), whoever writes them"""
+PLATFORM_RESUME_IGNORES = ("device", "out", "progress")
+"""settings that may change between two fits into one folder"""
+
+
+def write_platform_folder(
+    df: pd.DataFrame,
+    world: WorldConfig,
+    world_seed: int,
+    cfg: PlatformFitConfig,
+    out: str | Path,
+    settings: dict,
+    logs: str,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[Path, dict]:
+    """Fit the platform on the log ``df`` (of ``world`` / ``world_seed``, read from ``logs``) and write the folder
+    ``out`` that ``learned-cascade:OUT`` serves: the models, ``report.json`` and ``report.md``. The folder is
+    claimed for ``settings`` (``RunFolder``: a folder of other settings is refused). Returns (folder, report)."""
+    with RunFolder(out, PLATFORM_ENTRY, settings, PLATFORM_RESUME_IGNORES) as folder:
+        platform, report = fit_platform(df, world, world_seed, cfg, device, progress)
+        report = {"logs": logs, "world_seed": world_seed, "config": dataclasses.asdict(cfg), **report}
+        save_platform(platform, folder.path)
+        write_json(folder.path / "report.json", report)
+        atomic_write_bytes(folder.path / "report.md", report_markdown(report).encode())
+    return folder.path, report

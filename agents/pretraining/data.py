@@ -20,15 +20,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from agents import fit_platform
 from agents.collection import CollectConfig, write_log
 from agents.platform.folder import platform_inputs
+from agents.platform.pipeline import PlatformFitConfig, write_platform_folder
 from agents.policies.learned_cascade import LearnedCascadeConfig
 from agents.pretraining.config import PretrainConfig
-from gpr_sim.data.logs import check_run_world, check_tokenizer_world, read_logs
+from gpr_sim.data.logs import check_run_world, check_tokenizer_world, log_world, read_logs
 from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
 from gpr_sim.platform.features import PlatformFeatures
+from gpr_sim.platform.funnel import FunnelConfig
 from gpr_sim.schema import SchemaConfig, TokenBatch, dense_dim, flatten_cells, tokens_from_logs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.trie import PrefixTrie
@@ -174,9 +175,13 @@ def ensure_platform(cfg: PretrainConfig, root: Path, envs: int, steps: int) -> P
     folder = root / "platform"
     if not all(path.is_file() for path in platform_inputs(folder)):
         logs = ensure_bootstrap_log(cfg, root, envs, steps)
-        flags = ["--logs", str(logs), "--out", str(folder), "--device", cfg.device]
-        flags += ["--funnel.seed", str(cfg.seed), "--progress" if cfg.progress else "--no-progress"]
-        fit_platform.main(flags)
+        df, meta = read_logs(logs)
+        world, world_seed = log_world(meta)
+        fit = PlatformFitConfig(funnel=FunnelConfig(seed=cfg.seed))
+        settings = {"logs": str(logs), "device": cfg.device, **dataclasses.asdict(fit)}
+        write_platform_folder(
+            df, world, world_seed, fit, folder, settings, str(logs), cfg.device, cfg.progress
+        )
     return folder
 
 
