@@ -284,7 +284,37 @@ def _extra_info(engine: BatchedMarket, user_id: torch.Tensor) -> dict[str, torch
     return {"user_id": user_id, "activity_tier": engine.world.user_activity[user_id]}
 
 
-class AdsEnv(gym.Env):
+class _PlatformModels:
+    """The platform's learned models on an env, read and attached through its ``engine`` (``BatchedMarket``):
+    one home for the single and the vector env."""
+
+    engine: BatchedMarket
+
+    @property
+    def catalog(self) -> Catalog:
+        """The platform view of the world (``gpr_sim.platform.Catalog``), on the env's device."""
+        return self.engine.catalog
+
+    @property
+    def estimator(self) -> str:
+        """What ``score`` answers with by default: "learned" with a model attached, else "privileged"."""
+        return self.engine.estimator
+
+    def attach_platform(self, model: FunnelModel | None) -> None:
+        """Score with a learned pCTR/pCVR model by default (``BatchedMarket.attach_platform``); None detaches."""
+        self.engine.attach_platform(model)
+
+    @property
+    def auction_estimator(self) -> str:
+        """What the auction inside ``step`` ranks on: "learned" after ``attach_auction(model)``, else "privileged"."""
+        return self.engine.auction_estimator
+
+    def attach_auction(self, model: FunnelModel | None) -> None:
+        """Rank the auction on a learned pCTR/pCVR model (``BatchedMarket.attach_auction``); None: privileged."""
+        self.engine.attach_auction(model)
+
+
+class AdsEnv(_PlatformModels, gym.Env):
     """One user session of the marketplace (numpy in, numpy out). See the module docstring."""
 
     metadata = {"render_modes": []}
@@ -348,29 +378,6 @@ class AdsEnv(gym.Env):
             info,
         )
 
-    @property
-    def catalog(self) -> Catalog:
-        """The platform view of the world (``gpr_sim.platform.Catalog``)."""
-        return self.engine.catalog
-
-    @property
-    def estimator(self) -> str:
-        """What ``score`` answers with by default: "learned" with a model attached, else "privileged"."""
-        return self.engine.estimator
-
-    def attach_platform(self, model: FunnelModel | None) -> None:
-        """Score with a learned pCTR/pCVR model by default (``BatchedMarket.attach_platform``); None detaches."""
-        self.engine.attach_platform(model)
-
-    @property
-    def auction_estimator(self) -> str:
-        """What the auction inside ``step`` ranks on: "learned" after ``attach_auction(model)``, else "privileged"."""
-        return self.engine.auction_estimator
-
-    def attach_auction(self, model: FunnelModel | None) -> None:
-        """Rank the auction on a learned pCTR/pCVR model (``BatchedMarket.attach_auction``); None: privileged."""
-        self.engine.attach_auction(model)
-
     def score(self, candidates, truth: bool = False, estimator: str | None = None) -> dict[str, np.ndarray]:
         """Expected value of candidate ads (K,) for the current request; moves nothing (module doc, Scoring API)."""
         arr = np.asarray(candidates)
@@ -397,7 +404,7 @@ class AdsEnv(gym.Env):
         return tok.paths_of_ads(torch.as_tensor(np.asarray(ads, dtype=np.int64))).numpy()
 
 
-class AdsVectorEnv(gym.vector.VectorEnv):
+class AdsVectorEnv(_PlatformModels, gym.vector.VectorEnv):
     """N sessions in one market, batched on a torch device (tensors in, tensors out)."""
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
@@ -478,29 +485,6 @@ class AdsVectorEnv(gym.vector.VectorEnv):
     def observe(self) -> dict[str, torch.Tensor]:
         """The observation of the current requests (what the last ``reset`` or ``step`` returned)."""
         return self.engine.observe()
-
-    @property
-    def catalog(self) -> Catalog:
-        """The platform view of the world (``gpr_sim.platform.Catalog``), on the env's device."""
-        return self.engine.catalog
-
-    @property
-    def estimator(self) -> str:
-        """What ``score`` answers with by default: "learned" with a model attached, else "privileged"."""
-        return self.engine.estimator
-
-    def attach_platform(self, model: FunnelModel | None) -> None:
-        """Score with a learned pCTR/pCVR model by default (``BatchedMarket.attach_platform``); None detaches."""
-        self.engine.attach_platform(model)
-
-    @property
-    def auction_estimator(self) -> str:
-        """What the auction inside ``step`` ranks on: "learned" after ``attach_auction(model)``, else "privileged"."""
-        return self.engine.auction_estimator
-
-    def attach_auction(self, model: FunnelModel | None) -> None:
-        """Rank the auction on a learned pCTR/pCVR model (``BatchedMarket.attach_auction``); None: privileged."""
-        self.engine.attach_auction(model)
 
     def score(
         self,
