@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from agents.cli import run_main  # noqa: E402
 from agents.rl.common import PRECISIONS, LossConfig  # noqa: E402
 from agents.rl.hepo import HEPO  # noqa: E402
-from agents.rl.loop import PathTerms, UpdateConfig, update  # noqa: E402
+from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update  # noqa: E402
 from agents.rl.rollout import Roller  # noqa: E402
 from envs import make_vec_env  # noqa: E402
 from gpr_sim.model import GPRConfig, GPRModel  # noqa: E402
@@ -201,7 +201,7 @@ def model_for(args, env, tok) -> GPRModel:
     return GPRModel(cfg).to(args.device)
 
 
-def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
+def run_row(args, sessions: int, precision: str, cached: bool, compile_mode: str = "off") -> dict:
     dev = torch.device(args.device)
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
@@ -210,7 +210,7 @@ def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     loss_cfg = LossConfig()
     schedule = UpdateConfig(args.epochs, args.minibatch, 1.0, 0, precision)
-    terms_fn = PathTerms(model, cached=cached, compile=args.compile)
+    terms_fn = PathTerms(model, cached=cached, compile=compile_mode)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times: list[tuple[float, float, float]] = []
@@ -260,7 +260,7 @@ def run_row(args, sessions: int, precision: str, cached: bool) -> dict:
         "sessions": sessions,
         "precision": precision,
         "path": "cached" if cached else "old",
-        "compile": args.compile,
+        "compile": compile_mode,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -291,7 +291,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---:|" * 15]
     for r in rows:
         lines.append(
-            f"| {r['sessions']:,} | {r['precision']} | {r['path']}{' +compile' if r['compile'] else ''} | "
+            f"| {r['sessions']:,} | {r['precision']} | {r['path']}{'' if r['compile'] == 'off' else ' +compile ' + r['compile']} | "
             f"{r['requests']:,} (+{r['rehearsed']:,}) | {r['valid']:,} | {r['rollout_s']:.3f} | "
             f"{r['targets_s']:.3f} | {r['update_s']:.3f} | {r['eval_s']:.1f} | {r['requests_per_s']:,.0f} | "
             f"{r['update_flops_per_request'] / 1e9:.2f} | {r['update_tflops']:.2f} | {r['update_mfu']:.1%} | "
@@ -313,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--old", action="store_true", help="also time the full-forward reference path (rows 'old')"
     )
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile the update forward (PathTerms(compile=True))"
+        "--compile",
+        default="off",
+        help=f"comma-separated PathTerms compile modes, one row each, of {COMPILE_MODES} (off = eager)",
     )
     p.add_argument("--history", type=int, default=127, help="organic_history = ad_history: T = 2 + 2 x this")
     p.add_argument("--d-model", type=int, default=256)
@@ -364,12 +366,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.ffn_impl not in ("auto", "grouped", "chunked", "loop"):
         raise ValueError(f"--ffn-impl {args.ffn_impl!r} is invalid: expected auto, grouped, chunked or loop")
+    modes = [x for x in args.compile.split(",") if x]
+    for x in modes:
+        if x not in COMPILE_MODES:
+            raise ValueError(f"--compile {x!r} is invalid: expected one of {COMPILE_MODES}")
     TypedFFN.impl = args.ffn_impl  # the class default, as benchmarks/bench_decode.py sets it
     rows = []
     for n in ints(args.sessions):
         for precision in precisions:
-            for cached in (True, False) if args.old else (True,):
-                rows.append(run_row(args, n, precision, cached))
+            for cached, mode in [(True, m) for m in modes] + ([(False, "off")] if args.old else []):
+                rows.append(run_row(args, n, precision, cached, mode))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

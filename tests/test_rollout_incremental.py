@@ -7,6 +7,7 @@ context and the prefix for every path (and level), the defaults decode the conte
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -167,17 +168,33 @@ def test_update_terms_cached_equal_the_reference(rollouts):
 
 
 @pytest.mark.slow  # torch.compile on CPU: about a minute
-def test_compiled_update_terms_equal_eager(rollouts, monkeypatch):
+@pytest.mark.parametrize("mode", ["full", "blocks"])
+def test_compiled_update_terms_equal_eager(rollouts, monkeypatch, mode):
     from gpr_sim.model.hsd import TypedFFN
 
     # the CUDA implementation without data-dependent shapes (CPU's default "loop" indexes by type)
     monkeypatch.setattr(TypedFFN, "impl", "chunked")
     model, buf, _ = rollouts[True]
     model.train()
-    eager = PathTerms(model)(buf)
-    compiled = PathTerms(model, compile=True)(buf)
-    for a, c in zip(compiled, eager, strict=True):
+    twin = copy.deepcopy(model)  # "blocks" compiles in place: the shared fixture's model stays eager
+    eager, compiled = PathTerms(model), PathTerms(twin, compile=mode)
+    for a, c in zip(compiled(buf), eager(buf), strict=True):
         assert_close(a, c, atol=1e-5, rtol=1e-5)
+    # the gradients too: the update backpropagates through the compiled graph
+    grads = []
+    for m, fn in ((model, eager), (twin, compiled)):
+        m.zero_grad()
+        lp, v = fn(buf)
+        (lp.sum() + v.sum()).backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+        m.zero_grad()
+    for a, c in zip(*grads, strict=True):
+        assert_close(c, a, atol=1e-4, rtol=1e-4)
+
+
+def test_path_terms_rejects_an_unknown_compile_mode(rollouts):
+    with pytest.raises(ValueError, match="compile='fast' is invalid"):
+        PathTerms(rollouts[True][0], compile="fast")
 
 
 def test_bf16_update_losses_stay_close_to_fp32(rollouts):

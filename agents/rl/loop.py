@@ -8,7 +8,9 @@ KL penalty to the frozen reference, and logs named terms (``loss``, ``policy``, 
 
 Speed: the teacher-forced pass decodes each request's context once for its K paths (``path_terms``);
 ``UpdateConfig.precision`` = bf16 runs the forward under bfloat16 autocast (fp32 is the reference;
-parameters, gradients and AdamW stay float32); ``PathTerms(compile=True)`` compiles the forward.
+parameters, gradients and AdamW stay float32); ``PathTerms(compile=...)`` compiles the forward: ``"full"``
+(one graph) or ``"blocks"`` (each HSD and PTD block, one graph shared by the blocks of a kind: regional
+compilation, which compiles in seconds where the whole forward takes minutes).
 """
 
 from __future__ import annotations
@@ -109,21 +111,41 @@ def _terms(
     return log_prob, values
 
 
+COMPILE_MODES = ("off", "blocks", "full")
+"""``PathTerms``' compile modes (``True`` / ``False`` read as ``"full"`` / ``"off"``)"""
+
+
 class PathTerms(torch.nn.Module):
     """``path_terms`` as a ``forward``: what ``DistributedDataParallel`` wraps (its hooks need a forward).
 
-    ``cached``: ``path_terms``'s. ``compile``: the whole forward (HSD, thinking, refiner, PTD, HTE) runs
-    through ``torch.compile``, the minibatch size dynamic (the last minibatch of an epoch is shorter); the
-    loss, the backward's bookkeeping and the optimiser stay eager. ``ad_lookup``: ``path_terms``'s (run
+    ``cached``: ``path_terms``'s. ``compile``:
+
+    | mode | what runs through ``torch.compile`` |
+    |---|---|
+    | ``"off"`` | nothing (the reference) |
+    | ``"full"`` | the whole forward (HSD, thinking, refiner, PTD, HTE), the minibatch size dynamic (the last minibatch of an epoch is shorter) |
+    | ``"blocks"`` | each ``HSTUBlock`` and PTD ``DecoderBlock`` (``nn.Module.compile``, in place: the rollout's full forwards run them too); the element-wise work around the matmuls (norms, gates, residuals, casts) fuses into few kernels, and the blocks of a kind share one graph, so it compiles in seconds |
+
+    The loss, the backward's bookkeeping and the optimiser stay eager. ``ad_lookup``: ``path_terms``'s (run
     eagerly, outside the compiled forward).
     """
 
     def __init__(
-        self, model: GPRModel, cached: bool = True, compile: bool = False, ad_lookup: AdLookup | None = None
+        self,
+        model: GPRModel,
+        cached: bool = True,
+        compile: bool | str = False,
+        ad_lookup: AdLookup | None = None,
     ) -> None:
         super().__init__()
-        self.model, self.cached, self.ad_lookup = model, cached, ad_lookup
-        self._fn = torch.compile(_terms, dynamic=None) if compile else _terms
+        mode = {True: "full", False: "off"}.get(compile, compile) if isinstance(compile, bool) else compile
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r} is invalid: expected one of {COMPILE_MODES} or a bool")
+        self.model, self.cached, self.ad_lookup, self.compile_mode = model, cached, ad_lookup, mode
+        self._fn = torch.compile(_terms, dynamic=None) if mode == "full" else _terms
+        if mode == "blocks":
+            for block in (*model.hsd.blocks, *model.ptd.blocks):
+                block.compile(dynamic=None)
 
     def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
         feats = None if self.ad_lookup is None else self.ad_lookup(buf.codes)
