@@ -36,7 +36,9 @@ class ReferenceTrie:
             table = None
             if self.num_nodes[d] * k <= dense_table_limit:
                 table = torch.full((self.num_nodes[d], k), -1, dtype=torch.int32, device=paths.device)
-                table[parent[first], sp[first, d]] = torch.arange(first.numel(), dtype=torch.int32)
+                table[parent[first], sp[first, d]] = torch.arange(
+                    first.numel(), dtype=torch.int32, device=paths.device
+                )
             self.children.append(table)
             self.node_start.append(torch.cat([first, first.new_tensor([n])]))
             self.num_nodes.append(first.numel())
