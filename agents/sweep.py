@@ -57,22 +57,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NamedTuple
 
-import numpy as np
 import pandas as pd
 import tyro
 
 from agents import hepo
 from agents.cli import check_out, parse_args, run_main
 from agents.evaluation.compare import EvalConfig
-from agents.evaluation.folder import Evaluation, evaluate_folder
-from agents.policies import POLICIES, policy_label
+from agents.evaluation.folder import evaluate_folder
+from agents.policies import POLICIES
 from agents.policies.learned_cascade import learned_cascade_inputs
 from agents.pretraining.pipeline import FUNNEL_FILE
 from agents.reporting.folders import check_runs
-from agents.reporting.tables import estimate_cell
 from agents.rl.registry import ALGOS
-from gpr_sim.runs import atomic_write_bytes, figure_bytes, read_json, read_owner, settings_diff, write_json
-from gpr_sim.stats import CIConfig, nan_estimate, paired_difference, t_interval
+from agents.sweeping import (
+    FINAL_METRICS,
+    comparison_markdown,
+    comparison_table,
+    format_selected,
+    lr_name,
+    plot_sweep,
+    select_lr,
+)
+from gpr_sim.runs import atomic_write_bytes, read_json, read_owner, settings_diff, write_json
+from gpr_sim.stats import CIConfig
 
 SET_BY_SWEEP = ("--algo", "--lr", "--seed", "--out", "--pretrain-dir")
 """``agents.hepo`` flags the sweep sets for every run (not allowed after ``--`` or in a variant)"""
@@ -80,16 +87,6 @@ BASE = "base"
 """the one variant of a sweep without ``--variants``"""
 PRETRAIN = "pretrain"
 """``OUT/pretrain``: the shared pre-training folders (not a variant name)"""
-FINAL_METRICS = (
-    "eval/oracle_share",
-    "eval/reward_per_session",
-    "eval/revenue_per_session",
-    "eval/gmv_per_session",
-    "eval/ctr",
-    "eval/ctcvr",
-    "eval/session_length",
-)
-"""metrics of ``sweep.csv`` (the runs' last evaluation) and of the final comparison"""
 LEARNED_CASCADE = "learned-cascade"
 """``--references`` name of the seed's pre-training platform (``PRETRAIN_DIR/platform``)"""
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -260,10 +257,6 @@ class Run(NamedTuple):
         return f"{self.variant}/{self.algo}/{lr_name(self.lr)}/seed{self.seed}"
 
 
-def lr_name(lr: float) -> str:
-    return f"lr{lr:g}"
-
-
 def run_dir(out: Path, variant: str, algo: str, lr: float, seed: int) -> Path:
     return out / variant / algo / lr_name(lr) / f"seed{seed}"
 
@@ -403,46 +396,6 @@ def sweep_table(runs: list[Run], wall: dict[str, float], select_metric: str) -> 
     return pd.DataFrame(rows)
 
 
-def select_lr(sweep: pd.DataFrame, metric: str, level: float = 0.95) -> pd.DataFrame:
-    """Per variant x algo x lr: ``metric``'s mean over seeds with its t interval, and ``selected`` on the lr of
-    the highest mean of each variant x algo (ties: the smaller lr; NaN means never win).
-
-    Args:
-        sweep: ``sweep_table``'s columns ``variant``, ``algo``, ``lr``, ``seed`` and ``metric``.
-
-    Raises:
-        ValueError: a variant x algo whose every lr has a NaN mean.
-    """
-    rows = []
-    for (variant, algo, lr), part in sweep.groupby(["variant", "algo", "lr"], sort=False):
-        est = t_interval(part[metric].to_numpy(float), level, nan_policy="propagate")
-        rows.append({"variant": variant, "algo": algo, "lr": lr, "seeds": len(part), **est.columns(metric)})
-    table = pd.DataFrame(rows)
-    table["selected"] = False
-    for (variant, algo), part in table.groupby(["variant", "algo"], sort=False):
-        means = part[metric].to_numpy(float)
-        if not np.isfinite(means).any():
-            raise ValueError(f"{variant}/{algo}: no learning rate has a finite mean {metric}")
-        order = np.lexsort((part["lr"].to_numpy(float), -np.nan_to_num(means, nan=-np.inf)))
-        table.loc[part.index[order[0]], "selected"] = True
-    return table
-
-
-def format_selected(table: pd.DataFrame, metric: str, level: float) -> str:
-    """Per variant: algorithms as rows, learning rates as columns, ``mean [low, high]``, * on the selected."""
-    parts = []
-    for variant, part in table.groupby("variant", sort=False):
-        cells = {}
-        for _, r in part.iterrows():
-            mark = " *" if r["selected"] else ""
-            cells.setdefault(r["algo"], {})[lr_name(r["lr"])] = estimate_cell(r, metric, ".3f") + mark
-        parts.append(
-            f"{variant}: {metric}, mean over seeds [{level:.0%} t interval], * selected\n"
-            + pd.DataFrame(cells).T.to_string()
-        )
-    return "\n\n".join(parts)
-
-
 def selected_runs(runs: list[Run], table: pd.DataFrame) -> dict[str, dict[int, dict[str, Run]]]:
     """variant -> seed -> algo -> its run at the selected lr."""
     chosen = {(r["variant"], r["algo"]): r["lr"] for _, r in table[table["selected"]].iterrows()}
@@ -491,116 +444,26 @@ def final_config(args: Args, by_algo: dict[str, Run], specs: dict[str, str]) -> 
     )
 
 
-def final_comparison(args: Args, chosen: dict[str, dict[int, dict[str, Run]]]) -> pd.DataFrame:
-    """Per variant x agent: every ``FINAL_METRICS`` of the final evaluation, mean over seeds with its t
-    interval (``NAME``, ``NAME_ci_low``, ``NAME_ci_high`` without ``eval/``) and the paired difference to
-    ``--reference-algo`` over seeds (``delta_NAME``); each seed evaluated into ``OUT/VARIANT/final/seed{S}``."""
-    rows = []
+def evaluate_selected(args: Args, chosen: dict[str, dict[int, dict[str, Run]]]) -> pd.DataFrame:
+    """Evaluate every seed's selected runs and references into ``OUT/VARIANT/final/seed{S}`` (an
+    ``agents.evaluate`` folder: sessions cached, paired by user per seed) and tabulate them over seeds
+    (``agents.sweeping.comparison_table``)."""
+    values: dict[str, dict[str, dict[int, dict]]] = {}  # variant -> agent -> seed -> metrics
+    lrs: dict[str, dict[str, float]] = {}
     for variant, by_seed in chosen.items():
-        values: dict[str, dict[int, dict]] = {}  # agent -> seed -> metrics
-        lrs = {}
         for seed, by_algo in sorted(by_seed.items()):
             check_runs([r.folder for r in by_algo.values()])  # one auction: comparable numbers
             specs = agent_specs(args, by_algo)
-            cfg = final_config(args, by_algo, specs)
-            run: Evaluation = evaluate_folder(
-                cfg, Path(args.out) / variant / "final" / f"seed{seed}", plots=False
-            )
+            folder = Path(args.out) / variant / "final" / f"seed{seed}"
+            run = evaluate_folder(final_config(args, by_algo, specs), folder, plots=False)
             summary = run.comparison.summary.set_index("agent")
             for name, spec in specs.items():
-                values.setdefault(name, {})[seed] = summary.loc[spec].to_dict()
-            lrs.update({algo: r.lr for algo, r in by_algo.items()})
-        ref = values[args.reference_algo]
-        for name, by in values.items():
-            row = {
-                "variant": variant,
-                "agent": policy_label(name),
-                "lr": lrs.get(name, math.nan),
-                "seeds": len(by),
-                "final_eval_seed": args.final_eval_seed,
-            }
-            common = sorted(s for s in by if s in ref)
-            for key in FINAL_METRICS:
-                col = key.removeprefix("eval/")
-                row.update(
-                    t_interval([by[s][key] for s in sorted(by)], args.level, nan_policy="propagate").columns(
-                        col
-                    )
-                )
-                delta = (
-                    paired_difference(
-                        [by[s][key] for s in common],
-                        [ref[s][key] for s in common],
-                        args.level,
-                        nan_policy="propagate",
-                    )
-                    if name != args.reference_algo and common
-                    else nan_estimate()
-                )
-                row.update(delta.columns(f"delta_{col}"))
-            rows.append(row)
-    return pd.DataFrame(rows)
+                values.setdefault(variant, {}).setdefault(name, {})[seed] = summary.loc[spec].to_dict()
+            lrs.setdefault(variant, {}).update({algo: r.lr for algo, r in by_algo.items()})
+    return comparison_table(values, lrs, args.reference_algo, args.level, args.final_eval_seed)
 
 
-def comparison_markdown(table: pd.DataFrame, reference: str, level: float) -> str:
-    """Per variant a markdown table: ``mean [low, high]`` over seeds per metric, then the paired differences."""
-    cols = [k.removeprefix("eval/") for k in FINAL_METRICS]
-    out = []
-    for variant, part in table.groupby("variant", sort=False):
-        seed = int(part["final_eval_seed"].iloc[0])
-        out.append(
-            f"### {variant}: final evaluation (reset seed {seed}), mean over seeds [{level:.0%} t interval]\n"
-        )
-        out.append("| agent | lr | seeds | " + " | ".join(cols) + " |")
-        out.append("|" + "---|" * (len(cols) + 3))
-        for _, r in part.iterrows():
-            lr = "" if not np.isfinite(r["lr"]) else f"{r['lr']:g}"
-            out.append(
-                f"| {r['agent']} | {lr} | {r['seeds']} | "
-                + " | ".join(estimate_cell(r, c) for c in cols)
-                + " |"
-            )
-        out.append(f"\npaired difference to {reference} over seeds [{level:.0%} t interval]\n")
-        out.append("| agent | " + " | ".join(cols) + " |")
-        out.append("|" + "---|" * (len(cols) + 1))
-        for _, r in part[part["agent"] != reference].iterrows():
-            out.append(
-                f"| {r['agent']} | " + " | ".join(estimate_cell(r, f"delta_{c}", "+.4g") for c in cols) + " |"
-            )
-        out.append("")
-    return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------- figure and main
-
-
-def plot_sweep(table: pd.DataFrame, metric: str, path: Path, level: float) -> Path:
-    """``metric`` vs lr (log axis), one line per algorithm with t-interval error bars, the selected lr ringed;
-    one panel per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(dict.fromkeys(table["variant"]))
-    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), squeeze=False)
-    for ax, variant in zip(axes[0], variants):
-        for algo, part in table[table["variant"] == variant].groupby("algo", sort=False):
-            part = part.sort_values("lr")
-            v = part[metric].to_numpy(float)
-            err = np.nan_to_num(
-                np.stack([v - part[f"{metric}_ci_low"], part[f"{metric}_ci_high"] - v]), nan=0.0
-            )
-            line = ax.errorbar(part["lr"], v, yerr=err, capsize=3, marker="o", label=algo)
-            sel = part[part["selected"]]
-            ax.plot(sel["lr"], sel[metric], "o", ms=12, mfc="none", color=line[0].get_color())
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_title(f"{variant}: {metric}")
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel(f"mean over seeds, {level:.0%} t interval")
-    fig.tight_layout()
-    return atomic_write_bytes(path, figure_bytes(fig, dpi=110))
+# ----------------------------------------------------------------------------- main
 
 
 def parse(argv: list[str] | None) -> Args:
@@ -628,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
     print(format_selected(selected, args.select_metric, args.level))
     tables = {"sweep": sweep, "selected": selected}
     if args.final:
-        comparison = final_comparison(args, selected_runs(runs, selected))
+        comparison = evaluate_selected(args, selected_runs(runs, selected))
         atomic_write_bytes(out / "comparison.csv", comparison.to_csv(index=False).encode())
         md = comparison_markdown(comparison, args.reference_algo, args.level)
         atomic_write_bytes(out / "comparison.md", md.encode())
