@@ -5,9 +5,10 @@
 
 Grid: every variant x seed x algorithm x learning rate is one ``agents.hepo`` run (``agents.hepo.main`` in
 process: the RL run has no library home beside its entry point) into ``OUT/VARIANT/ALGO/lr{LR}/seed{S}``, with
-the ``agents.hepo`` flags after ``--`` (every run), the variant's flags (``--variants NAME=FLAGS;...``, parsed
-like a shell line; default one variant ``base`` without flags) and ``--algo``, ``--lr``, ``--seed``, ``--out``,
-``--pretrain-dir`` set by the sweep (giving one of those five after ``--`` or in a variant is an error). Every
+the ``agents.hepo`` flags after ``--`` (every run), then the variant's flags (``--variants NAME=FLAGS;...``,
+parsed like a shell line, so a variant overrides a flag given after ``--``; default one variant ``base``
+without flags) and ``--algo``, ``--lr``, ``--seed``, ``--out``, ``--pretrain-dir`` set by the sweep (giving
+one of those five after ``--`` or in a variant is an error). Every
 run of a seed starts from the same VAFT generator: ``--pretrain-dir OUT/pretrain/KEY/seed{S}``, where KEY is a
 digest of the pre-training settings (the MTP and VAFT stage configs bar paths, device and seed, and the
 funnel's log size), so variants that change only RL flags share one pre-training per seed and a variant that
@@ -19,7 +20,7 @@ from its checkpoint exactly (``agents.hepo``'s own resume).
 
 Selection (``select_lr``): per variant x algorithm, the learning rate with the highest mean over seeds of
 ``--select-metric`` at the run's LAST training-time evaluation (``agents.hepo --eval-seed``'s held-out
-sessions); ties go to the smaller learning rate. Final comparison (``final_comparison``): per variant and
+sessions); ties go to the smaller learning rate. Final comparison (``evaluate_selected``): per variant and
 seed, the selected run of every algorithm (``gpr:RUN``, beam ``--eval-beam``) and the ``--references`` (a
 built-in policy, or ``learned-cascade``: the seed's pre-training platform, present with ``--behaviour
 learned-cascade`` and skipped otherwise) are evaluated with ``agents.evaluation.folder.evaluate_folder`` on a
@@ -28,6 +29,7 @@ pick their learning rate; paired by user across agents (per seed, ``OUT/VARIANT/
 The table then holds each metric's mean over seeds with its t interval, and the paired difference to
 ``--reference-algo`` over seeds (``gpr_sim.stats.paired_difference``).
 
+The tables and the figure are ``agents.sweeping`` (pure functions of the tables, tested without training).
 Output (atomic writes): ``sweep.csv`` (one row per run: final metrics, iterations run, wall seconds of this
 sweep's calls, ``wall.json``), ``selected.csv`` (per variant x algo x lr: select metric mean and t interval
 over seeds, ``selected``), ``comparison.csv`` / ``comparison.md`` (the final evaluation, with
@@ -37,8 +39,8 @@ Sweeps: the small-preset CPU sweep (5 algorithms x 3 learning rates x 2 seeds, `
 
     python -m agents.sweep --out runs/sweep -- --profile cpu --threads 1 --no-progress
 
-and the credit-assignment study of issue 16 (does per-level credit matter with deeper tries, larger catalogs,
-smaller groups?) as variants of the same grid:
+and a study of where per-level credit matters (smaller groups, another codebook size: ``--codebook-size``
+changes pre-training, so that variant gets its own generators) as variants of the same grid:
 
     python -m agents.sweep --out runs/sweep_credit --algos hepo,grpo,sibling_grpo \
         --variants "g4=--group-size 4;g40=--group-size 40;cb8=--codebook-size 8" -- --profile cpu
@@ -167,6 +169,10 @@ class Args:
         bad = [lr for lr in lrs if not (math.isfinite(lr) and lr > 0)]
         if bad:
             raise ValueError(f"lrs={self.lrs!r} is invalid: {bad[0]} is not a finite number > 0")
+        if len({lr_name(lr) for lr in lrs}) != len(lrs):
+            raise ValueError(
+                f"lrs={self.lrs!r} is invalid: two learning rates share a folder name (lr{{:g}})"
+            )
         return lrs
 
     def seed_list(self) -> list[int]:
@@ -213,11 +219,7 @@ class Args:
 
     def pretrain_dir(self, variant: str, seed: int) -> Path:
         """``OUT/pretrain/KEY/seed{S}``: shared by every variant with the same pre-training settings."""
-        a = parse_args(
-            hepo.Args,
-            self.argv(variant, self.algo_list()[0], 1.0, seed, Path(self.out)),
-            profiles=hepo.PROFILES,
-        )
+        a = self.hepo_args(variant, self.algo_list()[0], self.lr_list()[0], seed)
         return Path(self.out) / PRETRAIN / pretrain_key(a)[0] / f"seed{seed}"
 
 
@@ -328,7 +330,8 @@ def finished(run: Run) -> bool:
     if not (path.is_file() and (run.folder / "checkpoint.pt").is_file()):
         return False
     s = read_json(path)
-    return s.get("iterations_run", 0) >= run.args.iterations or s.get("plateau_at") == s.get("iterations_run")
+    done = s.get("iterations_run", 0)
+    return done >= run.args.iterations or (s.get("plateau_at") is not None and s["plateau_at"] == done)
 
 
 def run_grid(args: Args, runs: list[Run]) -> dict[str, float]:
