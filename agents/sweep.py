@@ -473,7 +473,10 @@ def parse(argv: list[str] | None) -> Args:
     """``Args`` from the sweep's flags; the flags after the first ``--`` go to every ``agents.hepo`` run."""
     argv = list(argv or [])
     own, hepo_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    args = parse_args(Args, own, __doc__.strip().splitlines()[0])
+    about = (
+        __doc__.strip().splitlines()[0] + " Flags after -- go to every run (python -m agents.hepo --help)."
+    )
+    args = parse_args(Args, own, about)
     return dataclasses.replace(args, hepo_flags=tuple(hepo_flags)) if hepo_flags else args
 
 

@@ -4,6 +4,7 @@ comparison table on hand-built numbers, and the one-line errors of bad flags."""
 from __future__ import annotations
 
 import math
+import shlex
 
 import pandas as pd
 import pytest
@@ -98,6 +99,23 @@ def test_variants_share_pretraining_unless_they_change_it(tmp_path):
     assert "--group-size" in args.argv("g8", "ppo", 1e-4, 0)
 
 
+@pytest.mark.parametrize("block", [b for b in sweep.__doc__.split("\n\n") if "python -m agents.sweep" in b])
+def test_documented_commands_parse(block, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # their --out is relative
+    line = " ".join(block.replace("\\\n", " ").split())
+    tokens = shlex.split(line.split("python -m agents.sweep", 1)[1].replace("[", "").replace("]", ""))
+    assert sweep.plan(sweep.parse(tokens))
+
+
+def test_help_names_the_pass_through(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(sweep.main, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m agents.sweep" in out and "Flags after -- go to every run" in out
+    assert "--hepo-flags" not in out
+
+
 def sweep_rows(values: dict[tuple[str, float], list[float]]) -> pd.DataFrame:
     return pd.DataFrame(
         [
@@ -186,7 +204,8 @@ def test_bad_flags_fail_with_one_line(tmp_path, capsys, flags, message):
 def test_more_iterations_resume_the_finished_runs(grid, capsys):
     """Last in the file: it trains the module's grid one more iteration."""
     out, _ = grid
-    sweep.main(argv(out, iterations=2))
+    tables = sweep.main(argv(out, "--no-final", iterations=2))
+    assert "comparison" not in tables
     text = capsys.readouterr().out
     assert "finished, skipped" not in text and text.count("resuming at iteration 1") == 4
     assert set(pd.read_csv(out / "sweep.csv")["iterations_run"]) == {2}
