@@ -71,6 +71,24 @@ def test_final_evaluation_runs_on_the_other_seed(grid):
     assert len(cached) == 3 and {read_json(p)["config"]["seed"] for p in cached} == {54321}
 
 
+def test_learned_platform_and_auction_reach_the_final_evaluation(tmp_path):
+    """With --behaviour learned-cascade the seed's platform is a reference row; with --auction every agent of the
+    final evaluation runs the auction on the seed's learned funnel, as its runs trained."""
+    out = tmp_path / "lc"
+    flags = ["--algos", "hepo", "--lrs", "1e-4", "--seeds", "0", "--out", str(out)]
+    tables = sweep.main(
+        [*flags, "--", *TINY_HEPO, "--iterations", "1", "--behaviour", "learned-cascade", "--auction"]
+    )
+    assert list(tables["comparison"]["agent"]) == [
+        "hepo",
+        "cascade-privileged (reference)",
+        "learned-cascade",
+    ]
+    (funnel,) = out.glob("pretrain/*/seed0/funnel/model.pt")
+    cached = sorted((out / "base" / "final" / "seed0" / "agents").glob("*/summary.json"))
+    assert len(cached) == 3 and {read_json(p)["config"]["auction"]["path"] for p in cached} == {str(funnel)}
+
+
 def test_second_invocation_skips_finished_runs(grid, capsys):
     out, _ = grid
     before = {f: (f / "checkpoint.pt").stat().st_mtime_ns for f in run_folders(out)}
