@@ -16,7 +16,8 @@ changes pre-training (``--codebook-size``, ``--preset``...) gets its own; ``OUT/
 says which. Every flag is checked before the first run: each variant's ``agents.hepo`` command line is parsed
 once, and a planned folder that holds a run with other settings is refused. A run whose ``summary.json`` says
 it finished (``--iterations`` reached, or its oracle_share plateau) is skipped; an interrupted one resumes
-from its checkpoint exactly (``agents.hepo``'s own resume).
+from its checkpoint exactly (``agents.hepo``'s own resume). One process runs the grid, one run at a time
+(not under ``torchrun``; ``--device cuda`` after ``--`` puts every run on the GPU).
 
 Selection (``select_lr``): per variant x algorithm, the learning rate with the highest mean over seeds of
 ``--select-metric`` at the run's LAST training-time evaluation (``agents.hepo --eval-seed``'s held-out
@@ -31,7 +32,7 @@ The table then holds each metric's mean over seeds with its t interval, and the 
 
 The tables and the figure are ``agents.sweeping`` (pure functions of the tables, tested without training).
 Output (atomic writes): ``sweep.csv`` (one row per run: final metrics, iterations run, wall seconds of this
-sweep's calls, ``wall.json``), ``selected.csv`` (per variant x algo x lr: select metric mean and t interval
+sweep's calls, ``wall.json``; a seed's first run includes its pre-training), ``selected.csv`` (per variant x algo x lr: select metric mean and t interval
 over seeds, ``selected``), ``comparison.csv`` / ``comparison.md`` (the final evaluation, with
 ``final_eval_seed``), ``sweep.png`` (select metric vs lr, one line per algorithm, one panel per variant).
 
@@ -52,6 +53,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import shlex
 import time
@@ -373,7 +375,8 @@ def _pretrain_settings(runs: list[Run]) -> dict[str, dict]:
 
 
 def sweep_table(runs: list[Run], wall: dict[str, float], select_metric: str) -> pd.DataFrame:
-    """One row per run: its coordinates, iterations, wall seconds and its last evaluation's metrics."""
+    """One row per run: its coordinates, iterations, wall seconds (``run_grid``'s: a seed's first run includes
+    the pre-training it triggered; NaN for a run trained outside this sweep) and its last evaluation's metrics."""
     rows = []
     keys = dict.fromkeys(
         (*FINAL_METRICS, "eval/oracle_share_ci_low", "eval/oracle_share_ci_high", select_metric)
@@ -484,6 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Run (or reuse) the grid, select each algorithm's lr, compare the selected runs on the final seed;
     returns the tables by name (sweep, selected, and with ``--final`` comparison)."""
     args = parse(argv)
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # every rank would write the tables and evaluations
+        raise ValueError("agents.sweep runs as one process, not under torchrun: it trains one run at a time")
     out = Path(args.out)
     runs = plan(args)
     out.mkdir(parents=True, exist_ok=True)
