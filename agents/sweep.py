@@ -1,0 +1,519 @@
+"""One learning-rate sweep for every RL learner on the same data and generator, then the selected runs compared.
+
+    python -m agents.sweep --algos hepo,ppo,grpo,sibling_grpo,dpo --lrs 3e-5,1e-4,3e-4 --seeds 0,1 \
+        --out runs/sweep [--variants "g8=--group-size 8;g40=--group-size 40"] -- --profile cpu --iterations 20
+
+Grid: every variant x seed x algorithm x learning rate is one ``agents.hepo`` run (``agents.hepo.main`` in
+process: the RL run has no library home beside its entry point) into ``OUT/VARIANT/ALGO/lr{LR}/seed{S}``, with
+the ``agents.hepo`` flags after ``--`` (every run), then the variant's flags (``--variants NAME=FLAGS;...``,
+parsed like a shell line, so a variant overrides a flag given after ``--``; default one variant ``base``
+without flags) and ``--algo``, ``--lr``, ``--seed``, ``--out``, ``--pretrain-dir`` set by the sweep (giving
+one of those five after ``--`` or in a variant is an error). Every
+run of a seed starts from the same VAFT generator: ``--pretrain-dir OUT/pretrain/KEY/seed{S}``, where KEY is a
+digest of the pre-training settings (the MTP and VAFT stage configs bar paths, device and seed, and the
+funnel's log size), so variants that change only RL flags share one pre-training per seed and a variant that
+changes pre-training (``--codebook-size``, ``--preset``...) gets its own; ``OUT/pretrain/KEY/settings.json``
+says which. Every flag is checked before the first run: each variant's ``agents.hepo`` command line is parsed
+once, and a planned folder that holds a run with other settings is refused. A run whose ``summary.json`` says
+it finished (``--iterations`` reached, or its oracle_share plateau) is skipped; an interrupted one resumes
+from its checkpoint exactly (``agents.hepo``'s own resume). One process runs the grid, one run at a time
+(not under ``torchrun``; ``--device cuda`` after ``--`` puts every run on the GPU).
+
+Selection (``select_lr``): per variant x algorithm, the learning rate with the highest mean over seeds of
+``--select-metric`` at the run's LAST training-time evaluation (``agents.hepo --eval-seed``'s held-out
+sessions); ties go to the smaller learning rate. Final comparison (``evaluate_selected``): per variant and
+seed, the selected run of every algorithm (``gpr:RUN``, beam ``--eval-beam``) and the ``--references`` (a
+built-in policy, or ``learned-cascade``: the seed's pre-training platform, present with ``--behaviour
+learned-cascade`` and skipped otherwise) are evaluated with ``agents.evaluation.folder.evaluate_folder`` on a
+DIFFERENT reset seed (``--final-eval-seed``), so the numbers that compare the algorithms were not used to
+pick their learning rate; paired by user across agents (per seed, ``OUT/VARIANT/final/seed{S}/paired.csv``).
+The table then holds each metric's mean over seeds with its t interval, and the paired difference to
+``--reference-algo`` over seeds (``gpr_sim.stats.paired_difference``).
+
+The tables and the figure are ``agents.sweeping`` (pure functions of the tables, tested without training).
+Output (atomic writes): ``sweep.csv`` (one row per run: final metrics, iterations run, wall seconds of this
+sweep's calls, ``wall.json``; a seed's first run includes its pre-training), ``selected.csv`` (per variant x algo x lr: select metric mean and t interval
+over seeds, ``selected``), ``comparison.csv`` / ``comparison.md`` (the final evaluation, with
+``final_eval_seed``), ``sweep.png`` (select metric vs lr, one line per algorithm, one panel per variant).
+
+Sweeps: the small-preset CPU sweep (5 algorithms x 3 learning rates x 2 seeds, ``agents.hepo``'s cpu profile):
+
+    python -m agents.sweep --out runs/sweep -- --profile cpu --threads 1 --no-progress
+
+and a study of where per-level credit matters (smaller groups, another codebook size: ``--codebook-size``
+changes pre-training, so that variant gets its own generators) as variants of the same grid:
+
+    python -m agents.sweep --out runs/sweep_credit --algos hepo,grpo,sibling_grpo \
+        --variants "g4=--group-size 4;g40=--group-size 40;cb8=--codebook-size 8" -- --profile cpu
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, NamedTuple
+
+import pandas as pd
+import tyro
+
+from agents import hepo
+from agents.cli import check_out, parse_args, run_main
+from agents.evaluation.compare import EvalConfig
+from agents.evaluation.folder import evaluate_folder
+from agents.policies import POLICIES
+from agents.policies.learned_cascade import learned_cascade_inputs
+from agents.pretraining.pipeline import FUNNEL_FILE
+from agents.reporting.folders import check_runs
+from agents.rl.registry import ALGOS
+from agents.sweeping import (
+    FINAL_METRICS,
+    comparison_markdown,
+    comparison_table,
+    format_selected,
+    lr_name,
+    plot_sweep,
+    select_lr,
+)
+from gpr_sim.runs import atomic_write_bytes, read_json, read_owner, settings_diff, write_json
+from gpr_sim.stats import CIConfig
+
+SET_BY_SWEEP = ("--algo", "--lr", "--seed", "--out", "--pretrain-dir")
+"""``agents.hepo`` flags the sweep sets for every run (not allowed after ``--`` or in a variant)"""
+BASE = "base"
+"""the one variant of a sweep without ``--variants``"""
+PRETRAIN = "pretrain"
+"""``OUT/pretrain``: the shared pre-training folders (not a variant name)"""
+LEARNED_CASCADE = "learned-cascade"
+"""``--references`` name of the seed's pre-training platform (``PRETRAIN_DIR/platform``)"""
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+@dataclass(frozen=True)
+class Args:
+    """CLI of ``python -m agents.sweep``; the ``agents.hepo`` flags of every run follow ``--``."""
+
+    algos: str = ",".join(ALGOS)
+    """comma list of algorithms (``agents.rl.registry.ALGOS``)"""
+    lrs: str = "3e-5,1e-4,3e-4"
+    """comma list of learning rates, each > 0"""
+    seeds: str = "0,1"
+    """comma list of training seeds (pre-training, rollouts, updates)"""
+    variants: str = ""
+    """``NAME=FLAGS;NAME2=FLAGS``: extra agents.hepo flags per variant, the whole grid run per variant (e.g.
+    ``g8=--group-size 8;g40=--group-size 40``); empty = one variant ``base`` without extra flags"""
+    out: str = "runs/sweep"
+    """output folder: pretrain/, VARIANT/ALGO/lrLR/seedS/ (agents.hepo runs), VARIANT/final/, the tables"""
+    select_metric: str = "eval/oracle_share"
+    """metric of each run's last training-time evaluation that picks each algorithm's lr (mean over seeds, max)"""
+    final: bool = True
+    """evaluate the selected runs on --final-eval-seed (comparison.csv); off = grid and selection only"""
+    final_eval_seed: int = 54321
+    """reset seed of the final comparison's sessions and oracle_share states (must differ from --eval-seed)"""
+    final_sessions: int = 0
+    """sessions per agent of the final comparison; 0 = the runs' --eval-sessions"""
+    reference_algo: str = "hepo"
+    """algorithm every other agent of the final comparison is compared with (paired over seeds)"""
+    references: str = "cascade-privileged,learned-cascade"
+    """comma list of reference policies in the final comparison: built-in names (agents.policies) or
+    learned-cascade (the seed's pre-training platform; skipped when the pipeline has none); empty = none"""
+    level: float = 0.95
+    """coverage of the t intervals over seeds"""
+    hepo_flags: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
+    """the agents.hepo flags after ``--`` (every run)"""
+
+    def __post_init__(self) -> None:
+        check_out(self.out)
+        algos, lrs, seeds = self.algo_list(), self.lr_list(), self.seed_list()
+        unknown = [a for a in algos if a not in ALGOS]
+        if unknown:
+            raise ValueError(f"algos={self.algos!r}: unknown {unknown}: expected some of {list(ALGOS)}")
+        if self.final and self.reference_algo not in algos:
+            raise ValueError(f"reference_algo={self.reference_algo!r} is not one of --algos {self.algos!r}")
+        for ref in self.reference_list():
+            if ref != LEARNED_CASCADE and ref not in POLICIES:
+                raise ValueError(
+                    f"references={self.references!r}: {ref!r} is unknown: expected some of "
+                    f"{[*POLICIES, LEARNED_CASCADE]}"
+                )
+        if isinstance(self.final_sessions, bool) or self.final_sessions < 0:
+            raise ValueError(f"final_sessions={self.final_sessions!r} is invalid: expected an integer >= 0")
+        if not 0.0 < self.level < 1.0:
+            raise ValueError(f"level={self.level} is invalid: expected in (0, 1)")
+        if not self.select_metric.startswith("eval/"):
+            raise ValueError(f"select_metric={self.select_metric!r} is invalid: expected an eval/ metric")
+        for name, flags in (("the flags after --", self.hepo_flags), *self.variant_map().items()):
+            for token in flags:
+                if token.split("=")[0].replace("_", "-") in SET_BY_SWEEP:
+                    raise ValueError(
+                        f"{name}: {token} is set by the sweep: use --algos, --lrs, --seeds, --out"
+                    )
+        for variant in self.variant_map():  # agents.hepo's own checks, once per variant, before any run
+            a = self.hepo_args(variant, algos[0], lrs[0], seeds[0])
+            if self.final and a.eval_seed == self.final_eval_seed:
+                raise ValueError(
+                    f"final_eval_seed={self.final_eval_seed} is the runs' --eval-seed (variant {variant}): "
+                    "the final comparison needs other sessions than the ones that selected the lr"
+                )
+
+    def algo_list(self) -> list[str]:
+        return _distinct("algos", self.algos, str)
+
+    def lr_list(self) -> list[float]:
+        lrs = _distinct("lrs", self.lrs, float)
+        bad = [lr for lr in lrs if not (math.isfinite(lr) and lr > 0)]
+        if bad:
+            raise ValueError(f"lrs={self.lrs!r} is invalid: {bad[0]} is not a finite number > 0")
+        if len({lr_name(lr) for lr in lrs}) != len(lrs):
+            raise ValueError(
+                f"lrs={self.lrs!r} is invalid: two learning rates share a folder name (lr{{:g}})"
+            )
+        return lrs
+
+    def seed_list(self) -> list[int]:
+        return _distinct("seeds", self.seeds, int)
+
+    def reference_list(self) -> list[str]:
+        return _distinct("references", self.references, str, allow_empty=True)
+
+    def variant_map(self) -> dict[str, tuple[str, ...]]:
+        """Variant name -> its extra ``agents.hepo`` flags, in the order given."""
+        if not self.variants.strip():
+            return {BASE: ()}
+        out: dict[str, tuple[str, ...]] = {}
+        for part in (p.strip() for p in self.variants.split(";")):
+            name, sep, flags = part.partition("=")
+            name = name.strip()
+            if not sep or not _NAME.match(name) or name == PRETRAIN:
+                raise ValueError(
+                    f"variants={self.variants!r}: {part!r} is not NAME=FLAGS with NAME of letters, digits, "
+                    f"._+- (and not {PRETRAIN!r})"
+                )
+            if name in out:
+                raise ValueError(f"variants={self.variants!r} names the variant {name!r} twice")
+            out[name] = tuple(shlex.split(flags))
+        return out
+
+    def argv(
+        self, variant: str, algo: str, lr: float, seed: int, pretrain_dir: Path | None = None
+    ) -> list[str]:
+        """The ``agents.hepo`` command line of one run (``pretrain_dir`` None: this seed's shared one)."""
+        pre = self.pretrain_dir(variant, seed) if pretrain_dir is None else pretrain_dir
+        return [
+            *self.hepo_flags,
+            *self.variant_map()[variant],
+            *("--algo", algo, "--lr", repr(lr), "--seed", str(seed)),
+            *("--out", str(run_dir(Path(self.out), variant, algo, lr, seed)), "--pretrain-dir", str(pre)),
+        ]
+
+    def hepo_args(self, variant: str, algo: str, lr: float, seed: int) -> hepo.Args:
+        """The run's parsed ``agents.hepo.Args`` (its validation included)."""
+        return parse_args(
+            hepo.Args, self.argv(variant, algo, lr, seed, Path(self.out)), profiles=hepo.PROFILES
+        )
+
+    def pretrain_dir(self, variant: str, seed: int) -> Path:
+        """``OUT/pretrain/KEY/seed{S}``: shared by every variant with the same pre-training settings."""
+        a = self.hepo_args(variant, self.algo_list()[0], self.lr_list()[0], seed)
+        return Path(self.out) / PRETRAIN / pretrain_key(a)[0] / f"seed{seed}"
+
+
+def _distinct(name: str, text: str, kind: type, allow_empty: bool = False) -> list:
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"{name}={text!r} is invalid: expected a comma list of {kind.__name__}") from e
+    if not values and not allow_empty:
+        raise ValueError(f"{name}={text!r} is empty: expected at least one value")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}={text!r} lists a value twice")
+    return values
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+class Run(NamedTuple):
+    """One cell of the grid."""
+
+    variant: str
+    algo: str
+    lr: float
+    seed: int
+    argv: tuple[str, ...]
+    """its ``agents.hepo`` command line"""
+    args: hepo.Args
+    """that command line parsed"""
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.args.out)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/{self.algo}/{lr_name(self.lr)}/seed{self.seed}"
+
+
+def run_dir(out: Path, variant: str, algo: str, lr: float, seed: int) -> Path:
+    return out / variant / algo / lr_name(lr) / f"seed{seed}"
+
+
+def pretrain_key(a: hepo.Args) -> tuple[str, dict]:
+    """(digest, settings) of the run's pre-training: the MTP and VAFT stage configs without paths, device,
+    threads, progress and seed, and the funnel's log size; equal digests share a pipeline folder per seed."""
+    drop = {"out", "init", "logs", "tokenizer", "device", "threads", "progress", "seed"}
+    mtp, vaft = hepo.pretraining(a)
+    settings = {
+        stage: {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
+        for stage, cfg in (("mtp", mtp), ("vaft", vaft))
+    }
+    settings["funnel"] = {"envs": a.funnel_envs, "steps": a.funnel_steps}
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10], settings
+
+
+def plan(args: Args) -> list[Run]:
+    """Every run of the grid (variant, seed, algo, lr order), checked against what its folder already holds.
+
+    Raises:
+        ValueError: a planned folder holds a run of another entry point or with other settings.
+    """
+    runs = []
+    for variant in args.variant_map():
+        for seed in args.seed_list():
+            pre = args.pretrain_dir(variant, seed)
+            for algo in args.algo_list():
+                for lr in args.lr_list():
+                    argv = args.argv(variant, algo, lr, seed, pre)
+                    run = Run(
+                        variant,
+                        algo,
+                        lr,
+                        seed,
+                        tuple(argv),
+                        parse_args(hepo.Args, argv, profiles=hepo.PROFILES),
+                    )
+                    check_folder(run)
+                    runs.append(run)
+    return runs
+
+
+def check_folder(run: Run) -> None:
+    """Refuse a folder holding another run (``agents.hepo`` would, but only when that run's turn comes)."""
+    record = read_owner(run.folder)
+    if record is None:
+        return
+    if record["entry"] != hepo.ENTRY:
+        raise ValueError(
+            f"{run.folder} holds a run of {record['entry']}, not of {hepo.ENTRY}: use another --out"
+        )
+    diff = settings_diff(
+        record.get("settings", {}),
+        dataclasses.asdict(run.args),
+        hepo.RESUME_IGNORES,
+        dataclasses.asdict(hepo.Args()),
+    )
+    if diff:
+        raise ValueError(
+            f"{run.folder} holds a run with other settings ({'; '.join(diff)}): use another --out"
+        )
+
+
+def finished(run: Run) -> bool:
+    """Whether the run's ``summary.json`` says it is done: ``--iterations`` reached, or stopped on a plateau."""
+    path = run.folder / "summary.json"
+    if not (path.is_file() and (run.folder / "checkpoint.pt").is_file()):
+        return False
+    s = read_json(path)
+    done = s.get("iterations_run", 0)
+    return done >= run.args.iterations or (s.get("plateau_at") is not None and s["plateau_at"] == done)
+
+
+def run_grid(args: Args, runs: list[Run]) -> dict[str, float]:
+    """Train every unfinished run (one line per run); returns the wall seconds this sweep spent per run
+    (``OUT/wall.json``, summed over resumptions)."""
+    out = Path(args.out)
+    wall_path = out / "wall.json"
+    wall = read_json(wall_path) if wall_path.is_file() else {}
+    for key, settings in _pretrain_settings(runs).items():
+        write_json(out / PRETRAIN / key / "settings.json", settings)
+    todo = sum(not finished(r) for r in runs)
+    t0 = time.perf_counter()
+    for i, run in enumerate(runs, 1):
+        head = f"[sweep] {i}/{len(runs)} {run.name}"
+        if finished(run):
+            print(f"{head}: finished, skipped")
+            continue
+        start = time.perf_counter()
+        hepo.main(list(run.argv))
+        took = time.perf_counter() - start
+        wall[run.name] = wall.get(run.name, 0.0) + took
+        write_json(wall_path, wall)
+        todo -= 1
+        print(f"{head}: {took:.0f} s ({todo} left, elapsed {time.perf_counter() - t0:.0f} s)")
+    return wall
+
+
+def _pretrain_settings(runs: list[Run]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for run in runs:
+        key, settings = pretrain_key(run.args)
+        entry = out.setdefault(key, {**settings, "variants": []})
+        if run.variant not in entry["variants"]:
+            entry["variants"].append(run.variant)
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def sweep_table(runs: list[Run], wall: dict[str, float], select_metric: str) -> pd.DataFrame:
+    """One row per run: its coordinates, iterations, wall seconds (``run_grid``'s: a seed's first run includes
+    the pre-training it triggered; NaN for a run trained outside this sweep) and its last evaluation's metrics."""
+    rows = []
+    keys = dict.fromkeys(
+        (*FINAL_METRICS, "eval/oracle_share_ci_low", "eval/oracle_share_ci_high", select_metric)
+    )
+    for run in runs:
+        s = read_json(run.folder / "summary.json")
+        if select_metric not in s["final"]:
+            raise ValueError(f"select_metric={select_metric!r} is not a metric of {run.folder}/summary.json")
+        rows.append(
+            {
+                "variant": run.variant,
+                "algo": run.algo,
+                "lr": run.lr,
+                "seed": run.seed,
+                "iterations_run": s["iterations_run"],
+                "plateau_at": s.get("plateau_at"),
+                "env_steps": s["env_steps"],
+                "wall_s": wall.get(run.name, math.nan),
+                "folder": str(run.folder),
+                **{k: s["final"].get(k, math.nan) for k in keys},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def selected_runs(runs: list[Run], table: pd.DataFrame) -> dict[str, dict[int, dict[str, Run]]]:
+    """variant -> seed -> algo -> its run at the selected lr."""
+    chosen = {(r["variant"], r["algo"]): r["lr"] for _, r in table[table["selected"]].iterrows()}
+    out: dict[str, dict[int, dict[str, Run]]] = {}
+    for run in runs:
+        if chosen[(run.variant, run.algo)] == run.lr:
+            out.setdefault(run.variant, {}).setdefault(run.seed, {})[run.algo] = run
+    return out
+
+
+# ----------------------------------------------------------------------------- final comparison
+
+
+def agent_specs(args: Args, by_algo: dict[str, Run]) -> dict[str, str]:
+    """Row name -> ``agents.evaluate`` spec of one seed: each algorithm's selected run (served as during
+    training: beam ``--eval-beam``), then the references (``learned-cascade`` only if the seed's pipeline
+    fitted a platform)."""
+    specs = {algo: f"gpr:{run.folder}@beam_width={run.args.eval_beam}" for algo, run in by_algo.items()}
+    platform = Path(next(iter(by_algo.values())).args.pretrain_dir) / "platform"
+    for ref in args.reference_list():
+        if ref != LEARNED_CASCADE:
+            specs[ref] = ref
+        elif all(p.is_file() for p in learned_cascade_inputs(str(platform))):
+            specs[ref] = f"{LEARNED_CASCADE}:{platform}"
+        else:
+            print(f"[sweep] no {platform} (the pipeline's --behaviour is not learned-cascade): no {ref} row")
+    return specs
+
+
+def final_config(args: Args, by_algo: dict[str, Run], specs: dict[str, str]) -> EvalConfig:
+    """The evaluation of one seed's selected runs: the runs' held-out protocol (preset, slots, sessions,
+    oracle_share states, auction) reset with ``--final-eval-seed`` instead of their ``--eval-seed``."""
+    a = by_algo[args.reference_algo].args
+    return EvalConfig(
+        agents=tuple(specs.values()),
+        env=a.env,
+        preset=a.preset,
+        num_envs=a.eval_envs,
+        sessions=args.final_sessions or a.eval_sessions,
+        seed=args.final_eval_seed,
+        device=a.device,
+        oracle_states=a.eval_states,
+        ci=CIConfig(level=args.level),
+        reference=specs[args.reference_algo] if len(specs) > 1 else None,
+        auction=str(Path(a.pretrain_dir) / "funnel" / FUNNEL_FILE) if a.auction else "",
+    )
+
+
+def evaluate_selected(args: Args, chosen: dict[str, dict[int, dict[str, Run]]]) -> pd.DataFrame:
+    """Evaluate every seed's selected runs and references into ``OUT/VARIANT/final/seed{S}`` (an
+    ``agents.evaluate`` folder: sessions cached, paired by user per seed) and tabulate them over seeds
+    (``agents.sweeping.comparison_table``)."""
+    values: dict[str, dict[str, dict[int, dict]]] = {}  # variant -> agent -> seed -> metrics
+    lrs: dict[str, dict[str, float]] = {}
+    for variant, by_seed in chosen.items():
+        for seed, by_algo in sorted(by_seed.items()):
+            check_runs([r.folder for r in by_algo.values()])  # one auction: comparable numbers
+            specs = agent_specs(args, by_algo)
+            folder = Path(args.out) / variant / "final" / f"seed{seed}"
+            run = evaluate_folder(final_config(args, by_algo, specs), folder, plots=False)
+            summary = run.comparison.summary.set_index("agent")
+            for name, spec in specs.items():
+                values.setdefault(variant, {}).setdefault(name, {})[seed] = summary.loc[spec].to_dict()
+            lrs.setdefault(variant, {}).update({algo: r.lr for algo, r in by_algo.items()})
+    return comparison_table(values, lrs, args.reference_algo, args.level, args.final_eval_seed)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv: list[str] | None) -> Args:
+    """``Args`` from the sweep's flags; the flags after the first ``--`` go to every ``agents.hepo`` run."""
+    argv = list(argv or [])
+    own, hepo_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    about = (
+        __doc__.strip().splitlines()[0] + " Flags after -- go to every run (python -m agents.hepo --help)."
+    )
+    args = parse_args(Args, own, about)
+    return dataclasses.replace(args, hepo_flags=tuple(hepo_flags)) if hepo_flags else args
+
+
+def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Run (or reuse) the grid, select each algorithm's lr, compare the selected runs on the final seed;
+    returns the tables by name (sweep, selected, and with ``--final`` comparison)."""
+    args = parse(argv)
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # every rank would write the tables and evaluations
+        raise ValueError("agents.sweep runs as one process, not under torchrun: it trains one run at a time")
+    out = Path(args.out)
+    runs = plan(args)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep_config.json", dataclasses.asdict(args))
+    wall = run_grid(args, runs)
+    sweep = sweep_table(runs, wall, args.select_metric)
+    atomic_write_bytes(out / "sweep.csv", sweep.to_csv(index=False).encode())
+    selected = select_lr(sweep, args.select_metric, args.level)
+    atomic_write_bytes(out / "selected.csv", selected.to_csv(index=False).encode())
+    plot_sweep(selected, args.select_metric, out / "sweep.png", args.level)
+    print(format_selected(selected, args.select_metric, args.level))
+    tables = {"sweep": sweep, "selected": selected}
+    if args.final:
+        comparison = evaluate_selected(args, selected_runs(runs, selected))
+        atomic_write_bytes(out / "comparison.csv", comparison.to_csv(index=False).encode())
+        md = comparison_markdown(comparison, args.reference_algo, args.level)
+        atomic_write_bytes(out / "comparison.md", md.encode())
+        print("\n" + md)
+        tables["comparison"] = comparison
+    print(
+        f"[sweep] {out}/: sweep.csv, selected.csv, sweep.png"
+        + (", comparison.csv, comparison.md" if args.final else "")
+    )
+    return tables
+
+
+if __name__ == "__main__":
+    run_main(main)
