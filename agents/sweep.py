@@ -30,7 +30,7 @@ pick their learning rate; paired by user across agents (per seed, ``OUT/VARIANT/
 The table then holds each metric's mean over seeds with its t interval, and the paired difference to
 ``--reference-algo`` over seeds (``gpr_sim.stats.paired_difference``).
 
-The tables and the figure are ``agents.sweeping`` (pure functions of the tables, tested without training).
+The tables and the figure are ``agents.reporting.sweep`` (pure functions of the tables, tested without training).
 Output (atomic writes): ``sweep.csv`` (one row per run: final metrics, iterations run, wall seconds of this
 sweep's calls, ``wall.json``; a seed's first run includes its pre-training), ``selected.csv`` (per variant x algo x lr: select metric mean and t interval
 over seeds, ``selected``), ``comparison.csv`` / ``comparison.md`` (the final evaluation, with
@@ -72,8 +72,7 @@ from agents.policies import POLICIES
 from agents.policies.learned_cascade import learned_cascade_inputs
 from agents.pretraining.pipeline import FUNNEL_FILE
 from agents.reporting.folders import check_runs
-from agents.rl.registry import ALGOS
-from agents.sweeping import (
+from agents.reporting.sweep import (
     FINAL_METRICS,
     comparison_markdown,
     comparison_table,
@@ -82,6 +81,7 @@ from agents.sweeping import (
     plot_sweep,
     select_lr,
 )
+from agents.rl.registry import ALGOS
 from gpr_sim.runs import atomic_write_bytes, read_json, read_owner, settings_diff, write_json
 from gpr_sim.stats import CIConfig
 
@@ -453,7 +453,7 @@ def final_config(args: Args, by_algo: dict[str, Run], specs: dict[str, str]) -> 
 def evaluate_selected(args: Args, chosen: dict[str, dict[int, dict[str, Run]]]) -> pd.DataFrame:
     """Evaluate every seed's selected runs and references into ``OUT/VARIANT/final/seed{S}`` (an
     ``agents.evaluate`` folder: sessions cached, paired by user per seed) and tabulate them over seeds
-    (``agents.sweeping.comparison_table``)."""
+    (``agents.reporting.sweep.comparison_table``)."""
     values: dict[str, dict[str, dict[int, dict]]] = {}  # variant -> agent -> seed -> metrics
     lrs: dict[str, dict[str, float]] = {}
     for variant, by_seed in chosen.items():

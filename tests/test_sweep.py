@@ -11,7 +11,7 @@ import pytest
 
 from agents import sweep
 from agents.cli import run_main
-from agents.sweeping import comparison_table, select_lr
+from agents.reporting.sweep import comparison_table, select_lr
 from gpr_sim.runs import read_json
 
 TINY_HEPO = (
