@@ -65,7 +65,7 @@ from agents.reporting.figures import plot_curves
 from agents.rl import distributed
 from agents.rl.common import LossConfig, check_precision
 from agents.rl.distributed import SINGLE, Dist
-from agents.rl.loop import PathTerms, UpdateConfig, update
+from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
 from agents.rl.rollout import SLOT_BITS, Roller
 from envs import make_vec_env
@@ -99,6 +99,7 @@ RESUME_IGNORES = (
     "label",
     "plateau_patience",
     "plateau_delta",
+    "compile",
 )
 """flags that may change between an interrupted run and its resumption"""
 
@@ -108,6 +109,7 @@ PROFILES: dict[str, dict] = {
     "gpu-large": dict(
         device="cuda",
         precision="bf16",
+        compile="blocks",
         preset="large",
         collect_envs=16384,
         collect_steps=64,
@@ -240,6 +242,9 @@ class Args:
     """the oracle_share gain that still counts as progress"""
     precision: str = "fp32"
     """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
+    compile: str = "off"
+    """off | blocks (each HSD and PTD block through torch.compile: the element-wise work fuses; seconds to
+    compile) | full (the whole update forward; minutes to compile) (``agents.rl.loop.PathTerms``)"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True
@@ -255,6 +260,8 @@ class Args:
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
         check_precision(self.precision)
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r} is unknown: expected one of {COMPILE_MODES}")
         if self.reward not in ESTIMATORS:
             raise ValueError(f"reward={self.reward!r} is unknown: expected one of {ESTIMATORS}")
         if not isinstance(self.auction, bool):
@@ -624,7 +631,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         }
         append_metrics(metrics_path, row)
         print(_log_line(row))
-    terms_fn = PathTerms(model, ad_lookup=roller.ad_lookup(model))
+    terms_fn = PathTerms(model, compile=args.compile, ad_lookup=roller.ad_lookup(model))
     if dist.enabled:
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
         terms_fn = torch.nn.parallel.DistributedDataParallel(terms_fn, find_unused_parameters=True)

@@ -681,3 +681,6 @@ def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
     assert parse_args(hepo.Args, [], profiles=hepo.PROFILES) == hepo.Args()  # cpu: the class's own defaults
     with pytest.raises(UsageError, match="unknown profile 'gpu'"):
         parse_args(hepo.Args, ["--profile", "gpu"], profiles=hepo.PROFILES)
+    assert args.compile == "blocks" and hepo.Args().compile == "off"
+    with pytest.raises(ValueError, match="compile='fast' is unknown"):
+        hepo.Args(compile="fast")
