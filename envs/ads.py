@@ -113,7 +113,8 @@ nothing), and `state_dict()` / `load_state_dict()` (resume bit for bit).
 ## Version history
 - v0: first release; semantic-ID action mode (`action_mode="semantic"`), default unchanged; the scoring
   API's `estimator` and `attach_platform` (default unchanged until a model is attached); `attach_auction`
-  (the auction on a learned model; default unchanged: the privileged auction).
+  (the auction on a learned model; default unchanged: the privileged auction); `market_features()` (the
+  platform's spend ledger for the E token; observations unchanged).
 """
 
 from __future__ import annotations
