@@ -145,8 +145,7 @@ class TokenBatch(NamedTuple):
     padding_mask: Tensor  # (B, T) bool, True = padding (ignore)
     semantic_codes: Tensor  # (B, T, L') int64 item paths of O/I tokens, -1 for U/E/padding
     event_ids: Tensor  # (B, T) int64 funnel event of I tokens (1 imp, 2 click, 3 conv), 0 elsewhere
-    dense_features: Tensor  # (B, T, F) float32 user (+ interest) on U, ad features on I, context (+ market)
-    # on E, else 0
+    dense_features: Tensor  # (B, T, F) float32 user (+ interest) on U, ad on I, context (+ market) on E
 
     def to(self, device: str | torch.device) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in self))

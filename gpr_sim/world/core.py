@@ -537,9 +537,7 @@ class BudgetDay(NamedTuple):
     """The advertisers' ledger of the current budget day, as the next auction reads it (``budget_day``)."""
 
     spent_today: torch.Tensor  # (A,) float64 spend so far this day (0 at a day's first step: budgets reset)
-    day_fraction: (
-        torch.Tensor
-    )  # () float64 share of the day elapsed once this step is served (pacing's clock)
+    day_fraction: torch.Tensor  # () float64 share of the day elapsed once this step is served (pacing)
     has_budget: torch.Tensor  # (A,) bool the remaining budget covers the lowest price (the reserve)
     active: torch.Tensor  # (A,) bool has budget and, if paced, is not ahead of schedule: may bid now
 
