@@ -1,7 +1,8 @@
 """Behaviour-policy log collection: run a policy in the batched market and record one row per request.
 
 `collect` records every request from the observation *before* the step (the U/O/E/I tokens the policy
-saw), the policy's ordered candidates and their propensity, and the step's outcome; `write_log` runs a
+saw, and the market features of the platform's ledger at that moment: the env's ``market_features()``), the
+policy's ordered candidates and their propensity, and the step's outcome; `write_log` runs a
 `CollectConfig` and writes the Parquet log (`gpr_sim.data.logs.SCHEMA`; its metadata holds the world
 config, seeds, policy and sizes, which is everything `agents.ope` needs to re-simulate the same requests).
 
@@ -75,6 +76,7 @@ def collect(
         if hook is not None:
             put(extra, hook(env, obs, out))
         state = vec.state  # before the step: the request the policy just answered
+        market = vec.market_features()  # (F_m,) the ledger the request met, shared by every row
         before = {
             "request_id": t * n + slot,
             "episode_id": state.episode * n + slot,
@@ -85,6 +87,7 @@ def collect(
             "context": obs["context"],
             "ad_ids": obs["ad_history"],
             "ad_events": obs["ad_events"],
+            "market": market.expand(n, -1),
             "candidates": out.action,
             "action": out.action[:, 0],
             "propensity": out.propensity,

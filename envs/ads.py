@@ -104,7 +104,8 @@ The env owns its state; learners use these instead of reaching into the engine:
 `world` (the static world: catalog, users, `world.config`), `config`, `num_envs`, `device`,
 `first_slot` (global slot of row 0), `state` (the current sessions, hidden state included: only the
 oracles, logging and rollouts read it), `observe()`, `remaining_budget()` (per advertiser, this budget
-day), `score(candidates, truth, state=, estimator=)` (also for some rows or rehearsed requests),
+day), `market_features()` (the platform's spend ledger summarised for the E token, `gpr_sim.platform.market`;
+the single env has it too), `score(candidates, truth, state=, estimator=)` (also for some rows or rehearsed requests),
 `catalog`, `estimator`, `attach_platform(model)`, `auction_estimator` and `attach_auction(model)` (Scoring API),
 `rehearse(rows)` (the next request of chosen sessions with no ad shown, on its own random stream; moves
 nothing), and `state_dict()` / `load_state_dict()` (resume bit for bit).
@@ -112,7 +113,8 @@ nothing), and `state_dict()` / `load_state_dict()` (resume bit for bit).
 ## Version history
 - v0: first release; semantic-ID action mode (`action_mode="semantic"`), default unchanged; the scoring
   API's `estimator` and `attach_platform` (default unchanged until a model is attached); `attach_auction`
-  (the auction on a learned model; default unchanged: the privileged auction).
+  (the auction on a learned model; default unchanged: the privileged auction); `market_features()` (the
+  platform's spend ledger for the E token; observations unchanged).
 """
 
 from __future__ import annotations
@@ -392,6 +394,10 @@ class AdsEnv(_PlatformModels, gym.Env):
     def eligible_ads(self) -> np.ndarray:
         return self.engine.eligible_ads().numpy()
 
+    def market_features(self) -> np.ndarray:
+        """(F_m,) float32 the platform's ledger of the next auction (``gpr_sim.platform.market``)."""
+        return self.engine.market_features().numpy()
+
     def prefix_mask(self, prefixes, eligible_only: bool = True) -> np.ndarray:
         """(..., l) semantic-ID prefixes -> (..., K_l) bool: digits that lead to an (eligible) ad."""
         tok = _require_tokenizer(self.tokenizer)
@@ -510,6 +516,11 @@ class AdsVectorEnv(_PlatformModels, gym.vector.VectorEnv):
     def remaining_budget(self) -> torch.Tensor:
         """(num_advertisers,) float64: what each advertiser can still spend in the current budget day."""
         return self.engine.remaining_budget()
+
+    def market_features(self) -> torch.Tensor:
+        """(F_m,) float32 the platform's ledger of the next auction, the same for every current request
+        (``gpr_sim.platform.market``: the E token's market columns)."""
+        return self.engine.market_features()
 
     def rehearse(self, rows: torch.Tensor, seed_offset: int = REHEARSAL_SEED_OFFSET) -> Rehearsal:
         """The next request of sessions ``rows`` (R,) with no ad shown now, on its own random stream; moves

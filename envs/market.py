@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from gpr_sim.platform import Catalog, FunnelModel, catalog_of
+from gpr_sim.platform.market import market_features
 from gpr_sim.world import (
     CandidateScores,
     MarketState,
@@ -354,6 +355,12 @@ class BatchedMarket:
         """(num_advertisers,) float64: what each advertiser can still spend in the current budget day."""
         self.require_reset("remaining_budget()")
         return remaining_budget(self.world, self.market)
+
+    def market_features(self) -> torch.Tensor:
+        """(F_m,) float32 the platform's ledger of the next auction (``gpr_sim.platform.market``), shared by
+        every current request (and by rehearsed ones: rehearsal moves no budget)."""
+        self.require_reset("market_features()")
+        return market_features(self.world, self.market)
 
     def rehearse(self, rows: torch.Tensor, seed_offset: int = REHEARSAL_SEED_OFFSET) -> Rehearsal:
         """The next request of sessions ``rows`` (R,) if no ad were shown now; moves nothing.

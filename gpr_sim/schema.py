@@ -8,7 +8,7 @@ GPR §1: the model reads one typed token per position. Every request becomes the
 | 0 | U = 0 | user id | -1 | 0 | user profile (F_u) and, with platform features, the interest estimate (D) |
 | 1 .. Ho | O = 1 | global item id = organic index | the item's path | 0 | 0 |
 | Ho+1 .. Ho+Hi | I = 3 | global item id = num_organic + ad index | the ad's path | 1 imp, 2 click, 3 conv | with platform features: the ad's features (F_i); else 0 |
-| T-1 | E = 2 | -1 (no id) | -1 | 0 | context (F_e) |
+| T-1 | E = 2 | -1 (no id) | -1 | 0 | context (F_e) and, with market features, the market's ledger (F_m) |
 
 The dense columns of the blocks are disjoint, so one bias-free linear layer embeds all of them without a
 per-type projection (zeros elsewhere):
@@ -16,14 +16,21 @@ per-type projection (zeros elsewhere):
 | layout | columns of ``dense_features`` | F in ads-v0 |
 |---|---|---|
 | without platform features (``features=None``: checkpoints from before them) | ``[user F_u, context F_e]`` | 7 + 8 = 15 |
-| with platform features (``PlatformFeatures``: the default of new runs) | ``[user F_u, interest D, ad F_i, context F_e]`` | 7 + D + 6 + 8 (``emb_dim`` = D) |
+| with platform features (``PlatformFeatures``) | ``[user F_u, interest D, ad F_i, context F_e]`` | 7 + D + 6 + 8 (``emb_dim`` = D) |
+| + market features (``market=``: the default of new runs, with platform features) | the above, then ``market F_m`` | + 4 (7 + D + 6 + 8 + 4) |
 
-``dense_dim(world_config, platform_features)`` is that rule; a model's ``GPRConfig.dense_dim`` must equal it
-(``GPRConfig.platform_features`` records which layout a checkpoint reads). With platform features
+``dense_dim(world_config, platform_features, market_features)`` is that rule; a model's ``GPRConfig.dense_dim``
+must equal it (``GPRConfig.platform_features`` and ``GPRConfig.market_features`` record which layout a
+checkpoint reads). The market columns come last, so a model without them is the model with them whose
+embedding weights of those columns are zero (``GPRConfig.added_zero_widths``). With platform features
 (``gpr_sim.platform.features``) the U token carries the platform's interest estimate of the user from the
 history the tokens hold (``estimate_interest`` of the cut / padded O and I blocks: zero with no engagement)
 and every I token the features of its ad (standardised log bid, new flag, log age, log order value, the
-advertiser's log budget share and pacing flag); nothing comes from the simulator's hidden state.
+advertiser's log budget share and pacing flag). With market features (``gpr_sim.platform.market``) the E
+token also carries the platform's spend ledger at the request (shares of advertisers eligible and throttled
+by pacing, the mean spent share of the daily budgets, the budget day's progress): one (F_m,) vector per
+request, from the env's ``market_features()`` live and from the log's ``market`` column. Nothing comes from
+the simulator's hidden state.
 
 - **Histories** are right-aligned, most recent last: a longer history keeps its last Ho (Hi) entries,
   a shorter one is left-padded. A slot holding -1 in the source (the env pads with -1) is padding too.
@@ -55,6 +62,7 @@ import torch
 from torch import Tensor
 
 from gpr_sim.platform.features import AD_FEATURE_DIM, PlatformFeatures
+from gpr_sim.platform.market import MARKET_FEATURE_DIM
 from gpr_sim.platform.view import rows_of
 from gpr_sim.tokenizer.ids import SemanticIdTable
 from gpr_sim.tokenizer.rq_kmeans import check_int
@@ -71,6 +79,8 @@ OBS_KEYS = ("user_id", "user", "organic", "context", "ad_history", "ad_events")
 """observation keys of ads-v0 (``gpr_sim.world.core.observe``)"""
 LOG_COLUMNS = ("user_features", "organic_ids", "context", "ad_ids", "ad_events")
 """required columns of logged rows (``gpr_sim.data.logs``); ``user_id`` is used when present"""
+MARKET_COLUMN = "market"
+"""the logged market features of each request (``gpr_sim.platform.market``), read with ``market=True``"""
 
 
 @dataclass(frozen=True)
@@ -103,22 +113,26 @@ class SchemaConfig:
         return torch.cat([torch.full((n,), t, dtype=torch.int64, device=device) for t, n in blocks])
 
 
-def dense_dim(world_config, platform_features: bool) -> int:
+def dense_dim(world_config, platform_features: bool, market_features: bool = False) -> int:
     """F, the dense feature columns of a world's token layout (module docstring): F_u + F_e without platform
-    features, F_u + D + F_i + F_e with them (D = ``world_config.emb_dim``). ``GPRConfig.dense_dim`` of a
-    model for this world must equal it."""
+    features, F_u + D + F_i + F_e with them (D = ``world_config.emb_dim``), + F_m with market features.
+    ``GPRConfig.dense_dim`` of a model for this world must equal it."""
     extra = world_config.emb_dim + AD_FEATURE_DIM if platform_features else 0
-    return USER_FEATURE_DIM + extra + CONTEXT_DIM
+    market = MARKET_FEATURE_DIM if market_features else 0
+    return USER_FEATURE_DIM + extra + CONTEXT_DIM + market
 
 
-def check_dense_dim(model_dense_dim: int, world_config, platform_features: bool, where: str) -> None:
+def check_dense_dim(
+    model_dense_dim: int, world_config, platform_features: bool, where: str, market_features: bool = False
+) -> None:
     """Raise ``ValueError`` (starting with ``where``) if a model's ``dense_dim`` does not fit the layout."""
-    want = dense_dim(world_config, platform_features)
+    want = dense_dim(world_config, platform_features, market_features)
     if model_dense_dim != want:
         layout = "with" if platform_features else "without"
+        market = "with" if market_features else "without"
         raise ValueError(
             f"{where}: model dense_dim={model_dense_dim}, but this world's token layout {layout} platform "
-            f"features has F={want} columns (gpr_sim.schema.dense_dim)"
+            f"features and {market} market features has F={want} columns (gpr_sim.schema.dense_dim)"
         )
 
 
@@ -131,7 +145,7 @@ class TokenBatch(NamedTuple):
     padding_mask: Tensor  # (B, T) bool, True = padding (ignore)
     semantic_codes: Tensor  # (B, T, L') int64 item paths of O/I tokens, -1 for U/E/padding
     event_ids: Tensor  # (B, T) int64 funnel event of I tokens (1 imp, 2 click, 3 conv), 0 elsewhere
-    dense_features: Tensor  # (B, T, F) float32 user (+ interest) on U, ad features on I, context on E, else 0
+    dense_features: Tensor  # (B, T, F) float32 user (+ interest) on U, ad on I, context (+ market) on E
 
     def to(self, device: str | torch.device) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in self))
@@ -157,6 +171,7 @@ def build_tokens(
     cfg: SchemaConfig,
     check: bool = True,
     features: PlatformFeatures | None = None,
+    market: Tensor | None = None,
 ) -> TokenBatch:
     """The one builder both adapters call.
 
@@ -172,9 +187,12 @@ def build_tokens(
         check: raise ``ValueError`` on ids outside the table (one host sync; off in hot loops).
         features: the platform's catalog features on the inputs' device (U: + interest estimate, I: +
             ad features); None = the layout without them (module docstring).
+        market: (B, F_m) market features of each request (``gpr_sim.platform.market``), appended to the E
+            token's columns; None = the layout without them.
 
     Returns:
-        ``TokenBatch`` with T = cfg.seq_len and F = F_u + F_e, or F_u + D + F_i + F_e with ``features``.
+        ``TokenBatch`` with T = cfg.seq_len and F = F_u + F_e, or F_u + D + F_i + F_e with ``features``,
+        + F_m with ``market``.
     """
     dev = user_id.device
     if table.item_to_path.device != dev:
@@ -198,6 +216,11 @@ def build_tokens(
     ):
         if t.dim() != 2 or t.shape[0] != b:
             raise ValueError(f"{name} must be (B, *) with B={b}, got {tuple(t.shape)}")
+    if market is not None and tuple(market.shape) != (b, MARKET_FEATURE_DIM):
+        raise ValueError(
+            f"market must be (B, F_m) = ({b}, {MARKET_FEATURE_DIM}) (gpr_sim.platform.market), "
+            f"got {tuple(market.shape)}"
+        )
     if ad_events.shape != ad_history.shape:
         raise ValueError(
             f"ad_events {tuple(ad_events.shape)} must match ad_history {tuple(ad_history.shape)}"
@@ -231,9 +254,12 @@ def build_tokens(
 
     fu, fe = user.shape[1], context.shape[1]
     fp = 0 if features is None else features.emb_dim + AD_FEATURE_DIM  # platform columns (interest, ad)
-    dense = torch.zeros(b, cfg.seq_len, fu + fp + fe, dtype=torch.float32, device=dev)  # (B, T, F)
+    fm = 0 if market is None else MARKET_FEATURE_DIM  # market columns, last
+    dense = torch.zeros(b, cfg.seq_len, fu + fp + fe + fm, dtype=torch.float32, device=dev)  # (B, T, F)
     dense[:, 0, :fu] = user.float()
-    dense[:, -1, fu + fp :] = context.float()
+    dense[:, -1, fu + fp : fu + fp + fe] = context.float()
+    if market is not None:
+        dense[:, -1, fu + fp + fe :] = market.float()
     if features is not None:
         d, i0 = features.emb_dim, 1 + cfg.organic_len  # interest columns, first I slot
         dense[:, 0, fu : fu + d] = features.interest(organic, ads, events)  # (B, D) from the shown history
@@ -254,6 +280,7 @@ def tokens_from_obs(
     cfg: SchemaConfig | None = None,
     check: bool = True,
     features: PlatformFeatures | None = None,
+    market: Any = None,
 ) -> TokenBatch:
     """Tokens of env observations.
 
@@ -265,6 +292,8 @@ def tokens_from_obs(
         check: validate ids against the table (one host sync).
         features: the platform's catalog features, on the observation's device; None = the layout without
             them (``build_tokens``).
+        market: the env's ``market_features()`` when the observation was made, (F_m,) (every request of a
+            market shares it) or (B, F_m); None = the layout without market features.
     """
     missing = [k for k in OBS_KEYS if k not in obs]
     if missing:
@@ -274,6 +303,10 @@ def tokens_from_obs(
         t = {k: v[None] for k, v in t.items()}
     if cfg is None:
         cfg = SchemaConfig(organic_len=t["organic"].shape[1], ad_len=t["ad_history"].shape[1])
+    if market is not None:
+        market = _as_tensor(market).to(t["context"].device)
+        if market.dim() == 1:  # one market for every request
+            market = market[None].expand(t["user_id"].shape[0], -1)
     return build_tokens(
         t["user_id"],
         t["user"],
@@ -285,6 +318,7 @@ def tokens_from_obs(
         cfg,
         check,
         features,
+        market,
     )
 
 
@@ -347,6 +381,7 @@ def tokens_from_logs(
     cfg: SchemaConfig | None = None,
     check: bool = True,
     features: PlatformFeatures | None = None,
+    market: bool = False,
 ) -> TokenBatch:
     """Tokens of logged requests, one per row (the same tensors ``tokens_from_obs`` gives for the obs
     the row was logged from).
@@ -360,10 +395,19 @@ def tokens_from_logs(
         check: validate ids against the table.
         features: the platform's catalog features (on the table's device); the logged ad ids index them, so
             logs need no feature column. None = the layout without them (``build_tokens``).
+        market: read the market features of each request from the ``market`` column (what the collection
+            recorded from the env's ``market_features()``); False = the layout without them. A log from
+            before that column cannot give them: the market's ledger at each request is not recoverable
+            from the logged outcomes (per-slot prices are not logged, nor is the market of other rows).
     """
     missing = [c for c in LOG_COLUMNS if c not in rows.columns]
     if missing:
         raise ValueError(f"logged rows lack column(s) {missing}: expected {list(LOG_COLUMNS)}")
+    if market and MARKET_COLUMN not in rows.columns:
+        raise ValueError(
+            f"logged rows lack column(s) {[MARKET_COLUMN]} that the layout with market features reads: the "
+            "log was collected before market features (collect it again, or use the layout without them)"
+        )
     b = len(rows)
     if b == 0:
         raise ValueError("no logged rows to tokenize")
@@ -385,6 +429,8 @@ def tokens_from_logs(
         ad_history=torch.as_tensor(_right_aligned(ad_ids, ad_lens, cfg.ad_len)),
         ad_events=torch.as_tensor(_right_aligned(ad_events, event_lens, cfg.ad_len)),
     )
+    if market:
+        tensors["market"] = torch.as_tensor(_dense(rows[MARKET_COLUMN], MARKET_COLUMN))
     dev = table.item_to_path.device
     return build_tokens(
         user_id.to(dev),
@@ -418,6 +464,7 @@ __all__ = [
     "TYPE_I",
     "TOKEN_TYPES",
     "NO_ID",
+    "MARKET_COLUMN",
     "SchemaConfig",
     "TokenBatch",
     "dense_dim",

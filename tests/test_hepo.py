@@ -360,7 +360,9 @@ def test_sampled_paths_are_legal_eligible_and_their_log_probs_match_the_model(pr
     eligible = torch.zeros(tok.num_ads, dtype=torch.bool)
     eligible[::3] = True  # a third of the ads have budget
     features = PlatformFeatures.from_world(env.unwrapped.world) if model.cfg.platform_features else None
-    tokens = tokens_from_obs(obs, tok.table, SchemaConfig.from_world(env.unwrapped.config), features=features)
+    market = env.unwrapped.market_features() if model.cfg.market_features else None
+    schema = SchemaConfig.from_world(env.unwrapped.config)
+    tokens = tokens_from_obs(obs, tok.table, schema, features=features, market=market)
     with torch.no_grad():
         ctx = model.context(tokens)
         step_fn, _ = model.beam_fns(ctx)

@@ -193,8 +193,9 @@ def _served(policy, obs, top_k: int):
     from gpr_sim.model.incremental import head_context_kv, request_major_step
     from gpr_sim.schema import tokens_from_obs
 
+    market = policy.env.market_features() if policy.model.cfg.market_features else None
     tokens = tokens_from_obs(
-        obs, policy.tokenizer.table, policy.schema, check=False, features=policy.features
+        obs, policy.tokenizer.table, policy.schema, check=False, features=policy.features, market=market
     )
     policy.model.eval()
     with torch.no_grad():

@@ -23,13 +23,15 @@ SMALL = WorldConfig.small()
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two tiny pre-training runs of the same log: the default (platform features) and --no-platform-features."""
+    """Two tiny pre-training runs of the same log: the default (platform and market features) and the layout
+    before them (--no-platform-features --no-market-features)."""
     torch.set_num_threads(1)
     on = tmp_path_factory.mktemp("features_on")
     pretrain.main(["--out", str(on), *TINY_PRETRAIN])
     off = tmp_path_factory.mktemp("features_off")
     shared = ["--logs", str(on / "logs.parquet"), "--tokenizer", str(on / "tokenizer")]
-    pretrain.main(["--out", str(off), "--no-platform-features", *shared, *TINY_PRETRAIN])
+    old_layout = ["--no-platform-features", "--no-market-features"]
+    pretrain.main(["--out", str(off), *old_layout, *shared, *TINY_PRETRAIN])
     return on, off
 
 
@@ -53,8 +55,10 @@ def test_new_runs_default_to_platform_features_and_the_flag_turns_them_off(runs)
     on, off = runs
     model_on, _ = load_run_model(on)
     model_off, _ = load_run_model(off)
-    assert model_on.cfg.platform_features and model_on.cfg.dense_dim == dense_dim(SMALL, True) == 37
-    assert not model_off.cfg.platform_features and model_off.cfg.dense_dim == dense_dim(SMALL, False) == 15
+    assert model_on.cfg.platform_features and model_on.cfg.market_features
+    assert model_on.cfg.dense_dim == dense_dim(SMALL, True, market_features=True) == 37 + 4
+    assert not model_off.cfg.platform_features and not model_off.cfg.market_features
+    assert model_off.cfg.dense_dim == dense_dim(SMALL, False) == 15
     env = _env()
     for run, has in ((on, True), (off, False)):
         policy = GPRPolicy(env, run)
@@ -73,7 +77,7 @@ def test_a_checkpoint_from_before_platform_features_runs_with_the_old_layout(run
     shutil.copytree(off, old)
     model, tok = load_run_model(off)
     config = model.cfg.to_dict()
-    del config["platform_features"]  # what a checkpoint written before the field holds
+    del config["platform_features"], config["market_features"]  # what a checkpoint written before them holds
     _write_policy(old, config, model)
     loaded, _ = load_run_model(old)
     assert loaded.cfg == model.cfg and not loaded.cfg.platform_features

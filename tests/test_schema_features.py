@@ -14,6 +14,7 @@ from envs.market import BatchedMarket
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.platform import catalog_of, estimate_interest
 from gpr_sim.platform.features import AD_FEATURE_DIM, PlatformFeatures
+from gpr_sim.platform.market import market_features
 from gpr_sim.platform.view import HIDDEN_SESSION_FIELDS, HIDDEN_WORLD_FIELDS
 from gpr_sim.schema import (
     SchemaConfig,
@@ -157,10 +158,18 @@ def test_features_on_another_device_or_of_another_catalog_are_refused():
 
 
 def test_tokens_do_not_change_when_hidden_world_or_session_state_does():
+    """Platform and market features included (the market's ledger is observable, so it is kept)."""
     market, _ = stepped_market()
     world, state = market.world, market.state
     table, cfg = world_table(CFG), SchemaConfig.from_world(CFG)
-    before = tokens_from_obs(observe(world, state), table, cfg, features=PlatformFeatures.from_world(world))
+    ledger = market.market  # the spend ledger is the platform's own (observable): it stays as it is
+    before = tokens_from_obs(
+        observe(world, state),
+        table,
+        cfg,
+        features=PlatformFeatures.from_world(world),
+        market=market_features(world, ledger),
+    )
     gen = torch.Generator().manual_seed(5)
 
     def noise(t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +182,11 @@ def test_tokens_do_not_change_when_hidden_world_or_session_state_does():
     hidden_world = dataclasses.replace(world, **{n: noise(getattr(world, n)) for n in HIDDEN_WORLD_FIELDS})
     hidden_state = state._replace(**{n: noise(getattr(state, n)) for n in HIDDEN_SESSION_FIELDS})
     after = tokens_from_obs(
-        observe(hidden_world, hidden_state), table, cfg, features=PlatformFeatures.from_world(hidden_world)
+        observe(hidden_world, hidden_state),
+        table,
+        cfg,
+        features=PlatformFeatures.from_world(hidden_world),
+        market=market_features(hidden_world, ledger),
     )
     assert_same(before, after)
 

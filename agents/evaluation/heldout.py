@@ -130,8 +130,14 @@ class Evaluator:
         c, e = self.config, self.env.unwrapped
         obs, _ = self.env.reset(seed=c.seed)
         features = self.features if model.cfg.platform_features else None
+        market = e.market_features() if model.cfg.market_features else None
         tokens = tokens_from_obs(
-            obs, self.tok.table, SchemaConfig.from_world(e.config), check=False, features=features
+            obs,
+            self.tok.table,
+            SchemaConfig.from_world(e.config),
+            check=False,
+            features=features,
+            market=market,
         )
         gen = torch.Generator(device=c.device).manual_seed(c.seed)
         ctx = model.context(tokens, gen)

@@ -5,7 +5,8 @@
 A run folder is an ``agents.pretrain`` one (``checkpoint.pt``) or an RL one from ``agents.hepo``
 (``policy.pt``, the model alone); either names its tokenizer in ``config.json``.
 
-Per request batch: tokens from the observation (``tokens_from_obs``) -> the model's context (eval mode,
+Per request batch: tokens from the observation (``tokens_from_obs``; a model that reads market features also
+gets the env's ``market_features()``, the ledger the observed requests meet) -> the model's context (eval mode,
 no grad; the HSD once per request: the observation's organic history changes between requests, so no
 HSD cache can be appended to exactly) -> trie-constrained beam search over the ad trie with head 0 on
 the cached PTD (``gpr_sim.model.incremental``: the context K/V once per request, each level decodes
@@ -197,7 +198,13 @@ class GPRPolicy:
             raise ValueError(
                 f"{where}: model max_len={model.cfg.max_len}, this world's token layout has {self.schema.seq_len}"
             )
-        check_dense_dim(model.cfg.dense_dim, world.config, model.cfg.platform_features, str(where))
+        check_dense_dim(
+            model.cfg.dense_dim,
+            world.config,
+            model.cfg.platform_features,
+            str(where),
+            market_features=model.cfg.market_features,
+        )
         reads = model.cfg.platform_features or model.cfg.hte_ad_features > 0
         self.features = PlatformFeatures.from_world(world).to(self.device) if reads else None
         self.token_features = self.features if model.cfg.platform_features else None
@@ -207,8 +214,9 @@ class GPRPolicy:
 
     @torch.no_grad()
     def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
+        market = self.env.market_features() if self.model.cfg.market_features else None  # the obs's market
         tokens = tokens_from_obs(
-            obs, self.tokenizer.table, self.schema, check=False, features=self.token_features
+            obs, self.tokenizer.table, self.schema, check=False, features=self.token_features, market=market
         ).to(self.device)
         n = tokens.token_ids.shape[0]
         was_training = self.model.training

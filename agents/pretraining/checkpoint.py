@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gpr_sim.model import GPRConfig, GPRModel
-from gpr_sim.model.config import LEGACY_DEFAULTS, ZERO_INIT_WIDTHS
+from gpr_sim.model.config import LEGACY_DEFAULTS, ZERO_INIT_COLUMNS, ZERO_INIT_WIDTHS
 from gpr_sim.runs import atomic_write_bytes, checkpoint_bytes, load_torch
 
 CKPT_FORMAT = "gpr_sim.pretrain"
@@ -78,9 +78,10 @@ def load_init(path: str | Path, model: GPRModel) -> list[str]:
     """Load checkpoint ``path``'s weights into ``model`` (``--init``); returns the widths added at zero.
 
     The checkpoint's config must be the model's, except that the model may turn on a zero-initialised width
-    the checkpoint lacks (``ZERO_INIT_WIDTHS``: an MTP checkpoint from before ``hte_ad_features``). Those
-    parameters are loaded as zeros, so the model computes exactly what the checkpoint's model did; every
-    other weight must fit as in a plain load.
+    the checkpoint lacks (``ZERO_INIT_WIDTHS``: an MTP checkpoint from before ``hte_ad_features``) or a
+    layout switch that appends dense columns (``ZERO_INIT_COLUMNS``: one from before ``market_features``).
+    Those parameters (columns) are loaded as zeros, so the model computes exactly what the checkpoint's
+    model did; every other weight must fit as in a plain load.
 
     Raises:
         ValueError: naming the file, as ``read_checkpoint``, on any other config difference, or if the
@@ -90,8 +91,17 @@ def load_init(path: str | Path, model: GPRModel) -> list[str]:
     added = model.cfg.added_zero_widths(payload["config"])
     if added is None:
         check_config(path, payload["config"], model.cfg)  # raises, naming the differing fields
-    prefixes = tuple(ZERO_INIT_WIDTHS[name] for name in added or ())
-    zeros = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    own = model.state_dict()
+    prefixes = tuple(ZERO_INIT_WIDTHS[name] for name in added or () if name in ZERO_INIT_WIDTHS)
+    zeros = {k: torch.zeros_like(v) for k, v in own.items() if k.startswith(prefixes)} if prefixes else {}
+    for key in {ZERO_INIT_COLUMNS[name] for name in added or () if name in ZERO_INIT_COLUMNS}:
+        stored = payload["model"].get(key)
+        if stored is None or stored.shape[0] != own[key].shape[0] or stored.shape[1] > own[key].shape[1]:
+            shape = None if stored is None else tuple(stored.shape)
+            raise ValueError(f"{path}: weight {key} is {shape}, the model's {tuple(own[key].shape)}")
+        wide = torch.zeros_like(own[key])
+        wide[:, : stored.shape[1]] = stored  # the new columns come last (gpr_sim.schema)
+        zeros[key] = wide
     load_model_state(Path(path), model, {**payload["model"], **zeros})
     return added
 

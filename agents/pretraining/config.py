@@ -83,6 +83,11 @@ class PretrainConfig:
     platform_features: bool = True
     """tokens carry the platform's catalog features (U: interest estimate, I: the ad's bid, value, age, budget;
     ``gpr_sim.schema``); off = the layout without them (runs recorded before this flag)"""
+    market_features: bool = True
+    """the E token also carries the platform's spend ledger at each request (shares of advertisers eligible
+    and throttled by pacing, mean spent share of the daily budgets, budget-day progress;
+    ``gpr_sim.platform.market``); needs a log with the ``market`` column (collected since); off = the layout
+    without it (runs recorded before this flag)"""
     hte_ad_features: bool = True
     """with --platform-features: the HTE's full-item value also reads the candidate ad's platform features
     (bid, order value, age, budget; ``gpr_sim.model.hte``), GPRConfig.hte_ad_features = their width; off, or

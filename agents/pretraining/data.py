@@ -30,7 +30,14 @@ from gpr_sim.model.offline_eval import popularity_rankings, ranking_metrics
 from gpr_sim.model.targets import mtp_targets, target_paths, vaft_weights, value_targets
 from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.platform.funnel import FunnelConfig
-from gpr_sim.schema import SchemaConfig, TokenBatch, dense_dim, flatten_cells, tokens_from_logs
+from gpr_sim.schema import (
+    MARKET_COLUMN,
+    SchemaConfig,
+    TokenBatch,
+    dense_dim,
+    flatten_cells,
+    tokens_from_logs,
+)
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.trie import PrefixTrie
 from gpr_sim.tokenizer.world import WorldTokenizer, fit_world_tokenizer
@@ -114,7 +121,10 @@ def build_split(
     else:
         weights = torch.full((len(df), n), 1.0 / n)  # GPR §4.1 DEFAULT: uniform w_j, sum_j w_j = 1
     g = value_targets(df, targets, world.ad_value_mean, world.config.reward).float()
-    tokens = tokens_from_logs(df.reset_index(drop=True), tok.table.to("cpu"), schema, features=features)
+    rows = df.reset_index(drop=True)
+    tokens = tokens_from_logs(
+        rows, tok.table.to("cpu"), schema, features=features, market=cfg.market_features
+    )
     dev = torch.device(cfg.device)
     return Split(
         tokens.to(dev),
@@ -246,6 +256,11 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     check_tokenizer_world(tok, world, logs, f"tokenizer {tok_dir}")
     if cfg.init:
         check_run_world(meta, logs, Path(cfg.init).parent, f"--init {cfg.init}")
+    if cfg.market_features and MARKET_COLUMN not in df.columns:
+        raise ValueError(
+            f"{logs}: lacks column(s) {[MARKET_COLUMN]} of the token layout with market features (a log "
+            "collected before them): collect it again, or pass --no-market-features"
+        )
     schema = SchemaConfig.from_world(world.config)
     held = split_sessions(df["episode_id"].to_numpy(), cfg.eval_fraction, cfg.split_seed)
     train_df, eval_df = df[~held].reset_index(drop=True), df[held].reset_index(drop=True)
@@ -264,5 +279,5 @@ def load_data(cfg: PretrainConfig, logs: Path, tok_dir: Path) -> StageData:
     pop_ranked = popularity_rankings(shown, tok.num_ads, cfg.top_k, n_rank)
     pop_target = held_out.ads[has, 0][:n_rank].cpu()
     pop = {f"eval/pop_{k}": v for k, v in ranking_metrics(pop_ranked, pop_target).items()}
-    f = dense_dim(world.config, cfg.platform_features)
+    f = dense_dim(world.config, cfg.platform_features, cfg.market_features)
     return StageData(tok, schema, train, held_out, trie, pop, scale, f, features)

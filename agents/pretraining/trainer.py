@@ -75,6 +75,7 @@ def model_config(tok: WorldTokenizer, schema: SchemaConfig, dense_dim: int, cfg:
         n_heads=cfg.n_heads,
         dense_dim=dense_dim,
         platform_features=cfg.platform_features,
+        market_features=cfg.market_features,
         max_len=schema.seq_len,
         mtp_heads=cfg.mtp_heads,
         hte_ad_features=AD_FEATURE_DIM if cfg.hte and cfg.platform_features and cfg.hte_ad_features else 0,
@@ -90,8 +91,9 @@ def out_dir(cfg: PretrainConfig) -> Path:
 def open_run_folder(out: Path, cfg: PretrainConfig) -> RunFolder:
     """Lock ``out`` for this run; refuse it (``ValueError``) unless it is new or holds an ``agents.pretrain``
     run with these settings (bar ``RESUME_IGNORES``)."""
-    # a record from before --platform-features ran without them: resuming it keeps that layout
-    defaults = {**dataclasses.asdict(PretrainConfig()), "platform_features": False, "hte_ad_features": False}
+    # a record from before --platform-features (--market-features) ran without them: resuming keeps that layout
+    before = {"platform_features": False, "hte_ad_features": False, "market_features": False}
+    defaults = {**dataclasses.asdict(PretrainConfig()), **before}
     return RunFolder(out, ENTRY, dataclasses.asdict(cfg), RESUME_IGNORES, defaults=defaults)
 
 

@@ -300,7 +300,10 @@ class Roller:
         None computes it from this batch when ``budget_aware`` is on (the real requests).
         """
         features = self.features if model.cfg.platform_features else None
-        tokens = tokens_from_obs(obs, self.tok.table, self.schema, check=False, features=features)
+        market = self.market.market_features() if model.cfg.market_features else None  # rehearsal too
+        tokens = tokens_from_obs(
+            obs, self.tok.table, self.schema, check=False, features=features, market=market
+        )
         keys = self._keys(REHEARSAL_SEED_OFFSET if rehearsed else 0, rows)
         noise, s, values = self._groups(model, tokens, eligible, keys)
         scores = scorer(s.items)

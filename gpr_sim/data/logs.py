@@ -39,6 +39,10 @@ values are `list<...>` columns (equal length within a file).
 | `final_context`     | list<float32>?  | E     | ended here or the collection stopped after it; null elsewhere    |
 | `final_ad_ids`      | list<int64>?    | I     | (the next row of the episode holds it). Completes the episodes   |
 | `final_ad_events`   | list<int64>?    | I     | for offline RL and the Minari export (U tokens do not change).   |
+| `market`            | list<float32>?  | E     | optional (logs from before it lack it), else in every row: the   |
+|                     |                 |       | platform's spend ledger at the request (`market_features()`, F_m |
+|                     |                 |       | shares in [0, 1]: `gpr_sim.platform.market`), the E token's      |
+|                     |                 |       | market columns                                                   |
 
 With the default reward weights, `reward = revenue + 0.02 (gmv + delayed_gmv)`; the two `delayed_*`
 columns are zero unless `conversion_delay_mean > 0`.
@@ -80,6 +84,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gpr_sim.platform.market import MARKET_FEATURE_DIM
 from gpr_sim.runs import atomic_write_with
 from gpr_sim.world.config import WorldConfig
 
@@ -122,13 +127,18 @@ SCHEMA = pa.schema(
 
 OPTIONAL_SCHEMA = pa.schema(
     [
+        ("market", pa.list_(pa.float32())),
         ("final_organic_ids", pa.list_(pa.int64())),
         ("final_context", pa.list_(pa.float32())),
         ("final_ad_ids", pa.list_(pa.int64())),
         ("final_ad_events", pa.list_(pa.int64())),
     ]
 )
-"""Optional nullable columns: cast to these types when present. Other extra columns are kept as they are."""
+"""Optional columns: cast to these types when present. Other extra columns are kept as they are."""
+
+NOT_NULL_OPTIONAL = ("market",)
+"""optional columns that, when present, hold a value in every row (the ``final_*`` ones are null where the
+next row holds the observation)"""
 
 _TYPES = {f.name: f.type for f in [*SCHEMA, *OPTIONAL_SCHEMA]}
 
@@ -380,6 +390,7 @@ def _id_ranges(cfg: WorldConfig) -> dict[str, tuple[int | float, int | float, bo
         "final_organic_ids": (-1, cfg.num_organic - 1, False, f"-1 = padding, num_organic={cfg.num_organic}"),
         "final_ad_ids": (-1, cfg.num_ads - 1, False, f"-1 = padding, {ads}"),
         "final_ad_events": (0, 3, False, "0 pad, 1 impression, 2 click, 3 conversion"),
+        "market": (0.0, 1.0, False, "shares (gpr_sim.platform.market)"),
     }
 
 
@@ -394,6 +405,7 @@ def _widths(cfg: WorldConfig) -> dict[str, tuple[int, str]]:
         "final_organic_ids": (cfg.organic_history, "organic_history"),
         "final_ad_ids": (cfg.ad_history, "ad_history"),
         "final_ad_events": (cfg.ad_history, "ad_history"),
+        "market": (MARKET_FEATURE_DIM, "gpr_sim.platform.market.MARKET_FEATURE_DIM"),
     }
 
 
@@ -412,7 +424,7 @@ def _column_problems(table: pa.Table, name: str, cfg: WorldConfig) -> list[str]:
     """What is wrong with one column (empty: nothing), each as ``column NAME has ... (rows ...)``."""
     col = table.column(name)
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    required = name in SCHEMA.names
+    required = name in SCHEMA.names or name in NOT_NULL_OPTIONAL
     if pa.types.is_list(arr.type):
         is_null = arr.is_null().to_numpy(zero_copy_only=False)
         null_rows = np.flatnonzero(is_null)

@@ -14,7 +14,7 @@ NUM_EVENTS = 4
 """event ids: 0 none, 1 impression, 2 click, 3 conversion"""
 
 
-LEGACY_DEFAULTS = {"platform_features": False, "hte_ad_features": 0}
+LEGACY_DEFAULTS = {"platform_features": False, "hte_ad_features": 0, "market_features": False}
 """fields added after checkpoints were first written, with the value that reproduces those checkpoints
 (``GPRConfig.from_dict`` fills them in when a stored config lacks them)"""
 
@@ -22,6 +22,11 @@ ZERO_INIT_WIDTHS = {"hte_ad_features": "hte.ad_proj."}
 """width fields whose parameters (the state-dict keys under the prefix) start at zero and then add nothing:
 a model with the width on and those parameters at zero computes exactly what the model without it (0)
 computes, so a checkpoint without the width loads into it (``added_zero_widths``)"""
+
+ZERO_INIT_COLUMNS = {"market_features": "hsd.dense.weight"}
+"""layout switches that append dense feature columns (``dense_dim`` grows) read by the weight named: with
+the weight's new last columns at zero the model computes exactly what the model without them (False)
+computes, so a checkpoint without the switch loads into it, its weight in the first columns"""
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -54,6 +59,11 @@ class GPRConfig:
     their ad's features (``gpr_sim.platform.features``); False = the layout without them. False in a bare
     config and in checkpoints written before this field (``LEGACY_DEFAULTS``); new pre-training runs turn
     it on (``agents.pretraining.config.PretrainConfig.platform_features``)"""
+    market_features: bool = False
+    """the token layout the model reads: True = the E token also carries the platform's spend ledger at the
+    request (``gpr_sim.platform.market``, F_m = 4 columns after the context); False = the layout without it.
+    False in a bare config and in checkpoints written before this field (``LEGACY_DEFAULTS``); new
+    pre-training runs turn it on (``agents.pretraining.config.PretrainConfig.market_features``)"""
     max_len: int = 512
     """largest position id + 1 (GPR DEFAULT: sequences <= 512)"""
     hybrid_attention: bool = True
@@ -111,6 +121,7 @@ class GPRConfig:
             "refining",
             "hte",
             "platform_features",
+            "market_features",
         ):
             _check_bool(name, getattr(self, name))
         check_int("max_recursions", self.max_recursions, 1, 64)
@@ -162,14 +173,17 @@ class GPRConfig:
 
     def added_zero_widths(self, stored: Mapping) -> list[str] | None:
         """The ``ZERO_INIT_WIDTHS`` fields this config turns on and a stored config (a checkpoint's, legacy
-        fields filled by ``LEGACY_DEFAULTS``) leaves at 0, when they are all that differs ([] when nothing
-        does); None when any other field differs."""
+        fields filled by ``LEGACY_DEFAULTS``) leaves at 0, and the ``ZERO_INIT_COLUMNS`` switches it turns on
+        that the stored one leaves off (with the ``dense_dim`` they widen), when they are all that differs
+        ([] when nothing does); None when any other field differs."""
         want, got = self.to_dict(), {**LEGACY_DEFAULTS, **stored}
         if set(got) != set(want):
             return None
         diff = [k for k in want if got[k] != want[k]]
         added = [k for k in diff if k in ZERO_INIT_WIDTHS and got[k] == 0]
-        return added if len(added) == len(diff) else None
+        added += [k for k in diff if k in ZERO_INIT_COLUMNS and got[k] is False]
+        widened = any(k in ZERO_INIT_COLUMNS for k in added) and got["dense_dim"] < want["dense_dim"]
+        return added if len(added) + widened == len(diff) else None
 
     @property
     def path_len(self) -> int:

@@ -440,10 +440,12 @@ class HSD(nn.Module):
         f = tokens.dense_features.shape[-1]
         if f != self.cfg.dense_dim:  # a shape, not a value: no host sync
             layout = "with" if self.cfg.platform_features else "without"
+            market = "with" if self.cfg.market_features else "without"
             raise ValueError(
                 f"tokens have {f} dense feature columns, the model reads dense_dim={self.cfg.dense_dim} "
-                f"(trained {layout} platform features): build the tokens with features= matching "
-                "GPRConfig.platform_features (gpr_sim.schema.dense_dim)"
+                f"(trained {layout} platform features, {market} market features): build the tokens with "
+                "features= and market= matching GPRConfig.platform_features and .market_features "
+                "(gpr_sim.schema.dense_dim)"
             )
         x = self.code_embedding(tokens.semantic_codes)  # O/I: item path (B, T, C)
         if self.item_emb is not None:

@@ -15,7 +15,7 @@ Observable (the platform view):
 | catalog | an advertiser's industry, target CPA, daily budget share, pacing flag | the advertiser's account settings |
 | catalog | user profile features, device, activity tier | account and device data |
 | session | the user, the O/I history with funnel events, the request context (``observe``) | its own logs |
-| market | budgets spent and who may bid now (``eligible_ads``, ``remaining_budget``) | its own ledger |
+| market | budgets spent and who may bid now (``eligible_ads``, ``remaining_budget``; summarised for the E token by ``gpr_sim.platform.market``) | its own ledger |
 
 Hidden (the simulator only): the taxonomy's generating centres, an ad's creative quality, the
 privileged estimator's per-ad biases, the user's base interest, conversion propensity, ad tolerance and

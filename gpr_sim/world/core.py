@@ -7,6 +7,7 @@
     observe(world, state)                             -> dict of tensors   (U/O/E/I observation)
     score(world, state, candidates, truth=False, estimate=None, auction=None)
                                                       -> CandidateScores   (no state change)
+    budget_day(world, market)                         -> BudgetDay         (the budget ledger now)
 
 One request per step: the policy proposes candidates, the auction fills the slots, the funnel draws
 clicks/conversions/GMV, budgets are charged, the user consumes organic content, fatigue and interests
@@ -532,21 +533,36 @@ def observe(world: World, state: SessionState) -> dict[str, torch.Tensor]:
     }
 
 
-def _day_status(world: World, market: MarketState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spend so far in the current budget day (reset at day boundaries) and who may bid now, (A,) each."""
+class BudgetDay(NamedTuple):
+    """The advertisers' ledger of the current budget day, as the next auction reads it (``budget_day``)."""
+
+    spent_today: torch.Tensor  # (A,) float64 spend so far this day (0 at a day's first step: budgets reset)
+    day_fraction: torch.Tensor  # () float64 share of the day elapsed once this step is served (pacing)
+    has_budget: torch.Tensor  # (A,) bool the remaining budget covers the lowest price (the reserve)
+    active: torch.Tensor  # (A,) bool has budget and, if paced, is not ahead of schedule: may bid now
+
+
+def budget_day(world: World, market: MarketState) -> BudgetDay:
+    """The ledger of the current budget day (reset at day boundaries) and who may bid in the next auction.
+
+    Reads the market's spend, the budgets, the advertisers' pacing flags and the platform's own settings
+    (day length, pacing slack, reserve): what a platform's spend ledger holds, no user state.
+    """
     cfg = world.config
     day_step = market.tick % cfg.steps_per_day
     spent_today = torch.where(day_step == 0, torch.zeros_like(market.spent_today), market.spent_today)
     day_fraction = (day_step + 1).double() / cfg.steps_per_day
-    active = advertiser_active(
-        market.budget,
-        spent_today,
-        world.advertiser_paced,
-        day_fraction,
-        cfg.pacing_slack,
-        cfg.reserve_ecpm / 1000.0,
-    )
-    return spent_today, active
+    rule = (day_fraction, cfg.pacing_slack, cfg.reserve_ecpm / 1000.0)
+    unpaced = torch.zeros_like(world.advertiser_paced)  # nobody paced: the budget test alone
+    has_budget = advertiser_active(market.budget, spent_today, unpaced, *rule)
+    active = advertiser_active(market.budget, spent_today, world.advertiser_paced, *rule)
+    return BudgetDay(spent_today, day_fraction, has_budget, active)
+
+
+def _day_status(world: World, market: MarketState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spend so far in the current budget day (reset at day boundaries) and who may bid now, (A,) each."""
+    day = budget_day(world, market)
+    return day.spent_today, day.active
 
 
 def eligible_ads(world: World, market: MarketState) -> torch.Tensor:
@@ -574,6 +590,8 @@ __all__ = [
     "score",
     "eligible_ads",
     "remaining_budget",
+    "BudgetDay",
+    "budget_day",
     "EVENT_CLICK",
     "EVENT_CONVERSION",
 ]
