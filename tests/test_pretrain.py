@@ -435,3 +435,13 @@ def test_resume_restores_best_lost_between_writes(mtp_run, tmp_path):
     assert first["final"]["step"] == 10
     with pytest.raises(ValueError, match="select"):
         pretrain.main(["--out", str(out), "--select", "worst", *common])
+
+
+def test_eval_loss_rows_are_an_even_fixed_subset():
+    from agents.pretraining.evaluation import loss_rows
+
+    assert loss_rows(5, 0, "cpu").tolist() == [0, 1, 2, 3, 4]  # 0 = all
+    assert loss_rows(5, 9, "cpu").tolist() == [0, 1, 2, 3, 4]  # more than there are = all
+    assert loss_rows(101, 5, "cpu").tolist() == [0, 25, 50, 75, 100]  # evenly spaced, both ends
+    with pytest.raises(ValueError, match="eval_loss_requests=-1"):
+        PretrainConfig(eval_loss_requests=-1)

@@ -107,7 +107,11 @@ class PretrainConfig:
     checkpoint_every: int = 100
     """steps between checkpoints (and at the last step)"""
     eval_requests: int = 512
-    """held-out requests ranked by beam search (the first ones; eval/loss uses all)"""
+    """held-out requests ranked by beam search (the first ones)"""
+    eval_loss_requests: int = 16384
+    """held-out requests the evaluation's losses and value R^2 average over, evenly spaced over the held-out
+    split (0 = all of them): a 1M-request log holds ~210k held-out requests, whose every-100-steps pass cost
+    more than the training steps between them"""
     top_k: int = 10
     """K of HitRate@K and nDCG@K"""
     beam_width: int = 20
@@ -147,6 +151,7 @@ class PretrainConfig:
             ("n_heads", 1),
             ("top_k", 1),
             ("eval_every", 1),
+            ("eval_loss_requests", 0),
             ("checkpoint_every", 1),
             ("eval_requests", 1),
             ("collect_envs", 1),

@@ -41,6 +41,14 @@ def target_features(ad_lookup: Callable[[torch.Tensor], torch.Tensor] | None, co
     return None if ad_lookup is None else ad_lookup(codes[:, 0])
 
 
+def loss_rows(n: int, limit: int, device) -> torch.Tensor:
+    """Indices of the held-out requests the evaluation's losses read: all ``n`` when ``limit`` is 0 or at
+    least ``n``, else ``limit`` evenly spaced ones (first and last included), the same at every evaluation."""
+    if limit == 0 or limit >= n:
+        return torch.arange(n, device=device)
+    return torch.linspace(0, n - 1, limit, dtype=torch.float64).round().long().to(device)
+
+
 @torch.no_grad()
 def evaluate(
     model: GPRModel,
@@ -59,9 +67,12 @@ def evaluate(
     model.eval()
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)  # same refiner noise every eval
     gen_item = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 2)
-    total, n, sq, n_v, sq_item = 0.0, len(data), 0.0, 0, 0.0
-    for lo in range(0, n, 512):
-        idx = torch.arange(lo, min(lo + 512, n), device=cfg.device)
+    rows = loss_rows(len(data), cfg.eval_loss_requests, cfg.device)
+    # sums stay on the device: one host sync per evaluation instead of several per chunk
+    zero = torch.zeros((), dtype=torch.float64, device=cfg.device)
+    total, sq, sq_item, n_v = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    for lo in range(0, rows.numel(), 512):
+        idx = rows[lo : lo + 512]
         tokens, codes, masks, weights, values = data.rows(idx)
         out = model.mtp_loss(
             tokens,
@@ -72,17 +83,21 @@ def evaluate(
             value_target=value_target(model, values),
             value_features=target_features(ad_lookup, codes),
         )
-        total += float(out.loss_mtp) * idx.numel()
+        total += out.loss_mtp.double() * idx.numel()
         has_v = has_target(codes) & values.isfinite()
-        rows_v = int(has_v.sum())
-        sq, n_v = sq + float(out.loss_value) * rows_v, n_v + rows_v
-        if model.hte is not None and rows_v:
+        rows_v = has_v.sum()
+        n_v += rows_v
+        if model.hte is not None:
+            sq += out.loss_value.double() * rows_v
             ctx = model.context(tokens, gen_item)
             item = model.values(ctx, codes[:, 0].clamp_min(0), target_features(ad_lookup, codes))[:, -1]
-            sq_item += float((item.float() - values.float())[has_v].square().sum())
+            sq_item += torch.where(has_v, item.double() - values.double(), 0.0).square().sum()
+    total, sq, sq_item, n_v = (float(x) for x in torch.stack([total, sq, sq_item, n_v]).cpu())
+    total /= rows.numel()
     value_terms = {}
     if model.hte is not None and n_v > 0:
-        g = data.values[has_target(data.codes) & data.values.isfinite()].double()
+        held = data.values[rows.to(data.values.device)]
+        g = held[has_target(data.codes[rows.to(data.codes.device)]) & held.isfinite()].double()
         var = float(g.var(unbiased=False))
         value_terms = {
             "eval/loss_value": sq / n_v,
@@ -94,7 +109,7 @@ def evaluate(
     ranked = model_rankings(model, tokens, trie, cfg.top_k, cfg.beam_width, generator=gen)
     ranks = ranking_metrics(ranked, data.ads[has, 0].cpu())
     model.train()
-    return {"eval/loss": total / n, **value_terms, **{f"eval/{k}": v for k, v in ranks.items()}, **pop}
+    return {"eval/loss": total, **value_terms, **{f"eval/{k}": v for k, v in ranks.items()}, **pop}
 
 
 # ----------------------------------------------------------------------------- best checkpoint
