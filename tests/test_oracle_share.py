@@ -3,17 +3,20 @@ interval, determinism, the warm-up and the config checks."""
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from agents.evaluation.heldout import HeldOutConfig
 from agents.evaluation.oracle_share import (
     OracleShareConfig,
     RequestStates,
+    best_true_values,
     oracle_share,
     policy_values,
     state_values,
     summarize_shares,
+    true_values,
 )
-from agents.policies import PolicyOutput, make_policy
+from agents.policies import PolicyOutput, catalog_rows, make_policy
 from envs import make_vec_env
 
 torch.set_num_threads(1)
@@ -148,3 +151,20 @@ def test_held_out_config_maps_onto_the_states():
     assert c.oracle_share == OracleShareConfig(states=48, seed=7)
     with pytest.raises(ValueError, match="oracle_states"):
         HeldOutConfig(oracle_states=0)
+
+
+def test_catalog_chunks_bound_pairs_and_keep_values():
+    """Scoring against the whole catalog in chunks of at most ``cells`` (request, ad) pairs gives the same
+    table as the one-ad-at-a-time reference, and the chunked best value is that table's eligible max."""
+    assert catalog_rows(2048, 500) == 2048  # the small preset: the row cap binds
+    assert catalog_rows(2048, 1_000_000) == 4  # the large preset: the pair budget binds
+    assert catalog_rows(2048, 10**9, cells=10) == 1  # never zero rows
+    states = tiny_states(16)
+    vec = states.env.unwrapped
+    want = ad_values(states)
+    one_chunk = true_values(vec)
+    assert_close(one_chunk, want, rtol=1e-5, atol=1e-8)  # float32 scores: chunk shapes move the rounding
+    best_want = one_chunk.masked_fill(~vec.eligible_ads()[None], float("-inf")).max(1).values
+    for cells in (6, 7 * 6, 1 << 22):  # one row per chunk, a ragged last chunk, one chunk
+        assert_close(true_values(vec, cells=cells), one_chunk, rtol=1e-5, atol=1e-8)
+        assert_close(best_true_values(vec, cells=cells), best_want, rtol=1e-5, atol=1e-8)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from agents.evaluation.auction import attach_auction_model, auction_funnel_file
-from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, oracle_share
+from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, best_true_values, oracle_share
 from agents.evaluation.sessions import collect_sessions
 from agents.policies.gpr import GPRPolicy, load_run_model
 from agents.reporting.keys import STRATA_METRICS, strata_key
@@ -149,9 +149,7 @@ class Evaluator:
         )
         present = res.items >= 0  # (N, K)
         values = e.score(res.items.clamp_min(0), truth=True).value  # (N, K)
-        every = torch.arange(e.config.num_ads, device=e.device).expand(ctx.shape[0], -1)  # (N, num_ads)
-        all_values = e.score(every, truth=True).value.masked_fill(~eligible, float("-inf"))
-        metrics = candidate_metrics(values, present, all_values.max(1).values)
+        metrics = candidate_metrics(values, present, best_true_values(e).to(values.dtype))
         return {f"eval/cand_{k}": v for k, v in metrics.items()}
 
     @staticmethod

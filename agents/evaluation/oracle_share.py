@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from agents.evaluation.auction import attach_auction_model, auction_funnel_file
-from agents.policies import make_policy, row_chunks
+from agents.policies import CATALOG_CELLS, catalog_rows, make_policy, row_chunks
 from agents.policies.cascade import CascadePolicy
 from agents.policies.distribution import action_distribution
 from agents.policies.learned_cascade import LearnedCascadePolicy
@@ -138,18 +138,35 @@ class RequestStates:
         return best if bool(self.eligible.any()) else torch.zeros_like(best)
 
 
-def true_values(vec, chunk_size: int = 2048) -> torch.Tensor:
-    """(N, num_ads) float64 ``score(a, truth=True).value`` of every ad at the env's N current requests, times
-    the eligibility mask (scored in row chunks, as ``OraclePolicy`` does, bounding memory)."""
+def _true_value_chunks(vec, chunk_size: int, cells: int):
+    """(row slice, (rows, num_ads) float64 true values of every ad) over the env's current requests, in chunks
+    of at most ``chunk_size`` rows and ``cells`` (request, ad) pairs."""
     n, num_ads = vec.num_envs, vec.config.num_ads
-    eligible = vec.eligible_ads()  # (num_ads,)
     every = torch.arange(num_ads, device=vec.device)
-    out = torch.empty(n, num_ads, dtype=torch.float64, device=vec.device)
-    for sl in row_chunks(n, chunk_size):
+    for sl in row_chunks(n, catalog_rows(chunk_size, num_ads, cells)):
         rows = torch.arange(n, device=vec.device)[sl]
         cand = every[None].expand(rows.numel(), -1)  # (n_chunk, num_ads)
-        out[sl] = vec.score(cand, truth=True, state=vec.state.select(rows)).value.double()
-    return out * eligible[None]
+        yield sl, vec.score(cand, truth=True, state=vec.state.select(rows)).value.double()
+
+
+def true_values(vec, chunk_size: int = 2048, cells: int = CATALOG_CELLS) -> torch.Tensor:
+    """(N, num_ads) float64 ``score(a, truth=True).value`` of every ad at the env's N current requests, times
+    the eligibility mask (scored in row chunks of at most ``chunk_size`` rows and ``cells`` (request, ad)
+    pairs, as ``OraclePolicy`` does, bounding memory)."""
+    out = torch.empty(vec.num_envs, vec.config.num_ads, dtype=torch.float64, device=vec.device)
+    for sl, values in _true_value_chunks(vec, chunk_size, cells):
+        out[sl] = values
+    return out * vec.eligible_ads()[None]
+
+
+def best_true_values(vec, chunk_size: int = 2048, cells: int = CATALOG_CELLS) -> torch.Tensor:
+    """(N,) float64 the highest true value over the eligible ads at each of the env's current requests (-inf
+    where none is eligible), without holding the (N, num_ads) matrix: the myopic oracle's value."""
+    eligible = vec.eligible_ads()
+    out = torch.empty(vec.num_envs, dtype=torch.float64, device=vec.device)
+    for sl, values in _true_value_chunks(vec, chunk_size, cells):
+        out[sl] = values.masked_fill(~eligible, float("-inf")).max(1).values
+    return out
 
 
 @torch.no_grad()

@@ -74,6 +74,18 @@ def row_chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+CATALOG_CELLS = 1 << 22
+"""(request, ad) pairs scored at once when requests are scored against the whole catalog: the scoring API
+gathers a D-dim embedding per pair, so 4M pairs hold ~0.5 GB per temporary at D = 32. A fixed row count
+does not bound that: 2,048 requests x the large preset's 1M ads asked an H200 for 244 GiB."""
+
+
+def catalog_rows(size: int, num_ads: int, cells: int = CATALOG_CELLS) -> int:
+    """Rows per chunk when each row is scored against ``num_ads`` ads: ``size`` at most, and at most ``cells``
+    pairs (at least one row)."""
+    return max(1, min(size, cells // max(num_ads, 1)))
+
+
 # ----------------------------------------------------------------------------- the registry
 
 PolicyFactory = Callable[..., Policy]
@@ -316,5 +328,7 @@ __all__ = [
     "policy_label",
     "policy_options",
     "row_chunks",
+    "catalog_rows",
+    "CATALOG_CELLS",
     "split_spec",
 ]

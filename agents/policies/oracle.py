@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from agents.policies import PolicyOutput, batched_env, row_chunks
+from agents.policies import PolicyOutput, batched_env, catalog_rows, row_chunks
 from gpr_sim.world.config import check_range
 
 
@@ -36,7 +36,7 @@ class OraclePolicy:
         action = torch.empty(n, k, dtype=torch.int64, device=device)
         all_ads = torch.arange(wc.num_ads, device=device)
         state = self.env.state
-        for sl in row_chunks(n, self.chunk_size):
+        for sl in row_chunks(n, catalog_rows(self.chunk_size, wc.num_ads)):
             rows = torch.arange(n, device=device)[sl]
             sub = state.select(rows)
             cand = all_ads[None].expand(rows.numel(), -1)
