@@ -183,6 +183,9 @@ class Args:
     behaviour: str = "cascade-privileged"
     """policy of the pre-training log: cascade-privileged | learned-cascade (served by {pretrain-dir}/platform,
     fitted on the funnel's bootstrap log of --funnel-envs x --funnel-steps requests; ``PretrainConfig.behaviour``)"""
+    market_features: bool = True
+    """the generator's E token carries the platform's spend ledger (``PretrainConfig.market_features``); off =
+    the layout without it"""
     iterations: int = 20
     """RL iterations (rollout + update)"""
     num_envs: int = 64
@@ -342,6 +345,7 @@ def pretraining(args: Args) -> tuple[PretrainConfig, PretrainConfig]:
         collect_steps=args.collect_steps,
         codebook_size=args.codebook_size,
         behaviour=args.behaviour,
+        market_features=args.market_features,
     )
     return stage_configs(pipeline_dir(common, args.pretrain_dir), common, args.mtp_steps, args.vaft_steps)
 
@@ -374,9 +378,9 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
     """Lock ``out`` for this run; refuse it (``ValueError`` naming the folder and why) unless it is new or holds
     an ``agents.hepo`` run with these settings (bar ``RESUME_IGNORES``) that can be resumed: a folder with
     metrics or a policy but no ``checkpoint.pt`` is not restarted over its results."""
-    folder = RunFolder(
-        out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=dataclasses.asdict(Args())
-    )
+    # a record from before --market-features ran without them: resuming it keeps that layout
+    defaults = {**dataclasses.asdict(Args()), "market_features": False}
+    folder = RunFolder(out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=defaults)
     left = [name for name in ("metrics.jsonl", "policy.pt", "summary.json") if (out / name).is_file()]
     if left and not (out / "checkpoint.pt").is_file():
         folder.close()
