@@ -67,7 +67,7 @@ from agents.rl.common import LossConfig, check_precision
 from agents.rl.distributed import SINGLE, Dist
 from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
-from agents.rl.rollout import SLOT_BITS, Roller
+from agents.rl.rollout import OUTCOMES, SLOT_BITS, Roller
 from envs import make_vec_env
 from envs.market import ESTIMATORS
 from gpr_sim.model import GPRModel
@@ -210,6 +210,10 @@ class Args:
     pre-training log, ``ROOT/funnel``, as the paper's simulator uses production models) | privileged (the
     simulator's noisy-truth estimator) | truth (the simulator's true funnel); the last two are labelled
     privileged variants, never mixed with learned runs in one comparison"""
+    reward_outcome: str = "expected"
+    """expected (each sampled candidate is paid its expected value, GPR's final_value) | realised (one draw of
+    what it would realise: win, click, conversion and stay drawn from the same funnel; unbiased but noisy,
+    ``agents.rl.rollout.realised_rewards``)"""
     funnel_envs: int = 1024
     """sessions of the platform's own log the learned pCTR / pCVR is fitted on (``--reward learned``)"""
     funnel_steps: int = 128
@@ -266,6 +270,8 @@ class Args:
         check_precision(self.precision)
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r} is unknown: expected one of {COMPILE_MODES}")
+        if self.reward_outcome not in OUTCOMES:
+            raise ValueError(f"reward_outcome={self.reward_outcome!r} is unknown: expected one of {OUTCOMES}")
         if self.reward not in ESTIMATORS:
             raise ValueError(f"reward={self.reward!r} is unknown: expected one of {ESTIMATORS}")
         if not isinstance(self.auction, bool):
@@ -585,6 +591,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         budget_aware=args.budget_aware,
         dist=dist,
         precision=args.precision,
+        outcome=args.reward_outcome,
     )
     evaluate = Evaluator(held_out(args, funnel), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"

@@ -689,3 +689,5 @@ def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
     assert not any(stage.market_features for stage in hepo.pretraining(off))
     with pytest.raises(ValueError, match="compile='fast' is unknown"):
         hepo.Args(compile="fast")
+    with pytest.raises(ValueError, match="reward_outcome='drawn' is unknown"):
+        hepo.Args(reward_outcome="drawn")

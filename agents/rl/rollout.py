@@ -23,6 +23,13 @@ others in one comparison). It is divided by a fixed
 ``reward_scale`` (the std of R in the first rollout, kept in the checkpoint) so the critic sees unit-scale
 targets whatever the world's currency.
 
+**Outcomes.** ``outcome="expected"`` (default) pays each candidate its expected value, as above, and GPR's
+final_value does. ``outcome="realised"`` pays one draw of what serving the candidate alone would realise
+(``realised_rewards``: the auction won with P(win), then a click, a conversion and the user staying, each drawn
+from the same estimator's probabilities, the price E[price | win] and the order value the ad's mean), whose
+expectation is that value: the noisy per-request rewards of a live system, the setting in which per-level
+credit assignment and a critic are meant to earn their keep. The draws are keyed like the others (``Randomness``).
+
 **Budgets.** The scoring API values an ad as if its advertiser could pay for it, but the sessions of one
 step share the advertisers' budgets: when many of them are served the same advertiser, the auction
 refuses the charges beyond its remaining budget (no impression, no value). With ``budget_aware`` (default)
@@ -69,6 +76,7 @@ from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
 from gpr_sim.tokenizer.trie import PrefixTrie
 from gpr_sim.tokenizer.world import WorldTokenizer
 from gpr_sim.world import CandidateScores, rng
+from gpr_sim.world.reward import weighted_reward
 from gpr_sim.world.state import EVENT_CLICK
 
 TYPE_O, TYPE_I = 1, 3
@@ -77,8 +85,31 @@ CONTEXT_CHUNK = 8192
 """requests per pass of a rollout step's model calls (``sample_groups``)"""
 ARR_DRAW_SALT = 0xA22
 """added to the rollout seed for the draw that decides which sessions rehearse"""
+REWARD_DRAW_SALT = 0x5EA1
+"""added to the rollout seed for the draws of realised rewards (``outcome="realised"``)"""
+OUTCOMES = ("expected", "realised")
+"""what a candidate's reward is: its expected value, or one draw of its realised value (module doc)"""
 SLOT_BITS = 24
 """request ids (``Roller.request_ids``) hold the global env slot in their low bits"""
+
+
+def realised_rewards(world, items: Tensor, scores: CandidateScores, u: Tensor) -> Tensor:
+    """(n, K) one draw of the reward each candidate would realise if it were served alone (module doc,
+    ``outcome="realised"``); its expectation over ``u`` is ``scores.value``.
+
+    ``u``: (n, 4K) uniforms in (0, 1), four per candidate (win, click, conversion, stay). The price of a won
+    auction and the order value of a conversion are their means (E[price | win] = E[price] / P(win)), so the
+    noise is the funnel's: Bernoulli events, not the competitor's bid or the order size."""
+    n, k = items.shape
+    d = u.view(n, k, 4)
+    ads = items.clamp_min(0)
+    win = d[..., 0] < scores.p_win
+    click = win & (d[..., 1] < scores.p_click)
+    conversion = click & (d[..., 2] < scores.p_conversion)
+    stay = d[..., 3] < scores.p_stay
+    price = torch.where(win, scores.expected_revenue / scores.p_win.clamp_min(1e-30), 0.0)
+    gmv = conversion * world.ad_value_mean[ads]
+    return weighted_reward(world.config.reward, price, gmv, click.float(), conversion.float(), stay.float())
 
 
 def positive_paths(tokens: TokenBatch) -> Tensor:
@@ -188,6 +219,7 @@ class Roller:
             demand, the reward scale and the statistics are reduced over every rank's rows.
         precision: ``fp32`` (reference) or ``bf16`` (autocast) for the model's forward passes.
         cached: sample through the cached PTD (``sample_groups``); False = the full-forward reference.
+        outcome: ``OUTCOMES``: each candidate's expected value, or one draw of its realised value (module doc).
     """
 
     def __init__(
@@ -202,8 +234,11 @@ class Roller:
         dist: Dist = SINGLE,
         precision: str = "fp32",
         cached: bool = True,
+        outcome: str = "expected",
     ):
-        self.precision, self.cached = check_precision(precision), cached
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome={outcome!r} is unknown: expected one of {OUTCOMES}")
+        self.precision, self.cached, self.outcome = check_precision(precision), cached, outcome
         self.env = env
         self.budget_aware, self.dist, self.seed = budget_aware, dist, seed
         self.market = env.unwrapped  # the vector env: scoring, budgets, eligibility, state and rehearsal
@@ -307,7 +342,12 @@ class Roller:
         keys = self._keys(REHEARSAL_SEED_OFFSET if rehearsed else 0, rows)
         noise, s, values = self._groups(model, tokens, eligible, keys)
         scores = scorer(s.items)
-        raw = scores.value.to(torch.float32)  # (n, K)
+        if self.outcome == "realised":
+            salt = REWARD_DRAW_SALT + (REHEARSAL_SEED_OFFSET if rehearsed else 0)
+            u = rng.uniforms(self._keys(salt, rows), 4 * self.group_size)
+            raw = realised_rewards(self.market.world, s.items, scores, u).to(torch.float32)
+        else:
+            raw = scores.value.to(torch.float32)  # (n, K)
         raw = torch.where(
             s.items >= 0, raw, torch.zeros_like(raw)
         )  # no item (a row with none eligible): -inf
@@ -409,4 +449,4 @@ class Roller:
         return buf, stats
 
 
-__all__ = ["Roller", "SLOT_BITS", "positive_paths", "sample_groups"]
+__all__ = ["OUTCOMES", "Roller", "SLOT_BITS", "positive_paths", "realised_rewards", "sample_groups"]
