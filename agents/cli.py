@@ -1,7 +1,7 @@
 """Command lines built from config dataclasses (``tyro``), and one way every CLI reports a user error.
 
 Every CLI here (`agents.hepo`, `agents.pretrain`, `agents.collect`, `agents.evaluate`, `agents.ope`,
-`agents.ablation`, `agents.sb3_ppo`, `agents.tokenize`) maps its flags 1:1 onto the fields of a frozen
+`agents.ablation`, `agents.sweep`, `agents.sb3_ppo`, `agents.tokenize`) maps its flags 1:1 onto the fields of a frozen
 dataclass (its ``Args``, plus e.g. ``CompareConfig``, plus ``WorldConfig`` as ``--world.*`` overrides of a
 preset). The dataclass is the one place that holds a setting's name, type, default, validation
 (``__post_init__``) and help text (the docstring under the field, which tyro reads), and a run's
