@@ -571,7 +571,9 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
     algo = algorithm(args.algo)
     needs_ref = algo.reference or args.loss.kl_coef > 0
     ref = copy.deepcopy(model).eval().requires_grad_(False) if needs_ref else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # fused on CUDA: one kernel for every parameter (the multi-tensor path took 3.8% of an update's device time)
+    fused = torch.device(args.device).type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=fused)
     schedule = UpdateConfig(args.epochs, args.minibatch, args.max_grad_norm, args.seed, args.precision)
     env = make_train_env(args, dist)
     if funnel is not None:

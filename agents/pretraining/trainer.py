@@ -122,7 +122,12 @@ def init_model(cfg: PretrainConfig, data: StageData, ckpt: Path, dist: distribut
     """
     torch.manual_seed(cfg.seed)
     model = GPRModel(model_config(data.tok, data.schema, data.dense_dim, cfg)).to(cfg.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        fused=torch.device(cfg.device).type == "cuda",
+    )  # fused on CUDA: one kernel for every parameter
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     start = 0
     if ckpt.is_file():
