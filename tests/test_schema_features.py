@@ -163,13 +163,12 @@ def test_tokens_do_not_change_when_hidden_world_or_session_state_does():
     world, state = market.world, market.state
     table, cfg = world_table(CFG), SchemaConfig.from_world(CFG)
     ledger = market.market  # the spend ledger is the platform's own (observable): it stays as it is
-    before = tokens_from_obs(
-        observe(world, state),
-        table,
-        cfg,
-        features=PlatformFeatures.from_world(world),
-        market=market_features(world, ledger),
-    )
+
+    def tokens(w, st):
+        feats = PlatformFeatures.from_world(w)
+        return tokens_from_obs(observe(w, st), table, cfg, features=feats, market=market_features(w, ledger))
+
+    before = tokens(world, state)
     gen = torch.Generator().manual_seed(5)
 
     def noise(t: torch.Tensor) -> torch.Tensor:
@@ -181,14 +180,7 @@ def test_tokens_do_not_change_when_hidden_world_or_session_state_does():
 
     hidden_world = dataclasses.replace(world, **{n: noise(getattr(world, n)) for n in HIDDEN_WORLD_FIELDS})
     hidden_state = state._replace(**{n: noise(getattr(state, n)) for n in HIDDEN_SESSION_FIELDS})
-    after = tokens_from_obs(
-        observe(hidden_world, hidden_state),
-        table,
-        cfg,
-        features=PlatformFeatures.from_world(hidden_world),
-        market=market_features(hidden_world, ledger),
-    )
-    assert_same(before, after)
+    assert_same(before, tokens(hidden_world, hidden_state))
 
 
 @pytest.mark.gpu
