@@ -4,8 +4,9 @@
     python -m agents.hepo --env ads-v0 --algo ppo --seed 1   # PPO / GRPO / Sibling-GRPO / DPO, same generator
     python -m agents.hepo --env ads-v0 --device cuda --num-envs 4096 --iterations 200
 
-Pipeline (each stage reused when already present): collect ``cascade-privileged`` logs -> fit the RQ-Kmeans+
-tokenizer -> MTP -> VAFT (``agents.pretraining.pipeline``, into ``--pretrain-dir``, shared by every algorithm of a seed so
+Pipeline (each stage reused when already present): the platform's bootstrap log (the privileged cascade) ->
+its learned pCTR / pCVR (``ROOT/funnel``) and learned cascade (``ROOT/platform``) -> the learned cascade's log
+(``--behaviour``) -> fit the RQ-Kmeans+ tokenizer -> MTP -> VAFT (``agents.pretraining.pipeline``, into ``--pretrain-dir``, shared by every algorithm of a seed so
 they start from the same generator; every stage in the ``--preset`` world) -> RL. The RL loop per iteration:
 
     rollout (``agents.rl.rollout.Roller``: N sessions x T steps, K sampled paths per request, simulator
@@ -180,9 +181,11 @@ class Args:
     """steps of the logged data"""
     codebook_size: int = 16
     """codes per semantic-ID level of the tokenizer (16 small world, 256 large)"""
-    behaviour: str = "cascade-privileged"
-    """policy of the pre-training log: cascade-privileged | learned-cascade (served by {pretrain-dir}/platform,
-    fitted on the funnel's bootstrap log of --funnel-envs x --funnel-steps requests; ``PretrainConfig.behaviour``)"""
+    behaviour: str = "learned-cascade"
+    """policy of the pre-training log: learned-cascade (served by {pretrain-dir}/platform, fitted on the funnel's
+    bootstrap log of --funnel-envs x --funnel-steps requests: the platform's own production system, so MTP imitates
+    choices made from the platform view) | cascade-privileged (a policy that reads the simulator's hidden state:
+    imitating it hands GPR that state; ``agents.pretrain``'s default) (``PretrainConfig.behaviour``)"""
     market_features: bool = True
     """the generator's E token carries the platform's spend ledger (``PretrainConfig.market_features``); off =
     the layout without it"""
@@ -384,8 +387,9 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
     """Lock ``out`` for this run; refuse it (``ValueError`` naming the folder and why) unless it is new or holds
     an ``agents.hepo`` run with these settings (bar ``RESUME_IGNORES``) that can be resumed: a folder with
     metrics or a policy but no ``checkpoint.pt`` is not restarted over its results."""
-    # a record from before --market-features ran without them: resuming it keeps that layout
-    defaults = {**dataclasses.asdict(Args()), "market_features": False}
+    # a record from before --market-features ran without them, one from before --behaviour on the privileged
+    # cascade's logs: resuming it keeps those
+    defaults = {**dataclasses.asdict(Args()), "market_features": False, "behaviour": "cascade-privileged"}
     folder = RunFolder(out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=defaults)
     left = [name for name in ("metrics.jsonl", "policy.pt", "summary.json") if (out / name).is_file()]
     if left and not (out / "checkpoint.pt").is_file():

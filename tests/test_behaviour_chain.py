@@ -36,10 +36,11 @@ BOOTSTRAP = (32, 25)
 """sessions x requests of the tiny bootstrap log the platform is fitted on"""
 
 
-def test_default_behaviour_is_the_privileged_cascade(tmp_path):
+def test_default_behaviour_of_pretraining_is_the_privileged_cascade(tmp_path):
+    """``agents.pretrain`` alone logs with the privileged cascade (no platform to fit); the comparison pipeline
+    ``agents.hepo`` pre-trains GPR on the learned cascade's logs (the next test)."""
     cfg = PretrainConfig()
     assert cfg.behaviour == "cascade-privileged"
-    assert hepo.Args().behaviour == cfg.behaviour
     assert behaviour_policy(cfg, tmp_path / "mtp") == "cascade-privileged"
     assert not (tmp_path / "platform").exists()  # nothing fitted for the default
     assert collect_config(cfg, tmp_path / "l.parquet").policy == "cascade-privileged"
@@ -47,9 +48,11 @@ def test_default_behaviour_is_the_privileged_cascade(tmp_path):
 
 
 def test_hepo_maps_the_flag_to_both_stages():
-    mtp, vaft = hepo.pretraining(hepo.Args(behaviour="learned-cascade"))
-    assert mtp.behaviour == vaft.behaviour == "learned-cascade"
-    assert hepo.pretraining(hepo.Args())[0] == dataclasses.replace(mtp, behaviour="cascade-privileged")
+    """agents.hepo's default is the learned cascade: MTP imitates a policy that sees only the platform view."""
+    assert hepo.Args().behaviour == "learned-cascade"
+    mtp, vaft = hepo.pretraining(hepo.Args(behaviour="cascade-privileged"))
+    assert mtp.behaviour == vaft.behaviour == "cascade-privileged"
+    assert hepo.pretraining(hepo.Args())[0] == dataclasses.replace(mtp, behaviour="learned-cascade")
 
 
 @pytest.mark.parametrize("value", ["learned_cascade", "random", ""])

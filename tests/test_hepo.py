@@ -117,6 +117,8 @@ def tiny(pre, out, *extra) -> list[str]:
         "32",
         "--funnel-steps",
         "50",
+        "--behaviour",
+        "cascade-privileged",  # the log of the ``pre`` fixtures (agents.pretrain's default); the chain: below
         "--threads",
         "1",
         "--no-progress",

@@ -55,7 +55,8 @@ def test_grid_writes_every_run_from_one_generator_and_the_tables(grid):
     selected = pd.read_csv(out / "selected.csv")
     assert selected.groupby("algo")["selected"].sum().to_dict() == {"dpo": 1, "hepo": 1}
     comparison = tables["comparison"]
-    assert list(comparison["agent"]) == ["hepo", "dpo", "cascade-privileged (reference)"]
+    # agents.hepo's default logs with the learned cascade: the seed's platform is a reference row too
+    assert list(comparison["agent"]) == ["hepo", "dpo", "cascade-privileged (reference)", "learned-cascade"]
     assert math.isnan(comparison.loc[0, "delta_oracle_share"])  # the reference algorithm's own row
     chosen = selected[selected["selected"]].set_index("algo")["lr"]
     assert comparison.set_index("agent").loc["dpo", "lr"] == chosen["dpo"]
@@ -68,7 +69,7 @@ def test_final_evaluation_runs_on_the_other_seed(grid):
     assert set(tables["comparison"]["final_eval_seed"]) == {54321}
     assert read_json(out / "base" / "final" / "seed0" / "config.json")["seed"] == 54321
     cached = sorted((out / "base" / "final" / "seed0" / "agents").glob("*/summary.json"))
-    assert len(cached) == 3 and {read_json(p)["config"]["seed"] for p in cached} == {54321}
+    assert len(cached) == 4 and {read_json(p)["config"]["seed"] for p in cached} == {54321}
 
 
 def test_learned_platform_and_auction_reach_the_final_evaluation(tmp_path):
