@@ -1,0 +1,106 @@
+"""Two ``agents.sweep`` folders run with one setting changed (an A/B of a flag), compared run by run.
+
+    python benchmarks/compare_sweeps.py runs/sweep_small runs/sweep_small_nomkt --names market,no-market
+
+Both sweeps must hold the same grid (variant, algo, lr, seed). Every cell of the grid is one pair: the same
+seed, algorithm and learning rate trained once under each setting. For the start of RL (the VAFT generator's
+iteration-0 evaluation, one per seed) and the end of RL (each run's last training-time evaluation) it prints,
+per metric, each setting's mean and the paired difference A - B with a t interval over the pairs, and the
+same per seed (pairs of one seed share their pre-training, so they are not independent: read the per-seed rows
+before the pooled one). Writes ``--out`` (JSON) when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from gpr_sim.runs import write_json
+from gpr_sim.stats import paired_difference, t_interval
+
+KEYS = ["variant", "algo", "lr", "seed"]
+METRICS = ("eval/oracle_share", "eval/reward_per_session", "eval/gmv_per_session", "eval/ctcvr")
+
+
+def start_rows(folder: Path) -> pd.DataFrame:
+    """(variant, seed) -> the iteration-0 evaluation of the sweep's runs (the VAFT generator; the first run
+    of each seed found, every run of a seed starts from the same model)."""
+    rows = []
+    for metrics in sorted(folder.glob("*/*/lr*/seed*/metrics.jsonl")):
+        first = json.loads(metrics.read_text().splitlines()[0])
+        variant, seed = metrics.parts[-5], int(metrics.parts[-2].removeprefix("seed"))
+        rows.append({"variant": variant, "seed": seed, **{m: first.get(m) for m in METRICS}})
+    return pd.DataFrame(rows).drop_duplicates(["variant", "seed"])
+
+
+def paired(a: pd.DataFrame, b: pd.DataFrame, keys: list[str], names: tuple[str, str]) -> list[dict]:
+    """Per metric: means, paired difference a - b over the matched rows (all, then per seed)."""
+    both = a.merge(b, on=keys, suffixes=("_a", "_b"), validate="one_to_one")
+    if len(both) != len(a) or len(both) != len(b):
+        raise ValueError(f"the sweeps hold different grids: {len(a)} and {len(b)} rows, {len(both)} matched")
+    out = []
+    groups = [("all", both)] + [(f"seed {s}", g) for s, g in both.groupby("seed")]
+    for metric in METRICS:
+        for label, g in groups:
+            x, y = g[f"{metric}_a"].to_numpy(float), g[f"{metric}_b"].to_numpy(float)
+            d = paired_difference(x, y)
+            out.append(
+                {
+                    "metric": metric,
+                    "rows": label,
+                    "pairs": len(g),
+                    names[0]: t_interval(x).value,
+                    names[1]: t_interval(y).value,
+                    "diff": d.value,
+                    "diff_low": d.ci_low,
+                    "diff_high": d.ci_high,
+                    "a_wins": int((x > y).sum()),
+                }
+            )
+    return out
+
+
+def table(rows: list[dict], names: tuple[str, str], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        f"| metric | rows | pairs | {names[0]} | {names[1]} | {names[0]} - {names[1]} [95% t] | {names[0]} higher |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['metric']} | {r['rows']} | {r['pairs']} | {r[names[0]]:.3f} | {r[names[1]]:.3f} | "
+            f"{r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}] | {r['a_wins']}/{r['pairs']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("a", type=Path, help="the first sweep's --out")
+    p.add_argument("b", type=Path, help="the second sweep's --out")
+    p.add_argument("--names", default="a,b", help="labels of the two settings, comma-separated")
+    p.add_argument("--out", type=Path, default=None, help="JSON of both tables")
+    args = p.parse_args(argv)
+    names = tuple(args.names.split(","))
+    if len(names) != 2 or len(set(names)) != 2:
+        raise SystemExit(f"error: --names {args.names!r} is invalid: expected two different labels")
+    for folder in (args.a, args.b):
+        if not (folder / "sweep.csv").is_file():
+            raise SystemExit(f"error: {folder} holds no sweep.csv: not a finished agents.sweep folder")
+    end = paired(*(pd.read_csv(f / "sweep.csv") for f in (args.a, args.b)), KEYS, names)
+    start = paired(start_rows(args.a), start_rows(args.b), ["variant", "seed"], names)
+    print(table(start, names, "start of RL (VAFT, iteration 0), per seed"))
+    print()
+    print(table(end, names, "end of RL (last training-time evaluation), per (algo, lr, seed)"))
+    res = {"a": str(args.a), "b": str(args.b), "names": names, "start": start, "end": end}
+    if args.out:
+        write_json(args.out, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
