@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from agents import ablation, cli, collect, evaluate, hepo, ope, plots, pretrain, sb3_ppo, tokenize
+from agents.platform.folder import platform_inputs
 from agents.rl.common import LossConfig
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.world import preset
@@ -147,10 +148,12 @@ DOCUMENTED = [
     (
         "evaluate",
         "--env ads-v0 --sessions 512 --out runs/demo/eval "
-        "--agents random,cascade-privileged,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
+        "--agents random,learned-cascade:runs/demo/pretrain/platform,cascade-privileged,oracle,"
+        "gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
         {
             "sessions": 512,
-            "agents": "random,cascade-privileged,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
+            "agents": "random,learned-cascade:runs/demo/pretrain/platform,cascade-privileged,oracle,"
+            "gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
         },
     ),
     (
@@ -198,6 +201,9 @@ def test_documented_command_lines_parse(module, line, expected, cuda_present, mo
     for run in ("runs/demo/pretrain/vaft", "runs/demo/hepo"):  # the Makefile's gpr:RUN agents must exist
         (tmp_path / run).mkdir(parents=True)
         (tmp_path / run / "policy.pt").touch()
+    for model in platform_inputs(tmp_path / "runs/demo/pretrain/platform"):  # and its learned-cascade:PATH
+        model.parent.mkdir(parents=True, exist_ok=True)
+        model.touch()
     args = cli.parse_args(ENTRY_POINTS[module].Args, shlex.split(line))
     assert {k: field(args, k) for k in expected} == expected
     default = ENTRY_POINTS[module].Args(**({"logs": "L"} if module == "ope" else {}))
