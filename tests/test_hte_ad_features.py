@@ -252,28 +252,13 @@ def test_rank_logprob_is_the_beam_order_and_value_the_hte_order(run_dir):
 def test_rollout_and_update_read_the_candidates_features():
     """The critic values a rollout stores (``Roller``) and those the update recomputes (``path_terms``,
     ``PathTerms``) both read the sampled ads' features: equal to each other, and not to the values without."""
-    import envs  # noqa: F401  (registers ads-v0)
     from agents.rl.loop import PathTerms, path_terms
     from agents.rl.rollout import Roller
-    from envs import make_vec_env
-    from gpr_sim.schema import SchemaConfig, tokens_from_obs
-    from gpr_sim.tokenizer.compare import CompareConfig
-    from gpr_sim.tokenizer.world import fit_world_tokenizer
-    from gpr_sim.world import preset
+    from tests.test_rollout_incremental import _market
 
     torch.set_num_threads(1)
-    world = preset("small", num_ads=120, num_organic=300, num_users=400, num_advertisers=10)
-    env = make_vec_env("ads-v0", 6, config=world, device="cpu", validate_actions=False)
-    tok = fit_world_tokenizer(
-        env.unwrapped.world, "rq-kmeans", CompareConfig(num_levels=2, codebook_size=6, kmeans_iters=3)
-    )
-    schema = SchemaConfig.from_world(world)
-    obs, _ = env.reset(seed=0)
-    dense = tokens_from_obs(obs, tok.table, schema, check=False).dense_features.shape[-1]
-    cfg = GPRConfig(
-        level_sizes=tuple(tok.level_sizes), d_model=16, n_layers=1, n_heads=2, dense_dim=dense,
-        max_len=schema.seq_len, hte_ad_features=F,
-    )  # fmt: skip
+    env, tok, cfg = _market(6)
+    cfg = dataclasses.replace(cfg, hte_ad_features=F)
     torch.manual_seed(0)
     model = GPRModel(cfg).eval()
     with torch.no_grad():
