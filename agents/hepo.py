@@ -383,14 +383,17 @@ def run_dir(args: Args) -> Path:
     return root / run_name(args.env, args.algo, args.seed, stamp=True)
 
 
+def record_defaults() -> dict:
+    """The value of each flag a run record lacks: ``Args``' defaults, except that a record from before
+    --market-features ran without them and one from before --behaviour on the privileged cascade's logs."""
+    return {**dataclasses.asdict(Args()), "market_features": False, "behaviour": "cascade-privileged"}
+
+
 def open_run_folder(out: Path, args: Args) -> RunFolder:
     """Lock ``out`` for this run; refuse it (``ValueError`` naming the folder and why) unless it is new or holds
     an ``agents.hepo`` run with these settings (bar ``RESUME_IGNORES``) that can be resumed: a folder with
     metrics or a policy but no ``checkpoint.pt`` is not restarted over its results."""
-    # a record from before --market-features ran without them, one from before --behaviour on the privileged
-    # cascade's logs: resuming it keeps those
-    defaults = {**dataclasses.asdict(Args()), "market_features": False, "behaviour": "cascade-privileged"}
-    folder = RunFolder(out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=defaults)
+    folder = RunFolder(out, ENTRY, dataclasses.asdict(args), RESUME_IGNORES, defaults=record_defaults())
     left = [name for name in ("metrics.jsonl", "policy.pt", "summary.json") if (out / name).is_file()]
     if left and not (out / "checkpoint.pt").is_file():
         folder.close()

@@ -318,7 +318,7 @@ def check_folder(run: Run) -> None:
         record.get("settings", {}),
         dataclasses.asdict(run.args),
         hepo.RESUME_IGNORES,
-        dataclasses.asdict(hepo.Args()),
+        hepo.record_defaults(),
     )
     if diff:
         raise ValueError(

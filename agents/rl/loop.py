@@ -138,7 +138,7 @@ class PathTerms(torch.nn.Module):
         ad_lookup: AdLookup | None = None,
     ) -> None:
         super().__init__()
-        mode = {True: "full", False: "off"}.get(compile, compile) if isinstance(compile, bool) else compile
+        mode = ("full" if compile else "off") if isinstance(compile, bool) else compile
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r} is invalid: expected one of {COMPILE_MODES} or a bool")
         self.model, self.cached, self.ad_lookup, self.compile_mode = model, cached, ad_lookup, mode
