@@ -122,6 +122,10 @@ def test_same_seed_same_summary_and_resume(tiny_run, tmp_path, capsys):
     first = json.loads((out / "summary.json").read_text())
     again = json.loads((tmp_path / "summary.json").read_text())
     assert again == {k: first[k] for k in ("random", "cascade-privileged")}
+    # the oracle_share states are built once per comparison and shared: an agent valued second on them
+    # reads the same values as on states of its own
+    alone = main(Args(agents="cascade-privileged", out=str(tmp_path / "alone"), plots=False, **TINY))
+    assert alone.iloc[0].to_dict() == {"agent": "cascade-privileged", **first["cascade-privileged"]}
     # a rerun with the same config reuses the sessions; another seed runs again
     table = tmp_path / "agents" / "random" / "sessions.parquet"
     stamp = table.stat().st_mtime_ns

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import agents.hepo as hepo
+import agents.rl.common as common
 from agents.policies.gpr import load_run_model
 from agents.rl.buffer import Buffer
 from agents.rl.common import (
@@ -81,6 +82,17 @@ def test_forced_levels_terminal_level_and_weights_by_hand():
     every = torch.ones(1, 3, dtype=torch.bool)
     torch.testing.assert_close(semantic_level_weights(every), torch.tensor([[1 / 3, 2 / 3, 1.0]]))
     assert semantic_level_weights(~every).abs().sum() == 0 and not terminal_level(~every).any()
+
+
+def test_forced_levels_counted_in_chunks_equal_the_plain_count():
+    """The chunked count (bounded memory: ``sum`` of a bool mask copies it to int64) equals the plain one,
+    with one row per chunk and with a ragged last chunk."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(5, 7, 6, generator=g) < torch.rand(5, 7, 1, generator=g) * 0.4  # counts 0, 1 and more
+    want = mask.sum(-1) <= 1
+    assert want.any() and not want.all()
+    for cells in (1, 4 * 6, 1 << 26):
+        assert torch.equal(common._at_most_one(mask, cells), want)
 
 
 def test_group_baseline_puts_the_z_score_on_every_decision_and_nothing_on_forced_levels():

@@ -26,11 +26,13 @@ retrained policy is evaluated again. Cached sessions that could not be paired (a
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,10 +165,13 @@ def agent_dir(out: Path, spec: str) -> Path:
     return out / "agents" / re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
 
 
-def run_agent(cfg: EvalConfig, spec: str, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run_agent(
+    cfg: EvalConfig, spec: str, out: Path, states: Callable[[], RequestStates] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The agent's sessions and its per-state values on the ``oracle_share`` states (``state_values``: columns
     ``policy``, ``oracle``, ``oracle_fatigue``): reused from ``agent_dir(out, spec)`` when its run config
-    matches, else simulated and saved there."""
+    matches, else simulated and saved there. ``states`` returns those states (built once for every agent of a
+    comparison: on the large preset they are a 16 GiB table and ~30 s of scoring); None builds them here."""
     folder = agent_dir(out, spec)
     config = json.loads(json.dumps(run_config(cfg, spec)))  # as it reads back from JSON
     marker, table = folder / "summary.json", folder / "sessions.parquet"
@@ -195,7 +200,7 @@ def run_agent(cfg: EvalConfig, spec: str, out: Path) -> tuple[pd.DataFrame, pd.D
     sessions, steps = collect_sessions(env, policy, cfg.sessions_per_slot, cfg.seed, desc=spec)
     seconds = time.perf_counter() - start
     print(f"{spec}: {len(sessions)} sessions, {steps} steps of {cfg.num_envs} requests in {seconds:.1f} s")
-    states = RequestStates.build(cfg.oracle_share)
+    states = states() if states is not None else RequestStates.build(cfg.oracle_share)
     values = state_values(make_policy(spec, states.env, cfg.seed), states)
     values = pd.DataFrame({k: v.cpu().numpy() for k, v in values.items()})
     buf = io.BytesIO()
@@ -264,8 +269,9 @@ def compare_agents(cfg: EvalConfig, out: Path) -> Comparison:
     """Every agent's sessions (reused from the cache in ``out`` or simulated, ``run_agent``), summarised with
     ``cfg.ci``; the bootstrap (if any) resamples with the same seed for every agent."""
     summaries, strata, records, state_vals = [], [], {}, {}
+    states = functools.cache(lambda: RequestStates.build(cfg.oracle_share))  # built on first need, once
     for spec in cfg.agents:
-        sessions, values = run_agent(cfg, spec, out)
+        sessions, values = run_agent(cfg, spec, out, states)
         records[spec], state_vals[spec] = sessions, values
         kw = dict(prefix=PREFIX, ci=cfg.ci.method, level=cfg.ci.level, n_bootstrap=cfg.ci.n_bootstrap)
         rng = lambda: np.random.default_rng(cfg.seed)  # noqa: E731  (the same resamples for every agent)

@@ -156,7 +156,7 @@ def true_values(vec, chunk_size: int = 2048, cells: int = CATALOG_CELLS) -> torc
     out = torch.empty(vec.num_envs, vec.config.num_ads, dtype=torch.float64, device=vec.device)
     for sl, values in _true_value_chunks(vec, chunk_size, cells):
         out[sl] = values
-    return out * vec.eligible_ads()[None]
+    return out.mul_(vec.eligible_ads()[None])  # in place: on the large preset the table is 16 GiB
 
 
 def best_true_values(vec, chunk_size: int = 2048, cells: int = CATALOG_CELLS) -> torch.Tensor:
@@ -170,11 +170,15 @@ def best_true_values(vec, chunk_size: int = 2048, cells: int = CATALOG_CELLS) ->
 
 
 @torch.no_grad()
-def policy_values(policy, states: RequestStates) -> torch.Tensor:
-    """(N,) float64 expected true value of the policy's first candidate at each state (module doc)."""
+def policy_values(policy, states: RequestStates, cells: int = CATALOG_CELLS) -> torch.Tensor:
+    """(N,) float64 expected true value of the policy's first candidate at each state (module doc); an exact
+    distribution is read in chunks of at most ``cells`` (state, ad) pairs (the random policy's is every ad)."""
     if isinstance(policy, EXACT):
         dist = action_distribution(policy, states.obs)  # (N, P) ads and probabilities
-        return (dist.prob * states.values.gather(1, dist.ads)).sum(1)
+        out = torch.empty(states.values.shape[0], dtype=torch.float64, device=states.values.device)
+        for sl in row_chunks(len(out), catalog_rows(len(out), dist.ads.shape[1], cells)):
+            out[sl] = (dist.prob[sl] * states.values[sl].gather(1, dist.ads[sl])).sum(1)
+        return out
     total = torch.zeros(states.values.shape[0], dtype=torch.float64, device=states.values.device)
     for _ in range(states.config.samples):
         pick = policy.act(states.obs).action[:, :1]  # (N, 1)

@@ -19,17 +19,20 @@ from agents.policies.random import RandomPolicy
 class Dist(NamedTuple):
     """A policy's action distribution per request, on its support."""
 
-    ads: torch.Tensor  # (N, P) int64 ads with possibly non-zero probability
-    prob: torch.Tensor  # (N, P) float64, rows sum to 1
+    ads: torch.Tensor  # (N, P) int64 ads with possibly non-zero probability (may be a broadcast view)
+    prob: torch.Tensor  # (N, P) float64, rows sum to 1 (may be a broadcast view)
 
 
 def action_distribution(policy, obs: dict[str, torch.Tensor]) -> Dist:
     """pi(. | x) of a single-candidate policy on the current requests (N of them)."""
     n = obs["user_id"].shape[0]
     if isinstance(policy, RandomPolicy):
-        num_ads = policy.env.config.num_ads
-        ads = torch.arange(num_ads, device=policy.env.device).expand(n, num_ads)
-        return Dist(ads, torch.full((n, num_ads), 1.0 / num_ads, dtype=torch.float64, device=ads.device))
+        num_ads, device = policy.env.config.num_ads, policy.env.device
+        # broadcast views, no (N, num_ads) copies: 2,048 requests x the large preset's 1M ads would be 32 GiB
+        ads = torch.arange(num_ads, device=device).expand(n, num_ads)
+        return Dist(
+            ads, torch.full((1, num_ads), 1.0 / num_ads, dtype=torch.float64, device=device).expand(n, -1)
+        )
     if isinstance(policy, (CascadePolicy, LearnedCascadePolicy)):  # softmax(logits / T) over a pool
         pool, logits = policy.pool(obs)  # the pool and logits act samples from (one ranking, not a copy)
         t = policy.config.temperature

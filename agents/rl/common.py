@@ -132,7 +132,18 @@ def forced_levels(legal: list[Tensor]) -> Tensor:
     disambiguation digit of an item that shares its semantic path with no other, or a trie node with one
     child (module doc).
     """
-    return torch.stack([m.sum(-1) <= 1 for m in legal], -1)
+    return torch.stack([_at_most_one(m) for m in legal], -1)
+
+
+def _at_most_one(mask: Tensor, cells: int = 1 << 26) -> Tensor:
+    """(..., K) bool -> (...) bool: at most one True, counted in chunks of ``cells`` mask entries. ``sum`` of a
+    bool tensor counts in int64, a copy 8x the mask: one gpu-large iteration's last level asked for 28 GiB."""
+    flat = mask.reshape(-1, mask.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.bool, device=mask.device)
+    rows = max(1, cells // max(flat.shape[1], 1))
+    for start in range(0, flat.shape[0], rows):
+        out[start : start + rows] = flat[start : start + rows].sum(-1) <= 1
+    return out.reshape(mask.shape[:-1])
 
 
 def terminal_level(free: Tensor) -> Tensor:
