@@ -201,13 +201,16 @@ def model_for(args, env, tok) -> GPRModel:
     return GPRModel(cfg).to(args.device)
 
 
-def run_row(args, sessions: int, precision: str, cached: bool, compile_mode: str = "off") -> dict:
+def run_row(
+    args, sessions: int, precision: str, cached: bool, compile_mode: str = "off", fused: bool = False
+) -> dict:
     dev = torch.device(args.device)
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len
     roller = Roller(env, tok, args.group_size, "truth", args.arr_rate, 0, precision=precision, cached=cached)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    # fused: agents.hepo's optimiser on CUDA; update() then checks finiteness on the device (no sync per step)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=fused)
     loss_cfg = LossConfig()
     schedule = UpdateConfig(args.epochs, args.minibatch, 1.0, 0, precision)
     terms_fn = PathTerms(model, cached=cached, compile=compile_mode)
@@ -261,6 +264,7 @@ def run_row(args, sessions: int, precision: str, cached: bool, compile_mode: str
         "precision": precision,
         "path": "cached" if cached else "old",
         "compile": compile_mode,
+        "optimizer": "fused" if fused else "foreach",
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -283,6 +287,12 @@ def run_row(args, sessions: int, precision: str, cached: bool, compile_mode: str
     return row
 
 
+def path_label(row: dict) -> str:
+    """``cached`` / ``old``, with ``+compile MODE`` and ``+fused`` when they are on."""
+    label = row["path"] + ("" if row["compile"] == "off" else f" +compile {row['compile']}")
+    return label + (" +fused" if row.get("optimizer") == "fused" else "")
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| N | precision | path | requests (+reh.) | valid | rollout s | targets s | update s | eval s | "
@@ -291,7 +301,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---:|" * 15]
     for r in rows:
         lines.append(
-            f"| {r['sessions']:,} | {r['precision']} | {r['path']}{'' if r['compile'] == 'off' else ' +compile ' + r['compile']} | "
+            f"| {r['sessions']:,} | {r['precision']} | {path_label(r)} | "
             f"{r['requests']:,} (+{r['rehearsed']:,}) | {r['valid']:,} | {r['rollout_s']:.3f} | "
             f"{r['targets_s']:.3f} | {r['update_s']:.3f} | {r['eval_s']:.1f} | {r['requests_per_s']:,.0f} | "
             f"{r['update_flops_per_request'] / 1e9:.2f} | {r['update_tflops']:.2f} | {r['update_mfu']:.1%} | "
@@ -316,6 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--compile",
         default="off",
         help=f"comma-separated PathTerms compile modes, one row each, of {COMPILE_MODES} (off = eager)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="foreach",
+        help="comma-separated AdamW implementations, one row each: foreach (finiteness read on the host every "
+        "minibatch) | fused (agents.hepo's on CUDA: non-finite steps skipped on the device, read once)",
     )
     p.add_argument("--history", type=int, default=127, help="organic_history = ad_history: T = 2 + 2 x this")
     p.add_argument("--d-model", type=int, default=256)
@@ -370,12 +386,18 @@ def main(argv: list[str] | None = None) -> dict:
     for x in modes:
         if x not in COMPILE_MODES:
             raise ValueError(f"--compile {x!r} is invalid: expected one of {COMPILE_MODES}")
+    optimizers = []
+    for x in [x for x in args.optimizer.split(",") if x]:
+        if x not in ("foreach", "fused"):
+            raise ValueError(f"--optimizer {x!r} is invalid: expected foreach or fused")
+        optimizers.append(x == "fused")
     TypedFFN.impl = args.ffn_impl  # the class default, as benchmarks/bench_decode.py sets it
     rows = []
     for n in ints(args.sessions):
         for precision in precisions:
-            for cached, mode in [(True, m) for m in modes] + ([(False, "off")] if args.old else []):
-                rows.append(run_row(args, n, precision, cached, mode))
+            variants = [(True, m, f) for m in modes for f in optimizers]
+            for cached, mode, fused in variants + ([(False, "off", False)] if args.old else []):
+                rows.append(run_row(args, n, precision, cached, mode, fused))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

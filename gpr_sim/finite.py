@@ -3,8 +3,10 @@
 Why a hard stop: a single non-finite value in a loss reaches every parameter through the shared trunk and
 the global gradient-norm clip (``clip_grad_norm_`` scales every gradient by max_norm / inf = 0, and
 0 x inf = NaN), so one bad request turns the whole model into NaN in one optimiser step, and a run that
-carries on evaluates and saves a NaN policy with exit status 0. The guard runs before the optimiser step,
-so the parameters, the optimiser state and the last checkpoint on disk stay the last good ones.
+carries on evaluates and saves a NaN policy with exit status 0. The guard runs before the optimiser step
+takes effect (read on the host before it, or, with a fused optimiser, the step skipped on the device and the
+values read after the update: ``agents.rl.loop.update``), so the parameters, the optimiser state and the last
+checkpoint on disk stay the last good ones.
 """
 
 from __future__ import annotations

@@ -33,8 +33,11 @@ def test_check_finite_parameters_names_the_parameter():
         check_finite_parameters("step 1", net)
 
 
-def test_nan_in_a_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pre, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("fused", [False, True], ids=["host check", "fused AdamW, device check"])
+def test_nan_in_a_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pre, tmp_path, monkeypatch, fused):  # noqa: F811
     out = tmp_path / "run"
+    adamw = torch.optim.AdamW  # CUDA runs take the fused optimiser: its steps are skipped on the device
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": fused}))
     real_terms, real_update, now = loop.loss_terms, loop.update, {}
 
     def update(*a, **kw):  # note the iteration being trained (``draw``: 0-based)

@@ -236,9 +236,19 @@ def update(
     one row with weight 0 (every rank must join the gradient all-reduce). ``policy`` False trains the
     value terms only (critic warm-up). ``draw`` keys the minibatch order (``minibatches``). The buffer
     holds ``algo``'s targets.
+
+    Non-finite values (any loss term or the gradient norm) stop the run (``gpr_sim.finite``) before they reach
+    the parameters. With the plain optimiser the check reads them on the host before each step (one sync per
+    minibatch); with a fused AdamW the step is skipped on the device when they are not finite (its
+    ``found_inf``, as ``torch.amp.GradScaler`` uses it) and they are read once at the end of the update, so
+    the host queues minibatches ahead of the GPU (every step after a bad one is skipped too). Either way the
+    parameters and optimiser state stay those before the first bad minibatch, which the error names.
     """
     sums: dict[str, float] = {}
     n = 0
+    on_device = bool(opt.defaults.get("fused"))  # the fused kernel can skip a flagged step without a sync
+    pending: list[tuple[str, list[str], torch.Tensor, float]] = []  # checked after the last step
+    flagged = torch.zeros((), device=buf.codes.device)  # 1 from the first non-finite minibatch on
     for epoch in range(cfg.epochs):
         pieces, sizes = minibatches(buf, cfg.seed, draw * cfg.epochs + epoch, cfg.minibatch, dist)
         for batch, (idx, size) in enumerate(zip(pieces, sizes)):
@@ -251,13 +261,32 @@ def update(
             opt.zero_grad(set_to_none=True)
             (loss * (share * dist.world_size)).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            # before the step: a NaN here would reach every parameter (gpr_sim.finite); every rank sees
-            # the same all-reduced gradient norm, so all ranks stop together
-            values = torch.stack([v.detach().float() for v in terms.values()] + [grad_norm.float()]).tolist()
-            named = dict(zip([*terms, "gradient norm"], values))
-            check_finite(f"iteration {draw + 1}, epoch {epoch}, minibatch {batch}", named)
+            # checked before the step takes effect: a NaN here would reach every parameter (gpr_sim.finite);
+            # every rank sees the same all-reduced gradient norm, so all ranks skip and stop together
+            names = [*terms, "gradient norm"]
+            values = torch.stack([v.detach().float() for v in terms.values()] + [grad_norm.float()])
+            where = f"iteration {draw + 1}, epoch {epoch}, minibatch {batch}"
+            if (
+                on_device
+            ):  # no host sync per minibatch: from a non-finite one on, steps are skipped on the device
+                flagged = torch.maximum(flagged, (~torch.isfinite(values).all()).float())
+                opt.found_inf = flagged
+                opt.step()
+                del opt.found_inf
+                pending.append((where, names, values, share))
+                continue
+            named = dict(zip(names, values.tolist()))
+            check_finite(where, named)
             opt.step()
             for key in terms:
+                sums[key] = sums.get(key, 0.0) + share * named[key]
+            n += 1
+    if pending:  # one sync for the whole update; the first non-finite minibatch stops the run
+        table = torch.stack([values for _, _, values, _ in pending]).tolist()
+        for (where, names, _, share), row in zip(pending, table, strict=True):
+            named = dict(zip(names, row))
+            check_finite(where, named)
+            for key in names[:-1]:
                 sums[key] = sums.get(key, 0.0) + share * named[key]
             n += 1
     out = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
