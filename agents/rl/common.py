@@ -139,11 +139,8 @@ def _at_most_one(mask: Tensor, cells: int = 1 << 26) -> Tensor:
     """(..., K) bool -> (...) bool: at most one True, counted in chunks of ``cells`` mask entries. ``sum`` of a
     bool tensor counts in int64, a copy 8x the mask: one gpu-large iteration's last level asked for 28 GiB."""
     flat = mask.reshape(-1, mask.shape[-1])
-    out = torch.empty(flat.shape[0], dtype=torch.bool, device=mask.device)
     rows = max(1, cells // max(flat.shape[1], 1))
-    for start in range(0, flat.shape[0], rows):
-        out[start : start + rows] = flat[start : start + rows].sum(-1) <= 1
-    return out.reshape(mask.shape[:-1])
+    return torch.cat([part.sum(-1) <= 1 for part in flat.split(rows)]).reshape(mask.shape[:-1])
 
 
 def terminal_level(free: Tensor) -> Tensor:

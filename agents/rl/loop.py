@@ -266,9 +266,8 @@ def update(
             names = [*terms, "gradient norm"]
             values = torch.stack([v.detach().float() for v in terms.values()] + [grad_norm.float()])
             where = f"iteration {draw + 1}, epoch {epoch}, minibatch {batch}"
-            if (
-                on_device
-            ):  # no host sync per minibatch: from a non-finite one on, steps are skipped on the device
+            # fused: no host sync per minibatch; from a non-finite one on, steps are skipped on the device
+            if on_device:
                 flagged = torch.maximum(flagged, (~torch.isfinite(values).all()).float())
                 opt.found_inf = flagged
                 opt.step()
