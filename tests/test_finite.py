@@ -40,8 +40,10 @@ def test_nan_in_a_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pre, tmp
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": fused}))
     real_terms, real_update, now = loop.loss_terms, loop.update, {}
 
-    def update(*a, **kw):  # note the iteration being trained (``draw``: 0-based)
+    def update(*a, **kw):  # note the iteration being trained (``draw``: 0-based) and the model before it
         now["iteration"] = kw["draw"] + 1 if "draw" in kw else a[8] + 1
+        now["model"] = kw["model"] if "model" in kw else a[1]
+        now["before"] = [p.detach().clone() for p in now["model"].parameters()]
         return real_update(*a, **kw)
 
     def nan_policy_on_iteration_two(*a, **kw):
@@ -55,6 +57,9 @@ def test_nan_in_a_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pre, tmp
     monkeypatch.setattr(loop, "loss_terms", nan_policy_on_iteration_two)
     with pytest.raises(NonFiniteError, match=r"iteration 2, epoch 0, minibatch 0: non-finite policy, loss"):
         hepo.main(tiny(pre, out, "--iterations", "3"))
+    # no step of the failed update took effect: the model is the one it started from
+    for p, before in zip(now["model"].parameters(), now["before"], strict=True):
+        torch.testing.assert_close(p.detach(), before, rtol=0, atol=0)
     ckpt = hepo.read_checkpoint(out / "checkpoint.pt")
     assert ckpt["iteration"] == 1  # the last good one, written after iteration 1
     assert all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
