@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,18 +145,23 @@ def fit_platform(
     """Fit the three stages on a log (module doc) and measure them; returns the platform and the report dict.
 
     The report holds ``funnel`` (``fit_funnel``'s report), ``retrieval`` (training losses, clicks, held-out
-    recall@R), ``preranking`` (training losses), ``stage_losses`` (``agents.platform.stage_losses``) and the
-    sizes of the split.
+    recall@R), ``preranking`` (training losses), ``stage_losses`` (``agents.platform.stage_losses``), the
+    sizes of the split and ``seconds``, the wall time of each phase (what a large log's fit spends its time on).
     """
+    seconds: dict[str, float] = {}
+    clock = _Clock(seconds, device)
     sim_world = generate_world(world, world_seed, device)
     catalog = catalog_of(sim_world)
     # The simulator's world reaches fit_funnel only for its report (the privileged estimator beside the model).
+    clock("world")
     funnel, funnel_report = fit_funnel(df, catalog, config.funnel, device, progress, world=sim_world)
     funnel.eval()
+    clock("funnel")
 
     held = heldout_sessions(df["episode_id"].to_numpy(), config.heldout_fraction)
     rows, ads = clicked_ads(df)
     requests = log_requests(df, device)
+    clock("requests")
 
     def pick(idx: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: v[torch.as_tensor(idx, device=device)] for k, v in requests.items()}
@@ -169,6 +175,7 @@ def fit_platform(
     ret_report[f"recall_at_{r}_heldout"] = recall_at(retrieval, catalog, pick(rows[test]), clicked[test], r)
     ret_report[f"recall_at_{r}_train"] = recall_at(retrieval, catalog, pick(rows[train]), clicked[train], r)
     ret_report["heldout_clicks"] = int(test.sum())
+    clock("retrieval")
 
     g = np.random.default_rng(config.preranking.seed)
     train_requests = np.flatnonzero(~held)
@@ -179,11 +186,13 @@ def fit_platform(
     teacher = log_ecpm(funnel, catalog, req, retrieved)
     features = preranking_features(catalog, req, retrieved, scores)
     preranker, pre_report = fit_preranking(features, teacher, config.preranking, device)
+    clock("preranking")
 
     platform = Platform(funnel, retrieval, preranker)
     cascade = LearnedCascadeConfig(r, config.preranking.preranking_size, config.temperature)
     states = OracleShareConfig(states=config.states, seed=config.states_seed, warmup=config.warmup)
     losses = stage_losses(platform, world, world_seed, states, cascade, device)
+    clock("stage_losses")
     report = {
         "requests": len(df),
         "heldout_requests": int(held.sum()),
@@ -191,8 +200,23 @@ def fit_platform(
         "retrieval": ret_report,
         "preranking": pre_report,
         "stage_losses": losses,
+        "seconds": seconds,
     }
     return platform, report
+
+
+class _Clock:
+    """Records into ``seconds[name]`` the wall time since the previous call (the device synchronised first)."""
+
+    def __init__(self, seconds: dict[str, float], device: str | torch.device) -> None:
+        self.seconds, self.device, self.last = seconds, torch.device(device), time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
 
 
 def report_markdown(report: dict) -> str:
@@ -204,9 +228,9 @@ def report_markdown(report: dict) -> str:
         f"{report['requests']} logged requests, {report['heldout_requests']} in held-out sessions.",
         "",
     ]
-    for section in ("funnel", "retrieval", "preranking", "stage_losses"):
+    for section in ("funnel", "retrieval", "preranking", "stage_losses", "seconds"):
         lines += [f"## {section}", "", "| key | value |", "|---|---|"]
-        for key, value in _flat(report[section]).items():
+        for key, value in _flat(report.get(section, {})).items():
             if isinstance(value, (list, tuple)) or key.startswith("config."):
                 continue
             text = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)

@@ -5,8 +5,9 @@ MTP; ``ROOT/vaft`` starts from ``ROOT/mtp/checkpoint.pt`` on that log and tokeni
 ``summary.json`` records the steps asked for is reused as it is, so every algorithm of a seed starts from
 the same generator. With ``behaviour="learned-cascade"`` the MTP log is served by ``ROOT/platform``, the
 learned cascade fitted on the funnel's bootstrap log (``ensure_behaviour``), the chain a real platform has.
-``ROOT/funnel`` holds the platform's learned pCTR / pCVR fitted on the same log
-(``ensure_funnel``): the RL learners are rewarded through it, as the paper's simulator uses production models.
+The platform's learned pCTR / pCVR (``ensure_funnel``: ``ROOT/platform``'s funnel when the platform is
+fitted, else ``ROOT/funnel``'s, fitted alike on the same log) rewards the RL learners, as the paper's simulator
+uses production models.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from agents.platform.folder import FUNNEL_FILE as PLATFORM_FUNNEL_FILE
+from agents.platform.folder import platform_inputs
 from agents.pretraining.config import PretrainConfig
 from agents.pretraining.data import PRIVILEGED, ensure_bootstrap_log, ensure_platform
 from agents.pretraining.trainer import pretrain
@@ -99,7 +102,14 @@ def ensure_funnel(mtp: PretrainConfig, envs: int, steps: int, dist: Dist = SINGL
     than a generator's pre-training sample: on the demo's 6,400 requests the fit sees ~1,300 impressions and
     its held-out CTR AUC is below 0.5; 131,072 requests give 0.62 (the truth's: 0.66). Every rank returns
     once the file exists (data-parallel jobs share it).
+
+    When ``ROOT/platform`` holds a fitted platform (``ensure_behaviour``), its funnel is returned instead: it is
+    the same fit (``FunnelConfig(seed=mtp.seed)`` on the same bootstrap log), and a second fit of it costs
+    minutes on a large log.
     """
+    platform = Path(mtp.out).parent / "platform"
+    if all(path.is_file() for path in platform_inputs(platform)):
+        return platform / PLATFORM_FUNNEL_FILE
     folder = Path(mtp.out).parent / "funnel"
     path = folder / FUNNEL_FILE
     if dist.is_main and not path.is_file():
