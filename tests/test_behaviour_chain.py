@@ -14,8 +14,9 @@ import agents.hepo as hepo
 from agents import pretrain
 from agents.pretraining.config import PretrainConfig
 from agents.pretraining.data import behaviour_policy, collect_config, ensure_inputs, load_data
-from agents.pretraining.pipeline import ensure_behaviour, ensure_pretrained, stage_configs
+from agents.pretraining.pipeline import ensure_behaviour, ensure_funnel, ensure_pretrained, stage_configs
 from gpr_sim.data.logs import read_logs
+from gpr_sim.platform.funnel import load_funnel
 from gpr_sim.runs import write_json
 from tests.helpers import TINY_PRETRAIN
 
@@ -90,6 +91,30 @@ def test_learned_cascade_chain(tmp_path):
     ensure_behaviour(mtp, *BOOTSTRAP)
     ensure_pretrained(mtp, vaft)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # reused, not refitted or recollected
+
+
+def test_the_reward_funnel_is_the_platforms_when_it_is_fitted(tmp_path):
+    """With a fitted platform the RL reward's funnel is its ``funnel.pt`` (no second fit of the same model);
+    without one, ``ROOT/funnel/model.pt`` is fitted on the same bootstrap log and equals it."""
+    common = PretrainConfig(behaviour="learned-cascade", **TINY)
+    mtp = stage_configs(tmp_path / "a", common, 3, 3)[0]
+    platform = ensure_behaviour(mtp, *BOOTSTRAP)
+    assert ensure_funnel(mtp, *BOOTSTRAP) == platform / "funnel.pt"
+    assert not (tmp_path / "a" / "funnel" / "model.pt").exists()
+
+    alone = stage_configs(tmp_path / "b", dataclasses.replace(common, behaviour="cascade-privileged"), 3, 3)[
+        0
+    ]
+    (tmp_path / "b" / "funnel").mkdir(parents=True)
+    (tmp_path / "b" / "funnel" / "logs.parquet").write_bytes(
+        (tmp_path / "a" / "funnel" / "logs.parquet").read_bytes()
+    )
+    fitted = ensure_funnel(alone, *BOOTSTRAP)
+    assert fitted == tmp_path / "b" / "funnel" / "model.pt"
+    ours, theirs = (load_funnel(p).state_dict() for p in (fitted, platform / "funnel.pt"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
 
 
 def test_a_finished_stage_of_another_behaviour_is_refused(tmp_path):
