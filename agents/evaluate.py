@@ -99,6 +99,8 @@ class Args:
     """a platform folder (`agents.fit_platform`) or a funnel file (an `agents.hepo` pipeline's
     PRETRAIN_DIR/funnel/model.pt) whose learned pCTR/pCVR the market's auction ranks on, for every agent; empty =
     the privileged auction (the default)"""
+    budgets: str = "default"
+    """advertisers' daily budgets: default (the preset's) | unlimited (no budget binds: ranking alone)"""
 
     def __post_init__(self) -> None:
         cli.check_args(self)
@@ -125,6 +127,7 @@ class Args:
             rerun=self.rerun,
             reference=self.reference or None,
             auction=self.auction,
+            budgets=self.budgets,
         )
 
     @property

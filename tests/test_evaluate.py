@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from agents.evaluate import Args, main, parse_args
-from agents.evaluation.compare import EvalConfig, compare_agents, write_comparison
-from agents.policies import FAMILIES, Family, PolicyOutput, policy_factory
+from agents.evaluation.compare import BUDGETS, EvalConfig, compare_agents, write_comparison
+from agents.policies import FAMILIES, Family, PolicyOutput, make_policy, policy_factory
+from envs import make_vec_env
 from gpr_sim.metrics import METRICS, SESSION_COLUMNS
 from gpr_sim.stats import CIConfig
 
@@ -257,3 +258,36 @@ def test_command_line_smoke(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "revenue / session" in res.stdout and "cascade-privileged (reference)" in res.stdout
     assert (tmp_path / "summary.csv").exists()
+
+
+def test_unlimited_budgets_never_bind_and_keep_the_world(tmp_path, capsys):
+    """``budgets="unlimited"``: the same catalog and bids, and no advertiser runs out of budget where the default
+    budgets run out; an evaluation under it is a run config of its own (not a cached default run)."""
+    with pytest.raises(
+        ValueError, match=r"^budgets='none' is unknown: expected one of \['default', 'unlimited'\]"
+    ):
+        EvalConfig(budgets="none")
+    with pytest.raises(ValueError, match=r"^budgets="):
+        Args(budgets="none")
+    envs = {
+        b: make_vec_env("ads-v0", 64, preset="small", validate_actions=False, **BUDGETS[b]) for b in BUDGETS
+    }
+    default, unlimited = (envs[b].unwrapped.world for b in ("default", "unlimited"))
+    torch.testing.assert_close(default.ad_bid, unlimited.ad_bid, rtol=0, atol=0)
+    ratio = unlimited.advertiser_budget_share / default.advertiser_budget_share
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1e6 / 1.5))
+    ever_out = {}
+    for name, env in envs.items():
+        obs, _ = env.reset(seed=0)
+        policy = make_policy("cascade-privileged@temperature=0", env, 0)
+        out = torch.zeros((), dtype=torch.bool)
+        for _ in range(300):
+            obs, *_ = env.step(policy.act(obs).action)
+            out |= ~env.unwrapped.eligible_ads().all()
+        ever_out[name] = bool(out)
+    assert ever_out == {"default": True, "unlimited": False}
+
+    main(Args(agents="random", out=str(tmp_path), plots=False, **TINY))
+    capsys.readouterr()
+    main(Args(agents="random", out=str(tmp_path), plots=False, budgets="unlimited", **TINY))
+    assert "already evaluated" not in capsys.readouterr().out

@@ -50,6 +50,10 @@ from gpr_sim.stats import CIConfig
 
 PREFIX = "eval/"
 """the prefix of every metric column"""
+BUDGETS = {"default": {}, "unlimited": {"budget_per_1k_requests": 1e6}}
+"""``EvalConfig.budgets`` -> the ``WorldConfig`` fields it changes. Unlimited: every advertiser's daily budget is
+~10^6 times the default (1.5 per 1k requests), so no budget binds within an evaluation and the comparison is of
+ranking alone; the catalog, users and bids stay the same (the budget draw scales, its random numbers do not)."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,14 @@ class EvalConfig:
     auction: str = ""
     """a platform folder (``agents.fit_platform``) whose learned pCTR/pCVR every agent's market auction ranks on
     (``agents.evaluation.auction``); empty = the privileged auction (the default)"""
+    budgets: str = "default"
+    """advertisers' daily budgets (``BUDGETS``): default (the preset's) | unlimited (no budget binds). The
+    ``oracle_share`` states are first requests of sessions, where no budget binds yet: the same under both"""
 
     def __post_init__(self) -> None:
         auction_funnel_file(self.auction)  # not a platform folder: fails before anything runs
+        if self.budgets not in BUDGETS:
+            raise ValueError(f"budgets={self.budgets!r} is unknown: expected one of {list(BUDGETS)}")
         for name in ("num_envs", "sessions", "oracle_states"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -146,7 +155,7 @@ def run_config(cfg: EvalConfig, spec: str) -> dict:
         "inputs": agent_inputs(spec),
         "env": cfg.env,
         "preset": cfg.preset,
-        "world": resolve_config(cfg.preset).to_dict(),
+        "world": resolve_config(cfg.preset, **BUDGETS[cfg.budgets]).to_dict(),
         "world_seed": cfg.world_seed,
         "num_envs": cfg.num_envs,
         "sessions_per_slot": cfg.sessions_per_slot,
@@ -193,6 +202,7 @@ def run_agent(
         world_seed=cfg.world_seed,
         device=cfg.device,
         validate_actions=False,
+        **BUDGETS[cfg.budgets],
     )
     attach_auction_model(env, cfg.auction)
     policy = make_policy(spec, env, cfg.seed)
