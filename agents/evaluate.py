@@ -2,7 +2,7 @@
 
     python -m agents.evaluate --env ads-v0 --agents random,cascade-privileged,oracle [--preset small] \
         [--num-envs 512] [--sessions 2000] [--seed 0] [--reference cascade-privileged] \
-        [--auction PLATFORM_DIR] [--out runs/eval/NAME]
+        [--auction PLATFORM_DIR] [--budgets default|unlimited] [--out runs/eval/NAME]
 
 Every agent gets a fresh market built from the same world seed and reset with the same seed. The random
 streams are keyed by (seed, env slot, draw counter), so each slot's first session has the same user for
@@ -14,7 +14,8 @@ serves on `--oracle-states` fixed request states as a share of the myopic oracle
 the fatigue-aware oracle's share (`agents.evaluation.oracle_share`). With `--auction DIR` every agent's
 market (and the oracle_share states') ranks its auction on the learned pCTR/pCVR of the platform folder DIR
 instead of the privileged estimate (`agents.evaluation.auction`); the folder's digest joins each agent's
-cache key.
+cache key. `--budgets unlimited` lifts every advertiser's daily budget so that none binds (the same catalog and
+bids): the comparison of ranking alone, beside the default budgets' (`agents.evaluation.compare.BUDGETS`).
 
 With `--reference NAME`, every other agent is also compared with NAME session by session
 (`agents.evaluation.paired`): sessions are paired by (env slot, the slot's session index), the first session of
