@@ -98,7 +98,7 @@ class Args:
     intervals over pairs whatever --ci); empty = no paired table"""
     auction: str = ""
     """a platform folder (`agents.fit_platform`) or a funnel file (an `agents.hepo` pipeline's
-    PRETRAIN_DIR/funnel/model.pt) whose learned pCTR/pCVR the market's auction ranks on, for every agent; empty =
+    PRETRAIN_DIR/platform, or PRETRAIN_DIR/funnel/model.pt when it fits no platform) whose learned pCTR/pCVR the market's auction ranks on, for every agent; empty =
     the privileged auction (the default)"""
     budgets: str = "default"
     """advertisers' daily budgets: default (the preset's) | unlimited (no budget binds: ranking alone)"""

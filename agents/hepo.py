@@ -32,7 +32,8 @@ Resuming never rewrites ``config.json``, and a finished run asked for no more ``
 
 The auction: by default the markets' auction ranks on the privileged estimate (the world's default). With
 ``--auction`` (needs ``--reward learned``) the training market's auction ranks on the same learned pCTR / pCVR
-that rewards the learners (``ROOT/funnel/model.pt``), and so do the held-out evaluation's market and its
+that rewards the learners (``agents.pretraining.pipeline.reward_funnel_file``: ``ROOT/platform/funnel.pt``, or
+``ROOT/funnel/model.pt`` with ``--behaviour cascade-privileged``), and so do the held-out evaluation's market and its
 ``oracle_share`` states (``HeldOutConfig.auction``): the fair-arena setting in which the learned cascade is
 compared with GPR (``agents.evaluate --auction``). ``config.json`` and ``summary.json`` record which auction
 ran and the funnel's SHA-256 (``auction_record``); the reports refuse to put runs of different auctions in

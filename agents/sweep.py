@@ -70,7 +70,7 @@ from agents.evaluation.compare import EvalConfig
 from agents.evaluation.folder import evaluate_folder
 from agents.policies import POLICIES
 from agents.policies.learned_cascade import learned_cascade_inputs
-from agents.pretraining.pipeline import FUNNEL_FILE
+from agents.pretraining.pipeline import reward_funnel_file
 from agents.reporting.folders import check_runs
 from agents.reporting.sweep import (
     FINAL_METRICS,
@@ -446,7 +446,7 @@ def final_config(args: Args, by_algo: dict[str, Run], specs: dict[str, str]) -> 
         oracle_states=a.eval_states,
         ci=CIConfig(level=args.level),
         reference=specs[args.reference_algo] if len(specs) > 1 else None,
-        auction=str(Path(a.pretrain_dir) / "funnel" / FUNNEL_FILE) if a.auction else "",
+        auction=str(reward_funnel_file(Path(a.pretrain_dir))) if a.auction else "",
     )
 
 

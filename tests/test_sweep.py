@@ -85,7 +85,8 @@ def test_learned_platform_and_auction_reach_the_final_evaluation(tmp_path):
         "cascade-privileged (reference)",
         "learned-cascade",
     ]
-    (funnel,) = out.glob("pretrain/*/seed0/funnel/model.pt")
+    (funnel,) = out.glob("pretrain/*/seed0/platform/funnel.pt")  # the platform's: the runs' reward funnel
+    assert not list(out.glob("pretrain/*/seed0/funnel/model.pt"))  # not fitted a second time
     cached = sorted((out / "base" / "final" / "seed0" / "agents").glob("*/summary.json"))
     assert len(cached) == 3 and {read_json(p)["config"]["auction"]["path"] for p in cached} == {str(funnel)}
 

@@ -7,7 +7,8 @@
 A realism setting of the market (``envs.market.BatchedMarket.attach_auction``), not of an agent: every agent
 of a comparison and its ``oracle_share`` states run in a market with the same auction. The path names a
 platform folder (``agents.fit_platform``: its ``funnel.pt``) or a funnel file itself (``agents.hepo``'s
-pipeline keeps its learned pCTR/pCVR in ``ROOT/funnel/model.pt``, beside no retrieval or pre-ranking stage).
+pipeline keeps a funnel without the other stages in ``ROOT/funnel/model.pt`` when it fits no platform:
+``agents.pretraining.pipeline.reward_funnel_file``).
 """
 
 from __future__ import annotations

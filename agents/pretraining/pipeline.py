@@ -92,27 +92,32 @@ def ensure_behaviour(mtp: PretrainConfig, envs: int, steps: int, dist: Dist = SI
     return root / "platform"
 
 
-def ensure_funnel(mtp: PretrainConfig, envs: int, steps: int, dist: Dist = SINGLE) -> Path:
-    """The platform's learned pCTR / pCVR for this pipeline: ``ROOT/funnel/model.pt`` beside the MTP stage.
-
-    When absent, the rank-0 process collects the platform's own cascade log, ``envs`` sessions x ``steps``
-    requests (``ROOT/funnel/logs.parquet``: ``data.ensure_bootstrap_log``; the learned cascade's too),
-    fits ``FunnelConfig(seed=mtp.seed)`` on it and writes the model and its held-out AUC / ECE
-    (``ROOT/funnel/report.json``). Its own log because a platform's models learn from far more traffic
-    than a generator's pre-training sample: on the demo's 6,400 requests the fit sees ~1,300 impressions and
-    its held-out CTR AUC is below 0.5; 131,072 requests give 0.62 (the truth's: 0.66). Every rank returns
-    once the file exists (data-parallel jobs share it).
-
-    When ``ROOT/platform`` holds a fitted platform (``ensure_behaviour``), its funnel is returned instead: it is
-    the same fit (``FunnelConfig(seed=mtp.seed)`` on the same bootstrap log), and a second fit of it costs
-    minutes on a large log.
-    """
-    platform = Path(mtp.out).parent / "platform"
+def reward_funnel_file(root: Path) -> Path:
+    """The learned funnel the pipeline in ``root`` rewards (and, with ``--auction``, ranks) through:
+    ``ROOT/platform``'s when the platform is fitted, else ``ROOT/funnel/model.pt`` (``ensure_funnel``; it need
+    not exist yet)."""
+    platform = Path(root) / "platform"
     if all(path.is_file() for path in platform_inputs(platform)):
         return platform / PLATFORM_FUNNEL_FILE
-    folder = Path(mtp.out).parent / "funnel"
-    path = folder / FUNNEL_FILE
+    return Path(root) / "funnel" / FUNNEL_FILE
+
+
+def ensure_funnel(mtp: PretrainConfig, envs: int, steps: int, dist: Dist = SINGLE) -> Path:
+    """The platform's learned pCTR / pCVR for this pipeline (``reward_funnel_file``), fitted when absent.
+
+    When ``ROOT/platform`` holds a fitted platform (``ensure_behaviour``), it is that platform's funnel: the same
+    fit (``FunnelConfig(seed=mtp.seed)`` on the same bootstrap log) that a second fit would repeat, at a cost of
+    minutes on a large log. Without a platform (``--behaviour cascade-privileged``) it is ``ROOT/funnel/model.pt``:
+    the rank-0 process collects the platform's own cascade log, ``envs`` sessions x ``steps`` requests
+    (``ROOT/funnel/logs.parquet``: ``data.ensure_bootstrap_log``), fits ``FunnelConfig(seed=mtp.seed)`` on it and
+    writes the model and its held-out AUC / ECE (``ROOT/funnel/report.json``). Its own log because a platform's
+    models learn from far more traffic than a generator's pre-training sample: on the demo's 6,400 requests the
+    fit sees ~1,300 impressions and its held-out CTR AUC is below 0.5; 131,072 requests give 0.62 (the truth's:
+    0.66). Every rank returns once the file exists (data-parallel jobs share it).
+    """
+    path = reward_funnel_file(Path(mtp.out).parent)  # the platform's exists when it is fitted
     if dist.is_main and not path.is_file():
+        folder = path.parent
         logs = ensure_bootstrap_log(mtp, folder.parent, envs, steps)
         df, meta = read_logs(logs)
         world = generate_world(WorldConfig.from_dict(meta["world_config"]), meta.get("world_seed", 0))
