@@ -97,9 +97,9 @@ class Args:
     """an agent of --agents that every other one is compared with session by session (paired.csv; delta-method
     intervals over pairs whatever --ci); empty = no paired table"""
     auction: str = ""
-    """a platform folder (`agents.fit_platform`) or a funnel file (an `agents.hepo` pipeline's
-    PRETRAIN_DIR/platform, or PRETRAIN_DIR/funnel/model.pt when it fits no platform) whose learned pCTR/pCVR the market's auction ranks on, for every agent; empty =
-    the privileged auction (the default)"""
+    """a platform folder (`agents.fit_platform`, e.g. an `agents.hepo` pipeline's PRETRAIN_DIR/platform) or a
+    funnel file (PRETRAIN_DIR/funnel/model.pt of a pipeline that fits no platform) whose learned pCTR/pCVR the
+    market's auction ranks on, for every agent; empty = the privileged auction (the default)"""
     budgets: str = "default"
     """advertisers' daily budgets: default (the preset's) | unlimited (no budget binds: ranking alone)"""
 

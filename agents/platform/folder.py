@@ -43,6 +43,11 @@ def platform_inputs(path: str | Path) -> list[Path]:
     return [Path(path) / name for name in MODEL_FILES]
 
 
+def platform_fitted(path: str | Path) -> bool:
+    """Whether the folder ``path`` holds every model file of a platform (``MODEL_FILES``)."""
+    return all(file.is_file() for file in platform_inputs(path))
+
+
 def check_platform_folder(path: str | Path) -> Path:
     """``path`` as a Path if it is a folder holding every ``MODEL_FILES``.
 
@@ -131,6 +136,7 @@ __all__ = [
     "Platform",
     "check_platform_folder",
     "load_platform",
+    "platform_fitted",
     "platform_inputs",
     "save_platform",
 ]

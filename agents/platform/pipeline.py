@@ -230,7 +230,7 @@ def report_markdown(report: dict) -> str:
     ]
     for section in ("funnel", "retrieval", "preranking", "stage_losses", "seconds"):
         lines += [f"## {section}", "", "| key | value |", "|---|---|"]
-        for key, value in _flat(report.get(section, {})).items():
+        for key, value in _flat(report[section]).items():
             if isinstance(value, (list, tuple)) or key.startswith("config."):
                 continue
             text = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)

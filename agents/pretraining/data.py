@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from agents.collection import CollectConfig, write_log
-from agents.platform.folder import platform_inputs
+from agents.platform.folder import platform_fitted
 from agents.platform.pipeline import PlatformFitConfig, write_platform_folder
 from agents.policies.learned_cascade import LearnedCascadeConfig
 from agents.pretraining.config import PretrainConfig
@@ -183,7 +183,7 @@ def ensure_platform(cfg: PretrainConfig, root: Path, envs: int, steps: int) -> P
     default settings, the funnel seeded by ``seed``) fitted on ``ensure_bootstrap_log(cfg, root, envs, steps)``;
     reused when its model files are present."""
     folder = root / "platform"
-    if not all(path.is_file() for path in platform_inputs(folder)):
+    if not platform_fitted(folder):
         logs = ensure_bootstrap_log(cfg, root, envs, steps)
         df, meta = read_logs(logs)
         world, world_seed = log_world(meta)

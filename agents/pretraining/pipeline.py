@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 
 from agents.platform.folder import FUNNEL_FILE as PLATFORM_FUNNEL_FILE
-from agents.platform.folder import platform_inputs
+from agents.platform.folder import platform_fitted
 from agents.pretraining.config import PretrainConfig
 from agents.pretraining.data import PRIVILEGED, ensure_bootstrap_log, ensure_platform
 from agents.pretraining.trainer import pretrain
@@ -97,7 +97,7 @@ def reward_funnel_file(root: Path) -> Path:
     ``ROOT/platform``'s when the platform is fitted, else ``ROOT/funnel/model.pt`` (``ensure_funnel``; it need
     not exist yet)."""
     platform = Path(root) / "platform"
-    if all(path.is_file() for path in platform_inputs(platform)):
+    if platform_fitted(platform):
         return platform / PLATFORM_FUNNEL_FILE
     return Path(root) / "funnel" / FUNNEL_FILE
 
