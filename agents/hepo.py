@@ -111,7 +111,7 @@ PROFILES: dict[str, dict] = {
     "gpu-large": dict(
         device="cuda",
         precision="bf16",
-        compile="blocks",
+        compile="regions",
         preset="large",
         collect_envs=16384,
         collect_steps=64,
@@ -260,7 +260,8 @@ class Args:
     """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
     compile: str = "off"
     """off | blocks (each HSD and PTD block through torch.compile: the element-wise work fuses; seconds to
-    compile) | full (the whole update forward; minutes to compile) (``agents.rl.loop.PathTerms``)"""
+    compile) | regions (blocks, and the embedding, thinking, teacher-forced paths and HTE values, each one
+    graph) | full (the whole update forward; minutes to compile) (``agents.rl.loop.PathTerms``)"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True

@@ -685,7 +685,7 @@ def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
     assert parse_args(hepo.Args, [], profiles=hepo.PROFILES) == hepo.Args()  # cpu: the class's own defaults
     with pytest.raises(UsageError, match="unknown profile 'gpu'"):
         parse_args(hepo.Args, ["--profile", "gpu"], profiles=hepo.PROFILES)
-    assert args.compile == "blocks" and hepo.Args().compile == "off"
+    assert args.compile == "regions" and hepo.Args().compile == "off"
     assert mtp.market_features and vaft.market_features  # the default of new runs
     off = parse_args(hepo.Args, ["--no-market-features"], profiles=hepo.PROFILES)
     assert not any(stage.market_features for stage in hepo.pretraining(off))

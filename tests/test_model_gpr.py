@@ -370,3 +370,24 @@ def test_hte_learns_a_value_of_the_path(seed):
         out.loss.backward()
         opt.step()
     assert out.loss_value.item() < 0.05 * g.var(unbiased=False).item()
+
+
+def test_compiled_regions_equal_eager_and_follow_a_deepcopy():
+    """``compile_regions`` leaves the values and the state dict as they were; a deepcopy's compiled region runs
+    on the copy's weights, not on the original's (the instance is bound by a partial the memo remaps)."""
+    import copy
+
+    model, tokens = setup()
+    want = model.hsd.embed(tokens)
+    keys = list(model.state_dict())
+    assert model.compile_regions(("embed",)) is model
+    assert model.compile_regions(("embed",)) is model  # a second call compiles nothing again
+    assert_close(model.hsd.embed(tokens), want, atol=1e-6, rtol=1e-6)
+    assert list(model.state_dict()) == keys
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.hsd.type_emb.weight.add_(1.0)
+    assert_close(model.hsd.embed(tokens), want, atol=1e-6, rtol=1e-6)  # the original is untouched
+    assert_close(twin.hsd.embed(tokens), want + 1.0, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="regions \\['kernels'\\] are unknown"):
+        model.compile_regions(("kernels",))

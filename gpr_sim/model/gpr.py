@@ -11,6 +11,7 @@ Usage (shapes on the right)::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -22,6 +23,9 @@ from gpr_sim.model.hsd import HSD, HSDOutput, KVCache
 from gpr_sim.model.hte import HTE
 from gpr_sim.model.ptd import PTD
 from gpr_sim.schema import TokenBatch
+
+REGIONS = ("blocks", "embed", "context", "paths", "values")
+"""the parts ``GPRModel.compile_regions`` compiles, each one graph"""
 
 
 class MTPLoss(NamedTuple):
@@ -47,6 +51,47 @@ class GPRModel(nn.Module):
         for a in self.mtp_adapters:
             nn.init.zeros_(a.weight)
             nn.init.zeros_(a.bias)
+
+    def compile_regions(self, regions: Sequence[str] = REGIONS, dynamic: bool | None = None) -> GPRModel:
+        """Compile parts of the model in place with ``torch.compile`` (regional compilation); returns self.
+
+        ``regions`` (``REGIONS``): ``blocks`` = every HSD ``HSTUBlock`` and PTD ``DecoderBlock`` (their
+        ``forward``); ``embed`` = ``HSD.embed`` (code, event, type and position lookups, the dense
+        projection: a dozen element-wise passes over (B, T, C) eager); ``context`` = ``PTD.context``
+        (thinking and refiner); ``paths`` = ``PTD.log_prob_cached`` (the update's teacher-forced pass over
+        K paths per request); ``values`` = ``HTE.forward_paths``. Each region is one graph (a method
+        compiled on this instance: the state dict and the parameters are unchanged), so it compiles in
+        seconds where the whole update forward took minutes; every caller (rollout, update, evaluation)
+        then runs the compiled code. Compiling a region twice is a no-op.
+        """
+        unknown = sorted(set(regions) - set(REGIONS))
+        if unknown:
+            raise ValueError(f"regions {unknown} are unknown: expected some of {REGIONS}")
+        done = self.__dict__.setdefault("_compiled_regions", set())
+        methods = {
+            "embed": (self.hsd, "embed"),
+            "context": (self.ptd, "context"),
+            "paths": (self.ptd, "log_prob_cached"),
+            "values": (self.hte, "forward_paths"),
+        }
+        for region in regions:
+            if region in done:
+                continue
+            if region == "blocks":
+                for block in (*self.hsd.blocks, *self.ptd.blocks):
+                    block.compile(dynamic=dynamic)
+                if self.cfg.mixture_of_recursions:
+                    self.hsd.shared.compile(dynamic=dynamic)
+            else:
+                owner, name = methods[region]
+                if owner is not None:  # no HTE: nothing to compile
+                    # an instance attribute shadows the method (as nn.Module.compile keeps its compiled call);
+                    # the function is compiled unbound and the instance bound by a partial, so a deepcopy of
+                    # the model calls it on the copy (the memo maps the instance), never on this one
+                    fn = torch.compile(getattr(type(owner), name), dynamic=dynamic)
+                    owner.__dict__[name] = functools.partial(fn, owner)
+            done.add(region)
+        return self
 
     def encode(self, tokens: TokenBatch, cache: KVCache | None = None) -> HSDOutput:
         """HSD intent embeddings (B, T, C) and KV cache (see ``gpr_sim.model.hsd``)."""
