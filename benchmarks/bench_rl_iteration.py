@@ -70,12 +70,17 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from agents.cli import run_main  # noqa: E402
+from agents.rl import loop  # noqa: E402
 from agents.rl.common import PRECISIONS, LossConfig  # noqa: E402
 from agents.rl.hepo import HEPO  # noqa: E402
 from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update  # noqa: E402
 from agents.rl.rollout import Roller  # noqa: E402
 from envs import make_vec_env  # noqa: E402
-from gpr_sim.model import GPRConfig, GPRModel  # noqa: E402
+from gpr_sim.model import (  # noqa: E402
+    GPRConfig,
+    GPRModel,
+    hsd,  # noqa: E402
+)
 from gpr_sim.model.hsd import TypedFFN  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 from gpr_sim.schema import SchemaConfig, tokens_from_obs  # noqa: E402
@@ -202,9 +207,17 @@ def model_for(args, env, tok) -> GPRModel:
 
 
 def run_row(
-    args, sessions: int, precision: str, cached: bool, compile_mode: str = "off", fused: bool = False
+    args,
+    sessions: int,
+    precision: str,
+    cached: bool,
+    compile_mode: str = "off",
+    fused: bool = False,
+    ffn_layout: str = "segments",
 ) -> dict:
     dev = torch.device(args.device)
+    # "sort": the update does not read the slot layout, so the typed FFN sorts every minibatch's tokens by type
+    loop.type_segments = hsd.type_segments if ffn_layout == "segments" else lambda type_ids: None
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len
@@ -265,6 +278,7 @@ def run_row(
         "path": "cached" if cached else "old",
         "compile": compile_mode,
         "optimizer": "fused" if fused else "foreach",
+        "ffn_layout": ffn_layout,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -290,7 +304,8 @@ def run_row(
 def path_label(row: dict) -> str:
     """``cached`` / ``old``, with ``+compile MODE`` and ``+fused`` when they are on."""
     label = row["path"] + ("" if row["compile"] == "off" else f" +compile {row['compile']}")
-    return label + (" +fused" if row.get("optimizer") == "fused" else "")
+    label += " +fused" if row.get("optimizer") == "fused" else ""
+    return label + (" +ffn sort" if row.get("ffn_layout") == "sort" else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -359,6 +374,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="rows of a torch.profiler table (by device time) of one extra iteration per row; 0 = none",
     )
     p.add_argument("--ffn-impl", default="auto", help="TypedFFN.impl: auto, grouped, chunked or loop")
+    p.add_argument(
+        "--ffn-layout",
+        default="segments",
+        help="comma-separated, one row each: segments (the library's update: the buffer's slot layout read once, "
+        "the typed FFN as dense GEMMs per run of slots) | sort (the typed FFN sorts each minibatch's tokens by "
+        "type, with --ffn-impl)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
@@ -391,13 +413,19 @@ def main(argv: list[str] | None = None) -> dict:
         if x not in ("foreach", "fused"):
             raise ValueError(f"--optimizer {x!r} is invalid: expected foreach or fused")
         optimizers.append(x == "fused")
+    layouts = [x for x in args.ffn_layout.split(",") if x]
+    for x in layouts:
+        if x not in ("segments", "sort"):
+            raise ValueError(f"--ffn-layout {x!r} is invalid: expected segments or sort")
     TypedFFN.impl = args.ffn_impl  # the class default, as benchmarks/bench_decode.py sets it
     rows = []
     for n in ints(args.sessions):
         for precision in precisions:
-            variants = [(True, m, f) for m in modes for f in optimizers]
-            for cached, mode, fused in variants + ([(False, "off", False)] if args.old else []):
-                rows.append(run_row(args, n, precision, cached, mode, fused))
+            variants = [(True, m, f, lay) for m in modes for f in optimizers for lay in layouts]
+            for cached, mode, fused, lay in variants + (
+                [(False, "off", False, "segments")] if args.old else []
+            ):
+                rows.append(run_row(args, n, precision, cached, mode, fused, lay))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

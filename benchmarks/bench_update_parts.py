@@ -13,10 +13,12 @@ after ``--warmup``:
 
 | row | what |
 |---|---|
-| step | ``loss_terms`` + backward: the update's minibatch without the optimiser |
+| step | ``loss_terms`` + backward: the update's minibatch without the optimiser, the typed FFN sorting the tokens by type |
+| step.segments | the same with the slot layout passed (``type_segments``; what ``loop.update`` does): dense GEMMs per run |
 | hsd | ``model.hsd(tokens).hidden`` (embedding + blocks + final norm) |
 | hsd.embed | ``model.hsd.embed(tokens)`` |
 | hsd.blocks | the HSTU blocks on the embedded input (hybrid mask built inside, as ``HSD.forward``) |
+| hsd.blocks.segments | the same with the slot layout passed |
 | ptd.context | thinking + refiner on the HSD output |
 | ptd.paths | ``path_log_prob``: the K paths' teacher-forced log-probs against the context |
 | hte.paths | ``model.path_values``: HTE values of every prefix of the K paths |
@@ -55,7 +57,7 @@ from agents.rl.hepo import HEPO  # noqa: E402
 from agents.rl.loop import PathTerms, loss_terms  # noqa: E402
 from agents.rl.rollout import Roller  # noqa: E402
 from benchmarks.bench_rl_iteration import build, model_for  # noqa: E402
-from gpr_sim.model.hsd import MLP, TypedFFN, hybrid_mask, rows_of_type  # noqa: E402
+from gpr_sim.model.hsd import MLP, TypedFFN, hybrid_mask, rows_of_type, type_segments  # noqa: E402
 from gpr_sim.model.incremental import path_log_prob  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 
@@ -172,11 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
                 return
         print(f"{name}: {results[name]:.3f} ms", flush=True)
 
-    def step():
-        out = loss_terms(HEPO, loss_cfg, terms, None, mb)
+    segments = type_segments(tokens.type_ids)
+
+    def step(seg=None):
+        out = loss_terms(HEPO, loss_cfg, terms, None, mb, seg)
         out["loss"].backward()
 
     timed("step", step)
+    timed("step.segments", lambda: step(segments))
     timed("hsd", fwd_bwd(lambda: model.hsd(tokens).hidden))
     timed("hsd.embed", fwd_bwd(lambda: model.hsd.embed(tokens)))
     with precision_context(dev, args.precision), torch.no_grad():
@@ -192,6 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
         return x
 
     timed("hsd.blocks", fwd_bwd(blocks, leaf(x0)))
+
+    def blocks_by_segments(x):
+        m = hybrid_mask(tokens.type_ids, tokens.padding_mask)
+        for block in model.hsd.blocks:
+            x, _ = block(x, tokens.type_ids, m, None, segments)
+        return x
+
+    timed("hsd.blocks.segments", fwd_bwd(blocks_by_segments, leaf(x0)))
     timed(
         "ptd.context",
         fwd_bwd(lambda h: model.ptd.context(h, tokens.padding_mask, noise=mb.noise), leaf(hidden)),

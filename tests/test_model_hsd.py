@@ -387,3 +387,49 @@ def test_append_rollout_step_equals_full_forward_of_the_next_request(mor):
             assert_close(a.k, r.k[:, :, t0:], atol=1e-5, rtol=1e-5)
             assert_close(a.v, r.v[:, :, t0:], atol=1e-5, rtol=1e-5)
     assert app.cache.type_ids.shape == (3, 3)
+
+
+# -- the typed FFN per run of slots of one type (the slot layout read once by the caller) --------------------
+from gpr_sim.model.hsd import type_segments  # noqa: E402
+
+
+def test_type_segments_are_the_runs_of_the_shared_layout():
+    tokens = make_tokens(layout(2, 3), 4, torch.Generator().manual_seed(0))
+    assert type_segments(tokens.type_ids) == ((0, 1, TYPE_U), (1, 3, TYPE_O), (3, 6, TYPE_I), (6, 7, TYPE_E))
+    mixed = tokens.type_ids.clone()
+    mixed[1, 2] = TYPE_I  # one row differs: no shared layout
+    assert type_segments(mixed) is None
+    assert type_segments(mixed[:0]) is None  # no rows: nothing to read
+
+
+def test_typed_ffn_by_segments_equals_the_loop_with_gradients():
+    """Dense GEMMs per run of slots give the loop's values and gradients (padding slots keep their type)."""
+    torch.manual_seed(0)
+    ffn = TypedFFN(TINY.d_model, 2 * TINY.d_model, 4)
+    tokens = make_tokens(layout(3, 4), 5, torch.Generator().manual_seed(1))
+    x = torch.randn(5, tokens.type_ids.shape[1], TINY.d_model, generator=torch.Generator().manual_seed(2))
+    segments = type_segments(tokens.type_ids)
+    grads = {}
+    for name, seg in (("loop", None), ("segments", segments)):
+        ffn.impl = "loop"
+        ffn.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = ffn(xi, tokens.type_ids, seg)
+        (out**2).sum().backward()
+        grads[name] = [out.detach(), xi.grad] + [p.grad.clone() for p in ffn.parameters()]
+    for a, b in zip(grads["loop"], grads["segments"], strict=True):
+        assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="segments cover 4 slots, the tokens have 9"):
+        ffn(x, tokens.type_ids, ((0, 4, TYPE_U),))
+
+
+@pytest.mark.parametrize("mor", [False, True])
+def test_hsd_forward_with_segments_equals_without(mor):
+    cfg = dataclasses.replace(TINY, mixture_of_recursions=mor)
+    torch.manual_seed(0)
+    hsd = HSD(cfg).eval()
+    tokens = make_tokens(layout(4, 5), 3, torch.Generator().manual_seed(2), cfg)
+    with torch.no_grad():
+        want = hsd(tokens).hidden
+        got = hsd(tokens, segments=type_segments(tokens.type_ids)).hidden
+    assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -24,6 +24,7 @@ from agents.rl.loop import PathTerms, UpdateConfig, loss_terms, path_terms
 from agents.rl.rollout import Roller, sample_groups
 from envs import make_vec_env
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.incremental import head_context_kv, path_log_prob, request_major_step
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.tokenizer.compare import CompareConfig
@@ -165,6 +166,12 @@ def test_update_terms_cached_equal_the_reference(rollouts):
     assert_close(v_f, v_r)
     # before any step the update recomputes the rollout's log-probs (PPO ratio 1)
     assert_close(lp_f, buf.old_log_prob, atol=1e-5, rtol=1e-5)
+    # the update reads the buffer's slot layout once and runs the typed FFN per run of slots: same terms
+    segments = type_segments(buf.tokens.type_ids)
+    assert segments is not None and segments[-1][1] == buf.tokens.type_ids.shape[1]
+    lp_s, v_s = path_terms(model, buf, cached=True, segments=segments)
+    assert_close(lp_s, lp_f, atol=1e-5, rtol=1e-5)
+    assert_close(v_s, v_f, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow  # torch.compile on CPU: about a minute
@@ -178,13 +185,15 @@ def test_compiled_update_terms_equal_eager(rollouts, monkeypatch, mode):
     model.train()
     twin = copy.deepcopy(model)  # "blocks" compiles in place: the shared fixture's model stays eager
     eager, compiled = PathTerms(model), PathTerms(twin, compile=mode)
-    for a, c in zip(compiled(buf), eager(buf), strict=True):
+    # the compiled forward as the update calls it: with the buffer's slot layout (the typed FFN by segments)
+    segments = {eager: None, compiled: type_segments(buf.tokens.type_ids)}
+    for a, c in zip(compiled(buf, segments[compiled]), eager(buf), strict=True):
         assert_close(a, c, atol=1e-5, rtol=1e-5)
     # the gradients too: the update backpropagates through the compiled graph
     grads = []
     for m, fn in ((model, eager), (twin, compiled)):
         m.zero_grad()
-        lp, v = fn(buf)
+        lp, v = fn(buf, segments[fn])
         (lp.sum() + v.sum()).backward()
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
         m.zero_grad()

@@ -35,6 +35,7 @@ from agents.rl.distributed import SINGLE, Dist
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
 from gpr_sim.model.gpr import REGIONS
+from gpr_sim.model.hsd import Segments, type_segments
 from gpr_sim.model.incremental import path_log_prob
 from gpr_sim.world import rng
 
@@ -75,17 +76,22 @@ AdLookup = Callable[[torch.Tensor], torch.Tensor]
 
 
 def path_terms(
-    model: GPRModel, buf: Buffer, cached: bool = True, ad_lookup: AdLookup | None = None
+    model: GPRModel,
+    buf: Buffer,
+    cached: bool = True,
+    ad_lookup: AdLookup | None = None,
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Current per-level log-probs (M, K, L) and HTE values (M, K, L + 1) of the buffer's paths.
 
     ``cached`` (default): the PTD decodes the context once per request and only each path's generated
     tokens against it (``gpr_sim.model.incremental.path_log_prob``); False is the reference, the context
     repeated for each of the K paths. Equal up to rounding, forward and backward. ``ad_lookup``: the
-    candidates' features for the HTE, when the model reads them (None = none).
+    candidates' features for the HTE, when the model reads them (None = none). ``segments``:
+    ``type_segments(buf.tokens.type_ids)`` when the caller has it (the typed FFN then needs no sort).
     """
     feats = None if ad_lookup is None else ad_lookup(buf.codes)
-    return _terms(model, buf.tokens, buf.noise, buf.codes, buf.legal, cached, feats)
+    return _terms(model, buf.tokens, buf.noise, buf.codes, buf.legal, cached, feats, segments)
 
 
 def _terms(
@@ -96,10 +102,11 @@ def _terms(
     legal: list[torch.Tensor],
     cached: bool,
     ad_features: torch.Tensor | None = None,
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``path_terms`` on the buffer's tensors (what ``PathTerms(compile=True)`` compiles)."""
     m, k, length = codes.shape
-    ctx = model.context(tokens, noise=noise)  # (M, Cc, C)
+    ctx = model.context(tokens, noise=noise, segments=segments)  # (M, Cc, C)
     if cached:
         log_prob = path_log_prob(model, ctx, codes, legal).float()
     else:
@@ -148,28 +155,33 @@ class PathTerms(torch.nn.Module):
         if mode in ("blocks", "regions"):
             model.compile_regions(("blocks",) if mode == "blocks" else REGIONS)
 
-    def forward(self, buf: Buffer) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, buf: Buffer, segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         feats = None if self.ad_lookup is None else self.ad_lookup(buf.codes)
-        return self._fn(self.model, buf.tokens, buf.noise, buf.codes, buf.legal, self.cached, feats)
+        return self._fn(self.model, buf.tokens, buf.noise, buf.codes, buf.legal, self.cached, feats, segments)
 
 
 def loss_terms(
-    algo: Algorithm, cfg: LossConfig, terms: torch.nn.Module, ref: GPRModel | None, buf: Buffer
+    algo: Algorithm,
+    cfg: LossConfig,
+    terms: torch.nn.Module,
+    ref: GPRModel | None,
+    buf: Buffer,
+    segments: Segments | None = None,
 ) -> dict:
     """The algorithm's loss on a minibatch; returns named scalar tensors (``loss`` to backpropagate).
 
     ``terms``: the policy's ``PathTerms`` (or its ``DistributedDataParallel`` wrapper). ``ref``: the frozen
     reference policy, needed when ``algo.reference`` or ``cfg.kl_coef`` > 0, else None. An algorithm
-    without a critic logs ``critic`` = 0.
+    without a critic logs ``critic`` = 0. ``segments``: ``type_segments`` of the buffer's tokens (``update``).
     """
-    log_prob, values = terms(buf)
+    log_prob, values = terms(buf, segments)
     old = buf.old_log_prob
     item = item_value_loss(values[..., -1], buf.reward)
     out = {"item_value": item}
     ref_lp = None
     if ref is not None:
         with torch.no_grad():
-            ref_lp, _ = path_terms(ref, buf)
+            ref_lp, _ = path_terms(ref, buf, segments=segments)
     policy, critic = algo.loss(log_prob, values, ref_lp, buf, cfg)
     if critic is None:
         critic = item * 0
@@ -247,6 +259,9 @@ def update(
     """
     sums: dict[str, float] = {}
     n = 0
+    # the slot layout of the buffer's tokens, read once (one sync): every minibatch's HSD then runs the typed
+    # FFN as dense GEMMs per run of slots of one type instead of sorting its tokens by type
+    segments = type_segments(buf.tokens.type_ids)
     on_device = bool(opt.defaults.get("fused"))  # the fused kernel can skip a flagged step without a sync
     pending: list[tuple[str, list[str], torch.Tensor, float]] = []  # checked after the last step
     flagged = torch.zeros((), device=buf.codes.device)  # 1 from the first non-finite minibatch on
@@ -257,7 +272,7 @@ def update(
             if idx.numel() == 0:
                 idx = torch.zeros(1, dtype=torch.int64, device=buf.codes.device)
             with precision_context(buf.codes.device, cfg.precision):  # the forward only; backward outside
-                terms = loss_terms(algo, loss_cfg, terms_fn, ref, buf.rows(idx))
+                terms = loss_terms(algo, loss_cfg, terms_fn, ref, buf.rows(idx), segments)
             loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
             opt.zero_grad(set_to_none=True)
             (loss * (share * dist.world_size)).backward()

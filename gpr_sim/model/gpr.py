@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gpr_sim.model.config import GPRConfig
-from gpr_sim.model.hsd import HSD, HSDOutput, KVCache
+from gpr_sim.model.hsd import HSD, HSDOutput, KVCache, Segments
 from gpr_sim.model.hte import HTE
 from gpr_sim.model.ptd import PTD
 from gpr_sim.schema import TokenBatch
@@ -98,13 +98,18 @@ class GPRModel(nn.Module):
         return self.hsd(tokens, cache)
 
     def context(
-        self, tokens: TokenBatch, generator: torch.Generator | None = None, noise: Tensor | None = None
+        self,
+        tokens: TokenBatch,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        segments: Segments | None = None,
     ) -> Tensor:
         """TokenBatch -> PTD context (B, Cc, C): thinking tokens (+ the refine token).
 
-        ``noise`` (B, C) fixes the refiner's starting noise (else drawn from ``generator``).
+        ``noise`` (B, C) fixes the refiner's starting noise (else drawn from ``generator``). ``segments``:
+        ``type_segments(tokens.type_ids)`` when the caller has it (``HSD.forward``).
         """
-        hidden = self.hsd(tokens).hidden  # (B, T, C)
+        hidden = self.hsd(tokens, segments=segments).hidden  # (B, T, C)
         return self.ptd.context(hidden, tokens.padding_mask, generator, noise)
 
     def head_context(self, context: Tensor, head: int) -> Tensor:

@@ -158,6 +158,32 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+Segments = tuple[tuple[int, int, int], ...]
+"""``(start, end, type)`` runs of one type over the slots, when every row has the same types (``type_segments``)"""
+
+
+def type_segments(type_ids: Tensor) -> Segments | None:
+    """(B, T) type ids -> the runs ``(start, end, type)`` of the slot layout when every row has the same types
+    (the schema's layout, ``gpr_sim.schema``: ``U | O x Ho | I x Hi | E`` in every row), else None.
+
+    Reads the ids on the host (one sync): a caller computes it once for many forwards (the RL update, once per
+    rollout buffer) and passes it to ``HSD.forward(..., segments=)``, where the typed FFN then runs dense
+    GEMMs per run instead of sorting the tokens by type.
+    """
+    if type_ids.dim() != 2 or type_ids.shape[0] == 0:
+        return None
+    first = type_ids[:1]
+    if not bool((type_ids == first).all()):
+        return None
+    row = first[0].tolist()
+    runs, start = [], 0
+    for i in range(1, len(row) + 1):
+        if i == len(row) or row[i] != row[start]:
+            runs.append((start, i, int(row[start])))
+            start = i
+    return tuple(runs)
+
+
 class TypedFFN(nn.Module):
     """One MLP per token type, each applied to its own tokens only, with no data-dependent shapes.
 
@@ -169,6 +195,7 @@ class TypedFFN(nn.Module):
     | ``"grouped"`` | ``F.grouped_mm`` over the sorted tokens, group ends on device | CUDA, bf16, SM >= 9.0 |
     | ``"chunked"`` | sorted tokens in a padded (G, c, C) buffer, each chunk one type; ``bmm`` with the chunk's type weights | other CUDA |
     | ``"loop"`` | boolean indexing per type (one host sync per type on GPU; the reference) | CPU |
+    | segments | ``forward(x, type_ids, segments)``: dense GEMMs per run of one type over the slots, no sort | whenever the caller passes ``segments`` (``type_segments``) |
 
     ``"chunked"``: every type's segment starts at a chunk boundary, so G = (N + n_types (c - 1)) // c chunks
     always suffice (a shape known from N alone); c ~ N / ``target_chunks`` keeps the padding below
@@ -194,9 +221,15 @@ class TypedFFN(nn.Module):
             return "grouped"  # CUTLASS grouped GEMM; other dtypes/GPUs fall back to a host loop in aten
         return "chunked"
 
-    def forward(self, x: Tensor, type_ids: Tensor) -> Tensor:
+    def forward(self, x: Tensor, type_ids: Tensor, segments: Segments | None = None) -> Tensor:
+        """x (B, T, C), type_ids (B, T) -> (B, T, C). ``segments``: the runs of ``type_segments(type_ids)``
+        (the caller's promise that every row has that layout); then each run of slots goes through its
+        type's MLP as one dense GEMM pair over all rows (on an H200 5.0 ms eager for a 1,024 x 256-token
+        minibatch where the sorted grouped GEMMs take 7.4: ``benchmarks/bench_update_parts.py``)."""
         if len(self.mlps) == 1:
             return self.mlps[0](x)
+        if segments is not None:
+            return self._forward_segments(x, segments)
         impl = self.resolve_impl(x)
         if impl == "loop":
             return self._forward_loop(x, type_ids)
@@ -209,6 +242,12 @@ class TypedFFN(nn.Module):
         else:
             raise ValueError(f"TypedFFN.impl={impl!r} is invalid: expected auto, grouped, chunked or loop")
         return out.view(shape)
+
+    def _forward_segments(self, x: Tensor, segments: Segments) -> Tensor:
+        if segments[-1][1] != x.shape[1]:
+            raise ValueError(f"segments cover {segments[-1][1]} slots, the tokens have {x.shape[1]}")
+        parts = [self.mlps[t](x[:, a:b]) for a, b, t in segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def _forward_loop(self, x: Tensor, type_ids: Tensor) -> Tensor:
         out = torch.zeros_like(x)  # (B, T, C)
@@ -354,9 +393,15 @@ class HSTUBlock(nn.Module):
         self.ffn = TypedFFN(cfg.d_model, cfg.ffn_mult * cfg.d_model, n_ffn)
 
     def forward(
-        self, x: Tensor, type_ids: Tensor, mask: Tensor, past: LayerCache | None = None
+        self,
+        x: Tensor,
+        type_ids: Tensor,
+        mask: Tensor,
+        past: LayerCache | None = None,
+        segments: Segments | None = None,
     ) -> tuple[Tensor, LayerCache]:
-        """x (B, Tq, C), type_ids (B, Tq), mask (B, Tq, Tpast + Tq) bool -> (B, Tq, C), this layer's K/V."""
+        """x (B, Tq, C), type_ids (B, Tq), mask (B, Tq, Tpast + Tq) bool -> (B, Tq, C), this layer's K/V.
+        ``segments``: ``type_segments(type_ids)`` when the caller has it (``TypedFFN.forward``)."""
         b, tq, c = x.shape
         h = self.n_heads
         q, k, v, u = self.qkvu(self.ln1(x, type_ids)).split(c, dim=2)  # 4 x (B, Tq, C)
@@ -367,7 +412,7 @@ class HSTUBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, Tq, hd)
         a = a.transpose(1, 2).reshape(b, tq, c)  # (B, Tq, C)
         x = x + self.out(a * F.silu(u))  # HSTU: the fourth projection gates the attention output
-        x = x + self.ffn(self.ln2(x, type_ids), type_ids)
+        x = x + self.ffn(self.ln2(x, type_ids), type_ids, segments)
         return x, LayerCache(k, v)
 
     def forward_append(
@@ -470,8 +515,13 @@ class HSD(nn.Module):
         hard = (r <= p.argmax(-1, keepdim=True)).to(x.dtype)  # (B, T, R)
         return hard + soft - soft.detach()
 
-    def forward(self, tokens: TokenBatch, cache: KVCache | None = None) -> HSDOutput:
+    def forward(
+        self, tokens: TokenBatch, cache: KVCache | None = None, segments: Segments | None = None
+    ) -> HSDOutput:
         """Encode ``tokens`` (the full sequence, or slots appended after ``cache``).
+
+        ``segments``: ``type_segments(tokens.type_ids)``, when the caller has computed it (once for many
+        forwards): the typed FFN then needs no sort (``TypedFFN.forward``). None: the types are read per token.
 
         Returns:
             ``HSDOutput(hidden (B, Tq, C), cache)``; the request representation is ``hidden[:, -1]``
@@ -488,12 +538,12 @@ class HSD(nn.Module):
         tq_types = tokens.type_ids
         layers: list[LayerCache] = []
         for block in self.blocks:
-            x, kv = block(x, tq_types, mask, None if past is None else past[len(layers)])
+            x, kv = block(x, tq_types, mask, None if past is None else past[len(layers)], segments)
             layers.append(kv)
         if self.cfg.mixture_of_recursions:
             gates = self.router_gates(x)  # routed once, on the input to the shared block
             for r in range(self.cfg.max_recursions):
-                y, kv = self.shared(x, tq_types, mask, None if past is None else past[len(layers)])
+                y, kv = self.shared(x, tq_types, mask, None if past is None else past[len(layers)], segments)
                 layers.append(kv)
                 g = gates[..., r : r + 1]  # (B, Tq, 1): tokens routed shallower keep x unchanged
                 x = x + g * (y - x)
