@@ -70,7 +70,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from agents.cli import run_main  # noqa: E402
-from agents.rl import loop  # noqa: E402
+from agents.rl import loop, rollout  # noqa: E402
 from agents.rl.common import PRECISIONS, LossConfig  # noqa: E402
 from agents.rl.hepo import HEPO  # noqa: E402
 from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update  # noqa: E402
@@ -216,8 +216,9 @@ def run_row(
     ffn_layout: str = "segments",
 ) -> dict:
     dev = torch.device(args.device)
-    # "sort": the update does not read the slot layout, so the typed FFN sorts every minibatch's tokens by type
-    loop.type_segments = hsd.type_segments if ffn_layout == "segments" else lambda type_ids: None
+    # "sort": the rollout and the update do not read the slot layout, so the typed FFN sorts the tokens by type
+    layout_of = hsd.type_segments if ffn_layout == "segments" else lambda type_ids: None
+    loop.type_segments = rollout.type_segments = layout_of
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len

@@ -68,6 +68,7 @@ from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
+from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.hte import path_ad_features
 from gpr_sim.model.incremental import head_context_kv, request_major_step
 from gpr_sim.platform.features import PlatformFeatures
@@ -191,7 +192,8 @@ def _sample_chunk(
     """``sample_groups`` on one chunk of requests."""
     n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
     noise = rng.normals(uniforms[:, :d]) if model.ptd.refiner is not None else None
-    ctx = model.context(tokens, noise=noise)  # (n, Cc, C): the HSD over the whole request, once
+    # the HSD over the whole request, once; the slot layout read once for the chunk (the typed FFN needs no sort)
+    ctx = model.context(tokens, noise=noise, segments=type_segments(tokens.type_ids))  # (n, Cc, C)
     if cached:
         step_fn = request_major_step(model.ptd.level_logits_cached, head_context_kv(model, ctx), n)
     else:

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from gpr_sim.decoding import StepFn, beam_search
 from gpr_sim.model.gpr import GPRModel
-from gpr_sim.model.hsd import KVCache, LayerCache
+from gpr_sim.model.hsd import KVCache, LayerCache, type_segments
 from gpr_sim.model.ptd import ThinkingPartial
 from gpr_sim.schema import TYPE_E, TYPE_I, TokenBatch
 from gpr_sim.tokenizer.trie import PrefixTrie
@@ -315,9 +315,10 @@ class IncrementalDecoder:
         pad = tokens.padding_mask.clone()
         pad[:, -1] = True  # the old E slot: seen by no later query
         layers = think = None
+        segments = type_segments(tokens.type_ids)  # the slot layout, read once: the typed FFN needs no sort
         for lo in range(0, b, sub):
             sl = slice(lo, min(b, lo + sub))
-            out = model.hsd(TokenBatch(*(x[sl] for x in tokens)))
+            out = model.hsd(TokenBatch(*(x[sl] for x in tokens)), segments=segments)
             part = model.ptd.thinking.partial(out.hidden, pad[sl])
             if layers is None:  # allocate once, from the first sub-batch's shapes and dtypes
                 layers = [
