@@ -34,6 +34,7 @@ from envs import make_vec_env
 from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import summarize, summarize_strata
 from gpr_sim.model import GPRModel
+from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.offline_eval import candidate_metrics
 from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
@@ -140,7 +141,7 @@ class Evaluator:
             market=market,
         )
         gen = torch.Generator(device=c.device).manual_seed(c.seed)
-        ctx = model.context(tokens, gen)
+        ctx = model.context(tokens, gen, segments=type_segments(tokens.type_ids))
         step_fn, _ = model.beam_fns(ctx, cached=True)
         eligible = e.eligible_ads()  # (num_ads,) bool: the market's, the same for every request
         k = c.candidates

@@ -17,6 +17,7 @@ from agents.pretraining.checkpoint import read_checkpoint
 from agents.pretraining.config import PretrainConfig
 from agents.pretraining.data import Split
 from gpr_sim.model import GPRModel
+from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.offline_eval import model_rankings, ranking_metrics
 from gpr_sim.runs import atomic_write_bytes
 from gpr_sim.schema import TokenBatch
@@ -71,6 +72,7 @@ def evaluate(
     # sums stay on the device: one host sync per evaluation instead of several per chunk
     zero = torch.zeros((), dtype=torch.float64, device=cfg.device)
     total, sq, sq_item, n_v = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    segments = type_segments(data.tokens.type_ids)  # the slot layout, read once (the typed FFN needs no sort)
     for lo in range(0, rows.numel(), 512):
         idx = rows[lo : lo + 512]
         tokens, codes, masks, weights, values = data.rows(idx)
@@ -82,6 +84,7 @@ def evaluate(
             gen,
             value_target=value_target(model, values),
             value_features=target_features(ad_lookup, codes),
+            segments=segments,
         )
         total += out.loss_mtp.double() * idx.numel()
         has_v = has_target(codes) & values.isfinite()
@@ -89,7 +92,7 @@ def evaluate(
         n_v += rows_v
         if model.hte is not None:
             sq += out.loss_value.double() * rows_v
-            ctx = model.context(tokens, gen_item)
+            ctx = model.context(tokens, gen_item, segments=segments)
             item = model.values(ctx, codes[:, 0].clamp_min(0), target_features(ad_lookup, codes))[:, -1]
             sq_item += torch.where(has_v, item.double() - values.double(), 0.0).square().sum()
     total, sq, sq_item, n_v = (float(x) for x in torch.stack([total, sq, sq_item, n_v]).cpu())

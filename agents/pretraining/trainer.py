@@ -30,6 +30,7 @@ from agents.pretraining.evaluation import (
 )
 from agents.rl import distributed
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.hte import path_ad_features
 from gpr_sim.platform.features import AD_FEATURE_DIM
 from gpr_sim.runs import (
@@ -53,7 +54,7 @@ class MTPStep(torch.nn.Module):
         super().__init__()
         self.model, self.value_trunk = model, value_trunk
 
-    def forward(self, tokens, codes, weights, masks, gen, values, features=None):
+    def forward(self, tokens, codes, weights, masks, gen, values, features=None, segments=None):
         out = self.model.mtp_loss(
             tokens,
             codes,
@@ -63,6 +64,7 @@ class MTPStep(torch.nn.Module):
             value_target=values,
             value_trunk=self.value_trunk,
             value_features=features,
+            segments=segments,
         )
         return out.loss_mtp, out.loss_refine, out.loss_value
 
@@ -202,6 +204,8 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
     show = cfg.progress and dist.is_main
     bar = tqdm(range(start, cfg.steps), desc=f"pretrain {cfg.stage}", disable=not show)
     t0, loss = time.perf_counter(), torch.zeros(())
+    # the log's slot layout, read once: every step's HSD runs the typed FFN per run of slots (no sort)
+    segments = type_segments(train.tokens.type_ids)
     for step in bar:
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen, device=cfg.device)
         if not dist.enabled:
@@ -216,6 +220,7 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
                 value_coef=cfg.value_coef,
                 value_trunk=cfg.value_trunk,
                 value_features=target_features(ad_lookup, codes),
+                segments=segments,
             )
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
@@ -234,6 +239,7 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
                     gen,
                     value_target(model, values, cfg.value_coef),
                     target_features(ad_lookup, codes),
+                    segments,
                 )
             # mtp_loss averages the refiner and value losses over their rows with a target; rescaled to this
             # rank's share of the global count, DDP's average over ranks is the global-batch loss

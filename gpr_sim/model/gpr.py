@@ -191,6 +191,7 @@ class GPRModel(nn.Module):
         value_coef: float = 1.0,
         value_trunk: bool = False,
         value_features: Tensor | None = None,
+        segments: Segments | None = None,
     ) -> MTPLoss:
         """Multi-token prediction loss (GPR §4): N heads, each predicting a full L'-level path.
 
@@ -212,6 +213,7 @@ class GPRModel(nn.Module):
             value_features: optional (B, F_ad) platform features of head 0's target ad
                 (``gpr_sim.model.hte.path_ad_features`` of ``target_codes[:, 0]``), read by the full-item
                 value with ``GPRConfig.hte_ad_features``; None = zeros.
+            segments: ``type_segments(tokens.type_ids)`` when the caller has it (``HSD.forward``).
 
         Returns:
             ``MTPLoss`` named terms.
@@ -224,7 +226,7 @@ class GPRModel(nn.Module):
         if weights is None:
             weights = target_codes.new_full((n,), 1.0 / n, dtype=torch.float32)
         weights = weights.expand(b, n)  # (B, N)
-        hidden = self.hsd(tokens).hidden  # (B, T, C)
+        hidden = self.hsd(tokens, segments=segments).hidden  # (B, T, C)
         ctx = self.ptd.context(hidden, tokens.padding_mask, generator)  # (B, Cc, C)
         valid = (target_codes >= 0).all(-1)  # (B, N)
         codes = target_codes.clamp_min(0).reshape(b * n, lp)
