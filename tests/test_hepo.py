@@ -693,3 +693,21 @@ def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
         hepo.Args(compile="fast")
     with pytest.raises(ValueError, match="reward_outcome='drawn' is unknown"):
         hepo.Args(reward_outcome="drawn")
+
+
+def test_the_evaluation_line_names_the_iterations_speed():
+    """Logs written with --no-progress (the GPU runs) still show what an iteration cost."""
+    row = {
+        "iteration": 3,
+        "eval/oracle_share": 0.5,
+        "rollout/group_value_mean": 0.25,
+        "perf/requests_per_s": 5214.4,
+        "perf/rollout_s": 0.734,
+        "perf/update_s": 2.384,
+    }
+    line = hepo._log_line(row)
+    assert line.startswith("it 3  oracle_share 0.500")
+    assert line.endswith("5,214 req/s (rollout 0.7 s, update 2.4 s)")
+    assert "req/s" not in hepo._log_line(
+        {"iteration": 0, "eval/oracle_share": 0.5}
+    )  # the start: no iteration ran
