@@ -400,6 +400,7 @@ def test_type_segments_are_the_runs_of_the_shared_layout():
     mixed[1, 2] = TYPE_I  # one row differs: no shared layout
     assert type_segments(mixed) is None
     assert type_segments(mixed[:0]) is None  # no rows: nothing to read
+    assert type_segments(mixed[:, :0]) is None  # no slots either
 
 
 def test_typed_ffn_by_segments_equals_the_loop_with_gradients():

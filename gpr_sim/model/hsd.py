@@ -170,7 +170,7 @@ def type_segments(type_ids: Tensor) -> Segments | None:
     rollout buffer) and passes it to ``HSD.forward(..., segments=)``, where the typed FFN then runs dense
     GEMMs per run instead of sorting the tokens by type.
     """
-    if type_ids.dim() != 2 or type_ids.shape[0] == 0:
+    if type_ids.dim() != 2 or 0 in type_ids.shape:  # no rows or no slots: no layout to read
         return None
     first = type_ids[:1]
     if not bool((type_ids == first).all()):
