@@ -29,7 +29,7 @@ Then the candidates for the largest parts, on the same shapes (N = minibatch x T
 |---|---|
 | ffn.grouped / ffn.chunked | ``TypedFFN`` of one block with ``impl`` forced (the library's paths) |
 | ffn.one | one MLP of the same width on all N tokens: the FFN's FLOPs as one dense GEMM pair (no types) |
-| ffn.segments | the typed FFN computed per contiguous slot range (every row has the schema's layout) |
+| ffn.segments | ``TypedFFN`` with the slot layout passed (``type_segments``): dense GEMMs per run of slots, no sort |
 | attn.mask / attn.causal / attn.none | ``scaled_dot_product_attention`` with the (B, 1, T, T) hybrid mask, ``is_causal``, no mask |
 | attn.flex | ``flex_attention`` with the hybrid mask as a block mask (compiled; skips masked tiles) |
 | emb.table{n} / emb.gemm{n} | an n-row table looked up at N ids: ``F.embedding``'s backward vs ``rows_of_type``'s GEMM |
@@ -104,20 +104,6 @@ def fwd_bwd(fn, *inputs):
 
 def leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
-
-
-def segments_ffn(ffn: TypedFFN, type_row: list[int]):
-    """The typed FFN per contiguous run of one type in the (shared) slot layout: dense GEMMs, no sort."""
-    runs, start = [], 0
-    for i in range(1, len(type_row) + 1):
-        if i == len(type_row) or type_row[i] != type_row[start]:
-            runs.append((start, i, type_row[start]))
-            start = i
-
-    def fn(x):
-        return torch.cat([ffn.mlps[t](x[:, a:b]) for a, b, t in runs], 1)
-
-    return fn
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -223,9 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         timed(f"ffn.{impl}", fwd_bwd(lambda x, f=ffn: f(x, tokens.type_ids), leaf(xn)))
     one = MLP(args.d_model, model.cfg.ffn_mult * args.d_model).to(dev)
     timed("ffn.one", fwd_bwd(one, leaf(xn)))
-    type_row = tokens.type_ids[0].tolist()
-    if bool((tokens.type_ids == tokens.type_ids[:1]).all()):
-        timed("ffn.segments", fwd_bwd(segments_ffn(block.ffn, type_row), leaf(xn)))
+    if segments is not None:  # the library's path: TypedFFN.forward with the slot layout
+        timed("ffn.segments", fwd_bwd(lambda x: block.ffn(x, tokens.type_ids, segments), leaf(xn)))
 
     # -- attention with the hybrid mask ------------------------------------------------------------------------
     h, hd = args.n_heads, args.d_model // args.n_heads
