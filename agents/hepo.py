@@ -532,6 +532,10 @@ def _log_line(row: dict) -> str:
         parts.append(f"cand value {row['eval/cand_mean_value']:.3f}")
     if "rollout/group_value_mean" in row:
         parts.append(f"group value {row['rollout/group_value_mean']:.4f}")
+    if "rollout/truth/group_value_mean" in row:  # the same ads valued by the simulator's truth (privileged)
+        parts.append(
+            f"(truth {row['rollout/truth/group_value_mean']:.4f}, corr {row['rollout/truth/reward_corr']:.2f})"
+        )
     if "perf/requests_per_s" in row:  # the iteration's speed, for logs written without the progress bar
         parts.append(
             f"{row['perf/requests_per_s']:,.0f} req/s (rollout {row['perf/rollout_s']:.1f} s, "

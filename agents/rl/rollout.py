@@ -23,6 +23,13 @@ others in one comparison). It is divided by a fixed
 ``reward_scale`` (the std of R in the first rollout, kept in the checkpoint) so the critic sees unit-scale
 targets whatever the world's currency.
 
+**The reward model's monitor** (``truth_monitor``). The same sampled ads of the real requests are also valued
+under the simulator's true funnel: ``rollout/truth/group_value_mean`` beside ``rollout/group_value_mean``, and
+the within-group correlation of reward and truth ``rollout/truth/reward_corr``. No platform can compute these
+(a labelled privileged diagnostic: logged, never in a learner's targets); the simulator can, and they show a
+learner over-optimising the learned pCTR / pCVR iteration by iteration (the rewarded value climbs while the true
+one falls), which the held-out evaluation shows only every ``--eval-every`` iterations.
+
 **Outcomes.** ``outcome="expected"`` (default) pays each candidate its expected value, as above, and GPR's
 final_value does. ``outcome="realised"`` pays one draw of what serving the candidate alone would realise
 (``realised_rewards``: the auction won with P(win), then a click, a conversion and the user staying, each drawn
@@ -111,6 +118,30 @@ def realised_rewards(world, items: Tensor, scores: CandidateScores, u: Tensor) -
     price = torch.where(win, scores.expected_revenue / scores.p_win.clamp_min(1e-30), 0.0)
     gmv = conversion * world.ad_value_mean[ads]
     return weighted_reward(world.config.reward, price, gmv, click.float(), conversion.float(), stay.float())
+
+
+def truth_monitor(reward: Tensor, truth: Tensor, valid: Tensor) -> Tensor:
+    """Sums of the reward-model monitor over a batch of groups: (4,) float64 = (sum over requests of the mean
+    truth value of their K candidates, then the within-group cross and square sums of reward and truth).
+
+    ``reward`` (n, K) is what the learner is paid for each sampled candidate, ``truth`` (n, K) the same
+    candidates' value under the simulator's true funnel (both in currency, after the budget share), ``valid``
+    (n, K) the candidates that are ads. The group-relative learners follow the order of the rewards inside a
+    group, so the pooled within-group correlation of reward and truth (``Roller.collect``:
+    ``rollout/truth/reward_corr``) says how far following the reward model moves the policy towards truth, and
+    the truth value of the sampled groups (``rollout/truth/group_value_mean``, beside the rewarded
+    ``rollout/group_value_mean``) shows over-optimisation of the reward model as it happens: the rewarded value
+    climbs while the true one falls. Privileged (the simulator's hidden funnel): a diagnostic that is logged,
+    never part of any learner's targets.
+    """
+    m = valid.to(torch.float64)
+    count = m.sum(1).clamp_min(1.0)
+    r, t = reward.double() * m, truth.double() * m
+    rc = (r - (r.sum(1) / count)[:, None]) * m
+    tc = (t - (t.sum(1) / count)[:, None]) * m
+    return torch.stack(
+        [(t.sum(1) / reward.shape[1]).sum(), (rc * tc).sum(), rc.square().sum(), tc.square().sum()]
+    )
 
 
 def positive_paths(tokens: TokenBatch) -> Tensor:
@@ -329,12 +360,23 @@ class Roller:
         return torch.where(demand > 0, share, torch.ones_like(share)).to(torch.float32)
 
     def _buffer(
-        self, model, obs, scorer, eligible, rows: Tensor, rehearsed: bool, share: Tensor | None = None
+        self,
+        model,
+        obs,
+        scorer,
+        eligible,
+        rows: Tensor,
+        rehearsed: bool,
+        share: Tensor | None = None,
+        truth_scorer=None,
     ):
-        """Groups for one request batch -> (its buffer part, the sampled ads (n, K), their scores).
+        """Groups for one request batch -> (its buffer part, the sampled ads (n, K), their budget share, the
+        truth monitor's sums or None).
 
         ``share``: per-advertiser budget share (``_budget_share``) that scales each candidate's value;
-        None computes it from this batch when ``budget_aware`` is on (the real requests).
+        None computes it from this batch when ``budget_aware`` is on (the real requests). ``truth_scorer``
+        (the real requests): scores the same ads under the simulator's truth for ``truth_monitor``; None
+        with the truth estimator, whose rewards are that value already.
         """
         features = self.features if model.cfg.platform_features else None
         market = self.market.market_features() if model.cfg.market_features else None  # rehearsal too
@@ -371,6 +413,15 @@ class Roller:
             self.reward_scale = max(
                 math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1, 1)), 1e-6
             )
+        monitor = None
+        if (
+            not rehearsed
+        ):  # what the learner is paid vs what the simulator's truth says the same ads are worth
+            truth = scores.value if truth_scorer is None else truth_scorer(s.items).value
+            truth = torch.where(s.items >= 0, truth.to(torch.float32), torch.zeros_like(raw))
+            if self.budget_aware:
+                truth = truth * share[self.market.world.ad_advertiser[s.items]]
+            monitor = truth_monitor(raw, truth, s.items >= 0)
         proc = process_rewards(s.codes, s.legal, positive_paths(tokens), 1.0)  # scaled by a_l in the learner
         flag = torch.full((s.codes.shape[0],), rehearsed, dtype=torch.bool, device=self.device)
         part = Buffer(
@@ -389,29 +440,38 @@ class Roller:
             dist=self.dist,
             learner_state=self.learner_state,
         )
-        return part, s.items, share
+        return part, s.items, share, monitor
 
     def collect(self, model: GPRModel, steps: int) -> tuple[Buffer, dict[str, float]]:
         """``steps`` env steps of all sessions (+ rehearsed requests) -> (buffer, rollout statistics)."""
         e = self.market
         parts: list[Buffer] = []
         raw_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        monitor_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        truth_scorer = None if self.estimator == "truth" else lambda ads: e.score(ads, estimator="truth")
         for _ in range(steps):
             eligible = e.eligible_ads()
             state = e.state
             local = torch.arange(e.num_envs, device=self.device)
-            real, items, share = self._buffer(
-                model, self.obs, lambda ads: e.score(ads, estimator=self.estimator), eligible, local, False
+            real, items, share, monitor = self._buffer(
+                model,
+                self.obs,
+                lambda ads: e.score(ads, estimator=self.estimator),
+                eligible,
+                local,
+                False,
+                truth_scorer=truth_scorer,
             )
             parts.append(real)
             raw_sum += (real.reward.double() * self.reward_scale).mean(1).sum()
+            monitor_sums += monitor
             if self.arr_rate > 0:
                 tier = e.world.user_activity[state.user_id].float()
                 draw = rng.uniforms(self._keys(ARR_DRAW_SALT, local), 1)[:, 0]
                 rows = torch.nonzero(draw < self.arr_rate * tier / 5.0).squeeze(1)
                 if rows.numel() > 0:
                     ahead, obs_ahead = e.rehearse(rows, REHEARSAL_SEED_OFFSET)
-                    rehearsed, _, _ = self._buffer(
+                    rehearsed, _, _, _ = self._buffer(
                         model,
                         obs_ahead,
                         lambda ads, st=ahead: e.score(ads, estimator=self.estimator, state=st),
@@ -438,17 +498,36 @@ class Roller:
             },
         )
         real = ~buf.rehearsed
-        sums = torch.stack(
-            [real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()]
+        sums = torch.cat(
+            [
+                torch.stack(
+                    [real.sum().double(), buf.rehearsed.sum().double(), raw_sum, (~buf.valid).sum().double()]
+                ),
+                monitor_sums,
+            ]
         )
-        requests, rehearsed, value, invalid = all_reduce_sum(sums, self.dist).tolist()  # the global batch
+        reduced = all_reduce_sum(sums, self.dist).tolist()  # the global batch
+        requests, rehearsed, value, invalid = reduced[:4]
+        truth_value, cross, reward_sq, truth_sq = reduced[4:]
         stats = {
             "rollout/requests": int(requests),
             "rollout/rehearsed": int(rehearsed),
             "rollout/group_value_mean": value / max(requests, 1.0),
             "rollout/invalid_rows": int(invalid),
+            "rollout/truth/group_value_mean": truth_value / max(requests, 1.0),
+            "rollout/truth/reward_corr": cross / math.sqrt(reward_sq * truth_sq)
+            if reward_sq > 0 and truth_sq > 0
+            else 0.0,
         }
         return buf, stats
 
 
-__all__ = ["OUTCOMES", "Roller", "SLOT_BITS", "positive_paths", "realised_rewards", "sample_groups"]
+__all__ = [
+    "OUTCOMES",
+    "Roller",
+    "SLOT_BITS",
+    "positive_paths",
+    "realised_rewards",
+    "sample_groups",
+    "truth_monitor",
+]
