@@ -269,6 +269,14 @@ def test_bench_rl_iteration_tiny_cpu_writes_json(tmp_path):
     assert rows[1]["update_flops_per_request"] > rows[0]["update_flops_per_request"]
 
 
+def test_busy_seconds_is_the_union_of_intervals_inside_the_window():
+    """Overlapping kernels count once, gaps not at all, and the parts outside the phase's window are cut."""
+    kernels = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.8), (9.0, 12.0), (-3.0, -1.0)]
+    assert bench.busy_seconds(kernels, (0.0, 10.0)) == pytest.approx(3.0 + 1.0 + 1.0)
+    assert bench.busy_seconds(kernels, (2.5, 5.5)) == pytest.approx(0.5 + 0.5)
+    assert bench.busy_seconds([], (0.0, 1.0)) == 0.0
+
+
 def test_flop_formula_on_a_hand_worked_config():
     """d=4, f=1, F=2 dense features, T=3, 1 HSD layer, 1 thinking token, no refiner, 1 decoder layer, K=2,
     L'=1 of 3 codes.
