@@ -1,8 +1,11 @@
 """Two ``agents.sweep`` folders run with one setting changed (an A/B of a flag), compared run by run.
 
     python benchmarks/compare_sweeps.py runs/sweep_small runs/sweep_small_nomkt --names market,no-market
+    python benchmarks/compare_sweeps.py runs/sweep_reward --variants privileged,learned   # two variants of one
 
-Both sweeps must hold the same grid (variant, algo, lr, seed). Every cell of the grid is one pair: the same
+Both sweeps must hold the same grid (variant, algo, lr, seed); with ``--variants A,B`` the runs of variant A
+of the first sweep are matched with those of variant B of the second (the first again when only one is given)
+on (algo, lr, seed): the A/B of a flag run as variants of one grid, which share their pre-training per seed. Every cell of the grid is one pair: the same
 seed, algorithm and learning rate trained once under each setting. For the start of RL (the VAFT generator's
 iteration-0 evaluation, one per seed) and the end of RL (each run's last training-time evaluation) it prints,
 per metric, each setting's mean and the paired difference A - B with a t interval over the pairs, and the
@@ -81,22 +84,45 @@ def table(rows: list[dict], names: tuple[str, str], title: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a", type=Path, help="the first sweep's --out")
-    p.add_argument("b", type=Path, help="the second sweep's --out")
-    p.add_argument("--names", default="a,b", help="labels of the two settings, comma-separated")
+    p.add_argument(
+        "b", type=Path, nargs="?", default=None, help="the second sweep's --out (default: the first)"
+    )
+    p.add_argument(
+        "--names", default="", help="labels of the two settings, comma-separated (default a,b or A,B)"
+    )
+    p.add_argument(
+        "--variants", default="", help="A,B: variant A of the first sweep against variant B of the second"
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON of both tables")
     args = p.parse_args(argv)
-    names = tuple(args.names.split(","))
+    b = args.a if args.b is None else args.b
+    variants = tuple(x for x in args.variants.split(",") if x)
+    if args.variants and (len(variants) != 2 or len(set(variants)) != 2 and b == args.a):
+        raise SystemExit(f"error: --variants {args.variants!r} is invalid: expected two variant names A,B")
+    if not variants and b == args.a:
+        raise SystemExit("error: comparing a sweep with itself needs --variants A,B")
+    names = tuple((args.names or (",".join(variants) if variants else "a,b")).split(","))
     if len(names) != 2 or len(set(names)) != 2:
         raise SystemExit(f"error: --names {args.names!r} is invalid: expected two different labels")
-    for folder in (args.a, args.b):
+    for folder in (args.a, b):
         if not (folder / "sweep.csv").is_file():
             raise SystemExit(f"error: {folder} holds no sweep.csv: not a finished agents.sweep folder")
-    end = paired(*(pd.read_csv(f / "sweep.csv") for f in (args.a, args.b)), KEYS, names)
-    start = paired(start_rows(args.a), start_rows(args.b), ["variant", "seed"], names)
+    runs = [pd.read_csv(f / "sweep.csv") for f in (args.a, b)]
+    starts = [start_rows(f) for f in (args.a, b)]
+    keys, start_keys = KEYS, ["variant", "seed"]
+    if variants:  # one variant of each side, matched on the rest of the grid
+        for folder, frame, variant in zip((args.a, b), runs, variants):
+            if variant not in set(frame["variant"]):
+                raise SystemExit(f"error: --variants: {folder} holds no variant {variant!r}")
+        runs = [f[f["variant"] == v].drop(columns="variant") for f, v in zip(runs, variants)]
+        starts = [f[f["variant"] == v].drop(columns="variant") for f, v in zip(starts, variants)]
+        keys, start_keys = [k for k in KEYS if k != "variant"], ["seed"]
+    end = paired(*runs, keys, names)
+    start = paired(*starts, start_keys, names)
     print(table(start, names, "start of RL (VAFT, iteration 0), per seed"))
     print()
     print(table(end, names, "end of RL (last training-time evaluation), per (algo, lr, seed)"))
-    res = {"a": str(args.a), "b": str(args.b), "names": names, "start": start, "end": end}
+    res = {"a": str(args.a), "b": str(b), "variants": variants, "names": names, "start": start, "end": end}
     if args.out:
         write_json(args.out, res)
     return res
