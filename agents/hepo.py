@@ -23,7 +23,8 @@ OPR, mean / max normalised final_value of the top-K beam) on the first requests 
 
 The run folder (``runs/hepo/{env}__{algo}__{seed}__{time}``, or ``--out``) holds ``config.json``,
 ``metrics.jsonl``, ``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
-(the model alone, for ``agents.evaluate --agents gpr:RUN``), ``summary.json`` and ``curves.png``. Without
+(the model alone, for ``agents.evaluate --agents gpr:RUN``), ``summary.json``, ``curves.png`` and
+``reward_model.png`` (the rewarded vs true value of the sampled candidates per iteration: ``agents.rl.rollout``). Without
 ``--out`` the newest unfinished run of the same env/algo/seed is resumed. The folder is locked while a run
 writes it and belongs to the run that created it (``run.json``, ``gpr_sim.runs.RunFolder``): a run with other
 flags (bar ``RESUME_IGNORES``) is refused, naming them, and so is a folder holding results but no checkpoint.
@@ -63,7 +64,7 @@ from agents.pretraining.pipeline import (
     pipeline_dir,
     stage_configs,
 )
-from agents.reporting.figures import plot_curves
+from agents.reporting.figures import plot_curves, plot_reward_model
 from agents.rl import distributed
 from agents.rl.common import LossConfig, check_precision
 from agents.rl.distributed import SINGLE, Dist
@@ -753,6 +754,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         rows = read_metrics(metrics_path)
         evals = [r for r in rows if "eval/reward_per_session" in r]
         plot_curves([out], out / "curves.png")
+        plot_reward_model([out], out / "reward_model.png")
         summary = {
             "algo": args.algo,
             "seed": args.seed,

@@ -582,3 +582,43 @@ def test_main_writes_table5(runs5, tmp_path):
     assert "| 3 | cascade-privileged |  | 30 | 3 [2.9, 3.1] |" in tiers
     assert "| 5 | +HEPO | 3 | 3.333 | n/a |" in tiers and "nan" not in md
     assert len(ages.splitlines()) == 2 + 2 * 3  # header, rule, (cascade, VAFT, +HEPO) x (new, old)
+
+
+def test_reward_model_figure_draws_rewarded_and_true_values(tmp_path, monkeypatch):
+    """Runs that log the reward model's monitor get ``reward_model.png``: per algorithm the rewarded value
+    (solid) and the true value (dashed) of the sampled candidates, seed means, and their correlation; runs
+    without it get no figure (``test_main_writes_every_file``)."""
+
+    def run(seed: int, rewarded: list[float], truth: list[float]):
+        folder = tmp_path / "runs" / f"ads-v0__hepo__{seed}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"algo": "hepo", "seed": seed, "env": "ads-v0"}))
+        rows = [
+            {
+                "iteration": i + 1,
+                "env_steps": 16 * (i + 1),
+                keys.REWARD_MODEL[0]: r,
+                keys.REWARD_MODEL[1]: t,
+                keys.REWARD_MODEL[2]: 0.5 - 0.1 * i,
+            }
+            for i, (r, t) in enumerate(zip(rewarded, truth))
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    runs = [run(0, [0.30, 0.40, 0.50], [0.20, 0.15, 0.10]), run(1, [0.32, 0.42, 0.48], [0.22, 0.17, 0.08])]
+    figs = []
+    monkeypatch.setattr(figures, "figure_bytes", lambda fig, dpi: figs.append(fig) or b"png")
+    assert figures.plot_reward_model(runs, tmp_path / "reward_model.png").name == "reward_model.png"
+    left, right = figs[0].axes
+    solid, dashed = left.get_lines()
+    assert solid.get_linestyle() == "-" and dashed.get_linestyle() == "--"
+    assert np.allclose(solid.get_ydata(), [0.31, 0.41, 0.49]) and np.allclose(
+        dashed.get_ydata(), [0.21, 0.16, 0.09]
+    )
+    assert np.allclose(right.get_lines()[0].get_ydata(), [0.5, 0.4, 0.3])
+    plt.close("all")
+    old = make_run(tmp_path / "old", "hepo", 0, (0.5, 0.3), (1.0, 0.4))
+    assert (
+        figures.plot_reward_model([old], tmp_path / "old.png") is None and not (tmp_path / "old.png").exists()
+    )

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from agents.reporting.folders import check_runs, pretrain_top_k, run_label  # noqa: E402
-from agents.reporting.keys import CURVES, FINAL, START  # noqa: E402
+from agents.reporting.keys import CURVES, FINAL, REWARD_MODEL, START  # noqa: E402
 from gpr_sim.runs import atomic_write_bytes, figure_bytes, read_json, read_metrics  # noqa: E402
 from gpr_sim.stats import t_interval  # noqa: E402
 
@@ -101,6 +101,39 @@ def plot_curves(
         color="gray", alpha=0.2, label=f"band: {level:.0%} t interval over seeds (n=1: the run's own CI)"
     )
     axes[0][0].legend(handles=[*handles, band], fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_reward_model(runs: list[Path], path: Path, x: str = "env_steps", level: float = 0.95) -> Path | None:
+    """The reward model's monitor against env steps, one colour per algorithm (mean over its runs, seed band):
+    left, the sampled candidates' value as rewarded (solid) and under the simulator's truth (dashed); right,
+    their within-group correlation. Over-optimisation of a learned reward shows as the solid line climbing
+    while the dashed one falls. None (nothing written) when no run logs the monitor (runs from before it)."""
+    rewarded, truth, corr = REWARD_MODEL
+    logged = set().union(*(k for run in runs for k in map(dict.keys, read_metrics(run / "metrics.jsonl"))))
+    if truth not in logged:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    for i, (label, c) in enumerate(seed_curves(runs, rewarded, x, level).items()):
+        color = f"C{i}"
+        left.plot(c["x"], c["mean"], color=color, label=f"{label}: rewarded (n={c['n']})")
+        left.fill_between(c["x"], c["low"], c["high"], color=color, alpha=0.15)
+        t = seed_curves(runs, truth, x, level).get(label)
+        if t is not None:
+            left.plot(t["x"], t["mean"], color=color, ls="--", label=f"{label}: truth (privileged)")
+            left.fill_between(t["x"], t["low"], t["high"], color=color, alpha=0.15)
+        r = seed_curves(runs, corr, x, level).get(label)
+        if r is not None:
+            right.plot(r["x"], r["mean"], color=color, label=label)
+            right.fill_between(r["x"], r["low"], r["high"], color=color, alpha=0.15)
+    left.set_title("sampled candidates' value per request")
+    right.set_title("within-group correlation, reward vs truth")
+    for ax in (left, right):
+        ax.set_xlabel(x.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"the reward model's monitor; bands: {level:.0%} t interval over seeds", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 

@@ -17,6 +17,10 @@ CURVES = (
 )
 """the metrics drawn by default, one panel each (the deterministic ``oracle_share`` first: the primary curve;
 a metric no run logs, e.g. oracle_share in runs older than it, gets no panel)"""
+REWARD_MODEL = ("rollout/group_value_mean", "rollout/truth/group_value_mean", "rollout/truth/reward_corr")
+"""the reward model's monitor (``agents.rl.rollout.truth_monitor``), every iteration: the sampled candidates'
+value as rewarded, the same candidates under the simulator's truth (privileged, logged only), their within-group
+correlation"""
 TABLE3 = ("ndcg", "opr", "mean_value", "max_value", "top1_value")
 """Table 3 columns: ``eval/cand_{name}`` of ``agents.hepo``"""
 FINAL = ("reward_per_session", "gmv_per_session", "ctcvr", "revenue_per_session")

@@ -8,6 +8,7 @@
 | ``table4.csv`` / ``.md`` | GPR Table 4 analogue: online CTR, CVR, CTCVR, GMV, costs (revenue) and reward per stage, the relative change of each stage vs the previous one (paired by seed) and, with ``baseline`` (an ``agents.evaluate`` folder), vs the privileged cascade (``cascade-privileged``, a labelled reference) |
 | ``table5.csv`` / ``.md`` | GPR Table 5 analogue: Table 4's metrics per stage within each user-activity tier (1..5) and for new / old ads, with the privileged cascade's strata from ``baseline``; only when the runs' evaluations log strata (``agents.reporting.keys.strata_key``) |
 | ``final.png`` | the final table as bars with error bars |
+| ``reward_model.png`` | the reward model's monitor per iteration: the sampled candidates' value as rewarded and under the simulator's truth, and their correlation (``figures.plot_reward_model``); only when the runs log it |
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from agents.reporting.figures import plot_curves, plot_table
+from agents.reporting.figures import plot_curves, plot_reward_model, plot_table
 from agents.reporting.folders import check_runs, runs_without_strata
 from agents.reporting.keys import FINAL, TABLE3
 from agents.reporting.tables import (
@@ -40,6 +41,9 @@ def write_report(
     runs, out = check_runs(runs), Path(out)
     t3, fin, t4 = table3(runs, level), final_table(runs, level), table4(runs, baseline, level)
     files = {"curves": plot_curves(runs, out / "curves.png", level=level)}
+    monitor = plot_reward_model(runs, out / "reward_model.png", level=level)
+    if monitor is not None:
+        files["reward_model"] = monitor
     for name, table, markdown in (
         ("table3", t3, to_markdown(t3, TABLE3, level)),
         ("final_table", fin, to_markdown(fin, FINAL, level)),
