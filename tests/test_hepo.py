@@ -157,6 +157,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     assert [r["iteration"] for r in a] == [0, 1, 2, 3]
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     assert (straight / "curves.png").stat().st_size > 0
+    assert (straight / "reward_model.png").stat().st_size > 0  # the reward model's monitor, every run
     # the finished run asked for no more iterations: nothing runs, its summary and history stay as they are
     files = {p.name: p.read_bytes() for p in straight.iterdir() if p.is_file()}
     summary = json.loads(files["summary.json"])
