@@ -72,6 +72,7 @@ from agents.policies import POLICIES
 from agents.policies.learned_cascade import learned_cascade_inputs
 from agents.pretraining.pipeline import reward_funnel_file
 from agents.reporting.folders import check_runs
+from agents.reporting.keys import REWARD_MODEL
 from agents.reporting.sweep import (
     FINAL_METRICS,
     comparison_markdown,
@@ -376,10 +377,18 @@ def _pretrain_settings(runs: list[Run]) -> dict[str, dict]:
 
 def sweep_table(runs: list[Run], wall: dict[str, float], select_metric: str) -> pd.DataFrame:
     """One row per run: its coordinates, iterations, wall seconds (``run_grid``'s: a seed's first run includes
-    the pre-training it triggered; NaN for a run trained outside this sweep) and its last evaluation's metrics."""
+    the pre-training it triggered; NaN for a run trained outside this sweep), its last evaluation's metrics and
+    the reward model's monitor at that iteration (``REWARD_MODEL``: rewarded vs true value of the sampled
+    candidates; NaN for runs from before it)."""
     rows = []
     keys = dict.fromkeys(
-        (*FINAL_METRICS, "eval/oracle_share_ci_low", "eval/oracle_share_ci_high", select_metric)
+        (
+            *FINAL_METRICS,
+            "eval/oracle_share_ci_low",
+            "eval/oracle_share_ci_high",
+            select_metric,
+            *REWARD_MODEL,
+        )
     )
     for run in runs:
         s = read_json(run.folder / "summary.json")

@@ -52,6 +52,8 @@ def test_grid_writes_every_run_from_one_generator_and_the_tables(grid):
     runs = pd.read_csv(out / "sweep.csv")
     assert len(runs) == 4 and set(runs["iterations_run"]) == {1}
     assert (runs["wall_s"] > 0).all()
+    # the reward model's monitor at the last iteration: rewarded and true value of the sampled candidates
+    assert runs[["rollout/group_value_mean", "rollout/truth/group_value_mean"]].notna().all().all()
     selected = pd.read_csv(out / "selected.csv")
     assert selected.groupby("algo")["selected"].sum().to_dict() == {"dpo": 1, "hepo": 1}
     comparison = tables["comparison"]
