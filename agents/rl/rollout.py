@@ -414,9 +414,8 @@ class Roller:
                 math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1, 1)), 1e-6
             )
         monitor = None
-        if (
-            not rehearsed
-        ):  # what the learner is paid vs what the simulator's truth says the same ads are worth
+        # the real requests: what the learner is paid vs what the simulator's truth says the same ads are worth
+        if not rehearsed:
             truth = scores.value if truth_scorer is None else truth_scorer(s.items).value
             truth = torch.where(s.items >= 0, truth.to(torch.float32), torch.zeros_like(raw))
             if self.budget_aware:
