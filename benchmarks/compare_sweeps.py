@@ -5,8 +5,8 @@
 
 Both sweeps must hold the same grid (variant, algo, lr, seed); with ``--variants A,B`` the runs of variant A
 of the first sweep are matched with those of variant B of the second (the first again when only one is given)
-on (algo, lr, seed): the A/B of a flag run as variants of one grid, which share their pre-training per seed. Every cell of the grid is one pair: the same
-seed, algorithm and learning rate trained once under each setting. For the start of RL (the VAFT generator's
+on (algo, lr, seed): the A/B of a flag run as variants of one grid, which share their pre-training per seed.
+Every cell of the grid is one pair: the same seed, algorithm and learning rate trained once under each setting. For the start of RL (the VAFT generator's
 iteration-0 evaluation, one per seed) and the end of RL (each run's last training-time evaluation) it prints,
 per metric, each setting's mean and the paired difference A - B with a t interval over the pairs, and the
 same per seed (pairs of one seed share their pre-training, so they are not independent: read the per-seed rows
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     b = args.a if args.b is None else args.b
     variants = tuple(x for x in args.variants.split(",") if x)
-    if args.variants and (len(variants) != 2 or len(set(variants)) != 2 and b == args.a):
+    same_variant = len(set(variants)) == 1 and b == args.a  # a variant of one sweep against itself
+    if args.variants and (len(variants) != 2 or same_variant):
         raise SystemExit(f"error: --variants {args.variants!r} is invalid: expected two variant names A,B")
     if not variants and b == args.a:
         raise SystemExit("error: comparing a sweep with itself needs --variants A,B")

@@ -41,6 +41,11 @@ def _series(run: Path, metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.
     return xs, ys, band
 
 
+def _logged_keys(runs: list[Path]) -> set[str]:
+    """Every metric key some row of some run logs."""
+    return set().union(*(k for run in runs for k in map(dict.keys, read_metrics(run / "metrics.jsonl"))))
+
+
 def seed_curves(
     runs: list[Path], metric: str, x: str = "env_steps", level: float = 0.95
 ) -> dict[str, dict[str, np.ndarray | int]]:
@@ -86,7 +91,7 @@ def plot_curves(
     The band is the ``level`` Student t interval over seeds (``seed_curves``), the interval the tables
     report; a single run shows its own CI columns (over sessions) when it has them. The legend says which.
     """
-    logged = set().union(*(k for run in runs for k in map(dict.keys, read_metrics(run / "metrics.jsonl"))))
+    logged = _logged_keys(runs)
     metrics = tuple(m for m in metrics if m in logged) or metrics[:1]  # a panel per metric some run logs
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -110,20 +115,19 @@ def plot_reward_model(runs: list[Path], path: Path, x: str = "env_steps", level:
     left, the sampled candidates' value as rewarded (solid) and under the simulator's truth (dashed); right,
     their within-group correlation. Over-optimisation of a learned reward shows as the solid line climbing
     while the dashed one falls. None (nothing written) when no run logs the monitor (runs from before it)."""
-    rewarded, truth, corr = REWARD_MODEL
-    logged = set().union(*(k for run in runs for k in map(dict.keys, read_metrics(run / "metrics.jsonl"))))
-    if truth not in logged:
+    if REWARD_MODEL[1] not in _logged_keys(runs):
         return None
+    rewarded, truth, corr = (seed_curves(runs, key, x, level) for key in REWARD_MODEL)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
-    for i, (label, c) in enumerate(seed_curves(runs, rewarded, x, level).items()):
+    for i, (label, c) in enumerate(rewarded.items()):
         color = f"C{i}"
         left.plot(c["x"], c["mean"], color=color, label=f"{label}: rewarded (n={c['n']})")
         left.fill_between(c["x"], c["low"], c["high"], color=color, alpha=0.15)
-        t = seed_curves(runs, truth, x, level).get(label)
+        t = truth.get(label)
         if t is not None:
             left.plot(t["x"], t["mean"], color=color, ls="--", label=f"{label}: truth (privileged)")
             left.fill_between(t["x"], t["low"], t["high"], color=color, alpha=0.15)
-        r = seed_curves(runs, corr, x, level).get(label)
+        r = corr.get(label)
         if r is not None:
             right.plot(r["x"], r["mean"], color=color, label=label)
             right.fill_between(r["x"], r["low"], r["high"], color=color, alpha=0.15)
