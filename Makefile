@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m agents.hepo --env ads-v0 --out runs/demo/hepo --pretrain-dir runs/demo/pretrain
 	$(BIN)/python -m agents.evaluate --env ads-v0 --sessions 512 --out runs/demo/eval \
-		--agents random,learned-cascade:runs/demo/pretrain/platform,cascade-privileged,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo
+		--agents random,learned-cascade:runs/demo/pretrain/platform,cascade-privileged,oracle,gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo,gpr:runs/demo/hepo/best
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -n 2

@@ -23,7 +23,8 @@ OPR, mean / max normalised final_value of the top-K beam) on the first requests 
 
 The run folder (``runs/hepo/{env}__{algo}__{seed}__{time}``, or ``--out``) holds ``config.json``,
 ``metrics.jsonl``, ``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
-(the model alone, for ``agents.evaluate --agents gpr:RUN``), ``summary.json``, ``curves.png`` and
+(the model alone, for ``agents.evaluate --agents gpr:RUN``), ``best/`` (the policy of the evaluation with the
+highest held-out reward per session so far, ``keep_best``: ``gpr:RUN/best``), ``summary.json``, ``curves.png`` and
 ``reward_model.png`` (the rewarded vs true value of the sampled candidates per iteration: ``agents.rl.rollout``). Without
 ``--out`` the newest unfinished run of the same env/algo/seed is resumed. The folder is locked while a run
 writes it and belongs to the run that created it (``run.json``, ``gpr_sim.runs.RunFolder``): a run with other
@@ -411,6 +412,43 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
     return folder
 
 
+SELECT_METRIC = "eval/reward_per_session"
+"""what ``OUT/best`` is chosen by: the realised reward per held-out session, the number an online A/B test of the
+policy would read (revenue and GMV of the clicks and conversions drawn), not a privileged one"""
+
+
+def best_selection(out: Path, start: int) -> dict | None:
+    """The selection ``OUT/best/config.json`` records (``keep_best``), or None when it is absent or was written
+    after iteration ``start`` (by iterations a resumed run discards and replays: the next evaluation replaces it)."""
+    path = out / "best" / "config.json"
+    if not path.is_file():
+        return None
+    selected = read_json(path).get("selected")
+    return selected if selected and selected["iteration"] <= start else None
+
+
+def keep_best(out: Path, model: GPRModel, row: dict, selected: dict | None) -> dict | None:
+    """Write ``OUT/best`` (``policy.pt`` and a ``config.json`` recording ``selected``) when evaluation ``row``
+    beats ``selected``'s ``SELECT_METRIC``; returns the selection now held.
+
+    Why: under a learned reward RL over-optimises the reward model, and the held-out curves rise, peak and fall
+    (benchmarks/RESULTS.md); a platform ships the checkpoint its A/B test liked best, not the last one.
+    ``gpr:OUT/best`` serves it (a run folder: the same tokenizer and auction as ``OUT``). Selected on the
+    training-time evaluation's sessions, so its own numbers there are optimistic: compare it on other sessions
+    (``agents.sweep --policy best`` does, on ``--final-eval-seed``).
+    """
+    if SELECT_METRIC not in row or (selected and row[SELECT_METRIC] <= selected["value"]):
+        return selected
+    chosen = {"iteration": row["iteration"], "metric": SELECT_METRIC, "value": row[SELECT_METRIC]}
+    folder = out / "best"
+    folder.mkdir(exist_ok=True)
+    save_policy(folder / "policy.pt", model)
+    write_json(
+        folder / "config.json", {**read_json(out / "config.json"), "selected": chosen}
+    )  # last: it names
+    return chosen
+
+
 def plateaued(shares: list[float], patience: int, delta: float) -> bool:
     """Whether the last ``patience`` of the evaluations' ``shares`` (eval/oracle_share, in order) rose by no more
     than ``delta`` above the best before them: the curve has flattened (``patience`` 0: never)."""
@@ -621,6 +659,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
     evaluate = Evaluator(held_out(args, funnel), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
+    best: dict | None = None  # OUT/best's selection (rank 0: keep_best)
     resume = ckpt.is_file()
     distributed.barrier(dist)  # every rank has looked for the checkpoint before rank 0 writes anything
     if resume:
@@ -643,6 +682,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         if dist.is_main:
             rows = [r for r in read_metrics(metrics_path) if r["iteration"] <= start]
             write_metrics(metrics_path, rows)
+            best = best_selection(out, start)
             print(f"{out}: resuming at iteration {start}")
     elif dist.is_main:
         write_json(
@@ -668,6 +708,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         }
         append_metrics(metrics_path, row)
         print(_log_line(row))
+        best = keep_best(out, model, row, None)
     terms_fn = PathTerms(model, compile=args.compile, ad_lookup=roller.ad_lookup(model))
     if dist.enabled:
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
@@ -733,6 +774,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
             )
             if "eval/oracle_share" in row:
                 shares.append(row["eval/oracle_share"])
+            best = keep_best(out, model, row, best)
         stop = distributed.broadcast_object(
             dist.is_main and plateaued(shares, args.plateau_patience, args.plateau_delta), dist
         )
@@ -766,6 +808,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
             "auction": auction,
             "initial": evals[0],
             "final": evals[-1],
+            "best": next((r for r in evals if best and r["iteration"] == best["iteration"]), None),
         }
         write_json(summary_path, summary)
         first, last = evals[0], evals[-1]
@@ -782,6 +825,12 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
             f"{evals[-1]['eval/reward_per_session']:.3f}, GMV/session {evals[0]['eval/gmv_per_session']:.3f} -> "
             f"{evals[-1]['eval/gmv_per_session']:.3f}"
         )
+        if summary["best"]:
+            chosen = summary["best"]
+            print(
+                f"{out}/best: iteration {chosen['iteration']} (highest eval reward/session, "
+                f"{chosen[SELECT_METRIC]:.3f}), oracle_share {chosen.get('eval/oracle_share', float('nan')):.3f}"
+            )
     distributed.barrier(dist)  # rank 0 wrote summary.json
     return read_json(summary_path)
 

@@ -21,8 +21,10 @@ from its checkpoint exactly (``agents.hepo``'s own resume). One process runs the
 
 Selection (``select_lr``): per variant x algorithm, the learning rate with the highest mean over seeds of
 ``--select-metric`` at the run's LAST training-time evaluation (``agents.hepo --eval-seed``'s held-out
-sessions); ties go to the smaller learning rate. Final comparison (``evaluate_selected``): per variant and
-seed, the selected run of every algorithm (``gpr:RUN``, beam ``--eval-beam``) and the ``--references`` (a
+sessions), or with ``--policy best`` at the evaluation that chose ``RUN/best`` (the highest held-out reward per
+session: what a platform would ship from a run whose learned reward is over-optimised); ties go to the smaller
+learning rate. Final comparison (``evaluate_selected``): per variant and
+seed, the selected run of every algorithm (``gpr:RUN``, or ``gpr:RUN/best``; beam ``--eval-beam``) and the ``--references`` (a
 built-in policy, or ``learned-cascade``: the seed's pre-training platform, present with ``--behaviour
 learned-cascade`` and skipped otherwise) are evaluated with ``agents.evaluation.folder.evaluate_folder`` on a
 DIFFERENT reset seed (``--final-eval-seed``), so the numbers that compare the algorithms were not used to
@@ -59,7 +61,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import pandas as pd
 import tyro
@@ -114,6 +116,10 @@ class Args:
     """output folder: pretrain/, VARIANT/ALGO/lrLR/seedS/ (agents.hepo runs), VARIANT/final/, the tables"""
     select_metric: str = "eval/oracle_share"
     """metric of each run's last training-time evaluation that picks each algorithm's lr (mean over seeds, max)"""
+    policy: Literal["last", "best"] = "last"
+    """which policy of each run is selected on and compared: ``last`` (the run's end) or ``best`` (``RUN/best``,
+    its evaluation with the highest held-out reward per session: ``agents.hepo.keep_best``); the final
+    comparison's sessions (``--final-eval-seed``) are not the ones that chose it"""
     final: bool = True
     """evaluate the selected runs on --final-eval-seed (comparison.csv); off = grid and selection only"""
     final_eval_seed: int = 54321
@@ -144,6 +150,8 @@ class Args:
                     f"references={self.references!r}: {ref!r} is unknown: expected some of "
                     f"{[*POLICIES, LEARNED_CASCADE]}"
                 )
+        if self.policy not in ("last", "best"):
+            raise ValueError(f"policy={self.policy!r} is invalid: expected 'last' or 'best'")
         if isinstance(self.final_sessions, bool) or self.final_sessions < 0:
             raise ValueError(f"final_sessions={self.final_sessions!r} is invalid: expected an integer >= 0")
         if not 0.0 < self.level < 1.0:
@@ -375,11 +383,14 @@ def _pretrain_settings(runs: list[Run]) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- tables
 
 
-def sweep_table(runs: list[Run], wall: dict[str, float], select_metric: str) -> pd.DataFrame:
+def sweep_table(
+    runs: list[Run], wall: dict[str, float], select_metric: str, policy: str = "last"
+) -> pd.DataFrame:
     """One row per run: its coordinates, iterations, wall seconds (``run_grid``'s: a seed's first run includes
-    the pre-training it triggered; NaN for a run trained outside this sweep), its last evaluation's metrics and
-    the reward model's monitor at that iteration (``REWARD_MODEL``: rewarded vs true value of the sampled
-    candidates; NaN for runs from before it)."""
+    the pre-training it triggered; NaN for a run trained outside this sweep), the metrics of its ``policy``'s
+    evaluation (``last``: the run's last; ``best``: ``RUN/best``'s, at ``policy_iteration``) and the reward
+    model's monitor at that iteration (``REWARD_MODEL``: rewarded vs true value of the sampled candidates; NaN
+    for runs from before it and at iteration 0)."""
     rows = []
     keys = dict.fromkeys(
         (
@@ -392,7 +403,13 @@ def sweep_table(runs: list[Run], wall: dict[str, float], select_metric: str) -> 
     )
     for run in runs:
         s = read_json(run.folder / "summary.json")
-        if select_metric not in s["final"]:
+        chosen = s["final"] if policy == "last" else s.get("best")
+        if chosen is None:
+            raise ValueError(
+                f"{run.folder}/summary.json has no best policy (a run from before agents.hepo kept OUT/best): "
+                "train it again or pass --policy last"
+            )
+        if select_metric not in chosen:
             raise ValueError(f"select_metric={select_metric!r} is not a metric of {run.folder}/summary.json")
         rows.append(
             {
@@ -405,7 +422,8 @@ def sweep_table(runs: list[Run], wall: dict[str, float], select_metric: str) -> 
                 "env_steps": s["env_steps"],
                 "wall_s": wall.get(run.name, math.nan),
                 "folder": str(run.folder),
-                **{k: s["final"].get(k, math.nan) for k in keys},
+                "policy_iteration": chosen["iteration"],
+                **{k: chosen.get(k, math.nan) for k in keys},
             }
         )
     return pd.DataFrame(rows)
@@ -428,7 +446,8 @@ def agent_specs(args: Args, by_algo: dict[str, Run]) -> dict[str, str]:
     """Row name -> ``agents.evaluate`` spec of one seed: each algorithm's selected run (served as during
     training: beam ``--eval-beam``), then the references (``learned-cascade`` only if the seed's pipeline
     fitted a platform)."""
-    specs = {algo: f"gpr:{run.folder}@beam_width={run.args.eval_beam}" for algo, run in by_algo.items()}
+    sub = "/best" if args.policy == "best" else ""
+    specs = {algo: f"gpr:{run.folder}{sub}@beam_width={run.args.eval_beam}" for algo, run in by_algo.items()}
     platform = Path(next(iter(by_algo.values())).args.pretrain_dir) / "platform"
     for ref in args.reference_list():
         if ref != LEARNED_CASCADE:
@@ -503,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict[str, pd.DataFrame]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep_config.json", dataclasses.asdict(args))
     wall = run_grid(args, runs)
-    sweep = sweep_table(runs, wall, args.select_metric)
+    sweep = sweep_table(runs, wall, args.select_metric, args.policy)
     atomic_write_bytes(out / "sweep.csv", sweep.to_csv(index=False).encode())
     selected = select_lr(sweep, args.select_metric, args.level)
     atomic_write_bytes(out / "selected.csv", selected.to_csv(index=False).encode())

@@ -10,13 +10,17 @@ Every cell of the grid is one pair: the same seed, algorithm and learning rate t
 iteration-0 evaluation, one per seed) and the end of RL (each run's last training-time evaluation) it prints,
 per metric, each setting's mean and the paired difference A - B with a t interval over the pairs, and the
 same per seed (pairs of one seed share their pre-training, so they are not independent: read the per-seed rows
-before the pooled one). Writes ``--out`` (JSON) when given.
+before the pooled one). When both sweeps ran their final comparison (``VARIANT/final/seed{S}/summary.csv``, on
+``--final-eval-seed``'s sessions), the same for the final evaluation of each run's compared policy (its last or,
+``agents.sweep --policy best``, its ``best/``): the number that was not used to choose anything. Writes ``--out``
+(JSON) when given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +41,27 @@ def start_rows(folder: Path) -> pd.DataFrame:
         variant, seed = metrics.parts[-5], int(metrics.parts[-2].removeprefix("seed"))
         rows.append({"variant": variant, "seed": seed, **{m: first.get(m) for m in METRICS}})
     return pd.DataFrame(rows).drop_duplicates(["variant", "seed"])
+
+
+RUN_IN_SPEC = re.compile(r"^gpr:.*/([^/]+)/lr([^/]+)/seed(\d+)(?:/best)?(?:@.*)?$")
+"""an algorithm's row of a sweep's final comparison: ``gpr:OUT/VARIANT/ALGO/lrLR/seedS[/best][@options]``"""
+
+
+def final_rows(folder: Path) -> pd.DataFrame:
+    """(variant, algo, lr, seed) -> the final comparison's metrics of that run's policy (``agents.sweep``'s
+    ``evaluate_selected``: one ``agents.evaluate`` folder per variant and seed); empty when it did not run."""
+    rows = []
+    for summary in sorted(folder.glob("*/final/seed*/summary.csv")):
+        variant = summary.parts[-4]
+        for r in pd.read_csv(summary).to_dict("records"):
+            match = RUN_IN_SPEC.match(str(r["agent"]))
+            if match:
+                algo, lr, seed = match.groups()
+                rows.append(
+                    {"variant": variant, "algo": algo, "lr": float(lr), "seed": int(seed)}
+                    | {m: r.get(m) for m in METRICS}
+                )
+    return pd.DataFrame(rows, columns=[*KEYS, *METRICS])
 
 
 def paired(a: pd.DataFrame, b: pd.DataFrame, keys: list[str], names: tuple[str, str]) -> list[dict]:
@@ -110,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {folder} holds no sweep.csv: not a finished agents.sweep folder")
     runs = [pd.read_csv(f / "sweep.csv") for f in (args.a, b)]
     starts = [start_rows(f) for f in (args.a, b)]
+    finals = [final_rows(f) for f in (args.a, b)]
     keys, start_keys = KEYS, ["variant", "seed"]
     if variants:  # one variant of each side, matched on the rest of the grid
         for folder, frame, variant in zip((args.a, b), runs, variants):
@@ -117,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"error: --variants: {folder} holds no variant {variant!r}")
         runs = [f[f["variant"] == v].drop(columns="variant") for f, v in zip(runs, variants)]
         starts = [f[f["variant"] == v].drop(columns="variant") for f, v in zip(starts, variants)]
+        finals = [f[f["variant"] == v].drop(columns="variant") for f, v in zip(finals, variants)]
         keys, start_keys = [k for k in KEYS if k != "variant"], ["seed"]
     end = paired(*runs, keys, names)
     start = paired(*starts, start_keys, names)
@@ -124,6 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(table(end, names, "end of RL (last training-time evaluation), per (algo, lr, seed)"))
     res = {"a": str(args.a), "b": str(b), "variants": variants, "names": names, "start": start, "end": end}
+    if all(len(f) for f in finals):
+        res["final"] = paired(*finals, keys, names)
+        print()
+        print(
+            table(
+                res["final"], names, "final comparison (the sweeps' --final-eval-seed), per (algo, lr, seed)"
+            )
+        )
     if args.out:
         write_json(args.out, res)
     return res

@@ -149,11 +149,11 @@ DOCUMENTED = [
         "evaluate",
         "--env ads-v0 --sessions 512 --out runs/demo/eval "
         "--agents random,learned-cascade:runs/demo/pretrain/platform,cascade-privileged,oracle,"
-        "gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
+        "gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo,gpr:runs/demo/hepo/best",
         {
             "sessions": 512,
             "agents": "random,learned-cascade:runs/demo/pretrain/platform,cascade-privileged,oracle,"
-            "gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo",
+            "gpr:runs/demo/pretrain/vaft,gpr:runs/demo/hepo,gpr:runs/demo/hepo/best",
         },
     ),
     (
@@ -198,7 +198,7 @@ DOCUMENTED = [
 )
 def test_documented_command_lines_parse(module, line, expected, cuda_present, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # --out runs/... is checked against the working folder
-    for run in ("runs/demo/pretrain/vaft", "runs/demo/hepo"):  # the Makefile's gpr:RUN agents must exist
+    for run in ("runs/demo/pretrain/vaft", "runs/demo/hepo", "runs/demo/hepo/best"):  # the Makefile's gpr:RUN
         (tmp_path / run).mkdir(parents=True)
         (tmp_path / run / "policy.pt").touch()
     for model in platform_inputs(tmp_path / "runs/demo/pretrain/platform"):  # and its learned-cascade:PATH

@@ -47,6 +47,29 @@ def test_two_variants_of_one_sweep_are_paired_by_seed(tmp_path):
     assert start["pairs"] == 3 and start["diff"] == pytest.approx(0.0)
 
 
+def test_final_comparisons_of_two_sweeps_are_paired_by_run(tmp_path):
+    """Both sweeps' final evaluations (one ``summary.csv`` per variant and seed, the algorithm's row named by its
+    run folder, last or ``best``; reference rows ignored) are paired on (variant, algo, lr, seed)."""
+    roots = [_sweep(tmp_path / n, {"v": [0.3, 0.3]}, [0.2, 0.2]) for n in ("last", "best")]
+    for root, sub, values in ((roots[0], "", [0.25, 0.35]), (roots[1], "/best", [0.45, 0.50])):
+        for seed, value in enumerate(values):
+            folder = root / "v" / "final" / f"seed{seed}"
+            folder.mkdir(parents=True)
+            spec = f"gpr:{root}/v/hepo/lr0.0001/seed{seed}{sub}@beam_width=2"
+            agents = [
+                {"agent": spec, **{m: value for m in METRICS}},
+                {"agent": "cascade-privileged"} | dict.fromkeys(METRICS, 9.0),
+            ]
+            pd.DataFrame(agents).to_csv(folder / "summary.csv", index=False)
+    res = compare.main([str(roots[1]), str(roots[0]), "--names", "best,last"])
+    final = next(r for r in res["final"] if r["metric"] == METRICS[0] and r["rows"] == "all")
+    assert final["pairs"] == 2 and final["diff"] == pytest.approx(((0.45 - 0.25) + (0.50 - 0.35)) / 2)
+    assert final["best"] == pytest.approx(0.475) and final["a_wins"] == 2
+    assert "final" not in compare.main(
+        [str(roots[0]), str(_sweep(tmp_path / "none", {"v": [0.1, 0.1]}, [0.2, 0.2]))]
+    )
+
+
 def test_bad_variant_arguments_fail_with_one_line(tmp_path):
     root = _sweep(tmp_path / "s", {"a": [0.1, 0.2], "b": [0.2, 0.1]}, [0.1, 0.1])
     with pytest.raises(SystemExit, match="needs --variants"):

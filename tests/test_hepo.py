@@ -156,6 +156,8 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     a, b = _comparable_rows(straight), _comparable_rows(broken)
     assert [r["iteration"] for r in a] == [0, 1, 2, 3]
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    chosen = [json.loads((f / "best" / "config.json").read_text())["selected"] for f in (straight, broken)]
+    assert chosen[0] == chosen[1]  # the resumed run kept (or re-chose) the same best policy
     assert (straight / "curves.png").stat().st_size > 0
     assert (straight / "reward_model.png").stat().st_size > 0  # the reward model's monitor, every run
     # the finished run asked for no more iterations: nothing runs, its summary and history stay as they are
@@ -261,7 +263,7 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept  # config, summary untouched
     table = evaluate(
         EvalArgs(
-            agents=f"cascade-privileged,gpr:{out}",
+            agents=f"cascade-privileged,gpr:{out},gpr:{out}/best",
             num_envs=8,
             sessions=8,
             plots=False,
@@ -269,7 +271,7 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
             out=str(tmp_path / "eval"),
         )
     )
-    assert set(table["agent"]) == {"cascade-privileged", f"gpr:{out}"}
+    assert set(table["agent"]) == {"cascade-privileged", f"gpr:{out}", f"gpr:{out}/best"}  # best/ serves too
     # the Evaluator's Table 5 scalars of sessions that serve ads (the cascade's, from that evaluation), as
     # metrics.jsonl holds them: agents.evaluate's strata.csv values, adding up to the overall metrics
     sessions = pd.read_parquet(tmp_path / "eval" / "agents" / "cascade-privileged" / "sessions.parquet")
@@ -293,6 +295,34 @@ def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     )
     assert tier_clicks == pytest.approx(sessions["clicks"].sum()) and age_clicks == pytest.approx(tier_clicks)
     assert row["eval/ctr"] == pytest.approx(tier_clicks / imp.sum()) and imp.sum() > 0
+
+
+def test_best_policy_is_the_evaluation_with_the_highest_held_out_reward(pre, tmp_path):
+    """``keep_best`` on hand-made evaluation rows: a strictly higher eval/reward_per_session replaces ``OUT/best``
+    with the model as it is then (ties keep the earlier one, rows without an evaluation change nothing), the
+    folder serves as a run folder, and a selection written after a resumed run's checkpoint is discarded."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(
+        json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer"), "seed": 0})
+    )
+    model, _ = load_run_model(pre / "vaft")
+    weights = next(model.parameters())
+    rows = [(0, 0.5), (1, None), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.6)]
+    best, states = None, {}
+    for it, value in rows:
+        with torch.no_grad():
+            weights.add_(1.0)  # a different model at every iteration
+        states[it] = weights.detach().clone()
+        row = {"iteration": it} if value is None else {"iteration": it, hepo.SELECT_METRIC: value}
+        best = hepo.keep_best(out, model, row, best)
+    assert best == {"iteration": 3, "metric": hepo.SELECT_METRIC, "value": 0.7}
+    served, _ = load_run_model(out / "best")
+    assert torch.equal(next(served.parameters()), states[3])
+    assert json.loads((out / "best" / "config.json").read_text())["selected"] == best
+    assert hepo.best_selection(out, start=5) == best
+    assert hepo.best_selection(out, start=2) is None  # written by iterations a resume replays
+    assert hepo.best_selection(tmp_path / "elsewhere", start=5) is None
 
 
 def test_bad_inputs_fail_clearly(pre, tmp_path):

@@ -3,8 +3,10 @@ comparison table on hand-built numbers, and the one-line errors of bad flags."""
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -221,6 +223,28 @@ def test_bad_flags_fail_with_one_line(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "s").exists()  # nothing ran
+
+
+def test_policy_best_reads_and_serves_each_runs_best_folder(grid, tmp_path):
+    out, _ = grid
+    args = sweep.parse(argv(out, "--policy", "best"))
+    runs = sweep.plan(args)
+    table = sweep.sweep_table(runs, {}, args.select_metric, args.policy)
+    for run, row in zip(runs, table.to_dict("records")):
+        best = read_json(run.folder / "summary.json")["best"]
+        assert row["policy_iteration"] == best["iteration"]
+        assert row[args.select_metric] == best[args.select_metric]
+    assert set(sweep.sweep_table(runs, {}, args.select_metric)["policy_iteration"]) == {1}  # last
+    specs = sweep.agent_specs(args, {r.algo: r for r in runs if r.lr == LRS[0]})
+    assert specs["hepo"] == f"gpr:{runs[0].folder}/best@beam_width={runs[0].args.eval_beam}"
+    old = tmp_path / "old"  # a run from before OUT/best: no best in its summary
+    old.mkdir()
+    summary = read_json(runs[0].folder / "summary.json")
+    (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "best"}))
+    with pytest.raises(ValueError, match=r"has no best policy .* pass --policy last"):
+        sweep.sweep_table(
+            [runs[0]._replace(args=replace(runs[0].args, out=str(old)))], {}, "eval/oracle_share", "best"
+        )
 
 
 def test_more_iterations_resume_the_finished_runs(grid, capsys):
