@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,13 +419,16 @@ policy would read (revenue and GMV of the clicks and conversions drawn), not a p
 
 
 def best_selection(out: Path, start: int) -> dict | None:
-    """The selection ``OUT/best/config.json`` records (``keep_best``), or None when it is absent or was written
-    after iteration ``start`` (by iterations a resumed run discards and replays: the next evaluation replaces it)."""
-    path = out / "best" / "config.json"
-    if not path.is_file():
+    """The selection ``OUT/best/config.json`` records (``keep_best``), or None when it is absent, was written after
+    iteration ``start`` (by iterations a resumed run discards and replays) or does not describe the policy file
+    beside it (a run stopped between the two writes): then the next evaluation chooses again."""
+    path, policy = out / "best" / "config.json", out / "best" / "policy.pt"
+    if not (path.is_file() and policy.is_file()):
         return None
     selected = read_json(path).get("selected")
-    return selected if selected and selected["iteration"] <= start else None
+    if not selected or selected["iteration"] > start or selected.get("policy_sha256") != file_digest(policy):
+        return None
+    return selected
 
 
 def keep_best(out: Path, model: GPRModel, row: dict, selected: dict | None) -> dict | None:
@@ -437,15 +441,19 @@ def keep_best(out: Path, model: GPRModel, row: dict, selected: dict | None) -> d
     training-time evaluation's sessions, so its own numbers there are optimistic: compare it on other sessions
     (``agents.sweep --policy best`` does, on ``--final-eval-seed``).
     """
-    if SELECT_METRIC not in row or (selected and row[SELECT_METRIC] <= selected["value"]):
+    value = row.get(SELECT_METRIC, math.nan)
+    if not math.isfinite(value) or (selected and value <= selected["value"]):
         return selected
-    chosen = {"iteration": row["iteration"], "metric": SELECT_METRIC, "value": row[SELECT_METRIC]}
     folder = out / "best"
     folder.mkdir(exist_ok=True)
     save_policy(folder / "policy.pt", model)
-    write_json(
-        folder / "config.json", {**read_json(out / "config.json"), "selected": chosen}
-    )  # last: it names
+    chosen = {
+        "iteration": row["iteration"],
+        "metric": SELECT_METRIC,
+        "value": value,
+        "policy_sha256": file_digest(folder / "policy.pt"),
+    }
+    write_json(folder / "config.json", {**read_json(out / "config.json"), "selected": chosen})
     return chosen
 
 

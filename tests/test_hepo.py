@@ -308,7 +308,7 @@ def test_best_policy_is_the_evaluation_with_the_highest_held_out_reward(pre, tmp
     )
     model, _ = load_run_model(pre / "vaft")
     weights = next(model.parameters())
-    rows = [(0, 0.5), (1, None), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.6)]
+    rows = [(0, 0.5), (1, None), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.6), (6, math.nan)]
     best, states = None, {}
     for it, value in rows:
         with torch.no_grad():
@@ -316,13 +316,19 @@ def test_best_policy_is_the_evaluation_with_the_highest_held_out_reward(pre, tmp
         states[it] = weights.detach().clone()
         row = {"iteration": it} if value is None else {"iteration": it, hepo.SELECT_METRIC: value}
         best = hepo.keep_best(out, model, row, best)
-    assert best == {"iteration": 3, "metric": hepo.SELECT_METRIC, "value": 0.7}
+    assert {k: best[k] for k in ("iteration", "metric", "value")} == {
+        "iteration": 3,
+        "metric": hepo.SELECT_METRIC,
+        "value": 0.7,
+    }
     served, _ = load_run_model(out / "best")
     assert torch.equal(next(served.parameters()), states[3])
     assert json.loads((out / "best" / "config.json").read_text())["selected"] == best
     assert hepo.best_selection(out, start=5) == best
     assert hepo.best_selection(out, start=2) is None  # written by iterations a resume replays
     assert hepo.best_selection(tmp_path / "elsewhere", start=5) is None
+    hepo.save_policy(out / "best" / "policy.pt", model)  # stopped after the policy, before its config: stale
+    assert hepo.best_selection(out, start=5) is None
 
 
 def test_bad_inputs_fail_clearly(pre, tmp_path):
