@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One epoch vs two at GPU scale: one shared pre-training, then 4 RL runs side by side on the one GPU
-# ({e2, e1} x seeds {0, 1}, each from the same VAFT model); metrics of every run come back under $OUT/runs.
+# One shared pre-training, then RL runs side by side on the one GPU, each from the same VAFT model
+# (RUNS="name:flags;name:flags;..."; default: {e2, e1} x seeds {0, 1}); metrics of every run come back in
+# $OUT/results.tgz. With FINAL_S=N the runs stop N seconds before DEADLINE and every run's best checkpoint
+# (RUN/best, by held-out reward per session), the VAFT start and the learned cascade are evaluated with
+# agents.evaluate on other sessions (--seed FINAL_SEED, default 54321; FINAL_FLAGS sizes it), paired by user
+# against the first run's best: the comparison that chose nothing.
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -11,12 +15,13 @@ W=${W:-/tmp/L}; OUT=${OUT:-/tmp/L_out}; mkdir -p $W $OUT/runs
 PROFILE=${PROFILE:-"--profile gpu-large --collect-steps 16 --funnel-steps 8 --mtp-steps 1000 --vaft-steps 300 --num-envs 8192 --rollout-steps 2 --eval-every 5 --eval-sessions 4096 --eval-envs 4096 --eval-states 512"}
 COMMON="$PROFILE --pretrain-dir $W/pre --checkpoint-every 1000 --iterations ${ITERS:-60} --no-progress"
 DEADLINE=${DEADLINE:-565}
+FINAL_S=${FINAL_S:-0}
 start=$(date +%s)
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > $OUT/smi.csv 2>&1) &
 SMI=$!
 run() {
   local name=$1; shift
-  local left=$((DEADLINE - ($(date +%s) - start)))
+  local left=$((DEADLINE - FINAL_S - ($(date +%s) - start)))
   timeout $left python -m agents.hepo $COMMON --out $W/$name "$@" > $OUT/$name.log 2>&1
   echo "$name rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
 }
@@ -31,6 +36,25 @@ done
 echo "pre-trained at $(($(date +%s) - start)) s" >> $OUT/rc.txt
 for spec in "${SPECS[@]:1}"; do run ${spec%%:*} ${spec#*:} & done
 wait $FIRST; wait $(jobs -p | grep -v "^$SMI$") 2>/dev/null
+if [ "$FINAL_S" -gt 0 ]; then
+  # the runs' world and their served beam (agents.sweep's agent_specs serves the same way)
+  read -r preset beam < <(python -c "import json,sys; a=json.load(open(sys.argv[1]))['args']; print(a['preset'], a['eval_beam'])" $W/${first%%:*}/config.json)
+  device=$(command -v nvidia-smi >/dev/null && echo cuda || echo cpu)
+  agents=""; ref=""
+  for spec in "${SPECS[@]}"; do
+    n=${spec%%:*}
+    [ -f $W/$n/best/policy.pt ] || continue
+    agents="$agents,gpr:$W/$n/best@beam_width=$beam"; [ -z "$ref" ] && ref="gpr:$W/$n/best@beam_width=$beam"
+  done
+  [ -f $W/pre/platform/funnel.pt ] && agents="$agents,learned-cascade:$W/pre/platform"
+  agents="gpr:$W/pre/vaft@beam_width=$beam$agents"
+  left=$((DEADLINE - ($(date +%s) - start)))
+  timeout $left python -m agents.evaluate --preset $preset --device $device --agents "$agents" \
+    --reference "$ref" --seed ${FINAL_SEED:-54321} --no-plots --out $W/final ${FINAL_FLAGS:-} > $OUT/final.log 2>&1
+  echo "final rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+  mkdir -p $OUT/runs/final
+  cp $W/final/summary.csv $W/final/paired.csv $W/final/config.json $OUT/runs/final/ 2>/dev/null
+fi
 kill $SMI 2>/dev/null
 for d in $W/*/; do
   n=$(basename $d); [ "$n" = pre ] && continue
