@@ -413,6 +413,8 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
     return folder
 
 
+BEST_DIR = "best"
+"""the run folder's sub-folder holding its best policy (``keep_best``), a run folder itself: ``gpr:RUN/best``"""
 SELECT_METRIC = "eval/reward_per_session"
 """what ``OUT/best`` is chosen by: the realised reward per held-out session, the number an online A/B test of the
 policy would read (revenue and GMV of the clicks and conversions drawn), not a privileged one"""
@@ -422,7 +424,7 @@ def best_selection(out: Path, start: int) -> dict | None:
     """The selection ``OUT/best/config.json`` records (``keep_best``), or None when it is absent, was written after
     iteration ``start`` (by iterations a resumed run discards and replays) or does not describe the policy file
     beside it (a run stopped between the two writes): then the next evaluation chooses again."""
-    path, policy = out / "best" / "config.json", out / "best" / "policy.pt"
+    path, policy = out / BEST_DIR / "config.json", out / BEST_DIR / "policy.pt"
     if not (path.is_file() and policy.is_file()):
         return None
     selected = read_json(path).get("selected")
@@ -444,7 +446,7 @@ def keep_best(out: Path, model: GPRModel, row: dict, selected: dict | None) -> d
     value = row.get(SELECT_METRIC, math.nan)
     if not math.isfinite(value) or (selected and value <= selected["value"]):
         return selected
-    folder = out / "best"
+    folder = out / BEST_DIR
     folder.mkdir(exist_ok=True)
     save_policy(folder / "policy.pt", model)
     chosen = {

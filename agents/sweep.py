@@ -446,7 +446,7 @@ def agent_specs(args: Args, by_algo: dict[str, Run]) -> dict[str, str]:
     """Row name -> ``agents.evaluate`` spec of one seed: each algorithm's selected run (served as during
     training: beam ``--eval-beam``), then the references (``learned-cascade`` only if the seed's pipeline
     fitted a platform)."""
-    sub = "/best" if args.policy == "best" else ""
+    sub = f"/{hepo.BEST_DIR}" if args.policy == "best" else ""
     specs = {algo: f"gpr:{run.folder}{sub}@beam_width={run.args.eval_beam}" for algo, run in by_algo.items()}
     platform = Path(next(iter(by_algo.values())).args.pretrain_dir) / "platform"
     for ref in args.reference_list():
