@@ -4,7 +4,9 @@
 # $OUT/results.tgz. With FINAL_S=N the runs stop N seconds before DEADLINE and every run's best checkpoint
 # (RUN/best, by held-out reward per session), the VAFT start and the learned cascade are evaluated with
 # agents.evaluate on other sessions (--seed FINAL_SEED, default 54321; FINAL_FLAGS sizes it), paired by user
-# against the first run's best: the comparison that chose nothing.
+# against the first run's best: the comparison that chose nothing. With W on a folder that outlives the call
+# (a warm machine keeps ignored files of the checkout) and CKPT_EVERY=N, a second call resumes every run from its
+# last checkpoint and the pre-training is reused.
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -13,7 +15,7 @@ fi
 export PYTHONUNBUFFERED=1
 W=${W:-/tmp/L}; OUT=${OUT:-/tmp/L_out}; mkdir -p $W $OUT/runs
 PROFILE=${PROFILE:-"--profile gpu-large --collect-steps 16 --funnel-steps 8 --mtp-steps 1000 --vaft-steps 300 --num-envs 8192 --rollout-steps 2 --eval-every 5 --eval-sessions 4096 --eval-envs 4096 --eval-states 512"}
-COMMON="$PROFILE --pretrain-dir $W/pre --checkpoint-every 1000 --iterations ${ITERS:-60} --no-progress"
+COMMON="$PROFILE --pretrain-dir $W/pre --checkpoint-every ${CKPT_EVERY:-1000} --iterations ${ITERS:-60} --no-progress"
 DEADLINE=${DEADLINE:-565}
 FINAL_S=${FINAL_S:-0}
 start=$(date +%s)
