@@ -1,6 +1,7 @@
 """Plots and tables from run folders: reward curves with seed bands, the Table 3, 4 and 5 analogues, final metrics.
 
-    python -m agents.plots runs/hepo/RUN_A runs/hepo/RUN_B ... --out runs/plots [--baseline runs/eval/BASE]
+    python -m agents.plots runs/hepo/RUN_A runs/hepo/RUN_B ... --out runs/plots [--baseline runs/eval/BASE] \
+        [--policy best]
 
 Given ``agents.hepo`` run folders (several algorithms and seeds), writes into ``--out`` ``curves.png``,
 ``table3``, ``final_table``, ``table4`` and (when the runs log strata) ``table5`` as ``.csv`` and ``.md``,
@@ -10,6 +11,9 @@ Runs are grouped by their ``config.json`` label (else algorithm). Every table va
 group's runs (seeds) with a two-sided Student t interval over seeds (``agents.reporting.tables``); with
 ``--baseline`` (an ``agents.evaluate`` folder with a ``cascade-privileged`` row, on the runs' held-out sessions)
 Tables 4 and 5 compare every stage with that privileged reference (an older folder's ``cascade`` row too).
+With ``--policy best`` the tables report each run at the evaluation its best policy (``RUN/best``, the highest
+held-out reward per session) was chosen at, instead of its last: what a run whose learned reward is
+over-optimised would ship; the ``iteration`` column says which (the earliest over the group's seeds).
 ``agents.reporting.tables.pretrain_table`` and
 ``agents.reporting.figures.plot_pretrain`` do the same for ``agents.pretrain`` folders (MTP, VAFT).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -39,6 +44,8 @@ class Args:
     """coverage of the t intervals over seeds"""
     baseline: str | None = None
     """agents.evaluate folder with a cascade-privileged row (Tables 4, 5)"""
+    policy: Literal["last", "best"] = "last"
+    """each run's evaluation in the tables: its last, or the one its best policy (RUN/best) was chosen at"""
 
     def __post_init__(self) -> None:
         if isinstance(self.runs, str) or not self.runs:
@@ -55,7 +62,7 @@ def main(argv: list[str] | Args | None = None) -> dict[str, Path]:
     """Write the report of the run folders; returns file name -> path (also prints the markdown tables)."""
     args = argv if isinstance(argv, Args) else parse_args(argv)
     files = write_report(
-        list(args.runs), args.out, args.level, args.baseline
+        list(args.runs), args.out, args.level, args.baseline, args.policy
     )  # a bad folder: one-line ValueError
     for name in ("table3.md", "final_table.md", "table4.md", "table5.md"):
         if name in files:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agents import plots
+from agents import hepo, plots
 from agents.reporting import figures, folders, keys, report, tables
 from gpr_sim.stats import relative_change, t_interval
 
@@ -224,6 +224,35 @@ def test_main_writes_every_file(runs, tmp_path):
         r"\| \+HEPO \| 2 \|.* \| \+214\.29% \[-123[78]\.\d\d%, \+166[56]\.\d\d%\] \|\n",
         (out / "table4.md").read_text(),
     )
+
+
+def test_best_policy_rows_are_the_highest_held_out_reward(runs, tmp_path):
+    """``--policy best`` reports each run at the evaluation ``agents.hepo`` keeps its best policy from: the
+    highest finite reward per session, the earliest of equal ones (the rows of ``keep_best``'s own test)."""
+    run = tmp_path / "peaked" / "ads-v0__hepo__0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algo": "hepo", "seed": 0, "init": "pre/ads-v0__0/vaft"}))
+    values = [(0, 0.5), (1, None), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.6), (6, math.nan)]
+    rows = [{"iteration": it, "train/loss": 0.1} if v is None else eval_row(it, v, v / 2) for it, v in values]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert keys.BEST_METRIC == hepo.SELECT_METRIC  # one rule: what agents.hepo selects by
+    assert folders.best_row(run)["iteration"] == 3
+    best, last = (by_stage(tables.final_table([run], policy=p))["+HEPO"] for p in ("best", "last"))
+    assert (best["iteration"], best["reward_per_session"]) == (3, 0.7)
+    assert last["iteration"] == 6 and math.isnan(last["reward_per_session"])
+    assert by_stage(tables.table3([run], policy="best"))["+HEPO"]["ndcg"] == pytest.approx(0.35)
+    # the fixture's runs have their highest reward last, so best and last agree there
+    for table in (tables.final_table, tables.table3):
+        pd.testing.assert_frame_equal(table(runs, policy="best"), table(runs))
+    files = plots.main([str(run), "--out", str(tmp_path / "report"), "--policy", "best"])
+    assert pd.read_csv(files["final_table.csv"]).loc[1, "reward_per_session"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="policy='first' is invalid"):
+        tables.final_table([run], policy="first")
+    nan_only = tmp_path / "nan_only"
+    nan_only.mkdir()
+    (nan_only / "metrics.jsonl").write_text(json.dumps(eval_row(0, math.nan, 0.1)) + "\n")
+    with pytest.raises(ValueError, match="no evaluation with a finite 'eval/reward_per_session'"):
+        folders.best_row(nan_only)
 
 
 def test_bad_folders_raise(runs, tmp_path):

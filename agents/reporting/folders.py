@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from agents.reporting.keys import BASELINE, BASELINE_NAMES, ORDER, STRATA_MARKER
+from agents.reporting.keys import BASELINE, BASELINE_NAMES, BEST_METRIC, ORDER, POLICIES, STRATA_MARKER
 from gpr_sim.runs import read_json, read_metrics
 
 
@@ -91,8 +91,23 @@ def start_units(runs: list[Path]) -> dict[str, list[dict]]:
     return dict(units)
 
 
-def final_rows(label: str, runs: list[Path]) -> list[dict]:
-    """The last evaluation of every run of ``label``; warns when they end at different iterations."""
+def best_row(run: Path) -> dict:
+    """The evaluation ``agents.hepo`` chose the run's best policy at (``OUT/best``): the highest finite
+    ``BEST_METRIC``, the earliest on ties, read back from ``metrics.jsonl`` (so a run stopped before its
+    ``summary.json`` has one too); raises when no evaluation has a finite value."""
+    rows = [r for r in eval_rows(run) if math.isfinite(r.get(BEST_METRIC, math.nan))]
+    if not rows:
+        raise ValueError(f"{run}/metrics.jsonl: no evaluation with a finite {BEST_METRIC!r}: no best policy")
+    return max(rows, key=lambda r: r[BEST_METRIC])  # max keeps the first of equal values
+
+
+def final_rows(label: str, runs: list[Path], policy: str = "last") -> list[dict]:
+    """The evaluation of every run of ``label`` that the tables report: its last (``policy="last"``; warns when
+    the runs end at different iterations) or the one its best policy was chosen at (``"best"``, ``best_row``)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is invalid: expected one of {', '.join(POLICIES)}")
+    if policy == "best":
+        return [best_row(run) for run in runs]
     rows = [eval_rows(run)[-1] for run in runs]
     its = sorted({r.get("iteration") for r in rows})
     if len(its) > 1:

@@ -21,6 +21,11 @@ REWARD_MODEL = ("rollout/group_value_mean", "rollout/truth/group_value_mean", "r
 """the reward model's monitor (``agents.rl.rollout.truth_monitor``), every iteration: the sampled candidates'
 value as rewarded, the same candidates under the simulator's truth (privileged, logged only), their within-group
 correlation"""
+BEST_METRIC = "eval/reward_per_session"
+"""what a run's best policy (``agents.hepo``'s ``OUT/best``) is chosen by: the highest realised reward per held-out
+session among its evaluations (finite values only, the earliest on ties), the number an online A/B test reads"""
+POLICIES = ("last", "best")
+"""which evaluation of a run the tables report: its last, or the one its best policy was chosen at"""
 TABLE3 = ("ndcg", "opr", "mean_value", "max_value", "top1_value")
 """Table 3 columns: ``eval/cand_{name}`` of ``agents.hepo``"""
 FINAL = ("reward_per_session", "gmv_per_session", "ctcvr", "revenue_per_session")

@@ -32,14 +32,20 @@ from gpr_sim.runs import atomic_write_bytes
 
 
 def write_report(
-    runs: list[str | Path], out: str | Path, level: float = 0.95, baseline: str | Path | None = None
+    runs: list[str | Path],
+    out: str | Path,
+    level: float = 0.95,
+    baseline: str | Path | None = None,
+    policy: str = "last",
 ) -> dict[str, Path]:
-    """Every file of the module docstring into ``out`` (``baseline``: see ``agents.reporting.tables.table4``);
-    returns name -> path.
+    """Every file of the module docstring into ``out`` (``baseline``: see ``agents.reporting.tables.table4``;
+    ``policy``: each run's last evaluation in the tables, or the one its best policy was chosen at); returns
+    name -> path.
 
     ``table5`` only when every run logs strata; when only some do, it is left out with a warning."""
     runs, out = check_runs(runs), Path(out)
-    t3, fin, t4 = table3(runs, level), final_table(runs, level), table4(runs, baseline, level)
+    t3, fin = table3(runs, level, policy), final_table(runs, level, policy=policy)
+    t4 = table4(runs, baseline, level, policy)
     files = {"curves": plot_curves(runs, out / "curves.png", level=level)}
     monitor = plot_reward_model(runs, out / "reward_model.png", level=level)
     if monitor is not None:
@@ -53,7 +59,7 @@ def write_report(
         files[f"{name}.md"] = atomic_write_bytes(out / f"{name}.md", markdown.encode())
     missing = runs_without_strata(runs)
     if not missing:
-        t5 = table5(runs, baseline, level)
+        t5 = table5(runs, baseline, level, policy)
         files["table5.csv"] = atomic_write_bytes(out / "table5.csv", t5.to_csv(index=False).encode())
         files["table5.md"] = atomic_write_bytes(out / "table5.md", table5_markdown(t5, level).encode())
     elif len(missing) < len(runs):

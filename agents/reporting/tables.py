@@ -57,13 +57,15 @@ def _stat_row(rows_per_unit: list[list[dict]], keys: dict[str, str], level: floa
     return out
 
 
-def table3(runs: list[str | Path], level: float = 0.95) -> pd.DataFrame:
+def table3(runs: list[str | Path], level: float = 0.95, policy: str = "last") -> pd.DataFrame:
     """GPR Table 3 analogue: the MTP stage (where every run logged it), the VAFT start, then one row per
     algorithm at its last evaluation.
 
     Args:
         runs: ``agents.hepo`` run folders (any algorithms and seeds).
         level: coverage of the t interval over seeds.
+        policy: each run's evaluation to report: "last", or "best" (where its best policy was chosen,
+            ``agents.reporting.folders.best_row``).
 
     Returns:
         Columns ``stage`` (``MTP``, ``VAFT``, ``+HEPO``...), ``algo``, ``n`` (seeds; for MTP and VAFT:
@@ -83,7 +85,7 @@ def table3(runs: list[str | Path], level: float = 0.95) -> pd.DataFrame:
         rows.append({"stage": "MTP", "algo": "mtp", "iteration": 0, **mtp})
     rows.append({"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(units, keys, level)})
     for algo, members in groups.items():
-        final = final_rows(algo, members)
+        final = final_rows(algo, members, policy)
         row = _stat_row([[r] for r in final], keys, level)
         rows.append(
             {
@@ -99,13 +101,17 @@ def table3(runs: list[str | Path], level: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def final_table(runs: list[str | Path], level: float = 0.95, start: bool = True) -> pd.DataFrame:
+def final_table(
+    runs: list[str | Path], level: float = 0.95, start: bool = True, policy: str = "last"
+) -> pd.DataFrame:
     """Final online metrics per algorithm: mean over seeds with a t interval over seeds.
 
     Args:
         runs: ``agents.hepo`` run folders.
         level: coverage of the t interval over seeds.
         start: add a first row for the VAFT generator (the iteration-0 evaluation), the common baseline.
+        policy: each run's evaluation to report: "last", or "best" (where its best policy was chosen,
+            ``agents.reporting.folders.best_row``).
 
     Returns:
         Columns ``stage``, ``algo``, ``n`` (seeds), ``iteration``, then per metric of ``FINAL`` the mean,
@@ -119,7 +125,7 @@ def final_table(runs: list[str | Path], level: float = 0.95, start: bool = True)
         start_row = _stat_row(list(start_units(every).values()), keys, level)
         rows.append({"stage": START, "algo": "vaft", "iteration": 0, **start_row})
     for algo, members in groups.items():
-        final = final_rows(algo, members)
+        final = final_rows(algo, members, policy)
         rows.append(
             {
                 "stage": f"+{algo.upper()}",
@@ -131,7 +137,9 @@ def final_table(runs: list[str | Path], level: float = 0.95, start: bool = True)
     return pd.DataFrame(rows)
 
 
-def table4(runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95) -> pd.DataFrame:
+def table4(
+    runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95, policy: str = "last"
+) -> pd.DataFrame:
     """GPR Table 4 analogue: online metrics per stage, each stage vs the previous one and vs ``BASELINE``.
 
     Stages as in ``table3``: VAFT (the iteration-0 evaluations), then every label's last evaluation; an RL
@@ -150,6 +158,8 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
             rename, ``cascade``), on the runs' held-out sessions (warns where its config says otherwise);
             None = no baseline columns.
         level: coverage of every interval.
+        policy: each run's evaluation to report: "last", or "best" (where its best policy was chosen,
+            ``agents.reporting.folders.best_row``).
 
     Returns:
         Columns ``stage``, ``algo``, ``n`` (seeds; VAFT: starting generators), ``iteration``, ``prev``
@@ -166,7 +176,7 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     }
     stages = [(START, "vaft", 0, "", list(start.values()), None)]
     for algo, members in groups.items():
-        final = final_rows(algo, members)
+        final = final_rows(algo, members, policy)
         values = [{m: r.get(f"eval/{m}", math.nan) for m in TABLE4} for r in final]
         stages.append(
             (
@@ -209,7 +219,9 @@ def table4(runs: list[str | Path], baseline: str | Path | None = None, level: fl
     return pd.DataFrame(rows).astype({"n": "Int64", "iteration": "Int64"})
 
 
-def table5(runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95) -> pd.DataFrame:
+def table5(
+    runs: list[str | Path], baseline: str | Path | None = None, level: float = 0.95, policy: str = "last"
+) -> pd.DataFrame:
     """GPR Table 5 analogue: Table 4's online metrics per stage within each stratum group.
 
     Stages as in ``table4`` (VAFT: the iteration-0 evaluations, one unit per starting generator; then every
@@ -224,6 +236,8 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
         baseline: an ``agents.evaluate`` output folder (``summary.json`` with a ``cascade-privileged`` row,
             ``strata.csv``); None = no baseline rows.
         level: coverage of the t interval over seeds.
+        policy: each run's evaluation to report: "last", or "best" (where its best policy was chosen,
+            ``agents.reporting.folders.best_row``).
 
     Returns:
         One row per (stratum, group, stage), in ``STRATA`` order then stage order: ``stratum``, ``group``,
@@ -243,7 +257,7 @@ def table5(runs: list[str | Path], baseline: str | Path | None = None, level: fl
         )
     stages = [(START, "vaft", 0, list(start_units(every).values()))]
     for algo, members in groups.items():
-        final = final_rows(algo, members)
+        final = final_rows(algo, members, policy)
         stages.append((f"+{algo.upper()}", algo, min(r["iteration"] for r in final), [[r] for r in final]))
     ref = None
     if baseline is not None:
