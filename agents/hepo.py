@@ -30,7 +30,9 @@ highest held-out reward per session so far, ``keep_best``: ``gpr:RUN/best``), ``
 writes it and belongs to the run that created it (``run.json``, ``gpr_sim.runs.RunFolder``): a run with other
 flags (bar ``RESUME_IGNORES``) is refused, naming them, and so is a folder holding results but no checkpoint.
 Resuming never rewrites ``config.json``, and a finished run asked for no more ``--iterations`` keeps its
-``summary.json``.
+``summary.json``. A SIGTERM during RL (``timeout``, a batch scheduler, a session's end) stops the run at the end
+of its current iteration: it writes that iteration's checkpoint and ``policy.pt``, no ``summary.json``, and exits
+with status 143 (``StopRequest``), so the same command resumes it with nothing lost (Ctrl-C stops at once).
 
 The auction: by default the markets' auction ranks on the privileged estimate (the world's default). With
 ``--auction`` (needs ``--reward learned``) the training market's auction ranks on the same learned pCTR / pCVR
@@ -46,8 +48,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +72,7 @@ from agents.pretraining.pipeline import (
     stage_configs,
 )
 from agents.reporting.figures import plot_curves, plot_reward_model
+from agents.reporting.keys import BEST_METRIC
 from agents.rl import distributed
 from agents.rl.common import LossConfig, check_precision
 from agents.rl.distributed import SINGLE, Dist
@@ -107,6 +113,8 @@ RESUME_IGNORES = (
     "compile",
 )
 """flags that may change between an interrupted run and its resumption"""
+STOP_EXIT = 128 + signal.SIGTERM
+"""exit status of a run stopped by SIGTERM (``StopRequest``): 143, the shell's code for a SIGTERM death"""
 
 
 PROFILES: dict[str, dict] = {
@@ -415,9 +423,10 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
 
 BEST_DIR = "best"
 """the run folder's sub-folder holding its best policy (``keep_best``), a run folder itself: ``gpr:RUN/best``"""
-SELECT_METRIC = "eval/reward_per_session"
+SELECT_METRIC = BEST_METRIC
 """what ``OUT/best`` is chosen by: the realised reward per held-out session, the number an online A/B test of the
-policy would read (revenue and GMV of the clicks and conversions drawn), not a privileged one"""
+policy would read (revenue and GMV of the clicks and conversions drawn), not a privileged one; the reports read
+the same choice back from ``metrics.jsonl`` (``agents.reporting.folders.best_row``)"""
 
 
 def best_selection(out: Path, start: int) -> dict | None:
@@ -506,6 +515,36 @@ def read_checkpoint(path: Path) -> dict:
         "an agents.hepo checkpoint",
         ("model", "optimizer", "rollers", "iteration", "env_steps"),
     )
+
+
+class StopRequest:
+    """``with StopRequest() as request:`` turns SIGTERM into ``request.requested = True`` inside the block, so
+    the RL loop can stop where its files are consistent (the end of an iteration) instead of dying mid-iteration.
+
+    The previous handler is back when the block ends. Outside the main thread, where ``signal.signal`` cannot
+    install a handler, nothing is installed (``requested`` stays False). SIGINT is left alone: Ctrl-C still
+    interrupts at once (``KeyboardInterrupt``), replaying the iterations since the last checkpoint on resume.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = True  # only the flag: a handler runs between two bytecodes of any code
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            # None: the previous handler was not set from Python; the default is the closest one Python can set
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -604,15 +643,28 @@ def main(argv: list[str] | None = None) -> dict:
     return distributed.launch(_main, parse_args(Args, argv, __doc__, PROFILES))
 
 
-def _main(args: Args, dist: Dist) -> dict:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+def _pretrained(args: Args, dist: Dist) -> tuple[Path, Path | None]:
+    """Run (or reuse) the pre-training stages; returns only the VAFT folder and the learned funnel file (when
+    ``--reward learned``), so nothing the stages built outlives them."""
     mtp, vaft_stage = pretraining(args)
     ensure_behaviour(mtp, args.funnel_envs, args.funnel_steps, dist)
     vaft = ensure_pretrained(mtp, vaft_stage, dist)
     funnel = (
         ensure_funnel(mtp, args.funnel_envs, args.funnel_steps, dist) if args.reward == "learned" else None
     )
+    # What the stages held (logs, models, optimisers, reference cycles among them) is garbage now, but CUDA
+    # blocks stay reserved by torch's caching allocator until released: the process that pre-trained the
+    # gpu-large stages kept 66 GB of an H200 during RL, the room of another RL process beside it.
+    gc.collect()
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()
+    return vaft, funnel
+
+
+def _main(args: Args, dist: Dist) -> dict:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    vaft, funnel = _pretrained(args, dist)
     out = Path(
         distributed.broadcast_object(str(run_dir(args)), dist)
     )  # a new folder is named by rank 0's clock
@@ -729,78 +781,93 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
         if dist.is_main
         else []
     )
-    plateau_at = None
+    plateau_at, stopped_at = None, None  # the iteration a plateau / a SIGTERM ended the loop at
     bar = tqdm(
         range(start, args.iterations),
         desc=f"{args.algo}",
         disable=not (args.progress and dist.is_main),
         unit="it",
     )
-    for it in bar:
-        t0 = time.perf_counter()
-        model.eval()
-        buf, stats = roller.collect(model, args.rollout_steps)
-        model.train()
-        buf.adv, buf.returns = algo.targets(buf, args.loss)
-        t1 = time.perf_counter()
-        terms = update(
-            terms_fn,
-            model,
-            opt,
-            ref,
-            buf,
-            algo,
-            args.loss,
-            schedule,
-            it,
-            dist,
-            policy=it >= args.critic_warmup,
-        )
-        t2 = time.perf_counter()
-        env_steps += stats["rollout/requests"]
-        returns, _ = roller.pop_episodes()
-        episodes = torch.tensor([float(returns.numel()), float(returns.sum())], dtype=torch.float64)
-        count, total = distributed.all_reduce_sum(episodes, dist).tolist()
-        done = it + 1
-        row = {
-            "iteration": done,
-            "env_steps": env_steps,
-            **stats,
-            **(buf.stats or {}),
-            **terms,
-            "train/episodes": int(count),
-            "train/episode_return": total / count if count else float("nan"),
-            "perf/rollout_s": t1 - t0,
-            "perf/update_s": t2 - t1,
-            "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9),
-        }
-        if dist.is_main:
-            if done % args.eval_every == 0 or done == args.iterations:
-                row.update(evaluate(model))
-                tqdm.write(_log_line(row))
-            append_metrics(metrics_path, row)
-            bar.set_postfix(
-                value=f"{stats['rollout/group_value_mean']:.4f}", req_s=f"{row['perf/requests_per_s']:.0f}"
+    with StopRequest() as request:
+        for it in bar:
+            t0 = time.perf_counter()
+            model.eval()
+            buf, stats = roller.collect(model, args.rollout_steps)
+            model.train()
+            buf.adv, buf.returns = algo.targets(buf, args.loss)
+            t1 = time.perf_counter()
+            terms = update(
+                terms_fn,
+                model,
+                opt,
+                ref,
+                buf,
+                algo,
+                args.loss,
+                schedule,
+                it,
+                dist,
+                policy=it >= args.critic_warmup,
             )
-            if "eval/oracle_share" in row:
-                shares.append(row["eval/oracle_share"])
-            best = keep_best(out, model, row, best)
-        stop = distributed.broadcast_object(
-            dist.is_main and plateaued(shares, args.plateau_patience, args.plateau_delta), dist
-        )
-        if done % args.checkpoint_every == 0 or done == args.iterations or stop:
-            save_checkpoint(ckpt, model, opt, roller, done, env_steps, dist)
+            t2 = time.perf_counter()
+            env_steps += stats["rollout/requests"]
+            returns, _ = roller.pop_episodes()
+            episodes = torch.tensor([float(returns.numel()), float(returns.sum())], dtype=torch.float64)
+            count, total = distributed.all_reduce_sum(episodes, dist).tolist()
+            done = it + 1
+            row = {
+                "iteration": done,
+                "env_steps": env_steps,
+                **stats,
+                **(buf.stats or {}),
+                **terms,
+                "train/episodes": int(count),
+                "train/episode_return": total / count if count else float("nan"),
+                "perf/rollout_s": t1 - t0,
+                "perf/update_s": t2 - t1,
+                "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9),
+            }
             if dist.is_main:
-                save_policy(out / "policy.pt", model)
-        distributed.barrier(dist)  # rank 0's evaluation and files are done before the next rollout
-        if stop:
-            plateau_at = done
-            tqdm.write(
-                f"{out}: eval/oracle_share gained <= {args.plateau_delta} in the last {args.plateau_patience} "
-                f"evaluations: stopping at iteration {done}"
+                if done % args.eval_every == 0 or done == args.iterations:
+                    row.update(evaluate(model))
+                    tqdm.write(_log_line(row))
+                append_metrics(metrics_path, row)
+                bar.set_postfix(
+                    value=f"{stats['rollout/group_value_mean']:.4f}",
+                    req_s=f"{row['perf/requests_per_s']:.0f}",
+                )
+                if "eval/oracle_share" in row:
+                    shares.append(row["eval/oracle_share"])
+                best = keep_best(out, model, row, best)
+            stop = distributed.broadcast_object(
+                dist.is_main and plateaued(shares, args.plateau_patience, args.plateau_delta), dist
             )
-            break
+            # a SIGTERM to any rank (a scheduler may signal one process) stops every rank at this iteration
+            halt = any(distributed.gather_objects(request.requested, dist))
+            if done % args.checkpoint_every == 0 or done == args.iterations or stop or halt:
+                save_checkpoint(ckpt, model, opt, roller, done, env_steps, dist)
+                if dist.is_main:
+                    save_policy(out / "policy.pt", model)
+            distributed.barrier(dist)  # rank 0's evaluation and files are done before the next rollout
+            if stop:
+                plateau_at = done
+                tqdm.write(
+                    f"{out}: eval/oracle_share gained <= {args.plateau_delta} in the last {args.plateau_patience} "
+                    f"evaluations: stopping at iteration {done}"
+                )
+            if halt:
+                stopped_at = done
+            if stop or halt:
+                break
     bar.close()
+    if stopped_at is not None and plateau_at is None and stopped_at < args.iterations:
+        # unfinished: no summary.json, so the same command resumes the run (run_dir, agents.sweep.finished)
+        # from the checkpoint of the iteration metrics.jsonl ends at, replaying nothing
+        if dist.is_main:
+            print(
+                f"{out}: SIGTERM at iteration {stopped_at}: checkpoint written; run the same command to resume"
+            )
+        raise SystemExit(STOP_EXIT)
 
     if dist.is_main:
         rows = read_metrics(metrics_path)
@@ -842,6 +909,12 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
                 f"{chosen[SELECT_METRIC]:.3f}), oracle_share {chosen.get('eval/oracle_share', float('nan')):.3f}"
             )
     distributed.barrier(dist)  # rank 0 wrote summary.json
+    if stopped_at is not None:
+        # the SIGTERM came in the iteration that finished the run: summary written, the process still stops
+        # (a caller running several runs in process, agents.sweep, must not start the next one)
+        if dist.is_main:
+            print(f"{out}: SIGTERM at iteration {stopped_at}, which finished the run: summary.json written")
+        raise SystemExit(STOP_EXIT)
     return read_json(summary_path)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 
 import gymnasium
 import pandas as pd
@@ -13,7 +15,7 @@ import torch
 import agents.hepo as hepo
 import envs  # noqa: F401  (registers ads-v0)
 from agents import pretrain
-from agents.cli import UsageError, parse_args
+from agents.cli import UsageError, parse_args, run_main
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
 from agents.evaluation.heldout import Evaluator, HeldOutConfig
@@ -167,6 +169,112 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     assert hepo.main(tiny(pre, straight, "--iterations", "2")) == summary
     assert hepo.main(tiny(pre, straight, "--iterations", "3")) == summary
     assert {p.name: p.read_bytes() for p in straight.iterdir() if p.is_file()} == files
+
+
+def _sigterm_in_update(monkeypatch, k: int) -> None:
+    """Make the run's k-th update (iteration k) raise SIGTERM in this process: the stop request arrives
+    mid-iteration at a known point, no timing involved (``raise_signal`` runs the handler before it returns)."""
+    real_update, calls = hepo.update, []
+
+    def update(*a, **kw):
+        calls.append(1)
+        if len(calls) == k:
+            signal.raise_signal(signal.SIGTERM)
+        return real_update(*a, **kw)
+
+    monkeypatch.setattr(hepo, "update", update)
+
+
+def _previous_handler() -> tuple[list, object]:
+    """A SIGTERM handler to stand for what ran before (and to keep a stray SIGTERM from ending pytest);
+    returns the signals it caught (a list it appends to) and the handler it replaced."""
+    caught: list[int] = []
+    return caught, signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+
+
+def test_sigterm_stops_after_the_iteration_and_the_same_command_resumes(pre, tmp_path, monkeypatch, capsys):
+    """SIGTERM during iteration 2 of 3: the run ends that iteration (its metrics row, evaluation, best policy),
+    writes checkpoint.pt and policy.pt at 2 (no periodic one: --checkpoint-every 3), no summary.json, restores
+    the previous handler and exits 143; the same command resumes at 2 and ends as an uninterrupted run."""
+
+    def argv(out):
+        return tiny(pre, out, "--iterations", "3", "--checkpoint-every", "3")
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    hepo.main(argv(straight))
+    _sigterm_in_update(monkeypatch, 2)
+    caught, pytests = _previous_handler()
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(SystemExit) as stop:
+            run_main(hepo.main, argv(stopped))  # python -m agents.hepo's exit status
+        assert (
+            signal.getsignal(signal.SIGTERM) is before and caught == []
+        )  # restored; the run's handler took it
+    finally:
+        signal.signal(signal.SIGTERM, pytests)
+    assert stop.value.code == hepo.STOP_EXIT == 143
+    out = capsys.readouterr().out
+    assert f"{stopped}: SIGTERM at iteration 2: checkpoint written; run the same command to resume" in out
+    state = hepo.read_checkpoint(stopped / "checkpoint.pt")
+    assert state["iteration"] == 2
+    assert [r["iteration"] for r in read_metrics(stopped / "metrics.jsonl")] == [0, 1, 2]  # = the checkpoint
+    policy = torch.load(stopped / "policy.pt", weights_only=True)["model"]
+    assert all(torch.equal(policy[k], v) for k, v in state["model"].items())
+    assert not (stopped / "summary.json").exists()  # not finished: agents.sweep and run_dir resume it
+
+    monkeypatch.undo()
+    hepo.main(argv(stopped))
+    assert f"{stopped}: resuming at iteration 2" in capsys.readouterr().out
+    a, b = _comparable_rows(straight), _comparable_rows(stopped)
+    assert [r["iteration"] for r in b] == [0, 1, 2, 3]
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    wa, wb = (torch.load(f / "policy.pt", weights_only=True)["model"] for f in (straight, stopped))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    chosen = [json.loads((f / "best" / "config.json").read_text())["selected"] for f in (straight, stopped)]
+    assert chosen[0] == chosen[1]
+
+
+def test_sigterm_in_the_last_iteration_finishes_the_run_and_still_stops(pre, tmp_path, monkeypatch, capsys):
+    """The iteration the SIGTERM came in finished the run: its summary is written as usual, and the process
+    still exits 143 (a sweep running runs in process must not start the next one)."""
+    out = tmp_path / "run"
+    _sigterm_in_update(monkeypatch, 1)
+    caught, pytests = _previous_handler()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            hepo.main(tiny(pre, out, "--iterations", "1"))
+    finally:
+        signal.signal(signal.SIGTERM, pytests)
+    assert stop.value.code == 143 and caught == []
+    assert "SIGTERM at iteration 1, which finished the run: summary.json written" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["iterations_run"] == 1
+    assert hepo.read_checkpoint(out / "checkpoint.pt")["iteration"] == 1
+
+
+def test_stop_request_flags_sigterm_and_restores_the_previous_handler():
+    caught, pytests = _previous_handler()
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        with hepo.StopRequest() as request:
+            assert not request.requested
+            signal.raise_signal(signal.SIGTERM)
+            assert request.requested and caught == []  # flagged, the process goes on
+        assert signal.getsignal(signal.SIGTERM) is previous
+        signal.raise_signal(signal.SIGTERM)
+        assert caught == [signal.SIGTERM]  # the previous handler has it again
+        seen = []
+
+        def elsewhere():  # signal.signal raises outside the main thread: nothing is installed, nothing fails
+            with hepo.StopRequest() as r:
+                seen.append((signal.getsignal(signal.SIGTERM) is previous, r.requested))
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        assert seen == [(True, False)]
+    finally:
+        signal.signal(signal.SIGTERM, pytests)
 
 
 def check_strata(row: dict, served: bool = False) -> None:

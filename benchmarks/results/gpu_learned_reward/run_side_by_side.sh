@@ -6,7 +6,7 @@
 # agents.evaluate on other sessions (--seed FINAL_SEED, default 54321; FINAL_FLAGS sizes it), paired by user
 # against the first run's best: the comparison that chose nothing. With W on a folder that outlives the call
 # (a warm machine keeps ignored files of the checkout) and CKPT_EVERY=N, a second call resumes every run from its
-# last checkpoint and the pre-training is reused.
+# last checkpoint and the pre-training is reused; a run stopped by the deadline checkpoints its last iteration.
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -18,13 +18,15 @@ PROFILE=${PROFILE:-"--profile gpu-large --collect-steps 16 --funnel-steps 8 --mt
 COMMON="$PROFILE --pretrain-dir $W/pre --checkpoint-every ${CKPT_EVERY:-1000} --iterations ${ITERS:-60} --no-progress"
 DEADLINE=${DEADLINE:-565}
 FINAL_S=${FINAL_S:-0}
+GRACE=${GRACE:-40}  # seconds a SIGTERMed run may take to finish its iteration and checkpoint
 start=$(date +%s)
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > $OUT/smi.csv 2>&1) &
 SMI=$!
 run() {
   local name=$1; shift
   local left=$((DEADLINE - FINAL_S - ($(date +%s) - start)))
-  timeout $left python -m agents.hepo $COMMON --out $W/$name "$@" > $OUT/$name.log 2>&1
+  # SIGTERM at left - GRACE: the run finishes its iteration, checkpoints and exits 143; SIGKILL at left
+  timeout -k $GRACE $((left - GRACE)) python -m agents.hepo $COMMON --out $W/$name "$@" > $OUT/$name.log 2>&1
   echo "$name rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
 }
 IFS=';' read -ra SPECS <<< "${RUNS:-e2_s0:--seed 0 --label e2;e1_s0:--seed 0 --epochs 1 --label e1;e2_s1:--seed 1 --label e2;e1_s1:--seed 1 --epochs 1 --label e1}"
