@@ -59,7 +59,7 @@ def _stat_row(rows_per_unit: list[list[dict]], keys: dict[str, str], level: floa
 
 def table3(runs: list[str | Path], level: float = 0.95, policy: str = "last") -> pd.DataFrame:
     """GPR Table 3 analogue: the MTP stage (where every run logged it), the VAFT start, then one row per
-    algorithm at its last evaluation.
+    algorithm at its last evaluation (``policy="best"``: at its best policy's).
 
     Args:
         runs: ``agents.hepo`` run folders (any algorithms and seeds).
