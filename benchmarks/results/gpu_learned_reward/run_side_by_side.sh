@@ -7,6 +7,8 @@
 # against the first run's best: the comparison that chose nothing. With W on a folder that outlives the call
 # (a warm machine keeps ignored files of the checkout) and CKPT_EVERY=N, a second call resumes every run from its
 # last checkpoint and the pre-training is reused; a run stopped by the deadline checkpoints its last iteration.
+# After the final evaluation, in the time left: benchmarks/exit_diagnosis.py on the same GPR agents and the learned
+# cascade (DIAG_ENVS slots x DIAG_STEPS steps), into final/exit_diagnosis.json.
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -25,6 +27,9 @@ SMI=$!
 run() {
   local name=$1; shift
   local left=$((DEADLINE - FINAL_S - ($(date +%s) - start)))
+  if [ $((left - GRACE)) -le 0 ]; then  # (timeout 0 would mean no limit at all)
+    echo "$name not started: ${left} s left, GRACE ${GRACE} s" >> $OUT/rc.txt; return
+  fi
   # SIGTERM at left - GRACE: the run finishes its iteration, checkpoints and exits 143; SIGKILL at left
   timeout -k $GRACE $((left - GRACE)) python -m agents.hepo $COMMON --out $W/$name "$@" > $OUT/$name.log 2>&1
   echo "$name rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
@@ -53,11 +58,21 @@ if [ "$FINAL_S" -gt 0 ]; then
   [ -f $W/pre/platform/funnel.pt ] && agents="$agents,learned-cascade:$W/pre/platform"
   agents="gpr:$W/pre/vaft@beam_width=$beam$agents"
   left=$((DEADLINE - ($(date +%s) - start)))
+  [ "$left" -lt 1 ] && left=1  # (timeout 0 would mean no limit at all)
   timeout $left python -m agents.evaluate --preset $preset --device $device --agents "$agents" \
     --reference "$ref" --seed ${FINAL_SEED:-54321} --no-plots --out $W/final ${FINAL_FLAGS:-} > $OUT/final.log 2>&1
   echo "final rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
   mkdir -p $OUT/runs/final
   cp $W/final/summary.csv $W/final/paired.csv $W/final/config.json $OUT/runs/final/ 2>/dev/null
+  # what each shows and how often its users leave (benchmarks/exit_diagnosis.py), paired against the cascade
+  left=$((DEADLINE - ($(date +%s) - start)))
+  if [ "$left" -gt 20 ] && [ -f $W/pre/platform/funnel.pt ]; then
+    gpr=$(echo "$agents" | tr ',' '\n' | grep '^gpr:' | paste -sd, -)
+    timeout $left python $(dirname "$0")/../../exit_diagnosis.py --preset $preset --device $device --num-envs ${DIAG_ENVS:-4096} \
+      --steps ${DIAG_STEPS:-32} --agents "learned-cascade:$W/pre/platform,$gpr" --out $OUT/runs/final/exit_diagnosis.json \
+      > $OUT/exit_diagnosis.log 2>&1
+    echo "exit diagnosis rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+  fi
 fi
 kill $SMI 2>/dev/null
 for d in $W/*/; do
