@@ -6,8 +6,8 @@
 The session-exit hazard rises with the user's fatigue, and an impression tires more the less it matches the user's
 interest (``gpr_sim.world.fatigue``): a policy that shows less relevant ads ends sessions sooner and earns fewer
 requests per session, which no per-request value (``oracle_share``, the learned reward) sees. Each agent runs
-``--steps`` steps from ``reset(--seed)`` on the same market (``agents.evaluate``'s env, the same users at every
-slot's first session); per env slot (the unit) it sums the impressions, their true match (``info["match"]``: the
+``--steps`` steps from ``reset(--seed)`` on the same market (``agents.evaluate``'s env with its default budgets
+and auction, the same users at every slot's first session); per env slot (the unit) it sums the impressions, their true match (``info["match"]``: the
 cosine of the user's hidden interest and the ad, a privileged diagnostic read only here, never by a policy), the
 requests and the exits (``terminated``). Printed per agent, with delta-method intervals over slots
 (``gpr_sim.stats.ratio_of_means``): match per impression, impressions per request, exits per request; and each

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from agents.reporting.folders import best_row, eval_rows
+from agents.reporting.keys import BEST_METRIC
 from agents.reporting.sweep import FINAL_METRICS, comparison_markdown, comparison_table
 from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics, write_json
 
@@ -80,7 +81,7 @@ def runs_table(folders: list[Path]) -> pd.DataFrame:
                     "run": run.name,
                     "iterations": int(read_metrics(run / "metrics.jsonl")[-1]["iteration"]),
                     "best_iteration": int(best["iteration"]),
-                    "best_reward_per_session": best["eval/reward_per_session"],
+                    "best_value": best[BEST_METRIC],
                     "oracle_share_start": evals[0].get("eval/oracle_share"),
                     "oracle_share_best": best.get("eval/oracle_share"),
                     "oracle_share_end": evals[-1].get("eval/oracle_share"),
@@ -139,15 +140,15 @@ def paired_table(folders: list[Path], reference: str) -> pd.DataFrame:
 def markdown(
     runs: pd.DataFrame, paired: pd.DataFrame, over_seeds: pd.DataFrame | None, reference: str
 ) -> str:
-    lines = ["### runs: the best policy's evaluation (highest held-out reward per session)", ""]
+    lines = [f"### runs: the best policy's evaluation (highest held-out {BEST_METRIC})", ""]
     lines.append(
-        "| seed | run | iterations | best at | reward/session there | oracle_share start | there | end |"
+        "| seed | run | iterations | best at | its selection metric | oracle_share start | there | end |"
     )
     lines.append("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in runs.to_dict("records"):
         lines.append(
             f"| {r['seed']} | {r['run']} | {r['iterations']} | {r['best_iteration']} | "
-            f"{r['best_reward_per_session']:.3f} | {r['oracle_share_start']:.3f} | {r['oracle_share_best']:.3f} | "
+            f"{r['best_value']:.3f} | {r['oracle_share_start']:.3f} | {r['oracle_share_best']:.3f} | "
             f"{r['oracle_share_end']:.3f} |"
         )
     if len(paired):

@@ -70,7 +70,7 @@ def test_tables_over_calls(tmp_path):
     runs = pd.DataFrame(res["runs"]).set_index(["seed", "run"])
     assert runs.loc[(1, "hepo"), "best_iteration"] == 4 and runs.loc[(1, "ppo"), "best_iteration"] == 8
     assert runs.loc[(0, "hepo"), "iterations"] == 9  # the last logged iteration, not the last evaluation
-    assert runs.loc[(0, "hepo"), "best_reward_per_session"] == pytest.approx(0.9)
+    assert runs.loc[(0, "hepo"), "best_value"] == pytest.approx(0.9)
     paired = pd.DataFrame(res["paired"])
     assert set(paired["agent"]) == {"vaft", "ppo", "learned-cascade"}
     row = paired[(paired["seed"] == 1) & (paired["agent"] == "ppo") & (paired["metric"] == "oracle_share")]
