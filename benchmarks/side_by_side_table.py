@@ -5,9 +5,9 @@
 
 Each folder is one call's ``results.tgz`` unpacked (or the last call of a chained seed): its run folders
 (``NAME/metrics.jsonl``, ``NAME/config.json``) and, with ``FINAL_S``, ``final/summary.csv`` and
-``final/paired.csv`` (``agents.evaluate`` on other sessions: every run's ``best/``, the VAFT start
-``pre/vaft`` and the learned cascade, paired by user against the first run's best). The seed is the
-``seed`` of the runs' ``config.json`` (every run of a call shares it). Three tables:
+``final/paired.csv`` (``agents.evaluate`` on other sessions: every run's ``best/``, the MTP and VAFT generators
+``pre/mtp`` and ``pre/vaft``, and the learned cascade, paired by user against the first run's best). The seed is
+the ``seed`` of the runs' ``config.json`` (every run of a call shares it). Three tables:
 
 - runs: per seed and run, the iterations run, the evaluation its best policy was chosen at
   (``agents.reporting.folders.best_row``) and ``oracle_share`` at the start, there and at the end;
@@ -16,8 +16,9 @@ Each folder is one call's ``results.tgz`` unpacked (or the last call of a chaine
 - over seeds: each metric's mean and the paired difference to the reference with the t interval over seeds
   (``agents.reporting.sweep.comparison_table``: how much training itself varies; none with one seed).
 
-Agents are named by their spec: ``gpr:.../pre/vaft@...`` is ``vaft``, ``gpr:.../NAME/best@...`` is ``NAME``,
-``learned-cascade:...`` is ``learned-cascade``. Writes ``--out``.md and ``--out``.json when given.
+Agents are named by their spec: ``gpr:.../pre/vaft@...`` is ``vaft`` (``pre/mtp``: ``mtp``),
+``gpr:.../NAME/best@...`` is ``NAME``, ``learned-cascade:...`` is ``learned-cascade``. Writes ``--out``.md and
+``--out``.json when given.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics, write_json
 PAIRED_METRICS = ("oracle_share", "reward_per_session", "revenue_per_session", "gmv_per_session", "ctcvr")
 """metrics of the per-seed paired table (``paired.csv``'s ``metric`` column)"""
 SPEC_NAMES = (
-    (re.compile(r"^gpr:.*/pre/vaft(?:@.*)?$"), "vaft"),
+    (re.compile(r"^gpr:.*/pre/(mtp|vaft)(?:@.*)?$"), None),
     (re.compile(r"^gpr:.*/([^/@]+)/best(?:@.*)?$"), None),
     (re.compile(r"^learned-cascade:"), "learned-cascade"),
 )

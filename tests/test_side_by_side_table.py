@@ -101,3 +101,5 @@ def test_bad_folders_and_reference_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"reset seeds \[7, 54321\]"):
         table.main([str(a), str(c)])
     assert table.agent_name("gpr:runs/x/grpo/best") == "grpo" and table.agent_name("random") == "random"
+    assert table.agent_name("gpr:/w/pre/mtp@beam_width=8") == "mtp"
+    assert table.agent_name("gpr:/w/pre/vaft") == "vaft"

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Issue 16 d6 at GPU scale, one seed per call: one gpu-large pre-training (the platform, and so the RL reward's
-# learned pCTR / pCVR, fitted on 1M requests), then HEPO, PPO and GRPO side by side from that VAFT model, each
+# learned pCTR / pCVR, fitted on 1M requests), then HEPO, PPO, GRPO and Sibling-GRPO side by side from that VAFT
+# model (four fit the H200: 102 GB at peak with expandable segments; seeds 0 and 1 ran the first three), each
 # keeping its best checkpoint by held-out reward per session; in the last FINAL_S seconds every run's best, the
 # VAFT start and the learned cascade are evaluated on other sessions (reset seed 54321), paired by user.
+# PRETRAIN shortens the profile's pre-training to fit a call (the generator's MTP then sees 131k requests, 1/8 of the
+# platform's 1M); PRETRAIN="" runs the profile's own (MTP 3,000 steps on 1M requests, VAFT 1,000: issue 16 d3).
 # Usage: SEED=0 bash benchmarks/results/gpu_d6/call.sh   (RUNS, DEADLINE, FINAL_S, FINAL_FLAGS may override)
 SEED=${SEED:-0}
-export PROFILE="--profile gpu-large --collect-steps 8 --mtp-steps 600 --vaft-steps 200 --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --seed $SEED"
-export RUNS=${RUNS:-"hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo"}
+PRETRAIN=${PRETRAIN-"--collect-steps 8 --mtp-steps 600 --vaft-steps 200"}
+export PROFILE="--profile gpu-large $PRETRAIN --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --seed $SEED"
+export RUNS=${RUNS:-"hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo --label sibling_grpo"}
 export DEADLINE=${DEADLINE:-530}
 export FINAL_S=${FINAL_S:-110}
 export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 16384 --num-envs 8192 --oracle-states 2048"}

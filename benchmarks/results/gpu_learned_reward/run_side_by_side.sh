@@ -2,7 +2,7 @@
 # One shared pre-training, then RL runs side by side on the one GPU, each from the same VAFT model
 # (RUNS="name:flags;name:flags;..."; default: {e2, e1} x seeds {0, 1}); metrics of every run come back in
 # $OUT/results.tgz. With FINAL_S=N the runs stop N seconds before DEADLINE and every run's best checkpoint
-# (RUN/best, by held-out reward per session), the VAFT start and the learned cascade are evaluated with
+# (RUN/best, by held-out reward per session), the MTP and VAFT generators and the learned cascade are evaluated with
 # agents.evaluate on other sessions (--seed FINAL_SEED, default 54321; FINAL_FLAGS sizes it), paired by user
 # against the first run's best: the comparison that chose nothing. With W on a folder that outlives the call
 # (a warm machine keeps ignored files of the checkout) and CKPT_EVERY=N, a second call resumes every run from its
@@ -15,6 +15,9 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
+# the caching allocator's expandable segments (ignored without CUDA): four learners side by side peaked at 102 GB
+# of the H200 with them, three at 103 GB without (benchmarks/results/gpu_d6/seed{1,2}/call2/smi.csv)
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 W=${W:-/tmp/L}; OUT=${OUT:-/tmp/L_out}; mkdir -p $W $OUT/runs
 PROFILE=${PROFILE:-"--profile gpu-large --collect-steps 16 --funnel-steps 8 --mtp-steps 1000 --vaft-steps 300 --num-envs 8192 --rollout-steps 2 --eval-every 5 --eval-sessions 4096 --eval-envs 4096 --eval-states 512"}
 COMMON="$PROFILE --pretrain-dir $W/pre --checkpoint-every ${CKPT_EVERY:-1000} --iterations ${ITERS:-60} --no-progress"
@@ -44,11 +47,14 @@ while [ ! -f $W/pre/vaft/summary.json ]; do
 done
 echo "pre-trained at $(($(date +%s) - start)) s" >> $OUT/rc.txt
 for spec in "${SPECS[@]:1}"; do run ${spec%%:*} ${spec#*:} & done
-wait $FIRST; wait $(jobs -p | grep -v "^$SMI$") 2>/dev/null
+wait $FIRST
+# the other runs only: a bare `wait` (one run, no others) would also wait for the GPU monitor, which never ends
+others=$(jobs -p | grep -v "^$SMI$")
+[ -n "$others" ] && wait $others 2>/dev/null
 if [ "$FINAL_S" -gt 0 ]; then
   # the runs' world and their served beam (agents.sweep's agent_specs serves the same way)
   read -r preset beam < <(python -c "import json,sys; a=json.load(open(sys.argv[1]))['args']; print(a['preset'], a['eval_beam'])" $W/${first%%:*}/config.json)
-  device=$(command -v nvidia-smi >/dev/null && echo cuda || echo cpu)
+  device=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
   agents=""; ref=""
   for spec in "${SPECS[@]}"; do
     n=${spec%%:*}
@@ -57,6 +63,8 @@ if [ "$FINAL_S" -gt 0 ]; then
   done
   [ -f $W/pre/platform/funnel.pt ] && agents="$agents,learned-cascade:$W/pre/platform"
   agents="gpr:$W/pre/vaft@beam_width=$beam$agents"
+  # the MTP generator too, where the pre-training kept it: the stages MTP < VAFT < RL on the same sessions
+  [ -f $W/pre/mtp/config.json ] && agents="gpr:$W/pre/mtp@beam_width=$beam,$agents"
   left=$((DEADLINE - ($(date +%s) - start)))
   [ "$left" -lt 1 ] && left=1  # (timeout 0 would mean no limit at all)
   timeout $left python -m agents.evaluate --preset $preset --device $device --agents "$agents" \
