@@ -34,8 +34,17 @@ from agents.reporting.keys import BEST_METRIC
 from agents.reporting.sweep import FINAL_METRICS, comparison_markdown, comparison_table
 from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics, write_json
 
-PAIRED_METRICS = ("oracle_share", "reward_per_session", "revenue_per_session", "gmv_per_session", "ctcvr")
-"""metrics of the per-seed paired table (``paired.csv``'s ``metric`` column)"""
+PAIRED_METRICS = (
+    "oracle_share",
+    "reward_per_session",
+    "revenue_per_session",
+    "gmv_per_session",
+    "gmv_per_session_expected",
+    "ctcvr",
+    "ctcvr_expected",
+)
+"""metrics of the per-seed paired table (``paired.csv``'s ``metric`` column; n/a where a call predates one: the
+``*_expected`` ones, ``gpr_sim.metrics``' conditional expectations, came after seed 2)"""
 SPEC_NAMES = (
     (re.compile(r"^gpr:.*/pre/(mtp|vaft)(?:@.*)?$"), None),
     (re.compile(r"^gpr:.*/([^/@]+)/best(?:@.*)?$"), None),

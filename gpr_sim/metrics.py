@@ -14,6 +14,7 @@ them as such gives intervals that are too narrow. Everything here therefore work
 | `terminated` | the user left (else the session was truncated at its step limit) |
 | `new_*`, `old_*` | impressions, clicks, conversions, gmv and revenue of new / old ads (cold start) |
 | `activity_tier` | the user's activity tier, 1..5 |
+| `expected_clicks`, `expected_conversions`, `expected_gmv` | the same outcomes' conditional expectations given what was shown (below) |
 
 Ratio metrics (CTR, CVR, CTCVR, eCPM, ROI) are ratios of session sums, sum(num) / sum(den), with a
 delta-method interval (``gpr_sim.stats.ratio_of_means``); per-session means (GMV, revenue, reward,
@@ -23,6 +24,16 @@ sessions (``gpr_sim.stats.bootstrap_sums``: one set of resamples shared by every
 
 ``SessionAccumulator`` builds the session rows from a batched env's per-step outcomes, on the env's
 device, with no host sync until ``records()``.
+
+**Expected outcomes** (the `*_expected` metrics; a simulator's evaluator only, labelled: they read the true
+funnel). Conversions are rare and order values heavy-tailed, so realised CTCVR and GMV need millions of sessions
+for a 1% interval. Each impression's click, conversion and order value are drawn from true probabilities the
+simulator knows at that step (``Outcome.p_click``, ``p_conversion``, the ad's mean order value), so the session sums
+of p_click, p_click x p_conversion and p_click x p_conversion x mean order value estimate the same expected totals
+as the realised counts (each step's term is the conditional expectation of the realised one given everything
+before the draw, so the sums differ from the realised sums by a zero-mean martingale) with the draw's noise
+removed: conditional Monte Carlo. Sessions, their lengths and what is shown stay realised; delayed conversions are
+counted at their impression (every one is reported within its session).
 
 Probabilistic classifiers (the platform's pCTR / pCVR models, ``gpr_sim.platform.funnel``) are judged by
 ``auc`` (rank formula), ``log_loss`` and calibration (``reliability_table``, ``expected_calibration_error``);
@@ -87,6 +98,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("conversions_per_session", "conversions"),
     Metric("fill_rate", "impressions", "length"),  # impressions per request
     Metric("exit_rate", "terminated"),  # share of sessions the user left (the rest hit max_steps)
+    # the conditional expectations of the realised funnel (module doc, "Expected outcomes"): same means, less noise
+    Metric("ctr_expected", "expected_clicks", "impressions"),
+    Metric("cvr_expected", "expected_conversions", "expected_clicks"),
+    Metric("ctcvr_expected", "expected_conversions", "impressions"),
+    Metric("roi_expected", "expected_gmv", "revenue"),
+    Metric("gmv_per_session_expected", "expected_gmv"),
+    Metric("conversions_per_session_expected", "expected_conversions"),
 )
 """Everything ``summarize`` reports by default."""
 
@@ -250,6 +268,9 @@ SUM_COLUMNS = (
     "new_conversions",
     "new_gmv",
     "new_revenue",
+    "expected_clicks",
+    "expected_conversions",
+    "expected_gmv",
 )
 """Per-session sums, in the column order of ``SessionAccumulator.running``."""
 _LAST = ("user_id", "activity_tier", "terminated")  # taken from the session's last step
@@ -277,22 +298,33 @@ class SessionAccumulator:
 
     Conversions and GMV include delayed ones, in the step they are reported; the ``new_*`` / ``old_*``
     split counts only conversions reported at once (a delayed conversion's ad is not in the outcome),
-    so with ``conversion_delay_mean > 0`` the ad-age groups undercount conversions and GMV.
+    so with ``conversion_delay_mean > 0`` the ad-age groups undercount conversions and GMV. The
+    ``expected_*`` sums (module doc, "Expected outcomes") read the step's true ``p_click`` and ``p_conversion``
+    (zero where nothing was shown) and ``ad_value_mean`` of the shown ads.
 
     Args:
         num_envs: N, env slots.
         user_activity: (num_users,) activity tier of every user (``world.user_activity``).
         sessions_per_slot: sessions recorded per slot (the buffer is (N, sessions_per_slot)).
         fresh: True when every slot's current session starts now (created right after ``reset``).
+        ad_value_mean: (num_ads,) mean order value of every ad's conversion (``world.ad_value_mean``: the
+            simulator's truth, read for ``expected_gmv`` only).
     """
 
     def __init__(
-        self, num_envs: int, user_activity: torch.Tensor, sessions_per_slot: int, fresh: bool = True
+        self,
+        num_envs: int,
+        user_activity: torch.Tensor,
+        sessions_per_slot: int,
+        fresh: bool = True,
+        *,
+        ad_value_mean: torch.Tensor,
     ):
         for name, v in (("num_envs", num_envs), ("sessions_per_slot", sessions_per_slot)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
         self.user_activity = user_activity
+        self.ad_value_mean = ad_value_mean.double()
         dev = user_activity.device
         self.num_envs, self.sessions_per_slot = num_envs, sessions_per_slot
         self.running = torch.zeros(num_envs, len(SUM_COLUMNS), dtype=torch.float64, device=dev)  # (N, F_sum)
@@ -323,6 +355,11 @@ class SessionAccumulator:
         new = out["is_new_ad"].bool() & imp
         click, conv = out["click"].bool(), out["conversion"].bool()
         gmv, rev = out["gmv"].double(), out["revenue"].double()
+        p_click = out["p_click"].double() * imp  # (N, S), given the impression
+        p_conversion = p_click * out["p_conversion"].double()  # P(click and conversion)
+        value = self.ad_value_mean[
+            out["ad_id"].clamp_min(0)
+        ]  # (N, S); -1 (nothing shown) reads ad 0, times 0
         step = torch.stack(
             [
                 torch.ones_like(gmv[:, 0]),
@@ -341,6 +378,9 @@ class SessionAccumulator:
                 (conv & new).sum(1).double(),
                 (gmv * new).sum(1),
                 (rev * new).sum(1),
+                p_click.sum(1),
+                p_conversion.sum(1),
+                (p_conversion * value).sum(1),
             ],
             dim=1,
         )  # (N, F_sum)

@@ -51,6 +51,9 @@ def _three_sessions() -> pd.DataFrame:
             "revenue": [0.2, 0.3, 0.0],
             "reward": [3.0, 0.5, 0.0],
             "terminated": [True, False, True],
+            "expected_clicks": [1.2, 2.7, 0.0],
+            "expected_conversions": [0.3, 0.4, 0.0],
+            "expected_gmv": [30.0, 20.0, 0.0],
         }
     )
 
@@ -70,6 +73,13 @@ def test_summarize_by_hand():
     assert s["sim/session_length"] == pytest.approx(2.0)
     assert s["sim/fill_rate"] == pytest.approx(10 / 6)
     assert s["sim/exit_rate"] == pytest.approx(2 / 3)
+    # expected outcomes: the same ratios of the expected sums (clicks 3.9, conversions 0.7, GMV 50)
+    assert s["sim/ctr_expected"] == pytest.approx(3.9 / 10)
+    assert s["sim/cvr_expected"] == pytest.approx(0.7 / 3.9)
+    assert s["sim/ctcvr_expected"] == pytest.approx(0.7 / 10)
+    assert s["sim/roi_expected"] == pytest.approx(50 / 0.5)
+    assert s["sim/gmv_per_session_expected"] == pytest.approx(50 / 3)
+    assert s["sim/conversions_per_session_expected"] == pytest.approx(0.7 / 3)
     # CTR interval: influence numerators clicks - 0.4 impressions = (-0.6, 0.6, 0); var(ddof=1) = 0.72 / 2 = 0.36
     # Var = 0.36 / (3 * (10/3)^2) = 0.0108, se = 0.1039230; CI = 0.4 -+ 1.96 * 0.1039230 = [0.196314, 0.603686]
     assert (s["sim/ctr_ci_low"], s["sim/ctr_ci_high"]) == pytest.approx((0.196314, 0.603686), abs=1e-5)
@@ -216,11 +226,16 @@ def _step(imp, click, conv, gmv, rev, new, reward, user, delayed_conv=(0, 0), de
         "invalid": torch.zeros(2, dtype=torch.int64),
         "budget_capped": torch.zeros(2, dtype=torch.int64),
         "user_id": torch.tensor(user),
+        # the true funnel of every shown ad (ad 1): P(click) 0.5, P(conversion | click) 0.5; -1 where none shown
+        "ad_id": torch.where(b(imp), 1, -1),
+        "p_click": 0.5 * b(imp).float(),
+        "p_conversion": 0.5 * b(imp).float(),
     }
 
 
 F, T = False, True
 ACTIVITY = torch.tensor([1, 1, 1, 2, 3, 1, 1, 5, 1, 1])  # users 3 -> tier 2, 4 -> 3, 7 -> 5, 9 -> 1
+VALUE = torch.tensor([10.0, 40.0])  # mean order value of ads 0 and 1
 SCRIPT = [  # (info, terminated, truncated)
     # slot 0 (user 3): two impressions, the new ad is clicked and converts (GMV 50); slot 1 (user 7) leaves
     (
@@ -273,7 +288,7 @@ SCRIPT = [  # (info, terminated, truncated)
 
 
 def test_accumulator_by_hand():
-    acc = SessionAccumulator(2, ACTIVITY, sessions_per_slot=2)
+    acc = SessionAccumulator(2, ACTIVITY, sessions_per_slot=2, ad_value_mean=VALUE)
     for i, (info, term, trunc) in enumerate(SCRIPT):
         assert not bool(acc.complete())
         acc.update(info, torch.tensor(term), torch.tensor(trunc))
@@ -293,6 +308,10 @@ def test_accumulator_by_hand():
     assert (first.old_impressions, first.old_clicks, first.old_conversions) == (2, 1, 0)
     assert (first.new_gmv, first.old_gmv) == pytest.approx((50.0, 0.0))
     assert (first.new_revenue, first.old_revenue) == pytest.approx((0.04, 0.08))
+    # expected outcomes of its 3 impressions of ad 1: 3 x 0.5 clicks, 3 x 0.25 conversions, each worth 40
+    assert (first.expected_clicks, first.expected_conversions, first.expected_gmv) == pytest.approx(
+        (1.5, 0.75, 30.0)
+    )
     second = df.iloc[1]  # slot 0, step 3, user 4
     assert (second.user_id, second.activity_tier, second.length, second.terminated) == (4, 3, 1, True)
     assert (second.impressions, second.clicks, second.new_impressions, second.new_clicks) == (2, 1, 2, 1)
@@ -304,7 +323,7 @@ def test_accumulator_by_hand():
 
 
 def test_accumulator_created_mid_run_skips_sessions_already_under_way():
-    acc = SessionAccumulator(2, ACTIVITY, sessions_per_slot=2, fresh=False)
+    acc = SessionAccumulator(2, ACTIVITY, sessions_per_slot=2, fresh=False, ad_value_mean=VALUE)
     for info, term, trunc in SCRIPT:
         acc.update(info, torch.tensor(term), torch.tensor(trunc))
     df = acc.records()
@@ -312,7 +331,7 @@ def test_accumulator_created_mid_run_skips_sessions_already_under_way():
     assert list(zip(df.slot, df.session, df.user_id)) == [(0, 0, 4), (1, 0, 9), (1, 1, 2)]
     assert not bool(acc.complete())
     with pytest.raises(ValueError, match="sessions_per_slot"):
-        SessionAccumulator(2, ACTIVITY, sessions_per_slot=0)
+        SessionAccumulator(2, ACTIVITY, sessions_per_slot=0, ad_value_mean=VALUE)
 
 
 def test_accumulator_matches_the_env_on_a_real_run():
@@ -323,7 +342,10 @@ def test_accumulator_matches_the_env_on_a_real_run():
     env = AdsVectorEnv(num_envs=16, preset="small", validate_actions=False)
     policy = make_policy("random", env, seed=1)
     obs, _ = env.reset(seed=5)
-    acc = SessionAccumulator(16, env.engine.world.user_activity, sessions_per_slot=1000)
+    world = env.engine.world
+    acc = SessionAccumulator(
+        16, world.user_activity, sessions_per_slot=1000, ad_value_mean=world.ad_value_mean
+    )
     finished, impressions, conversions = [], 0.0, 0.0
     for _ in range(40):
         obs, _, term, trunc, info = env.step(policy.act(obs).action)
@@ -342,3 +364,37 @@ def test_accumulator_matches_the_env_on_a_real_run():
     assert df.impressions.sum() + running["impressions"] == impressions
     assert df.conversions.sum() + running["conversions"] == conversions
     assert (df.new_impressions + df.old_impressions == df.impressions).all()
+
+
+@pytest.mark.parametrize(
+    "realised, expected",
+    [("clicks", "expected_clicks"), ("conversions", "expected_conversions"), ("gmv", "expected_gmv")],
+)
+def test_expected_outcomes_estimate_the_realised_ones_with_less_noise(realised, expected):
+    """Per session, realised minus expected clicks, conversions and GMV is a sum of zero-mean martingale steps
+    (each step's expectation given everything before its draw), so its mean over sessions lies within 4 standard
+    errors of 0 (a 6e-5 chance of a false alarm, and the run is seeded); and the expected sums give the metric a
+    narrower interval than the realised ones."""
+    from agents.policies import make_policy
+    from envs import AdsVectorEnv
+
+    env = AdsVectorEnv(num_envs=64, preset="small", validate_actions=False)
+    world = env.engine.world
+    policy = make_policy("cascade-privileged", env, seed=3)
+    obs, _ = env.reset(seed=11)
+    acc = SessionAccumulator(
+        64, world.user_activity, sessions_per_slot=1000, ad_value_mean=world.ad_value_mean
+    )
+    with torch.no_grad():
+        for _ in range(120):
+            obs, _, term, trunc, info = env.step(policy.act(obs).action)
+            acc.update(info, term, trunc)
+    df = acc.records()
+    assert len(df) > 500 and df[realised].sum() > 20  # enough sessions and events for the CLT
+    gap = df[realised] - df[expected]
+    assert abs(gap.mean()) < 4 * gap.std(ddof=1) / math.sqrt(len(df))
+    s = summarize(df, prefix="")
+    per_session = {"clicks": "ctr", "conversions": "ctcvr", "gmv": "gmv_per_session"}[realised]
+    width = s[f"{per_session}_ci_high"] - s[f"{per_session}_ci_low"]
+    width_expected = s[f"{per_session}_expected_ci_high"] - s[f"{per_session}_expected_ci_low"]
+    assert width_expected < width

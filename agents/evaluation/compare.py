@@ -321,6 +321,12 @@ DISPLAY = {  # metric -> (label, scale, format), for the table and the charts
     "reward_per_session": ("reward / session", 1.0, "{:.3f}"),
     "session_length": ("session length", 1.0, "{:.2f}"),
     "impressions_per_session": ("impressions / session", 1.0, "{:.2f}"),
+    # conditional expectations of the realised funnel (gpr_sim.metrics, "Expected outcomes": the simulator's truth)
+    "ctr_expected": ("CTR % (expected)", 100.0, "{:.2f}"),
+    "cvr_expected": ("CVR % (expected)", 100.0, "{:.2f}"),
+    "ctcvr_expected": ("CTCVR % (expected)", 100.0, "{:.3f}"),
+    "gmv_per_session_expected": ("GMV / session (expected)", 1.0, "{:.2f}"),
+    "roi_expected": ("advertiser ROI (expected)", 1.0, "{:.1f}"),
 }
 CHART = ("ctr", "cvr", "ctcvr", "gmv_per_session", "revenue_per_session", "roi", "session_length", "ecpm")
 STRATA_CHART = {

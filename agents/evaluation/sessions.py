@@ -39,7 +39,9 @@ def collect_sessions(
     """
     vec = env.unwrapped
     obs, _ = env.reset(seed=seed)
-    acc = SessionAccumulator(env.num_envs, vec.world.user_activity, sessions_per_slot)
+    acc = SessionAccumulator(
+        env.num_envs, vec.world.user_activity, sessions_per_slot, ad_value_mean=vec.world.ad_value_mean
+    )
     limit = sessions_per_slot * vec.config.max_steps  # a session is truncated at max_steps at the latest
     bar = tqdm(
         total=env.num_envs * sessions_per_slot, desc=desc, unit="session", leave=False, disable=not progress
