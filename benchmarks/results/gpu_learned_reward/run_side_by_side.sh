@@ -2,7 +2,8 @@
 # One shared pre-training, then RL runs side by side on the one GPU, each from the same VAFT model
 # (RUNS="name:flags;name:flags;..."; default: {e2, e1} x seeds {0, 1}); metrics of every run come back in
 # $OUT/results.tgz. With FINAL_S=N the runs stop N seconds before DEADLINE and every run's best checkpoint
-# (RUN/best, by held-out reward per session), the MTP and VAFT generators and the learned cascade are evaluated with
+# (RUN/best, by held-out reward per session), the MTP and VAFT generators, the learned cascade and FINAL_REFS
+# (default cascade-privileged, a labelled reference) are evaluated with
 # agents.evaluate on other sessions (--seed FINAL_SEED, default 54321; FINAL_FLAGS sizes it), paired by user
 # against the first run's best: the comparison that chose nothing. With W on a folder that outlives the call
 # (a warm machine keeps ignored files of the checkout) and CKPT_EVERY=N, a second call resumes every run from its
@@ -62,6 +63,10 @@ if [ "$FINAL_S" -gt 0 ]; then
     agents="$agents,gpr:$W/$n/best@beam_width=$beam"; [ -z "$ref" ] && ref="gpr:$W/$n/best@beam_width=$beam"
   done
   [ -f $W/pre/platform/funnel.pt ] && agents="$agents,learned-cascade:$W/pre/platform"
+  # labelled references that read hidden state (FINAL_REFS, comma-separated; "oracle" scores the whole catalog at
+  # every request, minutes at 1M ads, so it is not in the default)
+  refs=${FINAL_REFS-cascade-privileged}
+  [ -n "$refs" ] && agents="$agents,$refs"
   agents="gpr:$W/pre/vaft@beam_width=$beam$agents"
   # the MTP generator too, where the pre-training kept it: the stages MTP < VAFT < RL on the same sessions
   [ -f $W/pre/mtp/config.json ] && agents="gpr:$W/pre/mtp@beam_width=$beam,$agents"
