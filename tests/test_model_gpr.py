@@ -121,6 +121,28 @@ def test_refine_token_is_seeded():
     assert_close(model.context(tokens), model.context(tokens))  # default generator: seed 0
 
 
+def _seeded(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def test_context_draws_the_refiners_noise_from_the_generator_as_the_refiner_did():
+    """``PTD.context`` draws the refiner's noise before the compiled ``context_from_noise`` (a generator cannot
+    be traced): the same numbers ``Refiner.sample`` draws from that generator, so seeded contexts are as before."""
+    model, tokens = setup()
+    with torch.no_grad():
+        hidden = model.encode(tokens).hidden
+        thinking = model.ptd.think(hidden, tokens.padding_mask)  # (B, K, C)
+        for seed in (None, 1):  # None: the refiner's default generator, seeded 0
+            want = model.ptd.refiner.sample(thinking.mean(1), _seeded(seed))  # the draw inside, as before
+            got = model.ptd.context(hidden, tokens.padding_mask, _seeded(seed))
+            assert_close(got, torch.cat([thinking, want[:, None]], 1), atol=0, rtol=0)
+            noise = torch.randn(B, TINY.d_model, generator=torch.Generator().manual_seed(seed or 0))
+            assert_close(
+                model.ptd.context_from_noise(hidden, tokens.padding_mask, noise), got, atol=0, rtol=0
+            )
+            assert_close(model.context(tokens, _seeded(seed)), got, atol=0, rtol=0)
+
+
 def _count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -391,3 +413,46 @@ def test_compiled_regions_equal_eager_and_follow_a_deepcopy():
     assert_close(twin.hsd.embed(tokens), want + 1.0, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="regions \\['kernels'\\] are unknown"):
         model.compile_regions(("kernels",))
+
+
+@pytest.mark.slow  # torch.compile on CPU: about a minute
+def test_compiled_regions_compile_once_per_grad_mode():
+    """The rollout (no grad, chunks of the requests: views), the evaluation (no grad, fresh tensors, the
+    refiner's noise from a generator) and the update (grad) at several batch sizes: each region compiles one
+    graph per grad mode, with no graph break, and equals the eager model (forward and gradients)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from gpr_sim.model.hsd import type_segments
+    from gpr_sim.schema import TokenBatch
+
+    model, tokens = setup()
+    tokens = TokenBatch(*(torch.cat([x] * 4) for x in tokens))  # (16, T) requests
+    segments = type_segments(tokens.type_ids)  # as the callers pass it: the typed FFN by runs of slots
+    twin = copy.deepcopy(model).compile_regions(("blocks", "embed", "context"))
+    torch._dynamo.reset()  # other tests' graphs of the same functions
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        with torch.no_grad():
+            for n in (12, 7):  # the rollout: a chunk of the requests, its refiner noise given
+                chunk, noise = TokenBatch(*(x[:n] for x in tokens)), torch.randn(n, TINY.d_model)
+                want = model.context(chunk, noise=noise, segments=segments)
+                assert_close(twin.context(chunk, noise=noise, segments=segments), want, atol=1e-5, rtol=1e-5)
+            for n in (16, 9):  # the evaluation: the noise from a seeded generator
+                fresh = TokenBatch(*(x[:n].clone() for x in tokens))
+                got, want = (
+                    m.context(fresh, torch.Generator().manual_seed(3), segments=segments)
+                    for m in (twin, model)
+                )
+                assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for n in (16, 5):  # the update: forward and backward
+            fresh, noise = TokenBatch(*(x[:n].clone() for x in tokens)), torch.randn(n, TINY.d_model)
+            grads = []
+            for m in (model, twin):
+                m.zero_grad()
+                m.context(fresh, noise=noise, segments=segments).square().sum().backward()
+                grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+            for a, c in zip(*grads, strict=True):
+                assert_close(c, a, atol=1e-4, rtol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])

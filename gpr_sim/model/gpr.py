@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 
 from gpr_sim.model.config import GPRConfig
 from gpr_sim.model.hsd import HSD, HSDOutput, KVCache, Segments
@@ -26,6 +27,34 @@ from gpr_sim.schema import TokenBatch
 
 REGIONS = ("blocks", "embed", "context", "paths", "values")
 """the parts ``GPRModel.compile_regions`` compiles, each one graph"""
+
+
+def batch_dynamic(fn: Callable) -> Callable:
+    """``fn`` (a ``torch.compile``'d function) called with the leading dimension of every tensor argument
+    dynamic from the first call.
+
+    The batch differs between the callers of one compiled region (the rollout's requests and its rehearsed
+    ones, the update's last, shorter minibatch, the evaluation's sessions): left to torch.compile's automatic
+    dynamic shapes, the first call compiles a graph for its size and the first other size compiles it again.
+    A tensor outside autograd is passed as a fresh alias (``detach``: the same data, no copy): torch.compile
+    guards on the base of a view (a chunk of the rollout's tokens), so the same call with a fresh tensor (the
+    evaluation's) would compile once more, and the mark stays off the caller's tensor. A tensor that needs its
+    gradient is passed as it is. A leading dimension of size 0 or 1 is still specialised (torch.compile's rule).
+    """
+
+    def mark(t: Tensor) -> Tensor:
+        if not t.requires_grad:
+            t = t.detach()
+        if t.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return t
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        args, kwargs = tree_map_only(Tensor, mark, (args, kwargs))
+        return fn(*args, **kwargs)
+
+    return call
 
 
 class MTPLoss(NamedTuple):
@@ -57,39 +86,45 @@ class GPRModel(nn.Module):
 
         ``regions`` (``REGIONS``): ``blocks`` = every HSD ``HSTUBlock`` and PTD ``DecoderBlock`` (their
         ``forward``); ``embed`` = ``HSD.embed`` (code, event, type and position lookups, the dense
-        projection: a dozen element-wise passes over (B, T, C) eager); ``context`` = ``PTD.context``
-        (thinking and refiner); ``paths`` = ``PTD.log_prob_cached`` (the update's teacher-forced pass over
-        K paths per request); ``values`` = ``HTE.forward_paths``. Each region is one graph (a method
-        compiled on this instance: the state dict and the parameters are unchanged), so it compiles in
-        seconds where the whole update forward took minutes; every caller (rollout, update, evaluation)
-        then runs the compiled code. Compiling a region twice is a no-op.
+        projection: a dozen element-wise passes over (B, T, C) eager); ``context`` = ``PTD.context_from_noise``
+        (thinking and refiner; ``PTD.context`` draws the noise outside it); ``paths`` = ``PTD.log_prob_cached``
+        (the update's teacher-forced pass over K paths per request); ``values`` = ``HTE.forward_paths``. Each
+        region is one graph (a method compiled on this instance: the state dict and the parameters are
+        unchanged; the blocks of a kind share one compiled function), so it compiles in seconds where the
+        whole update forward took minutes; every caller (rollout, update, evaluation) then runs the compiled
+        code. Compiling a region twice is a no-op.
+
+        ``dynamic``: torch.compile's; None (the default) makes the leading (batch) dimension of every tensor
+        argument dynamic from the first call (``batch_dynamic``), so a region compiles once per grad mode:
+        the rollout's and the evaluation's forward (no grad) and the update's (forward and backward) are
+        different programs, whatever their batch sizes.
         """
         unknown = sorted(set(regions) - set(REGIONS))
         if unknown:
             raise ValueError(f"regions {unknown} are unknown: expected some of {REGIONS}")
         done = self.__dict__.setdefault("_compiled_regions", set())
         methods = {
-            "embed": (self.hsd, "embed"),
-            "context": (self.ptd, "context"),
-            "paths": (self.ptd, "log_prob_cached"),
-            "values": (self.hte, "forward_paths"),
+            "blocks": [(block, "forward") for block in (*self.hsd.blocks, *self.ptd.blocks)]
+            + ([(self.hsd.shared, "forward")] if self.cfg.mixture_of_recursions else []),
+            "embed": [(self.hsd, "embed")],
+            "context": [(self.ptd, "context_from_noise")],
+            "paths": [(self.ptd, "log_prob_cached")],
+            "values": [] if self.hte is None else [(self.hte, "forward_paths")],  # no HTE: nothing to compile
         }
+        compiled: dict[Callable, Callable] = {}  # one per function: the blocks of a kind share it
         for region in regions:
             if region in done:
                 continue
-            if region == "blocks":
-                for block in (*self.hsd.blocks, *self.ptd.blocks):
-                    block.compile(dynamic=dynamic)
-                if self.cfg.mixture_of_recursions:
-                    self.hsd.shared.compile(dynamic=dynamic)
-            else:
-                owner, name = methods[region]
-                if owner is not None:  # no HTE: nothing to compile
-                    # an instance attribute shadows the method (as nn.Module.compile keeps its compiled call);
-                    # the function is compiled unbound and the instance bound by a partial, so a deepcopy of
-                    # the model calls it on the copy (the memo maps the instance), never on this one
-                    fn = torch.compile(getattr(type(owner), name), dynamic=dynamic)
-                    owner.__dict__[name] = functools.partial(fn, owner)
+            for owner, name in methods[region]:
+                fn = getattr(type(owner), name)
+                if fn not in compiled:
+                    compiled[fn] = torch.compile(fn, dynamic=dynamic)
+                    if dynamic is None:
+                        compiled[fn] = batch_dynamic(compiled[fn])
+                # an instance attribute shadows the method (``nn.Module.__call__`` then runs the compiled
+                # forward); the function is compiled unbound and the instance bound by a partial, so a
+                # deepcopy of the model calls it on the copy (the memo maps the instance), never on this one
+                owner.__dict__[name] = functools.partial(compiled[fn], owner)
             done.add(region)
         return self
 

@@ -150,20 +150,31 @@ class Refiner(nn.Module):
         x_t = ab.sqrt() * target + (1 - ab).sqrt() * noise
         return (self.denoise(x_t, step, cond) - target).pow(2).mean(-1)
 
+    def draw_noise(
+        self,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The starting noise of ``sample``: (B, C) standard normal from ``generator`` (None: a fresh generator
+        seeded 0, so inference is reproducible by default)."""
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(0)
+        shape = (batch, self.step_emb.embedding_dim)
+        return torch.randn(shape, device=device, generator=generator, dtype=dtype)
+
     def sample(
         self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
     ) -> Tensor:
         """(B, C) condition -> (B, C) refine embedding, iterating from noise (deterministic DDIM steps).
 
-        ``noise`` (B, C) is the starting point; without it one is drawn from ``generator`` (None: a fresh
-        generator seeded 0, so inference is reproducible by default). RL passes the rollout's noise back
-        at update time, so the context, and with it the policy's log-probabilities, are a function of
-        the parameters only.
+        ``noise`` (B, C) is the starting point; without it one is drawn from ``generator``
+        (``draw_noise``). RL passes the rollout's noise back at update time, so the context, and with it
+        the policy's log-probabilities, are a function of the parameters only.
         """
         if noise is None:
-            if generator is None:
-                generator = torch.Generator(device=cond.device).manual_seed(0)
-            noise = torch.randn(cond.shape, device=cond.device, generator=generator, dtype=cond.dtype)
+            noise = self.draw_noise(cond.shape[0], cond.device, cond.dtype, generator)
         elif noise.shape != cond.shape:
             raise ValueError(f"noise must be {tuple(cond.shape)}, got {tuple(noise.shape)}")
         x = noise.to(cond.dtype)  # (B, C)
@@ -298,11 +309,23 @@ class PTD(nn.Module):
         """HSD outputs -> context (B, C_ctx, C): thinking tokens, then the refine token when on.
 
         ``noise`` (B, C): the refiner's starting noise (``Refiner.sample``); ignored without a refiner.
+        Without it, one is drawn here from ``generator`` (``Refiner.draw_noise``), before
+        ``context_from_noise``: that is the part ``GPRModel.compile_regions`` compiles, and a
+        ``torch.Generator`` cannot be traced (a draw inside would break its graph in two).
         """
+        if self.refiner is not None and noise is None:
+            # the dtype of the pooled thinking tokens the refiner is conditioned on (hidden's, fp32 under
+            # autocast): the same draw as ``Refiner.sample`` makes from ``generator``
+            noise = self.refiner.draw_noise(hidden.shape[0], hidden.device, hidden.dtype, generator)
+        return self.context_from_noise(hidden, padding_mask, noise)
+
+    def context_from_noise(self, hidden: Tensor, padding_mask: Tensor, noise: Tensor | None) -> Tensor:
+        """``context`` from the refiner's starting noise (B, C) (None without a refiner): the part
+        ``GPRModel.compile_regions`` compiles (no ``torch.Generator`` inside)."""
         ctx = self.think(hidden, padding_mask)  # (B, K, C)
         if self.refiner is None:
             return ctx
-        refine = self.refiner.sample(ctx.mean(1), generator, noise)  # (B, C) conditioned on pooled thinking
+        refine = self.refiner.sample(ctx.mean(1), noise=noise)  # (B, C) conditioned on pooled thinking
         return torch.cat([ctx, refine[:, None]], 1)  # (B, K + 1, C)
 
     def thinking_tokens(self, context: Tensor) -> Tensor:
