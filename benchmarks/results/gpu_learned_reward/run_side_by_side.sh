@@ -64,7 +64,7 @@ if [ "$FINAL_S" -gt 0 ]; then
   done
   [ -f $W/pre/platform/funnel.pt ] && agents="$agents,learned-cascade:$W/pre/platform"
   # labelled references that read hidden state (FINAL_REFS, comma-separated; "oracle" scores the whole catalog at
-  # every request, minutes at 1M ads, so it is not in the default)
+  # every request, ~230k requests x 1M ads at 65k sessions: minutes by estimate, unmeasured, so not the default)
   refs=${FINAL_REFS-cascade-privileged}
   [ -n "$refs" ] && agents="$agents,$refs"
   agents="gpr:$W/pre/vaft@beam_width=$beam$agents"
