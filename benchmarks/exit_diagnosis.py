@@ -7,12 +7,12 @@ The session-exit hazard rises with the user's fatigue, and an impression tires m
 interest (``gpr_sim.world.fatigue``): a policy that shows less relevant ads ends sessions sooner and earns fewer
 requests per session, which no per-request value (``oracle_share``, the learned reward) sees. Each agent runs
 ``--steps`` steps from ``reset(--seed)`` on the same market (``agents.evaluate``'s env with its default budgets
-and auction, the same users at every slot's first session); per env slot (the unit) it sums the impressions, their true match (``info["match"]``: the
-cosine of the user's hidden interest and the ad, a privileged diagnostic read only here, never by a policy), the
-requests and the exits (``terminated``). Printed per agent, with delta-method intervals over slots
-(``gpr_sim.stats.ratio_of_means``): match per impression, impressions per request, exits per request; and each
-agent's paired difference from ``--reference`` (the first agent by default; slots pair, as their first sessions
-share users and random streams).
+and auction, the same users at every slot's first session); per env slot (the unit) it sums the impressions, their
+true match (``info["match"]``: the cosine of the user's hidden interest and the ad, a privileged diagnostic read
+only here, never by a policy), the requests, the exits (``terminated``) and where the ad slots that showed nothing
+went (refused by a budget, or unsold). Printed per agent, with delta-method intervals over slots
+(``gpr_sim.stats.ratio_of_means``): the ``RATIOS``; and each agent's paired difference from ``--reference`` (the
+first agent by default; slots pair, as their first sessions share users and random streams).
 """
 
 from __future__ import annotations
@@ -31,12 +31,17 @@ RATIOS = {
     "match_per_impression": ("match", "impressions"),
     "impressions_per_request": ("impressions", "requests"),
     "exits_per_request": ("exits", "requests"),
+    "refused_per_request": ("refused", "requests"),
+    "unsold_per_request": ("unsold", "requests"),
 }
-"""reported ratio -> (numerator, denominator) of the per-slot sums"""
+"""reported ratio -> (numerator, denominator) of the per-slot sums. Where a request's ad slots go: impressions +
+refused (won, but the advertiser's budget refused the charge: ``info["budget_capped"]``) + unsold (no winner: too
+few eligible candidates above the reserve) = the slots per request."""
 
 
 def slot_sums(spec: str, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """Run ``spec`` for ``args.steps`` steps; per slot (N,) float64 sums of requests, impressions, match, exits."""
+    """Run ``spec`` for ``args.steps`` steps; per slot (N,) float64 sums of requests, impressions, match, exits,
+    refused and unsold ad slots (``RATIOS``)."""
     env = make_vec_env(
         "ads-v0",
         args.num_envs,
@@ -50,7 +55,7 @@ def slot_sums(spec: str, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     n = args.num_envs
     sums = {
         k: torch.zeros(n, dtype=torch.float64, device=args.device)
-        for k in ("requests", "impressions", "match", "exits")
+        for k in ("requests", "impressions", "match", "exits", "refused", "unsold")
     }
     with torch.no_grad():
         for _ in range(args.steps):
@@ -60,6 +65,9 @@ def slot_sums(spec: str, args: argparse.Namespace) -> dict[str, torch.Tensor]:
             sums["impressions"] += imp.sum(1).double()
             sums["match"] += (info["match"].double() * imp).sum(1)
             sums["exits"] += terminated.double()
+            refused = info["budget_capped"].double()  # (N,) won slots the budget refused
+            sums["refused"] += refused
+            sums["unsold"] += imp.shape[1] - imp.sum(1).double() - refused
     return {k: v.cpu() for k, v in sums.items()}
 
 
