@@ -61,13 +61,14 @@ def slot_sums(spec: str, args: argparse.Namespace) -> dict[str, torch.Tensor]:
         for _ in range(args.steps):
             obs, _, terminated, _, info = env.step(policy.act(obs).action)
             imp = info["impression"].bool()  # (N, S)
+            shown = imp.sum(1).double()  # (N,)
+            refused = info["budget_capped"].double()  # (N,) won slots the budget refused
             sums["requests"] += 1.0
-            sums["impressions"] += imp.sum(1).double()
+            sums["impressions"] += shown
             sums["match"] += (info["match"].double() * imp).sum(1)
             sums["exits"] += terminated.double()
-            refused = info["budget_capped"].double()  # (N,) won slots the budget refused
             sums["refused"] += refused
-            sums["unsold"] += imp.shape[1] - imp.sum(1).double() - refused
+            sums["unsold"] += imp.shape[1] - shown - refused
     return {k: v.cpu() for k, v in sums.items()}
 
 
