@@ -70,6 +70,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -173,6 +174,13 @@ def forward_flops(
     out += ptd_tokens * 2 * dec * block + k * 2 * d * sum(cfg.level_sizes)
     out += (1 + k * lp) * 2 * (2 * f * d * d + d) + 2 * d * d  # HTE
     return out
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (``torch._dynamo``'s ``unique_graphs`` counter): a
+    timed iteration that raises it spent part of its seconds compiling (a recompile for a new batch size or grad
+    mode), and its row is not a measurement of the steady state."""
+    return int(counters["stats"]["unique_graphs"])
 
 
 def update_flops_per_request(cfg: GPRConfig, seq_len: int, group_size: int, cached: bool) -> float:
@@ -296,10 +304,18 @@ def run_row(
         counts = (stats["rollout/requests"], stats["rollout/rehearsed"], int(buf.valid.sum()))
         return t1 - t0, t2 - t1, t3 - t2, counts
 
+    compiled_when_timed = 0  # graphs torch.compile built inside the timed iterations: their time is compile time
     for it in range(args.warmup + args.iters):
+        graphs = compiled_graphs()
         *phases, counts = iteration(it)
         if it >= args.warmup:
             times.append(tuple(phases))
+            compiled_when_timed += compiled_graphs() - graphs
+    if compiled_when_timed:
+        print(
+            f"warning: the timed iterations compiled {compiled_when_timed} graph(s), so their seconds include "
+            f"compilation: raise --warmup (now {args.warmup})"
+        )
     profile_table, busy = None, None
     if args.profile:  # one more iteration under the profiler: where the time goes, by kernel / op
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -327,6 +343,7 @@ def run_row(
     row = {
         "sessions": sessions,
         "precision": precision,
+        "compiled_when_timed": compiled_when_timed,
         "path": "cached" if cached else "old",
         "compile": compile_mode,
         "optimizer": "fused" if fused else "foreach",
@@ -355,10 +372,13 @@ def run_row(
 
 
 def path_label(row: dict) -> str:
-    """``cached`` / ``old``, with ``+compile MODE`` and ``+fused`` when they are on."""
+    """``cached`` / ``old``, with ``+compile MODE`` and ``+fused`` when they are on, flagged when the timed
+    iterations compiled graphs."""
     label = row["path"] + ("" if row["compile"] == "off" else f" +compile {row['compile']}")
     label += " +fused" if row.get("optimizer") == "fused" else ""
-    return label + (" +ffn sort" if row.get("ffn_layout") == "sort" else "")
+    label += " +ffn sort" if row.get("ffn_layout") == "sort" else ""
+    n = row.get("compiled_when_timed", 0)  # its seconds include compile time: not the steady state
+    return label + (f" (!{n} graphs compiled while timed)" if n else "")
 
 
 def table(rows: list[dict]) -> str:

@@ -265,8 +265,24 @@ def test_bench_rl_iteration_tiny_cpu_writes_json(tmp_path):
         for key in ("rollout_s", "update_s", "requests_per_s", "update_flops_per_request", "update_tflops"):
             assert math.isfinite(r[key]) and r[key] > 0, key
         assert r["update_mfu"] == pytest.approx(r["update_tflops"] / bench.H200_BF16_DENSE_TFLOPS)
+        assert r["compiled_when_timed"] == 0 and "compiled while timed" not in bench.path_label(r)  # eager
     # the old path repeats the context for every path: more update FLOPs per request
     assert rows[1]["update_flops_per_request"] > rows[0]["update_flops_per_request"]
+
+
+def test_compiled_graphs_counts_what_torch_compile_builds():
+    """The benchmark's check that a timed iteration did not compile: a new graph (a first call, a recompile for
+    a new shape) raises the count, a call that reuses a graph does not; a row that compiled is flagged."""
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    before = bench.compiled_graphs()
+    fn(torch.ones(3))
+    first = bench.compiled_graphs()
+    fn(torch.zeros(3))
+    assert first == before + 1 and bench.compiled_graphs() == first
+    fn(torch.ones(5))  # static shapes: a new size is a new graph
+    assert bench.compiled_graphs() == first + 1
+    row = {"path": "cached", "compile": "regions", "compiled_when_timed": 2}
+    assert bench.path_label(row) == "cached +compile regions (!2 graphs compiled while timed)"
 
 
 def test_busy_seconds_is_the_union_of_intervals_inside_the_window():
