@@ -177,6 +177,10 @@ class Args:
     """run folder; empty = resume the newest unfinished runs/hepo/{env}__{algo}__{seed}__* or start one"""
     pretrain_dir: str = ""
     """folder of the shared MTP and VAFT stages; empty = runs/hepo/pretrain/{env}__{seed}"""
+    pretrain_only: bool = False
+    """run (or reuse) the pre-training stages into --pretrain-dir and stop, opening no run folder: learners launched
+    later start from them (a device call that has time only for the pre-training, or several learners that share
+    it); the summary it returns names the VAFT folder and the learned funnel"""
     preset: str = "small"
     """world preset of every stage: the pre-training log is collected in it, the RL and evaluation markets use it"""
     mtp_steps: int = 200
@@ -294,8 +298,9 @@ class Args:
             raise ValueError(f"reward_outcome={self.reward_outcome!r} is unknown: expected one of {OUTCOMES}")
         if self.reward not in ESTIMATORS:
             raise ValueError(f"reward={self.reward!r} is unknown: expected one of {ESTIMATORS}")
-        if not isinstance(self.auction, bool):
-            raise ValueError(f"auction={self.auction!r} is invalid: expected a bool")
+        for name in ("auction", "pretrain_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected a bool")
         if self.auction and self.reward != "learned":
             raise ValueError(
                 f"auction=True needs reward='learned' (the auction ranks on the learned funnel that rewards), "
@@ -665,6 +670,15 @@ def _main(args: Args, dist: Dist) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     vaft, funnel = _pretrained(args, dist)
+    if args.pretrain_only:
+        summary = {
+            "pretrain_dir": str(vaft.parent),
+            "vaft": str(vaft),
+            "funnel": None if funnel is None else str(funnel),
+        }
+        if dist.is_main:
+            print(f"{vaft.parent}: pre-trained (--pretrain-only): no RL run")
+        return summary
     out = Path(
         distributed.broadcast_object(str(run_dir(args)), dist)
     )  # a new folder is named by rank 0's clock

@@ -475,7 +475,13 @@ def test_preset_is_the_world_of_every_stage(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="preset='nope' is unknown"):
         hepo.main(tiny(pre, tmp_path / "nope", "--preset", "nope"))
     assert not pre.exists() and not (tmp_path / "nope").exists()
+    # --pretrain-only: the stages and nothing else; the RL run after it reuses them as they are
+    done = hepo.main(tiny(pre, tmp_path / "run", "--preset", "tiny", "--pretrain-only"))
+    assert done["vaft"] == str(pre / "vaft") and not (tmp_path / "run").exists()
+    vaft_ckpt = (pre / "vaft" / "checkpoint.pt").stat().st_mtime_ns
     hepo.main(tiny(pre, tmp_path / "run", "--preset", "tiny", "--iterations", "1"))
+    assert (pre / "vaft" / "checkpoint.pt").stat().st_mtime_ns == vaft_ckpt
+    assert (tmp_path / "run" / "summary.json").is_file()
     _, meta = read_logs(pre / "mtp" / "logs.parquet")
     assert WorldConfig.from_dict(meta["world_config"]) == preset("tiny") != preset("small")
     for stage in ("mtp", "vaft"):

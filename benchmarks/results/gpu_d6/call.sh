@@ -6,11 +6,17 @@
 # VAFT start and the learned cascade are evaluated on other sessions (reset seed 54321), paired by user.
 # PRETRAIN shortens the profile's pre-training to fit a call (the generator's MTP then sees 131k requests, 1/8 of the
 # platform's 1M); PRETRAIN="" runs the profile's own (MTP 3,000 steps on 1M requests, VAFT 1,000: issue 16 d3).
+# RUNS="" runs no learner: the pre-training alone (agents.hepo --pretrain-only), then the final evaluation of MTP and
+# VAFT against the learned cascade, paired against VAFT: d3's start on equal terms in one call, for when the machine
+# will not stay warm between calls (the full pre-training took 454-480 s on an H200; a pre-training stage does not
+# stop on SIGTERM, so GRACE=5):
+#   PRETRAIN="" RUNS="" W=$PWD/runs/d3_start SEED=0 DEADLINE=592 FINAL_S=60 GRACE=5 \
+#     FINAL_FLAGS="--sessions 8192 --num-envs 8192 --oracle-states 1024" OUT=$OUT bash benchmarks/results/gpu_d6/call.sh
 # Usage: SEED=0 bash benchmarks/results/gpu_d6/call.sh   (RUNS, DEADLINE, FINAL_S, FINAL_FLAGS may override)
 SEED=${SEED:-0}
 PRETRAIN=${PRETRAIN-"--collect-steps 8 --mtp-steps 600 --vaft-steps 200"}
 export PROFILE="--profile gpu-large $PRETRAIN --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --seed $SEED"
-export RUNS=${RUNS:-"hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo --label sibling_grpo"}
+export RUNS=${RUNS-"hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo --label sibling_grpo"}
 export DEADLINE=${DEADLINE:-530}
 export FINAL_S=${FINAL_S:-110}
 export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 16384 --num-envs 8192 --oracle-states 2048"}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One shared pre-training, then RL runs side by side on the one GPU, each from the same VAFT model
-# (RUNS="name:flags;name:flags;..."; default: {e2, e1} x seeds {0, 1}); metrics of every run come back in
+# (RUNS="name:flags;name:flags;..."; default: {e2, e1} x seeds {0, 1}; RUNS="" pre-trains only); metrics of every run come back in
 # $OUT/results.tgz. With FINAL_S=N the runs stop N seconds before DEADLINE and every run's best checkpoint
 # (RUN/best, by held-out reward per session), the MTP and VAFT generators, the learned cascade and FINAL_REFS
 # (default cascade-privileged, a labelled reference) are evaluated with
@@ -38,26 +38,39 @@ run() {
   timeout -k $GRACE $((left - GRACE)) python -m agents.hepo $COMMON --out $W/$name "$@" > $OUT/$name.log 2>&1
   echo "$name rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
 }
-IFS=';' read -ra SPECS <<< "${RUNS:-e2_s0:--seed 0 --label e2;e1_s0:--seed 0 --epochs 1 --label e1;e2_s1:--seed 1 --label e2;e1_s1:--seed 1 --epochs 1 --label e1}"
-first=${SPECS[0]}
-run ${first%%:*} ${first#*:} &
-FIRST=$!
-while [ ! -f $W/pre/vaft/summary.json ]; do
-  kill -0 $FIRST 2>/dev/null || { echo "pre-training process ended without a VAFT model"; break; }
-  sleep 2
-done
-echo "pre-trained at $(($(date +%s) - start)) s" >> $OUT/rc.txt
-for spec in "${SPECS[@]:1}"; do run ${spec%%:*} ${spec#*:} & done
-wait $FIRST
-# the other runs only: a bare `wait` (one run, no others) would also wait for the GPU monitor, which never ends
-others=$(jobs -p | grep -v "^$SMI$")
-[ -n "$others" ] && wait $others 2>/dev/null
+IFS=';' read -ra SPECS <<< "${RUNS-e2_s0:--seed 0 --label e2;e1_s0:--seed 0 --epochs 1 --label e1;e2_s1:--seed 1 --label e2;e1_s1:--seed 1 --epochs 1 --label e1}"
+if [ ${#SPECS[@]} -eq 0 ]; then
+  # RUNS="": the pre-training alone (agents.hepo --pretrain-only), then the final evaluation of its stages beside
+  # the references: the comparison of a VAFT start that fits one call
+  first=""
+  run pretrain --pretrain-only
+  [ -f $W/pre/vaft/summary.json ] && echo "pre-trained at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+else
+  first=${SPECS[0]}
+  run ${first%%:*} ${first#*:} &
+  FIRST=$!
+  while [ ! -f $W/pre/vaft/summary.json ]; do
+    kill -0 $FIRST 2>/dev/null || { echo "pre-training process ended without a VAFT model"; break; }
+    sleep 2
+  done
+  echo "pre-trained at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+  for spec in "${SPECS[@]:1}"; do run ${spec%%:*} ${spec#*:} & done
+  wait $FIRST
+  # the other runs only: a bare `wait` (one run, no others) would also wait for the GPU monitor, which never ends
+  others=$(jobs -p | grep -v "^$SMI$")
+  [ -n "$others" ] && wait $others 2>/dev/null
+fi
 if [ "$FINAL_S" -gt 0 ]; then
-  # the runs' world and their served beam (agents.sweep's agent_specs serves the same way)
-  read -r preset beam < <(python -c "import json,sys; a=json.load(open(sys.argv[1]))['args']; print(a['preset'], a['eval_beam'])" $W/${first%%:*}/config.json)
+  # the runs' world and their served beam (agents.sweep's agent_specs serves the same way): the first run's record,
+  # else (no runs) PROFILE's flags as agents.hepo parses them
+  if [ -n "$first" ] && [ -f $W/${first%%:*}/config.json ]; then
+    read -r preset beam < <(python -c "import json,sys; a=json.load(open(sys.argv[1]))['args']; print(a['preset'], a['eval_beam'])" $W/${first%%:*}/config.json)
+  else
+    read -r preset beam < <(python -c "import sys; from agents.cli import parse_args; from agents.hepo import Args, PROFILES; a = parse_args(Args, sys.argv[1:], '', PROFILES); print(a.preset, a.eval_beam)" $PROFILE)
+  fi
   device=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
   agents=""; ref=""
-  for spec in "${SPECS[@]}"; do
+  for spec in ${SPECS[@]+"${SPECS[@]}"}; do
     n=${spec%%:*}
     [ -f $W/$n/best/policy.pt ] || continue
     agents="$agents,gpr:$W/$n/best@beam_width=$beam"; [ -z "$ref" ] && ref="gpr:$W/$n/best@beam_width=$beam"
@@ -68,6 +81,7 @@ if [ "$FINAL_S" -gt 0 ]; then
   refs=${FINAL_REFS-cascade-privileged}
   [ -n "$refs" ] && agents="$agents,$refs"
   agents="gpr:$W/pre/vaft@beam_width=$beam$agents"
+  [ -z "$ref" ] && ref="gpr:$W/pre/vaft@beam_width=$beam"  # no runs: the pairs are against the VAFT start
   # the MTP generator too, where the pre-training kept it: the stages MTP < VAFT < RL on the same sessions
   [ -f $W/pre/mtp/config.json ] && agents="gpr:$W/pre/mtp@beam_width=$beam,$agents"
   left=$((DEADLINE - ($(date +%s) - start)))
