@@ -304,7 +304,8 @@ def run_row(
         counts = (stats["rollout/requests"], stats["rollout/rehearsed"], int(buf.valid.sum()))
         return t1 - t0, t2 - t1, t3 - t2, counts
 
-    compiled_when_timed = 0  # graphs torch.compile built inside the timed iterations: their time is compile time
+    # graphs torch.compile builds inside the timed iterations: their seconds are partly compile time
+    compiled_when_timed = 0
     for it in range(args.warmup + args.iters):
         graphs = compiled_graphs()
         *phases, counts = iteration(it)
