@@ -415,6 +415,17 @@ def test_compiled_regions_equal_eager_and_follow_a_deepcopy():
         model.compile_regions(("kernels",))
 
 
+def test_batch_dynamic_inductor_options_exist():
+    """The Inductor options of the batch-dynamic graphs name settings the installed torch has (torch.compile
+    refuses an unknown one with a list of hundreds: after a torch upgrade that renames the setting, this test
+    names it)."""
+    import torch._inductor.config as inductor
+
+    from gpr_sim.model.gpr import BATCH_DYNAMIC_INDUCTOR
+
+    assert set(BATCH_DYNAMIC_INDUCTOR) <= set(inductor.get_config_copy())
+
+
 @pytest.mark.slow  # torch.compile on CPU: about a minute
 def test_compiled_regions_compile_once_per_grad_mode():
     """The rollout (no grad, chunks of the requests: views), the evaluation (no grad, fresh tensors, the

@@ -34,7 +34,7 @@ from agents.rl.common import (
 from agents.rl.distributed import SINGLE, Dist
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
-from gpr_sim.model.gpr import REGIONS, batch_dynamic
+from gpr_sim.model.gpr import REGIONS, compile_batch_dynamic
 from gpr_sim.model.hsd import Segments, type_segments
 from gpr_sim.model.incremental import path_log_prob
 from gpr_sim.world import rng
@@ -131,7 +131,7 @@ class PathTerms(torch.nn.Module):
     | mode | what runs through ``torch.compile`` |
     |---|---|
     | ``"off"`` | nothing (the reference) |
-    | ``"full"`` | the whole forward (HSD, thinking, refiner, PTD, HTE), the minibatch size dynamic from the first call (the last minibatch of an epoch is shorter: ``batch_dynamic``) |
+    | ``"full"`` | the whole forward (HSD, thinking, refiner, PTD, HTE), the minibatch size dynamic from the first call (the last minibatch of an epoch is shorter: ``compile_batch_dynamic``) |
     | ``"blocks"`` | each ``HSTUBlock`` and PTD ``DecoderBlock`` (``GPRModel.compile_regions``, in place: the rollout's full forwards run them too); the element-wise work around the matmuls (norms, gates, residuals, casts) fuses into few kernels, and the blocks of a kind share one graph, so it compiles in seconds |
     | ``"regions"`` | ``"blocks"`` and the other parts of the forward, each one graph (``GPRModel.compile_regions``): the HSD's embedding, the PTD's thinking and refiner, its teacher-forced pass over the K paths, the HTE's path values (eager, they were a third of the minibatch's device time on an H200) |
 
@@ -151,7 +151,7 @@ class PathTerms(torch.nn.Module):
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r} is invalid: expected one of {COMPILE_MODES} or a bool")
         self.model, self.cached, self.ad_lookup, self.compile_mode = model, cached, ad_lookup, mode
-        self._fn = batch_dynamic(torch.compile(_terms)) if mode == "full" else _terms
+        self._fn = compile_batch_dynamic(_terms) if mode == "full" else _terms
         if mode in ("blocks", "regions"):
             model.compile_regions(("blocks",) if mode == "blocks" else REGIONS)
 

@@ -57,6 +57,24 @@ def batch_dynamic(fn: Callable) -> Callable:
     return call
 
 
+BATCH_DYNAMIC_INDUCTOR = {"triton.mix_order_reduction": False}
+"""Inductor options of every batch-dynamic graph (``compile_batch_dynamic``). Inductor's mix-order reduction
+(the fused backward of a norm's two reductions) chooses from the batch size whether to fuse, and each choice
+becomes a guard on it (``nrow * ncol >= 5 * 2**20``, ``nrow >= 4096``: torch/_inductor/scheduler.py,
+``MixOrderReduction.can_fuse``); a batch on the other side then compiles the graph again, so a dynamic batch
+was not one graph on CUDA (7 compiles instead of 4 in one RL iteration at 8,192 sessions, more in a run whose
+evaluation batches differ). Off, the same iteration compiles once per region and grad mode at the same
+steady-state speed (H200, torch 2.11: 5,536 vs 5,566 requests/s; ``benchmarks/results/compile_cuda``,
+``mix_order.sh``). It only acts on Triton (GPU) code: the CPU's graphs are unchanged."""
+
+
+def compile_batch_dynamic(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` compiled once per grad mode whatever the batch: the leading dimension of every
+    tensor argument dynamic (``batch_dynamic``) and no Inductor choice guarding on it
+    (``BATCH_DYNAMIC_INDUCTOR``)."""
+    return batch_dynamic(torch.compile(fn, options=dict(BATCH_DYNAMIC_INDUCTOR)))
+
+
 class MTPLoss(NamedTuple):
     """Named loss terms; ``loss`` is what to backpropagate."""
 
@@ -95,7 +113,7 @@ class GPRModel(nn.Module):
         code. Compiling a region twice is a no-op.
 
         ``dynamic``: torch.compile's; None (the default) makes the leading (batch) dimension of every tensor
-        argument dynamic from the first call (``batch_dynamic``), so a region compiles once per grad mode:
+        argument dynamic from the first call (``compile_batch_dynamic``), so a region compiles once per grad mode:
         the rollout's and the evaluation's forward (no grad) and the update's (forward and backward) are
         different programs, whatever their batch sizes.
         """
@@ -118,9 +136,9 @@ class GPRModel(nn.Module):
             for owner, name in methods[region]:
                 fn = getattr(type(owner), name)
                 if fn not in compiled:
-                    compiled[fn] = torch.compile(fn, dynamic=dynamic)
-                    if dynamic is None:
-                        compiled[fn] = batch_dynamic(compiled[fn])
+                    compiled[fn] = (
+                        compile_batch_dynamic(fn) if dynamic is None else torch.compile(fn, dynamic=dynamic)
+                    )
                 # an instance attribute shadows the method (``nn.Module.__call__`` then runs the compiled
                 # forward); the function is compiled unbound and the instance bound by a partial, so a
                 # deepcopy of the model calls it on the copy (the memo maps the instance), never on this one
