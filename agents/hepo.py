@@ -74,7 +74,7 @@ from agents.pretraining.pipeline import (
 from agents.reporting.figures import plot_curves, plot_reward_model
 from agents.reporting.keys import BEST_METRIC
 from agents.rl import distributed
-from agents.rl.common import LossConfig, check_precision
+from agents.rl.common import LossConfig
 from agents.rl.distributed import SINGLE, Dist
 from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
@@ -82,6 +82,7 @@ from agents.rl.rollout import OUTCOMES, SLOT_BITS, Roller
 from envs import make_vec_env
 from envs.market import ESTIMATORS
 from gpr_sim.model import GPRModel
+from gpr_sim.model.precision import check_precision
 from gpr_sim.platform.funnel import load_funnel
 from gpr_sim.runs import (
     RunFolder,
@@ -272,11 +273,13 @@ class Args:
     plateau_delta: float = 0.005
     """the oracle_share gain that still counts as progress"""
     precision: str = "fp32"
-    """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
+    """fp32 (the reference) | bf16: the pre-training steps', the rollout's and the update's forward passes under
+    bfloat16 autocast"""
     compile: str = "off"
     """off | blocks (each HSD and PTD block through torch.compile: the element-wise work fuses; seconds to
     compile) | regions (blocks, and the embedding, thinking, teacher-forced paths and HTE values, each one
-    graph) | full (the whole update forward; minutes to compile) (``agents.rl.loop.PathTerms``)"""
+    graph) | full (the whole update forward; minutes to compile) (``agents.rl.loop.PathTerms``); the
+    pre-training stages compile the same way (full: the regions)"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True
@@ -377,6 +380,9 @@ def pretraining(args: Args) -> tuple[PretrainConfig, PretrainConfig]:
         codebook_size=args.codebook_size,
         behaviour=args.behaviour,
         market_features=args.market_features,
+        precision=args.precision,
+        # the RL update's "full" (its whole loss forward) has no pre-training counterpart: the regions instead
+        compile="regions" if args.compile == "full" else args.compile,
     )
     return stage_configs(pipeline_dir(common, args.pretrain_dir), common, args.mtp_steps, args.vaft_steps)
 

@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from agents.cli import run_main  # noqa: E402
 from agents.rl import loop, rollout  # noqa: E402
-from agents.rl.common import PRECISIONS, LossConfig  # noqa: E402
+from agents.rl.common import LossConfig  # noqa: E402
 from agents.rl.hepo import HEPO  # noqa: E402
 from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update  # noqa: E402
 from agents.rl.rollout import Roller  # noqa: E402
@@ -88,6 +88,7 @@ from gpr_sim.model import (  # noqa: E402
     hsd,  # noqa: E402
 )
 from gpr_sim.model.hsd import TypedFFN  # noqa: E402
+from gpr_sim.model.precision import PRECISIONS  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 from gpr_sim.schema import SchemaConfig, tokens_from_obs  # noqa: E402
 from gpr_sim.tokenizer.compare import CompareConfig  # noqa: E402

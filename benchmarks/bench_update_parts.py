@@ -52,13 +52,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from agents.cli import run_main  # noqa: E402
-from agents.rl.common import LossConfig, precision_context  # noqa: E402
+from agents.rl.common import LossConfig  # noqa: E402
 from agents.rl.hepo import HEPO  # noqa: E402
 from agents.rl.loop import PathTerms, loss_terms  # noqa: E402
 from agents.rl.rollout import Roller  # noqa: E402
 from benchmarks.bench_rl_iteration import build, model_for  # noqa: E402
 from gpr_sim.model.hsd import MLP, TypedFFN, hybrid_mask, rows_of_type, type_segments  # noqa: E402
 from gpr_sim.model.incremental import path_log_prob  # noqa: E402
+from gpr_sim.model.precision import precision_context  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.testing import assert_close
 
 import envs  # noqa: F401  (registers ads-v0)
-from agents.rl.common import LossConfig, precision_context
+from agents.rl.common import LossConfig
 from agents.rl.hepo import HEPO
 from agents.rl.loop import PathTerms, UpdateConfig, loss_terms, path_terms
 from agents.rl.rollout import Roller, sample_groups
@@ -26,6 +26,7 @@ from envs import make_vec_env
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.incremental import head_context_kv, path_log_prob, request_major_step
+from gpr_sim.model.precision import precision_context
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.world import fit_world_tokenizer

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agents.cli import check_args
+from gpr_sim.model.precision import check_precision
 from gpr_sim.world.config import PRESETS
 
 ENTRY = "agents.pretrain"
 """the owner of its run folders (``gpr_sim.runs.RunFolder``)"""
-RESUME_IGNORES = ("steps", "select", "progress", "threads", "out", "device")
+RESUME_IGNORES = ("steps", "select", "progress", "threads", "out", "device", "compile")
 """flags that may change between a run and its resumption (more ``--steps`` continue it)"""
+COMPILE_MODES = ("off", "blocks", "regions")
+"""``PretrainConfig.compile``: what of the model runs through torch.compile (``GPRModel.compile_regions``)"""
 STAGES = ("mtp", "vaft")
 SELECT = ("best", "last")
 BEHAVIOURS = ("cascade-privileged", "learned-cascade")
@@ -58,6 +61,13 @@ class PretrainConfig:
     """seed of the model init, the batch sampler and the refiner noise"""
     device: str = "cpu"
     """torch device"""
+    precision: str = "fp32"
+    """fp32 (the reference) | bf16: each training step's forward under bfloat16 autocast (``gpr_sim.model.precision``;
+    parameters, gradients and AdamW stay float32, the evaluation runs in float32)"""
+    compile: str = "off"
+    """off | blocks (each HSD and PTD block through torch.compile) | regions (the blocks, the embedding, thinking and
+    refiner, the teacher-forced paths and the HTE, each one graph: ``GPRModel.compile_regions``); the same values
+    and checkpoints, faster on a GPU"""
     d_model: int = 64
     """model width"""
     n_layers: int = 2
@@ -142,6 +152,9 @@ class PretrainConfig:
             raise ValueError(f"preset={self.preset!r} is unknown: expected one of {sorted(PRESETS)}")
         if self.behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour={self.behaviour!r} is unknown: expected one of {list(BEHAVIOURS)}")
+        check_precision(self.precision)
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r} is unknown: expected one of {list(COMPILE_MODES)}")
         if self.select not in SELECT:
             raise ValueError(f"select={self.select!r} is unknown: expected one of {list(SELECT)}")
         for name, lo in (

@@ -30,8 +30,10 @@ from agents.pretraining.evaluation import (
 )
 from agents.rl import distributed
 from gpr_sim.model import GPRConfig, GPRModel
+from gpr_sim.model.gpr import REGIONS
 from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.hte import path_ad_features
+from gpr_sim.model.precision import precision_context
 from gpr_sim.platform.features import AD_FEATURE_DIM
 from gpr_sim.runs import (
     RunFolder,
@@ -177,6 +179,8 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
     data = load_data(cfg, logs, tok_dir)
     train, held_out, trie, pop = data.train, data.held_out, data.trie, data.pop
     model, opt, gen, start = init_model(cfg, data, ckpt, dist)
+    if cfg.compile != "off":  # in place: the training steps, the evaluation and the checkpoints see one model
+        model.compile_regions(("blocks",) if cfg.compile == "blocks" else REGIONS)
     ad_lookup = None  # full paths -> the candidate ad's features, when the HTE reads them
     if model.cfg.hte_ad_features:
         ad_lookup = functools.partial(path_ad_features, data.tok.to(cfg.device), data.features.to(cfg.device))
@@ -210,18 +214,19 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen, device=cfg.device)
         if not dist.enabled:
             tokens, codes, masks, weights, values = train.rows(idx)
-            out_loss = model.mtp_loss(
-                tokens,
-                codes,
-                weights,
-                masks,
-                gen,
-                value_target=value_target(model, values, cfg.value_coef),
-                value_coef=cfg.value_coef,
-                value_trunk=cfg.value_trunk,
-                value_features=target_features(ad_lookup, codes),
-                segments=segments,
-            )
+            with precision_context(cfg.device, cfg.precision):  # the forward only; backward outside
+                out_loss = model.mtp_loss(
+                    tokens,
+                    codes,
+                    weights,
+                    masks,
+                    gen,
+                    value_target=value_target(model, values, cfg.value_coef),
+                    value_coef=cfg.value_coef,
+                    value_trunk=cfg.value_trunk,
+                    value_features=target_features(ad_lookup, codes),
+                    segments=segments,
+                )
             opt.zero_grad(set_to_none=True)
             out_loss.loss.backward()
             opt.step()
@@ -230,7 +235,10 @@ def train_stage(cfg: PretrainConfig, dist: distributed.Dist, out: Path) -> dict:
             loss_value = out_loss.loss_value.detach()
         else:
             tokens, codes, masks, weights, values = train.rows(idx[own])
-            with distributed.global_row_draws(gen, own.stop - own.start, dist):
+            with (
+                distributed.global_row_draws(gen, own.stop - own.start, dist),
+                precision_context(cfg.device, cfg.precision),
+            ):
                 loss_mtp, loss_refine, loss_value = ddp(
                     tokens,
                     codes,

@@ -93,26 +93,6 @@ class LossConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected > 0")
 
 
-# ----------------------------------------------------------------------------- precision
-
-
-PRECISIONS = ("fp32", "bf16")
-"""compute precisions of the rollout's and the update's forward passes: fp32 (the reference) | bf16 (autocast on CUDA and CPU)"""
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` if it is one of ``PRECISIONS``, else a ``ValueError`` naming it."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is invalid: expected one of {PRECISIONS}")
-    return precision
-
-
-def precision_context(device: torch.device | str, precision: str):
-    """Autocast to bfloat16 on ``device`` for ``bf16``; a no-op context for ``fp32`` (the reference)."""
-    dev = torch.device(device).type
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
-
-
 # ----------------------------------------------------------------------------- advantages
 
 
@@ -338,7 +318,6 @@ class Algorithm:
 
 
 __all__ = [
-    "PRECISIONS",
     "Algorithm",
     "LossConfig",
     "level_weights",
@@ -353,6 +332,4 @@ __all__ = [
     "level_surrogate",
     "item_value_loss",
     "kl_to_reference",
-    "check_precision",
-    "precision_context",
 ]

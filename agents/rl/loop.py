@@ -26,10 +26,8 @@ from agents.rl.buffer import Buffer
 from agents.rl.common import (
     Algorithm,
     LossConfig,
-    check_precision,
     item_value_loss,
     kl_to_reference,
-    precision_context,
 )
 from agents.rl.distributed import SINGLE, Dist
 from gpr_sim.finite import check_finite
@@ -37,6 +35,7 @@ from gpr_sim.model import GPRModel
 from gpr_sim.model.gpr import REGIONS, compile_batch_dynamic
 from gpr_sim.model.hsd import Segments, type_segments
 from gpr_sim.model.incremental import path_log_prob
+from gpr_sim.model.precision import check_precision, precision_context
 from gpr_sim.world import rng
 
 UPDATE_SALT = 0x0DD5

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from agents.rl.buffer import Buffer
-from agents.rl.common import check_precision, precision_context, process_rewards
+from agents.rl.common import process_rewards
 from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
@@ -78,6 +78,7 @@ from gpr_sim.model import GPRModel
 from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.hte import path_ad_features
 from gpr_sim.model.incremental import head_context_kv, request_major_step
+from gpr_sim.model.precision import check_precision, precision_context
 from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.sampling import PathSample, sample_paths
 from gpr_sim.schema import SchemaConfig, TokenBatch, tokens_from_obs
