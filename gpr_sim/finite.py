@@ -41,6 +41,27 @@ def check_finite(where: str, values: dict[str, Tensor | float]) -> None:
         raise NonFiniteError(f"{where}: non-finite {', '.join(bad)}")
 
 
+class FirstNonFinite:
+    """The index of the first step whose value was NaN or inf, kept on the values' device: a loop of small steps
+    (the platform's stage models) checks every step without a host sync, which would stall the GPU queue behind
+    each one, and reads the answer once per epoch (``check``). A bad step still stops the fit, at the end of its
+    epoch instead of before its update: nothing of the fit is kept, so nothing good is lost."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def see(self, step: int, value: Tensor) -> None:
+        """Record ``step`` if ``value`` holds a NaN or an inf and no earlier step did."""
+        bad = ~torch.isfinite(value.detach()).all()
+        self.first = torch.where(bad & (self.first < 0), step, self.first)
+
+    def check(self, where: str, name: str) -> None:
+        """Raise ``NonFiniteError`` ("{where}, batch {step}: non-finite {name}") if a step was recorded."""
+        step = int(self.first)  # the one host sync
+        if step >= 0:
+            raise NonFiniteError(f"{where}, batch {step}: non-finite {name}")
+
+
 def check_finite_parameters(where: str, module: torch.nn.Module) -> None:
     """Raise `NonFiniteError` naming the first parameters of ``module`` that hold a NaN or an inf."""
     bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -49,4 +70,4 @@ def check_finite_parameters(where: str, module: torch.nn.Module) -> None:
         raise NonFiniteError(f"{where}: non-finite parameters {', '.join(bad[:3])}{more}")
 
 
-__all__ = ["NonFiniteError", "check_finite", "check_finite_parameters", "nonfinite_names"]
+__all__ = ["FirstNonFinite", "NonFiniteError", "check_finite", "check_finite_parameters", "nonfinite_names"]

@@ -83,3 +83,33 @@ def test_nan_in_the_rollout_stops_before_any_update(pre, tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError, match="rollout ending at env step 2: non-finite reward"):
         hepo.main(tiny(pre, tmp_path / "run", "--iterations", "2"))
     assert updates == []
+
+
+def test_first_nonfinite_names_the_first_bad_step_and_syncs_once():
+    from gpr_sim.finite import FirstNonFinite
+
+    watch = FirstNonFinite("cpu")
+    for step, v in enumerate([1.0, 2.0, float("nan"), float("inf"), 3.0]):
+        watch.see(step, torch.tensor(v))
+    with pytest.raises(NonFiniteError, match=r"^fit epoch 1, batch 2: non-finite loss$"):
+        watch.check("fit epoch 1", "loss")
+    clean = FirstNonFinite("cpu")
+    clean.see(0, torch.tensor([1.0, -2.0]))
+    clean.check("fit epoch 0", "loss")  # nothing recorded: no error
+
+
+def test_platform_training_loops_stop_on_a_nan_loss():
+    """The platform's stage models (``train_epochs``) and the funnel stop a fit whose loss turns NaN, naming the
+    epoch and the first bad batch, though they read the device only once per epoch."""
+    from gpr_sim.platform.training import train_epochs
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 2)
+
+    def batch_loss(idx):
+        loss = model(x[idx]).square().mean()
+        return loss * float("nan") if int(idx.numel()) == 2 else loss  # the last, short batch goes bad
+
+    with pytest.raises(NonFiniteError, match=r"^toy epoch 0, batch 2: non-finite loss$"):
+        train_epochs(model, opt, 8, 3, 2, torch.Generator().manual_seed(0), batch_loss, "toy")

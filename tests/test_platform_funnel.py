@@ -244,3 +244,23 @@ def test_fit_is_seeded_and_leaves_the_global_generator_alone(logged):
     assert report_a == report_b
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def test_fit_stops_on_a_nan_loss(logged, monkeypatch):
+    """A funnel whose loss turns NaN stops with one line naming the epoch and the first bad batch (read once
+    per epoch), instead of saving NaN weights and a report."""
+    from gpr_sim.finite import NonFiniteError
+
+    env, df = logged
+    logits = FunnelModel.logits
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        ctr, cvr, rest = logits(self, *args, **kwargs)
+        calls.append(1)
+        return (ctr * float("nan") if len(calls) == 3 else ctr), cvr, rest  # the third training batch
+
+    monkeypatch.setattr(FunnelModel, "logits", poisoned)
+    cfg = FunnelConfig(hidden=8, layers=1, epochs=1, batch_size=256)
+    with pytest.raises(NonFiniteError, match=r"^funnel epoch 0, batch 2: non-finite loss$"):
+        fit_funnel(df, catalog_of(env.unwrapped.world), cfg, progress=False)

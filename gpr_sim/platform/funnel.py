@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpr_sim.data.logs import stack_list_column
+from gpr_sim.finite import FirstNonFinite
 from gpr_sim.metrics import classifier_report
 from gpr_sim.platform.view import Catalog, estimate_interest
 from gpr_sim.runs import load_torch, save_torch
@@ -511,6 +512,7 @@ def fit_funnel(
 
     Raises:
         ValueError: if the training sessions hold no impression, no click or no non-click (nothing to learn).
+        gpr_sim.finite.NonFiniteError: if a batch's loss is NaN or inf (named at the end of its epoch).
     """
     cfg = cfg or FunnelConfig()
     device = torch.device(device)
@@ -539,21 +541,24 @@ def fit_funnel(
     model.train()
     epoch_loss = torch.zeros((), device=device)
     bar = tqdm(range(cfg.epochs), desc="funnel", disable=not progress, leave=False)
-    for _ in bar:
+    for epoch in bar:
         epoch_loss = torch.zeros((), device=device)
         order = torch.randperm(n_train, generator=gen).to(device)
         batches = range(0, n_train, cfg.batch_size)
-        for start in batches:
+        watch = FirstNonFinite(device)  # a NaN stops the fit; read once per epoch (no sync per batch)
+        for batch, start in enumerate(batches):
             idx = order[start : start + cfg.batch_size]
             ctr, cvr, _ = model.logits(catalog, _rows(train, idx), train.ad[idx, None], train.slot[idx, None])
             click = train.click[idx]
             loss = F.binary_cross_entropy_with_logits(ctr[:, 0], click)
             cvr_loss = F.binary_cross_entropy_with_logits(cvr[:, 0], train.conversion[idx], reduction="none")
             loss = loss + (cvr_loss * click).sum() / click.sum().clamp(min=1.0)  # CVR: the batch's clicks
+            watch.see(batch, loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             epoch_loss += loss.detach()
+        watch.check(f"funnel epoch {epoch}", "loss")
         epoch_loss = epoch_loss / len(batches)
         if progress:
             bar.set_postfix(loss=f"{float(epoch_loss):.4f}")  # one sync per epoch, for the bar only

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from gpr_sim.finite import check_finite
+from gpr_sim.finite import FirstNonFinite
 
 
 def train_epochs(
@@ -22,8 +22,9 @@ def train_epochs(
 ) -> list[float]:
     """``epochs`` passes over ``n`` examples in seeded random minibatches; the mean loss of every epoch.
 
-    ``batch_loss(idx)`` is the loss of the examples ``idx`` (on the model's device). A non-finite loss stops with
-    one line naming ``name``, the epoch and the batch (``gpr_sim.finite``). One host sync per epoch.
+    ``batch_loss(idx)`` is the loss of the examples ``idx`` (on the model's device). A non-finite loss stops the
+    fit at the end of its epoch with one line naming ``name``, the epoch and the first bad batch
+    (``gpr_sim.finite.FirstNonFinite``). One host sync per epoch.
     """
     device = next(model.parameters()).device
     losses = []
@@ -31,14 +32,16 @@ def train_epochs(
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator).to(device)
         total = torch.zeros((), device=device)
-        for start in range(0, n, batch_size):
+        watch = FirstNonFinite(device)
+        for batch, start in enumerate(range(0, n, batch_size)):
             idx = order[start : start + batch_size]
             loss = batch_loss(idx)
-            check_finite(f"{name} epoch {epoch}, batch {start // batch_size}", {"loss": loss})
+            watch.see(batch, loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach() * idx.numel()
+        watch.check(f"{name} epoch {epoch}", "loss")
         losses.append(float(total) / n)
     model.eval()
     return losses
