@@ -114,6 +114,8 @@ RESUME_IGNORES = (
     "compile",
 )
 """flags that may change between an interrupted run and its resumption"""
+RL_STARTS = ("vaft", "mtp")
+"""``Args.rl_start``: the pre-training stage (its folder in the pipeline) the RL starts from"""
 STOP_EXIT = 128 + signal.SIGTERM
 """exit status of a run stopped by SIGTERM (``StopRequest``): 143, the shell's code for a SIGTERM death"""
 
@@ -182,6 +184,10 @@ class Args:
     """run (or reuse) the pre-training stages into --pretrain-dir and stop, opening no run folder: learners launched
     later start from them (a device call that has time only for the pre-training, or several learners that share
     it); the summary it returns names the VAFT folder and the learned funnel"""
+    rl_start: str = "vaft"
+    """vaft | mtp: the pre-trained generator the RL starts from and anchors its KL to (GPR's pipeline: vaft; mtp
+    skips the value-aware fine-tuning for the RL, which still runs, to ask whether it pays: on the large world the
+    MTP model earned more per session than the VAFT one, RESULTS "The d3 start on paired sessions")"""
     preset: str = "small"
     """world preset of every stage: the pre-training log is collected in it, the RL and evaluation markets use it"""
     mtp_steps: int = 200
@@ -299,6 +305,8 @@ class Args:
             raise ValueError(f"compile={self.compile!r} is unknown: expected one of {COMPILE_MODES}")
         if self.reward_outcome not in OUTCOMES:
             raise ValueError(f"reward_outcome={self.reward_outcome!r} is unknown: expected one of {OUTCOMES}")
+        if self.rl_start not in RL_STARTS:
+            raise ValueError(f"rl_start={self.rl_start!r} is unknown: expected one of {list(RL_STARTS)}")
         if self.reward not in ESTIMATORS:
             raise ValueError(f"reward={self.reward!r} is unknown: expected one of {ESTIMATORS}")
         for name in ("auction", "pretrain_only"):
@@ -688,13 +696,17 @@ def _main(args: Args, dist: Dist) -> dict:
     out = Path(
         distributed.broadcast_object(str(run_dir(args)), dist)
     )  # a new folder is named by rank 0's clock
+    start_dir = (
+        vaft if args.rl_start == "vaft" else vaft.parent / "mtp"
+    )  # the stages' folders in the pipeline
     with distributed.main_rank_folder(lambda: open_run_folder(out, args), dist):
-        return _run(args, dist, out, vaft, funnel)
+        return _run(args, dist, out, start_dir, funnel)
 
 
-def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = None) -> dict:
-    """The RL run in the opened folder ``out`` from the VAFT generator ``vaft`` (``_main``), rewarded through the
-    learned pCTR / pCVR ``funnel`` when given (``--reward learned``)."""
+def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None = None) -> dict:
+    """The RL run in the opened folder ``out`` from the pre-trained generator in ``start_dir`` (``_main``: the VAFT
+    stage, or the MTP one with ``--rl-start mtp``), rewarded through the learned pCTR / pCVR ``funnel`` when given
+    (``--reward learned``)."""
     summary_path = out / "summary.json"
     if summary_path.is_file() and (out / "checkpoint.pt").is_file():
         finished = int(read_checkpoint(out / "checkpoint.pt")["iteration"])
@@ -708,8 +720,8 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
             )
             print(f"{out}: finished at iteration {finished} ({why}); its summary is kept")
             return summary
-    model, tok = load_run_model(vaft)
-    tok_path = json.loads((vaft / "config.json").read_text())["tokenizer_path"]
+    model, tok = load_run_model(start_dir)
+    tok_path = json.loads((start_dir / "config.json").read_text())["tokenizer_path"]
     model = model.to(args.device).train()
     algo = algorithm(args.algo)
     needs_ref = algo.reference or args.loss.kl_coef > 0
@@ -775,7 +787,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
                 "label": args.label or args.algo,
                 "seed": args.seed,
                 "env": args.env,
-                "init": str(vaft),
+                "init": str(start_dir),
                 "tokenizer_path": tok_path,
                 "world_size": dist.world_size,
                 "auction": auction,
@@ -786,7 +798,7 @@ def _run(args: Args, dist: Dist, out: Path, vaft: Path, funnel: Path | None = No
             "iteration": 0,
             "env_steps": 0,
             **evaluate(model),
-            **mtp_candidates(evaluate, vaft, args.device),
+            **mtp_candidates(evaluate, start_dir, args.device),
         }
         append_metrics(metrics_path, row)
         print(_log_line(row))

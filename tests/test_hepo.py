@@ -463,6 +463,26 @@ def test_bad_inputs_fail_clearly(pre, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
 
 
+def test_rl_starts_from_the_mtp_stage_when_asked(pre, tmp_path):
+    """``--rl-start mtp``: the run loads the MTP stage of the same pipeline (recorded as its init), so its
+    iteration-0 evaluation is the MTP model's own (Table 3's MTP row, logged beside it, reads the same)."""
+    with pytest.raises(ValueError, match="rl_start='sft' is unknown"):
+        hepo.Args(rl_start="sft")
+    out = tmp_path / "from_mtp"
+    hepo.main(tiny(pre, out, "--iterations", "1", "--rl-start", "mtp"))
+    assert json.loads((out / "config.json").read_text())["init"] == str(pre / "mtp")
+    first = read_metrics(out / "metrics.jsonl")[0]
+    mtp_keys = [k for k in first if k.startswith("eval/mtp/")]
+    assert mtp_keys
+    for k in mtp_keys:
+        assert first[k] == first[k.replace("eval/mtp/", "eval/", 1)], k
+    vaft_run = tmp_path / "from_vaft"
+    hepo.main(tiny(pre, vaft_run, "--iterations", "1"))
+    assert json.loads((vaft_run / "config.json").read_text())["init"] == str(pre / "vaft")
+    with pytest.raises(ValueError, match=r'other settings \(--rl-start was "mtp", now "vaft"\)'):
+        hepo.main(tiny(pre, out, "--iterations", "2"))
+
+
 TINY_WORLD = dict(num_ads=200, num_advertisers=20, num_organic=500, num_users=2000)
 """a world unlike the small preset's, registered as preset "tiny" by the test below"""
 
