@@ -10,6 +10,10 @@
 # last checkpoint and the pre-training is reused; a run stopped by the deadline checkpoints its last iteration.
 # After the final evaluation, in the time left: benchmarks/exit_diagnosis.py on the same GPR agents and the learned
 # cascade (DIAG_ENVS slots x DIAG_STEPS steps), into final/exit_diagnosis.json.
+# Moving the pre-training between calls (benchmarks/pretrain_bundle.py; a machine is released 30 s after a call, so
+# W does not outlive it): BUNDLE_OUT=1 packs W/pre into $OUT (parts of <= 15 MiB, the weights in bf16, of the
+# stages BUNDLE_STAGES, default vaft) once the pre-training is done; BUNDLE_IN=DIR (a carried folder of those
+# parts) unpacks it into an empty W/pre first.
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -26,6 +30,16 @@ DEADLINE=${DEADLINE:-565}
 FINAL_S=${FINAL_S:-0}
 GRACE=${GRACE:-40}  # seconds a SIGTERMed run may take to finish its iteration and checkpoint
 start=$(date +%s)
+if [ -n "${BUNDLE_IN:-}" ] && [ ! -d $W/pre/vaft ]; then
+  python benchmarks/pretrain_bundle.py unpack $BUNDLE_IN $W/pre > $OUT/bundle.log 2>&1
+  echo "unpacked $BUNDLE_IN rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+fi
+pack_bundle() {
+  if [ -n "${BUNDLE_OUT:-}" ] && [ -f $W/pre/vaft/summary.json ]; then
+    python benchmarks/pretrain_bundle.py pack $W/pre $OUT --stages ${BUNDLE_STAGES:-vaft} >> $OUT/bundle.log 2>&1
+    echo "packed rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+  fi
+}
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > $OUT/smi.csv 2>&1) &
 SMI=$!
 run() {
@@ -45,6 +59,7 @@ if [ ${#SPECS[@]} -eq 0 ]; then
   first=""
   run pretrain --pretrain-only
   [ -f $W/pre/vaft/summary.json ] && echo "pre-trained at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+  pack_bundle
 else
   first=${SPECS[0]}
   run ${first%%:*} ${first#*:} &
@@ -54,6 +69,7 @@ else
     sleep 2
   done
   echo "pre-trained at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+  pack_bundle &
   for spec in "${SPECS[@]:1}"; do run ${spec%%:*} ${spec#*:} & done
   wait $FIRST
   # the other runs only: a bare `wait` (one run, no others) would also wait for the GPU monitor, which never ends
@@ -80,10 +96,13 @@ if [ "$FINAL_S" -gt 0 ]; then
   # every request, ~230k requests x 1M ads at 65k sessions: minutes by estimate, unmeasured, so not the default)
   refs=${FINAL_REFS-cascade-privileged}
   [ -n "$refs" ] && agents="$agents,$refs"
-  agents="gpr:$W/pre/vaft@beam_width=$beam$agents"
+  # the VAFT and MTP generators where the pipeline holds their models (a stage moved by a bundle may have come
+  # without it: BUNDLE_STAGES): the stages MTP < VAFT < RL on the same sessions
+  for s in vaft mtp; do
+    { [ -f $W/pre/$s/checkpoint.pt ] || [ -f $W/pre/$s/policy.pt ]; } && agents="gpr:$W/pre/$s@beam_width=$beam,$agents"
+  done
+  agents=${agents#,}; agents=${agents%,}; agents=${agents//,,/,}
   [ -z "$ref" ] && ref="gpr:$W/pre/vaft@beam_width=$beam"  # no runs: the pairs are against the VAFT start
-  # the MTP generator too, where the pre-training kept it: the stages MTP < VAFT < RL on the same sessions
-  [ -f $W/pre/mtp/config.json ] && agents="gpr:$W/pre/mtp@beam_width=$beam,$agents"
   left=$((DEADLINE - ($(date +%s) - start)))
   [ "$left" -lt 1 ] && left=1  # (timeout 0 would mean no limit at all)
   timeout $left python -m agents.evaluate --preset $preset --device $device --agents "$agents" \
