@@ -2,7 +2,7 @@
 # Issue 16 d3 on the profile's own pre-training, one command per device call (SEED, default 0):
 # - no pre-training at hand (a fresh machine, no BUNDLE_IN): the gpu-large pre-training, packed into $OUT as
 #   pre_bundle.* parts (benchmarks/pretrain_bundle.py: the VAFT weights in bf16, the tokenizer, the platform,
-#   ~40 MiB), then the final evaluation of MTP and VAFT against the learned cascade and the privileged cascade,
+#   an estimated 35-40 MiB), then the final evaluation of MTP and VAFT against the learned cascade and the privileged cascade,
 #   paired against VAFT (the d3 start, self-contained);
 # - BUNDLE_IN=DIR (those parts copied into the checkout and carried) or a warm machine's runs/d3: HEPO, PPO, GRPO
 #   and Sibling-GRPO (RUNS overrides) from that VAFT model, then the final evaluation of every run's best beside
