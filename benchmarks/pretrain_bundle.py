@@ -16,7 +16,7 @@ What changes on the way: with ``--weights bf16`` (the default; the gpu-large gen
 52 MiB in float32) every floating-point weight is rounded to bfloat16 and unpacked back to float32, so the
 unpacked start is the packed one to bfloat16's precision (2^-9 relative), not bit for bit: evaluate the
 unpacked start beside the learners (``run_side_by_side.sh`` does). ``--weights fp32`` keeps them exact. The
-semantic IDs travel as int16 (exact). ``unpack`` writes each stage's model as ``policy.pt`` (what
+semantic IDs travel as uint8 or int16 (exact). ``unpack`` writes each stage's model as ``policy.pt`` (what
 ``agents.policies.gpr.model_file`` loads first), points the stages' ``tokenizer_path`` at the unpacked
 tokenizer and records the bundle in ``bundle.json``; a part missing, extra or altered is refused with one line.
 """
@@ -93,9 +93,11 @@ def pack(
     tok_dir = Path(read_json(pre / "vaft" / "config.json")["tokenizer_path"])
     ids = torch.load(tok_dir / IDS_FILE, map_location="cpu", weights_only=True)
     codes = ids["codes"]
-    if codes.numel() and int(codes.max()) >= 2**15:
-        raise ValueError(f"{tok_dir / IDS_FILE}: codes up to {int(codes.max())} do not fit int16")
-    ids = {**ids, "codes": codes.to(torch.int16)}
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    if lo < 0 or hi >= 2**15:
+        raise ValueError(f"{tok_dir / IDS_FILE}: codes in [{lo}, {hi}] do not fit int16")
+    # the large world's 3M items x 3 levels: 9 MiB as uint8 (codes < 256), 17 as int16, 69 as int64
+    ids = {**ids, "codes": codes.to(torch.uint8 if hi < 256 else torch.int16)}
     quantizer = (tok_dir / QUANTIZER_FILE).read_bytes() if (tok_dir / QUANTIZER_FILE).is_file() else b""
     data = checkpoint_bytes(
         FORMAT,
