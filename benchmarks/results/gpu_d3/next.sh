@@ -13,7 +13,7 @@
 export SEED=${SEED:-0}
 export W=$PWD/runs/d3_s$SEED PRETRAIN="" FINAL_FLAGS="--sessions 16384 --num-envs 8192 --oracle-states 1024"
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
-  DEADLINE=${DEADLINE:-585} FINAL_S=${FINAL_S:-130} bash benchmarks/results/gpu_d6/chain.sh
+  DEADLINE=${DEADLINE:-585} FINAL_S=${FINAL_S:-160} bash benchmarks/results/gpu_d6/chain.sh
 else
   RUNS="" BUNDLE_OUT=1 DEADLINE=${DEADLINE:-590} FINAL_S=60 GRACE=5 bash benchmarks/results/gpu_d6/chain.sh
 fi
