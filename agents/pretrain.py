@@ -33,6 +33,11 @@ impression, from the logged price and true funnel probabilities), in units of th
 value's variance on held-out rows (most of it is the auction's price, set by the request's competing
 bids); ``eval/value_r2`` reaches about 0 after 400 steps, from about -5 cold.
 
+Speed: ``--precision bf16`` runs each training step's forward under bfloat16 autocast (the weights, gradients,
+AdamW and the evaluation stay float32; ``gpr_sim.model.precision``) and ``--compile blocks|regions`` compiles the
+model's parts in place (``GPRModel.compile_regions``); ``agents.hepo`` passes its own ``--precision`` and
+``--compile`` (the gpu-large profile: bf16, regions).
+
 Components: ``--[no-]hybrid-attention``, ``--[no-]token-aware-ln``, ``--[no-]token-aware-ffn``,
 ``--[no-]mixture-of-recursions``, ``--[no-]thinking``, ``--[no-]refining``, ``--[no-]hte`` and
 ``--mtp-heads`` switch the GPR parts of Table 2 (``GPRConfig``; defaults as there, MoR off).
