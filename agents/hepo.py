@@ -696,9 +696,8 @@ def _main(args: Args, dist: Dist) -> dict:
     out = Path(
         distributed.broadcast_object(str(run_dir(args)), dist)
     )  # a new folder is named by rank 0's clock
-    start_dir = (
-        vaft if args.rl_start == "vaft" else vaft.parent / "mtp"
-    )  # the stages' folders in the pipeline
+    # the start: a stage's folder in the pipeline
+    start_dir = vaft if args.rl_start == "vaft" else vaft.parent / "mtp"
     with distributed.main_rank_folder(lambda: open_run_folder(out, args), dist):
         return _run(args, dist, out, start_dir, funnel)
 
