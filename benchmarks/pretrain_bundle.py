@@ -165,8 +165,8 @@ def unpack(src: Path, pre: Path) -> Path:
     for stage in STAGES:
         if (pre / stage).exists():
             raise ValueError(f"{pre / stage}: exists; unpack into an empty pipeline folder")
-    tmp = src / (MANIFEST + ".payload")  # load_torch reads a path: the joined parts, checked above
-    atomic_write_bytes(tmp, data)
+    # load_torch reads a path: the joined parts (checked above), beside the destination (src may be read-only)
+    tmp = atomic_write_bytes(pre.parent / f".{pre.name}.bundle", data)
     try:
         payload = load_torch(
             tmp, FORMAT, VERSION, "a gpr_sim pre-training bundle", ("models", "tokenizer", "files")
