@@ -57,6 +57,11 @@ def _model_payload(stage_dir: Path) -> dict:
     return read_policy(path) if path.name == "policy.pt" else read_checkpoint(path)
 
 
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    """``data`` as a uint8 tensor (what ``weights_only`` loading accepts; ``frombuffer`` refuses an empty one)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
 def _verbatim(pre: Path) -> dict[str, bytes]:
     """The small files that travel as they are, by their path in ``pre``: the stages' records, the platform's
     models and reports (``pre/platform``) and the reward funnel of a pipeline without a platform."""
@@ -106,12 +111,8 @@ def pack(
             "weights": weights,
             "models": models,
             "tokenizer": ids,
-            "quantizer": torch.frombuffer(bytearray(quantizer), dtype=torch.uint8)
-            if quantizer
-            else torch.empty(0),
-            "files": {
-                k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in _verbatim(pre).items()
-            },
+            "quantizer": _byte_tensor(quantizer),
+            "files": {k: _byte_tensor(v) for k, v in _verbatim(pre).items()},
         },
     )
     size = int(part_mib * 2**20)
