@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from agents.cli import run_main  # noqa: E402
 from agents.platform.folder import MODEL_FILES, REPORT_FILES  # noqa: E402
-from agents.policies.gpr import POLICY_FORMAT, POLICY_VERSION, model_file, read_policy  # noqa: E402
-from agents.pretraining.checkpoint import read_checkpoint  # noqa: E402
+from agents.policies.gpr import load_run_model, model_from_payload, save_policy  # noqa: E402
 from agents.pretraining.pipeline import FUNNEL_FILE  # noqa: E402
 from gpr_sim.runs import atomic_write_bytes, checkpoint_bytes, load_torch, read_json, write_json  # noqa: E402
 from gpr_sim.tokenizer.world import IDS_FILE, QUANTIZER_FILE  # noqa: E402
@@ -50,11 +49,6 @@ STAGES = ("mtp", "vaft")
 WEIGHTS = ("bf16", "fp32")
 STAGE_FILES = ("config.json", "summary.json")
 """what ``stage_done`` and the RL read of a stage besides its model"""
-
-
-def _model_payload(stage_dir: Path) -> dict:
-    path = model_file(stage_dir)
-    return read_policy(path) if path.name == "policy.pt" else read_checkpoint(path)
 
 
 def _byte_tensor(data: bytes) -> torch.Tensor:
@@ -81,6 +75,9 @@ def pack(
     for ``--rl-start mtp`` or its evaluation)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is unknown: expected one of {list(WEIGHTS)}")
+    size = int(part_mib * 2**20)
+    if size < 1:
+        raise ValueError(f"part_mib={part_mib} is invalid: expected > 0")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or not stages:
         raise ValueError(f"stages {list(stages)} are invalid: expected some of {list(STAGES)}")
@@ -92,9 +89,9 @@ def pack(
     dtype = torch.bfloat16 if weights == "bf16" else torch.float32
     models = {}
     for stage in stages:
-        payload = _model_payload(pre / stage)
-        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in payload["model"].items()}
-        models[stage] = {"config": payload["config"], "model": state}
+        model, _ = load_run_model(pre / stage)  # its policy.pt or checkpoint.pt, checked against its config
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        models[stage] = {"config": model.cfg.to_dict(), "model": state}
     tok_dir = Path(read_json(pre / "vaft" / "config.json")["tokenizer_path"])
     ids = torch.load(tok_dir / IDS_FILE, map_location="cpu", weights_only=True)
     codes = ids["codes"]
@@ -115,9 +112,6 @@ def pack(
             "files": {k: _byte_tensor(v) for k, v in _verbatim(pre).items()},
         },
     )
-    size = int(part_mib * 2**20)
-    if size < 1:
-        raise ValueError(f"part_mib={part_mib} is invalid: expected > 0")
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("pre_bundle.*"):
         old.unlink()
@@ -186,12 +180,10 @@ def unpack(src: Path, pre: Path) -> Path:
     for stage in STAGES:  # the recorded tokenizer is the unpacked one
         cfg_path = pre / stage / "config.json"
         write_json(cfg_path, {**read_json(cfg_path), "tokenizer_path": str(tok_dir)})
-    for stage, model in payload["models"].items():
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in model["model"].items()}
-        atomic_write_bytes(
-            pre / stage / "policy.pt",
-            checkpoint_bytes(POLICY_FORMAT, POLICY_VERSION, {"config": model["config"], "model": state}),
-        )
+    for stage, packed in payload["models"].items():
+        state = {k: (v.float() if v.is_floating_point() else v) for k, v in packed["model"].items()}
+        path = pre / stage / "policy.pt"
+        save_policy(path, model_from_payload(path, {"config": packed["config"], "model": state}))
     write_json(pre / "bundle.json", {k: manifest[k] for k in ("source", "weights", "stages", "sha256")})
     return pre
 
