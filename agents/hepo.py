@@ -279,8 +279,12 @@ class Args:
     plateau_delta: float = 0.005
     """the oracle_share gain that still counts as progress"""
     precision: str = "fp32"
-    """fp32 (the reference) | bf16: the pre-training steps', the rollout's and the update's forward passes under
-    bfloat16 autocast"""
+    """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
+    pretrain_precision: str = "fp32"
+    """fp32 | bf16: the pre-training steps' forward passes (``PretrainConfig.precision``). fp32 on every profile:
+    on the H200 the gpu-large pre-training in bf16 saved ~15% of its time (422 s vs 490-515 s) but its MTP stage
+    reached HitRate@10 0.109 against 0.121-0.127 in four fp32 pre-trainings (benchmarks/RESULTS.md), and a
+    pre-training is paid once per seed (it travels between calls, benchmarks/pretrain_bundle.py)"""
     compile: str = "off"
     """off | blocks (each HSD and PTD block through torch.compile: the element-wise work fuses; seconds to
     compile) | regions (blocks, and the embedding, thinking, teacher-forced paths and HTE values, each one
@@ -388,7 +392,7 @@ def pretraining(args: Args) -> tuple[PretrainConfig, PretrainConfig]:
         codebook_size=args.codebook_size,
         behaviour=args.behaviour,
         market_features=args.market_features,
-        precision=args.precision,
+        precision=args.pretrain_precision,
         # the RL update's "full" (its whole loss forward) has no pre-training counterpart: the regions instead
         compile="regions" if args.compile == "full" else args.compile,
     )

@@ -35,8 +35,9 @@ bids); ``eval/value_r2`` reaches about 0 after 400 steps, from about -5 cold.
 
 Speed: ``--precision bf16`` runs each training step's forward under bfloat16 autocast (the weights, gradients,
 AdamW and the evaluation stay float32; ``gpr_sim.model.precision``) and ``--compile blocks|regions`` compiles the
-model's parts in place (``GPRModel.compile_regions``); ``agents.hepo`` passes its own ``--precision`` and
-``--compile`` (the gpu-large profile: bf16, regions).
+model's parts in place (``GPRModel.compile_regions``); ``agents.hepo`` passes its ``--pretrain-precision``
+(fp32 by default: bf16 cost the gpu-large MTP stage HitRate, benchmarks/RESULTS.md) and ``--compile`` (the gpu-large
+profile: regions).
 
 Components: ``--[no-]hybrid-attention``, ``--[no-]token-aware-ln``, ``--[no-]token-aware-ffn``,
 ``--[no-]mixture-of-recursions``, ``--[no-]thinking``, ``--[no-]refining``, ``--[no-]hte`` and

@@ -857,6 +857,12 @@ def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
     with pytest.raises(UsageError, match="unknown profile 'gpu'"):
         parse_args(hepo.Args, ["--profile", "gpu"], profiles=hepo.PROFILES)
     assert args.compile == "regions" and hepo.Args().compile == "off"
+    # the RL in bf16, the pre-training in fp32 (bf16 cost the MTP stage HitRate on the H200), unless asked
+    assert (args.precision, mtp.precision, vaft.precision) == ("bf16", "fp32", "fp32")
+    bf16 = parse_args(hepo.Args, ["--pretrain-precision", "bf16"], profiles=hepo.PROFILES)
+    assert {stage.precision for stage in hepo.pretraining(bf16)} == {"bf16"}
+    with pytest.raises(ValueError, match="precision='fp16' is invalid"):
+        hepo.Args(pretrain_precision="fp16")
     assert mtp.market_features and vaft.market_features  # the default of new runs
     off = parse_args(hepo.Args, ["--no-market-features"], profiles=hepo.PROFILES)
     assert not any(stage.market_features for stage in hepo.pretraining(off))

@@ -15,8 +15,8 @@ export W=$PWD/runs/d3_s$SEED PRETRAIN="" FINAL_FLAGS="--sessions 16384 --num-env
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
   DEADLINE=${DEADLINE:-585} FINAL_S=${FINAL_S:-160} bash benchmarks/results/gpu_d6/chain.sh
 else
-  # the pre-training in bf16 (the profile's precision) but eager: its compile time is unmeasured on the GPU and the
-  # fp32 eager pre-training already took 490-515 s of this call's 590
+  # the pre-training eager and in fp32 (agents.hepo --pretrain-precision's default): compiling it is unmeasured on
+  # the GPU; fp32 eager took 490-515 s of this call's 590, bf16 eager 422 s but cost MTP HitRate (RESULTS.md)
   PRETRAIN="--compile off" RUNS="" BUNDLE_OUT=1 DEADLINE=${DEADLINE:-590} FINAL_S=60 GRACE=5 \
     bash benchmarks/results/gpu_d6/chain.sh
 fi
