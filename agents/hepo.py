@@ -111,10 +111,13 @@ RESUME_IGNORES = (
     "label",
     "plateau_patience",
     "plateau_delta",
+    "plateau_metric",
     "compile",
 )
 """flags that may change between an interrupted run and its resumption"""
 RL_STARTS = ("vaft", "mtp")
+PLATEAU_METRICS = ("oracle_share", "reward_per_session")
+"""``Args.plateau_metric``: the held-out evaluation curve whose flattening stops a run"""
 """``Args.rl_start``: the pre-training stage (its folder in the pipeline) the RL starts from"""
 STOP_EXIT = 128 + signal.SIGTERM
 """exit status of a run stopped by SIGTERM (``StopRequest``): 143, the shell's code for a SIGTERM death"""
@@ -274,10 +277,15 @@ class Args:
     checkpoint_every: int = 5
     """iterations between checkpoints (and at the end)"""
     plateau_patience: int = 0
-    """stop once this many evaluations in a row raised eval/oracle_share by no more than plateau_delta over the
+    """stop once this many evaluations in a row raised eval/PLATEAU_METRIC by no more than plateau_delta over the
     best before them (the curve has flattened); 0 = run every iteration"""
     plateau_delta: float = 0.005
-    """the oracle_share gain that still counts as progress"""
+    """the gain of plateau_metric that still counts as progress (in the metric's own units)"""
+    plateau_metric: str = "oracle_share"
+    """oracle_share | reward_per_session: the curve the stop rule watches. reward_per_session is the one the best
+    checkpoint is chosen by (``OUT/best``), so the rule becomes early stopping: no new best in plateau_patience
+    evaluations. Under the learned reward every gpu-large learner peaked by iteration 8 and only fell after it
+    (benchmarks/RESULTS.md), so that rule ends a run once its best is settled instead of 20 iterations later"""
     precision: str = "fp32"
     """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
     pretrain_precision: str = "fp32"
@@ -361,6 +369,10 @@ class Args:
             raise ValueError(f"lr={self.lr} is invalid: expected > 0")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected > 0")
+        if self.plateau_metric not in PLATEAU_METRICS:
+            raise ValueError(
+                f"plateau_metric={self.plateau_metric!r} is unknown: expected one of {list(PLATEAU_METRICS)}"
+            )
         if not self.plateau_delta >= 0:
             raise ValueError(f"plateau_delta={self.plateau_delta} is invalid: expected >= 0")
         if not 0.0 <= self.arr_rate <= 1.0:
@@ -491,12 +503,12 @@ def keep_best(out: Path, model: GPRModel, row: dict, selected: dict | None) -> d
     return chosen
 
 
-def plateaued(shares: list[float], patience: int, delta: float) -> bool:
-    """Whether the last ``patience`` of the evaluations' ``shares`` (eval/oracle_share, in order) rose by no more
-    than ``delta`` above the best before them: the curve has flattened (``patience`` 0: never)."""
-    if patience <= 0 or len(shares) <= patience:
+def plateaued(curve: list[float], patience: int, delta: float) -> bool:
+    """Whether the last ``patience`` of the evaluations' ``curve`` (eval/``plateau_metric``, in order) rose by no
+    more than ``delta`` above the best before them: the curve has flattened (``patience`` 0: never)."""
+    if patience <= 0 or len(curve) <= patience:
         return False
-    return max(shares[-patience:]) <= max(shares[:-patience]) + delta
+    return max(curve[-patience:]) <= max(curve[:-patience]) + delta
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -811,11 +823,8 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
         terms_fn = torch.nn.parallel.DistributedDataParallel(terms_fn, find_unused_parameters=True)
 
-    shares = (
-        [r["eval/oracle_share"] for r in read_metrics(metrics_path) if "eval/oracle_share" in r]
-        if dist.is_main
-        else []
-    )
+    watched = f"eval/{args.plateau_metric}"  # the curve of the stop rule
+    curve = [r[watched] for r in read_metrics(metrics_path) if watched in r] if dist.is_main else []
     plateau_at, stopped_at = None, None  # the iteration a plateau / a SIGTERM ended the loop at
     bar = tqdm(
         range(start, args.iterations),
@@ -871,11 +880,11 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
                     value=f"{stats['rollout/group_value_mean']:.4f}",
                     req_s=f"{row['perf/requests_per_s']:.0f}",
                 )
-                if "eval/oracle_share" in row:
-                    shares.append(row["eval/oracle_share"])
+                if watched in row:
+                    curve.append(row[watched])
                 best = keep_best(out, model, row, best)
             stop = distributed.broadcast_object(
-                dist.is_main and plateaued(shares, args.plateau_patience, args.plateau_delta), dist
+                dist.is_main and plateaued(curve, args.plateau_patience, args.plateau_delta), dist
             )
             # a SIGTERM to any rank (a scheduler may signal one process) stops every rank at this iteration
             halt = any(distributed.gather_objects(request.requested, dist))
@@ -887,7 +896,7 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             if stop:
                 plateau_at = done
                 tqdm.write(
-                    f"{out}: eval/oracle_share gained <= {args.plateau_delta} in the last {args.plateau_patience} "
+                    f"{out}: {watched} gained <= {args.plateau_delta} in the last {args.plateau_patience} "
                     f"evaluations: stopping at iteration {done}"
                 )
             if halt:

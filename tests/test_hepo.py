@@ -813,14 +813,18 @@ def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path):
         hepo.main(tiny(pre, two, "--iterations", "4", *extra))
 
 
-def test_plateau_stops_the_run_and_a_rerun_keeps_its_summary(pre, tmp_path):
+@pytest.mark.parametrize("metric", hepo.PLATEAU_METRICS)
+def test_plateau_stops_the_run_and_a_rerun_keeps_its_summary(pre, tmp_path, metric, capsys):
     out = tmp_path / "flat"
     args = tiny(pre, out, "--iterations", "4", "--plateau-patience", "1", "--plateau-delta", "1e9")
-    summary = hepo.main(args)
+    summary = hepo.main([*args, "--plateau-metric", metric])
     # evaluations at iterations 0 and 1: the second gains at most 1e9 over the first, so the run stops at 1
     assert summary["plateau_at"] == 1 and summary["iterations_run"] == 1
     assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
+    assert f"eval/{metric} gained <= 1000000000.0 in the last 1 evaluations" in capsys.readouterr().out
     assert hepo.main(args) == summary  # flattened: nothing more to train, the summary stays
+    with pytest.raises(ValueError, match="plateau_metric='ctr' is unknown"):
+        hepo.Args(plateau_metric="ctr")
 
 
 @pytest.mark.parametrize(

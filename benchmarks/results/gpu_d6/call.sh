@@ -12,10 +12,11 @@
 # stop on SIGTERM, so GRACE=5):
 #   PRETRAIN="" RUNS="" W=$PWD/runs/d3_start SEED=0 DEADLINE=592 FINAL_S=60 GRACE=5 \
 #     FINAL_FLAGS="--sessions 8192 --num-envs 8192 --oracle-states 1024" OUT=$OUT bash benchmarks/results/gpu_d6/call.sh
-# Usage: SEED=0 bash benchmarks/results/gpu_d6/call.sh   (RUNS, DEADLINE, FINAL_S, FINAL_FLAGS may override)
+# STOP adds a stop rule to every run (e.g. "--plateau-metric reward_per_session --plateau-patience 3").
+# Usage: SEED=0 bash benchmarks/results/gpu_d6/call.sh   (RUNS, DEADLINE, FINAL_S, FINAL_FLAGS, STOP may override)
 SEED=${SEED:-0}
 PRETRAIN=${PRETRAIN-"--collect-steps 8 --mtp-steps 600 --vaft-steps 200"}
-export PROFILE="--profile gpu-large $PRETRAIN --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --seed $SEED"
+export PROFILE="--profile gpu-large $PRETRAIN --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --seed $SEED ${STOP:-}"
 export RUNS=${RUNS-"hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo --label sibling_grpo"}
 export DEADLINE=${DEADLINE:-530}
 export FINAL_S=${FINAL_S:-110}
