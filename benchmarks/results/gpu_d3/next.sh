@@ -10,12 +10,15 @@
 # The machine is released 30 s after a call: in two sessions no chained call found it warm, hence the bundle.
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
 #                  BUNDLE_IN=runs/bundle_s0 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh (carry .whl, runs/bundle_s0)
+#                  ... CACHE_IN=runs/cache ... (carry runs/cache too: a learner call's inductor.tgz.* parts)
 export SEED=${SEED:-0}
 export W=$PWD/runs/d3_s$SEED PRETRAIN="" FINAL_FLAGS="--sessions 16384 --num-envs 8192 --oracle-states 1024"
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
   # early stopping: no new best held-out reward per session in 3 evaluations (12 iterations); seed 0's learners
   # peaked at iterations 4-8 and only fell after, so the runs end near iteration 20 and the final evaluation fits
-  STOP=${STOP-"--plateau-metric reward_per_session --plateau-patience 3"} \
+  # and the compiled kernels come back (inductor.tgz.NN; ~130 s of the first iteration with four learners
+  # compiling at once): carried as CACHE_IN=DIR with the bundle, the next learner call skips most of it
+  STOP=${STOP-"--plateau-metric reward_per_session --plateau-patience 3"} CACHE_OUT=${CACHE_OUT-1} \
     DEADLINE=${DEADLINE:-585} FINAL_S=${FINAL_S:-160} bash benchmarks/results/gpu_d6/chain.sh
 else
   # the pre-training eager and in fp32 (agents.hepo --pretrain-precision's default): compiling it is unmeasured on

@@ -14,6 +14,11 @@
 # W does not outlive it): BUNDLE_OUT=1 packs W/pre into $OUT (parts of <= 15 MiB, the weights in bf16, of the
 # stages BUNDLE_STAGES, default vaft) once the pre-training is done; BUNDLE_IN=DIR (a carried folder of those
 # parts) unpacks it into an empty W/pre first.
+# Moving the compiled kernels between calls: CACHE_OUT=1 packs the inductor cache (TORCHINDUCTOR_CACHE_DIR: the
+# FX-graph, AOTAutograd and Triton caches) into $OUT/inductor.tgz.NN parts of <= 15 MiB once the runs are done,
+# unless it exceeds CACHE_MAX_MIB (default 14: what a call carrying a bundle has left of its 64 MiB); CACHE_IN=DIR
+# (a carried folder of those parts) unpacks them first, so the runs' torch.compile finds its graphs compiled
+# (the same torch, GPU and code; anything else misses and compiles as before).
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -30,6 +35,22 @@ DEADLINE=${DEADLINE:-565}
 FINAL_S=${FINAL_S:-0}
 GRACE=${GRACE:-40}  # seconds a SIGTERMed run may take to finish its iteration and checkpoint
 start=$(date +%s)
+CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
+if [ -n "${CACHE_IN:-}" ] && ls $CACHE_IN/inductor.tgz.* > /dev/null 2>&1; then
+  mkdir -p $CACHE && cat $CACHE_IN/inductor.tgz.* | tar -xzf - -C $CACHE
+  echo "compile cache unpacked rc=$? ($(du -sm $CACHE | cut -f1) MiB) at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+fi
+pack_cache() {
+  [ -n "${CACHE_OUT:-}" ] && [ -d $CACHE ] || return 0
+  tar -C $CACHE -czf - . | split -b 15m -d - $OUT/inductor.tgz.
+  local bytes=$(cat $OUT/inductor.tgz.* | wc -c)
+  if [ $bytes -gt $((${CACHE_MAX_MIB:-14} << 20)) ]; then
+    rm -f $OUT/inductor.tgz.*  # the results must come back: $OUT returns at most 64 MiB
+    echo "compile cache not packed: $bytes bytes > CACHE_MAX_MIB ${CACHE_MAX_MIB:-14}" >> $OUT/rc.txt
+  else
+    echo "compile cache packed: $bytes bytes at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+  fi
+}
 if [ -n "${BUNDLE_IN:-}" ] && [ ! -d $W/pre/vaft ]; then
   python benchmarks/pretrain_bundle.py unpack $BUNDLE_IN $W/pre > $OUT/bundle.log 2>&1
   echo "unpacked $BUNDLE_IN rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
@@ -75,6 +96,7 @@ else
   # the other runs only: a bare `wait` (one run, no others) would also wait for the GPU monitor, which never ends
   others=$(jobs -p | grep -v "^$SMI$")
   [ -n "$others" ] && wait $others 2>/dev/null
+  pack_cache
 fi
 if [ "$FINAL_S" -gt 0 ]; then
   # the runs' world and their served beam (agents.sweep's agent_specs serves the same way): the first run's record,
