@@ -13,6 +13,9 @@ the ``seed`` of the runs' ``config.json`` (every run of a call shares it). Three
   (``agents.reporting.folders.best_row``) and ``oracle_share`` at the start, there and at the end;
 - per seed: each agent's paired difference to ``--reference`` on that seed's final sessions, with the
   interval over sessions (what one trained policy's comparison can resolve);
+- pooled (two seeds or more): the per-seed differences averaged, with the interval over all the seeds' sessions
+  (the standard errors combined: sqrt(sum se^2) / seeds) and its half-width in % of the reference's mean, the
+  issue's power criterion (<= 1%); conditional on the trained policies, so it leaves out how training varies;
 - over seeds: each metric's mean and the paired difference to the reference with the t interval over seeds
   (``agents.reporting.sweep.comparison_table``: how much training itself varies; none with one seed).
 
@@ -24,8 +27,10 @@ Agents are named by their spec: ``gpr:.../pre/vaft@...`` is ``vaft`` (``pre/mtp`
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
+from statistics import NormalDist
 
 import pandas as pd
 
@@ -142,13 +147,45 @@ def paired_table(folders: list[Path], reference: str) -> pd.DataFrame:
                     "difference": r["difference"],
                     "ci_low": r["ci_low"],
                     "ci_high": r["ci_high"],
+                    "std_err": r.get("std_err", math.nan),
+                    "reference_value": r.get("reference_value", math.nan),
                 }
             )
     return pd.DataFrame(rows)
 
 
+def pooled_table(paired: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per agent and metric over the seeds of ``paired`` (``paired_table``): the mean of the per-seed differences
+    and its interval over every seed's sessions (independent seeds: the variance of the mean is sum se^2 /
+    seeds^2), with the half-width in % of the reference's mean over seeds. Rows lacking a standard error (calls
+    before ``paired.csv`` had one) are left out."""
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    rows = []
+    for (agent, metric), part in paired.dropna(subset=["std_err"]).groupby(["agent", "metric"], sort=False):
+        k = len(part)
+        diff, se = part["difference"].mean(), math.sqrt((part["std_err"] ** 2).sum()) / k
+        ref = part["reference_value"].mean()
+        rows.append(
+            {
+                "agent": agent,
+                "metric": metric,
+                "seeds": k,
+                "pairs": int(part["pairs"].sum()),
+                "difference": diff,
+                "ci_low": diff - z * se,
+                "ci_high": diff + z * se,
+                "half_width_pct": 100 * z * se / abs(ref) if ref else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def markdown(
-    runs: pd.DataFrame, paired: pd.DataFrame, over_seeds: pd.DataFrame | None, reference: str
+    runs: pd.DataFrame,
+    paired: pd.DataFrame,
+    pooled: pd.DataFrame,
+    over_seeds: pd.DataFrame | None,
+    reference: str,
 ) -> str:
     lines = [f"### runs: the best policy's evaluation (highest held-out {BEST_METRIC})", ""]
     lines.append(
@@ -178,6 +215,29 @@ def markdown(
                 for m in PAIRED_METRICS
             ]
             lines.append(f"| {seed} | {agent} | {int(part['pairs'].max())} | " + " | ".join(cell) + " |")
+    if len(pooled) and pooled["seeds"].max() > 1:
+        lines += [
+            "",
+            f"### pooled: agent - {reference}, the per-seed differences averaged [95% interval over all the seeds' "
+            "sessions; half-width in % of the reference's mean] (conditional on the trained policies)",
+            "",
+            "| agent | seeds | pairs | " + " | ".join(PAIRED_METRICS) + " |",
+            "|---|---:|---:|" + "---|" * len(PAIRED_METRICS),
+        ]
+        for agent, part in pooled.groupby("agent", sort=False):
+            cells = part.set_index("metric")
+            cell = [
+                f"{cells.loc[m, 'difference']:+.4g} [{cells.loc[m, 'ci_low']:+.4g}, {cells.loc[m, 'ci_high']:+.4g}] "
+                f"({cells.loc[m, 'half_width_pct']:.2g}%)"
+                if m in cells.index
+                else "n/a"
+                for m in PAIRED_METRICS
+            ]
+            lines.append(
+                f"| {agent} | {int(part['seeds'].max())} | {int(part['pairs'].max())} | "
+                + " | ".join(cell)
+                + " |"
+            )
     if over_seeds is not None:
         lines += ["", comparison_markdown(over_seeds, reference, 0.95)]
     return "\n".join(lines) + "\n"
@@ -202,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"error: two folders of one seed ({seeds}): give one call per seed (the last of a chain)"
         )
     runs, paired = runs_table(args.folders), paired_table(args.folders, args.reference)
+    pooled = pooled_table(paired) if len(paired) else pd.DataFrame()
     values = final_values(args.folders)
     over_seeds = None
     if values:
@@ -212,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         over_seeds = comparison_table(
             {"final": values}, {}, args.reference, 0.95, final_eval_seed(args.folders)
         )
-    text = markdown(runs, paired, over_seeds, args.reference)
+    text = markdown(runs, paired, pooled, over_seeds, args.reference)
     print(text)
     result = {
         "folders": [str(f) for f in args.folders],
@@ -220,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "metrics": list(FINAL_METRICS),
         "runs": runs.to_dict("records"),
         "paired": paired.to_dict("records"),
+        "pooled": pooled.to_dict("records"),
         "over_seeds": None if over_seeds is None else over_seeds.to_dict("records"),
     }
     if args.out:

@@ -52,6 +52,8 @@ def _call(root: Path, seed: int, final: dict[str, float], eval_seed: int = 54321
             "difference": v - final["hepo"],
             "ci_low": v - final["hepo"] - 0.01,
             "ci_high": v - final["hepo"] + 0.01,
+            "std_err": 0.01 * (1 + seed),
+            "reference_value": final["hepo"],
         }
         for n, v in final.items()
         if n != "hepo"
@@ -75,15 +77,22 @@ def test_tables_over_calls(tmp_path):
     assert set(paired["agent"]) == {"vaft", "ppo", "learned-cascade"}
     row = paired[(paired["seed"] == 1) & (paired["agent"] == "ppo") & (paired["metric"] == "oracle_share")]
     assert row["difference"].item() == pytest.approx(-0.1)
+    pooled = pd.DataFrame(res["pooled"]).set_index(["agent", "metric"])
+    # PPO - HEPO: +0.1 and -0.1 -> 0; standard errors 0.01 and 0.02 -> sqrt(0.0005) / 2 over both seeds' sessions
+    row = pooled.loc[("ppo", "reward_per_session")]
+    assert (row["seeds"], row["pairs"], row["difference"]) == (2, 200, pytest.approx(0.0, abs=1e-12))
+    se = math.sqrt(0.01**2 + 0.02**2) / 2
+    assert row["ci_high"] == pytest.approx(1.959964 * se, rel=1e-6)
+    assert row["half_width_pct"] == pytest.approx(100 * 1.959964 * se / 0.7, rel=1e-6)  # HEPO's mean 0.6, 0.8
     over = pd.DataFrame(res["over_seeds"]).set_index("agent")
     # PPO - HEPO per seed: +0.1, -0.1 -> mean 0 with a t interval over the two seeds
     assert over.loc["ppo", "delta_reward_per_session"] == pytest.approx(0.0, abs=1e-12)
     assert over.loc["ppo", "delta_reward_per_session_ci_high"] == pytest.approx(12.706 * 0.1, rel=1e-3)
     assert math.isnan(over.loc["hepo", "delta_reward_per_session"])
     assert over.loc["learned-cascade", "reward_per_session"] == pytest.approx(0.5)
-    assert (out.with_suffix(".md")).read_text().count(
-        "| 1 | ppo |"
-    ) == 2  # in the runs and the per-seed table
+    text = out.with_suffix(".md").read_text()
+    assert text.count("| 1 | ppo |") == 2  # in the runs and the per-seed table
+    assert "| ppo | 2 | 200 |" in text  # the pooled table
     assert json.loads(out.with_suffix(".json").read_text())["reference"] == "hepo"
 
 
