@@ -292,6 +292,21 @@ def test_minibatch_legal_masks_equal_masks_of_every_request(stage):
                 assert bool(picked[has].all())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stage_data_built_on_the_gpu_equals_the_cpu_build(stage):
+    """``build_split`` fills the tokens on the stage's device (no host-built copy): the same rows as the CPU build,
+    to float rounding where the interest estimate reduces on the GPU."""
+    cfg, logs, tok_dir = stage
+    cpu = load_data(cfg, logs, tok_dir)
+    gpu = load_data(dataclasses.replace(cfg, device="cuda"), logs, tok_dir)
+    for a, b in ((cpu.train, gpu.train), (cpu.held_out, gpu.held_out)):
+        assert b.tokens.dense_features.device.type == "cuda"
+        for name, x, y in zip(a.tokens._fields, a.tokens, b.tokens):
+            torch.testing.assert_close(y.cpu(), x, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(a.codes, b.codes.cpu()) and torch.equal(a.ads, b.ads.cpu())
+        torch.testing.assert_close(b.values.cpu(), a.values)
+
+
 @pytest.mark.parametrize("n, levels, k", [(5000, 3, 4), (3000, 2, 64), (10, 1, 2), (1, 3, 3)])
 def test_semantic_id_table_key_index_equals_a_sort_of_the_keys(n, levels, k):
     g = torch.Generator().manual_seed(n)

@@ -111,8 +111,11 @@ def build_split(
 ) -> Split:
     """Row-aligned tensors of one side of the split (HTE targets in the world's currency: `load_data` scales them).
 
-    ``tok`` is the CPU tokenizer the rows are built with; ``device_tok`` its copy on ``cfg.device`` that
-    ``Split.rows`` draws legal masks from (None: ``tok.to(cfg.device)``)."""
+    ``tok`` is the CPU tokenizer the targets are built with; ``device_tok`` its copy on ``cfg.device`` (None:
+    ``tok.to(cfg.device)``) that ``Split.rows`` draws legal masks from and the tokens are built with: only the
+    logged histories cross to the device, and the dense token tensor (B x T x F floats, ~17 GB for the
+    gpu-large log) is filled there, not on the host and then copied (about 30 s of idle GPU per stage on an
+    H200, benchmarks/RESULTS.md)."""
     targets = mtp_targets(df, cfg.mtp_heads)
     codes = target_paths(targets.ads, tok)
     n = cfg.mtp_heads
@@ -122,18 +125,16 @@ def build_split(
         weights = torch.full((len(df), n), 1.0 / n)  # GPR §4.1 DEFAULT: uniform w_j, sum_j w_j = 1
     g = value_targets(df, targets, world.ad_value_mean, world.config.reward).float()
     rows = df.reset_index(drop=True)
-    tokens = tokens_from_logs(
-        rows, tok.table.to("cpu"), schema, features=features, market=cfg.market_features
-    )
     dev = torch.device(cfg.device)
-    return Split(
-        tokens.to(dev),
-        codes.to(dev),
-        weights.to(dev),
-        targets.ads.to(dev),
-        g.to(dev),
-        device_tok if device_tok is not None else tok.to(dev),
+    device_tok = device_tok if device_tok is not None else tok.to(dev)
+    tokens = tokens_from_logs(
+        rows,
+        device_tok.table,
+        schema,
+        features=None if features is None else features.to(dev),
+        market=cfg.market_features,
     )
+    return Split(tokens, codes.to(dev), weights.to(dev), targets.ads.to(dev), g.to(dev), device_tok)
 
 
 # ----------------------------------------------------------------------------- inputs
