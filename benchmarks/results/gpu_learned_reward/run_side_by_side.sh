@@ -16,7 +16,7 @@
 # parts) unpacks it into an empty W/pre first.
 # Moving the compiled kernels between calls: CACHE_OUT=1 packs the inductor cache (TORCHINDUCTOR_CACHE_DIR: the
 # FX-graph, AOTAutograd and Triton caches) into $OUT/inductor.tgz.NN parts of <= 15 MiB once the runs are done,
-# unless it exceeds CACHE_MAX_MIB (default 14: what a call carrying a bundle has left of its 64 MiB); CACHE_IN=DIR
+# unless it exceeds CACHE_MAX_MIB (default 12: what a call carrying a bundle, the wheels and ~10 MiB of tracked files has left of its 64 MiB); CACHE_IN=DIR
 # (a carried folder of those parts) unpacks them first, so the runs' torch.compile finds its graphs compiled
 # (the same torch, GPU and code; anything else misses and compiles as before).
 set -u
@@ -44,9 +44,9 @@ pack_cache() {
   [ -n "${CACHE_OUT:-}" ] && [ -d $CACHE ] || return 0
   tar -C $CACHE -czf - . | split -b 15m -d - $OUT/inductor.tgz.
   local bytes=$(cat $OUT/inductor.tgz.* | wc -c)
-  if [ $bytes -gt $((${CACHE_MAX_MIB:-14} << 20)) ]; then
+  if [ $bytes -gt $((${CACHE_MAX_MIB:-12} << 20)) ]; then
     rm -f $OUT/inductor.tgz.*  # the results must come back: $OUT returns at most 64 MiB
-    echo "compile cache not packed: $bytes bytes > CACHE_MAX_MIB ${CACHE_MAX_MIB:-14}" >> $OUT/rc.txt
+    echo "compile cache not packed: $bytes bytes > CACHE_MAX_MIB ${CACHE_MAX_MIB:-12}" >> $OUT/rc.txt
   else
     echo "compile cache packed: $bytes bytes at $(($(date +%s) - start)) s" >> $OUT/rc.txt
   fi
