@@ -7,7 +7,7 @@
 # - BUNDLE_IN=DIR (those parts copied into the checkout and carried) or a warm machine's runs/d3_s$SEED: HEPO, PPO,
 #   GRPO and Sibling-GRPO (RUNS overrides) from that VAFT model, then the final evaluation of every run's best
 #   beside the VAFT start and the cascades on 65,536 sessions, paired against the first run's best.
-# The machine is usually released between calls (one chained call of three sessions' found it warm), hence the
+# The machine is usually released between calls (2 of 6 chained calls so far found it warm), hence the
 # bundle; a warm machine's W is reused (its pre-training exactly, its runs resumed).
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
 #                  BUNDLE_IN=runs/bundle_s0 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh (carry .whl, runs/bundle_s0)
