@@ -4,6 +4,7 @@ agents.hepo (the statistics logged, the fallback state through a resume)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -21,7 +22,7 @@ from agents.rl.common import (
     semantic_level_weights,
     terminal_level,
 )
-from agents.rl.hepo import EV_KEY, loss, targets
+from agents.rl.hepo import EV_KEY, GROUP_EV_KEY, loss, targets
 from gpr_sim.schema import TokenBatch
 from tests.test_hepo import pre, tiny  # noqa: F401  (the module fixture: a tiny pre-trained generator)
 
@@ -189,6 +190,30 @@ def test_gae_is_used_only_after_a_positive_critic_ev(previous, used):
     assert state[EV_KEY] == pytest.approx(1 - 0.0961 / 0.6561)
     targets(buf, CFG)
     assert buf.stats["hepo/gae_used"] == 1
+
+
+@pytest.mark.parametrize(
+    ("previous", "used"),
+    [
+        ({EV_KEY: 0.3}, 0),  # no group EV yet: the critic has nothing it has beaten
+        ({EV_KEY: 0.3, GROUP_EV_KEY: 0.5}, 0),  # positive, but below the group baseline
+        ({EV_KEY: 0.6, GROUP_EV_KEY: 0.5}, 1),
+        ({EV_KEY: 0.1, GROUP_EV_KEY: -0.2}, 1),  # a group mean worse than none: the bar stays at 0
+        ({EV_KEY: -0.1, GROUP_EV_KEY: -0.2}, 0),
+    ],
+)
+def test_gae_gate_group_asks_the_critic_to_beat_the_group_mean(previous, used):
+    cfg = dataclasses.replace(CFG, gae_gate="group")
+    state = dict(previous)
+    buf = forced_case(state)
+    adv, _ = targets(buf, cfg)
+    assert buf.stats["hepo/gae_used"] == used
+    torch.testing.assert_close(adv[0, :, 0], torch.tensor([0.4, 1.02]) if used else torch.tensor([-C, C]))
+    # this rollout's two EVs are kept for the next decision
+    assert state[EV_KEY] == pytest.approx(buf.stats["hepo/critic_ev"])
+    assert state[GROUP_EV_KEY] == pytest.approx(buf.stats["hepo/group_ev"])
+    with pytest.raises(ValueError, match="gae_gate='always' is unknown"):
+        LossConfig(gae_gate="always")
 
 
 def test_process_rewards_are_a_stated_share_of_the_terminal_advantage():

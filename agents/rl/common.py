@@ -39,6 +39,9 @@ from torch import Tensor
 from agents.rl.buffer import Buffer
 from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 
+GAE_GATES = ("positive", "group")
+"""``LossConfig.gae_gate``: what the HTE critic's explained variance must clear for HEPO to use GAE"""
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -72,6 +75,12 @@ class LossConfig:
     """DPO temperature beta"""
     kl_coef: float = 0.0
     """weight of the KL penalty to the frozen VAFT generator (k3 estimate on the sampled paths); 0 = none"""
+    gae_gate: str = "positive"
+    """HEPO: when the coarse levels' advantages use GAE against the HTE critic instead of the group baseline:
+    ``positive`` once the previous rollout's critic explained variance is above 0 (the issue's rule), ``group``
+    only once it is also above what the group's mean return explained of the same targets (``hepo/group_ev``).
+    At GPU scale the critic explained -0.04 to 0.16 while the group mean explained 0.08-0.66
+    (benchmarks/RESULTS.md), so ``positive`` switches to a baseline worse than the one it replaces"""
 
     def __post_init__(self) -> None:
         for name in ("clip", "gamma", "lam", "process_scale", "adv_eps", "value_coef", "dpo_beta", "kl_coef"):
@@ -83,6 +92,8 @@ class LossConfig:
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected in [0, 1]")
+        if self.gae_gate not in GAE_GATES:
+            raise ValueError(f"gae_gate={self.gae_gate!r} is unknown: expected one of {list(GAE_GATES)}")
         if self.level_weights not in ("linear", "uniform"):
             raise ValueError(f"level_weights={self.level_weights!r} is invalid: expected linear | uniform")
         for name in ("process_scale", "value_coef", "kl_coef"):

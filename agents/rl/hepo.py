@@ -32,8 +32,9 @@ see budgets through the (gamma lambda)^k-discounted terminal delta.
 
 **GAE or the group baseline.** GAE against a critic that explains nothing is noise. ``hepo/critic_ev`` =
 1 - Var(G^0 - V) / Var(G^0) over the targets at each path's first decision (``explained_variance``).
-While the previous rollout's EV is not positive (and before any), the advantages fall back to the group
-baseline: A_l = z_K(R) plus the discounted process rewards still to come, at every decision (GRPO's
+While the previous rollout's EV is not positive (and before any; with ``LossConfig.gae_gate`` "group", while it
+is not above what the group's mean return explained of the same targets, ``hepo/group_ev``), the advantages fall
+back to the group baseline: A_l = z_K(R) plus the discounted process rewards still to come, at every decision (GRPO's
 baseline, ``hepo/gae_used`` 0). The previous EV lives in ``Buffer.learner_state`` (the Roller's dict, in
 its checkpoint), so a resumed run decides as the uninterrupted one. With ``group_norm`` A_t = z_K(R) in
 either case; without it, A_t is GAE's (z_K(R) while falling back).
@@ -72,6 +73,8 @@ from agents.rl.distributed import all_reduce_sum
 
 EV_KEY = "critic_ev"
 """``Buffer.learner_state`` key of the last rollout's critic explained variance"""
+GROUP_EV_KEY = "group_ev"
+"""``Buffer.learner_state`` key of what the last rollout's group means explained of the same targets"""
 
 
 def process_coef(
@@ -139,7 +142,10 @@ def targets(buf: Buffer, cfg: LossConfig) -> tuple[Tensor, Tensor]:
     blind = buf.reward if buf.blind_reward is None else buf.blind_reward  # (M, K)
     z = group_zscore(buf.reward, cfg.adv_eps)  # (M, K)
     state = {} if buf.learner_state is None else buf.learner_state
-    use_gae = state.get(EV_KEY, math.nan) > 0  # the previous rollout's critic explained something
+    # the previous rollout's critic explained something (and, gae_gate "group", more than the group mean did)
+    use_gae = state.get(EV_KEY, math.nan) > (
+        0.0 if cfg.gae_gate == "positive" else max(0.0, state.get(GROUP_EV_KEY, math.inf))
+    )
 
     v_t = (values * last).sum(-1)  # (M, K) V(s, z_<t)
     terminal_adv = z if (cfg.group_norm or not use_gae) else buf.reward - v_t  # A_t (no process reward at t)
@@ -168,6 +174,7 @@ def targets(buf: Buffer, cfg: LossConfig) -> tuple[Tensor, Tensor]:
     has = first.any(-1)  # (M, K)
     group_mean = (g1 * has).sum(-1, keepdim=True) / has.sum(-1, keepdim=True).clamp_min(1)  # (M, 1)
     group_ev = explained_variance(g1[has], group_mean.expand_as(g1)[has], buf.dist)
+    state[GROUP_EV_KEY] = group_ev
     weights = semantic_level_weights(free, cfg.level_weights)
     buf.stats = {
         "hepo/critic_ev": ev,
