@@ -116,9 +116,9 @@ RESUME_IGNORES = (
 )
 """flags that may change between an interrupted run and its resumption"""
 RL_STARTS = ("vaft", "mtp")
+"""``Args.rl_start``: the pre-training stage (its folder in the pipeline) the RL starts from"""
 PLATEAU_METRICS = ("oracle_share", "reward_per_session")
 """``Args.plateau_metric``: the held-out evaluation curve whose flattening stops a run"""
-"""``Args.rl_start``: the pre-training stage (its folder in the pipeline) the RL starts from"""
 STOP_EXIT = 128 + signal.SIGTERM
 """exit status of a run stopped by SIGTERM (``StopRequest``): 143, the shell's code for a SIGTERM death"""
 

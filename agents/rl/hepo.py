@@ -34,8 +34,8 @@ see budgets through the (gamma lambda)^k-discounted terminal delta.
 1 - Var(G^0 - V) / Var(G^0) over the targets at each path's first decision (``explained_variance``).
 While the previous rollout's EV is not positive (and before any; with ``LossConfig.gae_gate`` "group", while it
 is not above what the group's mean return explained of the same targets, ``hepo/group_ev``), the advantages fall
-back to the group baseline: A_l = z_K(R) plus the discounted process rewards still to come, at every decision (GRPO's
-baseline, ``hepo/gae_used`` 0). The previous EV lives in ``Buffer.learner_state`` (the Roller's dict, in
+back to the group baseline: A_l = z_K(R) plus the discounted process rewards still to come, at every decision
+(GRPO's baseline, ``hepo/gae_used`` 0). The previous EV lives in ``Buffer.learner_state`` (the Roller's dict, in
 its checkpoint), so a resumed run decides as the uninterrupted one. With ``group_norm`` A_t = z_K(R) in
 either case; without it, A_t is GAE's (z_K(R) while falling back).
 

@@ -17,9 +17,8 @@
 # Moving the compiled kernels between calls: CACHE_OUT=1 packs the inductor cache (TORCHINDUCTOR_CACHE_DIR: the
 # FX-graph, AOTAutograd and Triton caches) into $OUT/inductor.tgz.NN parts of <= 15 MiB once the runs are done,
 # unless it exceeds CACHE_MAX_MIB (default 12: what a call carrying a bundle, the wheels and ~10 MiB of tracked
-# files has left of its 64 MiB); CACHE_IN=DIR
-# (a carried folder of those parts) unpacks them first, so the runs' torch.compile finds its graphs compiled
-# (the same torch, GPU and code; anything else misses and compiles as before).
+# files has left of its 64 MiB); CACHE_IN=DIR (a carried folder of those parts) unpacks them first, so the runs'
+# torch.compile finds its graphs compiled (the same torch, GPU and code; anything else misses and compiles).
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
