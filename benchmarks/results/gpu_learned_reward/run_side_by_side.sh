@@ -96,7 +96,8 @@ else
   # the other runs only: a bare `wait` (one run, no others) would also wait for the GPU monitor, which never ends
   others=$(jobs -p | grep -v "^$SMI$")
   [ -n "$others" ] && wait $others 2>/dev/null
-  pack_cache
+  pack_cache &  # on the host beside the final evaluation on the GPU (tens of seconds of gzip), awaited at the end
+  CACHE_PID=$!
 fi
 if [ "$FINAL_S" -gt 0 ]; then
   # the runs' world and their served beam (agents.sweep's agent_specs serves the same way): the first run's record,
@@ -143,6 +144,7 @@ if [ "$FINAL_S" -gt 0 ]; then
   fi
 fi
 kill $SMI 2>/dev/null
+[ -n "${CACHE_PID:-}" ] && wait $CACHE_PID
 for d in $W/*/; do
   n=$(basename $d); [ "$n" = pre ] && continue
   mkdir -p $OUT/runs/$n; cp $d/config.json $d/metrics.jsonl $d/summary.json $OUT/runs/$n/ 2>/dev/null
