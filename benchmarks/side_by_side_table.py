@@ -180,6 +180,21 @@ def pooled_table(paired: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _difference_cells(part: pd.DataFrame, with_half_width: bool = False) -> str:
+    """One table row's cells over ``PAIRED_METRICS`` from ``part``'s rows (one per metric): ``difference
+    [ci_low, ci_high]``, with ``(half_width_pct%)`` when asked; n/a for a metric ``part`` lacks."""
+    cells = part.set_index("metric")
+    out = []
+    for m in PAIRED_METRICS:
+        if m not in cells.index:
+            out.append("n/a")
+            continue
+        c = cells.loc[m]
+        text = f"{c['difference']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]"
+        out.append(text + (f" ({c['half_width_pct']:.2g}%)" if with_half_width else ""))
+    return " | ".join(out)
+
+
 def markdown(
     runs: pd.DataFrame,
     paired: pd.DataFrame,
@@ -207,14 +222,9 @@ def markdown(
         lines.append("| seed | agent | pairs | " + " | ".join(PAIRED_METRICS) + " |")
         lines.append("|---:|---|---:|" + "---|" * len(PAIRED_METRICS))
         for (seed, agent), part in paired.groupby(["seed", "agent"], sort=False):
-            cells = part.set_index("metric")
-            cell = [
-                f"{cells.loc[m, 'difference']:+.4g} [{cells.loc[m, 'ci_low']:+.4g}, {cells.loc[m, 'ci_high']:+.4g}]"
-                if m in cells.index
-                else "n/a"
-                for m in PAIRED_METRICS
-            ]
-            lines.append(f"| {seed} | {agent} | {int(part['pairs'].max())} | " + " | ".join(cell) + " |")
+            lines.append(
+                f"| {seed} | {agent} | {int(part['pairs'].max())} | " + _difference_cells(part) + " |"
+            )
     if len(pooled) and pooled["seeds"].max() > 1:
         lines += [
             "",
@@ -225,19 +235,8 @@ def markdown(
             "|---|---:|---:|" + "---|" * len(PAIRED_METRICS),
         ]
         for agent, part in pooled.groupby("agent", sort=False):
-            cells = part.set_index("metric")
-            cell = [
-                f"{cells.loc[m, 'difference']:+.4g} [{cells.loc[m, 'ci_low']:+.4g}, {cells.loc[m, 'ci_high']:+.4g}] "
-                f"({cells.loc[m, 'half_width_pct']:.2g}%)"
-                if m in cells.index
-                else "n/a"
-                for m in PAIRED_METRICS
-            ]
-            lines.append(
-                f"| {agent} | {int(part['seeds'].max())} | {int(part['pairs'].max())} | "
-                + " | ".join(cell)
-                + " |"
-            )
+            head = f"| {agent} | {int(part['seeds'].max())} | {int(part['pairs'].max())} | "
+            lines.append(head + _difference_cells(part, with_half_width=True) + " |")
     if over_seeds is not None:
         lines += ["", comparison_markdown(over_seeds, reference, 0.95)]
     return "\n".join(lines) + "\n"

@@ -207,11 +207,12 @@ def sampled_softmax_loss(
     if num_negatives >= catalog.num_ads:  # the full softmax over the catalog
         return F.cross_entropy(q @ model.encode_ads(catalog).T, clicked)
     neg = torch.randint(0, catalog.num_ads, (num_negatives,), generator=g, device=g.device)
-    if neg.device != x.device and x.device.type == "cuda":
+    if neg.device.type == "cpu" and x.device.type == "cuda":
         # a pageable host tensor's copy waits for the GPU to drain, every batch; a pinned one is queued behind it,
         # so the host prepares the next batch meanwhile (the same draws: the generator is untouched)
         neg = neg.pin_memory().to(x.device, non_blocking=True)
-    neg = neg.to(x.device)
+    else:
+        neg = neg.to(x.device)
     pos = (q * model.encode_ads(catalog, clicked)).sum(1, keepdim=True)  # (B, 1)
     logits = (q @ model.encode_ads(catalog, neg).T).masked_fill(neg[None] == clicked[:, None], float("-inf"))
     logits = torch.cat([pos, logits], dim=1)  # the positive is class 0
