@@ -304,7 +304,7 @@ def test_stage_data_built_on_the_gpu_equals_the_cpu_build(stage):
         for name, x, y in zip(a.tokens._fields, a.tokens, b.tokens):
             torch.testing.assert_close(y.cpu(), x, rtol=1e-5, atol=1e-6, msg=name)
         assert torch.equal(a.codes, b.codes.cpu()) and torch.equal(a.ads, b.ads.cpu())
-        torch.testing.assert_close(b.values.cpu(), a.values)
+        torch.testing.assert_close(b.values.cpu(), a.values, equal_nan=True)  # NaN: no HTE target, same rows
 
 
 @pytest.mark.parametrize("n, levels, k", [(5000, 3, 4), (3000, 2, 64), (10, 1, 2), (1, 3, 3)])
