@@ -662,7 +662,8 @@ def _log_line(row: dict) -> str:
     if "perf/requests_per_s" in row:  # the iteration's speed, for logs written without the progress bar
         parts.append(
             f"{row['perf/requests_per_s']:,.0f} req/s (rollout {row['perf/rollout_s']:.1f} s, "
-            f"update {row['perf/update_s']:.1f} s)"
+            f"update {row['perf/update_s']:.1f} s"
+            + (f", evaluation {row['perf/eval_s']:.1f} s)" if "perf/eval_s" in row else ")")
         )
     return "  ".join(parts)
 
@@ -873,7 +874,9 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             }
             if dist.is_main:
                 if done % args.eval_every == 0 or done == args.iterations:
+                    t3 = time.perf_counter()
                     row.update(evaluate(model))
+                    row["perf/eval_s"] = time.perf_counter() - t3  # held-out sessions and oracle states
                     tqdm.write(_log_line(row))
                 append_metrics(metrics_path, row)
                 bar.set_postfix(

@@ -889,6 +889,8 @@ def test_the_evaluation_line_names_the_iterations_speed():
     line = hepo._log_line(row)
     assert line.startswith("it 3  oracle_share 0.500")
     assert line.endswith("5,214 req/s (rollout 0.7 s, update 2.4 s)")
+    timed = hepo._log_line({**row, "perf/eval_s": 41.26})  # what the held-out evaluation cost, when it ran
+    assert timed.endswith("5,214 req/s (rollout 0.7 s, update 2.4 s, evaluation 41.3 s)")
     assert "req/s" not in hepo._log_line(
         {"iteration": 0, "eval/oracle_share": 0.5}
     )  # the start: no iteration ran

@@ -2,32 +2,36 @@
 # Issue 16 d3 on the profile's own pre-training, one command per device call (SEED, default 0):
 # - no pre-training at hand (a fresh machine, no BUNDLE_IN): the gpu-large pre-training, packed into $OUT as
 #   pre_bundle.* parts (benchmarks/pretrain_bundle.py: the VAFT weights in bf16, the tokenizer, the platform,
-#   38.9 MiB in three parts), then what time is left of the final evaluation of MTP and VAFT against the learned
-#   cascade and the privileged cascade, paired against VAFT (16,384 sessions);
+#   38.9 MiB in three parts); the call ends there (~510 s): the learner call's final evaluation has MTP and VAFT
+#   on its own sessions, so the start's evaluation here (FINAL_S=60: MTP and VAFT against the cascades, paired
+#   against VAFT, 16,384 sessions) is opt-in (seed 1's was cut by the deadline anyway);
 # - BUNDLE_IN=DIR (those parts copied into the checkout and carried) or a warm machine's runs/d3_s$SEED: HEPO, PPO,
 #   GRPO and Sibling-GRPO (RUNS overrides) from that VAFT model, then the final evaluation of every run's best
 #   beside the VAFT start and the cascades on 65,536 sessions, paired against the first run's best.
-# The machine is usually released between calls (2 of 6 chained calls so far found it warm), hence the
-# bundle; a warm machine's W is reused (its pre-training exactly, its runs resumed).
+# The machine is released ~30 s after a call: the four calls issued at once after the previous one (thirteenth
+# and fourteenth sessions) found it warm, a call after a pause never does, hence the bundle; a warm machine's W is
+# reused (its pre-training exactly, its runs resumed).
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
 #                  BUNDLE_IN=runs/bundle_s0 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh (carry .whl, runs/bundle_s0)
-#                  ... CACHE_IN=runs/cache ... (carry runs/cache too: a learner call's inductor.tgz.* parts)
+#                  ... CACHE_OUT=1 / CACHE_IN=runs/cache ... (the compile cache back / carried in: fewer runs)
 export SEED=${SEED:-0}
 export W=$PWD/runs/d3_s$SEED PRETRAIN=""
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
-  # - early stopping: no new best held-out reward per session in 3 evaluations (12 iterations); seed 0's learners
-  #   peaked at iterations 4-8 and only fell after, so a run ends near iteration 20 (or at the call's cut);
-  # - the compiled kernels come back (inductor.tgz.NN; ~130 s of the first iteration with four learners compiling
-  #   at once): carried as CACHE_IN=DIR with the bundle, the next learner call skips most of it;
-  # - the final evaluation on the issue's >= 65k sessions per seed: simulating 65,536 sessions takes 8-12 s an agent
-  #   on an H200, the whole evaluation of 7 agents (2,048 states) took 164 s in d6 seed 2 (16,384 sessions: 81 s)
+  # - early stopping: no new best held-out reward per session in 2 evaluations (8 iterations): the 8 runs of seeds
+  #   0 and 1 peaked at iteration 4 or 8 and every later evaluation was lower (seed 0's to iteration 28-32), so
+  #   patience 2 keeps each of their bests, and a run ends at iteration 12-16, one call's runs at most;
+  # - the compiled kernels stay on the machine: four learners' inductor cache packed to 48.4 MB in seed 1, over the
+  #   12 MiB a call carrying the bundle can take back, so CACHE_OUT (the cache back in $OUT, for CACHE_IN) is opt-in;
+  #   the first iteration (compiling) took 76 s of seed 1's first learner call;
+  # - the final evaluation on the issue's >= 65k sessions per seed: 166 s for 8 agents (65,536 sessions each, 1,024
+  #   oracle states) in seed 1; the exit diagnosis after it runs only if the call has time left
   export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 65536 --num-envs 8192 --oracle-states 1024"}
-  STOP=${STOP-"--plateau-metric reward_per_session --plateau-patience 3"} CACHE_OUT=${CACHE_OUT-1} \
-    DEADLINE=${DEADLINE:-585} FINAL_S=${FINAL_S:-200} bash benchmarks/results/gpu_d6/chain.sh
+  STOP=${STOP-"--plateau-metric reward_per_session --plateau-patience 2"} CACHE_OUT=${CACHE_OUT-} \
+    DEADLINE=${DEADLINE:-585} FINAL_S=${FINAL_S:-180} bash benchmarks/results/gpu_d6/chain.sh
 else
   export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 16384 --num-envs 8192 --oracle-states 1024"}
   # the pre-training eager and in fp32 (agents.hepo --pretrain-precision's default): compiling it is unmeasured on
   # the GPU; fp32 eager took 490-515 s of this call's 590, bf16 eager 422 s but cost MTP HitRate (RESULTS.md)
-  PRETRAIN="--compile off" RUNS="" BUNDLE_OUT=1 DEADLINE=${DEADLINE:-590} FINAL_S=60 GRACE=5 \
+  PRETRAIN="--compile off" RUNS="" BUNDLE_OUT=1 DEADLINE=${DEADLINE:-590} FINAL_S=${FINAL_S:-0} GRACE=5 \
     bash benchmarks/results/gpu_d6/chain.sh
 fi
