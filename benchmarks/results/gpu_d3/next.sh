@@ -2,17 +2,21 @@
 # Issue 16 d3 on the profile's own pre-training, one command per device call (SEED, default 0):
 # - no pre-training at hand (a fresh machine, no BUNDLE_IN): the gpu-large pre-training, packed into $OUT as
 #   pre_bundle.* parts (benchmarks/pretrain_bundle.py: the VAFT weights in bf16, the tokenizer, the platform,
-#   38.9 MiB in three parts); the call ends there (~510 s): the learner call's final evaluation has MTP and VAFT
+#   38.9 MiB in three parts), and beside it the references' final sessions (the privileged cascade and the oracle
+#   read no learned model: the same sessions for every seed; run_side_by_side.sh REFS_OUT) packed into
+#   $OUT/final_refs.tgz; the call ends there (~510 s): the learner call's final evaluation has MTP and VAFT
 #   on its own sessions, so the start's evaluation here (FINAL_S=60: MTP and VAFT against the cascades, paired
 #   against VAFT, 16,384 sessions) is opt-in (seed 1's was cut by the deadline anyway);
 # - BUNDLE_IN=DIR (those parts copied into the checkout and carried) or a warm machine's runs/d3_s$SEED: HEPO, PPO,
 #   GRPO and Sibling-GRPO (RUNS overrides) from that VAFT model, then the final evaluation of every run's best
-#   beside the VAFT start and the cascades on 65,536 sessions, paired against the first run's best.
+#   beside the VAFT start and the cascades on 65,536 sessions, paired against the first run's best; with
+#   REFS_IN=DIR (final_refs.tgz copied there and carried) the oracle joins them from call A's sessions.
 # The machine is released ~30 s after a call: the four calls issued at once after the previous one (thirteenth
 # and fourteenth sessions) found it warm, a call after a pause never does, hence the bundle; a warm machine's W is
 # reused (its pre-training exactly, its runs resumed).
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
-#                  BUNDLE_IN=runs/bundle_s0 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh (carry .whl, runs/bundle_s0)
+#                  BUNDLE_IN=runs/bundle_s0 REFS_IN=runs/refs OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
+#                    (carry .whl, runs/bundle_s0, runs/refs: 39 + 8 MiB)
 #                  ... CACHE_OUT=1 / CACHE_IN=runs/cache ... (the compile cache back / carried in: fewer runs)
 export SEED=${SEED:-0}
 export W=$PWD/runs/d3_s$SEED PRETRAIN=""
@@ -32,6 +36,7 @@ else
   export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 16384 --num-envs 8192 --oracle-states 1024"}
   # the pre-training eager and in fp32 (agents.hepo --pretrain-precision's default): compiling it is unmeasured on
   # the GPU; fp32 eager took 490-515 s of this call's 590, bf16 eager 422 s but cost MTP HitRate (RESULTS.md)
-  PRETRAIN="--compile off" RUNS="" BUNDLE_OUT=1 DEADLINE=${DEADLINE:-590} FINAL_S=${FINAL_S:-0} GRACE=5 \
+  PRETRAIN="--compile off" RUNS="" BUNDLE_OUT=1 REFS_OUT=${REFS_OUT-1} DEADLINE=${DEADLINE:-590} FINAL_S=${FINAL_S:-0} \
+    GRACE=5 \
     bash benchmarks/results/gpu_d6/chain.sh
 fi

@@ -19,6 +19,13 @@
 # unless it exceeds CACHE_MAX_MIB (default 12: what a call carrying a bundle, the wheels and ~10 MiB of tracked
 # files has left of its 64 MiB); CACHE_IN=DIR (a carried folder of those parts) unpacks them first, so the runs'
 # torch.compile finds its graphs compiled (the same torch, GPU and code; anything else misses and compiles).
+# Moving the references' sessions between calls: the references REFS (default cascade-privileged,oracle) read no
+# learned model, so their sessions on the final evaluation's sessions (FINAL_FLAGS, FINAL_SEED, the runs' preset)
+# are the same for every pipeline seed. REFS_OUT=1 evaluates them in the background from the call's start (beside
+# the pre-training; cut at DEADLINE) into W/final_refs and packs that agents.evaluate folder into
+# $OUT/final_refs.tgz (~4 MB a reference at 65,536 sessions); REFS_IN=DIR (a carried folder holding it) seeds the
+# final evaluation's folder with it, and every reference found there joins the final's agents (reused, not
+# simulated again: agents.evaluate's cache checks the settings): the oracle in the paired table at no device time.
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -35,6 +42,28 @@ DEADLINE=${DEADLINE:-565}
 FINAL_S=${FINAL_S:-0}
 GRACE=${GRACE:-40}  # seconds a SIGTERMed run may take to finish its iteration and checkpoint
 start=$(date +%s)
+profile_world() {  # "preset beam" as agents.hepo parses PROFILE (the world and served beam of every run)
+  python -c "import sys; from agents.cli import parse_args; from agents.hepo import Args, PROFILES; a = parse_args(Args, sys.argv[1:], '', PROFILES); print(a.preset, a.eval_beam)" $PROFILE
+}
+torch_device() { python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"; }
+REFS=${REFS:-cascade-privileged,oracle}
+if [ -n "${REFS_OUT:-}" ]; then
+  # the references' final sessions, beside whatever the call runs (module doc), packed when done
+  (
+    read -r preset beam < <(profile_world)
+    timeout $((DEADLINE - 10)) python -m agents.evaluate --preset $preset --device $(torch_device) --agents "$REFS" \
+      --reference "${REFS%%,*}" --seed ${FINAL_SEED:-54321} --no-plots --out $W/final_refs ${FINAL_FLAGS:-} \
+      > $OUT/final_refs.log 2>&1
+    rc=$?
+    echo "final refs rc=$rc at $(($(date +%s) - start)) s" >> $OUT/rc.txt
+    if [ $rc -eq 0 ]; then
+      tar -C $W/final_refs -czf $OUT/final_refs.tgz . && mkdir -p $OUT/runs/final_refs && \
+        cp $W/final_refs/summary.csv $W/final_refs/paired.csv $W/final_refs/config.json $OUT/runs/final_refs/
+      echo "final refs packed: $(wc -c < $OUT/final_refs.tgz) bytes" >> $OUT/rc.txt
+    fi
+  ) &
+  REFS_PID=$!
+fi
 CACHE=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
 if [ -n "${CACHE_IN:-}" ] && ls $CACHE_IN/inductor.tgz.* > /dev/null 2>&1; then
   mkdir -p $CACHE && cat $CACHE_IN/inductor.tgz.* | tar -xzf - -C $CACHE
@@ -94,7 +123,7 @@ else
   for spec in "${SPECS[@]:1}"; do run ${spec%%:*} ${spec#*:} & done
   wait $FIRST
   # the other runs only: a bare `wait` (one run, no others) would also wait for the GPU monitor, which never ends
-  others=$(jobs -p | grep -v "^$SMI$")
+  others=$(jobs -p | grep -v -x -e "$SMI" -e "${REFS_PID:-none}")  # (the references' job is awaited at the end)
   [ -n "$others" ] && wait $others 2>/dev/null
   pack_cache &  # on the host beside the final evaluation on the GPU (tens of seconds of gzip), awaited at the end
   CACHE_PID=$!
@@ -105,9 +134,9 @@ if [ "$FINAL_S" -gt 0 ]; then
   if [ -n "$first" ] && [ -f $W/${first%%:*}/config.json ]; then
     read -r preset beam < <(python -c "import json,sys; a=json.load(open(sys.argv[1]))['args']; print(a['preset'], a['eval_beam'])" $W/${first%%:*}/config.json)
   else
-    read -r preset beam < <(python -c "import sys; from agents.cli import parse_args; from agents.hepo import Args, PROFILES; a = parse_args(Args, sys.argv[1:], '', PROFILES); print(a.preset, a.eval_beam)" $PROFILE)
+    read -r preset beam < <(profile_world)
   fi
-  device=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+  device=$(torch_device)
   agents=""; ref=""
   for spec in ${SPECS[@]+"${SPECS[@]}"}; do
     n=${spec%%:*}
@@ -118,6 +147,18 @@ if [ "$FINAL_S" -gt 0 ]; then
   # labelled references that read hidden state (FINAL_REFS, comma-separated; "oracle" scores the whole catalog at
   # every request, ~230k requests x 1M ads at 65k sessions: minutes by estimate, unmeasured, so not the default)
   refs=${FINAL_REFS-cascade-privileged}
+  if [ -n "${REFS_IN:-}" ] && [ -f $REFS_IN/final_refs.tgz ]; then
+    # the references' sessions from an earlier call (module doc): seeded into the final's folder (its owner record
+    # too when the folder is new), and each one found there joins the agents
+    rm -rf $W/refs_in && mkdir -p $W/refs_in $W/final/agents && tar -xzf $REFS_IN/final_refs.tgz -C $W/refs_in
+    [ -f $W/final/run.json ] || cp $W/refs_in/run.json $W/final/
+    for r in ${REFS//,/ }; do
+      [ -d $W/refs_in/agents/$r ] || continue
+      [ -e $W/final/agents/$r ] || cp -r $W/refs_in/agents/$r $W/final/agents/
+      case ",$refs," in *",$r,"*) ;; *) refs="${refs:+$refs,}$r" ;; esac
+    done
+    echo "references from $REFS_IN: $refs" >> $OUT/rc.txt
+  fi
   [ -n "$refs" ] && agents="$agents,$refs"
   # the VAFT and MTP generators where the pipeline holds their models (a stage moved by a bundle may have come
   # without it: BUNDLE_STAGES): the stages MTP < VAFT < RL on the same sessions
@@ -145,6 +186,7 @@ if [ "$FINAL_S" -gt 0 ]; then
 fi
 kill $SMI 2>/dev/null
 [ -n "${CACHE_PID:-}" ] && wait $CACHE_PID
+[ -n "${REFS_PID:-}" ] && wait $REFS_PID
 for d in $W/*/; do
   n=$(basename $d); [ "$n" = pre ] && continue
   mkdir -p $OUT/runs/$n; cp $d/config.json $d/metrics.jsonl $d/summary.json $OUT/runs/$n/ 2>/dev/null
