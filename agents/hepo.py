@@ -665,6 +665,8 @@ def _log_line(row: dict) -> str:
             f"update {row['perf/update_s']:.1f} s"
             + (f", evaluation {row['perf/eval_s']:.1f} s)" if "perf/eval_s" in row else ")")
         )
+    elif "perf/setup_s" in row:  # the start: the markets and models set up, then its evaluation
+        parts.append(f"(set-up {row['perf/setup_s']:.1f} s, evaluation {row['perf/eval_s']:.1f} s)")
     return "  ".join(parts)
 
 
@@ -736,6 +738,9 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             )
             print(f"{out}: finished at iteration {finished} ({why}); its summary is kept")
             return summary
+    t_setup = (
+        time.perf_counter()
+    )  # perf/setup_s: the model, the training market, the held-out one and its states
     model, tok = load_run_model(start_dir)
     tok_path = json.loads((start_dir / "config.json").read_text())["tokenizer_path"]
     model = model.to(args.device).train()
@@ -810,11 +815,14 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             },
         )
         metrics_path.unlink(missing_ok=True)
+        t0 = time.perf_counter()
         row = {
             "iteration": 0,
             "env_steps": 0,
             **evaluate(model),
             **mtp_candidates(evaluate, start_dir, args.device),
+            "perf/setup_s": t0 - t_setup,
+            "perf/eval_s": time.perf_counter() - t0,
         }
         append_metrics(metrics_path, row)
         print(_log_line(row))

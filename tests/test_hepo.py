@@ -894,3 +894,7 @@ def test_the_evaluation_line_names_the_iterations_speed():
     assert "req/s" not in hepo._log_line(
         {"iteration": 0, "eval/oracle_share": 0.5}
     )  # the start: no iteration ran
+    start = hepo._log_line(
+        {"iteration": 0, "eval/oracle_share": 0.5, "perf/setup_s": 31.04, "perf/eval_s": 12.96}
+    )
+    assert start.endswith("(set-up 31.0 s, evaluation 13.0 s)") and "req/s" not in start
