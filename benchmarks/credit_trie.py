@@ -269,6 +269,13 @@ def table(runs: list[dict], keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")
 
 
+def pipe_table(df: pd.DataFrame) -> str:
+    """A Markdown pipe table of the frame's cells as they print."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def sweep(
     base: TrieProblem, grid: dict[str, list], learners: list[str], seeds: int, workers: int
 ) -> list[dict]:
@@ -316,14 +323,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "group": [int(x) for x in a.group.split(",")],
         }
         runs += sweep(base, grid, learners, a.seeds, a.workers)
-    keys = ["depth", "branching", "credit", "noise", "group"]
-    out = table(runs, keys)
-    md = out.to_markdown(index=False)
-    print(md)
-    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path.with_suffix(".json"), {"args": vars(a), "runs": runs})
+    write_json(
+        path.with_suffix(".json"), {"args": vars(a), "runs": runs}
+    )  # the runs first: the table reads them
+    out = table(runs, ["depth", "branching", "credit", "noise", "group"])
+    md = pipe_table(out)
+    print(md)
+    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
     atomic_write_bytes(path.with_suffix(".md"), (md + "\n").encode())
     return out
 
