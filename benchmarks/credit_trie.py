@@ -242,7 +242,7 @@ def _job(args: tuple[dict, str, int]) -> dict:
     problem, learner, seed = args
     torch.set_num_threads(1)
     curve = run(TrieProblem(**problem), learner, seed)
-    return {**problem, "learner": learner, "seed": seed, "curve": curve}
+    return {**problem, "learner": learner, "seed": seed, "curve": [round(x, 5) for x in curve]}  # (JSON size)
 
 
 def table(runs: list[dict], keys: list[str]) -> pd.DataFrame:
