@@ -18,6 +18,14 @@
 #                  BUNDLE_IN=runs/bundle_s0 REFS_IN=runs/refs OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
 #                    (carry .whl, runs/bundle_s0, runs/refs: 39 + 8 MiB)
 #                  ... CACHE_OUT=1 / CACHE_IN=runs/cache ... (the compile cache back / carried in: fewer runs)
+# Other learners from the same bundle (a third call; RUNS as run_side_by_side.sh reads it), e.g.
+#   the credit probe (RESULTS.md, "Where per-level credit matters": HEPO should separate on realised rewards):
+#     RUNS="hepo_r:--reward-outcome realised --label hepo_realised;grpo_r:--algo grpo --reward-outcome realised \
+#       --label grpo_realised;ppo_r:--algo ppo --reward-outcome realised --label ppo_realised;sibling_r:--algo \
+#       sibling_grpo --reward-outcome realised --label sibling_realised" BUNDLE_IN=... REFS_IN=... SEED=... OUT=$OUT \
+#       bash benchmarks/results/gpu_d3/next.sh
+#   DPO at its own rates (lr 1e-4 collapsed in 4 iterations at GPU scale): RUNS="dpo_1e5:--algo dpo --lr 1e-5 \
+#     --label dpo;dpo_3e6:--algo dpo --lr 3e-6 --label dpo" ...
 export SEED=${SEED:-0}
 export W=$PWD/runs/d3_s$SEED PRETRAIN=""
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
