@@ -19,7 +19,8 @@ paired by seed (the same bandit, the same start).
 
     python benchmarks/credit_trie.py --out benchmarks/results/credit_trie/sweep --seeds 10
 
-Prints the table and writes ``--out``.json (every run's curve) and ``--out``.md (the table).
+Prints the table and writes ``--out``.json (every run's curve), ``--out``.md (the table) and ``--out``.png (each
+learner's difference to HEPO per setting, one panel per noise level).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig
 from agents.rl.loop import UpdateConfig, update
 from agents.rl.registry import algorithm
-from gpr_sim.runs import atomic_write_bytes, write_json
+from gpr_sim.runs import atomic_write_bytes, figure_bytes, write_json
 from gpr_sim.schema import TokenBatch
 from gpr_sim.stats import paired_difference, t_interval
 
@@ -269,6 +270,53 @@ def table(runs: list[dict], keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")
 
 
+def plot(runs: list[dict], keys: list[str], path: Path) -> Path:
+    """Each learner's final share minus HEPO's per setting (paired 95% t interval over seeds), one panel per noise
+    level: where a learner's bar is above 0 it beat HEPO."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(runs)
+    df["final"] = df["curve"].map(lambda c: c[-1])
+    noises = sorted(df["noise"].unique())
+    others = [name for name in df["learner"].unique() if name != "hepo"]
+    fig, axes = plt.subplots(len(noises), 1, figsize=(12, 3.2 * len(noises)), squeeze=False)
+    cell_keys = [k for k in keys if k != "noise"]
+    for ax, noise in zip(axes[:, 0], noises):
+        part = df[df["noise"] == noise]
+        cells = list(part.groupby(cell_keys, sort=False))
+        width = 0.8 / max(len(others), 1)
+        for j, name in enumerate(others):
+            xs, ys, errs = [], [], []
+            for i, (_, cell) in enumerate(cells):
+                hepo = cell[cell.learner == "hepo"].set_index("seed")["final"]
+                mine = cell[cell.learner == name].set_index("seed")["final"]
+                seeds = hepo.index.intersection(mine.index)
+                d = paired_difference(mine.loc[seeds].to_numpy(), hepo.loc[seeds].to_numpy())
+                xs.append(i + (j - (len(others) - 1) / 2) * width)
+                ys.append(d.value)
+                errs.append(d.value - d.ci_low)
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=name)
+        labels = [
+            "\n".join(f"{k}={v}" for k, v in zip(cell_keys, key if isinstance(key, tuple) else (key,)))
+            for key, _ in cells
+        ]
+        ax.set_xticks(range(len(cells)), labels, fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("final share - HEPO's")
+        ax.set_title(
+            f"reward noise sd {noise:g} (bars: paired 95% t interval over seeds; below 0: HEPO ahead)"
+        )
+        ax.legend(fontsize=8, ncol=len(others))
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write_bytes(path, figure_bytes(fig, dpi=110))
+    plt.close(fig)
+    return path
+
+
 def pipe_table(df: pd.DataFrame) -> str:
     """A Markdown pipe table of the frame's cells as they print."""
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
@@ -328,11 +376,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     write_json(
         path.with_suffix(".json"), {"args": vars(a), "runs": runs}
     )  # the runs first: the table reads them
-    out = table(runs, ["depth", "branching", "credit", "noise", "group"])
+    keys = ["depth", "branching", "credit", "noise", "group"]
+    out = table(runs, keys)
     md = pipe_table(out)
     print(md)
     print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
     atomic_write_bytes(path.with_suffix(".md"), (md + "\n").encode())
+    print(f"wrote {path.with_suffix('.json')}, .md, {plot(runs, keys, path.with_suffix('.png')).name}")
     return out
 
 
