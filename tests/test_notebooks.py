@@ -35,6 +35,7 @@ WRITES = {
             *(f"{a}__{s}/summary.json" for a in ("hepo", "ppo", "grpo") for s in (0, 1)),
         )
     ],
+    "06_per_level_credit.ipynb": ["runs/notebooks/06_per_level_credit/small/sweep.png"],
 }
 """files a notebook's small run must leave behind (relative to the repository root)"""
 
