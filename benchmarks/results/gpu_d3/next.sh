@@ -2,9 +2,9 @@
 # Issue 16 d3 on the profile's own pre-training, one command per device call (SEED, default 0):
 # - no pre-training at hand (a fresh machine, no BUNDLE_IN): the gpu-large pre-training, packed into $OUT as
 #   pre_bundle.* parts (benchmarks/pretrain_bundle.py: the VAFT weights in bf16, the tokenizer, the platform,
-#   38.9 MiB in three parts), and beside it the references' final sessions (the privileged cascade and the oracle
-#   read no learned model: the same sessions for every seed; run_side_by_side.sh REFS_OUT) packed into
-#   $OUT/final_refs.tgz; the call ends there (~510 s): the learner call's final evaluation has MTP and VAFT
+#   38.9 MiB in three parts), and beside it the oracle's final sessions (it reads no learned model: the same
+#   sessions for every seed; run_side_by_side.sh REFS_OUT) packed into $OUT/final_refs.tgz (~4 MB); the call ends
+#   there (~510 s): the learner call's final evaluation has MTP and VAFT
 #   on its own sessions, so the start's evaluation here (FINAL_S=60: MTP and VAFT against the cascades, paired
 #   against VAFT, 16,384 sessions) is opt-in (seed 1's was cut by the deadline anyway);
 # - BUNDLE_IN=DIR (those parts copied into the checkout and carried) or a warm machine's runs/d3_s$SEED: HEPO, PPO,
@@ -16,7 +16,7 @@
 # reused (its pre-training exactly, its runs resumed).
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
 #                  BUNDLE_IN=runs/bundle_s0 REFS_IN=runs/refs OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
-#                    (carry .whl, runs/bundle_s0, runs/refs: 39 + 8 MiB)
+#                    (carry .whl, runs/bundle_s0, runs/refs: 39 + ~4 MiB, ~13 MiB tracked: ~58 of 64 MiB)
 #                  ... CACHE_OUT=1 / CACHE_IN=runs/cache ... (the compile cache back / carried in: fewer runs)
 # Other learners from the same bundle (a third call; RUNS as run_side_by_side.sh reads it), e.g.
 #   the credit probe (RESULTS.md, "Where per-level credit matters": HEPO should separate on realised rewards):

@@ -19,13 +19,15 @@
 # unless it exceeds CACHE_MAX_MIB (default 12: what a call carrying a bundle, the wheels and ~10 MiB of tracked
 # files has left of its 64 MiB); CACHE_IN=DIR (a carried folder of those parts) unpacks them first, so the runs'
 # torch.compile finds its graphs compiled (the same torch, GPU and code; anything else misses and compiles).
-# Moving the references' sessions between calls: the references REFS (default cascade-privileged,oracle) read no
-# learned model, so their sessions on the final evaluation's sessions (FINAL_FLAGS, FINAL_SEED, the runs' preset)
-# are the same for every pipeline seed. REFS_OUT=1 evaluates them in the background from the call's start (beside
-# the pre-training; cut at DEADLINE) into W/final_refs and packs that agents.evaluate folder into
-# $OUT/final_refs.tgz (~4 MB a reference at 65,536 sessions); REFS_IN=DIR (a carried folder holding it) seeds the
-# final evaluation's folder with it, and every reference found there joins the final's agents (reused, not
-# simulated again: agents.evaluate's cache checks the settings): the oracle in the paired table at no device time.
+# Moving the references' sessions between calls: the references REFS (comma-separated, default oracle: the one that
+# scores the whole catalog at every request) read no learned model, so their sessions on the final evaluation's
+# sessions (FINAL_FLAGS, FINAL_SEED, the runs' preset) are the same for every pipeline seed. REFS_OUT=1 evaluates
+# them in the background from the call's start (beside the pre-training; cut at DEADLINE) into W/final_refs and
+# packs that agents.evaluate folder into $OUT/final_refs.tgz (~4 MB a reference at 65,536 sessions: a learner call
+# carrying the 38.9 MiB bundle, the wheels and ~13 MiB of tracked files has room for about two); REFS_IN=DIR (a
+# carried folder holding it) seeds the final evaluation's folder with it, and every reference found there joins
+# the final's agents (reused, not simulated again: agents.evaluate's cache checks the settings): the oracle in the
+# paired table at no device time.
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -46,20 +48,19 @@ profile_world() {  # "preset beam" as agents.hepo parses PROFILE (the world and 
   python -c "import sys; from agents.cli import parse_args; from agents.hepo import Args, PROFILES; a = parse_args(Args, sys.argv[1:], '', PROFILES); print(a.preset, a.eval_beam)" $PROFILE
 }
 torch_device() { python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"; }
-REFS=${REFS:-cascade-privileged,oracle}
+REFS=${REFS:-oracle}
 if [ -n "${REFS_OUT:-}" ]; then
   # the references' final sessions, beside whatever the call runs (module doc), packed when done
   (
     read -r preset beam < <(profile_world)
     timeout $((DEADLINE - 10)) python -m agents.evaluate --preset $preset --device $(torch_device) --agents "$REFS" \
-      --reference "${REFS%%,*}" --seed ${FINAL_SEED:-54321} --no-plots --out $W/final_refs ${FINAL_FLAGS:-} \
-      > $OUT/final_refs.log 2>&1
+      --seed ${FINAL_SEED:-54321} --no-plots --out $W/final_refs ${FINAL_FLAGS:-} > $OUT/final_refs.log 2>&1
     rc=$?
     echo "final refs rc=$rc at $(($(date +%s) - start)) s" >> $OUT/rc.txt
     if [ $rc -eq 0 ]; then
-      tar -C $W/final_refs -czf $OUT/final_refs.tgz . && mkdir -p $OUT/runs/final_refs && \
-        cp $W/final_refs/summary.csv $W/final_refs/paired.csv $W/final_refs/config.json $OUT/runs/final_refs/
-      echo "final refs packed: $(wc -c < $OUT/final_refs.tgz) bytes" >> $OUT/rc.txt
+      tar -C $W/final_refs -czf $OUT/final_refs.tgz . && echo "final refs packed: $(wc -c < $OUT/final_refs.tgz) bytes" \
+        >> $OUT/rc.txt
+      mkdir -p $OUT/runs/final_refs && cp $W/final_refs/summary.csv $W/final_refs/config.json $OUT/runs/final_refs/
     fi
   ) &
   REFS_PID=$!
@@ -150,11 +151,11 @@ if [ "$FINAL_S" -gt 0 ]; then
   if [ -n "${REFS_IN:-}" ] && [ -f $REFS_IN/final_refs.tgz ]; then
     # the references' sessions from an earlier call (module doc): seeded into the final's folder (its owner record
     # too when the folder is new), and each one found there joins the agents
-    rm -rf $W/refs_in && mkdir -p $W/refs_in $W/final/agents && tar -xzf $REFS_IN/final_refs.tgz -C $W/refs_in
-    [ -f $W/final/run.json ] || cp $W/refs_in/run.json $W/final/
+    refs_in=$(mktemp -d) && mkdir -p $W/final/agents && tar -xzf $REFS_IN/final_refs.tgz -C $refs_in
+    [ -f $W/final/run.json ] || cp $refs_in/run.json $W/final/
     for r in ${REFS//,/ }; do
-      [ -d $W/refs_in/agents/$r ] || continue
-      [ -e $W/final/agents/$r ] || cp -r $W/refs_in/agents/$r $W/final/agents/
+      [ -d $refs_in/agents/$r ] || continue
+      [ -e $W/final/agents/$r ] || cp -r $refs_in/agents/$r $W/final/agents/
       case ",$refs," in *",$r,"*) ;; *) refs="${refs:+$refs,}$r" ;; esac
     done
     echo "references from $REFS_IN: $refs" >> $OUT/rc.txt
