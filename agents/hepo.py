@@ -738,9 +738,8 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             )
             print(f"{out}: finished at iteration {finished} ({why}); its summary is kept")
             return summary
-    t_setup = (
-        time.perf_counter()
-    )  # perf/setup_s: the model, the training market, the held-out one and its states
+    # perf/setup_s of the start's row: the model, the training market, the held-out one and its oracle states
+    t_setup = time.perf_counter()
     model, tok = load_run_model(start_dir)
     tok_path = json.loads((start_dir / "config.json").read_text())["tokenizer_path"]
     model = model.to(args.device).train()
