@@ -373,16 +373,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         runs += sweep(base, grid, learners, a.seeds, a.workers)
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(
-        path.with_suffix(".json"), {"args": vars(a), "runs": runs}
-    )  # the runs first: the table reads them
+    files = {ext: path.parent / f"{path.name}.{ext}" for ext in ("json", "md", "png")}  # a dot in OUT stays
+    write_json(files["json"], {"args": vars(a), "runs": runs})  # the runs first: the table reads them
     keys = ["depth", "branching", "credit", "noise", "group"]
     out = table(runs, keys)
     md = pipe_table(out)
     print(md)
     print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
-    atomic_write_bytes(path.with_suffix(".md"), (md + "\n").encode())
-    print(f"wrote {path.with_suffix('.json')}, .md, {plot(runs, keys, path.with_suffix('.png')).name}")
+    atomic_write_bytes(files["md"], (md + "\n").encode())
+    plot(runs, keys, files["png"])
+    print(f"wrote {', '.join(str(f) for f in files.values())}")
     return out
 
 

@@ -81,11 +81,22 @@ def test_bad_settings_fail_with_one_line():
 
 def test_the_sweep_writes_its_runs_table_and_figure(tmp_path):
     out = main(
-        ["--out", str(tmp_path / "s"), "--seeds", "2", "--depth", "2", "--leaves", "16", "--credit", "early"]
+        [
+            "--out",
+            str(tmp_path / "s.1"),
+            "--seeds",
+            "2",
+            "--depth",
+            "2",
+            "--leaves",
+            "16",
+            "--credit",
+            "early",
+        ]
         + ["--noise", "0,2", "--group", "4", "--iterations", "3", "--workers", "1", "--learners", "hepo,grpo"]
     )
-    runs = json.loads((tmp_path / "s.json").read_text())["runs"]
+    runs = json.loads((tmp_path / "s.1.json").read_text())["runs"]  # a dot in OUT stays
     assert len(runs) == 2 * 2 * 2 and all(len(r["curve"]) == 4 for r in runs)  # noises x learners x seeds
     assert list(out["learner"]) == ["hepo", "grpo", "hepo", "grpo"]
-    assert (tmp_path / "s.md").read_text().startswith("| depth | branching |")
-    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "s.1.md").read_text().startswith("| depth | branching |")
+    assert (tmp_path / "s.1.png").read_bytes()[:4] == b"\x89PNG"
