@@ -202,7 +202,6 @@ def request_tokens(ctx: torch.Tensor) -> TokenBatch:
 
 def run(p: TrieProblem, learner: str, seed: int) -> list[float]:
     """One learner from the uniform policy on the bandit of ``seed``: the share after each iteration (0 first)."""
-    torch.manual_seed(seed)
     bandit = TrieBandit(p, seed)
     policy = TablePolicy(p)
     algo, cfg = learner_setup(learner)
@@ -246,28 +245,54 @@ def _job(args: tuple[dict, str, int]) -> dict:
     return {**problem, "learner": learner, "seed": seed, "curve": [round(x, 5) for x in curve]}  # (JSON size)
 
 
-def table(runs: list[dict], keys: list[str]) -> pd.DataFrame:
-    """Per setting (``keys``) and learner: final share and mean share over iterations [95% t over seeds], and
-    the difference to HEPO paired by seed."""
+def frame(runs: list[dict]) -> pd.DataFrame:
+    """The runs with each one's ``final`` share and its ``mean`` share over the iterations (speed)."""
     df = pd.DataFrame(runs)
     df["final"] = df["curve"].map(lambda c: c[-1])
     df["mean"] = df["curve"].map(lambda c: sum(c[1:]) / (len(c) - 1))
+    return df
+
+
+def differences(runs: list[dict], keys: list[str], metric: str = "final") -> pd.DataFrame:
+    """Per setting (``keys``) and learner other than HEPO: its ``metric`` minus HEPO's, paired by seed (columns
+    ``value``, ``ci_low``, ``ci_high``: the 95% t interval over the seeds both ran)."""
     rows = []
-    for setting, part in df.groupby(keys, sort=False):
-        hepo = part[part.learner == "hepo"].set_index("seed")
-        for learner, runs_of in part.groupby("learner", sort=False):
-            r = runs_of.set_index("seed")
-            row = dict(zip(keys, setting if isinstance(setting, tuple) else (setting,)))
-            row["learner"] = learner
+    for setting, part in frame(runs).groupby(keys, sort=False):
+        hepo = part[part.learner == "hepo"].set_index("seed")[metric]
+        for learner, mine in part[part.learner != "hepo"].groupby("learner", sort=False):
+            mine = mine.set_index("seed")[metric]
+            seeds = mine.index.intersection(hepo.index)
+            d = paired_difference(mine.loc[seeds].to_numpy(), hepo.loc[seeds].to_numpy())
+            named = dict(zip(keys, setting if isinstance(setting, tuple) else (setting,)))
+            rows.append(
+                {**named, "learner": learner, "value": d.value, "ci_low": d.ci_low, "ci_high": d.ci_high}
+            )
+    return pd.DataFrame(rows)
+
+
+def table(runs: list[dict], keys: list[str]) -> pd.DataFrame:
+    """Per setting (``keys``) and learner: final share and mean share over iterations [95% t over seeds], and
+    the difference to HEPO paired by seed (``differences``)."""
+    rows = []
+    for setting, part in frame(runs).groupby(keys, sort=False):
+        for learner, r in part.groupby("learner", sort=False):
+            row = {
+                **dict(zip(keys, setting if isinstance(setting, tuple) else (setting,))),
+                "learner": learner,
+            }
             for m in ("final", "mean"):
                 e = t_interval(r[m].to_numpy())
                 row[m] = f"{e.value:.3f} [{e.ci_low:.3f}, {e.ci_high:.3f}]"
-                if learner != "hepo":
-                    seeds = r.index.intersection(hepo.index)
-                    d = paired_difference(r.loc[seeds, m].to_numpy(), hepo.loc[seeds, m].to_numpy())
-                    row[f"{m} - hepo"] = f"{d.value:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]"
             rows.append(row)
-    return pd.DataFrame(rows).fillna("")
+    out = pd.DataFrame(rows)
+    for m in ("final", "mean"):
+        d = differences(runs, keys, m)
+        if len(d):
+            d[f"{m} - hepo"] = [
+                f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" for v, lo, hi in zip(d.value, d.ci_low, d.ci_high)
+            ]
+            out = out.merge(d[[*keys, "learner", f"{m} - hepo"]], on=[*keys, "learner"], how="left")
+    return out.fillna("")
 
 
 def plot(runs: list[dict], keys: list[str], path: Path) -> Path:
@@ -278,31 +303,20 @@ def plot(runs: list[dict], keys: list[str], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    df = pd.DataFrame(runs)
-    df["final"] = df["curve"].map(lambda c: c[-1])
-    noises = sorted(df["noise"].unique())
-    others = [name for name in df["learner"].unique() if name != "hepo"]
+    diffs = differences(runs, keys)
+    noises = sorted(diffs["noise"].unique())
+    others = list(diffs["learner"].unique())
     fig, axes = plt.subplots(len(noises), 1, figsize=(12, 3.2 * len(noises)), squeeze=False)
     cell_keys = [k for k in keys if k != "noise"]
+    width = 0.8 / max(len(others), 1)
     for ax, noise in zip(axes[:, 0], noises):
-        part = df[df["noise"] == noise]
-        cells = list(part.groupby(cell_keys, sort=False))
-        width = 0.8 / max(len(others), 1)
+        part = diffs[diffs["noise"] == noise]
+        cells = list(dict.fromkeys(map(tuple, part[cell_keys].to_numpy().tolist())))  # in the runs' order
         for j, name in enumerate(others):
-            xs, ys, errs = [], [], []
-            for i, (_, cell) in enumerate(cells):
-                hepo = cell[cell.learner == "hepo"].set_index("seed")["final"]
-                mine = cell[cell.learner == name].set_index("seed")["final"]
-                seeds = hepo.index.intersection(mine.index)
-                d = paired_difference(mine.loc[seeds].to_numpy(), hepo.loc[seeds].to_numpy())
-                xs.append(i + (j - (len(others) - 1) / 2) * width)
-                ys.append(d.value)
-                errs.append(d.value - d.ci_low)
-            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=name)
-        labels = [
-            "\n".join(f"{k}={v}" for k, v in zip(cell_keys, key if isinstance(key, tuple) else (key,)))
-            for key, _ in cells
-        ]
+            mine = part[part.learner == name].set_index(cell_keys).loc[cells]
+            xs = [i + (j - (len(others) - 1) / 2) * width for i in range(len(cells))]
+            ax.bar(xs, mine["value"], width, yerr=mine["value"] - mine["ci_low"], capsize=2, label=name)
+        labels = ["\n".join(f"{k}={v}" for k, v in zip(cell_keys, cell)) for cell in cells]
         ax.set_xticks(range(len(cells)), labels, fontsize=7)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("final share - HEPO's")
