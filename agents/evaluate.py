@@ -14,7 +14,9 @@ serves on `--oracle-states` fixed request states as a share of the myopic oracle
 the fatigue-aware oracle's share (`agents.evaluation.oracle_share`). With `--auction DIR` every agent's
 market (and the oracle_share states') ranks its auction on the learned pCTR/pCVR of the platform folder DIR
 instead of the privileged estimate (`agents.evaluation.auction`); the folder's digest joins each agent's
-cache key. `--budgets unlimited` lifts every advertiser's daily budget so that none binds (the same catalog and
+cache key. `--sessions-of oracle=N` records an expensive reference on each slot's first sessions only, paired
+with the others on those; `--cached-only oracle` takes it from `--out`'s cache or leaves it out (never simulated).
+`--budgets unlimited` lifts every advertiser's daily budget so that none binds (the same catalog and
 bids): the comparison of ranking alone, beside the default budgets' (`agents.evaluation.compare.BUDGETS`).
 
 With `--reference NAME`, every other agent is also compared with NAME session by session
@@ -102,6 +104,13 @@ class Args:
     market's auction ranks on, for every agent; empty = the privileged auction (the default)"""
     budgets: str = "default"
     """advertisers' daily budgets: default (the preset's) | unlimited (no budget binds: ranking alone)"""
+    sessions_of: str = ""
+    """comma-separated AGENT=N: agents of --agents recorded on N sessions only (each slot's first ceil(N /
+    num-envs), e.g. oracle=8192 with 8,192 envs: the oracle scores the whole catalog at every request), paired with
+    the others on the sessions both hold"""
+    cached_only: str = ""
+    """comma-separated agents of --agents taken from --out's cache with this config, or left out with a line
+    (never simulated: a reference evaluated once, in another run)"""
 
     def __post_init__(self) -> None:
         cli.check_args(self)
@@ -111,6 +120,18 @@ class Args:
 
     def agent_list(self) -> list[str]:
         return [s.strip() for s in self.agents.split(",") if s.strip()]
+
+    def sessions_of_pairs(self) -> tuple[tuple[str, int], ...]:
+        """``--sessions-of`` as (agent, sessions) pairs; ``ValueError`` naming an entry that is not AGENT=N."""
+        pairs = []
+        for item in (s.strip() for s in self.sessions_of.split(",") if s.strip()):
+            spec, _, n = item.rpartition("=")
+            if not spec or not n.strip().isdigit():
+                raise ValueError(
+                    f"sessions_of entry {item!r} is invalid: expected AGENT=N (e.g. oracle=8192)"
+                )
+            pairs.append((spec.strip(), int(n)))
+        return tuple(pairs)
 
     def config(self) -> EvalConfig:
         """The comparison these flags ask for (``agents.evaluation.compare``)."""
@@ -129,6 +150,8 @@ class Args:
             reference=self.reference or None,
             auction=self.auction,
             budgets=self.budgets,
+            sessions_of=self.sessions_of_pairs(),
+            cached_only=tuple(s.strip() for s in self.cached_only.split(",") if s.strip()),
         )
 
     @property

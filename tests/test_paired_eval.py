@@ -2,6 +2,7 @@
 (slot, session), the paired difference and its interval against hand computations, variance reduction where
 pairing must help, the files, the reference check and the cache."""
 
+import dataclasses
 import json
 import math
 
@@ -260,3 +261,75 @@ def test_cache_without_pairing_key_is_run_again(tmp_path, capsys):
     pd.testing.assert_frame_equal(
         paired_table(again, "cascade-privileged"), paired_table(first, "cascade-privileged")
     )
+
+
+def test_a_reference_on_fewer_sessions_pairs_on_each_slots_first(tiny_paired, tmp_path, capsys):
+    """``sessions_of``: the oracle recorded on each slot's first session only is the longer run's first session
+    (the same market, the same draws), and the paired table pairs it on those sessions alone."""
+    out, _ = tiny_paired
+    one = TINY["num_envs"]  # one session per slot
+    cfg = EvalConfig(
+        agents=("cascade-privileged", "oracle"),
+        reference="cascade-privileged",
+        sessions_of=(("oracle", one),),
+        **TINY,
+    )
+    result = compare_agents(cfg, tmp_path)
+    full = _sessions(out, "oracle")
+    first = full[full.session == 0].sort_values("slot").reset_index(drop=True)
+    pd.testing.assert_frame_equal(result.sessions["oracle"].sort_values("slot").reset_index(drop=True), first)
+    assert len(result.sessions["cascade-privileged"]) == TINY["sessions"]  # the others keep every session
+    table = paired_table(result, "cascade-privileged").set_index("metric")
+    assert (table.loc["reward_per_session", ["pairs", "same_streams"]] == one).all()
+    reference = _sessions(out, "cascade-privileged")
+    a, b = pair_sessions(first, reference[reference.session == 0])
+    want = difference_row(a, b, Metric("reward_per_session", "reward"), 0.95)
+    got = table.loc["reward_per_session"]
+    for key in ("difference", "ci_low", "ci_high"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+
+    # cached only: reused with the same config; another config leaves it out, never simulated
+    capsys.readouterr()
+    again = compare_agents(dataclasses.replace(cfg, cached_only=("oracle",)), tmp_path)
+    assert "oracle: same config already evaluated" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again.sessions["oracle"], result.sessions["oracle"])
+    other = dataclasses.replace(cfg, sessions_of=(("oracle", 2 * one),), cached_only=("oracle",))
+    left = compare_agents(other, tmp_path)
+    assert "holds a run with another config, left out (cached only)" in capsys.readouterr().out
+    assert set(left.sessions) == {"cascade-privileged"}
+    assert list(left.summary["agent"]) == ["cascade-privileged"]
+    elsewhere = compare_agents(dataclasses.replace(cfg, cached_only=("oracle",)), tmp_path / "empty")
+    assert (
+        "oracle: no sessions of this config" in capsys.readouterr().out and "oracle" not in elsewhere.sessions
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sessions_of=(("random", 24),)), "sessions_of names 'random', not one of the compared agents"),
+        (
+            dict(sessions_of=(("oracle", 0),)),
+            r"sessions_of oracle=0 is out of range: expected an integer in \[1, ",
+        ),
+        (dict(sessions_of=(("oracle", 49),)), r"sessions_of oracle=49 is out of range"),
+        (dict(sessions_of=(("oracle", 24), ("oracle", 24))), "sessions_of names an agent twice"),
+        (dict(cached_only=("random",)), "cached_only names 'random', not one of the compared agents"),
+        (dict(cached_only=("cascade-privileged",)), "is cached_only: the paired table needs it"),
+    ],
+)
+def test_sessions_of_and_cached_only_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(agents=("cascade-privileged", "oracle"), reference="cascade-privileged", **kwargs, **TINY)
+
+
+def test_sessions_of_flag_names_a_bad_entry_in_one_line(tmp_path, capsys):
+    argv = ["--agents", "cascade-privileged,oracle", "--sessions-of", "oracle", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(main, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sessions_of entry 'oracle' is invalid: expected AGENT=N" in err[0], err
+    assert not (tmp_path / "x").exists()
+    args = Args(agents="cascade-privileged,oracle", sessions_of="oracle=8", cached_only="oracle", **TINY)
+    assert args.config().sessions_of == (("oracle", 8),) and args.config().cached_only == ("oracle",)

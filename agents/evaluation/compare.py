@@ -22,6 +22,14 @@ An agent's sessions are saved in ``out/agents/NAME/`` (``sessions.parquet``, its
 the files it reads, e.g. ``policy.pt``); a later comparison with the same run config reuses them, so a
 retrained policy is evaluated again. Cached sessions that could not be paired (a table without a column of
 ``SESSION_COLUMNS``, or not every slot's sessions 0..k-1: ``cached_sessions_problem``) are simulated again.
+
+Expensive references on fewer sessions: the oracle scores the whole catalog at every request (on the large
+preset, 8,192 slots x 1M ads a step: ~30 sessions/s on an H200), so ``sessions_of`` records such an agent on
+the first ``ceil(n / num_envs)`` sessions of every slot only, in the same market (every slot keeps running until
+the last one has its sessions, so those first sessions are the ones a longer run records: the same draws), and
+the paired table pairs it with the others on the sessions both hold. ``cached_only`` names agents taken from the
+cache or not at all: one whose cache does not match is left out with a line, never simulated (a reference
+evaluated once, in another call, for every pipeline seed).
 """
 
 from __future__ import annotations
@@ -91,6 +99,11 @@ class EvalConfig:
     budgets: str = "default"
     """advertisers' daily budgets (``BUDGETS``): default (the preset's) | unlimited (no budget binds). The
     ``oracle_share`` states are first requests of sessions, where no budget binds yet: the same under both"""
+    sessions_of: tuple[tuple[str, int], ...] = ()
+    """(agent, sessions) pairs: agents recorded on fewer sessions than ``sessions`` (each slot's first
+    ceil(n / num_envs)), paired with the others on the sessions both hold (module doc)"""
+    cached_only: tuple[str, ...] = ()
+    """agents taken from the output folder's cache with this config, or left out (never simulated)"""
 
     def __post_init__(self) -> None:
         auction_funnel_file(self.auction)  # not a platform folder: fails before anything runs
@@ -118,10 +131,30 @@ class EvalConfig:
             raise ValueError(
                 f"reference={self.reference!r} needs at least one other agent to compare with it"
             )
+        names = [spec for spec, _ in self.sessions_of]
+        for spec, n in self.sessions_of:
+            if spec not in self.agents:
+                raise ValueError(f"sessions_of names {spec!r}, not one of the compared agents")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.sessions:
+                raise ValueError(
+                    f"sessions_of {spec}={n!r} is out of range: expected an integer in [1, sessions={self.sessions}]"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError(f"sessions_of names an agent twice: {','.join(names)}")
+        for spec in self.cached_only:
+            if spec not in self.agents:
+                raise ValueError(f"cached_only names {spec!r}, not one of the compared agents")
+        if self.reference is not None and self.reference in self.cached_only:
+            raise ValueError(f"reference={self.reference!r} is cached_only: the paired table needs it")
 
     @property
     def sessions_per_slot(self) -> int:
         return math.ceil(self.sessions / self.num_envs)
+
+    def sessions_per_slot_of(self, spec: str) -> int:
+        """Sessions recorded per slot for ``spec``: ``sessions_of``'s count where it names the agent."""
+        n = dict(self.sessions_of).get(spec, self.sessions)
+        return math.ceil(n / self.num_envs)
 
     @property
     def oracle_share(self) -> OracleShareConfig:
@@ -158,7 +191,7 @@ def run_config(cfg: EvalConfig, spec: str) -> dict:
         "world": resolve_config(cfg.preset, **BUDGETS[cfg.budgets]).to_dict(),
         "world_seed": cfg.world_seed,
         "num_envs": cfg.num_envs,
-        "sessions_per_slot": cfg.sessions_per_slot,
+        "sessions_per_slot": cfg.sessions_per_slot_of(spec),
         "seed": cfg.seed,
         "device": cfg.device,
         "oracle_states": cfg.oracle_states,
@@ -174,27 +207,46 @@ def agent_dir(out: Path, spec: str) -> Path:
     return out / "agents" / re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
 
 
+def cache_files(out: Path, spec: str) -> tuple[Path, Path, Path]:
+    """The agent's cache in ``out``: its ``summary.json`` (run config), ``sessions.parquet`` and
+    ``oracle_share.parquet``."""
+    folder = agent_dir(out, spec)
+    return folder / "summary.json", folder / "sessions.parquet", folder / "oracle_share.parquet"
+
+
+def cached_tables(
+    cfg: EvalConfig, spec: str, out: Path, otherwise: str = "running again"
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The agent's sessions and per-state values from ``agent_dir(out, spec)`` when they were written with this
+    run config and can be paired; None otherwise, or with ``cfg.rerun`` (a cache that does not match is named
+    in one printed line ending with ``otherwise``, what the caller does instead)."""
+    folder = agent_dir(out, spec)
+    config = json.loads(json.dumps(run_config(cfg, spec)))  # as it reads back from JSON
+    marker, table, values_table = cache_files(out, spec)
+    if cfg.rerun or not (marker.exists() and table.exists() and values_table.exists()):
+        return None
+    if read_json(marker).get("config") != config:
+        print(f"{spec}: {folder} holds a run with another config, {otherwise}")
+    elif problem := cached_sessions_problem(pd.read_parquet(table), cfg, spec):
+        print(f"{spec}: {folder} holds sessions that cannot be paired ({problem}), {otherwise}")
+    else:
+        print(f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)")
+        return pd.read_parquet(table), pd.read_parquet(values_table)
+    return None
+
+
 def run_agent(
     cfg: EvalConfig, spec: str, out: Path, states: Callable[[], RequestStates] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The agent's sessions and its per-state values on the ``oracle_share`` states (``state_values``: columns
     ``policy``, ``oracle``, ``oracle_fatigue``): reused from ``agent_dir(out, spec)`` when its run config
-    matches, else simulated and saved there. ``states`` returns those states (built once for every agent of a
-    comparison: on the large preset they are a 16 GiB table and ~30 s of scoring); None builds them here."""
-    folder = agent_dir(out, spec)
-    config = json.loads(json.dumps(run_config(cfg, spec)))  # as it reads back from JSON
-    marker, table = folder / "summary.json", folder / "sessions.parquet"
-    values_table = folder / "oracle_share.parquet"
-    if not cfg.rerun and marker.exists() and table.exists() and values_table.exists():
-        if read_json(marker).get("config") != config:
-            print(f"{spec}: {folder} holds a run with another config, running again")
-        elif problem := cached_sessions_problem(pd.read_parquet(table), cfg):
-            print(f"{spec}: {folder} holds sessions that cannot be paired ({problem}), running again")
-        else:
-            print(
-                f"{spec}: same config already evaluated in {folder}, reusing its sessions (--rerun to redo)"
-            )
-            return pd.read_parquet(table), pd.read_parquet(values_table)
+    matches (``cached_tables``), else simulated and saved there. ``states`` returns those states (built once for
+    every agent of a comparison: on the large preset they are a 16 GiB table and ~30 s of scoring); None builds
+    them here."""
+    cached = cached_tables(cfg, spec, out)
+    if cached is not None:
+        return cached
+    marker, table, values_table = cache_files(out, spec)
     env = make_vec_env(
         cfg.env,
         cfg.num_envs,
@@ -207,7 +259,7 @@ def run_agent(
     attach_auction_model(env, cfg.auction)
     policy = make_policy(spec, env, cfg.seed)
     start = time.perf_counter()
-    sessions, steps = collect_sessions(env, policy, cfg.sessions_per_slot, cfg.seed, desc=spec)
+    sessions, steps = collect_sessions(env, policy, cfg.sessions_per_slot_of(spec), cfg.seed, desc=spec)
     seconds = time.perf_counter() - start
     print(f"{spec}: {len(sessions)} sessions, {steps} steps of {cfg.num_envs} requests in {seconds:.1f} s")
     states = states() if states is not None else RequestStates.build(cfg.oracle_share)
@@ -221,20 +273,26 @@ def run_agent(
     atomic_write_bytes(values_table, buf.getvalue())
     metrics = {**summarize(sessions, prefix=PREFIX), **oracle_share_metrics(values, cfg.ci.level)}
     write_json(
-        marker, {"config": config, "steps": steps, "seconds": seconds, "metrics": strict_json(metrics)}
+        marker,
+        {
+            "config": json.loads(json.dumps(run_config(cfg, spec))),
+            "steps": steps,
+            "seconds": seconds,
+            "metrics": strict_json(metrics),
+        },
     )
     return sessions, values
 
 
-def cached_sessions_problem(sessions: pd.DataFrame, cfg: EvalConfig) -> str | None:
-    """Why cached session records cannot stand for this run (None if they can): a column of
+def cached_sessions_problem(sessions: pd.DataFrame, cfg: EvalConfig, spec: str = "") -> str | None:
+    """Why cached session records of ``spec`` cannot stand for this run (None if they can): a column of
     ``gpr_sim.metrics.SESSION_COLUMNS`` is missing (a cache written before it existed, e.g. without the
     pairing key ``slot``, ``session``), or the records are not the k-th session of every slot for every
-    k < ``cfg.sessions_per_slot``, each once (what pairs sessions across agents)."""
+    k < ``cfg.sessions_per_slot_of(spec)``, each once (what pairs sessions across agents)."""
     missing = [c for c in SESSION_COLUMNS if c not in sessions.columns]
     if missing:
         return f"no column {', '.join(missing)}"
-    k = cfg.sessions_per_slot
+    k = cfg.sessions_per_slot_of(spec)
     want = pd.MultiIndex.from_product([range(cfg.num_envs), range(k)], names=list(PAIR_KEY))
     have = pd.MultiIndex.from_frame(sessions[list(PAIR_KEY)])
     if len(have) != len(want) or not have.sort_values().equals(want):
@@ -281,7 +339,14 @@ def compare_agents(cfg: EvalConfig, out: Path) -> Comparison:
     summaries, strata, records, state_vals = [], [], {}, {}
     states = functools.cache(lambda: RequestStates.build(cfg.oracle_share))  # built on first need, once
     for spec in cfg.agents:
-        sessions, values = run_agent(cfg, spec, out, states)
+        if spec in cfg.cached_only:
+            cached = cached_tables(cfg, spec, out, otherwise="left out (cached only)")
+            if cached is None:
+                print(f"{spec}: no sessions of this config in {agent_dir(out, spec)}: left out (cached only)")
+                continue
+            sessions, values = cached
+        else:
+            sessions, values = run_agent(cfg, spec, out, states)
         records[spec], state_vals[spec] = sessions, values
         kw = dict(prefix=PREFIX, ci=cfg.ci.method, level=cfg.ci.level, n_bootstrap=cfg.ci.n_bootstrap)
         rng = lambda: np.random.default_rng(cfg.seed)  # noqa: E731  (the same resamples for every agent)

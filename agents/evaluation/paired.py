@@ -23,7 +23,9 @@ Keying a session's user by (seed, slot, episode) instead would pair every sessio
 users for every session after a slot's first, changing every number the simulator has produced; it is not
 done. For the strongest pairing, record one session per slot (``--num-envs`` >= ``--sessions``; budgets
 scale with the number of slots, so that is another market, not the same one paired better).
-``same_streams`` counts the pairs that share their streams.
+``same_streams`` counts the pairs that share their streams. An agent recorded on fewer sessions per slot
+(``EvalConfig.sessions_of``, an expensive reference) is paired on the sessions both hold (``common_sessions``):
+each slot's first ones, where the pairing is strongest.
 
 Per metric of ``gpr_sim.metrics.METRICS`` (per-session means and ratios of per-session sums) and for
 ``oracle_share`` (paired by request state: every agent is valued on the same states), the table holds the
@@ -157,6 +159,17 @@ def _ratio(df: pd.DataFrame, m: Metric) -> float:
     return float(m.scale * df[m.numerator].sum() / den) if den else math.nan
 
 
+def common_sessions(sessions: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both tables cut to the sessions both hold: each slot's first min(k_a, k_b) sessions, where k is a table's
+    sessions per slot (an agent recorded on fewer sessions, ``EvalConfig.sessions_of``: in the same market its
+    first sessions are a longer run's first ones). Tables with the same k come back unchanged."""
+    if "session" not in sessions.columns or "session" not in reference.columns:
+        return sessions, reference  # (``pair_sessions`` names the missing key)
+    k_a, k_b = (int(df["session"].max()) + 1 if len(df) else 0 for df in (sessions, reference))
+    k = min(k_a, k_b)
+    return tuple(df if kk == k else df[df["session"] < k] for df, kk in ((sessions, k_a), (reference, k_b)))
+
+
 def paired_table(result: Comparison, reference: str, metrics: tuple[Metric, ...] = METRICS) -> pd.DataFrame:
     """Every other agent of ``result`` against ``reference``: one row per (agent, metric) of ``metrics`` and
     ``STATE_METRIC`` (columns ``COLUMNS``), agents in comparison order, intervals at ``result.level``.
@@ -172,7 +185,7 @@ def paired_table(result: Comparison, reference: str, metrics: tuple[Metric, ...]
     for agent in result.sessions:
         if agent == reference:
             continue
-        a, b = pair_sessions(result.sessions[agent], result.sessions[reference])
+        a, b = pair_sessions(*common_sessions(result.sessions[agent], result.sessions[reference]))
         same = int((a["stream_start"] == b["stream_start"]).sum())
         head = {"agent": agent, "reference": reference, "pairs": len(a), "same_streams": same}
         for m in metrics:
