@@ -2,27 +2,34 @@
 # Issue 16 d3 on the profile's own pre-training, one command per device call (SEED, default 0):
 # - no pre-training at hand (a fresh machine, no BUNDLE_IN): the gpu-large pre-training, packed into $OUT as
 #   pre_bundle.* parts (benchmarks/pretrain_bundle.py: the VAFT weights in bf16, the tokenizer, the platform,
-#   38.9 MiB in three parts), and beside it the oracle's final sessions (it reads no learned model: the same
-#   sessions for every seed; run_side_by_side.sh REFS_OUT) packed into $OUT/final_refs.tgz (~4 MB); the call ends
-#   there (~510 s): the learner call's final evaluation has MTP and VAFT
-#   on its own sessions, so the start's evaluation here (FINAL_S=60: MTP and VAFT against the cascades, paired
+#   38.9 MiB in three parts); the call ends there (~510 s). The oracle's final sessions (it reads no learned model:
+#   the same sessions for every seed) are not evaluated beside it (REFS_OUT, default off: in the fifteenth session
+#   they slowed the pre-training past the call's deadline, 586 s, and did not end themselves) but once, in a call of
+#   their own (REFS below), into the tracked benchmarks/results/gpu_d3/final_refs; the learner call's final has MTP
+#   and VAFT on its own sessions, so the start's evaluation here (FINAL_S=60: MTP and VAFT against the cascades, paired
 #   against VAFT, 16,384 sessions) is opt-in (seed 1's was cut by the deadline anyway);
 # - BUNDLE_IN=DIR (those parts copied into the checkout and carried) or a warm machine's runs/d3_s$SEED: HEPO, PPO,
 #   GRPO and Sibling-GRPO (RUNS overrides) from that VAFT model, then the final evaluation of every run's best
-#   beside the VAFT start and the cascades on 65,536 sessions, paired against the first run's best; with
-#   REFS_IN=DIR (final_refs.tgz copied there and carried) the oracle joins them from call A's sessions.
+#   beside the VAFT start and the cascades on 65,536 sessions, paired against the first run's best; the oracle
+#   joins them from REFS_IN (default the tracked final_refs folder, when it holds final_refs.tgz): its 8,192
+#   sessions, each slot's first, paired with the others' first sessions (agents.evaluate --sessions-of).
 # The machine is released ~30 s after a call: the four calls issued at once after the previous one (thirteenth
 # and fourteenth sessions) found it warm, a call after a pause never does, hence the bundle; a warm machine's W is
 # reused (its pre-training exactly, its runs resumed).
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
-#                  BUNDLE_IN=runs/bundle_s0 REFS_IN=runs/refs OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
-#                    (carry .whl, runs/bundle_s0, runs/refs: 39 + ~4 MiB, ~13 MiB tracked: ~58 of 64 MiB)
+#                  BUNDLE_IN=runs/bundle_s0 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
+#                    (carry .whl, runs/bundle_s0: 39 MiB, ~15 MiB tracked)
+# REFS: the oracle's final sessions, once for every seed (a call of their own, ~4-6 min by the fifteenth session's
+#   rate; copy the returned final_refs.tgz into benchmarks/results/gpu_d3/final_refs/ and commit it):
+#     python -m agents.evaluate --preset large --device cuda --agents oracle --seed 54321 --no-plots \
+#       --out runs/final_refs --sessions 65536 --num-envs 8192 --oracle-states 1024 --sessions-of oracle=8192 && \
+#       tar -C runs/final_refs -czf $OUT/final_refs.tgz .
 #                  ... CACHE_OUT=1 / CACHE_IN=runs/cache ... (the compile cache back / carried in: fewer runs)
 # Other learners from the same bundle (a third call; RUNS as run_side_by_side.sh reads it), e.g.
 #   the credit probe (RESULTS.md, "Where per-level credit matters": HEPO should separate on realised rewards):
 #     RUNS="hepo_r:--reward-outcome realised --label hepo_realised;grpo_r:--algo grpo --reward-outcome realised \
 #       --label grpo_realised;ppo_r:--algo ppo --reward-outcome realised --label ppo_realised;sibling_r:--algo \
-#       sibling_grpo --reward-outcome realised --label sibling_realised" BUNDLE_IN=... REFS_IN=... SEED=... OUT=$OUT \
+#       sibling_grpo --reward-outcome realised --label sibling_realised" BUNDLE_IN=... SEED=... OUT=$OUT \
 #       bash benchmarks/results/gpu_d3/next.sh
 #   DPO at its own rates (lr 1e-4 collapsed in 4 iterations at GPU scale): RUNS="dpo_1e5:--algo dpo --lr 1e-5 \
 #     --label dpo;dpo_3e6:--algo dpo --lr 3e-6 --label dpo" ...
@@ -38,13 +45,14 @@ if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
   # - the final evaluation on the issue's >= 65k sessions per seed: 166 s for 8 agents (65,536 sessions each, 1,024
   #   oracle states) in seed 1; the exit diagnosis after it runs only if the call has time left
   export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 65536 --num-envs 8192 --oracle-states 1024"}
-  STOP=${STOP-"--plateau-metric reward_per_session --plateau-patience 2"} CACHE_OUT=${CACHE_OUT-} \
+  REFS_IN=${REFS_IN-$(dirname "$0")/final_refs} \
+    STOP=${STOP-"--plateau-metric reward_per_session --plateau-patience 2"} CACHE_OUT=${CACHE_OUT-} \
     DEADLINE=${DEADLINE:-585} FINAL_S=${FINAL_S:-180} bash benchmarks/results/gpu_d6/chain.sh
 else
   export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 16384 --num-envs 8192 --oracle-states 1024"}
   # the pre-training eager and in fp32 (agents.hepo --pretrain-precision's default): compiling it is unmeasured on
   # the GPU; fp32 eager took 490-515 s of this call's 590, bf16 eager 422 s but cost MTP HitRate (RESULTS.md)
-  PRETRAIN="--compile off" RUNS="" BUNDLE_OUT=1 REFS_OUT=${REFS_OUT-1} DEADLINE=${DEADLINE:-590} FINAL_S=${FINAL_S:-0} \
+  PRETRAIN="--compile off" RUNS="" BUNDLE_OUT=1 REFS_OUT=${REFS_OUT-0} DEADLINE=${DEADLINE:-590} FINAL_S=${FINAL_S:-0} \
     GRACE=5 \
     bash benchmarks/results/gpu_d6/chain.sh
 fi

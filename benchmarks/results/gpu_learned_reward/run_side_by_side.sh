@@ -21,13 +21,15 @@
 # torch.compile finds its graphs compiled (the same torch, GPU and code; anything else misses and compiles).
 # Moving the references' sessions between calls: the references REFS (comma-separated, default oracle: the one that
 # scores the whole catalog at every request) read no learned model, so their sessions on the final evaluation's
-# sessions (FINAL_FLAGS, FINAL_SEED, the runs' preset) are the same for every pipeline seed. REFS_OUT=1 evaluates
-# them in the background from the call's start (beside the pre-training; cut at DEADLINE) into W/final_refs and
-# packs that agents.evaluate folder into $OUT/final_refs.tgz (~4 MB a reference at 65,536 sessions: a learner call
-# carrying the 38.9 MiB bundle, the wheels and ~13 MiB of tracked files has room for about two); REFS_IN=DIR (a
-# carried folder holding it) seeds the final evaluation's folder with it, and every reference found there joins
-# the final's agents (reused, not simulated again: agents.evaluate's cache checks the settings): the oracle in the
-# paired table at no device time.
+# sessions (FINAL_FLAGS, FINAL_SEED, the runs' preset) are the same for every pipeline seed. They are recorded on
+# REFS_SESSIONS sessions (default 8,192: each slot's first at 8,192 envs; agents.evaluate --sessions-of) and paired
+# with the others on those: the oracle ran at ~30 sessions/s on an H200 (fifteenth session: 16,384 sessions did not
+# end in 385 s alone), so 65,536 would take a call and a half. REFS_OUT=1 (0 or empty: off) evaluates them in the
+# background from the call's start (beside whatever runs; cut at DEADLINE) with REFS_FLAGS (default FINAL_FLAGS: the
+# learner call's final flags, which a pre-training call must pass) into W/final_refs, packed into
+# $OUT/final_refs.tgz; REFS_IN=DIR (a folder holding it: carried, or tracked) seeds the final evaluation's folder with
+# it, and every reference found there joins the final's agents taken from that cache only (agents.evaluate
+# --cached-only: one evaluated with other settings is left out with a line, never simulated in the final's time).
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -48,13 +50,17 @@ profile_world() {  # "preset beam" as agents.hepo parses PROFILE (the world and 
   python -c "import sys; from agents.cli import parse_args; from agents.hepo import Args, PROFILES; a = parse_args(Args, sys.argv[1:], '', PROFILES); print(a.preset, a.eval_beam)" $PROFILE
 }
 torch_device() { python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"; }
+enabled() { case "${1:-}" in "" | 0) return 1 ;; esac; }  # a switch: unset, empty or 0 is off
 REFS=${REFS:-oracle}
-if [ -n "${REFS_OUT:-}" ]; then
+# --sessions-of for the references: "oracle=8192" (each of REFS with REFS_SESSIONS)
+refs_sessions_of() { local r out=""; for r in ${1//,/ }; do out="${out:+$out,}$r=${REFS_SESSIONS:-8192}"; done; echo "$out"; }
+if enabled "${REFS_OUT:-}"; then
   # the references' final sessions, beside whatever the call runs (module doc), packed when done
   (
     read -r preset beam < <(profile_world)
     timeout $((DEADLINE - 10)) python -m agents.evaluate --preset $preset --device $(torch_device) --agents "$REFS" \
-      --seed ${FINAL_SEED:-54321} --no-plots --out $W/final_refs ${FINAL_FLAGS:-} > $OUT/final_refs.log 2>&1
+      --sessions-of "$(refs_sessions_of "$REFS")" --seed ${FINAL_SEED:-54321} --no-plots --out $W/final_refs \
+      ${REFS_FLAGS:-${FINAL_FLAGS:-}} > $OUT/final_refs.log 2>&1
     rc=$?
     echo "final refs rc=$rc at $(($(date +%s) - start)) s" >> $OUT/rc.txt
     if [ $rc -eq 0 ]; then
@@ -71,7 +77,7 @@ if [ -n "${CACHE_IN:-}" ] && ls $CACHE_IN/inductor.tgz.* > /dev/null 2>&1; then
   echo "compile cache unpacked rc=$? ($(du -sm $CACHE | cut -f1) MiB) at $(($(date +%s) - start)) s" >> $OUT/rc.txt
 fi
 pack_cache() {
-  [ -n "${CACHE_OUT:-}" ] && [ -d $CACHE ] || return 0
+  enabled "${CACHE_OUT:-}" && [ -d $CACHE ] || return 0
   tar -C $CACHE -czf - . | split -b 15m -d - $OUT/inductor.tgz.
   local bytes=$(cat $OUT/inductor.tgz.* | wc -c)
   if [ $bytes -gt $((${CACHE_MAX_MIB:-12} << 20)) ]; then
@@ -86,7 +92,7 @@ if [ -n "${BUNDLE_IN:-}" ] && [ ! -d $W/pre/vaft ]; then
   echo "unpacked $BUNDLE_IN rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
 fi
 pack_bundle() {
-  if [ -n "${BUNDLE_OUT:-}" ] && [ -f $W/pre/vaft/summary.json ]; then
+  if enabled "${BUNDLE_OUT:-}" && [ -f $W/pre/vaft/summary.json ]; then
     python benchmarks/pretrain_bundle.py pack $W/pre $OUT --stages ${BUNDLE_STAGES:-vaft} >> $OUT/bundle.log 2>&1
     echo "packed rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
   fi
@@ -145,20 +151,21 @@ if [ "$FINAL_S" -gt 0 ]; then
     agents="$agents,gpr:$W/$n/best@beam_width=$beam"; [ -z "$ref" ] && ref="gpr:$W/$n/best@beam_width=$beam"
   done
   [ -f $W/pre/platform/funnel.pt ] && agents="$agents,learned-cascade:$W/pre/platform"
-  # labelled references that read hidden state (FINAL_REFS, comma-separated; "oracle" scores the whole catalog at
-  # every request, ~230k requests x 1M ads at 65k sessions: minutes by estimate, unmeasured, so not the default)
+  # labelled references that read hidden state (FINAL_REFS, comma-separated; the oracle is REFS_IN's, module doc)
   refs=${FINAL_REFS-cascade-privileged}
+  cached=""
   if [ -n "${REFS_IN:-}" ] && [ -f $REFS_IN/final_refs.tgz ]; then
     # the references' sessions from an earlier call (module doc): seeded into the final's folder (its owner record
-    # too when the folder is new), and each one found there joins the agents
+    # too when the folder is new), and each one found there joins the agents, from that cache only
     refs_in=$(mktemp -d) && mkdir -p $W/final/agents && tar -xzf $REFS_IN/final_refs.tgz -C $refs_in
     [ -f $W/final/run.json ] || cp $refs_in/run.json $W/final/
     for r in ${REFS//,/ }; do
       [ -d $refs_in/agents/$r ] || continue
       [ -e $W/final/agents/$r ] || cp -r $refs_in/agents/$r $W/final/agents/
       case ",$refs," in *",$r,"*) ;; *) refs="${refs:+$refs,}$r" ;; esac
+      cached="${cached:+$cached,}$r"
     done
-    echo "references from $REFS_IN: $refs" >> $OUT/rc.txt
+    echo "references from $REFS_IN: $cached" >> $OUT/rc.txt
   fi
   [ -n "$refs" ] && agents="$agents,$refs"
   # the VAFT and MTP generators where the pipeline holds their models (a stage moved by a bundle may have come
@@ -170,8 +177,11 @@ if [ "$FINAL_S" -gt 0 ]; then
   [ -z "$ref" ] && ref="gpr:$W/pre/vaft@beam_width=$beam"  # no runs: the pairs are against the VAFT start
   left=$((DEADLINE - ($(date +%s) - start)))
   [ "$left" -lt 1 ] && left=1  # (timeout 0 would mean no limit at all)
+  refs_flags=()
+  [ -n "$cached" ] && refs_flags=(--sessions-of "$(refs_sessions_of "$cached")" --cached-only "$cached")
   timeout $left python -m agents.evaluate --preset $preset --device $device --agents "$agents" \
-    --reference "$ref" --seed ${FINAL_SEED:-54321} --no-plots --out $W/final ${FINAL_FLAGS:-} > $OUT/final.log 2>&1
+    --reference "$ref" --seed ${FINAL_SEED:-54321} --no-plots --out $W/final ${FINAL_FLAGS:-} ${refs_flags[@]+"${refs_flags[@]}"} \
+    > $OUT/final.log 2>&1
   echo "final rc=$? at $(($(date +%s) - start)) s" >> $OUT/rc.txt
   mkdir -p $OUT/runs/final
   cp $W/final/summary.csv $W/final/paired.csv $W/final/config.json $OUT/runs/final/ 2>/dev/null
