@@ -283,8 +283,13 @@ def score(
     Default: the auction is ranked on ``estimate`` (or the privileged estimate), ``transition``'s default.
     """
     cfg = world.config
-    valid = (candidates >= 0) & (candidates < cfg.num_ads)
-    ads = torch.where(valid, candidates, torch.zeros_like(candidates))
+    # the same candidates in every row (a broadcast (1, K) -> (N, K) view, e.g. the oracle's whole catalog): every
+    # per-ad field is gathered once, (1, K), and broadcast against the per-row terms, so nothing (N, K, D) or
+    # (N, K) int64 is built; the values are the per-row path's (tests/test_world_score_shared.py)
+    shared = candidates.dim() == 2 and candidates.shape[0] > 1 and candidates.stride(0) == 0
+    ids = candidates[:1] if shared else candidates
+    valid = (ids >= 0) & (ids < cfg.num_ads)
+    ads = torch.where(valid, ids, torch.zeros_like(ids))
     if estimate is None:
         est = platform_probabilities(world, ads, state.user_id, slot)
     elif truth:
@@ -306,7 +311,10 @@ def score(
     p_stay = stay_probability(world, state.user_id, carried, tolerance, pr.match, p_win)
     value = weighted_reward(cfg.reward, revenue, gmv, p_click, p_conv, p_stay)
     value = value.masked_fill(~valid, float("-inf"))
-    return CandidateScores(pr.p_click, pr.p_conversion, bid_ecpm, p_win, revenue, gmv, p_stay, value)
+    fields = (pr.p_click, pr.p_conversion, bid_ecpm, p_win, revenue, gmv, p_stay, value)
+    return CandidateScores(
+        *(f.expand(candidates.shape) for f in fields)
+    )  # (N, K) views where a field is per ad
 
 
 def _checked_estimate(estimate: Probabilities, candidates: torch.Tensor) -> Probabilities:

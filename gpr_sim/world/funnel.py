@@ -24,7 +24,11 @@ class Probabilities(NamedTuple):
 
 
 def interest_match(interest: torch.Tensor, ad_emb: torch.Tensor) -> torch.Tensor:
-    """(N, D) x (N, K, D) -> (N, K) cosine match (inputs are unit norm)."""
+    """(N, D) x (N, K, D) -> (N, K) cosine match (inputs are unit norm). A (1, K, D) ``ad_emb`` is the same K
+    ads for every row (``core.score``'s shared candidates, e.g. the whole catalog): one GEMM, no (N, K, D)
+    gather."""
+    if ad_emb.shape[0] == 1 and interest.shape[0] != 1:
+        return interest @ ad_emb[0].T
     return torch.einsum("nd,nkd->nk", interest, ad_emb)
 
 
