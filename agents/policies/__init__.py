@@ -75,9 +75,11 @@ def row_chunks(n: int, size: int) -> Iterator[slice]:
 
 
 CATALOG_CELLS = 1 << 22
-"""(request, ad) pairs scored at once when requests are scored against the whole catalog: the scoring API
-gathers a D-dim embedding per pair, so 4M pairs hold ~0.5 GB per temporary at D = 32. A fixed row count
-does not bound that: 2,048 requests x the large preset's 1M ads asked an H200 for 244 GiB."""
+"""(request, ad) pairs scored at once when requests are scored against the whole catalog. Per-row candidates
+make the scoring API gather a D-dim embedding per pair (4M pairs: ~0.5 GB per temporary at D = 32; 2,048
+requests x the large preset's 1M ads asked an H200 for 244 GiB); the whole catalog as a broadcast view (the
+oracle's) is gathered once per chunk, and on the CPU 16M-pair chunks were 3x slower than 4M
+(``benchmarks/bench_oracle.py --cells``; on a GPU unmeasured)."""
 
 
 def catalog_rows(size: int, num_ads: int, cells: int = CATALOG_CELLS) -> int:
