@@ -11,8 +11,9 @@ chunks, the same ``score(truth=True)`` and top-K:
 - ``per-row``: a materialised (rows, num_ads) candidate matrix, as every caller passed before: each per-ad field
   and the D-dim embedding gathered per pair;
 - ``shared``: the broadcast view the oracle passes, which ``score`` recognises (stride 0 over rows): each per-ad
-  field gathered once per chunk, the interest match one GEMM; with ``--cells``, more shared rows in fewer,
-  larger chunks.
+  field gathered once per chunk, the interest match one GEMM;
+- ``shared, compiled``: the same through ``CatalogScorer`` compiled (the oracle's default on CUDA): the element-wise
+  chain fused; with ``--cells``, shared rows (eager and compiled) in fewer, larger chunks.
 
 The floor: the least a whole-catalog top-K must move, one float64 value written and read back per pair (16 bytes),
 over the measured copy bandwidth (``bench_env.copy_bandwidth``). The last column is the evaluation's step at
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from agents.cli import run_main
 from agents.policies import CATALOG_CELLS, catalog_rows, row_chunks
+from agents.policies.oracle import CatalogScorer
 from benchmarks.bench_env import copy_bandwidth, sync
 from envs import make_vec_env
 
@@ -44,19 +46,23 @@ FINAL_SLOTS = 8192
 """requests per step of the gpu-large final evaluation (``gpu_d3/next.sh`` FINAL_FLAGS)"""
 
 
-def oracle_topk(vec, shared: bool, cells: int = CATALOG_CELLS) -> torch.Tensor:
+def oracle_topk(
+    vec, shared: bool, cells: int = CATALOG_CELLS, scorer: CatalogScorer | None = None
+) -> torch.Tensor:
     """The oracle's action at the env's current requests (``OraclePolicy.act``'s loop), the candidate rows a
-    broadcast view (``shared``) or a materialised copy, in chunks of at most ``cells`` pairs."""
+    broadcast view (``shared``) or a materialised copy, in chunks of at most ``cells`` pairs; with ``scorer``,
+    the shared row through it (``CatalogScorer``, e.g. compiled)."""
     n, wc = vec.num_envs, vec.config
     eligible = vec.eligible_ads()
     all_ads = torch.arange(wc.num_ads, device=vec.device)
     out = torch.empty(n, wc.num_candidates, dtype=torch.int64, device=vec.device)
     for sl in row_chunks(n, catalog_rows(2048, wc.num_ads, cells)):
-        rows = torch.arange(n, device=vec.device)[sl]
-        cand = all_ads[None].expand(rows.numel(), -1)
-        if not shared:
-            cand = cand.contiguous()
-        value = vec.score(cand, truth=True, state=vec.state.select(rows)).value
+        state = vec.state.select(torch.arange(n, device=vec.device)[sl])
+        if scorer is not None:
+            value = scorer(state)
+        else:
+            cand = all_ads[None].expand(sl.stop - sl.start, -1)
+            value = vec.score(cand if shared else cand.contiguous(), truth=True, state=state).value
         out[sl] = value.masked_fill(~eligible[None], float("-inf")).topk(wc.num_candidates, dim=1).indices
     return out
 
@@ -91,11 +97,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     bandwidth = copy_bandwidth(device)
     pairs = a.rows * vec.config.num_ads
-    modes = {"per-row": (False, CATALOG_CELLS), "shared": (True, CATALOG_CELLS)}
+    compiled = CatalogScorer(vec, compile=True)
+    modes = {
+        "per-row": (False, CATALOG_CELLS, None),
+        "shared": (True, CATALOG_CELLS, None),
+        "shared, compiled": (True, CATALOG_CELLS, compiled),
+    }
     for c in (int(x) for x in a.cells.split(",") if x.strip()):
-        modes[f"shared, {c:,} pairs a chunk"] = (True, c)
+        modes[f"shared, {c:,} pairs a chunk"] = (True, c, None)
+        modes[f"shared, compiled, {c:,} pairs a chunk"] = (True, c, compiled)
     best = dict.fromkeys(modes, float("inf"))
-    actions = {mode: oracle_topk(vec, *modes[mode]) for mode in modes}  # warm-up
+    actions = {mode: oracle_topk(vec, *modes[mode]) for mode in modes}  # warm-up (and compile)
     for _ in range(a.repeats):
         for mode in modes:
             sync(device)
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         for mode, s in best.items()
     ]
-    same = float((actions["per-row"] == actions["shared"]).double().mean())  # (ties may order differently)
+    same = {m: float((actions["per-row"] == actions[m]).double().mean()) for m in modes}  # (ties may reorder)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; floor {floor * 1e3:.2f} ms per call ({pairs:,} pairs)")
     print("| candidates | s per call | pairs / s | floor fraction | s per step at 8,192 requests |")
     print("|---|---:|---:|---:|---:|")
@@ -124,7 +136,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {r['mode']} | {r['seconds']:.3f} | {r['pairs_per_s']:.3g} | {r['floor_fraction']:.1%} | "
             f"{r['step_s_at_final_slots']:.2f} |"
         )
-    print(f"speed-up {best['per-row'] / best['shared']:.2f}x; the same top-K ads in {same:.2%} of the slots")
+    print(
+        f"speed-up of the shared row {best['per-row'] / best['shared']:.2f}x, compiled {best['per-row'] / best['shared, compiled']:.2f}x"
+    )
+    print(
+        "the per-row path's top-K in " + ", ".join(f"{m} {v:.2%}" for m, v in same.items() if m != "per-row")
+    )
+    if not compiled.compiled:
+        print("(the compiled rows ran eager: torch.compile failed, line above)")
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device)
@@ -135,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "bandwidth_bytes_per_s": bandwidth,
         "floor_s": floor,
         "same_actions": same,
+        "compiled": compiled.compiled,
         "rows": rows,
     }
     with open(a.out, "w") as f:

@@ -1,13 +1,13 @@
 """``score`` with the same candidates in every row (a broadcast view, as the oracle scores the whole catalog):
 the per-ad fields gathered once instead of per row, the values those of the per-row path, for every estimator
-and with "no ad" entries; the oracle's choices keep their true values."""
+and with "no ad" entries; the oracle's choices keep their true values; its scoring compiled equals eager."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from agents.policies.oracle import OraclePolicy
+from agents.policies.oracle import FATIGUE_AWARE_PENALTY, CatalogScorer, OraclePolicy, catalog_values
 from envs import make_vec_env
 from gpr_sim.platform import FunnelConfig, FunnelModel, catalog_of
 from gpr_sim.world import WorldConfig
@@ -62,3 +62,31 @@ def test_the_oracles_choices_keep_their_true_values(env):
     rows = rows.masked_fill(~vec.eligible_ads()[None], float("-inf"))
     best = rows.topk(CFG.num_candidates, dim=1).values
     torch.testing.assert_close(rows.gather(1, action), best, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("penalty", [0.0, FATIGUE_AWARE_PENALTY])
+def test_compiled_catalog_scoring_equals_eager(env, penalty):
+    """``CatalogScorer`` compiled (the CUDA default) against eager on the CPU: the values to float32 rounding, for
+    chunks of two sizes (dynamic rows), and the fatigue-aware charge included."""
+    vec = env.unwrapped
+    eager, compiled = CatalogScorer(vec, penalty, compile=False), CatalogScorer(vec, penalty, compile=True)
+    for rows in (torch.arange(N), torch.arange(3)):
+        state = vec.state.select(rows)
+        torch.testing.assert_close(compiled(state), eager(state), rtol=1e-5, atol=1e-7)
+    assert compiled.compiled  # it compiled rather than fell back
+    assert not CatalogScorer(vec).compiled  # the CPU default: eager
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_line(env, capsys, monkeypatch):
+    vec = env.unwrapped
+    scorer = CatalogScorer(vec, compile=True)
+
+    def broken(state):
+        raise RuntimeError("backend exploded\nsecond line")
+
+    monkeypatch.setattr(scorer, "_fn", broken)
+    state = vec.state.select(torch.arange(N))
+    torch.testing.assert_close(scorer(state), catalog_values(vec, state))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["catalog scoring: torch.compile failed (RuntimeError: backend exploded); eager"], out
+    assert not scorer.compiled

@@ -41,7 +41,7 @@ from agents.policies import CATALOG_CELLS, catalog_rows, make_policy, row_chunks
 from agents.policies.cascade import CascadePolicy
 from agents.policies.distribution import action_distribution
 from agents.policies.learned_cascade import LearnedCascadePolicy
-from agents.policies.oracle import OraclePolicy
+from agents.policies.oracle import CatalogScorer, OraclePolicy
 from agents.policies.random import RandomPolicy
 from envs import make_vec_env
 from gpr_sim.stats import check_level, ratio_of_means
@@ -142,11 +142,9 @@ def _true_value_chunks(vec, chunk_size: int, cells: int):
     """(row slice, (rows, num_ads) float64 true values of every ad) over the env's current requests, in chunks
     of at most ``chunk_size`` rows and ``cells`` (request, ad) pairs."""
     n, num_ads = vec.num_envs, vec.config.num_ads
-    every = torch.arange(num_ads, device=vec.device)
+    scorer = CatalogScorer(vec)  # the oracle's scoring (compiled on CUDA)
     for sl in row_chunks(n, catalog_rows(chunk_size, num_ads, cells)):
-        rows = torch.arange(n, device=vec.device)[sl]
-        cand = every[None].expand(rows.numel(), -1)  # (n_chunk, num_ads)
-        yield sl, vec.score(cand, truth=True, state=vec.state.select(rows)).value.double()
+        yield sl, scorer(vec.state.select(torch.arange(n, device=vec.device)[sl])).double()
 
 
 def true_values(vec, chunk_size: int = 2048, cells: int = CATALOG_CELLS) -> torch.Tensor:
