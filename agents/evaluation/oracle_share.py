@@ -142,7 +142,9 @@ def _true_value_chunks(vec, chunk_size: int, cells: int):
     """(row slice, (rows, num_ads) float64 true values of every ad) over the env's current requests, in chunks
     of at most ``chunk_size`` rows and ``cells`` (request, ad) pairs."""
     n, num_ads = vec.num_envs, vec.config.num_ads
-    scorer = CatalogScorer(vec)  # the oracle's scoring (compiled on CUDA)
+    # the oracle's scoring, eager: built once per evaluation, where compiling would cost more than it saves
+    # (the oracle policy, scoring at every step, compiles on CUDA)
+    scorer = CatalogScorer(vec, compile=False)
     for sl in row_chunks(n, catalog_rows(chunk_size, num_ads, cells)):
         yield sl, scorer(vec.state.select(torch.arange(n, device=vec.device)[sl])).double()
 

@@ -30,7 +30,7 @@ def catalog_values(env, state, fatigue_penalty: float = 0.0) -> torch.Tensor:
 
 class CatalogScorer:
     """``catalog_values`` of one env, eager or compiled: the one scoring loop of the oracle and of the
-    ``oracle_share`` states (``agents.evaluation.oracle_share``).
+    ``oracle_share`` states (``agents.evaluation.oracle_share``, eager: built once per evaluation).
 
     Compiled (the default on CUDA), the ~50 element-wise kernels of the scoring over (R, num_ads) run as a few fused
     ones (on the CPU, 1.85x over eager at 16 requests x 1M ads; same top-K). Floats are specialised while it
