@@ -8,7 +8,6 @@ fatigue-aware variant used to show that long-term value is real).
 from __future__ import annotations
 
 import torch
-import torch._dynamo
 
 from agents.policies import PolicyOutput, batched_env, catalog_rows, row_chunks
 from gpr_sim.world.config import check_range
@@ -50,6 +49,8 @@ class CatalogScorer:
     def __call__(self, state) -> torch.Tensor:
         if not self.compiled:
             return self._eager(state)
+        import torch._dynamo  # (0.8 s to import: only where it compiles)
+
         try:
             with torch._dynamo.config.patch(specialize_float=True):
                 return self._fn(state)
