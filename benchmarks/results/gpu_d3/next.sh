@@ -19,8 +19,12 @@
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
 #                  BUNDLE_IN=runs/bundle_s0 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
 #                    (carry .whl, runs/bundle_s0: 39 MiB, ~15 MiB tracked)
-# REFS: the oracle's final sessions, once for every seed (a call of their own, ~4-6 min by the fifteenth session's
-#   rate; copy the returned final_refs.tgz into benchmarks/results/gpu_d3/final_refs/ and commit it):
+# REFS: the oracle's final sessions, once for every seed, in a call of their own (the fifteenth session's eager
+#   per-row scoring ran 57 sessions/s: > 3 min for the 8,192; the shared row, compiled on CUDA, was 5.6x faster on
+#   the CPU), after the scoring's benchmark; copy the returned final_refs.tgz into
+#   benchmarks/results/gpu_d3/final_refs/ and commit it (~0.5 MB):
+#     python benchmarks/bench_oracle.py --device cuda --rows 8192 --repeats 2 --cells 33554432 \
+#       --out $OUT/bench_oracle_cuda.json > $OUT/bench_oracle.log 2>&1
 #     python -m agents.evaluate --preset large --device cuda --agents oracle --seed 54321 --no-plots \
 #       --out runs/final_refs --sessions 65536 --num-envs 8192 --oracle-states 1024 --sessions-of oracle=8192 && \
 #       tar -C runs/final_refs -czf $OUT/final_refs.tgz .
