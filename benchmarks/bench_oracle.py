@@ -23,7 +23,6 @@ over the measured copy bandwidth (``bench_env.copy_bandwidth``). The last column
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -39,6 +38,7 @@ from agents.policies import CATALOG_CELLS, catalog_rows, row_chunks
 from agents.policies.oracle import CatalogScorer
 from benchmarks.bench_env import copy_bandwidth, sync
 from envs import make_vec_env
+from gpr_sim.runs import write_json
 
 FLOOR_BYTES_PER_PAIR = 16
 """one float64 value written and read back per (request, ad) pair"""
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="comma-separated larger chunk budgets (pairs) for more shared rows: fewer, larger chunks "
         "(without the per-pair embedding gather a pair holds less memory; on a GPU fewer launches)",
     )
-    p.add_argument("--out", default="benchmarks/results/bench_oracle.json")
+    p.add_argument("--out", default="benchmarks/results/oracle_scoring/bench_oracle.json")
     a = p.parse_args(argv)
     if a.rows < 1 or a.repeats < 1:
         raise ValueError(f"rows={a.rows}, repeats={a.repeats}: expected integers >= 1")
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "compiled": compiled.compiled,
         "rows": rows,
     }
-    with open(a.out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(Path(a.out), record)
     print(f"wrote {a.out}")
     return rows
 
