@@ -215,13 +215,15 @@ def cache_files(out: Path, spec: str) -> tuple[Path, Path, Path]:
 
 
 def cached_tables(
-    cfg: EvalConfig, spec: str, out: Path, otherwise: str = "running again"
+    cfg: EvalConfig, spec: str, out: Path, config: dict | None = None, otherwise: str = "running again"
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """The agent's sessions and per-state values from ``agent_dir(out, spec)`` when they were written with this
-    run config and can be paired; None otherwise, or with ``cfg.rerun`` (a cache that does not match is named
+    run config (``config``: ``run_config`` as it reads back from JSON, computed here when None: it hashes the
+    agent's files) and can be paired; None otherwise, or with ``cfg.rerun`` (a cache that does not match is named
     in one printed line ending with ``otherwise``, what the caller does instead)."""
     folder = agent_dir(out, spec)
-    config = json.loads(json.dumps(run_config(cfg, spec)))  # as it reads back from JSON
+    if config is None:
+        config = json.loads(json.dumps(run_config(cfg, spec)))
     marker, table, values_table = cache_files(out, spec)
     if cfg.rerun or not (marker.exists() and table.exists() and values_table.exists()):
         return None
@@ -243,7 +245,8 @@ def run_agent(
     matches (``cached_tables``), else simulated and saved there. ``states`` returns those states (built once for
     every agent of a comparison: on the large preset they are a 16 GiB table and ~30 s of scoring); None builds
     them here."""
-    cached = cached_tables(cfg, spec, out)
+    config = json.loads(json.dumps(run_config(cfg, spec)))  # as it reads back from JSON
+    cached = cached_tables(cfg, spec, out, config)
     if cached is not None:
         return cached
     marker, table, values_table = cache_files(out, spec)
@@ -275,7 +278,7 @@ def run_agent(
     write_json(
         marker,
         {
-            "config": json.loads(json.dumps(run_config(cfg, spec))),
+            "config": config,
             "steps": steps,
             "seconds": seconds,
             "metrics": strict_json(metrics),
