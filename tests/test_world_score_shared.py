@@ -54,10 +54,12 @@ def test_shared_candidates_score_as_the_rows_do(env, estimator):
     assert fast.value.isfinite()[:, ids >= 0].all()
 
 
-def test_the_oracles_choices_keep_their_true_values(env):
-    """The oracle (shared path) serves, at every row, ads whose true values are the per-row path's top-K."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_oracles_choices_keep_their_true_values(env, compile):
+    """The oracle (shared path, eager or compiled) serves, at every row, ads whose true values are the per-row
+    path's top-K."""
     vec = env.unwrapped
-    action = OraclePolicy(env).act(vec.observe()).action
+    action = OraclePolicy(env, compile=compile).act(vec.observe()).action
     rows = vec.score(torch.arange(CFG.num_ads)[None].expand(N, -1).contiguous(), truth=True).value
     rows = rows.masked_fill(~vec.eligible_ads()[None], float("-inf"))
     best = rows.topk(CFG.num_candidates, dim=1).values
