@@ -24,7 +24,7 @@ retrained policy is evaluated again. Cached sessions that could not be paired (a
 ``SESSION_COLUMNS``, or not every slot's sessions 0..k-1: ``cached_sessions_problem``) are simulated again.
 
 Expensive references on fewer sessions: the oracle scores the whole catalog at every request (on the large
-preset, 8,192 slots x 1M ads a step: ~30 sessions/s on an H200), so ``sessions_of`` records such an agent on
+preset, 8,192 slots x 1M ads a step: 57 sessions/s on an H200, eager), so ``sessions_of`` records such an agent on
 the first ``ceil(n / num_envs)`` sessions of every slot only, in the same market (every slot keeps running until
 the last one has its sessions, so those first sessions are the ones a longer run records: the same draws), and
 the paired table pairs it with the others on the sessions both hold. ``cached_only`` names agents taken from the

@@ -23,7 +23,7 @@
 # scores the whole catalog at every request) read no learned model, so their sessions on the final evaluation's
 # sessions (FINAL_FLAGS, FINAL_SEED, the runs' preset) are the same for every pipeline seed. They are recorded on
 # REFS_SESSIONS sessions (default 8,192: each slot's first at 8,192 envs; agents.evaluate --sessions-of) and paired
-# with the others on those: the oracle ran at ~30 sessions/s on an H200 (fifteenth session: 16,384 sessions did not
+# with the others on those: the oracle ran at 57 sessions/s on an H200, eager (fifteenth session; 16,384 sessions did not
 # end in 385 s alone), so 65,536 would take a call and a half. REFS_OUT=1 (0 or empty: off) evaluates them in the
 # background from the call's start (beside whatever runs; cut at DEADLINE) with REFS_FLAGS (default FINAL_FLAGS: the
 # learner call's final flags, which a pre-training call must pass) into W/final_refs, packed into
