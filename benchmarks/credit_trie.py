@@ -3,30 +3,40 @@
 At GPU scale HEPO, PPO, GRPO and Sibling-GRPO ended level (``benchmarks/RESULTS.md``), with HEPO's critic explaining
 little of its targets. The issue then asks where per-level credit does matter. This script answers it where
 the answer can be computed exactly and with many seeds: a bandit whose actions are the leaves of a trie (a
-semantic-ID path: ``depth`` levels of ``branching`` codes), whose reward is a sum of per-node terms with known
-weights per level, and whose policy is a table of next-code logits per (context, prefix) with a table critic
-per (context, prefix). The learners are the library's own (``agents.rl.registry.ALGOS``: targets, losses and the
+semantic-ID path: ``depth`` levels of ``branching`` codes), whose reward is a sum of per-level terms with known
+weights, and whose policy and critic are a table per (context, prefix) or one network shared by every prefix.
+The learners are the library's own (``agents.rl.registry.ALGOS``: targets, losses and the
 update loop ``agents.rl.loop.update``, unchanged); only the generator and the world are replaced.
 
-The reward of context c and leaf z: R = sum_l s_l g_l(c, z_<=l), g ~ N(0, 1) per node, rescaled to unit
-standard deviation over the leaves. ``credit`` sets the level weights s_l: ``early`` (s_l = 2^-l: the first
-code decides most), ``late`` (the reverse: the last code decides most), ``flat`` (equal). The learner observes
-R + ``noise`` x N(0, 1) (a realised outcome instead of the expected value). Measured: the share of the
-reachable value, (E_pi R - E_uniform R) / (max R - E_uniform R) per context, averaged over contexts, exactly
-(every leaf's probability under the table policy), after every iteration, from a uniform start; the final share
-and the mean share over the iterations (speed), per learner, over seeds, with each learner's difference to HEPO
-paired by seed (the same bandit, the same start).
+The reward of context c and leaf z: R = sum_l s_l g_l(c, z_<=l), rescaled to unit standard deviation over the
+leaves, where ``reward`` makes the level terms: ``tree`` (the default), g ~ N(0, 1) per node, a code meaning
+something only under its prefix; ``codebook``, g_l = <u_c, B_l[z_l]> with u_c, B_l[z] ~ N(0, I_8), one term per
+(level, code) whatever the parent, as a residual quantiser's codebooks. ``credit`` sets the level weights s_l:
+``early`` (s_l = 2^-l: the first code decides most), ``late`` (the reverse: the last code decides most), ``flat``
+(equal). The learner observes R + ``noise`` x N(0, 1) (a realised outcome instead of the expected value).
+``policy`` is what learns: ``table`` (the default; nothing shared between prefixes) or ``shared``, one network over
+the context's and the prefix codes' embeddings with a next-code head and a value head on one trunk, as the
+generator shares its weights across prefixes (its rate, ``--lr``, is not the table's: the same for every learner).
+Measured: the share of the reachable value, (E_pi R - E_uniform R) / (max R - E_uniform R) per context, averaged
+over contexts, exactly (every leaf's probability under the policy), after every iteration, from a uniform start;
+the final share and the mean share over the iterations (speed), per learner, over seeds, with each learner's
+difference to HEPO paired by seed (the same bandit, the same start).
 
     python benchmarks/credit_trie.py --out benchmarks/results/credit_trie/sweep --seeds 10
+    python benchmarks/credit_trie.py --out runs/credit_trie/shared --policy shared --reward tree,codebook \
+        --lr 0.01 --depth 4 --learners hepo,grpo,ppo,sibling_grpo
 
 Prints the table and writes ``--out``.json (every run's curve), ``--out``.md (the table) and ``--out``.png (each
-learner's difference to HEPO per setting, one panel per noise level).
+learner's difference to HEPO per setting, one panel per noise level); every finished run is appended to
+``--out``.runs.jsonl as it ends, and a sweep started again with the same ``--out`` reads those back instead of
+running them (a stopped sweep resumes).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
@@ -35,17 +45,25 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig
 from agents.rl.loop import UpdateConfig, update
 from agents.rl.registry import algorithm
-from gpr_sim.runs import atomic_write_bytes, figure_bytes, write_json
+from gpr_sim.runs import append_metrics, atomic_write_bytes, figure_bytes, read_metrics, write_json
 from gpr_sim.schema import TokenBatch
 from gpr_sim.stats import paired_difference, t_interval
 
 CREDITS = ("early", "late", "flat")
 """where the reward is decided: the first levels, the last ones, or every level alike"""
+REWARDS = ("tree", "codebook")
+"""how a leaf's reward is made of its codes: ``tree``, a term per node (a code means something only under its
+prefix); ``codebook``, a term per (level, code) shared by every prefix (a residual quantiser's codebooks: a code
+means the same under every parent), R = sum_l s_l <u_c, B_l[z_l]>"""
+POLICIES = ("table", "shared")
+"""``table``: a logit vector and a value per (context, node), nothing shared; ``shared``: one network over the
+context's and the prefix codes' embeddings (as the generator shares its weights across prefixes)"""
 LEARNERS = ("hepo", "hepo_gate", "ppo", "grpo", "sibling_grpo")
 """the PPO family of ``agents.rl`` (DPO needs a GPR reference model; it is not a per-level credit question)"""
 VARIANTS = {"hepo_gate": ("hepo", {"gae_gate": "group"})}
@@ -81,11 +99,18 @@ class TrieProblem:
     """Adam learning rate of the tables"""
     critic_warmup: int = 2
     """iterations that train the critic only (``agents.hepo --critic-warmup``)"""
+    reward: str = "tree"
+    """``REWARDS``: per-node terms or per-(level, code) terms shared across prefixes"""
+    policy: str = "table"
+    """``POLICIES``: what learns (a table per node, or one network shared by every prefix)"""
+    width: int = 64
+    """hidden width of the ``shared`` policy's network"""
 
     def __post_init__(self) -> None:
-        if self.credit not in CREDITS:
-            raise ValueError(f"credit={self.credit!r} is unknown: expected one of {list(CREDITS)}")
-        for name in ("depth", "branching", "contexts", "group", "requests", "iterations"):
+        for name, known in (("credit", CREDITS), ("reward", REWARDS), ("policy", POLICIES)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown: expected one of {list(known)}")
+        for name in ("depth", "branching", "contexts", "group", "requests", "iterations", "width"):
             if getattr(self, name) < (2 if name in ("branching", "group") else 1):
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: too small")
         if self.branching**self.depth > 1 << 16:
@@ -94,6 +119,10 @@ class TrieProblem:
             )
         if not (self.noise >= 0 and self.lr > 0):
             raise ValueError(f"noise={self.noise}, lr={self.lr}: expected noise >= 0, lr > 0")
+
+
+CODEBOOK_DIM = 8
+"""dimension of the ``codebook`` reward's context vectors u_c and code vectors B_l[z]"""
 
 
 def level_offsets(branching: int, depth: int) -> list[int]:
@@ -117,9 +146,15 @@ class TrieBandit:
         }
         s = scale.get(p.credit, [1.0] * depth)
         reward = torch.zeros(p.contexts, b**depth, dtype=torch.float64)
+        if p.reward == "codebook":  # (drawn only here: the tree's draws stay those of the recorded sweeps)
+            user = torch.randn(p.contexts, CODEBOOK_DIM, generator=g, dtype=torch.float64)
         for level in range(depth):
-            node_terms = torch.randn(p.contexts, b ** (level + 1), generator=g, dtype=torch.float64)
-            reward += s[level] * node_terms[:, prefix[level]]
+            if p.reward == "tree":
+                node_terms = torch.randn(p.contexts, b ** (level + 1), generator=g, dtype=torch.float64)
+                reward += s[level] * node_terms[:, prefix[level]]
+            else:  # the code's own term, whatever its parent: prefix[level] % b is the leaf's code at level
+                book = torch.randn(b, CODEBOOK_DIM, generator=g, dtype=torch.float64)
+                reward += s[level] * (user @ book.T)[:, prefix[level] % b]
         reward = (reward - reward.mean(1, keepdim=True)) / reward.std(1, keepdim=True)
         self.reward = reward  # (C, leaves) expected reward, unit sd per context
         self.noise = p.noise
@@ -136,20 +171,23 @@ class TrieBandit:
         return float(((value - uniform) / (self.reward.max(1).values - uniform)).mean())
 
 
-class TablePolicy(nn.Module):
-    """Next-code logits per (context, internal node) and a critic value per (context, node), leaves included.
+class TriePolicy(nn.Module):
+    """A policy over the trie's paths and a critic over its prefixes, as ``agents.rl.loop``'s ``terms_fn``.
 
-    Called as ``agents.rl.loop``'s ``terms_fn``: (buffer, segments) -> the buffer's paths' per-level log-probs
-    (M, K, L) and values (M, K, L + 1) (V of the prefixes z_<l for l = 0..L-1, then of the leaf), the context of
-    each request in ``buffer.tokens.token_ids[:, 0]``.
+    Called as (buffer, segments) -> the buffer's paths' per-level log-probs (M, K, L) and values (M, K, L + 1) (V of
+    the prefixes z_<l for l = 0..L-1, then of the leaf), the context of each request in
+    ``buffer.tokens.token_ids[:, 0]``. A subclass gives ``scores``: the next-code logits and the value of prefixes.
     """
 
     def __init__(self, p: TrieProblem):
         super().__init__()
-        self.b, self.depth = p.branching, p.depth
+        self.b, self.depth, self.contexts = p.branching, p.depth, p.contexts
         self.offsets = level_offsets(p.branching, p.depth)
-        self.logits = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth], p.branching))
-        self.values = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth + 1]))
+
+    def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(...,) contexts, (..., L) paths -> the next-code logits of the prefixes z_<l, l = 0..L-1 (..., L, b), and
+        the values of the prefixes z_<l, l = 0..L (..., L + 1)."""
+        raise NotImplementedError
 
     def nodes(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., L) codes -> (..., L + 1) node ids of the prefixes z_<l (l = 0..L) in the level-major numbering."""
@@ -162,35 +200,85 @@ class TablePolicy(nn.Module):
 
     def terms(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M,) contexts, (M, K, L) paths -> per-level log-probs (M, K, L) and values (M, K, L + 1)."""
-        nodes = self.nodes(codes)  # (M, K, L + 1)
-        c = ctx[:, None, None]
-        logp = self.logits[c, nodes[..., :-1]].log_softmax(-1)  # (M, K, L, b)
-        return logp.gather(-1, codes[..., None]).squeeze(-1), self.values[c, nodes]
+        logits, values = self.scores(ctx[:, None].expand(codes.shape[:-1]), codes)
+        return logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1), values
 
     def forward(self, buf: Buffer, segments=None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.terms(buf.tokens.token_ids[:, 0], buf.codes)
 
     @torch.no_grad()
     def sample(self, ctx: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-        """(M,) contexts -> (M, K, L) codes drawn from the policy, level by level."""
-        index = torch.zeros(ctx.shape[0], k, dtype=torch.int64)
-        codes = []
+        """(M,) contexts -> (M, K, L) codes drawn from the policy, level by level (the codes after the current level
+        are placeholders the logits of the current level do not read)."""
+        codes = torch.zeros(ctx.shape[0], k, self.depth, dtype=torch.int64)
         for level in range(self.depth):
-            probs = self.logits[ctx[:, None], index + self.offsets[level]].softmax(-1)  # (M, K, b)
+            probs = self.scores(ctx[:, None].expand(-1, k), codes)[0][:, :, level].softmax(-1)  # (M, K, b)
             z = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(ctx.shape[0], k)
-            codes.append(z)
-            index = index * self.b + z
-        return torch.stack(codes, -1)
+            codes[..., level] = z
+        return codes
 
     @torch.no_grad()
     def leaf_probs(self) -> torch.Tensor:
-        """(C, leaves) the probability of every leaf."""
-        prob = torch.ones(self.logits.shape[0], 1, dtype=torch.float64)
+        """(C, leaves) the probability of every leaf, level by level over every prefix of every context."""
+        c = self.contexts
+        prob = torch.ones(c, 1, dtype=torch.float64)
         for level in range(self.depth):
-            lo, hi = self.offsets[level], self.offsets[level + 1]
-            step = self.logits[:, lo:hi].double().softmax(-1)  # (C, b^level, b)
-            prob = (prob[..., None] * step).flatten(1)
+            index = torch.arange(self.b**level)
+            paths = torch.zeros(
+                index.numel(), self.depth, dtype=torch.int64
+            )  # the codes after z_<level unread
+            for j in range(level):
+                paths[:, j] = (index // self.b ** (level - 1 - j)) % self.b
+            logits = self.scores(torch.arange(c)[:, None].expand(c, index.numel()), paths.expand(c, -1, -1))[
+                0
+            ]
+            prob = (prob[..., None] * logits[:, :, level].double().softmax(-1)).flatten(1)  # (C, b^(level+1))
         return prob
+
+
+class TablePolicy(TriePolicy):
+    """Next-code logits per (context, internal node) and a critic value per (context, node), leaves included."""
+
+    def __init__(self, p: TrieProblem):
+        super().__init__(p)
+        self.logits = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth], p.branching))
+        self.values = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth + 1]))
+
+    def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nodes = self.nodes(codes)  # (..., L + 1)
+        return self.logits[ctx[..., None], nodes[..., :-1]], self.values[ctx[..., None], nodes]
+
+
+class SharedPolicy(TriePolicy):
+    """One network for every prefix, as the generator's decoder: the prefix z_<l of context c is
+    ``e_c + e_level(l) + sum_{j<l} e_j(z_j)`` (the codes' embeddings per level), through a 2-layer MLP, then a
+    next-code head and a value head (one trunk for both, as the HTE sits on the decoder). Both heads start at
+    zero: the uniform policy and a zero critic, as the table's start."""
+
+    def __init__(self, p: TrieProblem):
+        super().__init__(p)
+        h = p.width
+        self.context = nn.Embedding(p.contexts, h)
+        self.code = nn.Embedding(p.depth * p.branching, h)  # level j's code z at j * b + z
+        self.level = nn.Embedding(p.depth + 1, h)
+        self.trunk = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h), nn.GELU())
+        self.head = nn.Linear(h, p.branching)
+        self.value = nn.Linear(h, 1)
+        for layer in (self.head, self.value):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = torch.arange(self.depth) * self.b
+        emb = self.code(codes + shift)  # (..., L, h)
+        prefix = torch.cat([torch.zeros_like(emb[..., :1, :]), emb], -2).cumsum(
+            -2
+        )  # (..., L + 1, h): sum_{j<l}
+        hidden = self.trunk(prefix + self.context(ctx)[..., None, :] + self.level.weight)
+        return self.head(hidden[..., :-1, :]), self.value(hidden).squeeze(-1)
+
+
+POLICY_CLASSES = {"table": TablePolicy, "shared": SharedPolicy}
 
 
 def request_tokens(ctx: torch.Tensor) -> TokenBatch:
@@ -203,7 +291,7 @@ def request_tokens(ctx: torch.Tensor) -> TokenBatch:
 def run(p: TrieProblem, learner: str, seed: int) -> list[float]:
     """One learner from the uniform policy on the bandit of ``seed``: the share after each iteration (0 first)."""
     bandit = TrieBandit(p, seed)
-    policy = TablePolicy(p)
+    policy = POLICY_CLASSES[p.policy](p)
     algo, cfg = learner_setup(learner)
     opt = torch.optim.Adam(policy.parameters(), lr=p.lr)
     schedule = UpdateConfig(epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=1.0, seed=seed)
@@ -338,18 +426,40 @@ def pipe_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def problems(base: TrieProblem, grid: dict[str, list]) -> list[TrieProblem]:
+    """Every combination of ``grid``'s values on ``base`` (each validated: a bad value fails here)."""
+    return [TrieProblem(**{**asdict(base), **dict(zip(grid, v))}) for v in itertools.product(*grid.values())]
+
+
+def run_key(problem: dict, learner: str, seed: int) -> str:
+    return json.dumps([problem, learner, seed], sort_keys=True)
+
+
 def sweep(
-    base: TrieProblem, grid: dict[str, list], learners: list[str], seeds: int, workers: int
+    cells: list[TrieProblem], learners: list[str], seeds: int, workers: int, done: Path | None = None
 ) -> list[dict]:
-    """Every combination of ``grid``'s values on ``base``, every learner, seeds 0..seeds-1."""
-    names = list(grid)
-    problems = [
-        asdict(TrieProblem(**{**asdict(base), **dict(zip(names, v))}))
-        for v in itertools.product(*grid.values())
-    ]
-    jobs = [(pr, learner, s) for pr in problems for learner in learners for s in range(seeds)]
+    """Every problem, every learner, seeds 0..seeds-1, in that order. ``done``: a JSON-lines file each finished run
+    is appended to; the runs it already holds are read back, not run again (a stopped sweep resumes)."""
+    jobs = [(asdict(pr), learner, s) for pr in cells for learner in learners for s in range(seeds)]
+    finished = {}
+    for row in read_metrics(done) if done else []:
+        finished[run_key({k: row.get(k) for k in jobs[0][0]}, row.get("learner"), row.get("seed"))] = row
+    todo = [job for job in jobs if run_key(*job) not in finished]
+    if finished:
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs read back from {done}")
     with Pool(workers) as pool:
-        return pool.map(_job, jobs, chunksize=1)
+        for row in tqdm(pool.imap_unordered(_job, todo), total=len(todo), desc="runs", disable=not todo):
+            finished[run_key({k: row[k] for k in jobs[0][0]}, row["learner"], row["seed"])] = row
+            if done:
+                append_metrics(done, row)
+    return [finished[run_key(*job)] for job in jobs]
+
+
+def comma_list(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: expected a comma list of {kind.__name__} values") from None
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -363,33 +473,44 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--credit", default="early,late")
     ap.add_argument("--noise", default="0,2")
     ap.add_argument("--group", default="4,16")
+    ap.add_argument("--reward", default="tree", help=f"comma list of {list(REWARDS)}")
+    ap.add_argument("--policy", default="table", help=f"comma list of {list(POLICIES)}")
     ap.add_argument("--iterations", type=int, default=TrieProblem.iterations)
-    ap.add_argument("--lr", type=float, default=TrieProblem.lr)
+    ap.add_argument("--lr", default=str(TrieProblem.lr), help="comma list: every learner at each rate")
+    ap.add_argument("--width", type=int, default=TrieProblem.width, help="the shared policy's hidden width")
     a = ap.parse_args(argv)
     learners = a.learners.split(",")
     for name in learners:
         learner_setup(name)  # an unknown learner fails here, before any run
-    depths = [int(d) for d in a.depth.split(",")]
-    runs: list[dict] = []
-    start = time.perf_counter()
-    for depth in depths:
+    cells: list[TrieProblem] = []
+    for depth in comma_list(a.depth, int, "--depth"):
         branching = round(a.leaves ** (1 / depth))
         if branching**depth != a.leaves:
             raise SystemExit(
                 f"--leaves {a.leaves} is not branching^{depth} for a whole branching (--depth {depth})"
             )
-        base = TrieProblem(depth=depth, branching=branching, iterations=a.iterations, lr=a.lr)
+        base = TrieProblem(depth=depth, branching=branching, iterations=a.iterations, width=a.width)
         grid = {
+            "policy": a.policy.split(","),
+            "reward": a.reward.split(","),
+            "lr": comma_list(a.lr, float, "--lr"),
             "credit": a.credit.split(","),
-            "noise": [float(x) for x in a.noise.split(",")],
-            "group": [int(x) for x in a.group.split(",")],
+            "noise": comma_list(a.noise, float, "--noise"),
+            "group": comma_list(a.group, int, "--group"),
         }
-        runs += sweep(base, grid, learners, a.seeds, a.workers)
+        try:
+            cells += problems(base, grid)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    files = {ext: path.parent / f"{path.name}.{ext}" for ext in ("json", "md", "png")}  # a dot in OUT stays
+    files = {ext: path.parent / f"{path.name}.{ext}" for ext in ("json", "md", "png", "runs.jsonl")}
+    start = time.perf_counter()  # (a dot in OUT stays)
+    runs = sweep(cells, learners, a.seeds, a.workers, done=files.pop("runs.jsonl"))
     write_json(files["json"], {"args": vars(a), "runs": runs})  # the runs first: the table reads them
-    keys = ["depth", "branching", "credit", "noise", "group"]
+    # the cell's settings: the policy, the reward's make and the rate only where the sweep varies them
+    keys = [k for k in ("policy", "reward", "lr") if len({r[k] for r in runs}) > 1]
+    keys += ["depth", "branching", "credit", "noise", "group"]
     out = table(runs, keys)
     md = pipe_table(out)
     print(md)

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
-from benchmarks.credit_trie import LEARNERS, TablePolicy, TrieBandit, TrieProblem, learner_setup, main, run
+from benchmarks.credit_trie import (
+    LEARNERS,
+    SharedPolicy,
+    TablePolicy,
+    TrieBandit,
+    TrieProblem,
+    learner_setup,
+    main,
+    run,
+)
 
 
-def test_the_table_policy_terms_are_its_sampling_distribution():
+@pytest.mark.parametrize("kind", ["table", "shared"])
+def test_the_policy_terms_are_its_sampling_distribution(kind):
     """The log-probs the update recomputes are those the paths were drawn with: per path, the levels' log-probs sum
     to the log of its leaf's probability, and the leaves' probabilities sum to 1 per context."""
-    p = TrieProblem(depth=3, branching=3, contexts=5)
-    policy = TablePolicy(p)
+    p = TrieProblem(depth=3, branching=3, contexts=5, policy=kind)
+    policy = {"table": TablePolicy, "shared": SharedPolicy}[kind](p)
     with torch.no_grad():
-        policy.logits.normal_(generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        for param in policy.parameters():  # away from the uniform start (the shared heads start at zero)
+            param.normal_(generator=g)
     probs = policy.leaf_probs()
     torch.testing.assert_close(probs.sum(1), torch.ones(5, dtype=torch.float64))
     ctx = torch.arange(5).repeat(40)
@@ -24,7 +37,9 @@ def test_the_table_policy_terms_are_its_sampling_distribution():
     log_prob, values = policy.terms(ctx, codes)
     assert log_prob.shape == (200, 6, 3) and values.shape == (200, 6, 4)
     leaf = policy.nodes(codes)[..., -1] - policy.offsets[p.depth]
-    torch.testing.assert_close(log_prob.sum(-1).double(), probs[ctx[:, None], leaf].log())
+    torch.testing.assert_close(
+        log_prob.sum(-1).double(), probs[ctx[:, None], leaf].log(), rtol=1e-5, atol=1e-5
+    )
     # drawn as often as their probability: one context's empirical leaf frequencies over many draws
     many = policy.sample(torch.zeros(20_000, dtype=torch.int64), 1, torch.Generator().manual_seed(2))
     counts = torch.bincount(policy.nodes(many)[:, 0, -1] - policy.offsets[p.depth], minlength=27).double()
@@ -48,6 +63,40 @@ def test_the_bandit_reward_has_unit_spread_and_its_credit_where_asked():
     assert share["early"] > 0.5 and 0.1 < share["flat"] < 0.35 and share["late"] < 0.05
 
 
+def test_the_codebook_reward_is_one_term_per_level_and_code():
+    """``codebook``: a code's term is the same under every parent, so the reward is additive over the levels (no
+    interaction left once each level's main effect is removed); ``tree`` (a term per node) is not."""
+    residual = {}
+    for reward in ("codebook", "tree"):
+        r = TrieBandit(TrieProblem(depth=2, branching=8, contexts=16, reward=reward), seed=1).reward.view(
+            16, 8, 8
+        )
+        additive = r.mean(2, keepdim=True) + r.mean(1, keepdim=True) - r.mean((1, 2), keepdim=True)
+        residual[reward] = float((r - additive).pow(2).mean())
+    assert (
+        residual["codebook"] < 1e-20 and residual["tree"] > 0.01
+    )  # the tree's level-2 terms: ~1/3 of R's spread
+
+
+def test_the_shared_policy_shares_a_code_across_parents():
+    """One gradient step on a path's last code moves that code's probability under the other parents too (its
+    embedding and the trunk are shared), where the table leaves every other prefix where it was."""
+    moved = {}
+    for kind, cls in (("table", TablePolicy), ("shared", SharedPolicy)):
+        torch.manual_seed(0)
+        p = TrieProblem(depth=2, branching=4, contexts=1, policy=kind)
+        policy = cls(p)
+        before = policy.leaf_probs().view(4, 4) / policy.leaf_probs().view(4, 4).sum(1, keepdim=True)
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        log_prob, _ = policy.terms(torch.zeros(1, dtype=torch.int64), torch.tensor([[[0, 3]]]))
+        (-log_prob[..., 1].sum()).backward()  # raise code 3 under parent 0
+        opt.step()
+        after = policy.leaf_probs().view(4, 4) / policy.leaf_probs().view(4, 4).sum(1, keepdim=True)
+        assert after[0, 3] > before[0, 3]
+        moved[kind] = float((after[1:, 3] - before[1:, 3]).min())  # code 3 under parents 1-3
+    assert moved["table"] == 0.0 and moved["shared"] > 0.0
+
+
 def test_the_observed_reward_adds_the_stated_noise():
     p = TrieProblem(depth=2, branching=4, contexts=2, noise=2.0)
     bandit = TrieBandit(p, seed=0)
@@ -59,11 +108,15 @@ def test_the_observed_reward_adds_the_stated_noise():
     assert abs(float(obs.std()) - 2.0) < 0.03
 
 
-@pytest.mark.parametrize("learner", LEARNERS)
-def test_every_learner_learns_the_noiseless_bandit(learner):
+@pytest.mark.parametrize(
+    "learner, kind, lr",
+    [(name, "table", 0.05) for name in LEARNERS] + [("hepo", "shared", 0.01), ("grpo", "shared", 0.01)],
+)
+def test_every_learner_learns_the_noiseless_bandit(learner, kind, lr):
     """From the uniform policy (share 0), 12 iterations of the library's learner reach a clear share of the
-    reachable value on a small noiseless bandit."""
-    curve = run(TrieProblem(depth=2, branching=4, contexts=4, requests=16, iterations=12), learner, seed=0)
+    reachable value on a small noiseless bandit, with a table policy or the shared network."""
+    p = TrieProblem(depth=2, branching=4, contexts=4, requests=16, iterations=12, policy=kind, lr=lr)
+    curve = run(p, learner, seed=0)
     assert curve[0] == pytest.approx(0.0, abs=1e-12)
     assert curve[-1] > 0.5
 
@@ -71,6 +124,14 @@ def test_every_learner_learns_the_noiseless_bandit(learner):
 def test_bad_settings_fail_with_one_line():
     with pytest.raises(ValueError, match="credit='middle' is unknown"):
         TrieProblem(credit="middle")
+    with pytest.raises(ValueError, match="reward='ranked' is unknown"):
+        TrieProblem(reward="ranked")
+    with pytest.raises(ValueError, match="policy='mlp' is unknown"):
+        TrieProblem(policy="mlp")
+    with pytest.raises(SystemExit, match="policy='mlp' is unknown"):
+        main(["--policy", "mlp", "--out", "/tmp/never"])
+    with pytest.raises(SystemExit, match="--lr '0.1,x': expected a comma list of float values"):
+        main(["--lr", "0.1,x", "--out", "/tmp/never"])
     with pytest.raises(ValueError, match="leaves is too many"):
         TrieProblem(depth=9, branching=8)
     with pytest.raises(ValueError):
@@ -80,23 +141,29 @@ def test_bad_settings_fail_with_one_line():
 
 
 def test_the_sweep_writes_its_runs_table_and_figure(tmp_path):
-    out = main(
-        [
-            "--out",
-            str(tmp_path / "s.1"),
-            "--seeds",
-            "2",
-            "--depth",
-            "2",
-            "--leaves",
-            "16",
-            "--credit",
-            "early",
-        ]
-        + ["--noise", "0,2", "--group", "4", "--iterations", "3", "--workers", "1", "--learners", "hepo,grpo"]
-    )
+    flags = [
+        "--seeds",
+        "2",
+        "--depth",
+        "2",
+        "--leaves",
+        "16",
+        "--credit",
+        "early",
+    ] + ["--noise", "0,2", "--group", "4", "--iterations", "3", "--workers", "1", "--learners", "hepo,grpo"]
+    out = main(["--out", str(tmp_path / "s.1"), *flags])
     runs = json.loads((tmp_path / "s.1.json").read_text())["runs"]  # a dot in OUT stays
     assert len(runs) == 2 * 2 * 2 and all(len(r["curve"]) == 4 for r in runs)  # noises x learners x seeds
     assert list(out["learner"]) == ["hepo", "grpo", "hepo", "grpo"]
     assert (tmp_path / "s.1.md").read_text().startswith("| depth | branching |")
     assert (tmp_path / "s.1.png").read_bytes()[:4] == b"\x89PNG"
+    # resumed: the runs a stopped sweep finished are read back from OUT.runs.jsonl, the others run again, and the
+    # result is the same as one sweep's
+    done = tmp_path / "s.1.runs.jsonl"
+    lines = done.read_text().splitlines()
+    assert len(lines) == 8
+    done.write_text("\n".join(lines[:5]) + "\n")
+    again = main(["--out", str(tmp_path / "s.1"), *flags])
+    assert len(done.read_text().splitlines()) == 8
+    assert json.loads((tmp_path / "s.1.json").read_text())["runs"] == runs
+    pd.testing.assert_frame_equal(again, out)
