@@ -15,8 +15,9 @@ something only under its prefix; ``codebook``, g_l = <u_c, B_l[z_l]> with u_c, B
 ``early`` (s_l = 2^-l: the first code decides most), ``late`` (the reverse: the last code decides most), ``flat``
 (equal). The learner observes R + ``noise`` x N(0, 1) (a realised outcome instead of the expected value).
 ``policy`` is what learns: ``table`` (the default; nothing shared between prefixes) or ``shared``, one network over
-the context's and the prefix codes' embeddings with a next-code head and a value head on one trunk, as the
-generator shares its weights across prefixes (its rate, ``--lr``, is not the table's: the same for every learner).
+the context's and the prefix codes' embeddings with a next-code head, as the generator shares its weights across
+prefixes, and a critic network beside it on the same context embedding, as the HTE (``shared_trunk``: the value a
+head on the policy's network); a network's rate (``--lr``) is not the table's, the same for every learner.
 Measured: the share of the reachable value, (E_pi R - E_uniform R) / (max R - E_uniform R) per context, averaged
 over contexts, exactly (every leaf's probability under the policy), after every iteration, from a uniform start;
 the final share and the mean share over the iterations (speed), per learner, over seeds, with each learner's
@@ -61,13 +62,20 @@ REWARDS = ("tree", "codebook")
 """how a leaf's reward is made of its codes: ``tree``, a term per node (a code means something only under its
 prefix); ``codebook``, a term per (level, code) shared by every prefix (a residual quantiser's codebooks: a code
 means the same under every parent), R = sum_l s_l <u_c, B_l[z_l]>"""
-POLICIES = ("table", "shared")
+POLICIES = ("table", "shared", "shared_trunk")
 """``table``: a logit vector and a value per (context, node), nothing shared; ``shared``: one network over the
-context's and the prefix codes' embeddings (as the generator shares its weights across prefixes)"""
+context's and the prefix codes' embeddings (as the generator shares its weights across prefixes) and a critic
+network beside it on the same context (as the HTE); ``shared_trunk``: the critic a head on the policy's network"""
 LEARNERS = ("hepo", "hepo_gate", "ppo", "grpo", "sibling_grpo")
 """the PPO family of ``agents.rl`` (DPO needs a GPR reference model; it is not a per-level credit question)"""
-VARIANTS = {"hepo_gate": ("hepo", {"gae_gate": "group"})}
-"""learners that are an algorithm with other loss constants: name -> (algorithm, ``LossConfig`` fields)"""
+VARIANTS = {
+    "hepo_gate": ("hepo", {"gae_gate": "group"}),
+    "hepo_uniform": ("hepo", {"level_weights": "uniform"}),
+    "sibling_uniform": ("sibling_grpo", {"level_weights": "uniform"}),
+}
+"""learners that are an algorithm with other loss constants: name -> (algorithm, ``LossConfig`` fields).
+``*_uniform``: the levels weighted c_l = 1 / L (as GRPO's mean over levels) instead of the linear l / L: with a
+table each level has its own parameters, whose Adam steps do not see a level's weight; a shared network's do"""
 
 
 def learner_setup(name: str) -> tuple:
@@ -250,12 +258,16 @@ class TablePolicy(TriePolicy):
 
 
 class SharedPolicy(TriePolicy):
-    """One network for every prefix, as the generator's decoder: the prefix z_<l of context c is
-    ``e_c + e_level(l) + sum_{j<l} e_j(z_j)`` (the codes' embeddings per level), through a 2-layer MLP, then a
-    next-code head and a value head (one trunk for both, as the HTE sits on the decoder). Both heads start at
-    zero: the uniform policy and a zero critic, as the table's start."""
+    """One network for every prefix, as the generator's decoder, and a critic network beside it, as its HTE.
 
-    def __init__(self, p: TrieProblem):
+    The policy reads the prefix z_<l of context c as ``e_c + e_level(l) + sum_{j<l} e_j(z_j)`` (per-level code
+    embeddings) through a 2-layer MLP and a next-code head; the critic reads ``e_c + sum_{j<l} e'_j(z_j) +
+    e'_level(l)`` through its own MLP and a value head (the HTE's form: its own code and level embeddings and MLP
+    over the context the two share). ``one_trunk``: the critic is a value head on the policy's trunk instead (the
+    two losses pull on every weight). Both heads start at zero: the uniform policy and a zero critic, as the
+    table's start."""
+
+    def __init__(self, p: TrieProblem, one_trunk: bool = False):
         super().__init__(p)
         h = p.width
         self.context = nn.Embedding(p.contexts, h)
@@ -264,21 +276,39 @@ class SharedPolicy(TriePolicy):
         self.trunk = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h), nn.GELU())
         self.head = nn.Linear(h, p.branching)
         self.value = nn.Linear(h, 1)
+        self.critic = None
+        if not one_trunk:
+            self.critic = nn.ModuleDict(
+                {
+                    "code": nn.Embedding(p.depth * p.branching, h),
+                    "level": nn.Embedding(p.depth + 1, h),
+                    "trunk": nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h), nn.GELU()),
+                }
+            )
         for layer in (self.head, self.value):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def hidden(self, ctx: torch.Tensor, codes: torch.Tensor, code, level, trunk) -> torch.Tensor:
+        """(..., L + 1, h): the prefixes z_<l, l = 0..L, through one embedding set and MLP."""
+        emb = code(codes + torch.arange(self.depth) * self.b)  # (..., L, h)
+        prefix = torch.cat([torch.zeros_like(emb[..., :1, :]), emb], -2).cumsum(-2)  # sum_{j<l} e_j(z_j)
+        return trunk(prefix + self.context(ctx)[..., None, :] + level.weight)
+
     def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift = torch.arange(self.depth) * self.b
-        emb = self.code(codes + shift)  # (..., L, h)
-        prefix = torch.cat([torch.zeros_like(emb[..., :1, :]), emb], -2).cumsum(
-            -2
-        )  # (..., L + 1, h): sum_{j<l}
-        hidden = self.trunk(prefix + self.context(ctx)[..., None, :] + self.level.weight)
-        return self.head(hidden[..., :-1, :]), self.value(hidden).squeeze(-1)
+        hidden = self.hidden(ctx, codes, self.code, self.level, self.trunk)
+        if self.critic is not None:
+            critic = self.hidden(ctx, codes, self.critic["code"], self.critic["level"], self.critic["trunk"])
+        else:
+            critic = hidden
+        return self.head(hidden[..., :-1, :]), self.value(critic).squeeze(-1)
 
 
-POLICY_CLASSES = {"table": TablePolicy, "shared": SharedPolicy}
+POLICY_CLASSES = {
+    "table": TablePolicy,
+    "shared": SharedPolicy,
+    "shared_trunk": lambda p: SharedPolicy(p, one_trunk=True),
+}
 
 
 def request_tokens(ctx: torch.Tensor) -> TokenBatch:
@@ -291,7 +321,11 @@ def request_tokens(ctx: torch.Tensor) -> TokenBatch:
 def run(p: TrieProblem, learner: str, seed: int) -> list[float]:
     """One learner from the uniform policy on the bandit of ``seed``: the share after each iteration (0 first)."""
     bandit = TrieBandit(p, seed)
-    policy = POLICY_CLASSES[p.policy](p)
+    with (
+        torch.random.fork_rng()
+    ):  # a network's initial weights: the seed's, whatever ran before in the process
+        torch.manual_seed(seed)
+        policy = POLICY_CLASSES[p.policy](p)
     algo, cfg = learner_setup(learner)
     opt = torch.optim.Adam(policy.parameters(), lr=p.lr)
     schedule = UpdateConfig(epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=1.0, seed=seed)

@@ -10,6 +10,8 @@ import torch
 
 from benchmarks.credit_trie import (
     LEARNERS,
+    POLICIES,
+    POLICY_CLASSES,
     SharedPolicy,
     TablePolicy,
     TrieBandit,
@@ -20,12 +22,12 @@ from benchmarks.credit_trie import (
 )
 
 
-@pytest.mark.parametrize("kind", ["table", "shared"])
+@pytest.mark.parametrize("kind", POLICIES)
 def test_the_policy_terms_are_its_sampling_distribution(kind):
     """The log-probs the update recomputes are those the paths were drawn with: per path, the levels' log-probs sum
     to the log of its leaf's probability, and the leaves' probabilities sum to 1 per context."""
     p = TrieProblem(depth=3, branching=3, contexts=5, policy=kind)
-    policy = {"table": TablePolicy, "shared": SharedPolicy}[kind](p)
+    policy = POLICY_CLASSES[kind](p)
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         for param in policy.parameters():  # away from the uniform start (the shared heads start at zero)
@@ -97,6 +99,16 @@ def test_the_shared_policy_shares_a_code_across_parents():
     assert moved["table"] == 0.0 and moved["shared"] > 0.0
 
 
+def test_a_network_run_is_its_seed_s_whatever_ran_before():
+    """The network's initial weights come from the run's seed, not from the process's random state: a sweep's
+    workers run their jobs in any order, and the learners' differences are paired on the same start."""
+    p = TrieProblem(depth=2, branching=4, contexts=4, requests=8, iterations=3, policy="shared", lr=0.01)
+    first = run(p, "hepo", seed=5)
+    torch.manual_seed(123)
+    torch.randn(1000)
+    assert run(p, "hepo", seed=5) == first
+
+
 def test_the_observed_reward_adds_the_stated_noise():
     p = TrieProblem(depth=2, branching=4, contexts=2, noise=2.0)
     bandit = TrieBandit(p, seed=0)
@@ -110,7 +122,8 @@ def test_the_observed_reward_adds_the_stated_noise():
 
 @pytest.mark.parametrize(
     "learner, kind, lr",
-    [(name, "table", 0.05) for name in LEARNERS] + [("hepo", "shared", 0.01), ("grpo", "shared", 0.01)],
+    [(name, "table", 0.05) for name in LEARNERS]
+    + [(name, "shared", 0.01) for name in ("hepo", "grpo", "hepo_uniform", "sibling_uniform")],
 )
 def test_every_learner_learns_the_noiseless_bandit(learner, kind, lr):
     """From the uniform policy (share 0), 12 iterations of the library's learner reach a clear share of the
@@ -136,6 +149,7 @@ def test_bad_settings_fail_with_one_line():
         TrieProblem(depth=9, branching=8)
     with pytest.raises(ValueError):
         learner_setup("hepo2")
+    assert learner_setup("hepo_uniform")[1].level_weights == "uniform"
     with pytest.raises(SystemExit, match=r"is not branching\^3"):
         main(["--depth", "3", "--leaves", "256", "--seeds", "1", "--out", "/tmp/never"])
 
