@@ -263,8 +263,9 @@ class SharedPolicy(TriePolicy):
     The policy reads the prefix z_<l of context c as ``e_c + e_level(l) + sum_{j<l} e_j(z_j)`` (per-level code
     embeddings) through a 2-layer MLP and a next-code head; the critic reads ``e_c + sum_{j<l} e'_j(z_j) +
     e'_level(l)`` through its own MLP and a value head (the HTE's form: its own code and level embeddings and MLP
-    over the context the two share). ``one_trunk``: the critic is a value head on the policy's trunk instead (the
-    two losses pull on every weight). Both heads start at zero: the uniform policy and a zero critic, as the
+    over the context the two share, read detached as ``agents.rl.loop`` feeds the HTE: the critic's loss trains
+    the critic only). ``one_trunk``: the critic is a value head on the policy's trunk instead (the two losses pull
+    on every weight). Both heads start at zero: the uniform policy and a zero critic, as the
     table's start."""
 
     def __init__(self, p: TrieProblem, one_trunk: bool = False):
@@ -289,16 +290,22 @@ class SharedPolicy(TriePolicy):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def hidden(self, ctx: torch.Tensor, codes: torch.Tensor, code, level, trunk) -> torch.Tensor:
-        """(..., L + 1, h): the prefixes z_<l, l = 0..L, through one embedding set and MLP."""
+    def hidden(self, context: torch.Tensor, codes: torch.Tensor, code, level, trunk) -> torch.Tensor:
+        """(..., h) contexts' embeddings, (..., L) paths -> (..., L + 1, h): the prefixes z_<l, l = 0..L, through one
+        embedding set and MLP."""
         emb = code(codes + torch.arange(self.depth) * self.b)  # (..., L, h)
         prefix = torch.cat([torch.zeros_like(emb[..., :1, :]), emb], -2).cumsum(-2)  # sum_{j<l} e_j(z_j)
-        return trunk(prefix + self.context(ctx)[..., None, :] + level.weight)
+        return trunk(prefix + context[..., None, :] + level.weight)
 
     def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.hidden(ctx, codes, self.code, self.level, self.trunk)
-        if self.critic is not None:
-            critic = self.hidden(ctx, codes, self.critic["code"], self.critic["level"], self.critic["trunk"])
+        context = self.context(ctx)
+        hidden = self.hidden(context, codes, self.code, self.level, self.trunk)
+        if (
+            self.critic is not None
+        ):  # the HTE's input: the context detached (agents.rl.loop), the rest its own
+            critic = self.hidden(
+                context.detach(), codes, self.critic["code"], self.critic["level"], self.critic["trunk"]
+            )
         else:
             critic = hidden
         return self.head(hidden[..., :-1, :]), self.value(critic).squeeze(-1)

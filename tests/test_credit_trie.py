@@ -99,6 +99,20 @@ def test_the_shared_policy_shares_a_code_across_parents():
     assert moved["table"] == 0.0 and moved["shared"] > 0.0
 
 
+def test_the_shared_critic_trains_itself_only():
+    """``shared``: the critic's loss reaches the critic's own weights only (the context read detached, as the HTE's);
+    ``shared_trunk``: it pulls on the policy's trunk as well."""
+    for kind, touches_policy in (("shared", False), ("shared_trunk", True)):
+        torch.manual_seed(0)
+        policy = POLICY_CLASSES[kind](TrieProblem(depth=2, branching=4, contexts=3, policy=kind))
+        torch.nn.init.normal_(policy.value.weight)  # (a zero head passes no gradient below it)
+        _, values = policy.terms(torch.arange(3), torch.randint(4, (3, 5, 2)))
+        values.pow(2).sum().backward()
+        grads = [policy.context.weight.grad, policy.trunk[0].weight.grad, policy.code.weight.grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == touches_policy
+        assert policy.value.weight.grad.abs().sum() > 0
+
+
 def test_a_network_run_is_its_seed_s_whatever_ran_before():
     """The network's initial weights come from the run's seed, not from the process's random state: a sweep's
     workers run their jobs in any order, and the learners' differences are paired on the same start."""
