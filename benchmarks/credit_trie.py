@@ -72,10 +72,12 @@ VARIANTS = {
     "hepo_gate": ("hepo", {"gae_gate": "group"}),
     "hepo_uniform": ("hepo", {"level_weights": "uniform"}),
     "sibling_uniform": ("sibling_grpo", {"level_weights": "uniform"}),
+    "hepo_uniform_gate": ("hepo", {"level_weights": "uniform", "gae_gate": "group"}),
 }
 """learners that are an algorithm with other loss constants: name -> (algorithm, ``LossConfig`` fields).
 ``*_uniform``: the levels weighted c_l = 1 / L (as GRPO's mean over levels) instead of the linear l / L: with a
-table each level has its own parameters, whose Adam steps do not see a level's weight; a shared network's do"""
+table each level has its own parameters, whose Adam steps do not see a level's weight; a shared network's do.
+``*_gate``: HEPO's GAE only while its critic beats the group mean (else the group baseline at every level)"""
 
 
 def learner_setup(name: str) -> tuple:
