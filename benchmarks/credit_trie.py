@@ -28,7 +28,8 @@ difference to HEPO paired by seed (the same bandit, the same start).
         --lr 0.01 --depth 4 --learners hepo,grpo,ppo,sibling_grpo
 
 Prints the table and writes ``--out``.json (every run's curve), ``--out``.md (the table) and ``--out``.png (each
-learner's difference to HEPO per setting, one panel per noise level); every finished run is appended to
+learner's difference to HEPO per setting, one panel per noise level), ``--out``.curves.png (each learner's share
+over the iterations, mean and 95% band over seeds, one panel per setting); every finished run is appended to
 ``--out``.runs.jsonl as it ends, and a sweep started again with the same ``--out`` reads those back instead of
 running them (a stopped sweep resumes).
 """
@@ -462,6 +463,40 @@ def plot(runs: list[dict], keys: list[str], path: Path) -> Path:
     return path
 
 
+def plot_curves(runs: list[dict], keys: list[str], path: Path) -> Path:
+    """The share after each iteration per learner, mean over seeds with its 95% t band, one panel per setting: how
+    fast each learner climbs and whether it holds what it reached (the table's final share is one iteration's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(frame(runs).groupby(keys, sort=False))
+    cols = min(4, len(cells))
+    rows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    for ax, (setting, part) in zip(axes.flat, cells):
+        for learner, r in part.groupby("learner", sort=False):
+            curves = torch.tensor(r["curve"].tolist(), dtype=torch.float64)  # (seeds, iterations + 1)
+            band = [t_interval(curves[:, i].numpy()) for i in range(curves.shape[1])]
+            ax.plot([b.value for b in band], label=learner, linewidth=1.2)
+            ax.fill_between(range(len(band)), [b.ci_low for b in band], [b.ci_high for b in band], alpha=0.2)
+        named = zip(keys, setting if isinstance(setting, tuple) else (setting,))
+        ax.set_title(", ".join(f"{k}={v}" for k, v in named if k not in ("branching",)), fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(cells) :]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of reachable value")
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write_bytes(path, figure_bytes(fig, dpi=100))
+    plt.close(fig)
+    return path
+
+
 def pipe_table(df: pd.DataFrame) -> str:
     """A Markdown pipe table of the frame's cells as they print."""
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
@@ -547,7 +582,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             raise SystemExit(str(e)) from None
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    files = {ext: path.parent / f"{path.name}.{ext}" for ext in ("json", "md", "png", "runs.jsonl")}
+    files = {
+        ext: path.parent / f"{path.name}.{ext}" for ext in ("json", "md", "png", "curves.png", "runs.jsonl")
+    }
     start = time.perf_counter()  # (a dot in OUT stays)
     runs = sweep(cells, learners, a.seeds, a.workers, done=files.pop("runs.jsonl"))
     write_json(files["json"], {"args": vars(a), "runs": runs})  # the runs first: the table reads them
@@ -560,6 +597,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
     atomic_write_bytes(files["md"], (md + "\n").encode())
     plot(runs, keys, files["png"])
+    plot_curves(runs, keys, files["curves.png"])
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     return out
 

@@ -185,6 +185,7 @@ def test_the_sweep_writes_its_runs_table_and_figure(tmp_path):
     assert list(out["learner"]) == ["hepo", "grpo", "hepo", "grpo"]
     assert (tmp_path / "s.1.md").read_text().startswith("| depth | branching |")
     assert (tmp_path / "s.1.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "s.1.curves.png").read_bytes()[:4] == b"\x89PNG"
     # resumed: the runs a stopped sweep finished are read back from OUT.runs.jsonl, the others run again, and the
     # result is the same as one sweep's
     done = tmp_path / "s.1.runs.jsonl"
