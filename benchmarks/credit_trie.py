@@ -30,8 +30,8 @@ difference to HEPO paired by seed (the same bandit, the same start).
 Prints the table and writes ``--out``.json (every run's curve), ``--out``.md (the table) and ``--out``.png (each
 learner's difference to HEPO per setting, one panel per noise level), ``--out``.curves.png (each learner's share
 over the iterations, mean and 95% band over seeds, one panel per setting); every finished run is appended to
-``--out``.runs.jsonl as it ends, and a sweep started again with the same ``--out`` reads those back instead of
-running them (a stopped sweep resumes).
+``--out``.runs.jsonl as it ends, and a sweep started again with the same ``--out`` reads those and ``--out``.json's
+back instead of running them (a stopped sweep resumes; a committed one redraws its table and figures at once).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig
 from agents.rl.loop import UpdateConfig, update
 from agents.rl.registry import algorithm
-from gpr_sim.runs import append_metrics, atomic_write_bytes, figure_bytes, read_metrics, write_json
+from gpr_sim.runs import append_metrics, atomic_write_bytes, figure_bytes, read_json, read_metrics
 from gpr_sim.schema import TokenBatch
 from gpr_sim.stats import paired_difference, t_interval
 
@@ -492,7 +492,7 @@ def plot_curves(runs: list[dict], keys: list[str], path: Path) -> Path:
         ax.set_xlabel("iteration")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    atomic_write_bytes(path, figure_bytes(fig, dpi=100))
+    atomic_write_bytes(path, figure_bytes(fig, dpi=72))
     plt.close(fig)
     return path
 
@@ -514,17 +514,23 @@ def run_key(problem: dict, learner: str, seed: int) -> str:
 
 
 def sweep(
-    cells: list[TrieProblem], learners: list[str], seeds: int, workers: int, done: Path | None = None
+    cells: list[TrieProblem],
+    learners: list[str],
+    seeds: int,
+    workers: int,
+    done: Path | None = None,
+    prior: list[dict] = (),
 ) -> list[dict]:
     """Every problem, every learner, seeds 0..seeds-1, in that order. ``done``: a JSON-lines file each finished run
-    is appended to; the runs it already holds are read back, not run again (a stopped sweep resumes)."""
+    is appended to; the runs it already holds, and those in ``prior`` (a committed sweep's), are read back, not run
+    again (a stopped sweep resumes; a finished one redraws its table and figures)."""
     jobs = [(asdict(pr), learner, s) for pr in cells for learner in learners for s in range(seeds)]
     finished = {}
-    for row in read_metrics(done) if done else []:
+    for row in [*prior, *(read_metrics(done) if done else [])]:
         finished[run_key({k: row.get(k) for k in jobs[0][0]}, row.get("learner"), row.get("seed"))] = row
     todo = [job for job in jobs if run_key(*job) not in finished]
-    if finished:
-        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs read back from {done}")
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs read back")
     with Pool(workers) as pool:
         for row in tqdm(pool.imap_unordered(_job, todo), total=len(todo), desc="runs", disable=not todo):
             finished[run_key({k: row[k] for k in jobs[0][0]}, row["learner"], row["seed"])] = row
@@ -586,8 +592,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         ext: path.parent / f"{path.name}.{ext}" for ext in ("json", "md", "png", "curves.png", "runs.jsonl")
     }
     start = time.perf_counter()  # (a dot in OUT stays)
-    runs = sweep(cells, learners, a.seeds, a.workers, done=files.pop("runs.jsonl"))
-    write_json(files["json"], {"args": vars(a), "runs": runs})  # the runs first: the table reads them
+    prior = read_json(files["json"])["runs"] if files["json"].exists() else []
+    runs = sweep(cells, learners, a.seeds, a.workers, done=files.pop("runs.jsonl"), prior=prior)
+    # the runs first (the table reads them), one per line: a sweep's file stays a third of its indented size
+    lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in runs)
+    atomic_write_bytes(files["json"], f'{{"args": {json.dumps(vars(a))},\n"runs": [\n{lines}\n]}}\n'.encode())
     # the cell's settings: the policy, the reward's make and the rate only where the sweep varies them
     keys = [k for k in ("policy", "reward", "lr") if len({r[k] for r in runs}) > 1]
     keys += ["depth", "branching", "credit", "noise", "group"]

@@ -192,7 +192,13 @@ def test_the_sweep_writes_its_runs_table_and_figure(tmp_path):
     lines = done.read_text().splitlines()
     assert len(lines) == 8
     done.write_text("\n".join(lines[:5]) + "\n")
+    (tmp_path / "s.1.json").unlink()  # (stopped before the end: no OUT.json yet)
     again = main(["--out", str(tmp_path / "s.1"), *flags])
     assert len(done.read_text().splitlines()) == 8
     assert json.loads((tmp_path / "s.1.json").read_text())["runs"] == runs
     pd.testing.assert_frame_equal(again, out)
+    # a committed sweep (OUT.json, no resume file) redraws its table and figures without running anything
+    done.unlink()
+    (tmp_path / "s.1.curves.png").unlink()
+    pd.testing.assert_frame_equal(main(["--out", str(tmp_path / "s.1"), *flags]), out)
+    assert (tmp_path / "s.1.curves.png").exists() and not done.exists()
