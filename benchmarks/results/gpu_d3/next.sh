@@ -30,7 +30,9 @@
 #       tar -C runs/final_refs -czf $OUT/final_refs.tgz .
 #                  ... CACHE_OUT=1 / CACHE_IN=runs/cache ... (the compile cache back / carried in: fewer runs)
 # Other learners from the same bundle (a third call; RUNS as run_side_by_side.sh reads it), e.g.
-#   the credit probe (RESULTS.md, "Where per-level credit matters": HEPO should separate on realised rewards):
+#   the credit probe (RESULTS.md: with a table policy HEPO separated on realised rewards, with a shared network it did
+#   not, "Per-level credit with a shared network"; add "hepo_u:--reward-outcome realised --loss.level-weights uniform
+#   --label hepo_uniform_realised" to test its level weights too):
 #     RUNS="hepo_r:--reward-outcome realised --label hepo_realised;grpo_r:--algo grpo --reward-outcome realised \
 #       --label grpo_realised;ppo_r:--algo ppo --reward-outcome realised --label ppo_realised;sibling_r:--algo \
 #       sibling_grpo --reward-outcome realised --label sibling_realised" BUNDLE_IN=... SEED=... OUT=$OUT \
