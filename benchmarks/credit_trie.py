@@ -116,6 +116,8 @@ class TrieProblem:
     """``POLICIES``: what learns (a table per node, or one network shared by every prefix)"""
     width: int = 64
     """hidden width of the ``shared`` policy's network"""
+    max_grad_norm: float = 1.0
+    """the update's one gradient-norm clip over policy and critic together (``UpdateConfig.max_grad_norm``)"""
 
     def __post_init__(self) -> None:
         for name, known in (("credit", CREDITS), ("reward", REWARDS), ("policy", POLICIES)):
@@ -128,8 +130,11 @@ class TrieProblem:
             raise ValueError(
                 f"branching^depth = {self.branching**self.depth} leaves is too many (at most 65,536)"
             )
-        if not (self.noise >= 0 and self.lr > 0):
-            raise ValueError(f"noise={self.noise}, lr={self.lr}: expected noise >= 0, lr > 0")
+        if not (self.noise >= 0 and self.lr > 0 and self.max_grad_norm > 0):
+            raise ValueError(
+                f"noise={self.noise}, lr={self.lr}, max_grad_norm={self.max_grad_norm}: expected noise >= 0, lr > 0"
+                ", max_grad_norm > 0"
+            )
 
 
 CODEBOOK_DIM = 8
@@ -338,7 +343,9 @@ def run(p: TrieProblem, learner: str, seed: int) -> list[float]:
         policy = POLICY_CLASSES[p.policy](p)
     algo, cfg = learner_setup(learner)
     opt = torch.optim.Adam(policy.parameters(), lr=p.lr)
-    schedule = UpdateConfig(epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=1.0, seed=seed)
+    schedule = UpdateConfig(
+        epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=p.max_grad_norm, seed=seed
+    )
     g = torch.Generator().manual_seed(seed + 1)  # the rollouts' draws, the same for every learner's first one
     state: dict = {}
     legal = [torch.ones(p.requests, p.group, p.branching, dtype=torch.bool)] * p.depth
@@ -526,8 +533,10 @@ def sweep(
     again (a stopped sweep resumes; a finished one redraws its table and figures)."""
     jobs = [(asdict(pr), learner, s) for pr in cells for learner in learners for s in range(seeds)]
     finished = {}
+    defaults = asdict(TrieProblem())  # a run recorded before a setting existed ran at its default
     for row in [*prior, *(read_metrics(done) if done else [])]:
-        finished[run_key({k: row.get(k) for k in jobs[0][0]}, row.get("learner"), row.get("seed"))] = row
+        problem = {k: row.get(k, defaults[k]) for k in jobs[0][0]}
+        finished[run_key(problem, row.get("learner"), row.get("seed"))] = {**row, **problem}
     todo = [job for job in jobs if run_key(*job) not in finished]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} runs read back")
@@ -562,6 +571,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--iterations", type=int, default=TrieProblem.iterations)
     ap.add_argument("--lr", default=str(TrieProblem.lr), help="comma list: every learner at each rate")
     ap.add_argument("--width", type=int, default=TrieProblem.width, help="the shared policy's hidden width")
+    ap.add_argument("--max-grad-norm", type=float, default=TrieProblem.max_grad_norm)
     a = ap.parse_args(argv)
     learners = a.learners.split(",")
     for name in learners:
@@ -573,7 +583,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             raise SystemExit(
                 f"--leaves {a.leaves} is not branching^{depth} for a whole branching (--depth {depth})"
             )
-        base = TrieProblem(depth=depth, branching=branching, iterations=a.iterations, width=a.width)
+        base = TrieProblem(
+            depth=depth,
+            branching=branching,
+            iterations=a.iterations,
+            width=a.width,
+            max_grad_norm=a.max_grad_norm,
+        )
         grid = {
             "policy": a.policy.split(","),
             "reward": a.reward.split(","),

@@ -19,6 +19,7 @@ from benchmarks.credit_trie import (
     learner_setup,
     main,
     run,
+    sweep,
 )
 
 
@@ -202,3 +203,16 @@ def test_the_sweep_writes_its_runs_table_and_figure(tmp_path):
     (tmp_path / "s.1.curves.png").unlink()
     pd.testing.assert_frame_equal(main(["--out", str(tmp_path / "s.1"), *flags]), out)
     assert (tmp_path / "s.1.curves.png").exists() and not done.exists()
+
+
+def test_a_run_recorded_before_a_setting_existed_is_read_back_at_its_default(capsys):
+    """A committed sweep's rows lack settings added later (``max_grad_norm``); they ran at the default, so a sweep at
+    the default reads them back instead of running them again, and one at another value runs anew."""
+    cells = [TrieProblem(depth=2, branching=2, contexts=2, requests=4, iterations=2)]
+    runs = sweep(cells, ["hepo"], seeds=2, workers=1)
+    old = [{k: v for k, v in r.items() if k != "max_grad_norm"} for r in runs]
+    capsys.readouterr()
+    assert sweep(cells, ["hepo"], seeds=2, workers=1, prior=old) == runs
+    assert "2 of 2 runs read back" in capsys.readouterr().out
+    other = [TrieProblem(depth=2, branching=2, contexts=2, requests=4, iterations=2, max_grad_norm=0.5)]
+    assert [r["max_grad_norm"] for r in sweep(other, ["hepo"], seeds=2, workers=1, prior=old)] == [0.5, 0.5]
