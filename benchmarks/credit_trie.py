@@ -40,6 +40,7 @@ import argparse
 import itertools
 import json
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -107,7 +108,8 @@ class TrieProblem:
     """requests per iteration (contexts drawn uniformly)"""
     iterations: int = 40
     lr: float = 0.05
-    """Adam learning rate of the tables"""
+    """Adam learning rate of the policy and critic (the default is the table's; the shared network's sweeps ran at
+    0.003 and 0.01)"""
     critic_warmup: int = 2
     """iterations that train the critic only (``agents.hepo --critic-warmup``)"""
     reward: str = "tree"
@@ -187,7 +189,7 @@ class TrieBandit:
         return float(((value - uniform) / (self.reward.max(1).values - uniform)).mean())
 
 
-class TriePolicy(nn.Module):
+class TriePolicy(nn.Module, ABC):
     """A policy over the trie's paths and a critic over its prefixes, as ``agents.rl.loop``'s ``terms_fn``.
 
     Called as (buffer, segments) -> the buffer's paths' per-level log-probs (M, K, L) and values (M, K, L + 1) (V of
@@ -200,10 +202,10 @@ class TriePolicy(nn.Module):
         self.b, self.depth, self.contexts = p.branching, p.depth, p.contexts
         self.offsets = level_offsets(p.branching, p.depth)
 
+    @abstractmethod
     def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(...,) contexts, (..., L) paths -> the next-code logits of the prefixes z_<l, l = 0..L-1 (..., L, b), and
         the values of the prefixes z_<l, l = 0..L (..., L + 1)."""
-        raise NotImplementedError
 
     def nodes(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., L) codes -> (..., L + 1) node ids of the prefixes z_<l (l = 0..L) in the level-major numbering."""
