@@ -335,46 +335,55 @@ def request_tokens(ctx: torch.Tensor) -> TokenBatch:
     return TokenBatch(ctx[:, None], zeros, zeros, zeros.bool(), zeros[..., None], zeros, torch.zeros(m, 1, 1))
 
 
+def collect(
+    policy: TriePolicy, bandit: TrieBandit, p: TrieProblem, g: torch.Generator, it: int, state: dict
+) -> Buffer:
+    """One iteration's rollout: ``p.requests`` contexts, ``p.group`` paths each drawn from the policy, their observed
+    rewards, in the buffer ``agents.rl``'s learners read (every code legal, no process rewards)."""
+    ctx = torch.randint(p.contexts, (p.requests,), generator=g)
+    codes = policy.sample(ctx, p.group, g)
+    leaf = policy.nodes(codes)[..., -1] - policy.offsets[p.depth]
+    with torch.no_grad():
+        old_log_prob, old_values = policy.terms(ctx, codes)
+    return Buffer(
+        tokens=request_tokens(ctx),
+        noise=None,
+        codes=codes,
+        old_log_prob=old_log_prob,
+        legal=[torch.ones(p.requests, p.group, p.branching, dtype=torch.bool)] * p.depth,
+        old_values=old_values,
+        reward=bandit.observe(ctx, leaf, g),
+        process=torch.zeros(p.requests, p.group, p.depth),
+        valid=torch.ones(p.requests, dtype=torch.bool),
+        rehearsed=torch.zeros(p.requests, dtype=torch.bool),
+        uid=torch.arange(p.requests) + it * p.requests,
+        learner_state=state,
+    )
+
+
+def schedule_of(p: TrieProblem, seed: int) -> UpdateConfig:
+    """The update's schedule: 2 epochs of 4 minibatches, as ``agents.hepo``'s, the problem's clip."""
+    return UpdateConfig(epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=p.max_grad_norm, seed=seed)
+
+
 def run(p: TrieProblem, learner: str, seed: int) -> list[float]:
     """One learner from the uniform policy on the bandit of ``seed``: the share after each iteration (0 first)."""
     bandit = TrieBandit(p, seed)
-    with (
-        torch.random.fork_rng()
-    ):  # a network's initial weights: the seed's, whatever ran before in the process
+    # a network's initial weights: the seed's, whatever ran before in the process
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         policy = POLICY_CLASSES[p.policy](p)
     algo, cfg = learner_setup(learner)
     opt = torch.optim.Adam(policy.parameters(), lr=p.lr)
-    schedule = UpdateConfig(
-        epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=p.max_grad_norm, seed=seed
-    )
     g = torch.Generator().manual_seed(seed + 1)  # the rollouts' draws, the same for every learner's first one
     state: dict = {}
-    legal = [torch.ones(p.requests, p.group, p.branching, dtype=torch.bool)] * p.depth
     curve = [bandit.share(policy.leaf_probs())]
     for it in range(p.iterations):
-        ctx = torch.randint(p.contexts, (p.requests,), generator=g)
-        codes = policy.sample(ctx, p.group, g)
-        tokens = request_tokens(ctx)
-        leaf = policy.nodes(codes)[..., -1] - policy.offsets[p.depth]
-        with torch.no_grad():
-            old_log_prob, old_values = policy.terms(ctx, codes)
-        buf = Buffer(
-            tokens=tokens,
-            noise=None,
-            codes=codes,
-            old_log_prob=old_log_prob,
-            legal=legal,
-            old_values=old_values,
-            reward=bandit.observe(ctx, leaf, g),
-            process=torch.zeros(p.requests, p.group, p.depth),
-            valid=torch.ones(p.requests, dtype=torch.bool),
-            rehearsed=torch.zeros(p.requests, dtype=torch.bool),
-            uid=torch.arange(p.requests) + it * p.requests,
-            learner_state=state,
-        )
+        buf = collect(policy, bandit, p, g, it, state)
         buf.adv, buf.returns = algo.targets(buf, cfg)
-        update(policy, policy, opt, None, buf, algo, cfg, schedule, it, policy=it >= p.critic_warmup)
+        update(
+            policy, policy, opt, None, buf, algo, cfg, schedule_of(p, seed), it, policy=it >= p.critic_warmup
+        )
         curve.append(bandit.share(policy.leaf_probs()))
     return curve
 

@@ -16,9 +16,11 @@ from benchmarks.credit_trie import (
     TablePolicy,
     TrieBandit,
     TrieProblem,
+    collect,
     learner_setup,
     main,
     run,
+    schedule_of,
     sweep,
 )
 
@@ -216,3 +218,24 @@ def test_a_run_recorded_before_a_setting_existed_is_read_back_at_its_default(cap
     assert "2 of 2 runs read back" in capsys.readouterr().out
     other = [TrieProblem(depth=2, branching=2, contexts=2, requests=4, iterations=2, max_grad_norm=0.5)]
     assert [r["max_grad_norm"] for r in sweep(other, ["hepo"], seeds=2, workers=1, prior=old)] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("max_grad_norm, clipped", [(1e-6, 1.0), (1e6, 0.0)])
+def test_the_update_reports_its_gradient_norm_and_whether_the_clip_scaled_it(max_grad_norm, clipped):
+    """``agents.rl.loop.update`` logs the mean gradient norm before its one clip over policy and critic, and the share
+    of minibatches the clip scaled: every one below a tiny limit, none below a huge one."""
+    from agents.rl.loop import update
+
+    p = TrieProblem(depth=2, branching=3, contexts=2, requests=8, group=4, max_grad_norm=max_grad_norm)
+    policy = TablePolicy(p)
+    with torch.no_grad():
+        policy.values.normal_(
+            generator=torch.Generator().manual_seed(0)
+        )  # a critic error: a non-zero gradient
+    buf = collect(policy, TrieBandit(p, seed=0), p, torch.Generator().manual_seed(1), 0, {})
+    algo, cfg = learner_setup("hepo")
+    buf.adv, buf.returns = algo.targets(buf, cfg)
+    opt = torch.optim.Adam(policy.parameters(), lr=0.01)
+    schedule = schedule_of(p, seed=0)
+    out = update(policy, policy, opt, None, buf, algo, cfg, schedule, 0)
+    assert out["train/grad_norm"] > 0 and out["train/grad_clipped"] == clipped

@@ -127,9 +127,16 @@ def test_every_algorithm_runs_one_update_with_finite_named_terms(name, kl_coef):
     terms = update(
         PathTerms(model), model, opt, ref, buf, algo, cfg, UpdateConfig(epochs=1, minibatch=len(buf)), 0
     )
-    want = {"loss", "policy", "critic", "item_value", "approx_kl", "clip_frac"} | (
-        {"kl_ref"} if kl_coef else set()
-    )
+    want = {
+        "loss",
+        "policy",
+        "critic",
+        "item_value",
+        "approx_kl",
+        "clip_frac",
+        "grad_norm",
+        "grad_clipped",
+    } | ({"kl_ref"} if kl_coef else set())
     assert set(terms) == {f"train/{k}" for k in want}
     assert all(math.isfinite(v) for v in terms.values()), terms
     # one minibatch, before its step: the policy is the rollout's (ratio 1), at its reference

@@ -227,6 +227,19 @@ def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGL
     return pieces, sizes
 
 
+def add_terms(sums: dict[str, float], named: dict[str, float], share: float, max_grad_norm: float) -> None:
+    """Add one minibatch's loss terms, weighted by its share, to the update's sums; its gradient norm (before the
+    clip) as ``grad_norm`` and whether the clip scaled the step as ``grad_clipped``: one norm over policy and critic
+    together, so a large critic gradient shrinks the policy's step too (``benchmarks/RESULTS.md``, "Per-level credit
+    with a shared network")."""
+    norm = named["gradient norm"]
+    for key, value in named.items():
+        if key != "gradient norm":
+            sums[key] = sums.get(key, 0.0) + share * value
+    sums["grad_norm"] = sums.get("grad_norm", 0.0) + share * norm
+    sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(norm > max_grad_norm)
+
+
 def update(
     terms_fn,
     model: GPRModel,
@@ -292,16 +305,14 @@ def update(
             named = dict(zip(names, values.tolist()))
             check_finite(where, named)
             opt.step()
-            for key in terms:
-                sums[key] = sums.get(key, 0.0) + share * named[key]
+            add_terms(sums, named, share, cfg.max_grad_norm)
             n += 1
     if pending:  # one sync for the whole update; the first non-finite minibatch stops the run
         table = torch.stack([values for _, _, values, _ in pending]).tolist()
         for (where, names, _, share), row in zip(pending, table, strict=True):
             named = dict(zip(names, row))
             check_finite(where, named)
-            for key in names[:-1]:
-                sums[key] = sums.get(key, 0.0) + share * named[key]
+            add_terms(sums, named, share, cfg.max_grad_norm)
             n += 1
     out = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
     return {k: v * dist.world_size for k, v in distributed.all_reduce_mean(out, dist).items()}
