@@ -227,14 +227,18 @@ def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGL
     return pieces, sizes
 
 
+GRADIENT_NORM = "gradient norm"
+"""a minibatch's gradient norm before the clip, as the non-finite check's error line names it"""
+
+
 def add_terms(sums: dict[str, float], named: dict[str, float], share: float, max_grad_norm: float) -> None:
     """Add one minibatch's loss terms, weighted by its share, to the update's sums; its gradient norm (before the
     clip) as ``grad_norm`` and whether the clip scaled the step as ``grad_clipped``: one norm over policy and critic
     together, so a large critic gradient shrinks the policy's step too (``benchmarks/RESULTS.md``, "Per-level credit
     with a shared network")."""
-    norm = named["gradient norm"]
+    norm = named[GRADIENT_NORM]
     for key, value in named.items():
-        if key != "gradient norm":
+        if key != GRADIENT_NORM:
             sums[key] = sums.get(key, 0.0) + share * value
     sums["grad_norm"] = sums.get("grad_norm", 0.0) + share * norm
     sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(norm > max_grad_norm)
@@ -291,7 +295,7 @@ def update(
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             # checked before the step takes effect: a NaN here would reach every parameter (gpr_sim.finite);
             # every rank sees the same all-reduced gradient norm, so all ranks skip and stop together
-            names = [*terms, "gradient norm"]
+            names = [*terms, GRADIENT_NORM]
             values = torch.stack([v.detach().float() for v in terms.values()] + [grad_norm.float()])
             where = f"iteration {draw + 1}, epoch {epoch}, minibatch {batch}"
             # fused: no host sync per minibatch; from a non-finite one on, steps are skipped on the device
