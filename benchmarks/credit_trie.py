@@ -203,9 +203,12 @@ class TriePolicy(nn.Module, ABC):
         self.offsets = level_offsets(p.branching, p.depth)
 
     @abstractmethod
-    def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(
+        self, ctx: torch.Tensor, codes: torch.Tensor, values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(...,) contexts, (..., L) paths -> the next-code logits of the prefixes z_<l, l = 0..L-1 (..., L, b), and
-        the values of the prefixes z_<l, l = 0..L (..., L + 1)."""
+        the values of the prefixes z_<l, l = 0..L (..., L + 1), or None with ``values`` False (sampling and the
+        exact leaf probabilities need the policy only)."""
 
     def nodes(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., L) codes -> (..., L + 1) node ids of the prefixes z_<l (l = 0..L) in the level-major numbering."""
@@ -230,7 +233,9 @@ class TriePolicy(nn.Module, ABC):
         are placeholders the logits of the current level do not read)."""
         codes = torch.zeros(ctx.shape[0], k, self.depth, dtype=torch.int64)
         for level in range(self.depth):
-            probs = self.scores(ctx[:, None].expand(-1, k), codes)[0][:, :, level].softmax(-1)  # (M, K, b)
+            probs = self.scores(ctx[:, None].expand(-1, k), codes, values=False)[0][:, :, level].softmax(
+                -1
+            )  # (M, K, b)
             z = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(ctx.shape[0], k)
             codes[..., level] = z
         return codes
@@ -242,14 +247,12 @@ class TriePolicy(nn.Module, ABC):
         prob = torch.ones(c, 1, dtype=torch.float64)
         for level in range(self.depth):
             index = torch.arange(self.b**level)
-            paths = torch.zeros(
-                index.numel(), self.depth, dtype=torch.int64
-            )  # the codes after z_<level unread
+            # every prefix of this level as a path (the codes after z_<level are placeholders the logits do not read)
+            paths = torch.zeros(index.numel(), self.depth, dtype=torch.int64)
             for j in range(level):
                 paths[:, j] = (index // self.b ** (level - 1 - j)) % self.b
-            logits = self.scores(torch.arange(c)[:, None].expand(c, index.numel()), paths.expand(c, -1, -1))[
-                0
-            ]
+            contexts = torch.arange(c)[:, None].expand(c, index.numel())
+            logits, _ = self.scores(contexts, paths.expand(c, -1, -1), values=False)
             prob = (prob[..., None] * logits[:, :, level].double().softmax(-1)).flatten(1)  # (C, b^(level+1))
         return prob
 
@@ -262,9 +265,12 @@ class TablePolicy(TriePolicy):
         self.logits = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth], p.branching))
         self.values = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth + 1]))
 
-    def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(
+        self, ctx: torch.Tensor, codes: torch.Tensor, values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         nodes = self.nodes(codes)  # (..., L + 1)
-        return self.logits[ctx[..., None], nodes[..., :-1]], self.values[ctx[..., None], nodes]
+        logits = self.logits[ctx[..., None], nodes[..., :-1]]
+        return logits, self.values[ctx[..., None], nodes] if values else None
 
 
 class SharedPolicy(TriePolicy):
@@ -307,18 +313,22 @@ class SharedPolicy(TriePolicy):
         prefix = torch.cat([torch.zeros_like(emb[..., :1, :]), emb], -2).cumsum(-2)  # sum_{j<l} e_j(z_j)
         return trunk(prefix + context[..., None, :] + level.weight)
 
-    def scores(self, ctx: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(
+        self, ctx: torch.Tensor, codes: torch.Tensor, values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         context = self.context(ctx)
         hidden = self.hidden(context, codes, self.code, self.level, self.trunk)
+        logits = self.head(hidden[..., :-1, :])
+        if not values:
+            return logits, None
+        critic = hidden
         if (
             self.critic is not None
         ):  # the HTE's input: the context detached (agents.rl.loop), the rest its own
             critic = self.hidden(
                 context.detach(), codes, self.critic["code"], self.critic["level"], self.critic["trunk"]
             )
-        else:
-            critic = hidden
-        return self.head(hidden[..., :-1, :]), self.value(critic).squeeze(-1)
+        return logits, self.value(critic).squeeze(-1)
 
 
 POLICY_CLASSES = {
