@@ -76,7 +76,7 @@ from agents.reporting.keys import BEST_METRIC
 from agents.rl import distributed
 from agents.rl.common import LossConfig
 from agents.rl.distributed import SINGLE, Dist
-from agents.rl.loop import COMPILE_MODES, PathTerms, UpdateConfig, update
+from agents.rl.loop import CLIPS, COMPILE_MODES, PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
 from agents.rl.rollout import OUTCOMES, SLOT_BITS, Roller
 from envs import make_vec_env
@@ -234,7 +234,10 @@ class Args:
     lr: float = 1e-4
     """AdamW learning rate (constant, so a resumed run matches an uninterrupted one)"""
     max_grad_norm: float = 1.0
-    """gradient clipping"""
+    """gradient clipping: the largest gradient norm a step takes"""
+    grad_clip: str = "joint"
+    """joint: one clip over the policy and the HTE together (the reference; the recorded runs used it) | separate:
+    each on its own norm, so the critic's gradient does not shrink the policy's step (``UpdateConfig.clip``)"""
     critic_warmup: int = 2
     """first iterations that train only the HTE (critic and item value): pre-training fits it to logged final
     values of shown ads, which are not the rollout's R (no auction win probability, no budget share, other scale)"""
@@ -369,6 +372,8 @@ class Args:
             raise ValueError(f"lr={self.lr} is invalid: expected > 0")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected > 0")
+        if self.grad_clip not in CLIPS:
+            raise ValueError(f"grad_clip={self.grad_clip!r} is invalid: expected one of {list(CLIPS)}")
         if self.plateau_metric not in PLATEAU_METRICS:
             raise ValueError(
                 f"plateau_metric={self.plateau_metric!r} is unknown: expected one of {list(PLATEAU_METRICS)}"
@@ -749,7 +754,9 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
     # fused on CUDA: one kernel for every parameter (the multi-tensor path took 3.8% of an update's device time)
     fused = torch.device(args.device).type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=fused)
-    schedule = UpdateConfig(args.epochs, args.minibatch, args.max_grad_norm, args.seed, args.precision)
+    schedule = UpdateConfig(
+        args.epochs, args.minibatch, args.max_grad_norm, args.seed, args.precision, clip=args.grad_clip
+    )
     env = make_train_env(args, dist)
     if funnel is not None:
         market = env.unwrapped

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig
-from agents.rl.loop import UpdateConfig, update
+from agents.rl.loop import CLIPS, UpdateConfig, update
 from agents.rl.registry import algorithm
 from gpr_sim.runs import append_metrics, atomic_write_bytes, figure_bytes, read_json, read_metrics
 from gpr_sim.schema import TokenBatch
@@ -119,10 +119,12 @@ class TrieProblem:
     width: int = 64
     """hidden width of the ``shared`` policy's network"""
     max_grad_norm: float = 1.0
-    """the update's one gradient-norm clip over policy and critic together (``UpdateConfig.max_grad_norm``)"""
+    """the update's gradient-norm clip (``UpdateConfig.max_grad_norm``)"""
+    clip: str = "joint"
+    """``UpdateConfig.clip``: one clip over policy and critic together, or each on its own norm"""
 
     def __post_init__(self) -> None:
-        for name, known in (("credit", CREDITS), ("reward", REWARDS), ("policy", POLICIES)):
+        for name, known in (("credit", CREDITS), ("reward", REWARDS), ("policy", POLICIES), ("clip", CLIPS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown: expected one of {list(known)}")
         for name in ("depth", "branching", "contexts", "group", "requests", "iterations", "width"):
@@ -203,6 +205,10 @@ class TriePolicy(nn.Module, ABC):
         self.offsets = level_offsets(p.branching, p.depth)
 
     @abstractmethod
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The critic's own parameters (``agents.rl.loop.clip_gradients`` clips them apart with ``--clip separate``)."""
+
+    @abstractmethod
     def scores(
         self, ctx: torch.Tensor, codes: torch.Tensor, values: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -265,6 +271,9 @@ class TablePolicy(TriePolicy):
         self.logits = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth], p.branching))
         self.values = nn.Parameter(torch.zeros(p.contexts, self.offsets[p.depth + 1]))
 
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return [self.values]
+
     def scores(
         self, ctx: torch.Tensor, codes: torch.Tensor, values: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -305,6 +314,10 @@ class SharedPolicy(TriePolicy):
         for layer in (self.head, self.value):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The value head and the critic's network; on one trunk the value head only (the trunk is the policy's)."""
+        return [*self.value.parameters(), *([] if self.critic is None else self.critic.parameters())]
 
     def hidden(self, context: torch.Tensor, codes: torch.Tensor, code, level, trunk) -> torch.Tensor:
         """(..., h) contexts' embeddings, (..., L) paths -> (..., L + 1, h): the prefixes z_<l, l = 0..L, through one
@@ -373,7 +386,9 @@ def collect(
 
 def schedule_of(p: TrieProblem, seed: int) -> UpdateConfig:
     """The update's schedule: 2 epochs of 4 minibatches, as ``agents.hepo``'s, the problem's clip."""
-    return UpdateConfig(epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=p.max_grad_norm, seed=seed)
+    return UpdateConfig(
+        epochs=2, minibatch=max(1, p.requests // 4), max_grad_norm=p.max_grad_norm, clip=p.clip, seed=seed
+    )
 
 
 def run(p: TrieProblem, learner: str, seed: int) -> list[float]:
@@ -593,6 +608,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--lr", default=str(TrieProblem.lr), help="comma list: every learner at each rate")
     ap.add_argument("--width", type=int, default=TrieProblem.width, help="the shared policy's hidden width")
     ap.add_argument("--max-grad-norm", type=float, default=TrieProblem.max_grad_norm)
+    ap.add_argument("--clip", default=TrieProblem.clip, help=f"comma list of {list(CLIPS)}")
     a = ap.parse_args(argv)
     learners = a.learners.split(",")
     for name in learners:
@@ -615,6 +631,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "policy": a.policy.split(","),
             "reward": a.reward.split(","),
             "lr": comma_list(a.lr, float, "--lr"),
+            "clip": a.clip.split(","),
             "credit": a.credit.split(","),
             "noise": comma_list(a.noise, float, "--noise"),
             "group": comma_list(a.group, int, "--group"),
@@ -635,7 +652,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in runs)
     atomic_write_bytes(files["json"], f'{{"args": {json.dumps(vars(a))},\n"runs": [\n{lines}\n]}}\n'.encode())
     # the cell's settings: the policy, the reward's make and the rate only where the sweep varies them
-    keys = [k for k in ("policy", "reward", "lr") if len({r[k] for r in runs}) > 1]
+    keys = [k for k in ("policy", "reward", "lr", "clip") if len({r[k] for r in runs}) > 1]
     keys += ["depth", "branching", "credit", "noise", "group"]
     out = table(runs, keys)
     md = pipe_table(out)

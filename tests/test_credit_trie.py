@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pandas as pd
 import pytest
@@ -239,3 +240,31 @@ def test_the_update_reports_its_gradient_norm_and_whether_the_clip_scaled_it(max
     schedule = schedule_of(p, seed=0)
     out = update(policy, policy, opt, None, buf, algo, cfg, schedule, 0)
     assert out["train/grad_norm"] > 0 and out["train/grad_clipped"] == clipped
+
+
+@pytest.mark.parametrize("policy", ["table", "shared"])
+def test_with_separate_clips_the_critic_does_not_set_the_policys_step(policy):
+    """HEPO with uniform level weights whose critic never enters the advantage (``hepo_uniform_gate``) has GRPO's
+    policy gradient; only its critic differs. Under one clip over both (a limit the critic's gradient exceeds) the
+    critic shrinks HEPO's policy steps and the two part; with ``clip`` separate the policy's step is its own and the
+    two learn the same policy to the bit."""
+    p = TrieProblem(
+        depth=2,
+        branching=4,
+        contexts=4,
+        requests=16,
+        group=4,
+        iterations=8,
+        noise=1.0,
+        lr=0.01,
+        policy=policy,
+        width=16,
+        max_grad_norm=0.05,
+    )
+    joint = [run(p, learner, seed=0) for learner in ("hepo_uniform_gate", "grpo")]
+    assert joint[0] != joint[1]
+    p = TrieProblem(**{**asdict(p), "clip": "separate"})
+    separate = [run(p, learner, seed=0) for learner in ("hepo_uniform_gate", "grpo")]
+    assert separate[0] == separate[1]
+    with pytest.raises(ValueError, match="clip='both' is unknown"):
+        TrieProblem(clip="both")

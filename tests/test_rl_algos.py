@@ -9,7 +9,7 @@ import torch
 from agents.hepo import Args
 from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig, group_zscore, level_weights
-from agents.rl.loop import PathTerms, UpdateConfig, path_terms, update
+from agents.rl.loop import PathTerms, UpdateConfig, clip_gradients, path_terms, update
 from agents.rl.registry import ALGOS, algorithm
 from agents.rl.sibling_grpo import sibling_zscore
 from gpr_sim.model import GPRModel
@@ -135,6 +135,8 @@ def test_every_algorithm_runs_one_update_with_finite_named_terms(name, kl_coef):
         "approx_kl",
         "clip_frac",
         "grad_norm",
+        "grad_norm_policy",
+        "grad_norm_critic",
         "grad_clipped",
     } | ({"kl_ref"} if kl_coef else set())
     assert set(terms) == {f"train/{k}" for k in want}
@@ -162,3 +164,64 @@ def test_update_config_rejects_bad_values():
         UpdateConfig(max_grad_norm=math.nan)
     with pytest.raises(ValueError, match="max_grad_norm"):
         UpdateConfig(max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="clip='both' is invalid"):
+        UpdateConfig(clip="both")
+    with pytest.raises(ValueError, match="grad_clip='both' is invalid"):
+        Args(grad_clip="both")
+
+
+def _model_with_gradients(seed: int) -> GPRModel:
+    """The tiny generator with a gradient on every parameter, the HTE's far larger than the rest (as the GPU runs'
+    critic loss is ~40x the policy's)."""
+    torch.manual_seed(seed)
+    model = GPRModel(TINY)
+    critic = {id(p) for p in model.critic_parameters()}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * (10.0 if id(p) in critic else 0.1)
+    return model
+
+
+def _norm(params) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+def test_joint_clip_is_clip_grad_norm_and_separate_clips_each_group_on_its_own_norm():
+    model = _model_with_gradients(0)
+    critic = model.critic_parameters()
+    assert {id(p) for p in critic} == {id(p) for p in model.hte.parameters()} and critic
+    policy = [p for p in model.parameters() if all(p is not q for q in critic)]
+    before = (_norm(model.parameters()), _norm(policy), _norm(critic))
+    assert before[1] > 1.0 and before[2] > 10 * before[1]
+
+    joint = _model_with_gradients(0)
+    norms = clip_gradients(joint, 1.0, "joint")
+    reference = _model_with_gradients(0)
+    total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    assert torch.equal(norms[0], total)  # the step the runs recorded, to the bit
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(joint.parameters(), reference.parameters()))
+    assert [float(n) for n in norms] == pytest.approx(before, rel=1e-5)
+    # one clip: the critic's gradient shrank the policy's step far below the limit
+    assert _norm([p for p in joint.parameters() if p.grad is not None]) == pytest.approx(1.0, rel=1e-4)
+    joint_policy = [p for p in joint.parameters() if all(p is not q for q in joint.critic_parameters())]
+    assert _norm(joint_policy) < 0.2
+
+    separate = _model_with_gradients(0)
+    clip_gradients(separate, 1.0, "separate")
+    sep_critic = separate.critic_parameters()
+    sep_policy = [p for p in separate.parameters() if all(p is not q for q in sep_critic)]
+    assert _norm(sep_policy) == pytest.approx(1.0, rel=1e-4) and _norm(sep_critic) == pytest.approx(
+        1.0, rel=1e-4
+    )
+    # each group kept its direction: one scale per group
+    for p, q in zip(separate.parameters(), _model_with_gradients(0).parameters()):
+        scale = 1.0 / (before[2] if any(p is c for c in sep_critic) else before[1])
+        torch.testing.assert_close(p.grad, q.grad * scale, rtol=1e-4, atol=1e-7)
+
+    # below the limit neither clip changes a gradient
+    for clip in ("joint", "separate"):
+        small = _model_with_gradients(0)
+        clip_gradients(small, 1e6, clip)
+        assert all(
+            torch.equal(p.grad, q.grad)
+            for p, q in zip(small.parameters(), _model_with_gradients(0).parameters())
+        )

@@ -41,6 +41,9 @@ from gpr_sim.world import rng
 UPDATE_SALT = 0x0DD5
 """added to the seed for the keys of the minibatch order"""
 
+CLIPS = ("joint", "separate")
+"""``UpdateConfig.clip``'s values"""
+
 
 @dataclass(frozen=True)
 class UpdateConfig:
@@ -51,12 +54,16 @@ class UpdateConfig:
     minibatch: int = 64
     """requests per minibatch (x group size paths)"""
     max_grad_norm: float = 1.0
-    """gradient clipping"""
+    """gradient clipping: the largest gradient norm a step takes (``clip``)"""
     seed: int = 0
     """keys the minibatch order (``minibatches``)"""
     precision: str = "fp32"
     """fp32 (the reference) | bf16: the loss forward under bfloat16 autocast (``precision_context``);
     parameters, optimiser state and the backward's accumulation stay float32"""
+    clip: str = "joint"
+    """joint: one clip over every parameter on the norm of all, so a large critic gradient shrinks the policy's step
+    too (the reference; the recorded GPU runs used it) | separate: the policy's parameters and the critic's
+    (``critic_parameters()``: the HTE) each clipped on their own norm (``clip_gradients``)"""
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -68,6 +75,8 @@ class UpdateConfig:
             raise ValueError(f"seed={self.seed!r} is invalid: expected an integer")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected a finite number > 0")
+        if self.clip not in CLIPS:
+            raise ValueError(f"clip={self.clip!r} is invalid: expected one of {CLIPS}")
 
 
 AdLookup = Callable[[torch.Tensor], torch.Tensor]
@@ -229,19 +238,52 @@ def minibatches(buf: Buffer, seed: int, draw: int, size: int, dist: Dist = SINGL
 
 GRADIENT_NORM = "gradient norm"
 """a minibatch's gradient norm before the clip, as the non-finite check's error line names it"""
+GROUP_NORMS = ("policy gradient norm", "critic gradient norm")
+"""the norms of the policy's and the critic's parameters' gradients before the clip (``clip_gradients``)"""
 
 
-def add_terms(sums: dict[str, float], named: dict[str, float], share: float, max_grad_norm: float) -> None:
-    """Add one minibatch's loss terms, weighted by its share, to the update's sums; its gradient norm (before the
-    clip) as ``grad_norm`` and whether the clip scaled the step as ``grad_clipped``: one norm over policy and critic
-    together, so a large critic gradient shrinks the policy's step too (``benchmarks/RESULTS.md``, "Per-level credit
-    with a shared network")."""
-    norm = named[GRADIENT_NORM]
+def clip_gradients(model, max_norm: float, clip: str) -> list[torch.Tensor]:
+    """Clip ``model``'s gradients in place; their norms before the clip: of all, of the policy's, of the critic's.
+
+    The critic's parameters are ``model.critic_parameters()`` (the HTE: it reads the trunk's context detached, so
+    only the value losses reach it), the policy's every other one. ``clip`` joint: one clip on the norm of all
+    (``torch.nn.utils.clip_grad_norm_``'s step to the bit), so a critic gradient far larger than the policy's
+    shrinks the policy's step with it; separate: each group scaled to ``max_norm`` on its own norm, so the
+    critic's loss no longer sets the policy's step size.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    critic_ids = {id(p) for p in model.critic_parameters()}
+    groups = [
+        params,
+        [p for p in params if id(p) not in critic_ids],
+        [p for p in params if id(p) in critic_ids],
+    ]
+    device = params[0].grad.device if params else torch.device("cpu")
+    norms = [
+        torch.nn.utils.get_total_norm([p.grad for p in group]) if group else torch.zeros((), device=device)
+        for group in groups
+    ]
+    if clip == "joint":
+        torch.nn.utils.clip_grads_with_norm_(groups[0], max_norm, norms[0])
+    else:
+        for group, norm in zip(groups[1:], norms[1:]):
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+    return norms
+
+
+def add_terms(sums: dict[str, float], named: dict[str, float], share: float, cfg: UpdateConfig) -> None:
+    """Add one minibatch's loss terms, weighted by its share, to the update's sums; the gradient norms before the
+    clip as ``grad_norm`` (all), ``grad_norm_policy`` and ``grad_norm_critic``, and whether the clip scaled the
+    policy's step as ``grad_clipped``: with ``cfg.clip`` joint the norm of all decides, so a large critic gradient
+    shrinks the policy's step too (``benchmarks/RESULTS.md``, "Per-level credit with a shared network")."""
+    norms = {name: named[name] for name in (GRADIENT_NORM, *GROUP_NORMS)}
     for key, value in named.items():
-        if key != GRADIENT_NORM:
+        if key not in norms:
             sums[key] = sums.get(key, 0.0) + share * value
-    sums["grad_norm"] = sums.get("grad_norm", 0.0) + share * norm
-    sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(norm > max_grad_norm)
+    for key, name in zip(("grad_norm", "grad_norm_policy", "grad_norm_critic"), norms):
+        sums[key] = sums.get(key, 0.0) + share * norms[name]
+    decides = norms[GRADIENT_NORM if cfg.clip == "joint" else GROUP_NORMS[0]]
+    sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(decides > cfg.max_grad_norm)
 
 
 def update(
@@ -292,11 +334,11 @@ def update(
             loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
             opt.zero_grad(set_to_none=True)
             (loss * (share * dist.world_size)).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            norms = clip_gradients(model, cfg.max_grad_norm, cfg.clip)
             # checked before the step takes effect: a NaN here would reach every parameter (gpr_sim.finite);
             # every rank sees the same all-reduced gradient norm, so all ranks skip and stop together
-            names = [*terms, GRADIENT_NORM]
-            values = torch.stack([v.detach().float() for v in terms.values()] + [grad_norm.float()])
+            names = [*terms, GRADIENT_NORM, *GROUP_NORMS]
+            values = torch.stack([v.detach().float() for v in terms.values()] + [n.float() for n in norms])
             where = f"iteration {draw + 1}, epoch {epoch}, minibatch {batch}"
             # fused: no host sync per minibatch; from a non-finite one on, steps are skipped on the device
             if on_device:
@@ -309,17 +351,27 @@ def update(
             named = dict(zip(names, values.tolist()))
             check_finite(where, named)
             opt.step()
-            add_terms(sums, named, share, cfg.max_grad_norm)
+            add_terms(sums, named, share, cfg)
             n += 1
     if pending:  # one sync for the whole update; the first non-finite minibatch stops the run
         table = torch.stack([values for _, _, values, _ in pending]).tolist()
         for (where, names, _, share), row in zip(pending, table, strict=True):
             named = dict(zip(names, row))
             check_finite(where, named)
-            add_terms(sums, named, share, cfg.max_grad_norm)
+            add_terms(sums, named, share, cfg)
             n += 1
     out = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
     return {k: v * dist.world_size for k, v in distributed.all_reduce_mean(out, dist).items()}
 
 
-__all__ = ["UPDATE_SALT", "PathTerms", "UpdateConfig", "loss_terms", "minibatches", "path_terms", "update"]
+__all__ = [
+    "CLIPS",
+    "UPDATE_SALT",
+    "PathTerms",
+    "clip_gradients",
+    "UpdateConfig",
+    "loss_terms",
+    "minibatches",
+    "path_terms",
+    "update",
+]

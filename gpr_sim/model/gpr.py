@@ -99,6 +99,12 @@ class GPRModel(nn.Module):
             nn.init.zeros_(a.weight)
             nn.init.zeros_(a.bias)
 
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The HTE's parameters (none without it): the RL update's critic reads the trunk's context detached, so only
+        the value losses train them; ``agents.rl.loop.UpdateConfig.clip`` = separate clips them apart from the
+        policy's."""
+        return [] if self.hte is None else list(self.hte.parameters())
+
     def compile_regions(self, regions: Sequence[str] = REGIONS, dynamic: bool | None = None) -> GPRModel:
         """Compile parts of the model in place with ``torch.compile`` (regional compilation); returns self.
 
