@@ -24,8 +24,9 @@ OPR, mean / max normalised final_value of the top-K beam) on the first requests 
 The run folder (``runs/hepo/{env}__{algo}__{seed}__{time}``, or ``--out``) holds ``config.json``,
 ``metrics.jsonl``, ``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
 (the model alone, for ``agents.evaluate --agents gpr:RUN``), ``best/`` (the policy of the evaluation with the
-highest held-out reward per session so far, ``keep_best``: ``gpr:RUN/best``), ``summary.json``, ``curves.png`` and
-``reward_model.png`` (the rewarded vs true value of the sampled candidates per iteration: ``agents.rl.rollout``). Without
+highest held-out reward per session so far, ``keep_best``: ``gpr:RUN/best``), ``summary.json``, ``curves.png``,
+``reward_model.png`` (the rewarded vs true value of the sampled candidates per iteration: ``agents.rl.rollout``) and
+``gradients.png`` (the policy's and the critic's gradient norms before the clip, and how often it scaled). Without
 ``--out`` the newest unfinished run of the same env/algo/seed is resumed. The folder is locked while a run
 writes it and belongs to the run that created it (``run.json``, ``gpr_sim.runs.RunFolder``): a run with other
 flags (bar ``RESUME_IGNORES``) is refused, naming them, and so is a folder holding results but no checkpoint.
@@ -71,7 +72,7 @@ from agents.pretraining.pipeline import (
     pipeline_dir,
     stage_configs,
 )
-from agents.reporting.figures import plot_curves, plot_reward_model
+from agents.reporting.figures import plot_curves, plot_gradients, plot_reward_model
 from agents.reporting.keys import BEST_METRIC
 from agents.rl import distributed
 from agents.rl.common import LossConfig
@@ -935,6 +936,7 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
         evals = [r for r in rows if "eval/reward_per_session" in r]
         plot_curves([out], out / "curves.png")
         plot_reward_model([out], out / "reward_model.png")
+        plot_gradients([out], out / "gradients.png")
         summary = {
             "algo": args.algo,
             "seed": args.seed,

@@ -162,6 +162,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     assert chosen[0] == chosen[1]  # the resumed run kept (or re-chose) the same best policy
     assert (straight / "curves.png").stat().st_size > 0
     assert (straight / "reward_model.png").stat().st_size > 0  # the reward model's monitor, every run
+    assert (straight / "gradients.png").stat().st_size > 0  # the update's gradients, every run
     # the finished run asked for no more iterations: nothing runs, its summary and history stay as they are
     files = {p.name: p.read_bytes() for p in straight.iterdir() if p.is_file()}
     summary = json.loads(files["summary.json"])

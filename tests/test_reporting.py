@@ -651,3 +651,41 @@ def test_reward_model_figure_draws_rewarded_and_true_values(tmp_path, monkeypatc
     assert (
         figures.plot_reward_model([old], tmp_path / "old.png") is None and not (tmp_path / "old.png").exists()
     )
+
+
+def test_gradients_figure_draws_policy_and_critic_norms_and_the_clip(tmp_path, monkeypatch):
+    """Runs that log the update's gradient norms get ``gradients.png``: per algorithm the policy's norm (solid) and
+    the critic's (dashed), seed means, the shared clip limit as a line, and the share of clipped minibatches; runs
+    without them get no figure."""
+
+    def run(seed: int, policy: list[float], critic: list[float], clipped: list[float]):
+        folder = tmp_path / "runs" / f"ads-v0__hepo__{seed}"
+        folder.mkdir(parents=True)
+        config = {
+            "algo": "hepo",
+            "seed": seed,
+            "env": "ads-v0",
+            "max_grad_norm": 1.0,
+            "grad_clip": "separate",
+        }
+        (folder / "config.json").write_text(json.dumps(config))
+        rows = [
+            {"iteration": i + 1, "env_steps": 16 * (i + 1), **dict(zip(keys.GRADIENTS, values))}
+            for i, values in enumerate(zip(policy, critic, clipped))
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    runs = [run(0, [0.5, 0.7], [8.0, 4.0], [0.0, 0.5]), run(1, [0.7, 0.9], [6.0, 2.0], [0.5, 1.0])]
+    figs = []
+    monkeypatch.setattr(figures, "figure_bytes", lambda fig, dpi: figs.append(fig) or b"png")
+    assert figures.plot_gradients(runs, tmp_path / "gradients.png").name == "gradients.png"
+    left, right = figs[0].axes
+    policy, critic, limit = left.get_lines()
+    assert policy.get_linestyle() == "-" and critic.get_linestyle() == "--"
+    assert np.allclose(policy.get_ydata(), [0.6, 0.8]) and np.allclose(critic.get_ydata(), [7.0, 3.0])
+    assert np.allclose(limit.get_ydata(), [1.0, 1.0]) and "separate" in limit.get_label()
+    assert np.allclose(right.get_lines()[0].get_ydata(), [0.25, 0.75])
+    plt.close("all")
+    old = make_run(tmp_path / "old", "hepo", 0, (0.5, 0.3), (1.0, 0.4))
+    assert figures.plot_gradients([old], tmp_path / "old.png") is None and not (tmp_path / "old.png").exists()

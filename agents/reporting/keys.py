@@ -21,6 +21,9 @@ REWARD_MODEL = ("rollout/group_value_mean", "rollout/truth/group_value_mean", "r
 """the reward model's monitor (``agents.rl.rollout.truth_monitor``), every iteration: the sampled candidates'
 value as rewarded, the same candidates under the simulator's truth (privileged, logged only), their within-group
 correlation"""
+GRADIENTS = ("train/grad_norm_policy", "train/grad_norm_critic", "train/grad_clipped")
+"""the update's gradients (``agents.rl.loop.add_terms``), every iteration: the mean norm of the policy's and of the
+critic's (the HTE's) gradient before the clip, and the share of minibatches whose policy step the clip scaled"""
 BEST_METRIC = "eval/reward_per_session"
 """what a run's best policy (``agents.hepo``'s ``OUT/best``) is chosen by: the highest realised reward per held-out
 session among its evaluations (finite values only, the earliest on ties), the number an online A/B test reads"""

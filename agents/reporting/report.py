@@ -9,6 +9,7 @@
 | ``table5.csv`` / ``.md`` | GPR Table 5 analogue: Table 4's metrics per stage within each user-activity tier (1..5) and for new / old ads, with the privileged cascade's strata from ``baseline``; only when the runs' evaluations log strata (``agents.reporting.keys.strata_key``) |
 | ``final.png`` | the final table as bars with error bars |
 | ``reward_model.png`` | the reward model's monitor per iteration: the sampled candidates' value as rewarded and under the simulator's truth, and their correlation (``figures.plot_reward_model``); only when the runs log it |
+| ``gradients.png`` | the update's policy and critic gradient norms before the clip and the share of minibatches it scaled (``figures.plot_gradients``); only when the runs log them |
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from agents.reporting.figures import plot_curves, plot_reward_model, plot_table
+from agents.reporting.figures import plot_curves, plot_gradients, plot_reward_model, plot_table
 from agents.reporting.folders import check_runs, runs_without_strata
 from agents.reporting.keys import FINAL, TABLE3
 from agents.reporting.tables import (
@@ -50,6 +51,9 @@ def write_report(
     monitor = plot_reward_model(runs, out / "reward_model.png", level=level)
     if monitor is not None:
         files["reward_model"] = monitor
+    gradients = plot_gradients(runs, out / "gradients.png", level=level)
+    if gradients is not None:
+        files["gradients"] = gradients
     for name, table, markdown in (
         ("table3", t3, to_markdown(t3, TABLE3, level)),
         ("final_table", fin, to_markdown(fin, FINAL, level)),

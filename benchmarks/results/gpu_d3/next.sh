@@ -37,6 +37,12 @@
 #       --label grpo_realised;ppo_r:--algo ppo --reward-outcome realised --label ppo_realised;sibling_r:--algo \
 #       sibling_grpo --reward-outcome realised --label sibling_realised" BUNDLE_IN=... SEED=... OUT=$OUT \
 #       bash benchmarks/results/gpu_d3/next.sh
+#   the clip probe (RESULTS.md "The one gradient clip is the critic's"): on the CPU the HTE's gradient set the joint
+#   clip on 94-100% of minibatches for every learner; these runs log train/grad_norm_policy and grad_norm_critic, so
+#   the recorded (joint) runs say whether the GPU's does too; the same learners each on its own clip:
+#     RUNS="hepo_sep:--grad-clip separate --label hepo_separate;ppo_sep:--algo ppo --grad-clip separate --label \
+#       ppo_separate;grpo_sep:--algo grpo --grad-clip separate --label grpo_separate" BUNDLE_IN=... SEED=... OUT=$OUT \
+#       bash benchmarks/results/gpu_d3/next.sh
 #   DPO at its own rates (lr 1e-4 collapsed in 4 iterations at GPU scale): RUNS="dpo_1e5:--algo dpo --lr 1e-5 \
 #     --label dpo;dpo_3e6:--algo dpo --lr 3e-6 --label dpo" ...
 export SEED=${SEED:-0}
