@@ -240,6 +240,11 @@ def test_the_update_reports_its_gradient_norm_and_whether_the_clip_scaled_it(max
     schedule = schedule_of(p, seed=0)
     out = update(policy, policy, opt, None, buf, algo, cfg, schedule, 0)
     assert out["train/grad_norm"] > 0 and out["train/grad_clipped"] == clipped
+    assert out["train/grad_norm_policy"] > 0 and out["train/grad_norm_critic"] > 0
+    # the critic's warm-up: no policy loss, so no policy gradient and no policy step to scale
+    warm = update(policy, policy, opt, None, buf, algo, cfg, schedule, 1, policy=False)
+    assert warm["train/grad_norm_policy"] == 0 and warm["train/grad_clipped"] == 0
+    assert warm["train/grad_norm"] == warm["train/grad_norm_critic"] > 0
 
 
 @pytest.mark.parametrize("policy", ["table", "shared"])

@@ -661,13 +661,8 @@ def test_gradients_figure_draws_policy_and_critic_norms_and_the_clip(tmp_path, m
     def run(seed: int, policy: list[float], critic: list[float], clipped: list[float]):
         folder = tmp_path / "runs" / f"ads-v0__hepo__{seed}"
         folder.mkdir(parents=True)
-        config = {
-            "algo": "hepo",
-            "seed": seed,
-            "env": "ads-v0",
-            "max_grad_norm": 1.0,
-            "grad_clip": "separate",
-        }
+        args = {"max_grad_norm": 1.0, "grad_clip": "separate"}  # agents.hepo's flags
+        config = {"algo": "hepo", "seed": seed, "env": "ads-v0", "args": args}
         (folder / "config.json").write_text(json.dumps(config))
         rows = [
             {"iteration": i + 1, "env_steps": 16 * (i + 1), **dict(zip(keys.GRADIENTS, values))}

@@ -143,18 +143,22 @@ def plot_reward_model(runs: list[Path], path: Path, x: str = "env_steps", level:
     return _save(fig, Path(path))
 
 
-def _shared_setting(runs: list[Path], name: str):
-    """The value of ``name`` in every run's ``config.json`` when they all record the same one, else None."""
-    values = {json.dumps(read_json(Path(run) / "config.json").get(name)) for run in runs}
+def _shared_setting(runs: list[Path], name: str, default=None):
+    """The ``agents.hepo`` flag ``name`` of every run's ``config.json`` (``args``; ``default`` where a run's record
+    predates it) when they all record the same value, else None."""
+    values = {
+        json.dumps(read_json(Path(run) / "config.json").get("args", {}).get(name, default)) for run in runs
+    }
     return json.loads(values.pop()) if len(values) == 1 else None
 
 
 def plot_gradients(runs: list[Path], path: Path, x: str = "env_steps", level: float = 0.95) -> Path | None:
-    """The update's gradients against env steps, one colour per algorithm (mean over its runs, seed band): left, the
-    norm of the policy's gradient (solid) and of the critic's (dashed) before the clip, on a log scale, with the
-    clip's limit when every run shares it; right, the share of minibatches whose policy step the clip scaled. With
-    one clip over both (``--grad-clip joint``) a critic line above the limit scales the policy's step whatever its
-    own norm. None (nothing written) when no run logs them (runs from before they were logged)."""
+    """The update's gradients against env steps, one colour per algorithm: left, the mean over its runs of the norm of
+    the policy's gradient (solid) and of the critic's (dashed) before the clip (log scale; 0, off the scale, in the
+    critic warm-up's iterations: no policy loss), with the clip's limit when every run shares it; right, the share of
+    minibatches whose policy step the clip scaled (mean, seed band). With one clip over both (``--grad-clip joint``) a
+    critic line above the limit scales the policy's step whatever its own norm. None (nothing written) when no run
+    logs them (runs from before they were logged)."""
     if GRADIENTS[0] not in _logged_keys(runs):
         return None
     policy, critic, clipped = (seed_curves(runs, key, x, level) for key in GRADIENTS)
@@ -162,27 +166,26 @@ def plot_gradients(runs: list[Path], path: Path, x: str = "env_steps", level: fl
     for i, (label, c) in enumerate(policy.items()):
         color = f"C{i}"
         left.plot(c["x"], c["mean"], color=color, label=f"{label}: policy (n={c['n']})")
-        left.fill_between(c["x"], c["low"], c["high"], color=color, alpha=0.15)
         v = critic.get(label)
         if v is not None:
             left.plot(v["x"], v["mean"], color=color, ls="--", label=f"{label}: critic")
-            left.fill_between(v["x"], v["low"], v["high"], color=color, alpha=0.15)
         s = clipped.get(label)
         if s is not None:
             right.plot(s["x"], s["mean"], color=color, marker="o", ms=3, label=label)
             right.fill_between(s["x"], s["low"], s["high"], color=color, alpha=0.15)
-    limit, clip = _shared_setting(runs, "max_grad_norm"), _shared_setting(runs, "grad_clip") or "joint"
+    limit = _shared_setting(runs, "max_grad_norm")
     if limit is not None:
+        clip = _shared_setting(runs, "grad_clip", "joint") or "mixed"
         left.axhline(limit, color="gray", lw=1, ls=":", label=f"clip limit {limit:g} ({clip})")
     left.set_yscale("log")
-    left.set_title("gradient norm before the clip")
+    left.set_title("gradient norm before the clip (mean over seeds)")
     right.set_title("minibatches whose policy step was clipped")
     right.set_ylim(-0.05, 1.05)
     for ax in (left, right):
         ax.set_xlabel(x.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"the update's gradients; bands: {level:.0%} t interval over seeds", fontsize=9)
+    fig.suptitle(f"the update's gradients; band: {level:.0%} t interval over seeds", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 

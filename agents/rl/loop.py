@@ -283,7 +283,10 @@ def add_terms(sums: dict[str, float], named: dict[str, float], share: float, cfg
     for key, name in zip(("grad_norm", "grad_norm_policy", "grad_norm_critic"), norms):
         sums[key] = sums.get(key, 0.0) + share * norms[name]
     decides = norms[GRADIENT_NORM if cfg.clip == "joint" else GROUP_NORMS[0]]
-    sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(decides > cfg.max_grad_norm)
+    scaled = (
+        decides > cfg.max_grad_norm and norms[GROUP_NORMS[0]] > 0
+    )  # no policy gradient (critic warm-up): no step
+    sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(scaled)
 
 
 def update(
