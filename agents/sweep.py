@@ -73,7 +73,7 @@ from agents.evaluation.folder import evaluate_folder
 from agents.policies import POLICIES
 from agents.policies.learned_cascade import learned_cascade_inputs
 from agents.pretraining.pipeline import reward_funnel_file
-from agents.reporting.folders import check_runs
+from agents.reporting.folders import check_runs, update_gradients
 from agents.reporting.keys import REWARD_MODEL
 from agents.reporting.sweep import (
     FINAL_METRICS,
@@ -390,7 +390,9 @@ def sweep_table(
     the pre-training it triggered; NaN for a run trained outside this sweep), the metrics of its ``policy``'s
     evaluation (``last``: the run's last; ``best``: ``RUN/best``'s, at ``policy_iteration``) and the reward
     model's monitor at that iteration (``REWARD_MODEL``: rewarded vs true value of the sampled candidates; NaN
-    for runs from before it and at iteration 0)."""
+    for runs from before it and at iteration 0), and the update's gradients over the run
+    (``agents.reporting.folders.update_gradients``: the policy's and the critic's norms before the clip, the share of
+    clipped policy steps)."""
     rows = []
     keys = dict.fromkeys(
         (
@@ -424,6 +426,7 @@ def sweep_table(
                 "folder": str(run.folder),
                 "policy_iteration": chosen["iteration"],
                 **{k: chosen.get(k, math.nan) for k in keys},
+                **update_gradients(run.folder),
             }
         )
     return pd.DataFrame(rows)

@@ -684,3 +684,36 @@ def test_gradients_figure_draws_policy_and_critic_norms_and_the_clip(tmp_path, m
     plt.close("all")
     old = make_run(tmp_path / "old", "hepo", 0, (0.5, 0.3), (1.0, 0.4))
     assert figures.plot_gradients([old], tmp_path / "old.png") is None and not (tmp_path / "old.png").exists()
+
+
+def test_update_gradients_average_the_policy_updates_only(tmp_path):
+    """A run's gradients for the sweep's table: the mean over the iterations that stepped the policy (the critic
+    warm-up's rows, with no policy gradient, left out); NaN for a run from before they were logged."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    rows = [
+        {
+            "iteration": 1,
+            "train/grad_norm_policy": 0.0,
+            "train/grad_norm_critic": 9.0,
+            "train/grad_clipped": 0.0,
+        },
+        {
+            "iteration": 2,
+            "train/grad_norm_policy": 0.5,
+            "train/grad_norm_critic": 4.0,
+            "train/grad_clipped": 1.0,
+        },
+        {
+            "iteration": 3,
+            "train/grad_norm_policy": 1.5,
+            "train/grad_norm_critic": 2.0,
+            "train/grad_clipped": 0.5,
+        },
+        {"iteration": 4, "eval/oracle_share": 0.4},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = folders.update_gradients(folder)
+    assert got == {"grad_norm_policy": 1.0, "grad_norm_critic": 3.0, "grad_clipped": 0.75}
+    old = make_run(tmp_path / "old", "hepo", 0, (0.5, 0.3), (1.0, 0.4))
+    assert all(math.isnan(v) for v in folders.update_gradients(old).values())

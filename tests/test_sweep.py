@@ -235,6 +235,9 @@ def test_policy_best_reads_and_serves_each_runs_best_folder(grid, tmp_path):
         assert row["policy_iteration"] == best["iteration"]
         assert row[args.select_metric] == best[args.select_metric]
     assert set(sweep.sweep_table(runs, {}, args.select_metric)["policy_iteration"]) == {1}  # last
+    # the update's gradients over each run beside its metrics: its one iteration is the critic's warm-up (no policy
+    # step), so none to average (agents.reporting.folders.update_gradients, tested in test_reporting)
+    assert table[["grad_norm_policy", "grad_norm_critic", "grad_clipped"]].isna().all().all()
     specs = sweep.agent_specs(args, {r.algo: r for r in runs if r.lr == LRS[0]})
     assert specs["hepo"] == f"gpr:{runs[0].folder}/best@beam_width={runs[0].args.eval_beam}"
     old = tmp_path / "old"  # a run from before OUT/best: no best in its summary

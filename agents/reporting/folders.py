@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from agents.reporting.keys import BASELINE, BASELINE_NAMES, BEST_METRIC, ORDER, POLICIES, STRATA_MARKER
+from agents.reporting.keys import (
+    BASELINE,
+    BASELINE_NAMES,
+    BEST_METRIC,
+    GRADIENTS,
+    ORDER,
+    POLICIES,
+    STRATA_MARKER,
+)
 from gpr_sim.runs import read_json, read_metrics
 
 
@@ -99,6 +107,17 @@ def best_row(run: Path) -> dict:
     if not rows:
         raise ValueError(f"{run}/metrics.jsonl: no evaluation with a finite {BEST_METRIC!r}: no best policy")
     return max(rows, key=lambda r: r[BEST_METRIC])  # max keeps the first of equal values
+
+
+def update_gradients(run: Path) -> dict[str, float]:
+    """The run's update gradients (``GRADIENTS`` without ``train/``): each the mean over the iterations that stepped
+    the policy (a policy gradient; the critic warm-up's are left out); NaN each for a run from before they were
+    logged."""
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get(GRADIENTS[0], 0) > 0]
+    return {
+        key.split("/", 1)[1]: (sum(r[key] for r in rows) / len(rows) if rows else math.nan)
+        for key in GRADIENTS
+    }
 
 
 def final_rows(label: str, runs: list[Path], policy: str = "last") -> list[dict]:
