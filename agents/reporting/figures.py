@@ -111,6 +111,26 @@ def plot_curves(
     return _save(fig, Path(path))
 
 
+def _draw(ax, curve: dict | None, color: str, band: bool = True, **style) -> None:
+    """One ``seed_curves`` curve on ``ax``: its mean as a line, its band shaded (nothing when ``curve`` is None)."""
+    if curve is None:
+        return
+    ax.plot(curve["x"], curve["mean"], color=color, **style)
+    if band:
+        ax.fill_between(curve["x"], curve["low"], curve["high"], color=color, alpha=0.15)
+
+
+def _save_pair(fig, x: str, title: str, path: Path) -> Path:
+    """A two-panel monitor's finish: both panels against ``x`` with a grid and a legend, the title, saved."""
+    for ax in fig.axes:
+        ax.set_xlabel(x.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
 def plot_reward_model(runs: list[Path], path: Path, x: str = "env_steps", level: float = 0.95) -> Path | None:
     """The reward model's monitor against env steps, one colour per algorithm (mean over its runs, seed band):
     left, the sampled candidates' value as rewarded (solid) and under the simulator's truth (dashed); right,
@@ -122,25 +142,12 @@ def plot_reward_model(runs: list[Path], path: Path, x: str = "env_steps", level:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
     for i, (label, c) in enumerate(rewarded.items()):
         color = f"C{i}"
-        left.plot(c["x"], c["mean"], color=color, label=f"{label}: rewarded (n={c['n']})")
-        left.fill_between(c["x"], c["low"], c["high"], color=color, alpha=0.15)
-        t = truth.get(label)
-        if t is not None:
-            left.plot(t["x"], t["mean"], color=color, ls="--", label=f"{label}: truth (privileged)")
-            left.fill_between(t["x"], t["low"], t["high"], color=color, alpha=0.15)
-        r = corr.get(label)
-        if r is not None:
-            right.plot(r["x"], r["mean"], color=color, label=label)
-            right.fill_between(r["x"], r["low"], r["high"], color=color, alpha=0.15)
+        _draw(left, c, color, label=f"{label}: rewarded (n={c['n']})")
+        _draw(left, truth.get(label), color, ls="--", label=f"{label}: truth (privileged)")
+        _draw(right, corr.get(label), color, label=label)
     left.set_title("sampled candidates' value per request")
     right.set_title("within-group correlation, reward vs truth")
-    for ax in (left, right):
-        ax.set_xlabel(x.replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"the reward model's monitor; bands: {level:.0%} t interval over seeds", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, Path(path))
+    return _save_pair(fig, x, f"the reward model's monitor; bands: {level:.0%} t interval over seeds", path)
 
 
 def _shared_setting(runs: list[Path], name: str, default=None):
@@ -165,14 +172,9 @@ def plot_gradients(runs: list[Path], path: Path, x: str = "env_steps", level: fl
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
     for i, (label, c) in enumerate(policy.items()):
         color = f"C{i}"
-        left.plot(c["x"], c["mean"], color=color, label=f"{label}: policy (n={c['n']})")
-        v = critic.get(label)
-        if v is not None:
-            left.plot(v["x"], v["mean"], color=color, ls="--", label=f"{label}: critic")
-        s = clipped.get(label)
-        if s is not None:
-            right.plot(s["x"], s["mean"], color=color, marker="o", ms=3, label=label)
-            right.fill_between(s["x"], s["low"], s["high"], color=color, alpha=0.15)
+        _draw(left, c, color, band=False, label=f"{label}: policy (n={c['n']})")
+        _draw(left, critic.get(label), color, band=False, ls="--", label=f"{label}: critic")
+        _draw(right, clipped.get(label), color, marker="o", ms=3, label=label)
     limit = _shared_setting(runs, "max_grad_norm")
     if limit is not None:
         clip = _shared_setting(runs, "grad_clip", "joint") or "mixed"
@@ -181,13 +183,7 @@ def plot_gradients(runs: list[Path], path: Path, x: str = "env_steps", level: fl
     left.set_title("gradient norm before the clip (mean over seeds)")
     right.set_title("minibatches whose policy step was clipped")
     right.set_ylim(-0.05, 1.05)
-    for ax in (left, right):
-        ax.set_xlabel(x.replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"the update's gradients; band: {level:.0%} t interval over seeds", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, Path(path))
+    return _save_pair(fig, x, f"the update's gradients; band: {level:.0%} t interval over seeds", path)
 
 
 def plot_table(
