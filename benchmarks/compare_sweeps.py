@@ -10,7 +10,7 @@ Every cell of the grid is one pair: the same seed, algorithm and learning rate t
 iteration-0 evaluation, one per seed) and the end of RL (each run's last training-time evaluation) it prints,
 per metric, each setting's mean and the paired difference A - B with a t interval over the pairs, and the
 same per seed (pairs of one seed share their pre-training, so they are not independent: read the per-seed rows
-before the pooled one). When both sweeps ran their final comparison (``VARIANT/final/seed{S}/summary.csv``, on
+before the pooled one), and per algorithm when the grid has several. When both sweeps ran their final comparison (``VARIANT/final/seed{S}/summary.csv``, on
 ``--final-eval-seed``'s sessions), the same for the final evaluation of each run's compared policy (its last or,
 ``agents.sweep --policy best``, its ``best/``): the number that was not used to choose anything. Writes ``--out``
 (JSON) when given.
@@ -65,12 +65,16 @@ def final_rows(folder: Path) -> pd.DataFrame:
 
 
 def paired(a: pd.DataFrame, b: pd.DataFrame, keys: list[str], names: tuple[str, str]) -> list[dict]:
-    """Per metric: means, paired difference a - b over the matched rows (all, then per seed)."""
+    """Per metric: means, paired difference a - b over the matched rows (all, then per algorithm when the grid has
+    several, then per seed)."""
     both = a.merge(b, on=keys, suffixes=("_a", "_b"), validate="one_to_one")
     if len(both) != len(a) or len(both) != len(b):
         raise ValueError(f"the sweeps hold different grids: {len(a)} and {len(b)} rows, {len(both)} matched")
     out = []
-    groups = [("all", both)] + [(f"seed {s}", g) for s, g in both.groupby("seed")]
+    groups = [("all", both)]
+    if "algo" in both and both["algo"].nunique() > 1:  # does the A/B move one learner more than another?
+        groups += [(f"algo {a}", g) for a, g in both.groupby("algo", sort=False)]
+    groups += [(f"seed {s}", g) for s, g in both.groupby("seed")]
     for metric in METRICS:
         for label, g in groups:
             x, y = g[f"{metric}_a"].to_numpy(float), g[f"{metric}_b"].to_numpy(float)

@@ -70,6 +70,21 @@ def test_final_comparisons_of_two_sweeps_are_paired_by_run(tmp_path):
     )
 
 
+def test_each_algorithm_gets_its_own_rows(tmp_path):
+    """With several learners in the grid the A/B is also paired per algorithm (does it move one more than another)."""
+    root = _sweep(tmp_path / "s", {"a": [0.5, 0.6], "b": [0.2, 0.4]}, [0.1, 0.1])
+    sweep = pd.read_csv(root / "sweep.csv")
+    grpo = sweep.assign(algo="grpo", **{m: sweep[METRICS[0]] + (sweep["variant"] == "a") for m in METRICS})
+    pd.concat([sweep, grpo]).to_csv(root / "sweep.csv", index=False)
+    res = compare.main([str(root), "--variants", "a,b"])
+    rows = {r["rows"]: r for r in res["end"] if r["metric"] == METRICS[0]}
+    assert list(rows) == ["all", "algo hepo", "algo grpo", "seed 0", "seed 1"]
+    assert rows["algo hepo"]["diff"] == pytest.approx(0.25) and rows["algo grpo"]["diff"] == pytest.approx(
+        1.25
+    )
+    assert rows["all"]["pairs"] == 4 and rows["seed 0"]["pairs"] == 2
+
+
 def test_bad_variant_arguments_fail_with_one_line(tmp_path):
     root = _sweep(tmp_path / "s", {"a": [0.1, 0.2], "b": [0.2, 0.1]}, [0.1, 0.1])
     with pytest.raises(SystemExit, match="needs --variants"):
