@@ -34,7 +34,7 @@ from statistics import NormalDist
 
 import pandas as pd
 
-from agents.reporting.folders import best_row, eval_rows
+from agents.reporting.folders import best_row, eval_rows, update_gradients
 from agents.reporting.keys import BEST_METRIC
 from agents.reporting.sweep import FINAL_METRICS, comparison_markdown, comparison_table
 from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics, write_json
@@ -84,7 +84,9 @@ def call_seed(folder: Path) -> int:
 
 
 def runs_table(folders: list[Path]) -> pd.DataFrame:
-    """Per seed and run: iterations run, the best policy's evaluation, oracle_share at start / best / end."""
+    """Per seed and run: iterations run, the best policy's evaluation, oracle_share at start / best / end, and the
+    update's gradients over the run (``update_gradients``: the policy's and the critic's norms before the clip, the
+    share of policy steps it scaled; NaN for runs from before they were logged)."""
     rows = []
     for folder in folders:
         seed = call_seed(folder)
@@ -100,6 +102,7 @@ def runs_table(folders: list[Path]) -> pd.DataFrame:
                     "oracle_share_start": evals[0].get("eval/oracle_share"),
                     "oracle_share_best": best.get("eval/oracle_share"),
                     "oracle_share_end": evals[-1].get("eval/oracle_share"),
+                    **update_gradients(run),
                 }
             )
     return pd.DataFrame(rows)
@@ -204,14 +207,19 @@ def markdown(
 ) -> str:
     lines = [f"### runs: the best policy's evaluation (highest held-out {BEST_METRIC})", ""]
     lines.append(
-        "| seed | run | iterations | best at | its selection metric | oracle_share start | there | end |"
+        "| seed | run | iterations | best at | its selection metric | oracle_share start | there | end "
+        "| gradient norm: policy | critic | policy steps clipped |"
     )
-    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs.to_dict("records"):
+        grads = " | ".join(
+            "n/a" if math.isnan(r[k]) else f"{r[k]:.2f}"
+            for k in ("grad_norm_policy", "grad_norm_critic", "grad_clipped")
+        )
         lines.append(
             f"| {r['seed']} | {r['run']} | {r['iterations']} | {r['best_iteration']} | "
             f"{r['best_value']:.3f} | {r['oracle_share_start']:.3f} | {r['oracle_share_best']:.3f} | "
-            f"{r['oracle_share_end']:.3f} |"
+            f"{r['oracle_share_end']:.3f} | {grads} |"
         )
     if len(paired):
         lines += [

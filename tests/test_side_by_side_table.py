@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from agents.reporting.keys import GRADIENTS
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "side_by_side_table.py"
 _spec = importlib.util.spec_from_file_location("side_by_side_table", _PATH)
 table = importlib.util.module_from_spec(_spec)
@@ -32,7 +34,10 @@ def _call(root: Path, seed: int, final: dict[str, float], eval_seed: int = 54321
             rows.append(
                 {"iteration": 4 * i, "eval/reward_per_session": reward + seed, "eval/oracle_share": i / 10}
             )
-            rows.append({"iteration": 4 * i + 1, "train/loss": 0.1})
+            grads = (
+                dict(zip(GRADIENTS, (0.5, 4.0 + i, 1.0))) if seed == 1 else {}
+            )  # seed 0: from before they were logged
+            rows.append({"iteration": 4 * i + 1, "train/loss": 0.1, **grads})
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     specs = {
         "vaft": "gpr:/tmp/L/pre/vaft@beam_width=8",
@@ -73,6 +78,8 @@ def test_tables_over_calls(tmp_path):
     assert runs.loc[(1, "hepo"), "best_iteration"] == 4 and runs.loc[(1, "ppo"), "best_iteration"] == 8
     assert runs.loc[(0, "hepo"), "iterations"] == 9  # the last logged iteration, not the last evaluation
     assert runs.loc[(0, "hepo"), "best_value"] == pytest.approx(0.9)
+    assert runs.loc[(1, "ppo"), "grad_norm_critic"] == pytest.approx(5.0)  # the mean over the run's updates
+    assert math.isnan(runs.loc[(0, "ppo"), "grad_norm_policy"])
     paired = pd.DataFrame(res["paired"])
     assert set(paired["agent"]) == {"vaft", "ppo", "learned-cascade"}
     row = paired[(paired["seed"] == 1) & (paired["agent"] == "ppo") & (paired["metric"] == "oracle_share")]
@@ -92,6 +99,7 @@ def test_tables_over_calls(tmp_path):
     assert over.loc["learned-cascade", "reward_per_session"] == pytest.approx(0.5)
     text = out.with_suffix(".md").read_text()
     assert text.count("| 1 | ppo |") == 2  # in the runs and the per-seed table
+    assert "| 0.000 | 0.100 | 0.200 | n/a | n/a | n/a |" in text and "| 0.50 | 5.00 | 1.00 |" in text
     assert "| ppo | 2 | 200 |" in text  # the pooled table
     assert json.loads(out.with_suffix(".json").read_text())["reference"] == "hepo"
 
