@@ -362,6 +362,20 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
     assert not any(k.startswith("eval/mtp/") for r in evals[1:] for k in r)
 
 
+def test_separate_clip_logs_both_norms_and_a_resume_keeps_its_clip(pre, tmp_path):
+    """``--grad-clip separate``: the policy's and the critic's gradient norms logged every policy update, the share of
+    clipped policy steps a fraction, and the clip is a setting of the run: resuming with the other one is refused."""
+    out = tmp_path / "separate"
+    hepo.main(tiny(pre, out, "--grad-clip", "separate", "--iterations", "2"))
+    assert json.loads((out / "config.json").read_text())["args"]["grad_clip"] == "separate"
+    trained = [r for r in read_metrics(out / "metrics.jsonl") if r.get("train/grad_norm_policy", 0) > 0]
+    assert trained and all(
+        r["train/grad_norm_critic"] > 0 and 0 <= r["train/grad_clipped"] <= 1 for r in trained
+    )
+    with pytest.raises(ValueError, match='--grad-clip was "separate", now "joint"'):
+        hepo.main(tiny(pre, out, "--grad-clip", "joint", "--iterations", "3"))
+
+
 def test_policy_file_plugs_into_evaluate(pre, tmp_path):
     out = tmp_path / "run"
     hepo.main(tiny(pre, out, "--iterations", "1", "--loss.kl-coef", "0.1"))
