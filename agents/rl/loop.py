@@ -4,7 +4,9 @@ Per minibatch of requests the current policy recomputes its per-level log-probs 
 buffer's paths (``path_terms``); the algorithm (``agents.rl.common.Algorithm``) turns them into its policy
 and critic losses; the loop adds what every learner shares, the item-value regression and the optional
 KL penalty to the frozen reference, and logs named terms (``loss``, ``policy``, ``critic``,
-``item_value``, ``approx_kl``, ``clip_frac``, ``kl_ref``).
+``item_value``, ``approx_kl``, ``clip_frac``, ``kl_ref``) and the gradients (``grad_norm``, ``grad_norm_policy``,
+``grad_norm_critic``, ``grad_clipped``: ``add_terms``); ``UpdateConfig.clip`` says whether one clip bounds the policy
+and the critic together or each on its own (``clip_gradients``).
 
 Speed: the teacher-forced pass decodes each request's context once for its K paths (``path_terms``);
 ``UpdateConfig.precision`` = bf16 runs the forward under bfloat16 autocast (fp32 is the reference;
@@ -283,9 +285,8 @@ def add_terms(sums: dict[str, float], named: dict[str, float], share: float, cfg
     for key, name in zip(("grad_norm", "grad_norm_policy", "grad_norm_critic"), norms):
         sums[key] = sums.get(key, 0.0) + share * norms[name]
     decides = norms[GRADIENT_NORM if cfg.clip == "joint" else GROUP_NORMS[0]]
-    scaled = (
-        decides > cfg.max_grad_norm and norms[GROUP_NORMS[0]] > 0
-    )  # no policy gradient (critic warm-up): no step
+    # no policy gradient (the critic's warm-up): no policy step to scale
+    scaled = decides > cfg.max_grad_norm and norms[GROUP_NORMS[0]] > 0
     sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(scaled)
 
 
