@@ -9,7 +9,7 @@ import torch
 from agents.hepo import Args
 from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig, group_zscore, level_weights
-from agents.rl.loop import PathTerms, UpdateConfig, clip_gradients, path_terms, update
+from agents.rl.loop import PathTerms, UpdateConfig, clip_gradients, parameter_groups, path_terms, update
 from agents.rl.registry import ALGOS, algorithm
 from agents.rl.sibling_grpo import sibling_zscore
 from gpr_sim.model import GPRModel
@@ -190,11 +190,15 @@ def test_joint_clip_is_clip_grad_norm_and_separate_clips_each_group_on_its_own_n
     critic = model.critic_parameters()
     assert {id(p) for p in critic} == {id(p) for p in model.hte.parameters()} and critic
     policy = [p for p in model.parameters() if all(p is not q for q in critic)]
+    every, policy_group, critic_group = parameter_groups(model)  # the model's order, split in two
+    assert [id(p) for p in every] == [id(p) for p in model.parameters()]
+    assert [id(p) for p in policy_group] == [id(p) for p in policy]
+    assert {id(p) for p in critic_group} == {id(p) for p in critic}
     before = (_norm(model.parameters()), _norm(policy), _norm(critic))
     assert before[1] > 1.0 and before[2] > 10 * before[1]
 
     joint = _model_with_gradients(0)
-    norms = clip_gradients(joint, 1.0, "joint")
+    norms = clip_gradients(parameter_groups(joint), 1.0, "joint")
     reference = _model_with_gradients(0)
     total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
     assert torch.equal(norms[0], total)  # the step the runs recorded, to the bit
@@ -206,7 +210,7 @@ def test_joint_clip_is_clip_grad_norm_and_separate_clips_each_group_on_its_own_n
     assert _norm(joint_policy) < 0.2
 
     separate = _model_with_gradients(0)
-    clip_gradients(separate, 1.0, "separate")
+    clip_gradients(parameter_groups(separate), 1.0, "separate")
     sep_critic = separate.critic_parameters()
     sep_policy = [p for p in separate.parameters() if all(p is not q for q in sep_critic)]
     assert _norm(sep_policy) == pytest.approx(1.0, rel=1e-4) and _norm(sep_critic) == pytest.approx(
@@ -220,7 +224,7 @@ def test_joint_clip_is_clip_grad_norm_and_separate_clips_each_group_on_its_own_n
     # below the limit neither clip changes a gradient
     for clip in ("joint", "separate"):
         small = _model_with_gradients(0)
-        clip_gradients(small, 1e6, clip)
+        clip_gradients(parameter_groups(small), 1e6, clip)
         assert all(
             torch.equal(p.grad, q.grad)
             for p, q in zip(small.parameters(), _model_with_gradients(0).parameters())

@@ -244,31 +244,32 @@ GROUP_NORMS = ("policy gradient norm", "critic gradient norm")
 """the norms of the policy's and the critic's parameters' gradients before the clip (``clip_gradients``)"""
 
 
-def clip_gradients(model, max_norm: float, clip: str) -> list[torch.Tensor]:
-    """Clip ``model``'s gradients in place; their norms before the clip: of all, of the policy's, of the critic's.
-
-    The critic's parameters are ``model.critic_parameters()`` (the HTE: it reads the trunk's context detached, so
-    only the value losses reach it), the policy's every other one. ``clip`` joint: one clip on the norm of all
-    (``torch.nn.utils.clip_grad_norm_``'s step to the bit), so a critic gradient far larger than the policy's
-    shrinks the policy's step with it; separate: each group scaled to ``max_norm`` on its own norm, so the
-    critic's loss no longer sets the policy's step size.
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
+def parameter_groups(model) -> tuple[list, list, list]:
+    """``model``'s parameters in its order: all, the policy's, the critic's (``model.critic_parameters()``: the HTE,
+    which reads the trunk's context detached, so only the value losses reach it); read once per update."""
+    params = list(model.parameters())
     critic_ids = {id(p) for p in model.critic_parameters()}
-    groups = [
-        params,
-        [p for p in params if id(p) not in critic_ids],
-        [p for p in params if id(p) in critic_ids],
-    ]
-    device = params[0].grad.device if params else torch.device("cpu")
+    return params, [p for p in params if id(p) not in critic_ids], [p for p in params if id(p) in critic_ids]
+
+
+def clip_gradients(groups: tuple[list, list, list], max_norm: float, clip: str) -> list[torch.Tensor]:
+    """Clip the gradients of ``parameter_groups``' parameters in place; their norms before the clip: of all, of the
+    policy's, of the critic's (0 for a group without gradients).
+
+    ``clip`` joint: one clip on the norm of all (``torch.nn.utils.clip_grad_norm_``'s step to the bit), so a critic
+    gradient far larger than the policy's shrinks the policy's step with it; separate: each group scaled to
+    ``max_norm`` on its own norm, so the critic's loss no longer sets the policy's step size.
+    """
+    with_grad = [[p for p in group if p.grad is not None] for group in groups]
+    device = with_grad[0][0].grad.device if with_grad[0] else torch.device("cpu")
     norms = [
         torch.nn.utils.get_total_norm([p.grad for p in group]) if group else torch.zeros((), device=device)
-        for group in groups
+        for group in with_grad
     ]
     if clip == "joint":
-        torch.nn.utils.clip_grads_with_norm_(groups[0], max_norm, norms[0])
+        torch.nn.utils.clip_grads_with_norm_(with_grad[0], max_norm, norms[0])
     else:
-        for group, norm in zip(groups[1:], norms[1:]):
+        for group, norm in zip(with_grad[1:], norms[1:]):
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norms
 
@@ -324,6 +325,7 @@ def update(
     # the slot layout of the buffer's tokens, read once (one sync): every minibatch's HSD then runs the typed
     # FFN as dense GEMMs per run of slots of one type instead of sorting its tokens by type
     segments = type_segments(buf.tokens.type_ids)
+    groups = parameter_groups(model)  # the clip's split, read once
     on_device = bool(opt.defaults.get("fused"))  # the fused kernel can skip a flagged step without a sync
     pending: list[tuple[str, list[str], torch.Tensor, float]] = []  # checked after the last step
     flagged = torch.zeros((), device=buf.codes.device)  # 1 from the first non-finite minibatch on
@@ -338,7 +340,7 @@ def update(
             loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
             opt.zero_grad(set_to_none=True)
             (loss * (share * dist.world_size)).backward()
-            norms = clip_gradients(model, cfg.max_grad_norm, cfg.clip)
+            norms = clip_gradients(groups, cfg.max_grad_norm, cfg.clip)
             # checked before the step takes effect: a NaN here would reach every parameter (gpr_sim.finite);
             # every rank sees the same all-reduced gradient norm, so all ranks skip and stop together
             names = [*terms, GRADIENT_NORM, *GROUP_NORMS]
@@ -373,6 +375,7 @@ __all__ = [
     "UPDATE_SALT",
     "PathTerms",
     "clip_gradients",
+    "parameter_groups",
     "UpdateConfig",
     "loss_terms",
     "minibatches",
