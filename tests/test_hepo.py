@@ -795,10 +795,14 @@ def _numeric(rows: list[dict]) -> list[dict]:
     ]
 
 
-def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path):
+@pytest.mark.parametrize(
+    "clip", [[], ["--grad-clip", "separate", "--max-grad-norm", "0.3"]], ids=["joint", "separate"]
+)
+def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path, clip):
     """2 ranks x 8 sessions (exact shards of one market) == 1 process x 16 sessions, same seed: rollouts,
-    rewards, losses, evaluations and weights; then both resume to iteration 3 alike."""
-    extra = ["--num-envs", "16", "--minibatch", "8", "--group-size", "4", "--eval-every", "1"]
+    rewards, losses, evaluations and weights; then both resume to iteration 3 alike. With the policy and the critic
+    clipped apart too (a limit the steps reach): each rank splits the same all-reduced gradients."""
+    extra = [*clip, "--num-envs", "16", "--minibatch", "8", "--group-size", "4", "--eval-every", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
     hepo.main(tiny(pre, one, "--iterations", "2", *extra))
     torchrun("agents.hepo", tiny(pre, two, "--iterations", "2", *extra))
@@ -821,6 +825,8 @@ def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path):
             torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
 
     check()
+    if clip:  # the separate clips did scale policy steps
+        assert any(r.get("train/grad_clipped", 0) > 0 for r in read_metrics(one / "metrics.jsonl"))
     hepo.main(tiny(pre, one, "--iterations", "3", *extra))
     torchrun("agents.hepo", tiny(pre, two, "--iterations", "3", *extra))
     check()
