@@ -35,7 +35,7 @@ from statistics import NormalDist
 import pandas as pd
 
 from agents.reporting.folders import best_row, eval_rows, update_gradients
-from agents.reporting.keys import BEST_METRIC
+from agents.reporting.keys import BEST_METRIC, GRADIENT_COLUMNS
 from agents.reporting.sweep import FINAL_METRICS, comparison_markdown, comparison_table
 from gpr_sim.runs import atomic_write_bytes, read_json, read_metrics, write_json
 
@@ -212,10 +212,7 @@ def markdown(
     )
     lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs.to_dict("records"):
-        grads = " | ".join(
-            "n/a" if math.isnan(r[k]) else f"{r[k]:.2f}"
-            for k in ("grad_norm_policy", "grad_norm_critic", "grad_clipped")
-        )
+        grads = " | ".join("n/a" if math.isnan(r[k]) else f"{r[k]:.2f}" for k in GRADIENT_COLUMNS)
         lines.append(
             f"| {r['seed']} | {r['run']} | {r['iterations']} | {r['best_iteration']} | "
             f"{r['best_value']:.3f} | {r['oracle_share_start']:.3f} | {r['oracle_share_best']:.3f} | "

@@ -19,6 +19,7 @@ from agents.reporting.keys import (
     BASELINE,
     BASELINE_NAMES,
     BEST_METRIC,
+    GRADIENT_COLUMNS,
     GRADIENTS,
     ORDER,
     POLICIES,
@@ -115,8 +116,8 @@ def update_gradients(run: Path) -> dict[str, float]:
     logged."""
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get(GRADIENTS[0], 0) > 0]
     return {
-        key.split("/", 1)[1]: (sum(r[key] for r in rows) / len(rows) if rows else math.nan)
-        for key in GRADIENTS
+        column: (sum(r[key] for r in rows) / len(rows) if rows else math.nan)
+        for column, key in zip(GRADIENT_COLUMNS, GRADIENTS)
     }
 
 

@@ -24,6 +24,8 @@ correlation"""
 GRADIENTS = ("train/grad_norm_policy", "train/grad_norm_critic", "train/grad_clipped")
 """the update's gradients (``agents.rl.loop.add_terms``), every iteration: the mean norm of the policy's and of the
 critic's (the HTE's) gradient before the clip, and the share of minibatches whose policy step the clip scaled"""
+GRADIENT_COLUMNS = tuple(key.split("/", 1)[1] for key in GRADIENTS)
+"""``GRADIENTS`` as the columns of a run's row in the sweep and side-by-side tables (``folders.update_gradients``)"""
 BEST_METRIC = "eval/reward_per_session"
 """what a run's best policy (``agents.hepo``'s ``OUT/best``) is chosen by: the highest realised reward per held-out
 session among its evaluations (finite values only, the earliest on ties), the number an online A/B test reads"""
