@@ -19,11 +19,18 @@
 # Usage (device):  OUT=$OUT bash benchmarks/results/gpu_d3/next.sh                      (carry .whl)
 #                  BUNDLE_IN=runs/bundle_s0 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
 #                    (carry .whl, runs/bundle_s0: 39 MiB, ~15 MiB tracked)
-# REFS: the oracle's final sessions, once for every seed, in a call of their own (the fifteenth session's eager
-#   per-row scoring ran 57 sessions/s: > 3 min for the 8,192; the shared row, compiled on CUDA, was 5.6x faster on
-#   the CPU), after the scoring's benchmark; copy the returned final_refs.tgz into
-#   benchmarks/results/gpu_d3/final_refs/ and commit it (~0.5 MB):
-#     python benchmarks/bench_oracle.py --device cuda --rows 8192 --repeats 2 --cells 33554432 \
+# A seed in one session (seeds 3 and 4): call A `SEED=s OUT=$OUT bash next.sh` (cold, ~510 s; copy its pre_bundle.*
+#   to runs/bundle_s$s at once), then at once call B `SEED=s OUT=$OUT bash next.sh` (warm: W's pre-training reused;
+#   carry .whl only). Only if call B finds a fresh machine: BUNDLE_IN=runs/bundle_s$s, carried (bundle 41.1 MB +
+#   tracked files + wheels must stay under the 64 MiB a call carries: 62.6 MiB at the eighteenth session). One
+#   learner call is enough: seed 2's four runs met the stop rule by 365 s, its final and exit diagnosis ended at
+#   578 s, and a second call found every run finished (the same final sessions, reused).
+# REFS (done in the eighteenth session: 8,192 sessions in 24.3 s on an H200, 5.9x the fifteenth session's eager
+#   per-row 57 sessions/s; final_refs/final_refs.tgz is tracked, so every learner call's final pairs the oracle with
+#   each agent): the oracle's final sessions, once for every seed, in a call of their own; a new final setting needs
+#   them again (copy the returned final_refs.tgz into benchmarks/results/gpu_d3/final_refs/, commit it, ~0.5 MB).
+#   The scoring's benchmark is still unmeasured on the GPU (its per-row path at 8,192 rows outlasted a 90 s guard):
+#     python benchmarks/bench_oracle.py --device cuda --rows 4096 --repeats 1 --cells 33554432 \
 #       --out $OUT/bench_oracle_cuda.json > $OUT/bench_oracle.log 2>&1
 #     python -m agents.evaluate --preset large --device cuda --agents oracle --seed 54321 --no-plots \
 #       --out runs/final_refs --sessions 65536 --num-envs 8192 --oracle-states 1024 --sessions-of oracle=8192 && \
