@@ -161,18 +161,19 @@ def _shared_setting(runs: list[Path], name: str, default=None):
 
 def plot_gradients(runs: list[Path], path: Path, x: str = "env_steps", level: float = 0.95) -> Path | None:
     """The update's gradients against env steps, one colour per algorithm: left, the mean over its runs of the norm of
-    the policy's gradient (solid) and of the critic's (dashed) before the clip (log scale; 0, off the scale, in the
-    critic warm-up's iterations: no policy loss), with the clip's limit when every run shares it; right, the share of
-    minibatches whose policy step the clip scaled (mean, seed band). With one clip over both (``--grad-clip joint``) a
-    critic line above the limit scales the policy's step whatever its own norm. None (nothing written) when no run
-    logs them (runs from before they were logged)."""
+    the policy's gradient (solid) and of the critic's (dashed) before the clip (log scale; the policy's line starts
+    after the critic warm-up, whose iterations have no policy loss and log 0), with the clip's limit when every run
+    shares it; right, the share of minibatches whose policy step the clip scaled (mean, seed band). With one clip
+    over both (``--grad-clip joint``) a critic line above the limit scales the policy's step whatever its own norm.
+    None (nothing written) when no run logs them (runs from before they were logged)."""
     if GRADIENTS[0] not in _logged_keys(runs):
         return None
     policy, critic, clipped = (seed_curves(runs, key, x, level) for key in GRADIENTS)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
     for i, (label, c) in enumerate(policy.items()):
         color = f"C{i}"
-        _draw(left, c, color, band=False, label=f"{label}: policy (n={c['n']})")
+        stepped = dict(c, mean=np.where(c["mean"] > 0, c["mean"], np.nan))  # a gap, not a drop to the axis
+        _draw(left, stepped, color, band=False, label=f"{label}: policy (n={c['n']})")
         _draw(left, critic.get(label), color, band=False, ls="--", label=f"{label}: critic")
         _draw(right, clipped.get(label), color, marker="o", ms=3, label=label)
     limit = _shared_setting(runs, "max_grad_norm")
