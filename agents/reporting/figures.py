@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 
 from agents.reporting.folders import check_runs, pretrain_top_k, run_label  # noqa: E402
 from agents.reporting.keys import CURVES, FINAL, GRADIENTS, REWARD_MODEL, START  # noqa: E402
@@ -40,6 +41,14 @@ def _series(run: Path, metric: str, x: str) -> tuple[np.ndarray, np.ndarray, np.
         else None
     )
     return xs, ys, band
+
+
+def _x_axis(ax, x: str) -> None:
+    """The x axis of a curve against ``x``: labelled, at most 5 ticks in engineering notation (250k, 1.2M) so
+    env-step counts stay legible side by side."""
+    ax.set_xlabel(x.replace("_", " "))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
 def _logged_keys(runs: list[Path]) -> set[str]:
@@ -100,7 +109,7 @@ def plot_curves(
             line = ax.plot(c["x"], c["mean"], marker="o", ms=3, label=f"{label} (n={c['n']})")[0]
             ax.fill_between(c["x"], c["low"], c["high"], color=line.get_color(), alpha=0.2)
         ax.set_title(metric.split("/", 1)[-1])
-        ax.set_xlabel(x.replace("_", " "))
+        _x_axis(ax, x)
         ax.grid(alpha=0.3)
     handles, _ = axes[0][0].get_legend_handles_labels()
     band = Patch(
@@ -123,7 +132,7 @@ def _draw(ax, curve: dict | None, color: str, band: bool = True, **style) -> Non
 def _save_pair(fig, x: str, title: str, path: Path) -> Path:
     """A two-panel monitor's finish: both panels against ``x`` with a grid and a legend, the title, saved."""
     for ax in fig.axes:
-        ax.set_xlabel(x.replace("_", " "))
+        _x_axis(ax, x)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
