@@ -96,14 +96,14 @@ def test_curve_band_is_the_tables_t_interval(runs):
 
 
 def test_plotted_band_and_legend(runs, tmp_path, monkeypatch):
-    """The figure draws ``seed_curves``' band, and its legend says which interval it is."""
+    """The figure draws ``seed_curves`` band, and its one legend (under the panels) says which interval it is."""
     figs = []
     monkeypatch.setattr(
         figures, "figure_bytes", lambda fig, dpi: figs.append(fig) or b""
     )  # keeps the figure open
     figures.plot_curves(runs, tmp_path / "curves.png", metrics=("eval/reward_per_session",), level=0.9)
     ax = figs[0].axes[0]
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = [t.get_text() for t in figs[0].legends[0].get_texts()]
     assert legend == ["hepo (n=2)", "ppo (n=2)", "band: 90% t interval over seeds (n=1: the run's own CI)"]
     want = figures.seed_curves(runs, "eval/reward_per_session", level=0.9)["hepo"]
     band = ax.collections[0].get_paths()[0].vertices  # hepo's filled polygon: (x, low) then (x, high)

@@ -115,8 +115,15 @@ def plot_curves(
     band = Patch(
         color="gray", alpha=0.2, label=f"band: {level:.0%} t interval over seeds (n=1: the run's own CI)"
     )
-    axes[0][0].legend(handles=[*handles, band], fontsize=8)
-    fig.tight_layout()
+    # one legend for every panel, under them: inside the first panel it hid that panel's lines and ticks
+    fig.legend(
+        handles=[*handles, band],
+        loc="lower center",
+        ncol=min(len(handles) + 1, 2 * len(metrics)),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     return _save(fig, Path(path))
 
 
