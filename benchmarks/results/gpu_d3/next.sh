@@ -25,6 +25,9 @@
 #   tracked files + wheels must stay under the 64 MiB a call carries: 62.6 MiB at the eighteenth session). One
 #   learner call is enough: seed 2's four runs met the stop rule by 365 s, its final and exit diagnosis ended at
 #   578 s, and a second call found every run finished (the same final sessions, reused).
+#   Seed 3 ran so in the nineteenth session (call A 464 s, call B 575 s, both warm after a failed start), and the clip
+#   probe below as a third warm call (334 s: its runs stop at iteration 12 like the others): A + B + C = 1,373 s of
+#   the 1,800 a session has, so seed 4 fits one session with the probe, if call A finds a machine early.
 # REFS (done in the eighteenth session: 8,192 sessions in 24.3 s on an H200, 5.9x the fifteenth session's eager
 #   per-row 57 sessions/s; final_refs/final_refs.tgz is tracked, so every learner call's final pairs the oracle with
 #   each agent): the oracle's final sessions, once for every seed, in a call of their own; a new final setting needs
