@@ -52,19 +52,14 @@
 #   clip, paired with the joint-clip runs on the same users: CLIP_PROBE=1 SEED=s OUT=$OUT bash next.sh (call C, warm
 #   after call B; or BUNDLE_IN=... on a machine that has call B's runs: none does, so warm only). Seed 3's probe
 #   (call C, 334 s) listed only the separate runs, so its final paired them with each other, not with the joint
-#   runs of call B's final (no per-session rows came back): CLIP_PROBE lists the four finished joint runs first,
+#   runs of call B's final (no per-session rows came back): CLIP_PROBE (gpu_d6/call.sh builds its RUNS from the
+#   learners' list) lists the four finished joint runs first,
 #   each exits at once ("finished ... its summary is kept") and the final reuses their cached sessions (checked on
 #   the CPU with a small PROFILE: "same config already evaluated ..., reusing its sessions"), so every `*_sep` run
 #   is paired against HEPO's joint-clip best, and against its own twin through it.
 #   DPO at its own rates (lr 1e-4 collapsed in 4 iterations at GPU scale): RUNS="dpo_1e5:--algo dpo --lr 1e-5 \
 #     --label dpo;dpo_3e6:--algo dpo --lr 3e-6 --label dpo" ...
 export SEED=${SEED:-0}
-if [ -n "${CLIP_PROBE:-}" ]; then  # the clip probe (above): call B's learners first (finished: reused), then each on its own clip
-  export RUNS="hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo \
---label sibling_grpo;hepo_sep:--grad-clip separate --label hepo_separate;ppo_sep:--algo ppo --grad-clip separate \
---label ppo_separate;grpo_sep:--algo grpo --grad-clip separate --label grpo_separate;sibling_sep:--algo sibling_grpo \
---grad-clip separate --label sibling_separate"
-fi
 export W=$PWD/runs/d3_s$SEED PRETRAIN=""
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
   # - early stopping: no new best held-out reward per session in 2 evaluations (8 iterations): the 8 runs of seeds

@@ -17,7 +17,19 @@
 SEED=${SEED:-0}
 PRETRAIN=${PRETRAIN-"--collect-steps 8 --mtp-steps 600 --vaft-steps 200"}
 export PROFILE="--profile gpu-large $PRETRAIN --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --seed $SEED ${STOP:-}"
-export RUNS=${RUNS-"hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo --label sibling_grpo"}
+LEARNERS="hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo --label sibling_grpo"
+if [ -n "${CLIP_PROBE:-}" ] && [ -z "${RUNS+x}" ]; then
+  # the clip probe (gpu_d3/next.sh): the learners as above (finished in an earlier call: each exits at once and the
+  # final reuses its sessions), then each again as NAME_sep with the policy and the critic clipped apart, so the
+  # final pairs both clips on the same users
+  RUNS=$LEARNERS
+  IFS=';' read -ra specs <<< "$LEARNERS"
+  for spec in "${specs[@]}"; do
+    flags=${spec#*:}
+    RUNS="$RUNS;${spec%%:*}_sep:${flags%--label *}--grad-clip separate --label ${flags##*--label }_separate"
+  done
+fi
+export RUNS=${RUNS-$LEARNERS}
 export DEADLINE=${DEADLINE:-530}
 export FINAL_S=${FINAL_S:-110}
 export FINAL_FLAGS=${FINAL_FLAGS:-"--sessions 16384 --num-envs 8192 --oracle-states 2048"}
