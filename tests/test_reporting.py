@@ -179,9 +179,32 @@ def test_table3_mtp_row_from_the_iteration_0_evaluations(tmp_path):
     assert m["n"] == 2 and m["ndcg"] == pytest.approx(0.175)
     assert m["ndcg_ci_high"] - 0.175 == pytest.approx(T975_DF1 * 0.025, abs=1e-3)
     assert m["paper_ndcg"] == 0.3868
-    # one run without the MTP keys (an older folder): no MTP row rather than a half-filled one
+    # a run without the MTP keys from a generator that has them elsewhere (an older folder): the same MTP row
     old = make_run(tmp_path / "old", "dpo", 0, START[0], FINAL["hepo", 0])
-    assert "MTP" not in set(tables.table3([*runs, old])["stage"])
+    same = by_stage(tables.table3([*runs, old]))["MTP"]
+    assert same["n"] == 2 and same["ndcg"] == pytest.approx(0.175)
+    # a third generator whose runs never logged MTP (a start from a VAFT-only bundle): in VAFT, not in MTP
+    cfg = json.loads((old / "config.json").read_text())
+    bundle = make_run(tmp_path / "bundle", "hepo", 2, (0.6, 0.50), FINAL["hepo", 0])
+    (bundle / "config.json").write_text(json.dumps({**cfg, "algo": "hepo", "seed": 2, "init": "pre/b2/vaft"}))
+    t3 = by_stage(tables.table3([*runs, bundle]))
+    assert t3["VAFT"]["n"] == 3 and t3["VAFT"]["ndcg"] == pytest.approx(0.40)
+    assert t3["MTP"]["n"] == 2 and t3["MTP"]["ndcg"] == pytest.approx(0.175)
+    # paired by generator: MTP - VAFT = -0.15, -0.20 (generators 0, 1); generator 2 has no MTP
+    assert t3["MTP"]["ndcg_vs_vaft"] == pytest.approx(-0.175)
+    assert t3["MTP"]["ndcg_vs_vaft_ci_high"] - -0.175 == pytest.approx(T975_DF1 * 0.025, abs=1e-3)
+    # HEPO's runs minus their own generator: 0.40 - 0.30, 0.50 - 0.40, 0.40 - 0.50 (the bundle's run)
+    h = t3["+HEPO"]
+    assert h["n"] == 3 and h["ndcg_vs_vaft"] == pytest.approx(0.1 / 3)
+    assert h["ndcg_vs_vaft_ci_high"] - 0.1 / 3 == pytest.approx(
+        T975_DF2 * np.std([0.1, 0.1, -0.1], ddof=1) / 3**0.5, abs=1e-3
+    )
+    assert math.isnan(t3["VAFT"]["ndcg_vs_vaft"])
+    md = tables.table3_markdown(tables.table3([*runs, bundle]))
+    assert "| MTP | 2 | -0.1750 [" in md and "| +HEPO | 3 | +0.0333 [" in md
+    # no run with MTP: no MTP row
+    plain = [make_run(tmp_path / "plain", algo, seed, START[seed], FINAL[algo, seed]) for algo, seed in FINAL]
+    assert "MTP" not in set(tables.table3(plain)["stage"])
 
 
 def test_single_seed_has_no_interval(runs):

@@ -58,8 +58,14 @@ def _stat_row(rows_per_unit: list[list[dict]], keys: dict[str, str], level: floa
 
 
 def table3(runs: list[str | Path], level: float = 0.95, policy: str = "last") -> pd.DataFrame:
-    """GPR Table 3 analogue: the MTP stage (where every run logged it), the VAFT start, then one row per
-    algorithm at its last evaluation (``policy="best"``: at its best policy's).
+    """GPR Table 3 analogue: the MTP stage (of the generators whose runs logged it), the VAFT start, then one row
+    per algorithm at its last evaluation (``policy="best"``: at its best policy's).
+
+    The candidate metrics are computed on fixed held-out states (the same for every evaluation of a run), so a
+    stage and the VAFT generator it started from are paired: ``{name}_vs_vaft`` is the mean over units of the
+    difference to that generator's VAFT value (MTP: one unit per generator, MTP minus its VAFT; an RL stage: one
+    per run, its evaluation minus its generator's iteration 0) with a t interval over those units: the
+    ordering MTP < VAFT < RL as each seed shows it, without the spread between generators.
 
     Args:
         runs: ``agents.hepo`` run folders (any algorithms and seeds).
@@ -69,24 +75,54 @@ def table3(runs: list[str | Path], level: float = 0.95, policy: str = "last") ->
 
     Returns:
         Columns ``stage`` (``MTP``, ``VAFT``, ``+HEPO``...), ``algo``, ``n`` (seeds; for MTP and VAFT:
-        distinct starting generators), ``iteration`` (of the evaluation), then per metric of ``TABLE3`` the mean,
-        ``_ci_low`` and ``_ci_high``; ``paper_{name}`` for ``PAPER_METRICS`` (GPR Table 3, NaN where the
-        paper has no such row or value).
+        distinct starting generators, for MTP those with an MTP stage logged), ``iteration`` (of the
+        evaluation), then per metric of ``TABLE3`` the mean, ``_ci_low`` and ``_ci_high``, the same three for
+        ``{name}_vs_vaft`` (NaN on the VAFT row); ``paper_{name}`` for ``PAPER_METRICS`` (GPR Table 3, NaN
+        where the paper has no such row or value).
     """
     groups = group_runs(runs)
     keys = {name: f"eval/cand_{name}" for name in TABLE3}
+    mtp_keys = {name: key.replace("eval/", "eval/mtp/", 1) for name, key in keys.items()}
     every = [run for members in groups.values() for run in members]
-    units = list(start_units(every).values())
+    units = start_units(every)
+    vaft = {
+        u: {name: float(np.mean([r.get(k, math.nan) for r in rows])) for name, k in keys.items()}
+        for u, rows in units.items()
+    }
+
+    def paired(values: list[dict[str, float]], starts: list[str]) -> dict:
+        out = {}
+        for name in TABLE3:
+            d = [v[name] - vaft[u][name] for v, u in zip(values, starts)]
+            out.update(t_interval(d, level, nan_policy="propagate").columns(f"{name}_vs_vaft"))
+        return out
+
     rows = []
-    if all(MTP_MARKER in r for unit in units for r in unit):  # runs that logged their MTP stage
-        mtp = _stat_row(
-            units, {name: key.replace("eval/", "eval/mtp/", 1) for name, key in keys.items()}, level
-        )
+    # the MTP stage of every generator some run logged it for (one MTP checkpoint per generator: any of its
+    # runs' rows gives the same values); a run folder without it (e.g. a start from a bundle that carried
+    # the VAFT weights only) leaves its generator out, and ``n`` says how many are in
+    mtp_units = {u: [r for r in unit if MTP_MARKER in r] for u, unit in units.items()}
+    mtp_units = {u: unit for u, unit in mtp_units.items() if unit}
+    if mtp_units:
+        mtp = _stat_row(list(mtp_units.values()), mtp_keys, level)
+        per_unit = [
+            {name: float(np.mean([r[k] for r in unit])) for name, k in mtp_keys.items()}
+            for unit in mtp_units.values()
+        ]
+        mtp.update(paired(per_unit, list(mtp_units)))
         rows.append({"stage": "MTP", "algo": "mtp", "iteration": 0, **mtp})
-    rows.append({"stage": START, "algo": "vaft", "iteration": 0, **_stat_row(units, keys, level)})
+    start = _stat_row(list(units.values()), keys, level)
+    start.update({f"{name}_vs_vaft{s}": math.nan for name in TABLE3 for s in CI_SUFFIXES})
+    rows.append({"stage": START, "algo": "vaft", "iteration": 0, **start})
     for algo, members in groups.items():
         final = final_rows(algo, members, policy)
         row = _stat_row([[r] for r in final], keys, level)
+        row.update(
+            paired(
+                [{name: r.get(k, math.nan) for name, k in keys.items()} for r in final],
+                [start_key(run) for run in members],
+            )
+        )
         rows.append(
             {
                 "stage": f"+{algo.upper()}",
@@ -99,6 +135,24 @@ def table3(runs: list[str | Path], level: float = 0.95, policy: str = "last") ->
         for name in PAPER_METRICS:
             row[f"paper_{name}"] = PAPER_TABLE3.get(row["stage"], {}).get(name, math.nan)
     return pd.DataFrame(rows)
+
+
+def table3_markdown(table: pd.DataFrame, level: float = 0.95) -> str:
+    """``to_markdown`` of the stages, then each stage minus the VAFT generator it started from (paired)."""
+    head = "| stage | n | " + " | ".join(TABLE3) + " |\n|" + "---|" * (len(TABLE3) + 2) + "\n"
+    stages = table[table["stage"] != START]
+    return (
+        to_markdown(table, TABLE3, level)
+        + f"\nminus {START}, paired by starting generator (MTP: per generator; an RL stage: per run): mean of the "
+        f"differences [{level:.0%} t interval over them]\n\n"
+        + head
+        + "".join(
+            f"| {r['stage']} | {int(r['n'])} | "
+            + " | ".join(change_cell(r, f"{m}_vs_vaft", "+.4f", "n/a") for m in TABLE3)
+            + " |\n"
+            for _, r in stages.iterrows()
+        )
+    )
 
 
 def final_table(
