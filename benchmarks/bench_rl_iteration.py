@@ -16,7 +16,9 @@ preset with its histories set (the ad history filled from the start) so that T =
 Rows (one per sessions x precision x path): ``path`` = ``cached`` (the library default: the PTD decodes the
 context once per request, sampling and the update's teacher-forced pass read its K/V) or ``old`` (``--old``:
 the full-forward reference, ``Roller(cached=False)`` and ``PathTerms(cached=False)``: the context repeated
-for every path and level); ``precision`` = fp32 (reference) or bf16 (autocast, ``UpdateConfig.precision``).
+for every path and level); ``precision`` = fp32 (reference) or bf16 (autocast, ``UpdateConfig.precision``);
+and per compiled path the ``--compile``, ``--optimizer``, ``--ffn-layout`` and ``--gemm-autotune`` values given
+(each row compiles afresh: ``torch._dynamo.reset()``, so Inductor's GEMM autotuning applies to its graphs only).
 Each row: ``--warmup`` untimed iterations, then ``--iters`` timed ones (medians reported).
 
 Columns:
@@ -71,6 +73,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -266,8 +269,13 @@ def run_row(
     compile_mode: str = "off",
     fused: bool = False,
     ffn_layout: str = "segments",
+    gemm_autotune: bool = False,
 ) -> dict:
     dev = torch.device(args.device)
+    # Inductor's GEMM autotuning (Triton / C++ templates with fused epilogues raced against the vendor
+    # library) is read when a graph compiles: the row starts from no compiled graph so it applies to all
+    torch._dynamo.reset()
+    inductor_config.max_autotune_gemm = gemm_autotune
     # "sort": the rollout and the update do not read the slot layout, so the typed FFN sorts the tokens by type
     layout_of = hsd.type_segments if ffn_layout == "segments" else lambda type_ids: None
     loop.type_segments = rollout.type_segments = layout_of
@@ -350,6 +358,7 @@ def run_row(
         "compile": compile_mode,
         "optimizer": "fused" if fused else "foreach",
         "ffn_layout": ffn_layout,
+        "gemm_autotune": gemm_autotune,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -374,11 +383,12 @@ def run_row(
 
 
 def path_label(row: dict) -> str:
-    """``cached`` / ``old``, with ``+compile MODE`` and ``+fused`` when they are on, flagged when the timed
-    iterations compiled graphs."""
+    """``cached`` / ``old``, with ``+compile MODE``, ``+fused`` and ``+gemm autotune`` when they are on, flagged
+    when the timed iterations compiled graphs."""
     label = row["path"] + ("" if row["compile"] == "off" else f" +compile {row['compile']}")
     label += " +fused" if row.get("optimizer") == "fused" else ""
     label += " +ffn sort" if row.get("ffn_layout") == "sort" else ""
+    label += " +gemm autotune" if row.get("gemm_autotune") else ""
     n = row.get("compiled_when_timed", 0)  # its seconds include compile time: not the steady state
     return label + (f" (!{n} graphs compiled while timed)" if n else "")
 
@@ -456,6 +466,13 @@ def main(argv: list[str] | None = None) -> dict:
         "the typed FFN as dense GEMMs per run of slots) | sort (the typed FFN sorts each minibatch's tokens by "
         "type, with --ffn-impl)",
     )
+    p.add_argument(
+        "--gemm-autotune",
+        default="off",
+        help="comma-separated, one row each: off (the library's: the compiled graphs' matmuls call the vendor "
+        "library) | on (Inductor's max_autotune_gemm: each matmul's kernel raced among templates with the "
+        "epilogue fused, at compile time; only with --compile other than off)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
@@ -492,15 +509,31 @@ def main(argv: list[str] | None = None) -> dict:
     for x in layouts:
         if x not in ("segments", "sort"):
             raise ValueError(f"--ffn-layout {x!r} is invalid: expected segments or sort")
+    autotune = []
+    for x in [x for x in args.gemm_autotune.split(",") if x]:
+        if x not in ("off", "on"):
+            raise ValueError(f"--gemm-autotune {x!r} is invalid: expected off or on")
+        autotune.append(x == "on")
+    if any(autotune) and modes == ["off"]:
+        raise ValueError(
+            "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"
+        )
     TypedFFN.impl = args.ffn_impl  # the class default, as benchmarks/bench_decode.py sets it
     rows = []
     for n in ints(args.sessions):
         for precision in precisions:
-            variants = [(True, m, f, lay) for m in modes for f in optimizers for lay in layouts]
-            for cached, mode, fused, lay in variants + (
-                [(False, "off", False, "segments")] if args.old else []
+            variants = [
+                (True, m, f, lay, a)
+                for m in modes
+                for f in optimizers
+                for lay in layouts
+                for a in autotune
+                if not (a and m == "off")
+            ]
+            for cached, mode, fused, lay, tune in variants + (
+                [(False, "off", False, "segments", False)] if args.old else []
             ):
-                rows.append(run_row(args, n, precision, cached, mode, fused, lay))
+                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

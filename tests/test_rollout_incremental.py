@@ -271,6 +271,17 @@ def test_bench_rl_iteration_tiny_cpu_writes_json(tmp_path):
     assert rows[1]["update_flops_per_request"] > rows[0]["update_flops_per_request"]
 
 
+def test_bench_rl_iteration_gemm_autotune_flag_is_checked_before_any_row(tmp_path):
+    """--gemm-autotune is a row dimension of compiled rows only: a bad value, or "on" with every row eager
+    (nothing would be autotuned), is one clear error before any world or model is built."""
+    out = tmp_path / "bench.json"
+    with pytest.raises(ValueError, match="--gemm-autotune 'yes' is invalid"):
+        bench.main([*TINY, "--gemm-autotune", "yes", "--out", str(out)])
+    with pytest.raises(ValueError, match="--gemm-autotune on needs --compile"):
+        bench.main([*TINY, "--gemm-autotune", "on", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_compiled_graphs_counts_what_torch_compile_builds():
     """The benchmark's check that a timed iteration did not compile: a new graph (a first call, a recompile for
     a new shape) raises the count, a call that reuses a graph does not; a row that compiled is flagged."""
