@@ -55,6 +55,9 @@ Columns:
   most of is bound by the host (launches, Python, syncs), and more work per launch is what speeds it up: three
   RL runs side by side reached 2.3x one run's requests/s on an H200 (RESULTS "RL at GPU scale past its first
   iterations"). Kernel durations are not stretched by the profiler, so over unprofiled time the ratio holds.
+  The row's ``rollout_split`` says where the rollout went, by the ``Roller``'s labels (``ROLLOUT_PARTS``: tokens,
+  sampling, scoring, rehearsal, env step): the host's seconds in each and, on CUDA, its kernels' busy seconds
+  (``rollout_split``), of the profiled iteration (the profiler's overhead included on the host side).
 
 Prints a table and writes JSON to ``--out``.
 """
@@ -119,6 +122,38 @@ def busy_seconds(intervals: list[tuple[float, float]], window: tuple[float, floa
     return total
 
 
+ROLLOUT_PARTS = ("rollout/tokens", "rollout/sample", "rollout/score", "rollout/rehearse", "rollout/env_step")
+"""the rollout's own labels (``agents.rl.rollout.Roller``): observation -> tokens; context, K sampled paths and HTE
+values; scoring, budgets and the truth monitor; the rehearsed requests' world step ahead; the env step. Each occurs
+once per env step (rehearsal: per step that rehearses), none ends with a sync."""
+
+
+def rollout_split(prof) -> dict[str, float]:
+    """Seconds per ``ROLLOUT_PARTS`` label over the profiled iteration, summed over its occurrences: ``host_s``, the
+    host's time inside the label (CPU events); on CUDA also ``device_s``, the time a kernel launched inside the
+    label ran (``busy_seconds`` of the kernels within the label's device-side range, which the profiler records
+    from its first kernel's start to its last one's end, so an asynchronous launch is counted where it ran, not
+    where the host was). Labels absent from the trace are absent here."""
+    events = prof.events()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    kernels = [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == cuda and not getattr(e, "is_user_annotation", False)
+    ]
+    out: dict[str, float] = {}
+    for e in events:
+        if e.name not in ROLLOUT_PARTS or e.device_type not in (cpu, cuda):
+            continue
+        window = (e.time_range.start, e.time_range.end)
+        if e.device_type == cpu:
+            key, seconds = f"{e.name}/host_s", (window[1] - window[0]) / 1e6  # us -> s
+        else:
+            key, seconds = f"{e.name}/device_s", busy_seconds(kernels, window) / 1e6
+        out[key] = out.get(key, 0.0) + seconds
+    return out
+
+
 def device_busy(prof) -> dict[str, float] | None:
     """Seconds per phase during which a CUDA kernel (or copy) ran (``busy_seconds`` of the device events inside
     the phase's host window: each phase ends with a sync, so its kernels ran inside it); None when the trace
@@ -129,7 +164,9 @@ def device_busy(prof) -> dict[str, float] | None:
     kernels = [
         (e.time_range.start, e.time_range.end)
         for e in events
-        if e.device_type == cuda and not getattr(e, "is_user_annotation", False) and e.name not in PHASES
+        if e.device_type == cuda
+        and not getattr(e, "is_user_annotation", False)
+        and e.name not in PHASES + ROLLOUT_PARTS
     ]
     if not kernels:
         return None
@@ -326,7 +363,7 @@ def run_row(
             f"warning: the timed iterations compiled {compiled_when_timed} graph(s), so their seconds include "
             f"compilation: raise --warmup (now {args.warmup})"
         )
-    profile_table, busy = None, None
+    profile_table, busy, split = None, None, None
     if args.profile:  # one more iteration under the profiler: where the time goes, by kernel / op
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
@@ -337,6 +374,8 @@ def run_row(
         profile_table = prof.key_averages().table(sort_by=key, row_limit=args.profile)
         print(f"profile: sessions {sessions}, {precision}, {'cached' if cached else 'old'}\n{profile_table}")
         busy = device_busy(prof) if dev.type == "cuda" else None
+        split = rollout_split(prof)
+        print("rollout by part: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
     rollout_s, targets_s, update_s = (statistics.median(x) for x in zip(*times))
     if busy is not None:
         medians = dict(zip(PHASES, (rollout_s, targets_s, update_s)))
@@ -378,6 +417,7 @@ def run_row(
         "params": sum(p.numel() for p in model.parameters()),
         "profile": profile_table,
         "busy": busy,
+        "rollout_split": split,
     }
     return row
 

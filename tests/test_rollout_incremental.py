@@ -271,6 +271,20 @@ def test_bench_rl_iteration_tiny_cpu_writes_json(tmp_path):
     assert rows[1]["update_flops_per_request"] > rows[0]["update_flops_per_request"]
 
 
+def test_bench_rl_iteration_profile_splits_the_rollout_by_part(tmp_path):
+    """With --profile the row says where the rollout's host time went, by the Roller's own labels: every part
+    that ran is there, each a positive number of seconds (no CUDA here, so no device_s)."""
+    out = tmp_path / "bench.json"
+    argv = [a for a in TINY if a not in ("--old",)]
+    argv[argv.index("fp32,bf16")] = "fp32"
+    bench.main([*argv, "--profile", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    split = row["rollout_split"]
+    parts = ["tokens", "sample", "score", "env_step"] + (["rehearse"] if row["rehearsed"] else [])
+    assert sorted(split) == sorted(f"rollout/{p}/host_s" for p in parts)
+    assert all(math.isfinite(v) and v > 0 for v in split.values())
+
+
 def test_bench_rl_iteration_gemm_autotune_flag_is_checked_before_any_row(tmp_path):
     """--gemm-autotune is a row dimension of compiled rows only: a bad value, or "on" with every row eager
     (nothing would be autotuned), is one clear error before any world or model is built."""

@@ -68,6 +68,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from agents.rl.buffer import Buffer
 from agents.rl.common import process_rewards
@@ -379,13 +380,21 @@ class Roller:
         (the real requests): scores the same ads under the simulator's truth for ``truth_monitor``; None
         with the truth estimator, whose rewards are that value already.
         """
-        features = self.features if model.cfg.platform_features else None
-        market = self.market.market_features() if model.cfg.market_features else None  # rehearsal too
-        tokens = tokens_from_obs(
-            obs, self.tok.table, self.schema, check=False, features=features, market=market
-        )
+        with record_function("rollout/tokens"):
+            features = self.features if model.cfg.platform_features else None
+            market = self.market.market_features() if model.cfg.market_features else None  # rehearsal too
+            tokens = tokens_from_obs(
+                obs, self.tok.table, self.schema, check=False, features=features, market=market
+            )
         keys = self._keys(REHEARSAL_SEED_OFFSET if rehearsed else 0, rows)
-        noise, s, values = self._groups(model, tokens, eligible, keys)
+        with record_function("rollout/sample"):
+            noise, s, values = self._groups(model, tokens, eligible, keys)
+        with record_function("rollout/score"):
+            return self._scored(tokens, noise, s, values, scorer, rows, rehearsed, share, truth_scorer)
+
+    def _scored(self, tokens, noise, s: PathSample, values, scorer, rows, rehearsed, share, truth_scorer):
+        """``_buffer``'s second half: the sampled ads scored (budgets, scale, the truth monitor) into the
+        buffer part; its own profiler label (``rollout/score``) beside the sampling's."""
         scores = scorer(s.items)
         if self.outcome == "realised":
             salt = REWARD_DRAW_SALT + (REHEARSAL_SEED_OFFSET if rehearsed else 0)
@@ -470,7 +479,8 @@ class Roller:
                 draw = rng.uniforms(self._keys(ARR_DRAW_SALT, local), 1)[:, 0]
                 rows = torch.nonzero(draw < self.arr_rate * tier / 5.0).squeeze(1)
                 if rows.numel() > 0:
-                    ahead, obs_ahead = e.rehearse(rows, REHEARSAL_SEED_OFFSET)
+                    with record_function("rollout/rehearse"):
+                        ahead, obs_ahead = e.rehearse(rows, REHEARSAL_SEED_OFFSET)
                     rehearsed, _, _, _ = self._buffer(
                         model,
                         obs_ahead,
@@ -481,7 +491,8 @@ class Roller:
                         share,
                     )
                     parts.append(rehearsed)
-            self.obs, _, terminated, truncated, info = self.env.step(items[:, :1])
+            with record_function("rollout/env_step"):
+                self.obs, _, terminated, truncated, info = self.env.step(items[:, :1])
             self._episodes.append((info["episode_return"], info["episode_length"], terminated | truncated))
             self.step_count += 1
         buf = Buffer.concat(parts)
