@@ -122,6 +122,19 @@ def busy_seconds(intervals: list[tuple[float, float]], window: tuple[float, floa
     return total
 
 
+def kernel_intervals(events) -> list[tuple[float, float]]:
+    """(start, end) of every CUDA kernel (or copy) of a profiler trace: its device events less the device-side
+    copies of the labels (user annotations spanning a labelled range, not kernels)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == cuda
+        and not getattr(e, "is_user_annotation", False)
+        and e.name not in PHASES + ROLLOUT_PARTS
+    ]
+
+
 ROLLOUT_PARTS = ("rollout/tokens", "rollout/sample", "rollout/score", "rollout/rehearse", "rollout/env_step")
 """the rollout's own labels (``agents.rl.rollout.Roller``): observation -> tokens; context, K sampled paths and HTE
 values; scoring, budgets and the truth monitor; the rehearsed requests' world step ahead; the env step. Each occurs
@@ -136,11 +149,7 @@ def rollout_split(prof) -> dict[str, float]:
     where the host was). Labels absent from the trace are absent here."""
     events = prof.events()
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    kernels = [
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type == cuda and not getattr(e, "is_user_annotation", False)
-    ]
+    kernels = kernel_intervals(events)
     out: dict[str, float] = {}
     for e in events:
         if e.name not in ROLLOUT_PARTS or e.device_type not in (cpu, cuda):
@@ -160,14 +169,8 @@ def device_busy(prof) -> dict[str, float] | None:
     has none. The device-side copies of the phase labels (user annotations spanning the whole range) are not
     kernels and are left out."""
     events = prof.events()
-    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    kernels = [
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type == cuda
-        and not getattr(e, "is_user_annotation", False)
-        and e.name not in PHASES + ROLLOUT_PARTS
-    ]
+    cpu = torch.autograd.DeviceType.CPU
+    kernels = kernel_intervals(events)
     if not kernels:
         return None
     out = {}
