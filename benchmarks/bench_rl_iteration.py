@@ -59,7 +59,7 @@ Columns:
   sampling, scoring, rehearsal, env step): the host's seconds in each and, on CUDA, its kernels' busy seconds
   (``rollout_split``), of the profiled iteration (the profiler's overhead included on the host side).
 
-Prints a table and writes JSON to ``--out``.
+Prints a table and writes JSON to ``--out`` (after every row, so a run cut short keeps the rows it finished).
 """
 
 from __future__ import annotations
@@ -562,7 +562,18 @@ def main(argv: list[str] | None = None) -> dict:
             "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"
         )
     TypedFFN.impl = args.ffn_impl  # the class default, as benchmarks/bench_decode.py sets it
-    rows = []
+    dev = torch.device(args.device)
+    res = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_rl_iteration.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "flop_formula": "update: 3 x forward matmul FLOPs per trained request (module doc of bench_rl_iteration)",
+        "rows": [],
+    }
+    rows = res["rows"]
     for n in ints(args.sessions):
         for precision in precisions:
             variants = [
@@ -581,17 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-    dev = torch.device(args.device)
-    res = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_rl_iteration.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args),
-        "flop_formula": "update: 3 x forward matmul FLOPs per trained request (module doc of bench_rl_iteration)",
-        "rows": rows,
-    }
+                write_json(args.out, res)  # after every row: a run cut short keeps the rows it finished
     print(table(rows))
     write_json(args.out, res)
     return res
