@@ -58,11 +58,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm import tqdm
 
 from agents.cli import check_args, parse_args, run_main
-from agents.evaluation.heldout import Evaluator, HeldOutConfig, mtp_candidates
+from agents.evaluation.heldout import Evaluator, HeldOutConfig, mtp_candidates, paired_margin
 from agents.policies.gpr import load_run_model, save_policy
 from agents.pretraining.config import PretrainConfig
 from agents.pretraining.pipeline import (
@@ -96,6 +97,7 @@ from gpr_sim.runs import (
     save_torch,
     write_json,
     write_metrics,
+    write_parquet,
 )
 
 ENTRY = "agents.hepo"
@@ -464,6 +466,8 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
 
 BEST_DIR = "best"
 """the run folder's sub-folder holding its best policy (``keep_best``), a run folder itself: ``gpr:RUN/best``"""
+BEST_SESSIONS = "sessions.parquet"
+"""``OUT/best``'s held-out session records: each later evaluation is paired with them (``paired_margin``)"""
 SELECT_METRIC = BEST_METRIC
 """what ``OUT/best`` is chosen by: the realised reward per held-out session, the number an online A/B test of the
 policy would read (revenue and GMV of the clicks and conversions drawn), not a privileged one; the reports read
@@ -483,9 +487,12 @@ def best_selection(out: Path, start: int) -> dict | None:
     return selected
 
 
-def keep_best(out: Path, model: GPRModel, row: dict, selected: dict | None) -> dict | None:
-    """Write ``OUT/best`` (``policy.pt`` and a ``config.json`` recording ``selected``) when evaluation ``row``
-    beats ``selected``'s ``SELECT_METRIC``; returns the selection now held.
+def keep_best(
+    out: Path, model: GPRModel, row: dict, selected: dict | None, sessions: pd.DataFrame | None = None
+) -> dict | None:
+    """Write ``OUT/best`` (``policy.pt``, the evaluation's session records ``sessions`` as ``BEST_SESSIONS`` when
+    given, and a ``config.json`` recording ``selected``, last) when evaluation ``row`` beats ``selected``'s
+    ``SELECT_METRIC``; returns the selection now held.
 
     Why: under a learned reward RL over-optimises the reward model, and the held-out curves rise, peak and fall
     (benchmarks/RESULTS.md); a platform ships the checkpoint its A/B test liked best, not the last one.
@@ -505,8 +512,19 @@ def keep_best(out: Path, model: GPRModel, row: dict, selected: dict | None) -> d
         "value": value,
         "policy_sha256": file_digest(folder / "policy.pt"),
     }
+    if sessions is not None:
+        chosen["sessions_sha256"] = file_digest(write_parquet(folder / BEST_SESSIONS, sessions))
     write_json(folder / "config.json", {**read_json(out / "config.json"), "selected": chosen})
     return chosen
+
+
+def best_sessions(out: Path, selected: dict | None) -> pd.DataFrame | None:
+    """The held-out session records of the evaluation ``selected`` chose (``keep_best``), for the next
+    evaluations' ``paired_margin``; None without a selection or when the file is not the one it recorded."""
+    path = out / BEST_DIR / BEST_SESSIONS
+    if not selected or not path.is_file() or selected.get("sessions_sha256") != file_digest(path):
+        return None
+    return pd.read_parquet(path)
 
 
 def plateaued(curve: list[float], patience: int, delta: float) -> bool:
@@ -657,6 +675,11 @@ def _log_line(row: dict) -> str:
         parts.append(f"oracle_share {row['eval/oracle_share']:.3f}")
     if "eval/reward_per_session" in row:
         parts.append(f"eval reward/session {row['eval/reward_per_session']:.3f}")
+        if f"{SELECT_METRIC}_vs_best" in row:  # paired with the best evaluation before this one
+            margin = f"{SELECT_METRIC}_vs_best"
+            parts.append(
+                f"(vs best {row[margin]:+.3f} [{row[f'{margin}_ci_low']:+.3f}, {row[f'{margin}_ci_high']:+.3f}])"
+            )
         parts.append(f"gmv/session {row['eval/gmv_per_session']:.3f}")
         parts.append(f"cand value {row['eval/cand_mean_value']:.3f}")
     if "rollout/group_value_mean" in row:
@@ -782,6 +805,7 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
     best: dict | None = None  # OUT/best's selection (rank 0: keep_best)
+    best_records: pd.DataFrame | None = None  # its held-out sessions, paired with each later evaluation's
     resume = ckpt.is_file()
     distributed.barrier(dist)  # every rank has looked for the checkpoint before rank 0 writes anything
     if resume:
@@ -805,6 +829,7 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             rows = [r for r in read_metrics(metrics_path) if r["iteration"] <= start]
             write_metrics(metrics_path, rows)
             best = best_selection(out, start)
+            best_records = best_sessions(out, best)
             print(f"{out}: resuming at iteration {start}")
     elif dist.is_main:
         write_json(
@@ -833,7 +858,8 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
         }
         append_metrics(metrics_path, row)
         print(_log_line(row))
-        best = keep_best(out, model, row, None)
+        best = keep_best(out, model, row, None, evaluate.sessions)
+        best_records = evaluate.sessions if best else None
     terms_fn = PathTerms(model, compile=args.compile, ad_lookup=roller.ad_lookup(model))
     if dist.enabled:
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
@@ -891,6 +917,7 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
                 if done % args.eval_every == 0 or done == args.iterations:
                     t3 = time.perf_counter()
                     row.update(evaluate(model))
+                    row.update(paired_margin(evaluate.sessions, best_records))  # vs the best before it
                     row["perf/eval_s"] = time.perf_counter() - t3  # held-out sessions and oracle states
                     tqdm.write(_log_line(row))
                 append_metrics(metrics_path, row)
@@ -900,7 +927,9 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
                 )
                 if watched in row:
                     curve.append(row[watched])
-                best = keep_best(out, model, row, best)
+                chosen = keep_best(out, model, row, best, evaluate.sessions)
+                if chosen is not best:  # a new best: later evaluations are paired with its sessions
+                    best, best_records = chosen, evaluate.sessions
             stop = distributed.broadcast_object(
                 dist.is_main and plateaued(curve, args.plateau_patience, args.plateau_delta), dist
             )

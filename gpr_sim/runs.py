@@ -108,6 +108,13 @@ def figure_bytes(fig, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
+def write_parquet(path: str | os.PathLike, frame) -> Path:
+    """A pandas DataFrame written atomically as Parquet (no index): read back with ``pandas.read_parquet``."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def remove_orphans(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files (``.NAME.XXXXXXXX.tmp``) that killed writers left in ``folder``.
 

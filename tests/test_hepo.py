@@ -18,7 +18,7 @@ from agents import pretrain
 from agents.cli import UsageError, parse_args, run_main
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
-from agents.evaluation.heldout import Evaluator, HeldOutConfig
+from agents.evaluation.heldout import Evaluator, HeldOutConfig, paired_margin
 from agents.policies.gpr import load_run_model
 from agents.reporting import keys
 from agents.rl.rollout import Roller
@@ -160,6 +160,16 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     chosen = [json.loads((f / "best" / "config.json").read_text())["selected"] for f in (straight, broken)]
     assert chosen[0] == chosen[1]  # the resumed run kept (or re-chose) the same best policy
+    # every evaluation after the first is paired with the best one before it (the resumed run too: equal rows
+    # above); for a mean per session the paired difference is the difference of the means
+    margin, best_before = f"{hepo.SELECT_METRIC}_vs_best", a[0][hepo.SELECT_METRIC]
+    assert margin not in a[0]
+    for r in a[1:]:
+        assert r[margin] == pytest.approx(r[hepo.SELECT_METRIC] - best_before, abs=1e-9)
+        assert r[f"{margin}_ci_low"] <= r[margin] <= r[f"{margin}_ci_high"]
+        best_before = max(best_before, r[hepo.SELECT_METRIC])
+    kept = pd.read_parquet(straight / "best" / hepo.BEST_SESSIONS)
+    assert kept["reward"].mean() == pytest.approx(chosen[0]["value"])
     assert (straight / "curves.png").stat().st_size > 0
     assert (straight / "reward_model.png").stat().st_size > 0  # the reward model's monitor, every run
     assert (straight / "gradients.png").stat().st_size > 0  # the update's gradients, every run
@@ -452,6 +462,37 @@ def test_best_policy_is_the_evaluation_with_the_highest_held_out_reward(pre, tmp
     assert hepo.best_selection(tmp_path / "elsewhere", start=5) is None
     hepo.save_policy(out / "best" / "policy.pt", model)  # stopped after the policy, before its config: stale
     assert hepo.best_selection(out, start=5) is None
+
+
+def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with_them(pre, tmp_path):
+    """``keep_best`` keeps the chosen evaluation's session records beside its policy, ``best_sessions`` reads
+    them back only while they are the ones the selection recorded, and ``paired_margin`` is the paired t
+    interval of the per-session differences (hand-computed)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer")}))
+    model, _ = load_run_model(pre / "vaft")
+
+    def sessions(rewards):
+        n = len(rewards)
+        return pd.DataFrame({"slot": range(n), "session": [0] * n, "length": [3] * n, "reward": rewards})
+
+    first, second = sessions([0.0, 2.0, 2.0, 5.0]), sessions([1.0, 2.0, 3.0, 4.0])
+    best = hepo.keep_best(out, model, {"iteration": 0, hepo.SELECT_METRIC: 2.25}, None, first)
+    pd.testing.assert_frame_equal(hepo.best_sessions(out, best), first)
+    # per-session differences 1, 0, 1, -1: mean 0.25, t interval with 3 degrees of freedom
+    margin = paired_margin(second, hepo.best_sessions(out, best))
+    half = 3.182446 * pd.Series([1.0, 0.0, 1.0, -1.0]).std() / 2
+    key = f"{hepo.SELECT_METRIC}_vs_best"
+    assert margin[key] == pytest.approx(0.25)
+    assert (margin[f"{key}_ci_low"], margin[f"{key}_ci_high"]) == pytest.approx((0.25 - half, 0.25 + half))
+    assert paired_margin(second, None) == {}
+    with pytest.raises(ValueError, match="different sessions"):
+        paired_margin(second.iloc[:3], first)
+    # the file rewritten by a later evaluation that stopped before its config: not this selection's sessions
+    hepo.write_parquet(out / "best" / hepo.BEST_SESSIONS, second)
+    assert hepo.best_sessions(out, best) is None
+    assert hepo.best_sessions(out, None) is None
 
 
 def test_bad_inputs_fail_clearly(pre, tmp_path):

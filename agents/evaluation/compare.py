@@ -35,7 +35,6 @@ evaluated once, in another call, for every pipeline seed).
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import re
@@ -53,7 +52,7 @@ from agents.evaluation.sessions import collect_sessions
 from agents.policies import known_policies, make_policy, policy_factory, policy_inputs, policy_label
 from envs import make_vec_env, resolve_config
 from gpr_sim.metrics import PAIR_KEY, SESSION_COLUMNS, summarize, summarize_strata
-from gpr_sim.runs import atomic_write_bytes, figure_bytes, file_digest, read_json, write_json
+from gpr_sim.runs import atomic_write_bytes, figure_bytes, file_digest, read_json, write_json, write_parquet
 from gpr_sim.stats import CIConfig
 
 PREFIX = "eval/"
@@ -268,12 +267,8 @@ def run_agent(
     states = states() if states is not None else RequestStates.build(cfg.oracle_share)
     values = state_values(make_policy(spec, states.env, cfg.seed), states)
     values = pd.DataFrame({k: v.cpu().numpy() for k, v in values.items()})
-    buf = io.BytesIO()
-    sessions.to_parquet(buf, index=False)
-    atomic_write_bytes(table, buf.getvalue())
-    buf = io.BytesIO()
-    values.to_parquet(buf, index=False)
-    atomic_write_bytes(values_table, buf.getvalue())
+    write_parquet(table, sessions)
+    write_parquet(values_table, values)
     metrics = {**summarize(sessions, prefix=PREFIX), **oracle_share_metrics(values, cfg.ci.level)}
     write_json(
         marker,

@@ -23,16 +23,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from agents.evaluation.auction import attach_auction_model, auction_funnel_file
 from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, best_true_values, oracle_share
+from agents.evaluation.paired import difference_row, pair_sessions
 from agents.evaluation.sessions import collect_sessions
 from agents.policies.gpr import GPRPolicy, load_run_model
-from agents.reporting.keys import STRATA_METRICS, strata_key
+from agents.reporting.keys import BEST_METRIC, STRATA_METRICS, strata_key
 from envs import make_vec_env
 from gpr_sim.decoding import beam_search
-from gpr_sim.metrics import summarize, summarize_strata
+from gpr_sim.metrics import METRICS, summarize, summarize_strata
 from gpr_sim.model import GPRModel
 from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.offline_eval import candidate_metrics
@@ -116,6 +118,8 @@ class Evaluator:
         self.tok = tokenizer.to(config.device)
         self.features = PlatformFeatures.from_world(self.env.unwrapped.world).to(config.device)
         self.states = RequestStates.build(config.oracle_share)
+        self.sessions: pd.DataFrame | None = None
+        """the session records of the last evaluation (``collect_sessions``), for ``paired_margin``"""
 
     @torch.no_grad()
     def oracle_share(self, model: GPRModel) -> dict[str, float]:
@@ -173,12 +177,35 @@ class Evaluator:
         model.eval()
         policy = GPRPolicy.from_model(self.env, model, self.tok, beam_width=c.beam_width, seed=c.seed)
         sessions, _ = collect_sessions(self.env, policy, c.sessions_per_slot, c.seed, progress=c.progress)
+        self.sessions = sessions
         out = {k: v for k, v in summarize(sessions, prefix="eval/").items() if isinstance(v, (int, float))}
         out.update(self.strata(sessions))
         out.update(self.candidates(model))
         out.update(self.oracle_share(model))
         model.train(was_training)
         return out
+
+
+MARGIN_METRIC = next(m for m in METRICS if f"eval/{m.name}" == BEST_METRIC)
+"""the metric ``paired_margin`` compares: the one a run's best policy is chosen by"""
+
+
+def paired_margin(sessions: pd.DataFrame, best: pd.DataFrame | None, level: float = 0.95) -> dict[str, float]:
+    """``{BEST_METRIC}_vs_best`` (+ ``_ci_low`` / ``_ci_high``): this evaluation minus the best one before it,
+    paired by session (``agents.evaluation.paired``: every evaluation of a run resets the same market with the
+    same seed, so a slot's sessions share their user and, while the lengths agree, their draws); {} without a
+    best yet.
+
+    Why: the best policy is the evaluation with the highest ``BEST_METRIC``, and neighbouring iterations often
+    differ by less than one evaluation's interval (benchmarks/RESULTS.md, "A fourth seed of the learners"); the
+    paired difference says whether a new best won by more than its sessions' noise, the unpaired intervals of
+    the two rows cannot."""
+    if best is None:
+        return {}
+    a, b = pair_sessions(sessions, best)
+    d = difference_row(a, b, MARGIN_METRIC, level)
+    key = f"{BEST_METRIC}_vs_best"
+    return {key: d["difference"], f"{key}_ci_low": d["ci_low"], f"{key}_ci_high": d["ci_high"]}
 
 
 def mtp_candidates(evaluate: Evaluator, vaft: Path, device: str) -> dict[str, float]:
