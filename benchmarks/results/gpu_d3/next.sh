@@ -28,6 +28,10 @@
 #   Seed 3 ran so in the nineteenth session (call A 464 s, call B 575 s, both warm after a failed start), and the clip
 #   probe below as a third warm call (334 s: its runs stop at iteration 12 like the others): A + B + C = 1,373 s of
 #   the 1,800 a session has, so seed 4 fits one session with the probe, if call A finds a machine early.
+#   From the twentieth session's code on, every held-out evaluation logs its paired margin to the best before it
+#   (eval/reward_per_session_vs_best): after call B, python benchmarks/selection_margins.py \
+#   benchmarks/results/gpu_d3/learners_seed4/callB/{hepo,ppo,grpo,sibling} says whether the best-checkpoint rule
+#   chose on signal at 4,096 sessions (RESULTS "The best-checkpoint rule's margins").
 # REFS (done in the eighteenth session: 8,192 sessions in 24.3 s on an H200, 5.9x the fifteenth session's eager
 #   per-row 57 sessions/s; final_refs/final_refs.tgz is tracked, so every learner call's final pairs the oracle with
 #   each agent): the oracle's final sessions, once for every seed, in a call of their own; a new final setting needs
