@@ -14,6 +14,10 @@ from run folders and says, over every evaluation after a run's first:
   interval (its lower end above 0), and of those that did not, how many fell below it resolved: whether the
   rule chooses on signal or on its sessions' noise.
 
+An evaluation of the same policy as the best (a critic warm-up iteration steps no policy) plays the same sessions
+to the bit: a margin of exactly 0 with a zero-width interval, the check that the pairing is exact. Those are
+counted apart and left out of the rest.
+
 Runs from before the margin was logged have no such rows and are named, not counted. Prints the tables; writes
 ``--out``.md and ``--out``.json when given.
 """
@@ -59,6 +63,8 @@ def margin_rows(run: Path) -> pd.DataFrame:
                     "new_best": value > best,
                     "resolved_above": r[f"{MARGIN}_ci_low"] > 0,
                     "resolved_below": r[f"{MARGIN}_ci_high"] < 0,
+                    # the same sessions to the bit: the policy had not changed (a critic warm-up iteration)
+                    "identical": r[MARGIN] == 0 and r[f"{MARGIN}_ci_low"] == r[f"{MARGIN}_ci_high"],
                 }
             )
         if value > best:
@@ -67,7 +73,10 @@ def margin_rows(run: Path) -> pd.DataFrame:
 
 
 def summary_row(label: str, frame: pd.DataFrame) -> dict:
-    """The section's table row of a group of runs' margin rows (module doc)."""
+    """The section's table row of a group of runs' margin rows (module doc); evaluations identical to the best
+    (the same policy: every session the same, a zero-width interval) are counted apart, not in the medians."""
+    identical = int(frame["identical"].sum())
+    frame = frame[~frame["identical"]]
     new = frame[frame["new_best"]]
     rest = frame[~frame["new_best"]]
     paired, unpaired = frame["paired_half_width"].median(), frame["unpaired_half_width"].median()
@@ -82,6 +91,7 @@ def summary_row(label: str, frame: pd.DataFrame) -> dict:
         "new_best_margin_median": new["margin"].median() if len(new) else math.nan,
         "not_best": len(rest),
         "not_best_resolved_below": int(rest["resolved_below"].sum()),
+        "identical": identical,
     }
 
 
@@ -89,15 +99,15 @@ def markdown(table: pd.DataFrame) -> str:
     head = (
         "| runs | evaluations | paired half-width (median) | unpaired half-width (median) | variance reduction | "
         "new bests | of which above the best before, resolved | new best's margin (median) | other evaluations "
-        "| of which below the best, resolved |"
+        "| of which below the best, resolved | identical to the best (policy unchanged) |"
     )
-    lines = [head, "|---|" + "---:|" * 9]
+    lines = [head, "|---|" + "---:|" * 10]
     for r in table.to_dict("records"):
         lines.append(
             f"| {r['runs']} | {r['evaluations']} | {r['paired_half_width_median']:.4f} | "
             f"{r['unpaired_half_width_median']:.4f} | {r['variance_reduction']:.2f} | {r['new_bests']} | "
             f"{r['new_bests_resolved']} | {r['new_best_margin_median']:+.4f} | {r['not_best']} | "
-            f"{r['not_best_resolved_below']} |"
+            f"{r['not_best_resolved_below']} | {r['identical']} |"
         )
     return "\n".join(lines) + "\n"
 
