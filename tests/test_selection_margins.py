@@ -52,6 +52,7 @@ def test_margins_count_new_bests_and_what_pairing_buys(tmp_path):
     )
     rows = margins.margin_rows(run)
     assert list(rows["iteration"]) == [2, 4, 6, 8]
+    assert not rows["identical"].any()
     assert list(rows["new_best"]) == [True, False, True, False]
     # unpaired: the row's half-width with the best before's (1.0's 0.3, then 1.3's 0.4, then 1.35's 0.3)
     assert list(rows["unpaired_half_width"]) == pytest.approx([0.5, 0.5, 0.5, math.hypot(0.3, 0.3)])
@@ -65,6 +66,14 @@ def test_margins_count_new_bests_and_what_pairing_buys(tmp_path):
     assert s["paired_half_width_median"] == pytest.approx(0.1)
     assert s["variance_reduction"] == pytest.approx((0.5 / 0.1) ** 2)
     assert s["new_best_margin_median"] == pytest.approx(0.175)
+
+
+def test_an_unchanged_policy_is_counted_apart(tmp_path):
+    """A critic warm-up evaluation plays the best's sessions again: margin 0 with a zero-width interval."""
+    run = make_run(tmp_path, "grpo", [(1.0, 0.3, None, 0), (1.0, 0.3, 0.0, 0.0), (1.2, 0.3, 0.2, 0.1)])
+    s = margins.summary_row("grpo", margins.margin_rows(run))
+    assert (s["identical"], s["evaluations"], s["new_bests"], s["new_bests_resolved"]) == (1, 1, 1, 1)
+    assert s["paired_half_width_median"] == pytest.approx(0.1)
 
 
 def test_runs_without_margins_are_named_not_counted(tmp_path):
