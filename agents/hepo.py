@@ -675,8 +675,8 @@ def _log_line(row: dict) -> str:
         parts.append(f"oracle_share {row['eval/oracle_share']:.3f}")
     if "eval/reward_per_session" in row:
         parts.append(f"eval reward/session {row['eval/reward_per_session']:.3f}")
-        if f"{SELECT_METRIC}_vs_best" in row:  # paired with the best evaluation before this one
-            margin = f"{SELECT_METRIC}_vs_best"
+        margin = f"{SELECT_METRIC}_vs_best"  # paired with the best evaluation before this one
+        if margin in row:
             parts.append(
                 f"(vs best {row[margin]:+.3f} [{row[f'{margin}_ci_low']:+.3f}, {row[f'{margin}_ci_high']:+.3f}])"
             )
