@@ -74,7 +74,7 @@ from agents.pretraining.pipeline import (
     stage_configs,
 )
 from agents.reporting.figures import plot_curves, plot_gradients, plot_reward_model
-from agents.reporting.keys import BEST_METRIC
+from agents.reporting.keys import BEST_ITERATION, BEST_METRIC
 from agents.rl import distributed
 from agents.rl.common import LossConfig
 from agents.rl.distributed import SINGLE, Dist
@@ -120,6 +120,8 @@ RESUME_IGNORES = (
 """flags that may change between an interrupted run and its resumption"""
 RL_STARTS = ("vaft", "mtp")
 """``Args.rl_start``: the pre-training stage (its folder in the pipeline) the RL starts from"""
+BEST_RULES = ("highest", "resolved")
+"""``Args.best_rule``: when an evaluation replaces ``OUT/best`` (``keep_best``)"""
 PLATEAU_METRICS = ("oracle_share", "reward_per_session")
 """``Args.plateau_metric``: the held-out evaluation curve whose flattening stops a run"""
 STOP_EXIT = 128 + signal.SIGTERM
@@ -282,6 +284,11 @@ class Args:
     """fixed request states of eval/oracle_share"""
     checkpoint_every: int = 5
     """iterations between checkpoints (and at the end)"""
+    best_rule: str = "highest"
+    """highest | resolved: an evaluation replaces OUT/best when its held-out reward per session is higher than the
+    best's (highest), or only when its paired margin over the best (eval/reward_per_session_vs_best) is resolved
+    above 0 at 95% (resolved: the earliest improvement its sessions can tell apart; benchmarks/RESULTS.md, "The
+    best-checkpoint rule's margins")"""
     plateau_patience: int = 0
     """stop once this many evaluations in a row raised eval/PLATEAU_METRIC by no more than plateau_delta over the
     best before them (the curve has flattened); 0 = run every iteration"""
@@ -377,6 +384,8 @@ class Args:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: expected > 0")
         if self.grad_clip not in CLIPS:
             raise ValueError(f"grad_clip={self.grad_clip!r} is invalid: expected one of {list(CLIPS)}")
+        if self.best_rule not in BEST_RULES:
+            raise ValueError(f"best_rule={self.best_rule!r} is unknown: expected one of {list(BEST_RULES)}")
         if self.plateau_metric not in PLATEAU_METRICS:
             raise ValueError(
                 f"plateau_metric={self.plateau_metric!r} is unknown: expected one of {list(PLATEAU_METRICS)}"
@@ -488,11 +497,19 @@ def best_selection(out: Path, start: int) -> dict | None:
 
 
 def keep_best(
-    out: Path, model: GPRModel, row: dict, selected: dict | None, sessions: pd.DataFrame | None = None
+    out: Path,
+    model: GPRModel,
+    row: dict,
+    selected: dict | None,
+    sessions: pd.DataFrame | None = None,
+    rule: str = "highest",
 ) -> dict | None:
     """Write ``OUT/best`` (``policy.pt``, the evaluation's session records ``sessions`` as ``BEST_SESSIONS`` when
     given, and a ``config.json`` recording ``selected``, last) when evaluation ``row`` beats ``selected``'s
-    ``SELECT_METRIC``; returns the selection now held.
+    ``SELECT_METRIC``; returns the selection now held. ``rule`` (``BEST_RULES``): "highest" beats on a higher
+    value, "resolved" only on a paired margin (``paired_margin``, in ``row``) whose interval is above 0; a row
+    without a margin (no best sessions to pair with: a run folder from before they were kept) falls back to
+    "highest".
 
     Why: under a learned reward RL over-optimises the reward model, and the held-out curves rise, peak and fall
     (benchmarks/RESULTS.md); a platform ships the checkpoint its A/B test liked best, not the last one.
@@ -502,6 +519,9 @@ def keep_best(
     """
     value = row.get(SELECT_METRIC, math.nan)
     if not math.isfinite(value) or (selected and value <= selected["value"]):
+        return selected
+    low = row.get(f"{SELECT_METRIC}_vs_best_ci_low")
+    if rule == "resolved" and selected and low is not None and not low > 0:
         return selected
     folder = out / BEST_DIR
     folder.mkdir(exist_ok=True)
@@ -516,6 +536,12 @@ def keep_best(
         chosen["sessions_sha256"] = file_digest(write_parquet(folder / BEST_SESSIONS, sessions))
     write_json(folder / "config.json", {**read_json(out / "config.json"), "selected": chosen})
     return chosen
+
+
+def best_logged(selected: dict | None) -> dict:
+    """What an evaluation's ``metrics.jsonl`` row records of the selection held after it: ``BEST_ITERATION``,
+    the evaluation ``OUT/best`` holds (``agents.reporting.folders.best_row`` reads it back)."""
+    return {BEST_ITERATION: selected["iteration"]} if selected else {}
 
 
 def best_sessions(out: Path, selected: dict | None) -> pd.DataFrame | None:
@@ -856,10 +882,10 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             "perf/setup_s": t0 - t_setup,
             "perf/eval_s": time.perf_counter() - t0,
         }
-        append_metrics(metrics_path, row)
-        print(_log_line(row))
         best = keep_best(out, model, row, None, evaluate.sessions)
         best_records = evaluate.sessions if best else None
+        append_metrics(metrics_path, {**row, **best_logged(best)})
+        print(_log_line(row))
     terms_fn = PathTerms(model, compile=args.compile, ad_lookup=roller.ad_lookup(model))
     if dist.enabled:
         # find_unused_parameters: the RL losses leave the extra MTP heads (and per algorithm the critic) idle
@@ -920,6 +946,10 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
                     row.update(paired_margin(evaluate.sessions, best_records))  # vs the best before it
                     row["perf/eval_s"] = time.perf_counter() - t3  # held-out sessions and oracle states
                     tqdm.write(_log_line(row))
+                    chosen = keep_best(out, model, row, best, evaluate.sessions, args.best_rule)
+                    if chosen is not best:  # a new best: later evaluations are paired with its sessions
+                        best, best_records = chosen, evaluate.sessions
+                    row.update(best_logged(best))
                 append_metrics(metrics_path, row)
                 bar.set_postfix(
                     value=f"{stats['rollout/group_value_mean']:.4f}",
@@ -927,9 +957,6 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
                 )
                 if watched in row:
                     curve.append(row[watched])
-                chosen = keep_best(out, model, row, best, evaluate.sessions)
-                if chosen is not best:  # a new best: later evaluations are paired with its sessions
-                    best, best_records = chosen, evaluate.sessions
             stop = distributed.broadcast_object(
                 dist.is_main and plateaued(curve, args.plateau_patience, args.plateau_delta), dist
             )

@@ -170,6 +170,9 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
         best_before = max(best_before, r[hepo.SELECT_METRIC])
     kept = pd.read_parquet(straight / "best" / hepo.BEST_SESSIONS)
     assert kept["reward"].mean() == pytest.approx(chosen[0]["value"])
+    # every evaluation records the selection held after it; the last one names OUT/best's
+    assert [keys.BEST_ITERATION in r for r in a] == [True] * 4
+    assert a[-1][keys.BEST_ITERATION] == chosen[0]["iteration"]
     assert (straight / "curves.png").stat().st_size > 0
     assert (straight / "reward_model.png").stat().st_size > 0  # the reward model's monitor, every run
     assert (straight / "gradients.png").stat().st_size > 0  # the update's gradients, every run
@@ -495,9 +498,35 @@ def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with
     assert hepo.best_sessions(out, None) is None
 
 
+def test_the_resolved_rule_replaces_the_best_only_on_a_resolved_margin(pre, tmp_path):
+    """``--best-rule resolved``: a higher evaluation whose paired margin over the best reaches 0 keeps the best; one
+    whose margin is above 0 replaces it; a row without a margin (nothing to pair with) falls back to "highest"."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer")}))
+    model, _ = load_run_model(pre / "vaft")
+    key = f"{hepo.SELECT_METRIC}_vs_best"
+
+    def row(it, value, low=None):
+        margin = {} if low is None else {key: value - 0.5, f"{key}_ci_low": low, f"{key}_ci_high": 1.0}
+        return {"iteration": it, hepo.SELECT_METRIC: value, **margin}
+
+    best = hepo.keep_best(out, model, row(0, 0.5), None, rule="resolved")
+    assert best["iteration"] == 0
+    assert hepo.keep_best(out, model, row(2, 0.6, low=-0.01), best, rule="resolved") is best  # not resolved
+    assert hepo.keep_best(out, model, row(2, 0.6, low=-0.01), best, rule="highest")["iteration"] == 2
+    best = hepo.keep_best(out, model, row(4, 0.7, low=0.02), best, rule="resolved")
+    assert best["iteration"] == 4
+    assert hepo.keep_best(out, model, row(6, 0.8), best, rule="resolved")["iteration"] == 6  # no margin
+    assert hepo.keep_best(out, model, row(8, 0.6, low=0.5), best, rule="resolved") is best  # lower: never
+    assert hepo.best_logged(best) == {keys.BEST_ITERATION: 4} and hepo.best_logged(None) == {}
+
+
 def test_bad_inputs_fail_clearly(pre, tmp_path):
     with pytest.raises(ValueError, match="algo"):
         hepo.Args(algo="a2c")
+    with pytest.raises(ValueError, match="best_rule='latest' is unknown"):
+        hepo.Args(best_rule="latest")
     with pytest.raises(ValueError, match="group_size"):
         hepo.Args(group_size=1)
     out = tmp_path / "run"

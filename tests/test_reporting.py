@@ -278,6 +278,25 @@ def test_best_policy_rows_are_the_highest_held_out_reward(runs, tmp_path):
         folders.best_row(nan_only)
 
 
+def test_best_row_is_the_one_the_run_logged_it_chose(tmp_path):
+    """A run that logs ``eval/best_iteration`` (agents.hepo, any --best-rule) is reported at that evaluation,
+    not at its highest; an iteration that names no evaluation is an error."""
+    run = tmp_path / "resolved" / "ads-v0__hepo__0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algo": "hepo", "seed": 0, "init": "pre/ads-v0__0/vaft"}))
+
+    def rows(chosen):
+        values = ((0, 0.5), (2, 0.8), (4, 0.85))
+        return [{**eval_row(it, v, v / 2), keys.BEST_ITERATION: c} for (it, v), c in zip(values, chosen)]
+
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows((0, 2, 2))))
+    assert folders.best_row(run)["iteration"] == 2  # the rule kept 2 though 4 is higher
+    assert by_stage(tables.final_table([run], policy="best"))["+HEPO"]["reward_per_session"] == 0.8
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows((0, 2, 3))))
+    with pytest.raises(ValueError, match="eval/best_iteration 3 names no evaluation"):
+        folders.best_row(run)
+
+
 def test_bad_folders_raise(runs, tmp_path):
     empty = tmp_path / "not_a_run"
     empty.mkdir()

@@ -18,6 +18,7 @@ import pandas as pd
 from agents.reporting.keys import (
     BASELINE,
     BASELINE_NAMES,
+    BEST_ITERATION,
     BEST_METRIC,
     GRADIENT_COLUMNS,
     GRADIENTS,
@@ -101,12 +102,20 @@ def start_units(runs: list[Path]) -> dict[str, list[dict]]:
 
 
 def best_row(run: Path) -> dict:
-    """The evaluation ``agents.hepo`` chose the run's best policy at (``OUT/best``): the highest finite
-    ``BEST_METRIC``, the earliest on ties, read back from ``metrics.jsonl`` (so a run stopped before its
-    ``summary.json`` has one too); raises when no evaluation has a finite value."""
+    """The evaluation ``agents.hepo`` chose the run's best policy at (``OUT/best``), read back from
+    ``metrics.jsonl`` (so a run stopped before its ``summary.json`` has one too): the one the last evaluation's
+    ``BEST_ITERATION`` names, or, in folders from before it was logged, the highest finite ``BEST_METRIC`` (the
+    earliest on ties: what ``agents.hepo`` chose then); raises when no evaluation has a finite value."""
     rows = [r for r in eval_rows(run) if math.isfinite(r.get(BEST_METRIC, math.nan))]
     if not rows:
         raise ValueError(f"{run}/metrics.jsonl: no evaluation with a finite {BEST_METRIC!r}: no best policy")
+    if BEST_ITERATION in rows[-1]:
+        chosen = [r for r in rows if r["iteration"] == rows[-1][BEST_ITERATION]]
+        if not chosen:
+            raise ValueError(
+                f"{run}/metrics.jsonl: {BEST_ITERATION} {rows[-1][BEST_ITERATION]} names no evaluation of the run"
+            )
+        return chosen[0]
     return max(rows, key=lambda r: r[BEST_METRIC])  # max keeps the first of equal values
 
 

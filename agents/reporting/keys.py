@@ -29,6 +29,9 @@ GRADIENT_COLUMNS = tuple(key.split("/", 1)[1] for key in GRADIENTS)
 BEST_METRIC = "eval/reward_per_session"
 """what a run's best policy (``agents.hepo``'s ``OUT/best``) is chosen by: the highest realised reward per held-out
 session among its evaluations (finite values only, the earliest on ties), the number an online A/B test reads"""
+BEST_ITERATION = "eval/best_iteration"
+"""logged with every evaluation by ``agents.hepo``: the iteration of the evaluation ``OUT/best`` holds after it
+(whatever ``--best-rule`` chose); folders from before it was logged: the highest ``BEST_METRIC``"""
 POLICIES = ("last", "best")
 """which evaluation of a run the tables report: its last, or the one its best policy was chosen at"""
 TABLE3 = ("ndcg", "opr", "mean_value", "max_value", "top1_value")
