@@ -475,6 +475,9 @@ def open_run_folder(out: Path, args: Args) -> RunFolder:
 
 BEST_DIR = "best"
 """the run folder's sub-folder holding its best policy (``keep_best``), a run folder itself: ``gpr:RUN/best``"""
+START_SESSIONS = "start_sessions.parquet"
+"""the run folder's record of the iteration-0 evaluation's held-out sessions: each later evaluation is paired with
+them (``paired_margin(..., against="start")``: is RL's gain over its start one the evaluation resolves?)"""
 BEST_SESSIONS = "sessions.parquet"
 """``OUT/best``'s held-out session records: each later evaluation is paired with them (``paired_margin``)"""
 SELECT_METRIC = BEST_METRIC
@@ -832,6 +835,7 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
     start, env_steps = 0, 0
     best: dict | None = None  # OUT/best's selection (rank 0: keep_best)
     best_records: pd.DataFrame | None = None  # its held-out sessions, paired with each later evaluation's
+    start_records: pd.DataFrame | None = None  # the iteration-0 evaluation's, likewise
     resume = ckpt.is_file()
     distributed.barrier(dist)  # every rank has looked for the checkpoint before rank 0 writes anything
     if resume:
@@ -856,6 +860,8 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
             write_metrics(metrics_path, rows)
             best = best_selection(out, start)
             best_records = best_sessions(out, best)
+            start_file = out / START_SESSIONS  # written at iteration 0, which a resume never replays
+            start_records = pd.read_parquet(start_file) if start_file.is_file() else None
             print(f"{out}: resuming at iteration {start}")
     elif dist.is_main:
         write_json(
@@ -884,6 +890,8 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
         }
         best = keep_best(out, model, row, None, evaluate.sessions)
         best_records = evaluate.sessions if best else None
+        start_records = evaluate.sessions
+        write_parquet(out / START_SESSIONS, start_records)
         append_metrics(metrics_path, {**row, **best_logged(best)})
         print(_log_line(row))
     terms_fn = PathTerms(model, compile=args.compile, ad_lookup=roller.ad_lookup(model))
@@ -944,6 +952,7 @@ def _run(args: Args, dist: Dist, out: Path, start_dir: Path, funnel: Path | None
                     t3 = time.perf_counter()
                     row.update(evaluate(model))
                     row.update(paired_margin(evaluate.sessions, best_records))  # vs the best before it
+                    row.update(paired_margin(evaluate.sessions, start_records, against="start"))
                     row["perf/eval_s"] = time.perf_counter() - t3  # held-out sessions and oracle states
                     tqdm.write(_log_line(row))
                     chosen = keep_best(out, model, row, best, evaluate.sessions, args.best_rule)

@@ -12,7 +12,10 @@ from run folders and says, over every evaluation after a run's first:
   (unpaired / paired half-width, squared);
 - of the evaluations that became a new best, how many beat the best before them by more than their paired
   interval (its lower end above 0), and of those that did not, how many fell below it resolved: whether the
-  rule chooses on signal or on its sessions' noise.
+  rule chooses on signal or on its sessions' noise;
+- how many evaluations were resolved above the run's start (``eval/reward_per_session_vs_start``, logged from
+  the twentieth session's later commits): whether RL's gain over the VAFT start is one the evaluation resolves,
+  which ``--best-rule resolved`` needs before it ships anything but the start.
 
 An evaluation of the same policy as the best (a critic warm-up iteration steps no policy) plays the same sessions
 to the bit: a margin of exactly 0 with a zero-width interval, the check that the pairing is exact. Those are
@@ -41,6 +44,8 @@ from gpr_sim.runs import atomic_write_bytes, read_json, write_json  # noqa: E402
 
 MARGIN = f"{BEST_METRIC}_vs_best"
 """the paired difference to the best evaluation before, as ``agents.hepo`` logs it"""
+START = f"{BEST_METRIC}_vs_start"
+"""the paired difference to the run's iteration-0 evaluation (its start), logged beside it"""
 
 
 def margin_rows(run: Path) -> pd.DataFrame:
@@ -63,6 +68,8 @@ def margin_rows(run: Path) -> pd.DataFrame:
                     "new_best": value > best,
                     "resolved_above": r[f"{MARGIN}_ci_low"] > 0,
                     "resolved_below": r[f"{MARGIN}_ci_high"] < 0,
+                    # the start's margin where logged (runs from before it: None)
+                    "above_start_resolved": r[f"{START}_ci_low"] > 0 if START in r else None,
                     # the same sessions to the bit: the policy had not changed (a critic warm-up iteration)
                     "identical": r[MARGIN] == 0 and r[f"{MARGIN}_ci_low"] == r[f"{MARGIN}_ci_high"],
                 }
@@ -92,6 +99,8 @@ def summary_row(label: str, frame: pd.DataFrame) -> dict:
         "not_best": len(rest),
         "not_best_resolved_below": int(rest["resolved_below"].sum()),
         "identical": identical,
+        "above_start_resolved": int(frame["above_start_resolved"].eq(True).sum()),  # None: not logged
+        "with_start_margin": int(frame["above_start_resolved"].notna().sum()),
     }
 
 
@@ -99,15 +108,17 @@ def markdown(table: pd.DataFrame) -> str:
     head = (
         "| runs | evaluations | paired half-width (median) | unpaired half-width (median) | variance reduction | "
         "new bests | of which above the best before, resolved | new best's margin (median) | other evaluations "
-        "| of which below the best, resolved | identical to the best (policy unchanged) |"
+        "| of which below the best, resolved | identical to the best (policy unchanged) | above the start, resolved "
+        "(of those logging it) |"
     )
-    lines = [head, "|---|" + "---:|" * 10]
+    lines = [head, "|---|" + "---:|" * 11]
     for r in table.to_dict("records"):
         lines.append(
             f"| {r['runs']} | {r['evaluations']} | {r['paired_half_width_median']:.4f} | "
             f"{r['unpaired_half_width_median']:.4f} | {r['variance_reduction']:.2f} | {r['new_bests']} | "
             f"{r['new_bests_resolved']} | {r['new_best_margin_median']:+.4f} | {r['not_best']} | "
-            f"{r['not_best_resolved_below']} | {r['identical']} |"
+            f"{r['not_best_resolved_below']} | {r['identical']} | {r['above_start_resolved']} of "
+            f"{r['with_start_margin']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -168,6 +168,9 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
         assert r[margin] == pytest.approx(r[hepo.SELECT_METRIC] - best_before, abs=1e-9)
         assert r[f"{margin}_ci_low"] <= r[margin] <= r[f"{margin}_ci_high"]
         best_before = max(best_before, r[hepo.SELECT_METRIC])
+    start = f"{hepo.SELECT_METRIC}_vs_start"  # and with the iteration-0 evaluation, the VAFT start
+    for r in a[1:]:
+        assert r[start] == pytest.approx(r[hepo.SELECT_METRIC] - a[0][hepo.SELECT_METRIC], abs=1e-9)
     kept = pd.read_parquet(straight / "best" / hepo.BEST_SESSIONS)
     assert kept["reward"].mean() == pytest.approx(chosen[0]["value"])
     # every evaluation records the selection held after it; the last one names OUT/best's
@@ -490,6 +493,9 @@ def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with
     assert margin[key] == pytest.approx(0.25)
     assert (margin[f"{key}_ci_low"], margin[f"{key}_ci_high"]) == pytest.approx((0.25 - half, 0.25 + half))
     assert paired_margin(second, None) == {}
+    assert paired_margin(second, first, against="start")[f"{hepo.SELECT_METRIC}_vs_start"] == pytest.approx(
+        0.25
+    )
     with pytest.raises(ValueError, match="different sessions"):
         paired_margin(second.iloc[:3], first)
     # the file rewritten by a later evaluation that stopped before its config: not this selection's sessions

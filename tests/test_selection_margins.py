@@ -18,8 +18,9 @@ KEY = "eval/reward_per_session"
 MARGIN = f"{KEY}_vs_best"
 
 
-def make_run(root: Path, name: str, evaluations, seed: int = 0) -> Path:
-    """A run folder whose evaluations are (value, half-width, margin or None, paired half-width)."""
+def make_run(root: Path, name: str, evaluations, seed: int = 0, start_margins: bool = False) -> Path:
+    """A run folder whose evaluations are (value, half-width, margin or None, paired half-width); with
+    ``start_margins`` each later evaluation also logs its margin over the first (that interval's half-width 0.15)."""
     run = root / name
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"algo": name, "label": name, "seed": seed}))
@@ -29,6 +30,15 @@ def make_run(root: Path, name: str, evaluations, seed: int = 0) -> Path:
         if margin is not None:
             row.update(
                 {MARGIN: margin, f"{MARGIN}_ci_low": margin - paired, f"{MARGIN}_ci_high": margin + paired}
+            )
+        if start_margins and i > 0:
+            d = value - evaluations[0][0]
+            row.update(
+                {
+                    f"{KEY}_vs_start": d,
+                    f"{KEY}_vs_start_ci_low": d - 0.15,
+                    f"{KEY}_vs_start_ci_high": d + 0.15,
+                }
             )
         rows.append(row)
         rows.append({"iteration": 2 * i + 1, "train/loss": 0.1})  # an iteration without an evaluation
@@ -74,6 +84,23 @@ def test_an_unchanged_policy_is_counted_apart(tmp_path):
     s = margins.summary_row("grpo", margins.margin_rows(run))
     assert (s["identical"], s["evaluations"], s["new_bests"], s["new_bests_resolved"]) == (1, 1, 1, 1)
     assert s["paired_half_width_median"] == pytest.approx(0.1)
+
+
+def test_evaluations_resolved_above_the_start_are_counted_where_logged(tmp_path):
+    # over the start 1.0: +0.3, +0.2, +0.35, 0.0 with half-width 0.15: the first three resolved
+    evaluations = [
+        (1.0, 0.3, None, 0),
+        (1.3, 0.4, 0.3, 0.1),
+        (1.2, 0.3, -0.1, 0.2),
+        (1.35, 0.3, 0.05, 0.1),
+        (1.0, 0.3, -0.35, 0.1),
+    ]
+    s = margins.summary_row(
+        "hepo", margins.margin_rows(make_run(tmp_path, "hepo", evaluations, start_margins=True))
+    )
+    assert (s["above_start_resolved"], s["with_start_margin"]) == (3, 4)
+    s = margins.summary_row("ppo", margins.margin_rows(make_run(tmp_path, "ppo", evaluations)))
+    assert (s["above_start_resolved"], s["with_start_margin"]) == (0, 0)
 
 
 def test_runs_without_margins_are_named_not_counted(tmp_path):

@@ -190,21 +190,23 @@ MARGIN_METRIC = next(m for m in METRICS if f"eval/{m.name}" == BEST_METRIC)
 """the metric ``paired_margin`` compares: the one a run's best policy is chosen by"""
 
 
-def paired_margin(sessions: pd.DataFrame, best: pd.DataFrame | None, level: float = 0.95) -> dict[str, float]:
-    """``{BEST_METRIC}_vs_best`` (+ ``_ci_low`` / ``_ci_high``): this evaluation minus the best one before it,
-    paired by session (``agents.evaluation.paired``: every evaluation of a run resets the same market with the
-    same seed, so a slot's sessions share their user and, while the lengths agree, their draws); {} without a
-    best yet.
+def paired_margin(
+    sessions: pd.DataFrame, reference: pd.DataFrame | None, against: str = "best", level: float = 0.95
+) -> dict[str, float]:
+    """``{BEST_METRIC}_vs_{against}`` (+ ``_ci_low`` / ``_ci_high``): this evaluation minus an earlier one of the
+    same run (``against``: "best", the best before it, or "start", iteration 0's), paired by session
+    (``agents.evaluation.paired``: every evaluation of a run resets the same market with the same seed, so a slot's
+    sessions share their user and, while the lengths agree, their draws); {} without ``reference``.
 
     Why: the best policy is the evaluation with the highest ``BEST_METRIC``, and neighbouring iterations often
     differ by less than one evaluation's interval (benchmarks/RESULTS.md, "A fourth seed of the learners"); the
-    paired difference says whether a new best won by more than its sessions' noise, the unpaired intervals of
-    the two rows cannot."""
-    if best is None:
+    paired difference says whether a new best won by more than its sessions' noise, and whether RL's gain over its
+    start is one the evaluation resolves; the unpaired intervals of the two rows cannot."""
+    if reference is None:
         return {}
-    a, b = pair_sessions(sessions, best)
+    a, b = pair_sessions(sessions, reference)
     d = difference_row(a, b, MARGIN_METRIC, level)
-    key = f"{BEST_METRIC}_vs_best"
+    key = f"{BEST_METRIC}_vs_{against}"
     return {key: d["difference"], f"{key}_ci_low": d["ci_low"], f"{key}_ci_high": d["ci_high"]}
 
 
