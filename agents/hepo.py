@@ -74,7 +74,7 @@ from agents.pretraining.pipeline import (
     stage_configs,
 )
 from agents.reporting.figures import plot_curves, plot_gradients, plot_reward_model
-from agents.reporting.keys import BEST_ITERATION, BEST_METRIC
+from agents.reporting.keys import BEST_ITERATION, BEST_METRIC, margin_key
 from agents.rl import distributed
 from agents.rl.common import LossConfig
 from agents.rl.distributed import SINGLE, Dist
@@ -523,7 +523,7 @@ def keep_best(
     value = row.get(SELECT_METRIC, math.nan)
     if not math.isfinite(value) or (selected and value <= selected["value"]):
         return selected
-    low = row.get(f"{SELECT_METRIC}_vs_best_ci_low")
+    low = row.get(f"{margin_key('best')}_ci_low")
     if rule == "resolved" and selected and low is not None and not low > 0:
         return selected
     folder = out / BEST_DIR
@@ -704,7 +704,7 @@ def _log_line(row: dict) -> str:
         parts.append(f"oracle_share {row['eval/oracle_share']:.3f}")
     if "eval/reward_per_session" in row:
         parts.append(f"eval reward/session {row['eval/reward_per_session']:.3f}")
-        margin = f"{SELECT_METRIC}_vs_best"  # paired with the best evaluation before this one
+        margin = margin_key("best")  # paired with the best evaluation before this one
         if margin in row:
             parts.append(
                 f"(vs best {row[margin]:+.3f} [{row[f'{margin}_ci_low']:+.3f}, {row[f'{margin}_ci_high']:+.3f}])"

@@ -39,23 +39,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from agents.cli import run_main  # noqa: E402
 from agents.reporting.folders import check_runs, eval_rows, run_label  # noqa: E402
-from agents.reporting.keys import BEST_METRIC  # noqa: E402
+from agents.reporting.keys import BEST_ITERATION, BEST_METRIC, margin_key  # noqa: E402
 from gpr_sim.runs import atomic_write_bytes, read_json, write_json  # noqa: E402
 
-MARGIN = f"{BEST_METRIC}_vs_best"
+MARGIN = margin_key("best")
 """the paired difference to the best evaluation before, as ``agents.hepo`` logs it"""
-START = f"{BEST_METRIC}_vs_start"
+START = margin_key("start")
 """the paired difference to the run's iteration-0 evaluation (its start), logged beside it"""
 
 
 def margin_rows(run: Path) -> pd.DataFrame:
     """One row per evaluation of ``run`` after its first that logged a margin: iteration, value, the row's own
     interval half-width, the margin with its paired half-width, the unpaired half-width of the same difference,
-    and whether the evaluation became the new best (strictly above every earlier one, as ``keep_best``)."""
+    and whether the evaluation became the new best: the one the run logged it chose (``BEST_ITERATION``, whatever
+    its ``--best-rule``), or in folders from before that was logged, strictly above every earlier one (the
+    ``highest`` rule, the only one then)."""
     rows, out, best, best_half = eval_rows(run), [], -math.inf, math.nan
     for r in rows:
         value = r[BEST_METRIC]
         half = (r[f"{BEST_METRIC}_ci_high"] - r[f"{BEST_METRIC}_ci_low"]) / 2
+        new_best = r[BEST_ITERATION] == r["iteration"] if BEST_ITERATION in r else value > best
         if MARGIN in r:
             out.append(
                 {
@@ -65,7 +68,7 @@ def margin_rows(run: Path) -> pd.DataFrame:
                     "margin": r[MARGIN],
                     "paired_half_width": (r[f"{MARGIN}_ci_high"] - r[f"{MARGIN}_ci_low"]) / 2,
                     "unpaired_half_width": math.hypot(half, best_half),
-                    "new_best": value > best,
+                    "new_best": new_best,
                     "resolved_above": r[f"{MARGIN}_ci_low"] > 0,
                     "resolved_below": r[f"{MARGIN}_ci_high"] < 0,
                     # the start's margin where logged (runs from before it: None)
@@ -74,7 +77,7 @@ def margin_rows(run: Path) -> pd.DataFrame:
                     "identical": r[MARGIN] == 0 and r[f"{MARGIN}_ci_low"] == r[f"{MARGIN}_ci_high"],
                 }
             )
-        if value > best:
+        if new_best:
             best, best_half = value, half
     return pd.DataFrame(out)
 

@@ -78,6 +78,22 @@ def test_margins_count_new_bests_and_what_pairing_buys(tmp_path):
     assert s["new_best_margin_median"] == pytest.approx(0.175)
 
 
+def test_new_bests_follow_the_selection_the_run_logged(tmp_path):
+    """A run that logs ``eval/best_iteration`` (here a --best-rule resolved run that kept its start past a higher but
+    unresolved evaluation) is read by what it chose, not by re-deriving the highest rule."""
+    run = make_run(tmp_path, "hepo", [(1.0, 0.3, None, 0), (1.1, 0.3, 0.1, 0.2), (1.4, 0.3, 0.4, 0.1)])
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    chosen = {0: 0, 2: 0, 4: 4}  # 1.1 kept out (its margin reaches 0), 1.4 in
+    for r in lines:
+        if r["iteration"] in chosen:
+            r["eval/best_iteration"] = chosen[r["iteration"]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = margins.margin_rows(run)
+    assert list(rows["new_best"]) == [False, True]
+    # 1.4's unpaired half-width combines its own with the start's (still the best), not with 1.1's
+    assert rows["unpaired_half_width"].iloc[1] == pytest.approx(math.hypot(0.3, 0.3))
+
+
 def test_an_unchanged_policy_is_counted_apart(tmp_path):
     """A critic warm-up evaluation plays the best's sessions again: margin 0 with a zero-width interval."""
     run = make_run(tmp_path, "grpo", [(1.0, 0.3, None, 0), (1.0, 0.3, 0.0, 0.0), (1.2, 0.3, 0.2, 0.1)])

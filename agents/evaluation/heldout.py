@@ -31,7 +31,7 @@ from agents.evaluation.oracle_share import OracleShareConfig, RequestStates, bes
 from agents.evaluation.paired import difference_row, pair_sessions
 from agents.evaluation.sessions import collect_sessions
 from agents.policies.gpr import GPRPolicy, load_run_model
-from agents.reporting.keys import BEST_METRIC, STRATA_METRICS, strata_key
+from agents.reporting.keys import BEST_METRIC, STRATA_METRICS, margin_key, strata_key
 from envs import make_vec_env
 from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import METRICS, summarize, summarize_strata
@@ -193,7 +193,7 @@ MARGIN_METRIC = next(m for m in METRICS if f"eval/{m.name}" == BEST_METRIC)
 def paired_margin(
     sessions: pd.DataFrame, reference: pd.DataFrame | None, against: str = "best", level: float = 0.95
 ) -> dict[str, float]:
-    """``{BEST_METRIC}_vs_{against}`` (+ ``_ci_low`` / ``_ci_high``): this evaluation minus an earlier one of the
+    """``margin_key(against)`` (+ ``_ci_low`` / ``_ci_high``): this evaluation minus an earlier one of the
     same run (``against``: "best", the best before it, or "start", iteration 0's), paired by session
     (``agents.evaluation.paired``: every evaluation of a run resets the same market with the same seed, so a slot's
     sessions share their user and, while the lengths agree, their draws); {} without ``reference``.
@@ -206,7 +206,7 @@ def paired_margin(
         return {}
     a, b = pair_sessions(sessions, reference)
     d = difference_row(a, b, MARGIN_METRIC, level)
-    key = f"{BEST_METRIC}_vs_{against}"
+    key = margin_key(against)
     return {key: d["difference"], f"{key}_ci_low": d["ci_low"], f"{key}_ci_high": d["ci_high"]}
 
 

@@ -32,6 +32,15 @@ session among its evaluations (finite values only, the earliest on ties), the nu
 BEST_ITERATION = "eval/best_iteration"
 """logged with every evaluation by ``agents.hepo``: the iteration of the evaluation ``OUT/best`` holds after it
 (whatever ``--best-rule`` chose); folders from before it was logged: the highest ``BEST_METRIC``"""
+
+
+def margin_key(against: str) -> str:
+    """The key ``agents.hepo`` logs an evaluation's paired difference in ``BEST_METRIC`` under, to the best evaluation
+    before it (``against="best"``) or to the run's start (``"start"``); its interval at ``_ci_low`` / ``_ci_high``
+    (``agents.evaluation.heldout.paired_margin``)."""
+    return f"{BEST_METRIC}_vs_{against}"
+
+
 POLICIES = ("last", "best")
 """which evaluation of a run the tables report: its last, or the one its best policy was chosen at"""
 TABLE3 = ("ndcg", "opr", "mean_value", "max_value", "top1_value")
