@@ -3,8 +3,8 @@
     python -m agents.sweep --algos hepo,ppo,grpo,sibling_grpo,dpo --lrs 3e-5,1e-4,3e-4 --seeds 0,1 \
         --out runs/sweep [--variants "g8=--group-size 8;g40=--group-size 40"] -- --profile cpu --iterations 20
 
-Grid: every variant x seed x algorithm x learning rate is one ``agents.hepo`` run (``agents.hepo.main`` in
-process: the RL run has no library home beside its entry point) into ``OUT/VARIANT/ALGO/lr{LR}/seed{S}``, with
+Grid: every variant x seed x algorithm x learning rate is one ``agents.hepo`` run (``agents.rl.trainer.train``
+in process, on the run's parsed flags) into ``OUT/VARIANT/ALGO/lr{LR}/seed{S}``, with
 the ``agents.hepo`` flags after ``--`` (every run), then the variant's flags (``--variants NAME=FLAGS;...``,
 parsed like a shell line, so a variant overrides a flag given after ``--``; default one variant ``base``
 without flags) and ``--algo``, ``--lr``, ``--seed``, ``--out``, ``--pretrain-dir`` set by the sweep (giving
@@ -66,7 +66,6 @@ from typing import Annotated, Literal, NamedTuple
 import pandas as pd
 import tyro
 
-from agents import hepo
 from agents.cli import check_out, parse_args, run_main
 from agents.evaluation.compare import EvalConfig
 from agents.evaluation.folder import evaluate_folder
@@ -84,7 +83,11 @@ from agents.reporting.sweep import (
     plot_sweep,
     select_lr,
 )
+from agents.rl import distributed
+from agents.rl.config import ENTRY, PROFILES, RESUME_IGNORES, RLConfig, pretraining, record_defaults
 from agents.rl.registry import ALGOS
+from agents.rl.selection import BEST_DIR
+from agents.rl.trainer import train
 from gpr_sim.runs import atomic_write_bytes, read_json, read_owner, settings_diff, write_json
 from gpr_sim.stats import CIConfig
 
@@ -118,7 +121,7 @@ class Args:
     """metric of each run's last training-time evaluation that picks each algorithm's lr (mean over seeds, max)"""
     policy: Literal["last", "best"] = "last"
     """which policy of each run is selected on and compared: ``last`` (the run's end) or ``best`` (``RUN/best``,
-    its evaluation with the highest held-out reward per session: ``agents.hepo.keep_best``); the final
+    its evaluation with the highest held-out reward per session: ``agents.rl.selection.keep_best``); the final
     comparison's sessions (``--final-eval-seed``) are not the ones that chose it"""
     final: bool = True
     """evaluate the selected runs on --final-eval-seed (comparison.csv); off = grid and selection only"""
@@ -222,11 +225,9 @@ class Args:
             *("--out", str(run_dir(Path(self.out), variant, algo, lr, seed)), "--pretrain-dir", str(pre)),
         ]
 
-    def hepo_args(self, variant: str, algo: str, lr: float, seed: int) -> hepo.Args:
-        """The run's parsed ``agents.hepo.Args`` (its validation included)."""
-        return parse_args(
-            hepo.Args, self.argv(variant, algo, lr, seed, Path(self.out)), profiles=hepo.PROFILES
-        )
+    def hepo_args(self, variant: str, algo: str, lr: float, seed: int) -> RLConfig:
+        """The run's parsed ``RLConfig`` (``agents.hepo``'s flags) (its validation included)."""
+        return parse_args(RLConfig, self.argv(variant, algo, lr, seed, Path(self.out)), profiles=PROFILES)
 
     def pretrain_dir(self, variant: str, seed: int) -> Path:
         """``OUT/pretrain/KEY/seed{S}``: shared by every variant with the same pre-training settings."""
@@ -258,7 +259,7 @@ class Run(NamedTuple):
     seed: int
     argv: tuple[str, ...]
     """its ``agents.hepo`` command line"""
-    args: hepo.Args
+    args: RLConfig
     """that command line parsed"""
 
     @property
@@ -274,11 +275,11 @@ def run_dir(out: Path, variant: str, algo: str, lr: float, seed: int) -> Path:
     return out / variant / algo / lr_name(lr) / f"seed{seed}"
 
 
-def pretrain_key(a: hepo.Args) -> tuple[str, dict]:
+def pretrain_key(a: RLConfig) -> tuple[str, dict]:
     """(digest, settings) of the run's pre-training: the MTP and VAFT stage configs without paths, device,
     threads, progress and seed, and the funnel's log size; equal digests share a pipeline folder per seed."""
     drop = {"out", "init", "logs", "tokenizer", "device", "threads", "progress", "seed"}
-    mtp, vaft = hepo.pretraining(a)
+    mtp, vaft = pretraining(a)
     settings = {
         stage: {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
         for stage, cfg in (("mtp", mtp), ("vaft", vaft))
@@ -307,7 +308,7 @@ def plan(args: Args) -> list[Run]:
                         lr,
                         seed,
                         tuple(argv),
-                        parse_args(hepo.Args, argv, profiles=hepo.PROFILES),
+                        parse_args(RLConfig, argv, profiles=PROFILES),
                     )
                     check_folder(run)
                     runs.append(run)
@@ -319,15 +320,13 @@ def check_folder(run: Run) -> None:
     record = read_owner(run.folder)
     if record is None:
         return
-    if record["entry"] != hepo.ENTRY:
-        raise ValueError(
-            f"{run.folder} holds a run of {record['entry']}, not of {hepo.ENTRY}: use another --out"
-        )
+    if record["entry"] != ENTRY:
+        raise ValueError(f"{run.folder} holds a run of {record['entry']}, not of {ENTRY}: use another --out")
     diff = settings_diff(
         record.get("settings", {}),
         dataclasses.asdict(run.args),
-        hepo.RESUME_IGNORES,
-        hepo.record_defaults(),
+        RESUME_IGNORES,
+        record_defaults(),
     )
     if diff:
         raise ValueError(
@@ -361,7 +360,7 @@ def run_grid(args: Args, runs: list[Run]) -> dict[str, float]:
             print(f"{head}: finished, skipped")
             continue
         start = time.perf_counter()
-        hepo.main(list(run.argv))
+        distributed.launch(train, run.args)
         took = time.perf_counter() - start
         wall[run.name] = wall.get(run.name, 0.0) + took
         write_json(wall_path, wall)
@@ -449,7 +448,7 @@ def agent_specs(args: Args, by_algo: dict[str, Run]) -> dict[str, str]:
     """Row name -> ``agents.evaluate`` spec of one seed: each algorithm's selected run (served as during
     training: beam ``--eval-beam``), then the references (``learned-cascade`` only if the seed's pipeline
     fitted a platform)."""
-    sub = f"/{hepo.BEST_DIR}" if args.policy == "best" else ""
+    sub = f"/{BEST_DIR}" if args.policy == "best" else ""
     specs = {algo: f"gpr:{run.folder}{sub}@beam_width={run.args.eval_beam}" for algo, run in by_algo.items()}
     platform = Path(next(iter(by_algo.values())).args.pretrain_dir) / "platform"
     for ref in args.reference_list():

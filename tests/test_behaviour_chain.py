@@ -15,6 +15,7 @@ from agents import pretrain
 from agents.pretraining.config import PretrainConfig
 from agents.pretraining.data import behaviour_policy, collect_config, ensure_inputs, load_data
 from agents.pretraining.pipeline import ensure_behaviour, ensure_funnel, ensure_pretrained, stage_configs
+from agents.rl import config as rl_config
 from gpr_sim.data.logs import read_logs
 from gpr_sim.platform.funnel import load_funnel
 from gpr_sim.runs import write_json
@@ -51,9 +52,9 @@ def test_default_behaviour_of_pretraining_is_the_privileged_cascade(tmp_path):
 def test_hepo_maps_the_flag_to_both_stages():
     """agents.hepo's default is the learned cascade: MTP imitates a policy that sees only the platform view."""
     assert hepo.Args().behaviour == "learned-cascade"
-    mtp, vaft = hepo.pretraining(hepo.Args(behaviour="cascade-privileged"))
+    mtp, vaft = rl_config.pretraining(hepo.Args(behaviour="cascade-privileged"))
     assert mtp.behaviour == vaft.behaviour == "cascade-privileged"
-    assert hepo.pretraining(hepo.Args())[0] == dataclasses.replace(mtp, behaviour="learned-cascade")
+    assert rl_config.pretraining(hepo.Args())[0] == dataclasses.replace(mtp, behaviour="learned-cascade")
 
 
 @pytest.mark.parametrize("value", ["learned_cascade", "random", ""])

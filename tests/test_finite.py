@@ -10,6 +10,7 @@ import torch
 import agents.hepo as hepo
 import agents.rl.loop as loop
 from agents.policies.gpr import load_run_model
+from agents.rl import checkpoint, trainer
 from agents.rl.buffer import Buffer
 from gpr_sim.finite import NonFiniteError, check_finite, check_finite_parameters
 from gpr_sim.runs import read_metrics
@@ -53,14 +54,14 @@ def test_nan_in_a_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pre, tmp
             terms["loss"] = terms["loss"] + terms["policy"]
         return terms
 
-    monkeypatch.setattr(hepo, "update", update)
+    monkeypatch.setattr(trainer, "update", update)
     monkeypatch.setattr(loop, "loss_terms", nan_policy_on_iteration_two)
     with pytest.raises(NonFiniteError, match=r"iteration 2, epoch 0, minibatch 0: non-finite policy, loss"):
         hepo.main(tiny(pre, out, "--iterations", "3"))
     # no step of the failed update took effect: the model is the one it started from
     for p, before in zip(now["model"].parameters(), now["before"], strict=True):
         torch.testing.assert_close(p.detach(), before, rtol=0, atol=0)
-    ckpt = hepo.read_checkpoint(out / "checkpoint.pt")
+    ckpt = checkpoint.read_checkpoint(out / "checkpoint.pt")
     assert ckpt["iteration"] == 1  # the last good one, written after iteration 1
     assert all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
     model, _ = load_run_model(out)  # policy.pt: the iteration-1 model, finite
@@ -79,7 +80,7 @@ def test_nan_in_the_rollout_stops_before_any_update(pre, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Buffer, "concat", staticmethod(concat))
     updates = []
-    monkeypatch.setattr(hepo, "update", lambda *a, **kw: updates.append(1))
+    monkeypatch.setattr(trainer, "update", lambda *a, **kw: updates.append(1))
     with pytest.raises(NonFiniteError, match="rollout ending at env step 2: non-finite reward"):
         hepo.main(tiny(pre, tmp_path / "run", "--iterations", "2"))
     assert updates == []

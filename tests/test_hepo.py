@@ -19,14 +19,16 @@ from agents.cli import UsageError, parse_args, run_main
 from agents.evaluate import Args as EvalArgs
 from agents.evaluate import main as evaluate
 from agents.evaluation.heldout import Evaluator, HeldOutConfig, paired_margin
-from agents.policies.gpr import load_run_model
+from agents.policies.gpr import load_run_model, save_policy
 from agents.reporting import keys
+from agents.rl import checkpoint, selection, trainer
+from agents.rl import config as rl_config
 from agents.rl.rollout import Roller
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.data.logs import read_logs
 from gpr_sim.metrics import AD_METRICS, summarize
 from gpr_sim.platform.features import PlatformFeatures
-from gpr_sim.runs import read_metrics
+from gpr_sim.runs import read_metrics, write_parquet
 from gpr_sim.sampling import sample_paths
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.world import WorldConfig, preset, rng
@@ -141,7 +143,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     hepo.main(tiny(pre, straight, "--iterations", "3"))
 
     broken = tmp_path / "broken"
-    real_update, calls = hepo.update, []
+    real_update, calls = trainer.update, []
 
     def crash_on_third(*a, **kw):
         calls.append(1)
@@ -149,10 +151,10 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
             raise KeyboardInterrupt  # killed during the third update, after checkpoint 2
         return real_update(*a, **kw)
 
-    monkeypatch.setattr(hepo, "update", crash_on_third)
+    monkeypatch.setattr(trainer, "update", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         hepo.main(tiny(pre, broken, "--iterations", "3"))
-    monkeypatch.setattr(hepo, "update", real_update)
+    monkeypatch.setattr(trainer, "update", real_update)
     assert not (broken / "summary.json").exists()
     hepo.main(tiny(pre, broken, "--iterations", "3"))
     a, b = _comparable_rows(straight), _comparable_rows(broken)
@@ -162,16 +164,16 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
     assert chosen[0] == chosen[1]  # the resumed run kept (or re-chose) the same best policy
     # every evaluation after the first is paired with the best one before it (the resumed run too: equal rows
     # above); for a mean per session the paired difference is the difference of the means
-    margin, best_before = f"{hepo.SELECT_METRIC}_vs_best", a[0][hepo.SELECT_METRIC]
+    margin, best_before = f"{selection.SELECT_METRIC}_vs_best", a[0][selection.SELECT_METRIC]
     assert margin not in a[0]
     for r in a[1:]:
-        assert r[margin] == pytest.approx(r[hepo.SELECT_METRIC] - best_before, abs=1e-9)
+        assert r[margin] == pytest.approx(r[selection.SELECT_METRIC] - best_before, abs=1e-9)
         assert r[f"{margin}_ci_low"] <= r[margin] <= r[f"{margin}_ci_high"]
-        best_before = max(best_before, r[hepo.SELECT_METRIC])
-    start = f"{hepo.SELECT_METRIC}_vs_start"  # and with the iteration-0 evaluation, the VAFT start
+        best_before = max(best_before, r[selection.SELECT_METRIC])
+    start = f"{selection.SELECT_METRIC}_vs_start"  # and with the iteration-0 evaluation, the VAFT start
     for r in a[1:]:
-        assert r[start] == pytest.approx(r[hepo.SELECT_METRIC] - a[0][hepo.SELECT_METRIC], abs=1e-9)
-    kept = pd.read_parquet(straight / "best" / hepo.BEST_SESSIONS)
+        assert r[start] == pytest.approx(r[selection.SELECT_METRIC] - a[0][selection.SELECT_METRIC], abs=1e-9)
+    kept = pd.read_parquet(straight / "best" / selection.BEST_SESSIONS)
     assert kept["reward"].mean() == pytest.approx(chosen[0]["value"])
     # every evaluation records the selection held after it; the last one names OUT/best's
     assert [keys.BEST_ITERATION in r for r in a] == [True] * 4
@@ -191,7 +193,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(pre, tmp_path, monkeypatch)
 def _sigterm_in_update(monkeypatch, k: int) -> None:
     """Make the run's k-th update (iteration k) raise SIGTERM in this process: the stop request arrives
     mid-iteration at a known point, no timing involved (``raise_signal`` runs the handler before it returns)."""
-    real_update, calls = hepo.update, []
+    real_update, calls = trainer.update, []
 
     def update(*a, **kw):
         calls.append(1)
@@ -199,7 +201,7 @@ def _sigterm_in_update(monkeypatch, k: int) -> None:
             signal.raise_signal(signal.SIGTERM)
         return real_update(*a, **kw)
 
-    monkeypatch.setattr(hepo, "update", update)
+    monkeypatch.setattr(trainer, "update", update)
 
 
 def _previous_handler() -> tuple[list, object]:
@@ -230,10 +232,10 @@ def test_sigterm_stops_after_the_iteration_and_the_same_command_resumes(pre, tmp
         )  # restored; the run's handler took it
     finally:
         signal.signal(signal.SIGTERM, pytests)
-    assert stop.value.code == hepo.STOP_EXIT == 143
+    assert stop.value.code == trainer.STOP_EXIT == 143
     out = capsys.readouterr().out
     assert f"{stopped}: SIGTERM at iteration 2: checkpoint written; run the same command to resume" in out
-    state = hepo.read_checkpoint(stopped / "checkpoint.pt")
+    state = checkpoint.read_checkpoint(stopped / "checkpoint.pt")
     assert state["iteration"] == 2
     assert [r["iteration"] for r in read_metrics(stopped / "metrics.jsonl")] == [0, 1, 2]  # = the checkpoint
     policy = torch.load(stopped / "policy.pt", weights_only=True)["model"]
@@ -266,14 +268,14 @@ def test_sigterm_in_the_last_iteration_finishes_the_run_and_still_stops(pre, tmp
     assert stop.value.code == 143 and caught == []
     assert "SIGTERM at iteration 1, which finished the run: summary.json written" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["iterations_run"] == 1
-    assert hepo.read_checkpoint(out / "checkpoint.pt")["iteration"] == 1
+    assert checkpoint.read_checkpoint(out / "checkpoint.pt")["iteration"] == 1
 
 
 def test_stop_request_flags_sigterm_and_restores_the_previous_handler():
     caught, pytests = _previous_handler()
     try:
         previous = signal.getsignal(signal.SIGTERM)
-        with hepo.StopRequest() as request:
+        with trainer.StopRequest() as request:
             assert not request.requested
             signal.raise_signal(signal.SIGTERM)
             assert request.requested and caught == []  # flagged, the process goes on
@@ -283,7 +285,7 @@ def test_stop_request_flags_sigterm_and_restores_the_previous_handler():
         seen = []
 
         def elsewhere():  # signal.signal raises outside the main thread: nothing is installed, nothing fails
-            with hepo.StopRequest() as r:
+            with trainer.StopRequest() as r:
                 seen.append((signal.getsignal(signal.SIGTERM) is previous, r.requested))
 
         thread = threading.Thread(target=elsewhere)
@@ -330,11 +332,11 @@ def test_strata_metrics_are_the_ad_metrics_for_ad_age():
 
 def test_held_out_config_is_the_eval_flags():
     # the library's defaults are agents.hepo's --eval-* defaults, and every flag reaches its field
-    assert hepo.held_out(hepo.Args()) == HeldOutConfig()
+    assert rl_config.held_out(hepo.Args()) == HeldOutConfig()
     args = hepo.Args(
         eval_envs=8, eval_sessions=20, eval_seed=7, eval_beam=3, eval_candidates=5, progress=False
     )
-    cfg = hepo.held_out(args)
+    cfg = rl_config.held_out(args)
     assert cfg == HeldOutConfig(num_envs=8, sessions=20, seed=7, beam_width=3, candidates=5, progress=False)
     assert cfg.sessions_per_slot == 3  # ceil(20 / 8): every slot records 3 sessions, 24 in all
     for bad, field in (
@@ -453,21 +455,21 @@ def test_best_policy_is_the_evaluation_with_the_highest_held_out_reward(pre, tmp
         with torch.no_grad():
             weights.add_(1.0)  # a different model at every iteration
         states[it] = weights.detach().clone()
-        row = {"iteration": it} if value is None else {"iteration": it, hepo.SELECT_METRIC: value}
-        best = hepo.keep_best(out, model, row, best)
+        row = {"iteration": it} if value is None else {"iteration": it, selection.SELECT_METRIC: value}
+        best = selection.keep_best(out, model, row, best)
     assert {k: best[k] for k in ("iteration", "metric", "value")} == {
         "iteration": 3,
-        "metric": hepo.SELECT_METRIC,
+        "metric": selection.SELECT_METRIC,
         "value": 0.7,
     }
     served, _ = load_run_model(out / "best")
     assert torch.equal(next(served.parameters()), states[3])
     assert json.loads((out / "best" / "config.json").read_text())["selected"] == best
-    assert hepo.best_selection(out, start=5) == best
-    assert hepo.best_selection(out, start=2) is None  # written by iterations a resume replays
-    assert hepo.best_selection(tmp_path / "elsewhere", start=5) is None
-    hepo.save_policy(out / "best" / "policy.pt", model)  # stopped after the policy, before its config: stale
-    assert hepo.best_selection(out, start=5) is None
+    assert selection.best_selection(out, start=5) == best
+    assert selection.best_selection(out, start=2) is None  # written by iterations a resume replays
+    assert selection.best_selection(tmp_path / "elsewhere", start=5) is None
+    save_policy(out / "best" / "policy.pt", model)  # stopped after the policy, before its config: stale
+    assert selection.best_selection(out, start=5) is None
 
 
 def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with_them(pre, tmp_path):
@@ -484,24 +486,24 @@ def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with
         return pd.DataFrame({"slot": range(n), "session": [0] * n, "length": [3] * n, "reward": rewards})
 
     first, second = sessions([0.0, 2.0, 2.0, 5.0]), sessions([1.0, 2.0, 3.0, 4.0])
-    best = hepo.keep_best(out, model, {"iteration": 0, hepo.SELECT_METRIC: 2.25}, None, first)
-    pd.testing.assert_frame_equal(hepo.best_sessions(out, best), first)
+    best = selection.keep_best(out, model, {"iteration": 0, selection.SELECT_METRIC: 2.25}, None, first)
+    pd.testing.assert_frame_equal(selection.best_sessions(out, best), first)
     # per-session differences 1, 0, 1, -1: mean 0.25, t interval with 3 degrees of freedom
-    margin = paired_margin(second, hepo.best_sessions(out, best))
+    margin = paired_margin(second, selection.best_sessions(out, best))
     half = 3.182446 * pd.Series([1.0, 0.0, 1.0, -1.0]).std() / 2
-    key = f"{hepo.SELECT_METRIC}_vs_best"
+    key = f"{selection.SELECT_METRIC}_vs_best"
     assert margin[key] == pytest.approx(0.25)
     assert (margin[f"{key}_ci_low"], margin[f"{key}_ci_high"]) == pytest.approx((0.25 - half, 0.25 + half))
     assert paired_margin(second, None) == {}
-    assert paired_margin(second, first, against="start")[f"{hepo.SELECT_METRIC}_vs_start"] == pytest.approx(
-        0.25
-    )
+    assert paired_margin(second, first, against="start")[
+        f"{selection.SELECT_METRIC}_vs_start"
+    ] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="different sessions"):
         paired_margin(second.iloc[:3], first)
     # the file rewritten by a later evaluation that stopped before its config: not this selection's sessions
-    hepo.write_parquet(out / "best" / hepo.BEST_SESSIONS, second)
-    assert hepo.best_sessions(out, best) is None
-    assert hepo.best_sessions(out, None) is None
+    write_parquet(out / "best" / selection.BEST_SESSIONS, second)
+    assert selection.best_sessions(out, best) is None
+    assert selection.best_sessions(out, None) is None
 
 
 def test_the_resolved_rule_replaces_the_best_only_on_a_resolved_margin(pre, tmp_path):
@@ -511,21 +513,25 @@ def test_the_resolved_rule_replaces_the_best_only_on_a_resolved_margin(pre, tmp_
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer")}))
     model, _ = load_run_model(pre / "vaft")
-    key = f"{hepo.SELECT_METRIC}_vs_best"
+    key = f"{selection.SELECT_METRIC}_vs_best"
 
     def row(it, value, low=None):
         margin = {} if low is None else {key: value - 0.5, f"{key}_ci_low": low, f"{key}_ci_high": 1.0}
-        return {"iteration": it, hepo.SELECT_METRIC: value, **margin}
+        return {"iteration": it, selection.SELECT_METRIC: value, **margin}
 
-    best = hepo.keep_best(out, model, row(0, 0.5), None, rule="resolved")
+    best = selection.keep_best(out, model, row(0, 0.5), None, rule="resolved")
     assert best["iteration"] == 0
-    assert hepo.keep_best(out, model, row(2, 0.6, low=-0.01), best, rule="resolved") is best  # not resolved
-    assert hepo.keep_best(out, model, row(2, 0.6, low=-0.01), best, rule="highest")["iteration"] == 2
-    best = hepo.keep_best(out, model, row(4, 0.7, low=0.02), best, rule="resolved")
+    assert (
+        selection.keep_best(out, model, row(2, 0.6, low=-0.01), best, rule="resolved") is best
+    )  # not resolved
+    assert selection.keep_best(out, model, row(2, 0.6, low=-0.01), best, rule="highest")["iteration"] == 2
+    best = selection.keep_best(out, model, row(4, 0.7, low=0.02), best, rule="resolved")
     assert best["iteration"] == 4
-    assert hepo.keep_best(out, model, row(6, 0.8), best, rule="resolved")["iteration"] == 6  # no margin
-    assert hepo.keep_best(out, model, row(8, 0.6, low=0.5), best, rule="resolved") is best  # lower: never
-    assert hepo.best_logged(best) == {keys.BEST_ITERATION: 4} and hepo.best_logged(None) == {}
+    assert selection.keep_best(out, model, row(6, 0.8), best, rule="resolved")["iteration"] == 6  # no margin
+    assert (
+        selection.keep_best(out, model, row(8, 0.6, low=0.5), best, rule="resolved") is best
+    )  # lower: never
+    assert selection.best_logged(best) == {keys.BEST_ITERATION: 4} and selection.best_logged(None) == {}
 
 
 def test_bad_inputs_fail_clearly(pre, tmp_path):
@@ -910,7 +916,7 @@ def test_two_gloo_processes_match_one_process_and_resume(pre, tmp_path, clip):
         hepo.main(tiny(pre, two, "--iterations", "4", *extra))
 
 
-@pytest.mark.parametrize("metric", hepo.PLATEAU_METRICS)
+@pytest.mark.parametrize("metric", rl_config.PLATEAU_METRICS)
 def test_plateau_stops_the_run_and_a_rerun_keeps_its_summary(pre, tmp_path, metric, capsys):
     out = tmp_path / "flat"
     args = tiny(pre, out, "--iterations", "4", "--plateau-patience", "1", "--plateau-delta", "1e9")
@@ -936,12 +942,12 @@ def test_plateau_stops_the_run_and_a_rerun_keeps_its_summary(pre, tmp_path, metr
     ],
 )
 def test_plateaued_by_hand(shares, patience, delta, expected):
-    assert hepo.plateaued(shares, patience, delta) is expected
+    assert selection.plateaued(shares, patience, delta) is expected
 
 
 def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
     args = parse_args(
-        hepo.Args, ["--profile", "gpu-large", "--device", "cpu", "--seed", "3"], profiles=hepo.PROFILES
+        hepo.Args, ["--profile", "gpu-large", "--device", "cpu", "--seed", "3"], profiles=rl_config.PROFILES
     )
     assert (args.profile, args.device, args.seed, args.preset, args.num_envs) == (
         "gpu-large",
@@ -950,23 +956,25 @@ def test_gpu_profile_sets_the_large_pipeline_and_flags_override_it():
         "large",
         16384,
     )
-    mtp, vaft = hepo.pretraining(args)
+    mtp, vaft = rl_config.pretraining(args)
     assert mtp.preset == vaft.preset == "large"
     assert (mtp.codebook_size, mtp.d_model, mtp.n_layers) == (256, 256, 4)
     assert mtp.collect_envs * mtp.collect_steps >= 1 << 20  # >= 1M logged requests for MTP
-    assert parse_args(hepo.Args, [], profiles=hepo.PROFILES) == hepo.Args()  # cpu: the class's own defaults
+    assert (
+        parse_args(hepo.Args, [], profiles=rl_config.PROFILES) == hepo.Args()
+    )  # cpu: the class's own defaults
     with pytest.raises(UsageError, match="unknown profile 'gpu'"):
-        parse_args(hepo.Args, ["--profile", "gpu"], profiles=hepo.PROFILES)
+        parse_args(hepo.Args, ["--profile", "gpu"], profiles=rl_config.PROFILES)
     assert args.compile == "regions" and hepo.Args().compile == "off"
     # the RL in bf16, the pre-training in fp32 (bf16 cost the MTP stage HitRate on the H200), unless asked
     assert (args.precision, mtp.precision, vaft.precision) == ("bf16", "fp32", "fp32")
-    bf16 = parse_args(hepo.Args, ["--pretrain-precision", "bf16"], profiles=hepo.PROFILES)
-    assert {stage.precision for stage in hepo.pretraining(bf16)} == {"bf16"}
+    bf16 = parse_args(hepo.Args, ["--pretrain-precision", "bf16"], profiles=rl_config.PROFILES)
+    assert {stage.precision for stage in rl_config.pretraining(bf16)} == {"bf16"}
     with pytest.raises(ValueError, match="precision='fp16' is invalid"):
         hepo.Args(pretrain_precision="fp16")
     assert mtp.market_features and vaft.market_features  # the default of new runs
-    off = parse_args(hepo.Args, ["--no-market-features"], profiles=hepo.PROFILES)
-    assert not any(stage.market_features for stage in hepo.pretraining(off))
+    off = parse_args(hepo.Args, ["--no-market-features"], profiles=rl_config.PROFILES)
+    assert not any(stage.market_features for stage in rl_config.pretraining(off))
     with pytest.raises(ValueError, match="compile='fast' is unknown"):
         hepo.Args(compile="fast")
     with pytest.raises(ValueError, match="reward_outcome='drawn' is unknown"):
@@ -983,15 +991,15 @@ def test_the_evaluation_line_names_the_iterations_speed():
         "perf/rollout_s": 0.734,
         "perf/update_s": 2.384,
     }
-    line = hepo._log_line(row)
+    line = trainer.log_line(row)
     assert line.startswith("it 3  oracle_share 0.500")
     assert line.endswith("5,214 req/s (rollout 0.7 s, update 2.4 s)")
-    timed = hepo._log_line({**row, "perf/eval_s": 41.26})  # what the held-out evaluation cost, when it ran
+    timed = trainer.log_line({**row, "perf/eval_s": 41.26})  # what the held-out evaluation cost, when it ran
     assert timed.endswith("5,214 req/s (rollout 0.7 s, update 2.4 s, evaluation 41.3 s)")
-    assert "req/s" not in hepo._log_line(
+    assert "req/s" not in trainer.log_line(
         {"iteration": 0, "eval/oracle_share": 0.5}
     )  # the start: no iteration ran
-    start = hepo._log_line(
+    start = trainer.log_line(
         {"iteration": 0, "eval/oracle_share": 0.5, "perf/setup_s": 31.04, "perf/eval_s": 12.96}
     )
     assert start.endswith("(set-up 31.0 s, evaluation 13.0 s)") and "req/s" not in start

@@ -15,6 +15,8 @@ from agents.evaluation.auction import auction_funnel_file
 from agents.evaluation.heldout import HeldOutConfig
 from agents.pretraining.pipeline import FUNNEL_FILE
 from agents.reporting.folders import check_protocol, check_runs, run_auction
+from agents.rl import config as rl_config
+from agents.rl import trainer
 from gpr_sim.platform.funnel import load_funnel, save_funnel
 from gpr_sim.runs import file_digest, read_json, read_metrics
 from tests.helpers import torchrun
@@ -35,12 +37,12 @@ def test_auction_needs_the_learned_reward_in_one_line():
 def test_held_out_config_carries_the_auction_to_the_oracle_share_states(tmp_path):
     funnel = tmp_path / FUNNEL_FILE
     funnel.write_bytes(b"")  # a file: auction_funnel_file names it as it is (read only when attached)
-    assert hepo.held_out(hepo.Args(), funnel).auction == ""  # without --auction the funnel is not used
-    cfg = hepo.held_out(hepo.Args(auction=True), funnel)
+    assert rl_config.held_out(hepo.Args(), funnel).auction == ""  # without --auction the funnel is not used
+    cfg = rl_config.held_out(hepo.Args(auction=True), funnel)
     assert cfg.auction == str(funnel) and cfg.oracle_share.auction == str(funnel)
     assert auction_funnel_file(cfg.auction) == funnel
     with pytest.raises(ValueError, match="needs the learned funnel file"):
-        hepo.held_out(hepo.Args(auction=True))
+        rl_config.held_out(hepo.Args(auction=True))
     with pytest.raises(ValueError, match="not a platform folder"):
         HeldOutConfig(auction=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="auction=3 is invalid"):
@@ -50,7 +52,7 @@ def test_held_out_config_carries_the_auction_to_the_oracle_share_states(tmp_path
 def _spy(monkeypatch) -> dict:
     """Record the training env and the evaluator ``agents.hepo`` builds."""
     seen = {}
-    make_env, evaluator = hepo.make_train_env, hepo.Evaluator
+    make_env, evaluator = trainer.make_train_env, trainer.Evaluator
 
     def make_train_env(*a, **k):
         seen["train"] = make_env(*a, **k)
@@ -60,8 +62,8 @@ def _spy(monkeypatch) -> dict:
         seen["eval"] = evaluator(*a, **k)
         return seen["eval"]
 
-    monkeypatch.setattr(hepo, "make_train_env", make_train_env)
-    monkeypatch.setattr(hepo, "Evaluator", build_evaluator)
+    monkeypatch.setattr(trainer, "make_train_env", make_train_env)
+    monkeypatch.setattr(trainer, "Evaluator", build_evaluator)
     return seen
 
 

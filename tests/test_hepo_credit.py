@@ -14,6 +14,7 @@ import torch
 import agents.hepo as hepo
 import agents.rl.common as common
 from agents.policies.gpr import load_run_model
+from agents.rl import checkpoint
 from agents.rl.buffer import Buffer
 from agents.rl.common import (
     LossConfig,
@@ -291,7 +292,7 @@ def test_statistics_are_logged_and_the_fallback_state_survives_a_resume(pre, tmp
     assert rows[1]["hepo/gae_used"] == int(rows[0]["hepo/critic_ev"] > 0)
     # the checkpoint holds the last rollout's EV; resumed, the run decides by it: flip its sign and the
     # third iteration uses the other advantages
-    ckpt = hepo.read_checkpoint(out / "checkpoint.pt")
+    ckpt = checkpoint.read_checkpoint(out / "checkpoint.pt")
     saved = ckpt["rollers"][0]["learner_state"][EV_KEY]
     assert saved == pytest.approx(rows[1]["hepo/critic_ev"])
     flipped = -1.0 if saved > 0 else 1.0

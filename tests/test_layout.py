@@ -24,9 +24,6 @@ ENTRY_POINTS = frozenset(
     )
 )
 """the ``python -m agents.NAME`` modules: thin command lines over the library"""
-KNOWN: set[tuple[str, str]] = {("agents.sweep", "agents.hepo")}
-"""(importer, entry point) pairs allowed for now: the sweep runs ``agents.hepo.main`` in process and parses its
-``Args``, whose RL run has no library home beside the entry point yet (moving it into ``agents.rl`` drops this)"""
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -80,7 +77,7 @@ def test_no_module_imports_an_entry_point():
     for path in sources():
         importer = module_name(path)
         for module, _, line in imports(path):
-            if module in ENTRY_POINTS and module != importer and (importer, module) not in KNOWN:
+            if module in ENTRY_POINTS and module != importer:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert not bad, "entry points are imported only by the command line:\n" + "\n".join(sorted(set(bad)))
 

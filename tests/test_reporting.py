@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agents import hepo, plots
+from agents import plots
 from agents.reporting import figures, folders, keys, report, tables
+from agents.rl import selection
 from gpr_sim.stats import relative_change, t_interval
 
 T975_DF1 = 12.706
@@ -258,7 +259,7 @@ def test_best_policy_rows_are_the_highest_held_out_reward(runs, tmp_path):
     values = [(0, 0.5), (1, None), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.6), (6, math.nan)]
     rows = [{"iteration": it, "train/loss": 0.1} if v is None else eval_row(it, v, v / 2) for it, v in values]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert keys.BEST_METRIC == hepo.SELECT_METRIC  # one rule: what agents.hepo selects by
+    assert keys.BEST_METRIC == selection.SELECT_METRIC  # one rule: what agents.hepo selects by
     assert folders.best_row(run)["iteration"] == 3
     best, last = (by_stage(tables.final_table([run], policy=p))["+HEPO"] for p in ("best", "last"))
     assert (best["iteration"], best["reward_per_session"]) == (3, 0.7)
