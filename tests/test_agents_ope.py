@@ -19,7 +19,9 @@ import torch
 
 from agents import ope
 from agents.collection import collect
-from agents.ope import Args, bandit_view, check_meta, temperature_option
+from agents.evaluation import offpolicy
+from agents.evaluation.offpolicy import bandit_view, check_meta, temperature_option
+from agents.ope import Args
 from agents.policies import make_policy
 from agents.policies.distribution import action_distribution, prob_of
 from envs import make_vec_env
@@ -297,7 +299,7 @@ def test_denoised_reward_is_an_unbiased_ground_truth():
     columns, _ = collect(
         env, make_policy("cascade-privileged", env, seed=2), seed=2, steps=100, progress=False
     )
-    denoised = ope.denoised_reward(columns, env.unwrapped.world)
+    denoised = offpolicy.denoised_reward(columns, env.unwrapped.world)
     diff = columns["reward"] - denoised
     assert abs(diff.mean()) < 3 * diff.std(ddof=1) / np.sqrt(len(diff))
     centred = (diff - diff.mean()) * (denoised - denoised.mean())

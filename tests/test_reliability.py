@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from agents import ope, pretrain
+from agents.evaluation import offpolicy
 from gpr_sim.data.logs import (
     check_run_world,
     check_same_world,
@@ -304,10 +305,10 @@ def test_ope_names_a_non_finite_recomputed_propensity_and_a_cut_log():
     with pytest.raises(
         RuntimeError, match=r"recomputed propensity is not finite at request_id \[1, 3\] \(2 rows\)"
     ):
-        ope.check_reproduced(df, columns, {"pi_b": pi_b}, "log.parquet")
+        offpolicy.check_reproduced(df, columns, {"pi_b": pi_b}, "log.parquet")
     with pytest.raises(ValueError, match=r"log.parquet has 3 rows, but its metadata .* re-simulates 4"):
-        ope.check_reproduced(df.iloc[:3], columns, {"pi_b": np.full(4, 0.5)}, "log.parquet")
-    ope.check_reproduced(df, columns, {"pi_b": np.full(4, 0.5)}, "log.parquet")  # a faithful one passes
+        offpolicy.check_reproduced(df.iloc[:3], columns, {"pi_b": np.full(4, 0.5)}, "log.parquet")
+    offpolicy.check_reproduced(df, columns, {"pi_b": np.full(4, 0.5)}, "log.parquet")  # a faithful one passes
 
 
 # ----------------------------------------------------------------------------- logs of another world

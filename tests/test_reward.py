@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents import ope
 from agents.collection import collect
+from agents.evaluation import offpolicy
 from agents.policies import PolicyOutput
 from envs import make_vec_env
 from gpr_sim.world import WorldConfig, expected_weighted_reward, generate_world, weighted_reward
@@ -132,4 +132,4 @@ def test_score_stay_probability_averages_to_the_realised_stay_rate(weighted_run)
 
 def test_ope_ground_truth_averages_to_the_realised_reward(weighted_run):
     columns, _, world = weighted_run
-    assert_same_mean(columns["reward"], ope.denoised_reward(columns, world))
+    assert_same_mean(columns["reward"], offpolicy.denoised_reward(columns, world))

@@ -5,7 +5,7 @@
 with the weights ``w`` of ``RewardConfig``. Every place that needs a reward calls ``weighted_reward`` (or
 ``expected_weighted_reward``, the same call on expectations): the env's realised reward (``core.transition``),
 the scoring API (``core.score``), the HTE pre-training targets (``gpr_sim.model.targets.value_targets``)
-and the off-policy ground truth (``agents.ope.denoised_reward``).
+and the off-policy ground truth (``agents.evaluation.offpolicy.denoised_reward``).
 
 **Why one formula.** The formula is linear in the signals, so E[reward(signals)] = reward(E[signals]):
 feeding it the expectations of the signals gives an unbiased value of the realised reward exactly when
