@@ -47,7 +47,7 @@ FINAL_S=${FINAL_S:-0}
 GRACE=${GRACE:-40}  # seconds a SIGTERMed run may take to finish its iteration and checkpoint
 start=$(date +%s)
 profile_world() {  # "preset beam" as agents.hepo parses PROFILE (the world and served beam of every run)
-  python -c "import sys; from agents.cli import parse_args; from agents.hepo import Args, PROFILES; a = parse_args(Args, sys.argv[1:], '', PROFILES); print(a.preset, a.eval_beam)" $PROFILE
+  python -c "import sys; from agents.cli import parse_args; from agents.rl.config import PROFILES, RLConfig; a = parse_args(RLConfig, sys.argv[1:], '', PROFILES); print(a.preset, a.eval_beam)" $PROFILE
 }
 torch_device() { python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"; }
 enabled() { case "${1:-}" in "" | 0) return 1 ;; esac; }  # a switch: unset, empty or 0 is off
