@@ -506,6 +506,41 @@ def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with
     assert selection.best_sessions(out, None) is None
 
 
+def test_the_selection_pairs_with_the_best_and_the_start_and_reads_back_on_resume(pre, tmp_path):
+    """``Selection``: the start's evaluation is the first best and the start; a later one is paired with both
+    (hand-computed means), replaces the best when higher, and ``resumed`` reads back what a resumed run pairs
+    with, nothing of an evaluation after the resumed iteration."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer")}))
+    model, _ = load_run_model(pre / "vaft")
+
+    def sessions(rewards):
+        n = len(rewards)
+        return pd.DataFrame({"slot": range(n), "session": [0] * n, "length": [3] * n, "reward": rewards})
+
+    metric = selection.SELECT_METRIC
+    s0, s5, s10 = sessions([1.0, 1.0, 1.0]), sessions([2.0, 1.0, 3.0]), sessions([1.0, 1.0, 2.5])
+    kept = selection.Selection(out, "highest")
+    assert kept.start(model, {"iteration": 0, metric: 1.0}, s0) == {keys.BEST_ITERATION: 0}
+    row5 = {"iteration": 5, metric: 2.0, **kept.margins(s5)}
+    assert row5[f"{metric}_vs_best"] == pytest.approx(1.0) and row5[f"{metric}_vs_start"] == pytest.approx(
+        1.0
+    )
+    assert kept.consider(model, row5, s5) == {keys.BEST_ITERATION: 5}
+    row10 = {"iteration": 10, metric: 1.5, **kept.margins(s10)}
+    assert row10[f"{metric}_vs_best"] == pytest.approx(-0.5)  # against iteration 5's sessions now
+    assert row10[f"{metric}_vs_start"] == pytest.approx(0.5)
+    assert kept.consider(model, row10, s10) == {keys.BEST_ITERATION: 5}  # lower: kept
+    back = selection.Selection.resumed(out, start=5)
+    assert back.best == kept.best
+    pd.testing.assert_frame_equal(back.best_records, s5)
+    pd.testing.assert_frame_equal(back.start_records, s0)
+    assert (
+        selection.Selection.resumed(out, start=4).best is None
+    )  # written by iteration 5, which a resume replays
+
+
 def test_the_resolved_rule_replaces_the_best_only_on_a_resolved_margin(pre, tmp_path):
     """``--best-rule resolved``: a higher evaluation whose paired margin over the best reaches 0 keeps the best; one
     whose margin is above 0 replaces it; a row without a margin (nothing to pair with) falls back to "highest"."""

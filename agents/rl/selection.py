@@ -4,10 +4,12 @@ and when it stops (``plateaued``): both read the run's held-out evaluations."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from agents.evaluation.heldout import paired_margin
 from agents.policies.gpr import save_policy
 from agents.reporting.keys import BEST_ITERATION, BEST_METRIC, margin_key
 from gpr_sim.model import GPRModel
@@ -102,3 +104,50 @@ def plateaued(curve: list[float], patience: int, delta: float) -> bool:
     if patience <= 0 or len(curve) <= patience:
         return False
     return max(curve[-patience:]) <= max(curve[:-patience]) + delta
+
+
+@dataclass
+class Selection:
+    """What ``OUT/best`` holds during a run (rank 0) and the held-out session records each later evaluation is
+    paired with: the best evaluation's (``eval/reward_per_session_vs_best``) and the iteration-0 one's, the start
+    (``..._vs_start``). ``start`` records the first evaluation, ``resumed`` reads both back from the run folder,
+    ``margins`` pairs an evaluation, ``consider`` lets it replace the best (``keep_best`` under ``rule``)."""
+
+    out: Path
+    rule: str = "highest"
+    best: dict | None = None
+    best_records: pd.DataFrame | None = None
+    start_records: pd.DataFrame | None = None
+
+    @classmethod
+    def resumed(cls, out: Path, start: int, rule: str = "highest") -> Selection:
+        """The selection of the run in ``out`` resumed at iteration ``start`` (``best_selection``: none if written
+        by iterations the resumed run replays)."""
+        best = best_selection(out, start)
+        start_file = out / START_SESSIONS  # written at iteration 0, which a resume never replays
+        start_records = pd.read_parquet(start_file) if start_file.is_file() else None
+        return cls(out, rule, best, best_sessions(out, best), start_records)
+
+    def start(self, model: GPRModel, row: dict, sessions: pd.DataFrame) -> dict:
+        """The iteration-0 evaluation ``row`` of ``model`` on ``sessions``: the first best and the start's records
+        (``START_SESSIONS``); returns what its ``metrics.jsonl`` row records of the selection."""
+        self.best = keep_best(self.out, model, row, None, sessions)
+        self.best_records = sessions if self.best else None
+        self.start_records = sessions
+        write_parquet(self.out / START_SESSIONS, sessions)
+        return best_logged(self.best)
+
+    def margins(self, sessions: pd.DataFrame) -> dict:
+        """A later evaluation's ``sessions`` paired with the best before it and with the start (``paired_margin``;
+        nothing for a side without records)."""
+        return {
+            **paired_margin(sessions, self.best_records),
+            **paired_margin(sessions, self.start_records, against="start"),
+        }
+
+    def consider(self, model: GPRModel, row: dict, sessions: pd.DataFrame) -> dict:
+        """Let evaluation ``row`` (its margins in it) replace the best; returns its row's selection keys."""
+        chosen = keep_best(self.out, model, row, self.best, sessions, self.rule)
+        if chosen is not self.best:  # a new best: later evaluations are paired with its sessions
+            self.best, self.best_records = chosen, sessions
+        return best_logged(self.best)

@@ -14,11 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from agents.evaluation.heldout import Evaluator, mtp_candidates, paired_margin
+from agents.evaluation.heldout import Evaluator, mtp_candidates
 from agents.policies.gpr import load_run_model, save_policy
 from agents.pretraining.pipeline import ensure_behaviour, ensure_funnel, ensure_pretrained
 from agents.reporting.figures import plot_curves, plot_gradients, plot_reward_model
@@ -30,15 +29,7 @@ from agents.rl.distributed import SINGLE, Dist
 from agents.rl.loop import PathTerms, UpdateConfig, update
 from agents.rl.registry import algorithm
 from agents.rl.rollout import Roller
-from agents.rl.selection import (
-    SELECT_METRIC,
-    START_SESSIONS,
-    best_logged,
-    best_selection,
-    best_sessions,
-    keep_best,
-    plateaued,
-)
+from agents.rl.selection import SELECT_METRIC, Selection, plateaued
 from envs import make_vec_env
 from gpr_sim.platform.funnel import load_funnel
 from gpr_sim.runs import (
@@ -50,7 +41,6 @@ from gpr_sim.runs import (
     run_name,
     write_json,
     write_metrics,
-    write_parquet,
 )
 
 STOP_EXIT = 128 + signal.SIGTERM
@@ -342,9 +332,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
     evaluate = Evaluator(held_out(args, funnel), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
-    best: dict | None = None  # OUT/best's selection (rank 0: keep_best)
-    best_records: pd.DataFrame | None = None  # its held-out sessions, paired with each later evaluation's
-    start_records: pd.DataFrame | None = None  # the iteration-0 evaluation's, likewise
+    kept = Selection(out, args.best_rule)  # OUT/best, and the records evaluations are paired with (rank 0)
     resume = ckpt.is_file()
     distributed.barrier(dist)  # every rank has looked for the checkpoint before rank 0 writes anything
     if resume:
@@ -367,10 +355,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
         if dist.is_main:
             rows = [r for r in read_metrics(metrics_path) if r["iteration"] <= start]
             write_metrics(metrics_path, rows)
-            best = best_selection(out, start)
-            best_records = best_sessions(out, best)
-            start_file = out / START_SESSIONS  # written at iteration 0, which a resume never replays
-            start_records = pd.read_parquet(start_file) if start_file.is_file() else None
+            kept = Selection.resumed(out, start, args.best_rule)
             print(f"{out}: resuming at iteration {start}")
     elif dist.is_main:
         write_json(
@@ -397,11 +382,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
             "perf/setup_s": t0 - t_setup,
             "perf/eval_s": time.perf_counter() - t0,
         }
-        best = keep_best(out, model, row, None, evaluate.sessions)
-        best_records = evaluate.sessions if best else None
-        start_records = evaluate.sessions
-        write_parquet(out / START_SESSIONS, start_records)
-        append_metrics(metrics_path, {**row, **best_logged(best)})
+        append_metrics(metrics_path, {**row, **kept.start(model, row, evaluate.sessions)})
         print(log_line(row))
     terms_fn = PathTerms(model, compile=args.compile, ad_lookup=roller.ad_lookup(model))
     if dist.enabled:
@@ -460,14 +441,10 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
                 if done % args.eval_every == 0 or done == args.iterations:
                     t3 = time.perf_counter()
                     row.update(evaluate(model))
-                    row.update(paired_margin(evaluate.sessions, best_records))  # vs the best before it
-                    row.update(paired_margin(evaluate.sessions, start_records, against="start"))
+                    row.update(kept.margins(evaluate.sessions))  # vs the best before it and the start
                     row["perf/eval_s"] = time.perf_counter() - t3  # held-out sessions and oracle states
                     tqdm.write(log_line(row))
-                    chosen = keep_best(out, model, row, best, evaluate.sessions, args.best_rule)
-                    if chosen is not best:  # a new best: later evaluations are paired with its sessions
-                        best, best_records = chosen, evaluate.sessions
-                    row.update(best_logged(best))
+                    row.update(kept.consider(model, row, evaluate.sessions))
                 append_metrics(metrics_path, row)
                 bar.set_postfix(
                     value=f"{stats['rollout/group_value_mean']:.4f}",
@@ -507,7 +484,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
 
     if dist.is_main:
         record = {"plateau_at": plateau_at, "env_steps": env_steps, "world_size": dist.world_size}
-        _write_summary(args, out, {**record, "auction": auction}, best)
+        _write_summary(args, out, {**record, "auction": auction}, kept.best)
     distributed.barrier(dist)  # rank 0 wrote summary.json
     if stopped_at is not None:
         # the SIGTERM came in the iteration that finished the run: summary written, the process still stops
