@@ -122,9 +122,11 @@ def _one_line_errors() -> contextlib.AbstractContextManager:
     return _errors.on_parse_error(_raise_usage_error)
 
 
-def _prog(cls: type) -> str | None:
-    """``python -m agents.hepo`` for the usage line (the module of ``cls``, also when run as ``__main__``)."""
-    module = cls.__module__
+def _prog(cls: type, entry: str | None = None) -> str | None:
+    """``python -m agents.hepo`` for the usage line: ``entry`` (the entry point's module, for a config class that
+    lives in the library: ``agents.rl.config.RLConfig``), else the module of ``cls``, also when run as
+    ``__main__``."""
+    module = entry or cls.__module__
     if module == "__main__":
         module = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None)
     return f"python -m {module}" if module else None
@@ -160,13 +162,15 @@ def parse_configs(
     description: str | None = None,
     world: bool = False,
     default: Any = None,
+    entry: str | None = None,
 ) -> tuple:
     """One instance per dataclass in ``classes`` from the command line (their field names must not clash).
 
     With ``world`` the result ends with the ``--world.*`` overrides given, as a dict of `WorldConfig` field
     values (``reward`` as a dict) over the preset named by ``--preset`` (a field of one of ``classes``);
     apply them with `world_config`. ``default``: an instance of the single class whose values the flags not
-    given keep (a named profile, `parse_args`), instead of the class's own defaults.
+    given keep (a named profile, `parse_args`), instead of the class's own defaults. ``entry``: the module the
+    usage line names (``python -m ENTRY``), when it is not the first class's.
     """
     argv = [_tyro_spelling(a) for a in (sys.argv[1:] if argv is None else argv)]
     base = None
@@ -175,7 +179,9 @@ def parse_configs(
         base = preset(given_value(argv, "--preset") or default)
     target = classes[0] if len(classes) == 1 and base is None else _bundle(classes, base)
     with _one_line_errors():
-        parsed = tyro.cli(target, prog=_prog(classes[0]), args=argv, description=description, default=default)
+        parsed = tyro.cli(
+            target, prog=_prog(classes[0], entry), args=argv, description=description, default=default
+        )
     if target is classes[0]:
         return (parsed,)
     out = tuple(getattr(parsed, f"config{i}") for i in range(len(classes)))
@@ -187,12 +193,14 @@ def parse_args(
     argv: Sequence[str] | None = None,
     description: str | None = None,
     profiles: dict[str, dict] | None = None,
+    entry: str | None = None,
 ) -> T:
     """``cls`` (a dataclass) from the command line: one flag per field.
 
     ``profiles``: named sets of defaults (``{name: {field: value}}``) selected by the field ``profile``: the
     ``--profile NAME`` given (read first, as ``--preset``) makes ``cls(profile=NAME, **profiles[NAME])`` the
-    instance whose values the flags not given keep, so ``--help`` shows the profile's values too.
+    instance whose values the flags not given keep, so ``--help`` shows the profile's values too. ``entry``: the
+    module of the command line (``parse_configs``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     default = None
@@ -203,7 +211,7 @@ def parse_args(
         if name not in profiles:
             raise UsageError(f"--profile: unknown profile {name!r}: expected one of {sorted(profiles)}")
         default = _defaults_instance(cls, {**profiles[name], "profile": name})
-    return parse_configs(cls, argv=argv, description=description, default=default)[0]
+    return parse_configs(cls, argv=argv, description=description, default=default, entry=entry)[0]
 
 
 def _defaults_instance(cls: type[T], values: dict) -> T:
@@ -223,10 +231,13 @@ def _defaults_instance(cls: type[T], values: dict) -> T:
 
 
 def parse_args_with_world(
-    cls: type[T], argv: Sequence[str] | None = None, description: str | None = None
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    entry: str | None = None,
 ) -> tuple[T, dict]:
     """Like `parse_args`, plus the ``--world.*`` overrides given (apply them with `world_config`)."""
-    args, overrides = parse_configs(cls, argv=argv, description=description, world=True)
+    args, overrides = parse_configs(cls, argv=argv, description=description, world=True, entry=entry)
     return args, overrides
 
 

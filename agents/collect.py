@@ -26,7 +26,7 @@ Args = CollectConfig
 
 def parse(argv: list[str] | None = None) -> tuple[Args, WorldConfig]:
     """``Args`` and the world config (the preset with the ``--world.*`` overrides) from the command line."""
-    args, overrides = parse_args_with_world(Args, argv, __doc__)
+    args, overrides = parse_args_with_world(Args, argv, __doc__, entry="agents.collect")
     return args, world_config(args.preset, overrides)
 
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from agents.cli import parse_args, run_main
 from agents.rl import distributed
-from agents.rl.config import PROFILES, RLConfig
+from agents.rl.config import ENTRY, PROFILES, RLConfig
 from agents.rl.trainer import train
 
 Args = RLConfig
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it runs data-parallel (``agents.rl.trainer.train``); every rank returns
     the summary rank 0 wrote.
     """
-    return distributed.launch(train, parse_args(Args, argv, __doc__, PROFILES))
+    return distributed.launch(train, parse_args(Args, argv, __doc__, PROFILES, entry=ENTRY))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ collects / fits the inputs, evaluates and writes the run folder; logged train lo
 from __future__ import annotations
 
 from agents.cli import parse_args, run_main
-from agents.pretraining.config import PretrainConfig
+from agents.pretraining.config import ENTRY, PretrainConfig
 from agents.pretraining.trainer import pretrain
 from agents.rl import distributed
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel (module doc); every rank returns
     the summary rank 0 wrote.
     """
-    return distributed.launch(pretrain, parse_args(Args, argv, __doc__))
+    return distributed.launch(pretrain, parse_args(Args, argv, __doc__, entry=ENTRY))
 
 
 if __name__ == "__main__":

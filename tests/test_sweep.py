@@ -14,6 +14,7 @@ import pytest
 from agents import sweep
 from agents.cli import run_main
 from agents.reporting.sweep import comparison_table, select_lr
+from agents.rl import sweep as rl_sweep
 from gpr_sim.runs import read_json
 
 TINY_HEPO = (
@@ -109,7 +110,7 @@ def test_a_folder_with_other_settings_is_refused_before_any_run(grid):
     out, _ = grid
     args = sweep.parse([*argv(out), "--rollout-steps", "3"])
     with pytest.raises(ValueError, match="other settings.*--rollout-steps was 2, now 3"):
-        sweep.plan(args)
+        rl_sweep.plan(args)
 
 
 def test_variants_share_pretraining_unless_they_change_it(tmp_path):
@@ -128,7 +129,7 @@ def test_documented_commands_parse(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # their --out is relative
     line = " ".join(block.replace("\\\n", " ").split())
     tokens = shlex.split(line.split("python -m agents.sweep", 1)[1].replace("[", "").replace("]", ""))
-    assert sweep.plan(sweep.parse(tokens))
+    assert rl_sweep.plan(sweep.parse(tokens))
 
 
 def test_help_names_the_pass_through(capsys):
@@ -136,7 +137,9 @@ def test_help_names_the_pass_through(capsys):
         run_main(sweep.main, ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "python -m agents.sweep" in out and "Flags after -- go to every run" in out
+    assert (
+        out.lstrip().startswith("usage: python -m agents.sweep ") and "Flags after -- go to every run" in out
+    )
     assert "--hepo-flags" not in out
 
 
@@ -180,7 +183,7 @@ def test_select_lr_refuses_an_algorithm_without_a_finite_mean():
 
 
 def test_comparison_table_pairs_seeds_with_the_reference():
-    metrics = lambda share: {k: share for k in sweep.FINAL_METRICS}  # noqa: E731
+    metrics = lambda share: {k: share for k in rl_sweep.FINAL_METRICS}  # noqa: E731
     values = {
         "base": {
             "hepo": {0: metrics(0.5), 1: metrics(0.6)},
@@ -228,24 +231,24 @@ def test_bad_flags_fail_with_one_line(tmp_path, capsys, flags, message):
 def test_policy_best_reads_and_serves_each_runs_best_folder(grid, tmp_path):
     out, _ = grid
     args = sweep.parse(argv(out, "--policy", "best"))
-    runs = sweep.plan(args)
-    table = sweep.sweep_table(runs, {}, args.select_metric, args.policy)
+    runs = rl_sweep.plan(args)
+    table = rl_sweep.sweep_table(runs, {}, args.select_metric, args.policy)
     for run, row in zip(runs, table.to_dict("records")):
         best = read_json(run.folder / "summary.json")["best"]
         assert row["policy_iteration"] == best["iteration"]
         assert row[args.select_metric] == best[args.select_metric]
-    assert set(sweep.sweep_table(runs, {}, args.select_metric)["policy_iteration"]) == {1}  # last
+    assert set(rl_sweep.sweep_table(runs, {}, args.select_metric)["policy_iteration"]) == {1}  # last
     # the update's gradients over each run beside its metrics: its one iteration is the critic's warm-up (no policy
     # step), so none to average (agents.reporting.folders.update_gradients, tested in test_reporting)
     assert table[["grad_norm_policy", "grad_norm_critic", "grad_clipped"]].isna().all().all()
-    specs = sweep.agent_specs(args, {r.algo: r for r in runs if r.lr == LRS[0]})
+    specs = rl_sweep.agent_specs(args, {r.algo: r for r in runs if r.lr == LRS[0]})
     assert specs["hepo"] == f"gpr:{runs[0].folder}/best@beam_width={runs[0].args.eval_beam}"
     old = tmp_path / "old"  # a run from before OUT/best: no best in its summary
     old.mkdir()
     summary = read_json(runs[0].folder / "summary.json")
     (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "best"}))
     with pytest.raises(ValueError, match=r"has no best policy .* pass --policy last"):
-        sweep.sweep_table(
+        rl_sweep.sweep_table(
             [runs[0]._replace(args=replace(runs[0].args, out=str(old)))], {}, "eval/oracle_share", "best"
         )
 
