@@ -56,7 +56,7 @@ Columns:
   RL runs side by side reached 2.3x one run's requests/s on an H200 (RESULTS "RL at GPU scale past its first
   iterations"). Kernel durations are not stretched by the profiler, so over unprofiled time the ratio holds.
   The row's ``rollout_split`` says where the rollout went, by the ``Roller``'s labels (``ROLLOUT_PARTS``: tokens,
-  sampling, scoring, rehearsal, env step): the host's seconds in each and, on CUDA, its kernels' busy seconds
+  sampling, scoring (of which the truth monitor), rehearsal, env step): the host's seconds in each and, on CUDA, its kernels' busy seconds
   (``rollout_split``), of the profiled iteration (the profiler's overhead included on the host side).
 
 Prints a table and writes JSON to ``--out`` (after every row, so a run cut short keeps the rows it finished).
@@ -135,10 +135,18 @@ def kernel_intervals(events) -> list[tuple[float, float]]:
     ]
 
 
-ROLLOUT_PARTS = ("rollout/tokens", "rollout/sample", "rollout/score", "rollout/rehearse", "rollout/env_step")
+ROLLOUT_PARTS = (
+    "rollout/tokens",
+    "rollout/sample",
+    "rollout/score",
+    "rollout/monitor",
+    "rollout/rehearse",
+    "rollout/env_step",
+)
 """the rollout's own labels (``agents.rl.rollout.Roller``): observation -> tokens; context, K sampled paths and HTE
-values; scoring, budgets and the truth monitor; the rehearsed requests' world step ahead; the env step. Each occurs
-once per env step (rehearsal: per step that rehearses), none ends with a sync."""
+values; scoring, budgets and the truth monitor; of the scoring, the truth monitor's own scoring of the same ads
+(a privileged diagnostic, nested in ``rollout/score``: not to be added to it); the rehearsed requests' world step
+ahead; the env step. Each occurs once per env step (rehearsal: per step that rehearses), none ends with a sync."""
 
 
 def rollout_split(prof) -> dict[str, float]:

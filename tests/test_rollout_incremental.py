@@ -280,7 +280,7 @@ def test_bench_rl_iteration_profile_splits_the_rollout_by_part(tmp_path):
     bench.main([*argv, "--profile", "1", "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     split = row["rollout_split"]
-    parts = ["tokens", "sample", "score", "env_step"] + (["rehearse"] if row["rehearsed"] else [])
+    parts = ["tokens", "sample", "score", "monitor", "env_step"] + (["rehearse"] if row["rehearsed"] else [])
     assert sorted(split) == sorted(f"rollout/{p}/host_s" for p in parts)
     assert all(math.isfinite(v) and v > 0 for v in split.values())
 

@@ -426,7 +426,8 @@ class Roller:
         monitor = None
         # the real requests: what the learner is paid vs what the simulator's truth says the same ads are worth
         if not rehearsed:
-            truth = scores.value if truth_scorer is None else truth_scorer(s.items).value
+            with record_function("rollout/monitor"):  # within rollout/score: the privileged diagnostic's cost
+                truth = scores.value if truth_scorer is None else truth_scorer(s.items).value
             truth = torch.where(s.items >= 0, truth.to(torch.float32), torch.zeros_like(raw))
             if self.budget_aware:
                 truth = truth * share[self.market.world.ad_advertiser[s.items]]
