@@ -461,6 +461,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the benchmarked setting (``build``, ``model_for``, the rollout's K and ARR rate), shared with
+    ``benchmarks/roofline_rl_iteration.py``, which counts the same iteration."""
+    p.add_argument("--history", type=int, default=127, help="organic_history = ad_history: T = 2 + 2 x this")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=40, help="K sampled paths per request")
+    p.add_argument("--arr-rate", type=float, default=0.5, help="ARR probability at the top activity tier")
+    p.add_argument("--ads", type=int, default=20_000)
+    p.add_argument("--organic", type=int, default=40_000)
+    p.add_argument("--users", type=int, default=200_000)
+    p.add_argument("--advertisers", type=int, default=1_000)
+    p.add_argument("--levels", type=int, default=3, help="RQ-Kmeans levels (+ the disambiguation digit)")
+    p.add_argument("--codebook", type=int, default=64, help="codes per RQ-Kmeans level")
+    p.add_argument("--kmeans-iters", type=int, default=10)
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -484,24 +502,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated AdamW implementations, one row each: foreach (finiteness read on the host every "
         "minibatch) | fused (agents.hepo's on CUDA: non-finite steps skipped on the device, read once)",
     )
-    p.add_argument("--history", type=int, default=127, help="organic_history = ad_history: T = 2 + 2 x this")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=40, help="K sampled paths per request")
+    add_setting_args(p)
     p.add_argument("--rollout-steps", type=int, default=2, help="env steps per iteration")
-    p.add_argument("--arr-rate", type=float, default=0.5, help="ARR probability at the top activity tier")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--minibatch", type=int, default=1024, help="requests per minibatch (x K paths)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=3, help="timed iterations (median)")
-    p.add_argument("--ads", type=int, default=20_000)
-    p.add_argument("--organic", type=int, default=40_000)
-    p.add_argument("--users", type=int, default=200_000)
-    p.add_argument("--advertisers", type=int, default=1_000)
-    p.add_argument("--levels", type=int, default=3, help="RQ-Kmeans levels (+ the disambiguation digit)")
-    p.add_argument("--codebook", type=int, default=64, help="codes per RQ-Kmeans level")
-    p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="MFU denominator")
     p.add_argument(
         "--profile",

@@ -60,6 +60,7 @@ from agents.rl.loop import PathTerms, UpdateConfig, update
 from agents.rl.rollout import Roller
 from benchmarks.bench_rl_iteration import (
     H200_BF16_DENSE_TFLOPS,
+    add_setting_args,
     build,
     model_for,
     rollout_flops_per_request,
@@ -303,19 +304,7 @@ def parser() -> argparse.ArgumentParser:
         "--requests", type=int, default=8, help="trained requests of the counted update step (and 2x)"
     )
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    p.add_argument("--history", type=int, default=127, help="organic_history = ad_history: T = 2 + 2 x this")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=40, help="K sampled paths per request")
-    p.add_argument("--arr-rate", type=float, default=0.5, help="ARR probability at the top activity tier")
-    p.add_argument("--ads", type=int, default=20_000)
-    p.add_argument("--organic", type=int, default=40_000)
-    p.add_argument("--users", type=int, default=200_000)
-    p.add_argument("--advertisers", type=int, default=1_000)
-    p.add_argument("--levels", type=int, default=3, help="RQ-Kmeans levels (+ the disambiguation digit)")
-    p.add_argument("--codebook", type=int, default=64, help="codes per RQ-Kmeans level")
-    p.add_argument("--kmeans-iters", type=int, default=10)
+    add_setting_args(p)
     p.add_argument("--rollout-sessions", type=int, default=8192, help="sessions of the projected iteration")
     p.add_argument("--rollout-steps", type=int, default=2, help="env steps of the projected iteration")
     p.add_argument(
