@@ -472,20 +472,28 @@ def test_best_policy_is_the_evaluation_with_the_highest_held_out_reward(pre, tmp
     assert selection.best_selection(out, start=5) is None
 
 
-def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with_them(pre, tmp_path):
-    """``keep_best`` keeps the chosen evaluation's session records beside its policy, ``best_sessions`` reads
-    them back only while they are the ones the selection recorded, and ``paired_margin`` is the paired t
-    interval of the per-session differences (hand-computed)."""
+def _best_folder(pre, tmp_path):
+    """A run folder ``OUT/best`` can be written into (its tokenizer named) and the pre-trained model."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer")}))
     model, _ = load_run_model(pre / "vaft")
+    return out, model
 
-    def sessions(rewards):
-        n = len(rewards)
-        return pd.DataFrame({"slot": range(n), "session": [0] * n, "length": [3] * n, "reward": rewards})
 
-    first, second = sessions([0.0, 2.0, 2.0, 5.0]), sessions([1.0, 2.0, 3.0, 4.0])
+def _sessions(rewards):
+    """Held-out session records of one session per slot with these rewards."""
+    n = len(rewards)
+    return pd.DataFrame({"slot": range(n), "session": [0] * n, "length": [3] * n, "reward": rewards})
+
+
+def test_best_sessions_travel_with_the_selection_and_later_evaluations_pair_with_them(pre, tmp_path):
+    """``keep_best`` keeps the chosen evaluation's session records beside its policy, ``best_sessions`` reads
+    them back only while they are the ones the selection recorded, and ``paired_margin`` is the paired t
+    interval of the per-session differences (hand-computed)."""
+    out, model = _best_folder(pre, tmp_path)
+
+    first, second = _sessions([0.0, 2.0, 2.0, 5.0]), _sessions([1.0, 2.0, 3.0, 4.0])
     best = selection.keep_best(out, model, {"iteration": 0, selection.SELECT_METRIC: 2.25}, None, first)
     pd.testing.assert_frame_equal(selection.best_sessions(out, best), first)
     # per-session differences 1, 0, 1, -1: mean 0.25, t interval with 3 degrees of freedom
@@ -510,17 +518,10 @@ def test_the_selection_pairs_with_the_best_and_the_start_and_reads_back_on_resum
     """``Selection``: the start's evaluation is the first best and the start; a later one is paired with both
     (hand-computed means), replaces the best when higher, and ``resumed`` reads back what a resumed run pairs
     with, nothing of an evaluation after the resumed iteration."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer")}))
-    model, _ = load_run_model(pre / "vaft")
-
-    def sessions(rewards):
-        n = len(rewards)
-        return pd.DataFrame({"slot": range(n), "session": [0] * n, "length": [3] * n, "reward": rewards})
+    out, model = _best_folder(pre, tmp_path)
 
     metric = selection.SELECT_METRIC
-    s0, s5, s10 = sessions([1.0, 1.0, 1.0]), sessions([2.0, 1.0, 3.0]), sessions([1.0, 1.0, 2.5])
+    s0, s5, s10 = _sessions([1.0, 1.0, 1.0]), _sessions([2.0, 1.0, 3.0]), _sessions([1.0, 1.0, 2.5])
     kept = selection.Selection(out, "highest")
     assert kept.start(model, {"iteration": 0, metric: 1.0}, s0) == {keys.BEST_ITERATION: 0}
     row5 = {"iteration": 5, metric: 2.0, **kept.margins(s5)}
@@ -544,10 +545,7 @@ def test_the_selection_pairs_with_the_best_and_the_start_and_reads_back_on_resum
 def test_the_resolved_rule_replaces_the_best_only_on_a_resolved_margin(pre, tmp_path):
     """``--best-rule resolved``: a higher evaluation whose paired margin over the best reaches 0 keeps the best; one
     whose margin is above 0 replaces it; a row without a margin (nothing to pair with) falls back to "highest"."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps({"tokenizer_path": str(pre / "mtp" / "tokenizer")}))
-    model, _ = load_run_model(pre / "vaft")
+    out, model = _best_folder(pre, tmp_path)
     key = f"{selection.SELECT_METRIC}_vs_best"
 
     def row(it, value, low=None):
