@@ -50,6 +50,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+from torch.utils.module_tracker import ModuleTracker
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as for the other benchmarks
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -139,12 +140,36 @@ def class_table(ops: Costs, bandwidth: float) -> str:
     return "\n".join(lines)
 
 
-class OpCounter(TorchDispatchMode):
-    """Records, per ATen op, the launches, FLOPs and bytes read and written (module doc) of what runs inside it."""
+OUTSIDE = "(outside the model: loss, targets, clip, optimiser, env)"
+"""``model_part`` of an op no module of the model ran"""
+BACKWARD = "(backward: not attributed)"
+"""the part of every backward op: the tracker's backward hooks fire per module, but the backward of code outside a
+module (the loss, the functional teacher-forced pass) runs after the last hook and would land in that module"""
 
-    def __init__(self) -> None:
+
+def model_part(module: str) -> str:
+    """The part of the model a module path (``torch.utils.module_tracker``'s, e.g.
+    ``PathTerms.model.hsd.blocks.0.ffn.mlps.1.fc`` or ``GPRModel.ptd.thinking.kv``) belongs to: its names below the
+    root and the model, without indices, two deep (``ptd.thinking``), three in the blocks (``hsd.blocks.ffn``); a root
+    or the model itself running its own code: ``NAME (its own code)``; no module: ``OUTSIDE``."""
+    names = module.split(".")
+    if names in ([""], ["Global"]):
+        return OUTSIDE
+    inner = [n for n in names[1:] if not n.isdigit() and n != "model"]
+    if not inner:
+        return f"{names[-1]} (its own code)"
+    return ".".join(inner[: 3 if inner[1:2] == ["blocks"] else 2])
+
+
+class OpCounter(TorchDispatchMode):
+    """Records, per ATen op and per model part (``model_part`` of the innermost module ``tracker`` says is running;
+    every backward op in ``BACKWARD``), the launches, FLOPs and bytes read and written (module doc) of what runs inside it."""
+
+    def __init__(self, tracker: ModuleTracker | None = None) -> None:
         super().__init__()
+        self.tracker = tracker
         self.ops: Costs = defaultdict(lambda: dict.fromkeys(COSTS, 0.0))
+        self.parts: Costs = defaultdict(lambda: dict.fromkeys(COSTS, 0.0))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -171,18 +196,24 @@ class OpCounter(TorchDispatchMode):
             flops = float(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
         else:
             flops = 0.0
-        op = self.ops[name]
-        op["launches"] += 1
-        op["flops"] += flops
-        op["bytes"] += read + sum(tensor_bytes(t) for t in outputs)
+        moved = read + sum(tensor_bytes(t) for t in outputs)
+        module = max(self.tracker.parents, key=lambda m: m.count(".")) if self.tracker else ""
+        part = BACKWARD if self.tracker and self.tracker.is_bw else model_part(module)
+        for row in (self.ops[name], self.parts[part]):
+            row["launches"] += 1
+            row["flops"] += flops
+            row["bytes"] += moved
         return out
 
 
-def counted(fn) -> Costs:
-    counter = OpCounter()
-    with counter:
+def counted(fn, model: torch.nn.Module) -> dict[str, Costs]:
+    """``fn()`` counted: ``{"ops": by ATen op, "parts": by model part}``. The tracker learns the model's module names
+    first: a module it meets first outside its parent's forward (the rollout calls ``model.hsd`` directly) would
+    otherwise be named after its type alone."""
+    with ModuleTracker() as tracker, OpCounter(tracker) as counter:
+        tracker._get_mod_name(model)  # names every submodule GPRModel.<path> (torch's own helper)
         fn()
-    return dict(counter.ops)
+    return {"ops": dict(counter.ops), "parts": dict(counter.parts)}
 
 
 def fit(small: Costs, large: Costs, n: int) -> dict[str, dict[str, tuple[float, float]]]:
@@ -225,7 +256,7 @@ def floors(ops: Costs, peak: float, bandwidth: float, launch_s: float) -> dict[s
     }
 
 
-def count_update(args, model, buf) -> tuple[Costs, Costs]:
+def count_update(args, model, buf) -> tuple[dict[str, Costs], dict[str, Costs]]:
     """One update step on ``args.requests`` and on ``2 x args.requests`` trained requests of ``buf``, each a first
     step of a fresh AdamW."""
     loss_cfg = LossConfig()
@@ -245,7 +276,7 @@ def count_update(args, model, buf) -> tuple[Costs, Costs]:
             PathTerms(model), model, opt, None, buf.rows(valid[:n]), HEPO, loss_cfg, schedule, 0
         )
 
-    return counted(step(args.requests)), counted(step(2 * args.requests))
+    return counted(step(args.requests), model), counted(step(2 * args.requests), model)
 
 
 def count_rollout(args, sessions: int):
@@ -256,7 +287,7 @@ def count_rollout(args, sessions: int):
     model = model_for(args, env, tok).eval()
     roller = Roller(env, tok, args.group_size, "truth", args.arr_rate, 0, precision=args.precision)
     buf, _ = roller.collect(model, 1)
-    return counted(lambda: roller.collect(model, 1)), model, buf
+    return counted(lambda: roller.collect(model, 1), model), model, buf
 
 
 def op_table(ops: Costs, peak: float, bandwidth: float, rows: int) -> str:
@@ -272,6 +303,22 @@ def op_table(ops: Costs, peak: float, bandwidth: float, rows: int) -> str:
         lines.append(
             f"| {name} | {kind(name)} | {o['launches']:,.0f} | {f / 1e9:,.1f} | {b / 1e9:,.2f} | "
             f"{f / b if b else 0:.0f} | {max(f / peak, b / bandwidth) * 1e3:.2f} | {bound} |"
+        )
+    return "\n".join(lines)
+
+
+def part_table(parts: Costs, peak: float, bandwidth: float, rows: int) -> str:
+    """The model's parts (``model_part``; their forward ops, the backward in one row) by their bytes, largest first:
+    where fusing would pay."""
+    total = sum(o["bytes"] for o in parts.values())
+    lines = [
+        "| part | launches | TFLOP | TB | share of bytes | seconds at the bandwidth | FLOP / byte |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, o in sorted(parts.items(), key=lambda kv: -kv[1]["bytes"])[:rows]:
+        lines.append(
+            f"| {name} | {o['launches']:,.0f} | {o['flops'] / 1e12:.1f} | {o['bytes'] / 1e12:.2f} | "
+            f"{o['bytes'] / total:.0%} | {o['bytes'] / bandwidth:.3f} | {o['flops'] / max(o['bytes'], 1):.0f} |"
         )
     return "\n".join(lines)
 
@@ -351,16 +398,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     small, model, buf = count_rollout(args, args.sessions)
     large, _, _ = count_rollout(args, 2 * args.sessions)
-    rollout = scale(fit(small, large, args.sessions), args.rollout_sessions, args.rollout_steps)
     steps = args.epochs * math.ceil(args.trained / args.minibatch)
     one, two = count_update(args, model, buf)
-    line = fit(one, two, args.requests)
-    # per epoch, full minibatches and one with the rest: exactly --trained requests
-    full, rest = divmod(args.trained, args.minibatch)
-    upd = scale(line, args.minibatch, args.epochs * full)
-    if rest:
-        last = scale(line, rest, args.epochs)
-        upd = {name: {key: upd[name][key] + last[name][key] for key in COSTS} for name in upd}
+    rollout, upd = {}, {}
+    for view in ("ops", "parts"):  # the same counts by ATen op and by model part
+        rollout[view] = scale(
+            fit(small[view], large[view], args.sessions), args.rollout_sessions, args.rollout_steps
+        )
+        line = fit(one[view], two[view], args.requests)
+        # per epoch, full minibatches and one with the rest: exactly --trained requests
+        full, rest = divmod(args.trained, args.minibatch)
+        upd[view] = scale(line, args.minibatch, args.epochs * full)
+        if rest:
+            last = scale(line, rest, args.epochs)
+            upd[view] = {n: {key: upd[view][n][key] + last[n][key] for key in COSTS} for n in upd[view]}
 
     cfg, seq_len, k = model.cfg, model.cfg.max_len, args.group_size
     formula = {
@@ -374,15 +425,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.rollout_sessions:,} sessions, update {steps} steps of <= {args.minibatch:,} of {args.trained:,} "
         f"trained requests x {args.epochs} epochs"
     )
-    for phase, ops, measured in (
+    for phase, counts, measured in (
         ("rollout", rollout, args.measured_rollout_s),
         ("update", upd, args.measured_update_s),
     ):
+        ops = counts["ops"]
         f = floors(ops, peak, bw, launch)
         print(f"\n{phase}, by op (one iteration):\n{op_table(ops, peak, bw, args.rows)}")
         print(f"\n{phase}, bytes by class:\n{class_table(ops, bw)}")
+        print(
+            f"\n{phase}, by model part (forward ops; the backward's in one row):\n"
+            f"{part_table(counts['parts'], peak, bw, args.rows)}"
+        )
         print(f"\n{floors_table(f'{phase} (one iteration)', f, args, measured)}")
-        result[phase] = {"ops": ops, "floors": f, "measured_s": measured or None}
+        result[phase] = {"ops": ops, "parts": counts["parts"], "floors": f, "measured_s": measured or None}
     result["update"]["formula_flops"] = formula["update_flops"]
     result["rollout"]["formula_flops_per_request"] = formula["rollout_flops_per_request"]
     print(

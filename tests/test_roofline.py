@@ -57,6 +57,14 @@ def test_op_classes():
     ]
 
 
+def test_model_parts_name_the_module_below_the_model():
+    assert roof.model_part("PathTerms.model.hsd.blocks.0.ffn.mlps.1.fc") == "hsd.blocks.ffn"
+    assert roof.model_part("GPRModel.hsd.code_emb.2") == "hsd.code_emb"
+    assert roof.model_part("PathTerms.model.ptd.thinking.mlp.fc") == "ptd.thinking"
+    assert roof.model_part("PathTerms.model") == "model (its own code)"
+    assert roof.model_part("Global") == roof.model_part("") == roof.OUTSIDE
+
+
 def test_the_fit_splits_per_unit_from_fixed_costs():
     small = {"mm": {"launches": 3, "flops": 10.0, "bytes": 7.0}}
     large = {
@@ -82,6 +90,10 @@ def test_tiny_iteration_floors_match_the_formula_and_are_ordered(tmp_path):
         assert 0 < f["matmul_floor_s"] <= f["fused_roofline_s"] * tol <= f["eager_roofline_s"] * tol**2
         assert f["bytes_floor_s"] <= f["eager_roofline_s"] * tol and f["launches"] > 0
         assert all(math.isfinite(v) and v >= 0 for o in result[phase]["ops"].values() for v in o.values())
+        for key in roof.COSTS:  # the same counts by model part: every op in one part
+            by_part = sum(o[key] for o in result[phase]["parts"].values())
+            assert by_part == pytest.approx(sum(o[key] for o in result[phase]["ops"].values()), rel=1e-9)
+        assert any(name.startswith("hsd.blocks.") for name in result[phase]["parts"])
 
 
 def test_bad_flags_are_one_clear_error(capsys):
