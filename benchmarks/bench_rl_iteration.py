@@ -56,7 +56,9 @@ Columns:
   RL runs side by side reached 2.3x one run's requests/s on an H200 (RESULTS "RL at GPU scale past its first
   iterations"). Kernel durations are not stretched by the profiler, so over unprofiled time the ratio holds.
   The row's ``rollout_split`` says where the rollout went, by the ``Roller``'s labels (``ROLLOUT_PARTS``: tokens,
-  sampling, scoring (of which the truth monitor), rehearsal, env step): the host's seconds in each and, on CUDA, its kernels' busy seconds
+  sampling, scoring (of which the truth monitor), rehearsal, env step), and on CUDA ``kernel_seconds``: per phase, its
+  kernels' device seconds by class (GEMMs, attention, Triton-fused, element-wise, norms, gathers, copies, the
+  optimiser; ``KERNEL_CLASSES``), to read against ``benchmarks/roofline_rl_iteration.py``'s floors per class: the host's seconds in each and, on CUDA, its kernels' busy seconds
   (``rollout_split``), of the profiled iteration (the profiler's overhead included on the host side).
 
 Prints a table and writes JSON to ``--out`` (after every row, so a run cut short keeps the rows it finished).
@@ -186,6 +188,53 @@ def device_busy(prof) -> dict[str, float] | None:
         if e.name in PHASES and e.device_type == cpu and e.name not in out:
             out[e.name] = busy_seconds(kernels, (e.time_range.start, e.time_range.end)) / 1e6  # us -> s
     return out
+
+
+KERNEL_CLASSES = (
+    ("gemm (triton template)", ("triton_tem",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "cublas", "xmma", "matmul", "s16816", "sm90")),
+    ("fused (triton)", ("triton_",)),
+    ("optimiser", ("adam", "multi_tensor")),
+    ("gather / scatter", ("index", "gather", "scatter", "embedding")),
+    ("norm / softmax / reduction", ("norm", "softmax", "reduce", "cumsum", "sort", "topk")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat")),
+    ("element-wise (aten)", ("elementwise", "vectorized", "unrolled")),
+)
+"""CUDA kernel names (lowercased) -> a class, first match wins; the rest is "other". The classes follow
+``benchmarks/roofline_rl_iteration.py``'s op classes, so a phase's device seconds per class can be read against
+that class's floor in bytes."""
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def kernel_seconds(prof) -> dict[str, dict[str, float]]:
+    """Per phase (``PHASES``), the device seconds of its kernels by ``kernel_class`` (each kernel counted in the
+    phase whose host window holds its start: each phase ends with a sync), largest first; empty without CUDA
+    kernels."""
+    events = prof.events()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    windows = {}
+    for e in events:
+        if e.name in PHASES and e.device_type == cpu and e.name not in windows:
+            windows[e.name] = (e.time_range.start, e.time_range.end)
+    out: dict[str, dict[str, float]] = {phase: {} for phase in windows}
+    for e in events:
+        if (
+            e.device_type != cuda
+            or getattr(e, "is_user_annotation", False)
+            or e.name in PHASES + ROLLOUT_PARTS
+        ):
+            continue
+        for phase, (a, b) in windows.items():
+            if a <= e.time_range.start < b:
+                key = kernel_class(e.name)
+                out[phase][key] = out[phase].get(key, 0.0) + (e.time_range.end - e.time_range.start) / 1e6
+                break
+    return {p: dict(sorted(v.items(), key=lambda kv: -kv[1])) for p, v in out.items() if v}
 
 
 def sync(device: torch.device) -> None:
@@ -374,7 +423,7 @@ def run_row(
             f"warning: the timed iterations compiled {compiled_when_timed} graph(s), so their seconds include "
             f"compilation: raise --warmup (now {args.warmup})"
         )
-    profile_table, busy, split = None, None, None
+    profile_table, busy, split, classes = None, None, None, None
     if args.profile:  # one more iteration under the profiler: where the time goes, by kernel / op
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
@@ -386,6 +435,9 @@ def run_row(
         print(f"profile: sessions {sessions}, {precision}, {'cached' if cached else 'old'}\n{profile_table}")
         busy = device_busy(prof) if dev.type == "cuda" else None
         split = rollout_split(prof)
+        classes = kernel_seconds(prof)
+        for phase, seconds in classes.items():
+            print(f"{phase} kernels by class: " + ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items()))
         print("rollout by part: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
     rollout_s, targets_s, update_s = (statistics.median(x) for x in zip(*times))
     if busy is not None:
@@ -429,6 +481,7 @@ def run_row(
         "profile": profile_table,
         "busy": busy,
         "rollout_split": split,
+        "kernel_seconds": classes,
     }
     return row
 

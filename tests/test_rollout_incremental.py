@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,47 @@ def test_bench_rl_iteration_profile_splits_the_rollout_by_part(tmp_path):
     parts = ["tokens", "sample", "score", "monitor", "env_step"] + (["rehearse"] if row["rehearsed"] else [])
     assert sorted(split) == sorted(f"rollout/{p}/host_s" for p in parts)
     assert all(math.isfinite(v) and v > 0 for v in split.values())
+
+
+def test_kernel_classes_and_seconds_per_phase():
+    """CUDA kernel names map to the roofline's classes (first match: a Triton GEMM template is a GEMM, not a fused
+    element-wise kernel), and each kernel's device time lands in the phase whose host window holds its start."""
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
+        "triton_tem_fused_addmm_gelu_0": "gemm (triton template)",
+        "triton_poi_fused_add_mul_native_layer_norm_3": "fused (triton)",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "element-wise (aten)",
+        "void at::native::(anonymous namespace)::indexSelectLargeIndex<float>": "gather / scatter",
+        "Memcpy DtoD (Device -> Device)": "copy / fill",
+        "void at::native::fused_adam_kernel": "optimiser",
+        "some_new_kernel": "other",
+    }
+    assert {n: bench.kernel_class(n) for n in names} == names
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device, start, end, annotation=False):
+        span = types.SimpleNamespace(start=start, end=end)
+        return types.SimpleNamespace(
+            name=name, device_type=device, time_range=span, is_user_annotation=annotation
+        )
+
+    events = [
+        event("rollout", cpu, 0, 100),
+        event("update", cpu, 100, 400),
+        event("update", cuda, 100, 400, annotation=True),  # the label's device copy: not a kernel
+        event("triton_poi_fused_add_0", cuda, 10, 30),
+        event("sm90_xmma_gemm_bf16", cuda, 150, 250),
+        event("sm90_xmma_gemm_bf16", cuda, 250, 300),
+        event("triton_poi_fused_mul_1", cuda, 390, 420),  # starts in the update: counted there
+    ]
+    prof = types.SimpleNamespace(events=lambda: events)
+    seconds = bench.kernel_seconds(prof)
+    assert seconds == {
+        "rollout": pytest.approx({"fused (triton)": 20e-6}),
+        "update": pytest.approx({"gemm": 150e-6, "fused (triton)": 30e-6}),
+    }
+    assert list(seconds["update"]) == ["gemm", "fused (triton)"]  # largest first
 
 
 def test_bench_rl_iteration_gemm_autotune_flag_is_checked_before_any_row(tmp_path):
