@@ -37,7 +37,7 @@ RESUME_IGNORES = (
 RL_STARTS = ("vaft", "mtp")
 """``RLConfig.rl_start``: the pre-training stage (its folder in the pipeline) the RL starts from"""
 BEST_RULES = ("highest", "resolved")
-"""``RLConfig.best_rule``: when an evaluation replaces ``OUT/best`` (``keep_best``)"""
+"""``RLConfig.best_rule``: when an evaluation replaces ``OUT/best`` (``agents.rl.selection.keep_best``)"""
 PLATEAU_METRICS = ("oracle_share", "reward_per_session")
 """``RLConfig.plateau_metric``: the held-out evaluation curve whose flattening stops a run"""
 
