@@ -173,21 +173,29 @@ def rollout_split(prof) -> dict[str, float]:
     return out
 
 
+def phase_windows(events) -> dict[str, tuple[float, float]]:
+    """The host window (start, end, us) of each ``PHASES`` label of a trace, its first occurrence: each phase ends
+    with a sync, so the kernels it launched ran inside it."""
+    cpu = torch.autograd.DeviceType.CPU
+    windows: dict[str, tuple[float, float]] = {}
+    for e in events:
+        if e.name in PHASES and e.device_type == cpu and e.name not in windows:
+            windows[e.name] = (e.time_range.start, e.time_range.end)
+    return windows
+
+
 def device_busy(prof) -> dict[str, float] | None:
     """Seconds per phase during which a CUDA kernel (or copy) ran (``busy_seconds`` of the device events inside
     the phase's host window: each phase ends with a sync, so its kernels ran inside it); None when the trace
     has none. The device-side copies of the phase labels (user annotations spanning the whole range) are not
     kernels and are left out."""
     events = prof.events()
-    cpu = torch.autograd.DeviceType.CPU
     kernels = kernel_intervals(events)
     if not kernels:
         return None
-    out = {}
-    for e in events:
-        if e.name in PHASES and e.device_type == cpu and e.name not in out:
-            out[e.name] = busy_seconds(kernels, (e.time_range.start, e.time_range.end)) / 1e6  # us -> s
-    return out
+    return {
+        phase: busy_seconds(kernels, window) / 1e6 for phase, window in phase_windows(events).items()
+    }  # s
 
 
 KERNEL_CLASSES = (
@@ -216,11 +224,8 @@ def kernel_seconds(prof) -> dict[str, dict[str, float]]:
     phase whose host window holds its start: each phase ends with a sync), largest first; empty without CUDA
     kernels."""
     events = prof.events()
-    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    windows = {}
-    for e in events:
-        if e.name in PHASES and e.device_type == cpu and e.name not in windows:
-            windows[e.name] = (e.time_range.start, e.time_range.end)
+    cuda = torch.autograd.DeviceType.CUDA
+    windows = phase_windows(events)
     out: dict[str, dict[str, float]] = {phase: {} for phase in windows}
     for e in events:
         if (

@@ -483,8 +483,13 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
         raise SystemExit(STOP_EXIT)
 
     if dist.is_main:
-        record = {"plateau_at": plateau_at, "env_steps": env_steps, "world_size": dist.world_size}
-        _write_summary(args, out, {**record, "auction": auction}, kept.best)
+        record = {
+            "plateau_at": plateau_at,
+            "env_steps": env_steps,
+            "world_size": dist.world_size,
+            "auction": auction,
+        }
+        _write_summary(args, out, record, kept.best)
     distributed.barrier(dist)  # rank 0 wrote summary.json
     if stopped_at is not None:
         # the SIGTERM came in the iteration that finished the run: summary written, the process still stops
