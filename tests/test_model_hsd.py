@@ -424,6 +424,36 @@ def test_typed_ffn_by_segments_equals_the_loop_with_gradients():
         ffn(x, tokens.type_ids, ((0, 4, TYPE_U),))
 
 
+def test_typed_layer_norm_by_segments_equals_per_token_with_gradients():
+    """The per-slot affine (the layout known) gives the per-token gathers' values and gradients, and a 1-type
+    norm (the fused affine) equals the plain LayerNorm."""
+    torch.manual_seed(0)
+    ln = TypedLayerNorm(TINY.d_model, 4)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    tokens = make_tokens(layout(3, 4), 5, torch.Generator().manual_seed(1))
+    x = torch.randn(5, tokens.type_ids.shape[1], TINY.d_model, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for name, seg in (("tokens", None), ("segments", type_segments(tokens.type_ids))):
+        ln.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = ln(xi, tokens.type_ids, seg)
+        (out**2).sum().backward()
+        grads[name] = [out.detach(), xi.grad, ln.weight.grad.clone(), ln.bias.grad.clone()]
+    for a, b in zip(grads["tokens"], grads["segments"], strict=True):
+        assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="segments cover 4 slots, the tokens have 9"):
+        ln(x, tokens.type_ids, ((0, 4, TYPE_U),))
+    shared = TypedLayerNorm(TINY.d_model, 1)
+    with torch.no_grad():
+        shared.weight.normal_()
+        shared.bias.normal_()
+    want = torch.nn.LayerNorm(TINY.d_model)
+    want.load_state_dict({"weight": shared.weight[0], "bias": shared.bias[0]})
+    assert_close(shared(x, tokens.type_ids), want(x))
+
+
 @pytest.mark.parametrize("mor", [False, True])
 def test_hsd_forward_with_segments_equals_without(mor):
     cfg = dataclasses.replace(TINY, mixture_of_recursions=mor)

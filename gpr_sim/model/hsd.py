@@ -72,19 +72,39 @@ def hybrid_mask_rows(type_ids: Tensor, padding_mask: Tensor, start: int, *, hybr
     return allowed & ~padding_mask[:, None, :]
 
 
+Segments = tuple[tuple[int, int, int], ...]
+"""``(start, end, type)`` runs of one type over the slots, when every row has the same types (``type_segments``)"""
+
+
 class TypedLayerNorm(nn.Module):
-    """LayerNorm with one (gain, bias) per token type, gathered by type id (no loop over tokens)."""
+    """LayerNorm with one (gain, bias) per token type, gathered by type id (no loop over tokens).
+
+    With the slot layout known (``segments``, ``type_segments``: every row has the same types), the gain and
+    bias are per slot, (T, C), broadcast over the rows: one ``addcmul`` pass after the norm. Per token instead,
+    two (B, T, C) tensors are gathered, multiplied and added: six more passes over the activations
+    (``benchmarks/roofline_rl_iteration.py``: the typed norms were 28% of the rollout forward's eager bytes).
+    """
 
     def __init__(self, d: int, n_types: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_types, d))
         self.bias = nn.Parameter(torch.zeros(n_types, d))
 
-    def forward(self, x: Tensor, type_ids: Tensor) -> Tensor:
+    def forward(self, x: Tensor, type_ids: Tensor, segments: Segments | None = None) -> Tensor:
+        """x (B, T, C), type_ids (B, T) -> (B, T, C); ``segments`` as in ``TypedFFN.forward``."""
+        if self.weight.shape[0] == 1:  # shared when 1 type: the fused norm's own affine
+            return F.layer_norm(x, x.shape[-1:], self.weight[0], self.bias[0])
         x = F.layer_norm(x, x.shape[-1:])  # (B, T, C)
-        if self.weight.shape[0] == 1:
-            return x * self.weight[0] + self.bias[0]  # shared when 1 type
+        if segments is not None:
+            if segments[-1][1] != x.shape[1]:
+                raise ValueError(f"segments cover {segments[-1][1]} slots, the tokens have {x.shape[1]}")
+            return torch.addcmul(slot_rows(self.bias, segments), x, slot_rows(self.weight, segments))
         return x * rows_of_type(self.weight, type_ids) + rows_of_type(self.bias, type_ids)
+
+
+def slot_rows(table: Tensor, segments: Segments) -> Tensor:
+    """(n, C) per-type rows and the slot layout -> (T, C), each slot its type's row (expanded, one copy)."""
+    return torch.cat([table[t].expand(b - a, -1) for a, b, t in segments])
 
 
 class _RowsOfType(torch.autograd.Function):
@@ -156,10 +176,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.gelu(self.fc(x)))
-
-
-Segments = tuple[tuple[int, int, int], ...]
-"""``(start, end, type)`` runs of one type over the slots, when every row has the same types (``type_segments``)"""
 
 
 def type_segments(type_ids: Tensor) -> Segments | None:
@@ -404,7 +420,7 @@ class HSTUBlock(nn.Module):
         ``segments``: ``type_segments(type_ids)`` when the caller has it (``TypedFFN.forward``)."""
         b, tq, c = x.shape
         h = self.n_heads
-        q, k, v, u = self.qkvu(self.ln1(x, type_ids)).split(c, dim=2)  # 4 x (B, Tq, C)
+        q, k, v, u = self.qkvu(self.ln1(x, type_ids, segments)).split(c, dim=2)  # 4 x (B, Tq, C)
         q, k, v = (z.view(b, tq, h, c // h).transpose(1, 2) for z in (q, k, v))  # (B, H, Tq, hd)
         if past is not None:
             k = torch.cat([past.k, k], 2)  # (B, H, T, hd)
@@ -412,7 +428,7 @@ class HSTUBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, Tq, hd)
         a = a.transpose(1, 2).reshape(b, tq, c)  # (B, Tq, C)
         x = x + self.out(a * F.silu(u))  # HSTU: the fourth projection gates the attention output
-        x = x + self.ffn(self.ln2(x, type_ids), type_ids, segments)
+        x = x + self.ffn(self.ln2(x, type_ids, segments), type_ids, segments)
         return x, LayerCache(k, v)
 
     def forward_append(
