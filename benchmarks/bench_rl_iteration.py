@@ -95,7 +95,7 @@ from gpr_sim.model import (  # noqa: E402
     GPRModel,
     hsd,  # noqa: E402
 )
-from gpr_sim.model.hsd import TypedFFN  # noqa: E402
+from gpr_sim.model.hsd import TypedFFN, TypedLayerNorm  # noqa: E402
 from gpr_sim.model.precision import PRECISIONS  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 from gpr_sim.schema import SchemaConfig, tokens_from_obs  # noqa: E402
@@ -372,6 +372,7 @@ def run_row(
     fused: bool = False,
     ffn_layout: str = "segments",
     gemm_autotune: bool = False,
+    ln_affine: str = "slot",
 ) -> dict:
     dev = torch.device(args.device)
     # Inductor's GEMM autotuning (Triton / C++ templates with fused epilogues raced against the vendor
@@ -381,6 +382,7 @@ def run_row(
     # "sort": the rollout and the update do not read the slot layout, so the typed FFN sorts the tokens by type
     layout_of = hsd.type_segments if ffn_layout == "segments" else lambda type_ids: None
     loop.type_segments = rollout.type_segments = layout_of
+    TypedLayerNorm.by_slot = ln_affine == "slot"  # "token": the typed norms gather (B, T, C) gains and biases
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len
@@ -466,6 +468,7 @@ def run_row(
         "optimizer": "fused" if fused else "foreach",
         "ffn_layout": ffn_layout,
         "gemm_autotune": gemm_autotune,
+        "ln_affine": ln_affine,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -498,6 +501,7 @@ def path_label(row: dict) -> str:
     label += " +fused" if row.get("optimizer") == "fused" else ""
     label += " +ffn sort" if row.get("ffn_layout") == "sort" else ""
     label += " +gemm autotune" if row.get("gemm_autotune") else ""
+    label += " +ln per token" if row.get("ln_affine") == "token" else ""
     n = row.get("compiled_when_timed", 0)  # its seconds include compile time: not the steady state
     return label + (f" (!{n} graphs compiled while timed)" if n else "")
 
@@ -588,6 +592,12 @@ def main(argv: list[str] | None = None) -> dict:
         "library) | on (Inductor's max_autotune_gemm: each matmul's kernel raced among templates with the "
         "epilogue fused, at compile time; only with --compile other than off)",
     )
+    p.add_argument(
+        "--ln-affine",
+        default="slot",
+        help="comma-separated, one row each: slot (the library's: with the slot layout known, the typed "
+        "LayerNorms' gains and biases per slot, broadcast over the rows) | token (gathered per token, (B, T, C))",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
@@ -629,6 +639,10 @@ def main(argv: list[str] | None = None) -> dict:
         if x not in ("off", "on"):
             raise ValueError(f"--gemm-autotune {x!r} is invalid: expected off or on")
         autotune.append(x == "on")
+    affines = [x for x in args.ln_affine.split(",") if x]
+    for x in affines:
+        if x not in ("slot", "token"):
+            raise ValueError(f"--ln-affine {x!r} is invalid: expected slot or token")
     if any(autotune) and modes == ["off"]:
         raise ValueError(
             "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"
@@ -649,17 +663,18 @@ def main(argv: list[str] | None = None) -> dict:
     for n in ints(args.sessions):
         for precision in precisions:
             variants = [
-                (True, m, f, lay, a)
+                (True, m, f, lay, a, ln)
                 for m in modes
                 for f in optimizers
                 for lay in layouts
                 for a in autotune
+                for ln in affines
                 if not (a and m == "off")
             ]
-            for cached, mode, fused, lay, tune in variants + (
-                [(False, "off", False, "segments", False)] if args.old else []
+            for cached, mode, fused, lay, tune, ln in variants + (
+                [(False, "off", False, "segments", False, "slot")] if args.old else []
             ):
-                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune))
+                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -85,6 +85,9 @@ class TypedLayerNorm(nn.Module):
     (``benchmarks/roofline_rl_iteration.py``: the typed norms were 28% of the rollout forward's eager bytes).
     """
 
+    by_slot: bool = True
+    """class default; False gathers per-token rows even with the layout known (``bench_rl_iteration``'s A/B)"""
+
     def __init__(self, d: int, n_types: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_types, d))
@@ -95,7 +98,7 @@ class TypedLayerNorm(nn.Module):
         if self.weight.shape[0] == 1:  # shared when 1 type: the fused norm's own affine
             return F.layer_norm(x, x.shape[-1:], self.weight[0], self.bias[0])
         x = F.layer_norm(x, x.shape[-1:])  # (B, T, C)
-        if segments is not None:
+        if segments is not None and self.by_slot:
             if segments[-1][1] != x.shape[1]:
                 raise ValueError(f"segments cover {segments[-1][1]} slots, the tokens have {x.shape[1]}")
             return torch.addcmul(slot_rows(self.bias, segments), x, slot_rows(self.weight, segments))
