@@ -265,8 +265,12 @@ class TypedFFN(nn.Module):
     def _forward_segments(self, x: Tensor, segments: Segments) -> Tensor:
         if segments[-1][1] != x.shape[1]:
             raise ValueError(f"segments cover {segments[-1][1]} slots, the tokens have {x.shape[1]}")
-        parts = [self.mlps[t](x[:, a:b]) for a, b, t in segments]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if len(segments) == 1:
+            return self.mlps[segments[0][2]](x)
+        # split, not one slice per run: a slice's backward writes a zero-filled gradient of all of x and autograd
+        # adds the runs' up; split's backward concatenates them once
+        runs = x.split([b - a for a, b, _ in segments], 1)
+        return torch.cat([self.mlps[t](run) for run, (_, _, t) in zip(runs, segments, strict=True)], 1)
 
     def _forward_loop(self, x: Tensor, type_ids: Tensor) -> Tensor:
         out = torch.zeros_like(x)  # (B, T, C)
