@@ -4,10 +4,15 @@
 
 For each seed it trains PPO (MLP on ``FlatFeatures``) and, every ``--eval-every`` steps, evaluates it
 and a uniform-random policy on the same held-out users (same reset seeds, so the comparison is
-paired). Each seed writes ``{out}/{env}__sb3_ppo__{seed}/`` with ``config.json``, ``metrics.jsonl``,
-``checkpoint.zip``; a rerun resumes from the checkpoint (one with other flags than ``--total-timesteps`` is
-refused: ``gpr_sim.runs.RunFolder``). The parent folder gets ``summary.json`` and ``learning_curves.png``
-(PPO vs random, per seed).
+paired). PPO is evaluated as the stochastic policy it trains (actions sampled from a generator seeded
+by the seed, apart from training's), not its argmax: in a single session's market an advertiser's daily
+budget buys about one impression, so an argmax that repeats the same ads in a session shows nothing
+after the first (``--eval-deterministic`` measures it anyway). Training runs on ``--threads`` torch
+threads (default 1, as the tests): float sums in another order send PPO down another trajectory, so a
+seed's numbers hold for one thread count. Each seed writes ``{out}/{env}__sb3_ppo__{seed}/`` with
+``config.json``, ``metrics.jsonl``, ``checkpoint.zip``; a rerun resumes from the checkpoint (one with
+other flags than ``--total-timesteps`` is refused: ``gpr_sim.runs.RunFolder``). The parent folder gets
+``summary.json`` and ``learning_curves.png`` (PPO vs random, per seed).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from agents.cli import check_args, parse_args, run_main
 from gpr_sim.runs import (
@@ -68,6 +74,10 @@ class Args:
     """steps between evaluations (and checkpoints)"""
     eval_episodes: int = 200
     """held-out sessions per evaluation"""
+    eval_deterministic: bool = False
+    """evaluate PPO's argmax action instead of sampling the stochastic policy it trains"""
+    threads: int = 1
+    """torch CPU threads (a seed's trajectory depends on it; 1 is what the tests run); 0 = torch's default"""
     out: str = "runs/sb3_ppo"
     """parent folder of the per-seed run folders"""
 
@@ -85,6 +95,8 @@ class Args:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is out of range: expected an integer >= 1")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads={self.threads!r} is out of range: expected an integer >= 0")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma={self.gamma} is out of range: expected (0, 1]")
         self.seed_list()
@@ -116,6 +128,14 @@ def evaluate(env, act, episodes: int, seed_base: int = 100_000) -> np.ndarray:
             returns[i] += r
             done = term or trunc
     return returns
+
+
+def ppo_returns(env, model, episodes: int, seed: int, deterministic: bool) -> np.ndarray:
+    """``evaluate`` of the PPO ``model``: its argmax action, or its policy sampled with torch's generator
+    seeded by ``seed`` for the evaluation and then restored, so evaluating never moves training's stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return evaluate(env, lambda obs: int(model.predict(obs, deterministic=deterministic)[0]), episodes)
 
 
 def train_seed(args: Args, seed: int) -> dict:
@@ -177,13 +197,11 @@ def _train_seed(args: Args, seed: int, run_dir: Path, config: dict) -> dict:
         chunk = min(args.eval_every, args.total_timesteps - before)
         model.learn(total_timesteps=chunk, reset_num_timesteps=False)
         bar.update(model.num_timesteps - before)
-        ppo_returns = evaluate(
-            eval_env, lambda obs: int(model.predict(obs, deterministic=True)[0]), args.eval_episodes
-        )
-        diff = paired_difference(ppo_returns, random_returns)  # same reset seeds: paired by episode
+        returns = ppo_returns(eval_env, model, args.eval_episodes, seed, args.eval_deterministic)
+        diff = paired_difference(returns, random_returns)  # same reset seeds: paired by episode
         row = {
             "global_step": model.num_timesteps,
-            "eval/return": float(ppo_returns.mean()),
+            "eval/return": float(returns.mean()),
             "eval/random_return": float(random_returns.mean()),
             "eval/diff_vs_random": diff.value,
             "eval/diff_ci_low": diff.ci_low,
@@ -225,8 +243,14 @@ def plot_curves(out: Path, seeds: list[int], env_id: str) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(Args, argv, __doc__)
-    with RunFolder(args.out, ENTRY, dataclasses.asdict(args), same_settings=False) as folder:
-        return _main(args, folder.path)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        with RunFolder(args.out, ENTRY, dataclasses.asdict(args), same_settings=False) as folder:
+            return _main(args, folder.path)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _main(args: Args, out: Path) -> dict:
