@@ -95,7 +95,7 @@ from gpr_sim.model import (  # noqa: E402
     GPRModel,
     hsd,  # noqa: E402
 )
-from gpr_sim.model.hsd import TypedFFN, TypedLayerNorm  # noqa: E402
+from gpr_sim.model.hsd import HSD, TypedFFN, TypedLayerNorm  # noqa: E402
 from gpr_sim.model.precision import PRECISIONS  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 from gpr_sim.schema import SchemaConfig, tokens_from_obs  # noqa: E402
@@ -373,6 +373,7 @@ def run_row(
     ffn_layout: str = "segments",
     gemm_autotune: bool = False,
     ln_affine: str = "slot",
+    embed: str = "bag",
 ) -> dict:
     dev = torch.device(args.device)
     # Inductor's GEMM autotuning (Triton / C++ templates with fused epilogues raced against the vendor
@@ -383,6 +384,7 @@ def run_row(
     layout_of = hsd.type_segments if ffn_layout == "segments" else lambda type_ids: None
     loop.type_segments = rollout.type_segments = layout_of
     TypedLayerNorm.by_slot = ln_affine == "slot"  # "token": the typed norms gather (B, T, C) gains and biases
+    HSD.bag_embed = embed == "bag"  # "tables": a lookup per embedding table, masked and summed
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len
@@ -469,6 +471,7 @@ def run_row(
         "ffn_layout": ffn_layout,
         "gemm_autotune": gemm_autotune,
         "ln_affine": ln_affine,
+        "embed": embed,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -502,6 +505,7 @@ def path_label(row: dict) -> str:
     label += " +ffn sort" if row.get("ffn_layout") == "sort" else ""
     label += " +gemm autotune" if row.get("gemm_autotune") else ""
     label += " +ln per token" if row.get("ln_affine") == "token" else ""
+    label += " +embed per table" if row.get("embed") == "tables" else ""
     n = row.get("compiled_when_timed", 0)  # its seconds include compile time: not the steady state
     return label + (f" (!{n} graphs compiled while timed)" if n else "")
 
@@ -598,6 +602,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated, one row each: slot (the library's: with the slot layout known, the typed "
         "LayerNorms' gains and biases per slot, broadcast over the rows) | token (gathered per token, (B, T, C))",
     )
+    p.add_argument(
+        "--embed",
+        default="bag",
+        help="comma-separated, one row each: bag (the library's: the small embedding tables concatenated, one "
+        "embedding_bag) | tables (a lookup per table, masked and summed)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
@@ -643,6 +653,10 @@ def main(argv: list[str] | None = None) -> dict:
     for x in affines:
         if x not in ("slot", "token"):
             raise ValueError(f"--ln-affine {x!r} is invalid: expected slot or token")
+    embeds = [x for x in args.embed.split(",") if x]
+    for x in embeds:
+        if x not in ("bag", "tables"):
+            raise ValueError(f"--embed {x!r} is invalid: expected bag or tables")
     if any(autotune) and modes == ["off"]:
         raise ValueError(
             "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"
@@ -663,18 +677,19 @@ def main(argv: list[str] | None = None) -> dict:
     for n in ints(args.sessions):
         for precision in precisions:
             variants = [
-                (True, m, f, lay, a, ln)
+                (True, m, f, lay, a, ln, e)
                 for m in modes
                 for f in optimizers
                 for lay in layouts
                 for a in autotune
                 for ln in affines
+                for e in embeds
                 if not (a and m == "off")
             ]
-            for cached, mode, fused, lay, tune, ln in variants + (
-                [(False, "off", False, "segments", False, "slot")] if args.old else []
+            for cached, mode, fused, lay, tune, ln, e in variants + (
+                [(False, "off", False, "segments", False, "slot", "bag")] if args.old else []
             ):
-                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln))
+                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln, e))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

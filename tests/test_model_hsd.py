@@ -454,6 +454,38 @@ def test_typed_layer_norm_by_segments_equals_per_token_with_gradients():
     assert_close(shared(x, tokens.type_ids), want(x))
 
 
+def test_table_embedding_equals_a_lookup_per_table_with_gradients():
+    """The one ``embedding_bag`` over the concatenated tables equals the reference's lookup per table, masked and
+    summed (itself checked token by token: codes of -1 and non-I events embed to nothing), gradients included."""
+    torch.manual_seed(0)
+    hsd = HSD(TINY)
+    tokens = make_tokens(layout(3, 4), 5, torch.Generator().manual_seed(1))
+    tables = [e.weight for e in hsd.code_emb] + [
+        hsd.event_emb.weight,
+        hsd.type_emb.weight,
+        hsd.pos_emb.weight,
+    ]
+    want = torch.zeros(*tokens.type_ids.shape, TINY.d_model)
+    for b, t in torch.cartesian_prod(*(torch.arange(n) for n in tokens.type_ids.shape)).tolist():
+        codes = tokens.semantic_codes[b, t].tolist()
+        row = sum(emb.weight[c] for emb, c in zip(hsd.code_emb, codes, strict=True) if c >= 0)
+        if tokens.type_ids[b, t] == TYPE_I:
+            row = row + hsd.event_emb.weight[tokens.event_ids[b, t]]
+        want[b, t] = (
+            row + hsd.type_emb.weight[tokens.type_ids[b, t]] + hsd.pos_emb.weight[tokens.positions[b, t]]
+        )
+    grads = {}
+    for name in ("table_lookups", "table_embedding"):
+        hsd.zero_grad()
+        out = getattr(hsd, name)(tokens)
+        assert_close(out, want.detach(), atol=1e-5, rtol=1e-5)
+        (out**2).sum().backward()
+        grads[name] = [t.grad.clone() for t in tables]
+    for a, b in zip(grads["table_lookups"], grads["table_embedding"], strict=True):
+        assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert "bag_starts" not in hsd.state_dict()  # checkpoints keep their keys
+
+
 @pytest.mark.parametrize("mor", [False, True])
 def test_hsd_forward_with_segments_equals_without(mor):
     cfg = dataclasses.replace(TINY, mixture_of_recursions=mor)

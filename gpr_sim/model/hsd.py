@@ -478,6 +478,9 @@ class HSDOutput(NamedTuple):
 class HSD(nn.Module):
     """Token embedding + HSTU blocks (+ optional Mixture-of-Recursions) -> intent embeddings."""
 
+    bag_embed: bool = True
+    """class default; False sums a lookup per table (``table_lookups``, the reference; ``bench_rl_iteration``'s A/B)"""
+
     def __init__(self, cfg: GPRConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -488,6 +491,9 @@ class HSD(nn.Module):
         self.dense = nn.Linear(cfg.dense_dim, d, bias=False)  # no bias: zero rows (O/I/pad) embed to 0
         self.type_emb = nn.Embedding(NUM_TYPES, d)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
+        sizes = [*cfg.level_sizes, NUM_EVENTS, NUM_TYPES]  # every table of table_embedding's bag but the last
+        starts = torch.tensor([0, *sizes]).cumsum(0)
+        self.register_buffer("bag_starts", starts, persistent=False)  # each table's first row in the bag
         n_plain = cfg.n_layers - 1 if cfg.mixture_of_recursions else cfg.n_layers
         self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(n_plain))
         if cfg.mixture_of_recursions:
@@ -515,16 +521,50 @@ class HSD(nn.Module):
                 "features= and market= matching GPRConfig.platform_features and .market_features "
                 "(gpr_sim.schema.dense_dim)"
             )
-        x = self.code_embedding(tokens.semantic_codes)  # O/I: item path (B, T, C)
+        x = self.table_embedding(tokens) if self.bag_embed else self.table_lookups(tokens)  # (B, T, C)
         if self.item_emb is not None:
             ids = tokens.token_ids
             has_item = (ids >= 0) & (tokens.semantic_codes[..., 0] >= 0)  # O/I only, not the U's user id
             x = x + self.item_emb(ids.clamp_min(0)) * has_item[..., None]
-        x = x + self.event_emb(tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]  # I: funnel event
-        x = x + self.dense(
-            tokens.dense_features
-        )  # U/E (+ I with platform features): disjoint columns, zeros elsewhere
-        return x + self.type_emb(tokens.type_ids) + self.pos_emb(tokens.positions)
+        return x + self.dense(tokens.dense_features)  # U/E (+ I with platform features): zeros elsewhere
+
+    def table_lookups(self, tokens: TokenBatch) -> Tensor:
+        """``table_embedding``'s reference: a lookup per table, masked, summed."""
+        event = self.event_emb(tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]  # I: funnel event
+        codes = self.code_embedding(tokens.semantic_codes)  # O/I: item path
+        return codes + event + self.type_emb(tokens.type_ids) + self.pos_emb(tokens.positions)
+
+    def table_embedding(self, tokens: TokenBatch) -> Tensor:
+        """(B, T, C): each level's code embedding (O/I; 0 where no code), the funnel event's (I only), the type's
+        and the position's, summed.
+
+        One ``embedding_bag`` over the small tables concatenated: it reads each token's rows and writes (B, T, C)
+        once, where a lookup per table, its mask and the sum would write it three times per table (forward and
+        backward; ``benchmarks/roofline_rl_iteration.py``).
+        """
+        tables = [e.weight for e in self.code_emb] + [
+            self.event_emb.weight,
+            self.type_emb.weight,
+            self.pos_emb.weight,
+        ]
+        codes = tokens.semantic_codes[..., : len(self.code_emb)]
+        ids = torch.cat(
+            [
+                codes.clamp_min(0),
+                tokens.event_ids[..., None],
+                tokens.type_ids[..., None],
+                tokens.positions[..., None],
+            ],
+            -1,
+        )  # (B, T, L + 3)
+        table = torch.cat(tables)
+        used = torch.cat([codes >= 0, (tokens.type_ids == TYPE_I)[..., None]], -1).to(table.dtype)
+        weights = torch.cat([used, used.new_ones(*used.shape[:-1], 2)], -1)
+        k = ids.shape[-1]
+        out = F.embedding_bag(
+            (ids + self.bag_starts).view(-1, k), table, per_sample_weights=weights.view(-1, k), mode="sum"
+        )
+        return out.view(*ids.shape[:-1], -1)
 
     def router_gates(self, x: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, R) gates in {0, 1} forward, soft backward (straight-through).
