@@ -484,6 +484,9 @@ def test_table_embedding_equals_a_lookup_per_table_with_gradients():
     for a, b in zip(grads["table_lookups"], grads["table_embedding"], strict=True):
         assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert "bag_starts" not in hsd.state_dict()  # checkpoints keep their keys
+    hsd.bag_embed = "sometimes"
+    with pytest.raises(ValueError, match="HSD.bag_embed='sometimes' is invalid"):
+        hsd.embed(tokens)
 
 
 @pytest.mark.parametrize("mor", [False, True])
