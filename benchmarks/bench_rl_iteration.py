@@ -549,6 +549,15 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def listed(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated flag's values, each one of ``allowed``; else a ``ValueError`` naming the flag and value."""
+    values = [x for x in text.split(",") if x]
+    for x in values:
+        if x not in allowed:
+            raise ValueError(f"{flag} {x!r} is invalid: expected one of {allowed}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -631,32 +640,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.ffn_impl not in ("auto", "grouped", "chunked", "loop"):
         raise ValueError(f"--ffn-impl {args.ffn_impl!r} is invalid: expected auto, grouped, chunked or loop")
-    modes = [x for x in args.compile.split(",") if x]
-    for x in modes:
-        if x not in COMPILE_MODES:
-            raise ValueError(f"--compile {x!r} is invalid: expected one of {COMPILE_MODES}")
-    optimizers = []
-    for x in [x for x in args.optimizer.split(",") if x]:
-        if x not in ("foreach", "fused"):
-            raise ValueError(f"--optimizer {x!r} is invalid: expected foreach or fused")
-        optimizers.append(x == "fused")
-    layouts = [x for x in args.ffn_layout.split(",") if x]
-    for x in layouts:
-        if x not in ("segments", "sort"):
-            raise ValueError(f"--ffn-layout {x!r} is invalid: expected segments or sort")
-    autotune = []
-    for x in [x for x in args.gemm_autotune.split(",") if x]:
-        if x not in ("off", "on"):
-            raise ValueError(f"--gemm-autotune {x!r} is invalid: expected off or on")
-        autotune.append(x == "on")
-    affines = [x for x in args.ln_affine.split(",") if x]
-    for x in affines:
-        if x not in ("slot", "token"):
-            raise ValueError(f"--ln-affine {x!r} is invalid: expected slot or token")
-    embeds = [x for x in args.embed.split(",") if x]
-    for x in embeds:
-        if x not in ("eager", "always", "never"):
-            raise ValueError(f"--embed {x!r} is invalid: expected eager, always or never")
+    modes = listed(args.compile, "--compile", COMPILE_MODES)
+    optimizers = [x == "fused" for x in listed(args.optimizer, "--optimizer", ("foreach", "fused"))]
+    layouts = listed(args.ffn_layout, "--ffn-layout", ("segments", "sort"))
+    autotune = [x == "on" for x in listed(args.gemm_autotune, "--gemm-autotune", ("off", "on"))]
+    affines = listed(args.ln_affine, "--ln-affine", ("slot", "token"))
+    embeds = listed(args.embed, "--embed", ("eager", "always", "never"))
     if any(autotune) and modes == ["off"]:
         raise ValueError(
             "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"

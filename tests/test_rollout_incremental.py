@@ -335,6 +335,14 @@ def test_bench_rl_iteration_gemm_autotune_flag_is_checked_before_any_row(tmp_pat
         bench.main([*TINY, "--gemm-autotune", "yes", "--out", str(out)])
     with pytest.raises(ValueError, match="--gemm-autotune on needs --compile"):
         bench.main([*TINY, "--gemm-autotune", "on", "--out", str(out)])
+    for flag in (
+        "--ln-affine",
+        "--embed",
+        "--ffn-layout",
+        "--optimizer",
+    ):  # every row dimension, the same way
+        with pytest.raises(ValueError, match=f"{flag} 'sometimes' is invalid"):
+            bench.main([*TINY, flag, "sometimes", "--out", str(out)])
     assert not out.exists()
 
 
