@@ -389,6 +389,8 @@ def run_row(
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len
     roller = Roller(env, tok, args.group_size, "truth", args.arr_rate, 0, precision=precision, cached=cached)
+    if ffn_layout == "sort":
+        roller.segments = None  # the layout read per batch: layout_of above, which reads none
     # fused: agents.hepo's optimiser on CUDA; update() then checks finiteness on the device (no sync per step)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=fused)
     loss_cfg = LossConfig()

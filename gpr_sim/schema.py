@@ -106,11 +106,26 @@ class SchemaConfig:
         """Blocks as long as the env's histories (``WorldConfig.organic_history``, ``ad_history``)."""
         return cls(organic_len=world_config.organic_history, ad_len=world_config.ad_history)
 
+    @property
+    def blocks(self) -> tuple[tuple[int, int], ...]:
+        """``(type, slots)`` of each block, in the layout's order (module docstring)."""
+        return ((TYPE_U, 1), (TYPE_O, self.organic_len), (TYPE_I, self.ad_len), (TYPE_E, 1))
+
     def type_ids(self, device: str | torch.device = "cpu") -> Tensor:
         """(T,) int64 token type of every slot: the layout of the module docstring."""
-        blocks = ((TYPE_U, 1), (TYPE_O, self.organic_len), (TYPE_I, self.ad_len), (TYPE_E, 1))
         # filled on the device: no host-to-device copy (and no sync) per batch
-        return torch.cat([torch.full((n,), t, dtype=torch.int64, device=device) for t, n in blocks])
+        return torch.cat([torch.full((n,), t, dtype=torch.int64, device=device) for t, n in self.blocks])
+
+    @property
+    def segments(self) -> tuple[tuple[int, int, int], ...]:
+        """The runs ``(start, end, type)`` of the layout's non-empty blocks: what ``gpr_sim.model.hsd.type_segments``
+        reads from any batch of these tokens (every row has this layout), known here without a device sync."""
+        runs, start = [], 0
+        for t, n in self.blocks:
+            if n:
+                runs.append((start, start + n, t))
+                start += n
+        return tuple(runs)
 
 
 def dense_dim(world_config, platform_features: bool, market_features: bool = False) -> int:

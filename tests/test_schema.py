@@ -66,6 +66,18 @@ def test_hand_checked_layout():
     assert describe(b).type.tolist() == ["U", "O", "O", "O", "I", "I", "E"]
 
 
+@pytest.mark.parametrize(("ho", "hi"), [(3, 2), (0, 2), (3, 0), (0, 0)])
+def test_schema_segments_are_the_runs_of_its_tokens(ho, hi):
+    """The layout's runs known on the host equal what ``type_segments`` reads from a batch built with it (empty
+    blocks leave no run)."""
+    from gpr_sim.model.hsd import type_segments
+
+    cfg = SchemaConfig(organic_len=ho, ad_len=hi)
+    b = tokens_from_obs(tiny_obs([-1, 2, 0], [-1, 1], [0, 2]), TINY, cfg)
+    assert cfg.segments == type_segments(b.type_ids.expand(3, -1))
+    assert cfg.segments[-1][1] == cfg.seq_len
+
+
 def test_shared_path_prefix_of_organic_and_ad_gets_distinct_full_paths():
     b = tokens_from_obs(tiny_obs([0], [0], [1]), TINY, SchemaConfig(organic_len=1, ad_len=1))
     # organic 0 and ad 0 both quantise to (1, 2); the extra digit tells them apart

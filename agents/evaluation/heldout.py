@@ -36,7 +36,6 @@ from envs import make_vec_env
 from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import METRICS, summarize, summarize_strata
 from gpr_sim.model import GPRModel
-from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.offline_eval import candidate_metrics
 from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
@@ -136,16 +135,10 @@ class Evaluator:
         obs, _ = self.env.reset(seed=c.seed)
         features = self.features if model.cfg.platform_features else None
         market = e.market_features() if model.cfg.market_features else None
-        tokens = tokens_from_obs(
-            obs,
-            self.tok.table,
-            SchemaConfig.from_world(e.config),
-            check=False,
-            features=features,
-            market=market,
-        )
+        schema = SchemaConfig.from_world(e.config)
+        tokens = tokens_from_obs(obs, self.tok.table, schema, check=False, features=features, market=market)
         gen = torch.Generator(device=c.device).manual_seed(c.seed)
-        ctx = model.context(tokens, gen, segments=type_segments(tokens.type_ids))
+        ctx = model.context(tokens, gen, segments=schema.segments)
         step_fn, _ = model.beam_fns(ctx, cached=True)
         eligible = e.eligible_ads()  # (num_ads,) bool: the market's, the same for every request
         k = c.candidates

@@ -37,7 +37,6 @@ from agents.policies import PolicyOutput, batched_env
 from agents.pretraining.checkpoint import read_checkpoint
 from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
-from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.hte import path_ad_features
 from gpr_sim.model.incremental import head_context_kv, request_major_step
 from gpr_sim.platform.features import PlatformFeatures
@@ -222,7 +221,7 @@ class GPRPolicy:
         n = tokens.token_ids.shape[0]
         was_training = self.model.training
         self.model.eval()
-        ctx = self.model.context(tokens, self.generator, segments=type_segments(tokens.type_ids))
+        ctx = self.model.context(tokens, self.generator, segments=self.schema.segments)  # no device sync
         self.model.train(was_training)
         # the cached PTD of the rollout and the incremental decoder: context K/V once per request, read
         # per request (not gathered per beam) at every level

@@ -76,7 +76,7 @@ from agents.rl.distributed import SINGLE, Dist, all_reduce_sum
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.finite import check_finite
 from gpr_sim.model import GPRModel
-from gpr_sim.model.hsd import type_segments
+from gpr_sim.model.hsd import Segments, type_segments
 from gpr_sim.model.hte import path_ad_features
 from gpr_sim.model.incremental import head_context_kv, request_major_step
 from gpr_sim.model.precision import check_precision, precision_context
@@ -164,6 +164,7 @@ def sample_groups(
     cached: bool = True,
     chunk: int = CONTEXT_CHUNK,
     ad_lookup: Callable[[Tensor], Tensor] | None = None,
+    segments: Segments | None = None,
 ) -> tuple[Tensor | None, PathSample, Tensor]:
     """The HSD once per request -> K sampled paths per request (level by level) -> HTE values of every prefix.
 
@@ -184,6 +185,8 @@ def sample_groups(
             (chunk K, L', 3 d) in the PTD).
         ad_lookup: full paths -> the candidate ad's features for the HTE (``Roller.ad_lookup``); None when
             the model reads none.
+        segments: the tokens' slot layout when the caller knows it (``SchemaConfig.segments``: no device sync);
+            None reads it from the tokens once (``type_segments``).
 
     Returns:
         (refiner noise (N, d) or None, ``PathSample``, HTE values (N, K, L' + 1) float32).
@@ -191,10 +194,12 @@ def sample_groups(
     if chunk < 1:
         raise ValueError(f"chunk={chunk} is invalid: expected >= 1")
     n = tokens.token_ids.shape[0]
+    if segments is None:
+        segments = type_segments(tokens.type_ids)
     parts = [
         _sample_chunk(
             model, trie, TokenBatch(*(x[lo : lo + chunk] for x in tokens)), eligible, group_size,
-            uniforms[lo : lo + chunk], cached, ad_lookup,
+            uniforms[lo : lo + chunk], cached, segments, ad_lookup,
         )
         for lo in range(0, max(n, 1), chunk)  # an empty batch: one empty chunk
     ]  # fmt: skip
@@ -220,13 +225,14 @@ def _sample_chunk(
     group_size: int,
     uniforms: Tensor,
     cached: bool,
+    segments: Segments | None,
     ad_lookup: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor | None, PathSample, Tensor]:
-    """``sample_groups`` on one chunk of requests."""
+    """``sample_groups`` on one chunk of requests (``segments``: its slot layout, or None for mixed layouts)."""
     n, k, d = tokens.token_ids.shape[0], group_size, model.cfg.d_model
     noise = rng.normals(uniforms[:, :d]) if model.ptd.refiner is not None else None
-    # the HSD over the whole request, once; the slot layout read once for the chunk (the typed FFN needs no sort)
-    ctx = model.context(tokens, noise=noise, segments=type_segments(tokens.type_ids))  # (n, Cc, C)
+    # the HSD over the whole request, once; with the slot layout the typed FFN and norms need no sort or gather
+    ctx = model.context(tokens, noise=noise, segments=segments)  # (n, Cc, C)
     if cached:
         step_fn = request_major_step(model.ptd.level_logits_cached, head_context_kv(model, ctx), n)
     else:
@@ -280,6 +286,9 @@ class Roller:
         self.device = self.market.device
         self.tok = tokenizer.to(self.device)
         self.schema = SchemaConfig.from_world(self.market.config)
+        self.segments: Segments | None = (
+            self.schema.segments
+        )  # the slot layout of every token batch it builds
         self.features = PlatformFeatures.from_world(self.market.world).to(self.device)  # used per model.cfg
         self.group_size, self.estimator, self.arr_rate = group_size, estimator, arr_rate
         self.step_count = 0  # env steps so far: the counter of the keyed draws (module doc)
@@ -342,8 +351,9 @@ class Roller:
         lookup = self.ad_lookup(model)
         with precision_context(self.device, self.precision):
             return sample_groups(
-                model, self.tok.trie, tokens, eligible, self.group_size, u, self.cached, ad_lookup=lookup
-            )
+                model, self.tok.trie, tokens, eligible, self.group_size, u, self.cached, ad_lookup=lookup,
+                segments=self.segments,  # known on the host: no device sync per step
+            )  # fmt: skip
 
     def _budget_share(self, items: Tensor, scores: CandidateScores) -> Tensor:
         """(A,) share of each advertiser's expected demand this step that its remaining budget covers.
