@@ -622,10 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
-    precisions = [x for x in args.precision.split(",") if x]
-    for x in precisions:
-        if x not in PRECISIONS:
-            raise ValueError(f"--precision {x!r} is invalid: expected one of {PRECISIONS}")
+    precisions = listed(args.precision, "--precision", PRECISIONS)
     for name in (
         "group_size",
         "rollout_steps",

@@ -286,9 +286,8 @@ class Roller:
         self.device = self.market.device
         self.tok = tokenizer.to(self.device)
         self.schema = SchemaConfig.from_world(self.market.config)
-        self.segments: Segments | None = (
-            self.schema.segments
-        )  # the slot layout of every token batch it builds
+        # the slot layout of every token batch it builds, known on the host
+        self.segments: Segments | None = self.schema.segments
         self.features = PlatformFeatures.from_world(self.market.world).to(self.device)  # used per model.cfg
         self.group_size, self.estimator, self.arr_rate = group_size, estimator, arr_rate
         self.step_count = 0  # env steps so far: the counter of the keyed draws (module doc)

@@ -493,8 +493,7 @@ class HSD(nn.Module):
         self.dense = nn.Linear(cfg.dense_dim, d, bias=False)  # no bias: zero rows (O/I/pad) embed to 0
         self.type_emb = nn.Embedding(NUM_TYPES, d)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
-        sizes = [*cfg.level_sizes, NUM_EVENTS, NUM_TYPES]  # every table of table_embedding's bag but the last
-        starts = torch.tensor([0, *sizes]).cumsum(0)
+        starts = torch.tensor([0] + [e.num_embeddings for e in self.bag_tables()[:-1]]).cumsum(0)
         self.register_buffer("bag_starts", starts, persistent=False)  # each table's first row in the bag
         n_plain = cfg.n_layers - 1 if cfg.mixture_of_recursions else cfg.n_layers
         self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(n_plain))
@@ -537,6 +536,10 @@ class HSD(nn.Module):
             x = x + self.item_emb(ids.clamp_min(0)) * has_item[..., None]
         return x + self.dense(tokens.dense_features)  # U/E (+ I with platform features): zeros elsewhere
 
+    def bag_tables(self) -> list[nn.Embedding]:
+        """The tables ``table_embedding`` concatenates, in the order of its id columns and ``bag_starts``."""
+        return [*self.code_emb, self.event_emb, self.type_emb, self.pos_emb]
+
     def table_lookups(self, tokens: TokenBatch) -> Tensor:
         """``table_embedding``'s reference: a lookup per table, masked, summed."""
         event = self.event_emb(tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]  # I: funnel event
@@ -551,11 +554,6 @@ class HSD(nn.Module):
         once, where a lookup per table, its mask and the sum would write it three times per table (forward and
         backward; ``benchmarks/roofline_rl_iteration.py``).
         """
-        tables = [e.weight for e in self.code_emb] + [
-            self.event_emb.weight,
-            self.type_emb.weight,
-            self.pos_emb.weight,
-        ]
         codes = tokens.semantic_codes[..., : len(self.code_emb)]
         ids = torch.cat(
             [
@@ -566,7 +564,7 @@ class HSD(nn.Module):
             ],
             -1,
         )  # (B, T, L + 3)
-        table = torch.cat(tables)
+        table = torch.cat([e.weight for e in self.bag_tables()])
         used = torch.cat([codes >= 0, (tokens.type_ids == TYPE_I)[..., None]], -1).to(table.dtype)
         weights = torch.cat([used, used.new_ones(*used.shape[:-1], 2)], -1)
         k = ids.shape[-1]
