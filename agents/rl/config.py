@@ -223,8 +223,8 @@ class RLConfig:
     compile: str = "off"
     """off | blocks (each HSD and PTD block through torch.compile: the element-wise work fuses; seconds to
     compile) | regions (blocks, and the embedding, thinking, teacher-forced paths and HTE values, each one
-    graph) | full (the whole update forward; minutes to compile) (``agents.rl.loop.PathTerms``); the
-    pre-training stages compile the same way (full: the regions)"""
+    graph) | full (the update's whole forward as one graph, the rollout's and evaluation's through the regions)
+    (``agents.rl.loop.PathTerms``); the pre-training stages compile the same way (full: the regions)"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True

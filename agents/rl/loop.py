@@ -10,9 +10,9 @@ and the critic together or each on its own (``clip_gradients``).
 
 Speed: the teacher-forced pass decodes each request's context once for its K paths (``path_terms``);
 ``UpdateConfig.precision`` = bf16 runs the forward under bfloat16 autocast (fp32 is the reference;
-parameters, gradients and AdamW stay float32); ``PathTerms(compile=...)`` compiles the forward: ``"full"``
-(one graph) or ``"blocks"`` (each HSD and PTD block, one graph shared by the blocks of a kind: regional
-compilation, which compiles in seconds where the whole forward takes minutes).
+parameters, gradients and AdamW stay float32); ``PathTerms(compile=...)`` compiles the forward: ``"regions"``
+(each part of the model one graph: regional compilation, which the rollout and the evaluation run too),
+``"blocks"`` (the HSD and PTD blocks only) or ``"full"`` (the update's forward one graph, the regions beside it).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class PathTerms(torch.nn.Module):
     | mode | what runs through ``torch.compile`` |
     |---|---|
     | ``"off"`` | nothing (the reference) |
-    | ``"full"`` | the whole forward (HSD, thinking, refiner, PTD, HTE), the minibatch size dynamic from the first call (the last minibatch of an epoch is shorter: ``compile_batch_dynamic``) |
+    | ``"full"`` | the update's whole forward (HSD, thinking, refiner, PTD, HTE) as one graph, the minibatch size dynamic from the first call (the last minibatch of an epoch is shorter: ``compile_batch_dynamic``), so Inductor fuses and recomputes across the regions' borders; and the regions in place as ``"regions"`` for the rollout and the evaluation (the update's graph traces through them: torch.compile inlines a compiled function it meets) |
     | ``"blocks"`` | each ``HSTUBlock`` and PTD ``DecoderBlock`` (``GPRModel.compile_regions``, in place: the rollout's full forwards run them too); the element-wise work around the matmuls (norms, gates, residuals, casts) fuses into few kernels, and the blocks of a kind share one graph, so it compiles in seconds |
     | ``"regions"`` | ``"blocks"`` and the other parts of the forward, each one graph (``GPRModel.compile_regions``): the HSD's embedding, the PTD's thinking and refiner, its teacher-forced pass over the K paths, the HTE's path values (eager, they were a third of the minibatch's device time on an H200) |
 
@@ -162,7 +162,7 @@ class PathTerms(torch.nn.Module):
             raise ValueError(f"compile={compile!r} is invalid: expected one of {COMPILE_MODES} or a bool")
         self.model, self.cached, self.ad_lookup, self.compile_mode = model, cached, ad_lookup, mode
         self._fn = compile_batch_dynamic(_terms) if mode == "full" else _terms
-        if mode in ("blocks", "regions"):
+        if mode != "off":  # "full" too: its graph is the update's, the rollout's forwards run the regions
             model.compile_regions(("blocks",) if mode == "blocks" else REGIONS)
 
     def forward(self, buf: Buffer, segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
