@@ -177,7 +177,7 @@ def test_update_terms_cached_equal_the_reference(rollouts):
 
 
 @pytest.mark.slow  # torch.compile on CPU: about a minute
-@pytest.mark.parametrize("mode", ["full", "graphs", "blocks", "regions"])
+@pytest.mark.parametrize("mode", ["full", "blocks", "regions"])
 def test_compiled_update_terms_equal_eager(rollouts, monkeypatch, mode):
     from gpr_sim.model.hsd import TypedFFN
 

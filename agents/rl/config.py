@@ -223,9 +223,8 @@ class RLConfig:
     compile: str = "off"
     """off | blocks (each HSD and PTD block through torch.compile: the element-wise work fuses; seconds to
     compile) | regions (blocks, and the embedding, thinking, teacher-forced paths and HTE values, each one
-    graph) | full (the update's whole forward as one graph, the rollout's and evaluation's through the regions) |
-    graphs (full, the update's graphs replayed as CUDA graphs) (``agents.rl.loop.PathTerms``); the pre-training
-    stages compile the same way (full, graphs: the regions)"""
+    graph) | full (the update's whole forward as one graph, the rollout's and evaluation's through the regions)
+    (``agents.rl.loop.PathTerms``); the pre-training stages compile the same way (full: the regions)"""
     threads: int = 0
     """torch CPU threads; 0 = torch's default"""
     progress: bool = True
@@ -333,8 +332,8 @@ def pretraining(args: RLConfig) -> tuple[PretrainConfig, PretrainConfig]:
         behaviour=args.behaviour,
         market_features=args.market_features,
         precision=args.pretrain_precision,
-        # the RL update's "full" and "graphs" (its whole loss forward) have no pre-training counterpart: the regions
-        compile="regions" if args.compile in ("full", "graphs") else args.compile,
+        # the RL update's "full" (its whole loss forward) has no pre-training counterpart: the regions instead
+        compile="regions" if args.compile == "full" else args.compile,
     )
     return stage_configs(pipeline_dir(common, args.pretrain_dir), common, args.mtp_steps, args.vaft_steps)
 

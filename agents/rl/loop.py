@@ -12,8 +12,7 @@ Speed: the teacher-forced pass decodes each request's context once for its K pat
 ``UpdateConfig.precision`` = bf16 runs the forward under bfloat16 autocast (fp32 is the reference;
 parameters, gradients and AdamW stay float32); ``PathTerms(compile=...)`` compiles the forward: ``"regions"``
 (each part of the model one graph: regional compilation, which the rollout and the evaluation run too),
-``"blocks"`` (the HSD and PTD blocks only), ``"full"`` (the update's forward one graph, the regions beside it) or
-``"graphs"`` (``"full"`` replayed as CUDA graphs).
+``"blocks"`` (the HSD and PTD blocks only) or ``"full"`` (the update's forward one graph, the regions beside it).
 """
 
 from __future__ import annotations
@@ -130,7 +129,7 @@ def _terms(
     return log_prob, values
 
 
-COMPILE_MODES = ("off", "blocks", "regions", "full", "graphs")
+COMPILE_MODES = ("off", "blocks", "regions", "full")
 """``PathTerms``' compile modes (``True`` / ``False`` read as ``"full"`` / ``"off"``)"""
 
 
@@ -143,7 +142,6 @@ class PathTerms(torch.nn.Module):
     |---|---|
     | ``"off"`` | nothing (the reference) |
     | ``"full"`` | the update's whole forward (HSD, thinking, refiner, PTD, HTE) as one graph, the minibatch size dynamic from the first call (the last minibatch of an epoch is shorter: ``compile_batch_dynamic``), so Inductor fuses and recomputes across the regions' borders; and the regions in place as ``"regions"`` for the rollout and the evaluation (the update's graph traces through them: torch.compile inlines a compiled function it meets) |
-    | ``"graphs"`` | ``"full"``, its forward and backward replayed as CUDA graphs (``compile_batch_dynamic(cudagraphs=True)``: one recorded per minibatch size, no kernel launched from the host, for the update's idle GPU between kernels); on the CPU the same as ``"full"`` |
     | ``"blocks"`` | each ``HSTUBlock`` and PTD ``DecoderBlock`` (``GPRModel.compile_regions``, in place: the rollout's full forwards run them too); the element-wise work around the matmuls (norms, gates, residuals, casts) fuses into few kernels, and the blocks of a kind share one graph, so it compiles in seconds |
     | ``"regions"`` | ``"blocks"`` and the other parts of the forward, each one graph (``GPRModel.compile_regions``): the HSD's embedding, the PTD's thinking and refiner, its teacher-forced pass over the K paths, the HTE's path values (eager, they were a third of the minibatch's device time on an H200) |
 
@@ -163,17 +161,12 @@ class PathTerms(torch.nn.Module):
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r} is invalid: expected one of {COMPILE_MODES} or a bool")
         self.model, self.cached, self.ad_lookup, self.compile_mode = model, cached, ad_lookup, mode
-        whole = mode in ("full", "graphs")
-        self._fn = compile_batch_dynamic(_terms, cudagraphs=mode == "graphs") if whole else _terms
+        self._fn = compile_batch_dynamic(_terms) if mode == "full" else _terms
         if mode != "off":  # "full" too: its graph is the update's, the rollout's forwards run the regions
             model.compile_regions(("blocks",) if mode == "blocks" else REGIONS)
 
     def forward(self, buf: Buffer, segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         feats = None if self.ad_lookup is None else self.ad_lookup(buf.codes)
-        if self.compile_mode == "graphs":
-            # each call a new step of the CUDA graphs: the previous call's outputs may be overwritten (its
-            # backward has run; a later read of them raises instead of reading the new values)
-            torch.compiler.cudagraph_mark_step_begin()
         return self._fn(self.model, buf.tokens, buf.noise, buf.codes, buf.legal, self.cached, feats, segments)
 
 

@@ -68,14 +68,11 @@ steady-state speed (H200, torch 2.11: 5,536 vs 5,566 requests/s; ``benchmarks/re
 ``mix_order.sh``). It only acts on Triton (GPU) code: the CPU's graphs are unchanged."""
 
 
-def compile_batch_dynamic(fn: Callable, cudagraphs: bool = False) -> Callable:
+def compile_batch_dynamic(fn: Callable) -> Callable:
     """``torch.compile(fn)`` compiled once per grad mode whatever the batch: the leading dimension of every
     tensor argument dynamic (``batch_dynamic``) and no Inductor choice guarding on it
-    (``BATCH_DYNAMIC_INDUCTOR``). ``cudagraphs``: Inductor replays the compiled graphs (forward and backward)
-    as CUDA graphs, one recorded per batch size (``triton.cudagraphs``, what ``mode="reduce-overhead"``
-    sets): no launch per kernel, so no host time between them; on the CPU it changes nothing."""
-    options = {**BATCH_DYNAMIC_INDUCTOR, "triton.cudagraphs": cudagraphs}
-    return batch_dynamic(torch.compile(fn, options=options))
+    (``BATCH_DYNAMIC_INDUCTOR``)."""
+    return batch_dynamic(torch.compile(fn, options=dict(BATCH_DYNAMIC_INDUCTOR)))
 
 
 class MTPLoss(NamedTuple):
