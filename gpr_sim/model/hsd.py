@@ -544,17 +544,14 @@ class HSD(nn.Module):
     def table_lookups(self, tokens: TokenBatch, segments: Segments | None = None) -> Tensor:
         """``table_embedding``'s reference: a lookup per table, masked, summed.
 
-        The event and type tables have 4 rows each: a plain lookup's backward adds every token's gradient into
-        those rows, scatter-adds that contend on the same addresses on a GPU (``rows_of_type``'s doc measured it
-        for the per-type gains), so they go through ``rows_of_type`` (on CUDA a GEMM backward). ``segments`` (the
-        slot layout, every row the same): the type's rows per slot instead, (T, C) broadcast over the rows, whose
-        gradient is a sum over the rows."""
-        event = rows_of_type(self.event_emb.weight, tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]
+        ``segments`` (the slot layout, every row the same): the type's rows per slot, (T, C) broadcast over the
+        rows, whose gradient is a sum over the rows; a lookup per token instead has a backward that adds every
+        token's gradient into the table's 4 rows (scatter-adds that contend on the same rows on a GPU, as
+        ``rows_of_type``'s doc measured for the per-type gains)."""
+        event = self.event_emb(tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]  # I: funnel event
         codes = self.code_embedding(tokens.semantic_codes)  # O/I: item path
         kind = (
-            rows_of_type(self.type_emb.weight, tokens.type_ids)
-            if segments is None
-            else slot_rows(self.type_emb.weight, segments)
+            self.type_emb(tokens.type_ids) if segments is None else slot_rows(self.type_emb.weight, segments)
         )
         return codes + event + kind + self.pos_emb(tokens.positions)
 
