@@ -456,8 +456,7 @@ def test_typed_layer_norm_by_segments_equals_per_token_with_gradients():
 
 def test_table_embedding_equals_a_lookup_per_table_with_gradients():
     """The one ``embedding_bag`` over the concatenated tables equals the reference's lookup per table, masked and
-    summed (itself checked token by token: codes of -1 and non-I events embed to nothing), gradients included;
-    so does the reference with the slot layout known (the type's rows per slot, broadcast over the rows)."""
+    summed (itself checked token by token: codes of -1 and non-I events embed to nothing), gradients included."""
     torch.manual_seed(0)
     hsd = HSD(TINY)
     tokens = make_tokens(layout(3, 4), 5, torch.Generator().manual_seed(1))
@@ -476,20 +475,14 @@ def test_table_embedding_equals_a_lookup_per_table_with_gradients():
             row + hsd.type_emb.weight[tokens.type_ids[b, t]] + hsd.pos_emb.weight[tokens.positions[b, t]]
         )
     grads = {}
-    ways = {
-        "lookups": lambda: hsd.table_lookups(tokens),
-        "lookups by slot": lambda: hsd.table_lookups(tokens, type_segments(tokens.type_ids)),
-        "bag": lambda: hsd.table_embedding(tokens),
-    }
-    for name, way in ways.items():
+    for name in ("table_lookups", "table_embedding"):
         hsd.zero_grad()
-        out = way()
+        out = getattr(hsd, name)(tokens)
         assert_close(out, want.detach(), atol=1e-5, rtol=1e-5)
         (out**2).sum().backward()
         grads[name] = [t.grad.clone() for t in tables]
-    for name in ("lookups by slot", "bag"):
-        for a, b in zip(grads["lookups"], grads[name], strict=True):
-            assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads["table_lookups"], grads["table_embedding"], strict=True):
+        assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert "bag_starts" not in hsd.state_dict()  # checkpoints keep their keys
     hsd.bag_embed = "sometimes"
     with pytest.raises(ValueError, match="HSD.bag_embed='sometimes' is invalid"):

@@ -510,9 +510,8 @@ class HSD(nn.Module):
             out = out + emb(c.clamp_min(0)) * (c >= 0)[..., None]
         return out
 
-    def embed(self, tokens: TokenBatch, segments: Segments | None = None) -> Tensor:
-        """TokenBatch -> (B, T, C) input embeddings. ``segments``: the tokens' slot layout when the caller knows it
-        (``table_lookups``: the type's row per slot)."""
+    def embed(self, tokens: TokenBatch) -> Tensor:
+        """TokenBatch -> (B, T, C) input embeddings."""
         f = tokens.dense_features.shape[-1]
         if f != self.cfg.dense_dim:  # a shape, not a value: no host sync
             layout = "with" if self.cfg.platform_features else "without"
@@ -530,7 +529,7 @@ class HSD(nn.Module):
         if self.bag_embed not in ("eager", "always", "never"):
             raise ValueError(f"HSD.bag_embed={self.bag_embed!r} is invalid: expected eager, always or never")
         bag = self.bag_embed == "always" or (self.bag_embed == "eager" and not torch.compiler.is_compiling())
-        x = self.table_embedding(tokens) if bag else self.table_lookups(tokens, segments)  # (B, T, C)
+        x = self.table_embedding(tokens) if bag else self.table_lookups(tokens)  # (B, T, C)
         if self.item_emb is not None:
             ids = tokens.token_ids
             has_item = (ids >= 0) & (tokens.semantic_codes[..., 0] >= 0)  # O/I only, not the U's user id
@@ -541,19 +540,11 @@ class HSD(nn.Module):
         """The tables ``table_embedding`` concatenates, in the order of its id columns and ``bag_starts``."""
         return [*self.code_emb, self.event_emb, self.type_emb, self.pos_emb]
 
-    def table_lookups(self, tokens: TokenBatch, segments: Segments | None = None) -> Tensor:
-        """``table_embedding``'s reference: a lookup per table, masked, summed.
-
-        ``segments`` (the slot layout, every row the same): the type's rows per slot, (T, C) broadcast over the
-        rows, whose gradient is a sum over the rows; a lookup per token instead has a backward that adds every
-        token's gradient into the table's 4 rows (scatter-adds that contend on the same rows on a GPU, as
-        ``rows_of_type``'s doc measured for the per-type gains)."""
+    def table_lookups(self, tokens: TokenBatch) -> Tensor:
+        """``table_embedding``'s reference: a lookup per table, masked, summed."""
         event = self.event_emb(tokens.event_ids) * (tokens.type_ids == TYPE_I)[..., None]  # I: funnel event
         codes = self.code_embedding(tokens.semantic_codes)  # O/I: item path
-        kind = (
-            self.type_emb(tokens.type_ids) if segments is None else slot_rows(self.type_emb.weight, segments)
-        )
-        return codes + event + kind + self.pos_emb(tokens.positions)
+        return codes + event + self.type_emb(tokens.type_ids) + self.pos_emb(tokens.positions)
 
     def table_embedding(self, tokens: TokenBatch) -> Tensor:
         """(B, T, C): each level's code embedding (O/I; 0 where no code), the funnel event's (I only), the type's
@@ -613,7 +604,7 @@ class HSD(nn.Module):
             pad = torch.cat([cache.padding_mask, tokens.padding_mask], 1)
             start, past = cache.length, cache.layers
         mask = hybrid_mask_rows(type_ids, pad, start, hybrid=self.cfg.hybrid_attention)  # (B, Tq, T)
-        x = self.embed(tokens, segments)  # (B, Tq, C)
+        x = self.embed(tokens)  # (B, Tq, C)
         tq_types = tokens.type_ids
         layers: list[LayerCache] = []
         for block in self.blocks:
