@@ -25,6 +25,11 @@
 #   tracked files + wheels must stay under the 64 MiB a call carries: 62.6 MiB at the eighteenth session). One
 #   learner call is enough: seed 2's four runs met the stop rule by 365 s, its final and exit diagnosis ended at
 #   578 s, and a second call found every run finished (the same final sessions, reused).
+#   Seed 4's call A ran on an H100 in the twenty-fourth session (492 s; its bundle is runs/bundle_s4, ignored): its
+#   call B on a fresh machine is `BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh`,
+#   carrying .whl and runs/bundle_s4: 66.9 MB of the 67.1 MB (64 MiB) a call takes, with pytest's wheel moved out of
+#   .whl (into the ignored .whl_test, carried only by test calls). On a card under 100 GB (an H100) gpu_d6/call.sh
+#   runs the learners with --micro-batch 256 (the same steps in passes; four learners took 100 GB of the H200).
 #   Seed 3 ran so in the nineteenth session (call A 464 s, call B 575 s, both warm after a failed start), and the clip
 #   probe below as a third warm call (334 s: its runs stop at iteration 12 like the others): A + B + C = 1,373 s of
 #   the 1,800 a session has, so seed 4 fits one session with the probe, if call A finds a machine early.
