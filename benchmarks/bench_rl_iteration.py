@@ -374,7 +374,6 @@ def run_row(
     gemm_autotune: bool = False,
     ln_affine: str = "slot",
     embed: str = "eager",
-    micro_batch: int = 0,
 ) -> dict:
     dev = torch.device(args.device)
     # Inductor's GEMM autotuning (Triton / C++ templates with fused epilogues raced against the vendor
@@ -395,7 +394,7 @@ def run_row(
     # fused: agents.hepo's optimiser on CUDA; update() then checks finiteness on the device (no sync per step)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=fused)
     loss_cfg = LossConfig()
-    schedule = UpdateConfig(args.epochs, args.minibatch, 1.0, 0, precision, micro_batch=micro_batch)
+    schedule = UpdateConfig(args.epochs, args.minibatch, 1.0, 0, precision)
     terms_fn = PathTerms(model, cached=cached, compile=compile_mode)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -475,7 +474,6 @@ def run_row(
         "gemm_autotune": gemm_autotune,
         "ln_affine": ln_affine,
         "embed": embed,
-        "micro_batch": micro_batch,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -510,7 +508,6 @@ def path_label(row: dict) -> str:
     label += " +gemm autotune" if row.get("gemm_autotune") else ""
     label += " +ln per token" if row.get("ln_affine") == "token" else ""
     label += f" +bag {row['embed']}" if row.get("embed", "eager") != "eager" else ""
-    label += f" +passes of {row['micro_batch']}" if row.get("micro_batch") else ""
     n = row.get("compiled_when_timed", 0)  # its seconds include compile time: not the steady state
     return label + (f" (!{n} graphs compiled while timed)" if n else "")
 
@@ -586,12 +583,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rollout-steps", type=int, default=2, help="env steps per iteration")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--minibatch", type=int, default=1024, help="requests per minibatch (x K paths)")
-    p.add_argument(
-        "--micro-batch",
-        default="0",
-        help="comma-separated UpdateConfig.micro_batch values, one row each: requests per forward / backward pass "
-        "of a minibatch (0, the library's default: the whole minibatch; the same step in less memory)",
-    )
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=3, help="timed iterations (median)")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="MFU denominator")
@@ -654,9 +645,6 @@ def main(argv: list[str] | None = None) -> dict:
     autotune = [x == "on" for x in listed(args.gemm_autotune, "--gemm-autotune", ("off", "on"))]
     affines = listed(args.ln_affine, "--ln-affine", ("slot", "token"))
     embeds = listed(args.embed, "--embed", ("eager", "always", "never"))
-    passes = ints(args.micro_batch)
-    for micro_batch in passes:  # one line naming the bad value before any row runs
-        UpdateConfig(micro_batch=micro_batch)
     if any(autotune) and modes == ["off"]:
         raise ValueError(
             "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"
@@ -677,20 +665,19 @@ def main(argv: list[str] | None = None) -> dict:
     for n in ints(args.sessions):
         for precision in precisions:
             variants = [
-                (True, m, f, lay, a, ln, e, mb)
+                (True, m, f, lay, a, ln, e)
                 for m in modes
                 for f in optimizers
                 for lay in layouts
                 for a in autotune
                 for ln in affines
                 for e in embeds
-                for mb in passes
                 if not (a and m == "off")
             ]
-            for cached, mode, fused, lay, tune, ln, e, mb in variants + (
-                [(False, "off", False, "segments", False, "slot", "eager", 0)] if args.old else []
+            for cached, mode, fused, lay, tune, ln, e in variants + (
+                [(False, "off", False, "segments", False, "slot", "eager")] if args.old else []
             ):
-                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln, e, mb))
+                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln, e))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -1,7 +1,6 @@
 """The algorithm registry, Sibling-GRPO's advantages and one update of every algorithm (agents.rl.registry,
 agents.rl.sibling_grpo, agents.rl.loop)."""
 
-import copy
 import math
 
 import pytest
@@ -156,38 +155,6 @@ def test_every_algorithm_runs_one_update_with_finite_named_terms(name, kl_coef):
     assert moved
 
 
-@pytest.mark.parametrize("name", list(ALGOS))
-@pytest.mark.parametrize("minibatch, micro", [(6, 2), (4, 3)], ids=["even", "uneven"])
-def test_micro_batches_take_the_minibatch_step(name, minibatch, micro):
-    """Passes of ``micro_batch`` requests add up to the minibatch's gradient: the same steps and logged terms as one
-    pass per minibatch (4 + 2 requests and passes of 3 + 1 and 2 leave unequal parts to weight)."""
-    torch.manual_seed(0)
-    cfg, algo = LossConfig(), algorithm(name)
-    runs = []
-    for micro_batch in (0, micro):
-        model = GPRModel(TINY).eval()  # no dropout: the recomputed log-probs equal the rollout's
-        if runs:  # the same start
-            model.load_state_dict(runs[0][2])
-        buf = _tiny_buffer(model)
-        with torch.no_grad():
-            buf.old_log_prob, buf.old_values = path_terms(model, buf)
-        buf.adv, buf.returns = algo.targets(buf, cfg)
-        ref = copy.deepcopy(model).requires_grad_(False) if algo.reference else None
-        start = copy.deepcopy(model.state_dict())
-        # SGD: a step linear in the gradient (Adam would turn the float noise of a zero gradient into a full step)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        schedule = UpdateConfig(epochs=2, minibatch=minibatch, micro_batch=micro_batch, max_grad_norm=0.5)
-        terms = update(PathTerms(model), model, opt, ref, buf, algo, cfg, schedule, 0)
-        runs.append((terms, model.state_dict(), start))
-    (want, want_weights, _), (got, got_weights, _) = runs
-    assert got.keys() == want.keys()
-    for key in want:
-        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
-    assert want["train/grad_clipped"] > 0  # the clip acts on the summed gradient, not on each pass's
-    for key in want_weights:
-        torch.testing.assert_close(got_weights[key], want_weights[key], rtol=1e-5, atol=1e-6, msg=key)
-
-
 def test_update_config_rejects_bad_values():
     with pytest.raises(ValueError, match="epochs"):
         UpdateConfig(epochs=0)
@@ -199,10 +166,6 @@ def test_update_config_rejects_bad_values():
         UpdateConfig(max_grad_norm=0.0)
     with pytest.raises(ValueError, match="clip='both' is invalid"):
         UpdateConfig(clip="both")
-    with pytest.raises(ValueError, match="micro_batch=-1 is invalid"):
-        UpdateConfig(micro_batch=-1)
-    with pytest.raises(ValueError, match="micro_batch=-1 is invalid"):
-        Args(micro_batch=-1)
     with pytest.raises(ValueError, match="grad_clip='both' is invalid"):
         Args(grad_clip="both")
 

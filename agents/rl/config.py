@@ -32,7 +32,6 @@ RESUME_IGNORES = (
     "plateau_delta",
     "plateau_metric",
     "compile",
-    "micro_batch",
 )
 """flags that may change between an interrupted run and its resumption"""
 RL_STARTS = ("vaft", "mtp")
@@ -151,9 +150,6 @@ class RLConfig:
     """passes over each rollout"""
     minibatch: int = 64
     """requests per minibatch (x group_size paths)"""
-    micro_batch: int = 0
-    """requests per forward / backward pass of a minibatch, their gradients added before its one step (0: the whole
-    minibatch in one pass): the same step in less memory (four gpu-large learners on one 80 GB card: 512)"""
     lr: float = 1e-4
     """AdamW learning rate (constant, so a resumed run matches an uninterrupted one)"""
     max_grad_norm: float = 1.0
@@ -288,7 +284,6 @@ class RLConfig:
             ("funnel_steps", 1),
             ("codebook_size", 2),
             ("plateau_patience", 0),
-            ("micro_batch", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:

@@ -17,7 +17,6 @@ parameters, gradients and AdamW stay float32); ``PathTerms(compile=...)`` compil
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,12 +66,6 @@ class UpdateConfig:
     """joint: one clip over every parameter on the norm of all, so a large critic gradient shrinks the policy's step
     too (the reference; the recorded GPU runs used it) | separate: the policy's parameters and the critic's
     (``critic_parameters()``: the HTE) each clipped on their own norm (``clip_gradients``)"""
-    micro_batch: int = 0
-    """requests per forward / backward pass within a minibatch (0: the whole minibatch in one): the passes'
-    gradients add up before the one clip and step, so the step is the minibatch's (every loss is a mean over
-    its paths: each pass is weighted by its share of the minibatch's requests; DPO's mean over the groups with a
-    difference is then the requests-weighted mean of each pass's), while the update's activations shrink with
-    the pass: what lets four GPU-scale learners share one 80 GB card"""
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -80,11 +73,6 @@ class UpdateConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is invalid: expected an integer >= 1")
-        v = self.micro_batch
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(
-                f"micro_batch={v!r} is invalid: expected an integer >= 0 (0: the whole minibatch)"
-            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} is invalid: expected an integer")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -303,39 +291,6 @@ def add_terms(sums: dict[str, float], named: dict[str, float], share: float, cfg
     sums["grad_clipped"] = sums.get("grad_clipped", 0.0) + share * float(scaled)
 
 
-def accumulate_gradients(
-    terms_fn,
-    ref: GPRModel | None,
-    buf: Buffer,
-    idx: torch.Tensor,
-    segments: Segments | None,
-    algo: Algorithm,
-    loss_cfg: LossConfig,
-    cfg: UpdateConfig,
-    scale: float,
-    policy: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Backpropagate one minibatch's loss x ``scale`` into the gradients, in passes of ``cfg.micro_batch`` requests
-    of this rank's rows ``idx`` (one pass when 0); returns its loss terms (detached, float32), each pass's weighted
-    by its share of ``idx``. Under ``DistributedDataParallel`` only the last pass all-reduces (``no_sync``), so
-    every rank joins one all-reduce per minibatch however many passes its rows take."""
-    passes = idx.split(cfg.micro_batch) if cfg.micro_batch else (idx,)
-    total: dict[str, torch.Tensor] = {}
-    for i, rows in enumerate(passes):
-        part = rows.numel() / idx.numel()
-        last = i == len(passes) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(terms_fn, "no_sync") else terms_fn.no_sync()
-        with sync:
-            with precision_context(buf.codes.device, cfg.precision):  # the forward only; backward outside
-                terms = loss_terms(algo, loss_cfg, terms_fn, ref, buf.rows(rows), segments)
-            loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
-            (loss * (part * scale)).backward()
-        for name, value in terms.items():
-            weighted = value.detach().float() * part
-            total[name] = total[name] + weighted if name in total else weighted
-    return total
-
-
 def update(
     terms_fn,
     model: GPRModel,
@@ -354,9 +309,8 @@ def update(
     ``terms_fn``: ``PathTerms(model)`` or its DDP wrapper. Data-parallel, each rank's loss is the mean over
     its rows of the global minibatch scaled by its share (x W, since DDP averages the gradients over ranks),
     so the step equals the one-process step on the global minibatch; a rank holding none of its rows runs
-    one row with weight 0 (every rank must join the gradient all-reduce). ``cfg.micro_batch`` splits each rank's rows
-    of a minibatch into passes whose gradients add up to the same step (``accumulate_gradients``). ``policy`` False
-    trains the value terms only (critic warm-up). ``draw`` keys the minibatch order (``minibatches``). The buffer
+    one row with weight 0 (every rank must join the gradient all-reduce). ``policy`` False trains the
+    value terms only (critic warm-up). ``draw`` keys the minibatch order (``minibatches``). The buffer
     holds ``algo``'s targets.
 
     Non-finite values (any loss term or the gradient norm) stop the run (``gpr_sim.finite``) before they reach
@@ -381,15 +335,16 @@ def update(
             share = idx.numel() / size
             if idx.numel() == 0:
                 idx = torch.zeros(1, dtype=torch.int64, device=buf.codes.device)
+            with precision_context(buf.codes.device, cfg.precision):  # the forward only; backward outside
+                terms = loss_terms(algo, loss_cfg, terms_fn, ref, buf.rows(idx), segments)
+            loss = terms["loss"] if policy else loss_cfg.value_coef * (terms["critic"] + terms["item_value"])
             opt.zero_grad(set_to_none=True)
-            terms = accumulate_gradients(
-                terms_fn, ref, buf, idx, segments, algo, loss_cfg, cfg, share * dist.world_size, policy
-            )
+            (loss * (share * dist.world_size)).backward()
             norms = clip_gradients(groups, cfg.max_grad_norm, cfg.clip)
             # checked before the step takes effect: a NaN here would reach every parameter (gpr_sim.finite);
             # every rank sees the same all-reduced gradient norm, so all ranks skip and stop together
             names = [*terms, GRADIENT_NORM, *GROUP_NORMS]
-            values = torch.stack([*terms.values()] + [n.float() for n in norms])
+            values = torch.stack([v.detach().float() for v in terms.values()] + [n.float() for n in norms])
             where = f"iteration {draw + 1}, epoch {epoch}, minibatch {batch}"
             # fused: no host sync per minibatch; from a non-finite one on, steps are skipped on the device
             if on_device:
@@ -422,7 +377,6 @@ __all__ = [
     "clip_gradients",
     "parameter_groups",
     "UpdateConfig",
-    "accumulate_gradients",
     "loss_terms",
     "minibatches",
     "path_terms",

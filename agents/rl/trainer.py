@@ -307,13 +307,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
     fused = torch.device(args.device).type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=fused)
     schedule = UpdateConfig(
-        args.epochs,
-        args.minibatch,
-        args.max_grad_norm,
-        args.seed,
-        args.precision,
-        clip=args.grad_clip,
-        micro_batch=args.micro_batch,
+        args.epochs, args.minibatch, args.max_grad_norm, args.seed, args.precision, clip=args.grad_clip
     )
     env = make_train_env(args, dist)
     if funnel is not None:

@@ -28,8 +28,13 @@
 #   Seed 4's call A ran on an H100 in the twenty-fourth session (492 s; its bundle is runs/bundle_s4, ignored): its
 #   call B on a fresh machine is `BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh`,
 #   carrying .whl and runs/bundle_s4: 66.9 MB of the 67.1 MB (64 MiB) a call takes, with pytest's wheel moved out of
-#   .whl (into the ignored .whl_test, carried only by test calls). On a card under 100 GB (an H100) gpu_d6/call.sh
-#   runs the learners with --micro-batch 256 (the same steps in passes; four learners took 100 GB of the H200).
+#   .whl (into the ignored .whl_test, carried only by test calls). Four learners took 85-100 GB of the H200, more
+#   than an H100 has (23.5 GiB allocated per learner at 8,192 sessions, set outside the update: RESULTS "Passes within
+#   a minibatch"), so on an H100 call B is two warm calls, two learners each: B1
+#   `RUNS="hepo:--label hepo;ppo:--algo ppo --label ppo" FINAL_S=0 BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash
+#   benchmarks/results/gpu_d3/next.sh`, then at once B2 `SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh`
+#   (carry .whl only: W is the warm machine's; HEPO and PPO finished, each exits at once and keeps its summary, GRPO
+#   and Sibling-GRPO run, then the final pairs all four); B2 on a fresh machine would lose B1's runs.
 #   Seed 3 ran so in the nineteenth session (call A 464 s, call B 575 s, both warm after a failed start), and the clip
 #   probe below as a third warm call (334 s: its runs stop at iteration 12 like the others): A + B + C = 1,373 s of
 #   the 1,800 a session has, so seed 4 fits one session with the probe, if call A finds a machine early.

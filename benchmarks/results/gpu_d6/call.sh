@@ -16,14 +16,7 @@
 # Usage: SEED=0 bash benchmarks/results/gpu_d6/call.sh   (RUNS, DEADLINE, FINAL_S, FINAL_FLAGS, STOP may override)
 SEED=${SEED:-0}
 PRETRAIN=${PRETRAIN-"--collect-steps 8 --mtp-steps 600 --vaft-steps 200"}
-# MICRO_BATCH: each minibatch of 1,024 requests in passes of this many (agents.hepo --micro-batch: the same steps, a
-# quarter of the update's activations); by default 256 on a card under 100 GB (an H100: four learners took 100 GB of
-# the H200 at once, benchmarks/results/gpu_d3/learners_seed3/callB/smi.csv), else one pass
-if [ -z "${MICRO_BATCH+x}" ]; then
-  total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-  MICRO_BATCH=$([ -n "$total" ] && [ "$total" -lt 100000 ] && echo 256 || echo 0)
-fi
-export PROFILE="--profile gpu-large $PRETRAIN --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --micro-batch $MICRO_BATCH --seed $SEED ${STOP:-}"
+export PROFILE="--profile gpu-large $PRETRAIN --num-envs 8192 --rollout-steps 2 --eval-every 4 --eval-sessions 4096 --eval-envs 4096 --eval-states 512 --seed $SEED ${STOP:-}"
 LEARNERS="hepo:--label hepo;ppo:--algo ppo --label ppo;grpo:--algo grpo --label grpo;sibling:--algo sibling_grpo --label sibling_grpo"
 if [ -n "${CLIP_PROBE:-}" ] && [ -z "${RUNS+x}" ]; then
   # the clip probe (gpu_d3/next.sh): the learners as above (finished in an earlier call: each exits at once and the
