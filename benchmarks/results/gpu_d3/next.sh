@@ -34,7 +34,9 @@
 #   `RUNS="hepo:--label hepo;ppo:--algo ppo --label ppo" FINAL_S=0 BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash
 #   benchmarks/results/gpu_d3/next.sh`, then at once B2 `SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh`
 #   (carry .whl only: W is the warm machine's; HEPO and PPO finished, each exits at once and keeps its summary, GRPO
-#   and Sibling-GRPO run, then the final pairs all four); B2 on a fresh machine would lose B1's runs.
+#   and Sibling-GRPO run, then the final pairs all four); B2 on a fresh machine would lose B1's runs, and if B1's
+#   rc.txt shows a run cut by the deadline (rc=143), B1 again first (B2 would resume it beside the other two: three
+#   learners on the card).
 #   Seed 3 ran so in the nineteenth session (call A 464 s, call B 575 s, both warm after a failed start), and the clip
 #   probe below as a third warm call (334 s: its runs stop at iteration 12 like the others): A + B + C = 1,373 s of
 #   the 1,800 a session has, so seed 4 fits one session with the probe, if call A finds a machine early.
