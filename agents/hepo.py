@@ -22,7 +22,8 @@ for new / old ads (Table 5, values only: ``eval/strata/...``), plus the Table 3 
 OPR, mean / max normalised final_value of the top-K beam) on the first requests of those sessions.
 
 The run folder (``runs/hepo/{env}__{algo}__{seed}__{time}``, or ``--out``) holds ``config.json``,
-``metrics.jsonl``, ``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
+``metrics.jsonl`` (on CUDA with each phase's peak allocated memory, ``perf/{rollout,update,eval}_peak_gib``),
+``checkpoint.pt`` (model, optimiser, env and RNG state: exact resume), ``policy.pt``
 (the model alone, for ``agents.evaluate --agents gpr:RUN``), ``best/`` (the policy of the evaluation with the
 highest held-out reward per session so far, ``agents.rl.selection.keep_best``: ``gpr:RUN/best``), ``summary.json``, ``curves.png``,
 ``reward_model.png`` (the rewarded vs true value of the sampled candidates per iteration: ``agents.rl.rollout``) and

@@ -1036,3 +1036,18 @@ def test_the_evaluation_line_names_the_iterations_speed():
         {"iteration": 0, "eval/oracle_share": 0.5, "perf/setup_s": 31.04, "perf/eval_s": 12.96}
     )
     assert start.endswith("(set-up 31.0 s, evaluation 13.0 s)") and "req/s" not in start
+    # on CUDA the phases' peak memory (PhasePeaks): the line names the largest, what decides the card's share
+    peaks = {"perf/rollout_peak_gib": 23.51, "perf/update_peak_gib": 17.26, "perf/eval_peak_gib": 9.0}
+    assert trainer.log_line({**row, **peaks}).endswith("update 2.4 s)  peak 23.5 GiB")
+    assert trainer.PhasePeaks("cpu").take("rollout") == {}  # the process's RSS would mix the phases: nothing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's peaks")
+def test_phase_peaks_read_each_phase_apart():
+    dev = torch.device("cuda")
+    peaks = trainer.PhasePeaks(dev)
+    big = torch.empty(64 << 20, dtype=torch.uint8, device=dev)  # 64 MiB live in the first phase
+    del big
+    first = peaks.take("rollout")["perf/rollout_peak_gib"]
+    second = peaks.take("update")["perf/update_peak_gib"]  # reset: the freed block is not this phase's
+    assert first >= 64 / 1024 > second

@@ -149,6 +149,30 @@ def make_train_env(args: RLConfig, dist: Dist = SINGLE):
     )
 
 
+PHASES = ("rollout", "update", "eval")
+"""the phases of an iteration whose peak memory ``PhasePeaks`` logs"""
+
+
+class PhasePeaks:
+    """The CUDA caching allocator's peak allocated GiB of each phase of an iteration, read and reset at the phase's
+    end (host-side counters: no device sync), as ``perf/{phase}_peak_gib``; nothing off CUDA, where the process's
+    peak RSS would not tell the phases apart. What decides how many learners share a card (RESULTS "Passes within a
+    minibatch": the benchmark's 23.5 GiB was not the update's)."""
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        self.on = self.device.type == "cuda"
+        if self.on:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def take(self, phase: str) -> dict[str, float]:
+        if not self.on:
+            return {}
+        gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {f"perf/{phase}_peak_gib": gib}
+
+
 def log_line(row: dict) -> str:
     parts = [f"it {row['iteration']}"]
     if "eval/oracle_share" in row:
@@ -174,6 +198,9 @@ def log_line(row: dict) -> str:
             f"update {row['perf/update_s']:.1f} s"
             + (f", evaluation {row['perf/eval_s']:.1f} s)" if "perf/eval_s" in row else ")")
         )
+    peaks = [row[f"perf/{phase}_peak_gib"] for phase in PHASES if f"perf/{phase}_peak_gib" in row]
+    if peaks:  # CUDA only (PhasePeaks)
+        parts.append(f"peak {max(peaks):.1f} GiB")
     elif "perf/setup_s" in row:  # the start: the markets and models set up, then its evaluation
         parts.append(f"(set-up {row['perf/setup_s']:.1f} s, evaluation {row['perf/eval_s']:.1f} s)")
     return "  ".join(parts)
@@ -398,6 +425,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
         disable=not (args.progress and dist.is_main),
         unit="it",
     )
+    peaks = PhasePeaks(args.device)
     with StopRequest() as request:
         for it in bar:
             t0 = time.perf_counter()
@@ -405,6 +433,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
             buf, stats = roller.collect(model, args.rollout_steps)
             model.train()
             buf.adv, buf.returns = algo.targets(buf, args.loss)
+            memory = peaks.take("rollout")
             t1 = time.perf_counter()
             terms = update(
                 terms_fn,
@@ -419,6 +448,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
                 dist,
                 policy=it >= args.critic_warmup,
             )
+            memory.update(peaks.take("update"))
             t2 = time.perf_counter()
             env_steps += stats["rollout/requests"]
             returns, _ = roller.pop_episodes()
@@ -436,6 +466,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
                 "perf/rollout_s": t1 - t0,
                 "perf/update_s": t2 - t1,
                 "perf/requests_per_s": stats["rollout/requests"] / max(t2 - t0, 1e-9),
+                **memory,
             }
             if dist.is_main:
                 if done % args.eval_every == 0 or done == args.iterations:
@@ -443,6 +474,7 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
                     row.update(evaluate(model))
                     row.update(kept.margins(evaluate.sessions))  # vs the best before it and the start
                     row["perf/eval_s"] = time.perf_counter() - t3  # held-out sessions and oracle states
+                    row.update(peaks.take("eval"))
                     tqdm.write(log_line(row))
                     row.update(kept.consider(model, row, evaluate.sessions))
                 append_metrics(metrics_path, row)
