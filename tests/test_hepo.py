@@ -1045,9 +1045,9 @@ def test_the_evaluation_line_names_the_iterations_speed():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's peaks")
 def test_phase_peaks_read_each_phase_apart():
     dev = torch.device("cuda")
-    peaks = trainer.PhasePeaks(dev)
-    big = torch.empty(64 << 20, dtype=torch.uint8, device=dev)  # 64 MiB live in the first phase
+    peaks = trainer.PhasePeaks(dev)  # whatever else the process holds stays allocated through both phases
+    big = torch.empty(64 << 20, dtype=torch.uint8, device=dev)  # 64 MiB live in the first phase only
     del big
     first = peaks.take("rollout")["perf/rollout_peak_gib"]
     second = peaks.take("update")["perf/update_peak_gib"]  # reset: the freed block is not this phase's
-    assert first >= 64 / 1024 > second
+    assert first - second == pytest.approx(64 / 1024, abs=1e-3)

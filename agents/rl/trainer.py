@@ -198,11 +198,11 @@ def log_line(row: dict) -> str:
             f"update {row['perf/update_s']:.1f} s"
             + (f", evaluation {row['perf/eval_s']:.1f} s)" if "perf/eval_s" in row else ")")
         )
+    elif "perf/setup_s" in row:  # the start: the markets and models set up, then its evaluation
+        parts.append(f"(set-up {row['perf/setup_s']:.1f} s, evaluation {row['perf/eval_s']:.1f} s)")
     peaks = [row[f"perf/{phase}_peak_gib"] for phase in PHASES if f"perf/{phase}_peak_gib" in row]
     if peaks:  # CUDA only (PhasePeaks)
         parts.append(f"peak {max(peaks):.1f} GiB")
-    elif "perf/setup_s" in row:  # the start: the markets and models set up, then its evaluation
-        parts.append(f"(set-up {row['perf/setup_s']:.1f} s, evaluation {row['perf/eval_s']:.1f} s)")
     return "  ".join(parts)
 
 
