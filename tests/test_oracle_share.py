@@ -68,8 +68,10 @@ def test_oracle_share_of_the_oracle_is_exactly_one(small):
 def test_fixed_ad_share_by_hand():
     states = tiny_states()
     v = ad_values(states)  # (16, 6)
-    # the batched table is the scoring API's, ad by ad (float32 scores: their rounding apart)
-    torch.testing.assert_close(states.values, v, rtol=1e-5, atol=1e-8)
+    # the batched table is the scoring API's, ad by ad (float32 scores: their rounding apart), kept in the
+    # scoring's float32: a float64 copy would double its memory for no extra digit
+    assert states.values.dtype == torch.float32
+    torch.testing.assert_close(states.values.double(), v, rtol=1e-5, atol=1e-8)
     # serving ad 2 everywhere: its value per state over the best eligible ad's value per state
     expected = v[:, 2].sum() / v.max(1).values.sum()
     out = oracle_share(FixedAds(16, [2]), states)
@@ -86,7 +88,7 @@ def test_uniform_random_share_is_mean_over_max():
     states = tiny_states()
     vec = states.env.unwrapped
     assert bool(vec.eligible_ads().all())  # at reset every advertiser can bid: mean over eligible = over all
-    v = states.values
+    v = states.values.double()  # the library sums in float64
     # uniform over the 6 ads (its exact action distribution): expected value = the mean of the row
     expected = v.mean(1).sum() / v.max(1).values.sum()
     out = oracle_share(make_policy("random", states.env, 0), states)
@@ -163,8 +165,10 @@ def test_catalog_chunks_bound_pairs_and_keep_values():
     vec = states.env.unwrapped
     want = ad_values(states)
     one_chunk = true_values(vec)
-    assert_close(one_chunk, want, rtol=1e-5, atol=1e-8)  # float32 scores: chunk shapes move the rounding
-    best_want = one_chunk.masked_fill(~vec.eligible_ads()[None], float("-inf")).max(1).values
+    assert_close(
+        one_chunk.double(), want, rtol=1e-5, atol=1e-8
+    )  # float32 scores: chunk shapes move the rounding
+    best_want = one_chunk.masked_fill(~vec.eligible_ads()[None], float("-inf")).max(1).values.double()
     for cells in (6, 7 * 6, 1 << 22):  # one row per chunk, a ragged last chunk, one chunk
         assert_close(true_values(vec, cells=cells), one_chunk, rtol=1e-5, atol=1e-8)
         assert_close(best_true_values(vec, cells=cells), best_want, rtol=1e-5, atol=1e-8)

@@ -59,11 +59,11 @@ def stage_losses(
     req = RequestStates.from_env(env, states)
     policy = LearnedCascadePolicy(env, platform, cascade, seed=states.seed)
     s = policy.stages(req.obs)
-    v, oracle = req.values, req.oracle_values  # (N, num_ads), (N,)
+    v, oracle = req.values, req.oracle_values  # (N, num_ads) float32, (N,) float64
     best = v.masked_fill(~req.eligible, float("-inf")).argmax(1)  # (N,) the oracle's ad
     found = (s.retrieved == best[:, None]).any(1)
     kept = (s.preranked == best[:, None]).any(1)
-    pool_v = v.gather(1, s.preranked)  # (N, P)
+    pool_v = v.gather(1, s.preranked).double()  # (N, P)
     greedy = s.logits.argmax(1)
     t = cascade.temperature
     if t > 0:
@@ -71,7 +71,7 @@ def stage_losses(
     else:
         served = pool_v.gather(1, greedy[:, None])[:, 0]
     shares = {
-        "value_share_retrieved": _share(v.gather(1, s.retrieved).max(1).values, oracle),
+        "value_share_retrieved": _share(v.gather(1, s.retrieved).max(1).values.double(), oracle),
         "value_share_preranked": _share(pool_v.max(1).values, oracle),
         "value_share_greedy": _share(pool_v.gather(1, greedy[:, None])[:, 0], oracle),
         "value_share_served": _share(served, oracle),
