@@ -25,10 +25,12 @@
 #   tracked files + wheels must stay under the 64 MiB a call carries: 62.6 MiB at the eighteenth session). One
 #   learner call is enough: seed 2's four runs met the stop rule by 365 s, its final and exit diagnosis ended at
 #   578 s, and a second call found every run finished (the same final sessions, reused).
-#   Seed 4's call A ran on an H100 in the twenty-fourth session (492 s; its bundle is runs/bundle_s4, ignored): its
-#   call B on a fresh machine is `BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh`,
-#   carrying .whl and runs/bundle_s4: 66.9 MB of the 67.1 MB (64 MiB) a call takes, with pytest's wheel moved out of
-#   .whl (into the ignored .whl_test, carried only by test calls). Four learners took 85-100 GB of the H200, more
+#   Seed 4's call A ran on an H100 in the twenty-fourth session (492 s; its bundle is runs/bundle_s4, ignored); its
+#   call B ran on an H200 in the twenty-fifth (532 s), `BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash
+#   benchmarks/results/gpu_d3/next.sh`, carrying .whl and runs/bundle_s4, with pytest's wheel moved out of .whl (into
+#   the ignored .whl_test, carried only by test calls). The 64 MiB a call takes counts allocated blocks (`du`, not
+#   `du -b`): the tracked files are 27.6 MB so, and with the bundle and the wheels over the limit; the call ran with
+#   benchmarks/results/credit_trie (9.8 MB, read by no learner call) moved out of the checkout and back after. Four learners took 85-100 GB of the H200, more
 #   than an H100 has (23.5 GiB allocated per learner at 8,192 sessions, set outside the update: RESULTS "Passes within
 #   a minibatch"), so on an H100 call B is two warm calls, two learners each: B1
 #   `RUNS="hepo:--label hepo;ppo:--algo ppo --label ppo" FINAL_S=0 BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash
