@@ -349,6 +349,14 @@ def test_held_out_config_is_the_eval_flags():
             HeldOutConfig(**bad)
 
 
+DPO_MONITOR = (
+    "train/dpo_chosen_logratio",
+    "train/dpo_rejected_logratio",
+    "train/dpo_pairs",
+    "train/dpo_accuracy",
+)
+
+
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "sibling_grpo", "dpo"])
 def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
     out = tmp_path / algo
@@ -368,6 +376,12 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
     ):
         assert math.isfinite(last[key]), key
     assert json.loads((out / "config.json").read_text())["algo"] == algo
+    # DPO's monitor (its pairs' log-ratios to the reference) in every update's row, and only DPO's
+    watched = {k for r in rows[1:] for k in r if k.startswith("train/dpo_")}
+    assert watched == (set(DPO_MONITOR) if algo == "dpo" else set())
+    assert all(
+        math.isfinite(r[k]) and (k != "train/dpo_pairs" or 0 <= r[k] <= 1) for r in rows[1:] for k in watched
+    )
     evals = [r for r in rows if "eval/reward_per_session" in r]
     assert [r["iteration"] for r in evals] == [0, 1, 2]
     for row in evals:  # the Table 5 scalars of every evaluation, read back from metrics.jsonl

@@ -139,6 +139,8 @@ def test_every_algorithm_runs_one_update_with_finite_named_terms(name, kl_coef):
         "grad_norm_critic",
         "grad_clipped",
     } | ({"kl_ref"} if kl_coef else set())
+    if algo.monitor is not None:  # the algorithm's own watched terms (DPO's log-ratios), logged beside
+        want |= set(algo.monitor(lp, lp, buf, cfg))
     assert set(terms) == {f"train/{k}" for k in want}
     assert all(math.isfinite(v) for v in terms.values()), terms
     # one minibatch, before its step: the policy is the rollout's (ratio 1), at its reference
@@ -146,6 +148,12 @@ def test_every_algorithm_runs_one_update_with_finite_named_terms(name, kl_coef):
     assert terms["train/clip_frac"] == 0.0
     if kl_coef:
         assert terms["train/kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    if (
+        name == "dpo"
+    ):  # at the reference every log-ratio is 0 (to rounding: the two forwards are separate calls)
+        assert terms["train/dpo_chosen_logratio"] == pytest.approx(0.0, abs=1e-5)
+        assert terms["train/dpo_rejected_logratio"] == pytest.approx(0.0, abs=1e-5)
+        assert 0.0 <= terms["train/dpo_accuracy"] <= 1.0 and 0.0 < terms["train/dpo_pairs"] <= 1.0
     if not algo.critic:
         assert terms["train/critic"] == 0.0
     if name == "sibling_grpo":  # ratio 1: -sum_l c_l mean A_l

@@ -2,6 +2,7 @@
 the algorithm files agents.rl.hepo, .ppo, .grpo, .dpo)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from agents.rl.buffer import Buffer
 from agents.rl.common import LossConfig, gae, group_zscore, kl_to_reference, level_weights, process_rewards
 from agents.rl.dpo import dpo_loss
+from agents.rl.dpo import monitor as dpo_monitor
 from agents.rl.grpo import grpo_loss
 from agents.rl.hepo import EV_KEY, hepo_loss
 from agents.rl.ppo import ppo_loss
@@ -154,6 +156,28 @@ def test_dpo_prefers_the_better_path():
     better = dpo_loss(lp_w + 1, lp_l, ref, ref, 0.1)
     assert float(better) == pytest.approx(math.log1p(math.exp(-0.1)), rel=1e-6)
     assert better < dpo_loss(lp_w, lp_l, ref, ref, 0.1)
+
+
+def test_dpo_monitor_by_hand():
+    """DPO's watched terms on three groups of three paths (two levels), the reference at 0: group 0's best is path 1
+    (log-ratio 0.1 + 0.3), its worst path 0 (-0.2 - 0.4); group 1's paths tie (no pair); group 2's best is path 2
+    (-0.5), its worst path 1 (+0.1)."""
+    reward = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0], [0.0, -1.0, 4.0]])
+    log_prob = torch.zeros(3, 3, 2)
+    log_prob[0, 1] = torch.tensor([0.1, 0.3])
+    log_prob[0, 0] = torch.tensor([-0.2, -0.4])
+    log_prob[2, 2] = torch.tensor([-0.5, 0.0])
+    log_prob[2, 1] = torch.tensor([0.0, 0.1])
+    out = dpo_monitor(log_prob, torch.zeros_like(log_prob), SimpleNamespace(reward=reward), LossConfig())
+    assert float(out["dpo_chosen_logratio"]) == pytest.approx((0.4 - 0.5) / 2)
+    assert float(out["dpo_rejected_logratio"]) == pytest.approx((-0.6 + 0.1) / 2)
+    assert float(out["dpo_pairs"]) == pytest.approx(2 / 3)
+    assert float(out["dpo_accuracy"]) == 0.5  # group 0's chosen ratio is the larger, group 2's is not
+    # no pair at all: finite zeros, not the NaN of an empty mean (a NaN stops the run)
+    ties = dpo_monitor(
+        log_prob, torch.zeros_like(log_prob), SimpleNamespace(reward=torch.ones(3, 3)), LossConfig()
+    )
+    assert {k: float(v) for k, v in ties.items()} == dict.fromkeys(ties, 0.0)
 
 
 def test_kl_to_reference_is_zero_at_the_reference_and_positive_elsewhere():

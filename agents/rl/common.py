@@ -297,6 +297,9 @@ Targets = Callable[[Buffer, LossConfig], tuple[Tensor | None, Tensor | None]]
 Loss = Callable[[Tensor, Tensor, Tensor | None, Buffer, LossConfig], tuple[Tensor, Tensor | None]]
 """(log_prob (M, K, L), values (M, K, L + 1), reference log_prob (M, K, L) or None, minibatch, constants)
 -> (policy loss, critic loss or None): the algorithm's loss on the current policy's terms"""
+Monitor = Callable[[Tensor, Tensor | None, Buffer, LossConfig], dict[str, Tensor]]
+"""(log_prob (M, K, L), reference log_prob or None, minibatch, constants) -> named scalar tensors: what the
+algorithm's own loss needs watched (computed without gradients, logged as ``train/NAME``, averaged over minibatches)"""
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,8 @@ class Algorithm:
     """its loss trains the HTE prefix values V(s, z_<l) as a critic"""
     reference: bool = False
     """its loss reads the frozen reference policy's log-probs (the VAFT generator)"""
+    monitor: Monitor | None = None
+    """per-minibatch diagnostics of its loss (e.g. DPO's log-ratios to the reference), or None"""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.name, str) and self.name.isidentifier()):
@@ -326,6 +331,8 @@ class Algorithm:
         for field in ("targets", "loss"):
             if not callable(getattr(self, field)):
                 raise ValueError(f"{self.name}: {field} is invalid: expected a function")
+        if self.monitor is not None and not callable(self.monitor):
+            raise ValueError(f"{self.name}: monitor is invalid: expected a function or None")
 
 
 __all__ = [

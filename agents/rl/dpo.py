@@ -3,6 +3,13 @@
 No targets (pairs are formed in the loss from the rewards). Loss:
 -mean log sigmoid(beta [(log pi(w) - log ref(w)) - (log pi(l) - log ref(l))]) over the groups whose best
 and worst rewards differ, path log-probs summed over levels.
+
+Watched (``monitor``, as ``train/dpo_*``): the pairs' log-ratios to the reference, chosen and rejected, their
+share of groups, and how often the chosen path's log-ratio is the larger. DPO only asks the chosen ratio to
+exceed the rejected one; without an anchor both can fall together and the probability they lose goes to paths
+neither chosen nor rejected (likelihood displacement, Pal et al. 2024, Razin et al. 2024). In this simulator those
+paths are ads below the auction's reserve: a falling ``train/dpo_chosen_logratio`` comes before a served policy
+that fills few slots (RESULTS "DPO's collapse is likelihood displacement"); ``--loss.kl-coef`` anchors it.
 """
 
 from __future__ import annotations
@@ -26,14 +33,19 @@ def dpo_loss(log_prob_w: Tensor, log_prob_l: Tensor, ref_w: Tensor, ref_l: Tenso
     return -F.logsigmoid(beta * margin).mean()
 
 
+def pairs(reward: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(M, K) rewards -> (rows, best, worst, has): each group's best and worst path (the first of ties) and whether
+    they differ (a group whose paths all earned the same has no preference)."""
+    rows = torch.arange(reward.shape[0], device=reward.device)
+    best, worst = reward.argmax(1), reward.argmin(1)
+    return rows, best, worst, reward[rows, best] > reward[rows, worst]
+
+
 def loss(log_prob: Tensor, values: Tensor, ref_log_prob: Tensor | None, buf: Buffer, cfg: LossConfig):
     """``dpo_loss`` on the best vs worst path of each group that has a difference -> (policy, no critic)."""
     if ref_log_prob is None:
         raise ValueError("dpo needs the reference policy's log-probs (Algorithm.reference)")
-    m = buf.codes.shape[0]
-    best, worst = buf.reward.argmax(1), buf.reward.argmin(1)
-    rows = torch.arange(m, device=log_prob.device)
-    has = buf.reward[rows, best] > buf.reward[rows, worst]
+    rows, best, worst, has = pairs(buf.reward)
     lp, rl = log_prob.sum(-1), ref_log_prob.sum(-1)  # (M, K)
     policy = (
         dpo_loss(
@@ -45,6 +57,22 @@ def loss(log_prob: Tensor, values: Tensor, ref_log_prob: Tensor | None, buf: Buf
     return policy, None
 
 
-DPO = Algorithm("dpo", targets, loss, reference=True)
+def monitor(log_prob: Tensor, ref_log_prob: Tensor | None, buf: Buffer, cfg: LossConfig) -> dict[str, Tensor]:
+    """The minibatch's pairs (module doc): mean log pi - log ref of the chosen and of the rejected paths (summed over
+    levels), the share of groups with a pair, and the share of pairs whose chosen log-ratio is the larger; 0 where
+    the minibatch has no pair (a finite number, as every logged term must be)."""
+    rows, best, worst, has = pairs(buf.reward)
+    ratio = (log_prob - ref_log_prob).sum(-1)  # (M, K)
+    chosen, rejected = ratio[rows, best][has], ratio[rows, worst][has]
+    n = has.sum().clamp_min(1).to(ratio.dtype)
+    return {
+        "dpo_chosen_logratio": chosen.sum() / n,
+        "dpo_rejected_logratio": rejected.sum() / n,
+        "dpo_pairs": has.to(ratio.dtype).mean() if has.numel() else ratio.new_zeros(()),
+        "dpo_accuracy": (chosen > rejected).to(ratio.dtype).sum() / n,
+    }
 
-__all__ = ["DPO", "dpo_loss", "loss", "targets"]
+
+DPO = Algorithm("dpo", targets, loss, reference=True, monitor=monitor)
+
+__all__ = ["DPO", "dpo_loss", "loss", "monitor", "pairs", "targets"]

@@ -203,6 +203,8 @@ def loss_terms(
         loss = loss + cfg.kl_coef * out["kl_ref"]
     out.update(policy=policy, critic=critic, loss=loss)
     with torch.no_grad():
+        if algo.monitor is not None:
+            out.update(algo.monitor(log_prob, ref_lp, buf, cfg))
         log_ratio = (log_prob - old).sum(-1)
         out["approx_kl"] = ((log_ratio.exp() - 1) - log_ratio).mean()
         out["clip_frac"] = ((log_prob - old).exp().sub(1).abs() > cfg.clip).float().mean()
