@@ -24,6 +24,7 @@ from agents.reporting import keys
 from agents.rl import checkpoint, selection, trainer
 from agents.rl import config as rl_config
 from agents.rl.rollout import Roller
+from benchmarks import path_mass_shift
 from envs.market import REHEARSAL_SEED_OFFSET
 from gpr_sim.data.logs import read_logs
 from gpr_sim.metrics import AD_METRICS, summarize
@@ -392,6 +393,27 @@ def test_baselines_run_and_log_their_losses(pre, tmp_path, algo):
         math.isfinite(v) for v in mtp.values()
     )
     assert not any(k.startswith("eval/mtp/") for r in evals[1:] for k in r)
+
+
+def test_path_mass_shift_of_the_start_is_nothing_and_a_trained_run_moves_it(pre, tmp_path):
+    """``benchmarks/path_mass_shift.py``: the RL start scored against itself (its stage folder, loaded apart) moves
+    nothing, every log-ratio 0 and the same mass on its sampled paths, a probability; a DPO run trained from it
+    moves its paths' log-probs; a run folder that does not exist is one clear error."""
+    out = tmp_path / "dpo"
+    hepo.main(tiny(pre, out, "--algo", "dpo", "--iterations", "2", "--lr", "1e-2"))
+    market = tiny(pre, tmp_path / "unused")  # the same market, reward and start as the run's
+    shift = path_mass_shift.main(
+        [str(pre / "vaft"), str(out), "--out", str(tmp_path / "shift"), "--", *market]
+    )
+    start, itself, dpo = shift["start"], shift[str(pre / "vaft")], shift[str(out)]
+    assert 0.0 < start["mass_on_start_paths"] <= 1.0 + 1e-6 and 0.0 < start["pairs"] <= 1.0
+    for key in ("chosen_logratio", "rejected_logratio", "sampled_logratio"):
+        assert start[key] == 0.0 and itself[key] == pytest.approx(0.0, abs=1e-5)
+    assert itself["mass_on_start_paths"] == pytest.approx(start["mass_on_start_paths"], rel=1e-5)
+    assert abs(dpo["sampled_logratio"]) > 1e-3
+    assert json.loads((tmp_path / "shift.json").read_text())["shift"] == shift
+    with pytest.raises(ValueError, match="missing"):
+        path_mass_shift.main([str(tmp_path / "missing"), "--", *market])
 
 
 def test_separate_clip_logs_both_norms_and_a_resume_keeps_its_clip(pre, tmp_path):

@@ -5,11 +5,13 @@ No targets (pairs are formed in the loss from the rewards). Loss:
 and worst rewards differ, path log-probs summed over levels.
 
 Watched (``monitor``, as ``train/dpo_*``): the pairs' log-ratios to the reference, chosen and rejected, their
-share of groups, and how often the chosen path's log-ratio is the larger. DPO only asks the chosen ratio to
-exceed the rejected one; without an anchor both can fall together and the probability they lose goes to paths
-neither chosen nor rejected (likelihood displacement, Pal et al. 2024, Razin et al. 2024). In this simulator those
-paths are ads below the auction's reserve: a falling ``train/dpo_chosen_logratio`` comes before a served policy
-that fills few slots (RESULTS "DPO's collapse is likelihood displacement"); ``--loss.kl-coef`` anchors it.
+share of groups, and how often the chosen path's log-ratio is the larger (TRL's rewards/chosen, /rejected,
+/accuracies up to beta). DPO only asks the chosen ratio to exceed the rejected one: unanchored, the probability both
+lose can go to paths neither chosen nor rejected (likelihood displacement, Pal et al. 2024, Razin et al. 2024), here
+ads below the auction's reserve, and the served policy stops filling slots. The pairs are the policy's own samples,
+so their ratios measure how far it has moved, not where the mass went: unanchored, both ratios climbed to +3 nats and
+the accuracy fell to 0.18 within 7 iterations of the CPU demo config, with ``--loss.kl-coef 1`` they stayed near +1 and
+-0.3 at 0.98 accuracy (RESULTS "DPO's collapse is likelihood displacement").
 """
 
 from __future__ import annotations

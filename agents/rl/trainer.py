@@ -206,7 +206,32 @@ def log_line(row: dict) -> str:
     return "  ".join(parts)
 
 
-def _pretrained(args: RLConfig, dist: Dist) -> tuple[Path, Path | None]:
+def make_roller(args: RLConfig, tok, funnel: Path | None = None, dist: Dist = SINGLE) -> Roller:
+    """The run's training market (``make_train_env``), its platform (and with ``--auction`` its auction) on the learned
+    ``funnel`` when given, and the ``Roller`` that collects its rollouts with tokenizer ``tok``: what the RL samples
+    from, and what a diagnostic replays (``benchmarks/path_mass_shift.py``)."""
+    env = make_train_env(args, dist)
+    if funnel is not None:
+        market = env.unwrapped
+        learned = load_funnel(funnel, args.device, catalog=market.catalog)
+        market.attach_platform(learned)
+        if args.auction:  # the same object: the market evaluates it once per score (envs.market.score)
+            market.attach_auction(learned)
+    return Roller(
+        env,
+        tok,
+        args.group_size,
+        args.reward,
+        args.arr_rate if args.arr else 0.0,
+        args.seed,
+        budget_aware=args.budget_aware,
+        dist=dist,
+        precision=args.precision,
+        outcome=args.reward_outcome,
+    )
+
+
+def pretrained(args: RLConfig, dist: Dist = SINGLE) -> tuple[Path, Path | None]:
     """Run (or reuse) the pre-training stages; returns only the VAFT folder and the learned funnel file (when
     ``--reward learned``), so nothing the stages built outlives them."""
     mtp, vaft_stage = pretraining(args)
@@ -235,7 +260,7 @@ def train(args: RLConfig, dist: Dist = SINGLE) -> dict:
     """
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    vaft, funnel = _pretrained(args, dist)
+    vaft, funnel = pretrained(args, dist)
     if args.pretrain_only:
         summary = {
             "pretrain_dir": str(vaft.parent),
@@ -336,26 +361,8 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
     schedule = UpdateConfig(
         args.epochs, args.minibatch, args.max_grad_norm, args.seed, args.precision, clip=args.grad_clip
     )
-    env = make_train_env(args, dist)
-    if funnel is not None:
-        market = env.unwrapped
-        learned = load_funnel(funnel, args.device, catalog=market.catalog)
-        market.attach_platform(learned)
-        if args.auction:  # the same object: the market evaluates it once per score (envs.market.score)
-            market.attach_auction(learned)
     auction = auction_record(args, funnel)
-    roller = Roller(
-        env,
-        tok,
-        args.group_size,
-        args.reward,
-        args.arr_rate if args.arr else 0.0,
-        args.seed,
-        budget_aware=args.budget_aware,
-        dist=dist,
-        precision=args.precision,
-        outcome=args.reward_outcome,
-    )
+    roller = make_roller(args, tok, funnel, dist)
     evaluate = Evaluator(held_out(args, funnel), tok) if dist.is_main else None
     metrics_path, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
     start, env_steps = 0, 0
