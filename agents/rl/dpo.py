@@ -9,9 +9,10 @@ share of groups, and how often the chosen path's log-ratio is the larger (TRL's 
 /accuracies up to beta). DPO only asks the chosen ratio to exceed the rejected one: unanchored, the probability both
 lose can go to paths neither chosen nor rejected (likelihood displacement, Pal et al. 2024, Razin et al. 2024), here
 ads below the auction's reserve, and the served policy stops filling slots. The pairs are the policy's own samples,
-so their ratios measure how far it has moved, not where the mass went: unanchored, both ratios climbed to +3 nats and
-the accuracy fell to 0.18 within 7 iterations of the CPU demo config, with ``--loss.kl-coef 1`` they stayed near +1 and
--0.3 at 0.98 accuracy (RESULTS "DPO's collapse is likelihood displacement").
+so their ratios measure how far it has moved, not where the mass went (``benchmarks/path_mass_shift.py`` does):
+unanchored, both ratios climbed to about +3 nats and the accuracy fell to 0.18 within 7 iterations of the CPU demo
+config; with ``--loss.kl-coef 1`` they stayed near +1 and -0.3 at 0.96-0.99 accuracy (RESULTS "DPO's collapse is
+likelihood displacement").
 """
 
 from __future__ import annotations

@@ -75,8 +75,11 @@
 #   each exits at once ("finished ... its summary is kept") and the final reuses their cached sessions (checked on
 #   the CPU with a small PROFILE: "same config already evaluated ..., reusing its sessions"), so every `*_sep` run
 #   is paired against HEPO's joint-clip best, and against its own twin through it.
-#   DPO at its own rates (lr 1e-4 collapsed in 4 iterations at GPU scale): RUNS="dpo_1e5:--algo dpo --lr 1e-5 \
-#     --label dpo;dpo_3e6:--algo dpo --lr 3e-6 --label dpo" ...
+#   DPO at its own rates (lr 1e-4 collapsed in 4 iterations at GPU scale; 3e-6, 1e-5 and 3e-5 ran in the twenty-fifth
+#   session, lr_sweep_seed4/dpo: none improved on the start, RESULTS "DPO's collapse is likelihood displacement"); next
+#   DPO with the KL anchor that stopped the collapse on the CPU, from seed 4's start:
+#     RUNS="dpo_kl1:--algo dpo --loss.kl-coef 1.0 --label dpo_kl1;dpo_kl01:--algo dpo --loss.kl-coef 0.1 --label \
+#       dpo_kl01" DEADLINE=400 FINAL_S=120 BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
 export SEED=${SEED:-0}
 export W=$PWD/runs/d3_s$SEED PRETRAIN=""
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
