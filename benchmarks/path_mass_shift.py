@@ -41,8 +41,13 @@ from gpr_sim.runs import write_json  # noqa: E402
 def distinct_mass(codes: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     """(M, K, L) sampled paths and (M, K) their path log-probs -> (M,) the probability on the distinct paths of each
     row (a path drawn twice counted once)."""
+    if codes.shape[2] > 5 or bool((codes >= 4096).any()):
+        raise ValueError(
+            f"paths of {codes.shape[2]} levels, codes up to {int(codes.max())}: "
+            "the path key holds at most 5 levels of codes < 4096"
+        )
     key = torch.zeros(codes.shape[:2], dtype=torch.int64, device=codes.device)
-    for level in range(codes.shape[2]):  # codes < 2^12 per level, L <= 5: one int64 key per path
+    for level in range(codes.shape[2]):  # codes < 2^12 per level, L <= 5: one int64 key per path (< 2^60)
         key = key * 4096 + codes[..., level]
     key, order = key.sort(1)
     first = torch.ones_like(key, dtype=torch.bool)
