@@ -36,20 +36,16 @@ from agents.rl.dpo import pairs  # noqa: E402
 from agents.rl.loop import path_terms  # noqa: E402
 from agents.rl.trainer import make_roller, pretrained  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
+from gpr_sim.tokenizer.metrics import path_keys  # noqa: E402
 
 
 def distinct_mass(codes: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     """(M, K, L) sampled paths and (M, K) their path log-probs -> (M,) the probability on the distinct paths of each
     row (a path drawn twice counted once)."""
-    if codes.shape[2] > 5 or bool((codes >= 4096).any()):
-        raise ValueError(
-            f"paths of {codes.shape[2]} levels, codes up to {int(codes.max())}: "
-            "the path key holds at most 5 levels of codes < 4096"
-        )
-    key = torch.zeros(codes.shape[:2], dtype=torch.int64, device=codes.device)
-    for level in range(codes.shape[2]):  # codes < 2^12 per level, L <= 5: one int64 key per path (< 2^60)
-        key = key * 4096 + codes[..., level]
-    key, order = key.sort(1)
+    key = path_keys(codes.flatten(0, 1))  # the tokenizer's mixed-radix path key, one int64 per path
+    if key is None:
+        raise ValueError(f"paths of {codes.shape[2]} levels whose digits' ranges do not fit one int64 key")
+    key, order = key.view(codes.shape[:2]).sort(1)
     first = torch.ones_like(key, dtype=torch.bool)
     first[:, 1:] = key[:, 1:] != key[:, :-1]
     return (log_prob.gather(1, order).exp() * first).sum(1)

@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 
 from benchmarks.path_mass_shift import distinct_mass
@@ -15,8 +14,8 @@ def test_distinct_mass_counts_a_path_drawn_twice_once():
     torch.testing.assert_close(distinct_mass(codes, log_prob), torch.tensor([0.75, 0.6]))
 
 
-def test_distinct_mass_refuses_paths_its_key_cannot_hold():
-    with pytest.raises(ValueError, match="codes < 4096"):
-        distinct_mass(torch.tensor([[[4096, 0]]]), torch.zeros(1, 1))
-    with pytest.raises(ValueError, match="at most 5 levels"):
-        distinct_mass(torch.zeros(1, 1, 6, dtype=torch.int64), torch.full((1, 1), math.log(0.5)))
+def test_distinct_mass_keys_deep_paths_and_wide_codes():
+    # six levels and codes past 4095: the tokenizer's mixed-radix key still tells the paths apart
+    codes = torch.tensor([[[4096, 0, 0, 0, 0, 1], [4096, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]]])
+    log_prob = torch.full((1, 3), math.log(0.25))
+    torch.testing.assert_close(distinct_mass(codes, log_prob), torch.tensor([0.5]))

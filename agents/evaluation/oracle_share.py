@@ -155,13 +155,9 @@ def true_values(vec, chunk_size: int = 2048, cells: int = CATALOG_CELLS) -> torc
     """(N, num_ads) ``score(a, truth=True).value`` of every ad at the env's N current requests, in the scoring's
     precision (float32; ``RequestStates.values``), times the eligibility mask (scored in row chunks of at most
     ``chunk_size`` rows and ``cells`` (request, ad) pairs, as ``OraclePolicy`` does, bounding memory)."""
-    out = None
+    out = torch.empty(vec.num_envs, vec.config.num_ads, dtype=torch.float32, device=vec.device)
     for sl, values in _true_value_chunks(vec, chunk_size, cells):
-        if out is None:
-            out = torch.empty(vec.num_envs, vec.config.num_ads, dtype=values.dtype, device=vec.device)
         out[sl] = values
-    if out is None:  # no requests: an empty table of the scoring's precision
-        out = torch.empty(0, vec.config.num_ads, dtype=torch.float32, device=vec.device)
     return out.mul_(vec.eligible_ads()[None])  # in place: on the large preset a 2,048-state table is 7.6 GiB
 
 
