@@ -96,7 +96,7 @@ from gpr_sim.model import (  # noqa: E402
     hsd,  # noqa: E402
 )
 from gpr_sim.model.hsd import HSD, TypedFFN, TypedLayerNorm  # noqa: E402
-from gpr_sim.model.precision import PRECISIONS  # noqa: E402
+from gpr_sim.model.precision import PRECISIONS, RESIDUALS, ResidualStream  # noqa: E402
 from gpr_sim.runs import write_json  # noqa: E402
 from gpr_sim.schema import SchemaConfig, tokens_from_obs  # noqa: E402
 from gpr_sim.tokenizer.compare import CompareConfig  # noqa: E402
@@ -374,6 +374,7 @@ def run_row(
     gemm_autotune: bool = False,
     ln_affine: str = "slot",
     embed: str = "eager",
+    residual: str = "fp32",
 ) -> dict:
     dev = torch.device(args.device)
     # Inductor's GEMM autotuning (Triton / C++ templates with fused epilogues raced against the vendor
@@ -385,6 +386,7 @@ def run_row(
     loop.type_segments = rollout.type_segments = layout_of
     TypedLayerNorm.by_slot = ln_affine == "slot"  # "token": the typed norms gather (B, T, C) gains and biases
     HSD.bag_embed = embed  # where the small embedding tables are summed by one bag (HSD.bag_embed)
+    ResidualStream.dtype = residual  # the blocks' residual stream under autocast: its dtype (ResidualStream)
     env, tok = build(args, sessions)
     model = model_for(args, env, tok)
     seq_len = model.cfg.max_len
@@ -474,6 +476,7 @@ def run_row(
         "gemm_autotune": gemm_autotune,
         "ln_affine": ln_affine,
         "embed": embed,
+        "residual": residual,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -508,6 +511,7 @@ def path_label(row: dict) -> str:
     label += " +gemm autotune" if row.get("gemm_autotune") else ""
     label += " +ln per token" if row.get("ln_affine") == "token" else ""
     label += f" +bag {row['embed']}" if row.get("embed", "eager") != "eager" else ""
+    label += " +bf16 stream" if row.get("residual") == "compute" and row["precision"] != "fp32" else ""
     n = row.get("compiled_when_timed", 0)  # its seconds include compile time: not the steady state
     return label + (f" (!{n} graphs compiled while timed)" if n else "")
 
@@ -619,6 +623,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated HSD.bag_embed values, one row each: eager (the library's: the small embedding tables "
         "concatenated in one embedding_bag in eager execution, a lookup per table where compiled) | always | never",
     )
+    p.add_argument(
+        "--residual",
+        default="fp32",
+        help=f"comma-separated ResidualStream.dtype values, one row each, of {RESIDUALS}: fp32 (the library's: the "
+        "blocks' residual stream float32, only the matmuls' inputs rounded) | compute (under bf16 the stream in "
+        "bf16 from the embeddings on); the same under fp32",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="benchmarks/results/bench_rl_iteration.json")
     args = p.parse_args(argv)
@@ -645,6 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
     autotune = [x == "on" for x in listed(args.gemm_autotune, "--gemm-autotune", ("off", "on"))]
     affines = listed(args.ln_affine, "--ln-affine", ("slot", "token"))
     embeds = listed(args.embed, "--embed", ("eager", "always", "never"))
+    residuals = listed(args.residual, "--residual", RESIDUALS)
     if any(autotune) and modes == ["off"]:
         raise ValueError(
             "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"
@@ -665,19 +677,20 @@ def main(argv: list[str] | None = None) -> dict:
     for n in ints(args.sessions):
         for precision in precisions:
             variants = [
-                (True, m, f, lay, a, ln, e)
+                (True, m, f, lay, a, ln, e, r)
                 for m in modes
                 for f in optimizers
                 for lay in layouts
                 for a in autotune
                 for ln in affines
                 for e in embeds
+                for r in residuals
                 if not (a and m == "off")
             ]
-            for cached, mode, fused, lay, tune, ln, e in variants + (
-                [(False, "off", False, "segments", False, "slot", "eager")] if args.old else []
+            for cached, mode, fused, lay, tune, ln, e, r in variants + (
+                [(False, "off", False, "segments", False, "slot", "eager", "fp32")] if args.old else []
             ):
-                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln, e))
+                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln, e, r))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -27,7 +27,7 @@ from envs import make_vec_env
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.incremental import head_context_kv, path_log_prob, request_major_step
-from gpr_sim.model.precision import precision_context
+from gpr_sim.model.precision import RESIDUALS, ResidualStream, precision_context, to_stream
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.world import fit_world_tokenizer
@@ -225,6 +225,45 @@ def test_bf16_update_losses_stay_close_to_fp32(rollouts):
         assert fp32[key].dtype == torch.float32 and bf16[key].dtype == torch.float32, key
         assert_close(bf16[key], fp32[key], atol=0.03, rtol=0.03, msg=key)
     assert not torch.equal(bf16["loss"], fp32["loss"])  # autocast did run in bf16
+
+
+@pytest.mark.parametrize("stream", RESIDUALS)
+def test_bf16_residual_stream_log_probs_stay_close_to_fp32(stream, monkeypatch):
+    """The residual stream in bf16 (``ResidualStream.dtype`` = compute) or in fp32 (the default) under autocast:
+    the blocks see the stream in that dtype, and the per-level log-probs of the same paths stay near the fp32
+    reference. Tolerance: every bf16 rounding is relative 2^-9; through 2 HSD blocks, thinking, refiner and 2
+    PTD blocks a logit of order 1 moves by a few 1e-2 at most, so a log-prob (a difference of such terms) stays
+    within 0.1 absolute. Under bf16 the rollout's cached decode gives its paths the log-probs the update's full
+    forward gives them, within the same tolerance."""
+    monkeypatch.setattr(ResidualStream, "dtype", stream)
+    b, k = 5, 4
+    model, trie, tokens, u = _model_inputs(b, k)
+    seen: list[torch.dtype] = []
+    hook = model.hsd.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    noise, s32, _ = sample_groups(model, trie, tokens, None, k, u)
+    with precision_context("cpu", "bf16"):
+        noise16, s16, _ = sample_groups(model, trie, tokens, None, k, u)
+    hook.remove()
+    assert seen[0] == torch.float32  # fp32: no autocast, no cast
+    assert set(seen[1:]) == {torch.bfloat16 if stream == "compute" else torch.float32}
+
+    def full(s, noise_):  # the update's teacher-forced full forward of the sampled paths
+        ctx = model.context(tokens, noise=noise_).repeat_interleave(k, 0)
+        return model.log_prob(ctx, s.codes.flatten(0, 1), [m.flatten(0, 1) for m in s.legal]).view(b, k, -1)
+
+    with torch.no_grad():
+        ref = full(s32, noise)
+        with precision_context("cpu", "bf16"):
+            on_fp32_paths, on_own_paths = full(s32, noise).float(), full(s16, noise16).float()
+    assert_close(on_fp32_paths, ref, atol=0.1, rtol=0)
+    assert not torch.equal(on_fp32_paths, ref)  # autocast did run in bf16
+    assert_close(s16.log_prob, on_own_paths, atol=0.1, rtol=0)  # cached decode vs full forward, both bf16
+
+
+def test_residual_stream_rejects_an_unknown_dtype(monkeypatch):
+    monkeypatch.setattr(ResidualStream, "dtype", "fp16")
+    with pytest.raises(ValueError, match="ResidualStream.dtype='fp16' is invalid"):
+        to_stream(torch.zeros(2))
 
 
 def test_precision_is_validated():

@@ -17,7 +17,7 @@ from agents.rl.loop import CLIPS, COMPILE_MODES
 from agents.rl.registry import algorithm
 from agents.rl.rollout import OUTCOMES, SLOT_BITS
 from envs.market import ESTIMATORS
-from gpr_sim.model.precision import check_precision
+from gpr_sim.model.precision import RESIDUALS, check_precision
 
 ENTRY = "agents.hepo"
 """the owner of its run folders (``gpr_sim.runs.RunFolder``)"""
@@ -215,6 +215,10 @@ class RLConfig:
     (benchmarks/RESULTS.md), so that rule ends a run once its best is settled instead of 20 iterations later"""
     precision: str = "fp32"
     """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
+    residual_stream: str = "fp32"
+    """fp32 | compute: under bf16, the dtype the blocks' residual stream is carried in between the matmuls (fp32, or
+    bf16 from the embeddings on: half the bytes of the element-wise work; ``gpr_sim.model.precision.ResidualStream``);
+    no effect under fp32"""
     pretrain_precision: str = "fp32"
     """fp32 | bf16: the pre-training steps' forward passes (``PretrainConfig.precision``). fp32 on every profile:
     on the H200 the gpu-large pre-training in bf16 saved ~15% of its time (422 s vs 490-515 s) but its MTP stage
@@ -240,6 +244,10 @@ class RLConfig:
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
         check_precision(self.precision)
+        if self.residual_stream not in RESIDUALS:
+            raise ValueError(
+                f"residual_stream={self.residual_stream!r} is unknown: expected one of {RESIDUALS}"
+            )
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r} is unknown: expected one of {COMPILE_MODES}")
         if self.reward_outcome not in OUTCOMES:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpr_sim.model.config import NUM_EVENTS, NUM_TYPES, GPRConfig
+from gpr_sim.model.precision import to_stream
 from gpr_sim.schema import TYPE_E, TYPE_I, TokenBatch
 
 
@@ -604,7 +605,7 @@ class HSD(nn.Module):
             pad = torch.cat([cache.padding_mask, tokens.padding_mask], 1)
             start, past = cache.length, cache.layers
         mask = hybrid_mask_rows(type_ids, pad, start, hybrid=self.cfg.hybrid_attention)  # (B, Tq, T)
-        x = self.embed(tokens)  # (B, Tq, C)
+        x = to_stream(self.embed(tokens))  # (B, Tq, C), the stream in the compute dtype under autocast
         tq_types = tokens.type_ids
         layers: list[LayerCache] = []
         for block in self.blocks:
@@ -629,7 +630,7 @@ class HSD(nn.Module):
         type_ids = torch.cat([cache.type_ids, tokens.type_ids], 1)  # (B, T)
         pad = torch.cat([cache.padding_mask, tokens.padding_mask], 1)
         mask = hybrid_mask_rows(type_ids, pad, cache.length, hybrid=self.cfg.hybrid_attention)  # (B, Tq, T)
-        x = self.embed(tokens)  # (B, Tq, C)
+        x = to_stream(self.embed(tokens))  # (B, Tq, C), the stream in the compute dtype under autocast
         tq_types = tokens.type_ids
         layers: list[LayerCache] = []
         for block in self.blocks:

@@ -25,3 +25,38 @@ def precision_context(device: torch.device | str, precision: str):
     """Autocast to bfloat16 on ``device`` for ``bf16``; a no-op context for ``fp32`` (the reference)."""
     dev = torch.device(device).type
     return torch.autocast(dev, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
+
+
+RESIDUALS = ("fp32", "compute")
+"""dtypes the blocks' residual stream may be carried in under autocast: fp32 (the embeddings' dtype) | compute
+(the autocast dtype)"""
+
+
+class ResidualStream:
+    """The dtype the HSD's and the PTD's residual streams are carried in under autocast (``to_stream``).
+
+    Autocast rounds each matmul's inputs to bfloat16, but the tensors between the matmuls (the residual sums,
+    the norms' inputs, the attention gate, and their gradients) keep the embeddings' float32: on the GPU the
+    compiled update moves them as fp32 around bf16 GEMMs (``benchmarks/roofline_rl_iteration.py``: element-wise
+    work, norms and casts are two thirds of the update's bytes). ``compute`` carries the stream in the autocast
+    dtype from the embeddings on (the norms still compute their statistics in float32 and the heads' softmax
+    stays float32), halving those bytes; ``fp32`` keeps it float32. Without autocast (the fp32 reference) both
+    are the same. The class attribute is the default the benchmarks flip (``bench_rl_iteration --residual``);
+    it stays ``fp32`` (every learner's numbers so far) until ``compute`` is measured both faster on the GPU and
+    learning as well at GPU scale.
+    """
+
+    dtype: str = "fp32"
+
+
+def to_stream(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the residual stream's dtype: the autocast dtype of its device under ``ResidualStream.dtype`` =
+    ``compute`` with autocast on; else ``x`` unchanged."""
+    if ResidualStream.dtype not in RESIDUALS:
+        raise ValueError(
+            f"ResidualStream.dtype={ResidualStream.dtype!r} is invalid: expected one of {RESIDUALS}"
+        )
+    dev = x.device.type
+    if ResidualStream.dtype == "compute" and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x

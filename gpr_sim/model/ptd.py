@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from gpr_sim.model.config import GPRConfig
 from gpr_sim.model.hsd import MLP, small_matmul, split_attention
+from gpr_sim.model.precision import to_stream
 
 
 class Thinking(nn.Module):
@@ -341,7 +342,7 @@ class PTD(nn.Module):
             raise ValueError(f"prefix has {depth} levels: expected fewer than L'={self.cfg.path_len}")
         gen = [self.bos.expand(b, 1, d)] + [self.code_emb[i](prefix[:, i : i + 1]) for i in range(depth)]
         gen = torch.cat(gen, 1) + self.level_pos.weight[: depth + 1]  # (B, l + 1, C)
-        x = torch.cat([context, gen], 1)  # (B, Cc + l + 1, C)
+        x = to_stream(torch.cat([context, gen], 1))  # (B, Cc + l + 1, C)
         t = x.shape[1]
         slot = torch.arange(t, device=x.device)
         # context tokens see each other; generated tokens see the context and earlier-or-equal codes
@@ -358,7 +359,7 @@ class PTD(nn.Module):
         on the prefix: computed once per request, then ``level_logits_cached`` decodes only the
         generated tokens of each beam.
         """
-        x = context
+        x = to_stream(context)
         cc = context.shape[1]
         mask = torch.ones(cc, cc, dtype=torch.bool, device=context.device)
         out = []
@@ -412,7 +413,7 @@ class PTD(nn.Module):
         gen = [self.bos.expand(m, 1, d)] + [
             self.code_emb[i](prefix_codes[:, i : i + 1]) for i in range(depth)
         ]
-        x = torch.cat(gen, 1) + self.level_pos.weight[: depth + 1]  # (M, l + 1, C)
+        x = to_stream(torch.cat(gen, 1) + self.level_pos.weight[: depth + 1])  # (M, l + 1, C)
         slot = torch.arange(depth + 1, device=x.device)
         mask = slot[None, :] <= slot[:, None]  # (l + 1, l + 1) causal among generated tokens
         n_blocks = len(self.blocks)
