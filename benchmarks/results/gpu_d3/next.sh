@@ -79,7 +79,13 @@
 #   session, lr_sweep_seed4/dpo: none improved on the start, RESULTS "DPO's collapse is likelihood displacement"); next
 #   DPO with the KL anchor that stopped the collapse on the CPU, from seed 4's start:
 #     RUNS="dpo_kl1:--algo dpo --loss.kl-coef 1.0 --label dpo_kl1;dpo_kl01:--algo dpo --loss.kl-coef 0.1 --label \
-#       dpo_kl01" DEADLINE=400 FINAL_S=120 BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
+#       dpo_kl01" DEADLINE=420 FINAL_S=120 SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
+#   ran in the twenty-sixth session on a warm H100 after seed 4's call A again (the checkout had lost runs/bundle_s4;
+#   call A 377 s, this one 385 s: dpo_kl_seed4/; kl 1.0 learns, kl 0.1 over-optimises), then from the re-made bundle,
+#   carried to a fresh H100 with credit_trie moved out, HEPO with the defaults beside HEPO with one epoch and the bf16
+#   residual stream (hepo_fast_seed4/, 329 s):
+#     RUNS="hepo:--label hepo;hepo_fast:--epochs 1 --residual-stream compute --label hepo_e1_stream" DEADLINE=440 \
+#       FINAL_S=130 BUNDLE_IN=runs/bundle_s4 SEED=4 OUT=$OUT bash benchmarks/results/gpu_d3/next.sh
 export SEED=${SEED:-0}
 export W=$PWD/runs/d3_s$SEED PRETRAIN=""
 if [ -f $W/pre/vaft/summary.json ] || [ -n "${BUNDLE_IN:-}" ]; then
