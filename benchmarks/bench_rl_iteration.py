@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import platform
 import resource
 import statistics
@@ -676,21 +677,25 @@ def main(argv: list[str] | None = None) -> dict:
     rows = res["rows"]
     for n in ints(args.sessions):
         for precision in precisions:
+            # one row per combination of the listed settings (run_row's keywords); --old adds the reference path
+            settings = dict(
+                compile_mode=modes,
+                fused=optimizers,
+                ffn_layout=layouts,
+                gemm_autotune=autotune,
+                ln_affine=affines,
+                embed=embeds,
+                residual=residuals,
+            )
             variants = [
-                (True, m, f, lay, a, ln, e, r)
-                for m in modes
-                for f in optimizers
-                for lay in layouts
-                for a in autotune
-                for ln in affines
-                for e in embeds
-                for r in residuals
-                if not (a and m == "off")
+                (True, dict(zip(settings, combo, strict=True)))
+                for combo in itertools.product(*settings.values())
             ]
-            for cached, mode, fused, lay, tune, ln, e, r in variants + (
-                [(False, "off", False, "segments", False, "slot", "eager", "fp32")] if args.old else []
-            ):
-                rows.append(run_row(args, n, precision, cached, mode, fused, lay, tune, ln, e, r))
+            variants = [
+                (c, v) for c, v in variants if not (v["gemm_autotune"] and v["compile_mode"] == "off")
+            ]
+            for cached, setting in variants + ([(False, {})] if args.old else []):
+                rows.append(run_row(args, n, precision, cached, **setting))
                 gc.collect()  # the row's env, model and optimiser go before the next row's peak is measured
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -67,6 +67,7 @@ from benchmarks.bench_rl_iteration import (
     rollout_flops_per_request,
     update_flops_per_request,
 )
+from gpr_sim.model.precision import RESIDUALS, ResidualStream
 from gpr_sim.runs import write_json
 
 H200_HBM_GBS = 4800.0
@@ -351,6 +352,12 @@ def parser() -> argparse.ArgumentParser:
         "--requests", type=int, default=8, help="trained requests of the counted update step (and 2x)"
     )
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument(
+        "--residual",
+        default="fp32",
+        choices=RESIDUALS,
+        help="ResidualStream.dtype: the blocks' residual stream under bf16 in fp32 (the library's) or in bf16 (compute)",
+    )
     add_setting_args(p)
     p.add_argument("--rollout-sessions", type=int, default=8192, help="sessions of the projected iteration")
     p.add_argument("--rollout-steps", type=int, default=2, help="env steps of the projected iteration")
@@ -392,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     args.device = "cpu"
+    ResidualStream.dtype = args.residual
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     peak, bw, launch = args.peak_tflops * 1e12, args.bandwidth_gbs * 1e9, args.launch_us * 1e-6
