@@ -27,7 +27,13 @@ from envs import make_vec_env
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.hsd import type_segments
 from gpr_sim.model.incremental import head_context_kv, path_log_prob, request_major_step
-from gpr_sim.model.precision import RESIDUALS, ResidualStream, precision_context, to_stream
+from gpr_sim.model.precision import (
+    RESIDUALS,
+    ResidualStream,
+    precision_context,
+    residual_stream,
+    to_stream,
+)
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 from gpr_sim.tokenizer.compare import CompareConfig
 from gpr_sim.tokenizer.world import fit_world_tokenizer
@@ -264,6 +270,21 @@ def test_residual_stream_rejects_an_unknown_dtype(monkeypatch):
     monkeypatch.setattr(ResidualStream, "dtype", "fp16")
     with pytest.raises(ValueError, match="ResidualStream.dtype='fp16' is invalid"):
         to_stream(torch.zeros(2))
+
+
+def test_a_runs_residual_stream_is_restored_after_it():
+    """``residual_stream`` (what an RL run wraps itself in): the stream inside, the previous one after, also when
+    the run raises; an unknown dtype is refused before anything is set."""
+    before = ResidualStream.dtype
+    x = torch.zeros(2)
+    with precision_context("cpu", "bf16"):
+        with pytest.raises(RuntimeError, match="stopped"), residual_stream("compute"):
+            assert to_stream(x).dtype == torch.bfloat16
+            raise RuntimeError("stopped")
+        assert ResidualStream.dtype == before and to_stream(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="residual stream 'half' is invalid"), residual_stream("half"):
+        pass
+    assert ResidualStream.dtype == before
 
 
 def test_precision_is_validated():

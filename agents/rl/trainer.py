@@ -31,7 +31,7 @@ from agents.rl.registry import algorithm
 from agents.rl.rollout import Roller
 from agents.rl.selection import SELECT_METRIC, Selection, plateaued
 from envs import make_vec_env
-from gpr_sim.model.precision import ResidualStream
+from gpr_sim.model.precision import residual_stream
 from gpr_sim.platform.funnel import load_funnel
 from gpr_sim.runs import (
     RunFolder,
@@ -276,8 +276,13 @@ def train(args: RLConfig, dist: Dist = SINGLE) -> dict:
     )  # a new folder is named by rank 0's clock
     # the start: a stage's folder in the pipeline
     start_dir = vaft if args.rl_start == "vaft" else vaft.parent / "mtp"
-    with distributed.main_rank_folder(lambda: open_run_folder(out, args), dist):
-        return _run(args, dist, out, start_dir, funnel)
+    with (
+        distributed.main_rank_folder(lambda: open_run_folder(out, args), dist),
+        residual_stream(args.residual_stream),
+    ):
+        return _run(
+            args, dist, out, start_dir, funnel
+        )  # the run's rollout, update and evaluations in its stream
 
 
 def _kept_summary(args: RLConfig, out: Path) -> dict | None:
@@ -350,7 +355,6 @@ def _run(args: RLConfig, dist: Dist, out: Path, start_dir: Path, funnel: Path | 
         return kept
     # perf/setup_s of the start's row: the model, the training market, the held-out one and its oracle states
     t_setup = time.perf_counter()
-    ResidualStream.dtype = args.residual_stream  # this process's blocks, rollout, update and evaluation alike
     model, tok = load_run_model(start_dir)
     tok_path = json.loads((start_dir / "config.json").read_text())["tokenizer_path"]
     model = model.to(args.device).train()

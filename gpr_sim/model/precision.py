@@ -8,6 +8,9 @@ pre-training (``agents.pretraining``), the RL rollout and update (``agents.rl``)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 PRECISIONS = ("fp32", "bf16")
@@ -60,3 +63,16 @@ def to_stream(x: torch.Tensor) -> torch.Tensor:
     if ResidualStream.dtype == "compute" and torch.is_autocast_enabled(dev):
         return x.to(torch.get_autocast_dtype(dev))
     return x
+
+
+@contextlib.contextmanager
+def residual_stream(dtype: str) -> Iterator[None]:
+    """``ResidualStream.dtype`` = ``dtype`` inside the block, the previous value restored after it (a run sets its
+    stream for its own forwards only: a notebook's next run or evaluation in the same process gets its own)."""
+    if dtype not in RESIDUALS:
+        raise ValueError(f"residual stream {dtype!r} is invalid: expected one of {RESIDUALS}")
+    previous, ResidualStream.dtype = ResidualStream.dtype, dtype
+    try:
+        yield
+    finally:
+        ResidualStream.dtype = previous
