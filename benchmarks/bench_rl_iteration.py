@@ -376,6 +376,7 @@ def run_row(
     ln_affine: str = "slot",
     embed: str = "eager",
     residual: str = "fp32",
+    epochs: int = 2,
 ) -> dict:
     dev = torch.device(args.device)
     # Inductor's GEMM autotuning (Triton / C++ templates with fused epilogues raced against the vendor
@@ -397,7 +398,7 @@ def run_row(
     # fused: agents.hepo's optimiser on CUDA; update() then checks finiteness on the device (no sync per step)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=fused)
     loss_cfg = LossConfig()
-    schedule = UpdateConfig(args.epochs, args.minibatch, 1.0, 0, precision)
+    schedule = UpdateConfig(epochs, args.minibatch, 1.0, 0, precision)
     terms_fn = PathTerms(model, cached=cached, compile=compile_mode)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -465,7 +466,7 @@ def run_row(
     total = rollout_s + targets_s + update_s
     upd = update_flops_per_request(model.cfg, seq_len, args.group_size, cached)
     rol = rollout_flops_per_request(model.cfg, seq_len, args.group_size, cached)
-    upd_tflops = args.epochs * valid * upd / update_s / 1e12
+    upd_tflops = epochs * valid * upd / update_s / 1e12
     row = {
         "sessions": sessions,
         "precision": precision,
@@ -478,6 +479,7 @@ def run_row(
         "ln_affine": ln_affine,
         "embed": embed,
         "residual": residual,
+        "epochs": epochs,
         "seq_len": seq_len,
         "requests": real,
         "rehearsed": rehearsed,
@@ -487,7 +489,7 @@ def run_row(
         "update_s": update_s,
         "eval_s": 0.0,
         "requests_per_s": real / total,
-        "update_requests_per_s": args.epochs * valid / update_s,
+        "update_requests_per_s": epochs * valid / update_s,
         "update_flops_per_request": upd,
         "update_tflops": upd_tflops,
         "update_mfu": upd_tflops / args.peak_tflops,
@@ -513,6 +515,7 @@ def path_label(row: dict) -> str:
     label += " +ln per token" if row.get("ln_affine") == "token" else ""
     label += f" +bag {row['embed']}" if row.get("embed", "eager") != "eager" else ""
     label += " +bf16 stream" if row.get("residual") == "compute" and row["precision"] != "fp32" else ""
+    label += f" +{row['epochs']} epoch(s)" if row.get("epochs", 2) != 2 else ""
     n = row.get("compiled_when_timed", 0)  # its seconds include compile time: not the steady state
     return label + (f" (!{n} graphs compiled while timed)" if n else "")
 
@@ -586,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     add_setting_args(p)
     p.add_argument("--rollout-steps", type=int, default=2, help="env steps per iteration")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", default="2", help="comma-separated update epochs per iteration, one row each")
     p.add_argument("--minibatch", type=int, default=1024, help="requests per minibatch (x K paths)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=3, help="timed iterations (median)")
@@ -638,7 +641,6 @@ def main(argv: list[str] | None = None) -> dict:
     for name in (
         "group_size",
         "rollout_steps",
-        "epochs",
         "minibatch",
         "iters",
         "history",
@@ -658,6 +660,12 @@ def main(argv: list[str] | None = None) -> dict:
     affines = listed(args.ln_affine, "--ln-affine", ("slot", "token"))
     embeds = listed(args.embed, "--embed", ("eager", "always", "never"))
     residuals = listed(args.residual, "--residual", RESIDUALS)
+    try:
+        epochs = ints(args.epochs)
+    except ValueError:
+        epochs = []
+    if not epochs or min(epochs) < 1:
+        raise ValueError(f"--epochs={args.epochs} is invalid: expected comma-separated integers >= 1")
     if any(autotune) and modes == ["off"]:
         raise ValueError(
             "--gemm-autotune on needs --compile other than off (eager matmuls are not autotuned)"
@@ -686,6 +694,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ln_affine=affines,
                 embed=embeds,
                 residual=residuals,
+                epochs=epochs,
             )
             variants = [
                 (True, dict(zip(settings, combo, strict=True)))
