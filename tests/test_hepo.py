@@ -610,7 +610,7 @@ def test_bad_inputs_fail_clearly(pre, tmp_path):
         hepo.Args(best_rule="latest")
     with pytest.raises(ValueError, match="group_size"):
         hepo.Args(group_size=1)
-    with pytest.raises(ValueError, match="residual_stream='fp16' is unknown"):
+    with pytest.raises(ValueError, match="residual_stream='fp16' is invalid"):
         hepo.Args(residual_stream="fp16")
     out = tmp_path / "run"
     hepo.main(tiny(pre, out, "--iterations", "1"))

@@ -282,7 +282,7 @@ def test_a_runs_residual_stream_is_restored_after_it():
             assert to_stream(x).dtype == torch.bfloat16
             raise RuntimeError("stopped")
         assert ResidualStream.dtype == before and to_stream(x).dtype == torch.float32
-    with pytest.raises(ValueError, match="residual stream 'half' is invalid"), residual_stream("half"):
+    with pytest.raises(ValueError, match="residual_stream='half' is invalid"), residual_stream("half"):
         pass
     assert ResidualStream.dtype == before
 

@@ -17,7 +17,7 @@ from agents.rl.loop import CLIPS, COMPILE_MODES
 from agents.rl.registry import algorithm
 from agents.rl.rollout import OUTCOMES, SLOT_BITS
 from envs.market import ESTIMATORS
-from gpr_sim.model.precision import RESIDUALS, check_precision
+from gpr_sim.model.precision import check_precision, check_residual
 
 ENTRY = "agents.hepo"
 """the owner of its run folders (``gpr_sim.runs.RunFolder``)"""
@@ -244,10 +244,7 @@ class RLConfig:
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
         check_precision(self.precision)
-        if self.residual_stream not in RESIDUALS:
-            raise ValueError(
-                f"residual_stream={self.residual_stream!r} is unknown: expected one of {RESIDUALS}"
-            )
+        check_residual(self.residual_stream)
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r} is unknown: expected one of {COMPILE_MODES}")
         if self.reward_outcome not in OUTCOMES:

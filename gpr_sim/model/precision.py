@@ -44,12 +44,20 @@ class ResidualStream:
     work, norms and casts are two thirds of the update's bytes). ``compute`` carries the stream in the autocast
     dtype from the embeddings on (the norms still compute their statistics in float32 and the heads' softmax
     stays float32), halving those bytes; ``fp32`` keeps it float32. Without autocast (the fp32 reference) both
-    are the same. The class attribute is the default the benchmarks flip (``bench_rl_iteration --residual``);
-    it stays ``fp32`` (every learner's numbers so far) until ``compute`` is measured both faster on the GPU and
-    learning as well at GPU scale.
+    are the same. The class attribute is the default the benchmarks flip (``bench_rl_iteration --residual``) and
+    a run sets for its own forwards (``residual_stream``, ``agents.hepo --residual-stream``). It stays ``fp32``, the
+    five-seed comparison's setting: ``compute`` saved 5-7% of the update on an H100 and learned as well from one
+    seed's start (benchmarks/RESULTS.md, "The residual stream in bf16"), one seed short of a default.
     """
 
     dtype: str = "fp32"
+
+
+def check_residual(dtype: str) -> str:
+    """``dtype`` if it is one of ``RESIDUALS``, else a ``ValueError`` naming it."""
+    if dtype not in RESIDUALS:
+        raise ValueError(f"residual_stream={dtype!r} is invalid: expected one of {RESIDUALS}")
+    return dtype
 
 
 def to_stream(x: torch.Tensor) -> torch.Tensor:
@@ -69,9 +77,7 @@ def to_stream(x: torch.Tensor) -> torch.Tensor:
 def residual_stream(dtype: str) -> Iterator[None]:
     """``ResidualStream.dtype`` = ``dtype`` inside the block, the previous value restored after it (a run sets its
     stream for its own forwards only: a notebook's next run or evaluation in the same process gets its own)."""
-    if dtype not in RESIDUALS:
-        raise ValueError(f"residual stream {dtype!r} is invalid: expected one of {RESIDUALS}")
-    previous, ResidualStream.dtype = ResidualStream.dtype, dtype
+    previous, ResidualStream.dtype = ResidualStream.dtype, check_residual(dtype)
     try:
         yield
     finally:
