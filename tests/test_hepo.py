@@ -631,6 +631,39 @@ def test_bad_inputs_fail_clearly(pre, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
 
 
+def test_a_bf16_run_carries_its_residual_stream_and_restores_it(pre, tmp_path, monkeypatch):
+    """``--precision bf16 --residual-stream compute`` on the CPU: wherever the run's forwards run under autocast (the
+    rollout and the update; the held-out evaluation serves the policy in fp32, where the stream is fp32 whatever
+    the setting) the HSD's stream enters its blocks in bf16; the run records the setting, its training numbers are
+    finite, and the process's stream is the default again after it (a notebook's next run is not in it)."""
+    from gpr_sim.model import hsd
+    from gpr_sim.model.precision import ResidualStream
+
+    seen: set[tuple[bool, torch.dtype]] = set()  # (under autocast, the stream's dtype)
+    original = hsd.to_stream
+
+    def spy(x):
+        out = original(x)
+        seen.add((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(hsd, "to_stream", spy)
+    before = ResidualStream.dtype
+    out = tmp_path / "bf16_stream"
+    hepo.main(tiny(pre, out, "--iterations", "1", "--precision", "bf16", "--residual-stream", "compute"))
+    assert seen == {(True, torch.bfloat16), (False, torch.float32)}
+    assert ResidualStream.dtype == before == "fp32"
+    assert json.loads((out / "config.json").read_text())["args"]["residual_stream"] == "compute"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1]
+    trained = {
+        k: v for k, v in rows[1].items() if k.startswith(("train/", "rollout/")) and isinstance(v, float)
+    }
+    assert trained and all(math.isfinite(v) for v in trained.values()), (
+        trained
+    )  # (rates of no impressions: NaN)
+
+
 def test_rl_starts_from_the_mtp_stage_when_asked(pre, tmp_path):
     """``--rl-start mtp``: the run loads the MTP stage of the same pipeline (recorded as its init), so its
     iteration-0 evaluation is the MTP model's own (Table 3's MTP row, logged beside it, reads the same)."""
