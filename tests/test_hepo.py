@@ -656,12 +656,11 @@ def test_a_bf16_run_carries_its_residual_stream_and_restores_it(pre, tmp_path, m
     assert json.loads((out / "config.json").read_text())["args"]["residual_stream"] == "compute"
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1]
+    # the training numbers (the tiny run's evaluation serves no impressions, so its rates are NaN at any precision)
     trained = {
         k: v for k, v in rows[1].items() if k.startswith(("train/", "rollout/")) and isinstance(v, float)
     }
-    assert trained and all(math.isfinite(v) for v in trained.values()), (
-        trained
-    )  # (rates of no impressions: NaN)
+    assert trained and all(math.isfinite(v) for v in trained.values()), trained
 
 
 def test_rl_starts_from_the_mtp_stage_when_asked(pre, tmp_path):
