@@ -70,6 +70,31 @@ def test_actions_are_eligible_ads(run_dir):
         obs, *_ = env.step(out.action)
 
 
+def test_a_bf16_policy_serves_eligible_ads_under_autocast(run_dir):
+    """``precision="bf16"`` (``gpr:RUN@precision=bf16``): the model's forwards run under autocast and the served
+    ads are eligible, as in fp32; its beams' scores round to bf16, so it may rank near-ties otherwise and is
+    compared only with agents served at the same precision (no agreement rate is asserted); a bad precision is
+    one clear error."""
+    env = _env()
+    policy = make_policy(f"gpr:{run_dir}@precision=bf16", env, seed=0, beam_width=4)
+    assert isinstance(policy, GPRPolicy) and policy.precision == "bf16"
+    under: list[bool] = []
+    policy.model.hsd.register_forward_pre_hook(lambda m, a: under.append(torch.is_autocast_enabled("cpu")))
+    market = policy.env
+    obs, _ = env.reset(seed=0)
+    for _ in range(2):
+        out = policy.act(obs)
+        eligible = market.eligible_ads()
+        assert ((out.action >= 0) & (out.action < market.world.config.num_ads)).all()
+        if eligible.any():
+            assert eligible[out.action].all()
+        obs, *_ = env.step(out.action)
+    assert under == [True, True]
+    assert not torch.is_autocast_enabled("cpu")  # the autocast ends with the call
+    with pytest.raises(ValueError, match="precision='half' is invalid"):
+        GPRPolicy(env, run_dir, precision="half")
+
+
 def test_bad_run_dir_raises(run_dir, tmp_path):
     env = _env(2)
     with pytest.raises(ValueError, match="nowhere"):
@@ -100,7 +125,8 @@ def test_registry_builds_gpr_with_its_options(run_dir):
         policy.act(obs).action, GPRPolicy(env, run_dir, beam_width=5, seed=3).act(obs).action
     )
     with pytest.raises(
-        ValueError, match=r"takes no option \['temperature'\]: its options are \['beam_width', 'rank'\]"
+        ValueError,
+        match=r"takes no option \['temperature'\]: its options are \['beam_width', 'rank', 'precision'\]",
     ):
         make_policy(f"gpr:{run_dir}", env, temperature=0.3)
 

@@ -633,9 +633,10 @@ def test_bad_inputs_fail_clearly(pre, tmp_path):
 
 def test_a_bf16_run_carries_its_residual_stream_and_restores_it(pre, tmp_path, monkeypatch):
     """``--precision bf16 --residual-stream compute`` on the CPU: wherever the run's forwards run under autocast (the
-    rollout and the update; the held-out evaluation serves the policy in fp32, where the stream is fp32 whatever
-    the setting) the HSD's stream enters its blocks in bf16; the run records the setting, its training numbers are
-    finite, and the process's stream is the default again after it (a notebook's next run is not in it)."""
+    rollout and the update; the held-out evaluation serves the policy in fp32 unless ``--eval-precision bf16``,
+    and in fp32 the stream is fp32 whatever the setting) the HSD's stream enters its blocks in bf16; the run
+    records the settings, its training numbers are finite, and the process's stream is the default again after it
+    (a notebook's next run is not in it)."""
     from gpr_sim.model import hsd
     from gpr_sim.model.precision import ResidualStream
 
@@ -661,6 +662,28 @@ def test_a_bf16_run_carries_its_residual_stream_and_restores_it(pre, tmp_path, m
         k: v for k, v in rows[1].items() if k.startswith(("train/", "rollout/")) and isinstance(v, float)
     }
     assert trained and all(math.isfinite(v) for v in trained.values()), trained
+    # --eval-precision bf16: the held-out evaluations (sessions, candidates, oracle_share) under autocast too
+    seen.clear()
+    both = tmp_path / "bf16_eval"
+    hepo.main(
+        tiny(
+            pre,
+            both,
+            "--iterations",
+            "1",
+            "--precision",
+            "bf16",
+            "--residual-stream",
+            "compute",
+            "--eval-precision",
+            "bf16",
+        )
+    )
+    assert seen == {(True, torch.bfloat16)}
+    assert json.loads((both / "config.json").read_text())["args"]["eval_precision"] == "bf16"
+    assert [r["iteration"] for r in read_metrics(both / "metrics.jsonl")] == [0, 1]
+    with pytest.raises(ValueError, match="precision='fp16' is invalid"):
+        HeldOutConfig(precision="fp16")
 
 
 def test_rl_starts_from_the_mtp_stage_when_asked(pre, tmp_path):

@@ -37,6 +37,7 @@ from gpr_sim.decoding import beam_search
 from gpr_sim.metrics import METRICS, summarize, summarize_strata
 from gpr_sim.model import GPRModel
 from gpr_sim.model.offline_eval import candidate_metrics
+from gpr_sim.model.precision import check_precision, precision_context
 from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.schema import SchemaConfig, tokens_from_obs
 
@@ -60,6 +61,9 @@ class HeldOutConfig:
     """reset seed of the evaluation market (the same users for every algorithm and iteration)"""
     beam_width: int = 8
     """beam width of the served policy"""
+    precision: str = "fp32"
+    """fp32 (the reference) | bf16: the served policy's and the candidate metrics' forward passes under bfloat16
+    autocast (``GPRPolicy``)"""
     candidates: int = 40
     """K of the candidate-quality metrics (beam width = K)"""
     oracle_states: int = 256
@@ -72,6 +76,7 @@ class HeldOutConfig:
 
     def __post_init__(self) -> None:
         auction_funnel_file(self.auction)  # neither a funnel file nor a platform folder: fails here
+        check_precision(self.precision)
         for name, lo in (
             ("num_envs", 1),
             ("sessions", 1),
@@ -125,7 +130,9 @@ class Evaluator:
         """``eval/oracle_share`` (+ interval), ``eval/oracle_fatigue_share``, ``eval/policy_value`` and
         ``eval/oracle_value`` of the served generator (top-1 of the beam) on the fixed request states."""
         c = self.config
-        policy = GPRPolicy.from_model(self.states.env, model, self.tok, beam_width=c.beam_width, seed=c.seed)
+        policy = GPRPolicy.from_model(
+            self.states.env, model, self.tok, beam_width=c.beam_width, seed=c.seed, precision=c.precision
+        )
         return {f"eval/{k}": v for k, v in oracle_share(policy, self.states).items()}
 
     @torch.no_grad()
@@ -138,13 +145,14 @@ class Evaluator:
         schema = SchemaConfig.from_world(e.config)
         tokens = tokens_from_obs(obs, self.tok.table, schema, check=False, features=features, market=market)
         gen = torch.Generator(device=c.device).manual_seed(c.seed)
-        ctx = model.context(tokens, gen, segments=schema.segments)
-        step_fn, _ = model.beam_fns(ctx, cached=True)
         eligible = e.eligible_ads()  # (num_ads,) bool: the market's, the same for every request
         k = c.candidates
-        res = beam_search(
-            step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible
-        )
+        with precision_context(c.device, c.precision):  # the served policy's precision
+            ctx = model.context(tokens, gen, segments=schema.segments)
+            step_fn, _ = model.beam_fns(ctx, cached=True)
+            res = beam_search(
+                step_fn, self.tok.trie, batch_size=ctx.shape[0], beam_width=k, top_k=k, eligible=eligible
+            )
         present = res.items >= 0  # (N, K)
         values = e.score(res.items.clamp_min(0), truth=True).value  # (N, K)
         metrics = candidate_metrics(values, present, best_true_values(e).to(values.dtype))
@@ -168,7 +176,9 @@ class Evaluator:
         c = self.config
         was_training = model.training
         model.eval()
-        policy = GPRPolicy.from_model(self.env, model, self.tok, beam_width=c.beam_width, seed=c.seed)
+        policy = GPRPolicy.from_model(
+            self.env, model, self.tok, beam_width=c.beam_width, seed=c.seed, precision=c.precision
+        )
         sessions, _ = collect_sessions(self.env, policy, c.sessions_per_slot, c.seed, progress=c.progress)
         self.sessions = sessions
         out = {k: v for k, v in summarize(sessions, prefix="eval/").items() if isinstance(v, (int, float))}

@@ -10,7 +10,7 @@
 | `oracle` | `oracle.py` | top-K eligible ads by true expected immediate reward (a myopic upper bound; reads hidden state) |
 | `oracle-fatigue` | `oracle.py` | the oracle charged for the fatigue it causes; option `fatigue_penalty` |
 | `learned-cascade:PATH` | `learned_cascade.py` | the cascade built from logs on the platform view: two-tower retrieval -> distilled pre-ranking -> learned-funnel ranking -> softmax exploration, the models of platform folder PATH (`agents.fit_platform`); option `temperature` |
-| `gpr:PATH` | `gpr.py` | the GPR generator of a run folder (`agents.pretrain` or `agents.hepo`); options `beam_width`, `rank` (`logprob` / `value`) |
+| `gpr:PATH` | `gpr.py` | the GPR generator of a run folder (`agents.pretrain` or `agents.hepo`); options `beam_width`, `rank` (`logprob` / `value`), `precision` (`fp32` / `bf16`) |
 
 Policies act on batched torch observations and bind to the env they act in: an ads-v0 vector env
 (through any wrapper) or its ``envs.market.BatchedMarket``; both offer the same reads (``world``,

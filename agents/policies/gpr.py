@@ -39,6 +39,7 @@ from gpr_sim.decoding import beam_search
 from gpr_sim.model import GPRConfig, GPRModel
 from gpr_sim.model.hte import path_ad_features
 from gpr_sim.model.incremental import head_context_kv, request_major_step
+from gpr_sim.model.precision import check_precision, precision_context
 from gpr_sim.platform.features import PlatformFeatures
 from gpr_sim.runs import load_torch, save_torch
 from gpr_sim.schema import SchemaConfig, check_dense_dim, tokens_from_obs
@@ -148,6 +149,9 @@ class GPRPolicy:
         beam_width: beams per level; raised to ``num_candidates`` when smaller.
         seed: seed of the refiner noise generator.
         rank: one of ``RANKS`` (module doc); ``"value"`` needs the model's HTE.
+        precision: ``fp32`` (the reference every reported evaluation so far used) or ``bf16``: the model's
+            forward passes under bfloat16 autocast (``gpr_sim.model.precision``), about half the activation
+            memory; near-tied beams may then rank differently, so compare agents evaluated at one precision.
 
     Raises:
         ValueError: naming the path, if the checkpoint or tokenizer is missing, unreadable, or does not
@@ -155,10 +159,16 @@ class GPRPolicy:
     """
 
     def __init__(
-        self, env, run_dir: str | Path, beam_width: int = 8, seed: int = 0, rank: str = DEFAULT_RANK
+        self,
+        env,
+        run_dir: str | Path,
+        beam_width: int = 8,
+        seed: int = 0,
+        rank: str = DEFAULT_RANK,
+        precision: str = "fp32",
     ):
         model, tok = load_run_model(run_dir)
-        self._setup(env, model, tok, beam_width, seed, rank, where=Path(run_dir))
+        self._setup(env, model, tok, beam_width, seed, rank, precision, where=Path(run_dir))
 
     @classmethod
     def from_model(
@@ -169,15 +179,25 @@ class GPRPolicy:
         beam_width: int = 8,
         seed: int = 0,
         rank: str = DEFAULT_RANK,
+        precision: str = "fp32",
     ):
         """A policy over an in-memory model (e.g. during training); the model is used as is, not copied."""
         policy = cls.__new__(cls)
-        policy._setup(env, model, tokenizer, beam_width, seed, rank, where="model")
+        policy._setup(env, model, tokenizer, beam_width, seed, rank, precision, where="model")
         return policy
 
     def _setup(
-        self, env, model: GPRModel, tok: WorldTokenizer, beam_width: int, seed: int, rank: str, where
+        self,
+        env,
+        model: GPRModel,
+        tok: WorldTokenizer,
+        beam_width: int,
+        seed: int,
+        rank: str,
+        precision: str,
+        where,
     ) -> None:
+        self.precision = check_precision(precision)
         if rank not in RANKS:
             raise ValueError(f"rank={rank!r} is unknown: expected one of {list(RANKS)}")
         if rank == "value" and model.hte is None:
@@ -214,6 +234,10 @@ class GPRPolicy:
 
     @torch.no_grad()
     def act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
+        with precision_context(self.device, self.precision):
+            return self._act(obs)
+
+    def _act(self, obs: dict[str, torch.Tensor]) -> PolicyOutput:
         market = self.env.market_features() if self.model.cfg.market_features else None  # the obs's market
         tokens = tokens_from_obs(
             obs, self.tokenizer.table, self.schema, check=False, features=self.token_features, market=market
@@ -253,7 +277,7 @@ class GPRPolicy:
 
 def gpr_factory(run_dir: str):
     """The registry's ``gpr`` family (``agents.policies``): ``gpr:RUN_DIR`` -> ``factory(env, seed, beam_width=8,
-    rank=DEFAULT_RANK)``.
+    rank=DEFAULT_RANK, precision="fp32")``.
 
     A folder without ``checkpoint.pt`` or ``policy.pt`` is rejected here, so ``agents.evaluate`` fails on
     its arguments before any agent runs; the checkpoint and tokenizer themselves are read (and checked)
@@ -266,7 +290,9 @@ def gpr_factory(run_dir: str):
             "(expected an agents.hepo or agents.pretrain run folder)"
         )
 
-    def factory(env, seed: int = 0, beam_width: int = 8, rank: str = DEFAULT_RANK) -> GPRPolicy:
-        return GPRPolicy(env, run_dir, beam_width=beam_width, seed=seed, rank=rank)
+    def factory(
+        env, seed: int = 0, beam_width: int = 8, rank: str = DEFAULT_RANK, precision: str = "fp32"
+    ) -> GPRPolicy:
+        return GPRPolicy(env, run_dir, beam_width=beam_width, seed=seed, rank=rank, precision=precision)
 
     return factory

@@ -215,6 +215,9 @@ class RLConfig:
     (benchmarks/RESULTS.md), so that rule ends a run once its best is settled instead of 20 iterations later"""
     precision: str = "fp32"
     """fp32 (the reference) | bf16: the rollout's and the update's forward passes under bfloat16 autocast"""
+    eval_precision: str = "fp32"
+    """fp32 (the reference every reported evaluation used) | bf16: the held-out evaluations serve the generator
+    under bfloat16 autocast (``GPRPolicy(precision=)``): less memory and time, near-tied beams may rank otherwise"""
     residual_stream: str = "fp32"
     """fp32 | compute: under bf16, the dtype the blocks' residual stream is carried in between the matmuls (fp32, or
     bf16 from the embeddings on: half the bytes of the element-wise work; ``gpr_sim.model.precision.ResidualStream``);
@@ -244,6 +247,7 @@ class RLConfig:
             object.__setattr__(self, "loss", LossConfig(**self.loss))
         algorithm(self.algo)  # a clear error for an unknown name
         check_precision(self.precision)
+        check_precision(self.eval_precision, "eval_precision")
         check_residual(self.residual_stream)
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r} is unknown: expected one of {COMPILE_MODES}")
@@ -366,6 +370,7 @@ def held_out(args: RLConfig, funnel: Path | None = None) -> HeldOutConfig:
         sessions=args.eval_sessions,
         seed=args.eval_seed,
         beam_width=args.eval_beam,
+        precision=args.eval_precision,
         candidates=args.eval_candidates,
         oracle_states=args.eval_states,
         progress=args.progress,

@@ -17,10 +17,10 @@ PRECISIONS = ("fp32", "bf16")
 """compute precisions of the model's forward passes: fp32 (the reference) | bf16 (autocast on CUDA and CPU)"""
 
 
-def check_precision(precision: str) -> str:
-    """``precision`` if it is one of ``PRECISIONS``, else a ``ValueError`` naming it."""
+def check_precision(precision: str, name: str = "precision") -> str:
+    """``precision`` if it is one of ``PRECISIONS``, else a ``ValueError`` naming it (as the setting ``name``)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is invalid: expected one of {PRECISIONS}")
+        raise ValueError(f"{name}={precision!r} is invalid: expected one of {PRECISIONS}")
     return precision
 
 
