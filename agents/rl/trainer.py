@@ -276,8 +276,8 @@ def train(args: RLConfig, dist: Dist = SINGLE) -> dict:
     )  # a new folder is named by rank 0's clock
     # the start: a stage's folder in the pipeline
     start_dir = vaft if args.rl_start == "vaft" else vaft.parent / "mtp"
-    # the run's rollout and update in its residual stream (the held-out evaluation serves the policy in fp32), the
-    # process's stream restored after it
+    # the run's forwards under autocast (rollout, update; the held-out evaluation with --eval-precision bf16) carry
+    # its residual stream; the process's stream is restored after it
     with (
         distributed.main_rank_folder(lambda: open_run_folder(out, args), dist),
         residual_stream(args.residual_stream),
